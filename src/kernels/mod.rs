@@ -1,0 +1,1 @@
+//! Kernel interface and backends (being built: issue "GPT on CPU").
