@@ -1,1 +1,7 @@
-//! Models (being built: issue "GPT on CPU").
+//! Models with explicit forward and backward per layer (no autograd tape).
+
+pub mod gpt;
+pub mod params;
+mod rng;
+
+pub use rng::Rng;

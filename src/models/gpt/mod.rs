@@ -1,0 +1,733 @@
+//! GPT with explicit forward and backward per layer.
+//!
+//! Dimension letters: B batch, T sequence, C hidden, NH heads, Vp padded vocabulary, N = B·T.
+//!
+//! A [`Gpt`] holds a contiguous [`LayerRange`] of the model (optionally with the embedding and/or
+//! the head); the full model is the range that covers everything. Forward of microbatch `mb`
+//! stores that microbatch's activations under its id; its backward consumes and frees them, so any
+//! number of microbatches may be in flight (what pipeline schedules need). Parameter gradients
+//! accumulate across microbatches until [`Gpt::zero_grads`].
+
+mod acts;
+pub mod config;
+mod layout;
+
+use std::collections::HashMap;
+
+use acts::{Acts, LayerActs, Scratch};
+pub use config::{GptConfig, LayerRange, ModelError};
+use layout::{BlockSpans, Layout};
+
+use crate::kernels::Backend;
+use crate::models::params::{ParamTable, Span, two_mut};
+
+/// What a range consumes: token ids (first stage) or hidden states `[B,T,C]` from the previous
+/// stage.
+#[derive(Debug, Clone, Copy)]
+pub enum StageInput<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+/// A GPT (or a layer range of one) with its parameter and gradient arenas.
+#[derive(Debug)]
+pub struct Gpt {
+    cfg: GptConfig,
+    range: LayerRange,
+    table: ParamTable,
+    layout: Layout,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    in_flight: HashMap<u64, Acts>,
+    free: Vec<Acts>,
+    scratch: Scratch,
+}
+
+impl Gpt {
+    /// The whole model, initialised from `seed`.
+    ///
+    /// # Errors
+    /// [`ModelError::BadConfig`] when the configuration is invalid.
+    pub fn new(cfg: &GptConfig, seed: u64) -> Result<Self, ModelError> {
+        Self::new_range(cfg, LayerRange::full(cfg), seed)
+    }
+
+    /// Layers `range.first..range.last` (plus embedding/head as the range says), with exactly the
+    /// initial values those tensors have in the full model built from the same seed.
+    ///
+    /// # Errors
+    /// [`ModelError::BadConfig`] or [`ModelError::BadRange`].
+    pub fn new_range(cfg: &GptConfig, range: LayerRange, seed: u64) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        if range.first > range.last || range.last > cfg.num_layers {
+            return Err(ModelError::BadRange {
+                first: range.first,
+                last: range.last,
+                num_layers: cfg.num_layers,
+            });
+        }
+        let (table, layout) = layout::build(cfg, range);
+        let mut params = vec![0.0; table.len()];
+        layout::init(cfg, &table, &mut params, seed);
+        let grads = vec![0.0; table.len()];
+        Ok(Self {
+            cfg: cfg.clone(),
+            range,
+            table,
+            layout,
+            params,
+            grads,
+            in_flight: HashMap::new(),
+            free: Vec::new(),
+            scratch: Scratch::default(),
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// The (name, shape) table of this range's parameters, in arena order.
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        &mut self.params
+    }
+
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    pub fn grads_mut(&mut self) -> &mut [f32] {
+        &mut self.grads
+    }
+
+    /// Parameters and gradients at once (what an optimizer step needs).
+    pub fn params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.params, &mut self.grads)
+    }
+
+    /// A named parameter tensor.
+    pub fn param(&self, name: &str) -> Option<&[f32]> {
+        self.table.get(name).map(|s| &self.params[s.span.range()])
+    }
+
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut [f32]> {
+        let span = self.table.get(name)?.span;
+        Some(&mut self.params[span.range()])
+    }
+
+    /// A named gradient tensor.
+    pub fn grad(&self, name: &str) -> Option<&[f32]> {
+        self.table.get(name).map(|s| &self.grads[s.span.range()])
+    }
+
+    pub fn grad_mut(&mut self, name: &str) -> Option<&mut [f32]> {
+        let span = self.table.get(name)?.span;
+        Some(&mut self.grads[span.range()])
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+    }
+
+    /// Number of microbatches whose activations are stored.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Bytes of activations currently stored for in-flight microbatches.
+    pub fn activation_bytes(&self) -> usize {
+        self.in_flight.values().map(Acts::bytes).sum()
+    }
+
+    /// Output hidden states `[B,T,C]` of an in-flight microbatch (what a non-last stage sends).
+    pub fn output(&self, mb: u64) -> Option<&[f32]> {
+        let a = self.in_flight.get(&mb)?;
+        Some(a.layers.last().map_or(&a.input, |l| &l.out))
+    }
+
+    /// Gradient w.r.t. the range input after the latest backward (what a non-first stage sends
+    /// back). Overwritten by the next backward.
+    pub fn input_grad(&self) -> &[f32] {
+        &self.scratch.dinput
+    }
+
+    /// Drops the stored activations of `mb` without running backward (evaluation).
+    pub fn release(&mut self, mb: u64) {
+        if let Some(a) = self.in_flight.remove(&mb) {
+            self.free.push(a);
+        }
+    }
+
+    fn check_input(
+        &self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+    ) -> Result<(), ModelError> {
+        if self.in_flight.contains_key(&mb) {
+            return Err(ModelError::MicrobatchInFlight { mb });
+        }
+        if batch == 0 || seq == 0 {
+            return Err(ModelError::BadLength {
+                what: "batch × sequence",
+                expected: 1,
+                got: 0,
+            });
+        }
+        if seq > self.cfg.seq_length {
+            return Err(ModelError::SequenceTooLong {
+                got: seq,
+                max: self.cfg.seq_length,
+            });
+        }
+        let n = batch * seq;
+        let vocab = self.cfg.vocab_size;
+        let check_ids = |what: &'static str, ids: &[u32]| -> Result<(), ModelError> {
+            if ids.len() != n {
+                return Err(ModelError::BadLength {
+                    what,
+                    expected: n,
+                    got: ids.len(),
+                });
+            }
+            match ids.iter().position(|&t| t as usize >= vocab) {
+                Some(position) => Err(ModelError::TokenOutOfRange {
+                    token: ids[position],
+                    position,
+                    vocab,
+                }),
+                None => Ok(()),
+            }
+        };
+        match (input, self.range.embedding) {
+            (StageInput::Tokens(t), true) => check_ids("tokens", t)?,
+            (StageInput::Hidden(h), false) => {
+                let expected = n * self.cfg.hidden_size;
+                if h.len() != expected {
+                    return Err(ModelError::BadLength {
+                        what: "hidden states",
+                        expected,
+                        got: h.len(),
+                    });
+                }
+            }
+            (StageInput::Tokens(_), false) => {
+                return Err(ModelError::WrongStage(
+                    "this range has no embedding: pass hidden states",
+                ));
+            }
+            (StageInput::Hidden(_), true) => {
+                return Err(ModelError::WrongStage(
+                    "this range starts with the embedding: pass tokens",
+                ));
+            }
+        }
+        match (targets, self.range.head) {
+            (Some(t), true) => check_ids("targets", t),
+            (Some(_), false) => Err(ModelError::WrongStage(
+                "targets given to a range without the head",
+            )),
+            (None, _) => Ok(()),
+        }
+    }
+
+    fn take_acts(&mut self, batch: usize, seq: usize) -> Acts {
+        match self
+            .free
+            .iter()
+            .position(|a| a.batch == batch && a.seq == seq)
+        {
+            Some(i) => self.free.swap_remove(i),
+            None => {
+                let vp = self.range.head.then(|| self.cfg.padded_vocab_size());
+                let layers = self.range.last - self.range.first;
+                Acts::new(
+                    batch,
+                    seq,
+                    self.cfg.hidden_size,
+                    self.cfg.num_attention_heads,
+                    layers,
+                    vp,
+                )
+            }
+        }
+    }
+
+    /// Forward of microbatch `mb` (`batch` sequences of `seq` tokens). With the head and
+    /// `targets`, returns the mean loss and prepares dlogits scaled by `loss_scale / (B·T)`;
+    /// without targets the head keeps the logits (see [`Gpt::logits`]).
+    ///
+    /// # Errors
+    /// Bad shapes, token ids outside the vocabulary, a sequence longer than the positions, a
+    /// microbatch id already in flight, or an input kind that does not fit the range.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<Option<f32>, ModelError> {
+        self.check_input(mb, batch, seq, input, targets)?;
+        let mut acts = self.take_acts(batch, seq);
+        let (c, nh, n) = (
+            self.cfg.hidden_size,
+            self.cfg.num_attention_heads,
+            batch * seq,
+        );
+        self.scratch.ensure(n, c);
+        let p = &self.params;
+        match input {
+            StageInput::Tokens(tokens) => {
+                acts.tokens.copy_from_slice(tokens);
+                let (wte, wpe) = (
+                    self.layout.wte.expect("embedding"),
+                    self.layout.wpe.expect("embedding"),
+                );
+                be.encoder_forward(
+                    &mut acts.input,
+                    tokens,
+                    &p[wte.range()],
+                    &p[wpe.range()],
+                    batch,
+                    seq,
+                    c,
+                );
+            }
+            StageInput::Hidden(h) => acts.input.copy_from_slice(h),
+        }
+        for li in 0..acts.layers.len() {
+            let (done, rest) = acts.layers.split_at_mut(li);
+            let x = done.last().map_or(&acts.input[..], |l| &l.out[..]);
+            let blk = &self.layout.blocks[li];
+            layer_forward(
+                be,
+                blk,
+                p,
+                x,
+                &mut rest[0],
+                &mut self.scratch.tmp,
+                batch,
+                seq,
+                c,
+                nh,
+            );
+        }
+        let mut loss = None;
+        if let Some(head) = acts.head.as_mut() {
+            let x = acts.layers.last().map_or(&acts.input[..], |l| &l.out[..]);
+            let (w, b) = (
+                self.layout.lnf_w.expect("head"),
+                self.layout.lnf_b.expect("head"),
+            );
+            be.layernorm_forward(
+                &mut head.lnf,
+                &mut head.lnf_mean,
+                &mut head.lnf_rstd,
+                x,
+                &p[w.range()],
+                &p[b.range()],
+                n,
+                c,
+            );
+            let wte = self.layout.wte.expect("tied head");
+            let vp = self.cfg.padded_vocab_size();
+            be.matmul_forward(
+                &mut head.dlogits,
+                &head.lnf,
+                &p[wte.range()],
+                None,
+                n,
+                c,
+                vp,
+            );
+            if let Some(targets) = targets {
+                let dloss = loss_scale / n as f32;
+                be.crossentropy_forward_backward(
+                    &mut head.dlogits,
+                    &mut head.losses,
+                    targets,
+                    n,
+                    self.cfg.vocab_size,
+                    vp,
+                    dloss,
+                );
+                let mean = head.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
+                loss = Some(mean as f32);
+            }
+        }
+        self.in_flight.insert(mb, acts);
+        Ok(loss)
+    }
+
+    /// Logits `[B,T,V]` (padding columns dropped) of a full-model forward, for tests and sampling.
+    ///
+    /// # Errors
+    /// As [`Gpt::forward`]; also when this range lacks the embedding or the head.
+    pub fn logits(
+        &mut self,
+        be: &dyn Backend,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        if !(self.range.embedding && self.range.head) {
+            return Err(ModelError::WrongStage(
+                "logits need a range with embedding and head",
+            ));
+        }
+        let mb = u64::MAX;
+        self.forward(be, mb, batch, seq, StageInput::Tokens(tokens), None, 1.0)?;
+        let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size());
+        let acts = self
+            .in_flight
+            .get(&mb)
+            .ok_or(ModelError::UnknownMicrobatch { mb })?;
+        let head = acts
+            .head
+            .as_ref()
+            .ok_or(ModelError::WrongStage("no head"))?;
+        let out = head
+            .dlogits
+            .chunks(vp)
+            .flat_map(|r| r[..v].iter().copied())
+            .collect();
+        self.release(mb);
+        Ok(out)
+    }
+
+    /// Backward of microbatch `mb`, freeing its activations. The head range computes from its
+    /// stored dlogits (`dout` must be `None`); other ranges take `dout` = gradient of their output
+    /// `[B,T,C]`. Parameter gradients accumulate; the input gradient is in [`Gpt::input_grad`].
+    ///
+    /// # Errors
+    /// Unknown microbatch, a wrong `dout` length, or `dout` given/missing for the range kind.
+    pub fn backward(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        dout: Option<&[f32]>,
+    ) -> Result<(), ModelError> {
+        let acts = self
+            .in_flight
+            .remove(&mb)
+            .ok_or(ModelError::UnknownMicrobatch { mb })?;
+        let result = self.backward_inner(be, &acts, dout);
+        self.free.push(acts);
+        result
+    }
+
+    fn backward_inner(
+        &mut self,
+        be: &dyn Backend,
+        acts: &Acts,
+        dout: Option<&[f32]>,
+    ) -> Result<(), ModelError> {
+        let (c, nh) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        let (batch, seq) = (acts.batch, acts.seq);
+        let n = batch * seq;
+        let Gpt {
+            params: p,
+            grads: g,
+            scratch: s,
+            layout,
+            cfg,
+            ..
+        } = self;
+        s.ensure(n, c);
+        let last_out = acts.layers.last().map_or(&acts.input[..], |l| &l.out[..]);
+        match (&acts.head, dout) {
+            (Some(head), None) => {
+                let wte = layout.wte.expect("tied head");
+                let vp = cfg.padded_vocab_size();
+                be.matmul_backward(
+                    &mut s.dln,
+                    &mut g[wte.range()],
+                    None,
+                    &head.dlogits,
+                    &head.lnf,
+                    &p[wte.range()],
+                    n,
+                    c,
+                    vp,
+                );
+                s.dres.fill(0.0);
+                let (w, b) = (layout.lnf_w.expect("head"), layout.lnf_b.expect("head"));
+                let (dw, db) = two_mut(g, w, b);
+                be.layernorm_backward(
+                    &mut s.dres,
+                    dw,
+                    db,
+                    &s.dln,
+                    last_out,
+                    &p[w.range()],
+                    &head.lnf_mean,
+                    &head.lnf_rstd,
+                    n,
+                    c,
+                );
+            }
+            (None, Some(d)) => {
+                if d.len() != n * c {
+                    return Err(ModelError::BadLength {
+                        what: "output gradient",
+                        expected: n * c,
+                        got: d.len(),
+                    });
+                }
+                s.dres.copy_from_slice(d);
+            }
+            (Some(_), Some(_)) => {
+                return Err(ModelError::WrongStage(
+                    "the head range computes its own output gradient",
+                ));
+            }
+            (None, None) => {
+                return Err(ModelError::WrongStage(
+                    "a range without the head needs the output gradient",
+                ));
+            }
+        }
+        for li in (0..acts.layers.len()).rev() {
+            let x = if li == 0 {
+                &acts.input[..]
+            } else {
+                &acts.layers[li - 1].out[..]
+            };
+            layer_backward(
+                be,
+                &layout.blocks[li],
+                p,
+                g,
+                x,
+                &acts.layers[li],
+                s,
+                batch,
+                seq,
+                c,
+                nh,
+            );
+        }
+        if let (Some(wte), Some(wpe)) = (layout.wte, layout.wpe) {
+            let (dwte, dwpe) = two_mut(g, wte, wpe);
+            be.encoder_backward(dwte, dwpe, &s.dres, &acts.tokens, batch, seq, c);
+        } else {
+            s.dinput.copy_from_slice(&s.dres);
+        }
+        Ok(())
+    }
+}
+
+fn sl(p: &[f32], s: Span) -> &[f32] {
+    &p[s.range()]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    be: &dyn Backend,
+    blk: &BlockSpans,
+    p: &[f32],
+    x: &[f32],
+    a: &mut LayerActs,
+    tmp: &mut [f32],
+    batch: usize,
+    seq: usize,
+    c: usize,
+    nh: usize,
+) {
+    let n = batch * seq;
+    be.layernorm_forward(
+        &mut a.ln1,
+        &mut a.ln1_mean,
+        &mut a.ln1_rstd,
+        x,
+        sl(p, blk.ln1_w),
+        sl(p, blk.ln1_b),
+        n,
+        c,
+    );
+    be.matmul_forward(
+        &mut a.qkv,
+        &a.ln1,
+        sl(p, blk.qkv_w),
+        Some(sl(p, blk.qkv_b)),
+        n,
+        c,
+        3 * c,
+    );
+    be.attention_forward(&mut a.atty, &mut a.lse, &a.qkv, batch, seq, c, nh);
+    be.matmul_forward(
+        tmp,
+        &a.atty,
+        sl(p, blk.proj_w),
+        Some(sl(p, blk.proj_b)),
+        n,
+        c,
+        c,
+    );
+    be.residual_layernorm_forward(
+        &mut a.resid2,
+        &mut a.ln2,
+        &mut a.ln2_mean,
+        &mut a.ln2_rstd,
+        x,
+        tmp,
+        sl(p, blk.ln2_w),
+        sl(p, blk.ln2_b),
+        n,
+        c,
+    );
+    be.matmul_forward(
+        &mut a.fch,
+        &a.ln2,
+        sl(p, blk.fc_w),
+        Some(sl(p, blk.fc_b)),
+        n,
+        c,
+        4 * c,
+    );
+    be.gelu_forward(&mut a.fch_gelu, &a.fch);
+    be.matmul_forward(
+        tmp,
+        &a.fch_gelu,
+        sl(p, blk.fcproj_w),
+        Some(sl(p, blk.fcproj_b)),
+        n,
+        4 * c,
+        c,
+    );
+    a.out.copy_from_slice(&a.resid2);
+    be.add_assign(&mut a.out, tmp);
+}
+
+/// Backward of one block. On entry `s.dres` holds the gradient of the block output; on exit the
+/// gradient of its input.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    be: &dyn Backend,
+    blk: &BlockSpans,
+    p: &[f32],
+    g: &mut [f32],
+    x: &[f32],
+    a: &LayerActs,
+    s: &mut Scratch,
+    batch: usize,
+    seq: usize,
+    c: usize,
+    nh: usize,
+) {
+    let n = batch * seq;
+    {
+        let (dw, db) = two_mut(g, blk.fcproj_w, blk.fcproj_b);
+        be.matmul_backward(
+            &mut s.dbig1,
+            dw,
+            Some(db),
+            &s.dres,
+            &a.fch_gelu,
+            sl(p, blk.fcproj_w),
+            n,
+            4 * c,
+            c,
+        );
+    }
+    be.gelu_backward(&mut s.dbig2, &a.fch, &s.dbig1);
+    {
+        let (dw, db) = two_mut(g, blk.fc_w, blk.fc_b);
+        be.matmul_backward(
+            &mut s.dln,
+            dw,
+            Some(db),
+            &s.dbig2,
+            &a.ln2,
+            sl(p, blk.fc_w),
+            n,
+            c,
+            4 * c,
+        );
+    }
+    {
+        let (dw, db) = two_mut(g, blk.ln2_w, blk.ln2_b);
+        be.layernorm_backward(
+            &mut s.dres,
+            dw,
+            db,
+            &s.dln,
+            &a.resid2,
+            sl(p, blk.ln2_w),
+            &a.ln2_mean,
+            &a.ln2_rstd,
+            n,
+            c,
+        );
+    }
+    {
+        let (dw, db) = two_mut(g, blk.proj_w, blk.proj_b);
+        be.matmul_backward(
+            &mut s.datty,
+            dw,
+            Some(db),
+            &s.dres,
+            &a.atty,
+            sl(p, blk.proj_w),
+            n,
+            c,
+            c,
+        );
+    }
+    be.attention_backward(
+        &mut s.dqkv,
+        &s.datty,
+        &a.atty,
+        &a.lse,
+        &a.qkv,
+        batch,
+        seq,
+        c,
+        nh,
+    );
+    {
+        let (dw, db) = two_mut(g, blk.qkv_w, blk.qkv_b);
+        be.matmul_backward(
+            &mut s.dln,
+            dw,
+            Some(db),
+            &s.dqkv,
+            &a.ln1,
+            sl(p, blk.qkv_w),
+            n,
+            c,
+            3 * c,
+        );
+    }
+    let (dw, db) = two_mut(g, blk.ln1_w, blk.ln1_b);
+    be.layernorm_backward(
+        &mut s.dres,
+        dw,
+        db,
+        &s.dln,
+        x,
+        sl(p, blk.ln1_w),
+        &a.ln1_mean,
+        &a.ln1_rstd,
+        n,
+        c,
+    );
+}
