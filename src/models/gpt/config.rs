@@ -132,14 +132,36 @@ impl LayerRange {
         }
     }
 
-    /// Layers `[first, last)`; embedding iff `first == 0`, head iff `last == num_layers`.
-    pub fn stage(cfg: &GptConfig, first: usize, last: usize) -> Self {
-        Self {
-            first,
-            last,
-            embedding: first == 0,
-            head: last == cfg.num_layers,
-        }
+    /// Splits the model at the layer boundaries `cuts` (ascending, each in `0..=num_layers`)
+    /// into consecutive ranges: the first holds the embedding, the last the head. Empty ranges
+    /// are allowed (a stage with only the embedding, or only the head).
+    ///
+    /// # Errors
+    /// [`ModelError::BadRange`] when the cuts are out of order or past the last layer.
+    pub fn partition(cfg: &GptConfig, cuts: &[usize]) -> Result<Vec<Self>, ModelError> {
+        let mut bounds = vec![0];
+        bounds.extend_from_slice(cuts);
+        bounds.push(cfg.num_layers);
+        let last = bounds.len() - 2;
+        bounds
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| {
+                if w[0] > w[1] || w[1] > cfg.num_layers {
+                    return Err(ModelError::BadRange {
+                        first: w[0],
+                        last: w[1],
+                        num_layers: cfg.num_layers,
+                    });
+                }
+                Ok(Self {
+                    first: w[0],
+                    last: w[1],
+                    embedding: i == 0,
+                    head: i == last,
+                })
+            })
+            .collect()
     }
 }
 
