@@ -29,3 +29,5 @@ pub mod tensor;
 
 pub use kernels::{Backend, CpuBackend};
 pub use models::gpt::{Gpt, GptConfig, LayerRange, ModelError, StageInput};
+pub mod config;
+pub mod train;

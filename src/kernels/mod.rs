@@ -18,8 +18,10 @@
 
 mod cpu;
 pub mod naive;
+mod profile;
 
 pub use cpu::CpuBackend;
+pub use profile::Profiled;
 
 /// AdamW hyper-parameters for one update of one parameter tensor.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -15,6 +15,8 @@
 use std::cell::RefCell;
 
 use gemm::Parallelism;
+
+use super::fastmath;
 use rayon::prelude::*;
 
 /// Query rows per block.
@@ -143,7 +145,7 @@ pub(super) fn forward(
                         .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
                     let mut sum = 0.0f32;
                     for x in &mut row[..valid] {
-                        *x = (*x - mx).exp();
+                        *x = fastmath::exp(*x - mx);
                         sum += *x;
                     }
                     let inv = 1.0 / sum;
@@ -273,7 +275,7 @@ pub(super) fn backward(
                     let l = lse_row[t0 + r];
                     let (prow, dprow) = (&mut p[r * t..r * t + t1], &mut dp[r * t..r * t + t1]);
                     for j in 0..valid {
-                        let pj = (prow[j] - l).exp();
+                        let pj = fastmath::exp(prow[j] - l);
                         prow[j] = pj;
                         dprow[j] = pj * (dprow[j] - d);
                     }

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::fastmath;
 use crate::kernels::AdamWStep;
 
 /// Elements per parallel task for purely elementwise work.
@@ -23,7 +24,7 @@ pub(super) fn gelu_forward(out: &mut [f32], inp: &[f32]) {
         .for_each(|(o, x)| {
             for (o, &x) in o.iter_mut().zip(x) {
                 let u = GELU_SCALE * (x + 0.044715 * x * x * x);
-                *o = 0.5 * x * (1.0 + u.tanh());
+                *o = 0.5 * x * (1.0 + fastmath::tanh(u));
             }
         });
 }
@@ -40,7 +41,7 @@ pub(super) fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
             for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
                 let x3 = x * x * x;
                 let u = GELU_SCALE * (x + 0.044715 * x3);
-                let th = u.tanh();
+                let th = fastmath::tanh(u);
                 let sech2 = 1.0 - th * th;
                 let local = 0.5 * (1.0 + th)
                     + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
@@ -117,7 +118,7 @@ pub(super) fn encoder_backward(
 
 fn row_lse(row: &[f32]) -> f32 {
     let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-    let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+    let sum: f32 = row.iter().map(|&x| fastmath::exp(x - mx)).sum();
     mx + sum.ln()
 }
 
@@ -145,7 +146,7 @@ pub(super) fn crossentropy_fused(
             let lse = row_lse(&row[..v]);
             *loss = lse - row[tgt];
             for x in &mut row[..v] {
-                *x = (*x - lse).exp() * dloss;
+                *x = fastmath::exp(*x - lse) * dloss;
             }
             row[tgt] -= dloss;
             row[v..].fill(0.0);

@@ -7,6 +7,7 @@
 
 mod attention;
 mod elementwise;
+mod fastmath;
 mod matmul;
 mod norm;
 

@@ -117,6 +117,12 @@ impl Gpt {
         (&mut self.params, &mut self.grads)
     }
 
+    /// The table with mutable parameters and gradients (an optimizer step without copying the
+    /// table).
+    pub fn split_mut(&mut self) -> (&ParamTable, &mut [f32], &mut [f32]) {
+        (&self.table, &mut self.params, &mut self.grads)
+    }
+
     /// A named parameter tensor.
     pub fn param(&self, name: &str) -> Option<&[f32]> {
         self.table.get(name).map(|s| &self.params[s.span.range()])

@@ -1,0 +1,125 @@
+//! One optimizer step of single-rank training: accumulate gradients over the microbatches of a
+//! global batch, clip by global norm, AdamW. The distributed runtime (actors) performs the same
+//! arithmetic split over ranks.
+
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::kernels::Backend;
+use crate::models::gpt::{Gpt, ModelError, StageInput};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+
+/// Errors of a training step.
+#[derive(Debug, Error, PartialEq)]
+pub enum TrainError {
+    #[error("step {step}, microbatch {mb}: {source}")]
+    Model {
+        step: u64,
+        mb: usize,
+        source: ModelError,
+    },
+    #[error("step {step}, microbatch {mb}: loss is {loss} (not finite)")]
+    NonFiniteLoss { step: u64, mb: usize, loss: f32 },
+}
+
+/// What one step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the global batch.
+    pub loss: f32,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// A single-rank GPT trainer: model, optimizer, backend-independent.
+#[derive(Debug)]
+pub struct Trainer {
+    pub model: Gpt,
+    pub opt: AdamW,
+    pub clip_grad: f32,
+}
+
+/// One microbatch: `batch × seq` token ids and the same number of targets.
+#[derive(Debug, Clone, Copy)]
+pub struct Microbatch<'a> {
+    pub tokens: &'a [u32],
+    pub targets: &'a [u32],
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Trainer {
+    /// A freshly initialised model and optimizer from a validated config.
+    ///
+    /// # Errors
+    /// [`ModelError`] when the model shape is invalid.
+    pub fn new(cfg: &Config) -> Result<Self, ModelError> {
+        let model = Gpt::new(&cfg.model, cfg.train.seed)?;
+        let t = &cfg.train;
+        let opt = AdamW::new(
+            AdamWConfig {
+                beta1: t.adam_beta1,
+                beta2: t.adam_beta2,
+                eps: t.adam_eps,
+                weight_decay: t.weight_decay,
+            },
+            model.table().len(),
+        );
+        Ok(Self {
+            model,
+            opt,
+            clip_grad: t.clip_grad,
+        })
+    }
+
+    /// Forward and backward of every microbatch (gradients accumulate, each loss scaled by
+    /// 1/#microbatches), then clipping and one AdamW update with learning rate `lr`.
+    ///
+    /// # Errors
+    /// Bad microbatch shapes or ids ([`TrainError::Model`]), or a non-finite loss
+    /// ([`TrainError::NonFiniteLoss`]); in both cases parameters are left unchanged.
+    pub fn step(
+        &mut self,
+        be: &dyn Backend,
+        mbs: &[Microbatch<'_>],
+        lr: f32,
+    ) -> Result<StepStats, TrainError> {
+        let step = self.opt.step + 1;
+        self.model.zero_grads();
+        let scale = 1.0 / mbs.len().max(1) as f32;
+        let mut loss_sum = 0.0f64;
+        for (i, mb) in mbs.iter().enumerate() {
+            let wrap = |source| TrainError::Model {
+                step,
+                mb: i,
+                source,
+            };
+            let loss = self
+                .model
+                .forward(
+                    be,
+                    i as u64,
+                    mb.batch,
+                    mb.seq,
+                    StageInput::Tokens(mb.tokens),
+                    Some(mb.targets),
+                    scale,
+                )
+                .map_err(wrap)?
+                .unwrap_or(f32::NAN);
+            if !loss.is_finite() {
+                self.model.release(i as u64);
+                return Err(TrainError::NonFiniteLoss { step, mb: i, loss });
+            }
+            self.model.backward(be, i as u64, None).map_err(wrap)?;
+            loss_sum += f64::from(loss);
+        }
+        let grad_norm = clip_grad_norm(be, &mut [self.model.grads_mut()], self.clip_grad);
+        let (table, params, grads) = self.model.split_mut();
+        self.opt.update(be, table, params, grads, lr);
+        Ok(StepStats {
+            loss: (loss_sum * f64::from(scale)) as f32,
+            grad_norm,
+        })
+    }
+}
