@@ -15,11 +15,7 @@ pub enum DType {
 #[derive(Debug, Error, PartialEq)]
 pub enum TensorError {
     #[error("tensor shape {shape:?} holds {expected} elements but {got} were given")]
-    LenMismatch {
-        shape: Vec<usize>,
-        expected: usize,
-        got: usize,
-    },
+    LenMismatch { shape: Vec<usize>, expected: usize, got: usize },
 }
 
 /// A contiguous, row-major tensor of `f32`.
@@ -32,10 +28,7 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
-        Self {
-            shape: shape.to_vec(),
-            data: vec![0.0; shape.iter().product()],
-        }
+        Self { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
     }
 
     /// Wraps `data` with `shape`.
@@ -45,16 +38,9 @@ impl Tensor {
     pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Self, TensorError> {
         let expected: usize = shape.iter().product();
         if expected != data.len() {
-            return Err(TensorError::LenMismatch {
-                shape: shape.to_vec(),
-                expected,
-                got: data.len(),
-            });
+            return Err(TensorError::LenMismatch { shape: shape.to_vec(), expected, got: data.len() });
         }
-        Ok(Self {
-            shape: shape.to_vec(),
-            data,
-        })
+        Ok(Self { shape: shape.to_vec(), data })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -94,13 +80,6 @@ mod tests {
     fn from_vec_checks_length() {
         assert!(Tensor::from_vec(&[2, 3], vec![0.0; 6]).is_ok());
         let err = Tensor::from_vec(&[2, 3], vec![0.0; 5]).unwrap_err();
-        assert_eq!(
-            err,
-            TensorError::LenMismatch {
-                shape: vec![2, 3],
-                expected: 6,
-                got: 5
-            }
-        );
+        assert_eq!(err, TensorError::LenMismatch { shape: vec![2, 3], expected: 6, got: 5 });
     }
 }

@@ -21,14 +21,8 @@ fn up(x: &[f32]) -> Vec<f64> {
 fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let max_ref = want.iter().fold(0.0f64, |a, b| a.max(b.abs())).max(1e-3);
-    let max_err = got
-        .iter()
-        .zip(want)
-        .fold(0.0f64, |a, (g, w)| a.max((f64::from(*g) - w).abs()));
-    assert!(
-        max_err / max_ref <= tol,
-        "{what}: max err {max_err:e} vs max ref {max_ref:e} (tol {tol:e})"
-    );
+    let max_err = got.iter().zip(want).fold(0.0f64, |a, (g, w)| a.max((f64::from(*g) - w).abs()));
+    assert!(max_err / max_ref <= tol, "{what}: max err {max_err:e} vs max ref {max_ref:e} (tol {tol:e})");
 }
 
 const SHAPES: &[(usize, usize, usize, usize)] = &[
@@ -55,24 +49,11 @@ fn matmul_matches_naive() {
         assert_close("matmul out", &out, &want, 2e-5);
 
         let dout = rand_vec(&mut rng, m * n, 1.0);
-        let (mut dinp, mut dw, mut db) = (
-            vec![9.0; m * k],
-            rand_vec(&mut rng, n * k, 1.0),
-            rand_vec(&mut rng, n, 1.0),
-        );
+        let (mut dinp, mut dw, mut db) =
+            (vec![9.0; m * k], rand_vec(&mut rng, n * k, 1.0), rand_vec(&mut rng, n, 1.0));
         let (mut rdinp, mut rdw, mut rdb) = (vec![0.0; m * k], up(&dw), up(&db));
         be.matmul_backward(&mut dinp, &mut dw, Some(&mut db), &dout, &inp, &w, m, k, n);
-        naive::matmul_backward(
-            &mut rdinp,
-            &mut rdw,
-            Some(&mut rdb),
-            &up(&dout),
-            &up(&inp),
-            &up(&w),
-            m,
-            k,
-            n,
-        );
+        naive::matmul_backward(&mut rdinp, &mut rdw, Some(&mut rdb), &up(&dout), &up(&inp), &up(&w), m, k, n);
         assert_close("matmul dinp", &dinp, &rdinp, 2e-5);
         assert_close("matmul dweight (accumulated)", &dw, &rdw, 2e-5);
         assert_close("matmul dbias (accumulated)", &db, &rdb, 2e-5);
@@ -85,38 +66,15 @@ fn layernorm_matches_naive() {
     let mut rng = Rng::new(2);
     for &(b, t, c, _) in SHAPES {
         let rows = b * t;
-        let (x, y) = (
-            rand_vec(&mut rng, rows * c, 2.0),
-            rand_vec(&mut rng, rows * c, 1.0),
-        );
+        let (x, y) = (rand_vec(&mut rng, rows * c, 2.0), rand_vec(&mut rng, rows * c, 1.0));
         let (w, bias) = (rand_vec(&mut rng, c, 1.0), rand_vec(&mut rng, c, 1.0));
-        let (mut out, mut mean, mut rstd, mut resid) = (
-            vec![0.0; rows * c],
-            vec![0.0; rows],
-            vec![0.0; rows],
-            vec![0.0; rows * c],
-        );
-        be.residual_layernorm_forward(
-            &mut resid, &mut out, &mut mean, &mut rstd, &x, &y, &w, &bias, rows, c,
-        );
-        let sum: Vec<f64> = x
-            .iter()
-            .zip(&y)
-            .map(|(a, b)| f64::from(*a) + f64::from(*b))
-            .collect();
+        let (mut out, mut mean, mut rstd, mut resid) =
+            (vec![0.0; rows * c], vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * c]);
+        be.residual_layernorm_forward(&mut resid, &mut out, &mut mean, &mut rstd, &x, &y, &w, &bias, rows, c);
+        let sum: Vec<f64> = x.iter().zip(&y).map(|(a, b)| f64::from(*a) + f64::from(*b)).collect();
         assert_close("residual", &resid, &sum, 1e-6);
-        let (mut rout, mut rmean, mut rrstd) =
-            (vec![0.0; rows * c], vec![0.0; rows], vec![0.0; rows]);
-        naive::layernorm_forward(
-            &mut rout,
-            &mut rmean,
-            &mut rrstd,
-            &sum,
-            &up(&w),
-            &up(&bias),
-            rows,
-            c,
-        );
+        let (mut rout, mut rmean, mut rrstd) = (vec![0.0; rows * c], vec![0.0; rows], vec![0.0; rows]);
+        naive::layernorm_forward(&mut rout, &mut rmean, &mut rrstd, &sum, &up(&w), &up(&bias), rows, c);
         assert_close("ln out", &out, &rout, 2e-5);
         assert_close("ln rstd", &rstd, &rrstd, 2e-5);
         let mut out2 = vec![0.0; rows * c];
@@ -124,15 +82,10 @@ fn layernorm_matches_naive() {
         assert_eq!(out, out2, "fused and plain layernorm agree bitwise");
 
         let dout = rand_vec(&mut rng, rows * c, 1.0);
-        let (mut dinp, mut dw, mut db) = (
-            rand_vec(&mut rng, rows * c, 1.0),
-            rand_vec(&mut rng, c, 1.0),
-            rand_vec(&mut rng, c, 1.0),
-        );
+        let (mut dinp, mut dw, mut db) =
+            (rand_vec(&mut rng, rows * c, 1.0), rand_vec(&mut rng, c, 1.0), rand_vec(&mut rng, c, 1.0));
         let (mut rdinp, mut rdw, mut rdb) = (up(&dinp), up(&dw), up(&db));
-        be.layernorm_backward(
-            &mut dinp, &mut dw, &mut db, &dout, &resid, &w, &mean, &rstd, rows, c,
-        );
+        be.layernorm_backward(&mut dinp, &mut dw, &mut db, &dout, &resid, &w, &mean, &rstd, rows, c);
         naive::layernorm_backward(
             &mut rdinp,
             &mut rdw,
@@ -195,12 +148,7 @@ fn attention_matches_naive() {
         be.attention_backward(&mut dqkv, &dout, &out, &lse, &qkv, b, t, c, nh);
         let mut rdqkv = vec![0.0; b * t * 3 * c];
         naive::attention_backward(&mut rdqkv, &up(&dout), &probs, &up(&qkv), b, t, c, nh);
-        assert_close(
-            &format!("attention dqkv {b}x{t}x{c}/{nh}"),
-            &dqkv,
-            &rdqkv,
-            1e-4,
-        );
+        assert_close(&format!("attention dqkv {b}x{t}x{c}/{nh}"), &dqkv, &rdqkv, 1e-4);
     }
 }
 
@@ -211,20 +159,14 @@ fn encoder_matches_naive() {
     for &(b, t, c, _) in SHAPES {
         let vp = 37;
         let tokens: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 5) as u32).collect();
-        let (wte, wpe) = (
-            rand_vec(&mut rng, vp * c, 1.0),
-            rand_vec(&mut rng, t * c, 1.0),
-        );
+        let (wte, wpe) = (rand_vec(&mut rng, vp * c, 1.0), rand_vec(&mut rng, t * c, 1.0));
         let mut out = vec![0.0; b * t * c];
         be.encoder_forward(&mut out, &tokens, &wte, &wpe, b, t, c);
         let mut rout = vec![0.0; b * t * c];
         naive::encoder_forward(&mut rout, &tokens, &up(&wte), &up(&wpe), b, t, c);
         assert_close("encoder", &out, &rout, 1e-7);
         let dout = rand_vec(&mut rng, b * t * c, 1.0);
-        let (mut dwte, mut dwpe) = (
-            rand_vec(&mut rng, vp * c, 1.0),
-            rand_vec(&mut rng, t * c, 1.0),
-        );
+        let (mut dwte, mut dwpe) = (rand_vec(&mut rng, vp * c, 1.0), rand_vec(&mut rng, t * c, 1.0));
         let (mut rdwte, mut rdwpe) = (up(&dwte), up(&dwpe));
         be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c);
         naive::encoder_backward(&mut rdwte, &mut rdwpe, &up(&dout), &tokens, b, t, c);
@@ -244,9 +186,7 @@ fn crossentropy_matches_naive_and_ignores_padding() {
                 logits[r * vp + j] = 1e4; // padded columns must not matter
             }
         }
-        let targets: Vec<u32> = (0..rows)
-            .map(|_| (rng.next_u64() % v as u64) as u32)
-            .collect();
+        let targets: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % v as u64) as u32).collect();
         let mut losses = vec![0.0; rows];
         let mut fwd_only = vec![0.0; rows];
         be.crossentropy_forward(&mut fwd_only, &logits, &targets, rows, v, vp);
@@ -255,10 +195,7 @@ fn crossentropy_matches_naive_and_ignores_padding() {
         naive::crossentropy(&mut rd, &mut rl, &up(&logits), &targets, rows, v, vp, 0.25);
         be.crossentropy_forward_backward(&mut logits, &mut losses, &targets, rows, v, vp, 0.25);
         assert_close("losses", &losses, &rl, 2e-6);
-        assert_eq!(
-            losses, fwd_only,
-            "forward-only and fused losses agree bitwise"
-        );
+        assert_eq!(losses, fwd_only, "forward-only and fused losses agree bitwise");
         assert_close("dlogits", &logits, &rd, 2e-6);
     }
 }
@@ -272,18 +209,9 @@ fn adamw_and_norm_match_naive() {
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
     let (mut rp, rg, mut rm, mut rv) = (up(&p), up(&g), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3 {
-        let h = AdamWStep {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step,
-        };
+        let h = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step };
         be.adamw(&mut p, &g, &mut m, &mut v, h);
-        naive::adamw(
-            &mut rp, &rg, &mut rm, &mut rv, 1e-2, 0.9, 0.95, 1e-8, 0.1, step,
-        );
+        naive::adamw(&mut rp, &rg, &mut rm, &mut rv, 1e-2, 0.9, 0.95, 1e-8, 0.1, step);
     }
     assert_close("adamw params", &p, &rp, 1e-5);
     let ss = be.sum_squares(&g);
@@ -313,9 +241,7 @@ fn results_do_not_depend_on_thread_count() {
         let ones = vec![1.0; c];
         be.layernorm_forward(&mut ln, &mut mean, &mut rstd, &dinp, &ones, &ones, m, c);
         let (mut d2, mut dw2, mut db2) = (vec![0.0; m * c], vec![0.0; c], vec![0.0; c]);
-        be.layernorm_backward(
-            &mut d2, &mut dw2, &mut db2, &ln, &dinp, &ones, &mean, &rstd, m, c,
-        );
+        be.layernorm_backward(&mut d2, &mut dw2, &mut db2, &ln, &dinp, &ones, &mean, &rstd, m, c);
         let ss = be.sum_squares(&dw);
         (out, dqkv, dinp, dw, db, d2, dw2, db2, ss.to_bits())
     };

@@ -24,10 +24,7 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Result<Fixture> {
-    let path = format!(
-        "{}/tests/fixtures/gpt_{name}.safetensors",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/tests/fixtures/gpt_{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
     let bytes = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)?;
     let meta = meta.metadata().clone().context("fixture has no metadata")?;
@@ -35,10 +32,7 @@ fn load(name: &str) -> Result<Fixture> {
         meta.get("format").map(String::as_str) == Some("troupe-gpt-fixture"),
         "{path}: not a troupe fixture"
     );
-    ensure!(
-        meta.get("version").map(String::as_str) == Some("1"),
-        "{path}: unsupported fixture version"
-    );
+    ensure!(meta.get("version").map(String::as_str) == Some("1"), "{path}: unsupported fixture version");
     let cfg: GptConfig = serde_json::from_str(meta.get("config").context("config")?)?;
     let train: serde_json::Value = serde_json::from_str(meta.get("train").context("train")?)?;
     let st = SafeTensors::deserialize(&bytes)?;
@@ -71,47 +65,22 @@ fn load(name: &str) -> Result<Fixture> {
     }
     let batch = train["batch"].as_u64().context("batch")? as usize;
     let seq = train["seq"].as_u64().context("seq")? as usize;
-    Ok(Fixture {
-        cfg,
-        batch,
-        seq,
-        train,
-        f32s,
-        tokens,
-        targets,
-    })
+    Ok(Fixture { cfg, batch, seq, train, f32s, tokens, targets })
 }
 
 fn rel_err(ours: &[f32], want: &[f32]) -> f64 {
-    let max_ref = want
-        .iter()
-        .fold(0.0f64, |a, &b| a.max(f64::from(b).abs()))
-        .max(1e-12);
-    let max_err = ours.iter().zip(want).fold(0.0f64, |a, (&x, &y)| {
-        a.max((f64::from(x) - f64::from(y)).abs())
-    });
+    let max_ref = want.iter().fold(0.0f64, |a, &b| a.max(f64::from(b).abs())).max(1e-12);
+    let max_err =
+        ours.iter().zip(want).fold(0.0f64, |a, (&x, &y)| a.max((f64::from(x) - f64::from(y)).abs()));
     max_err / max_ref
 }
 
 fn load_params(model: &mut Gpt, fx: &Fixture) -> Result<()> {
-    let names: Vec<String> = model
-        .table()
-        .specs()
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
+    let names: Vec<String> = model.table().specs().iter().map(|s| s.name.clone()).collect();
     for name in names {
-        let src = fx
-            .f32s
-            .get(&format!("param.{name}"))
-            .with_context(|| format!("fixture lacks {name}"))?;
+        let src = fx.f32s.get(&format!("param.{name}")).with_context(|| format!("fixture lacks {name}"))?;
         let dst = model.param_mut(&name).context("param")?;
-        ensure!(
-            dst.len() == src.len(),
-            "{name}: {} vs {}",
-            dst.len(),
-            src.len()
-        );
+        ensure!(dst.len() == src.len(), "{name}: {} vs {}", dst.len(), src.len());
         dst.copy_from_slice(src);
     }
     Ok(())
@@ -140,11 +109,7 @@ impl Stages {
         let mut hidden: Vec<f32> = Vec::new();
         let mut loss = None;
         for (i, part) in self.parts.iter_mut().enumerate() {
-            let input = if i == 0 {
-                StageInput::Tokens(&fx.tokens)
-            } else {
-                StageInput::Hidden(&hidden)
-            };
+            let input = if i == 0 { StageInput::Tokens(&fx.tokens) } else { StageInput::Hidden(&hidden) };
             let targets = (i == last).then_some(&fx.targets[..]);
             loss = part.forward(be, 7, b, t, input, targets, 1.0)?;
             if i < last {
@@ -198,21 +163,11 @@ fn check_fixture(name: &str, cuts: &[usize]) -> Result<()> {
     let mut stages = Stages::new(&fx, cuts)?;
     let loss = stages.step(&be, &fx)?;
     let e = rel_err(&[loss], &fx.f32s["loss"]);
-    ensure!(
-        e <= 1e-5,
-        "{name} cuts {cuts:?}: loss {loss} vs {} (rel {e:e})",
-        fx.f32s["loss"][0]
-    );
+    ensure!(e <= 1e-5, "{name} cuts {cuts:?}: loss {loss} vs {} (rel {e:e})", fx.f32s["loss"][0]);
     for spec in whole.table().specs() {
-        let ours = stages
-            .grad(&spec.name)
-            .with_context(|| format!("no grad {}", spec.name))?;
+        let ours = stages.grad(&spec.name).with_context(|| format!("no grad {}", spec.name))?;
         let e = rel_err(&ours, &fx.f32s[&format!("grad.{}", spec.name)]);
-        ensure!(
-            e <= 1e-4,
-            "{name} cuts {cuts:?}: gradient {} rel err {e:e}",
-            spec.name
-        );
+        ensure!(e <= 1e-4, "{name} cuts {cuts:?}: gradient {} rel err {e:e}", spec.name);
     }
 
     // 10 AdamW steps with global-norm clipping; the tied copies stay identical.
@@ -223,25 +178,16 @@ fn check_fixture(name: &str, cuts: &[usize]) -> Result<()> {
         eps: tr["eps"].as_f64().context("eps")? as f32,
         weight_decay: tr["weight_decay"].as_f64().context("wd")? as f32,
     };
-    let (lr, clip) = (
-        tr["lr"].as_f64().context("lr")? as f32,
-        tr["clip_grad"].as_f64().context("clip")? as f32,
-    );
+    let (lr, clip) =
+        (tr["lr"].as_f64().context("lr")? as f32, tr["clip_grad"].as_f64().context("clip")? as f32);
     let mut stages = Stages::new(&fx, cuts)?;
-    let mut opts: Vec<AdamW> = stages
-        .parts
-        .iter()
-        .map(|p| AdamW::new(cfg, p.table().len()))
-        .collect();
+    let mut opts: Vec<AdamW> = stages.parts.iter().map(|p| AdamW::new(cfg, p.table().len())).collect();
     let want = &fx.f32s["step_losses"];
     for (step, &want_loss) in want.iter().enumerate() {
         stages.parts.iter_mut().for_each(Gpt::zero_grads);
         let loss = stages.step(&be, &fx)?;
         let e = ((loss - want_loss) / want_loss).abs();
-        ensure!(
-            e <= 1e-4,
-            "{name} cuts {cuts:?}: step {step} loss {loss} vs {want_loss}"
-        );
+        ensure!(e <= 1e-4, "{name} cuts {cuts:?}: step {step} loss {loss} vs {want_loss}");
         stages.sync_tied();
         // The norm counts the tied embedding once: drop the head's copy from the norm.
         let n_parts = stages.parts.len();
@@ -260,10 +206,7 @@ fn check_fixture(name: &str, cuts: &[usize]) -> Result<()> {
         if head_wte.is_some() {
             // The head's copy gets the embedding's clipped gradient (same clip factor).
             let clipped = stages.parts[0].grad("wte").context("wte")?.to_vec();
-            stages.parts[n_parts - 1]
-                .grad_mut("wte")
-                .context("wte")?
-                .copy_from_slice(&clipped);
+            stages.parts[n_parts - 1].grad_mut("wte").context("wte")?.copy_from_slice(&clipped);
         }
         for (p, opt) in stages.parts.iter_mut().zip(opts.iter_mut()) {
             let table = p.table().clone();
@@ -304,15 +247,7 @@ fn gradient_accumulation_equals_the_whole_batch() -> Result<()> {
     let (b, t) = (fx.batch, fx.seq);
     let mut whole = Gpt::new(&fx.cfg, 0)?;
     load_params(&mut whole, &fx)?;
-    whole.forward(
-        &be,
-        0,
-        b,
-        t,
-        StageInput::Tokens(&fx.tokens),
-        Some(&fx.targets),
-        1.0,
-    )?;
+    whole.forward(&be, 0, b, t, StageInput::Tokens(&fx.tokens), Some(&fx.targets), 1.0)?;
     whole.backward(&be, 0, None)?;
     let full = whole.grads().to_vec();
     whole.zero_grads();

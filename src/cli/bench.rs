@@ -42,18 +42,12 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
     let threads = cpu.threads();
     let profiled = Profiled::new(cpu);
     let mut trainer = Trainer::new(&cfg).context("building the model")?;
-    let (b, t, v) = (
-        cfg.train.micro_batch_size,
-        cfg.model.seq_length,
-        cfg.model.vocab_size,
-    );
+    let (b, t, v) = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size);
     let accum = cfg.accumulation_steps();
     let mut rng = Rng::new(cfg.train.seed);
     let data: Vec<(Vec<u32>, Vec<u32>)> = (0..accum)
         .map(|_| {
-            let seq: Vec<u32> = (0..b * (t + 1))
-                .map(|_| (rng.next_u64() % v as u64) as u32)
-                .collect();
+            let seq: Vec<u32> = (0..b * (t + 1)).map(|_| (rng.next_u64() % v as u64) as u32).collect();
             let (mut x, mut y) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
             for row in seq.chunks(t + 1) {
                 x.extend_from_slice(&row[..t]);
@@ -62,15 +56,8 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
             (x, y)
         })
         .collect();
-    let mbs: Vec<Microbatch<'_>> = data
-        .iter()
-        .map(|(x, y)| Microbatch {
-            tokens: x,
-            targets: y,
-            batch: b,
-            seq: t,
-        })
-        .collect();
+    let mbs: Vec<Microbatch<'_>> =
+        data.iter().map(|(x, y)| Microbatch { tokens: x, targets: y, batch: b, seq: t }).collect();
     let be: &dyn Backend = &profiled;
     for _ in 0..args.warmup {
         trainer.step(be, &mbs, 1e-4)?;
@@ -88,10 +75,7 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
     let tokens_per_step = (accum * b * t) as f64;
     let tokens_per_s = tokens_per_step / median;
     let gflops = cfg.model.flops_per_token() * tokens_per_s / 1e9;
-    let name = args
-        .config
-        .file_stem()
-        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let name = args.config.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     let mut out = serde_json::json!({
         "impl": "troupe",
         "config": name,

@@ -42,9 +42,7 @@ pub fn matmul_backward(
     }
     for j in 0..n {
         for p in 0..k {
-            dw[j * k + p] += (0..m)
-                .map(|i| dout[i * n + j] * inp[i * k + p])
-                .sum::<f64>();
+            dw[j * k + p] += (0..m).map(|i| dout[i * n + j] * inp[i * k + p]).sum::<f64>();
         }
     }
     if let Some(db) = db {
@@ -94,9 +92,7 @@ pub fn layernorm_backward(
     c: usize,
 ) {
     for i in 0..rows {
-        let norm: Vec<f64> = (0..c)
-            .map(|j| (inp[i * c + j] - mean[i]) * rstd[i])
-            .collect();
+        let norm: Vec<f64> = (0..c).map(|j| (inp[i * c + j] - mean[i]) * rstd[i]).collect();
         let dnorm: Vec<f64> = (0..c).map(|j| dout[i * c + j] * w[j]).collect();
         let m1 = dnorm.iter().sum::<f64>() / c as f64;
         let m2 = dnorm.iter().zip(&norm).map(|(a, b)| a * b).sum::<f64>() / c as f64;
@@ -125,22 +121,14 @@ pub fn gelu_backward(dinp: &mut [f64], inp: &[f64], dout: &[f64]) {
     for i in 0..inp.len() {
         let x = inp[i];
         let th = (s * (x + 0.044715 * x * x * x)).tanh();
-        let local =
-            0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * s * (1.0 + 3.0 * 0.044715 * x * x);
+        let local = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * s * (1.0 + 3.0 * 0.044715 * x * x);
         dinp[i] = local * dout[i];
     }
 }
 
 /// Materialises the full T×T probabilities (the reference may; the fast kernel does not).
 /// Returns the probabilities `[B,NH,T,T]` for use by [`attention_backward`].
-pub fn attention_forward(
-    out: &mut [f64],
-    qkv: &[f64],
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
-) -> Vec<f64> {
+pub fn attention_forward(out: &mut [f64], qkv: &[f64], b: usize, t: usize, c: usize, nh: usize) -> Vec<f64> {
     let hs = c / nh;
     let scale = 1.0 / (hs as f64).sqrt();
     let mut probs = vec![0.0; b * nh * t * t];
@@ -150,9 +138,7 @@ pub fn attention_forward(
                 let q = |d: usize| qkv[(bi * t + i) * 3 * c + h * hs + d];
                 let mut s: Vec<f64> = (0..=i)
                     .map(|j| {
-                        (0..hs)
-                            .map(|d| q(d) * qkv[(bi * t + j) * 3 * c + c + h * hs + d])
-                            .sum::<f64>()
+                        (0..hs).map(|d| q(d) * qkv[(bi * t + j) * 3 * c + c + h * hs + d]).sum::<f64>()
                             * scale
                     })
                     .collect();
@@ -199,14 +185,11 @@ pub fn attention_backward(
     dqkv.iter_mut().for_each(|x| *x = 0.0);
     for bi in 0..b {
         for h in 0..nh {
-            let at =
-                |row: usize, part: usize, d: usize| (bi * t + row) * 3 * c + part * c + h * hs + d;
+            let at = |row: usize, part: usize, d: usize| (bi * t + row) * 3 * c + part * c + h * hs + d;
             for i in 0..t {
                 let p = |j: usize| probs[((bi * nh + h) * t + i) * t + j];
                 let go = |d: usize| dout[(bi * t + i) * c + h * hs + d];
-                let dp: Vec<f64> = (0..=i)
-                    .map(|j| (0..hs).map(|d| go(d) * qkv[at(j, 2, d)]).sum())
-                    .collect();
+                let dp: Vec<f64> = (0..=i).map(|j| (0..hs).map(|d| go(d) * qkv[at(j, 2, d)]).sum()).collect();
                 let dsum: f64 = (0..=i).map(|j| p(j) * dp[j]).sum();
                 for j in 0..=i {
                     for d in 0..hs {

@@ -16,10 +16,7 @@ pub struct Profiled<B> {
 
 impl<B: Backend> Profiled<B> {
     pub fn new(inner: B) -> Self {
-        Self {
-            inner,
-            stats: Mutex::new(BTreeMap::new()),
-        }
+        Self { inner, stats: Mutex::new(BTreeMap::new()) }
     }
 
     fn time<R>(&self, name: &'static str, f: impl FnOnce(&B) -> R) -> R {
@@ -68,9 +65,7 @@ impl<B: Backend> Backend for Profiled<B> {
         k: usize,
         n: usize,
     ) {
-        self.time("matmul_forward", |be| {
-            be.matmul_forward(out, inp, w, b, m, k, n)
-        })
+        self.time("matmul_forward", |be| be.matmul_forward(out, inp, w, b, m, k, n))
     }
     fn matmul_backward(
         &self,
@@ -84,9 +79,7 @@ impl<B: Backend> Backend for Profiled<B> {
         k: usize,
         n: usize,
     ) {
-        self.time("matmul_backward", |be| {
-            be.matmul_backward(dinp, dw, db, dout, inp, w, m, k, n)
-        })
+        self.time("matmul_backward", |be| be.matmul_backward(dinp, dw, db, dout, inp, w, m, k, n))
     }
     fn layernorm_forward(
         &self,
@@ -99,9 +92,7 @@ impl<B: Backend> Backend for Profiled<B> {
         rows: usize,
         c: usize,
     ) {
-        self.time("layernorm_forward", |be| {
-            be.layernorm_forward(out, mean, rstd, inp, w, b, rows, c)
-        })
+        self.time("layernorm_forward", |be| be.layernorm_forward(out, mean, rstd, inp, w, b, rows, c))
     }
     fn residual_layernorm_forward(
         &self,
@@ -153,9 +144,7 @@ impl<B: Backend> Backend for Profiled<B> {
         c: usize,
         nh: usize,
     ) {
-        self.time("attention_forward", |be| {
-            be.attention_forward(out, lse, qkv, b, t, c, nh)
-        })
+        self.time("attention_forward", |be| be.attention_forward(out, lse, qkv, b, t, c, nh))
     }
     fn attention_backward(
         &self,
@@ -169,9 +158,7 @@ impl<B: Backend> Backend for Profiled<B> {
         c: usize,
         nh: usize,
     ) {
-        self.time("attention_backward", |be| {
-            be.attention_backward(dqkv, dout, out, lse, qkv, b, t, c, nh)
-        })
+        self.time("attention_backward", |be| be.attention_backward(dqkv, dout, out, lse, qkv, b, t, c, nh))
     }
     fn encoder_forward(
         &self,
@@ -183,9 +170,7 @@ impl<B: Backend> Backend for Profiled<B> {
         t: usize,
         c: usize,
     ) {
-        self.time("encoder_forward", |be| {
-            be.encoder_forward(out, tokens, wte, wpe, b, t, c)
-        })
+        self.time("encoder_forward", |be| be.encoder_forward(out, tokens, wte, wpe, b, t, c))
     }
     fn encoder_backward(
         &self,
@@ -197,9 +182,7 @@ impl<B: Backend> Backend for Profiled<B> {
         t: usize,
         c: usize,
     ) {
-        self.time("encoder_backward", |be| {
-            be.encoder_backward(dwte, dwpe, dout, tokens, b, t, c)
-        })
+        self.time("encoder_backward", |be| be.encoder_backward(dwte, dwpe, dout, tokens, b, t, c))
     }
     fn crossentropy_forward_backward(
         &self,
@@ -224,9 +207,7 @@ impl<B: Backend> Backend for Profiled<B> {
         v: usize,
         vp: usize,
     ) {
-        self.time("crossentropy", |be| {
-            be.crossentropy_forward(losses, logits, targets, rows, v, vp)
-        })
+        self.time("crossentropy", |be| be.crossentropy_forward(losses, logits, targets, rows, v, vp))
     }
     fn adamw(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWStep) {
         self.time("adamw", |be| be.adamw(p, g, m, v, h))

@@ -37,16 +37,8 @@ impl ParamTable {
     /// Appends a tensor; returns its span.
     pub fn push(&mut self, name: impl Into<String>, shape: &[usize], decay: bool) -> Span {
         let len = shape.iter().product();
-        let span = Span {
-            offset: self.total,
-            len,
-        };
-        self.specs.push(ParamSpec {
-            name: name.into(),
-            shape: shape.to_vec(),
-            span,
-            decay,
-        });
+        let span = Span { offset: self.total, len };
+        self.specs.push(ParamSpec { name: name.into(), shape: shape.to_vec(), span, decay });
         self.total += len;
         span
     }
@@ -74,10 +66,7 @@ impl ParamTable {
 /// # Panics
 /// When the spans overlap or are out of order (a bug in the caller's layout, not user input).
 pub fn two_mut(buf: &mut [f32], a: Span, b: Span) -> (&mut [f32], &mut [f32]) {
-    assert!(
-        a.offset + a.len <= b.offset,
-        "spans out of order: {a:?} {b:?}"
-    );
+    assert!(a.offset + a.len <= b.offset, "spans out of order: {a:?} {b:?}");
     let (lo, hi) = buf.split_at_mut(b.offset);
     (&mut lo[a.range()], &mut hi[..b.len])
 }

@@ -19,12 +19,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        }
+        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
     }
 }
 
@@ -40,12 +35,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, num_params: usize) -> Self {
-        Self {
-            cfg,
-            m: vec![0.0; num_params],
-            v: vec![0.0; num_params],
-            step: 0,
-        }
+        Self { cfg, m: vec![0.0; num_params], v: vec![0.0; num_params], step: 0 }
     }
 
     /// One update of every tensor in `table` with learning rate `lr`.
@@ -60,11 +50,7 @@ impl AdamW {
         grads: &[f32],
         lr: f32,
     ) {
-        assert_eq!(
-            params.len(),
-            self.m.len(),
-            "AdamW state does not match the parameters"
-        );
+        assert_eq!(params.len(), self.m.len(), "AdamW state does not match the parameters");
         self.step += 1;
         for spec in table.specs() {
             let r = spec.span.range();
@@ -73,20 +59,10 @@ impl AdamW {
                 beta1: self.cfg.beta1,
                 beta2: self.cfg.beta2,
                 eps: self.cfg.eps,
-                weight_decay: if spec.decay {
-                    self.cfg.weight_decay
-                } else {
-                    0.0
-                },
+                weight_decay: if spec.decay { self.cfg.weight_decay } else { 0.0 },
                 step: self.step,
             };
-            be.adamw(
-                &mut params[r.clone()],
-                &grads[r.clone()],
-                &mut self.m[r.clone()],
-                &mut self.v[r],
-                h,
-            );
+            be.adamw(&mut params[r.clone()], &grads[r.clone()], &mut self.m[r.clone()], &mut self.v[r], h);
         }
     }
 

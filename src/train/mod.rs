@@ -13,11 +13,7 @@ use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 #[derive(Debug, Error, PartialEq)]
 pub enum TrainError {
     #[error("step {step}, microbatch {mb}: {source}")]
-    Model {
-        step: u64,
-        mb: usize,
-        source: ModelError,
-    },
+    Model { step: u64, mb: usize, source: ModelError },
     #[error("step {step}, microbatch {mb}: loss is {loss} (not finite)")]
     NonFiniteLoss { step: u64, mb: usize, loss: f32 },
 }
@@ -65,11 +61,7 @@ impl Trainer {
             },
             model.table().len(),
         );
-        Ok(Self {
-            model,
-            opt,
-            clip_grad: t.clip_grad,
-        })
+        Ok(Self { model, opt, clip_grad: t.clip_grad })
     }
 
     /// Forward and backward of every microbatch (gradients accumulate, each loss scaled by
@@ -89,11 +81,7 @@ impl Trainer {
         let scale = 1.0 / mbs.len().max(1) as f32;
         let mut loss_sum = 0.0f64;
         for (i, mb) in mbs.iter().enumerate() {
-            let wrap = |source| TrainError::Model {
-                step,
-                mb: i,
-                source,
-            };
+            let wrap = |source| TrainError::Model { step, mb: i, source };
             let loss = self
                 .model
                 .forward(
@@ -117,9 +105,6 @@ impl Trainer {
         let grad_norm = clip_grad_norm(be, &mut [self.model.grads_mut()], self.clip_grad);
         let (table, params, grads) = self.model.split_mut();
         self.opt.update(be, table, params, grads, lr);
-        Ok(StepStats {
-            loss: (loss_sum * f64::from(scale)) as f32,
-            grad_norm,
-        })
+        Ok(StepStats { loss: (loss_sum * f64::from(scale)) as f32, grad_norm })
     }
 }

@@ -109,11 +109,7 @@ pub(super) fn forward(
         let out_p = out_p;
         let (bi, h) = (bh / nh, bh % nh);
         let base = bi * t * 3 * c + h * hs;
-        let (q, k, v) = (
-            qkv[base..].as_ptr(),
-            qkv[base + c..].as_ptr(),
-            qkv[base + 2 * c..].as_ptr(),
-        );
+        let (q, k, v) = (qkv[base..].as_ptr(), qkv[base + c..].as_ptr(), qkv[base + 2 * c..].as_ptr());
         with_scratch(QB * t, |p| {
             for t0 in (0..t).step_by(QB) {
                 let t1 = (t0 + QB).min(t);
@@ -140,9 +136,7 @@ pub(super) fn forward(
                 for r in 0..rows {
                     let row = &mut p[r * t..r * t + t1];
                     let valid = t0 + r + 1;
-                    let mx = row[..valid]
-                        .iter()
-                        .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    let mx = row[..valid].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
                     let mut sum = 0.0f32;
                     for x in &mut row[..valid] {
                         *x = fastmath::exp(*x - mx);
@@ -159,21 +153,7 @@ pub(super) fn forward(
                 // C) and belong to this (b, h) task only; V rows 0..t1 lie inside qkv.
                 unsafe {
                     let dst = out_p.0.add(bi * t * c + t0 * c + h * hs);
-                    mm(
-                        rows,
-                        hs,
-                        t1,
-                        dst,
-                        c,
-                        false,
-                        p.as_ptr(),
-                        t,
-                        1,
-                        v,
-                        3 * c,
-                        1,
-                        1.0,
-                    );
+                    mm(rows, hs, t1, dst, c, false, p.as_ptr(), t, 1, v, 3 * c, 1, 1.0);
                 }
             }
         });
@@ -194,11 +174,7 @@ pub(super) fn backward(
 ) {
     assert_eq!(qkv.len(), b * t * 3 * c, "attention qkv");
     assert_eq!(dqkv.len(), b * t * 3 * c, "attention dqkv");
-    assert_eq!(
-        (out.len(), dout.len()),
-        (b * t * c, b * t * c),
-        "attention out"
-    );
+    assert_eq!((out.len(), dout.len()), (b * t * c, b * t * c), "attention out");
     assert_eq!(lse.len(), b * nh * t, "attention lse");
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
@@ -207,11 +183,7 @@ pub(super) fn backward(
         let dqkv_p = dqkv_p;
         let (bi, h) = (bh / nh, bh % nh);
         let base = bi * t * 3 * c + h * hs;
-        let (q, k, v) = (
-            qkv[base..].as_ptr(),
-            qkv[base + c..].as_ptr(),
-            qkv[base + 2 * c..].as_ptr(),
-        );
+        let (q, k, v) = (qkv[base..].as_ptr(), qkv[base + c..].as_ptr(), qkv[base + 2 * c..].as_ptr());
         // SAFETY: this task owns the head columns of Q, K and V in batch bi of dqkv.
         let (dq, dk, dv) = unsafe {
             let p = dqkv_p.0.add(base);
@@ -267,10 +239,8 @@ pub(super) fn backward(
                 }
                 for r in 0..rows {
                     let valid = t0 + r + 1;
-                    let (go, o) = (
-                        &dout[o_off + r * c..o_off + r * c + hs],
-                        &out[o_off + r * c..o_off + r * c + hs],
-                    );
+                    let (go, o) =
+                        (&dout[o_off + r * c..o_off + r * c + hs], &out[o_off + r * c..o_off + r * c + hs]);
                     let d: f32 = go.iter().zip(o).map(|(a, b)| a * b).sum();
                     let l = lse_row[t0 + r];
                     let (prow, dprow) = (&mut p[r * t..r * t + t1], &mut dp[r * t..r * t + t1]);
@@ -283,51 +253,9 @@ pub(super) fn backward(
                     dprow[valid..].fill(0.0);
                 }
                 unsafe {
-                    mm(
-                        t1,
-                        hs,
-                        rows,
-                        dv,
-                        3 * c,
-                        true,
-                        p.as_ptr(),
-                        1,
-                        t,
-                        dout[o_off..].as_ptr(),
-                        c,
-                        1,
-                        1.0,
-                    );
-                    mm(
-                        rows,
-                        hs,
-                        t1,
-                        dq.add(t0 * 3 * c),
-                        3 * c,
-                        false,
-                        dp.as_ptr(),
-                        t,
-                        1,
-                        k,
-                        3 * c,
-                        1,
-                        scale,
-                    );
-                    mm(
-                        t1,
-                        hs,
-                        rows,
-                        dk,
-                        3 * c,
-                        true,
-                        dp.as_ptr(),
-                        1,
-                        t,
-                        q.add(t0 * 3 * c),
-                        3 * c,
-                        1,
-                        scale,
-                    );
+                    mm(t1, hs, rows, dv, 3 * c, true, p.as_ptr(), 1, t, dout[o_off..].as_ptr(), c, 1, 1.0);
+                    mm(rows, hs, t1, dq.add(t0 * 3 * c), 3 * c, false, dp.as_ptr(), t, 1, k, 3 * c, 1, scale);
+                    mm(t1, hs, rows, dk, 3 * c, true, dp.as_ptr(), 1, t, q.add(t0 * 3 * c), 3 * c, 1, scale);
                 }
             }
         });

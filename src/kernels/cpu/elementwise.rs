@@ -19,35 +19,28 @@ const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2/pi)
 
 pub(super) fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len(), "gelu");
-    out.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                let u = GELU_SCALE * (x + 0.044715 * x * x * x);
-                *o = 0.5 * x * (1.0 + fastmath::tanh(u));
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            let u = GELU_SCALE * (x + 0.044715 * x * x * x);
+            *o = 0.5 * x * (1.0 + fastmath::tanh(u));
+        }
+    });
 }
 
 pub(super) fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-    assert_eq!(
-        (dinp.len(), dout.len()),
-        (inp.len(), inp.len()),
-        "gelu backward"
-    );
-    dinp.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK)))
-        .for_each(|(d, (x, g))| {
+    assert_eq!((dinp.len(), dout.len()), (inp.len(), inp.len()), "gelu backward");
+    dinp.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK))).for_each(
+        |(d, (x, g))| {
             for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
                 let x3 = x * x * x;
                 let u = GELU_SCALE * (x + 0.044715 * x3);
                 let th = fastmath::tanh(u);
                 let sech2 = 1.0 - th * th;
-                let local = 0.5 * (1.0 + th)
-                    + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+                let local = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
                 *d = local * g;
             }
-        });
+        },
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -82,11 +75,7 @@ pub(super) fn encoder_backward(
     t: usize,
     c: usize,
 ) {
-    assert_eq!(
-        (dout.len(), tokens.len()),
-        (b * t * c, b * t),
-        "encoder backward"
-    );
+    assert_eq!((dout.len(), tokens.len()), (b * t * c, b * t), "encoder backward");
     assert!(dwpe.len() >= t * c, "encoder backward dwpe");
     let vp = dwte.len() / c;
     // Column blocks in parallel; inside a block rows are visited in (b, t) order, so repeated
@@ -132,25 +121,17 @@ pub(super) fn crossentropy_fused(
     vp: usize,
     dloss: f32,
 ) {
-    assert_eq!(
-        (logits.len(), losses.len(), targets.len()),
-        (rows * vp, rows, rows),
-        "xent"
-    );
-    logits
-        .par_chunks_mut(vp)
-        .zip(losses.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, (row, loss))| {
-            let tgt = targets[i] as usize;
-            let lse = row_lse(&row[..v]);
-            *loss = lse - row[tgt];
-            for x in &mut row[..v] {
-                *x = fastmath::exp(*x - lse) * dloss;
-            }
-            row[tgt] -= dloss;
-            row[v..].fill(0.0);
-        });
+    assert_eq!((logits.len(), losses.len(), targets.len()), (rows * vp, rows, rows), "xent");
+    logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).enumerate().for_each(|(i, (row, loss))| {
+        let tgt = targets[i] as usize;
+        let lse = row_lse(&row[..v]);
+        *loss = lse - row[tgt];
+        for x in &mut row[..v] {
+            *x = fastmath::exp(*x - lse) * dloss;
+        }
+        row[tgt] -= dloss;
+        row[v..].fill(0.0);
+    });
 }
 
 pub(super) fn crossentropy_forward(
@@ -161,11 +142,7 @@ pub(super) fn crossentropy_forward(
     v: usize,
     vp: usize,
 ) {
-    assert_eq!(
-        (logits.len(), losses.len(), targets.len()),
-        (rows * vp, rows, rows),
-        "xent"
-    );
+    assert_eq!((logits.len(), losses.len(), targets.len()), (rows * vp, rows, rows), "xent");
     losses.par_iter_mut().enumerate().for_each(|(i, loss)| {
         let row = &logits[i * vp..i * vp + v];
         *loss = row_lse(row) - row[targets[i] as usize];
@@ -173,11 +150,7 @@ pub(super) fn crossentropy_forward(
 }
 
 pub(super) fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWStep) {
-    assert_eq!(
-        (grads.len(), m.len(), v.len()),
-        (params.len(), params.len(), params.len()),
-        "adamw"
-    );
+    assert_eq!((grads.len(), m.len(), v.len()), (params.len(), params.len(), params.len()), "adamw");
     let bc1 = 1.0 - h.beta1.powi(h.step as i32);
     let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
     let step_size = h.lr / bc1;
@@ -209,17 +182,14 @@ pub(super) fn sum_squares(x: &[f32]) -> f64 {
 }
 
 pub(super) fn scale(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|x| x.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(CHUNK).for_each(|x| x.iter_mut().for_each(|v| *v *= s));
 }
 
 pub(super) fn add_assign(dst: &mut [f32], src: &[f32]) {
     assert_eq!(dst.len(), src.len(), "add_assign");
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| {
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d += s;
-            }
-        });
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        for (d, &s) in d.iter_mut().zip(s) {
+            *d += s;
+        }
+    });
 }

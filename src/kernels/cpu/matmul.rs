@@ -12,11 +12,7 @@ use rayon::prelude::*;
 const COL_BLOCK: usize = 64;
 
 fn parallelism(threads: usize) -> Parallelism {
-    if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
+    if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -35,8 +31,7 @@ pub(super) fn forward(
     assert_eq!(weight.len(), n * k, "matmul_forward weight");
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n, "matmul_forward bias");
-        out.par_chunks_mut(n)
-            .for_each(|row| row.copy_from_slice(bias));
+        out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
     }
     // SAFETY: the asserts above prove every index gemm touches lies inside the slices: dst is
     // m×n row-major (rs = n), lhs m×k row-major (rs = k), rhs is Wᵀ read from the n×k weight
@@ -141,15 +136,13 @@ pub(super) fn backward(
 
 /// `acc[j] += Σ_i x[i, j]`, column blocks in parallel, rows summed in order.
 pub(super) fn column_sums_into(acc: &mut [f32], x: &[f32], rows: usize, cols: usize) {
-    acc.par_chunks_mut(COL_BLOCK)
-        .enumerate()
-        .for_each(|(blk, acc)| {
-            let j0 = blk * COL_BLOCK;
-            for i in 0..rows {
-                let row = &x[i * cols + j0..i * cols + j0 + acc.len()];
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v;
-                }
+    acc.par_chunks_mut(COL_BLOCK).enumerate().for_each(|(blk, acc)| {
+        let j0 = blk * COL_BLOCK;
+        for i in 0..rows {
+            let row = &x[i * cols + j0..i * cols + j0 + acc.len()];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v;
             }
-        });
+        }
+    });
 }

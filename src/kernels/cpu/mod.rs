@@ -21,9 +21,7 @@ pub struct CpuBackend {
 
 impl std::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuBackend")
-            .field("threads", &self.threads)
-            .finish()
+        f.debug_struct("CpuBackend").field("threads", &self.threads).finish()
     }
 }
 
@@ -31,9 +29,7 @@ impl CpuBackend {
     /// A backend with `threads` workers (0 means one per available core).
     pub fn new(threads: usize) -> Self {
         let threads = if threads == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         } else {
             threads
         };
@@ -46,10 +42,7 @@ impl CpuBackend {
             .or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build());
         match pool {
             Ok(pool) => Self { pool, threads },
-            Err(_) => Self {
-                pool: single_thread_pool(),
-                threads: 1,
-            },
+            Err(_) => Self { pool: single_thread_pool(), threads: 1 },
         }
     }
 }
@@ -82,8 +75,7 @@ impl Backend for CpuBackend {
         n: usize,
     ) {
         let par = self.threads;
-        self.pool
-            .install(|| matmul::forward(out, inp, weight, bias, m, k, n, par));
+        self.pool.install(|| matmul::forward(out, inp, weight, bias, m, k, n, par));
     }
 
     fn matmul_backward(
@@ -99,8 +91,7 @@ impl Backend for CpuBackend {
         n: usize,
     ) {
         let par = self.threads;
-        self.pool
-            .install(|| matmul::backward(dinp, dweight, dbias, dout, inp, weight, m, k, n, par));
+        self.pool.install(|| matmul::backward(dinp, dweight, dbias, dout, inp, weight, m, k, n, par));
     }
 
     fn layernorm_forward(
@@ -114,8 +105,7 @@ impl Backend for CpuBackend {
         rows: usize,
         c: usize,
     ) {
-        self.pool
-            .install(|| norm::forward(None, out, mean, rstd, inp, None, weight, bias, rows, c));
+        self.pool.install(|| norm::forward(None, out, mean, rstd, inp, None, weight, bias, rows, c));
     }
 
     fn residual_layernorm_forward(
@@ -131,20 +121,7 @@ impl Backend for CpuBackend {
         rows: usize,
         c: usize,
     ) {
-        self.pool.install(|| {
-            norm::forward(
-                Some(resid),
-                out,
-                mean,
-                rstd,
-                a,
-                Some(b),
-                weight,
-                bias,
-                rows,
-                c,
-            )
-        });
+        self.pool.install(|| norm::forward(Some(resid), out, mean, rstd, a, Some(b), weight, bias, rows, c));
     }
 
     fn layernorm_backward(
@@ -160,9 +137,7 @@ impl Backend for CpuBackend {
         rows: usize,
         c: usize,
     ) {
-        self.pool.install(|| {
-            norm::backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, c)
-        });
+        self.pool.install(|| norm::backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, c));
     }
 
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
@@ -170,8 +145,7 @@ impl Backend for CpuBackend {
     }
 
     fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-        self.pool
-            .install(|| elementwise::gelu_backward(dinp, inp, dout));
+        self.pool.install(|| elementwise::gelu_backward(dinp, inp, dout));
     }
 
     fn attention_forward(
@@ -184,8 +158,7 @@ impl Backend for CpuBackend {
         c: usize,
         nh: usize,
     ) {
-        self.pool
-            .install(|| attention::forward(out, lse, qkv, b, t, c, nh));
+        self.pool.install(|| attention::forward(out, lse, qkv, b, t, c, nh));
     }
 
     fn attention_backward(
@@ -200,8 +173,7 @@ impl Backend for CpuBackend {
         c: usize,
         nh: usize,
     ) {
-        self.pool
-            .install(|| attention::backward(dqkv, dout, out, lse, qkv, b, t, c, nh));
+        self.pool.install(|| attention::backward(dqkv, dout, out, lse, qkv, b, t, c, nh));
     }
 
     fn encoder_forward(
@@ -214,8 +186,7 @@ impl Backend for CpuBackend {
         t: usize,
         c: usize,
     ) {
-        self.pool
-            .install(|| elementwise::encoder_forward(out, tokens, wte, wpe, b, t, c));
+        self.pool.install(|| elementwise::encoder_forward(out, tokens, wte, wpe, b, t, c));
     }
 
     fn encoder_backward(
@@ -228,8 +199,7 @@ impl Backend for CpuBackend {
         t: usize,
         c: usize,
     ) {
-        self.pool
-            .install(|| elementwise::encoder_backward(dwte, dwpe, dout, tokens, b, t, c));
+        self.pool.install(|| elementwise::encoder_backward(dwte, dwpe, dout, tokens, b, t, c));
     }
 
     fn crossentropy_forward_backward(
@@ -242,9 +212,7 @@ impl Backend for CpuBackend {
         vp: usize,
         dloss: f32,
     ) {
-        self.pool.install(|| {
-            elementwise::crossentropy_fused(logits, losses, targets, rows, v, vp, dloss)
-        });
+        self.pool.install(|| elementwise::crossentropy_fused(logits, losses, targets, rows, v, vp, dloss));
     }
 
     fn crossentropy_forward(
@@ -256,13 +224,11 @@ impl Backend for CpuBackend {
         v: usize,
         vp: usize,
     ) {
-        self.pool
-            .install(|| elementwise::crossentropy_forward(losses, logits, targets, rows, v, vp));
+        self.pool.install(|| elementwise::crossentropy_forward(losses, logits, targets, rows, v, vp));
     }
 
     fn adamw(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWStep) {
-        self.pool
-            .install(|| elementwise::adamw(params, grads, m, v, h));
+        self.pool.install(|| elementwise::adamw(params, grads, m, v, h));
     }
 
     fn sum_squares(&self, x: &[f32]) -> f64 {

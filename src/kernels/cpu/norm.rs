@@ -53,12 +53,11 @@ pub(super) fn forward(
                 });
         }
         _ => {
-            out.par_chunks_mut(c)
-                .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-                .enumerate()
-                .for_each(|(i, (o, (mu, rs)))| {
+            out.par_chunks_mut(c).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).enumerate().for_each(
+                |(i, (o, (mu, rs)))| {
                     (*mu, *rs) = normalize_row(o, &a[i * c..(i + 1) * c], weight, bias);
-                });
+                },
+            );
         }
     }
 }
@@ -76,16 +75,8 @@ pub(super) fn backward(
     rows: usize,
     c: usize,
 ) {
-    assert_eq!(
-        (dinp.len(), dout.len(), inp.len()),
-        (rows * c, rows * c, rows * c),
-        "ln bwd"
-    );
-    assert_eq!(
-        (dweight.len(), dbias.len(), weight.len()),
-        (c, c, c),
-        "ln bwd params"
-    );
+    assert_eq!((dinp.len(), dout.len(), inp.len()), (rows * c, rows * c, rows * c), "ln bwd");
+    assert_eq!((dweight.len(), dbias.len(), weight.len()), (c, c, c), "ln bwd params");
     assert_eq!((mean.len(), rstd.len()), (rows, rows), "ln bwd stats");
     let cf = c as f32;
     dinp.par_chunks_mut(c).enumerate().for_each(|(i, di)| {
@@ -107,11 +98,8 @@ pub(super) fn backward(
             di[j] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * rs;
         }
     });
-    dweight
-        .par_chunks_mut(COL_BLOCK)
-        .zip(dbias.par_chunks_mut(COL_BLOCK))
-        .enumerate()
-        .for_each(|(blk, (dw, db))| {
+    dweight.par_chunks_mut(COL_BLOCK).zip(dbias.par_chunks_mut(COL_BLOCK)).enumerate().for_each(
+        |(blk, (dw, db))| {
             let j0 = blk * COL_BLOCK;
             let w = dw.len();
             for i in 0..rows {
@@ -123,5 +111,6 @@ pub(super) fn backward(
                     db[j] += g[j];
                 }
             }
-        });
+        },
+    );
 }

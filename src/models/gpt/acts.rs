@@ -66,23 +66,14 @@ pub(crate) struct Acts {
 }
 
 impl Acts {
-    pub fn new(
-        batch: usize,
-        seq: usize,
-        c: usize,
-        nh: usize,
-        layers: usize,
-        vp: Option<usize>,
-    ) -> Self {
+    pub fn new(batch: usize, seq: usize, c: usize, nh: usize, layers: usize, vp: Option<usize>) -> Self {
         let n = batch * seq;
         Self {
             batch,
             seq,
             tokens: vec![0; n],
             input: vec![0.0; n * c],
-            layers: (0..layers)
-                .map(|_| LayerActs::new(n, c, batch * nh * seq))
-                .collect(),
+            layers: (0..layers).map(|_| LayerActs::new(n, c, batch * nh * seq)).collect(),
             head: vp.map(|vp| HeadActs {
                 lnf: vec![0.0; n * c],
                 lnf_mean: vec![0.0; n],

@@ -61,11 +61,7 @@ impl GptConfig {
     /// Model FLOPs per token of one training step (forward + backward), Megatron's formula
     /// without recompute: `72·l·h² + 12·l·s·h + 6·V·h` (Korthikanti et al. 2022, App. A).
     pub fn flops_per_token(&self) -> f64 {
-        let (l, h, s) = (
-            self.num_layers as f64,
-            self.hidden_size as f64,
-            self.seq_length as f64,
-        );
+        let (l, h, s) = (self.num_layers as f64, self.hidden_size as f64, self.seq_length as f64);
         let v = self.padded_vocab_size() as f64;
         72.0 * l * h * h + 12.0 * l * s * h + 6.0 * v * h
     }
@@ -75,18 +71,14 @@ impl GptConfig {
     /// # Errors
     /// [`ModelError::BadConfig`] naming the field.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad =
-            |field: &'static str, reason: String| Err(ModelError::BadConfig { field, reason });
+        let bad = |field: &'static str, reason: String| Err(ModelError::BadConfig { field, reason });
         for (field, v) in [
             ("vocab_size", self.vocab_size),
             ("seq_length", self.seq_length),
             ("num_layers", self.num_layers),
             ("hidden_size", self.hidden_size),
             ("num_attention_heads", self.num_attention_heads),
-            (
-                "make_vocab_size_divisible_by",
-                self.make_vocab_size_divisible_by,
-            ),
+            ("make_vocab_size_divisible_by", self.make_vocab_size_divisible_by),
         ] {
             if v == 0 {
                 return bad(field, "must be at least 1".into());
@@ -102,10 +94,7 @@ impl GptConfig {
             );
         }
         if self.vocab_size > u32::MAX as usize {
-            return bad(
-                "vocab_size",
-                format!("{} exceeds the u32 token range", self.vocab_size),
-            );
+            return bad("vocab_size", format!("{} exceeds the u32 token range", self.vocab_size));
         }
         Ok(())
     }
@@ -124,12 +113,7 @@ pub struct LayerRange {
 impl LayerRange {
     /// The whole model.
     pub fn full(cfg: &GptConfig) -> Self {
-        Self {
-            first: 0,
-            last: cfg.num_layers,
-            embedding: true,
-            head: true,
-        }
+        Self { first: 0, last: cfg.num_layers, embedding: true, head: true }
     }
 
     /// Splits the model at the layer boundaries `cuts` (ascending, each in `0..=num_layers`)
@@ -148,18 +132,9 @@ impl LayerRange {
             .enumerate()
             .map(|(i, w)| {
                 if w[0] > w[1] || w[1] > cfg.num_layers {
-                    return Err(ModelError::BadRange {
-                        first: w[0],
-                        last: w[1],
-                        num_layers: cfg.num_layers,
-                    });
+                    return Err(ModelError::BadRange { first: w[0], last: w[1], num_layers: cfg.num_layers });
                 }
-                Ok(Self {
-                    first: w[0],
-                    last: w[1],
-                    embedding: i == 0,
-                    head: i == last,
-                })
+                Ok(Self { first: w[0], last: w[1], embedding: i == 0, head: i == last })
             })
             .collect()
     }
@@ -171,25 +146,13 @@ pub enum ModelError {
     #[error("invalid model config: {field}: {reason}")]
     BadConfig { field: &'static str, reason: String },
     #[error("invalid layer range [{first}, {last}) for a {num_layers}-layer model")]
-    BadRange {
-        first: usize,
-        last: usize,
-        num_layers: usize,
-    },
+    BadRange { first: usize, last: usize, num_layers: usize },
     #[error("sequence length {got} exceeds the model's {max} positions")]
     SequenceTooLong { got: usize, max: usize },
     #[error("token id {token} at position {position} is outside the vocabulary of {vocab}")]
-    TokenOutOfRange {
-        token: u32,
-        position: usize,
-        vocab: usize,
-    },
+    TokenOutOfRange { token: u32, position: usize, vocab: usize },
     #[error("{what}: expected {expected} values, got {got}")]
-    BadLength {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    BadLength { what: &'static str, expected: usize, got: usize },
     #[error("microbatch {mb} is already in flight (forward ran, backward has not)")]
     MicrobatchInFlight { mb: u64 },
     #[error("no stored activations for microbatch {mb}: backward without forward")]

@@ -62,16 +62,7 @@ pub(crate) fn build(cfg: &GptConfig, range: LayerRange) -> (ParamTable, Layout) 
         .collect();
     let lnf_w = range.head.then(|| tab.push("ln_f.weight", &[c], false));
     let lnf_b = range.head.then(|| tab.push("ln_f.bias", &[c], false));
-    (
-        tab,
-        Layout {
-            wte,
-            wpe,
-            blocks,
-            lnf_w,
-            lnf_b,
-        },
-    )
+    (tab, Layout { wte, wpe, blocks, lnf_w, lnf_b })
 }
 
 /// GPT-2 / Megatron initialisation: N(0, 0.02) for matrices and embeddings, N(0, 0.02/√(2L)) for

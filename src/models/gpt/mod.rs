@@ -188,34 +188,19 @@ impl Gpt {
             return Err(ModelError::MicrobatchInFlight { mb });
         }
         if batch == 0 || seq == 0 {
-            return Err(ModelError::BadLength {
-                what: "batch × sequence",
-                expected: 1,
-                got: 0,
-            });
+            return Err(ModelError::BadLength { what: "batch × sequence", expected: 1, got: 0 });
         }
         if seq > self.cfg.seq_length {
-            return Err(ModelError::SequenceTooLong {
-                got: seq,
-                max: self.cfg.seq_length,
-            });
+            return Err(ModelError::SequenceTooLong { got: seq, max: self.cfg.seq_length });
         }
         let n = batch * seq;
         let vocab = self.cfg.vocab_size;
         let check_ids = |what: &'static str, ids: &[u32]| -> Result<(), ModelError> {
             if ids.len() != n {
-                return Err(ModelError::BadLength {
-                    what,
-                    expected: n,
-                    got: ids.len(),
-                });
+                return Err(ModelError::BadLength { what, expected: n, got: ids.len() });
             }
             match ids.iter().position(|&t| t as usize >= vocab) {
-                Some(position) => Err(ModelError::TokenOutOfRange {
-                    token: ids[position],
-                    position,
-                    vocab,
-                }),
+                Some(position) => Err(ModelError::TokenOutOfRange { token: ids[position], position, vocab }),
                 None => Ok(()),
             }
         };
@@ -224,51 +209,30 @@ impl Gpt {
             (StageInput::Hidden(h), false) => {
                 let expected = n * self.cfg.hidden_size;
                 if h.len() != expected {
-                    return Err(ModelError::BadLength {
-                        what: "hidden states",
-                        expected,
-                        got: h.len(),
-                    });
+                    return Err(ModelError::BadLength { what: "hidden states", expected, got: h.len() });
                 }
             }
             (StageInput::Tokens(_), false) => {
-                return Err(ModelError::WrongStage(
-                    "this range has no embedding: pass hidden states",
-                ));
+                return Err(ModelError::WrongStage("this range has no embedding: pass hidden states"));
             }
             (StageInput::Hidden(_), true) => {
-                return Err(ModelError::WrongStage(
-                    "this range starts with the embedding: pass tokens",
-                ));
+                return Err(ModelError::WrongStage("this range starts with the embedding: pass tokens"));
             }
         }
         match (targets, self.range.head) {
             (Some(t), true) => check_ids("targets", t),
-            (Some(_), false) => Err(ModelError::WrongStage(
-                "targets given to a range without the head",
-            )),
+            (Some(_), false) => Err(ModelError::WrongStage("targets given to a range without the head")),
             (None, _) => Ok(()),
         }
     }
 
     fn take_acts(&mut self, batch: usize, seq: usize) -> Acts {
-        match self
-            .free
-            .iter()
-            .position(|a| a.batch == batch && a.seq == seq)
-        {
+        match self.free.iter().position(|a| a.batch == batch && a.seq == seq) {
             Some(i) => self.free.swap_remove(i),
             None => {
                 let vp = self.range.head.then(|| self.cfg.padded_vocab_size());
                 let layers = self.range.last - self.range.first;
-                Acts::new(
-                    batch,
-                    seq,
-                    self.cfg.hidden_size,
-                    self.cfg.num_attention_heads,
-                    layers,
-                    vp,
-                )
+                Acts::new(batch, seq, self.cfg.hidden_size, self.cfg.num_attention_heads, layers, vp)
             }
         }
     }
@@ -293,29 +257,14 @@ impl Gpt {
     ) -> Result<Option<f32>, ModelError> {
         self.check_input(mb, batch, seq, input, targets)?;
         let mut acts = self.take_acts(batch, seq);
-        let (c, nh, n) = (
-            self.cfg.hidden_size,
-            self.cfg.num_attention_heads,
-            batch * seq,
-        );
+        let (c, nh, n) = (self.cfg.hidden_size, self.cfg.num_attention_heads, batch * seq);
         self.scratch.ensure(n, c);
         let p = &self.params;
         match input {
             StageInput::Tokens(tokens) => {
                 acts.tokens.copy_from_slice(tokens);
-                let (wte, wpe) = (
-                    self.layout.wte.expect("embedding"),
-                    self.layout.wpe.expect("embedding"),
-                );
-                be.encoder_forward(
-                    &mut acts.input,
-                    tokens,
-                    &p[wte.range()],
-                    &p[wpe.range()],
-                    batch,
-                    seq,
-                    c,
-                );
+                let (wte, wpe) = (self.layout.wte.expect("embedding"), self.layout.wpe.expect("embedding"));
+                be.encoder_forward(&mut acts.input, tokens, &p[wte.range()], &p[wpe.range()], batch, seq, c);
             }
             StageInput::Hidden(h) => acts.input.copy_from_slice(h),
         }
@@ -323,26 +272,12 @@ impl Gpt {
             let (done, rest) = acts.layers.split_at_mut(li);
             let x = done.last().map_or(&acts.input[..], |l| &l.out[..]);
             let blk = &self.layout.blocks[li];
-            layer_forward(
-                be,
-                blk,
-                p,
-                x,
-                &mut rest[0],
-                &mut self.scratch.tmp,
-                batch,
-                seq,
-                c,
-                nh,
-            );
+            layer_forward(be, blk, p, x, &mut rest[0], &mut self.scratch.tmp, batch, seq, c, nh);
         }
         let mut loss = None;
         if let Some(head) = acts.head.as_mut() {
             let x = acts.layers.last().map_or(&acts.input[..], |l| &l.out[..]);
-            let (w, b) = (
-                self.layout.lnf_w.expect("head"),
-                self.layout.lnf_b.expect("head"),
-            );
+            let (w, b) = (self.layout.lnf_w.expect("head"), self.layout.lnf_b.expect("head"));
             be.layernorm_forward(
                 &mut head.lnf,
                 &mut head.lnf_mean,
@@ -355,15 +290,7 @@ impl Gpt {
             );
             let wte = self.layout.wte.expect("tied head");
             let vp = self.cfg.padded_vocab_size();
-            be.matmul_forward(
-                &mut head.dlogits,
-                &head.lnf,
-                &p[wte.range()],
-                None,
-                n,
-                c,
-                vp,
-            );
+            be.matmul_forward(&mut head.dlogits, &head.lnf, &p[wte.range()], None, n, c, vp);
             if let Some(targets) = targets {
                 let dloss = loss_scale / n as f32;
                 be.crossentropy_forward_backward(
@@ -395,26 +322,14 @@ impl Gpt {
         seq: usize,
     ) -> Result<Vec<f32>, ModelError> {
         if !(self.range.embedding && self.range.head) {
-            return Err(ModelError::WrongStage(
-                "logits need a range with embedding and head",
-            ));
+            return Err(ModelError::WrongStage("logits need a range with embedding and head"));
         }
         let mb = u64::MAX;
         self.forward(be, mb, batch, seq, StageInput::Tokens(tokens), None, 1.0)?;
         let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size());
-        let acts = self
-            .in_flight
-            .get(&mb)
-            .ok_or(ModelError::UnknownMicrobatch { mb })?;
-        let head = acts
-            .head
-            .as_ref()
-            .ok_or(ModelError::WrongStage("no head"))?;
-        let out = head
-            .dlogits
-            .chunks(vp)
-            .flat_map(|r| r[..v].iter().copied())
-            .collect();
+        let acts = self.in_flight.get(&mb).ok_or(ModelError::UnknownMicrobatch { mb })?;
+        let head = acts.head.as_ref().ok_or(ModelError::WrongStage("no head"))?;
+        let out = head.dlogits.chunks(vp).flat_map(|r| r[..v].iter().copied()).collect();
         self.release(mb);
         Ok(out)
     }
@@ -425,16 +340,8 @@ impl Gpt {
     ///
     /// # Errors
     /// Unknown microbatch, a wrong `dout` length, or `dout` given/missing for the range kind.
-    pub fn backward(
-        &mut self,
-        be: &dyn Backend,
-        mb: u64,
-        dout: Option<&[f32]>,
-    ) -> Result<(), ModelError> {
-        let acts = self
-            .in_flight
-            .remove(&mb)
-            .ok_or(ModelError::UnknownMicrobatch { mb })?;
+    pub fn backward(&mut self, be: &dyn Backend, mb: u64, dout: Option<&[f32]>) -> Result<(), ModelError> {
+        let acts = self.in_flight.remove(&mb).ok_or(ModelError::UnknownMicrobatch { mb })?;
         let result = self.backward_inner(be, &acts, dout);
         self.free.push(acts);
         result
@@ -449,14 +356,7 @@ impl Gpt {
         let (c, nh) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
         let (batch, seq) = (acts.batch, acts.seq);
         let n = batch * seq;
-        let Gpt {
-            params: p,
-            grads: g,
-            scratch: s,
-            layout,
-            cfg,
-            ..
-        } = self;
+        let Gpt { params: p, grads: g, scratch: s, layout, cfg, .. } = self;
         s.ensure(n, c);
         let last_out = acts.layers.last().map_or(&acts.input[..], |l| &l.out[..]);
         match (&acts.head, dout) {
@@ -501,35 +401,15 @@ impl Gpt {
                 s.dres.copy_from_slice(d);
             }
             (Some(_), Some(_)) => {
-                return Err(ModelError::WrongStage(
-                    "the head range computes its own output gradient",
-                ));
+                return Err(ModelError::WrongStage("the head range computes its own output gradient"));
             }
             (None, None) => {
-                return Err(ModelError::WrongStage(
-                    "a range without the head needs the output gradient",
-                ));
+                return Err(ModelError::WrongStage("a range without the head needs the output gradient"));
             }
         }
         for li in (0..acts.layers.len()).rev() {
-            let x = if li == 0 {
-                &acts.input[..]
-            } else {
-                &acts.layers[li - 1].out[..]
-            };
-            layer_backward(
-                be,
-                &layout.blocks[li],
-                p,
-                g,
-                x,
-                &acts.layers[li],
-                s,
-                batch,
-                seq,
-                c,
-                nh,
-            );
+            let x = if li == 0 { &acts.input[..] } else { &acts.layers[li - 1].out[..] };
+            layer_backward(be, &layout.blocks[li], p, g, x, &acts.layers[li], s, batch, seq, c, nh);
         }
         if let (Some(wte), Some(wpe)) = (layout.wte, layout.wpe) {
             let (dwte, dwpe) = two_mut(g, wte, wpe);
@@ -569,25 +449,9 @@ fn layer_forward(
         n,
         c,
     );
-    be.matmul_forward(
-        &mut a.qkv,
-        &a.ln1,
-        sl(p, blk.qkv_w),
-        Some(sl(p, blk.qkv_b)),
-        n,
-        c,
-        3 * c,
-    );
+    be.matmul_forward(&mut a.qkv, &a.ln1, sl(p, blk.qkv_w), Some(sl(p, blk.qkv_b)), n, c, 3 * c);
     be.attention_forward(&mut a.atty, &mut a.lse, &a.qkv, batch, seq, c, nh);
-    be.matmul_forward(
-        tmp,
-        &a.atty,
-        sl(p, blk.proj_w),
-        Some(sl(p, blk.proj_b)),
-        n,
-        c,
-        c,
-    );
+    be.matmul_forward(tmp, &a.atty, sl(p, blk.proj_w), Some(sl(p, blk.proj_b)), n, c, c);
     be.residual_layernorm_forward(
         &mut a.resid2,
         &mut a.ln2,
@@ -600,25 +464,9 @@ fn layer_forward(
         n,
         c,
     );
-    be.matmul_forward(
-        &mut a.fch,
-        &a.ln2,
-        sl(p, blk.fc_w),
-        Some(sl(p, blk.fc_b)),
-        n,
-        c,
-        4 * c,
-    );
+    be.matmul_forward(&mut a.fch, &a.ln2, sl(p, blk.fc_w), Some(sl(p, blk.fc_b)), n, c, 4 * c);
     be.gelu_forward(&mut a.fch_gelu, &a.fch);
-    be.matmul_forward(
-        tmp,
-        &a.fch_gelu,
-        sl(p, blk.fcproj_w),
-        Some(sl(p, blk.fcproj_b)),
-        n,
-        4 * c,
-        c,
-    );
+    be.matmul_forward(tmp, &a.fch_gelu, sl(p, blk.fcproj_w), Some(sl(p, blk.fcproj_b)), n, 4 * c, c);
     a.out.copy_from_slice(&a.resid2);
     be.add_assign(&mut a.out, tmp);
 }
@@ -657,17 +505,7 @@ fn layer_backward(
     be.gelu_backward(&mut s.dbig2, &a.fch, &s.dbig1);
     {
         let (dw, db) = two_mut(g, blk.fc_w, blk.fc_b);
-        be.matmul_backward(
-            &mut s.dln,
-            dw,
-            Some(db),
-            &s.dbig2,
-            &a.ln2,
-            sl(p, blk.fc_w),
-            n,
-            c,
-            4 * c,
-        );
+        be.matmul_backward(&mut s.dln, dw, Some(db), &s.dbig2, &a.ln2, sl(p, blk.fc_w), n, c, 4 * c);
     }
     {
         let (dw, db) = two_mut(g, blk.ln2_w, blk.ln2_b);
@@ -686,54 +524,13 @@ fn layer_backward(
     }
     {
         let (dw, db) = two_mut(g, blk.proj_w, blk.proj_b);
-        be.matmul_backward(
-            &mut s.datty,
-            dw,
-            Some(db),
-            &s.dres,
-            &a.atty,
-            sl(p, blk.proj_w),
-            n,
-            c,
-            c,
-        );
+        be.matmul_backward(&mut s.datty, dw, Some(db), &s.dres, &a.atty, sl(p, blk.proj_w), n, c, c);
     }
-    be.attention_backward(
-        &mut s.dqkv,
-        &s.datty,
-        &a.atty,
-        &a.lse,
-        &a.qkv,
-        batch,
-        seq,
-        c,
-        nh,
-    );
+    be.attention_backward(&mut s.dqkv, &s.datty, &a.atty, &a.lse, &a.qkv, batch, seq, c, nh);
     {
         let (dw, db) = two_mut(g, blk.qkv_w, blk.qkv_b);
-        be.matmul_backward(
-            &mut s.dln,
-            dw,
-            Some(db),
-            &s.dqkv,
-            &a.ln1,
-            sl(p, blk.qkv_w),
-            n,
-            c,
-            3 * c,
-        );
+        be.matmul_backward(&mut s.dln, dw, Some(db), &s.dqkv, &a.ln1, sl(p, blk.qkv_w), n, c, 3 * c);
     }
     let (dw, db) = two_mut(g, blk.ln1_w, blk.ln1_b);
-    be.layernorm_backward(
-        &mut s.dres,
-        dw,
-        db,
-        &s.dln,
-        x,
-        sl(p, blk.ln1_w),
-        &a.ln1_mean,
-        &a.ln1_rstd,
-        n,
-        c,
-    );
+    be.layernorm_backward(&mut s.dres, dw, db, &s.dln, x, sl(p, blk.ln1_w), &a.ln1_mean, &a.ln1_rstd, n, c);
 }

@@ -1,0 +1,408 @@
+//! The configuration tree, loaded from TOML files in `config/`. Every section rejects unknown
+//! keys; [`Config::validate`] explains each rejection in user terms.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::models::gpt::GptConfig;
+
+pub mod overrides;
+
+/// Errors from loading or validating a configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config value {key} = {value}: {reason}")]
+    Invalid { key: String, value: String, reason: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Model shape.
+    pub model: GptConfig,
+    /// Optimisation, batch and schedule settings.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Where training data comes from.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// Parallel layout.
+    #[serde(default)]
+    pub parallel: ParallelConfig,
+    /// Progress output, metrics files, evaluation cadence.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Saving and resuming.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Learning-rate decay after warm-up (Megatron's `--lr-decay-style`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecayStyle {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// What to do when a microbatch's loss is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NanPolicy {
+    /// Stop with an error naming the step and microbatch.
+    Abort,
+    /// Skip the optimizer step (parameters unchanged), count it, and go on.
+    Skip,
+}
+
+/// Training hyper-parameters (Megatron names where one exists).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Sequences per microbatch on one rank.
+    pub micro_batch_size: usize,
+    /// Sequences per optimizer step across all data-parallel ranks; a multiple of
+    /// `micro_batch_size` (the quotient is the number of accumulated microbatches).
+    pub global_batch_size: usize,
+    /// Number of optimizer steps to run.
+    pub train_iters: u64,
+    /// Peak learning rate (reached at the end of warm-up).
+    pub lr: f32,
+    /// Learning rate at the end of decay.
+    pub min_lr: f32,
+    /// Decay shape after warm-up.
+    pub lr_decay_style: LrDecayStyle,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub lr_warmup_iters: u64,
+    /// Steps over which the rate decays to `min_lr` (default: `train_iters`).
+    pub lr_decay_iters: Option<u64>,
+    /// AdamW β1.
+    pub adam_beta1: f32,
+    /// AdamW β2.
+    pub adam_beta2: f32,
+    /// AdamW ε.
+    pub adam_eps: f32,
+    /// Decoupled weight decay for matrices and embeddings (not biases or norms).
+    pub weight_decay: f32,
+    /// Global-norm gradient clipping threshold (0 disables).
+    pub clip_grad: f32,
+    /// Seed for weights, data order and sampling.
+    pub seed: u64,
+    /// CPU worker threads (0: one per core).
+    pub threads: usize,
+    /// NaN/Inf loss handling: `abort` (default) or `skip`.
+    pub nan_policy: NanPolicy,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            micro_batch_size: 8,
+            global_batch_size: 8,
+            train_iters: 1000,
+            lr: 6e-4,
+            min_lr: 6e-5,
+            lr_decay_style: LrDecayStyle::Cosine,
+            lr_warmup_iters: 0,
+            lr_decay_iters: None,
+            adam_beta1: 0.9,
+            adam_beta2: 0.95,
+            adam_eps: 1e-8,
+            weight_decay: 0.1,
+            clip_grad: 1.0,
+            seed: 1234,
+            threads: 0,
+            nan_policy: NanPolicy::Abort,
+        }
+    }
+}
+
+/// Training data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Megatron-style data path: `["prefix"]` or a blend `["0.3", "a", "0.7", "b"]` of
+    /// preprocessed `.bin/.idx` prefixes. Empty: the embedded Shakespeare corpus.
+    pub data_path: Vec<String>,
+    /// Train/valid/test split over documents, e.g. "949,50,1".
+    pub split: String,
+    /// Tokenizer file (`tokenizer.json`). Empty: the embedded Shakespeare tokenizer.
+    pub tokenizer: String,
+    /// Where index caches go (default: next to the data; for the embedded corpus, `.troupe-cache`).
+    pub cache_dir: String,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            data_path: Vec::new(),
+            split: "949,50,1".into(),
+            tokenizer: String::new(),
+            cache_dir: String::new(),
+        }
+    }
+}
+
+/// Parallel layout. Only a single rank trains today; the actor runtime adds the rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Tensor-parallel size.
+    pub tensor_model_parallel_size: usize,
+    /// Pipeline-parallel size.
+    pub pipeline_model_parallel_size: usize,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self { tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1 }
+    }
+}
+
+/// Logging and evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Steps between log lines (and progress-bar refreshes).
+    pub log_interval: u64,
+    /// Steps between validation runs (0: never).
+    pub eval_interval: u64,
+    /// Validation microbatches per evaluation.
+    pub eval_iters: u64,
+    /// Write one JSON record per step to this file (empty: off).
+    pub log_json: String,
+    /// Tokens of sample text generated at each evaluation (0: none).
+    pub sample_tokens: usize,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            log_interval: 10,
+            eval_interval: 100,
+            eval_iters: 10,
+            log_json: String::new(),
+            sample_tokens: 0,
+        }
+    }
+}
+
+/// Checkpointing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory to save into (empty: no saving).
+    pub save: String,
+    /// Steps between saves (0: only at the end and on SIGINT/SIGTERM).
+    pub save_interval: u64,
+    /// Directory to resume from (empty: start fresh).
+    pub load: String,
+    /// With `load` set but no checkpoint there, start from scratch instead of failing.
+    pub allow_fresh_start: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { save: String::new(), save_interval: 0, load: String::new(), allow_fresh_start: false }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key and the reason.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, &[])
+    }
+
+    /// Reads a TOML file, applies `key=value` overrides (see [`overrides`]), validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key and the reason.
+    pub fn load_with(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Self::from_toml_str(&text, &p, sets)
+    }
+
+    /// Parses TOML text (named `origin` in errors), applies overrides, validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        for s in sets {
+            overrides::apply(&mut value, s)?;
+        }
+        let cfg: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Microbatches accumulated per optimizer step (one data-parallel rank).
+    pub fn accumulation_steps(&self) -> usize {
+        self.train.global_batch_size / self.train.micro_batch_size.max(1)
+    }
+
+    /// Checks every value; the error names the key, the value and what would be accepted.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.model.validate().map_err(|e| match e {
+            crate::models::gpt::ModelError::BadConfig { field, reason } => ConfigError::Invalid {
+                key: format!("model.{field}"),
+                value: model_value(&self.model, field),
+                reason,
+            },
+            other => {
+                ConfigError::Invalid { key: "model".into(), value: String::new(), reason: other.to_string() }
+            }
+        })?;
+        let t = &self.train;
+        let invalid = |key: &str, value: String, reason: &str| {
+            Err(ConfigError::Invalid { key: key.into(), value, reason: reason.into() })
+        };
+        if t.micro_batch_size == 0 {
+            return invalid("train.micro_batch_size", "0".into(), "must be at least 1");
+        }
+        if t.global_batch_size == 0 || t.global_batch_size % t.micro_batch_size != 0 {
+            return invalid(
+                "train.global_batch_size",
+                t.global_batch_size.to_string(),
+                &format!("must be a positive multiple of micro_batch_size ({})", t.micro_batch_size),
+            );
+        }
+        if !(t.lr.is_finite() && t.lr >= 0.0) {
+            return invalid("train.lr", t.lr.to_string(), "must be a finite number ≥ 0");
+        }
+        for (key, v) in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return invalid(key, v.to_string(), "must be in [0, 1)");
+            }
+        }
+        if !(t.adam_eps > 0.0) {
+            return invalid("train.adam_eps", t.adam_eps.to_string(), "must be > 0");
+        }
+        if !(t.weight_decay >= 0.0) {
+            return invalid("train.weight_decay", t.weight_decay.to_string(), "must be ≥ 0");
+        }
+        if !(t.clip_grad >= 0.0) {
+            return invalid("train.clip_grad", t.clip_grad.to_string(), "must be ≥ 0 (0 disables clipping)");
+        }
+        if !(t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return invalid("train.min_lr", t.min_lr.to_string(), &format!("must be in [0, lr = {}]", t.lr));
+        }
+        if t.train_iters == 0 {
+            return invalid("train.train_iters", "0".into(), "must be at least 1");
+        }
+        if let Some(d) = t.lr_decay_iters {
+            if d < t.lr_warmup_iters {
+                let reason = format!("must be ≥ lr_warmup_iters ({})", t.lr_warmup_iters);
+                return invalid("train.lr_decay_iters", d.to_string(), &reason);
+            }
+        }
+        let p = &self.parallel;
+        for (key, v) in [
+            ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+            ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+        ] {
+            if v != 1 {
+                let reason =
+                    "only 1 is supported by `troupe train` today (the actor runtime adds parallel layouts)";
+                return invalid(key, v.to_string(), reason);
+            }
+        }
+        if self.logging.log_interval == 0 {
+            return invalid("logging.log_interval", "0".into(), "must be at least 1");
+        }
+        if self.logging.eval_interval > 0 && self.logging.eval_iters == 0 {
+            return invalid("logging.eval_iters", "0".into(), "must be at least 1 when eval_interval > 0");
+        }
+        Ok(())
+    }
+}
+
+fn model_value(m: &GptConfig, field: &str) -> String {
+    match field {
+        "vocab_size" => m.vocab_size.to_string(),
+        "seq_length" => m.seq_length.to_string(),
+        "num_layers" => m.num_layers.to_string(),
+        "hidden_size" => m.hidden_size.to_string(),
+        "num_attention_heads" => m.num_attention_heads.to_string(),
+        "make_vocab_size_divisible_by" => m.make_vocab_size_divisible_by.to_string(),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        Config::from_toml_str(s, "test.toml", &[]).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn overrides_apply_and_round_trip() {
+        let sets = vec!["train.lr=3e-4".to_string(), "checkpoint.save=runs/x".to_string()];
+        let c = Config::from_toml_str(MODEL, "t", &sets).unwrap();
+        assert_eq!(c.train.lr, 3e-4);
+        assert_eq!(c.checkpoint.save, "runs/x");
+        let again = Config::from_toml_str(&c.to_toml(), "t", &[]).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn parallel_sizes_above_one_are_refused_for_now() {
+        let err = parse(&format!("{MODEL}[parallel]\npipeline_model_parallel_size = 2\n")).unwrap_err();
+        assert!(err.contains("parallel.pipeline_model_parallel_size = 2"), "{err}");
+    }
+
+    const MODEL: &str = "[model]\nvocab_size = 10\nseq_length = 8\nnum_layers = 1\nhidden_size = 8\nnum_attention_heads = 2\n";
+
+    #[test]
+    fn defaults_fill_train() {
+        let c = parse(MODEL).unwrap();
+        assert_eq!(c.train, TrainConfig::default());
+        assert_eq!(c.model.padded_vocab_size(), 128);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = parse(&format!("{MODEL}[train]\nlearning_rate = 1.0\n")).unwrap_err();
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn heads_must_divide_hidden() {
+        let err = parse(&MODEL.replace("num_attention_heads = 2", "num_attention_heads = 3")).unwrap_err();
+        assert!(err.contains("model.num_attention_heads = 3"), "{err}");
+    }
+
+    #[test]
+    fn global_batch_must_be_a_multiple() {
+        let err =
+            parse(&format!("{MODEL}[train]\nmicro_batch_size = 3\nglobal_batch_size = 8\n")).unwrap_err();
+        assert!(err.contains("train.global_batch_size = 8"), "{err}");
+    }
+}
