@@ -29,5 +29,6 @@ pub mod tensor;
 
 pub use kernels::{Backend, CpuBackend};
 pub use models::gpt::{Gpt, GptConfig, LayerRange, ModelError, StageInput};
+pub mod checkpoint;
 pub mod config;
 pub mod train;

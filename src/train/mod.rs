@@ -2,6 +2,9 @@
 //! global batch, clip by global norm, AdamW. The distributed runtime (actors) performs the same
 //! arithmetic split over ranks.
 
+pub mod data;
+pub mod run;
+
 use thiserror::Error;
 
 use crate::config::Config;
@@ -16,6 +19,13 @@ pub enum TrainError {
     Model { step: u64, mb: usize, source: ModelError },
     #[error("step {step}, microbatch {mb}: loss is {loss} (not finite)")]
     NonFiniteLoss { step: u64, mb: usize, loss: f32 },
+}
+
+impl TrainError {
+    /// True for a non-finite loss (what the NaN policy may skip).
+    pub fn is_non_finite(&self) -> bool {
+        matches!(self, TrainError::NonFiniteLoss { .. })
+    }
 }
 
 /// What one step reports.
@@ -106,5 +116,24 @@ impl Trainer {
         let (table, params, grads) = self.model.split_mut();
         self.opt.update(be, table, params, grads, lr);
         Ok(StepStats { loss: (loss_sum * f64::from(scale)) as f32, grad_norm })
+    }
+
+    /// Mean loss over `mbs` without touching gradients or parameters (evaluation).
+    ///
+    /// # Errors
+    /// [`TrainError::Model`] for bad shapes or token ids.
+    pub fn eval_loss(&mut self, be: &dyn Backend, mbs: &[Microbatch<'_>]) -> Result<f32, TrainError> {
+        let step = self.opt.step;
+        let mut sum = 0.0f64;
+        for (i, mb) in mbs.iter().enumerate() {
+            let id = u64::MAX - 1 - i as u64;
+            let loss = self
+                .model
+                .forward(be, id, mb.batch, mb.seq, StageInput::Tokens(mb.tokens), Some(mb.targets), 1.0)
+                .map_err(|source| TrainError::Model { step, mb: i, source })?;
+            self.model.release(id);
+            sum += f64::from(loss.unwrap_or(f32::NAN));
+        }
+        Ok((sum / mbs.len().max(1) as f64) as f32)
     }
 }

@@ -1,0 +1,344 @@
+//! Checkpoints: atomic, checksummed, verified on load.
+//!
+//! Layout: `DIR/iter_0000100/{model.safetensors, optimizer.safetensors, state.json}` and
+//! `DIR/latest` holding the name of the newest complete checkpoint. Commit protocol (see
+//! `../shared/reference/reliability.md` §4): write every file into a temporary sibling directory,
+//! fsync each file, write `state.json` (step, consumed samples, RNG state, config, CRC32 and size
+//! of every file) last, fsync the directory, rename it into place, fsync `DIR`, then replace
+//! `latest` atomically (temp file + fsync + rename + fsync). A crash at any point leaves `latest`
+//! naming a complete, verifiable checkpoint (or nothing).
+//!
+//! Loading verifies sizes and checksums of every file before using any byte, and refuses a
+//! checkpoint whose model shape differs from the configured one, naming the field.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::models::gpt::Gpt;
+use crate::optim::AdamW;
+
+const SCHEMA_VERSION: u32 = 1;
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIM_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+const LATEST: &str = "latest";
+
+/// Errors of saving and loading checkpoints; each names the path involved.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("checkpoint I/O: {op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("no checkpoint at {path}: {reason}")]
+    Missing { path: PathBuf, reason: String },
+    #[error("damaged checkpoint file {path}: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+    #[error(
+        "checkpoint {path} does not fit the configured model: {field} is {saved} in the checkpoint but {configured} in the config"
+    )]
+    ShapeMismatch { path: PathBuf, field: String, saved: String, configured: String },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
+    move |source| CheckpointError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// Size and CRC32 of one file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Completed optimizer steps.
+    pub step: u64,
+    /// Samples consumed by training so far (the data cursor).
+    pub consumed_samples: u64,
+    /// Steps skipped by the NaN policy.
+    pub skipped_steps: u64,
+    /// State of the run's random stream (sampling at evaluation).
+    pub rng_state: u64,
+    /// The configuration the run was started with.
+    pub config: Config,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    schema_version: u32,
+    state: TrainState,
+    files: HashMap<String, FileDigest>,
+}
+
+struct F32View<'a> {
+    data: &'a [f32],
+    shape: Vec<usize>,
+}
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Name of the checkpoint directory for a step (Megatron's `iter_{step:07}`).
+pub fn iter_dir_name(step: u64) -> String {
+    format!("iter_{step:07}")
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<FileDigest, CheckpointError> {
+    let mut f = File::create(path).map_err(io("create", path))?;
+    f.write_all(bytes).map_err(io("write", path))?;
+    f.sync_all().map_err(io("fsync", path))?;
+    Ok(FileDigest { bytes: bytes.len() as u64, crc32: crc32fast::hash(bytes) })
+}
+
+fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path).and_then(|d| d.sync_all()).map_err(io("fsync directory", path))
+}
+
+fn tensors_bytes(model: &Gpt, arenas: &[(&str, &[f32])]) -> Result<Vec<u8>, String> {
+    let mut views = Vec::new();
+    for spec in model.table().specs() {
+        for (prefix, arena) in arenas {
+            let name = if prefix.is_empty() { spec.name.clone() } else { format!("{prefix}.{}", spec.name) };
+            views.push((name, F32View { data: &arena[spec.span.range()], shape: spec.shape.clone() }));
+        }
+    }
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
+}
+
+/// Checks that `dir` can be created and written (so a bad `--save` fails before training).
+///
+/// # Errors
+/// [`CheckpointError::Io`] naming the directory.
+pub fn check_writable(dir: &Path) -> Result<(), CheckpointError> {
+    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let probe = dir.join(format!(".troupe-write-probe-{}", std::process::id()));
+    fs::write(&probe, b"ok").map_err(io("write", &probe))?;
+    fs::remove_file(&probe).map_err(io("remove", &probe))
+}
+
+/// Saves a checkpoint of `model` and `opt` at `state.step` under `dir` and points `latest` at it.
+/// Returns the checkpoint directory.
+///
+/// # Errors
+/// [`CheckpointError::Io`] naming the path; on error `latest` still names the previous checkpoint.
+pub fn save(dir: &Path, state: &TrainState, model: &Gpt, opt: &AdamW) -> Result<PathBuf, CheckpointError> {
+    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let name = iter_dir_name(state.step);
+    let final_dir = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
+    }
+    fs::create_dir(&tmp).map_err(io("create directory", &tmp))?;
+    let damaged = |reason: String| CheckpointError::Damaged { path: tmp.clone(), reason };
+    let mut files = HashMap::new();
+    let model_bytes = tensors_bytes(model, &[("", model.params())]).map_err(damaged)?;
+    files.insert(MODEL_FILE.to_string(), write_synced(&tmp.join(MODEL_FILE), &model_bytes)?);
+    drop(model_bytes);
+    let opt_bytes = tensors_bytes(model, &[("m", &opt.m), ("v", &opt.v)])
+        .map_err(|reason| CheckpointError::Damaged { path: tmp.clone(), reason })?;
+    files.insert(OPTIM_FILE.to_string(), write_synced(&tmp.join(OPTIM_FILE), &opt_bytes)?);
+    drop(opt_bytes);
+    let sf = StateFile { schema_version: SCHEMA_VERSION, state: state.clone(), files };
+    let json = serde_json::to_vec_pretty(&sf)
+        .map_err(|e| CheckpointError::Damaged { path: tmp.join(STATE_FILE), reason: e.to_string() })?;
+    write_synced(&tmp.join(STATE_FILE), &json)?;
+    sync_dir(&tmp)?;
+    if final_dir.exists() {
+        // Re-saving the same step (e.g. after a resume): move the old one aside first.
+        let old = dir.join(format!(".{name}.old-{}", std::process::id()));
+        fs::rename(&final_dir, &old).map_err(io("rename", &final_dir))?;
+        fs::rename(&tmp, &final_dir).map_err(io("rename", &tmp))?;
+        fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+    } else {
+        fs::rename(&tmp, &final_dir).map_err(io("rename", &tmp))?;
+    }
+    sync_dir(dir)?;
+    let latest_tmp = dir.join(format!(".{LATEST}.tmp-{}", std::process::id()));
+    write_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
+    fs::rename(&latest_tmp, dir.join(LATEST)).map_err(io("rename", &latest_tmp))?;
+    sync_dir(dir)?;
+    Ok(final_dir)
+}
+
+/// Finds the checkpoint to load from `path`: a directory with a `latest` file (resolved), or a
+/// checkpoint directory itself. `Ok(None)` when `path` holds no checkpoint at all.
+///
+/// # Errors
+/// [`CheckpointError::Damaged`] when `latest` exists but names nothing valid.
+pub fn resolve(path: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    if path.join(STATE_FILE).is_file() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    let latest = path.join(LATEST);
+    if !latest.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&latest).map_err(io("read", &latest))?;
+    let name = text.trim();
+    if name.is_empty() || name.contains('/') || name.contains("..") {
+        return Err(CheckpointError::Damaged { path: latest, reason: format!("names {name:?}") });
+    }
+    let dir = path.join(name);
+    if !dir.join(STATE_FILE).is_file() {
+        return Err(CheckpointError::Damaged {
+            path: latest,
+            reason: format!("names {name}, which has no {STATE_FILE}"),
+        });
+    }
+    Ok(Some(dir))
+}
+
+/// A verified checkpoint, ready to restore.
+#[derive(Debug)]
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    model: Vec<u8>,
+    optim: Vec<u8>,
+}
+
+/// Reads a checkpoint directory and verifies every file's size and CRC32.
+///
+/// # Errors
+/// [`CheckpointError`] naming the missing or damaged file.
+pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+    let state_path = dir.join(STATE_FILE);
+    if !state_path.is_file() {
+        return Err(CheckpointError::Missing { path: dir.to_path_buf(), reason: format!("no {STATE_FILE}") });
+    }
+    let text = fs::read(&state_path).map_err(io("read", &state_path))?;
+    let sf: StateFile = serde_json::from_slice(&text)
+        .map_err(|e| CheckpointError::Damaged { path: state_path.clone(), reason: e.to_string() })?;
+    if sf.schema_version != SCHEMA_VERSION {
+        return Err(CheckpointError::Damaged {
+            path: state_path,
+            reason: format!("schema version {} (this build reads {SCHEMA_VERSION})", sf.schema_version),
+        });
+    }
+    let read_verified = |file: &str| -> Result<Vec<u8>, CheckpointError> {
+        let path = dir.join(file);
+        let digest = sf.files.get(file).ok_or_else(|| CheckpointError::Damaged {
+            path: state_path.clone(),
+            reason: format!("lists no digest for {file}"),
+        })?;
+        let bytes = fs::read(&path).map_err(io("read", &path))?;
+        if bytes.len() as u64 != digest.bytes {
+            let reason = format!("size {} bytes, expected {}", bytes.len(), digest.bytes);
+            return Err(CheckpointError::Damaged { path, reason });
+        }
+        let crc = crc32fast::hash(&bytes);
+        if crc != digest.crc32 {
+            let reason = format!("CRC32 {crc:08x}, expected {:08x}", digest.crc32);
+            return Err(CheckpointError::Damaged { path, reason });
+        }
+        Ok(bytes)
+    };
+    let model = read_verified(MODEL_FILE)?;
+    let optim = read_verified(OPTIM_FILE)?;
+    Ok(Loaded { dir: dir.to_path_buf(), state: sf.state, model, optim })
+}
+
+impl Loaded {
+    /// Checks that the saved model has the configured shape.
+    ///
+    /// # Errors
+    /// [`CheckpointError::ShapeMismatch`] naming the first differing field.
+    pub fn check_shape(&self, cfg: &Config) -> Result<(), CheckpointError> {
+        let (a, b) = (&self.state.config.model, &cfg.model);
+        let fields = [
+            ("model.vocab_size", a.vocab_size, b.vocab_size),
+            ("model.padded_vocab_size", a.padded_vocab_size(), b.padded_vocab_size()),
+            ("model.seq_length", a.seq_length, b.seq_length),
+            ("model.num_layers", a.num_layers, b.num_layers),
+            ("model.hidden_size", a.hidden_size, b.hidden_size),
+            ("model.num_attention_heads", a.num_attention_heads, b.num_attention_heads),
+        ];
+        match fields.iter().find(|(_, x, y)| x != y) {
+            Some((field, saved, configured)) => Err(CheckpointError::ShapeMismatch {
+                path: self.dir.clone(),
+                field: field.to_string(),
+                saved: saved.to_string(),
+                configured: configured.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies parameters (and, with `opt`, AdamW moments and step) into place.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Damaged`] when a tensor is missing or has another shape.
+    pub fn restore(&self, model: &mut Gpt, opt: Option<&mut AdamW>) -> Result<(), CheckpointError> {
+        let specs = model.table().specs().to_vec();
+        let m = parse(&self.dir.join(MODEL_FILE), &self.model)?;
+        let (params, _) = model.params_and_grads_mut();
+        for spec in &specs {
+            copy_tensor(
+                &m,
+                &spec.name,
+                &spec.shape,
+                &mut params[spec.span.range()],
+                &self.dir.join(MODEL_FILE),
+            )?;
+        }
+        if let Some(opt) = opt {
+            let o = parse(&self.dir.join(OPTIM_FILE), &self.optim)?;
+            let path = self.dir.join(OPTIM_FILE);
+            for spec in &specs {
+                let r = spec.span.range();
+                copy_tensor(&o, &format!("m.{}", spec.name), &spec.shape, &mut opt.m[r.clone()], &path)?;
+                copy_tensor(&o, &format!("v.{}", spec.name), &spec.shape, &mut opt.v[r], &path)?;
+            }
+            opt.step = self.state.step - self.state.skipped_steps;
+        }
+        Ok(())
+    }
+}
+
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, CheckpointError> {
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| CheckpointError::Damaged { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+fn copy_tensor(
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+    dst: &mut [f32],
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let damaged = |reason: String| CheckpointError::Damaged { path: path.to_path_buf(), reason };
+    let view = st.tensor(name).map_err(|_| damaged(format!("tensor {name} is missing")))?;
+    if view.dtype() != Dtype::F32 || view.shape() != shape {
+        return Err(damaged(format!(
+            "tensor {name} is {:?} {:?}, expected F32 {shape:?}",
+            view.dtype(),
+            view.shape()
+        )));
+    }
+    for (d, b) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
+        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
+}

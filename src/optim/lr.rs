@@ -1,0 +1,71 @@
+//! Learning-rate schedule with Megatron's semantics (`OptimizerParamScheduler`): linear warm-up
+//! from 0 to `max_lr` over `warmup` steps, then constant, linear or cosine decay to `min_lr` at
+//! `decay` steps, then `min_lr`. `step` counts completed optimizer steps, so the first update uses
+//! `lr(0)` (0 during warm-up, as in Megatron).
+
+use crate::config::LrDecayStyle;
+
+/// A learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    pub max_lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub decay: u64,
+    pub style: LrDecayStyle,
+}
+
+impl LrSchedule {
+    /// The rate for the update that follows `step` completed steps.
+    pub fn lr(&self, step: u64) -> f32 {
+        let (max, min) = (f64::from(self.max_lr), f64::from(self.min_lr));
+        if self.warmup > 0 && step <= self.warmup {
+            return (max * step as f64 / self.warmup as f64) as f32;
+        }
+        if self.style == LrDecayStyle::Constant {
+            return self.max_lr;
+        }
+        if step > self.decay {
+            return self.min_lr;
+        }
+        let span = (self.decay - self.warmup).max(1) as f64;
+        let ratio = (step - self.warmup) as f64 / span;
+        let coeff = match self.style {
+            LrDecayStyle::Linear => 1.0 - ratio,
+            LrDecayStyle::Cosine => 0.5 * ((std::f64::consts::PI * ratio).cos() + 1.0),
+            LrDecayStyle::Constant => 1.0,
+        };
+        (min + coeff * (max - min)) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(style: LrDecayStyle) -> LrSchedule {
+        LrSchedule { max_lr: 1.0, min_lr: 0.1, warmup: 10, decay: 110, style }
+    }
+
+    #[test]
+    fn warmup_is_linear_from_zero() {
+        let s = sched(LrDecayStyle::Cosine);
+        assert_eq!(s.lr(0), 0.0);
+        assert!((s.lr(5) - 0.5).abs() < 1e-7);
+        assert!((s.lr(10) - 1.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn decay_shapes_hit_their_midpoints_and_floor() {
+        let cos = sched(LrDecayStyle::Cosine);
+        assert!((cos.lr(60) - 0.55).abs() < 1e-6, "cosine midpoint is halfway");
+        assert!((cos.lr(110) - 0.1).abs() < 1e-6);
+        assert_eq!(cos.lr(1000), 0.1);
+        let lin = sched(LrDecayStyle::Linear);
+        assert!((lin.lr(35) - (0.1 + 0.75 * 0.9)).abs() < 1e-6);
+        let c = sched(LrDecayStyle::Constant);
+        assert_eq!(c.lr(500), 1.0);
+        // Monotone non-increasing after warm-up.
+        assert!((11..200).all(|s| cos.lr(s) <= cos.lr(s - 1) + 1e-7));
+    }
+}

@@ -1,0 +1,226 @@
+//! The training loop: steps with gradient accumulation, the LR schedule, NaN policy,
+//! evaluation, checkpoints on an interval and on SIGINT/SIGTERM, and resume. It reports
+//! through an observer so the CLI decides how to show progress (bar, plain lines, JSON).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use thiserror::Error;
+
+use super::data::{BatchBuf, SampleSource};
+use super::{Microbatch, TrainError, Trainer};
+use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::config::{Config, NanPolicy};
+use crate::kernels::Backend;
+use crate::models::gpt::ModelError;
+use crate::optim::LrSchedule;
+
+/// Errors of a training run.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(
+        "--load {path}: no checkpoint there (no `latest` file and no state.json); pass --allow-fresh-start to start from scratch"
+    )]
+    NothingToLoad { path: String },
+    #[error("the training data is empty: {0}")]
+    NoData(&'static str),
+}
+
+/// What the loop reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Resumed { step: u64, consumed_samples: u64, from: String },
+    Step { step: u64, loss: f32, lr: f32, grad_norm: f64, tokens_per_s: f64, elapsed_s: f64 },
+    Skipped { step: u64, microbatch: usize, loss: f32 },
+    Eval { step: u64, loss: f32, perplexity: f32 },
+    Saved { step: u64, path: String },
+    Interrupted { step: u64 },
+}
+
+/// Data for a run.
+pub struct RunData<'a> {
+    pub train: &'a dyn SampleSource,
+    pub valid: Option<&'a dyn SampleSource>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub final_loss: f32,
+    pub interrupted: bool,
+    pub skipped_steps: u64,
+}
+
+/// Installs SIGINT/SIGTERM handlers that only raise the returned flag; the loop checks it at
+/// each step boundary (never acting inside the handler).
+///
+/// # Errors
+/// When the OS refuses to install a handler.
+pub fn stop_flag() -> std::io::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&flag))?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&flag))?;
+    Ok(flag)
+}
+
+/// Builds the trainer, restoring from `cfg.checkpoint.load` when set.
+///
+/// # Errors
+/// [`RunError::NothingToLoad`], checkpoint verification or shape errors.
+pub fn prepare(cfg: &Config) -> Result<(Trainer, TrainState, Option<String>), RunError> {
+    let mut trainer = Trainer::new(cfg)?;
+    let mut state = TrainState {
+        step: 0,
+        consumed_samples: 0,
+        skipped_steps: 0,
+        rng_state: cfg.train.seed,
+        config: cfg.clone(),
+    };
+    let load = cfg.checkpoint.load.as_str();
+    if load.is_empty() {
+        return Ok((trainer, state, None));
+    }
+    match checkpoint::resolve(Path::new(load))? {
+        None if cfg.checkpoint.allow_fresh_start => Ok((trainer, state, None)),
+        None => Err(RunError::NothingToLoad { path: load.into() }),
+        Some(dir) => {
+            let loaded = checkpoint::load(&dir)?;
+            loaded.check_shape(cfg)?;
+            loaded.restore(&mut trainer.model, Some(&mut trainer.opt))?;
+            state.step = loaded.state.step;
+            state.consumed_samples = loaded.state.consumed_samples;
+            state.skipped_steps = loaded.state.skipped_steps;
+            state.rng_state = loaded.state.rng_state;
+            Ok((trainer, state, Some(dir.display().to_string())))
+        }
+    }
+}
+
+/// Runs training from `state` to `cfg.train.train_iters`.
+///
+/// # Errors
+/// A non-finite loss under the `abort` policy, bad data, or a failed checkpoint write.
+pub fn run(
+    cfg: &Config,
+    be: &dyn Backend,
+    trainer: &mut Trainer,
+    state: &mut TrainState,
+    data: &RunData<'_>,
+    stop: &AtomicBool,
+    on: &mut dyn FnMut(&Event),
+) -> Result<RunSummary, RunError> {
+    if data.train.is_empty() {
+        return Err(RunError::NoData("no training samples"));
+    }
+    let t = &cfg.train;
+    let sched = LrSchedule {
+        max_lr: t.lr,
+        min_lr: t.min_lr,
+        warmup: t.lr_warmup_iters,
+        decay: t.lr_decay_iters.unwrap_or(t.train_iters),
+        style: t.lr_decay_style,
+    };
+    let (mb_size, accum, seq) = (t.micro_batch_size, cfg.accumulation_steps(), data.train.seq());
+    let mut bufs: Vec<BatchBuf> = (0..accum).map(|_| BatchBuf::default()).collect();
+    let started = Instant::now();
+    let mut last = (Instant::now(), state.step);
+    let mut final_loss = f32::NAN;
+    let mut interrupted = false;
+    while state.step < t.train_iters {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            on(&Event::Interrupted { step: state.step });
+            break;
+        }
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            buf.fill(data.train, state.consumed_samples + (i * mb_size) as u64, mb_size);
+        }
+        let mbs: Vec<Microbatch<'_>> = bufs
+            .iter()
+            .map(|b| Microbatch { tokens: &b.tokens, targets: &b.targets, batch: mb_size, seq })
+            .collect();
+        let lr = sched.lr(state.step);
+        let result = trainer.step(be, &mbs, lr);
+        state.step += 1;
+        state.consumed_samples += t.global_batch_size as u64;
+        match result {
+            Ok(stats) => {
+                final_loss = stats.loss;
+                let now = Instant::now();
+                let secs = now.duration_since(last.0).as_secs_f64().max(1e-9);
+                let tokens = (state.step - last.1) as f64 * (t.global_batch_size * seq) as f64;
+                last = (now, state.step);
+                on(&Event::Step {
+                    step: state.step,
+                    loss: stats.loss,
+                    lr,
+                    grad_norm: stats.grad_norm,
+                    tokens_per_s: tokens / secs,
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                });
+            }
+            Err(TrainError::NonFiniteLoss { mb, loss, .. }) if t.nan_policy == NanPolicy::Skip => {
+                state.skipped_steps += 1;
+                on(&Event::Skipped { step: state.step, microbatch: mb, loss });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let l = &cfg.logging;
+        if let Some(valid) = data.valid.filter(|_| l.eval_interval > 0 && state.step % l.eval_interval == 0) {
+            let loss = evaluate(cfg, be, trainer, valid)?;
+            on(&Event::Eval { step: state.step, loss, perplexity: loss.exp() });
+        }
+        let c = &cfg.checkpoint;
+        if !c.save.is_empty() && c.save_interval > 0 && state.step % c.save_interval == 0 {
+            save(cfg, trainer, state, on)?;
+        }
+    }
+    let c = &cfg.checkpoint;
+    let saved_now = c.save_interval > 0 && state.step % c.save_interval == 0 && !interrupted;
+    if !c.save.is_empty() && !saved_now && state.step > 0 {
+        save(cfg, trainer, state, on)?;
+    }
+    Ok(RunSummary { steps: state.step, final_loss, interrupted, skipped_steps: state.skipped_steps })
+}
+
+fn save(
+    cfg: &Config,
+    trainer: &Trainer,
+    state: &TrainState,
+    on: &mut dyn FnMut(&Event),
+) -> Result<(), RunError> {
+    let dir = checkpoint::save(Path::new(&cfg.checkpoint.save), state, &trainer.model, &trainer.opt)?;
+    on(&Event::Saved { step: state.step, path: dir.display().to_string() });
+    Ok(())
+}
+
+/// Mean validation loss over `eval_iters` microbatches (always the same samples).
+///
+/// # Errors
+/// [`RunError::Train`] on bad shapes.
+pub fn evaluate(
+    cfg: &Config,
+    be: &dyn Backend,
+    trainer: &mut Trainer,
+    valid: &dyn SampleSource,
+) -> Result<f32, RunError> {
+    let (b, seq) = (cfg.train.micro_batch_size, valid.seq());
+    let mut buf = BatchBuf::default();
+    let mut sum = 0.0f64;
+    let n = cfg.logging.eval_iters.max(1);
+    for i in 0..n {
+        buf.fill(valid, i * b as u64, b);
+        let mb = Microbatch { tokens: &buf.tokens, targets: &buf.targets, batch: b, seq };
+        sum += f64::from(trainer.eval_loss(be, &[mb])?);
+    }
+    Ok((sum / n as f64) as f32)
+}
