@@ -158,6 +158,21 @@ pub trait Backend: Send + Sync {
         nh: usize,
     );
 
+    /// One decoding step of causal attention for a single new position: `q[C]` attends to the
+    /// cached keys and values `k_cache[0..len, C]`, `v_cache[0..len, C]` (the new position's own
+    /// key and value already appended). Writes `out[C]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        len: usize,
+        c: usize,
+        nh: usize,
+    );
+
     /// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`. Token ids must be `< rows(wte)`.
     #[allow(clippy::too_many_arguments)]
     fn encoder_forward(

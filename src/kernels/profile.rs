@@ -160,6 +160,18 @@ impl<B: Backend> Backend for Profiled<B> {
     ) {
         self.time("attention_backward", |be| be.attention_backward(dqkv, dout, out, lse, qkv, b, t, c, nh))
     }
+    fn attention_decode(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        len: usize,
+        c: usize,
+        nh: usize,
+    ) {
+        self.time("attention_decode", |be| be.attention_decode(out, q, k, v, len, c, nh))
+    }
     fn encoder_forward(
         &self,
         out: &mut [f32],

@@ -261,3 +261,36 @@ pub(super) fn backward(
         });
     });
 }
+
+/// Single-query attention over a KV cache (generation). Per head: scores over `len` cached
+/// positions, softmax, weighted sum of values. Sequential: one row is small.
+pub(super) fn decode(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], len: usize, c: usize, nh: usize) {
+    assert_eq!((out.len(), q.len()), (c, c), "attention_decode q/out");
+    assert!(k.len() >= len * c && v.len() >= len * c && len > 0, "attention_decode cache");
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    with_scratch(len, |p| {
+        for h in 0..nh {
+            let qh = &q[h * hs..(h + 1) * hs];
+            let mut mx = f32::NEG_INFINITY;
+            for (s, ps) in p.iter_mut().enumerate() {
+                let ks = &k[s * c + h * hs..s * c + (h + 1) * hs];
+                *ps = qh.iter().zip(ks).map(|(a, b)| a * b).sum::<f32>() * scale;
+                mx = mx.max(*ps);
+            }
+            let mut sum = 0.0f32;
+            for ps in p.iter_mut() {
+                *ps = fastmath::exp(*ps - mx);
+                sum += *ps;
+            }
+            let oh = &mut out[h * hs..(h + 1) * hs];
+            oh.fill(0.0);
+            for (s, &ps) in p.iter().enumerate() {
+                let w = ps / sum;
+                for (o, &vv) in oh.iter_mut().zip(&v[s * c + h * hs..s * c + (h + 1) * hs]) {
+                    *o += w * vv;
+                }
+            }
+        }
+    });
+}

@@ -176,6 +176,19 @@ impl Backend for CpuBackend {
         self.pool.install(|| attention::backward(dqkv, dout, out, lse, qkv, b, t, c, nh));
     }
 
+    fn attention_decode(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        len: usize,
+        c: usize,
+        nh: usize,
+    ) {
+        attention::decode(out, q, k, v, len, c, nh);
+    }
+
     fn encoder_forward(
         &self,
         out: &mut [f32],

@@ -10,12 +10,14 @@
 
 mod acts;
 pub mod config;
+mod generate;
 mod layout;
 
 use std::collections::HashMap;
 
 use acts::{Acts, LayerActs, Scratch};
 pub use config::{GptConfig, LayerRange, ModelError};
+pub use generate::{Generator, Sampling, sample};
 use layout::{BlockSpans, Layout};
 
 use crate::kernels::Backend;
