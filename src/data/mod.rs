@@ -6,10 +6,21 @@
 //! Entry points for the trainer: [`IndexedDataset::open`], [`GptDataset::build`],
 //! [`BlendedDataset::build`], [`DistributedSampler::new`] and [`preprocess_to_cache`].
 
+pub mod blend;
 pub mod dtype;
+pub mod gpt_dataset;
+pub mod gpt_index;
 pub mod indexed;
+pub mod npy;
+pub mod rng;
+pub mod sampler;
+pub mod split;
 pub mod writer;
 
+pub use blend::{BlendedDataset, SampleSource};
 pub use dtype::DType;
+pub use gpt_dataset::{CacheOutcome, DatasetError, GptDataset, GptDatasetConfig, IndexCache};
 pub use indexed::{IndexError, IndexedDataset};
+pub use sampler::{BatchLayout, DistributedSampler, SamplerError};
+pub use split::{BlendEntry, Split, parse_data_path, parse_split};
 pub use writer::{IndexWriter, WriteError, WriteSummary};
