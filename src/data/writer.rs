@@ -208,6 +208,13 @@ impl IndexWriter {
         self.lengths.len()
     }
 
+    /// Abandons the dataset: removes the temporary `.bin` (the final names were never written).
+    pub fn abort(self) {
+        let IndexWriter { bin, bin_tmp, .. } = self;
+        drop(bin);
+        let _ = std::fs::remove_file(bin_tmp);
+    }
+
     /// Flushes the `.bin`, writes the `.idx`, and renames both into place.
     ///
     /// Sequences added after the last [`IndexWriter::end_document`] become a final document.
