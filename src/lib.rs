@@ -22,6 +22,7 @@
 //! ```
 
 pub mod actors;
+pub mod data;
 pub mod kernels;
 pub mod models;
 pub mod optim;

@@ -19,15 +19,25 @@ pub enum Command {
     /// Benchmarks (training throughput against the PyTorch peer, kernels).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Tokenize a corpus into a Megatron indexed dataset (.bin/.idx).
+    Preprocess(preprocess::PreprocessArgs),
+    /// Tokenizer tools (train a BPE or WordPiece tokenizer locally).
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Time full training steps (forward, backward, AdamW) and print one JSON line.
     Train(bench::TrainBenchArgs),
+    /// Preprocessing throughput against the raw tokenizer encode, same text and workers.
+    Preprocess(bench_preprocess::PreprocessBenchArgs),
 }
 
 mod bench;
+mod bench_preprocess;
+mod preprocess;
+mod tokenizer;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
@@ -53,5 +63,8 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(BenchCommand::Train(args)) => bench::train(args),
+        Command::Bench(BenchCommand::Preprocess(args)) => bench_preprocess::run(args),
+        Command::Preprocess(args) => preprocess::run(args),
+        Command::Tokenizer(command) => tokenizer::run(command),
     }
 }

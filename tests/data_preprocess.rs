@@ -1,0 +1,222 @@
+//! Preprocessing end to end on tiny corpora with a tokenizer trained in the test: documents land
+//! in order with their EOD, any worker count gives identical bytes, malformed lines are counted
+//! with line numbers (fatal with --strict), .jsonl.gz equals .jsonl, text and sentence modes, the
+//! preprocess-once cache, and the `troupe` binary itself.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use troupe::data::input::InputFormat;
+use troupe::data::preprocess::{NoProgress, PreprocessOptions, preprocess, preprocess_to_cache};
+use troupe::data::tokenizer::{TrainKind, train_tokenizer};
+use troupe::data::{DType, GptDataset, GptDatasetConfig, IndexCache, IndexedDataset, Split, TextTokenizer};
+
+fn docs() -> Vec<String> {
+    let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"];
+    (0..300)
+        .map(|i| {
+            let n = (i * 7) % 23;
+            let body: Vec<&str> = (0..n).map(|k| words[(i + k * 3) % words.len()]).collect();
+            format!("Doc {i}: {}. Second sentence here! Done", body.join(" "))
+        })
+        .collect()
+}
+
+fn tokenizer() -> TextTokenizer {
+    train_tokenizer(TrainKind::Bpe, 300, 2, docs().into_iter()).unwrap()
+}
+
+fn write_jsonl(path: &Path, docs: &[String]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    for (i, d) in docs.iter().enumerate() {
+        writeln!(f, "{}", serde_json::json!({"id": i, "text": d})).unwrap();
+    }
+}
+
+fn run(opts: &PreprocessOptions, tok: &TextTokenizer) -> troupe::data::PreprocessReport {
+    preprocess(opts, tok, &NoProgress).unwrap()
+}
+
+fn read_all(prefix: &Path) -> (Vec<u8>, Vec<u8>) {
+    let p = prefix.as_os_str().to_string_lossy();
+    (std::fs::read(format!("{p}.bin")).unwrap(), std::fs::read(format!("{p}.idx")).unwrap())
+}
+
+#[test]
+fn documents_in_order_with_eod_for_any_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer();
+    let eod = tok.eod().unwrap();
+    let input = dir.path().join("c.jsonl");
+    let mut corpus = docs();
+    corpus.insert(5, String::new()); // an empty document
+    write_jsonl(&input, &corpus);
+    let mut outputs = Vec::new();
+    for (workers, batch) in [(1, 1 << 20), (3, 200), (4, 1)] {
+        let mut opts = PreprocessOptions::new(&input, dir.path().join(format!("w{workers}")));
+        opts.workers = workers;
+        opts.batch_bytes = batch;
+        let report = run(&opts, &tok);
+        assert_eq!(report.documents, corpus.len() as u64);
+        assert_eq!(report.empty_documents, 1);
+        assert_eq!(report.malformed, 0);
+        assert_eq!(report.dtype, DType::U16);
+        assert!(report.prefix.ends_with(format!("w{workers}_text_document")));
+        outputs.push(read_all(&report.prefix));
+        let ds = IndexedDataset::open(&report.prefix).unwrap();
+        assert_eq!(ds.num_documents(), corpus.len());
+        assert_eq!(ds.len(), corpus.len() - 1, "the empty document has no sequence");
+        let doc_idx = ds.document_indices();
+        assert_eq!(doc_idx[5], doc_idx[6], "empty document closes with no sequence");
+        for (seq, text) in corpus.iter().filter(|t| !t.is_empty()).enumerate() {
+            let mut want = tok.encode(text).unwrap();
+            want.push(eod);
+            assert_eq!(ds.sequence(seq).unwrap(), want, "document {seq}");
+        }
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]), "worker count changed the output");
+}
+
+#[test]
+fn malformed_lines_are_counted_and_strict_is_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer();
+    let input = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"good one\"}\nnot json\n\n{\"text\": 3}\n{\"other\": \"x\"}\n{\"text\": \"fine\"}\n",
+    )
+    .unwrap();
+    let mut opts = PreprocessOptions::new(&input, dir.path().join("o"));
+    opts.workers = 2;
+    let report = run(&opts, &tok);
+    assert_eq!(report.documents, 2);
+    assert_eq!(report.malformed, 3);
+    let lines: Vec<u64> = report.first_malformed.iter().map(|m| m.line).collect();
+    assert_eq!(lines, vec![2, 4, 5]);
+    opts.strict = true;
+    let err = preprocess(&opts, &tok, &NoProgress).unwrap_err();
+    assert!(err.to_string().contains("bad.jsonl:2"), "{err}");
+    // A failed run leaves no temporary file behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn gzip_text_paragraphs_and_sentences() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer();
+    let corpus = docs();
+    let plain = dir.path().join("c.jsonl");
+    write_jsonl(&plain, &corpus);
+    let gz = dir.path().join("c.jsonl.gz");
+    let mut enc =
+        flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+    enc.write_all(&std::fs::read(&plain).unwrap()).unwrap();
+    enc.finish().unwrap();
+    let a = run(&PreprocessOptions::new(&plain, dir.path().join("a")), &tok);
+    let b = run(&PreprocessOptions::new(&gz, dir.path().join("b")), &tok);
+    assert_eq!(read_all(&a.prefix), read_all(&b.prefix));
+
+    let text = dir.path().join("c.txt");
+    std::fs::write(&text, "first doc line one\nline two\n\n\n second doc\n").unwrap();
+    let mut opts = PreprocessOptions::new(&text, dir.path().join("p"));
+    assert_eq!(opts.format, InputFormat::TextLines);
+    assert_eq!(run(&opts, &tok).documents, 5, "line mode: every line is a document");
+    opts.format = InputFormat::TextParagraphs;
+    let report = run(&opts, &tok);
+    assert_eq!(report.documents, 2);
+    let ds = IndexedDataset::open(&report.prefix).unwrap();
+    let mut want = tok.encode("first doc line one\nline two").unwrap();
+    want.push(tok.eod().unwrap());
+    assert_eq!(ds.sequence(0).unwrap(), want);
+
+    let mut opts = PreprocessOptions::new(&plain, dir.path().join("s"));
+    opts.split_sentences = true;
+    let report = run(&opts, &tok);
+    assert!(report.prefix.ends_with("s_text_sentence"));
+    let ds = IndexedDataset::open(&report.prefix).unwrap();
+    assert_eq!(ds.num_documents(), corpus.len());
+    assert_eq!(ds.len(), 3 * corpus.len(), "three sentences per document");
+    let eod = tok.eod().unwrap();
+    assert_eq!(ds.sequence(2).unwrap().last(), Some(&eod));
+    assert_ne!(ds.sequence(1).unwrap().last(), Some(&eod));
+}
+
+#[test]
+fn preprocess_once_into_a_cache_then_train_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer();
+    let input = dir.path().join("corpus.txt");
+    std::fs::write(&input, docs().join("\n")).unwrap();
+    let cache = dir.path().join("cache");
+    let prefix = preprocess_to_cache(&input, &tok, &cache, 2).unwrap();
+    let bin: PathBuf = format!("{}.bin", prefix.display()).into();
+    let modified = std::fs::metadata(&bin).unwrap().modified().unwrap();
+    let again = preprocess_to_cache(&input, &tok, &cache, 2).unwrap();
+    assert_eq!(again, prefix);
+    assert_eq!(std::fs::metadata(&bin).unwrap().modified().unwrap(), modified);
+
+    let data = Arc::new(IndexedDataset::open(&prefix).unwrap());
+    let cfg = GptDatasetConfig {
+        seq_length: 32,
+        seed: 1,
+        split: "90,10".to_owned(),
+        add_extra_token: true,
+        cache: IndexCache::Off,
+    };
+    let train = GptDataset::build(data.clone(), Split::Train, Some(50), &cfg).unwrap();
+    assert!(train.len() >= 50);
+    assert_eq!(train.sample(0).unwrap().len(), 33);
+    let valid = GptDataset::build(data, Split::Valid, None, &cfg).unwrap();
+    assert!(!valid.is_empty());
+}
+
+#[test]
+fn the_binary_trains_a_tokenizer_and_preprocesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("c.jsonl");
+    write_jsonl(&input, &docs());
+    let exe = env!("CARGO_BIN_EXE_troupe");
+    let tok = dir.path().join("tokenizer.json");
+    let out = Command::new(exe)
+        .args(["tokenizer", "train", "--kind", "wordpiece", "--vocab-size", "200"])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&tok)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(exe)
+        .args(["preprocess", "--append-eod", "--workers", "2", "--quiet"])
+        .arg("--input")
+        .arg(&input)
+        .arg("--tokenizer")
+        .arg(&tok)
+        .arg("--output-prefix")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("300 documents"), "{stdout}");
+    let ds = IndexedDataset::open(dir.path().join("out_text_document")).unwrap();
+    assert_eq!(ds.len(), 300);
+    let sep = TextTokenizer::load(&troupe::data::TokenizerSpec::Json(tok)).unwrap().eod();
+    assert_eq!(ds.sequence(0).unwrap().last().copied(), sep, "WordPiece EOD is [SEP]");
+    let out = Command::new(exe)
+        .args(["preprocess", "--tokenizer", "missing.json", "--output-prefix", "x"])
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.json"));
+}
