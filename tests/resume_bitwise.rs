@@ -58,11 +58,19 @@ fn train(cfg: &Config) -> Result<(Vec<(u64, f32)>, Vec<f32>, Vec<f32>)> {
     let (mut trainer, mut state, _) = prepare(cfg)?;
     let mut losses = Vec::new();
     let stop = AtomicBool::new(false);
-    run(cfg, &be, &mut trainer, &mut state, &RunData { train: &src, valid: None }, &stop, &mut |e| {
-        if let Event::Step { step, loss, .. } = e {
-            losses.push((*step, *loss));
-        }
-    })?;
+    run(
+        cfg,
+        &be,
+        &mut trainer,
+        &mut state,
+        &RunData { train: &src, valid: None, sample: None },
+        &stop,
+        &mut |e| {
+            if let Event::Step { step, loss, .. } = e {
+                losses.push((*step, *loss));
+            }
+        },
+    )?;
     Ok((losses, trainer.model.params().to_vec(), trainer.opt.m.clone()))
 }
 

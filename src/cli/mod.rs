@@ -16,6 +16,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a GPT (default: the embedded Shakespeare run; see config/default.toml).
+    Train(Box<train::TrainArgs>),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Sample text from a checkpoint (KV-cached decoding).
+    Generate(generate::GenerateArgs),
     /// Benchmarks (training throughput against the PyTorch peer, kernels).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -24,6 +31,12 @@ pub enum Command {
     /// Tokenizer tools (train a BPE or WordPiece tokenizer locally).
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the resolved configuration (file or default, plus overrides) as TOML.
+    Show(Box<train::ConfigShowArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,8 +49,10 @@ pub enum BenchCommand {
 
 mod bench;
 mod bench_preprocess;
+mod generate;
 mod preprocess;
 mod tokenizer;
+mod train;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
@@ -62,6 +77,9 @@ pub fn init_logging(verbose: u8) {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(args) => train::train(*args),
+        Command::Config(ConfigCommand::Show(args)) => train::config_show(*args),
+        Command::Generate(args) => generate::generate(args),
         Command::Bench(BenchCommand::Train(args)) => bench::train(args),
         Command::Bench(BenchCommand::Preprocess(args)) => bench_preprocess::run(args),
         Command::Preprocess(args) => preprocess::run(args),

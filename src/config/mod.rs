@@ -196,7 +196,7 @@ impl Default for LoggingConfig {
 }
 
 /// Checkpointing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Directory to save into (empty: no saving).
@@ -207,12 +207,6 @@ pub struct CheckpointConfig {
     pub load: String,
     /// With `load` set but no checkpoint there, start from scratch instead of failing.
     pub allow_fresh_start: bool,
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        Self { save: String::new(), save_interval: 0, load: String::new(), allow_fresh_start: false }
-    }
 }
 
 impl Config {
@@ -285,7 +279,7 @@ impl Config {
         if t.micro_batch_size == 0 {
             return invalid("train.micro_batch_size", "0".into(), "must be at least 1");
         }
-        if t.global_batch_size == 0 || t.global_batch_size % t.micro_batch_size != 0 {
+        if t.global_batch_size == 0 || !t.global_batch_size.is_multiple_of(t.micro_batch_size) {
             return invalid(
                 "train.global_batch_size",
                 t.global_batch_size.to_string(),
@@ -300,13 +294,13 @@ impl Config {
                 return invalid(key, v.to_string(), "must be in [0, 1)");
             }
         }
-        if !(t.adam_eps > 0.0) {
+        if t.adam_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return invalid("train.adam_eps", t.adam_eps.to_string(), "must be > 0");
         }
-        if !(t.weight_decay >= 0.0) {
+        if t.weight_decay.is_nan() || t.weight_decay < 0.0 {
             return invalid("train.weight_decay", t.weight_decay.to_string(), "must be ≥ 0");
         }
-        if !(t.clip_grad >= 0.0) {
+        if t.clip_grad.is_nan() || t.clip_grad < 0.0 {
             return invalid("train.clip_grad", t.clip_grad.to_string(), "must be ≥ 0 (0 disables clipping)");
         }
         if !(t.min_lr >= 0.0 && t.min_lr <= t.lr) {
@@ -315,8 +309,10 @@ impl Config {
         if t.train_iters == 0 {
             return invalid("train.train_iters", "0".into(), "must be at least 1");
         }
-        if let Some(d) = t.lr_decay_iters {
-            if d < t.lr_warmup_iters {
+        if let Some(d) = t.lr_decay_iters
+            && d < t.lr_warmup_iters
+        {
+            {
                 let reason = format!("must be ≥ lr_warmup_iters ({})", t.lr_warmup_iters);
                 return invalid("train.lr_decay_iters", d.to_string(), &reason);
             }

@@ -243,6 +243,7 @@ pub fn encoder_backward(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Per-row losses and dlogits = dloss·(softmax − onehot) over the first v of vp columns.
 pub fn crossentropy(
     dlogits: &mut [f64],

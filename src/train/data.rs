@@ -1,22 +1,10 @@
-//! Where the trainer's samples come from. A [`SampleSource`] yields fixed-length samples of
-//! `seq + 1` tokens by index (inputs are the first `seq`, targets the last `seq`), like
-//! Megatron's GPT dataset; sample `i` of training is always the same, so resuming at
-//! `consumed_samples` continues the exact sequence.
+//! Batches for the trainer. Samples come from any [`SampleSource`] (the Megatron-style
+//! [`crate::data::GptDataset`] or blend, or [`TokenWindows`] over an in-memory stream): sample
+//! `i` is always the same `seq + 1` tokens (inputs are the first `seq`, targets the last `seq`),
+//! so resuming at `consumed_samples` continues the exact sequence.
 
+use crate::data::{DatasetError, SampleSource};
 use crate::models::Rng;
-
-/// Indexed samples of `seq + 1` tokens.
-pub trait SampleSource: Send + Sync {
-    /// Number of distinct samples (training wraps around: sample `i` is `i % len`).
-    fn len(&self) -> usize;
-    /// Tokens per sample minus one.
-    fn seq(&self) -> usize;
-    /// Writes sample `idx` (`seq + 1` tokens) into `out`.
-    fn sample(&self, idx: usize, out: &mut [u32]);
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Consecutive windows of a token stream (overlapping by one token, as Megatron's sample index),
 /// visited in an order shuffled once with a seed.
@@ -51,15 +39,18 @@ impl TokenWindows {
 }
 
 impl SampleSource for TokenWindows {
-    fn len(&self) -> usize {
+    fn num_samples(&self) -> usize {
         self.order.len()
     }
-    fn seq(&self) -> usize {
-        self.seq
+    fn sample_tokens(&self) -> usize {
+        self.seq + 1
     }
-    fn sample(&self, idx: usize, out: &mut [u32]) {
-        let start = self.order[idx % self.order.len()] as usize * self.seq;
-        out.copy_from_slice(&self.tokens[start..start + self.seq + 1]);
+    fn sample_into(&self, idx: usize, out: &mut Vec<u32>) -> Result<(), DatasetError> {
+        let len = self.order.len();
+        let start = *self.order.get(idx).ok_or(DatasetError::SampleOutOfRange { index: idx, len })? as usize;
+        out.clear();
+        out.extend_from_slice(&self.tokens[start * self.seq..start * self.seq + self.seq + 1]);
+        Ok(())
     }
 }
 
@@ -72,18 +63,32 @@ pub struct BatchBuf {
 }
 
 impl BatchBuf {
-    /// Fills the buffer with samples `first .. first + batch` of `src`.
-    pub fn fill(&mut self, src: &dyn SampleSource, first: u64, batch: usize) {
-        let t = src.seq();
+    /// Fills the buffer with samples `first .. first + batch` of `src` (indices wrap around
+    /// the source's length, i.e. further epochs repeat the order).
+    ///
+    /// # Errors
+    /// The source's error, or [`DatasetError::BadConfig`] for an empty source or samples shorter
+    /// than two tokens.
+    pub fn fill(&mut self, src: &dyn SampleSource, first: u64, batch: usize) -> Result<(), DatasetError> {
+        let n = src.num_samples() as u64;
+        let t = src.sample_tokens().saturating_sub(1);
+        if n == 0 || t == 0 {
+            return Err(DatasetError::BadConfig {
+                reason: "the dataset has no samples of ≥ 2 tokens".into(),
+            });
+        }
         self.tokens.resize(batch * t, 0);
         self.targets.resize(batch * t, 0);
-        self.scratch.resize(t + 1, 0);
-        let n = src.len() as u64;
         for b in 0..batch {
-            src.sample(((first + b as u64) % n) as usize, &mut self.scratch);
+            src.sample_into(((first + b as u64) % n) as usize, &mut self.scratch)?;
+            if self.scratch.len() != t + 1 {
+                let reason = format!("sample has {} tokens, expected {}", self.scratch.len(), t + 1);
+                return Err(DatasetError::BadConfig { reason });
+            }
             self.tokens[b * t..(b + 1) * t].copy_from_slice(&self.scratch[..t]);
             self.targets[b * t..(b + 1) * t].copy_from_slice(&self.scratch[1..]);
         }
+        Ok(())
     }
 }
 
@@ -95,11 +100,11 @@ mod tests {
     fn windows_cover_the_stream_once_in_shuffled_order() {
         let toks: Vec<u32> = (0..101).collect();
         let w = TokenWindows::new(toks, 10, 3).unwrap();
-        assert_eq!(w.len(), 10);
+        assert_eq!(w.num_samples(), 10);
         let mut starts: Vec<u32> = (0..10)
             .map(|i| {
-                let mut out = vec![0; 11];
-                w.sample(i, &mut out);
+                let mut out = Vec::new();
+                w.sample_into(i, &mut out).unwrap();
                 assert!(out.windows(2).all(|p| p[1] == p[0] + 1));
                 out[0]
             })

@@ -2,6 +2,7 @@
 //! global batch, clip by global norm, AdamW. The distributed runtime (actors) performs the same
 //! arithmetic split over ranks.
 
+pub mod corpus;
 pub mod data;
 pub mod run;
 

@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use super::data::{BatchBuf, SampleSource};
+use super::data::BatchBuf;
 use super::{Microbatch, TrainError, Trainer};
 use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::config::{Config, NanPolicy};
+use crate::data::{DatasetError, SampleSource};
 use crate::kernels::Backend;
 use crate::models::gpt::ModelError;
 use crate::optim::LrSchedule;
@@ -32,6 +33,8 @@ pub enum RunError {
     NothingToLoad { path: String },
     #[error("the training data is empty: {0}")]
     NoData(&'static str),
+    #[error("training data: {0}")]
+    Data(#[from] DatasetError),
 }
 
 /// What the loop reports.
@@ -40,15 +43,20 @@ pub enum Event {
     Resumed { step: u64, consumed_samples: u64, from: String },
     Step { step: u64, loss: f32, lr: f32, grad_norm: f64, tokens_per_s: f64, elapsed_s: f64 },
     Skipped { step: u64, microbatch: usize, loss: f32 },
-    Eval { step: u64, loss: f32, perplexity: f32 },
+    Eval { step: u64, loss: f32, perplexity: f32, sample: Option<String> },
     Saved { step: u64, path: String },
     Interrupted { step: u64 },
 }
+
+/// Text sampler called at each evaluation (e.g. generate from a prompt and decode).
+pub type SampleFn<'a> = &'a dyn Fn(&crate::models::gpt::Gpt, &dyn Backend) -> String;
 
 /// Data for a run.
 pub struct RunData<'a> {
     pub train: &'a dyn SampleSource,
     pub valid: Option<&'a dyn SampleSource>,
+    /// Called at each evaluation; its text goes into [`Event::Eval`].
+    pub sample: Option<SampleFn<'a>>,
 }
 
 /// How a run ended.
@@ -118,7 +126,7 @@ pub fn run(
     stop: &AtomicBool,
     on: &mut dyn FnMut(&Event),
 ) -> Result<RunSummary, RunError> {
-    if data.train.is_empty() {
+    if data.train.num_samples() == 0 {
         return Err(RunError::NoData("no training samples"));
     }
     let t = &cfg.train;
@@ -129,7 +137,8 @@ pub fn run(
         decay: t.lr_decay_iters.unwrap_or(t.train_iters),
         style: t.lr_decay_style,
     };
-    let (mb_size, accum, seq) = (t.micro_batch_size, cfg.accumulation_steps(), data.train.seq());
+    let (mb_size, accum) = (t.micro_batch_size, cfg.accumulation_steps());
+    let seq = data.train.sample_tokens().saturating_sub(1);
     let mut bufs: Vec<BatchBuf> = (0..accum).map(|_| BatchBuf::default()).collect();
     let started = Instant::now();
     let mut last = (Instant::now(), state.step);
@@ -142,7 +151,7 @@ pub fn run(
             break;
         }
         for (i, buf) in bufs.iter_mut().enumerate() {
-            buf.fill(data.train, state.consumed_samples + (i * mb_size) as u64, mb_size);
+            buf.fill(data.train, state.consumed_samples + (i * mb_size) as u64, mb_size)?;
         }
         let mbs: Vec<Microbatch<'_>> = bufs
             .iter()
@@ -175,17 +184,20 @@ pub fn run(
             Err(e) => return Err(e.into()),
         }
         let l = &cfg.logging;
-        if let Some(valid) = data.valid.filter(|_| l.eval_interval > 0 && state.step % l.eval_interval == 0) {
+        if let Some(valid) =
+            data.valid.filter(|_| l.eval_interval > 0 && state.step.is_multiple_of(l.eval_interval))
+        {
             let loss = evaluate(cfg, be, trainer, valid)?;
-            on(&Event::Eval { step: state.step, loss, perplexity: loss.exp() });
+            let sample = data.sample.map(|f| f(&trainer.model, be));
+            on(&Event::Eval { step: state.step, loss, perplexity: loss.exp(), sample });
         }
         let c = &cfg.checkpoint;
-        if !c.save.is_empty() && c.save_interval > 0 && state.step % c.save_interval == 0 {
+        if !c.save.is_empty() && c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) {
             save(cfg, trainer, state, on)?;
         }
     }
     let c = &cfg.checkpoint;
-    let saved_now = c.save_interval > 0 && state.step % c.save_interval == 0 && !interrupted;
+    let saved_now = c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) && !interrupted;
     if !c.save.is_empty() && !saved_now && state.step > 0 {
         save(cfg, trainer, state, on)?;
     }
@@ -213,12 +225,12 @@ pub fn evaluate(
     trainer: &mut Trainer,
     valid: &dyn SampleSource,
 ) -> Result<f32, RunError> {
-    let (b, seq) = (cfg.train.micro_batch_size, valid.seq());
+    let (b, seq) = (cfg.train.micro_batch_size, valid.sample_tokens().saturating_sub(1));
     let mut buf = BatchBuf::default();
     let mut sum = 0.0f64;
     let n = cfg.logging.eval_iters.max(1);
     for i in 0..n {
-        buf.fill(valid, i * b as u64, b);
+        buf.fill(valid, i * b as u64, b)?;
         let mb = Microbatch { tokens: &buf.tokens, targets: &buf.targets, batch: b, seq };
         sum += f64::from(trainer.eval_loss(be, &[mb])?);
     }

@@ -29,6 +29,13 @@ thread_local! {
 /// A raw pointer that may cross threads; every task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 pub(super) struct SendPtr(pub(super) *mut f32);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    pub(super) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: used only to hand disjoint (b, h) regions of one exclusively borrowed buffer to rayon
 // tasks; no two tasks write the same element and the borrow outlives the parallel section.
 unsafe impl Send for SendPtr {}
@@ -101,12 +108,11 @@ pub(super) fn forward(
     assert_eq!(qkv.len(), b * t * 3 * c, "attention qkv");
     assert_eq!(out.len(), b * t * c, "attention out");
     assert_eq!(lse.len(), b * nh * t, "attention lse");
-    assert!(nh > 0 && c % nh == 0, "attention heads");
+    assert!(nh > 0 && c.is_multiple_of(nh), "attention heads");
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let out_p = SendPtr(out.as_mut_ptr());
     lse.par_chunks_mut(t).enumerate().for_each(|(bh, lse_row)| {
-        let out_p = out_p;
         let (bi, h) = (bh / nh, bh % nh);
         let base = bi * t * 3 * c + h * hs;
         let (q, k, v) = (qkv[base..].as_ptr(), qkv[base + c..].as_ptr(), qkv[base + 2 * c..].as_ptr());
@@ -152,7 +158,7 @@ pub(super) fn forward(
                 // SAFETY: out rows t0..t1 of batch bi, head columns, lie inside out (row stride
                 // C) and belong to this (b, h) task only; V rows 0..t1 lie inside qkv.
                 unsafe {
-                    let dst = out_p.0.add(bi * t * c + t0 * c + h * hs);
+                    let dst = out_p.get().add(bi * t * c + t0 * c + h * hs);
                     mm(rows, hs, t1, dst, c, false, p.as_ptr(), t, 1, v, 3 * c, 1, 1.0);
                 }
             }
@@ -180,13 +186,12 @@ pub(super) fn backward(
     let scale = 1.0 / (hs as f32).sqrt();
     let dqkv_p = SendPtr(dqkv.as_mut_ptr());
     (0..b * nh).into_par_iter().for_each(|bh| {
-        let dqkv_p = dqkv_p;
         let (bi, h) = (bh / nh, bh % nh);
         let base = bi * t * 3 * c + h * hs;
         let (q, k, v) = (qkv[base..].as_ptr(), qkv[base + c..].as_ptr(), qkv[base + 2 * c..].as_ptr());
         // SAFETY: this task owns the head columns of Q, K and V in batch bi of dqkv.
         let (dq, dk, dv) = unsafe {
-            let p = dqkv_p.0.add(base);
+            let p = dqkv_p.get().add(base);
             (p, p.add(c), p.add(2 * c))
         };
         for s in 0..t {

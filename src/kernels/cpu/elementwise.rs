@@ -83,7 +83,6 @@ pub(super) fn encoder_backward(
     let wte_p = super::attention::SendPtr(dwte.as_mut_ptr());
     let wpe_p = super::attention::SendPtr(dwpe.as_mut_ptr());
     (0..c.div_ceil(COL_BLOCK)).into_par_iter().for_each(|blk| {
-        let (wte_p, wpe_p) = (wte_p, wpe_p);
         let j0 = blk * COL_BLOCK;
         let w = COL_BLOCK.min(c - j0);
         for i in 0..b * t {
@@ -94,8 +93,8 @@ pub(super) fn encoder_backward(
             // SAFETY: column block [j0, j0+w) of rows `tok` and `pos` is written only by this
             // task (blocks are disjoint); tok < Vp and pos < T were checked by the caller/asserts.
             unsafe {
-                let de = std::slice::from_raw_parts_mut(wte_p.0.add(tok * c + j0), w);
-                let dp = std::slice::from_raw_parts_mut(wpe_p.0.add(pos * c + j0), w);
+                let de = std::slice::from_raw_parts_mut(wte_p.get().add(tok * c + j0), w);
+                let dp = std::slice::from_raw_parts_mut(wpe_p.get().add(pos * c + j0), w);
                 for ((e, p), &g) in de.iter_mut().zip(dp.iter_mut()).zip(g) {
                     *e += g;
                     *p += g;

@@ -1,0 +1,83 @@
+//! `troupe generate`: sample text from a checkpoint with a KV cache, streaming tokens as they
+//! come.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use troupe::checkpoint;
+use troupe::kernels::CpuBackend;
+use troupe::models::Rng;
+use troupe::models::gpt::{Generator, Sampling};
+use troupe::train::corpus;
+
+use super::UsageError;
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory (a `--save` directory with `latest`, or one `iter_*` directory).
+    #[arg(long)]
+    pub load: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "ROMEO:")]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// Softmax temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let top_p_ok = args.top_p > 0.0 && args.top_p <= 1.0;
+    if args.temperature.is_nan() || args.temperature < 0.0 || !top_p_ok {
+        return Err(UsageError("--temperature must be ≥ 0 and --top-p in (0, 1]".into()).into());
+    }
+    let usage = |e: checkpoint::CheckpointError| UsageError(e.to_string());
+    let dir = checkpoint::resolve(&args.load)
+        .map_err(usage)?
+        .ok_or_else(|| UsageError(format!("--load {}: no checkpoint there", args.load.display())))?;
+    let loaded = checkpoint::load(&dir).map_err(usage)?;
+    let cfg = loaded.state.config.clone();
+    let mut model = troupe::Gpt::new(&cfg.model, 0)?;
+    loaded.restore(&mut model, None).map_err(usage)?;
+    let tok = corpus::tokenizer(&cfg).map_err(|e| UsageError(e.to_string()))?;
+    let ids = tok.encode(&args.prompt)?;
+    if ids.is_empty() {
+        return Err(UsageError("--prompt encodes to no tokens; give some text".into()).into());
+    }
+    let be = CpuBackend::new(args.threads);
+    let mut g = Generator::new(&model)?;
+    let mut rng = Rng::new(args.seed);
+    let s = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", args.prompt)?;
+    let mut out: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    g.generate(&be, &ids, args.max_tokens, s, &mut rng, &mut |t| {
+        out.push(t);
+        // Decode the whole continuation and print what is new, so multi-token characters
+        // come out whole.
+        if let Ok(text) = tok.decode(&out) {
+            if text.len() > printed && text.is_char_boundary(printed) {
+                let _ = write!(stdout, "{}", &text[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
+            }
+        }
+    })?;
+    writeln!(stdout)?;
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! `troupe train` and `troupe config show`: resolve the configuration (file or embedded default,
+//! `--set` overrides, Megatron-style flags), open the data, train with a progress bar (plain lines
+//! when stderr is not a terminal), write `--log-json` records, save and resume checkpoints.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use troupe::checkpoint;
+use troupe::config::Config;
+use troupe::config::overrides::MEGATRON_FLAGS;
+use troupe::kernels::{Backend, CpuBackend};
+use troupe::models::Rng;
+use troupe::models::gpt::{Generator, Sampling};
+use troupe::train::corpus;
+use troupe::train::run::{self, Event, RunData, RunError};
+
+use super::UsageError;
+
+/// The embedded default configuration (`config/default.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
+
+/// Configuration selection shared by `train` and `config show`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// Config file (TOML). Default: the embedded `config/default.toml`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override any key: `--set train.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Megatron-style flags (`--lr 3e-4`, `--num-layers 12`, …); see `troupe train --help`.
+    #[command(flatten)]
+    pub megatron: MegatronFlags,
+}
+
+macro_rules! megatron_flags {
+    ($($field:ident => $flag:literal),* $(,)?) => {
+        /// Megatron-LM option names, each an alias for one config key.
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct MegatronFlags {
+            $(
+                #[arg(long = $flag, value_name = "VALUE", help = concat!("Sets the config key named by `", $flag, "` (see `troupe config show`)"))]
+                pub $field: Option<String>,
+            )*
+        }
+
+        impl MegatronFlags {
+            /// The flags given, as `key=value` overrides in flag order.
+            pub fn to_sets(&self) -> Vec<String> {
+                let mut out = Vec::new();
+                $(
+                    if let Some(v) = &self.$field {
+                        let key = MEGATRON_FLAGS.iter().find(|(f, _)| *f == $flag).map(|(_, k)| *k).unwrap_or($flag);
+                        out.push(format!("{key}={}", quote(key, v)));
+                    }
+                )*
+                out
+            }
+        }
+    };
+}
+
+megatron_flags! {
+    num_layers => "num-layers", hidden_size => "hidden-size", num_attention_heads => "num-attention-heads",
+    seq_length => "seq-length", micro_batch_size => "micro-batch-size", global_batch_size => "global-batch-size",
+    lr => "lr", min_lr => "min-lr", lr_decay_style => "lr-decay-style", lr_warmup_iters => "lr-warmup-iters",
+    lr_decay_iters => "lr-decay-iters", train_iters => "train-iters", weight_decay => "weight-decay",
+    clip_grad => "clip-grad", seed => "seed", save => "save", load => "load", save_interval => "save-interval",
+    eval_interval => "eval-interval", eval_iters => "eval-iters", log_interval => "log-interval",
+    split => "split", tokenizer => "tokenizer",
+    tensor_model_parallel_size => "tensor-model-parallel-size",
+    pipeline_model_parallel_size => "pipeline-model-parallel-size",
+}
+
+/// String-valued keys are quoted so that e.g. `--save 123` stays a path, not a number.
+fn quote(key: &str, v: &str) -> String {
+    const STRINGS: &[&str] =
+        &["checkpoint.save", "checkpoint.load", "data.split", "data.tokenizer", "train.lr_decay_style"];
+    if STRINGS.contains(&key) { toml::Value::String(v.to_string()).to_string() } else { v.to_string() }
+}
+
+impl ConfigArgs {
+    /// Loads, overrides and validates; every failure is a usage error (exit code 2).
+    pub fn resolve(&self, extra: &[String]) -> anyhow::Result<Config> {
+        let mut sets = self.sets.clone();
+        sets.extend(self.megatron.to_sets());
+        sets.extend_from_slice(extra);
+        let cfg = match &self.config {
+            Some(path) => Config::load_with(path, &sets),
+            None => Config::from_toml_str(DEFAULT_CONFIG, "the embedded config/default.toml", &sets),
+        };
+        cfg.map_err(|e| UsageError(e.to_string()).into())
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    /// Write one JSON record per step (step, loss, lr, grad_norm, tokens_per_s, elapsed) here.
+    #[arg(long)]
+    pub log_json: Option<PathBuf>,
+    /// With --load: start from scratch when no checkpoint is there instead of failing.
+    #[arg(long)]
+    pub allow_fresh_start: bool,
+    /// CPU threads (0: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Never draw a progress bar (plain log lines instead).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigShowArgs {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+}
+
+pub fn config_show(args: ConfigShowArgs) -> anyhow::Result<()> {
+    let cfg = args.cfg.resolve(&[])?;
+    print!("{}", cfg.to_toml());
+    Ok(())
+}
+
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let mut extra = Vec::new();
+    if args.allow_fresh_start {
+        extra.push("checkpoint.allow_fresh_start=true".to_string());
+    }
+    if let Some(t) = args.threads {
+        extra.push(format!("train.threads={t}"));
+    }
+    if let Some(p) = &args.log_json {
+        extra.push(format!("logging.log_json={}", toml::Value::String(p.display().to_string())));
+    }
+    let cfg = args.cfg.resolve(&extra)?;
+    if !cfg.checkpoint.save.is_empty() {
+        checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {
+            UsageError(format!(
+                "--save {}: cannot write there ({e}); choose a writable directory",
+                cfg.checkpoint.save
+            ))
+        })?;
+    }
+    let data = corpus::open(&cfg).map_err(|e| UsageError(e.to_string()))?;
+    let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {
+        RunError::Checkpoint(_) | RunError::NothingToLoad { .. } => {
+            anyhow::Error::from(UsageError(e.to_string()))
+        }
+        other => other.into(),
+    })?;
+    let be = CpuBackend::new(cfg.train.threads);
+    let stop = run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
+    let mut json = match cfg.logging.log_json.as_str() {
+        "" => None,
+        p => Some(std::fs::File::create(p).map_err(|e| UsageError(format!("--log-json {p}: {e}")))?),
+    };
+    eprintln!(
+        "troupe: training a {}-layer GPT ({:.2} M parameters) on {} with {} threads for {} steps",
+        cfg.model.num_layers,
+        cfg.model.num_params() as f64 / 1e6,
+        data.description,
+        be.threads(),
+        cfg.train.train_iters
+    );
+    if let Some(from) = &resumed {
+        eprintln!(
+            "troupe: resumed from {from} at step {} ({} samples consumed)",
+            state.step, state.consumed_samples
+        );
+    }
+    if data.valid.is_none() && cfg.logging.eval_interval > 0 {
+        eprintln!("troupe: warning: the validation split is empty; no evaluation will run");
+    }
+    let tokenizer = &data.tokenizer;
+    let sample_tokens = cfg.logging.sample_tokens;
+    let seed = cfg.train.seed;
+    let sampler = move |model: &troupe::Gpt, be: &dyn Backend| -> String {
+        sample_text(model, be, tokenizer, "\n", sample_tokens, seed).unwrap_or_else(|e| format!("<{e}>"))
+    };
+    let run_data = RunData {
+        train: data.train.as_ref(),
+        valid: data.valid.as_deref(),
+        sample: (sample_tokens > 0).then_some(&sampler as run::SampleFn<'_>),
+    };
+    let bar = progress_bar(&cfg, state.step, args.no_progress);
+    let log_interval = cfg.logging.log_interval;
+    let mut on = |e: &Event| report(e, &bar, log_interval, json.as_mut());
+    let summary = run::run(&cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?;
+    bar.finish_and_clear();
+    if summary.interrupted {
+        eprintln!(
+            "troupe: interrupted at step {}; resume with --load {}",
+            summary.steps, cfg.checkpoint.save
+        );
+    } else {
+        eprintln!("troupe: done: {} steps, final loss {:.4}", summary.steps, summary.final_loss);
+    }
+    Ok(())
+}
+
+fn progress_bar(cfg: &Config, step: u64, no_progress: bool) -> ProgressBar {
+    if no_progress || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(cfg.train.train_iters);
+    bar.set_position(step);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(500));
+    bar
+}
+
+fn report(e: &Event, bar: &ProgressBar, log_interval: u64, json: Option<&mut std::fs::File>) {
+    let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
+    match e {
+        Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s } => {
+            bar.set_position(*step);
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+            if bar.is_hidden() && (step % log_interval == 0 || *step == 1) {
+                eprintln!(
+                    "step {step:>6} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tokens/s"
+                );
+            }
+            if let Some(f) = json {
+                let rec = serde_json::json!({
+                    "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s, "elapsed": elapsed_s,
+                });
+                let _ = writeln!(f, "{rec}");
+            }
+        }
+        Event::Eval { step, loss, perplexity, sample } => {
+            say(format!("step {step:>6} | validation loss {loss:.4} | perplexity {perplexity:.2}"));
+            if let Some(text) = sample {
+                say(format!("---- sample at step {step} ----\n{text}\n----"));
+            }
+            if let Some(f) = json {
+                let _ = writeln!(
+                    f,
+                    "{}",
+                    serde_json::json!({"step": step, "val_loss": loss, "val_perplexity": perplexity})
+                );
+            }
+        }
+        Event::Skipped { step, microbatch, loss } => {
+            say(format!(
+                "step {step:>6} | skipped: loss {loss} in microbatch {microbatch} (nan_policy = skip)"
+            ));
+        }
+        Event::Saved { step, path } => say(format!("step {step:>6} | saved checkpoint {path}")),
+        Event::Interrupted { step } => say(format!("step {step:>6} | stop requested; saving and exiting")),
+        Event::Resumed { .. } => {}
+    }
+}
+
+/// Generates `n` tokens after `prompt` (greedy-free: temperature 0.8, top-k 40) and decodes them.
+pub fn sample_text(
+    model: &troupe::Gpt,
+    be: &dyn Backend,
+    tok: &troupe::data::TextTokenizer,
+    prompt: &str,
+    n: usize,
+    seed: u64,
+) -> anyhow::Result<String> {
+    let ids = tok.encode(prompt)?;
+    let mut g = Generator::new(model)?;
+    let mut rng = Rng::derived(seed, "eval-sample");
+    let s = Sampling { temperature: 0.8, top_k: 40, top_p: 1.0 };
+    let out = g.generate(be, &ids, n, s, &mut rng, &mut |_| {})?;
+    Ok(tok.decode(&out)?)
+}
