@@ -51,8 +51,11 @@ fn tokens() -> TokenWindows {
     TokenWindows::new(stream, 16, 9).expect("enough tokens")
 }
 
-/// Runs `cfg` and returns (losses by step, params, optimizer m).
-fn train(cfg: &Config) -> Result<(Vec<(u64, f32)>, Vec<f32>, Vec<f32>)> {
+/// (step, loss) of every step, the final parameters, the final Adam first moments.
+type Outcome = (Vec<(u64, f32)>, Vec<f32>, Vec<f32>);
+
+/// Runs `cfg` to completion.
+fn train(cfg: &Config) -> Result<Outcome> {
     let be = CpuBackend::new(cfg.train.threads);
     let src = tokens();
     let (mut trainer, mut state, _) = prepare(cfg)?;
@@ -101,7 +104,9 @@ fn damaged_missing_and_mismatched_checkpoints_are_errors() -> Result<()> {
     train(&cfg(&["train.train_iters=2", &save]))?;
 
     // A different model shape is refused, naming the field.
-    let err = prepare(&cfg(&[&load, "model.hidden_size=64"])).err().expect("shape mismatch must fail");
+    let Err(err) = prepare(&cfg(&[&load, "model.hidden_size=64"])) else {
+        anyhow::bail!("a shape mismatch must fail");
+    };
     ensure!(err.to_string().contains("model.hidden_size"), "{err}");
 
     // Flip one byte of the model file: verification names it.
