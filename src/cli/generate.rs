@@ -70,12 +70,13 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         out.push(t);
         // Decode the whole continuation and print what is new, so multi-token characters
         // come out whole.
-        if let Ok(text) = tok.decode(&out) {
-            if text.len() > printed && text.is_char_boundary(printed) {
-                let _ = write!(stdout, "{}", &text[printed..]);
-                let _ = stdout.flush();
-                printed = text.len();
-            }
+        if let Ok(text) = tok.decode(&out)
+            && text.len() > printed
+            && text.is_char_boundary(printed)
+        {
+            let _ = write!(stdout, "{}", &text[printed..]);
+            let _ = stdout.flush();
+            printed = text.len();
         }
     })?;
     writeln!(stdout)?;
