@@ -173,8 +173,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             state.step, state.consumed_samples
         );
     }
-    if data.valid.is_none() && cfg.logging.eval_interval > 0 {
-        eprintln!("troupe: warning: the validation split is empty; no evaluation will run");
+    if let Some(note) = &data.valid_note {
+        eprintln!("troupe: warning: no evaluation will run: {note}");
     }
     let tokenizer = &data.tokenizer;
     let sample_tokens = cfg.logging.sample_tokens;

@@ -10,8 +10,8 @@ use thiserror::Error;
 
 use crate::config::Config;
 use crate::data::{
-    BlendedDataset, DatasetError, GptDatasetConfig, IndexCache, SampleSource, Split, TextTokenizer,
-    TokenizerError, TokenizerSpec, parse_data_path, preprocess_to_cache,
+    BlendedDataset, DatasetError, GptDataset, GptDatasetConfig, IndexCache, IndexedDataset, SampleSource,
+    Split, TextTokenizer, TokenizerError, TokenizerSpec, parse_data_path, preprocess_to_cache,
 };
 
 /// The plays, in document order (see `data/shakespeare/SOURCE.md`).
@@ -55,8 +55,26 @@ pub struct TrainingData {
     pub tokenizer: TextTokenizer,
     pub train: Box<dyn SampleSource>,
     pub valid: Option<Box<dyn SampleSource>>,
+    /// Why there is no validation set although evaluation was asked for.
+    pub valid_note: Option<String>,
     /// Where the data came from, for logs.
     pub description: String,
+}
+
+/// One dataset (as many epochs as `num_samples` needs) or a blend.
+fn build(
+    entries: &[crate::data::BlendEntry],
+    split: Split,
+    num_samples: u64,
+    dcfg: &GptDatasetConfig,
+) -> Result<Box<dyn SampleSource>, DatasetError> {
+    if let [single] = entries
+        && single.weight.is_none()
+    {
+        let data = std::sync::Arc::new(IndexedDataset::open(&single.prefix)?);
+        return Ok(Box::new(GptDataset::build(data, split, Some(num_samples), dcfg)?));
+    }
+    Ok(Box::new(BlendedDataset::build(entries, split, num_samples, dcfg)?))
 }
 
 /// The tokenizer a config names (or the embedded one).
@@ -138,16 +156,17 @@ pub fn open(cfg: &Config) -> Result<TrainingData, CorpusError> {
     };
     let t = &cfg.train;
     let train_samples = t.train_iters * t.global_batch_size as u64;
-    let train = BlendedDataset::build(&entries, Split::Train, train_samples, &dcfg)?;
+    let train = build(&entries, Split::Train, train_samples, &dcfg)?;
     let l = &cfg.logging;
-    let valid = if l.eval_interval > 0 {
+    let (valid, valid_note) = if l.eval_interval > 0 {
         let n = l.eval_iters * t.micro_batch_size as u64;
-        match BlendedDataset::build(&entries, Split::Valid, n, &dcfg) {
-            Ok(v) if v.num_samples() > 0 => Some(Box::new(v) as Box<dyn SampleSource>),
-            _ => None,
+        match build(&entries, Split::Valid, n, &dcfg) {
+            Ok(v) if v.num_samples() > 0 => (Some(v), None),
+            Ok(_) => (None, Some("the validation split has no samples".to_string())),
+            Err(e) => (None, Some(e.to_string())),
         }
     } else {
-        None
+        (None, None)
     };
-    Ok(TrainingData { tokenizer, train: Box::new(train), valid, description })
+    Ok(TrainingData { tokenizer, train, valid, valid_note, description })
 }

@@ -1,0 +1,148 @@
+//! The `troupe` binary as a user meets it: bad configs exit with code 2 and a message naming the
+//! key or file; a tiny run trains, saves, resumes and generates; SIGINT saves a checkpoint at the
+//! next step boundary and exits cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+
+const TINY: &[&str] = &[
+    "--num-layers",
+    "1",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "2",
+    "--eval-interval",
+    "0",
+    "--threads",
+    "1",
+];
+
+fn troupe(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_troupe")).args(args).current_dir(cwd).output().expect("run troupe")
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("troupe-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_problem() -> Result<()> {
+    let dir = tempdir("bad");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[model]\nvocab_size = 10\nseq_length = 8\nnum_layers = 1\nhidden_size = 8\nnum_attention_heads = 3\n",
+    )?;
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--config".into(), dir.join("missing.toml").display().to_string()], "missing.toml"),
+        (vec!["--config".into(), bad.display().to_string()], "model.num_attention_heads = 3"),
+        (vec!["--set".into(), "train.learning_rate=1".into()], "learning_rate"),
+        (vec!["--lr=-1".into()], "train.lr"),
+        (vec!["--save".into(), "/proc/forbidden/dir".into()], "/proc/forbidden/dir"),
+        (vec!["--load".into(), dir.join("nothing").display().to_string()], "allow-fresh-start"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["train"];
+        full.extend(args.iter().map(String::as_str));
+        let out = troupe(&full, &dir);
+        ensure!(out.status.code() == Some(2), "{args:?}: exit {:?}\n{}", out.status.code(), stderr(&out));
+        ensure!(stderr(&out).contains(needle), "{args:?}: message lacks {needle:?}:\n{}", stderr(&out));
+    }
+    Ok(())
+}
+
+#[test]
+fn train_save_resume_and_generate() -> Result<()> {
+    let dir = tempdir("run");
+    let save = dir.join("ckpt").display().to_string();
+    let log = dir.join("log.jsonl").display().to_string();
+    let mut args = vec!["train", "--train-iters", "4", "--save", save.as_str(), "--log-json", log.as_str()];
+    args.extend_from_slice(TINY);
+    let out = troupe(&args, &dir);
+    ensure!(out.status.success(), "train failed:\n{}", stderr(&out));
+    let records = std::fs::read_to_string(&log)?;
+    ensure!(records.lines().count() == 4, "log has {} lines", records.lines().count());
+    ensure!(records.lines().all(|l| l.contains("\"loss\"") && l.contains("\"grad_norm\"")));
+
+    let mut args = vec!["train", "--train-iters", "6", "--load", save.as_str(), "--save", save.as_str()];
+    args.extend_from_slice(TINY);
+    let out = troupe(&args, &dir);
+    ensure!(
+        out.status.success() && stderr(&out).contains("resumed from"),
+        "resume failed:\n{}",
+        stderr(&out)
+    );
+    ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000006");
+
+    let mut args = vec!["train", "--num-layers", "2", "--load", save.as_str()];
+    args.extend_from_slice(&TINY[2..]);
+    let out = troupe(&args, &dir);
+    ensure!(out.status.code() == Some(2) && stderr(&out).contains("model.num_layers"), "{}", stderr(&out));
+
+    let out = troupe(&["generate", "--load", &save, "--prompt", "ROMEO:", "--max-tokens", "5"], &dir);
+    ensure!(out.status.success(), "generate failed:\n{}", stderr(&out));
+    ensure!(String::from_utf8_lossy(&out.stdout).starts_with("ROMEO:"));
+    Ok(())
+}
+
+#[test]
+fn sigint_saves_at_a_step_boundary_and_exits_cleanly() -> Result<()> {
+    let dir = tempdir("sigint");
+    let save = dir.join("ckpt").display().to_string();
+    let mut args = vec!["train", "--train-iters", "100000", "--save", save.as_str(), "--no-progress"];
+    args.extend_from_slice(TINY);
+    let log = dir.join("stderr.txt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(&args)
+        .current_dir(&dir)
+        .stderr(std::fs::File::create(&log)?)
+        .stdout(Stdio::null())
+        .spawn()?;
+    // Wait (with a deadline) until training has started, then interrupt.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)?.contains("step      1") {
+        let early = child.try_wait()?;
+        ensure!(
+            early.is_none() && Instant::now() < deadline,
+            "training never started:\n{}",
+            std::fs::read_to_string(&log)?
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    ensure!(Command::new("kill").args(["-INT", &pid]).status()?.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            anyhow::bail!("troupe did not exit after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log)?;
+    ensure!(status.success(), "exit {status:?}:\n{text}");
+    ensure!(text.contains("interrupted at step"), "{text}");
+    let latest = std::fs::read_to_string(dir.join("ckpt/latest"))?;
+    ensure!(latest.starts_with("iter_"), "no checkpoint after SIGINT");
+    Ok(())
+}

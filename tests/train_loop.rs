@@ -1,0 +1,94 @@
+//! The training loop's policies: a non-finite loss aborts with an error naming the step and the
+//! microbatch, or (nan_policy = skip) skips the step leaving parameters bitwise unchanged; the
+//! model rejects bad input with typed errors.
+
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Result, bail, ensure};
+use troupe::config::Config;
+use troupe::models::Rng;
+use troupe::train::TrainError;
+use troupe::train::data::TokenWindows;
+use troupe::train::run::{Event, RunData, RunError, prepare, run};
+use troupe::{CpuBackend, Gpt, GptConfig, ModelError, StageInput};
+
+const CFG: &str = r#"
+[model]
+vocab_size = 50
+make_vocab_size_divisible_by = 16
+seq_length = 8
+num_layers = 1
+hidden_size = 16
+num_attention_heads = 2
+[train]
+micro_batch_size = 2
+global_batch_size = 4
+train_iters = 3
+threads = 1
+[logging]
+eval_interval = 0
+"#;
+
+fn windows() -> TokenWindows {
+    let mut rng = Rng::new(1);
+    TokenWindows::new((0..500).map(|_| (rng.next_u64() % 50) as u32).collect(), 8, 2).expect("tokens")
+}
+
+#[test]
+fn nan_loss_aborts_or_skips() -> Result<()> {
+    let be = CpuBackend::new(1);
+    let src = windows();
+    let data = RunData { train: &src, valid: None, sample: None };
+    let stop = AtomicBool::new(false);
+
+    let cfg = Config::from_toml_str(CFG, "t", &[])?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    trainer.model.param_mut("ln_f.weight").expect("ln_f")[0] = f32::NAN;
+    match run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |_| {}) {
+        Err(RunError::Train(TrainError::NonFiniteLoss { step: 1, mb: 0, .. })) => {}
+        other => bail!("expected an abort naming step 1, microbatch 0; got {other:?}"),
+    }
+
+    let cfg = Config::from_toml_str(CFG, "t", &["train.nan_policy=\"skip\"".into()])?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    trainer.model.param_mut("ln_f.weight").expect("ln_f")[0] = f32::NAN;
+    let before: Vec<u32> = trainer.model.params().iter().map(|x| x.to_bits()).collect();
+    let mut skipped = 0;
+    let summary = run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |e| {
+        if matches!(e, Event::Skipped { .. }) {
+            skipped += 1;
+        }
+    })?;
+    let after: Vec<u32> = trainer.model.params().iter().map(|x| x.to_bits()).collect();
+    ensure!(skipped == 3 && summary.skipped_steps == 3, "skipped {skipped}");
+    ensure!(before == after, "skipped steps changed the parameters");
+    ensure!(trainer.opt.step == 0, "optimizer advanced on skipped steps");
+    Ok(())
+}
+
+#[test]
+fn bad_input_gives_typed_errors() -> Result<()> {
+    let be = CpuBackend::new(1);
+    let mut cfg = GptConfig::tiny();
+    cfg.num_attention_heads = 5;
+    ensure!(matches!(Gpt::new(&cfg, 0), Err(ModelError::BadConfig { field: "num_attention_heads", .. })));
+    let cfg = GptConfig::tiny();
+    let mut m = Gpt::new(&cfg, 0)?;
+    let toks = vec![1u32; 17];
+    ensure!(matches!(
+        m.forward(&be, 0, 1, 17, StageInput::Tokens(&toks), None, 1.0),
+        Err(ModelError::SequenceTooLong { got: 17, max: 16 })
+    ));
+    let mut toks = vec![1u32; 16];
+    toks[5] = 50;
+    ensure!(matches!(
+        m.forward(&be, 0, 1, 16, StageInput::Tokens(&toks), None, 1.0),
+        Err(ModelError::TokenOutOfRange { token: 50, position: 5, vocab: 50 })
+    ));
+    ensure!(matches!(m.backward(&be, 3, None), Err(ModelError::UnknownMicrobatch { mb: 3 })));
+    ensure!(matches!(
+        m.forward(&be, 0, 2, 16, StageInput::Tokens(&[1; 16]), None, 1.0),
+        Err(ModelError::BadLength { what: "tokens", expected: 32, got: 16 })
+    ));
+    Ok(())
+}
