@@ -53,6 +53,11 @@ class GPT(nn.Module):
         self.wte, self.wpe = nn.Embedding(vp, c), nn.Embedding(m["seq_length"], c)
         self.h = nn.ModuleList(Block(c, m["num_attention_heads"], attn) for _ in range(m["num_layers"]))
         self.ln_f = nn.LayerNorm(c)
+        for mod in self.modules():  # GPT-2 init, as troupe does (speed does not depend on it)
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, std=0.02)
+            if isinstance(mod, nn.Linear):
+                nn.init.zeros_(mod.bias)
 
     def forward(self, idx, targets):
         t = idx.shape[1]
