@@ -273,7 +273,9 @@ impl GptDataset {
             self.data.read_into(doc(pos_b), off_b as usize, len, out)?;
         } else {
             let first = doc(pos_b);
-            let first_len = self.data.sequence_length(first) as usize - off_b as usize;
+            // Saturating: a bad offset then fails inside read_into with a named range error.
+            let first_len =
+                (self.data.sequence_length(first) as usize).saturating_sub(off_b as usize);
             self.data.read_into(first, off_b as usize, first_len, out)?;
             for pos in pos_b + 1..pos_e {
                 let d = doc(pos);

@@ -208,7 +208,7 @@ impl GptIndices {
                 .shuffle_index
                 .max()
                 .is_none_or(|m| m < (rows - 1) as u64)
-            && (0..rows).all(|r| self.sample_index.get(2 * r) <= self.document_index.len() as u64)
+            && (0..rows).all(|r| self.sample_index.get(2 * r) < self.document_index.len() as u64)
     }
 }
 
