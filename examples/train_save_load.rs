@@ -42,7 +42,8 @@ fn main() -> Result<()> {
             t
         })
         .collect();
-    let data = TokenWindows::new(stream, cfg.model.seq_length, cfg.train.seed).expect("stream is long enough");
+    let data =
+        TokenWindows::new(stream, cfg.model.seq_length, cfg.train.seed).expect("stream is long enough");
 
     let be = CpuBackend::new(0);
     let (mut trainer, mut state, _) = prepare(&cfg)?;

@@ -206,3 +206,22 @@ fn ten_million_documents_index_in_seconds() {
     );
     assert!(secs < 30.0);
 }
+
+#[test]
+fn ranks_as_threads_build_the_same_cache_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let lengths: Vec<usize> = (0..300).map(|i| 5 + i % 37).collect();
+    let prefix = write_dataset(dir.path(), "d", &lengths, 0);
+    let data = Arc::new(IndexedDataset::open(&prefix).unwrap());
+    let cfg = config(16, 3, "1", IndexCache::BesideData);
+    let built: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| GptDataset::build(data.clone(), Split::Train, Some(500), &cfg)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    });
+    assert!(built.windows(2).all(|w| w[0].indices() == w[1].indices()));
+    let again = GptDataset::build(data, Split::Train, Some(500), &cfg).unwrap();
+    assert!(matches!(again.cache_outcome(), CacheOutcome::Loaded(_)));
+    assert_eq!(again.indices(), built[0].indices());
+}

@@ -41,7 +41,7 @@ pub struct PreprocessArgs {
     #[arg(long)]
     pub strict: bool,
     /// Input bytes per batch handed to a worker.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 256 << 10)]
     pub batch_bytes: usize,
     /// No progress bar.
     #[arg(long)]

@@ -257,7 +257,8 @@ impl GptDataset {
             self.data.read_into(doc(pos_b), off_b as usize, len, out)?;
         } else {
             let first = doc(pos_b);
-            let first_len = self.data.sequence_length(first) as usize - off_b as usize;
+            // Saturating: a bad offset then fails inside read_into with a named range error.
+            let first_len = (self.data.sequence_length(first) as usize).saturating_sub(off_b as usize);
             self.data.read_into(first, off_b as usize, first_len, out)?;
             for pos in pos_b + 1..pos_e {
                 let d = doc(pos);
@@ -278,6 +279,21 @@ impl GptDataset {
         self.sample_into(i, &mut out)?;
         Ok(out)
     }
+}
+
+/// Inputs, labels and loss mask of one sample of `seq_length + 1` tokens (Megatron's
+/// `__getitem__`): inputs are `tokens[..T]`, labels `tokens[1..]`; the mask is 1.0 except, with
+/// `eod_mask_loss`, at positions whose input is the EOD token.
+pub fn inputs_labels_mask(
+    tokens: &[u32],
+    eod: Option<u32>,
+    eod_mask_loss: bool,
+) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+    let t = tokens.len().saturating_sub(1);
+    let inputs = tokens[..t].to_vec();
+    let labels = tokens.get(1..).unwrap_or(&[]).to_vec();
+    let mask = inputs.iter().map(|&x| if eod_mask_loss && Some(x) == eod { 0.0 } else { 1.0 }).collect();
+    (inputs, labels, mask)
 }
 
 fn describe(
@@ -357,4 +373,19 @@ fn store_cached(
     write_atomic(&path, description.as_bytes())
         .map_err(|source| NpyError::Io { path: path.clone(), source })?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_labels_shifted_and_eod_can_be_masked() {
+        let (x, y, m) = inputs_labels_mask(&[5, 6, 0, 7], Some(0), true);
+        assert_eq!((x, y), (vec![5, 6, 0], vec![6, 0, 7]));
+        assert_eq!(m, vec![1.0, 1.0, 0.0]);
+        let (_, _, m) = inputs_labels_mask(&[5, 0, 7], Some(0), false);
+        assert_eq!(m, vec![1.0, 1.0]);
+        assert_eq!(inputs_labels_mask(&[], None, false).0, Vec::<u32>::new());
+    }
 }

@@ -198,7 +198,7 @@ impl GptIndices {
             && self.shuffle_index.len() == rows - 1
             && self.document_index.max().is_none_or(|m| m < sequence_count as u64)
             && self.shuffle_index.max().is_none_or(|m| m < (rows - 1) as u64)
-            && (0..rows).all(|r| self.sample_index.get(2 * r) <= self.document_index.len() as u64)
+            && (0..rows).all(|r| self.sample_index.get(2 * r) < self.document_index.len() as u64)
     }
 }
 

@@ -143,14 +143,41 @@ fn le_i32(bytes: &[u8], offset: u64) -> i32 {
 /// [`IndexError::Truncated`] naming the first field that does not fit, `BadMagic`, `BadVersion`,
 /// `BadDtype`, `UnsupportedDtype`, `CountTooLarge`, or `SizeMismatch` for trailing bytes.
 pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<IndexHeader, IndexError> {
-    let actual = bytes.len() as u64;
-    let need = |field: &'static str, offset: u64, len: u64| -> Result<(), IndexError> {
-        let end = offset.saturating_add(len);
-        if actual < end {
-            return Err(IndexError::Truncated { path: path.to_owned(), field, offset, end, actual });
+    let header = parse_fixed_fields(path, bytes)?;
+    let need = |field, offset, len| need_bytes(path, bytes, field, offset, len);
+    let s = header.sequence_count;
+    need("sequence_lengths", header.lengths_offset(), 4 * s)?;
+    need("sequence_pointers", header.pointers_offset(), 8 * s)?;
+    need("document_indices", header.documents_offset(), 8 * header.document_count)?;
+    let (expected, actual) = (header.arrays_end(), bytes.len() as u64);
+    let has_modes = match actual {
+        a if a == expected => false,
+        a if a == expected + s && s > 0 => true,
+        _ => {
+            return Err(IndexError::SizeMismatch { path: path.to_owned(), expected, modes: s, actual });
         }
-        Ok(())
     };
+    Ok(IndexHeader { has_modes, ..header })
+}
+
+/// `Truncated` unless bytes `offset..offset+len` of the file exist.
+fn need_bytes(
+    path: &Path,
+    bytes: &[u8],
+    field: &'static str,
+    offset: u64,
+    len: u64,
+) -> Result<(), IndexError> {
+    let (end, actual) = (offset.saturating_add(len), bytes.len() as u64);
+    if actual < end {
+        return Err(IndexError::Truncated { path: path.to_owned(), field, offset, end, actual });
+    }
+    Ok(())
+}
+
+/// The 34-byte fixed header: magic, version, dtype and the two counts.
+fn parse_fixed_fields(path: &Path, bytes: &[u8]) -> Result<IndexHeader, IndexError> {
+    let need = |field, offset, len| need_bytes(path, bytes, field, offset, len);
     let head = &bytes[..bytes.len().min(MAGIC.len())];
     if head != &MAGIC[..head.len()] {
         return Err(IndexError::BadMagic { path: path.to_owned(), found: head.to_vec() });
@@ -169,33 +196,16 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<IndexHeader, IndexError
     }
     need("sequence_count", 18, 8)?;
     need("document_count", 26, 8)?;
-    let header = IndexHeader {
-        dtype,
-        sequence_count: le_u64(bytes, 18),
-        document_count: le_u64(bytes, 26),
-        has_modes: false,
-    };
-    // Counts above 2^56 would overflow the size arithmetic below; no real file is that big.
+    let (sequence_count, document_count) = (le_u64(bytes, 18), le_u64(bytes, 26));
+    // Counts above 2^56 would overflow the size arithmetic; no real file is that big.
     for (field, offset, value) in
-        [("sequence_count", 18, header.sequence_count), ("document_count", 26, header.document_count)]
+        [("sequence_count", 18, sequence_count), ("document_count", 26, document_count)]
     {
         if value > 1 << 56 {
             return Err(IndexError::CountTooLarge { path: path.to_owned(), field, offset, value });
         }
     }
-    let s = header.sequence_count;
-    need("sequence_lengths", header.lengths_offset(), 4 * s)?;
-    need("sequence_pointers", header.pointers_offset(), 8 * s)?;
-    need("document_indices", header.documents_offset(), 8 * header.document_count)?;
-    let expected = header.arrays_end();
-    let has_modes = match actual {
-        a if a == expected => false,
-        a if a == expected + s && s > 0 => true,
-        _ => {
-            return Err(IndexError::SizeMismatch { path: path.to_owned(), expected, modes: s, actual });
-        }
-    };
-    Ok(IndexHeader { has_modes, ..header })
+    Ok(IndexHeader { dtype, sequence_count, document_count, has_modes: false })
 }
 
 /// A validated, memory-mapped Megatron indexed dataset of token ids.

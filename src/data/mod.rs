@@ -22,7 +22,9 @@ pub mod writer;
 
 pub use blend::{BlendedDataset, SampleSource};
 pub use dtype::DType;
-pub use gpt_dataset::{CacheOutcome, DatasetError, GptDataset, GptDatasetConfig, IndexCache};
+pub use gpt_dataset::{
+    CacheOutcome, DatasetError, GptDataset, GptDatasetConfig, IndexCache, inputs_labels_mask,
+};
 pub use indexed::{IndexError, IndexedDataset};
 pub use preprocess::{PreprocessOptions, PreprocessReport, preprocess, preprocess_to_cache};
 pub use sampler::{BatchLayout, DistributedSampler, SamplerError};

@@ -126,10 +126,14 @@ pub fn write_npy(path: &Path, array: &IndexArray, cols: usize) -> Result<(), Npy
         .map_err(|source| NpyError::Io { path: path.to_owned(), source })
 }
 
-/// Writes `bytes` under a temporary name beside `path` and renames it into place.
+/// Writes `bytes` under a temporary name beside `path` and renames it into place. The temporary
+/// name carries the process and thread, so concurrent builders (ranks as processes or as threads)
+/// never write the same temporary file; the last rename wins with identical content.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
+    let thread: String =
+        format!("{:?}", std::thread::current().id()).chars().filter(char::is_ascii_digit).collect();
+    tmp.push(format!(".tmp{}-{thread}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(bytes)?;

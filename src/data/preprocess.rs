@@ -68,7 +68,7 @@ pub struct PreprocessOptions {
 }
 
 impl PreprocessOptions {
-    /// Defaults: format from the file name, key `text`, EOD appended, one worker, 1 MiB batches.
+    /// Defaults: format from the file name, key `text`, EOD appended, one worker, 256 KiB batches.
     pub fn new(input: impl Into<PathBuf>, output_prefix: impl Into<PathBuf>) -> Self {
         let input = input.into();
         PreprocessOptions {
@@ -80,7 +80,7 @@ impl PreprocessOptions {
             workers: 1,
             split_sentences: false,
             strict: false,
-            batch_bytes: 1 << 20,
+            batch_bytes: 256 << 10,
         }
     }
 
