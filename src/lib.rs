@@ -10,3 +10,4 @@ pub mod actors;
 pub mod kernels;
 pub mod models;
 pub mod optim;
+pub mod schedule;
