@@ -11,3 +11,4 @@ pub mod kernels;
 pub mod models;
 pub mod optim;
 pub mod schedule;
+pub mod trace;
