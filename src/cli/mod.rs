@@ -19,6 +19,28 @@ pub enum Command {
     /// Benchmarks (training throughput against the PyTorch peer, kernels).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Pipeline schedules: print, validate and simulate them.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Traces: replay under other schedules, render timelines.
+    #[command(subcommand)]
+    Trace(TraceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Generate a schedule, print it (text, json, svg, png, chrome, trace) and its simulated stats.
+    Show(schedule::ShowArgs),
+    /// Validate a hand-written program (text or JSON) and simulate it.
+    Check(schedule::CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Estimate costs from a trace and compare its schedule with others.
+    Replay(trace::ReplayArgs),
+    /// Draw a trace as a timeline (svg, png) or convert it to Chrome JSON.
+    Render(trace::RenderArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -28,6 +50,8 @@ pub enum BenchCommand {
 }
 
 mod bench;
+mod schedule;
+mod trace;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
@@ -63,5 +87,9 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(BenchCommand::Train(args)) => bench::train(args),
+        Command::Schedule(ScheduleCommand::Show(args)) => schedule::show(args),
+        Command::Schedule(ScheduleCommand::Check(args)) => schedule::check(args),
+        Command::Trace(TraceCommand::Replay(args)) => trace::replay_cmd(args),
+        Command::Trace(TraceCommand::Render(args)) => trace::render(args),
     }
 }
