@@ -410,7 +410,10 @@ mod tests {
     fn interleaved_rejects_short_last_group_and_suggests() {
         let spec = ScheduleSpec::new(ScheduleKind::Interleaved, 4, 10);
         let err = generate_compute(&spec).unwrap_err().to_string();
-        assert!(err.contains("10 mod"), "{err}");
+        assert!(
+            err.contains("microbatches (10) mod group size (4) = 2"),
+            "{err}"
+        );
         assert!(
             err.contains("group sizes that work for 10 microbatches: 5, 6, 10"),
             "{err}"

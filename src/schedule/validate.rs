@@ -29,10 +29,10 @@ pub enum Semantics {
 /// The first violation found, naming rank, instruction index and pair.
 pub fn validate(program: &Program) -> Result<()> {
     check_header(program)?;
-    for rank in 0..program.pp {
-        check_rank(program, rank)?;
-    }
-    check_matching(program)?;
+    let seen = (0..program.pp)
+        .map(|rank| check_rank(program, rank))
+        .collect::<Result<Vec<_>>>()?;
+    check_matching(program, &seen)?;
     dry_run(program, Semantics::Rendezvous)
 }
 
@@ -54,11 +54,14 @@ fn check_header(p: &Program) -> Result<()> {
     })
 }
 
-/// Where each op of one rank sits (`None` = absent), indexed by `mb·v + chunk`.
+/// Where each op of one rank sits (`ABSENT` = nowhere), indexed by `mb·v + chunk`; `u32`
+/// keeps the table small enough to stay in cache at p = 64, m = 512, v = 4.
 #[derive(Clone)]
 struct Seen {
-    at: Vec<[Option<usize>; 8]>,
+    at: Vec<[u32; 8]>,
 }
+
+const ABSENT: u32 = u32::MAX;
 
 const SLOT_KINDS: [OpKind; 8] = [
     OpKind::Forward,
@@ -77,14 +80,15 @@ fn kind_slot(kind: OpKind) -> usize {
 
 impl Seen {
     fn get(&self, p: &Program, mb: u32, chunk: usize, kind: OpKind) -> Option<usize> {
-        self.at[mb as usize * p.vpp + chunk][kind_slot(kind)]
+        let at = self.at[mb as usize * p.vpp + chunk][kind_slot(kind)];
+        (at != ABSENT).then_some(at as usize)
     }
 }
 
 /// Scan rank `rank`: ranges, duplicates, local order, peers, completeness.
 fn check_rank(p: &Program, rank: usize) -> Result<Seen> {
     let mut seen = Seen {
-        at: vec![[None; 8]; p.microbatches * p.vpp],
+        at: vec![[ABSENT; 8]; p.microbatches * p.vpp],
     };
     let mut finals = vec![0usize; p.vpp];
     let mut reduced = vec![false; p.vpp];
@@ -129,7 +133,7 @@ fn check_rank(p: &Program, rank: usize) -> Result<Seen> {
             _ => {
                 check_op(p, rank, index, op, &seen)?;
                 let (mb, chunk) = op.pair().unwrap_or_default();
-                seen.at[mb as usize * p.vpp + chunk as usize][kind_slot(op.kind())] = Some(index);
+                seen.at[mb as usize * p.vpp + chunk as usize][kind_slot(op.kind())] = index as u32;
                 if matches!(op.kind(), OpKind::Backward | OpKind::BackwardWeight) {
                     finals[chunk as usize] += 1;
                 }
@@ -324,18 +328,16 @@ pub(crate) fn counterpart(p: &Program, rank: usize, op: Op) -> Option<(usize, Op
     Some((q, Op::from_parts(kind, mb, qc as u32, rank as u32)))
 }
 
-fn check_matching(p: &Program) -> Result<()> {
-    let sets: Vec<HashSet<Op>> = p
-        .ranks
-        .iter()
-        .map(|ops| ops.iter().copied().filter(|o| o.kind().is_comm()).collect())
-        .collect();
+/// Every send and receive has its counterpart on the peer (peers were checked by
+/// `check_range`, duplicates by `check_op`, so "present" means "exactly one").
+fn check_matching(p: &Program, seen: &[Seen]) -> Result<()> {
     for (rank, ops) in p.ranks.iter().enumerate() {
         for (index, &op) in ops.iter().enumerate() {
             let Some((q, want)) = counterpart(p, rank, op) else {
                 continue;
             };
-            if !sets[q].contains(&want) {
+            let (wmb, wchunk) = want.pair().unwrap_or_default();
+            if seen[q].get(p, wmb, wchunk as usize, want.kind()).is_none() {
                 let (mb, chunk) = op.pair().unwrap_or_default();
                 let reason = if matches!(op.kind(), OpKind::SendAct | OpKind::SendGrad) {
                     format!("is sent to rank {q}, which never posts `{want}`")
