@@ -279,3 +279,22 @@ fn interleaved_invalid_group_names_working_values() {
         "{msg}"
     );
 }
+
+#[test]
+fn hostile_sizes_and_ranges_are_errors_not_panics() {
+    for text in [
+        "pp=99999999 vpp=99999999 microbatches=99999999\n0: 0F0\n",
+        "pp=0 vpp=1 microbatches=1\n",
+        "pp=2 vpp=1 microbatches=1\n0: 0F0\n",
+        "pp=1 vpp=1 microbatches=1\n0: 5F0 0F9 0SA0:7\n",
+        "pp=2 vpp=3 microbatches=1 placement=v\n0: 2F0\n1:\n",
+    ] {
+        let p = from_text(text).expect("parses");
+        assert!(validate(&p).is_err(), "{text}");
+        assert!(simulate(&p, &Costs::default()).is_err(), "{text}");
+        assert!(dry_run(&p, Semantics::Rendezvous).is_err(), "{text}");
+        assert!(troupe::schedule::lower(&p).is_err(), "{text}");
+    }
+    let huge = ScheduleSpec::new(ScheduleKind::OneFOneB, usize::MAX, usize::MAX);
+    assert!(generate(&huge).is_err());
+}

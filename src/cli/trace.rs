@@ -5,7 +5,7 @@ use super::UsageError;
 use super::schedule::emit;
 use anyhow::Context as _;
 use std::path::PathBuf;
-use troupe::schedule::{ScheduleKind, ScheduleSpec};
+use troupe::schedule::{ScheduleKind, ScheduleSpec, dims_ok};
 use troupe::trace::{Trace, render_png, render_svg, replay, timeline_scene, to_chrome};
 
 #[derive(Debug, clap::Args)]
@@ -49,7 +49,15 @@ fn parse_kind(s: &str) -> Result<ScheduleKind, String> {
 fn read_trace(path: &PathBuf) -> anyhow::Result<Trace> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Trace::parse(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())).into())
+    let trace = Trace::parse(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+    if !dims_ok(trace.pp, trace.vpp, trace.microbatches) {
+        let msg = format!(
+            "{}: header sizes must be positive with pp*vpp*microbatches <= 2^26",
+            path.display()
+        );
+        return Err(UsageError(msg).into());
+    }
+    Ok(trace)
 }
 
 pub fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {

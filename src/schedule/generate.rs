@@ -132,6 +132,12 @@ pub fn generate_compute(spec: &ScheduleSpec) -> Result<Program> {
     if pp == 0 || m == 0 {
         return Err(invalid(kind, "pp and microbatches must be at least 1"));
     }
+    if !super::validate::dims_ok(pp, vpp.max(1), m) {
+        return Err(invalid(
+            kind,
+            "pp * vpp * microbatches is too large (at most 2^26)",
+        ));
+    }
     let need_vpp = |want: usize| {
         if vpp == want {
             Ok(())

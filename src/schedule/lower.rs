@@ -28,16 +28,12 @@ struct RankState {
 /// Lower a compute order (non-compute ops in the input are ignored) to a full program.
 ///
 /// # Errors
+/// [`ScheduleError::Header`]/[`ScheduleError::RankCount`] for bad sizes;
 /// [`ScheduleError::OutOfRange`] for an op naming a chunk or microbatch outside the program;
 /// [`ScheduleError::Stuck`] when some rank's next op can never get its input.
 pub fn lower(compute: &Program) -> Result<Program> {
     let (pp, vpp, m) = (compute.pp, compute.vpp, compute.microbatches);
-    if compute.ranks.len() != pp {
-        return Err(ScheduleError::RankCount {
-            pp,
-            found: compute.ranks.len(),
-        });
-    }
+    super::validate::check_header(compute)?;
     let mut ranks: Vec<RankState> = Vec::with_capacity(pp);
     for (rank, ops) in compute.ranks.iter().enumerate() {
         let todo: Vec<Op> = ops

@@ -24,4 +24,4 @@ pub use ir::{Op, OpKind, Placement, Program};
 pub use lower::lower;
 pub use simulate::{Costs, RankStats, Simulation, Stats, TimedOp, peak_in_flight, simulate};
 pub use text::{from_text, parse_op, parse_program, to_text};
-pub use validate::{Semantics, dry_run, validate};
+pub use validate::{Semantics, dims_ok, dry_run, validate};

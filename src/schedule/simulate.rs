@@ -182,12 +182,15 @@ impl Mailboxes {
     }
 }
 
-/// Simulate `program` (which should have passed [`super::validate`]).
+/// Simulate `program` (which should have passed [`super::validate`]; only its sizes and ranges
+/// are re-checked here).
 ///
 /// # Errors
-/// [`ScheduleError::Deadlock`] if some op waits for a message that is never sent.
+/// Range errors as the validator's; [`ScheduleError::Deadlock`] if some op waits for a message
+/// that is never sent.
 pub fn simulate(program: &Program, costs: &Costs) -> Result<Simulation> {
     let p = program;
+    super::validate::check_ranges(p)?;
     let per_rank = p.microbatches * p.vpp;
     let mut mail = Mailboxes {
         vpp: p.vpp,

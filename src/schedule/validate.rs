@@ -36,9 +36,23 @@ pub fn validate(program: &Program) -> Result<()> {
     dry_run(program, Semantics::Rendezvous)
 }
 
-fn check_header(p: &Program) -> Result<()> {
+/// Largest `pp·vpp·microbatches` accepted: the checks keep tables of that many slots per rank.
+pub(crate) const MAX_SLOTS: usize = 1 << 26;
+
+/// Whether `pp·vpp·microbatches` is positive and at most [`MAX_SLOTS`].
+pub fn dims_ok(pp: usize, vpp: usize, microbatches: usize) -> bool {
+    let slots = pp
+        .checked_mul(vpp)
+        .and_then(|s| s.checked_mul(microbatches));
+    slots.is_some_and(|s| (1..=MAX_SLOTS).contains(&s))
+}
+
+/// Sizes are positive, not absurd, consistent with the placement and the rank lists.
+pub(crate) fn check_header(p: &Program) -> Result<()> {
     let reason = if p.pp == 0 || p.vpp == 0 || p.microbatches == 0 {
         "pp, vpp and microbatches must be at least 1"
+    } else if !dims_ok(p.pp, p.vpp, p.microbatches) {
+        "pp * vpp * microbatches is too large (at most 2^26)"
     } else if p.placement == Placement::V && p.vpp != 2 {
         "placement v needs exactly vpp = 2"
     } else if p.ranks.len() != p.pp {
@@ -142,6 +156,17 @@ fn check_rank(p: &Program, rank: usize) -> Result<Seen> {
     }
     check_complete(p, rank, &seen)?;
     Ok(seen)
+}
+
+/// Header and per-op ranges only: what the simulator needs to index its tables safely.
+pub(crate) fn check_ranges(p: &Program) -> Result<()> {
+    check_header(p)?;
+    for (rank, ops) in p.ranks.iter().enumerate() {
+        for (index, &op) in ops.iter().enumerate() {
+            check_range(p, rank, index, op)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_range(p: &Program, rank: usize, index: usize, op: Op) -> Result<()> {
@@ -360,11 +385,10 @@ fn check_matching(p: &Program, seen: &[Seen]) -> Result<()> {
 
 /// Execute the program abstractly with the given message semantics; fail if it cannot finish.
 ///
-/// Assumes ranges were checked (as [`validate`] does first).
-///
 /// # Errors
 /// [`ScheduleError::Deadlock`] listing every rank that cannot proceed and its head instruction.
 pub fn dry_run(p: &Program, semantics: Semantics) -> Result<()> {
+    check_ranges(p)?;
     let mut pc = vec![0usize; p.pp];
     let mut in_flight: HashSet<(usize, Op)> = HashSet::new();
     loop {

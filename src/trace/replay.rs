@@ -8,7 +8,9 @@
 //! `recorded vpp / its vpp` (the same layers split into more or fewer chunks).
 
 use super::{Trace, TraceError};
-use crate::schedule::{Costs, OpKind, Program, ScheduleSpec, generate, lower, simulate, validate};
+use crate::schedule::{
+    Costs, OpKind, Program, ScheduleSpec, dims_ok, generate, lower, simulate, validate,
+};
 use serde::Serialize;
 
 /// Simulated outcome of one schedule under the trace's costs.
@@ -83,6 +85,13 @@ pub fn estimate_costs(trace: &Trace) -> Result<Costs, TraceError> {
 /// # Errors
 /// Schedule errors when the recorded order is not a complete, valid pipeline program.
 pub fn recorded_program(trace: &Trace) -> Result<Program, TraceError> {
+    if !dims_ok(trace.pp, trace.vpp, trace.microbatches) {
+        let reason = format!(
+            "header pp={} vpp={} microbatches={} must be positive with a product of at most 2^26",
+            trace.pp, trace.vpp, trace.microbatches
+        );
+        return Err(TraceError::Parse { line: 1, reason });
+    }
     let mut ranks: Vec<Vec<(f64, usize, crate::schedule::Op)>> = vec![Vec::new(); trace.pp];
     for (i, e) in trace.events.iter().enumerate() {
         if !e.kind.is_compute() {
@@ -201,5 +210,15 @@ mod tests {
         // interleaving shrinks the bubble; GPipe holds every microbatch
         assert!(report.others[1].bubble < report.recorded.bubble);
         assert_eq!(report.others[0].peak_in_flight, 8.0);
+    }
+
+    #[test]
+    fn absurd_trace_header_is_an_error() {
+        let t = Trace::from_native(
+            "troupe-trace v1 pp=4000000000000 vpp=1 microbatches=9\n0 stage F 0 0 0 1 - -\n",
+        )
+        .unwrap();
+        assert!(recorded_program(&t).is_err());
+        assert!(replay(&t, &[]).is_err());
     }
 }
