@@ -77,6 +77,22 @@ proptest! {
     }
 
     #[test]
+    fn zb_h2_fills_the_span_with_at_most_2p_minus_1_in_flight((p, m) in pm()) {
+        let (_, sim) = run(ScheduleSpec::new(ScheduleKind::ZbH2, p, m), unit(1.0, 2.0, 1.0));
+        for (r, rank) in sim.stats.ranks.iter().enumerate() {
+            prop_assert!(rank.peak_in_flight < 2 * p, "p={} m={} rank {}", p, m, r);
+            if m >= 2 * p - 1 {
+                prop_assert!(rank.span_bubble.abs() < EPS, "p={p} m={m} rank {r}: {}", rank.span_bubble);
+            }
+        }
+        // only the staggered start is left: (p-1) forwards of idle over 3m of work
+        if m >= 2 * p - 1 {
+            let want = (p - 1) as f64 / (3 * m) as f64;
+            prop_assert!((sim.stats.bubble - want).abs() < EPS, "p={p} m={m}: {}", sim.stats.bubble);
+        }
+    }
+
+    #[test]
     fn zb_v_has_no_span_bubble_and_balanced_memory((p, m) in pm()) {
         let (_, sim) = run(ScheduleSpec::new(ScheduleKind::ZbV, p, m), unit(1.0, 2.0, 1.0));
         for (r, rank) in sim.stats.ranks.iter().enumerate() {
@@ -90,7 +106,7 @@ proptest! {
     }
 
     #[test]
-    fn text_and_json_round_trip((p, m) in pm(), v in 1usize..=3, k in 0usize..5) {
+    fn text_and_json_round_trip((p, m) in pm(), v in 1usize..=3, k in 0usize..6) {
         let kind = ScheduleKind::ALL[k];
         let vpp = match kind { ScheduleKind::Interleaved => v, other => other.default_vpp() };
         let spec = ScheduleSpec { group_size: Some(m), ..ScheduleSpec::new(kind, p, m).with_vpp(vpp) };

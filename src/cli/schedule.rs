@@ -31,7 +31,7 @@ pub enum Format {
 
 #[derive(Debug, clap::Args)]
 pub struct ShowArgs {
-    /// gpipe, 1f1b, interleaved, zb-h1 or zb-v.
+    /// gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v.
     #[arg(long, value_parser = parse_kind)]
     pub schedule: ScheduleKind,
     /// Pipeline-parallel size (ranks).

@@ -12,7 +12,7 @@ use troupe::trace::{Trace, render_png, render_svg, replay, timeline_scene, to_ch
 pub struct ReplayArgs {
     /// Trace file (troupe native form or troupe-written Chrome JSON).
     pub trace: PathBuf,
-    /// Other schedules to compare (repeat or comma-separate): gpipe, 1f1b, interleaved, zb-h1, zb-v.
+    /// Other schedules to compare (repeat or comma-separate): gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v.
     #[arg(long = "schedule", value_delimiter = ',', value_parser = parse_kind)]
     pub schedules: Vec<ScheduleKind>,
     /// Chunks per rank for the other schedules that can vary it (interleaved).

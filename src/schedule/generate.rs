@@ -11,6 +11,8 @@
 //!   `warmup = min(2(p−r−1) + (v−1)·N, v·m)`. Needs `p ≤ N ≤ m` and `m mod N ∈ {0} ∪ [p, N)`.
 //! * ZB-H1 (torch ZB1P rule, v = 1): 1F1B warm-up, each backward split into I and W, and rank r
 //!   defers its first r W's so that they fill the drain.
+//! * ZB-H2 (greedy, see `greedy.rs`): split backward, up to `2(p−1−r)+1` microbatches in flight
+//!   on rank r, so the warm-up and drain bubbles fill with forwards and deferred W's.
 //! * ZB-V (torch `ScheduleZBVZeroBubble` rule): 2 chunks in a V, split backward.
 
 use super::error::{Result, ScheduleError};
@@ -27,15 +29,17 @@ pub enum ScheduleKind {
     OneFOneB,
     Interleaved,
     ZbH1,
+    ZbH2,
     ZbV,
 }
 
 impl ScheduleKind {
-    pub const ALL: [ScheduleKind; 5] = [
+    pub const ALL: [ScheduleKind; 6] = [
         ScheduleKind::Gpipe,
         ScheduleKind::OneFOneB,
         ScheduleKind::Interleaved,
         ScheduleKind::ZbH1,
+        ScheduleKind::ZbH2,
         ScheduleKind::ZbV,
     ];
 
@@ -45,6 +49,7 @@ impl ScheduleKind {
             ScheduleKind::OneFOneB => "1f1b",
             ScheduleKind::Interleaved => "interleaved",
             ScheduleKind::ZbH1 => "zb-h1",
+            ScheduleKind::ZbH2 => "zb-h2",
             ScheduleKind::ZbV => "zb-v",
         }
     }
@@ -184,6 +189,12 @@ pub fn generate_compute(spec: &ScheduleSpec) -> Result<Program> {
                 Placement::Looped,
                 (0..pp).map(|r| zb_h1_rank(pp, r, m)).collect(),
             )
+        }
+        ScheduleKind::ZbH2 => {
+            need_vpp(1)?;
+            let ranks = super::greedy::zb_h2(pp, m)
+                .ok_or_else(|| invalid(kind, "greedy scheduler did not finish (a troupe bug)"))?;
+            (Placement::Looped, ranks)
         }
         ScheduleKind::ZbV => {
             need_vpp(2)?;

@@ -1,5 +1,5 @@
 //! Pipeline schedules as programs: the per-rank instruction IR, its text and JSON forms, the
-//! generators (GPipe, 1F1B, interleaved 1F1B, ZB-H1, ZB-V), the pass that inserts communication,
+//! generators (GPipe, 1F1B, interleaved 1F1B, ZB-H1, ZB-H2, ZB-V), the pass that inserts communication,
 //! the validator (with a deadlock dry run) and the cost simulator. Pure logic, no I/O.
 //!
 //! ```
@@ -12,6 +12,7 @@
 
 mod error;
 mod generate;
+mod greedy;
 mod ir;
 mod lower;
 mod simulate;
