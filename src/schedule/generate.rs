@@ -127,6 +127,7 @@ pub fn generate(spec: &ScheduleSpec) -> Result<Program> {
 
 /// Generate only the compute order of `spec` (no communication ops).
 pub fn generate_compute(spec: &ScheduleSpec) -> Result<Program> {
+    check_spec(spec)?;
     let ScheduleSpec {
         kind,
         pp,
@@ -134,72 +135,34 @@ pub fn generate_compute(spec: &ScheduleSpec) -> Result<Program> {
         vpp,
         ..
     } = *spec;
-    if pp == 0 || m == 0 {
-        return Err(invalid(kind, "pp and microbatches must be at least 1"));
-    }
-    if !super::validate::dims_ok(pp, vpp.max(1), m) {
-        return Err(invalid(
-            kind,
-            "pp * vpp * microbatches is too large (at most 2^26)",
-        ));
-    }
-    let need_vpp = |want: usize| {
-        if vpp == want {
-            Ok(())
-        } else {
-            Err(invalid(
-                kind,
-                format!("uses {want} chunk(s) per rank, not vpp = {vpp}"),
-            ))
-        }
-    };
+    let looped = Placement::Looped;
     let (placement, ranks) = match kind {
-        ScheduleKind::Gpipe => {
-            need_vpp(1)?;
-            (Placement::Looped, (0..pp).map(|_| gpipe_rank(m)).collect())
-        }
-        ScheduleKind::OneFOneB => {
-            need_vpp(1)?;
-            (
-                Placement::Looped,
-                (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect(),
-            )
-        }
+        ScheduleKind::Gpipe => (looped, (0..pp).map(|_| gpipe_rank(m)).collect()),
+        ScheduleKind::OneFOneB => (
+            looped,
+            (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect(),
+        ),
+        ScheduleKind::Interleaved if vpp == 1 => (
+            looped,
+            (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect(),
+        ),
         ScheduleKind::Interleaved => {
-            if vpp == 0 {
-                return Err(invalid(kind, "vpp must be at least 1"));
-            }
-            if vpp == 1 {
-                (
-                    Placement::Looped,
-                    (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect(),
-                )
-            } else {
-                let n = check_group(pp, m, spec.group_size)?;
-                let table = interleaved_table(m, vpp, n);
-                let ranks = (0..pp)
-                    .map(|r| interleaved_rank(pp, r, vpp, n, &table))
-                    .collect();
-                (Placement::Looped, ranks)
-            }
-        }
-        ScheduleKind::ZbH1 => {
-            need_vpp(1)?;
+            let n = check_group(pp, m, spec.group_size)?;
+            let table = interleaved_table(m, vpp, n);
             (
-                Placement::Looped,
-                (0..pp).map(|r| zb_h1_rank(pp, r, m)).collect(),
+                looped,
+                (0..pp)
+                    .map(|r| interleaved_rank(pp, r, vpp, n, &table))
+                    .collect(),
             )
         }
+        ScheduleKind::ZbH1 => (looped, (0..pp).map(|r| zb_h1_rank(pp, r, m)).collect()),
         ScheduleKind::ZbH2 => {
-            need_vpp(1)?;
             let ranks = super::greedy::zb_h2(pp, m)
                 .ok_or_else(|| invalid(kind, "greedy scheduler did not finish (a troupe bug)"))?;
-            (Placement::Looped, ranks)
+            (looped, ranks)
         }
-        ScheduleKind::ZbV => {
-            need_vpp(2)?;
-            (Placement::V, (0..pp).map(|r| zb_v_rank(pp, r, m)).collect())
-        }
+        ScheduleKind::ZbV => (Placement::V, (0..pp).map(|r| zb_v_rank(pp, r, m)).collect()),
     };
     Ok(Program {
         pp,
@@ -208,6 +171,38 @@ pub fn generate_compute(spec: &ScheduleSpec) -> Result<Program> {
         placement,
         ranks,
     })
+}
+
+/// Sizes are positive and bounded, and `vpp` is one the schedule supports.
+fn check_spec(spec: &ScheduleSpec) -> Result<()> {
+    let ScheduleSpec {
+        kind,
+        pp,
+        microbatches: m,
+        vpp,
+        ..
+    } = *spec;
+    if pp == 0 || m == 0 || vpp == 0 {
+        return Err(invalid(kind, "pp, vpp and microbatches must be at least 1"));
+    }
+    if !super::validate::dims_ok(pp, vpp, m) {
+        return Err(invalid(
+            kind,
+            "pp * vpp * microbatches is too large (at most 2^26)",
+        ));
+    }
+    let want = match kind {
+        ScheduleKind::Interleaved => return Ok(()),
+        ScheduleKind::ZbV => 2,
+        _ => 1,
+    };
+    if vpp != want {
+        return Err(invalid(
+            kind,
+            format!("uses {want} chunk(s) per rank, not vpp = {vpp}"),
+        ));
+    }
+    Ok(())
 }
 
 fn f(mb: usize, chunk: usize) -> Op {

@@ -218,7 +218,6 @@ fn check_range(p: &Program, rank: usize, index: usize, op: Op) -> Result<()> {
 fn check_op(p: &Program, rank: usize, index: usize, op: Op, seen: &Seen) -> Result<()> {
     let (mb, chunk) = op.pair().unwrap_or_default();
     let c = chunk as usize;
-    let stage = p.stage_of(rank, c);
     let has = |k: OpKind| seen.get(p, mb, c, k);
     if let Some(first) = has(op.kind()) {
         return Err(ScheduleError::Duplicate {
@@ -246,29 +245,38 @@ fn check_op(p: &Program, rank: usize, index: usize, op: Op, seen: &Seen) -> Resu
             chunk,
         });
     }
-    let order = |needs: String| {
-        Err(ScheduleError::Order {
+    match missing_dependency(p, rank, op, seen) {
+        Some(needs) => Err(ScheduleError::Order {
             rank,
             index,
             op,
             mb,
             chunk,
             needs,
-        })
-    };
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What `op` needs earlier on this rank and does not have, in words (None: all present).
+fn missing_dependency(p: &Program, rank: usize, op: Op, seen: &Seen) -> Option<String> {
+    let (mb, chunk) = op.pair().unwrap_or_default();
+    let c = chunk as usize;
+    let stage = p.stage_of(rank, c);
+    let has = |k: OpKind| seen.get(p, mb, c, k);
     match op.kind() {
         OpKind::Forward if stage > 0 => {
             let (pr, pc) = p.locate(stage - 1);
             if pr == rank && seen.get(p, mb, pc, OpKind::Forward).is_none() {
-                return order(format!("the forward of (mb {mb}, chunk {pc}) on this rank"));
+                return Some(format!("the forward of (mb {mb}, chunk {pc}) on this rank"));
             }
             if pr != rank && has(OpKind::RecvAct).is_none() {
-                return order(format!("receiving its activation from rank {pr}"));
+                return Some(format!("receiving its activation from rank {pr}"));
             }
         }
         OpKind::Backward | OpKind::BackwardInput => {
             if has(OpKind::Forward).is_none() {
-                return order("its forward".to_string());
+                return Some("its forward".to_string());
             }
             if stage + 1 < p.stages() {
                 let (nr, nc) = p.locate(stage + 1);
@@ -279,31 +287,31 @@ fn check_op(p: &Program, rank: usize, index: usize, op: Op, seen: &Seen) -> Resu
                     OpKind::BackwardInput,
                 ));
                 if nr == rank && local.is_none() {
-                    return order(format!(
+                    return Some(format!(
                         "the backward of (mb {mb}, chunk {nc}) on this rank"
                     ));
                 }
                 if nr != rank && has(OpKind::RecvGrad).is_none() {
-                    return order(format!("receiving its output gradient from rank {nr}"));
+                    return Some(format!("receiving its output gradient from rank {nr}"));
                 }
             }
         }
         OpKind::BackwardWeight if has(OpKind::BackwardInput).is_none() => {
-            return order("its input-gradient backward (I)".to_string());
+            return Some("its input-gradient backward (I)".to_string());
         }
         OpKind::SendAct if has(OpKind::Forward).is_none() => {
-            return order("the forward that produces it".to_string());
+            return Some("the forward that produces it".to_string());
         }
         OpKind::SendGrad
             if has(OpKind::Backward)
                 .or(has(OpKind::BackwardInput))
                 .is_none() =>
         {
-            return order("the backward that produces it".to_string());
+            return Some("the backward that produces it".to_string());
         }
         _ => {}
     }
-    Ok(())
+    None
 }
 
 fn check_complete(p: &Program, rank: usize, seen: &Seen) -> Result<()> {

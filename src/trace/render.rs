@@ -58,13 +58,31 @@ fn colour(kind: OpKind, chunk: u32) -> Rgb {
     base.map(|c| (f64::from(c) * k) as u8)
 }
 
-/// Lay out the compute events of `trace` as a timeline; `caption` is written above it.
-pub fn timeline_scene(trace: &Trace, caption: &str) -> Scene {
-    let compute: Vec<_> = trace
-        .events
-        .iter()
-        .filter(|e| e.kind.is_compute())
-        .collect();
+fn rect(x: f64, y: f64, w: f64, h: f64, fill: Rgb, stroke: Option<Rgb>) -> Shape {
+    Shape::Rect {
+        x,
+        y,
+        w,
+        h,
+        fill,
+        stroke,
+    }
+}
+
+fn text(x: f64, y: f64, size: f64, centered: bool, text: String, color: Rgb) -> Shape {
+    Shape::Text {
+        x,
+        y,
+        size,
+        centered,
+        text,
+        color,
+    }
+}
+
+/// First start and the pixels per microsecond: boxes wide enough for a number, the chart
+/// within 600..2400 px.
+fn time_axis(compute: &[&super::Event]) -> (f64, f64, f64) {
     let t0 = compute
         .iter()
         .map(|e| e.start)
@@ -73,91 +91,59 @@ pub fn timeline_scene(trace: &Trace, caption: &str) -> Scene {
         .iter()
         .map(|e| e.end)
         .fold(f64::NEG_INFINITY, f64::max);
-    let span = if t0.is_finite() && t1 > t0 {
-        t1 - t0
-    } else {
-        1.0
-    };
-    let t0 = if t0.is_finite() { t0 } else { 0.0 };
-    // aim for boxes wide enough to hold a number, within 600..2400 px of chart
+    if !t0.is_finite() || t1 <= t0 {
+        return (0.0, 600.0, 600.0);
+    }
     let shortest = compute
         .iter()
         .map(|e| e.end - e.start)
         .filter(|d| *d > 0.0)
         .fold(f64::INFINITY, f64::min);
-    let per_box = if shortest.is_finite() {
+    let per_unit = if shortest.is_finite() {
         22.0 / shortest
     } else {
         1.0
     };
-    let chart = (span * per_box).clamp(600.0, 2400.0);
-    let scale = chart / span;
+    let chart = ((t1 - t0) * per_unit).clamp(600.0, 2400.0);
+    (t0, chart / (t1 - t0), chart)
+}
+
+/// Lay out the compute events of `trace` as a timeline; `caption` is written above it.
+pub fn timeline_scene(trace: &Trace, caption: &str) -> Scene {
+    let compute: Vec<_> = trace
+        .events
+        .iter()
+        .filter(|e| e.kind.is_compute())
+        .collect();
+    let (t0, scale, chart) = time_axis(&compute);
     let width = (LEFT + chart + 16.0).ceil() as u32;
     let height = (TOP + ROW * trace.pp as f64 + 30.0).ceil() as u32;
     let mut shapes = vec![
-        Shape::Rect {
-            x: 0.0,
-            y: 0.0,
-            w: f64::from(width),
-            h: f64::from(height),
-            fill: WHITE,
-            stroke: None,
-        },
-        Shape::Text {
-            x: 8.0,
-            y: 20.0,
-            size: 14.0,
-            centered: false,
-            text: caption.to_string(),
-            color: BLACK,
-        },
+        rect(0.0, 0.0, f64::from(width), f64::from(height), WHITE, None),
+        text(8.0, 20.0, 14.0, false, caption.to_string(), BLACK),
     ];
     for rank in 0..trace.pp {
         let y = TOP + ROW * rank as f64;
-        shapes.push(Shape::Rect {
-            x: LEFT,
-            y,
-            w: chart,
-            h: ROW - GAP,
-            fill: [245, 245, 245],
-            stroke: None,
-        });
-        let label = format!("rank {rank}");
-        shapes.push(Shape::Text {
-            x: 6.0,
-            y: y + ROW / 2.0 + 3.0,
-            size: 12.0,
-            centered: false,
-            text: label,
-            color: BLACK,
-        });
+        shapes.push(rect(LEFT, y, chart, ROW - GAP, [245, 245, 245], None));
+        shapes.push(text(
+            6.0,
+            y + ROW / 2.0 + 3.0,
+            12.0,
+            false,
+            format!("rank {rank}"),
+            BLACK,
+        ));
     }
     for e in &compute {
         let x = LEFT + (e.start - t0) * scale;
         let w = ((e.end - e.start) * scale).max(1.0);
         let y = TOP + ROW * f64::from(e.rank);
         let fill = colour(e.kind, e.chunk.unwrap_or(0));
-        shapes.push(Shape::Rect {
-            x,
-            y,
-            w,
-            h: ROW - GAP,
-            fill,
-            stroke: Some(WHITE),
-        });
-        if let Some(mb) = e.mb {
-            let text = mb.to_string();
-            if w >= 7.0 * text.len() as f64 + 2.0 {
-                let (cx, cy) = (x + w / 2.0, y + (ROW - GAP) / 2.0 + 4.0);
-                shapes.push(Shape::Text {
-                    x: cx,
-                    y: cy,
-                    size: 11.0,
-                    centered: true,
-                    text,
-                    color: WHITE,
-                });
-            }
+        shapes.push(rect(x, y, w, ROW - GAP, fill, Some(WHITE)));
+        let label = e.mb.map(|mb| mb.to_string()).unwrap_or_default();
+        if !label.is_empty() && w >= 7.0 * label.len() as f64 + 2.0 {
+            let (cx, cy) = (x + w / 2.0, y + (ROW - GAP) / 2.0 + 4.0);
+            shapes.push(text(cx, cy, 11.0, true, label, WHITE));
         }
     }
     legend(&mut shapes, TOP + ROW * trace.pp as f64 + 20.0);
@@ -177,22 +163,8 @@ fn legend(shapes: &mut Vec<Shape>, y: f64) {
     ];
     for (i, (kind, label)) in items.into_iter().enumerate() {
         let x = LEFT + 120.0 * i as f64;
-        shapes.push(Shape::Rect {
-            x,
-            y: y - 10.0,
-            w: 12.0,
-            h: 12.0,
-            fill: colour(kind, 0),
-            stroke: None,
-        });
-        shapes.push(Shape::Text {
-            x: x + 16.0,
-            y,
-            size: 11.0,
-            centered: false,
-            text: label.to_string(),
-            color: BLACK,
-        });
+        shapes.push(rect(x, y - 10.0, 12.0, 12.0, colour(kind, 0), None));
+        shapes.push(text(x + 16.0, y, 11.0, false, label.to_string(), BLACK));
     }
 }
 
