@@ -60,13 +60,25 @@ proptest! {
     }
 
     #[test]
-    fn interleaved_bubble_is_p_minus_1_over_vm((p, m) in pm(), v in 1usize..=4) {
-        // group size N = p when it divides m, else N = m (always a valid group)
-        let n = if m.is_multiple_of(p) { p } else { m };
+    fn interleaved_bubble_is_p_minus_1_over_vm((p, m) in pm(), v in 1usize..=4, pick in 0usize..64) {
+        // any group size N that Megatron accepts: p <= N <= m, m mod N in {0} or >= p
+        let valid: Vec<usize> = (p..=m).filter(|&n| m.is_multiple_of(n) || m % n >= p).collect();
+        let n = valid[pick % valid.len()];
         let spec = ScheduleSpec { group_size: Some(n), ..ScheduleSpec::new(ScheduleKind::Interleaved, p, m).with_vpp(v) };
         let (_, sim) = run(spec, Costs::default());
         let want = (p - 1) as f64 / (v * m) as f64;
         prop_assert!((sim.stats.bubble - want).abs() < EPS, "p={p} m={m} v={v} N={n}: {} vs {want}", sim.stats.bubble);
+    }
+
+    #[test]
+    fn interleaved_peak_matches_korthikanti((p, k) in (1usize..=8, 1usize..=4), v in 2usize..=4) {
+        // N = p: rank r holds 2(p-r-1) + (v-1)p + 1 chunk-microbatches (capped by v*m)
+        let m = k * p;
+        let (_, sim) = run(ScheduleSpec::new(ScheduleKind::Interleaved, p, m).with_vpp(v), Costs::default());
+        for (r, rank) in sim.stats.ranks.iter().enumerate() {
+            let want = (2 * (p - r - 1) + (v - 1) * p + 1).min(v * m);
+            prop_assert_eq!(rank.peak_in_flight, want, "p={} m={} v={} rank {}", p, m, v, r);
+        }
     }
 
     #[test]
