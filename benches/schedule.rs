@@ -3,9 +3,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
-use troupe::schedule::{
-    Costs, ScheduleKind, ScheduleSpec, generate_compute, lower, simulate, validate,
-};
+use troupe::schedule::{Costs, ScheduleKind, ScheduleSpec, generate_compute, lower, simulate, validate};
 
 fn spec() -> ScheduleSpec {
     ScheduleSpec::new(ScheduleKind::Interleaved, 64, 512).with_vpp(4)
@@ -25,18 +23,10 @@ fn bench(c: &mut Criterion) {
     });
     let compute = generate_compute(&spec()).expect("generate");
     let program = lower(&compute).expect("lower");
-    g.bench_function("generate", |b| {
-        b.iter(|| black_box(generate_compute(&spec()).expect("generate")))
-    });
-    g.bench_function("lower", |b| {
-        b.iter(|| black_box(lower(&compute).expect("lower")))
-    });
-    g.bench_function("validate", |b| {
-        b.iter(|| validate(black_box(&program)).expect("validate"))
-    });
-    g.bench_function("simulate", |b| {
-        b.iter(|| black_box(simulate(&program, &costs).expect("simulate")))
-    });
+    g.bench_function("generate", |b| b.iter(|| black_box(generate_compute(&spec()).expect("generate"))));
+    g.bench_function("lower", |b| b.iter(|| black_box(lower(&compute).expect("lower"))));
+    g.bench_function("validate", |b| b.iter(|| validate(black_box(&program)).expect("validate")));
+    g.bench_function("simulate", |b| b.iter(|| black_box(simulate(&program, &costs).expect("simulate"))));
     g.finish();
 }
 

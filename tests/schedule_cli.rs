@@ -5,10 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn troupe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(args)
-        .output()
-        .expect("run troupe")
+    Command::new(env!("CARGO_BIN_EXE_troupe")).args(args).output().expect("run troupe")
 }
 
 fn stdout(out: &Output) -> String {
@@ -23,34 +20,14 @@ fn tmp(name: &str) -> PathBuf {
 
 #[test]
 fn shown_text_checks_back_with_the_same_stats() {
-    let out = troupe(&[
-        "schedule",
-        "show",
-        "--schedule",
-        "1f1b",
-        "--pp",
-        "4",
-        "--microbatches",
-        "8",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = troupe(&["schedule", "show", "--schedule", "1f1b", "--pp", "4", "--microbatches", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = stdout(&out);
-    assert!(
-        text.contains("bubble 0.3750"),
-        "(p-1)/m = 3/8 expected in:\n{text}"
-    );
+    assert!(text.contains("bubble 0.3750"), "(p-1)/m = 3/8 expected in:\n{text}");
     let file = tmp("1f1b.txt");
     std::fs::write(&file, &text).unwrap();
     let check = troupe(&["schedule", "check", file.to_str().unwrap()]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     assert!(stdout(&check).contains("bubble 0.3750"));
 }
 
@@ -61,24 +38,12 @@ fn broken_program_exits_2_and_names_the_spot() {
     let out = troupe(&["schedule", "check", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("rank 0, instruction 2") && err.contains("(mb 1, chunk 0)"),
-        "{err}"
-    );
+    assert!(err.contains("rank 0, instruction 2") && err.contains("(mb 1, chunk 0)"), "{err}");
 }
 
 #[test]
 fn bad_flags_exit_2_with_advice() {
-    let out = troupe(&[
-        "schedule",
-        "show",
-        "--schedule",
-        "interleaved",
-        "--pp",
-        "4",
-        "--microbatches",
-        "6",
-    ]);
+    let out = troupe(&["schedule", "show", "--schedule", "interleaved", "--pp", "4", "--microbatches", "6"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("group sizes that work"));
     let out = troupe(&[
@@ -133,38 +98,17 @@ fn every_format_writes_a_file_and_traces_replay() {
             "--out",
             file.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{format}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{format}: {}", String::from_utf8_lossy(&out.stderr));
         let bytes = std::fs::read(&file).unwrap();
         assert!(bytes.starts_with(magic), "{format} output starts wrong");
     }
     for recorded in ["zbh1.chrome", "zbh1.trace"] {
         let file = tmp(recorded);
-        let out = troupe(&[
-            "trace",
-            "replay",
-            file.to_str().unwrap(),
-            "--schedule",
-            "1f1b,interleaved",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = troupe(&["trace", "replay", file.to_str().unwrap(), "--schedule", "1f1b,interleaved"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = stdout(&out);
         // the recorded zb-h1 order replays to its own bubble (p-1)/(3m) = 1/8
-        assert!(
-            text.contains("zb-h1 (recorded order)") && text.contains("0.1250"),
-            "{text}"
-        );
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with("1f1b ") && l.contains("0.3750")),
-            "{text}"
-        );
+        assert!(text.contains("zb-h1 (recorded order)") && text.contains("0.1250"), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("1f1b ") && l.contains("0.3750")), "{text}");
     }
 }

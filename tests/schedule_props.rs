@@ -3,20 +3,14 @@
 
 use proptest::prelude::*;
 use troupe::schedule::{
-    Costs, Op, Program, ScheduleError, ScheduleKind, ScheduleSpec, Semantics, dry_run, from_text,
-    generate, parse_program, simulate, to_text, validate,
+    Costs, Op, Program, ScheduleError, ScheduleKind, ScheduleSpec, Semantics, dry_run, from_text, generate,
+    parse_program, simulate, to_text, validate,
 };
 
 const EPS: f64 = 1e-9;
 
 fn unit(f: f64, b: f64, w: f64) -> Costs {
-    Costs {
-        forward: f,
-        backward: b,
-        backward_input: b - w,
-        backward_weight: w,
-        ..Costs::default()
-    }
+    Costs { forward: f, backward: b, backward_input: b - w, backward_weight: w, ..Costs::default() }
 }
 
 /// p ∈ 1..8, m ∈ p..4p.
@@ -139,19 +133,13 @@ fn expect_err(program: &Program, rank: usize, index: usize, needle: &str) -> Sch
     let err = validate(program).expect_err("validation should fail");
     let msg = err.to_string();
     assert!(msg.contains(&format!("rank {rank}")), "no rank in `{msg}`");
-    assert!(
-        msg.contains(&format!("instruction {index}")),
-        "no index in `{msg}`"
-    );
+    assert!(msg.contains(&format!("instruction {index}")), "no index in `{msg}`");
     assert!(msg.contains(needle), "`{needle}` missing from `{msg}`");
     err
 }
 
 fn position(program: &Program, rank: usize, token: &str) -> usize {
-    program.ranks[rank]
-        .iter()
-        .position(|op| op.to_string() == token)
-        .expect(token)
+    program.ranks[rank].iter().position(|op| op.to_string() == token).expect(token)
 }
 
 #[test]
@@ -234,19 +222,7 @@ fn send_without_receive_is_named() {
     p.ranks[1].remove(2);
     let err = validate(&p).expect_err("must fail");
     // rank 1's forward of mb 1 now has no input: blamed with its index
-    assert!(
-        matches!(
-            err,
-            ScheduleError::Order {
-                rank: 1,
-                index: 4,
-                mb: 1,
-                chunk: 0,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, ScheduleError::Order { rank: 1, index: 4, mb: 1, chunk: 0, .. }), "{err}");
     // a receive whose send is missing is Unmatched on the receiver
     let p = edited(0, |ops| {
         ops.remove(3);
@@ -264,10 +240,8 @@ fn wrong_peer_is_named() {
 
 #[test]
 fn circular_wait_is_a_deadlock() {
-    let p = from_text(
-        "pp=2 vpp=1 microbatches=1\n0: 0F0 0RG0:1 0SA0:1 0B0\n1: 0RA0:0 0F0 0B0 0SG0:0\n",
-    )
-    .unwrap();
+    let p =
+        from_text("pp=2 vpp=1 microbatches=1\n0: 0F0 0RG0:1 0SA0:1 0B0\n1: 0RA0:0 0F0 0B0 0SG0:0\n").unwrap();
     match validate(&p) {
         Err(ScheduleError::Deadlock { blocked }) => {
             let at: Vec<(usize, usize)> = blocked.iter().map(|b| (b.rank, b.index)).collect();
@@ -302,10 +276,7 @@ fn crossed_sends_deadlock_only_under_rendezvous() {
 fn interleaved_invalid_group_names_working_values() {
     let spec = ScheduleSpec::new(ScheduleKind::Interleaved, 4, 6);
     let msg = generate(&spec).expect_err("6 mod 4 = 2 < 4").to_string();
-    assert!(
-        msg.contains("group sizes that work for 6 microbatches: 6"),
-        "{msg}"
-    );
+    assert!(msg.contains("group sizes that work for 6 microbatches: 6"), "{msg}");
 }
 
 #[test]

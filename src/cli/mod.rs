@@ -55,14 +55,7 @@ mod trace;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err
-        .chain()
-        .any(|e| e.downcast_ref::<UsageError>().is_some())
-    {
-        2
-    } else {
-        1
-    }
+    if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) { 2 } else { 1 }
 }
 
 /// An error caused by what the user asked for (bad flag, bad config value); exits with code 2.
@@ -78,10 +71,7 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

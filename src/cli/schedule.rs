@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use troupe::schedule::{
-    Costs, Program, ScheduleKind, ScheduleSpec, Simulation, generate, lower, parse_program,
-    simulate, to_text, validate,
+    Costs, Program, ScheduleKind, ScheduleSpec, Simulation, generate, lower, parse_program, simulate,
+    to_text, validate,
 };
 use troupe::trace::{Trace, render_png, render_svg, timeline_scene, to_chrome};
 
@@ -100,13 +100,8 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
             format!("{doc:#}\n").into_bytes()
         }
         Format::Svg | Format::Png => {
-            let trace = Trace::from_simulation(
-                &program,
-                &sim,
-                costs.message_bytes,
-                1.0,
-                Some(spec.kind.name()),
-            );
+            let trace =
+                Trace::from_simulation(&program, &sim, costs.message_bytes, 1.0, Some(spec.kind.name()));
             let caption = format!(
                 "{} pp={} vpp={} microbatches={}  makespan {:.3}  bubble {:.4}",
                 spec.kind,
@@ -117,21 +112,12 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
                 sim.stats.bubble
             );
             let scene = timeline_scene(&trace, &caption);
-            if args.format == Format::Svg {
-                render_svg(&scene).into_bytes()
-            } else {
-                render_png(&scene)
-            }
+            if args.format == Format::Svg { render_svg(&scene).into_bytes() } else { render_png(&scene) }
         }
         Format::Chrome | Format::Trace => {
             // one cost unit = 1 ms, so Perfetto shows readable durations
-            let trace = Trace::from_simulation(
-                &program,
-                &sim,
-                costs.message_bytes,
-                1000.0,
-                Some(spec.kind.name()),
-            );
+            let trace =
+                Trace::from_simulation(&program, &sim, costs.message_bytes, 1000.0, Some(spec.kind.name()));
             if args.format == Format::Chrome {
                 to_chrome(&trace).into_bytes()
             } else {
@@ -149,13 +135,9 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
 /// Write `body` to `out`, or to standard output when no file is given.
 pub(crate) fn emit(body: &[u8], out: Option<&Path>, binary: bool) -> anyhow::Result<()> {
     match out {
-        Some(path) => {
-            std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))
-        }
+        Some(path) => std::fs::write(path, body).with_context(|| format!("writing {}", path.display())),
         None if binary => Err(UsageError("PNG output needs --out FILE".to_string()).into()),
-        None => std::io::stdout()
-            .write_all(body)
-            .context("writing to standard output"),
+        None => std::io::stdout().write_all(body).context("writing to standard output"),
     }
 }
 
@@ -188,16 +170,12 @@ pub(crate) fn stats_text(name: &str, program: &Program, sim: &Simulation, costs:
 }
 
 pub fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
+    let text =
+        std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let costs = args.sim.costs()?;
     let file = args.file.display();
     let mut program = parse_program(&text).map_err(|e| UsageError(format!("{file}: {e}")))?;
-    let compute_only = program
-        .ranks
-        .iter()
-        .flatten()
-        .all(|op| !op.kind().is_comm());
+    let compute_only = program.ranks.iter().flatten().all(|op| !op.kind().is_comm());
     if compute_only && program.pp > 1 {
         println!("# {file}: compute-only program, inserting communication first");
         program = lower(&program).map_err(|e| UsageError(format!("{file}: {e}")))?;

@@ -47,14 +47,11 @@ fn parse_kind(s: &str) -> Result<ScheduleKind, String> {
 }
 
 fn read_trace(path: &PathBuf) -> anyhow::Result<Trace> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let trace = Trace::parse(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
     if !dims_ok(trace.pp, trace.vpp, trace.microbatches) {
-        let msg = format!(
-            "{}: header sizes must be positive with pp*vpp*microbatches <= 2^26",
-            path.display()
-        );
+        let msg =
+            format!("{}: header sizes must be positive with pp*vpp*microbatches <= 2^26", path.display());
         return Err(UsageError(msg).into());
     }
     Ok(trace)
@@ -76,8 +73,7 @@ pub fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
             group_size: args.group_size,
         })
         .collect();
-    let report =
-        replay(&trace, &specs).map_err(|e| UsageError(format!("{}: {e}", args.trace.display())))?;
+    let report = replay(&trace, &specs).map_err(|e| UsageError(format!("{}: {e}", args.trace.display())))?;
     if args.json {
         println!("{:#}", serde_json::to_value(&report)?);
         return Ok(());
@@ -85,17 +81,9 @@ pub fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
     let c = &report.costs;
     println!(
         "measured: makespan {:.1} us; estimated per-chunk costs (us): F {:.1}  B {:.1}  I {:.1}  W {:.1}  message {:.1}",
-        report.measured_makespan,
-        c.forward,
-        c.backward,
-        c.backward_input,
-        c.backward_weight,
-        c.latency
+        report.measured_makespan, c.forward, c.backward, c.backward_input, c.backward_weight, c.latency
     );
-    println!(
-        "{:<28} {:>4} {:>14} {:>8} {:>10}",
-        "schedule", "vpp", "makespan (us)", "bubble", "peak (mb)"
-    );
+    println!("{:<28} {:>4} {:>14} {:>8} {:>10}", "schedule", "vpp", "makespan (us)", "bubble", "peak (mb)");
     for row in std::iter::once(&report.recorded).chain(&report.others) {
         println!(
             "{:<28} {:>4} {:>14.1} {:>8.4} {:>10.2}",

@@ -14,20 +14,12 @@ pub struct Blocked {
 
 impl std::fmt::Display for Blocked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "rank {} waits at instruction {} `{}`",
-            self.rank, self.index, self.op
-        )
+        write!(f, "rank {} waits at instruction {} `{}`", self.rank, self.index, self.op)
     }
 }
 
 fn list_blocked(blocked: &[Blocked]) -> String {
-    blocked
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    blocked.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -46,73 +38,29 @@ pub enum ScheduleError {
     Header { reason: String },
 
     #[error("rank {rank}, instruction {index} `{op}`: {reason}")]
-    OutOfRange {
-        rank: usize,
-        index: usize,
-        op: Op,
-        reason: String,
-    },
+    OutOfRange { rank: usize, index: usize, op: Op, reason: String },
 
     #[error(
         "rank {rank}, instruction {index} `{op}`: (mb {mb}, chunk {chunk}) already had this op at instruction {first}"
     )]
-    Duplicate {
-        rank: usize,
-        index: usize,
-        op: Op,
-        mb: u32,
-        chunk: u32,
-        first: usize,
-    },
+    Duplicate { rank: usize, index: usize, op: Op, mb: u32, chunk: u32, first: usize },
 
     #[error("rank {rank}: (mb {mb}, chunk {chunk}) has no {what}")]
-    Missing {
-        rank: usize,
-        mb: u32,
-        chunk: u32,
-        what: &'static str,
-    },
+    Missing { rank: usize, mb: u32, chunk: u32, what: &'static str },
 
     #[error(
         "rank {rank}, instruction {index} `{op}`: (mb {mb}, chunk {chunk}) has both a full backward and a split one"
     )]
-    MixedBackward {
-        rank: usize,
-        index: usize,
-        op: Op,
-        mb: u32,
-        chunk: u32,
-    },
+    MixedBackward { rank: usize, index: usize, op: Op, mb: u32, chunk: u32 },
 
-    #[error(
-        "rank {rank}, instruction {index} `{op}`: (mb {mb}, chunk {chunk}) runs before {needs}"
-    )]
-    Order {
-        rank: usize,
-        index: usize,
-        op: Op,
-        mb: u32,
-        chunk: u32,
-        needs: String,
-    },
+    #[error("rank {rank}, instruction {index} `{op}`: (mb {mb}, chunk {chunk}) runs before {needs}")]
+    Order { rank: usize, index: usize, op: Op, mb: u32, chunk: u32, needs: String },
 
     #[error("rank {rank}, instruction {index} `{op}`: peer should be rank {expected}")]
-    WrongPeer {
-        rank: usize,
-        index: usize,
-        op: Op,
-        expected: usize,
-    },
+    WrongPeer { rank: usize, index: usize, op: Op, expected: usize },
 
     #[error("rank {rank}, instruction {index} `{op}`: (mb {mb}, chunk {chunk}) {reason}")]
-    Unmatched {
-        rank: usize,
-        index: usize,
-        op: Op,
-        mb: u32,
-        chunk: u32,
-        reason: String,
-    },
+    Unmatched { rank: usize, index: usize, op: Op, mb: u32, chunk: u32, reason: String },
 
     #[error("deadlock (blocking send/recv dry run): {}", list_blocked(.blocked))]
     Deadlock { blocked: Vec<Blocked> },

@@ -66,13 +66,10 @@ impl ScheduleKind {
 impl FromStr for ScheduleKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        ScheduleKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| {
-                let names: Vec<_> = ScheduleKind::ALL.iter().map(|k| k.name()).collect();
-                format!("unknown schedule `{s}`; known: {}", names.join(", "))
-            })
+        ScheduleKind::ALL.into_iter().find(|k| k.name() == s.to_ascii_lowercase()).ok_or_else(|| {
+            let names: Vec<_> = ScheduleKind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown schedule `{s}`; known: {}", names.join(", "))
+        })
     }
 }
 
@@ -96,13 +93,7 @@ pub struct ScheduleSpec {
 
 impl ScheduleSpec {
     pub fn new(kind: ScheduleKind, pp: usize, microbatches: usize) -> Self {
-        ScheduleSpec {
-            kind,
-            pp,
-            microbatches,
-            vpp: kind.default_vpp(),
-            group_size: None,
-        }
+        ScheduleSpec { kind, pp, microbatches, vpp: kind.default_vpp(), group_size: None }
     }
 
     pub fn with_vpp(self, vpp: usize) -> Self {
@@ -111,10 +102,7 @@ impl ScheduleSpec {
 }
 
 fn invalid(kind: ScheduleKind, reason: impl Into<String>) -> ScheduleError {
-    ScheduleError::InvalidConfig {
-        schedule: kind.name().to_string(),
-        reason: reason.into(),
-    }
+    ScheduleError::InvalidConfig { schedule: kind.name().to_string(), reason: reason.into() }
 }
 
 /// Generate the full (lowered) program of `spec`.
@@ -128,33 +116,18 @@ pub fn generate(spec: &ScheduleSpec) -> Result<Program> {
 /// Generate only the compute order of `spec` (no communication ops).
 pub fn generate_compute(spec: &ScheduleSpec) -> Result<Program> {
     check_spec(spec)?;
-    let ScheduleSpec {
-        kind,
-        pp,
-        microbatches: m,
-        vpp,
-        ..
-    } = *spec;
+    let ScheduleSpec { kind, pp, microbatches: m, vpp, .. } = *spec;
     let looped = Placement::Looped;
     let (placement, ranks) = match kind {
         ScheduleKind::Gpipe => (looped, (0..pp).map(|_| gpipe_rank(m)).collect()),
-        ScheduleKind::OneFOneB => (
-            looped,
-            (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect(),
-        ),
-        ScheduleKind::Interleaved if vpp == 1 => (
-            looped,
-            (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect(),
-        ),
+        ScheduleKind::OneFOneB => (looped, (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect()),
+        ScheduleKind::Interleaved if vpp == 1 => {
+            (looped, (0..pp).map(|r| one_f_one_b_rank(pp, r, m)).collect())
+        }
         ScheduleKind::Interleaved => {
             let n = check_group(pp, m, spec.group_size)?;
             let table = interleaved_table(m, vpp, n);
-            (
-                looped,
-                (0..pp)
-                    .map(|r| interleaved_rank(pp, r, vpp, n, &table))
-                    .collect(),
-            )
+            (looped, (0..pp).map(|r| interleaved_rank(pp, r, vpp, n, &table)).collect())
         }
         ScheduleKind::ZbH1 => (looped, (0..pp).map(|r| zb_h1_rank(pp, r, m)).collect()),
         ScheduleKind::ZbH2 => {
@@ -164,32 +137,17 @@ pub fn generate_compute(spec: &ScheduleSpec) -> Result<Program> {
         }
         ScheduleKind::ZbV => (Placement::V, (0..pp).map(|r| zb_v_rank(pp, r, m)).collect()),
     };
-    Ok(Program {
-        pp,
-        vpp,
-        microbatches: m,
-        placement,
-        ranks,
-    })
+    Ok(Program { pp, vpp, microbatches: m, placement, ranks })
 }
 
 /// Sizes are positive and bounded, and `vpp` is one the schedule supports.
 fn check_spec(spec: &ScheduleSpec) -> Result<()> {
-    let ScheduleSpec {
-        kind,
-        pp,
-        microbatches: m,
-        vpp,
-        ..
-    } = *spec;
+    let ScheduleSpec { kind, pp, microbatches: m, vpp, .. } = *spec;
     if pp == 0 || m == 0 || vpp == 0 {
         return Err(invalid(kind, "pp, vpp and microbatches must be at least 1"));
     }
     if !super::validate::dims_ok(pp, vpp, m) {
-        return Err(invalid(
-            kind,
-            "pp * vpp * microbatches is too large (at most 2^26)",
-        ));
+        return Err(invalid(kind, "pp * vpp * microbatches is too large (at most 2^26)"));
     }
     let want = match kind {
         ScheduleKind::Interleaved => return Ok(()),
@@ -197,44 +155,26 @@ fn check_spec(spec: &ScheduleSpec) -> Result<()> {
         _ => 1,
     };
     if vpp != want {
-        return Err(invalid(
-            kind,
-            format!("uses {want} chunk(s) per rank, not vpp = {vpp}"),
-        ));
+        return Err(invalid(kind, format!("uses {want} chunk(s) per rank, not vpp = {vpp}")));
     }
     Ok(())
 }
 
 fn f(mb: usize, chunk: usize) -> Op {
-    Op::Forward {
-        mb: mb as u32,
-        chunk: chunk as u32,
-    }
+    Op::Forward { mb: mb as u32, chunk: chunk as u32 }
 }
 fn b(mb: usize, chunk: usize) -> Op {
-    Op::Backward {
-        mb: mb as u32,
-        chunk: chunk as u32,
-    }
+    Op::Backward { mb: mb as u32, chunk: chunk as u32 }
 }
 fn i(mb: usize, chunk: usize) -> Op {
-    Op::BackwardInput {
-        mb: mb as u32,
-        chunk: chunk as u32,
-    }
+    Op::BackwardInput { mb: mb as u32, chunk: chunk as u32 }
 }
 fn w(mb: usize, chunk: usize) -> Op {
-    Op::BackwardWeight {
-        mb: mb as u32,
-        chunk: chunk as u32,
-    }
+    Op::BackwardWeight { mb: mb as u32, chunk: chunk as u32 }
 }
 
 fn gpipe_rank(m: usize) -> Vec<Op> {
-    (0..m)
-        .map(|mb| f(mb, 0))
-        .chain((0..m).map(|mb| b(mb, 0)))
-        .collect()
+    (0..m).map(|mb| f(mb, 0)).chain((0..m).map(|mb| b(mb, 0))).collect()
 }
 
 fn one_f_one_b_rank(pp: usize, r: usize, m: usize) -> Vec<Op> {
@@ -257,10 +197,7 @@ fn check_group(pp: usize, m: usize, group: Option<usize>) -> Result<usize> {
     }
     let good_groups: Vec<usize> = (pp..=m).filter(|&n| ok(n)).collect();
     let lower = (m / n) * n;
-    let ms: Vec<usize> = [lower, lower + n]
-        .into_iter()
-        .filter(|&mm| mm >= n && mm >= pp)
-        .collect();
+    let ms: Vec<usize> = [lower, lower + n].into_iter().filter(|&mm| mm >= n && mm >= pp).collect();
     let mut reason = if n < pp || n > m {
         format!("microbatch group size {n} must satisfy pp ({pp}) <= N <= microbatches ({m})")
     } else {
@@ -272,17 +209,11 @@ fn check_group(pp: usize, m: usize, group: Option<usize>) -> Result<usize> {
     };
     if !good_groups.is_empty() {
         let list: Vec<String> = good_groups.iter().map(ToString::to_string).collect();
-        reason += &format!(
-            "; group sizes that work for {m} microbatches: {}",
-            list.join(", ")
-        );
+        reason += &format!("; group sizes that work for {m} microbatches: {}", list.join(", "));
     }
     if !ms.is_empty() {
         let list: Vec<String> = ms.iter().map(ToString::to_string).collect();
-        reason += &format!(
-            "; microbatch counts that work with group size {n}: {}",
-            list.join(", ")
-        );
+        reason += &format!("; microbatch counts that work with group size {n}: {}", list.join(", "));
     }
     Err(invalid(ScheduleKind::Interleaved, reason))
 }
@@ -299,13 +230,7 @@ fn interleaved_table(m: usize, vpp: usize, n: usize) -> Vec<(usize, usize)> {
     table
 }
 
-fn interleaved_rank(
-    pp: usize,
-    r: usize,
-    vpp: usize,
-    n: usize,
-    table: &[(usize, usize)],
-) -> Vec<Op> {
+fn interleaved_rank(pp: usize, r: usize, vpp: usize, n: usize, table: &[(usize, usize)]) -> Vec<Op> {
     let total = table.len();
     let warmup = (2 * (pp - r - 1) + (vpp - 1) * n).min(total);
     let fwd = |k: usize| f(table[k].0, table[k].1);
@@ -359,11 +284,7 @@ fn zb_v_rank(pp: usize, r: usize, m: usize) -> Vec<Op> {
     const I: usize = 1;
     const W: usize = 2;
     let n = m.max(2 * pp - 1);
-    let mut s = ZbV {
-        m,
-        ops: Vec::with_capacity(6 * m),
-        next: [[0; 3]; 2],
-    };
+    let mut s = ZbV { m, ops: Vec::with_capacity(6 * m), next: [[0; 3]; 2] };
     (0..2 * (pp - r) - 1).for_each(|_| s.emit(0, F));
     for _ in 0..r {
         s.emit(1, F);
@@ -409,10 +330,7 @@ mod tests {
     fn one_f_one_b_warmup_matches_megatron() {
         let p = generate_compute(&ScheduleSpec::new(ScheduleKind::OneFOneB, 4, 8)).unwrap();
         for (r, ops) in p.ranks.iter().enumerate() {
-            let warm = ops
-                .iter()
-                .take_while(|op| matches!(op, Op::Forward { .. }))
-                .count();
+            let warm = ops.iter().take_while(|op| matches!(op, Op::Forward { .. })).count();
             // warm-up forwards plus the first steady forward precede the first backward
             assert_eq!(warm, (4 - r - 1).min(8) + 1, "rank {r}");
         }
@@ -422,22 +340,10 @@ mod tests {
     fn interleaved_rejects_short_last_group_and_suggests() {
         let spec = ScheduleSpec::new(ScheduleKind::Interleaved, 4, 10);
         let err = generate_compute(&spec).unwrap_err().to_string();
-        assert!(
-            err.contains("microbatches (10) mod group size (4) = 2"),
-            "{err}"
-        );
-        assert!(
-            err.contains("group sizes that work for 10 microbatches: 5, 6, 10"),
-            "{err}"
-        );
-        assert!(
-            err.contains("microbatch counts that work with group size 4: 8, 12"),
-            "{err}"
-        );
-        let ok = ScheduleSpec {
-            group_size: Some(5),
-            ..spec
-        };
+        assert!(err.contains("microbatches (10) mod group size (4) = 2"), "{err}");
+        assert!(err.contains("group sizes that work for 10 microbatches: 5, 6, 10"), "{err}");
+        assert!(err.contains("microbatch counts that work with group size 4: 8, 12"), "{err}");
+        let ok = ScheduleSpec { group_size: Some(5), ..spec };
         assert!(generate_compute(&ok).is_ok());
     }
 

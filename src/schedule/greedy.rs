@@ -29,14 +29,8 @@ pub(crate) fn zb_h2(pp: usize, m: usize) -> Option<Vec<Vec<Op>>> {
     // tick at which the F / I of (rank, mb) has finished
     let mut f_done = vec![NEVER; pp * m];
     let mut i_done = vec![NEVER; pp * m];
-    let mut ranks: Vec<Rank> = (0..pp)
-        .map(|_| Rank {
-            ops: Vec::with_capacity(3 * m),
-            next_f: 0,
-            next_i: 0,
-            next_w: 0,
-        })
-        .collect();
+    let mut ranks: Vec<Rank> =
+        (0..pp).map(|_| Rank { ops: Vec::with_capacity(3 * m), next_f: 0, next_i: 0, next_w: 0 }).collect();
     let mut tick = 0usize;
     // every tick in which nothing can run waits on a chain of at most p ranks; 3m ops per rank
     let limit = 3 * m * pp + 2 * pp + 8;
@@ -50,24 +44,15 @@ pub(crate) fn zb_h2(pp: usize, m: usize) -> Option<Vec<Vec<Op>>> {
             let grad_ready = ni < nf && (r + 1 == pp || i_done[(r + 1) * m + ni] <= tick);
             let act_ready = nf < m && (r == 0 || f_done[(r - 1) * m + nf] <= tick);
             if grad_ready {
-                rank.ops.push(Op::BackwardInput {
-                    mb: ni as u32,
-                    chunk: 0,
-                });
+                rank.ops.push(Op::BackwardInput { mb: ni as u32, chunk: 0 });
                 i_done[r * m + ni] = tick + 1;
                 rank.next_i += 1;
             } else if act_ready && nf - ni < ahead && nf - rank.next_w < 2 * pp - 1 {
-                rank.ops.push(Op::Forward {
-                    mb: nf as u32,
-                    chunk: 0,
-                });
+                rank.ops.push(Op::Forward { mb: nf as u32, chunk: 0 });
                 f_done[r * m + nf] = tick + 1;
                 rank.next_f += 1;
             } else if rank.next_w < rank.next_i {
-                rank.ops.push(Op::BackwardWeight {
-                    mb: rank.next_w as u32,
-                    chunk: 0,
-                });
+                rank.ops.push(Op::BackwardWeight { mb: rank.next_w as u32, chunk: 0 });
                 rank.next_w += 1;
             }
         }

@@ -124,17 +124,11 @@ impl OpKind {
     }
 
     pub fn is_compute(self) -> bool {
-        matches!(
-            self,
-            OpKind::Forward | OpKind::Backward | OpKind::BackwardInput | OpKind::BackwardWeight
-        )
+        matches!(self, OpKind::Forward | OpKind::Backward | OpKind::BackwardInput | OpKind::BackwardWeight)
     }
 
     pub fn is_comm(self) -> bool {
-        matches!(
-            self,
-            OpKind::SendAct | OpKind::RecvAct | OpKind::SendGrad | OpKind::RecvGrad
-        )
+        matches!(self, OpKind::SendAct | OpKind::RecvAct | OpKind::SendGrad | OpKind::RecvGrad)
     }
 }
 
@@ -257,17 +251,9 @@ impl Program {
         let ranks = self
             .ranks
             .iter()
-            .map(|ops| {
-                ops.iter()
-                    .copied()
-                    .filter(|op| op.kind().is_compute())
-                    .collect()
-            })
+            .map(|ops| ops.iter().copied().filter(|op| op.kind().is_compute()).collect())
             .collect();
-        Program {
-            ranks,
-            ..self.clone()
-        }
+        Program { ranks, ..self.clone() }
     }
 
     /// Number of ops over all ranks.

@@ -36,21 +36,12 @@ pub fn lower(compute: &Program) -> Result<Program> {
     super::validate::check_header(compute)?;
     let mut ranks: Vec<RankState> = Vec::with_capacity(pp);
     for (rank, ops) in compute.ranks.iter().enumerate() {
-        let todo: Vec<Op> = ops
-            .iter()
-            .copied()
-            .filter(|op| op.kind().is_compute())
-            .collect();
+        let todo: Vec<Op> = ops.iter().copied().filter(|op| op.kind().is_compute()).collect();
         for (index, op) in todo.iter().enumerate() {
             let (mb, chunk) = op.pair().unwrap_or_default();
             if mb as usize >= m || chunk as usize >= vpp {
                 let reason = format!("needs mb < {m} and chunk < {vpp}");
-                return Err(ScheduleError::OutOfRange {
-                    rank,
-                    index,
-                    op: *op,
-                    reason,
-                });
+                return Err(ScheduleError::OutOfRange { rank, index, op: *op, reason });
             }
         }
         let cap = todo.len() * 2 + vpp + 1;
@@ -85,13 +76,7 @@ pub fn lower(compute: &Program) -> Result<Program> {
             let blocked = ranks
                 .iter()
                 .enumerate()
-                .filter_map(|(rank, s)| {
-                    s.todo.get(s.next).map(|&op| Blocked {
-                        rank,
-                        index: s.next,
-                        op,
-                    })
-                })
+                .filter_map(|(rank, s)| s.todo.get(s.next).map(|&op| Blocked { rank, index: s.next, op }))
                 .collect();
             return Err(ScheduleError::Stuck { blocked });
         }
@@ -103,10 +88,7 @@ pub fn lower(compute: &Program) -> Result<Program> {
             s.out
         })
         .collect();
-    Ok(Program {
-        ranks,
-        ..compute.clone()
-    })
+    Ok(Program { ranks, ..compute.clone() })
 }
 
 fn slot(vpp: usize, mb: u32, chunk: usize) -> usize {
@@ -122,11 +104,7 @@ fn ready(p: &Program, s: &RankState, r: usize, op: Op) -> bool {
         OpKind::Forward if stage == 0 => true,
         OpKind::Forward => {
             let (pr, pc) = p.locate(stage - 1);
-            if pr == r {
-                s.fwd_done[slot(vpp, mb, pc)]
-            } else {
-                s.act_here[slot(vpp, mb, c)]
-            }
+            if pr == r { s.fwd_done[slot(vpp, mb, pc)] } else { s.act_here[slot(vpp, mb, c)] }
         }
         OpKind::Backward | OpKind::BackwardInput => {
             if !s.fwd_done[slot(vpp, mb, c)] {
@@ -136,11 +114,7 @@ fn ready(p: &Program, s: &RankState, r: usize, op: Op) -> bool {
                 return true;
             }
             let (nr, nc) = p.locate(stage + 1);
-            if nr == r {
-                s.bwd_done[slot(vpp, mb, nc)]
-            } else {
-                s.grad_here[slot(vpp, mb, c)]
-            }
+            if nr == r { s.bwd_done[slot(vpp, mb, nc)] } else { s.grad_here[slot(vpp, mb, c)] }
         }
         _ => s.bwd_done[slot(vpp, mb, c)],
     }
@@ -159,16 +133,8 @@ fn step(p: &Program, ranks: &mut [RankState], r: usize, op: Op) {
             if stage + 1 < p.stages() {
                 let (q, qc) = p.locate(stage + 1);
                 if q != r {
-                    ranks[r].out.push(Op::SendAct {
-                        mb,
-                        chunk,
-                        peer: q as u32,
-                    });
-                    ranks[q].out.push(Op::RecvAct {
-                        mb,
-                        chunk: qc as u32,
-                        peer: r as u32,
-                    });
+                    ranks[r].out.push(Op::SendAct { mb, chunk, peer: q as u32 });
+                    ranks[q].out.push(Op::RecvAct { mb, chunk: qc as u32, peer: r as u32 });
                     ranks[q].act_here[slot(vpp, mb, qc)] = true;
                 }
             }
@@ -178,16 +144,8 @@ fn step(p: &Program, ranks: &mut [RankState], r: usize, op: Op) {
             if stage > 0 {
                 let (q, qc) = p.locate(stage - 1);
                 if q != r {
-                    ranks[r].out.push(Op::SendGrad {
-                        mb,
-                        chunk,
-                        peer: q as u32,
-                    });
-                    ranks[q].out.push(Op::RecvGrad {
-                        mb,
-                        chunk: qc as u32,
-                        peer: r as u32,
-                    });
+                    ranks[r].out.push(Op::SendGrad { mb, chunk, peer: q as u32 });
+                    ranks[q].out.push(Op::RecvGrad { mb, chunk: qc as u32, peer: r as u32 });
                     ranks[q].grad_here[slot(vpp, mb, qc)] = true;
                 }
             }
@@ -215,14 +173,8 @@ mod tests {
             microbatches: 1,
             placement: Placement::Looped,
             ranks: vec![
-                vec![
-                    Op::Forward { mb: 0, chunk: 0 },
-                    Op::Backward { mb: 0, chunk: 0 },
-                ],
-                vec![
-                    Op::Forward { mb: 0, chunk: 0 },
-                    Op::Backward { mb: 0, chunk: 0 },
-                ],
+                vec![Op::Forward { mb: 0, chunk: 0 }, Op::Backward { mb: 0, chunk: 0 }],
+                vec![Op::Forward { mb: 0, chunk: 0 }, Op::Backward { mb: 0, chunk: 0 }],
             ],
         };
         let full = lower(&compute).unwrap();
@@ -239,15 +191,9 @@ mod tests {
             vpp: 1,
             microbatches: 1,
             placement: Placement::Looped,
-            ranks: vec![vec![
-                Op::Backward { mb: 0, chunk: 0 },
-                Op::Forward { mb: 0, chunk: 0 },
-            ]],
+            ranks: vec![vec![Op::Backward { mb: 0, chunk: 0 }, Op::Forward { mb: 0, chunk: 0 }]],
         };
         let err = lower(&compute).unwrap_err();
-        assert!(
-            matches!(err, ScheduleError::Stuck { ref blocked } if blocked[0].index == 0),
-            "{err}"
-        );
+        assert!(matches!(err, ScheduleError::Stuck { ref blocked } if blocked[0].index == 0), "{err}");
     }
 }

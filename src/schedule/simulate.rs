@@ -65,12 +65,9 @@ impl Costs {
         let mut c = Costs::default();
         let (mut b, mut i) = (None, None);
         for field in spec.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-            let (key, value) = field
-                .split_once('=')
-                .ok_or_else(|| bad(format!("`{field}` is not key=value")))?;
-            let x: f64 = value
-                .parse()
-                .map_err(|_| bad(format!("`{key}={value}` is not a number")))?;
+            let (key, value) =
+                field.split_once('=').ok_or_else(|| bad(format!("`{field}` is not key=value")))?;
+            let x: f64 = value.parse().map_err(|_| bad(format!("`{key}={value}` is not a number")))?;
             if x.is_nan() || x < 0.0 {
                 return Err(bad(format!("`{key}` must be >= 0, got {value}")));
             }
@@ -97,9 +94,7 @@ impl Costs {
             (Some(b), None) if b >= w => (c.backward, c.backward_input) = (b, b - w),
             (Some(b), None) => return Err(bad(format!("b = {b} is smaller than w = {w}"))),
             (None, Some(i)) => (c.backward, c.backward_input) = (i + w, i),
-            (None, None) => {
-                (c.backward, c.backward_input) = (c.backward_input + w, c.backward_input)
-            }
+            (None, None) => (c.backward, c.backward_input) = (c.backward_input + w, c.backward_input),
         }
         Ok(c)
     }
@@ -199,11 +194,7 @@ pub fn simulate(program: &Program, costs: &Costs) -> Result<Simulation> {
         grad: vec![f64::NAN; p.pp * per_rank],
     };
     let mut clock = vec![0.0f64; p.pp];
-    let mut timeline: Vec<Vec<TimedOp>> = p
-        .ranks
-        .iter()
-        .map(|ops| Vec::with_capacity(ops.len()))
-        .collect();
+    let mut timeline: Vec<Vec<TimedOp>> = p.ranks.iter().map(|ops| Vec::with_capacity(ops.len())).collect();
     loop {
         let mut progress = false;
         for r in 0..p.pp {
@@ -222,9 +213,7 @@ pub fn simulate(program: &Program, costs: &Costs) -> Result<Simulation> {
             let blocked = (0..p.pp)
                 .filter_map(|rank| {
                     let index = timeline[rank].len();
-                    p.ranks[rank]
-                        .get(index)
-                        .map(|&op| Blocked { rank, index, op })
+                    p.ranks[rank].get(index).map(|&op| Blocked { rank, index, op })
                 })
                 .collect();
             return Err(ScheduleError::Deadlock { blocked });
@@ -253,20 +242,12 @@ fn place(
             let arrival = now + costs.transfer();
             let slot = mail.slot(q, wmb, wchunk);
             mail.table(kind)[slot] = arrival;
-            Some(TimedOp {
-                op,
-                start: now,
-                end: arrival,
-            })
+            Some(TimedOp { op, start: now, end: arrival })
         }
         OpKind::RecvAct | OpKind::RecvGrad => {
             let slot = mail.slot(r, mb, chunk);
             let arrival = mail.table(kind)[slot];
-            (!arrival.is_nan()).then_some(TimedOp {
-                op,
-                start: now,
-                end: arrival.max(now),
-            })
+            (!arrival.is_nan()).then_some(TimedOp { op, start: now, end: arrival.max(now) })
         }
         _ => {
             let mut start = now;
@@ -302,38 +283,21 @@ fn cross_rank_input(p: &Program, r: usize, op: Op) -> Option<OpKind> {
 
 fn stats(p: &Program, timeline: &[Vec<TimedOp>]) -> Stats {
     let compute = |t: &&TimedOp| t.op.kind().is_compute();
-    let makespan = timeline
-        .iter()
-        .flatten()
-        .filter(compute)
-        .map(|t| t.end)
-        .fold(0.0, f64::max);
+    let makespan = timeline.iter().flatten().filter(compute).map(|t| t.end).fold(0.0, f64::max);
     let ranks: Vec<RankStats> = timeline
         .iter()
         .enumerate()
         .map(|(r, line)| {
             let busy: f64 = line.iter().filter(compute).map(|t| t.end - t.start).sum();
-            let first = line
-                .iter()
-                .filter(compute)
-                .map(|t| t.start)
-                .fold(f64::INFINITY, f64::min);
-            let last = line
-                .iter()
-                .filter(compute)
-                .map(|t| t.end)
-                .fold(0.0, f64::max);
+            let first = line.iter().filter(compute).map(|t| t.start).fold(f64::INFINITY, f64::min);
+            let last = line.iter().filter(compute).map(|t| t.end).fold(0.0, f64::max);
             let ratio = |idle: f64| if busy > 0.0 { idle / busy } else { 0.0 };
             let idle = makespan - busy;
             RankStats {
                 busy,
                 idle,
                 bubble: ratio(idle),
-                span_bubble: if first.is_finite() {
-                    ratio(last - first - busy)
-                } else {
-                    0.0
-                },
+                span_bubble: if first.is_finite() { ratio(last - first - busy) } else { 0.0 },
                 peak_in_flight: peak_in_flight(&p.ranks[r]),
             }
         })
@@ -369,10 +333,7 @@ mod tests {
     #[test]
     fn costs_parse_and_derive() {
         let c = Costs::parse("f=1,b=2,w=1").unwrap();
-        assert_eq!(
-            (c.forward, c.backward, c.backward_input, c.backward_weight),
-            (1.0, 2.0, 1.0, 1.0)
-        );
+        assert_eq!((c.forward, c.backward, c.backward_input, c.backward_weight), (1.0, 2.0, 1.0, 1.0));
         let c = Costs::parse("i=3,w=0.5,lat=0.25,bw=100,bytes=50").unwrap();
         assert_eq!(c.backward, 3.5);
         assert_eq!(c.transfer(), 0.75);

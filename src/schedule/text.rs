@@ -34,10 +34,7 @@ pub fn to_text(program: &Program) -> String {
 }
 
 fn parse_err(line: usize, reason: impl Into<String>) -> ScheduleError {
-    ScheduleError::Parse {
-        line,
-        reason: reason.into(),
-    }
+    ScheduleError::Parse { line, reason: reason.into() }
 }
 
 /// Parse one op token such as `1F3`, `0SA3:1`, `2RED` or `STEP`.
@@ -45,19 +42,13 @@ pub fn parse_op(token: &str) -> std::result::Result<Op, String> {
     if token == "STEP" {
         return Ok(Op::OptimizerStep);
     }
-    let digits_end = token
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(token.len());
+    let digits_end = token.find(|c: char| !c.is_ascii_digit()).unwrap_or(token.len());
     let (chunk_txt, rest) = token.split_at(digits_end);
-    let chunk: u32 = chunk_txt
-        .parse()
-        .map_err(|_| format!("token `{token}` should start with a chunk number"))?;
-    let code_end = rest
-        .find(|c: char| c.is_ascii_digit())
-        .unwrap_or(rest.len());
+    let chunk: u32 =
+        chunk_txt.parse().map_err(|_| format!("token `{token}` should start with a chunk number"))?;
+    let code_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
     let (code, rest) = rest.split_at(code_end);
-    let kind =
-        OpKind::from_code(code).ok_or_else(|| format!("token `{token}`: unknown op `{code}`"))?;
+    let kind = OpKind::from_code(code).ok_or_else(|| format!("token `{token}`: unknown op `{code}`"))?;
     match kind {
         OpKind::ReduceGrads if rest.is_empty() => return Ok(Op::ReduceGrads { chunk }),
         OpKind::ReduceGrads | OpKind::OptimizerStep => {
@@ -69,13 +60,9 @@ pub fn parse_op(token: &str) -> std::result::Result<Op, String> {
         Some((mb, peer)) => (mb, Some(peer)),
         None => (rest, None),
     };
-    let mb: u32 = mb_txt
-        .parse()
-        .map_err(|_| format!("token `{token}`: bad microbatch `{mb_txt}`"))?;
+    let mb: u32 = mb_txt.parse().map_err(|_| format!("token `{token}`: bad microbatch `{mb_txt}`"))?;
     let peer = match (kind.is_comm(), peer_txt) {
-        (true, Some(p)) => p
-            .parse()
-            .map_err(|_| format!("token `{token}`: bad peer `{p}`"))?,
+        (true, Some(p)) => p.parse().map_err(|_| format!("token `{token}`: bad peer `{p}`"))?,
         (true, None) => return Err(format!("token `{token}`: a send/recv needs `:<peer rank>`")),
         (false, Some(_)) => return Err(format!("token `{token}`: compute ops take no peer")),
         (false, None) => 0,
@@ -86,9 +73,9 @@ pub fn parse_op(token: &str) -> std::result::Result<Op, String> {
 fn parse_header(line_no: usize, line: &str) -> Result<(usize, usize, usize, Placement)> {
     let (mut pp, mut vpp, mut mbs, mut placement) = (None, None, None, Placement::Looped);
     for field in line.split_whitespace() {
-        let (key, value) = field.split_once('=').ok_or_else(|| {
-            parse_err(line_no, format!("header field `{field}` is not key=value"))
-        })?;
+        let (key, value) = field
+            .split_once('=')
+            .ok_or_else(|| parse_err(line_no, format!("header field `{field}` is not key=value")))?;
         let number = || {
             value
                 .parse::<usize>()
@@ -103,25 +90,16 @@ fn parse_header(line_no: usize, line: &str) -> Result<(usize, usize, usize, Plac
                     "looped" => Placement::Looped,
                     "v" => Placement::V,
                     _ => {
-                        return Err(parse_err(
-                            line_no,
-                            format!("placement `{value}`: use looped or v"),
-                        ));
+                        return Err(parse_err(line_no, format!("placement `{value}`: use looped or v")));
                     }
                 }
             }
             _ => return Err(parse_err(line_no, format!("unknown header field `{key}`"))),
         }
     }
-    let need = |v: Option<usize>, name: &str| {
-        v.ok_or_else(|| parse_err(line_no, format!("header lacks `{name}=`")))
-    };
-    Ok((
-        need(pp, "pp")?,
-        need(vpp, "vpp")?,
-        need(mbs, "microbatches")?,
-        placement,
-    ))
+    let need =
+        |v: Option<usize>, name: &str| v.ok_or_else(|| parse_err(line_no, format!("header lacks `{name}=`")));
+    Ok((need(pp, "pp")?, need(vpp, "vpp")?, need(mbs, "microbatches")?, placement))
 }
 
 /// Parse the text form. Structure only; semantic checks are [`crate::schedule::validate`]'s.
@@ -143,10 +121,7 @@ pub fn from_text(text: &str) -> Result<Program> {
             .parse()
             .map_err(|_| parse_err(line_no, format!("bad rank number `{}`", rank_txt.trim())))?;
         if rank != ranks.len() {
-            return Err(parse_err(
-                line_no,
-                format!("expected rank {}, found rank {rank}", ranks.len()),
-            ));
+            return Err(parse_err(line_no, format!("expected rank {}, found rank {rank}", ranks.len())));
         }
         let ops = body
             .split_whitespace()
@@ -155,22 +130,14 @@ pub fn from_text(text: &str) -> Result<Program> {
             .map_err(|e| parse_err(line_no, e))?;
         ranks.push(ops);
     }
-    Ok(Program {
-        pp,
-        vpp,
-        microbatches,
-        placement,
-        ranks,
-    })
+    Ok(Program { pp, vpp, microbatches, placement, ranks })
 }
 
 /// Parse either form: JSON if the text starts with `{`, otherwise the text form.
 pub fn parse_program(text: &str) -> Result<Program> {
     if text.trim_start().starts_with('{') {
-        serde_json::from_str(text).map_err(|e| ScheduleError::Parse {
-            line: e.line(),
-            reason: format!("JSON program: {e}"),
-        })
+        serde_json::from_str(text)
+            .map_err(|e| ScheduleError::Parse { line: e.line(), reason: format!("JSON program: {e}") })
     } else {
         from_text(text)
     }
@@ -185,16 +152,8 @@ mod tests {
         let ops = [
             Op::Forward { mb: 12, chunk: 3 },
             Op::BackwardWeight { mb: 0, chunk: 0 },
-            Op::SendGrad {
-                mb: 7,
-                chunk: 1,
-                peer: 63,
-            },
-            Op::RecvAct {
-                mb: 7,
-                chunk: 1,
-                peer: 2,
-            },
+            Op::SendGrad { mb: 7, chunk: 1, peer: 63 },
+            Op::RecvAct { mb: 7, chunk: 1, peer: 2 },
             Op::ReduceGrads { chunk: 2 },
             Op::OptimizerStep,
         ];
@@ -205,9 +164,7 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_errors() {
-        for bad in [
-            "F0", "0X1", "0F", "0SA1", "0F1:2", "0RED3", "0Fx", "", "0SA1:x",
-        ] {
+        for bad in ["F0", "0X1", "0F", "0SA1", "0F1:2", "0RED3", "0Fx", "", "0SA1:x"] {
             assert!(parse_op(bad).is_err(), "`{bad}` should not parse");
         }
     }
@@ -218,12 +175,6 @@ mod tests {
         assert!(from_text("pp=2 vpp=1 microbatches=1\n1: 0F0").is_err());
         assert!(from_text("pp=1 vpp=1 microbatches=1 colour=red\n0: 0F0").is_err());
         let p = from_text("# hi\npp=1 vpp=1 microbatches=1\n0: 0F0 0B0 # done\n").unwrap();
-        assert_eq!(
-            p.ranks,
-            vec![vec![
-                Op::Forward { mb: 0, chunk: 0 },
-                Op::Backward { mb: 0, chunk: 0 }
-            ]]
-        );
+        assert_eq!(p.ranks, vec![vec![Op::Forward { mb: 0, chunk: 0 }, Op::Backward { mb: 0, chunk: 0 }]]);
     }
 }

@@ -29,9 +29,7 @@ pub enum Semantics {
 /// The first violation found, naming rank, instruction index and pair.
 pub fn validate(program: &Program) -> Result<()> {
     check_header(program)?;
-    let seen = (0..program.pp)
-        .map(|rank| check_rank(program, rank))
-        .collect::<Result<Vec<_>>>()?;
+    let seen = (0..program.pp).map(|rank| check_rank(program, rank)).collect::<Result<Vec<_>>>()?;
     check_matching(program, &seen)?;
     dry_run(program, Semantics::Rendezvous)
 }
@@ -41,9 +39,7 @@ pub(crate) const MAX_SLOTS: usize = 1 << 26;
 
 /// Whether `pp·vpp·microbatches` is positive and at most [`MAX_SLOTS`].
 pub fn dims_ok(pp: usize, vpp: usize, microbatches: usize) -> bool {
-    let slots = pp
-        .checked_mul(vpp)
-        .and_then(|s| s.checked_mul(microbatches));
+    let slots = pp.checked_mul(vpp).and_then(|s| s.checked_mul(microbatches));
     slots.is_some_and(|s| (1..=MAX_SLOTS).contains(&s))
 }
 
@@ -56,16 +52,11 @@ pub(crate) fn check_header(p: &Program) -> Result<()> {
     } else if p.placement == Placement::V && p.vpp != 2 {
         "placement v needs exactly vpp = 2"
     } else if p.ranks.len() != p.pp {
-        return Err(ScheduleError::RankCount {
-            pp: p.pp,
-            found: p.ranks.len(),
-        });
+        return Err(ScheduleError::RankCount { pp: p.pp, found: p.ranks.len() });
     } else {
         return Ok(());
     };
-    Err(ScheduleError::Header {
-        reason: reason.to_string(),
-    })
+    Err(ScheduleError::Header { reason: reason.to_string() })
 }
 
 /// Where each op of one rank sits (`ABSENT` = nowhere), indexed by `mb·v + chunk`; `u32`
@@ -101,9 +92,7 @@ impl Seen {
 
 /// Scan rank `rank`: ranges, duplicates, local order, peers, completeness.
 fn check_rank(p: &Program, rank: usize) -> Result<Seen> {
-    let mut seen = Seen {
-        at: vec![[ABSENT; 8]; p.microbatches * p.vpp],
-    };
+    let mut seen = Seen { at: vec![[ABSENT; 8]; p.microbatches * p.vpp] };
     let mut finals = vec![0usize; p.vpp];
     let mut reduced = vec![false; p.vpp];
     for (index, &op) in p.ranks[rank].iter().enumerate() {
@@ -112,36 +101,15 @@ fn check_rank(p: &Program, rank: usize) -> Result<Seen> {
             Op::ReduceGrads { chunk } => {
                 let c = chunk as usize;
                 if finals[c] != p.microbatches || reduced[c] {
-                    let needs = format!(
-                        "all {} weight gradients of its chunk (once)",
-                        p.microbatches
-                    );
-                    return Err(ScheduleError::Order {
-                        rank,
-                        index,
-                        op,
-                        mb: finals[c] as u32,
-                        chunk,
-                        needs,
-                    });
+                    let needs = format!("all {} weight gradients of its chunk (once)", p.microbatches);
+                    return Err(ScheduleError::Order { rank, index, op, mb: finals[c] as u32, chunk, needs });
                 }
                 reduced[c] = true;
             }
             Op::OptimizerStep => {
-                if let Some(c) = reduced
-                    .iter()
-                    .position(|r| !r)
-                    .filter(|_| reduced.iter().any(|&r| r))
-                {
+                if let Some(c) = reduced.iter().position(|r| !r).filter(|_| reduced.iter().any(|&r| r)) {
                     let needs = format!("`{c}RED`");
-                    return Err(ScheduleError::Order {
-                        rank,
-                        index,
-                        op,
-                        mb: 0,
-                        chunk: c as u32,
-                        needs,
-                    });
+                    return Err(ScheduleError::Order { rank, index, op, mb: 0, chunk: c as u32, needs });
                 }
             }
             _ => {
@@ -170,22 +138,12 @@ pub(crate) fn check_ranges(p: &Program) -> Result<()> {
 }
 
 fn check_range(p: &Program, rank: usize, index: usize, op: Op) -> Result<()> {
-    let bad = |reason: String| {
-        Err(ScheduleError::OutOfRange {
-            rank,
-            index,
-            op,
-            reason,
-        })
-    };
+    let bad = |reason: String| Err(ScheduleError::OutOfRange { rank, index, op, reason });
     if let Some(c) = op.chunk().filter(|&c| c as usize >= p.vpp) {
         return bad(format!("chunk {c} but vpp = {}", p.vpp));
     }
     if let Some((mb, _)) = op.pair().filter(|&(mb, _)| mb as usize >= p.microbatches) {
-        return bad(format!(
-            "microbatch {mb} but microbatches = {}",
-            p.microbatches
-        ));
+        return bad(format!("microbatch {mb} but microbatches = {}", p.microbatches));
     }
     let Some(peer) = op.peer() else { return Ok(()) };
     let (_, chunk) = op.pair().unwrap_or_default();
@@ -199,17 +157,10 @@ fn check_range(p: &Program, rank: usize, index: usize, op: Op) -> Result<()> {
     }
     let (expected, _) = p.locate(other);
     if expected == rank {
-        return bad(format!(
-            "stages {stage} and {other} are both on rank {rank}: no message needed"
-        ));
+        return bad(format!("stages {stage} and {other} are both on rank {rank}: no message needed"));
     }
     if peer as usize != expected {
-        return Err(ScheduleError::WrongPeer {
-            rank,
-            index,
-            op,
-            expected,
-        });
+        return Err(ScheduleError::WrongPeer { rank, index, op, expected });
     }
     Ok(())
 }
@@ -220,40 +171,18 @@ fn check_op(p: &Program, rank: usize, index: usize, op: Op, seen: &Seen) -> Resu
     let c = chunk as usize;
     let has = |k: OpKind| seen.get(p, mb, c, k);
     if let Some(first) = has(op.kind()) {
-        return Err(ScheduleError::Duplicate {
-            rank,
-            index,
-            op,
-            mb,
-            chunk,
-            first,
-        });
+        return Err(ScheduleError::Duplicate { rank, index, op, mb, chunk, first });
     }
     let mixed = match op.kind() {
-        OpKind::Backward => has(OpKind::BackwardInput)
-            .or(has(OpKind::BackwardWeight))
-            .is_some(),
+        OpKind::Backward => has(OpKind::BackwardInput).or(has(OpKind::BackwardWeight)).is_some(),
         OpKind::BackwardInput | OpKind::BackwardWeight => has(OpKind::Backward).is_some(),
         _ => false,
     };
     if mixed {
-        return Err(ScheduleError::MixedBackward {
-            rank,
-            index,
-            op,
-            mb,
-            chunk,
-        });
+        return Err(ScheduleError::MixedBackward { rank, index, op, mb, chunk });
     }
     match missing_dependency(p, rank, op, seen) {
-        Some(needs) => Err(ScheduleError::Order {
-            rank,
-            index,
-            op,
-            mb,
-            chunk,
-            needs,
-        }),
+        Some(needs) => Err(ScheduleError::Order { rank, index, op, mb, chunk, needs }),
         None => Ok(()),
     }
 }
@@ -280,16 +209,10 @@ fn missing_dependency(p: &Program, rank: usize, op: Op, seen: &Seen) -> Option<S
             }
             if stage + 1 < p.stages() {
                 let (nr, nc) = p.locate(stage + 1);
-                let local = seen.get(p, mb, nc, OpKind::Backward).or(seen.get(
-                    p,
-                    mb,
-                    nc,
-                    OpKind::BackwardInput,
-                ));
+                let local =
+                    seen.get(p, mb, nc, OpKind::Backward).or(seen.get(p, mb, nc, OpKind::BackwardInput));
                 if nr == rank && local.is_none() {
-                    return Some(format!(
-                        "the backward of (mb {mb}, chunk {nc}) on this rank"
-                    ));
+                    return Some(format!("the backward of (mb {mb}, chunk {nc}) on this rank"));
                 }
                 if nr != rank && has(OpKind::RecvGrad).is_none() {
                     return Some(format!("receiving its output gradient from rank {nr}"));
@@ -302,11 +225,7 @@ fn missing_dependency(p: &Program, rank: usize, op: Op, seen: &Seen) -> Option<S
         OpKind::SendAct if has(OpKind::Forward).is_none() => {
             return Some("the forward that produces it".to_string());
         }
-        OpKind::SendGrad
-            if has(OpKind::Backward)
-                .or(has(OpKind::BackwardInput))
-                .is_none() =>
-        {
+        OpKind::SendGrad if has(OpKind::Backward).or(has(OpKind::BackwardInput)).is_none() => {
             return Some("the backward that produces it".to_string());
         }
         _ => {}
@@ -327,12 +246,7 @@ fn check_complete(p: &Program, rank: usize, seen: &Seen) -> Result<()> {
             } else {
                 continue;
             };
-            return Err(ScheduleError::Missing {
-                rank,
-                mb,
-                chunk: c as u32,
-                what,
-            });
+            return Err(ScheduleError::Missing { rank, mb, chunk: c as u32, what });
         }
     }
     Ok(())
@@ -349,11 +263,7 @@ pub(crate) fn counterpart(p: &Program, rank: usize, op: Op) -> Option<(usize, Op
         OpKind::RecvGrad => (true, OpKind::SendGrad),
         _ => return None,
     };
-    let other = if dir_next {
-        stage + 1
-    } else {
-        stage.checked_sub(1)?
-    };
+    let other = if dir_next { stage + 1 } else { stage.checked_sub(1)? };
     if other >= p.stages() {
         return None;
     }
@@ -377,14 +287,7 @@ fn check_matching(p: &Program, seen: &[Seen]) -> Result<()> {
                 } else {
                     format!("is received from rank {q}, which never posts `{want}`")
                 };
-                return Err(ScheduleError::Unmatched {
-                    rank,
-                    index,
-                    op,
-                    mb,
-                    chunk,
-                    reason,
-                });
+                return Err(ScheduleError::Unmatched { rank, index, op, mb, chunk, reason });
             }
         }
     }
@@ -437,11 +340,7 @@ pub fn dry_run(p: &Program, semantics: Semantics) -> Result<()> {
         if !progress {
             let blocked = (0..p.pp)
                 .filter_map(|rank| {
-                    p.ranks[rank].get(pc[rank]).map(|&op| Blocked {
-                        rank,
-                        index: pc[rank],
-                        op,
-                    })
+                    p.ranks[rank].get(pc[rank]).map(|&op| Blocked { rank, index: pc[rank], op })
                 })
                 .collect();
             return Err(ScheduleError::Deadlock { blocked });

@@ -76,11 +76,8 @@ pub fn to_chrome(trace: &Trace) -> String {
         if let Some(key) = flow_key(trace, e) {
             let next = flows.len() + 1;
             let id = *flows.entry(key).or_insert(next);
-            let dir = if e.kind == OpKind::SendAct || e.kind == OpKind::SendGrad {
-                "flow_out"
-            } else {
-                "flow_in"
-            };
+            let dir =
+                if e.kind == OpKind::SendAct || e.kind == OpKind::SendGrad { "flow_out" } else { "flow_in" };
             ev["bind_id"] = json!(id);
             ev[dir] = json!(true);
         }
@@ -88,8 +85,12 @@ pub fn to_chrome(trace: &Trace) -> String {
     }
     let mut meta = Vec::new();
     for rank in 0..trace.pp {
-        meta.push(json!({"ph": "M", "name": "process_name", "pid": rank, "args": {"name": format!("rank {rank}")}}));
-        meta.push(json!({"ph": "M", "name": "process_sort_index", "pid": rank, "args": {"sort_index": rank}}));
+        meta.push(
+            json!({"ph": "M", "name": "process_name", "pid": rank, "args": {"name": format!("rank {rank}")}}),
+        );
+        meta.push(
+            json!({"ph": "M", "name": "process_sort_index", "pid": rank, "args": {"sort_index": rank}}),
+        );
     }
     for (rank, t, actor) in used_tids {
         meta.push(json!({"ph": "M", "name": "thread_name", "pid": rank, "tid": t, "args": {"name": actor}}));
@@ -112,22 +113,18 @@ pub fn to_chrome(trace: &Trace) -> String {
 /// [`TraceError::Parse`] for invalid JSON or a missing `troupe` header.
 pub fn from_chrome(text: &str) -> Result<Trace, TraceError> {
     let bad = |reason: String| TraceError::Parse { line: 1, reason };
-    let doc: Value = serde_json::from_str(text).map_err(|e| TraceError::Parse {
-        line: e.line(),
-        reason: e.to_string(),
-    })?;
-    let head = doc
-        .get("troupe")
-        .ok_or_else(|| bad("no `troupe` header object: not written by troupe".into()))?;
+    let doc: Value = serde_json::from_str(text)
+        .map_err(|e| TraceError::Parse { line: e.line(), reason: e.to_string() })?;
+    let head =
+        doc.get("troupe").ok_or_else(|| bad("no `troupe` header object: not written by troupe".into()))?;
     let num = |k: &str| {
         head.get(k)
             .and_then(Value::as_u64)
             .map(|v| v as usize)
             .ok_or_else(|| bad(format!("header lacks `{k}`")))
     };
-    let placement: Placement =
-        serde_json::from_value(head.get("placement").cloned().unwrap_or(Value::Null))
-            .map_err(|e| bad(format!("header placement: {e}")))?;
+    let placement: Placement = serde_json::from_value(head.get("placement").cloned().unwrap_or(Value::Null))
+        .map_err(|e| bad(format!("header placement: {e}")))?;
     let events = doc
         .get("traceEvents")
         .and_then(Value::as_array)
@@ -143,10 +140,7 @@ pub fn from_chrome(text: &str) -> Result<Trace, TraceError> {
         vpp: num("vpp")?,
         microbatches: num("microbatches")?,
         placement,
-        schedule: head
-            .get("schedule")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        schedule: head.get("schedule").and_then(Value::as_str).map(str::to_string),
         events,
     })
 }
@@ -167,26 +161,15 @@ mod tests {
         let mut ins: HashMap<u64, usize> = HashMap::new();
         for e in events {
             if let Some(id) = e.get("bind_id").and_then(Value::as_u64) {
-                let side = if e.get("flow_out").is_some() {
-                    &mut outs
-                } else {
-                    &mut ins
-                };
+                let side = if e.get("flow_out").is_some() { &mut outs } else { &mut ins };
                 *side.entry(id).or_default() += 1;
             }
         }
-        let sends = t
-            .events
-            .iter()
-            .filter(|e| matches!(e.kind, OpKind::SendAct | OpKind::SendGrad))
-            .count();
+        let sends = t.events.iter().filter(|e| matches!(e.kind, OpKind::SendAct | OpKind::SendGrad)).count();
         assert_eq!(outs.len(), sends);
         assert_eq!(outs, ins, "every flow has one start and one end");
         assert!(outs.values().all(|&n| n == 1));
-        let names = events
-            .iter()
-            .filter(|e| e["ph"] == "M" && e["name"] == "process_name")
-            .count();
+        let names = events.iter().filter(|e| e["ph"] == "M" && e["name"] == "process_name").count();
         assert_eq!(names, t.pp);
     }
 }

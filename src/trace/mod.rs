@@ -163,10 +163,7 @@ impl Trace {
     /// # Errors
     /// [`TraceError::Parse`] naming the line.
     pub fn from_native(text: &str) -> Result<Trace, TraceError> {
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
+        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
         let (_, header) = lines.next().ok_or(TraceError::Empty { what: "header" })?;
         let mut trace = parse_header(header)?;
         for (i, line) in lines {
@@ -191,9 +188,7 @@ fn parse_header(header: &str) -> Result<Trace, TraceError> {
     let bad = |reason: String| TraceError::Parse { line: 1, reason };
     let mut fields = header.split_whitespace();
     if fields.next() != Some("troupe-trace") || fields.next() != Some("v1") {
-        return Err(bad(
-            "first line should start with `troupe-trace v1`".to_string()
-        ));
+        return Err(bad("first line should start with `troupe-trace v1`".to_string()));
     }
     let mut t = Trace {
         pp: 0,
@@ -204,13 +199,8 @@ fn parse_header(header: &str) -> Result<Trace, TraceError> {
         events: Vec::new(),
     };
     for field in fields {
-        let (k, v) = field
-            .split_once('=')
-            .ok_or_else(|| bad(format!("`{field}` is not key=value")))?;
-        let num = || {
-            v.parse::<usize>()
-                .map_err(|_| bad(format!("`{k}={v}` is not a number")))
-        };
+        let (k, v) = field.split_once('=').ok_or_else(|| bad(format!("`{field}` is not key=value")))?;
+        let num = || v.parse::<usize>().map_err(|_| bad(format!("`{k}={v}` is not a number")));
         match k {
             "pp" => t.pp = num()?,
             "vpp" => t.vpp = num()?,
@@ -234,22 +224,13 @@ fn parse_event(line: usize, text: &str) -> Result<Event, TraceError> {
         )));
     }
     fn opt<T: std::str::FromStr>(s: &str) -> Result<Option<T>, String> {
-        if s == "-" {
-            Ok(None)
-        } else {
-            s.parse().map(Some).map_err(|_| format!("bad field `{s}`"))
-        }
+        if s == "-" { Ok(None) } else { s.parse().map(Some).map_err(|_| format!("bad field `{s}`")) }
     }
     let time = |s: &str| {
-        s.parse::<f64>()
-            .ok()
-            .filter(|x| x.is_finite())
-            .ok_or_else(|| bad(format!("bad time `{s}`")))
+        s.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(|| bad(format!("bad time `{s}`")))
     };
     Ok(Event {
-        rank: f[0]
-            .parse()
-            .map_err(|_| bad(format!("bad rank `{}`", f[0])))?,
+        rank: f[0].parse().map_err(|_| bad(format!("bad rank `{}`", f[0])))?,
         actor: f[1].to_string(),
         kind: OpKind::from_code(f[2]).ok_or_else(|| bad(format!("unknown kind `{}`", f[2])))?,
         mb: opt(f[3]).map_err(bad)?,
@@ -268,14 +249,7 @@ mod tests {
 
     pub(crate) fn sample() -> Trace {
         let program = generate(&ScheduleSpec::new(ScheduleKind::OneFOneB, 3, 4)).unwrap();
-        let sim = simulate(
-            &program,
-            &Costs {
-                latency: 0.5,
-                ..Costs::default()
-            },
-        )
-        .unwrap();
+        let sim = simulate(&program, &Costs { latency: 0.5, ..Costs::default() }).unwrap();
         Trace::from_simulation(&program, &sim, 4096, 1000.0, Some("1f1b"))
     }
 

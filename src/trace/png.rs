@@ -73,8 +73,7 @@ impl Canvas {
         let (x0, x1, y0, y1) = (clampx(x0), clampx(x1), clampy(y0), clampy(y1));
         for y in y0..y1 {
             let row = &mut self.rgb[(y * self.width + x0) * 3..(y * self.width + x1) * 3];
-            row.chunks_exact_mut(3)
-                .for_each(|px| px.copy_from_slice(&c));
+            row.chunks_exact_mut(3).for_each(|px| px.copy_from_slice(&c));
         }
     }
 
@@ -109,29 +108,13 @@ impl Canvas {
 /// Rasterize a scene to PNG bytes.
 pub(crate) fn rasterize(scene: &Scene) -> Vec<u8> {
     let (width, height) = (scene.width as usize, scene.height as usize);
-    let mut canvas = Canvas {
-        width,
-        height,
-        rgb: vec![255; width * height * 3],
-    };
+    let mut canvas = Canvas { width, height, rgb: vec![255; width * height * 3] };
     for shape in &scene.shapes {
         match shape {
-            Shape::Rect {
-                x,
-                y,
-                w,
-                h,
-                fill,
-                stroke,
-            } => canvas.rect(*x, *y, *w, *h, *fill, *stroke),
-            Shape::Text {
-                x,
-                y,
-                size,
-                centered,
-                text,
-                color,
-            } => canvas.text(*x, *y, *size, *centered, text, *color),
+            Shape::Rect { x, y, w, h, fill, stroke } => canvas.rect(*x, *y, *w, *h, *fill, *stroke),
+            Shape::Text { x, y, size, centered, text, color } => {
+                canvas.text(*x, *y, *size, *centered, text, *color)
+            }
         }
     }
     encode_png(scene.width, scene.height, &canvas.rgb)
@@ -142,11 +125,7 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
         }
     }
     !crc
@@ -175,11 +154,7 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB, deflate, adaptive filter, no interlace
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(
-        &mut out,
-        b"IDAT",
-        &miniz_oxide::deflate::compress_to_vec_zlib(&raw, 6),
-    );
+    chunk(&mut out, b"IDAT", &miniz_oxide::deflate::compress_to_vec_zlib(&raw, 6));
     chunk(&mut out, b"IEND", &[]);
     out
 }
@@ -199,14 +174,7 @@ mod tests {
         let scene = Scene {
             width: 5,
             height: 3,
-            shapes: vec![Shape::Rect {
-                x: 1.0,
-                y: 1.0,
-                w: 2.0,
-                h: 1.0,
-                fill: [10, 20, 30],
-                stroke: None,
-            }],
+            shapes: vec![Shape::Rect { x: 1.0, y: 1.0, w: 2.0, h: 1.0, fill: [10, 20, 30], stroke: None }],
         };
         let png = rasterize(&scene);
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
@@ -225,8 +193,7 @@ mod tests {
     #[test]
     fn every_glyph_is_3_by_5() {
         assert!(
-            FONT.iter()
-                .all(|(_, bits)| bits.len() == 15 && bits.bytes().all(|b| b == b'0' || b == b'1'))
+            FONT.iter().all(|(_, bits)| bits.len() == 15 && bits.bytes().all(|b| b == b'0' || b == b'1'))
         );
     }
 }

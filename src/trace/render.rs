@@ -59,62 +59,30 @@ fn colour(kind: OpKind, chunk: u32) -> Rgb {
 }
 
 fn rect(x: f64, y: f64, w: f64, h: f64, fill: Rgb, stroke: Option<Rgb>) -> Shape {
-    Shape::Rect {
-        x,
-        y,
-        w,
-        h,
-        fill,
-        stroke,
-    }
+    Shape::Rect { x, y, w, h, fill, stroke }
 }
 
 fn text(x: f64, y: f64, size: f64, centered: bool, text: String, color: Rgb) -> Shape {
-    Shape::Text {
-        x,
-        y,
-        size,
-        centered,
-        text,
-        color,
-    }
+    Shape::Text { x, y, size, centered, text, color }
 }
 
 /// First start and the pixels per microsecond: boxes wide enough for a number, the chart
 /// within 600..2400 px.
 fn time_axis(compute: &[&super::Event]) -> (f64, f64, f64) {
-    let t0 = compute
-        .iter()
-        .map(|e| e.start)
-        .fold(f64::INFINITY, f64::min);
-    let t1 = compute
-        .iter()
-        .map(|e| e.end)
-        .fold(f64::NEG_INFINITY, f64::max);
+    let t0 = compute.iter().map(|e| e.start).fold(f64::INFINITY, f64::min);
+    let t1 = compute.iter().map(|e| e.end).fold(f64::NEG_INFINITY, f64::max);
     if !t0.is_finite() || t1 <= t0 {
         return (0.0, 600.0, 600.0);
     }
-    let shortest = compute
-        .iter()
-        .map(|e| e.end - e.start)
-        .filter(|d| *d > 0.0)
-        .fold(f64::INFINITY, f64::min);
-    let per_unit = if shortest.is_finite() {
-        22.0 / shortest
-    } else {
-        1.0
-    };
+    let shortest = compute.iter().map(|e| e.end - e.start).filter(|d| *d > 0.0).fold(f64::INFINITY, f64::min);
+    let per_unit = if shortest.is_finite() { 22.0 / shortest } else { 1.0 };
     let chart = ((t1 - t0) * per_unit).clamp(600.0, 2400.0);
     (t0, chart / (t1 - t0), chart)
 }
 
 /// Lay out the compute events of `trace` as a timeline; `caption` is written above it.
 pub fn timeline_scene(trace: &Trace, caption: &str) -> Scene {
-    let compute: Vec<_> = trace
-        .events
-        .iter()
-        .filter(|e| e.kind.is_compute())
-        .collect();
+    let compute: Vec<_> = trace.events.iter().filter(|e| e.kind.is_compute()).collect();
     let (t0, scale, chart) = time_axis(&compute);
     let width = (LEFT + chart + 16.0).ceil() as u32;
     let height = (TOP + ROW * trace.pp as f64 + 30.0).ceil() as u32;
@@ -125,14 +93,7 @@ pub fn timeline_scene(trace: &Trace, caption: &str) -> Scene {
     for rank in 0..trace.pp {
         let y = TOP + ROW * rank as f64;
         shapes.push(rect(LEFT, y, chart, ROW - GAP, [245, 245, 245], None));
-        shapes.push(text(
-            6.0,
-            y + ROW / 2.0 + 3.0,
-            12.0,
-            false,
-            format!("rank {rank}"),
-            BLACK,
-        ));
+        shapes.push(text(6.0, y + ROW / 2.0 + 3.0, 12.0, false, format!("rank {rank}"), BLACK));
     }
     for e in &compute {
         let x = LEFT + (e.start - t0) * scale;
@@ -147,11 +108,7 @@ pub fn timeline_scene(trace: &Trace, caption: &str) -> Scene {
         }
     }
     legend(&mut shapes, TOP + ROW * trace.pp as f64 + 20.0);
-    Scene {
-        width,
-        height,
-        shapes,
-    }
+    Scene { width, height, shapes }
 }
 
 fn legend(shapes: &mut Vec<Shape>, y: f64) {
@@ -173,9 +130,7 @@ fn hex(c: Rgb) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// Draw a scene as a standalone SVG document.
@@ -188,14 +143,7 @@ pub fn render_svg(scene: &Scene) -> String {
     );
     for shape in &scene.shapes {
         let _ = match shape {
-            Shape::Rect {
-                x,
-                y,
-                w,
-                h,
-                fill,
-                stroke,
-            } => {
+            Shape::Rect { x, y, w, h, fill, stroke } => {
                 let stroke = stroke
                     .map(|s| format!(" stroke=\"{}\" stroke-width=\"0.5\"", hex(s)))
                     .unwrap_or_default();
@@ -205,19 +153,8 @@ pub fn render_svg(scene: &Scene) -> String {
                     hex(*fill)
                 )
             }
-            Shape::Text {
-                x,
-                y,
-                size,
-                centered,
-                text,
-                color,
-            } => {
-                let anchor = if *centered {
-                    " text-anchor=\"middle\""
-                } else {
-                    ""
-                };
+            Shape::Text { x, y, size, centered, text, color } => {
+                let anchor = if *centered { " text-anchor=\"middle\"" } else { "" };
                 writeln!(
                     out,
                     "<text x=\"{x:.2}\" y=\"{y:.2}\" font-size=\"{size}\" fill=\"{}\"{anchor}>{}</text>",
@@ -245,23 +182,8 @@ mod tests {
     fn one_box_per_compute_event_and_rows_per_rank() {
         let t = sample();
         let scene = timeline_scene(&t, "1f1b");
-        let boxes = scene
-            .shapes
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s,
-                    Shape::Rect {
-                        stroke: Some(_),
-                        ..
-                    }
-                )
-            })
-            .count();
-        assert_eq!(
-            boxes,
-            t.events.iter().filter(|e| e.kind.is_compute()).count()
-        );
+        let boxes = scene.shapes.iter().filter(|s| matches!(s, Shape::Rect { stroke: Some(_), .. })).count();
+        assert_eq!(boxes, t.events.iter().filter(|e| e.kind.is_compute()).count());
         let svg = render_svg(&scene);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         for r in 0..t.pp {
@@ -274,14 +196,7 @@ mod tests {
         let scene = timeline_scene(&sample(), "");
         let mut rows: std::collections::BTreeMap<i64, Vec<(f64, f64)>> = Default::default();
         for s in &scene.shapes {
-            if let Shape::Rect {
-                x,
-                y,
-                w,
-                stroke: Some(_),
-                ..
-            } = s
-            {
+            if let Shape::Rect { x, y, w, stroke: Some(_), .. } = s {
                 rows.entry(*y as i64).or_default().push((*x, x + w));
             }
         }

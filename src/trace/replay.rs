@@ -8,9 +8,7 @@
 //! `recorded vpp / its vpp` (the same layers split into more or fewer chunks).
 
 use super::{Trace, TraceError};
-use crate::schedule::{
-    Costs, OpKind, Program, ScheduleSpec, dims_ok, generate, lower, simulate, validate,
-};
+use crate::schedule::{Costs, OpKind, Program, ScheduleSpec, dims_ok, generate, lower, simulate, validate};
 use serde::Serialize;
 
 /// Simulated outcome of one schedule under the trace's costs.
@@ -36,12 +34,8 @@ pub struct ReplayReport {
 }
 
 fn mean(trace: &Trace, kind: OpKind) -> Option<f64> {
-    let d: Vec<f64> = trace
-        .events
-        .iter()
-        .filter(|e| e.kind == kind)
-        .map(|e| (e.end - e.start).max(0.0))
-        .collect();
+    let d: Vec<f64> =
+        trace.events.iter().filter(|e| e.kind == kind).map(|e| (e.end - e.start).max(0.0)).collect();
     (!d.is_empty()).then(|| d.iter().sum::<f64>() / d.len() as f64)
 }
 
@@ -50,19 +44,13 @@ fn mean(trace: &Trace, kind: OpKind) -> Option<f64> {
 /// # Errors
 /// [`TraceError::Empty`] when the trace has no forward or no backward events.
 pub fn estimate_costs(trace: &Trace) -> Result<Costs, TraceError> {
-    let forward = mean(trace, OpKind::Forward).ok_or(TraceError::Empty {
-        what: "forward events",
-    })?;
+    let forward = mean(trace, OpKind::Forward).ok_or(TraceError::Empty { what: "forward events" })?;
     let (b, i, w) = (
         mean(trace, OpKind::Backward),
         mean(trace, OpKind::BackwardInput),
         mean(trace, OpKind::BackwardWeight),
     );
-    let backward = b
-        .or(i.zip(w).map(|(i, w)| i + w))
-        .ok_or(TraceError::Empty {
-            what: "backward events",
-        })?;
+    let backward = b.or(i.zip(w).map(|(i, w)| i + w)).ok_or(TraceError::Empty { what: "backward events" })?;
     let sends = [mean(trace, OpKind::SendAct), mean(trace, OpKind::SendGrad)];
     let latency = match sends {
         [Some(a), Some(g)] => (a + g) / 2.0,
@@ -106,11 +94,7 @@ pub fn recorded_program(trace: &Trace) -> Result<Program, TraceError> {
                 reason: format!("rank {} but pp = {}", e.rank, trace.pp),
             });
         };
-        list.push((
-            e.start,
-            i,
-            crate::schedule::Op::from_parts(e.kind, mb, chunk, 0),
-        ));
+        list.push((e.start, i, crate::schedule::Op::from_parts(e.kind, mb, chunk, 0)));
     }
     let ranks = ranks
         .into_iter()
@@ -133,13 +117,7 @@ pub fn recorded_program(trace: &Trace) -> Result<Program, TraceError> {
 
 fn row(name: &str, program: &Program, costs: &Costs) -> Result<ReplayRow, TraceError> {
     let sim = simulate(program, costs)?;
-    let peak = sim
-        .stats
-        .ranks
-        .iter()
-        .map(|r| r.peak_in_flight)
-        .max()
-        .unwrap_or(0);
+    let peak = sim.stats.ranks.iter().map(|r| r.peak_in_flight).max().unwrap_or(0);
     Ok(ReplayRow {
         schedule: name.to_string(),
         vpp: program.vpp,
@@ -156,15 +134,8 @@ fn row(name: &str, program: &Program, costs: &Costs) -> Result<ReplayRow, TraceE
 /// Cost estimation, rebuild, generation or simulation errors.
 pub fn replay(trace: &Trace, others: &[ScheduleSpec]) -> Result<ReplayReport, TraceError> {
     let costs = estimate_costs(trace)?;
-    let recorded_name = trace
-        .schedule
-        .clone()
-        .unwrap_or_else(|| "recorded".to_string());
-    let recorded = row(
-        &format!("{recorded_name} (recorded order)"),
-        &recorded_program(trace)?,
-        &costs,
-    )?;
+    let recorded_name = trace.schedule.clone().unwrap_or_else(|| "recorded".to_string());
+    let recorded = row(&format!("{recorded_name} (recorded order)"), &recorded_program(trace)?, &costs)?;
     let mut rows = Vec::with_capacity(others.len());
     for spec in others {
         let program = generate(spec)?;
@@ -178,12 +149,7 @@ pub fn replay(trace: &Trace, others: &[ScheduleSpec]) -> Result<ReplayReport, Tr
         };
         rows.push(row(spec.kind.name(), &program, &scaled)?);
     }
-    Ok(ReplayReport {
-        costs,
-        measured_makespan: trace.makespan(),
-        recorded,
-        others: rows,
-    })
+    Ok(ReplayReport { costs, measured_makespan: trace.makespan(), recorded, others: rows })
 }
 
 #[cfg(test)]
