@@ -112,3 +112,16 @@ fn every_format_writes_a_file_and_traces_replay() {
         assert!(text.lines().any(|l| l.starts_with("1f1b ") && l.contains("0.3750")), "{text}");
     }
 }
+
+#[test]
+fn compute_only_order_is_lowered_and_printed() {
+    // hand-written 1F1B compute order for 2 ranks; check inserts the sends and receives
+    let file = tmp("compute.txt");
+    std::fs::write(&file, "pp=2 vpp=1 microbatches=2\n0: 0F0 0F1 0B0 0B1\n1: 0F0 0B0 0F1 0B1\n").unwrap();
+    let out = troupe(&["schedule", "check", "--print", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    let program = troupe::schedule::parse_program(&text).expect("printed program parses");
+    troupe::schedule::validate(&program).expect("and validates");
+    assert!(program.ranks[0].iter().any(|op| op.to_string() == "0SA1:1"), "{text}");
+}

@@ -72,6 +72,9 @@ pub struct CheckArgs {
     /// Program file, text form or JSON. A compute-only program (no sends or receives) is lowered
     /// first.
     pub file: PathBuf,
+    /// Also print the checked program (after lowering, for a compute-only file) in text form.
+    #[arg(long)]
+    pub print: bool,
     #[command(flatten)]
     pub sim: SimArgs,
 }
@@ -182,6 +185,9 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
     }
     validate(&program).map_err(|e| UsageError(format!("{file}: {e}")))?;
     let sim = simulate(&program, &costs)?;
+    if args.print {
+        print!("{}", to_text(&program));
+    }
     println!("# {file}: valid, deadlock-free with blocking send/recv");
     print!("{}", stats_text("program", &program, &sim, &costs));
     Ok(())

@@ -45,8 +45,8 @@ pub enum ScheduleError {
     )]
     Duplicate { rank: usize, index: usize, op: Op, mb: u32, chunk: u32, first: usize },
 
-    #[error("rank {rank}: (mb {mb}, chunk {chunk}) has no {what}")]
-    Missing { rank: usize, mb: u32, chunk: u32, what: &'static str },
+    #[error("rank {rank}, instruction {index} (end of its program): (mb {mb}, chunk {chunk}) has no {what}")]
+    Missing { rank: usize, index: usize, mb: u32, chunk: u32, what: &'static str },
 
     #[error(
         "rank {rank}, instruction {index} `{op}`: (mb {mb}, chunk {chunk}) has both a full backward and a split one"

@@ -246,7 +246,8 @@ fn check_complete(p: &Program, rank: usize, seen: &Seen) -> Result<()> {
             } else {
                 continue;
             };
-            return Err(ScheduleError::Missing { rank, mb, chunk: c as u32, what });
+            let index = p.ranks[rank].len();
+            return Err(ScheduleError::Missing { rank, index, mb, chunk: c as u32, what });
         }
     }
     Ok(())
