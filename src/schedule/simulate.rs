@@ -341,4 +341,21 @@ mod tests {
             assert!(Costs::parse(bad).is_err(), "`{bad}` should be rejected");
         }
     }
+
+    #[test]
+    fn messages_cost_latency_plus_size_over_bandwidth() {
+        use crate::schedule::{ScheduleKind, ScheduleSpec, generate};
+        // 2 ranks, 1 microbatch: F0 → message → F1 → B1 → message → B0
+        let program = generate(&ScheduleSpec::new(ScheduleKind::Gpipe, 2, 1)).unwrap();
+        let costs = Costs::parse("f=1,b=2,w=1,lat=0.5,bw=50,bytes=100").unwrap();
+        let sim = simulate(&program, &costs).unwrap();
+        let message = 0.5 + 100.0 / 50.0;
+        assert!((sim.stats.makespan - (1.0 + message + 1.0 + 2.0 + message + 2.0)).abs() < 1e-12);
+        // rank 1 idles while the activation travels and after its backward
+        let r1 = &sim.stats.ranks[1];
+        assert!((r1.busy - 3.0).abs() < 1e-12 && (r1.idle - (sim.stats.makespan - 3.0)).abs() < 1e-12);
+        // the receive on rank 1 spans posting (t = 0) to arrival (t = 1 + message)
+        let recv = sim.timeline[1].iter().find(|t| t.op.kind() == OpKind::RecvAct).unwrap();
+        assert_eq!((recv.start, recv.end), (0.0, 1.0 + message));
+    }
 }
