@@ -21,12 +21,13 @@ pub enum Placement {
 }
 
 impl Placement {
-    /// The global stage of local chunk `chunk` on `rank`.
+    /// The global stage of local chunk `chunk` on `rank`. Saturating, so out-of-range input (an
+    /// unvalidated trace event) gives a nonsense stage rather than an overflow.
     pub fn stage(self, pp: usize, rank: usize, chunk: usize) -> usize {
         match self {
-            Placement::Looped => chunk * pp + rank,
+            Placement::Looped => chunk.saturating_mul(pp).saturating_add(rank),
             Placement::V if chunk == 0 => rank,
-            Placement::V => 2 * pp - 1 - rank,
+            Placement::V => pp.saturating_mul(2).saturating_sub(1).saturating_sub(rank),
         }
     }
 

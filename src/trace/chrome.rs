@@ -34,7 +34,7 @@ fn flow_key(t: &Trace, e: &Event) -> Option<(bool, u32, usize)> {
         OpKind::SendAct => Some((true, mb, stage)),
         OpKind::SendGrad => Some((false, mb, stage)),
         OpKind::RecvAct => Some((true, mb, stage.checked_sub(1)?)),
-        OpKind::RecvGrad => Some((false, mb, stage + 1)),
+        OpKind::RecvGrad => Some((false, mb, stage.saturating_add(1))),
         _ => None,
     }
 }
@@ -171,5 +171,22 @@ mod tests {
         assert!(outs.values().all(|&n| n == 1));
         let names = events.iter().filter(|e| e["ph"] == "M" && e["name"] == "process_name").count();
         assert_eq!(names, t.pp);
+    }
+
+    #[test]
+    fn hostile_events_do_not_panic() {
+        let mut t = sample();
+        t.placement = Placement::V;
+        t.events[0].rank = u32::MAX;
+        t.events[0].chunk = Some(u32::MAX);
+        t.events[1].kind = OpKind::RecvAct;
+        t.events[1].rank = u32::MAX;
+        t.events[2].kind = OpKind::RecvGrad;
+        t.events[2].rank = 0;
+        t.events[2].chunk = Some(u32::MAX);
+        t.placement = Placement::Looped;
+        let _ = to_chrome(&t);
+        t.placement = Placement::V;
+        let _ = to_chrome(&t);
     }
 }
