@@ -32,4 +32,6 @@ pub use kernels::{Backend, CpuBackend};
 pub use models::gpt::{Gpt, GptConfig, LayerRange, ModelError, StageInput};
 pub mod checkpoint;
 pub mod config;
+pub mod schedule;
+pub mod trace;
 pub mod train;

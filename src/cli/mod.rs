@@ -31,12 +31,34 @@ pub enum Command {
     /// Tokenizer tools (train a BPE or WordPiece tokenizer locally).
     #[command(subcommand)]
     Tokenizer(tokenizer::TokenizerCommand),
+    /// Pipeline schedules: print, validate and simulate them.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Traces: replay under other schedules, render timelines.
+    #[command(subcommand)]
+    Trace(TraceCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Print the resolved configuration (file or default, plus overrides) as TOML.
     Show(Box<train::ConfigShowArgs>),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Generate a schedule, print it (text, json, svg, png, chrome, trace) and its simulated stats.
+    Show(schedule::ShowArgs),
+    /// Validate a hand-written program (text or JSON) and simulate it.
+    Check(schedule::CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Estimate costs from a trace and compare its schedule with others.
+    Replay(trace::ReplayArgs),
+    /// Draw a trace as a timeline (svg, png) or convert it to Chrome JSON.
+    Render(trace::RenderArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,7 +73,9 @@ mod bench;
 mod bench_preprocess;
 mod generate;
 mod preprocess;
+mod schedule;
 mod tokenizer;
+mod trace;
 mod train;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
@@ -84,5 +108,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Preprocess(args)) => bench_preprocess::run(args),
         Command::Preprocess(args) => preprocess::run(args),
         Command::Tokenizer(command) => tokenizer::run(command),
+        Command::Schedule(ScheduleCommand::Show(args)) => schedule::show(args),
+        Command::Schedule(ScheduleCommand::Check(args)) => schedule::check(args),
+        Command::Trace(TraceCommand::Replay(args)) => trace::replay_cmd(args),
+        Command::Trace(TraceCommand::Render(args)) => trace::render(args),
     }
 }

@@ -1,0 +1,112 @@
+//! `troupe trace replay|render`: what-if replay of a recorded trace under other schedules, and
+//! conversion of a trace to a timeline picture or Chrome JSON.
+
+use super::UsageError;
+use super::schedule::emit;
+use anyhow::Context as _;
+use std::path::PathBuf;
+use troupe::schedule::{ScheduleKind, ScheduleSpec, dims_ok};
+use troupe::trace::{Trace, render_png, render_svg, replay, timeline_scene, to_chrome};
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Trace file (troupe native form or troupe-written Chrome JSON).
+    pub trace: PathBuf,
+    /// Other schedules to compare (repeat or comma-separate): gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v.
+    #[arg(long = "schedule", value_delimiter = ',', value_parser = parse_kind)]
+    pub schedules: Vec<ScheduleKind>,
+    /// Chunks per rank for the other schedules that can vary it (interleaved).
+    #[arg(long)]
+    pub vpp: Option<usize>,
+    /// Interleaved only: microbatch group size N (default pp).
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RenderFormat {
+    Svg,
+    Png,
+    Chrome,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RenderArgs {
+    pub trace: PathBuf,
+    #[arg(long, value_enum, default_value = "svg")]
+    pub format: RenderFormat,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+fn parse_kind(s: &str) -> Result<ScheduleKind, String> {
+    s.parse()
+}
+
+fn read_trace(path: &PathBuf) -> anyhow::Result<Trace> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let trace = Trace::parse(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+    if !dims_ok(trace.pp, trace.vpp, trace.microbatches) {
+        let msg =
+            format!("{}: header sizes must be positive with pp*vpp*microbatches <= 2^26", path.display());
+        return Err(UsageError(msg).into());
+    }
+    Ok(trace)
+}
+
+pub fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
+    let trace = read_trace(&args.trace)?;
+    let specs: Vec<ScheduleSpec> = args
+        .schedules
+        .iter()
+        .map(|&kind| ScheduleSpec {
+            kind,
+            pp: trace.pp,
+            microbatches: trace.microbatches,
+            vpp: match kind {
+                ScheduleKind::Interleaved => args.vpp.unwrap_or(kind.default_vpp()),
+                _ => kind.default_vpp(),
+            },
+            group_size: args.group_size,
+        })
+        .collect();
+    let report = replay(&trace, &specs).map_err(|e| UsageError(format!("{}: {e}", args.trace.display())))?;
+    if args.json {
+        println!("{:#}", serde_json::to_value(&report)?);
+        return Ok(());
+    }
+    let c = &report.costs;
+    println!(
+        "measured: makespan {:.1} us; estimated per-chunk costs (us): F {:.1}  B {:.1}  I {:.1}  W {:.1}  message {:.1}",
+        report.measured_makespan, c.forward, c.backward, c.backward_input, c.backward_weight, c.latency
+    );
+    println!("{:<28} {:>4} {:>14} {:>8} {:>10}", "schedule", "vpp", "makespan (us)", "bubble", "peak (mb)");
+    for row in std::iter::once(&report.recorded).chain(&report.others) {
+        println!(
+            "{:<28} {:>4} {:>14.1} {:>8.4} {:>10.2}",
+            row.schedule, row.vpp, row.makespan, row.bubble, row.peak_in_flight
+        );
+    }
+    Ok(())
+}
+
+pub fn render(args: RenderArgs) -> anyhow::Result<()> {
+    let trace = read_trace(&args.trace)?;
+    let caption = format!(
+        "{} pp={} vpp={} microbatches={}  makespan {:.1} us",
+        trace.schedule.as_deref().unwrap_or("trace"),
+        trace.pp,
+        trace.vpp,
+        trace.microbatches,
+        trace.makespan()
+    );
+    let body = match args.format {
+        RenderFormat::Svg => render_svg(&timeline_scene(&trace, &caption)).into_bytes(),
+        RenderFormat::Png => render_png(&timeline_scene(&trace, &caption)),
+        RenderFormat::Chrome => to_chrome(&trace).into_bytes(),
+    };
+    emit(&body, args.out.as_deref(), args.format == RenderFormat::Png)
+}

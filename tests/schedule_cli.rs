@@ -1,0 +1,127 @@
+//! The `troupe schedule` and `troupe trace` commands end to end: output that feeds back into
+//! `check`, exit codes for bad input, files in every format, and replay of a written trace.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn troupe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_troupe")).args(args).output().expect("run troupe")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("troupe-schedule-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
+}
+
+#[test]
+fn shown_text_checks_back_with_the_same_stats() {
+    let out = troupe(&["schedule", "show", "--schedule", "1f1b", "--pp", "4", "--microbatches", "8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    assert!(text.contains("bubble 0.3750"), "(p-1)/m = 3/8 expected in:\n{text}");
+    let file = tmp("1f1b.txt");
+    std::fs::write(&file, &text).unwrap();
+    let check = troupe(&["schedule", "check", file.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(stdout(&check).contains("bubble 0.3750"));
+}
+
+#[test]
+fn broken_program_exits_2_and_names_the_spot() {
+    let file = tmp("broken.txt");
+    std::fs::write(&file, "pp=1 vpp=1 microbatches=2\n0: 0F0 0B0 0B1 0F1\n").unwrap();
+    let out = troupe(&["schedule", "check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rank 0, instruction 2") && err.contains("(mb 1, chunk 0)"), "{err}");
+}
+
+#[test]
+fn bad_flags_exit_2_with_advice() {
+    let out = troupe(&["schedule", "show", "--schedule", "interleaved", "--pp", "4", "--microbatches", "6"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("group sizes that work"));
+    let out = troupe(&[
+        "schedule",
+        "show",
+        "--schedule",
+        "1f1b",
+        "--pp",
+        "2",
+        "--microbatches",
+        "2",
+        "--costs",
+        "f=-1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = troupe(&[
+        "schedule",
+        "show",
+        "--schedule",
+        "1f1b",
+        "--pp",
+        "2",
+        "--microbatches",
+        "2",
+        "--format",
+        "png",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "PNG to a terminal is refused");
+}
+
+#[test]
+fn every_format_writes_a_file_and_traces_replay() {
+    for (format, magic) in [
+        ("svg", &b"<svg"[..]),
+        ("png", b"\x89PNG"),
+        ("chrome", b"{"),
+        ("json", b"{"),
+        ("trace", b"troupe-trace"),
+    ] {
+        let file = tmp(&format!("zbh1.{format}"));
+        let out = troupe(&[
+            "schedule",
+            "show",
+            "--schedule",
+            "zb-h1",
+            "--pp",
+            "4",
+            "--microbatches",
+            "8",
+            "--format",
+            format,
+            "--out",
+            file.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{format}: {}", String::from_utf8_lossy(&out.stderr));
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(bytes.starts_with(magic), "{format} output starts wrong");
+    }
+    for recorded in ["zbh1.chrome", "zbh1.trace"] {
+        let file = tmp(recorded);
+        let out = troupe(&["trace", "replay", file.to_str().unwrap(), "--schedule", "1f1b,interleaved"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = stdout(&out);
+        // the recorded zb-h1 order replays to its own bubble (p-1)/(3m) = 1/8
+        assert!(text.contains("zb-h1 (recorded order)") && text.contains("0.1250"), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("1f1b ") && l.contains("0.3750")), "{text}");
+    }
+}
+
+#[test]
+fn compute_only_order_is_lowered_and_printed() {
+    // hand-written 1F1B compute order for 2 ranks; check inserts the sends and receives
+    let file = tmp("compute.txt");
+    std::fs::write(&file, "pp=2 vpp=1 microbatches=2\n0: 0F0 0F1 0B0 0B1\n1: 0F0 0B0 0F1 0B1\n").unwrap();
+    let out = troupe(&["schedule", "check", "--print", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    let program = troupe::schedule::parse_program(&text).expect("printed program parses");
+    troupe::schedule::validate(&program).expect("and validates");
+    assert!(program.ranks[0].iter().any(|op| op.to_string() == "0SA1:1"), "{text}");
+}
