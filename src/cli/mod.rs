@@ -23,6 +23,8 @@ pub enum Command {
     Config(ConfigCommand),
     /// Sample text from a checkpoint (KV-cached decoding).
     Generate(generate::GenerateArgs),
+    /// Draw loss and learning-rate curves from a --log-json file.
+    Plot(plot::PlotArgs),
     /// Benchmarks (training throughput against the PyTorch peer, kernels).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -72,6 +74,7 @@ pub enum BenchCommand {
 mod bench;
 mod bench_preprocess;
 mod generate;
+mod plot;
 mod preprocess;
 mod schedule;
 mod tokenizer;
@@ -104,6 +107,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::train(*args),
         Command::Config(ConfigCommand::Show(args)) => train::config_show(*args),
         Command::Generate(args) => generate::generate(args),
+        Command::Plot(args) => plot::plot(args),
         Command::Bench(BenchCommand::Train(args)) => bench::train(args),
         Command::Bench(BenchCommand::Preprocess(args)) => bench_preprocess::run(args),
         Command::Preprocess(args) => preprocess::run(args),

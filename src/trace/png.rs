@@ -85,6 +85,17 @@ impl Canvas {
         }
     }
 
+    /// A segment drawn by stamping `width`-pixel squares along it (one per pixel of length).
+    fn line(&mut self, (x1, y1): (f64, f64), (x2, y2): (f64, f64), width: f64, c: Rgb) {
+        let steps = (x2 - x1).abs().max((y2 - y1).abs()).ceil().clamp(1.0, 1e5) as usize;
+        let h = width.max(1.0) / 2.0;
+        for i in 0..=steps {
+            let t = i as f64 / steps as f64;
+            let (x, y) = (x1 + (x2 - x1) * t, y1 + (y2 - y1) * t);
+            self.fill(x - h, y - h, x + h, y + h, c);
+        }
+    }
+
     fn text(&mut self, x: f64, baseline: f64, size: f64, centered: bool, text: &str, c: Rgb) {
         let s = (size / 7.0).round().max(1.0);
         let width = text.chars().count() as f64 * 4.0 * s - s;
@@ -112,6 +123,9 @@ pub(crate) fn rasterize(scene: &Scene) -> Vec<u8> {
     for shape in &scene.shapes {
         match shape {
             Shape::Rect { x, y, w, h, fill, stroke } => canvas.rect(*x, *y, *w, *h, *fill, *stroke),
+            Shape::Line { x1, y1, x2, y2, width, color } => {
+                canvas.line((*x1, *y1), (*x2, *y2), *width, *color)
+            }
             Shape::Text { x, y, size, centered, text, color } => {
                 canvas.text(*x, *y, *size, *centered, text, *color)
             }

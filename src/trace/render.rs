@@ -20,6 +20,15 @@ pub enum Shape {
         fill: Rgb,
         stroke: Option<Rgb>,
     },
+    /// A straight segment `width` pixels wide (curves are polylines of these).
+    Line {
+        x1: f64,
+        y1: f64,
+        x2: f64,
+        y2: f64,
+        width: f64,
+        color: Rgb,
+    },
     /// `x` is the centre when `centered`, else the left edge; `y` is the baseline.
     Text {
         x: f64,
@@ -151,6 +160,13 @@ pub fn render_svg(scene: &Scene) -> String {
                     out,
                     "<rect x=\"{x:.2}\" y=\"{y:.2}\" width=\"{w:.2}\" height=\"{h:.2}\" fill=\"{}\"{stroke}/>",
                     hex(*fill)
+                )
+            }
+            Shape::Line { x1, y1, x2, y2, width, color } => {
+                writeln!(
+                    out,
+                    "<line x1=\"{x1:.1}\" y1=\"{y1:.1}\" x2=\"{x2:.1}\" y2=\"{y2:.1}\" stroke=\"{}\" stroke-width=\"{width}\"/>",
+                    hex(*color)
                 )
             }
             Shape::Text { x, y, size, centered, text, color } => {

@@ -4,6 +4,7 @@
 
 pub mod corpus;
 pub mod data;
+pub mod plot;
 pub mod run;
 
 use thiserror::Error;

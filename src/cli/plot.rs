@@ -1,0 +1,40 @@
+//! `troupe plot FILE.jsonl --out loss.png`: loss and learning-rate curves from a `--log-json` file
+//! (PNG or SVG by the output's extension).
+
+use std::path::PathBuf;
+
+use troupe::trace::{render_png, render_svg};
+use troupe::train::plot::{parse_log, plot_scene};
+
+use super::UsageError;
+
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// A `--log-json` file written by `troupe train`.
+    pub log: PathBuf,
+    /// Output image (.png or .svg).
+    #[arg(long, default_value = "loss.png")]
+    pub out: PathBuf,
+}
+
+pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.log)
+        .map_err(|e| UsageError(format!("cannot read {}: {e}", args.log.display())))?;
+    let (points, bad) = parse_log(&text);
+    if points.is_empty() {
+        return Err(UsageError(format!("{} holds no step records", args.log.display())).into());
+    }
+    if bad > 0 {
+        eprintln!("troupe plot: skipped {bad} malformed line(s) in {}", args.log.display());
+    }
+    let scene = plot_scene(&points);
+    let bytes = match args.out.extension().and_then(|e| e.to_str()) {
+        Some("svg") => render_svg(&scene).into_bytes(),
+        Some("png") => render_png(&scene),
+        _ => return Err(UsageError(format!("--out {}: use a .png or .svg name", args.out.display())).into()),
+    };
+    std::fs::write(&args.out, bytes)
+        .map_err(|e| UsageError(format!("cannot write {}: {e}", args.out.display())))?;
+    eprintln!("wrote {} ({} steps)", args.out.display(), points.len());
+    Ok(())
+}
