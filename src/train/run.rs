@@ -164,6 +164,7 @@ pub fn run(
         match result {
             Ok(stats) => {
                 final_loss = stats.loss;
+                tracing::debug!(step = state.step, loss = stats.loss, lr, grad_norm = stats.grad_norm, "step");
                 let now = Instant::now();
                 let secs = now.duration_since(last.0).as_secs_f64().max(1e-9);
                 let tokens = (state.step - last.1) as f64 * (t.global_batch_size * seq) as f64;
@@ -179,6 +180,7 @@ pub fn run(
             }
             Err(TrainError::NonFiniteLoss { mb, loss, .. }) if t.nan_policy == NanPolicy::Skip => {
                 state.skipped_steps += 1;
+                tracing::warn!(step = state.step, microbatch = mb, loss, "non-finite loss: step skipped");
                 on(&Event::Skipped { step: state.step, microbatch: mb, loss });
             }
             Err(e) => return Err(e.into()),
@@ -188,6 +190,7 @@ pub fn run(
             data.valid.filter(|_| l.eval_interval > 0 && state.step.is_multiple_of(l.eval_interval))
         {
             let loss = evaluate(cfg, be, trainer, valid)?;
+            tracing::info!(step = state.step, val_loss = loss, "evaluation");
             let sample = data.sample.map(|f| f(&trainer.model, be));
             on(&Event::Eval { step: state.step, loss, perplexity: loss.exp(), sample });
         }
@@ -211,6 +214,7 @@ fn save(
     on: &mut dyn FnMut(&Event),
 ) -> Result<(), RunError> {
     let dir = checkpoint::save(Path::new(&cfg.checkpoint.save), state, &trainer.model, &trainer.opt)?;
+    tracing::info!(step = state.step, path = %dir.display(), "checkpoint saved");
     on(&Event::Saved { step: state.step, path: dir.display().to_string() });
     Ok(())
 }
