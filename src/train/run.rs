@@ -164,7 +164,13 @@ pub fn run(
         match result {
             Ok(stats) => {
                 final_loss = stats.loss;
-                tracing::debug!(step = state.step, loss = stats.loss, lr, grad_norm = stats.grad_norm, "step");
+                tracing::debug!(
+                    step = state.step,
+                    loss = stats.loss,
+                    lr,
+                    grad_norm = stats.grad_norm,
+                    "step"
+                );
                 let now = Instant::now();
                 let secs = now.duration_since(last.0).as_secs_f64().max(1e-9);
                 let tokens = (state.step - last.1) as f64 * (t.global_batch_size * seq) as f64;

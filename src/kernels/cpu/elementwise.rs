@@ -104,10 +104,15 @@ pub(super) fn encoder_backward(
     });
 }
 
-fn row_lse(row: &[f32]) -> f32 {
+/// (max, Σ exp(x − max)) of a row: the loss of target t is ln(sum) − (x_t − max), computed the
+/// same way by the fused and the forward-only kernel so they agree bitwise.
+fn row_max_sum(row: &[f32]) -> (f32, f32) {
     let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-    let sum: f32 = row.iter().map(|&x| fastmath::exp(x - mx)).sum();
-    mx + sum.ln()
+    let mut sum = 0.0f32;
+    for &x in row {
+        sum += fastmath::exp(x - mx);
+    }
+    (mx, sum)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -123,10 +128,19 @@ pub(super) fn crossentropy_fused(
     assert_eq!((logits.len(), losses.len(), targets.len()), (rows * vp, rows, rows), "xent");
     logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).enumerate().for_each(|(i, (row, loss))| {
         let tgt = targets[i] as usize;
-        let lse = row_lse(&row[..v]);
-        *loss = lse - row[tgt];
-        for x in &mut row[..v] {
-            *x = fastmath::exp(*x - lse) * dloss;
+        let real = &mut row[..v];
+        // Three passes: max; exp(x − max) written in place and summed; scale. One exp per logit.
+        let mx = real.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let target_shifted = real[tgt] - mx;
+        let mut sum = 0.0f32;
+        for x in real.iter_mut() {
+            *x = fastmath::exp(*x - mx);
+            sum += *x;
+        }
+        *loss = sum.ln() - target_shifted;
+        let k = dloss / sum;
+        for x in real.iter_mut() {
+            *x *= k;
         }
         row[tgt] -= dloss;
         row[v..].fill(0.0);
@@ -144,7 +158,8 @@ pub(super) fn crossentropy_forward(
     assert_eq!((logits.len(), losses.len(), targets.len()), (rows * vp, rows, rows), "xent");
     losses.par_iter_mut().enumerate().for_each(|(i, loss)| {
         let row = &logits[i * vp..i * vp + v];
-        *loss = row_lse(row) - row[targets[i] as usize];
+        let (mx, sum) = row_max_sum(row);
+        *loss = sum.ln() - (row[targets[i] as usize] - mx);
     });
 }
 
