@@ -7,6 +7,7 @@
 //! This file is the table of contents; see ARCHITECTURE.md for the layers.
 
 pub mod actors;
+pub mod comm;
 pub mod kernels;
 pub mod models;
 pub mod optim;
