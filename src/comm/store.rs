@@ -467,7 +467,7 @@ fn accept_loop(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let Ok(stream) = conn else { continue };
+        let Ok(mut stream) = conn else { continue };
         let _ = stream.set_nodelay(true);
         if let Ok(c) = stream.try_clone()
             && let Ok(mut g) = conns.lock()
@@ -478,34 +478,33 @@ fn accept_loop(
         let _ = std::thread::Builder::new()
             .name("store-conn".into())
             .spawn(move || {
-                // A protocol violation or a closed socket ends this connection only.
-                let _ = serve(stream, &table, &stop);
+                // A protocol violation or a closed socket ends this connection only; shut it
+                // down explicitly because the server keeps a clone for its own shutdown.
+                let _ = serve(&mut stream, &table, &stop);
+                let _ = stream.shutdown(Shutdown::Both);
             });
     }
 }
 
-fn serve(mut s: TcpStream, t: &Table, stop: &AtomicBool) -> std::io::Result<()> {
+fn serve(s: &mut TcpStream, t: &Table, stop: &AtomicBool) -> std::io::Result<()> {
     let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-    if read_u8(&mut s)? != Query::Validate as u8 || read_u32(&mut s)? != MAGIC {
+    if read_u8(s)? != Query::Validate as u8 || read_u32(s)? != MAGIC {
         return Err(bad(
             "connection did not start with VALIDATE and the magic".into()
         ));
     }
     loop {
-        let q = read_u8(&mut s)?;
+        let q = read_u8(s)?;
         let mut out = Vec::new();
         match q {
             1 => {
-                let (k, v) = (read_bytes(&mut s, MAX_KEY)?, read_bytes(&mut s, MAX_VALUE)?);
+                let (k, v) = (read_bytes(s, MAX_KEY)?, read_bytes(s, MAX_VALUE)?);
                 t.lock().insert(k, v);
                 t.cv.notify_all();
             }
             2 => {
-                let k = read_bytes(&mut s, MAX_KEY)?;
-                let (exp, des) = (
-                    read_bytes(&mut s, MAX_VALUE)?,
-                    read_bytes(&mut s, MAX_VALUE)?,
-                );
+                let k = read_bytes(s, MAX_KEY)?;
+                let (exp, des) = (read_bytes(s, MAX_VALUE)?, read_bytes(s, MAX_VALUE)?);
                 let mut m = t.lock();
                 let now = match m.get(&k) {
                     None if exp.is_empty() => {
@@ -524,13 +523,13 @@ fn serve(mut s: TcpStream, t: &Table, stop: &AtomicBool) -> std::io::Result<()> 
                 put_bytes(&mut out, &now);
             }
             3 => {
-                let k = read_bytes(&mut s, MAX_KEY)?;
+                let k = read_bytes(s, MAX_KEY)?;
                 let v = t.lock().get(&k).cloned().unwrap_or_default();
                 put_bytes(&mut out, &v);
             }
             4 => {
-                let k = read_bytes(&mut s, MAX_KEY)?;
-                let delta = read_u64(&mut s)? as i64;
+                let k = read_bytes(s, MAX_KEY)?;
+                let delta = read_u64(s)? as i64;
                 let mut m = t.lock();
                 let cur = match m.get(&k) {
                     None => 0,
@@ -546,42 +545,42 @@ fn serve(mut s: TcpStream, t: &Table, stop: &AtomicBool) -> std::io::Result<()> 
                 out.extend_from_slice(&new.to_le_bytes());
             }
             5 => {
-                let keys = read_keys(&mut s)?;
+                let keys = read_keys(s)?;
                 let m = t.lock();
                 out.push(u8::from(!keys.iter().all(|k| m.contains_key(k))));
             }
             6 => {
-                let keys = read_keys(&mut s)?;
-                serve_wait(&mut s, t, stop, &keys)?;
+                let keys = read_keys(s)?;
+                serve_wait(s, t, stop, &keys)?;
             }
             7 => out.extend_from_slice(&(t.lock().len() as i64).to_le_bytes()),
             8 => {
-                let k = read_bytes(&mut s, MAX_KEY)?;
+                let k = read_bytes(s, MAX_KEY)?;
                 let gone = t.lock().remove(&k).is_some();
                 out.extend_from_slice(&i64::from(gone).to_le_bytes());
             }
             9 => {
-                let (k, v) = (read_bytes(&mut s, MAX_KEY)?, read_bytes(&mut s, MAX_VALUE)?);
+                let (k, v) = (read_bytes(s, MAX_KEY)?, read_bytes(s, MAX_VALUE)?);
                 t.lock().entry(k).or_default().extend_from_slice(&v);
                 t.cv.notify_all();
             }
             10 => {
-                let keys = read_keys(&mut s)?;
+                let keys = read_keys(s)?;
                 let m = t.lock();
                 for k in &keys {
                     put_bytes(&mut out, m.get(k).map(Vec::as_slice).unwrap_or_default());
                 }
             }
             11 => {
-                let n = read_u64(&mut s)?.min(MAX_KEYS);
+                let n = read_u64(s)?.min(MAX_KEYS);
                 for _ in 0..n {
-                    let (k, v) = (read_bytes(&mut s, MAX_KEY)?, read_bytes(&mut s, MAX_VALUE)?);
+                    let (k, v) = (read_bytes(s, MAX_KEY)?, read_bytes(s, MAX_VALUE)?);
                     t.lock().insert(k, v);
                 }
                 t.cv.notify_all();
             }
             12 => out.push(1),
-            13 => out.extend_from_slice(&read_u32(&mut s)?.to_le_bytes()),
+            13 => out.extend_from_slice(&read_u32(s)?.to_le_bytes()),
             other => return Err(bad(format!("unknown query type {other}"))),
         }
         if !out.is_empty() {

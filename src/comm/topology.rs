@@ -152,7 +152,9 @@ impl Topology {
     }
 
     /// First and last stage of `rank`'s pipeline (one rank when there is one stage). Tied input
-    /// and output embeddings all-reduce their gradients over this group.
+    /// and output embeddings all-reduce their gradients over this group. For a middle stage this
+    /// is still its pipeline's pair, which does not contain `rank`: such ranks create no
+    /// embedding communicator.
     pub fn embedding_group(&self, rank: usize) -> Vec<usize> {
         let g = self.pp_group(rank);
         if g.len() == 1 {
