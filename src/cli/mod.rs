@@ -19,15 +19,21 @@ pub enum Command {
     /// Benchmarks (training throughput against the PyTorch peer, kernels).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Start this node's ranks with a torchrun-compatible environment.
+    Launch(launch::LaunchArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Time full training steps (forward, backward, AdamW) and print one JSON line.
     Train(bench::TrainBenchArgs),
+    /// Time a collective over sizes (algbw/busbw like nccl-tests) against the machine's reference.
+    Comm(bench_comm::CommBenchArgs),
 }
 
 mod bench;
+mod bench_comm;
+mod launch;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
@@ -63,5 +69,7 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bench(BenchCommand::Train(args)) => bench::train(args),
+        Command::Bench(BenchCommand::Comm(args)) => bench_comm::comm(args),
+        Command::Launch(args) => launch::launch(args),
     }
 }
