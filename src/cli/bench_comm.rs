@@ -50,6 +50,9 @@ pub struct CommBenchArgs {
     /// Verify one result of each size against the expected values (fails on a mismatch).
     #[arg(long)]
     pub check: bool,
+    /// Ring segment size in bytes (the pipelining unit; suffixes as for --size).
+    #[arg(long, default_value = "1M")]
+    pub segment: String,
     /// Per-message timeout in seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
@@ -229,6 +232,7 @@ pub fn comm(a: CommBenchArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let opts = CommOptions {
         timeout: Duration::from_secs(a.timeout),
+        segment_bytes: parse_size(&a.segment)?.max(1),
         ..CommOptions::default()
     };
     let launched = LaunchEnv::detect()?;

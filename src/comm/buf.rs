@@ -6,6 +6,9 @@
 //! `[c·⌊L/n⌋ + min(c, L mod n), …)` of length `⌊L/n⌋ + (c < L mod n)`: the first `L mod n`
 //! chunks hold one extra element. Reduce-scatter and all-gather use these ranges.
 
+use std::any::Any;
+use std::sync::Arc;
+
 use half::bf16;
 
 /// Element type of a [`Buf`].
@@ -262,19 +265,22 @@ impl AlignedBytes {
 pub(crate) enum Payload {
     Buf(Buf),
     Bytes(DType, AlignedBytes),
+    /// A lent `Arc<Vec<T>>` (in-process shared-memory collectives only).
+    Shared(DType, usize, Arc<dyn Any + Send + Sync>),
 }
 
 impl Payload {
     pub(crate) fn dtype(&self) -> DType {
         match self {
             Payload::Buf(b) => b.dtype(),
-            Payload::Bytes(d, _) => *d,
+            Payload::Bytes(d, _) | Payload::Shared(d, _, _) => *d,
         }
     }
     pub(crate) fn len(&self) -> usize {
         match self {
             Payload::Buf(b) => b.len(),
             Payload::Bytes(d, a) => a.len / d.size(),
+            Payload::Shared(_, n, _) => *n,
         }
     }
     /// Views the elements; `None` when the dtype differs.
@@ -282,6 +288,7 @@ impl Payload {
         match self {
             Payload::Buf(b) => T::slice(b),
             Payload::Bytes(_, a) => bytemuck::try_cast_slice(a.bytes()).ok(),
+            Payload::Shared(_, _, a) => a.downcast_ref::<Vec<T>>().map(Vec::as_slice),
         }
     }
     /// Turns the payload into an owned buffer (moves when it already is one).
@@ -293,6 +300,14 @@ impl Payload {
                 DType::Bf16 => Buf::Bf16(pod_vec(a.bytes())),
                 DType::I64 => Buf::I64(pod_vec(a.bytes())),
             },
+            Payload::Shared(d, _, a) => {
+                let cloned = match d {
+                    DType::F32 => a.downcast_ref::<Vec<f32>>().map(|v| Buf::F32(v.clone())),
+                    DType::Bf16 => a.downcast_ref::<Vec<bf16>>().map(|v| Buf::Bf16(v.clone())),
+                    DType::I64 => a.downcast_ref::<Vec<i64>>().map(|v| Buf::I64(v.clone())),
+                };
+                cloned.unwrap_or_else(|| Buf::zeros(d, 0))
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use super::error::LinkError;
 use super::link::Link;
 use super::mailbox::{Key, Kind};
 use super::work::{Completer, Work, work_pair};
-use super::{Comm, CommError, CommOptions, ring};
+use super::{Comm, CommError, CommOptions, direct, ring};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -129,6 +129,47 @@ impl<L: Link> Ctx<L> {
         }
         Ok(p)
     }
+    /// Lends `data` to group rank `peer`.
+    pub(crate) fn send_shared(
+        &self,
+        peer: usize,
+        step: u32,
+        data: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<(), CommError> {
+        let key = self.key(step, 0);
+        // Only direct.rs lends, always a Vec of a supported element type.
+        let (dtype, len) = shared_shape(&*data).unwrap_or((DType::F32, 0));
+        self.link
+            .send_shared(self.members[peer], key, dtype, len, data)
+            .map_err(|e| self.err(peer, key, e))
+    }
+    /// Borrows a vector lent by group rank `peer`, checking its type and length.
+    pub(crate) fn recv_shared<T: Elem>(
+        &self,
+        peer: usize,
+        step: u32,
+        len: usize,
+    ) -> Result<Arc<Vec<T>>, CommError> {
+        let p = self.recv::<T>(peer, step, 0, len)?;
+        let key = self.key(step, 0);
+        match p {
+            Payload::Shared(_, _, a) => a.downcast::<Vec<T>>().map_err(|_| {
+                let e = LinkError::Mismatch {
+                    expected: format!("a lent {} vector", T::DTYPE),
+                    got: "another type".into(),
+                };
+                self.err(peer, key, e)
+            }),
+            _ => Err(self.err(
+                peer,
+                key,
+                LinkError::Mismatch {
+                    expected: "a lent vector".into(),
+                    got: "a copied message".into(),
+                },
+            )),
+        }
+    }
     pub(crate) fn elems<'a, T: Elem>(
         &self,
         p: &'a Payload,
@@ -144,6 +185,17 @@ impl<L: Link> Ctx<L> {
             self.err(peer, self.key(step, seg), e)
         })
     }
+}
+
+/// Element type and length of a lent vector.
+fn shared_shape(a: &(dyn std::any::Any + Send + Sync)) -> Option<(DType, usize)> {
+    if let Some(v) = a.downcast_ref::<Vec<f32>>() {
+        return Some((DType::F32, v.len()));
+    }
+    if let Some(v) = a.downcast_ref::<Vec<half::bf16>>() {
+        return Some((DType::Bf16, v.len()));
+    }
+    a.downcast_ref::<Vec<i64>>().map(|v| (DType::I64, v.len()))
 }
 
 /// A communicator for one group of world ranks over a shared link.
@@ -339,22 +391,37 @@ impl<L: Link> Comm for Group<L> {
     }
 
     fn all_reduce(&self, mut buf: Buf, op: ReduceOp) -> Work<Buf> {
+        let shared = self.link.shares_memory();
         self.enqueue(Kind::AllReduce, move |cx| {
-            typed!(&mut buf, |v| ring::all_reduce(cx, v, op))?;
+            if shared {
+                typed!(&mut buf, |v| direct::all_reduce(cx, v, op))?;
+            } else {
+                typed!(&mut buf, |v| ring::all_reduce(cx, v, op))?;
+            }
             Ok(buf)
         })
     }
 
     fn reduce_scatter(&self, mut buf: Buf, op: ReduceOp) -> Work<Buf> {
+        let shared = self.link.shares_memory();
         self.enqueue(Kind::ReduceScatter, move |cx| {
-            typed!(&mut buf, |v| ring::reduce_scatter(cx, v, op))?;
+            if shared {
+                typed!(&mut buf, |v| direct::reduce_scatter(cx, v, op))?;
+            } else {
+                typed!(&mut buf, |v| ring::reduce_scatter(cx, v, op))?;
+            }
             Ok(buf)
         })
     }
 
     fn all_gather(&self, mut buf: Buf) -> Work<Buf> {
+        let shared = self.link.shares_memory();
         self.enqueue(Kind::AllGather, move |cx| {
-            typed!(&mut buf, |v| ring::all_gather_phase(cx, v, 0))?;
+            if shared {
+                typed!(&mut buf, |v| direct::all_gather(cx, v))?;
+            } else {
+                typed!(&mut buf, |v| ring::all_gather_phase(cx, v, 0))?;
+            }
             Ok(buf)
         })
     }

@@ -3,9 +3,10 @@
 //! rank's last communicator (including by a panicking thread unwinding) marks that rank dead in
 //! every other mailbox, so peers waiting on it fail at once instead of at the timeout.
 
+use std::any::Any;
 use std::sync::Arc;
 
-use super::buf::{Buf, Elem, Payload};
+use super::buf::{Buf, DType, Elem, Payload};
 use super::error::LinkError;
 use super::group::Group;
 use super::link::Link;
@@ -35,6 +36,20 @@ impl Link for InprocLink {
     }
     fn send_slice<T: Elem>(&self, to: usize, key: Key, data: &[T]) -> Result<(), LinkError> {
         self.send_buf(to, key, T::wrap(data.to_vec()))
+    }
+    fn send_shared(
+        &self,
+        to: usize,
+        key: Key,
+        dtype: DType,
+        len: usize,
+        data: Arc<dyn Any + Send + Sync>,
+    ) -> Result<(), LinkError> {
+        self.hub.boxes[to].push(self.rank, key, Payload::Shared(dtype, len, data));
+        Ok(())
+    }
+    fn shares_memory(&self) -> bool {
+        true
     }
     fn mailbox(&self) -> &Mailbox {
         &self.hub.boxes[self.rank]

@@ -22,6 +22,7 @@
 //! ```
 
 mod buf;
+mod direct;
 pub mod env;
 mod error;
 mod group;
