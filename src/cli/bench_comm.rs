@@ -51,7 +51,7 @@ pub struct CommBenchArgs {
     #[arg(long)]
     pub check: bool,
     /// Ring segment size in bytes (the pipelining unit; suffixes as for --size).
-    #[arg(long, default_value = "1M")]
+    #[arg(long, default_value = "4M")]
     pub segment: String,
     /// Per-message timeout in seconds.
     #[arg(long, default_value_t = 60)]

@@ -239,24 +239,64 @@ pub fn chunk_range(len: usize, n: usize, c: usize) -> std::ops::Range<usize> {
 }
 
 /// Bytes received from the wire, stored 8-byte aligned so they can be viewed as any element type.
+/// A buffer taken from a [`BytePool`] goes back to it when dropped, so steady-state receives do
+/// not allocate (or page-fault) per frame.
 #[derive(Debug)]
 pub(crate) struct AlignedBytes {
     words: Vec<u64>,
     len: usize,
+    home: Option<Arc<BytePool>>,
 }
 
 impl AlignedBytes {
-    pub(crate) fn zeroed(len: usize) -> Self {
-        Self {
-            words: vec![0u64; len.div_ceil(8)],
-            len,
-        }
-    }
     pub(crate) fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice(&self.words)[..self.len]
     }
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+    }
+}
+
+impl Drop for AlignedBytes {
+    fn drop(&mut self) {
+        if let Some(pool) = self.home.take() {
+            pool.give(std::mem::take(&mut self.words));
+        }
+    }
+}
+
+/// Recycled receive buffers (a few per connection).
+#[derive(Debug, Default)]
+pub(crate) struct BytePool {
+    free: std::sync::Mutex<Vec<Vec<u64>>>,
+}
+
+impl BytePool {
+    const KEEP: usize = 8;
+
+    /// A buffer of `len` bytes; its contents are unspecified (the caller overwrites them).
+    pub(crate) fn take(self: &Arc<Self>, len: usize) -> AlignedBytes {
+        let need = len.div_ceil(8);
+        let reused = match self.free.lock() {
+            Ok(mut f) => f
+                .iter()
+                .position(|w| w.len() >= need)
+                .map(|i| f.swap_remove(i)),
+            Err(_) => None,
+        };
+        AlignedBytes {
+            words: reused.unwrap_or_else(|| vec![0u64; need]),
+            len,
+            home: Some(self.clone()),
+        }
+    }
+
+    fn give(&self, words: Vec<u64>) {
+        if let Ok(mut f) = self.free.lock()
+            && f.len() < Self::KEEP
+        {
+            f.push(words);
+        }
     }
 }
 

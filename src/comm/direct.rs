@@ -64,9 +64,19 @@ fn reduce_own_chunk<T: Elem, L: Link>(
     lend(cx, 0, mine)?;
     let inputs = borrow_all(cx, 0, mine, |_| len)?;
     let r = chunk_range(len, n, me);
-    let mut acc = inputs[(me + 1) % n][r.clone()].to_vec();
-    for k in 2..=n {
-        fold_acc(op, &mut acc, &inputs[(me + k) % n][r.clone()]);
+    // Cache-sized blocks: each block is folded over all n inputs while it sits in L1/L2, so the
+    // chunk is written to memory once instead of once per input.
+    const BLOCK: usize = 8192;
+    let mut acc: Vec<T> = Vec::with_capacity(r.len());
+    let mut a = r.start;
+    while a < r.end {
+        let b = (a + BLOCK).min(r.end);
+        let at = acc.len();
+        acc.extend_from_slice(&inputs[(me + 1) % n][a..b]);
+        for k in 2..=n {
+            fold_acc(op, &mut acc[at..], &inputs[(me + k) % n][a..b]);
+        }
+        a = b;
     }
     Ok(acc)
 }

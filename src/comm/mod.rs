@@ -58,7 +58,7 @@ impl Default for CommOptions {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(600),
-            segment_bytes: 1 << 20,
+            segment_bytes: 4 << 20,
             checksum: false,
         }
     }

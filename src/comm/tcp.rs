@@ -20,7 +20,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::buf::{AlignedBytes, Buf, DType, Elem, Payload};
+use super::buf::{Buf, BytePool, DType, Elem, Payload};
 use super::env::LaunchEnv;
 use super::error::LinkError;
 use super::group::Group;
@@ -164,6 +164,7 @@ fn reader_loop(mut s: TcpStream, peer: usize, mailbox: Arc<Mailbox>) {
 }
 
 fn read_frames(s: &mut TcpStream, peer: usize, mailbox: &Mailbox) -> std::io::Result<()> {
+    let pool = Arc::new(BytePool::default());
     let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
     let mut h = [0u8; HEADER];
     loop {
@@ -189,7 +190,7 @@ fn read_frames(s: &mut TcpStream, peer: usize, mailbox: &Mailbox) -> std::io::Re
         if !n.is_multiple_of(dtype.size() as u64) || n > 1 << 40 {
             return Err(bad(format!("frame length {n} does not fit dtype {dtype}")));
         }
-        let mut data = AlignedBytes::zeroed(n as usize);
+        let mut data = pool.take(n as usize);
         s.read_exact(data.bytes_mut())?;
         if h[6] & 1 == 1 && checksum(data.bytes()) != le_u64(&h[40..48]) {
             return Err(bad(format!("checksum mismatch on {}", key.describe())));
