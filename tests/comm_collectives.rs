@@ -274,7 +274,8 @@ fn short() -> CommOptions {
 }
 
 fn timeout_named(b: Backend) {
-    let got = on_all(make_world(b, 3, short()), |c| {
+    let all_failed = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let got = on_all(make_world(b, 3, short()), move |c| {
         let start = Instant::now();
         // Rank 2 never joins the all-reduce; it waits for a message that never comes.
         let r = if c.rank() == 2 {
@@ -284,9 +285,10 @@ fn timeout_named(b: Backend) {
                 .wait()
                 .map(|_| ())
         };
+        let took = start.elapsed();
         // Keep this rank alive until everyone has timed out, so only timeouts are seen.
-        std::thread::sleep(Duration::from_millis(100));
-        (r.unwrap_err(), start.elapsed())
+        all_failed.wait();
+        (r.unwrap_err(), took)
     });
     for (rank, (e, took)) in got.into_iter().enumerate() {
         assert!(
@@ -353,9 +355,64 @@ fn dead_peer_is_reported_before_the_timeout() {
 }
 
 #[test]
+fn works_as_a_future() {
+    let got = on_all(make_world(Backend::Tcp, 2, opts()), |c| {
+        troupe::comm::block_on(async move {
+            let x = c
+                .all_reduce(Buf::I64(vec![c.rank() as i64 + 1; 3]), ReduceOp::Sum)
+                .await?;
+            c.barrier().await?;
+            Ok::<_, CommError>(x)
+        })
+    });
+    for g in got {
+        assert_eq!(g.unwrap(), Buf::I64(vec![3; 3]));
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    let comms = make_world(Backend::Inproc, 2, opts());
+    let c = &comms[0];
+    let e = c
+        .send(Buf::F32(vec![1.0]), 5, 0)
+        .wait()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("peer 5") && e.contains("rank 0"), "{e}");
+    assert!(c.broadcast(Buf::F32(vec![]), 9).wait().is_err());
+    assert!(
+        c.new_group(&[1], "dp[1]").is_err(),
+        "rank 0 is not a member"
+    );
+    assert!(c.new_group(&[0, 0], "dup").is_err());
+    // A length mismatch between ranks is named, not a panic.
+    let got = on_all(make_world(Backend::Tcp, 2, opts()), |c| {
+        if c.rank() == 0 {
+            c.send(Buf::F32(vec![1.0; 3]), 1, 9)
+                .wait()
+                .map(|_| Buf::F32(vec![]))
+        } else {
+            c.recv(DType::F32, 4, 0, 9).wait()
+        }
+    });
+    let e = got[1].clone().unwrap_err().to_string();
+    assert!(
+        e.contains("expected 4 × f32, got 3 × f32") && e.contains("p2p tag 9"),
+        "{e}"
+    );
+}
+
+#[test]
 fn subgroups_from_topology() {
+    for b in [Backend::Inproc, Backend::Tcp] {
+        subgroups_on(b);
+    }
+}
+
+fn subgroups_on(b: Backend) {
     let topo = troupe::comm::Topology::new(8, 2, 2, 2).unwrap();
-    let got = on_all(make_world(Backend::Inproc, 8, opts()), move |c| {
+    let got = on_all(make_world(b, 8, opts()), move |c| {
         let r = c.rank();
         let (name, ranks) = topo.group(troupe::comm::GroupKind::Data, r);
         let dp = c.new_group(&ranks, &name).unwrap();
