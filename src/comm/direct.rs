@@ -67,7 +67,9 @@ fn reduce_own_chunk<T: Elem, L: Link>(
     // Cache-sized blocks: each block is folded over all n inputs while it sits in L1/L2, so the
     // chunk is written to memory once instead of once per input.
     const BLOCK: usize = 8192;
-    let mut acc: Vec<T> = Vec::with_capacity(r.len());
+    let mut acc: Vec<T> = cx.take_scratch().unwrap_or_default();
+    acc.clear();
+    acc.reserve(r.len());
     let mut a = r.start;
     while a < r.end {
         let b = (a + BLOCK).min(r.end);
@@ -102,6 +104,8 @@ pub(crate) fn all_reduce<T: Elem, L: Link>(
             out[chunk_range(len, n, p)].copy_from_slice(c);
         }
         *buf = out;
+        drop(chunks);
+        cx.keep_scratch(reduced);
     }
     finish(op, n, buf);
     Ok(())
@@ -124,6 +128,7 @@ pub(crate) fn reduce_scatter<T: Elem, L: Link>(
         let mut out = reclaim(mine);
         out[r.clone()].copy_from_slice(&reduced);
         *buf = out;
+        cx.keep_scratch(Arc::new(reduced));
     }
     finish(op, n, &mut buf[r]);
     Ok(())

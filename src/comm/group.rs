@@ -42,9 +42,31 @@ pub(crate) struct Ctx<L: Link> {
     opts: CommOptions,
     kind: Kind,
     seq: u64,
+    scratch: Arc<Mutex<Option<Lent>>>,
 }
 
+/// A vector this rank lent in its previous collective, kept so the next one can reuse its memory
+/// once every borrower has dropped it (a fresh multi-megabyte allocation per operation costs
+/// thousands of page faults).
+pub(crate) type Lent = Arc<dyn std::any::Any + Send + Sync>;
+
 impl<L: Link> Ctx<L> {
+    /// The previous lent vector, if it has the right type and nobody borrows it any more.
+    pub(crate) fn take_scratch<T: Elem>(&self) -> Option<Vec<T>> {
+        let lent = match self.scratch.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        }?;
+        Arc::try_unwrap(lent.downcast::<Vec<T>>().ok()?).ok()
+    }
+    /// Remembers `lent` for [`Ctx::take_scratch`].
+    pub(crate) fn keep_scratch(&self, lent: Lent) {
+        match self.scratch.lock() {
+            Ok(mut g) => *g = Some(lent),
+            Err(p) => *p.into_inner() = Some(lent),
+        }
+    }
+
     pub(crate) fn size(&self) -> usize {
         self.members.len()
     }
@@ -208,6 +230,7 @@ pub(crate) struct Group<L: Link> {
     opts: CommOptions,
     seq: AtomicU64,
     stream: Mutex<mpsc::Sender<Job>>,
+    scratch: Arc<Mutex<Option<Lent>>>,
 }
 
 macro_rules! typed {
@@ -274,6 +297,7 @@ impl<L: Link> Group<L> {
             opts,
             seq: AtomicU64::new(0),
             stream: Mutex::new(tx),
+            scratch: Arc::default(),
         })
     }
 
@@ -304,6 +328,7 @@ impl<L: Link> Group<L> {
             opts: self.opts.clone(),
             kind,
             seq,
+            scratch: self.scratch.clone(),
         }
     }
 
