@@ -139,11 +139,16 @@ pub(crate) fn all_gather<T: Elem, L: Link>(cx: &Ctx<L>, buf: &mut [T]) -> Result
     if n == 1 {
         return Ok(());
     }
-    let own = Arc::new(buf[chunk_range(len, n, cx.me())].to_vec());
+    let mut own: Vec<T> = cx.take_scratch().unwrap_or_default();
+    own.clear();
+    own.extend_from_slice(&buf[chunk_range(len, n, cx.me())]);
+    let own = Arc::new(own);
     lend(cx, 0, &own)?;
     let chunks = borrow_all(cx, 0, &own, |p| chunk_range(len, n, p).len())?;
     for (p, c) in chunks.iter().enumerate().filter(|(p, _)| *p != cx.me()) {
         buf[chunk_range(len, n, p)].copy_from_slice(c);
     }
+    drop(chunks);
+    cx.keep_scratch(own);
     Ok(())
 }
