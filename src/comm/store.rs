@@ -502,48 +502,13 @@ fn serve(s: &mut TcpStream, t: &Table, stop: &AtomicBool) -> std::io::Result<()>
                 t.lock().insert(k, v);
                 t.cv.notify_all();
             }
-            2 => {
-                let k = read_bytes(s, MAX_KEY)?;
-                let (exp, des) = (read_bytes(s, MAX_VALUE)?, read_bytes(s, MAX_VALUE)?);
-                let mut m = t.lock();
-                let now = match m.get(&k) {
-                    None if exp.is_empty() => {
-                        m.insert(k, des.clone());
-                        des
-                    }
-                    None => exp,
-                    Some(cur) if *cur == exp => {
-                        m.insert(k, des.clone());
-                        des
-                    }
-                    Some(cur) => cur.clone(),
-                };
-                drop(m);
-                t.cv.notify_all();
-                put_bytes(&mut out, &now);
-            }
+            2 => put_bytes(&mut out, &compare_set(s, t)?),
             3 => {
                 let k = read_bytes(s, MAX_KEY)?;
                 let v = t.lock().get(&k).cloned().unwrap_or_default();
                 put_bytes(&mut out, &v);
             }
-            4 => {
-                let k = read_bytes(s, MAX_KEY)?;
-                let delta = read_u64(s)? as i64;
-                let mut m = t.lock();
-                let cur = match m.get(&k) {
-                    None => 0,
-                    Some(v) => std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|x| x.parse::<i64>().ok())
-                        .ok_or_else(|| bad("ADD on a non-numeric value".into()))?,
-                };
-                let new = cur.wrapping_add(delta);
-                m.insert(k, new.to_string().into_bytes());
-                drop(m);
-                t.cv.notify_all();
-                out.extend_from_slice(&new.to_le_bytes());
-            }
+            4 => out.extend_from_slice(&add(s, t)?.to_le_bytes()),
             5 => {
                 let keys = read_keys(s)?;
                 let m = t.lock();
@@ -587,6 +552,52 @@ fn serve(s: &mut TcpStream, t: &Table, stop: &AtomicBool) -> std::io::Result<()>
             s.write_all(&out)?;
         }
     }
+}
+
+/// COMPARE_SET semantics of ecosystem.md §2.4; returns the value to reply with.
+fn compare_set(s: &mut TcpStream, t: &Table) -> std::io::Result<Vec<u8>> {
+    let k = read_bytes(s, MAX_KEY)?;
+    let (exp, des) = (read_bytes(s, MAX_VALUE)?, read_bytes(s, MAX_VALUE)?);
+    let mut m = t.lock();
+    let now = match m.get(&k) {
+        None if exp.is_empty() => {
+            m.insert(k, des.clone());
+            des
+        }
+        None => exp,
+        Some(cur) if *cur == exp => {
+            m.insert(k, des.clone());
+            des
+        }
+        Some(cur) => cur.clone(),
+    };
+    drop(m);
+    t.cv.notify_all();
+    Ok(now)
+}
+
+/// ADD: the value is an i64 in ASCII decimal; a missing key counts as 0.
+fn add(s: &mut TcpStream, t: &Table) -> std::io::Result<i64> {
+    let k = read_bytes(s, MAX_KEY)?;
+    let delta = read_u64(s)? as i64;
+    let mut m = t.lock();
+    let cur = match m.get(&k) {
+        None => 0,
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|x| x.parse::<i64>().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "ADD on a non-numeric value",
+                )
+            })?,
+    };
+    let new = cur.wrapping_add(delta);
+    m.insert(k, new.to_string().into_bytes());
+    drop(m);
+    t.cv.notify_all();
+    Ok(new)
 }
 
 fn read_keys(s: &mut TcpStream) -> std::io::Result<Vec<Vec<u8>>> {
