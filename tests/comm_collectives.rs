@@ -427,3 +427,31 @@ fn subgroups_on(b: Backend) {
         assert_eq!(s, Buf::I64(vec![want]));
     }
 }
+
+#[test]
+fn launcher_env_world_with_rank0_hosting_the_store() {
+    use troupe::comm::env::LaunchEnv;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hs: Vec<_> = (0..3)
+        .map(|r| {
+            std::thread::spawn(move || {
+                let env = LaunchEnv::explicit(r, 3, "127.0.0.1", port).unwrap();
+                let c = tcp::connect_from_env(&env, opts()).unwrap();
+                let s = c
+                    .all_reduce(Buf::I64(vec![1 << r]), ReduceOp::Sum)
+                    .wait()
+                    .unwrap();
+                // Rank 0 owns the store: keep it alive until every rank has its result.
+                c.barrier().wait().unwrap();
+                s
+            })
+        })
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap(), Buf::I64(vec![7]));
+    }
+}
