@@ -22,6 +22,7 @@
 //! ```
 
 pub mod actors;
+pub mod comm;
 pub mod data;
 pub mod kernels;
 pub mod models;

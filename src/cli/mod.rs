@@ -39,6 +39,8 @@ pub enum Command {
     /// Traces: replay under other schedules, render timelines.
     #[command(subcommand)]
     Trace(TraceCommand),
+    /// Start this node's ranks with a torchrun-compatible environment.
+    Launch(launch::LaunchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,11 +71,15 @@ pub enum BenchCommand {
     Train(bench::TrainBenchArgs),
     /// Preprocessing throughput against the raw tokenizer encode, same text and workers.
     Preprocess(bench_preprocess::PreprocessBenchArgs),
+    /// Time a collective over sizes (algbw/busbw like nccl-tests) against the machine's reference.
+    Comm(bench_comm::CommBenchArgs),
 }
 
 mod bench;
+mod bench_comm;
 mod bench_preprocess;
 mod generate;
+mod launch;
 mod plot;
 mod preprocess;
 mod schedule;
@@ -116,5 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Schedule(ScheduleCommand::Check(args)) => schedule::check(args),
         Command::Trace(TraceCommand::Replay(args)) => trace::replay_cmd(args),
         Command::Trace(TraceCommand::Render(args)) => trace::render(args),
+        Command::Bench(BenchCommand::Comm(args)) => bench_comm::comm(args),
+        Command::Launch(args) => launch::launch(args),
     }
 }

@@ -1,0 +1,214 @@
+//! `troupe launch`: starts this node's ranks with a torchrun-compatible environment (RANK,
+//! LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE=True, …), hosts
+//! the rendezvous store on node 0 like torchrun's static agent, prefixes every output line with
+//! `[rank r]`, and tears the job down when any rank fails.
+//!
+//! Teardown: each rank runs in its own process group and dies with the launcher
+//! (`PR_SET_PDEATHSIG`). When a rank exits non-zero or by a signal, the others' groups get
+//! SIGTERM, then SIGKILL after `--grace` seconds; the launcher exits non-zero naming the first
+//! failing rank and its status. Every group is killed before the launcher returns, so no process
+//! it started outlives it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::UsageError;
+use troupe::comm::store::StoreServer;
+
+#[derive(Debug, clap::Args)]
+pub struct LaunchArgs {
+    /// Ranks to start on this node.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Number of nodes in the job.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index (node 0 hosts the rendezvous store).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Host of node 0, as every rank should reach it.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Store port on node 0; 0 picks a free one (single node only).
+    #[arg(long, default_value_t = 29500)]
+    pub master_port: u16,
+    /// Seconds between SIGTERM and SIGKILL when stopping the other ranks after a failure.
+    #[arg(long, default_value_t = 5.0)]
+    pub grace: f64,
+    /// The program and its arguments; `${local_rank}` is replaced per rank, as torchrun does.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+struct Rank {
+    rank: usize,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+fn describe(s: ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
+fn signal_group(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a negative pid signals that process group; it has no memory effects.
+    unsafe {
+        libc::kill(-(pid as i32), sig);
+    }
+}
+
+/// Copies `from` line by line to stdout or stderr with a `[rank r]` prefix.
+fn pump(from: impl Read + Send + 'static, rank: usize, to_stderr: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if to_stderr {
+                let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {line}");
+            } else {
+                let _ = writeln!(std::io::stdout().lock(), "[rank {rank}] {line}");
+            }
+        }
+    })
+}
+
+fn spawn_rank(a: &LaunchArgs, local: usize, port: u16, agent_store: bool) -> anyhow::Result<Child> {
+    let world = a.nnodes * a.nproc_per_node;
+    let rank = a.node_rank * a.nproc_per_node + local;
+    let args: Vec<String> =
+        a.cmd[1..].iter().map(|x| x.replace("${local_rank}", &local.to_string())).collect();
+    let mut cmd = Command::new(&a.cmd[0]);
+    cmd.args(&args)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", local.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_WORLD_SIZE", a.nproc_per_node.to_string())
+        .env("GROUP_RANK", a.node_rank.to_string())
+        .env("GROUP_WORLD_SIZE", a.nnodes.to_string())
+        .env("ROLE_RANK", rank.to_string())
+        .env("ROLE_WORLD_SIZE", world.to_string())
+        .env("ROLE_NAME", "default")
+        .env("MASTER_ADDR", &a.master_addr)
+        .env("MASTER_PORT", port.to_string())
+        .env("TORCHELASTIC_RESTART_COUNT", "0")
+        .env("TORCHELASTIC_MAX_RESTARTS", "0")
+        .env("TORCHELASTIC_RUN_ID", "none")
+        .env("TORCHELASTIC_USE_AGENT_STORE", if agent_store { "True" } else { "False" })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if std::env::var_os("OMP_NUM_THREADS").is_none() && a.nproc_per_node > 1 {
+        cmd.env("OMP_NUM_THREADS", "1");
+    }
+    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("starting rank {rank}: {:?}", a.cmd[0]))
+}
+
+pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
+    if a.nproc_per_node == 0 || a.nnodes == 0 || a.node_rank >= a.nnodes {
+        return Err(UsageError(format!(
+            "need --nproc-per-node ≥ 1 and --node-rank < --nnodes (got {}, {}, {})",
+            a.nproc_per_node, a.node_rank, a.nnodes
+        ))
+        .into());
+    }
+    if a.master_port == 0 && a.nnodes > 1 {
+        return Err(UsageError("--master-port 0 (pick a free port) only works with one node".into()).into());
+    }
+    // Node 0 hosts the store, as torchrun's static rendezvous agent does.
+    let store = if a.node_rank == 0 {
+        Some(
+            StoreServer::start(&format!("0.0.0.0:{}", a.master_port))
+                .with_context(|| format!("hosting the rendezvous store on port {}", a.master_port))?,
+        )
+    } else {
+        None
+    };
+    let port = store.as_ref().map_or(a.master_port, |s| s.addr().port());
+    let mut ranks = Vec::new();
+    let mut pumps = Vec::new();
+    for local in 0..a.nproc_per_node {
+        let mut child = match spawn_rank(&a, local, port, true) {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut ranks, Duration::from_secs_f64(a.grace));
+                return Err(e);
+            }
+        };
+        let rank = a.node_rank * a.nproc_per_node + local;
+        if let Some(o) = child.stdout.take() {
+            pumps.push(pump(o, rank, false));
+        }
+        if let Some(e) = child.stderr.take() {
+            pumps.push(pump(e, rank, true));
+        }
+        ranks.push(Rank { rank, child, status: None });
+    }
+    let failed = supervise(&mut ranks);
+    stop_all(&mut ranks, Duration::from_secs_f64(a.grace.max(0.0)));
+    for p in pumps {
+        let _ = p.join();
+    }
+    drop(store);
+    match failed {
+        None => Ok(()),
+        Some((rank, status)) => {
+            bail!("rank {rank} failed first ({}); stopped the other ranks", describe(status))
+        }
+    }
+}
+
+/// Polls until every rank exited successfully or one failed; returns the first failure.
+fn supervise(ranks: &mut [Rank]) -> Option<(usize, ExitStatus)> {
+    loop {
+        let mut running = 0;
+        for r in ranks.iter_mut() {
+            if r.status.is_some() {
+                continue;
+            }
+            match r.child.try_wait() {
+                Ok(Some(s)) => {
+                    r.status = Some(s);
+                    if !s.success() {
+                        return Some((r.rank, s));
+                    }
+                }
+                Ok(None) => running += 1,
+                Err(_) => running += 1,
+            }
+        }
+        if running == 0 {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM to every rank's process group, SIGKILL to whatever is left after `grace`, then reap.
+fn stop_all(ranks: &mut [Rank], grace: Duration) {
+    for r in ranks.iter() {
+        signal_group(r.child.id(), libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && ranks.iter_mut().any(|r| matches!(r.child.try_wait(), Ok(None))) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in ranks.iter_mut() {
+        signal_group(r.child.id(), libc::SIGKILL);
+        let _ = r.child.wait();
+    }
+}

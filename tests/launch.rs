@@ -1,0 +1,155 @@
+//! Multi-process runs: `troupe launch` (environment, output prefixes, teardown on failure with no
+//! orphans, a real TCP world across processes) and a real Open MPI `mpirun` when installed.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_troupe");
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let d = std::env::temp_dir().join(format!("troupe-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// True when `pid` no longer runs (gone, or a zombie nobody has reaped yet).
+fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn launch_sets_torchrun_env_and_prefixes_lines() {
+    let out = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "3", "--master-port", "0", "--", "sh", "-c"])
+        .arg("echo env $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR $TORCHELASTIC_USE_AGENT_STORE ${local_rank}")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for r in 0..3 {
+        let want = format!("[rank {r}] env {r} {r} 3 3 127.0.0.1 True {r}");
+        assert!(text.lines().any(|l| l == want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn failing_rank_stops_the_others_and_leaves_no_orphans() {
+    let dir = scratch("orphans");
+    let script = format!(
+        "if [ $RANK != 1 ]; then trap '' TERM; fi; sleep 60 & echo $! > {d}/child.$RANK; \
+         echo $$ > {d}/rank.$RANK; if [ $RANK = 1 ]; then sleep 0.3; exit 3; fi; wait",
+        d = dir.display()
+    );
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "3",
+            "--master-port",
+            "0",
+            "--grace",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("rank 1 failed first (exit code 3)"), "{err}");
+    // Ranks 0 and 2 ignore SIGTERM, so this also proves the SIGKILL escalation is bounded.
+    assert!(took < Duration::from_secs(10), "teardown took {took:?}");
+    assert!(took >= Duration::from_secs(1), "the grace period before SIGKILL was skipped");
+    let mut pids = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let pid: i32 = std::fs::read_to_string(e.unwrap().path()).unwrap().trim().parse().unwrap();
+        pids += 1;
+        // Killed processes are reaped asynchronously by init: poll with a deadline.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !is_dead(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(is_dead(pid), "process {pid} outlived troupe launch");
+    }
+    assert_eq!(pids, 6, "every rank and grandchild wrote its pid");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn tcp_world_across_processes_under_troupe_launch() {
+    for op in ["all_reduce", "reduce_scatter", "all_gather", "p2p"] {
+        let out = Command::new(BIN)
+            .args(["launch", "--nproc-per-node", "3", "--master-port", "0", "--", BIN])
+            .args([
+                "bench",
+                "comm",
+                "--backend",
+                "tcp",
+                "--op",
+                op,
+                "--size",
+                "4004",
+                "100000",
+                "--iters",
+                "1",
+                "--check",
+                "--timeout",
+                "10",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{op}: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            text.contains("[rank 0] # troupe bench comm: backend tcp") && text.contains("3 ranks"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn tcp_world_under_mpirun() {
+    let found =
+        Command::new("sh").args(["-c", "command -v mpirun"]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        println!("SKIPPED tcp_world_under_mpirun: mpirun not found (apt-get install openmpi-bin)");
+        return;
+    }
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "3", BIN])
+        .args([
+            "bench",
+            "comm",
+            "--backend",
+            "tcp",
+            "--op",
+            "all_reduce",
+            "--size",
+            "4004",
+            "--iters",
+            "1",
+            "--check",
+            "--timeout",
+            "20",
+        ])
+        // A fixed port could collide with a parallel test: let the environment pick one.
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("backend tcp") && text.contains("3 ranks"), "{text}");
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
