@@ -149,6 +149,28 @@ fn tcp_world_under_mpirun() {
     assert!(text.contains("backend tcp") && text.contains("3 ranks"), "{text}");
 }
 
+/// Under a real `torchrun --no-python` (PyTorch's elastic agent hosts the c10d store; our client
+/// must speak its wire protocol). Skipped with a message where torchrun is not installed (CI).
+#[test]
+fn tcp_world_under_torchrun() {
+    let found =
+        Command::new("sh").args(["-c", "command -v torchrun"]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        println!("SKIPPED tcp_world_under_torchrun: torchrun not found (pip install torch)");
+        return;
+    }
+    let port = free_port().to_string();
+    let out = Command::new("torchrun")
+        .args(["--nproc-per-node", "2", "--master-port", &port, "--no-python", BIN])
+        .args(["bench", "comm", "--backend", "tcp", "--op", "all_reduce", "--size", "4004", "--iters", "1"])
+        .args(["--check", "--timeout", "30"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("backend tcp") && text.contains("2 ranks"), "{text}");
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
