@@ -146,6 +146,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             ))
         })?;
     }
+    if !cfg.checkpoint.save.is_empty()
+        && cfg.checkpoint.load.is_empty()
+        && let Ok(Some(existing)) = checkpoint::resolve(std::path::Path::new(&cfg.checkpoint.save))
+    {
+        eprintln!(
+            "troupe: note: {} already holds {}; this fresh run replaces checkpoints of the same steps \
+             (pass --load {} to resume it instead)",
+            cfg.checkpoint.save,
+            existing.display(),
+            cfg.checkpoint.save
+        );
+    }
     let data = corpus::open(&cfg).map_err(|e| UsageError(e.to_string()))?;
     let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {
         RunError::Checkpoint(_) | RunError::NothingToLoad { .. } => {
