@@ -132,6 +132,28 @@ fn damaged_missing_and_mismatched_checkpoints_are_errors() -> Result<()> {
     Ok(())
 }
 
+/// A save that died half way (temporary directory with partial files, no rename, `latest`
+/// untouched) leaves the previous checkpoint as the one that loads.
+#[test]
+fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
+    let dir = tempdir("interrupted");
+    let save = format!("checkpoint.save={}", dir.display());
+    let load = format!("checkpoint.load={}", dir.display());
+    train(&cfg(&["train.train_iters=2", &save]))?;
+    let good = checkpoint::resolve(&dir)?.expect("latest");
+    // What a crash during the next save leaves behind.
+    let partial = dir.join(".iter_0000004.tmp-99999");
+    std::fs::create_dir_all(&partial)?;
+    std::fs::write(partial.join("model.safetensors"), b"truncated")?;
+    let latest_tmp = dir.join(".latest.tmp-99999");
+    std::fs::write(&latest_tmp, b"iter_00")?;
+    ensure!(checkpoint::resolve(&dir)? == Some(good.clone()), "latest must still name the good checkpoint");
+    let (trainer, state, from) = prepare(&cfg(&[&load]))?;
+    ensure!(state.step == 2 && from.is_some(), "resumed at step {}", state.step);
+    ensure!(trainer.opt.step == 2);
+    Ok(())
+}
+
 fn tempdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("troupe-{tag}-{}-{}", std::process::id(), Rng::new(0).state()));
     let _ = std::fs::remove_dir_all(&d);
