@@ -68,6 +68,26 @@ fn bad_configs_exit_2_naming_the_problem() -> Result<()> {
     Ok(())
 }
 
+/// Under a multi-rank launcher environment `troupe train` refuses (exit 2) instead of running
+/// several independent copies that overwrite each other's checkpoints.
+#[test]
+fn multi_rank_launch_is_refused_until_the_actor_runtime_exists() -> Result<()> {
+    let dir = tempdir("ranks");
+    let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(["train", "--train-iters", "1"])
+        .current_dir(&dir)
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "1")
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "29500")
+        .output()?;
+    ensure!(out.status.code() == Some(2), "exit {:?}: {}", out.status.code(), stderr(&out));
+    ensure!(stderr(&out).contains("rank 1 of 2"), "{}", stderr(&out));
+    Ok(())
+}
+
 #[test]
 fn train_save_resume_and_generate() -> Result<()> {
     let dir = tempdir("run");

@@ -138,6 +138,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         extra.push(format!("logging.log_json={}", toml::Value::String(p.display().to_string())));
     }
     let cfg = args.cfg.resolve(&extra)?;
+    // Started by a launcher with several ranks: every rank would train the same model alone and
+    // write the same checkpoints. Refuse until the actor runtime trains across ranks.
+    if let Ok(Some(env)) = troupe::comm::env::LaunchEnv::detect()
+        && env.world_size > 1
+    {
+        return Err(UsageError(format!(
+            "troupe train was started as rank {} of {} ({:?} environment), but multi-rank training needs the \
+             actor runtime, which is not built yet; run a single rank (no launcher, or --nproc-per-node 1)",
+            env.rank, env.world_size, env.launcher
+        ))
+        .into());
+    }
     if !cfg.checkpoint.save.is_empty() {
         checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {
             UsageError(format!(
