@@ -50,7 +50,10 @@ fn bad_configs_exit_2_naming_the_problem() -> Result<()> {
         &bad,
         "[model]\nvocab_size = 10\nseq_length = 8\nnum_layers = 1\nhidden_size = 8\nnum_attention_heads = 3\n",
     )?;
+    let malformed = dir.join("malformed.toml");
+    std::fs::write(&malformed, "[model\nvocab_size = ")?;
     let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--config".into(), malformed.display().to_string()], "malformed.toml"),
         (vec!["--config".into(), dir.join("missing.toml").display().to_string()], "missing.toml"),
         (vec!["--config".into(), bad.display().to_string()], "model.num_attention_heads = 3"),
         (vec!["--set".into(), "train.learning_rate=1".into()], "learning_rate"),
