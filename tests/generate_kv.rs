@@ -23,7 +23,7 @@ fn kv_cache_logits_equal_full_forward() -> Result<()> {
     let mut rng = Rng::new(3);
     model.params_mut().iter_mut().for_each(|p| *p += (rng.normal() * 0.05) as f32);
     let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 61).collect();
-    let full = model.logits(&be, &tokens, 1, 12)?;
+    let full = model.logits(&be, &tokens, 1, 12)?.into_vec();
     let mut g = Generator::new(&model)?;
     for (t, &tok) in tokens.iter().enumerate() {
         let step = g.push(&be, tok)?;

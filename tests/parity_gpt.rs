@@ -156,8 +156,8 @@ fn check_fixture(name: &str, cuts: &[usize]) -> Result<()> {
     let mut whole = Gpt::new(&fx.cfg, 0)?;
     load_params(&mut whole, &fx)?;
     let logits = whole.logits(&be, &fx.tokens, b, t)?;
-    ensure!(logits.len() == b * t * v);
-    let e = rel_err(&logits, &fx.f32s["logits"]);
+    ensure!(logits.shape() == [b, t, v], "logits shape {:?}", logits.shape());
+    let e = rel_err(logits.data(), &fx.f32s["logits"]);
     ensure!(e <= 1e-5, "{name}: logits rel err {e:e}");
 
     let mut stages = Stages::new(&fx, cuts)?;

@@ -22,6 +22,7 @@ use layout::{BlockSpans, Layout};
 
 use crate::kernels::Backend;
 use crate::models::params::{ParamTable, Span, two_mut};
+use crate::tensor::Tensor;
 
 /// What a range consumes: token ids (first stage) or hidden states `[B,T,C]` from the previous
 /// stage.
@@ -312,7 +313,7 @@ impl Gpt {
         Ok(loss)
     }
 
-    /// Logits `[B,T,V]` (padding columns dropped) of a full-model forward, for tests and sampling.
+    /// Logits `[B,T,V]` (padding columns dropped) of a full-model forward, for tests and tools.
     ///
     /// # Errors
     /// As [`Gpt::forward`]; also when this range lacks the embedding or the head.
@@ -331,9 +332,13 @@ impl Gpt {
         let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size());
         let acts = self.in_flight.get(&mb).ok_or(ModelError::UnknownMicrobatch { mb })?;
         let head = acts.head.as_ref().ok_or(ModelError::WrongStage("no head"))?;
-        let out = head.dlogits.chunks(vp).flat_map(|r| r[..v].iter().copied()).collect();
+        let out: Vec<f32> = head.dlogits.chunks(vp).flat_map(|r| r[..v].iter().copied()).collect();
         self.release(mb);
-        Ok(out)
+        Tensor::from_vec(&[batch, seq, v], out).map_err(|_| ModelError::BadLength {
+            what: "logits",
+            expected: batch * seq * v,
+            got: 0,
+        })
     }
 
     /// Backward of microbatch `mb`, freeing its activations. The head range computes from its
