@@ -323,7 +323,7 @@ impl Gpt {
         tokens: &[u32],
         batch: usize,
         seq: usize,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<Tensor, ModelError> {
         if !(self.range.embedding && self.range.head) {
             return Err(ModelError::WrongStage("logits need a range with embedding and head"));
         }
