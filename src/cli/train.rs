@@ -216,7 +216,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let mut on = |e: &Event| report(e, &bar, log_interval, json.as_mut());
     let summary = run::run(&cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?;
     bar.finish_and_clear();
-    if summary.interrupted {
+    if summary.interrupted && cfg.checkpoint.save.is_empty() {
+        eprintln!(
+            "troupe: interrupted at step {}; no --save directory was given, nothing was saved",
+            summary.steps
+        );
+    } else if summary.interrupted {
         eprintln!(
             "troupe: interrupted at step {}; resume with --load {}",
             summary.steps, cfg.checkpoint.save
