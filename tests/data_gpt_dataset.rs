@@ -190,6 +190,26 @@ fn unweighted_blend_is_proportional_to_size() {
     assert!((w[0] - 0.25).abs() < 0.01 && (w[1] - 0.75).abs() < 0.01, "{w:?}");
 }
 
+/// Asking an unweighted blend for more samples than one epoch of its datasets repeats epochs
+/// (keeping the size-proportional weights) instead of failing.
+#[test]
+fn unweighted_blend_spans_epochs_when_asked_for_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_dataset(dir.path(), "a", &vec![41; 100], 0);
+    let b = write_dataset(dir.path(), "b", &vec![41; 300], 1_000_000);
+    let entries: Vec<BlendEntry> =
+        [a, b].into_iter().map(|prefix| BlendEntry { weight: None, prefix }).collect();
+    let cfg = config(8, 5, "1", IndexCache::Off);
+    let one_epoch = BlendedDataset::build(&entries, Split::Train, 400, &cfg).unwrap().num_samples();
+    let blend = BlendedDataset::build(&entries, Split::Train, 10 * one_epoch as u64, &cfg).unwrap();
+    assert_eq!(blend.num_samples(), 10 * one_epoch);
+    let w = blend.weights();
+    assert!((w[0] - 0.25).abs() < 0.01 && (w[1] - 0.75).abs() < 0.01, "{w:?}");
+    let mut out = Vec::new();
+    blend.sample_into(10 * one_epoch - 1, &mut out).unwrap();
+    assert_eq!(out.len(), 9);
+}
+
 /// Index building for 10 million documents (pure index arithmetic, no files); run in release:
 /// `cargo test --release --test data_gpt_dataset -- --ignored --nocapture`.
 #[test]

@@ -124,6 +124,22 @@ impl BlendedDataset {
             }
             let sizes: Vec<f64> = datasets.iter().map(|d| d.len() as f64).collect();
             let weights = normalize_weights(&sizes)?;
+            // More samples than one epoch of every dataset: rebuild each with its share (more
+            // epochs), keeping the size-proportional weights.
+            let needs_epochs = datasets
+                .iter()
+                .zip(&weights)
+                .any(|(d, &w)| samples_per_dataset(num_samples, w) > d.len() as u64);
+            if needs_epochs {
+                datasets = entries
+                    .iter()
+                    .zip(&weights)
+                    .map(|(entry, &w)| {
+                        let want = samples_per_dataset(num_samples, w);
+                        GptDataset::build(open(&entry.prefix)?, split, Some(want), config)
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             Self::from_datasets(datasets, weights, num_samples)
         }
     }
