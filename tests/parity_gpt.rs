@@ -121,6 +121,9 @@ impl Stages {
             part.backward(be, 7, dout.as_deref())?;
             dout = Some(part.input_grad().to_vec());
         }
+        for part in &mut self.parts {
+            part.fold_tied_grad(be);
+        }
         loss.context("no loss")
     }
 
@@ -249,6 +252,7 @@ fn gradient_accumulation_equals_the_whole_batch() -> Result<()> {
     load_params(&mut whole, &fx)?;
     whole.forward(&be, 0, b, t, StageInput::Tokens(&fx.tokens), Some(&fx.targets), 1.0)?;
     whole.backward(&be, 0, None)?;
+    whole.fold_tied_grad(&be);
     let full = whole.grads().to_vec();
     whole.zero_grads();
     // One sequence per microbatch, all in flight at once, backward in reverse order.
@@ -269,6 +273,7 @@ fn gradient_accumulation_equals_the_whole_batch() -> Result<()> {
         whole.backward(&be, i as u64, None)?;
     }
     ensure!(whole.in_flight() == 0);
+    whole.fold_tied_grad(&be);
     let e = rel_err(whole.grads(), &full);
     ensure!(e <= 1e-5, "accumulated gradients differ: rel {e:e}");
     Ok(())

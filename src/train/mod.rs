@@ -12,7 +12,7 @@ use thiserror::Error;
 use crate::config::Config;
 use crate::kernels::Backend;
 use crate::models::gpt::{Gpt, ModelError, StageInput};
-use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::optim::{AdamW, AdamWConfig, clip_table_grad_norm};
 
 /// Errors of a training step.
 #[derive(Debug, Error, PartialEq)]
@@ -114,8 +114,9 @@ impl Trainer {
             self.model.backward(be, i as u64, None).map_err(wrap)?;
             loss_sum += f64::from(loss);
         }
-        let grad_norm = clip_grad_norm(be, &mut [self.model.grads_mut()], self.clip_grad);
+        self.model.fold_tied_grad(be);
         let (table, params, grads) = self.model.split_mut();
+        let grad_norm = clip_table_grad_norm(be, table, grads, self.clip_grad);
         self.opt.update(be, table, params, grads, lr);
         Ok(StepStats { loss: (loss_sum * f64::from(scale)) as f32, grad_norm })
     }

@@ -41,6 +41,10 @@ pub struct Gpt {
     layout: Layout,
     params: Vec<f32>,
     grads: Vec<f32>,
+    /// Gradient of the LM head's use of the tied `wte`, kept apart from the embedding's so that
+    /// `wte`'s gradient is always `embedding part + head part` in that order, whether the two
+    /// parts live in one range or in two pipeline stages (see [`Gpt::fold_tied_grad`]).
+    tied_grad: Vec<f32>,
     in_flight: HashMap<u64, Acts>,
     free: Vec<Acts>,
     scratch: Scratch,
@@ -73,6 +77,7 @@ impl Gpt {
         let mut params = vec![0.0; table.len()];
         layout::init(cfg, &table, &mut params, seed);
         let grads = vec![0.0; table.len()];
+        let tied_grad = if range.head { vec![0.0; layout.wte.map_or(0, |s| s.len)] } else { Vec::new() };
         Ok(Self {
             cfg: cfg.clone(),
             range,
@@ -80,6 +85,7 @@ impl Gpt {
             layout,
             params,
             grads,
+            tied_grad,
             in_flight: HashMap::new(),
             free: Vec::new(),
             scratch: Scratch::default(),
@@ -146,8 +152,27 @@ impl Gpt {
         Some(&mut self.grads[span.range()])
     }
 
+    /// Zeroes the gradient arena and the head's pending tied-embedding gradient.
     pub fn zero_grads(&mut self) {
         self.grads.fill(0.0);
+        self.tied_grad.fill(0.0);
+    }
+
+    /// Adds the head's accumulated `wte` gradient into the arena's `wte` gradient and clears it.
+    /// Call once after the last backward of a step, before reading `wte`'s gradient: for a range
+    /// with both embedding and head this forms `embedding part + head part`; for a head-only
+    /// pipeline stage it forms the head part, which the embedding group then adds to the first
+    /// stage's embedding part — the same sum, so the same bits.
+    pub fn fold_tied_grad(&mut self, be: &dyn Backend) {
+        if let Some(wte) = self.layout.wte.filter(|_| self.range.head) {
+            be.add_assign(&mut self.grads[wte.range()], &self.tied_grad);
+            self.tied_grad.fill(0.0);
+        }
+    }
+
+    /// Arena range of the tied `wte`, if this range holds it.
+    pub fn wte_range(&self) -> Option<std::ops::Range<usize>> {
+        self.layout.wte.map(|s| s.range())
     }
 
     /// Number of microbatches whose activations are stored.
@@ -348,8 +373,28 @@ impl Gpt {
     /// # Errors
     /// Unknown microbatch, a wrong `dout` length, or `dout` given/missing for the range kind.
     pub fn backward(&mut self, be: &dyn Backend, mb: u64, dout: Option<&[f32]>) -> Result<(), ModelError> {
+        self.backward_with(be, mb, dout, &mut |_, _| {})
+    }
+
+    /// [`Gpt::backward`] that reports progress: `ready(range, grads)` is called with an arena
+    /// range and its gradient values as soon as this microbatch's contribution to them is
+    /// complete — the final LayerNorm first, then each block from the last to the first, then
+    /// `wte`/`wpe` on the embedding range. Ranges come in decreasing arena order and never
+    /// overlap. (The head's tied `wte` part stays apart until [`Gpt::fold_tied_grad`].) A
+    /// data-parallel reducer uses this on the last microbatch to start reducing early buckets
+    /// while the rest of the backward runs.
+    ///
+    /// # Errors
+    /// As [`Gpt::backward`].
+    pub fn backward_with(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        dout: Option<&[f32]>,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<(), ModelError> {
         let acts = self.in_flight.remove(&mb).ok_or(ModelError::UnknownMicrobatch { mb })?;
-        let result = self.backward_inner(be, &acts, dout);
+        let result = self.backward_inner(be, &acts, dout, ready);
         self.free.push(acts);
         result
     }
@@ -359,11 +404,12 @@ impl Gpt {
         be: &dyn Backend,
         acts: &Acts,
         dout: Option<&[f32]>,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
         let (c, nh) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
         let (batch, seq) = (acts.batch, acts.seq);
         let n = batch * seq;
-        let Gpt { params: p, grads: g, scratch: s, layout, cfg, .. } = self;
+        let Gpt { params: p, grads: g, tied_grad, scratch: s, layout, cfg, .. } = self;
         s.ensure(n, c);
         let last_out = acts.layers.last().map_or(&acts.input[..], |l| &l.out[..]);
         match (&acts.head, dout) {
@@ -372,7 +418,7 @@ impl Gpt {
                 let vp = cfg.padded_vocab_size();
                 be.matmul_backward(
                     &mut s.dln,
-                    &mut g[wte.range()],
+                    tied_grad,
                     None,
                     &head.dlogits,
                     &head.lnf,
@@ -396,6 +442,8 @@ impl Gpt {
                     n,
                     c,
                 );
+                let lnf = w.offset..b.range().end;
+                ready(lnf.clone(), &g[lnf]);
             }
             (None, Some(d)) => {
                 if d.len() != n * c {
@@ -416,11 +464,16 @@ impl Gpt {
         }
         for li in (0..acts.layers.len()).rev() {
             let x = if li == 0 { &acts.input[..] } else { &acts.layers[li - 1].out[..] };
-            layer_backward(be, &layout.blocks[li], p, g, x, &acts.layers[li], s, batch, seq, c, nh);
+            let blk = &layout.blocks[li];
+            layer_backward(be, blk, p, g, x, &acts.layers[li], s, batch, seq, c, nh);
+            let span = blk.ln1_w.offset..blk.fcproj_b.range().end;
+            ready(span.clone(), &g[span]);
         }
-        if let (Some(wte), Some(wpe)) = (layout.wte, layout.wpe) {
+        if let (Some(wte), Some(wpe)) = (layout.wte.filter(|_| layout.wpe.is_some()), layout.wpe) {
             let (dwte, dwpe) = two_mut(g, wte, wpe);
             be.encoder_backward(dwte, dwpe, &s.dres, &acts.tokens, batch, seq, c);
+            let span = wte.offset..wpe.range().end;
+            ready(span.clone(), &g[span]);
         } else {
             s.dinput.copy_from_slice(&s.dres);
         }
