@@ -73,12 +73,22 @@ megatron_flags! {
     split => "split", tokenizer => "tokenizer",
     tensor_model_parallel_size => "tensor-model-parallel-size",
     pipeline_model_parallel_size => "pipeline-model-parallel-size",
+    data_parallel_size => "data-parallel-size",
+    virtual_pipeline_model_parallel_size => "virtual-pipeline-model-parallel-size",
+    num_layers_per_virtual_pipeline_stage => "num-layers-per-virtual-pipeline-stage",
+    pipeline_schedule => "pipeline-schedule", grad_bucket_size => "grad-bucket-size",
 }
 
 /// String-valued keys are quoted so that e.g. `--save 123` stays a path, not a number.
 fn quote(key: &str, v: &str) -> String {
-    const STRINGS: &[&str] =
-        &["checkpoint.save", "checkpoint.load", "data.split", "data.tokenizer", "train.lr_decay_style"];
+    const STRINGS: &[&str] = &[
+        "checkpoint.save",
+        "checkpoint.load",
+        "data.split",
+        "data.tokenizer",
+        "train.lr_decay_style",
+        "parallel.pipeline_schedule",
+    ];
     if STRINGS.contains(&key) { toml::Value::String(v.to_string()).to_string() } else { v.to_string() }
 }
 

@@ -151,19 +151,54 @@ impl Default for DataConfig {
     }
 }
 
-/// Parallel layout. Only a single rank trains today; the actor runtime adds the rest.
+/// Parallel layout (Megatron's names). The world is `tensor × pipeline × data` ranks; under a
+/// launcher the data-parallel size follows from the world size, in one process it is
+/// `data_parallel_size`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
-    /// Tensor-parallel size.
+    /// Tensor-parallel size (only 1 is supported).
     pub tensor_model_parallel_size: usize,
-    /// Pipeline-parallel size.
+    /// Pipeline-parallel size p.
     pub pipeline_model_parallel_size: usize,
+    /// Data-parallel size for in-process runs (ranks as threads); a launched run derives it
+    /// from the world size and rejects a different explicit value.
+    pub data_parallel_size: usize,
+    /// Model chunks per pipeline rank v (0: the schedule's default — 2 for `interleaved` and
+    /// `zb-v`, else 1).
+    pub virtual_pipeline_model_parallel_size: usize,
+    /// Megatron's alternative to the above: layers per chunk (0: unset).
+    pub num_layers_per_virtual_pipeline_stage: usize,
+    /// `gpipe`, `1f1b`, `interleaved`, `zb-h1`, `zb-h2` or `zb-v`.
+    pub pipeline_schedule: String,
+    /// Layers of each of the p·v stages, in stage order (empty: as even as possible).
+    pub stage_layers: Vec<usize>,
+    /// ZeRO-1: shard optimizer state over the data-parallel group.
+    pub use_distributed_optimizer: bool,
+    /// Gradient bucket size in elements for the overlapped data-parallel reduction.
+    pub grad_bucket_size: usize,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1 }
+        Self {
+            tensor_model_parallel_size: 1,
+            pipeline_model_parallel_size: 1,
+            data_parallel_size: 1,
+            virtual_pipeline_model_parallel_size: 0,
+            num_layers_per_virtual_pipeline_stage: 0,
+            pipeline_schedule: "1f1b".into(),
+            stage_layers: Vec::new(),
+            use_distributed_optimizer: false,
+            grad_bucket_size: 1 << 20,
+        }
+    }
+}
+
+impl ParallelConfig {
+    /// Whether this layout needs the actor runtime (more than one rank, or model chunks).
+    pub fn is_distributed(&self) -> bool {
+        self.pipeline_model_parallel_size * self.data_parallel_size > 1
     }
 }
 
@@ -252,9 +287,15 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
-    /// Microbatches accumulated per optimizer step (one data-parallel rank).
+    /// Microbatches accumulated per optimizer step over the whole global batch (what one rank
+    /// processes when training alone).
     pub fn accumulation_steps(&self) -> usize {
         self.train.global_batch_size / self.train.micro_batch_size.max(1)
+    }
+
+    /// Microbatches per optimizer step on one data-parallel rank.
+    pub fn microbatches_per_dp_rank(&self) -> usize {
+        self.accumulation_steps() / self.parallel.data_parallel_size.max(1)
     }
 
     /// Checks every value; the error names the key, the value and what would be accepted.
@@ -318,15 +359,32 @@ impl Config {
             }
         }
         let p = &self.parallel;
+        if p.tensor_model_parallel_size != 1 {
+            let v = p.tensor_model_parallel_size.to_string();
+            return invalid("parallel.tensor_model_parallel_size", v, "only 1 is supported (no tensor parallelism yet)");
+        }
         for (key, v) in [
-            ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
             ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),
+            ("parallel.data_parallel_size", p.data_parallel_size),
+            ("parallel.grad_bucket_size", p.grad_bucket_size),
         ] {
-            if v != 1 {
-                let reason =
-                    "only 1 is supported by `troupe train` today (the actor runtime adds parallel layouts)";
-                return invalid(key, v.to_string(), reason);
+            if v == 0 {
+                return invalid(key, "0".into(), "must be at least 1");
             }
+        }
+        if let Err(e) = p.pipeline_schedule.parse::<crate::schedule::ScheduleKind>() {
+            return invalid("parallel.pipeline_schedule", p.pipeline_schedule.clone(), &e);
+        }
+        let per_dp = t.micro_batch_size * p.data_parallel_size;
+        if !t.global_batch_size.is_multiple_of(per_dp) {
+            return invalid(
+                "train.global_batch_size",
+                t.global_batch_size.to_string(),
+                &format!(
+                    "must be a multiple of micro_batch_size × data_parallel_size = {} × {} = {per_dp}",
+                    t.micro_batch_size, p.data_parallel_size
+                ),
+            );
         }
         if self.logging.log_interval == 0 {
             return invalid("logging.log_interval", "0".into(), "must be at least 1");
@@ -369,9 +427,17 @@ mod tests {
     }
 
     #[test]
-    fn parallel_sizes_above_one_are_refused_for_now() {
-        let err = parse(&format!("{MODEL}[parallel]\npipeline_model_parallel_size = 2\n")).unwrap_err();
-        assert!(err.contains("parallel.pipeline_model_parallel_size = 2"), "{err}");
+    fn bad_parallel_values_are_refused() {
+        let err = parse(&format!("{MODEL}[parallel]\ntensor_model_parallel_size = 2\n")).unwrap_err();
+        assert!(err.contains("parallel.tensor_model_parallel_size = 2"), "{err}");
+        let err = parse(&format!("{MODEL}[parallel]\npipeline_schedule = \"2f2b\"\n")).unwrap_err();
+        assert!(err.contains("known: gpipe, 1f1b"), "{err}");
+        let err = parse(&format!(
+            "{MODEL}[train]\nmicro_batch_size = 2\nglobal_batch_size = 6\n[parallel]\ndata_parallel_size = 2\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("micro_batch_size × data_parallel_size"), "{err}");
+        assert!(parse(&format!("{MODEL}[parallel]\npipeline_model_parallel_size = 2\n")).is_ok());
     }
 
     const MODEL: &str = "[model]\nvocab_size = 10\nseq_length = 8\nnum_layers = 1\nhidden_size = 8\nnum_attention_heads = 2\n";

@@ -39,6 +39,11 @@ pub const MEGATRON_FLAGS: &[(&str, &str)] = &[
     ("tokenizer", "data.tokenizer"),
     ("tensor-model-parallel-size", "parallel.tensor_model_parallel_size"),
     ("pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size"),
+    ("data-parallel-size", "parallel.data_parallel_size"),
+    ("virtual-pipeline-model-parallel-size", "parallel.virtual_pipeline_model_parallel_size"),
+    ("num-layers-per-virtual-pipeline-stage", "parallel.num_layers_per_virtual_pipeline_stage"),
+    ("pipeline-schedule", "parallel.pipeline_schedule"),
+    ("grad-bucket-size", "parallel.grad_bucket_size"),
 ];
 
 /// Applies one `dotted.key=value` to the tree.

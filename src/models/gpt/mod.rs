@@ -376,9 +376,9 @@ impl Gpt {
         self.backward_with(be, mb, dout, &mut |_, _| {})
     }
 
-    /// [`Gpt::backward`] that reports progress: `ready(range, grads)` is called with an arena
-    /// range and its gradient values as soon as this microbatch's contribution to them is
-    /// complete — the final LayerNorm first, then each block from the last to the first, then
+    /// [`Gpt::backward`] that reports progress: `ready(range, arena)` is called with an arena
+    /// range, and the whole gradient arena, as soon as this microbatch's contribution to that
+    /// range is complete — the final LayerNorm first, then each block from the last to the first, then
     /// `wte`/`wpe` on the embedding range. Ranges come in decreasing arena order and never
     /// overlap. (The head's tied `wte` part stays apart until [`Gpt::fold_tied_grad`].) A
     /// data-parallel reducer uses this on the last microbatch to start reducing early buckets
@@ -443,7 +443,7 @@ impl Gpt {
                     c,
                 );
                 let lnf = w.offset..b.range().end;
-                ready(lnf.clone(), &g[lnf]);
+                ready(lnf, g);
             }
             (None, Some(d)) => {
                 if d.len() != n * c {
@@ -466,14 +466,12 @@ impl Gpt {
             let x = if li == 0 { &acts.input[..] } else { &acts.layers[li - 1].out[..] };
             let blk = &layout.blocks[li];
             layer_backward(be, blk, p, g, x, &acts.layers[li], s, batch, seq, c, nh);
-            let span = blk.ln1_w.offset..blk.fcproj_b.range().end;
-            ready(span.clone(), &g[span]);
+            ready(blk.ln1_w.offset..blk.fcproj_b.range().end, g);
         }
         if let (Some(wte), Some(wpe)) = (layout.wte.filter(|_| layout.wpe.is_some()), layout.wpe) {
             let (dwte, dwpe) = two_mut(g, wte, wpe);
             be.encoder_backward(dwte, dwpe, &s.dres, &acts.tokens, batch, seq, c);
-            let span = wte.offset..wpe.range().end;
-            ready(span.clone(), &g[span]);
+            ready(wte.offset..wpe.range().end, g);
         } else {
             s.dinput.copy_from_slice(&s.dres);
         }

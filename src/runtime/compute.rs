@@ -1,0 +1,155 @@
+//! The compute thread of a rank: it owns the rank's model chunks and the kernel backend, and runs
+//! jobs strictly in ticket order — the order of the compute instructions in the rank's program —
+//! whichever actor submits them first. Actors await the result on a oneshot channel, so no tokio
+//! worker ever blocks on a matrix product. A panic inside a job is caught and reported as an error
+//! naming the job; the thread keeps serving.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::kernels::Backend;
+use crate::models::Gpt;
+
+use super::plan::Bucket;
+
+/// A finished bucket of gradients, handed to the data-parallel reducer.
+#[derive(Debug)]
+pub struct ReadyBucket {
+    pub chunk: usize,
+    pub index: usize,
+    pub range: std::ops::Range<usize>,
+    pub data: Vec<f32>,
+}
+
+/// What the compute thread owns.
+pub struct Engine {
+    pub be: Box<dyn Backend + Send>,
+    pub chunks: Vec<Gpt>,
+    /// Microbatches per step (the last weight-producing backward of a chunk is number m).
+    pub microbatches: usize,
+    /// Buckets of each chunk (see [`super::plan::buckets`]).
+    pub buckets: Vec<Vec<Bucket>>,
+    /// Where finished buckets go (`None` when there is no data parallelism).
+    pub bucket_tx: Option<Box<dyn Fn(ReadyBucket) + Send>>,
+    /// Per chunk, this step: weight-gradient backwards done (B or W) and buckets handed over.
+    pub weight_done: Vec<usize>,
+    pub handed: Vec<Vec<bool>>,
+    /// Per chunk, this step: largest number of microbatches holding activations.
+    pub peak_in_flight: Vec<usize>,
+}
+
+impl Engine {
+    pub fn new_step(&mut self) {
+        self.weight_done.iter_mut().for_each(|d| *d = 0);
+        self.handed.iter_mut().for_each(|h| h.iter_mut().for_each(|x| *x = false));
+        self.peak_in_flight.iter_mut().for_each(|p| *p = 0);
+        self.chunks.iter_mut().for_each(Gpt::zero_grads);
+    }
+
+    pub fn note_in_flight(&mut self, chunk: usize) {
+        let n = self.chunks[chunk].in_flight();
+        self.peak_in_flight[chunk] = self.peak_in_flight[chunk].max(n);
+    }
+
+    /// Hands every not-yet-handed bucket of `chunk` whose start is at or above `watermark`
+    /// (all of them, with the tied `wte`, when `watermark` is `None`).
+    pub fn hand_buckets(&mut self, chunk: usize, arena: &[f32], watermark: Option<usize>) {
+        let Some(tx) = &self.bucket_tx else { return };
+        let wte = self.chunks[chunk].wte_range();
+        for (index, b) in self.buckets[chunk].iter().enumerate() {
+            let is_wte = Some(&b.range) == wte.as_ref();
+            let due = match watermark {
+                None => true,
+                Some(w) => !is_wte && b.range.start >= w,
+            };
+            if due && !self.handed[chunk][index] {
+                self.handed[chunk][index] = true;
+                tx(ReadyBucket { chunk, index, range: b.range.clone(), data: arena[b.range.clone()].to_vec() });
+            }
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Engine) + Send>;
+
+/// Handle to a rank's compute thread.
+pub struct Compute {
+    tx: Option<mpsc::Sender<(u64, Job)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Why a job produced no result.
+#[derive(Debug)]
+pub enum JobError {
+    /// The job panicked; the text is the panic message.
+    Panicked(String),
+    /// The compute thread is gone.
+    Gone,
+}
+
+impl Compute {
+    /// Starts the thread (named `troupe-compute-<rank>`).
+    ///
+    /// # Errors
+    /// When the OS cannot start a thread.
+    pub fn start(rank: usize, engine: Engine) -> std::io::Result<Compute> {
+        let (tx, rx) = mpsc::channel::<(u64, Job)>();
+        let thread = std::thread::Builder::new().name(format!("troupe-compute-{rank}")).spawn(move || {
+            let mut engine = engine;
+            let mut waiting: BTreeMap<u64, Job> = BTreeMap::new();
+            let mut next = 0u64;
+            while let Ok((ticket, job)) = rx.recv() {
+                waiting.insert(ticket, job);
+                while let Some(job) = waiting.remove(&next) {
+                    job(&mut engine);
+                    next += 1;
+                }
+            }
+        })?;
+        Ok(Compute { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// Runs `f` as job number `ticket` (tickets start at 0 and must all be used, in any
+    /// submission order); returns its result and the job's start and end time.
+    ///
+    /// # Errors
+    /// [`JobError`] when the job panics or the thread is gone.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        ticket: u64,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> Result<(R, Instant, Instant), JobError> {
+        let (otx, orx) = oneshot::channel();
+        let job: Job = Box::new(move |e: &mut Engine| {
+            let start = Instant::now();
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| f(e)));
+            let end = Instant::now();
+            let _ = otx.send(r.map(|r| (r, start, end)).map_err(|p| {
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                    .unwrap_or_else(|| "unknown panic".into())
+            }));
+        });
+        self.tx.as_ref().ok_or(JobError::Gone)?.send((ticket, job)).map_err(|_| JobError::Gone)?;
+        match orx.await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(msg)) => Err(JobError::Panicked(msg)),
+            Err(_) => Err(JobError::Gone),
+        }
+    }
+}
+
+impl Drop for Compute {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
