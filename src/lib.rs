@@ -27,6 +27,7 @@ pub mod data;
 pub mod kernels;
 pub mod models;
 pub mod optim;
+pub mod telemetry;
 pub mod tensor;
 
 pub use kernels::{Backend, CpuBackend};
