@@ -60,6 +60,78 @@ fn matmul_matches_naive() {
     }
 }
 
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The split halves (zero-bubble "I" and "W") give the fused `matmul_backward`'s bits, in either
+/// order, with and without a bias, and each half matches its naive twin.
+#[test]
+fn matmul_split_backward_equals_fused_bitwise() {
+    let be = CpuBackend::new(2);
+    let mut rng = Rng::new(11);
+    for &(m, k, n) in &[(1, 1, 1), (7, 13, 5), (33, 20, 67), (130, 48, 96), (257, 72, 130)] {
+        let inp = rand_vec(&mut rng, m * k, 1.0);
+        let w = rand_vec(&mut rng, n * k, 1.0);
+        let dout = rand_vec(&mut rng, m * n, 1.0);
+        // Non-zero starting gradients, so accumulation (not overwrite) is what is compared.
+        let (dw0, db0) = (rand_vec(&mut rng, n * k, 1.0), rand_vec(&mut rng, n, 1.0));
+        for with_bias in [true, false] {
+            let (mut dinp, mut dw, mut db) = (vec![9.0; m * k], dw0.clone(), db0.clone());
+            be.matmul_backward(
+                &mut dinp,
+                &mut dw,
+                with_bias.then_some(&mut db[..]),
+                &dout,
+                &inp,
+                &w,
+                m,
+                k,
+                n,
+            );
+            for weight_first in [false, true] {
+                let (mut sdinp, mut sdw, mut sdb) = (vec![-3.0; m * k], dw0.clone(), db0.clone());
+                if weight_first {
+                    be.matmul_backward_weight(
+                        &mut sdw,
+                        with_bias.then_some(&mut sdb[..]),
+                        &dout,
+                        &inp,
+                        m,
+                        k,
+                        n,
+                    );
+                    be.matmul_backward_input(&mut sdinp, &dout, &w, m, k, n);
+                } else {
+                    be.matmul_backward_input(&mut sdinp, &dout, &w, m, k, n);
+                    be.matmul_backward_weight(
+                        &mut sdw,
+                        with_bias.then_some(&mut sdb[..]),
+                        &dout,
+                        &inp,
+                        m,
+                        k,
+                        n,
+                    );
+                }
+                let what = format!("({m},{k},{n}) bias {with_bias} weight first {weight_first}");
+                assert!(bits(&sdinp) == bits(&dinp), "{what}: dinp differs from the fused call");
+                assert!(bits(&sdw) == bits(&dw), "{what}: dweight differs from the fused call");
+                assert!(bits(&sdb) == bits(&db), "{what}: dbias differs from the fused call");
+            }
+        }
+        let (mut rdinp, mut rdw, mut rdb) = (vec![0.0; m * k], up(&dw0), up(&db0));
+        naive::matmul_backward_input(&mut rdinp, &up(&dout), &up(&w), m, k, n);
+        naive::matmul_backward_weight(&mut rdw, Some(&mut rdb), &up(&dout), &up(&inp), m, k, n);
+        let (mut dinp, mut dw, mut db) = (vec![0.0; m * k], dw0.clone(), db0.clone());
+        be.matmul_backward_input(&mut dinp, &dout, &w, m, k, n);
+        be.matmul_backward_weight(&mut dw, Some(&mut db), &dout, &inp, m, k, n);
+        assert_close("split dinp", &dinp, &rdinp, 2e-5);
+        assert_close("split dweight", &dw, &rdw, 2e-5);
+        assert_close("split dbias", &db, &rdb, 2e-5);
+    }
+}
+
 #[test]
 fn layernorm_matches_naive() {
     let be = CpuBackend::new(2);

@@ -59,7 +59,8 @@ pub trait Backend: Send + Sync {
     );
 
     /// Backward of [`Backend::matmul_forward`]: `dinp = dout · weight` (overwrite),
-    /// `dweight += doutᵀ · inp`, `dbias += Σ_rows dout`.
+    /// `dweight += doutᵀ · inp`, `dbias += Σ_rows dout`. Bitwise equal to
+    /// [`Backend::matmul_backward_input`] followed by [`Backend::matmul_backward_weight`].
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
@@ -69,6 +70,33 @@ pub trait Backend: Send + Sync {
         dout: &[f32],
         inp: &[f32],
         weight: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+
+    /// The input half of [`Backend::matmul_backward`]: `dinp[M,K] = dout[M,N] · weight[N,K]`
+    /// (overwrite). With [`Backend::matmul_backward_weight`] it must give exactly the bits of the
+    /// fused call: zero-bubble pipeline schedules run the two halves at different times.
+    fn matmul_backward_input(
+        &self,
+        dinp: &mut [f32],
+        dout: &[f32],
+        weight: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+
+    /// The weight half of [`Backend::matmul_backward`]: `dweight[N,K] += doutᵀ · inp[M,K]`,
+    /// `dbias[N] += Σ_rows dout` (accumulate).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_weight(
+        &self,
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
         m: usize,
         k: usize,
         n: usize,

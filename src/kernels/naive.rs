@@ -35,11 +35,29 @@ pub fn matmul_backward(
     k: usize,
     n: usize,
 ) {
+    matmul_backward_input(dinp, dout, w, m, k, n);
+    matmul_backward_weight(dw, db, dout, inp, m, k, n);
+}
+
+/// dinp = dout · w
+pub fn matmul_backward_input(dinp: &mut [f64], dout: &[f64], w: &[f64], m: usize, k: usize, n: usize) {
     for i in 0..m {
         for p in 0..k {
             dinp[i * k + p] = (0..n).map(|j| dout[i * n + j] * w[j * k + p]).sum();
         }
     }
+}
+
+/// dw += doutᵀ · inp; db += Σ dout
+pub fn matmul_backward_weight(
+    dw: &mut [f64],
+    db: Option<&mut [f64]>,
+    dout: &[f64],
+    inp: &[f64],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     for j in 0..n {
         for p in 0..k {
             dw[j * k + p] += (0..m).map(|i| dout[i * n + j] * inp[i * k + p]).sum::<f64>();

@@ -81,6 +81,21 @@ impl<B: Backend> Backend for Profiled<B> {
     ) {
         self.time("matmul_backward", |be| be.matmul_backward(dinp, dw, db, dout, inp, w, m, k, n))
     }
+    fn matmul_backward_input(&self, dinp: &mut [f32], dout: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+        self.time("matmul_backward_input", |be| be.matmul_backward_input(dinp, dout, w, m, k, n))
+    }
+    fn matmul_backward_weight(
+        &self,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        self.time("matmul_backward_weight", |be| be.matmul_backward_weight(dw, db, dout, inp, m, k, n))
+    }
     fn layernorm_forward(
         &self,
         out: &mut [f32],

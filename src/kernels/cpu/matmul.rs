@@ -1,9 +1,12 @@
 //! Matrix products through the `gemm` crate. Weights are `[N, K]` (`nn.Linear` layout).
 //!
 //! forward:  out[M,N]  = inp[M,K] · W[N,K]ᵀ (+ bias)
-//! backward: dinp[M,K] = dout[M,N] · W[N,K]        (overwrite)
-//!           dW[N,K]  += dout[M,N]ᵀ · inp[M,K]      (accumulate)
+//! backward: dinp[M,K] = dout[M,N] · W[N,K]        (overwrite)            — `backward_input`
+//!           dW[N,K]  += dout[M,N]ᵀ · inp[M,K]      (accumulate)           — `backward_weight`
 //!           db[N]    += Σ_m dout[m,:]              (accumulate, column blocks in parallel)
+//!
+//! `backward` is `backward_input` then `backward_weight`; the halves share nothing, so a
+//! zero-bubble schedule may run them apart (and in any order) and get the fused result's bits.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -61,6 +64,8 @@ pub(super) fn forward(
     }
 }
 
+/// The fused backward: exactly [`backward_input`] followed by [`backward_weight`] (the two are
+/// independent, so splitting them for a zero-bubble schedule changes no bit).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
     dinp: &mut [f32],
@@ -74,11 +79,23 @@ pub(super) fn backward(
     n: usize,
     threads: usize,
 ) {
-    assert_eq!(dinp.len(), m * k, "matmul_backward dinp");
-    assert_eq!(dweight.len(), n * k, "matmul_backward dweight");
-    assert_eq!(dout.len(), m * n, "matmul_backward dout");
-    assert_eq!(inp.len(), m * k, "matmul_backward inp");
-    assert_eq!(weight.len(), n * k, "matmul_backward weight");
+    backward_input(dinp, dout, weight, m, k, n, threads);
+    backward_weight(dweight, dbias, dout, inp, m, k, n, threads);
+}
+
+/// `dinp[M,K] = dout[M,N] · W[N,K]` (overwrite).
+pub(super) fn backward_input(
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    assert_eq!(dinp.len(), m * k, "matmul_backward_input dinp");
+    assert_eq!(dout.len(), m * n, "matmul_backward_input dout");
+    assert_eq!(weight.len(), n * k, "matmul_backward_input weight");
     // SAFETY: dinp is m×k (rs = k), dout m×n (rs = n), weight n×k (rs = k); all lengths checked.
     unsafe {
         gemm::gemm(
@@ -103,6 +120,23 @@ pub(super) fn backward(
             parallelism(threads),
         );
     }
+}
+
+/// `dW[N,K] += dout[M,N]ᵀ · inp[M,K]`, `db[N] += Σ_m dout[m,:]` (accumulate).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_weight(
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    assert_eq!(dweight.len(), n * k, "matmul_backward_weight dweight");
+    assert_eq!(dout.len(), m * n, "matmul_backward_weight dout");
+    assert_eq!(inp.len(), m * k, "matmul_backward_weight inp");
     // SAFETY: dweight is n×k (rs = k); lhs is doutᵀ read from the m×n dout (element (nn, mm) at
     // mm·n + nn, so rs = 1, cs = n); rhs is inp m×k (rs = k). Lengths checked above.
     unsafe {
@@ -129,7 +163,7 @@ pub(super) fn backward(
         );
     }
     if let Some(dbias) = dbias {
-        assert_eq!(dbias.len(), n, "matmul_backward dbias");
+        assert_eq!(dbias.len(), n, "matmul_backward_weight dbias");
         column_sums_into(dbias, dout, m, n);
     }
 }

@@ -94,6 +94,33 @@ impl Backend for CpuBackend {
         self.pool.install(|| matmul::backward(dinp, dweight, dbias, dout, inp, weight, m, k, n, par));
     }
 
+    fn matmul_backward_input(
+        &self,
+        dinp: &mut [f32],
+        dout: &[f32],
+        weight: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let par = self.threads;
+        self.pool.install(|| matmul::backward_input(dinp, dout, weight, m, k, n, par));
+    }
+
+    fn matmul_backward_weight(
+        &self,
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let par = self.threads;
+        self.pool.install(|| matmul::backward_weight(dweight, dbias, dout, inp, m, k, n, par));
+    }
+
     fn layernorm_forward(
         &self,
         out: &mut [f32],

@@ -5,6 +5,10 @@
 //! row log-sum-exp (no T×T matrix), residual after attention, ln2 out, ln2 mean/rstd, MLP
 //! pre-activation and GELU output, and the layer output (next layer's input). The head stores the
 //! final LayerNorm output and stats and the dlogits written by the fused cross-entropy.
+//!
+//! Between a split backward's input half (I) and its weight half (W) a microbatch also holds
+//! [`OutputGrads`]: the gradient at the output of every op whose weight gradient W computes
+//! (11·N·C floats per layer, N·C for the head and N·C for the embedding).
 
 #[derive(Debug)]
 pub(crate) struct LayerActs {
@@ -112,6 +116,79 @@ impl Acts {
     }
 }
 
+/// Gradients at the outputs of one block's parametrised ops, from I for W. Each is what the
+/// fused backward passes as `dout` to the op's weight gradient.
+#[derive(Debug)]
+pub(crate) struct LayerOutputGrads {
+    /// `[N,C]` at the block output, which is the MLP projection's output (fcproj).
+    pub dout: Vec<f32>,
+    /// `[N,4C]` at the MLP's first matmul output (fc), after GELU backward.
+    pub dfch: Vec<f32>,
+    /// `[N,C]` at the second LayerNorm's output.
+    pub dln2: Vec<f32>,
+    /// `[N,C]` at the residual after attention, which is the attention projection's output.
+    pub dresid2: Vec<f32>,
+    /// `[N,3C]` at the fused QKV matmul output.
+    pub dqkv: Vec<f32>,
+    /// `[N,C]` at the first LayerNorm's output.
+    pub dln1: Vec<f32>,
+}
+
+impl LayerOutputGrads {
+    fn new(n: usize, c: usize) -> Self {
+        Self {
+            dout: vec![0.0; n * c],
+            dfch: vec![0.0; n * 4 * c],
+            dln2: vec![0.0; n * c],
+            dresid2: vec![0.0; n * c],
+            dqkv: vec![0.0; n * 3 * c],
+            dln1: vec![0.0; n * c],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.dout.len()
+            + self.dfch.len()
+            + self.dln2.len()
+            + self.dresid2.len()
+            + self.dqkv.len()
+            + self.dln1.len()
+    }
+}
+
+/// What one microbatch keeps from its backward-input (I) to its backward-weight (W), besides its
+/// activations. The head's dlogits already live in [`HeadActs`].
+#[derive(Debug)]
+pub(crate) struct OutputGrads {
+    pub batch: usize,
+    pub seq: usize,
+    pub layers: Vec<LayerOutputGrads>,
+    /// `[N,C]` at the final LayerNorm's output (head ranges).
+    pub dlnf: Option<Vec<f32>>,
+    /// `[N,C]` at the embedding output (embedding ranges).
+    pub dembed: Option<Vec<f32>>,
+}
+
+impl OutputGrads {
+    pub fn new(batch: usize, seq: usize, c: usize, layers: usize, head: bool, embedding: bool) -> Self {
+        let n = batch * seq;
+        Self {
+            batch,
+            seq,
+            layers: (0..layers).map(|_| LayerOutputGrads::new(n, c)).collect(),
+            dlnf: head.then(|| vec![0.0; n * c]),
+            dembed: embedding.then(|| vec![0.0; n * c]),
+        }
+    }
+
+    /// Bytes held, for memory accounting.
+    pub fn bytes(&self) -> usize {
+        let l: usize = self.layers.iter().map(LayerOutputGrads::len).sum();
+        let edges = self.dlnf.as_ref().map_or(0, Vec::len) + self.dembed.as_ref().map_or(0, Vec::len);
+        4 * (l + edges)
+    }
+}
+
 /// Scratch shared by all microbatches of one model instance (reused, never per call).
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
@@ -125,6 +202,12 @@ pub(crate) struct Scratch {
     pub dbig2: Vec<f32>,
     /// Gradient w.r.t. the range's input after a backward (sent to the previous stage).
     pub dinput: Vec<f32>,
+    /// `[2C]`: where a split backward's input half sends the LayerNorm weight and bias
+    /// gradients it does not keep (the weight half recomputes them into the arena).
+    pub dparam_sink: Vec<f32>,
+    /// `[N,C]` (sized per call, not by [`Scratch::ensure`], so a backward-weight never clears
+    /// `dinput`): where the weight half sends the LayerNorm input gradients it does not need.
+    pub dinp_sink: Vec<f32>,
 }
 
 impl Scratch {
@@ -141,5 +224,6 @@ impl Scratch {
         self.dbig1 = vec![0.0; n * 4 * c];
         self.dbig2 = vec![0.0; n * 4 * c];
         self.dinput = vec![0.0; n * c];
+        self.dparam_sink = vec![0.0; 2 * c];
     }
 }

@@ -157,6 +157,13 @@ pub enum ModelError {
     MicrobatchInFlight { mb: u64 },
     #[error("no stored activations for microbatch {mb}: backward without forward")]
     UnknownMicrobatch { mb: u64 },
+    #[error(
+        "microbatch {mb}: backward_input already ran, so only its backward_weight may follow \
+         (not another backward_input or a fused backward)"
+    )]
+    BackwardInputDone { mb: u64 },
+    #[error("microbatch {mb}: backward_weight before its backward_input")]
+    BackwardInputMissing { mb: u64 },
     #[error("{0}")]
     WrongStage(&'static str),
     #[error("non-finite loss {loss} in microbatch {mb}")]

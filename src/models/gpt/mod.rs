@@ -7,15 +7,25 @@
 //! stores that microbatch's activations under its id; its backward consumes and frees them, so any
 //! number of microbatches may be in flight (what pipeline schedules need). Parameter gradients
 //! accumulate across microbatches until [`Gpt::zero_grads`].
+//!
+//! Zero-bubble schedules split a backward in two (`split.rs`): **I**, [`Gpt::backward_input`],
+//! computes only the gradient w.r.t. the range input (what the previous stage waits for) and
+//! keeps the gradient at the output of every op with parameters; **W**,
+//! [`Gpt::backward_weight`], later turns those into the parameter gradients and frees the
+//! microbatch, whose activations stay stored (and counted by [`Gpt::in_flight`]) until then. I
+//! then W runs the same kernels on the same values as [`Gpt::backward`], so it gives the same bits;
+//! with several microbatches split, gradients accumulate in the order of their W's, exactly as
+//! fused backwards in that order would.
 
 mod acts;
 pub mod config;
 mod generate;
 mod layout;
+mod split;
 
 use std::collections::HashMap;
 
-use acts::{Acts, LayerActs, Scratch};
+use acts::{Acts, LayerActs, OutputGrads, Scratch};
 pub use config::{GptConfig, LayerRange, ModelError};
 pub use generate::{Generator, Sampling, sample};
 use layout::{BlockSpans, Layout};
@@ -47,6 +57,10 @@ pub struct Gpt {
     tied_grad: Vec<f32>,
     in_flight: HashMap<u64, Acts>,
     free: Vec<Acts>,
+    /// Microbatches whose backward-input ran and backward-weight has not: the output gradients
+    /// W needs (their activations stay in `in_flight`). Keys are always in `in_flight` too.
+    pending_w: HashMap<u64, OutputGrads>,
+    free_pending_w: Vec<OutputGrads>,
     scratch: Scratch,
 }
 
@@ -88,6 +102,8 @@ impl Gpt {
             tied_grad,
             in_flight: HashMap::new(),
             free: Vec::new(),
+            pending_w: HashMap::new(),
+            free_pending_w: Vec::new(),
             scratch: Scratch::default(),
         })
     }
@@ -175,14 +191,17 @@ impl Gpt {
         self.layout.wte.map(|s| s.range())
     }
 
-    /// Number of microbatches whose activations are stored.
+    /// Number of microbatches whose activations are stored (forward ran; backward, or
+    /// backward-weight, has not).
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
-    /// Bytes of activations currently stored for in-flight microbatches.
+    /// Bytes stored for in-flight microbatches: their activations, plus the output gradients
+    /// kept between a split backward's input and weight halves.
     pub fn activation_bytes(&self) -> usize {
-        self.in_flight.values().map(Acts::bytes).sum()
+        self.in_flight.values().map(Acts::bytes).sum::<usize>()
+            + self.pending_w.values().map(OutputGrads::bytes).sum::<usize>()
     }
 
     /// Output hidden states `[B,T,C]` of an in-flight microbatch (what a non-last stage sends).
@@ -191,16 +210,20 @@ impl Gpt {
         Some(a.layers.last().map_or(&a.input, |l| &l.out))
     }
 
-    /// Gradient w.r.t. the range input after the latest backward (what a non-first stage sends
-    /// back). Overwritten by the next backward.
+    /// Gradient w.r.t. the range input after the latest backward or backward-input (what a
+    /// non-first stage sends back). Overwritten by the next one of those.
     pub fn input_grad(&self) -> &[f32] {
         &self.scratch.dinput
     }
 
-    /// Drops the stored activations of `mb` without running backward (evaluation).
+    /// Drops the stored activations of `mb` (and output gradients, if its backward-input ran)
+    /// without finishing its backward (evaluation).
     pub fn release(&mut self, mb: u64) {
         if let Some(a) = self.in_flight.remove(&mb) {
             self.free.push(a);
+        }
+        if let Some(d) = self.pending_w.remove(&mb) {
+            self.free_pending_w.push(d);
         }
     }
 
@@ -371,7 +394,8 @@ impl Gpt {
     /// `[B,T,C]`. Parameter gradients accumulate; the input gradient is in [`Gpt::input_grad`].
     ///
     /// # Errors
-    /// Unknown microbatch, a wrong `dout` length, or `dout` given/missing for the range kind.
+    /// Unknown microbatch, a microbatch whose split [`Gpt::backward_input`] already ran, a wrong
+    /// `dout` length, or `dout` given/missing for the range kind.
     pub fn backward(&mut self, be: &dyn Backend, mb: u64, dout: Option<&[f32]>) -> Result<(), ModelError> {
         self.backward_with(be, mb, dout, &mut |_, _| {})
     }
@@ -393,6 +417,9 @@ impl Gpt {
         dout: Option<&[f32]>,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
+        if self.pending_w.contains_key(&mb) {
+            return Err(ModelError::BackwardInputDone { mb });
+        }
         let acts = self.in_flight.remove(&mb).ok_or(ModelError::UnknownMicrobatch { mb })?;
         let result = self.backward_inner(be, &acts, dout, ready);
         self.free.push(acts);
