@@ -21,12 +21,12 @@
 //! assert!((loss - (50f32).ln()).abs() < 0.5);
 //! ```
 
-pub mod actors;
 pub mod comm;
 pub mod data;
 pub mod kernels;
 pub mod models;
 pub mod optim;
+pub mod runtime;
 pub mod telemetry;
 pub mod tensor;
 

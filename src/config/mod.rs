@@ -361,7 +361,11 @@ impl Config {
         let p = &self.parallel;
         if p.tensor_model_parallel_size != 1 {
             let v = p.tensor_model_parallel_size.to_string();
-            return invalid("parallel.tensor_model_parallel_size", v, "only 1 is supported (no tensor parallelism yet)");
+            return invalid(
+                "parallel.tensor_model_parallel_size",
+                v,
+                "only 1 is supported (no tensor parallelism yet)",
+            );
         }
         for (key, v) in [
             ("parallel.pipeline_model_parallel_size", p.pipeline_model_parallel_size),

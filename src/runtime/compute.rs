@@ -13,7 +13,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::kernels::Backend;
-use crate::models::Gpt;
+use crate::models::gpt::Gpt;
 
 use super::plan::Bucket;
 
@@ -69,7 +69,12 @@ impl Engine {
             };
             if due && !self.handed[chunk][index] {
                 self.handed[chunk][index] = true;
-                tx(ReadyBucket { chunk, index, range: b.range.clone(), data: arena[b.range.clone()].to_vec() });
+                tx(ReadyBucket {
+                    chunk,
+                    index,
+                    range: b.range.clone(),
+                    data: arena[b.range.clone()].to_vec(),
+                });
             }
         }
     }

@@ -61,7 +61,9 @@ impl Plan {
                 if v != 0 && v != derived {
                     return Err(bad(
                         "virtual_pipeline_model_parallel_size",
-                        format!("{v} disagrees with num_layers_per_virtual_pipeline_stage ({derived} chunks)"),
+                        format!(
+                            "{v} disagrees with num_layers_per_virtual_pipeline_stage ({derived} chunks)"
+                        ),
                     ));
                 }
                 derived
@@ -119,7 +121,11 @@ impl Plan {
 ///
 /// # Errors
 /// [`RuntimeError::Layout`] when the explicit list has the wrong length or sum.
-pub fn stage_ranges(model: &GptConfig, n: usize, explicit: &[usize]) -> Result<Vec<LayerRange>, RuntimeError> {
+pub fn stage_ranges(
+    model: &GptConfig,
+    n: usize,
+    explicit: &[usize],
+) -> Result<Vec<LayerRange>, RuntimeError> {
     let layers = model.num_layers;
     let counts: Vec<usize> = if explicit.is_empty() {
         (0..n).map(|i| layers / n + usize::from(i < layers % n)).collect()
@@ -177,7 +183,7 @@ pub fn buckets(table: &ParamTable, wte: Option<Range<usize>>, bucket_elems: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::Gpt;
+    use crate::models::gpt::Gpt;
 
     #[test]
     fn even_and_explicit_stage_ranges() {

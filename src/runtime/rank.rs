@@ -27,7 +27,7 @@ use crate::comm::{Buf, Comm, DType, GroupKind, ReduceOp, Topology, Work, chunk_r
 use crate::config::{Config, NanPolicy};
 use crate::data::SampleSource;
 use crate::kernels::CpuBackend;
-use crate::models::Gpt;
+use crate::models::gpt::Gpt;
 use crate::models::gpt::StageInput;
 use crate::optim::{AdamWConfig, LrSchedule, clip_coefficient, norm_from_tensor_sums};
 use crate::schedule::{Op, OpKind};
@@ -94,10 +94,22 @@ pub struct RankCtx {
     pub instructions: AtomicU64,
     /// Time spent outside compute while executing instructions (actor and messaging overhead).
     pub overhead_ns: AtomicU64,
+    /// Time in compute jobs of pipeline instructions.
+    pub busy_ns: AtomicU64,
 }
 
 impl RankCtx {
-    fn record(&self, step: u64, kind: OpKind, mb: Option<u32>, chunk: Option<u32>, span: (f64, f64), bytes: Option<u64>, peer: Option<u32>) {
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        step: u64,
+        kind: OpKind,
+        mb: Option<u32>,
+        chunk: Option<u32>,
+        span: (f64, f64),
+        bytes: Option<u64>,
+        peer: Option<u32>,
+    ) {
         if self.record_step != Some(step) || self.dp_rank != 0 {
             return;
         }
@@ -120,7 +132,10 @@ impl RankCtx {
     }
 
     fn tag(step: u64, dir: Dir, mb: u32, chunk: u32) -> u64 {
-        ((step & 0xFFFF_FFFF) << 32) | (u64::from(dir == Dir::Grad) << 31) | (u64::from(chunk) << 20) | u64::from(mb)
+        ((step & 0xFFFF_FFFF) << 32)
+            | (u64::from(dir == Dir::Grad) << 31)
+            | (u64::from(chunk) << 20)
+            | u64::from(mb)
     }
 
     fn hidden_len(&self) -> usize {
@@ -175,7 +190,11 @@ impl Actor for StageActor {
     type State = StageState;
     type Arguments = (Arc<RankCtx>, usize);
 
-    async fn pre_start(&self, _me: ActorRef<StageMsg>, (ctx, chunk): (Arc<RankCtx>, usize)) -> Result<StageState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<StageMsg>,
+        (ctx, chunk): (Arc<RankCtx>, usize),
+    ) -> Result<StageState, ActorProcessingErr> {
         let mut ops = Vec::new();
         let mut k = 0u64;
         for (i, op) in ctx.plan.program.ranks[ctx.pp_rank].iter().enumerate() {
@@ -190,7 +209,12 @@ impl Actor for StageActor {
         Ok(StageState { ctx, chunk, ops })
     }
 
-    async fn handle(&self, _me: ActorRef<StageMsg>, msg: StageMsg, st: &mut StageState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<StageMsg>,
+        msg: StageMsg,
+        st: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
         let StageMsg::Run(work, reply) = msg;
         let r = run_stage(st, &work).await;
         let _ = reply.send(r);
@@ -253,7 +277,15 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &op.to_string(), e))?;
                 let (loss, out) = r.map_err(|e| fail(&op, index, e.to_string()))?;
                 compute_ns += (t1 - t0).as_nanos() as u64;
-                ctx.record(step, OpKind::Forward, Some(mb), Some(c as u32), (ctx.clock.us(t0), ctx.clock.us(t1)), None, None);
+                ctx.record(
+                    step,
+                    OpKind::Forward,
+                    Some(mb),
+                    Some(c as u32),
+                    (ctx.clock.us(t0), ctx.clock.us(t1)),
+                    None,
+                    None,
+                );
                 if let Some(l) = loss {
                     report.losses.push((mb, l));
                 }
@@ -283,13 +315,23 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         } else {
                             weight_backward(e, c, mb, dout.as_deref(), false)?;
                         }
-                        Ok::<_, crate::models::gpt::ModelError>((!first).then(|| e.chunks[c].input_grad().to_vec()))
+                        Ok::<_, crate::models::gpt::ModelError>(
+                            (!first).then(|| e.chunks[c].input_grad().to_vec()),
+                        )
                     })
                     .await
                     .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &op.to_string(), e))?;
                 let dinp = r.map_err(|e| fail(&op, index, e.to_string()))?;
                 compute_ns += (t1 - t0).as_nanos() as u64;
-                ctx.record(step, op.kind(), Some(mb), Some(c as u32), (ctx.clock.us(t0), ctx.clock.us(t1)), None, None);
+                ctx.record(
+                    step,
+                    op.kind(),
+                    Some(mb),
+                    Some(c as u32),
+                    (ctx.clock.us(t0), ctx.clock.us(t1)),
+                    None,
+                    None,
+                );
                 if let Some(d) = dinp {
                     let (r, c2) = program.locate(stage - 1);
                     if r == ctx.pp_rank {
@@ -308,13 +350,21 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &op.to_string(), e))?;
                 r.map_err(|e| fail(&op, index, e.to_string()))?;
                 compute_ns += (t1 - t0).as_nanos() as u64;
-                ctx.record(step, OpKind::BackwardWeight, Some(mb), Some(c as u32), (ctx.clock.us(t0), ctx.clock.us(t1)), None, None);
+                ctx.record(
+                    step,
+                    OpKind::BackwardWeight,
+                    Some(mb),
+                    Some(c as u32),
+                    (ctx.clock.us(t0), ctx.clock.us(t1)),
+                    None,
+                    None,
+                );
             }
             Op::SendAct { mb, peer, .. } | Op::SendGrad { mb, peer, .. } => {
                 let dir = if matches!(op, Op::SendAct { .. }) { Dir::Act } else { Dir::Grad };
-                let data = outbox
-                    .remove(&(dir, mb, c as u32))
-                    .ok_or_else(|| fail(&op, index, format!("no {} of microbatch {mb} to send", dir.name())))?;
+                let data = outbox.remove(&(dir, mb, c as u32)).ok_or_else(|| {
+                    fail(&op, index, format!("no {} of microbatch {mb} to send", dir.name()))
+                })?;
                 let consumer = if dir == Dir::Act { stage + 1 } else { stage - 1 };
                 let (_, c2) = program.locate(consumer);
                 let bytes = 4 * data.len() as u64;
@@ -328,7 +378,12 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
             Op::RecvAct { mb, peer, .. } | Op::RecvGrad { mb, peer, .. } => {
                 let dir = if matches!(op, Op::RecvAct { .. }) { Dir::Act } else { Dir::Grad };
                 let key = (dir, mb, c as u32);
-                let work = ctx.pp.recv(DType::F32, ctx.hidden_len(), peer as usize, RankCtx::tag(step, dir, mb, c as u32));
+                let work = ctx.pp.recv(
+                    DType::F32,
+                    ctx.hidden_len(),
+                    peer as usize,
+                    RankCtx::tag(step, dir, mb, c as u32),
+                );
                 let ctx2 = st.ctx.clone();
                 let posted = ctx.now_us();
                 let kind = op.kind();
@@ -339,20 +394,34 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         Err(e) => Err(e.to_string()),
                     };
                     let bytes = r.as_ref().map(|v| 4 * v.len() as u64).ok();
-                    ctx2.record(step, kind, Some(mb), Some(key.2), (posted, ctx2.now_us()), bytes, Some(peer));
+                    ctx2.record(
+                        step,
+                        kind,
+                        Some(mb),
+                        Some(key.2),
+                        (posted, ctx2.now_us()),
+                        bytes,
+                        Some(peer),
+                    );
                     ctx2.mailbox.put(key, r);
                 });
             }
             Op::ReduceGrads { .. } | Op::OptimizerStep => {}
         }
         let total = t_op.elapsed().as_nanos() as u64;
+        ctx.busy_ns.fetch_add(compute_ns, Ordering::Relaxed);
         ctx.overhead_ns.fetch_add(total.saturating_sub(compute_ns), Ordering::Relaxed);
     }
     for (op, work) in sends {
         tokio::time::timeout(ctx.timeout, work)
             .await
             .map_err(|_| fail(&op, 0, format!("send not handed over within {:?}", ctx.timeout)))?
-            .map_err(|e| RuntimeError::Comm { rank: ctx.world_rank, step, op: op.to_string(), source: e })?;
+            .map_err(|e| RuntimeError::Comm {
+                rank: ctx.world_rank,
+                step,
+                op: op.to_string(),
+                source: Box::new(e),
+            })?;
     }
     Ok(report)
 }
@@ -361,7 +430,13 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
 async fn take(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
     match ctx.mailbox.take(key, ctx.timeout).await {
         Ok(Ok(v)) if v.len() == ctx.hidden_len() => Ok(v),
-        Ok(Ok(v)) => Err(format!("{} of microbatch {} has {} values, expected {}", key.0.name(), key.1, v.len(), ctx.hidden_len())),
+        Ok(Ok(v)) => Err(format!(
+            "{} of microbatch {} has {} values, expected {}",
+            key.0.name(),
+            key.1,
+            v.len(),
+            ctx.hidden_len()
+        )),
         Ok(Err(e)) => Err(format!("receiving the {} of microbatch {}: {e}", key.0.name(), key.1)),
         Err(()) => Err(format!(
             "no {} for microbatch {} arrived within {:?} (peer dead or hung?)",
@@ -376,7 +451,13 @@ async fn take(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
 /// chunk)`. On the chunk's last weight-producing backward of the step, finished gradient
 /// buckets go to the reducer as the backward produces them, the head's tied gradient is folded,
 /// and the remaining buckets (with `wte`) follow.
-fn weight_backward(e: &mut Engine, c: usize, mb: u32, dout: Option<&[f32]>, weight_only: bool) -> Result<(), crate::models::gpt::ModelError> {
+fn weight_backward(
+    e: &mut Engine,
+    c: usize,
+    mb: u32,
+    dout: Option<&[f32]>,
+    weight_only: bool,
+) -> Result<(), crate::models::gpt::ModelError> {
     e.weight_done[c] += 1;
     let last = e.weight_done[c] == e.microbatches;
     let Engine { be, chunks, buckets, bucket_tx, handed, .. } = e;
@@ -388,7 +469,12 @@ fn weight_backward(e: &mut Engine, c: usize, mb: u32, dout: Option<&[f32]>, weig
                 let is_wte = Some(&b.range) == wte.as_ref();
                 if !is_wte && !handed[c][index] && b.range.start >= range.start {
                     handed[c][index] = true;
-                    tx(ReadyBucket { chunk: c, index, range: b.range.clone(), data: arena[b.range.clone()].to_vec() });
+                    tx(ReadyBucket {
+                        chunk: c,
+                        index,
+                        range: b.range.clone(),
+                        data: arena[b.range.clone()].to_vec(),
+                    });
                 }
             }
         }
@@ -406,3 +492,990 @@ fn weight_backward(e: &mut Engine, c: usize, mb: u32, dout: Option<&[f32]>, weig
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// GradReducer
+
+pub enum ReducerMsg {
+    /// A finished bucket: start its data-parallel reduction now.
+    Bucket(ReadyBucket),
+    /// Wait for every reduction started this step and hand back the results.
+    Finish(u64, RpcReplyPort<Result<Vec<ReadyBucket>, RuntimeError>>),
+}
+
+/// See the module docs.
+pub struct GradReducer;
+
+/// A bucket whose reduction is in flight: chunk, bucket index, arena range, work, start (µs).
+type PendingBucket = (usize, usize, std::ops::Range<usize>, Work<Buf>, f64);
+
+pub struct ReducerState {
+    ctx: Arc<RankCtx>,
+    pending: Vec<PendingBucket>,
+}
+
+impl Actor for GradReducer {
+    type Msg = ReducerMsg;
+    type State = ReducerState;
+    type Arguments = Arc<RankCtx>;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<ReducerMsg>,
+        ctx: Arc<RankCtx>,
+    ) -> Result<ReducerState, ActorProcessingErr> {
+        Ok(ReducerState { ctx, pending: Vec::new() })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<ReducerMsg>,
+        msg: ReducerMsg,
+        st: &mut ReducerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ReducerMsg::Bucket(b) => {
+                let t = st.ctx.now_us();
+                let buf = Buf::F32(b.data);
+                let work = if st.ctx.plan.distributed_optimizer {
+                    st.ctx.dp.reduce_scatter(buf, ReduceOp::Sum)
+                } else {
+                    st.ctx.dp.all_reduce(buf, ReduceOp::Sum)
+                };
+                st.pending.push((b.chunk, b.index, b.range, work, t));
+            }
+            ReducerMsg::Finish(step, reply) => {
+                let mut out = Vec::with_capacity(st.pending.len());
+                let mut err = None;
+                let mut span: Vec<(f64, f64)> = vec![(f64::INFINITY, 0.0); st.ctx.plan.vpp];
+                for (chunk, index, range, work, t) in st.pending.drain(..) {
+                    if err.is_some() {
+                        continue;
+                    }
+                    match tokio::time::timeout(st.ctx.timeout, work).await {
+                        Ok(Ok(Buf::F32(data))) => {
+                            span[chunk].0 = span[chunk].0.min(t);
+                            span[chunk].1 = st.ctx.now_us();
+                            out.push(ReadyBucket { chunk, index, range, data });
+                        }
+                        Ok(Ok(_)) => {
+                            err = Some(reducer_err(
+                                &st.ctx,
+                                step,
+                                chunk,
+                                "the reduction returned a non-f32 buffer".into(),
+                            ))
+                        }
+                        Ok(Err(e)) => {
+                            err = Some(RuntimeError::Comm {
+                                rank: st.ctx.world_rank,
+                                step,
+                                op: format!("{chunk}RED (bucket {index})"),
+                                source: Box::new(e),
+                            })
+                        }
+                        Err(_) => {
+                            err = Some(reducer_err(
+                                &st.ctx,
+                                step,
+                                chunk,
+                                format!("bucket {index} not reduced within {:?}", st.ctx.timeout),
+                            ))
+                        }
+                    }
+                }
+                for (c, (a, b)) in span.into_iter().enumerate() {
+                    if a.is_finite() {
+                        st.ctx.record(step, OpKind::ReduceGrads, None, Some(c as u32), (a, b), None, None);
+                    }
+                }
+                let _ = reply.send(match err {
+                    Some(e) => Err(e),
+                    None => Ok(out),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reducer_err(ctx: &RankCtx, step: u64, chunk: usize, detail: String) -> RuntimeError {
+    RuntimeError::Actor {
+        actor: "grad-reducer".into(),
+        rank: ctx.world_rank,
+        step,
+        op: format!("{chunk}RED"),
+        detail,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OptimizerShard
+
+pub struct OptStep {
+    pub step: u64,
+    pub ticket: u64,
+    pub lr: f32,
+    pub clip: Option<f32>,
+}
+
+pub enum OptimizerMsg {
+    Step(OptStep, RpcReplyPort<Result<(), RuntimeError>>),
+    /// Bytes of optimizer state this rank holds.
+    StateBytes(RpcReplyPort<usize>),
+}
+
+/// See the module docs.
+pub struct OptimizerShard;
+
+pub struct OptimizerState {
+    ctx: Arc<RankCtx>,
+    cfg: AdamWConfig,
+    shards: Option<Vec<ChunkShard>>,
+    updates: u64,
+}
+
+impl Actor for OptimizerShard {
+    type Msg = OptimizerMsg;
+    type State = OptimizerState;
+    type Arguments = (Arc<RankCtx>, Vec<ChunkShard>);
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<OptimizerMsg>,
+        (ctx, shards): Self::Arguments,
+    ) -> Result<OptimizerState, ActorProcessingErr> {
+        let t = &ctx.cfg.train;
+        let cfg = AdamWConfig {
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+            weight_decay: t.weight_decay,
+        };
+        Ok(OptimizerState { ctx, cfg, shards: Some(shards), updates: 0 })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<OptimizerMsg>,
+        msg: OptimizerMsg,
+        st: &mut OptimizerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            OptimizerMsg::StateBytes(reply) => {
+                let _ = reply.send(st.shards.iter().flatten().map(ChunkShard::state_bytes).sum());
+            }
+            OptimizerMsg::Step(s, reply) => {
+                let Some(mut shards) = st.shards.take() else {
+                    let _ = reply.send(Err(opt_err(
+                        &st.ctx,
+                        s.step,
+                        "optimizer state lost by an earlier failure".into(),
+                    )));
+                    return Ok(());
+                };
+                st.updates += 1;
+                let (cfg, updates, lr, clip) = (st.cfg, st.updates, s.lr, s.clip);
+                let r = st
+                    .ctx
+                    .compute
+                    .run(s.ticket, move |e: &mut Engine| {
+                        for (c, shard) in shards.iter_mut().enumerate() {
+                            let (table, params, grads) = e.chunks[c].split_mut();
+                            if let Some(coef) = clip {
+                                for r in &shard.ranges {
+                                    e.be.scale(&mut grads[r.clone()], coef);
+                                }
+                            }
+                            shard.update(&*e.be, table, params, grads, &cfg, updates, lr);
+                        }
+                        shards
+                    })
+                    .await;
+                let out = match r {
+                    Ok((shards, t0, t1)) => {
+                        st.shards = Some(shards);
+                        st.ctx.record(
+                            s.step,
+                            OpKind::OptimizerStep,
+                            None,
+                            None,
+                            (st.ctx.clock.us(t0), st.ctx.clock.us(t1)),
+                            None,
+                            None,
+                        );
+                        Ok(())
+                    }
+                    Err(e) => Err(st.ctx.job_err("optimizer", s.step, "STEP", e)),
+                };
+                let _ = reply.send(out);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn opt_err(ctx: &RankCtx, step: u64, detail: String) -> RuntimeError {
+    RuntimeError::Actor { actor: "optimizer".into(), rank: ctx.world_rank, step, op: "STEP".into(), detail }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DataFeeder
+
+pub enum FeederMsg {
+    /// The microbatches of step `step` (1-based), starting at `consumed` samples.
+    Next { step: u64, consumed: u64, reply: RpcReplyPort<Result<Arc<StepBatch>, RuntimeError>> },
+}
+
+/// See the module docs.
+pub struct DataFeeder;
+
+pub struct FeederState {
+    ctx: Arc<RankCtx>,
+    source: Arc<dyn SampleSource>,
+    want_tokens: bool,
+    want_targets: bool,
+    prefetch: Option<(u64, tokio::task::JoinHandle<Result<StepBatch, String>>)>,
+}
+
+fn load_batch(
+    source: &dyn SampleSource,
+    consumed: u64,
+    plan: &Plan,
+    dp_rank: usize,
+    want: (bool, bool),
+) -> Result<StepBatch, String> {
+    let mbs = plan.micro_batch_size;
+    let mut batch = StepBatch::default();
+    let mut buf = crate::train::data::BatchBuf::default();
+    for j in 0..plan.microbatches {
+        // Megatron's order: the DP ranks take consecutive microbatches of the global batch.
+        let first = consumed + ((j * plan.dp + dp_rank) * mbs) as u64;
+        buf.fill(source, first, mbs).map_err(|e| e.to_string())?;
+        batch.tokens.push(if want.0 { buf.tokens.clone() } else { Vec::new() });
+        batch.targets.push(if want.1 { buf.targets.clone() } else { Vec::new() });
+    }
+    Ok(batch)
+}
+
+impl Actor for DataFeeder {
+    type Msg = FeederMsg;
+    type State = FeederState;
+    type Arguments = (Arc<RankCtx>, Arc<dyn SampleSource>);
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<FeederMsg>,
+        (ctx, source): Self::Arguments,
+    ) -> Result<FeederState, ActorProcessingErr> {
+        let p = &ctx.plan;
+        let last = p.num_stages() - 1;
+        let holds = |stage: usize| p.program.locate(stage).0 == ctx.pp_rank;
+        let (want_tokens, want_targets) = (holds(0), holds(last));
+        Ok(FeederState { ctx, source, want_tokens, want_targets, prefetch: None })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<FeederMsg>,
+        msg: FeederMsg,
+        st: &mut FeederState,
+    ) -> Result<(), ActorProcessingErr> {
+        let FeederMsg::Next { step, consumed, reply } = msg;
+        let want = (st.want_tokens, st.want_targets);
+        let spawn = |consumed: u64| {
+            let (source, plan, dp_rank) = (st.source.clone(), st.ctx.plan.clone(), st.ctx.dp_rank);
+            tokio::task::spawn_blocking(move || load_batch(&*source, consumed, &plan, dp_rank, want))
+        };
+        let handle = match st.prefetch.take() {
+            Some((c, h)) if c == consumed => h,
+            _ => spawn(consumed),
+        };
+        let r = match handle.await {
+            Ok(Ok(b)) => Ok(Arc::new(b)),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(format!("the loading thread failed: {e}")),
+        };
+        let next = consumed + st.ctx.cfg.train.global_batch_size as u64;
+        if step < st.ctx.cfg.train.train_iters {
+            st.prefetch = Some((next, spawn(next)));
+        }
+        let _ = reply.send(r.map_err(|detail| RuntimeError::Actor {
+            actor: "data-feeder".into(),
+            rank: st.ctx.world_rank,
+            step,
+            op: "load".into(),
+            detail,
+        }));
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervisor
+
+/// What a rank is started with.
+pub struct RankSetup {
+    pub cfg: Config,
+    pub plan: Arc<Plan>,
+    pub world: Box<dyn Comm>,
+    pub data: Arc<dyn SampleSource>,
+    pub opts: RunOptions,
+    /// Kernel threads of this rank's backend.
+    pub threads: usize,
+    /// Progress events (world rank 0 sends them).
+    pub events: Option<std::sync::mpsc::Sender<RunEvent>>,
+    /// Raised by SIGINT/SIGTERM: the ranks agree to stop after the current step.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+pub enum SupMsg {
+    Run(RpcReplyPort<Result<RankResult, RuntimeError>>),
+}
+
+/// See the module docs.
+pub struct Supervisor;
+
+pub struct SupState {
+    ctx: Arc<RankCtx>,
+    stages: Vec<ActorRef<StageMsg>>,
+    reducer: ActorRef<ReducerMsg>,
+    optimizer: ActorRef<OptimizerMsg>,
+    feeder: ActorRef<FeederMsg>,
+    events: Option<std::sync::mpsc::Sender<RunEvent>>,
+    stop: Option<Arc<AtomicBool>>,
+    opts: RunOptions,
+    next_ticket: u64,
+    /// Index of each full-model tensor name in the canonical (full model table) order.
+    tensor_index: std::collections::HashMap<String, usize>,
+    /// Per local chunk: the rank holds global stage 0 / the last stage there.
+    chunk_stage: Vec<usize>,
+}
+
+fn spawn_err(what: &str, e: impl std::fmt::Display) -> ActorProcessingErr {
+    format!("spawning {what}: {e}").into()
+}
+
+impl Actor for Supervisor {
+    type Msg = SupMsg;
+    type State = SupState;
+    type Arguments = RankSetup;
+
+    async fn pre_start(&self, me: ActorRef<SupMsg>, s: RankSetup) -> Result<SupState, ActorProcessingErr> {
+        let plan = s.plan.clone();
+        let world: Arc<dyn Comm> = Arc::from(s.world);
+        let wr = world.rank();
+        let topo = Topology::new(world.size(), 1, plan.pp, plan.dp).map_err(|e| spawn_err("topology", e))?;
+        let coords = topo.coords(wr);
+        let group = |kind: GroupKind| -> Result<Arc<dyn Comm>, ActorProcessingErr> {
+            let (name, ranks) = topo.group(kind, wr);
+            world.new_group(&ranks, &name).map(Arc::from).map_err(|e| spawn_err("communicator", e))
+        };
+        let pp = group(GroupKind::Pipeline)?;
+        let dp = group(GroupKind::Data)?;
+        let last_stage = plan.num_stages() - 1;
+        let (first_rank, last_rank) = (plan.program.locate(0).0, plan.program.locate(last_stage).0);
+        let emb = if first_rank != last_rank && (coords.pp == first_rank || coords.pp == last_rank) {
+            Some(group(GroupKind::Embedding)?)
+        } else {
+            None
+        };
+        let seq = s.data.sample_tokens().saturating_sub(1);
+        let mut chunks = Vec::with_capacity(plan.vpp);
+        let mut chunk_buckets = Vec::with_capacity(plan.vpp);
+        let mut shards = Vec::with_capacity(plan.vpp);
+        for c in 0..plan.vpp {
+            let g = Gpt::new_range(&s.cfg.model, plan.range_of(coords.pp, c), s.cfg.train.seed)
+                .map_err(|e| spawn_err("model chunk", e))?;
+            let b = buckets(g.table(), g.wte_range(), plan.bucket_elems);
+            shards.push(ChunkShard::new(g.table().len(), &b, plan.dp, coords.dp, plan.distributed_optimizer));
+            chunk_buckets.push(b);
+            chunks.push(g);
+        }
+        let reducer_slot: Arc<std::sync::OnceLock<ActorRef<ReducerMsg>>> =
+            Arc::new(std::sync::OnceLock::new());
+        let slot = reducer_slot.clone();
+        let bucket_tx: Option<Box<dyn Fn(ReadyBucket) + Send>> = (plan.dp > 1).then(|| {
+            Box::new(move |b: ReadyBucket| {
+                if let Some(r) = slot.get() {
+                    let _ = r.cast(ReducerMsg::Bucket(b));
+                }
+            }) as Box<dyn Fn(ReadyBucket) + Send>
+        });
+        let handed = chunk_buckets.iter().map(|b| vec![false; b.len()]).collect();
+        let engine = Engine {
+            be: Box::new(CpuBackend::new(s.threads)),
+            chunks,
+            microbatches: plan.microbatches,
+            buckets: chunk_buckets,
+            bucket_tx,
+            weight_done: vec![0; plan.vpp],
+            handed,
+            peak_in_flight: vec![0; plan.vpp],
+        };
+        let compute = Compute::start(wr, engine).map_err(|e| spawn_err("compute thread", e))?;
+        let mailbox = Mailbox::default();
+        if let Some(order) = &s.opts.replay_order {
+            mailbox.set_order(order.get(coords.pp).cloned().unwrap_or_default());
+        }
+        let ctx = Arc::new(RankCtx {
+            world_rank: wr,
+            pp_rank: coords.pp,
+            dp_rank: coords.dp,
+            plan: plan.clone(),
+            cfg: s.cfg.clone(),
+            seq,
+            timeout: s.opts.timeout,
+            world,
+            pp,
+            dp,
+            emb,
+            mailbox,
+            compute,
+            record_step: s.opts.trace_step,
+            events: std::sync::Mutex::new(Vec::new()),
+            clock: Clock::now(),
+            sent_bytes: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            instructions: AtomicU64::new(0),
+            overhead_ns: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+        });
+        let cell = me.get_cell();
+        let (reducer, _) = Actor::spawn_linked(
+            Some(format!("rank{wr}/grad-reducer")),
+            GradReducer,
+            ctx.clone(),
+            cell.clone(),
+        )
+        .await
+        .map_err(|e| spawn_err("grad-reducer", e))?;
+        let _ = reducer_slot.set(reducer.clone());
+        let mut stages = Vec::with_capacity(plan.vpp);
+        for c in 0..plan.vpp {
+            let (a, _) = Actor::spawn_linked(
+                Some(format!("rank{wr}/stage{c}")),
+                StageActor,
+                (ctx.clone(), c),
+                cell.clone(),
+            )
+            .await
+            .map_err(|e| spawn_err("stage actor", e))?;
+            stages.push(a);
+        }
+        let (optimizer, _) = Actor::spawn_linked(
+            Some(format!("rank{wr}/optimizer")),
+            OptimizerShard,
+            (ctx.clone(), shards),
+            cell.clone(),
+        )
+        .await
+        .map_err(|e| spawn_err("optimizer", e))?;
+        let (feeder, _) = Actor::spawn_linked(
+            Some(format!("rank{wr}/data-feeder")),
+            DataFeeder,
+            (ctx.clone(), s.data.clone()),
+            cell.clone(),
+        )
+        .await
+        .map_err(|e| spawn_err("data feeder", e))?;
+        let full =
+            crate::models::gpt::param_table(&s.cfg.model, crate::models::gpt::LayerRange::full(&s.cfg.model));
+        let tensor_index = full.specs().iter().enumerate().map(|(i, sp)| (sp.name.clone(), i)).collect();
+        let chunk_stage = (0..plan.vpp).map(|c| plan.program.stage_of(coords.pp, c)).collect();
+        Ok(SupState {
+            ctx,
+            stages,
+            reducer,
+            optimizer,
+            feeder,
+            events: s.events,
+            stop: s.stop,
+            opts: s.opts,
+            next_ticket: 0,
+            tensor_index,
+            chunk_stage,
+        })
+    }
+
+    async fn handle(
+        &self,
+        me: ActorRef<SupMsg>,
+        msg: SupMsg,
+        st: &mut SupState,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupMsg::Run(reply) = msg;
+        let r = train_loop(st).await;
+        let _ = reply.send(r);
+        me.stop(None);
+        Ok(())
+    }
+
+    async fn post_stop(&self, _me: ActorRef<SupMsg>, st: &mut SupState) -> Result<(), ActorProcessingErr> {
+        for s in &st.stages {
+            s.stop(None);
+        }
+        st.reducer.stop(None);
+        st.optimizer.stop(None);
+        st.feeder.stop(None);
+        Ok(())
+    }
+}
+
+impl SupState {
+    /// Runs `f` as the next compute job.
+    async fn job<R: Send + 'static>(
+        &mut self,
+        step: u64,
+        what: &str,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> Result<R, RuntimeError> {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        self.ctx
+            .compute
+            .run(t, f)
+            .await
+            .map(|(r, _, _)| r)
+            .map_err(|e| self.ctx.job_err("supervisor", step, what, e))
+    }
+}
+
+fn rpc<T>(
+    actor: &str,
+    rank: usize,
+    step: u64,
+    r: Result<ractor::rpc::CallResult<T>, impl std::fmt::Display>,
+) -> Result<T, RuntimeError> {
+    let fail =
+        |detail: String| RuntimeError::Actor { actor: actor.into(), rank, step, op: "call".into(), detail };
+    match r {
+        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(fail("no reply within the timeout".into())),
+        Ok(ractor::rpc::CallResult::SenderError) => {
+            Err(fail("the actor stopped without replying (it failed)".into()))
+        }
+        Err(e) => Err(fail(format!("cannot reach the actor: {e}"))),
+    }
+}
+
+fn f64s_to_buf(v: &[f64]) -> Buf {
+    Buf::I64(v.iter().map(|x| x.to_bits() as i64).collect())
+}
+
+async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
+    let ctx = st.ctx.clone();
+    let cfg = ctx.cfg.clone();
+    let plan = ctx.plan.clone();
+    let t = &cfg.train;
+    let sched = LrSchedule {
+        max_lr: t.lr,
+        min_lr: t.min_lr,
+        warmup: t.lr_warmup_iters,
+        decay: t.lr_decay_iters.unwrap_or(t.train_iters),
+        style: t.lr_decay_style,
+    };
+    let program_ops = &plan.program.ranks[ctx.pp_rank];
+    let k = program_ops.iter().filter(|op| op.kind().is_compute()).count() as u64;
+    let n_tensors = st.tensor_index.len();
+    let slots = n_tensors + 5;
+    let last_stage = plan.num_stages() - 1;
+    let timeout = ctx.timeout;
+    let wr = ctx.world_rank;
+    let mut result = RankResult { peak_in_flight: vec![0; plan.vpp], ..RankResult::default() };
+    let mut step = st.opts.start_step;
+    let mut consumed = st.opts.consumed_samples;
+    let started = Instant::now();
+    let mut skipped = 0u64;
+    while step < t.train_iters {
+        let this = step + 1;
+        let t_step = Instant::now();
+        let batch = rpc(
+            "data-feeder",
+            wr,
+            this,
+            st.feeder.call(|r| FeederMsg::Next { step: this, consumed, reply: r }, Some(timeout)).await,
+        )??;
+        ctx.mailbox.new_step();
+        st.job(this, "new step", |e: &mut Engine| e.new_step()).await?;
+        let base = st.next_ticket;
+        let busy0 = Instant::now();
+        let busy_ns0 = ctx.busy_ns.load(Ordering::Relaxed);
+        let mut waits = Vec::with_capacity(st.stages.len());
+        for a in &st.stages {
+            let work = StageStep { step: this, base_ticket: base, batch: batch.clone() };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            a.cast(StageMsg::Run(work, tx.into())).map_err(|e| RuntimeError::Actor {
+                actor: "stage".into(),
+                rank: wr,
+                step: this,
+                op: "run".into(),
+                detail: e.to_string(),
+            })?;
+            waits.push(rx);
+        }
+        let mut losses: Vec<(u32, f32)> = Vec::new();
+        let mut first_err = None;
+        for (c, rx) in waits.into_iter().enumerate() {
+            match rx.await {
+                Ok(Ok(rep)) => losses.extend(rep.losses),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(RuntimeError::Actor {
+                        actor: format!("stage[{c}]"),
+                        rank: wr,
+                        step: this,
+                        op: "run".into(),
+                        detail: "the stage actor stopped without replying".into(),
+                    });
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let pipeline_s = busy0.elapsed().as_secs_f64();
+        let busy_s = (ctx.busy_ns.load(Ordering::Relaxed) - busy_ns0) as f64 * 1e-9;
+        // This rank's idle time over its busy time during the pipeline phase.
+        let local_bubble = if busy_s > 0.0 { (pipeline_s - busy_s).max(0.0) / busy_s } else { 0.0 };
+        st.next_ticket = base + k;
+        // Data-parallel reduction (started during the backward), written back.
+        let reduced = rpc(
+            "grad-reducer",
+            wr,
+            this,
+            st.reducer.call(|r| ReducerMsg::Finish(this, r), Some(timeout * 2)).await,
+        )??;
+        let (dist, dp, dp_rank) = (plan.distributed_optimizer, plan.dp, ctx.dp_rank);
+        let chunk_stage = st.chunk_stage.clone();
+        // The tied embedding: this rank's part of wte's gradient (full, or its shard).
+        let emb_chunks: Vec<usize> =
+            (0..plan.vpp).filter(|&c| chunk_stage[c] == 0 || chunk_stage[c] == last_stage).collect();
+        let wte_part = move |e: &Engine, c: usize| -> Option<std::ops::Range<usize>> {
+            let w = e.chunks[c].wte_range()?;
+            if dist {
+                let r = chunk_range(w.len(), dp, dp_rank);
+                Some(w.start + r.start..w.start + r.end)
+            } else {
+                Some(w)
+            }
+        };
+        let local_pair = emb_chunks.len() == 2 && plan.num_stages() > 1;
+        let emb_chunks2 = emb_chunks.clone();
+        let emb_send = st
+            .job(this, "write back reduced gradients", move |e: &mut Engine| {
+                for b in reduced {
+                    let g = e.chunks[b.chunk].grads_mut();
+                    if dist {
+                        let own = chunk_range(b.range.len(), dp, dp_rank);
+                        g[b.range.start + own.start..b.range.start + own.end].copy_from_slice(&b.data[own]);
+                    } else {
+                        g[b.range].copy_from_slice(&b.data);
+                    }
+                }
+                if local_pair {
+                    // Stage 0 and the last stage on this rank (V placement): embedding + head.
+                    let (a, b) = (emb_chunks2[0], emb_chunks2[1]);
+                    let (ra, rb) = (wte_part(e, a)?, wte_part(e, b)?);
+                    let head: Vec<f32> = e.chunks[b].grads()[rb.clone()].to_vec();
+                    let be = &e.be;
+                    be.add_assign(&mut e.chunks[a].grads_mut()[ra.clone()], &head);
+                    let sum = e.chunks[a].grads()[ra].to_vec();
+                    e.chunks[b].grads_mut()[rb].copy_from_slice(&sum);
+                    None
+                } else {
+                    let c = *emb_chunks2.first()?;
+                    let r = wte_part(e, c)?;
+                    Some((c, e.chunks[c].grads()[r].to_vec()))
+                }
+            })
+            .await?;
+        if let (Some(emb), Some((c, part))) = (ctx.emb.clone(), emb_send) {
+            let summed = tokio::time::timeout(timeout, emb.all_reduce(Buf::F32(part), ReduceOp::Sum))
+                .await
+                .map_err(|_| RuntimeError::Actor {
+                    actor: "supervisor".into(),
+                    rank: wr,
+                    step: this,
+                    op: "embedding all-reduce".into(),
+                    detail: format!("not done within {timeout:?}"),
+                })?
+                .map_err(|e| RuntimeError::Comm {
+                    rank: wr,
+                    step: this,
+                    op: "embedding all-reduce".into(),
+                    source: Box::new(e),
+                })?;
+            let Buf::F32(summed) = summed else {
+                return Err(RuntimeError::Actor {
+                    actor: "supervisor".into(),
+                    rank: wr,
+                    step: this,
+                    op: "embedding all-reduce".into(),
+                    detail: "non-f32 result".into(),
+                });
+            };
+            st.job(this, "write back embedding gradient", move |e: &mut Engine| {
+                if let Some(r) = wte_part(e, c) {
+                    e.chunks[c].grads_mut()[r].copy_from_slice(&summed);
+                }
+            })
+            .await?;
+        }
+        // Agreement: per-tensor Σg² (canonical order), loss, non-finite and stop flags, bubble.
+        let index = st.tensor_index.clone();
+        let contributes = dist || dp_rank == 0;
+        let mut parts = st
+            .job(this, "gradient norm", move |e: &mut Engine| {
+                let mut v = vec![0.0f64; slots];
+                if !contributes {
+                    return v;
+                }
+                for (c, g) in e.chunks.iter().enumerate() {
+                    let tied_copy = g.range().head && !g.range().embedding;
+                    let shard = if dist {
+                        ChunkShard::new(g.table().len(), &e.buckets[c], dp, dp_rank, true).ranges
+                    } else {
+                        std::iter::once(0..g.table().len()).collect()
+                    };
+                    for spec in g.table().specs() {
+                        if tied_copy && spec.name == "wte" {
+                            continue;
+                        }
+                        let Some(&j) = index.get(&spec.name) else { continue };
+                        let s = spec.span.range();
+                        for r in &shard {
+                            let (lo, hi) = (s.start.max(r.start), s.end.min(r.end));
+                            if lo < hi {
+                                v[j] += e.be.sum_squares(&g.grads()[lo..hi]);
+                            }
+                        }
+                    }
+                }
+                v
+            })
+            .await?;
+        losses.sort_by_key(|&(mb, _)| mb);
+        let loss_sum: f64 = losses.iter().fold(0.0f64, |acc, &(_, l)| acc + f64::from(l));
+        let nonfinite = losses.iter().any(|(_, l)| !l.is_finite());
+        let stop_now = st.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        parts[n_tensors] = loss_sum;
+        parts[n_tensors + 1] = losses.len() as f64;
+        parts[n_tensors + 2] = f64::from(u8::from(nonfinite));
+        parts[n_tensors + 3] = f64::from(u8::from(stop_now));
+        parts[n_tensors + 4] = local_bubble;
+        let world = ctx.world.size();
+        let mut all = vec![0.0f64; world * slots];
+        all[wr * slots..(wr + 1) * slots].copy_from_slice(&parts);
+        let gathered = tokio::time::timeout(timeout, ctx.world.all_gather(f64s_to_buf(&all)))
+            .await
+            .map_err(|_| RuntimeError::Actor {
+                actor: "supervisor".into(),
+                rank: wr,
+                step: this,
+                op: "step agreement".into(),
+                detail: format!("not done within {timeout:?}"),
+            })?
+            .map_err(|e| RuntimeError::Comm {
+                rank: wr,
+                step: this,
+                op: "step agreement (all-gather)".into(),
+                source: Box::new(e),
+            })?;
+        let Buf::I64(bits) = gathered else {
+            return Err(RuntimeError::Actor {
+                actor: "supervisor".into(),
+                rank: wr,
+                step: this,
+                op: "step agreement".into(),
+                detail: "non-i64 result".into(),
+            });
+        };
+        let vals: Vec<f64> = bits.iter().map(|&b| f64::from_bits(b as u64)).collect();
+        let mut sums = vec![0.0f64; n_tensors];
+        let (mut loss_total, mut count, mut any_nonfinite, mut any_stop, mut worst) =
+            (0.0f64, 0.0f64, false, false, 0.0f64);
+        for r in 0..world {
+            let v = &vals[r * slots..(r + 1) * slots];
+            for j in 0..n_tensors {
+                sums[j] += v[j];
+            }
+            loss_total += v[n_tensors];
+            count += v[n_tensors + 1];
+            any_nonfinite |= v[n_tensors + 2] != 0.0;
+            any_stop |= v[n_tensors + 3] != 0.0;
+            worst = worst.max(v[n_tensors + 4]);
+        }
+        let norm = norm_from_tensor_sums(&sums);
+        let scale = 1.0 / count.max(1.0) as f32;
+        let loss = (loss_total * f64::from(scale)) as f32;
+        let lr = sched.lr(step);
+        step = this;
+        consumed += t.global_batch_size as u64;
+        let skip = any_nonfinite || !norm.is_finite();
+        if skip && t.nan_policy == NanPolicy::Abort {
+            return Err(RuntimeError::NonFinite { step: this, loss, grad_norm: norm });
+        }
+        if skip {
+            skipped += 1;
+        } else {
+            let clip = clip_coefficient(norm, t.clip_grad);
+            let ticket = st.next_ticket;
+            st.next_ticket += 1;
+            rpc(
+                "optimizer",
+                wr,
+                this,
+                st.optimizer
+                    .call(|r| OptimizerMsg::Step(OptStep { step: this, ticket, lr, clip }, r), Some(timeout))
+                    .await,
+            )??;
+            if dist && dp > 1 {
+                let reads = st
+                    .job(this, "read parameter shards", |e: &mut Engine| {
+                        let mut out = Vec::new();
+                        for (c, bs) in e.buckets.iter().enumerate() {
+                            for b in bs {
+                                out.push((
+                                    c,
+                                    b.range.clone(),
+                                    e.chunks[c].params()[b.range.clone()].to_vec(),
+                                ));
+                            }
+                        }
+                        out
+                    })
+                    .await?;
+                let works: Vec<_> =
+                    reads.into_iter().map(|(c, r, v)| (c, r, ctx.dp.all_gather(Buf::F32(v)))).collect();
+                let mut full = Vec::with_capacity(works.len());
+                for (c, r, w) in works {
+                    let b = tokio::time::timeout(timeout, w)
+                        .await
+                        .map_err(|_| RuntimeError::Actor {
+                            actor: "optimizer".into(),
+                            rank: wr,
+                            step: this,
+                            op: "parameter all-gather".into(),
+                            detail: format!("not done within {timeout:?}"),
+                        })?
+                        .map_err(|e| RuntimeError::Comm {
+                            rank: wr,
+                            step: this,
+                            op: "parameter all-gather".into(),
+                            source: Box::new(e),
+                        })?;
+                    if let Buf::F32(v) = b {
+                        full.push((c, r, v));
+                    }
+                }
+                st.job(this, "write parameters", move |e: &mut Engine| {
+                    for (c, r, v) in full {
+                        e.chunks[c].params_mut()[r].copy_from_slice(&v);
+                    }
+                })
+                .await?;
+            }
+        }
+        let peaks = st.job(this, "peaks", |e: &mut Engine| e.peak_in_flight.clone()).await?;
+        for (p, q) in result.peak_in_flight.iter_mut().zip(&peaks) {
+            *p = (*p).max(*q);
+        }
+        let secs = t_step.elapsed().as_secs_f64();
+        let tokens = (t.global_batch_size * ctx.seq) as f64;
+        let rec = StepRecord {
+            step: this,
+            loss,
+            grad_norm: norm,
+            lr,
+            skipped: skip,
+            seconds: secs,
+            bubble: worst,
+            peak_in_flight: peaks,
+        };
+        crate::telemetry::record_step(
+            wr,
+            &crate::telemetry::StepMetrics {
+                step: this,
+                loss,
+                grad_norm: norm,
+                tokens_per_second: tokens / secs.max(1e-9),
+                bubble_fraction: worst,
+                step_seconds: secs,
+                skipped: skip,
+            },
+        );
+        crate::telemetry::set_queue_depth(wr, "mailbox", ctx.mailbox.take_peak_depth());
+        if let Some(tx) = &st.events {
+            let _ = tx.send(RunEvent::Step {
+                step: this,
+                loss,
+                lr,
+                grad_norm: norm,
+                tokens_per_s: tokens / secs.max(1e-9),
+                elapsed_s: started.elapsed().as_secs_f64(),
+                skipped: skip,
+                bubble: worst,
+            });
+        }
+        result.records.push(rec);
+        if any_stop {
+            result.interrupted = true;
+            break;
+        }
+    }
+    result.skipped_steps = skipped;
+    result.consumed_samples = consumed;
+    result.optimizer_state_bytes =
+        rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::StateBytes, Some(timeout)).await)?;
+    crate::telemetry::set_optimizer_state_bytes(wr, result.optimizer_state_bytes as u64);
+    let chunks = st
+        .job(step, "collect parameters", |e: &mut Engine| {
+            e.chunks.iter().map(|g| (g.range(), g.table().clone(), g.params().to_vec())).collect::<Vec<_>>()
+        })
+        .await?;
+    result.chunks = chunks;
+    result.events =
+        std::mem::take(&mut *ctx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    result.sent_bytes = ctx.sent_bytes.load(Ordering::Relaxed);
+    result.messages = ctx.messages.load(Ordering::Relaxed);
+    result.instructions = ctx.instructions.load(Ordering::Relaxed);
+    result.overhead_s = ctx.overhead_ns.load(Ordering::Relaxed) as f64 * 1e-9;
+    crate::telemetry::add_bytes_sent(wr, "activation", result.sent_bytes);
+    crate::telemetry::add_messages(wr, "p2p", result.messages);
+    crate::telemetry::add_instructions(wr, result.instructions);
+    Ok(result)
+}
+
+/// Runs one rank to the end of training on the calling thread (it builds its own tokio runtime).
+///
+/// # Errors
+/// The first [`RuntimeError`] of any of the rank's actors.
+pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
+    let wr = setup.world.rank();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+        RuntimeError::Actor {
+            actor: "supervisor".into(),
+            rank: wr,
+            step: 0,
+            op: "start".into(),
+            detail: format!("cannot build the tokio runtime: {e}"),
+        }
+    })?;
+    rt.block_on(async move {
+        let (sup, handle) = Actor::spawn(Some(format!("rank{wr}/supervisor")), Supervisor, setup)
+            .await
+            .map_err(|e| RuntimeError::Actor {
+                actor: "supervisor".into(),
+                rank: wr,
+                step: 0,
+                op: "start".into(),
+                detail: e.to_string(),
+            })?;
+        let r = sup.call(SupMsg::Run, None).await;
+        let out = rpc("supervisor", wr, 0, r).and_then(|x| x);
+        let _ = handle.await;
+        out
+    })
+}

@@ -34,7 +34,7 @@ impl ChunkShard {
                 .filter(|r| !r.is_empty())
                 .collect()
         } else {
-            vec![0..arena_len]
+            std::iter::once(0..arena_len).collect()
         };
         ranges.sort_by_key(|r| r.start);
         let n = ranges.iter().map(Range::len).sum();
@@ -92,7 +92,7 @@ impl ChunkShard {
 mod tests {
     use super::*;
     use crate::kernels::CpuBackend;
-    use crate::models::Gpt;
+    use crate::models::gpt::Gpt;
     use crate::models::gpt::GptConfig;
     use crate::optim::AdamW;
 
@@ -110,7 +110,8 @@ mod tests {
         for dp in [1, 2, 3] {
             let mut shards: Vec<ChunkShard> =
                 (0..dp).map(|r| ChunkShard::new(n, &buckets, dp, r, true)).collect();
-            let owners: Vec<usize> = (0..n).map(|i| shards.iter().filter(|s| s.contains(i)).count()).collect();
+            let owners: Vec<usize> =
+                (0..n).map(|i| shards.iter().filter(|s| s.contains(i)).count()).collect();
             assert!(owners.iter().all(|&o| o == 1), "dp {dp}: every element has one owner");
             let mut p = model.params().to_vec();
             for step in 1..=2 {

@@ -34,6 +34,11 @@ use crate::kernels::Backend;
 use crate::models::params::{ParamTable, Span, two_mut};
 use crate::tensor::Tensor;
 
+/// The parameter table of `range` (names, shapes, arena order) without building the model.
+pub fn param_table(cfg: &GptConfig, range: LayerRange) -> ParamTable {
+    layout::build(cfg, range).0
+}
+
 /// What a range consumes: token ids (first stage) or hidden states `[B,T,C]` from the previous
 /// stage.
 #[derive(Debug, Clone, Copy)]

@@ -193,21 +193,18 @@ fn weight_half(
         let (dw, db) = two_mut(g, w, b);
         let (mean, rstd) = (&head.lnf_mean, &head.lnf_rstd);
         ln_backward_weight(be, dw, db, sink, dlnf, last_out, &p[w.range()], mean, rstd, c);
-        let lnf = w.offset..b.range().end;
-        ready(lnf.clone(), &g[lnf]);
+        ready(w.offset..b.range().end, g);
     }
     for li in (0..acts.layers.len()).rev() {
         let x = if li == 0 { &acts.input[..] } else { &acts.layers[li - 1].out[..] };
         let blk = &layout.blocks[li];
         layer_backward_weight(be, blk, p, g, x, &acts.layers[li], &d.layers[li], sink, n, c);
-        let span = blk.ln1_w.offset..blk.fcproj_b.range().end;
-        ready(span.clone(), &g[span]);
+        ready(blk.ln1_w.offset..blk.fcproj_b.range().end, g);
     }
     if let (Some(wte), Some(wpe), Some(dembed)) = (layout.wte, layout.wpe, &d.dembed) {
         let (dwte, dwpe) = two_mut(g, wte, wpe);
         be.encoder_backward(dwte, dwpe, dembed, &acts.tokens, batch, seq, c);
-        let span = wte.offset..wpe.range().end;
-        ready(span.clone(), &g[span]);
+        ready(wte.offset..wpe.range().end, g);
     }
 }
 
