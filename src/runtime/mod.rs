@@ -80,6 +80,17 @@ pub struct RunOptions {
     /// Resume point.
     pub start_step: u64,
     pub consumed_samples: u64,
+    /// Make one compute instruction panic (tests of failure reporting).
+    pub fail_at: Option<FailAt>,
+}
+
+/// Where an injected failure strikes: world rank, step (1-based), index of the instruction in
+/// the rank's program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailAt {
+    pub rank: usize,
+    pub step: u64,
+    pub instruction: usize,
 }
 
 impl Default for RunOptions {
@@ -90,6 +101,7 @@ impl Default for RunOptions {
             replay_order: None,
             start_step: 0,
             consumed_samples: 0,
+            fail_at: None,
         }
     }
 }
@@ -161,6 +173,33 @@ pub fn train_inproc(
     events: Option<std::sync::mpsc::Sender<RunEvent>>,
     stop: Option<Arc<AtomicBool>>,
 ) -> Result<Vec<RankResult>, RuntimeError> {
+    let all = train_inproc_all(cfg, data, opts, threads, events, stop)?;
+    let mut results = Vec::with_capacity(all.len());
+    let mut errors = Vec::new();
+    for r in all {
+        match r {
+            Ok(x) => results.push(x),
+            Err(e) => errors.push(e),
+        }
+    }
+    match root_cause(errors) {
+        Some(e) => Err(e),
+        None => Ok(results),
+    }
+}
+
+/// [`train_inproc`] returning every rank's own outcome, by world rank.
+///
+/// # Errors
+/// Only for a layout that cannot start (bad plan, no threads).
+pub fn train_inproc_all(
+    cfg: &Config,
+    data: Arc<dyn SampleSource>,
+    opts: RunOptions,
+    threads: usize,
+    events: Option<std::sync::mpsc::Sender<RunEvent>>,
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<Vec<Result<RankResult, RuntimeError>>, RuntimeError> {
     let world = cfg.parallel.pipeline_model_parallel_size * cfg.parallel.data_parallel_size;
     let plan = Arc::new(Plan::new(cfg, world)?);
     let comm_opts = CommOptions { timeout: opts.timeout, ..CommOptions::default() };
@@ -185,19 +224,15 @@ pub fn train_inproc(
             .map_err(|e| RuntimeError::Start { rank: r, detail: e.to_string() })?;
         handles.push(h);
     }
-    let mut results = Vec::with_capacity(world);
-    let mut errors = Vec::new();
-    for (r, h) in handles.into_iter().enumerate() {
-        match h.join() {
-            Ok(Ok(res)) => results.push(res),
-            Ok(Err(e)) => errors.push(e),
-            Err(_) => errors.push(RuntimeError::Start { rank: r, detail: "the rank thread panicked".into() }),
-        }
-    }
-    match root_cause(errors) {
-        Some(e) => Err(e),
-        None => Ok(results),
-    }
+    Ok(handles
+        .into_iter()
+        .enumerate()
+        .map(|(r, h)| {
+            h.join().unwrap_or_else(|_| {
+                Err(RuntimeError::Start { rank: r, detail: "the rank thread panicked".into() })
+            })
+        })
+        .collect())
 }
 
 /// The error to report out of several ranks' errors.
@@ -206,24 +241,110 @@ pub fn root_cause(mut errors: Vec<RuntimeError>) -> Option<RuntimeError> {
     (!errors.is_empty()).then(|| errors.swap_remove(i))
 }
 
-/// The trace of a run's recorded step, from every pipeline rank's events.
-pub fn trace_of(plan: &Plan, results: &[RankResult]) -> Trace {
-    let mut events: Vec<Event> = results.iter().flat_map(|r| r.events.iter().cloned()).collect();
+/// The trace of a run's recorded step from the events world rank 0 gathered (every pipeline rank
+/// of the first data-parallel replica). Times start at 0. A send's end is set to the arrival its
+/// receiver recorded (an upper bound when the receive was posted late), so the message latency
+/// can be estimated from the trace.
+pub fn trace_of(plan: &Plan, events: &[Event]) -> Trace {
+    let mut events: Vec<Event> = events.to_vec();
     let t0 = events.iter().map(|e| e.start).fold(f64::INFINITY, f64::min);
     let t0 = if t0.is_finite() { t0 } else { 0.0 };
     for e in &mut events {
         e.start -= t0;
         e.end -= t0;
     }
+    let program = &plan.program;
+    let arrivals: std::collections::HashMap<(u32, OpKind, u32, u32), f64> = events
+        .iter()
+        .filter(|e| matches!(e.kind, OpKind::RecvAct | OpKind::RecvGrad))
+        .filter_map(|e| Some(((e.rank, e.kind, e.mb?, e.chunk?), e.end)))
+        .collect();
+    for e in &mut events {
+        let (Some(mb), Some(c), Some(peer)) = (e.mb, e.chunk, e.peer) else { continue };
+        let (recv, next) = match e.kind {
+            OpKind::SendAct => (OpKind::RecvAct, 1isize),
+            OpKind::SendGrad => (OpKind::RecvGrad, -1),
+            _ => continue,
+        };
+        let stage = program.stage_of(e.rank as usize, c as usize) as isize + next;
+        let Ok(stage) = usize::try_from(stage) else { continue };
+        if stage >= plan.num_stages() {
+            continue;
+        }
+        let (_, c2) = program.locate(stage);
+        if let Some(&arrival) = arrivals.get(&(peer, recv, mb, c2 as u32)) {
+            e.end = e.end.max(arrival);
+        }
+    }
     events.sort_by(|a, b| a.start.total_cmp(&b.start).then(a.rank.cmp(&b.rank)));
     Trace {
         pp: plan.pp,
         vpp: plan.vpp,
         microbatches: plan.microbatches,
-        placement: plan.program.placement,
+        placement: program.placement,
         schedule: Some(plan.schedule.name().to_string()),
         events,
     }
+}
+
+/// Measured against predicted pipeline bubble of a recorded step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BubbleReport {
+    /// Worst rank's idle / busy over the step's compute makespan, measured.
+    pub measured: f64,
+    /// The simulator's worst-rank bubble for this program with the measured per-stage costs.
+    pub predicted: f64,
+    /// Measured makespan of the compute phase (µs), and the simulated one.
+    pub measured_makespan_us: f64,
+    pub predicted_makespan_us: f64,
+}
+
+/// Compares a recorded step with the simulator: costs are the measured mean duration of each
+/// instruction kind per (rank, chunk), the message latency the mean measured transfer.
+///
+/// # Errors
+/// When the trace has no compute events or the program cannot be simulated.
+pub fn bubble_report(plan: &Plan, trace: &Trace) -> Result<BubbleReport, crate::trace::TraceError> {
+    use crate::schedule::{Costs, simulate_with};
+    let compute = || trace.events.iter().filter(|e| e.kind.is_compute());
+    let first = compute().map(|e| e.start).fold(f64::INFINITY, f64::min);
+    let last = compute().map(|e| e.end).fold(f64::NEG_INFINITY, f64::max);
+    if !first.is_finite() {
+        return Err(crate::trace::TraceError::Empty { what: "compute events" });
+    }
+    let makespan = last - first;
+    let mut measured = 0.0f64;
+    for r in 0..plan.pp as u32 {
+        let busy: f64 = compute().filter(|e| e.rank == r).map(|e| e.end - e.start).sum();
+        if busy > 0.0 {
+            measured = measured.max((makespan - busy) / busy);
+        }
+    }
+    let global = crate::trace::estimate_costs(trace)?;
+    let mean = |r: u32, c: u32, kind: OpKind| {
+        let v: Vec<f64> = compute()
+            .filter(|e| e.rank == r && e.chunk == Some(c) && e.kind == kind)
+            .map(|e| e.end - e.start)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let costs = |r: usize, c: u32| {
+        let r = r as u32;
+        Costs {
+            forward: mean(r, c, OpKind::Forward).unwrap_or(global.forward),
+            backward: mean(r, c, OpKind::Backward).unwrap_or(global.backward),
+            backward_input: mean(r, c, OpKind::BackwardInput).unwrap_or(global.backward_input),
+            backward_weight: mean(r, c, OpKind::BackwardWeight).unwrap_or(global.backward_weight),
+            ..global
+        }
+    };
+    let sim = simulate_with(&plan.program, &costs)?;
+    Ok(BubbleReport {
+        measured,
+        predicted: sim.stats.bubble,
+        measured_makespan_us: makespan,
+        predicted_makespan_us: sim.stats.makespan,
+    })
 }
 
 /// The replay order of a recorded trace: per pipeline rank, its received messages by arrival.

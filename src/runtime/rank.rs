@@ -86,6 +86,8 @@ pub struct RankCtx {
     pub compute: Compute,
     /// Which steps record trace events, and the events.
     pub record_step: Option<u64>,
+    /// Test hook: make one compute instruction fail.
+    pub fail_at: Option<super::FailAt>,
     pub events: std::sync::Mutex<Vec<Event>>,
     clock: Clock,
     /// Bytes sent by pipeline p2p this run.
@@ -242,8 +244,10 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
         op: format!("{op} (#{index})"),
         detail,
     };
+    let inject = ctx.fail_at.filter(|f| f.rank == ctx.world_rank && f.step == step).map(|f| f.instruction);
     for &(op, ticket, index) in &st.ops {
         let t_op = Instant::now();
+        let boom = inject == Some(index);
         let mut compute_ns = 0u64;
         ctx.instructions.fetch_add(1, Ordering::Relaxed);
         match op {
@@ -260,6 +264,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 let (r, t0, t1) = ctx
                     .compute
                     .run(ticket, move |e: &mut Engine| {
+                        assert!(!boom, "injected failure");
                         let Engine { be, chunks, .. } = e;
                         let g = &mut chunks[c];
                         let i = mb as usize;
@@ -274,7 +279,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         Ok::<_, crate::models::gpt::ModelError>((loss, out))
                     })
                     .await
-                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &op.to_string(), e))?;
+                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
                 let (loss, out) = r.map_err(|e| fail(&op, index, e.to_string()))?;
                 compute_ns += (t1 - t0).as_nanos() as u64;
                 ctx.record(
@@ -310,6 +315,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 let (r, t0, t1) = ctx
                     .compute
                     .run(ticket, move |e: &mut Engine| {
+                        assert!(!boom, "injected failure");
                         if split {
                             e.chunks[c].backward_input(&*e.be, u64::from(mb), dout.as_deref())?;
                         } else {
@@ -320,7 +326,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         )
                     })
                     .await
-                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &op.to_string(), e))?;
+                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
                 let dinp = r.map_err(|e| fail(&op, index, e.to_string()))?;
                 compute_ns += (t1 - t0).as_nanos() as u64;
                 ctx.record(
@@ -347,7 +353,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     .compute
                     .run(ticket, move |e: &mut Engine| weight_backward(e, c, mb, None, true))
                     .await
-                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &op.to_string(), e))?;
+                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
                 r.map_err(|e| fail(&op, index, e.to_string()))?;
                 compute_ns += (t1 - t0).as_nanos() as u64;
                 ctx.record(
@@ -428,7 +434,9 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
 
 /// Takes a message from the mailbox within the timeout; the error text says what was awaited.
 async fn take(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
-    match ctx.mailbox.take(key, ctx.timeout).await {
+    // A second past the communication timeout: a receive that fails reports its own error
+    // (naming the peer) first.
+    match ctx.mailbox.take(key, ctx.timeout + Duration::from_secs(1)).await {
         Ok(Ok(v)) if v.len() == ctx.hidden_len() => Ok(v),
         Ok(Ok(v)) => Err(format!(
             "{} of microbatch {} has {} values, expected {}",
@@ -932,6 +940,7 @@ impl Actor for Supervisor {
             mailbox,
             compute,
             record_step: s.opts.trace_step,
+            fail_at: s.opts.fail_at,
             events: std::sync::Mutex::new(Vec::new()),
             clock: Clock::now(),
             sent_bytes: AtomicU64::new(0),
@@ -941,19 +950,17 @@ impl Actor for Supervisor {
             busy_ns: AtomicU64::new(0),
         });
         let cell = me.get_cell();
-        let (reducer, _) = Actor::spawn_linked(
-            Some(format!("rank{wr}/grad-reducer")),
-            GradReducer,
-            ctx.clone(),
-            cell.clone(),
-        )
-        .await
-        .map_err(|e| spawn_err("grad-reducer", e))?;
+        // Actor names are process-global in ractor: prefix them with the supervisor's.
+        let tag = me.get_name().unwrap_or_else(|| format!("rank{wr}"));
+        let (reducer, _) =
+            Actor::spawn_linked(Some(format!("{tag}/grad-reducer")), GradReducer, ctx.clone(), cell.clone())
+                .await
+                .map_err(|e| spawn_err("grad-reducer", e))?;
         let _ = reducer_slot.set(reducer.clone());
         let mut stages = Vec::with_capacity(plan.vpp);
         for c in 0..plan.vpp {
             let (a, _) = Actor::spawn_linked(
-                Some(format!("rank{wr}/stage{c}")),
+                Some(format!("{tag}/stage{c}")),
                 StageActor,
                 (ctx.clone(), c),
                 cell.clone(),
@@ -963,7 +970,7 @@ impl Actor for Supervisor {
             stages.push(a);
         }
         let (optimizer, _) = Actor::spawn_linked(
-            Some(format!("rank{wr}/optimizer")),
+            Some(format!("{tag}/optimizer")),
             OptimizerShard,
             (ctx.clone(), shards),
             cell.clone(),
@@ -971,7 +978,7 @@ impl Actor for Supervisor {
         .await
         .map_err(|e| spawn_err("optimizer", e))?;
         let (feeder, _) = Actor::spawn_linked(
-            Some(format!("rank{wr}/data-feeder")),
+            Some(format!("{tag}/data-feeder")),
             DataFeeder,
             (ctx.clone(), s.data.clone()),
             cell.clone(),
@@ -1438,6 +1445,9 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     result.chunks = chunks;
     result.events =
         std::mem::take(&mut *ctx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    if ctx.record_step.is_some() {
+        gather_events(&ctx, step, &mut result.events).await?;
+    }
     result.sent_bytes = ctx.sent_bytes.load(Ordering::Relaxed);
     result.messages = ctx.messages.load(Ordering::Relaxed);
     result.instructions = ctx.instructions.load(Ordering::Relaxed);
@@ -1463,8 +1473,10 @@ pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
             detail: format!("cannot build the tokio runtime: {e}"),
         }
     })?;
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
     rt.block_on(async move {
-        let (sup, handle) = Actor::spawn(Some(format!("rank{wr}/supervisor")), Supervisor, setup)
+        let (sup, handle) = Actor::spawn(Some(format!("run{run}/rank{wr}")), Supervisor, setup)
             .await
             .map_err(|e| RuntimeError::Actor {
                 actor: "supervisor".into(),
@@ -1478,4 +1490,71 @@ pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
         let _ = handle.await;
         out
     })
+}
+
+/// Brings every pipeline rank's trace events (first data-parallel replica) to world rank 0.
+async fn gather_events(ctx: &RankCtx, step: u64, events: &mut Vec<Event>) -> Result<(), RuntimeError> {
+    const TAG: u64 = 0x7472_6163_6500_0000; // "trace"
+    let (pp, dp) = (ctx.plan.pp, ctx.plan.dp);
+    let fail = |op: &str, detail: String| RuntimeError::Actor {
+        actor: "supervisor".into(),
+        rank: ctx.world_rank,
+        step,
+        op: op.into(),
+        detail,
+    };
+    if ctx.world_rank == 0 {
+        for r in 1..pp {
+            let peer = r * dp;
+            let Buf::I64(len) =
+                wait_work(ctx, step, "trace gather", ctx.world.recv(DType::I64, 1, peer, TAG)).await?
+            else {
+                return Err(fail("trace gather", "bad length message".into()));
+            };
+            let n = usize::try_from(len[0]).unwrap_or(0);
+            let Buf::I64(words) = wait_work(
+                ctx,
+                step,
+                "trace gather",
+                ctx.world.recv(DType::I64, n.div_ceil(8), peer, TAG + 1),
+            )
+            .await?
+            else {
+                return Err(fail("trace gather", "bad event message".into()));
+            };
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).take(n).collect();
+            let theirs: Vec<Event> = serde_json::from_slice(&bytes)
+                .map_err(|e| fail("trace gather", format!("rank {peer}: {e}")))?;
+            events.extend(theirs);
+        }
+    } else if ctx.dp_rank == 0 {
+        let bytes = serde_json::to_vec(&*events).map_err(|e| fail("trace gather", e.to_string()))?;
+        let words: Vec<i64> = bytes
+            .chunks(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                i64::from_le_bytes(w)
+            })
+            .collect();
+        wait_work(ctx, step, "trace gather", ctx.world.send(Buf::I64(vec![bytes.len() as i64]), 0, TAG))
+            .await?;
+        wait_work(ctx, step, "trace gather", ctx.world.send(Buf::I64(words), 0, TAG + 1)).await?;
+        events.clear();
+    }
+    Ok(())
+}
+
+/// Awaits a communication within the timeout; errors name the rank, step and operation.
+async fn wait_work<T>(ctx: &RankCtx, step: u64, op: &str, w: Work<T>) -> Result<T, RuntimeError> {
+    tokio::time::timeout(ctx.timeout, w)
+        .await
+        .map_err(|_| RuntimeError::Actor {
+            actor: "supervisor".into(),
+            rank: ctx.world_rank,
+            step,
+            op: op.into(),
+            detail: format!("not done within {:?}", ctx.timeout),
+        })?
+        .map_err(|e| RuntimeError::Comm { rank: ctx.world_rank, step, op: op.into(), source: Box::new(e) })
 }

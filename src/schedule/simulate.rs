@@ -184,6 +184,16 @@ impl Mailboxes {
 /// Range errors as the validator's; [`ScheduleError::Deadlock`] if some op waits for a message
 /// that is never sent.
 pub fn simulate(program: &Program, costs: &Costs) -> Result<Simulation> {
+    simulate_with(program, &|_, _| *costs)
+}
+
+/// [`simulate`] with costs that depend on the rank and the local chunk (measured per stage: the
+/// first stage also runs the embedding, the last one the LM head and loss). A send uses the
+/// sending chunk's message model.
+///
+/// # Errors
+/// As [`simulate`].
+pub fn simulate_with(program: &Program, costs: &dyn Fn(usize, u32) -> Costs) -> Result<Simulation> {
     let p = program;
     super::validate::check_ranges(p)?;
     let per_rank = p.microbatches * p.vpp;
@@ -199,7 +209,8 @@ pub fn simulate(program: &Program, costs: &Costs) -> Result<Simulation> {
         let mut progress = false;
         for r in 0..p.pp {
             while let Some(&op) = p.ranks[r].get(timeline[r].len()) {
-                let Some(timed) = place(p, costs, &mut mail, &mut clock[r], r, op) else {
+                let c = costs(r, op.chunk().unwrap_or(0));
+                let Some(timed) = place(p, &c, &mut mail, &mut clock[r], r, op) else {
                     break;
                 };
                 timeline[r].push(timed);

@@ -1,0 +1,171 @@
+//! The actor runtime's behaviour beyond equivalence: failure attribution without hangs, traces of
+//! real runs with the measured and predicted bubble, replaying a recorded message order, the
+//! distributed optimizer's memory, and agreeing to stop.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use troupe::config::Config;
+use troupe::data::SampleSource;
+use troupe::models::Rng;
+use troupe::runtime::{
+    FailAt, Plan, RunOptions, RuntimeError, bubble_report, replay_order, trace_of, train_inproc,
+    train_inproc_all,
+};
+use troupe::schedule::OpKind;
+use troupe::trace::{Trace, recorded_program};
+use troupe::train::data::TokenWindows;
+
+const CONFIG: &str = r#"
+[model]
+vocab_size = 61
+make_vocab_size_divisible_by = 16
+seq_length = 16
+num_layers = 4
+hidden_size = 32
+num_attention_heads = 4
+
+[train]
+micro_batch_size = 2
+global_batch_size = 8
+train_iters = 3
+lr = 1e-3
+seed = 5
+
+[logging]
+eval_interval = 0
+
+[checkpoint]
+save = ""
+"#;
+
+fn setup(sets: &[&str]) -> Result<(Config, Arc<dyn SampleSource>)> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let cfg = Config::from_toml_str(CONFIG, "test", &sets)?;
+    let mut rng = Rng::derived(1, "actors-data");
+    let tokens: Vec<u32> = (0..3000).map(|_| (rng.next_u64() % 61) as u32).collect();
+    Ok((cfg, Arc::new(TokenWindows::new(tokens, 16, 2).expect("tokens"))))
+}
+
+fn opts(timeout_s: u64) -> RunOptions {
+    RunOptions { timeout: Duration::from_secs(timeout_s), ..RunOptions::default() }
+}
+
+#[test]
+fn a_failing_actor_is_named_and_its_peers_do_not_hang() -> Result<()> {
+    let (cfg, data) = setup(&["parallel.pipeline_model_parallel_size=2"])?;
+    let plan = Plan::new(&cfg, 2)?;
+    let instruction = plan.program.ranks[1].iter().position(|op| op.kind() == OpKind::Forward).unwrap_or(0);
+    let timeout = 2;
+    let o = RunOptions { fail_at: Some(FailAt { rank: 1, step: 2, instruction }), ..opts(timeout) };
+    let t0 = Instant::now();
+    let all = train_inproc_all(&cfg, data.clone(), o.clone(), 2, None, None)?;
+    let took = t0.elapsed();
+    ensure!(took < Duration::from_secs(timeout + 6), "took {took:?}: something waited past the timeout");
+    let failed = match &all[1] {
+        Err(e) => e.to_string(),
+        Ok(_) => anyhow::bail!("rank 1 should have failed"),
+    };
+    for want in ["rank 1", "step 2", "stage[0]", "injected failure", &format!("#{instruction}")] {
+        ensure!(failed.contains(want), "rank 1's error lacks `{want}`: {failed}");
+    }
+    let peer = match &all[0] {
+        Err(e) => e.to_string(),
+        Ok(_) => anyhow::bail!("rank 0 should have failed too"),
+    };
+    ensure!(peer.contains("rank 0") && peer.contains("peer 1"), "rank 0's error should name peer 1: {peer}");
+    // The root cause reported for the run is rank 1's failure, not rank 0's timeout.
+    let root = train_inproc(&cfg, data, o, 2, None, None).expect_err("fails").to_string();
+    ensure!(root.contains("injected failure"), "root cause: {root}");
+    Ok(())
+}
+
+#[test]
+fn traces_of_real_runs_replay_and_compare_with_the_simulator() -> Result<()> {
+    let (cfg, data) =
+        setup(&["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=\"1f1b\""])?;
+    let plan = Plan::new(&cfg, 2)?;
+    let o = RunOptions { trace_step: Some(3), ..opts(30) };
+    let results = train_inproc(&cfg, data.clone(), o, 2, None, None)?;
+    let trace = trace_of(&plan, &results[0].events);
+    let m = plan.microbatches;
+    for (kind, want) in
+        [(OpKind::Forward, 2 * m), (OpKind::Backward, 2 * m), (OpKind::SendAct, m), (OpKind::RecvGrad, m)]
+    {
+        let n = trace.events.iter().filter(|e| e.kind == kind).count();
+        ensure!(n == want, "{} {kind:?} events, expected {want}", n);
+    }
+    ensure!(trace.events.iter().any(|e| e.kind == OpKind::OptimizerStep), "optimizer step recorded");
+    // The recorded order is the program's compute order.
+    let recorded = recorded_program(&trace)?;
+    ensure!(
+        recorded.compute_only() == plan.program.compute_only(),
+        "recorded order differs from the program"
+    );
+    // Native and Chrome forms round-trip.
+    ensure!(Trace::from_native(&trace.to_native())?.events.len() == trace.events.len());
+    let chrome = troupe::trace::to_chrome(&trace);
+    ensure!(troupe::trace::from_chrome(&chrome)?.events.len() >= trace.events.len() / 2);
+    let b = bubble_report(&plan, &trace)?;
+    ensure!(b.measured.is_finite() && b.measured >= 0.0 && b.predicted > 0.0, "{b:?}");
+
+    // Replaying the recorded message order gives the same training, bit for bit.
+    let order = replay_order(&trace);
+    ensure!(order.iter().map(Vec::len).sum::<usize>() == 2 * m, "one entry per received message");
+    let replayed =
+        train_inproc(&cfg, data, RunOptions { replay_order: Some(order), ..opts(30) }, 2, None, None)?;
+    for (a, b) in results.iter().zip(&replayed) {
+        ensure!(a.chunks.iter().map(|c| &c.2).eq(b.chunks.iter().map(|c| &c.2)), "replay changed the result");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_distributed_optimizer_shards_state_over_data_parallel_ranks() -> Result<()> {
+    let bytes = |dist: bool| -> Result<Vec<usize>> {
+        let (cfg, data) = setup(&[
+            "parallel.data_parallel_size=2",
+            &format!("parallel.use_distributed_optimizer={dist}"),
+            "parallel.grad_bucket_size=5000",
+        ])?;
+        Ok(train_inproc(&cfg, data, opts(30), 2, None, None)?
+            .iter()
+            .map(|r| r.optimizer_state_bytes)
+            .collect())
+    };
+    let (full, sharded) = (bytes(false)?, bytes(true)?);
+    for (f, s) in full.iter().zip(&sharded) {
+        // Each bucket splits into two halves of equal size or one element apart.
+        let diff = (2 * s).abs_diff(*f);
+        ensure!(diff <= 8 * 16, "sharded {s} B vs full {f} B: not half");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_stop_request_ends_every_rank_after_the_same_step() -> Result<()> {
+    let (cfg, data) = setup(&["parallel.pipeline_model_parallel_size=2", "train.train_iters=50"])?;
+    let stop = Arc::new(AtomicBool::new(true));
+    let results = train_inproc(&cfg, data, opts(30), 2, None, Some(stop))?;
+    for r in &results {
+        ensure!(r.interrupted && r.records.len() == 1, "stopped after {} steps", r.records.len());
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_layouts_are_errors_before_training() -> Result<()> {
+    let (cfg, data) = setup(&["parallel.pipeline_model_parallel_size=2", "parallel.stage_layers=[1,1]"])?;
+    let err = train_inproc(&cfg, data.clone(), opts(5), 2, None, None).expect_err("bad stage list");
+    ensure!(matches!(err, RuntimeError::Layout { .. }) && err.to_string().contains("summing to 4"), "{err}");
+    let (cfg, data) = setup(&[
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.pipeline_schedule=\"interleaved\"",
+        "train.global_batch_size=6",
+    ])?;
+    let err = train_inproc(&cfg, data, opts(5), 2, None, None).expect_err("m = 3 cannot interleave");
+    ensure!(err.to_string().contains("pipeline_schedule"), "{err}");
+    Ok(())
+}
