@@ -86,6 +86,7 @@ mod schedule;
 mod tokenizer;
 mod trace;
 mod train;
+mod train_parallel;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {

@@ -122,6 +122,8 @@ pub struct TrainArgs {
     /// Never draw a progress bar (plain log lines instead).
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub runtime: super::train_parallel::RuntimeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,18 +149,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.log_json {
         extra.push(format!("logging.log_json={}", toml::Value::String(p.display().to_string())));
     }
+    extra.extend(args.runtime.sets());
     let cfg = args.cfg.resolve(&extra)?;
-    // Started by a launcher with several ranks: every rank would train the same model alone and
-    // write the same checkpoints. Refuse until the actor runtime trains across ranks.
-    if let Ok(Some(env)) = troupe::comm::env::LaunchEnv::detect()
-        && env.world_size > 1
-    {
-        return Err(UsageError(format!(
-            "troupe train was started as rank {} of {} ({:?} environment), but multi-rank training needs the \
-             actor runtime, which is not built yet; run a single rank (no launcher, or --nproc-per-node 1)",
-            env.rank, env.world_size, env.launcher
-        ))
-        .into());
+    let launched = troupe::comm::env::LaunchEnv::detect()
+        .map_err(|e| UsageError(format!("reading the launcher environment: {e}")))?
+        .filter(|e| e.world_size > 1);
+    if super::train_parallel::wanted(&cfg, &args.runtime, launched.as_ref()) {
+        return super::train_parallel::train(&args, cfg, launched);
     }
     if !cfg.checkpoint.save.is_empty() {
         checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {
@@ -242,7 +239,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress_bar(cfg: &Config, step: u64, no_progress: bool) -> ProgressBar {
+pub(super) fn progress_bar(cfg: &Config, step: u64, no_progress: bool) -> ProgressBar {
     if no_progress || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -256,7 +253,7 @@ fn progress_bar(cfg: &Config, step: u64, no_progress: bool) -> ProgressBar {
     bar
 }
 
-fn report(e: &Event, bar: &ProgressBar, log_interval: u64, json: Option<&mut std::fs::File>) {
+pub(super) fn report(e: &Event, bar: &ProgressBar, log_interval: u64, json: Option<&mut std::fs::File>) {
     let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     match e {
         Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s } => {

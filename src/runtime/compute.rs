@@ -84,6 +84,8 @@ type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 
 /// Handle to a rank's compute thread.
 pub struct Compute {
+    /// Total time jobs waited for their turn after submission.
+    pub queued_ns: std::sync::atomic::AtomicU64,
     tx: Option<mpsc::Sender<(u64, Job)>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -116,15 +118,30 @@ impl Compute {
                 }
             }
         })?;
-        Ok(Compute { tx: Some(tx), thread: Some(thread) })
+        Ok(Compute { queued_ns: std::sync::atomic::AtomicU64::new(0), tx: Some(tx), thread: Some(thread) })
     }
 
     /// Runs `f` as job number `ticket` (tickets start at 0 and must all be used, in any
-    /// submission order); returns its result and the job's start and end time.
+    /// submission order); returns its result and the job's start and end time. The time between
+    /// this call and the job's start (waiting for earlier tickets) is added to `queued_ns`.
     ///
     /// # Errors
     /// [`JobError`] when the job panics or the thread is gone.
     pub async fn run<R: Send + 'static>(
+        &self,
+        ticket: u64,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> Result<(R, Instant, Instant), JobError> {
+        let submitted = Instant::now();
+        let r = self.run_inner(ticket, f).await;
+        if let Ok((_, start, _)) = &r {
+            let q = start.saturating_duration_since(submitted).as_nanos() as u64;
+            self.queued_ns.fetch_add(q, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn run_inner<R: Send + 'static>(
         &self,
         ticket: u64,
         f: impl FnOnce(&mut Engine) -> R + Send + 'static,

@@ -98,6 +98,8 @@ pub struct RankCtx {
     pub overhead_ns: AtomicU64,
     /// Time in compute jobs of pipeline instructions.
     pub busy_ns: AtomicU64,
+    /// Time instructions waited for a message.
+    pub waited_ns: AtomicU64,
 }
 
 impl RankCtx {
@@ -244,9 +246,11 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
         op: format!("{op} (#{index})"),
         detail,
     };
+    let waited0 = ctx.waited_ns.load(Ordering::Relaxed) + ctx.compute.queued_ns.load(Ordering::Relaxed);
+    let t_all = Instant::now();
+    let busy_start = ctx.busy_ns.load(Ordering::Relaxed);
     let inject = ctx.fail_at.filter(|f| f.rank == ctx.world_rank && f.step == step).map(|f| f.instruction);
     for &(op, ticket, index) in &st.ops {
-        let t_op = Instant::now();
         let boom = inject == Some(index);
         let mut compute_ns = 0u64;
         ctx.instructions.fetch_add(1, Ordering::Relaxed);
@@ -414,9 +418,17 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
             }
             Op::ReduceGrads { .. } | Op::OptimizerStep => {}
         }
-        let total = t_op.elapsed().as_nanos() as u64;
         ctx.busy_ns.fetch_add(compute_ns, Ordering::Relaxed);
-        ctx.overhead_ns.fetch_add(total.saturating_sub(compute_ns), Ordering::Relaxed);
+    }
+    // Overhead: the time this actor spent on its instructions apart from compute, waiting for
+    // messages and waiting for the compute thread's turn. The counters are per rank, so it is
+    // only measured with one chunk per rank.
+    if ctx.plan.vpp == 1 {
+        let waited =
+            ctx.waited_ns.load(Ordering::Relaxed) + ctx.compute.queued_ns.load(Ordering::Relaxed) - waited0;
+        let busy = ctx.busy_ns.load(Ordering::Relaxed) - busy_start;
+        let total = t_all.elapsed().as_nanos() as u64;
+        ctx.overhead_ns.fetch_add(total.saturating_sub(busy + waited), Ordering::Relaxed);
     }
     for (op, work) in sends {
         tokio::time::timeout(ctx.timeout, work)
@@ -434,6 +446,13 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
 
 /// Takes a message from the mailbox within the timeout; the error text says what was awaited.
 async fn take(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
+    let t = Instant::now();
+    let r = take_inner(ctx, key).await;
+    ctx.waited_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    r
+}
+
+async fn take_inner(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
     // A second past the communication timeout: a receive that fails reports its own error
     // (naming the peer) first.
     match ctx.mailbox.take(key, ctx.timeout + Duration::from_secs(1)).await {
@@ -948,6 +967,7 @@ impl Actor for Supervisor {
             instructions: AtomicU64::new(0),
             overhead_ns: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
+            waited_ns: AtomicU64::new(0),
         });
         let cell = me.get_cell();
         // Actor names are process-global in ractor: prefix them with the supervisor's.

@@ -1,0 +1,280 @@
+//! `troupe train` on the actor runtime: pipeline- and data-parallel layouts, as threads of this
+//! process (the default) or as one process per rank under `troupe launch`, `torchrun` or
+//! `mpirun`. Prints the same progress as the single-rank trainer from world rank 0, writes the
+//! trace of one step with `--trace`, and ends with the measured bubble beside the simulator's.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::ProgressBar;
+use troupe::comm::CommOptions;
+use troupe::comm::env::LaunchEnv;
+use troupe::config::Config;
+use troupe::data::SampleSource;
+use troupe::runtime::{self, Plan, RankResult, RankSetup, RunEvent, RunOptions};
+use troupe::trace::Trace;
+use troupe::train::corpus;
+use troupe::train::run::Event;
+
+use super::UsageError;
+use super::train::{TrainArgs, progress_bar, report};
+
+/// Runtime options of `troupe train` that are not configuration keys.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RuntimeArgs {
+    /// Shard optimizer state over the data-parallel group (ZeRO-1).
+    #[arg(long)]
+    pub use_distributed_optimizer: bool,
+    /// Alias of --virtual-pipeline-model-parallel-size.
+    #[arg(long, value_name = "V")]
+    pub virtual_pipeline_size: Option<usize>,
+    /// Run on the actor runtime even with one rank (it is used automatically for more).
+    #[arg(long)]
+    pub actors: bool,
+    /// Record every instruction and message of one step (see --trace-step) to FILE: Chrome
+    /// trace JSON (Perfetto) when FILE ends in .json, else troupe's native text form.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// The step --trace records (default: the last one).
+    #[arg(long, value_name = "STEP")]
+    pub trace_step: Option<u64>,
+    /// Re-execute forcing the order of message handling recorded in TRACE (a --trace file).
+    #[arg(long, value_name = "TRACE")]
+    pub replay_order: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this port (under a launcher: port + local rank).
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// Longest wait for any message or collective, in seconds.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub comm_timeout: f64,
+}
+
+impl RuntimeArgs {
+    /// Config overrides implied by these flags.
+    pub fn sets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.use_distributed_optimizer {
+            out.push("parallel.use_distributed_optimizer=true".into());
+        }
+        if let Some(v) = self.virtual_pipeline_size {
+            out.push(format!("parallel.virtual_pipeline_model_parallel_size={v}"));
+        }
+        out
+    }
+}
+
+/// Whether `troupe train` should use the actor runtime.
+pub fn wanted(cfg: &Config, args: &RuntimeArgs, launched: Option<&LaunchEnv>) -> bool {
+    args.actors
+        || cfg.parallel.is_distributed()
+        || launched.is_some_and(|e| e.world_size > 1)
+        || args.trace.is_some()
+        || args.replay_order.is_some()
+}
+
+fn options(args: &RuntimeArgs, cfg: &Config) -> anyhow::Result<RunOptions> {
+    if !(args.comm_timeout.is_finite() && args.comm_timeout > 0.0) {
+        return Err(UsageError(format!(
+            "--comm-timeout {}: must be a positive number of seconds",
+            args.comm_timeout
+        ))
+        .into());
+    }
+    let replay_order = match &args.replay_order {
+        None => None,
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| UsageError(format!("--replay-order {}: {e}", p.display())))?;
+            let trace = Trace::parse(&text)
+                .map_err(|e| UsageError(format!("--replay-order {}: {e}", p.display())))?;
+            Some(runtime::replay_order(&trace))
+        }
+    };
+    let trace_step = args.trace.as_ref().map(|_| args.trace_step.unwrap_or(cfg.train.train_iters));
+    if let Some(s) = trace_step
+        && (s == 0 || s > cfg.train.train_iters)
+    {
+        return Err(UsageError(format!("--trace-step {s}: must be in 1..={}", cfg.train.train_iters)).into());
+    }
+    Ok(RunOptions {
+        timeout: Duration::from_secs_f64(args.comm_timeout),
+        trace_step,
+        replay_order,
+        ..RunOptions::default()
+    })
+}
+
+/// Trains on the actor runtime; `launched` is the launcher environment of a multi-process run.
+pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> anyhow::Result<()> {
+    let rt = &args.runtime;
+    let (world, rank, local) = match &launched {
+        Some(env) => {
+            let pp = cfg.parallel.pipeline_model_parallel_size;
+            if !env.world_size.is_multiple_of(pp) {
+                return Err(UsageError(format!(
+                    "--pipeline-model-parallel-size {pp} does not divide the launcher's world of {} ranks",
+                    env.world_size
+                ))
+                .into());
+            }
+            let dp = env.world_size / pp;
+            if cfg.parallel.data_parallel_size != 1 && cfg.parallel.data_parallel_size != dp {
+                return Err(UsageError(format!(
+                    "--data-parallel-size {} disagrees with world {} / pipeline {pp} = {dp}",
+                    cfg.parallel.data_parallel_size, env.world_size
+                ))
+                .into());
+            }
+            cfg.parallel.data_parallel_size = dp;
+            cfg.validate().map_err(|e| UsageError(e.to_string()))?;
+            (env.world_size, env.rank, env.local_rank)
+        }
+        None => (cfg.parallel.pipeline_model_parallel_size * cfg.parallel.data_parallel_size, 0, 0),
+    };
+    let plan = Plan::new(&cfg, world).map_err(|e| UsageError(e.to_string()))?;
+    let opts = options(rt, &cfg)?;
+    if let Some(port) = rt.metrics_port {
+        let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port.saturating_add(local as u16)));
+        troupe::telemetry::serve_prometheus(addr).map_err(|e| UsageError(format!("--metrics-port: {e}")))?;
+        if rank == 0 || launched.is_some() {
+            eprintln!("troupe: serving Prometheus metrics on http://{addr}/metrics");
+        }
+    }
+    let data = corpus::open(&cfg).map_err(|e| UsageError(e.to_string()))?;
+    let source: Arc<dyn SampleSource> = Arc::from(data.train);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match cfg.train.threads {
+        0 => cores,
+        t => t,
+    };
+    if rank == 0 {
+        eprintln!(
+            "troupe: training a {}-layer GPT ({:.2} M parameters) on {} — {} ranks: pipeline {} × data {}, \
+             {} chunk(s) per rank, schedule {}, {} microbatches per rank{}, for {} steps",
+            cfg.model.num_layers,
+            cfg.model.num_params() as f64 / 1e6,
+            data.description,
+            world,
+            plan.pp,
+            plan.dp,
+            plan.vpp,
+            plan.schedule,
+            plan.microbatches,
+            if plan.distributed_optimizer { ", distributed optimizer" } else { "" },
+            cfg.train.train_iters
+        );
+    }
+    let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
+    let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
+    let events = (rank == 0).then_some(tx);
+    let cfg2 = cfg.clone();
+    let worker = match &launched {
+        None => {
+            let cores_for_ranks = threads;
+            std::thread::spawn(move || {
+                runtime::train_inproc(&cfg2, source, opts, cores_for_ranks, events, Some(stop))
+            })
+        }
+        Some(env) => {
+            let per_rank =
+                if cfg.train.threads == 0 { (cores / env.local_world_size.max(1)).max(1) } else { threads };
+            let comm = troupe::comm::tcp::connect_from_env(
+                env,
+                CommOptions { timeout: opts.timeout, ..CommOptions::default() },
+            )
+            .map_err(|e| anyhow::anyhow!("rank {}: connecting to the other ranks: {e}", env.rank))?;
+            let setup = RankSetup {
+                cfg: cfg2,
+                plan: Arc::new(plan.clone()),
+                world: comm,
+                data: source,
+                opts,
+                threads: per_rank,
+                events,
+                stop: Some(stop),
+            };
+            std::thread::spawn(move || runtime::run_rank(setup).map(|r| vec![r]))
+        }
+    };
+    let bar = if rank == 0 { progress_bar(&cfg, 0, args.no_progress) } else { ProgressBar::hidden() };
+    let mut json = match cfg.logging.log_json.as_str() {
+        "" => None,
+        p if rank == 0 => {
+            Some(std::fs::File::create(p).map_err(|e| UsageError(format!("--log-json {p}: {e}")))?)
+        }
+        _ => None,
+    };
+    let mut last_bubble = 0.0;
+    for ev in rx {
+        let RunEvent::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s, skipped, bubble } = ev;
+        last_bubble = bubble;
+        if skipped {
+            report(
+                &Event::Skipped { step, microbatch: 0, loss },
+                &bar,
+                cfg.logging.log_interval,
+                json.as_mut(),
+            );
+        } else {
+            let e = Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s };
+            report(&e, &bar, cfg.logging.log_interval, json.as_mut());
+        }
+    }
+    let results: Vec<RankResult> =
+        worker.join().map_err(|_| anyhow::anyhow!("the runtime thread panicked"))??;
+    bar.finish_and_clear();
+    if rank != 0 {
+        return Ok(());
+    }
+    let r0 = &results[0];
+    let last = r0.records.last();
+    if r0.interrupted {
+        eprintln!("troupe: interrupted at step {}", last.map_or(0, |r| r.step));
+    }
+    eprintln!(
+        "troupe: done: {} steps, final loss {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0",
+        last.map_or(0, |r| r.step),
+        last.map_or(f32::NAN, |r| r.loss),
+        last_bubble,
+        r0.optimizer_state_bytes as f64 / (1 << 20) as f64
+    );
+    let instr: u64 = results.iter().map(|r| r.instructions).sum();
+    let overhead: f64 = results.iter().map(|r| r.overhead_s).sum();
+    if instr > 0 {
+        eprintln!(
+            "troupe: actor and messaging overhead {:.1} µs per instruction ({} instructions, {:.2} MiB of activations and gradients sent by rank 0)",
+            overhead / instr as f64 * 1e6,
+            instr,
+            r0.sent_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some(path) = &rt.trace {
+        let trace = runtime::trace_of(&plan, &r0.events);
+        let text = if path.extension().is_some_and(|e| e == "json") {
+            troupe::trace::to_chrome(&trace)
+        } else {
+            trace.to_native()
+        };
+        std::fs::write(path, text).with_context(|| format!("writing the trace to {}", path.display()))?;
+        match runtime::bubble_report(&plan, &trace) {
+            Ok(b) => eprintln!(
+                "troupe: trace of step {} written to {}; bubble measured {:.3} vs simulated {:.3} from the measured costs \
+                 (makespan {:.1} ms vs {:.1} ms)",
+                opts_step(rt, &cfg),
+                path.display(),
+                b.measured,
+                b.predicted,
+                b.measured_makespan_us / 1e3,
+                b.predicted_makespan_us / 1e3
+            ),
+            Err(e) => eprintln!("troupe: trace written to {}; no bubble comparison: {e}", path.display()),
+        }
+    }
+    Ok(())
+}
+
+fn opts_step(rt: &RuntimeArgs, cfg: &Config) -> u64 {
+    rt.trace_step.unwrap_or(cfg.train.train_iters)
+}
