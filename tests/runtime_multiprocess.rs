@@ -1,0 +1,149 @@
+//! The actor runtime as real processes over TCP: `troupe train` started by `troupe launch`, by
+//! Open MPI's `mpirun` and by `torchrun --no-python` (each skipped with a message when the
+//! launcher is not installed) trains exactly like the in-process run of the same layout: the
+//! per-step losses are bitwise equal (both backends fold reductions in the same order).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use troupe::config::Config;
+use troupe::runtime::{RunOptions, train_inproc};
+
+const BIN: &str = env!("CARGO_BIN_EXE_troupe");
+
+const CONFIG: &str = r#"
+[model]
+vocab_size = 4096
+seq_length = 32
+num_layers = 4
+hidden_size = 32
+num_attention_heads = 4
+
+[train]
+micro_batch_size = 2
+global_batch_size = 8
+train_iters = 3
+lr = 1e-3
+seed = 9
+
+[parallel]
+pipeline_model_parallel_size = 2
+pipeline_schedule = "1f1b"
+
+[logging]
+log_interval = 1
+eval_interval = 0
+
+[checkpoint]
+save = ""
+"#;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("troupe-mp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn found(cmd: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Losses of the in-process run with data-parallel size `dp`.
+fn inproc_losses(dp: usize) -> Vec<f32> {
+    let cfg = Config::from_toml_str(CONFIG, "test", &[format!("parallel.data_parallel_size={dp}")]).unwrap();
+    let data = troupe::train::corpus::open(&cfg).unwrap();
+    let results = train_inproc(&cfg, Arc::from(data.train), RunOptions::default(), 2, None, None).unwrap();
+    results[0].records.iter().map(|r| r.loss).collect()
+}
+
+fn json_losses(path: &Path) -> Vec<f32> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
+        .map(|x| x as f32)
+        .collect()
+}
+
+fn check(out: std::process::Output, log: &Path, dp: usize) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", String::from_utf8_lossy(&out.stdout));
+    let got = json_losses(log);
+    let want = inproc_losses(dp);
+    assert_eq!(got.len(), 3, "{err}");
+    for (a, b) in got.iter().zip(&want) {
+        assert_eq!(a.to_bits(), b.to_bits(), "over TCP {got:?} vs in-process {want:?}");
+    }
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let p = dir.join("cfg.toml");
+    std::fs::write(&p, CONFIG).unwrap();
+    p
+}
+
+#[test]
+fn troupe_launch_runs_pipeline_and_data_parallel_ranks_as_processes() {
+    let dir = scratch("launch");
+    let cfg = write_config(&dir);
+    let log = dir.join("log.jsonl");
+    let out = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "4", "--master-port", "0", "--"])
+        .arg(BIN)
+        .args(["train", "--no-progress", "--comm-timeout", "60", "--config"])
+        .arg(&cfg)
+        .arg("--log-json")
+        .arg(&log)
+        .output()
+        .unwrap();
+    check(out, &log, 2);
+}
+
+#[test]
+fn mpirun_runs_a_pipeline() {
+    if !found("mpirun") {
+        println!("SKIPPED mpirun_runs_a_pipeline: mpirun not found (apt-get install openmpi-bin)");
+        return;
+    }
+    let dir = scratch("mpirun");
+    let cfg = write_config(&dir);
+    let log = dir.join("log.jsonl");
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", BIN])
+        .args(["train", "--no-progress", "--comm-timeout", "60", "--config"])
+        .arg(&cfg)
+        .arg("--log-json")
+        .arg(&log)
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    check(out, &log, 1);
+}
+
+#[test]
+fn torchrun_runs_a_pipeline() {
+    if !found("torchrun") {
+        println!("SKIPPED torchrun_runs_a_pipeline: torchrun not found (pip install torch)");
+        return;
+    }
+    let dir = scratch("torchrun");
+    let cfg = write_config(&dir);
+    let log = dir.join("log.jsonl");
+    let out = Command::new("torchrun")
+        .args(["--nproc-per-node", "2", "--master-port", &free_port().to_string(), "--no-python", BIN])
+        .args(["train", "--no-progress", "--comm-timeout", "60", "--config"])
+        .arg(&cfg)
+        .arg("--log-json")
+        .arg(&log)
+        .output()
+        .unwrap();
+    check(out, &log, 1);
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
