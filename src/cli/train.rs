@@ -154,9 +154,6 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let launched = troupe::comm::env::LaunchEnv::detect()
         .map_err(|e| UsageError(format!("reading the launcher environment: {e}")))?
         .filter(|e| e.world_size > 1);
-    if super::train_parallel::wanted(&cfg, &args.runtime, launched.as_ref()) {
-        return super::train_parallel::train(&args, cfg, launched);
-    }
     if !cfg.checkpoint.save.is_empty() {
         checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {
             UsageError(format!(
@@ -176,6 +173,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             existing.display(),
             cfg.checkpoint.save
         );
+    }
+    if super::train_parallel::wanted(&cfg, &args.runtime, launched.as_ref()) {
+        return super::train_parallel::train(&args, cfg, launched);
     }
     let data = corpus::open(&cfg).map_err(|e| UsageError(e.to_string()))?;
     let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {

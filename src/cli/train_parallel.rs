@@ -208,18 +208,23 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     };
     let mut last_bubble = 0.0;
     for ev in rx {
-        let RunEvent::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s, skipped, bubble } = ev;
-        last_bubble = bubble;
-        if skipped {
-            report(
-                &Event::Skipped { step, microbatch: 0, loss },
-                &bar,
-                cfg.logging.log_interval,
-                json.as_mut(),
-            );
-        } else {
-            let e = Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s };
-            report(&e, &bar, cfg.logging.log_interval, json.as_mut());
+        match ev {
+            RunEvent::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s, skipped, bubble } => {
+                last_bubble = bubble;
+                let e = if skipped {
+                    Event::Skipped { step, microbatch: 0, loss }
+                } else {
+                    Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s }
+                };
+                report(&e, &bar, cfg.logging.log_interval, json.as_mut());
+            }
+            RunEvent::Saved { step, path } => {
+                report(&Event::Saved { step, path }, &bar, cfg.logging.log_interval, json.as_mut());
+            }
+            RunEvent::Resumed { step, consumed_samples } => {
+                bar.set_position(step);
+                eprintln!("troupe: resumed at step {step} ({consumed_samples} samples consumed)");
+            }
         }
     }
     let results: Vec<RankResult> =

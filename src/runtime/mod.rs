@@ -120,6 +120,10 @@ pub enum RunEvent {
         /// Worst rank's measured idle / busy time in the pipeline phase.
         bubble: f64,
     },
+    /// Training continues from a checkpoint.
+    Resumed { step: u64, consumed_samples: u64 },
+    /// A checkpoint was written (by world rank 0).
+    Saved { step: u64, path: String },
 }
 
 /// One step as every rank agreed on it.

@@ -649,6 +649,8 @@ pub enum OptimizerMsg {
     Step(OptStep, RpcReplyPort<Result<(), RuntimeError>>),
     /// Bytes of optimizer state this rank holds.
     StateBytes(RpcReplyPort<usize>),
+    /// A copy of the shards and the number of updates applied (for checkpoints).
+    Snapshot(RpcReplyPort<(Vec<ChunkShard>, u64)>),
 }
 
 /// See the module docs.
@@ -664,12 +666,12 @@ pub struct OptimizerState {
 impl Actor for OptimizerShard {
     type Msg = OptimizerMsg;
     type State = OptimizerState;
-    type Arguments = (Arc<RankCtx>, Vec<ChunkShard>);
+    type Arguments = (Arc<RankCtx>, Vec<ChunkShard>, u64);
 
     async fn pre_start(
         &self,
         _me: ActorRef<OptimizerMsg>,
-        (ctx, shards): Self::Arguments,
+        (ctx, shards, updates): Self::Arguments,
     ) -> Result<OptimizerState, ActorProcessingErr> {
         let t = &ctx.cfg.train;
         let cfg = AdamWConfig {
@@ -678,7 +680,7 @@ impl Actor for OptimizerShard {
             eps: t.adam_eps,
             weight_decay: t.weight_decay,
         };
-        Ok(OptimizerState { ctx, cfg, shards: Some(shards), updates: 0 })
+        Ok(OptimizerState { ctx, cfg, shards: Some(shards), updates })
     }
 
     async fn handle(
@@ -688,6 +690,9 @@ impl Actor for OptimizerShard {
         st: &mut OptimizerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            OptimizerMsg::Snapshot(reply) => {
+                let _ = reply.send((st.shards.clone().unwrap_or_default(), st.updates));
+            }
             OptimizerMsg::StateBytes(reply) => {
                 let _ = reply.send(st.shards.iter().flatten().map(ChunkShard::state_bytes).sum());
             }
@@ -876,6 +881,17 @@ pub struct SupState {
     tensor_index: std::collections::HashMap<String, usize>,
     /// Per local chunk: the rank holds global stage 0 / the last stage there.
     chunk_stage: Vec<usize>,
+    /// Where a loaded checkpoint left off.
+    resume: Option<Resume>,
+}
+
+/// The training state a checkpoint restores.
+#[derive(Debug, Clone, Copy)]
+pub struct Resume {
+    pub step: u64,
+    pub consumed: u64,
+    pub skipped: u64,
+    pub updates: u64,
 }
 
 fn spawn_err(what: &str, e: impl std::fmt::Display) -> ActorProcessingErr {
@@ -918,6 +934,8 @@ impl Actor for Supervisor {
             chunk_buckets.push(b);
             chunks.push(g);
         }
+        let resume =
+            load_checkpoint(&s.cfg, &mut chunks, &mut shards).map_err(|e| spawn_err("checkpoint", e))?;
         let reducer_slot: Arc<std::sync::OnceLock<ActorRef<ReducerMsg>>> =
             Arc::new(std::sync::OnceLock::new());
         let slot = reducer_slot.clone();
@@ -992,7 +1010,7 @@ impl Actor for Supervisor {
         let (optimizer, _) = Actor::spawn_linked(
             Some(format!("{tag}/optimizer")),
             OptimizerShard,
-            (ctx.clone(), shards),
+            (ctx.clone(), shards, resume.map_or(0, |r| r.updates)),
             cell.clone(),
         )
         .await
@@ -1021,6 +1039,7 @@ impl Actor for Supervisor {
             next_ticket: 0,
             tensor_index,
             chunk_stage,
+            resume,
         })
     }
 
@@ -1109,10 +1128,17 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let timeout = ctx.timeout;
     let wr = ctx.world_rank;
     let mut result = RankResult { peak_in_flight: vec![0; plan.vpp], ..RankResult::default() };
-    let mut step = st.opts.start_step;
-    let mut consumed = st.opts.consumed_samples;
+    let (mut step, mut consumed, mut skipped) = match st.resume {
+        Some(r) => (r.step, r.consumed, r.skipped),
+        None => (st.opts.start_step, st.opts.consumed_samples, 0),
+    };
+    if let (Some(r), Some(tx)) = (st.resume, &st.events) {
+        let _ = tx.send(RunEvent::Resumed { step: r.step, consumed_samples: r.consumed });
+    }
     let started = Instant::now();
-    let mut skipped = 0u64;
+    let save_dir = cfg.checkpoint.save.clone();
+    let save_every = cfg.checkpoint.save_interval;
+    let mut saved_at = None;
     while step < t.train_iters {
         let this = step + 1;
         let t_step = Instant::now();
@@ -1447,10 +1473,17 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             });
         }
         result.records.push(rec);
+        if !save_dir.is_empty() && save_every > 0 && this.is_multiple_of(save_every) {
+            save_checkpoint(st, this, consumed, skipped).await?;
+            saved_at = Some(this);
+        }
         if any_stop {
             result.interrupted = true;
             break;
         }
+    }
+    if !save_dir.is_empty() && saved_at != Some(step) && step > st.resume.map_or(0, |r| r.step) {
+        save_checkpoint(st, step, consumed, skipped).await?;
     }
     result.skipped_steps = skipped;
     result.consumed_samples = consumed;
@@ -1577,4 +1610,177 @@ async fn wait_work<T>(ctx: &RankCtx, step: u64, op: &str, w: Work<T>) -> Result<
             detail: format!("not done within {:?}", ctx.timeout),
         })?
         .map_err(|e| RuntimeError::Comm { rank: ctx.world_rank, step, op: op.into(), source: Box::new(e) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints: the single-rank format, whatever the layout.
+
+/// Restores this rank's chunks and optimizer shards from `checkpoint.load`, if set.
+fn load_checkpoint(
+    cfg: &Config,
+    chunks: &mut [Gpt],
+    shards: &mut [ChunkShard],
+) -> Result<Option<Resume>, String> {
+    use crate::checkpoint;
+    let load = cfg.checkpoint.load.as_str();
+    if load.is_empty() {
+        return Ok(None);
+    }
+    let dir = match checkpoint::resolve(std::path::Path::new(load)).map_err(|e| e.to_string())? {
+        Some(d) => d,
+        None if cfg.checkpoint.allow_fresh_start => return Ok(None),
+        None => {
+            return Err(format!(
+                "--load {load}: no checkpoint there (no `latest` file and no state.json); pass --allow-fresh-start to start from scratch"
+            ));
+        }
+    };
+    let loaded = checkpoint::load(&dir).map_err(|e| e.to_string())?;
+    loaded.check_shape(cfg).map_err(|e| e.to_string())?;
+    let t = &cfg.train;
+    let adam = AdamWConfig {
+        beta1: t.adam_beta1,
+        beta2: t.adam_beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+    };
+    let mut updates = 0;
+    for (g, shard) in chunks.iter_mut().zip(shards.iter_mut()) {
+        let mut opt = crate::optim::AdamW::new(adam, g.table().len());
+        loaded.restore(g, Some(&mut opt)).map_err(|e| e.to_string())?;
+        let mut base = 0;
+        for r in &shard.ranges {
+            shard.m[base..base + r.len()].copy_from_slice(&opt.m[r.clone()]);
+            shard.v[base..base + r.len()].copy_from_slice(&opt.v[r.clone()]);
+            base += r.len();
+        }
+        updates = opt.step;
+    }
+    let s = &loaded.state;
+    Ok(Some(Resume { step: s.step, consumed: s.consumed_samples, skipped: s.skipped_steps, updates }))
+}
+
+/// Writes a full-model checkpoint of step `step` from world rank 0 in the single-rank format
+/// (so any layout, or the single-rank trainer, can resume it): data-parallel shards of the
+/// moments are gathered first, then every pipeline rank sends its chunks to rank 0.
+async fn save_checkpoint(
+    st: &mut SupState,
+    step: u64,
+    consumed: u64,
+    skipped: u64,
+) -> Result<(), RuntimeError> {
+    const TAG: u64 = 0x636b_7074_0000_0000; // "ckpt"
+    let ctx = st.ctx.clone();
+    let plan = ctx.plan.clone();
+    let wr = ctx.world_rank;
+    let (shards, updates) =
+        rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::Snapshot, Some(ctx.timeout)).await)?;
+    let params = st
+        .job(step, "read parameters for a checkpoint", |e: &mut Engine| {
+            e.chunks.iter().map(|g| g.params().to_vec()).collect::<Vec<_>>()
+        })
+        .await?;
+    let buckets = st.job(step, "bucket layout", |e: &mut Engine| e.buckets.clone()).await?;
+    // Full-arena moments of every chunk on this rank.
+    let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(shards.len());
+    for (c, shard) in shards.iter().enumerate() {
+        let n = params[c].len();
+        let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let mut base = 0;
+        for r in &shard.ranges {
+            m[r.clone()].copy_from_slice(&shard.m[base..base + r.len()]);
+            v[r.clone()].copy_from_slice(&shard.v[base..base + r.len()]);
+            base += r.len();
+        }
+        if plan.distributed_optimizer && plan.dp > 1 {
+            for b in &buckets[c] {
+                for arena in [&mut m, &mut v] {
+                    let w = ctx.dp.all_gather(Buf::F32(arena[b.range.clone()].to_vec()));
+                    if let Buf::F32(full) = wait_work(&ctx, step, "checkpoint: moment all-gather", w).await? {
+                        arena[b.range.clone()].copy_from_slice(&full);
+                    }
+                }
+            }
+        }
+        moments.push((m, v));
+    }
+    if ctx.dp_rank != 0 {
+        return Ok(());
+    }
+    if wr != 0 {
+        let mut tag = TAG;
+        for (p, (m, v)) in params.into_iter().zip(moments) {
+            for x in [p, m, v] {
+                wait_work(&ctx, step, "checkpoint: send to rank 0", ctx.world.send(Buf::F32(x), 0, tag))
+                    .await?;
+                tag += 1;
+            }
+        }
+        return Ok(());
+    }
+    // World rank 0: assemble the whole model and optimizer by tensor name.
+    let cfg = &ctx.cfg;
+    let fail = |detail: String| RuntimeError::Actor {
+        actor: "supervisor".into(),
+        rank: wr,
+        step,
+        op: "checkpoint".into(),
+        detail,
+    };
+    let mut model = Gpt::new(&cfg.model, cfg.train.seed).map_err(|e| fail(e.to_string()))?;
+    let t = &cfg.train;
+    let adam = AdamWConfig {
+        beta1: t.adam_beta1,
+        beta2: t.adam_beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+    };
+    let mut opt = crate::optim::AdamW::new(adam, model.table().len());
+    opt.step = updates;
+    let full = model.table().clone();
+    let mut place =
+        |range: crate::models::gpt::LayerRange, p: &[f32], m: &[f32], v: &[f32], model: &mut Gpt| {
+            let table = crate::models::gpt::param_table(&cfg.model, range);
+            for spec in table.specs() {
+                if let Some(dst) = full.get(&spec.name) {
+                    let (src, d) = (spec.span.range(), dst.span.range());
+                    model.params_mut()[d.clone()].copy_from_slice(&p[src.clone()]);
+                    opt.m[d.clone()].copy_from_slice(&m[src.clone()]);
+                    opt.v[d].copy_from_slice(&v[src]);
+                }
+            }
+        };
+    for (c, (p, (m, v))) in params.iter().zip(&moments).enumerate() {
+        place(plan.range_of(0, c), p, m, v, &mut model);
+    }
+    for r in 1..plan.pp {
+        let peer = r * plan.dp;
+        let mut tag = TAG;
+        for c in 0..plan.vpp {
+            let range = plan.range_of(r, c);
+            let n = crate::models::gpt::param_table(&cfg.model, range).len();
+            let mut parts = Vec::with_capacity(3);
+            for _ in 0..3 {
+                let w = ctx.world.recv(DType::F32, n, peer, tag);
+                let b = wait_work(&ctx, step, "checkpoint: receive from a pipeline rank", w).await?;
+                tag += 1;
+                let Buf::F32(x) = b else { return Err(fail("a non-f32 checkpoint part".into())) };
+                parts.push(x);
+            }
+            place(range, &parts[0], &parts[1], &parts[2], &mut model);
+        }
+    }
+    let state = crate::checkpoint::TrainState {
+        step,
+        consumed_samples: consumed,
+        skipped_steps: skipped,
+        rng_state: cfg.train.seed,
+        config: cfg.clone(),
+    };
+    let dir = crate::checkpoint::save(std::path::Path::new(&cfg.checkpoint.save), &state, &model, &opt)
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(tx) = &st.events {
+        let _ = tx.send(RunEvent::Saved { step, path: dir.display().to_string() });
+    }
+    Ok(())
 }
