@@ -71,23 +71,23 @@ fn bad_configs_exit_2_naming_the_problem() -> Result<()> {
     Ok(())
 }
 
-/// Under a multi-rank launcher environment `troupe train` refuses (exit 2) instead of running
-/// several independent copies that overwrite each other's checkpoints.
+/// Under a multi-rank launcher environment `troupe train` runs on the actor runtime; a layout
+/// that does not fit the launcher's world is a usage error (exit 2) before any connection.
 #[test]
-fn multi_rank_launch_is_refused_until_the_actor_runtime_exists() -> Result<()> {
+fn a_layout_that_does_not_fit_the_launcher_world_is_refused() -> Result<()> {
     let dir = tempdir("ranks");
     let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(["train", "--train-iters", "1"])
+        .args(["train", "--train-iters", "1", "--pipeline-model-parallel-size", "2"])
         .current_dir(&dir)
         .env("RANK", "1")
-        .env("WORLD_SIZE", "2")
+        .env("WORLD_SIZE", "3")
         .env("LOCAL_RANK", "1")
-        .env("LOCAL_WORLD_SIZE", "2")
+        .env("LOCAL_WORLD_SIZE", "3")
         .env("MASTER_ADDR", "127.0.0.1")
         .env("MASTER_PORT", "29500")
         .output()?;
     ensure!(out.status.code() == Some(2), "exit {:?}: {}", out.status.code(), stderr(&out));
-    ensure!(stderr(&out).contains("rank 1 of 2"), "{}", stderr(&out));
+    ensure!(stderr(&out).contains("does not divide the launcher's world of 3 ranks"), "{}", stderr(&out));
     Ok(())
 }
 
