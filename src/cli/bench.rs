@@ -13,7 +13,7 @@ use troupe::train::{Microbatch, Trainer};
 
 use super::UsageError;
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct TrainBenchArgs {
     /// Model/training config (TOML), e.g. config/cpu-small.toml.
     #[arg(long)]
@@ -30,10 +30,50 @@ pub struct TrainBenchArgs {
     /// Also time every kernel and print the breakdown (to stderr, and as "breakdown" in the JSON).
     #[arg(long)]
     pub profile: bool,
+    /// Pipeline-parallel size: run through the actor runtime with ranks as threads.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline_model_parallel_size: usize,
+    /// Data-parallel size (actor runtime).
+    #[arg(long, default_value_t = 1)]
+    pub data_parallel_size: usize,
+    /// Microbatches per step and data-parallel rank (default: the config's global batch).
+    #[arg(long)]
+    pub microbatches: Option<usize>,
+    /// Pipeline schedule (actor runtime).
+    #[arg(long, default_value = "1f1b")]
+    pub pipeline_schedule: String,
+    /// Chunks per rank (interleaved schedules).
+    #[arg(long)]
+    pub virtual_pipeline_size: Option<usize>,
+    /// Use the actor runtime even for one rank, and also time the plain trainer in the same run.
+    #[arg(long)]
+    pub actors: bool,
 }
 
 pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config).map_err(|e| UsageError(e.to_string()))?;
+    let mut sets = vec![
+        format!("parallel.pipeline_model_parallel_size={}", args.pipeline_model_parallel_size),
+        format!("parallel.data_parallel_size={}", args.data_parallel_size),
+        format!("parallel.pipeline_schedule={}", toml::Value::String(args.pipeline_schedule.clone())),
+    ];
+    if let Some(v) = args.virtual_pipeline_size {
+        sets.push(format!("parallel.virtual_pipeline_model_parallel_size={v}"));
+    }
+    let base = Config::load(&args.config).map_err(|e| UsageError(e.to_string()))?;
+    if let Some(m) = args.microbatches {
+        let gbs = m * base.train.micro_batch_size * args.data_parallel_size;
+        sets.push(format!("train.global_batch_size={gbs}"));
+    }
+    let cfg = Config::load_with(&args.config, &sets).map_err(|e| UsageError(e.to_string()))?;
+    if args.actors || cfg.parallel.is_distributed() {
+        return runtime_bench(&args, &cfg);
+    }
+    plain(&args, &cfg).map(|out| println!("{out}"))
+}
+
+/// The plain single-rank trainer; returns the JSON record.
+fn plain(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::Value> {
+    let cfg = cfg.clone();
     if args.steps == 0 {
         return Err(UsageError("--steps must be at least 1".into()).into());
     }
@@ -101,6 +141,80 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         out["breakdown"] = serde_json::Value::Array(rows);
+    }
+    Ok(out)
+}
+
+/// The actor runtime (ranks as threads), with the plain trainer timed in the same run when the
+/// layout is a single rank.
+fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use troupe::runtime::{Plan, RunOptions, bubble_report, trace_of, train_inproc};
+    if args.steps == 0 {
+        return Err(UsageError("--steps must be at least 1".into()).into());
+    }
+    let world = cfg.parallel.pipeline_model_parallel_size * cfg.parallel.data_parallel_size;
+    let plan = Plan::new(cfg, world).map_err(|e| UsageError(e.to_string()))?;
+    let mut cfg = cfg.clone();
+    let total = (args.warmup + args.steps) as u64;
+    cfg.train.train_iters = total;
+    cfg.checkpoint.save.clear();
+    let t = cfg.model.seq_length;
+    let mut rng = Rng::new(cfg.train.seed);
+    let need = (total as usize + 1) * cfg.train.global_batch_size * t + 1;
+    let tokens: Vec<u32> = (0..need).map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32).collect();
+    let data = troupe::train::data::TokenWindows::new(tokens, t, cfg.train.seed).context("benchmark data")?;
+    let threads = match args.threads.unwrap_or(cfg.train.threads) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let opts = RunOptions { trace_step: Some(total), ..RunOptions::default() };
+    let results = train_inproc(&cfg, Arc::new(data), opts, threads, None, None)?;
+    let r0 = &results[0];
+    let mut times: Vec<f64> = r0.records.iter().skip(args.warmup).map(|r| r.seconds).collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens_per_s = (cfg.train.global_batch_size * t) as f64 / median;
+    let instructions: u64 = results.iter().map(|r| r.instructions).sum();
+    let overhead: f64 = results.iter().map(|r| r.overhead_s).sum();
+    let trace = trace_of(&plan, &r0.events);
+    let bubble = bubble_report(&plan, &trace).ok();
+    let name = args.config.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let mut out = serde_json::json!({
+        "impl": "troupe-actors",
+        "config": name,
+        "threads": threads,
+        "pp": plan.pp,
+        "dp": plan.dp,
+        "vpp": plan.vpp,
+        "schedule": plan.schedule.name(),
+        "microbatches": plan.microbatches,
+        "tokens_per_step": cfg.train.global_batch_size * t,
+        "steps": args.steps,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_ms_median": round(median * 1e3, 2),
+        "instructions_per_step": instructions / total,
+        "overhead_us_per_instruction": if plan.vpp == 1 { round(overhead / instructions.max(1) as f64 * 1e6, 2) } else { f64::NAN },
+        "bubble_measured": bubble.as_ref().map(|b| round(b.measured, 4)),
+        "bubble_simulated": bubble.as_ref().map(|b| round(b.predicted, 4)),
+        "bubble_simulated_mean_costs": bubble.as_ref().map(|b| round(b.predicted_mean_costs, 4)),
+        "bubble_ideal_1f1b": round((plan.pp as f64 - 1.0) / plan.microbatches as f64, 4),
+        "final_loss": r0.records.last().map(|r| r.loss),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    });
+    if let Some(b) = &bubble {
+        out["bubble_relative_error"] =
+            serde_json::json!(round((b.measured - b.predicted).abs() / b.predicted.max(1e-12), 4));
+    }
+    if world == 1 {
+        let p = plain(&TrainBenchArgs { profile: false, threads: Some(threads), ..args.clone() }, &cfg)?;
+        let plain_tps = p["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        out["plain_tokens_per_s"] = serde_json::json!(plain_tps);
+        out["actors_over_plain"] = serde_json::json!(round(tokens_per_s / plain_tps, 4));
+        let per_step_us =
+            (1.0 / tokens_per_s - 1.0 / plain_tps) * (cfg.train.global_batch_size * t) as f64 * 1e6;
+        out["extra_us_per_instruction_vs_plain"] =
+            serde_json::json!(round(per_step_us / (instructions / total).max(1) as f64, 2));
     }
     println!("{out}");
     Ok(())

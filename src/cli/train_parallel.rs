@@ -166,6 +166,13 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             cfg.train.train_iters
         );
     }
+    if rank == 0 && cfg.logging.eval_interval > 0 {
+        eprintln!(
+            "troupe: note: the parallel runtime does not run evaluation yet (logging.eval_interval = {} is ignored); \
+             evaluate a saved checkpoint with the single-rank trainer",
+            cfg.logging.eval_interval
+        );
+    }
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
     let events = (rank == 0).then_some(tx);

@@ -56,19 +56,15 @@ impl Engine {
         self.peak_in_flight[chunk] = self.peak_in_flight[chunk].max(n);
     }
 
-    /// Hands every not-yet-handed bucket of `chunk` whose start is at or above `watermark`
-    /// (all of them, with the tied `wte`, when `watermark` is `None`).
-    pub fn hand_buckets(&mut self, chunk: usize, arena: &[f32], watermark: Option<usize>) {
-        let Some(tx) = &self.bucket_tx else { return };
-        let wte = self.chunks[chunk].wte_range();
-        for (index, b) in self.buckets[chunk].iter().enumerate() {
-            let is_wte = Some(&b.range) == wte.as_ref();
-            let due = match watermark {
-                None => true,
-                Some(w) => !is_wte && b.range.start >= w,
-            };
-            if due && !self.handed[chunk][index] {
-                self.handed[chunk][index] = true;
+    /// Hands every not-yet-handed bucket of `chunk` (with the tied `wte`) to the reducer, from
+    /// the chunk's current gradients.
+    pub fn hand_remaining_buckets(&mut self, chunk: usize) {
+        let Engine { chunks, buckets, bucket_tx, handed, .. } = self;
+        let Some(tx) = bucket_tx.as_ref() else { return };
+        let arena = chunks[chunk].grads();
+        for (index, b) in buckets[chunk].iter().enumerate() {
+            if !handed[chunk][index] {
+                handed[chunk][index] = true;
                 tx(ReadyBucket {
                     chunk,
                     index,

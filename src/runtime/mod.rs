@@ -296,20 +296,23 @@ pub fn trace_of(plan: &Plan, events: &[Event]) -> Trace {
 pub struct BubbleReport {
     /// Worst rank's idle / busy over the step's compute makespan, measured.
     pub measured: f64,
-    /// The simulator's worst-rank bubble for this program with the measured per-stage costs.
+    /// The simulator's worst-rank bubble for this program with every instruction's measured
+    /// duration and the mean measured message latency.
     pub predicted: f64,
+    /// The same with each instruction kind's mean duration per (rank, chunk) (what a cost model
+    /// knows before the run).
+    pub predicted_mean_costs: f64,
     /// Measured makespan of the compute phase (µs), and the simulated one.
     pub measured_makespan_us: f64,
     pub predicted_makespan_us: f64,
 }
 
-/// Compares a recorded step with the simulator: costs are the measured mean duration of each
-/// instruction kind per (rank, chunk), the message latency the mean measured transfer.
+/// Compares a recorded step with the simulator (see [`BubbleReport`]).
 ///
 /// # Errors
 /// When the trace has no compute events or the program cannot be simulated.
 pub fn bubble_report(plan: &Plan, trace: &Trace) -> Result<BubbleReport, crate::trace::TraceError> {
-    use crate::schedule::{Costs, simulate_with};
+    use crate::schedule::{Costs, Op, simulate_with};
     let compute = || trace.events.iter().filter(|e| e.kind.is_compute());
     let first = compute().map(|e| e.start).fold(f64::INFINITY, f64::min);
     let last = compute().map(|e| e.end).fold(f64::NEG_INFINITY, f64::max);
@@ -325,27 +328,51 @@ pub fn bubble_report(plan: &Plan, trace: &Trace) -> Result<BubbleReport, crate::
         }
     }
     let global = crate::trace::estimate_costs(trace)?;
-    let mean = |r: u32, c: u32, kind: OpKind| {
-        let v: Vec<f64> = compute()
-            .filter(|e| e.rank == r && e.chunk == Some(c) && e.kind == kind)
-            .map(|e| e.end - e.start)
-            .collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    let mut each: std::collections::HashMap<(u32, OpKind, u32, u32), f64> = std::collections::HashMap::new();
+    let mut sums: std::collections::HashMap<(u32, u32, OpKind), (f64, f64)> =
+        std::collections::HashMap::new();
+    for e in compute() {
+        if let (Some(mb), Some(c)) = (e.mb, e.chunk) {
+            each.insert((e.rank, e.kind, mb, c), e.end - e.start);
+            let s = sums.entry((e.rank, c, e.kind)).or_default();
+            *s = (s.0 + e.end - e.start, s.1 + 1.0);
+        }
+    }
+    let mean = |r: u32, c: u32, kind: OpKind| sums.get(&(r, c, kind)).map(|(t, n)| t / n);
+    let with = |d: f64, kind: OpKind| {
+        let mut c = global;
+        match kind {
+            OpKind::Forward => c.forward = d,
+            OpKind::Backward => c.backward = d,
+            OpKind::BackwardInput => c.backward_input = d,
+            OpKind::BackwardWeight => c.backward_weight = d,
+            _ => {}
+        }
+        c
     };
-    let costs = |r: usize, c: u32| {
-        let r = r as u32;
-        Costs {
-            forward: mean(r, c, OpKind::Forward).unwrap_or(global.forward),
-            backward: mean(r, c, OpKind::Backward).unwrap_or(global.backward),
-            backward_input: mean(r, c, OpKind::BackwardInput).unwrap_or(global.backward_input),
-            backward_weight: mean(r, c, OpKind::BackwardWeight).unwrap_or(global.backward_weight),
-            ..global
+    let per_op = |r: usize, op: Op| -> Costs {
+        let kind = op.kind();
+        match op.pair() {
+            Some((mb, c)) if kind.is_compute() => {
+                let d = each.get(&(r as u32, kind, mb, c)).copied().or_else(|| mean(r as u32, c, kind));
+                d.map_or(global, |d| with(d, kind))
+            }
+            _ => global,
         }
     };
-    let sim = simulate_with(&plan.program, &costs)?;
+    let per_stage = |r: usize, op: Op| -> Costs {
+        let kind = op.kind();
+        match op.pair() {
+            Some((_, c)) if kind.is_compute() => mean(r as u32, c, kind).map_or(global, |d| with(d, kind)),
+            _ => global,
+        }
+    };
+    let sim = simulate_with(&plan.program, &per_op)?;
+    let sim_mean = simulate_with(&plan.program, &per_stage)?;
     Ok(BubbleReport {
         measured,
         predicted: sim.stats.bubble,
+        predicted_mean_costs: sim_mean.stats.bubble,
         measured_makespan_us: makespan,
         predicted_makespan_us: sim.stats.makespan,
     })

@@ -513,8 +513,7 @@ fn weight_backward(
     }
     if last {
         g.fold_tied_grad(&**be);
-        let arena = g.grads().to_vec();
-        e.hand_buckets(c, &arena, None);
+        e.hand_remaining_buckets(c);
     }
     Ok(())
 }

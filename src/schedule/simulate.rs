@@ -187,13 +187,13 @@ pub fn simulate(program: &Program, costs: &Costs) -> Result<Simulation> {
     simulate_with(program, &|_, _| *costs)
 }
 
-/// [`simulate`] with costs that depend on the rank and the local chunk (measured per stage: the
-/// first stage also runs the embedding, the last one the LM head and loss). A send uses the
-/// sending chunk's message model.
+/// [`simulate`] with costs that depend on the rank and the instruction (e.g. measured per stage:
+/// the first stage also runs the embedding, the last one the LM head and loss; or measured per
+/// instruction from a trace). A send uses the message model of the costs given for it.
 ///
 /// # Errors
 /// As [`simulate`].
-pub fn simulate_with(program: &Program, costs: &dyn Fn(usize, u32) -> Costs) -> Result<Simulation> {
+pub fn simulate_with(program: &Program, costs: &dyn Fn(usize, Op) -> Costs) -> Result<Simulation> {
     let p = program;
     super::validate::check_ranges(p)?;
     let per_rank = p.microbatches * p.vpp;
@@ -209,7 +209,7 @@ pub fn simulate_with(program: &Program, costs: &dyn Fn(usize, u32) -> Costs) -> 
         let mut progress = false;
         for r in 0..p.pp {
             while let Some(&op) = p.ranks[r].get(timeline[r].len()) {
-                let c = costs(r, op.chunk().unwrap_or(0));
+                let c = costs(r, op);
                 let Some(timed) = place(p, &c, &mut mail, &mut clock[r], r, op) else {
                     break;
                 };
