@@ -234,3 +234,32 @@ fn checkpoints_resume_exactly_on_any_layout() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn a_non_finite_loss_is_skipped_or_aborts_on_every_rank_together() -> Result<()> {
+    let layout =
+        ["parallel.pipeline_model_parallel_size=2", "parallel.data_parallel_size=2", "train.train_iters=3"];
+    // Skip: step 2 changes nothing, on every rank; training continues.
+    let (cfg, data) = setup(&[&layout[..], &["train.nan_policy=\"skip\""]].concat())?;
+    let clean = train_inproc(&cfg, data.clone(), RunOptions { ..opts(30) }, 2, None, None)?;
+    let o = RunOptions { nan_loss_at: Some(2), ..opts(30) };
+    let skipped = train_inproc(&cfg, data.clone(), o.clone(), 2, None, None)?;
+    for r in &skipped {
+        let flags: Vec<bool> = r.records.iter().map(|x| x.skipped).collect();
+        ensure!(flags == [false, true, false] && r.skipped_steps == 1, "rank's steps: {flags:?}");
+    }
+    ensure!(params_of(&clean) != params_of(&skipped), "the skipped step changed nothing at all?");
+    // Abort: every rank stops with the non-finite error at step 2.
+    let (cfg, data) = setup(&[&layout[..], &["train.nan_policy=\"abort\""]].concat())?;
+    let all = train_inproc_all(&cfg, data, o, 2, None, None)?;
+    for (rank, r) in all.iter().enumerate() {
+        match r {
+            Err(RuntimeError::NonFinite { step: 2, .. }) => {}
+            other => anyhow::bail!(
+                "rank {rank}: expected a non-finite abort at step 2, got {:?}",
+                other.as_ref().err()
+            ),
+        }
+    }
+    Ok(())
+}

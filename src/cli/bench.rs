@@ -202,7 +202,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "final_loss": r0.records.last().map(|r| r.loss),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     });
-    if let Some(b) = &bubble {
+    if let Some(b) = bubble.as_ref().filter(|_| plan.pp > 1) {
         out["bubble_relative_error"] =
             serde_json::json!(round((b.measured - b.predicted).abs() / b.predicted.max(1e-12), 4));
     }

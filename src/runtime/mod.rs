@@ -82,6 +82,8 @@ pub struct RunOptions {
     pub consumed_samples: u64,
     /// Make one compute instruction panic (tests of failure reporting).
     pub fail_at: Option<FailAt>,
+    /// Make the last stage's loss of microbatch 0 NaN at this step (tests of the NaN policy).
+    pub nan_loss_at: Option<u64>,
 }
 
 /// Where an injected failure strikes: world rank, step (1-based), index of the instruction in
@@ -102,6 +104,7 @@ impl Default for RunOptions {
             start_step: 0,
             consumed_samples: 0,
             fail_at: None,
+            nan_loss_at: None,
         }
     }
 }
@@ -247,8 +250,8 @@ pub fn root_cause(mut errors: Vec<RuntimeError>) -> Option<RuntimeError> {
 
 /// The trace of a run's recorded step from the events world rank 0 gathered (every pipeline rank
 /// of the first data-parallel replica). Times start at 0. A send's end is set to the arrival its
-/// receiver recorded (an upper bound when the receive was posted late), so the message latency
-/// can be estimated from the trace.
+/// receiver recorded when the receive was already posted, so the message latency can be
+/// estimated from the trace.
 pub fn trace_of(plan: &Plan, events: &[Event]) -> Trace {
     let mut events: Vec<Event> = events.to_vec();
     let t0 = events.iter().map(|e| e.start).fold(f64::INFINITY, f64::min);
@@ -258,10 +261,11 @@ pub fn trace_of(plan: &Plan, events: &[Event]) -> Trace {
         e.end -= t0;
     }
     let program = &plan.program;
-    let arrivals: std::collections::HashMap<(u32, OpKind, u32, u32), f64> = events
+    // (posted, arrived) of every receive.
+    let arrivals: std::collections::HashMap<(u32, OpKind, u32, u32), (f64, f64)> = events
         .iter()
         .filter(|e| matches!(e.kind, OpKind::RecvAct | OpKind::RecvGrad))
-        .filter_map(|e| Some(((e.rank, e.kind, e.mb?, e.chunk?), e.end)))
+        .filter_map(|e| Some(((e.rank, e.kind, e.mb?, e.chunk?), (e.start, e.end))))
         .collect();
     for e in &mut events {
         let (Some(mb), Some(c), Some(peer)) = (e.mb, e.chunk, e.peer) else { continue };
@@ -276,7 +280,11 @@ pub fn trace_of(plan: &Plan, events: &[Event]) -> Trace {
             continue;
         }
         let (_, c2) = program.locate(stage);
-        if let Some(&arrival) = arrivals.get(&(peer, recv, mb, c2 as u32)) {
+        // Only a receive posted before the send saw the real arrival; a message that waited for
+        // its receive to be posted keeps a zero-length send (transit unknown).
+        if let Some(&(posted, arrival)) = arrivals.get(&(peer, recv, mb, c2 as u32))
+            && posted <= e.start
+        {
             e.end = e.end.max(arrival);
         }
     }
@@ -327,7 +335,16 @@ pub fn bubble_report(plan: &Plan, trace: &Trace) -> Result<BubbleReport, crate::
             measured = measured.max((makespan - busy) / busy);
         }
     }
-    let global = crate::trace::estimate_costs(trace)?;
+    let mut global = crate::trace::estimate_costs(trace)?;
+    // Transit time: sends whose arrival was observed (see `trace_of`).
+    let transits: Vec<f64> = trace
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, OpKind::SendAct | OpKind::SendGrad) && e.end > e.start)
+        .map(|e| e.end - e.start)
+        .collect();
+    global.latency =
+        if transits.is_empty() { 0.0 } else { transits.iter().sum::<f64>() / transits.len() as f64 };
     let mut each: std::collections::HashMap<(u32, OpKind, u32, u32), f64> = std::collections::HashMap::new();
     let mut sums: std::collections::HashMap<(u32, u32, OpKind), (f64, f64)> =
         std::collections::HashMap::new();

@@ -88,10 +88,14 @@ pub struct RankCtx {
     pub record_step: Option<u64>,
     /// Test hook: make one compute instruction fail.
     pub fail_at: Option<super::FailAt>,
+    /// Test hook: a NaN loss at this step.
+    pub nan_loss_at: Option<u64>,
     pub events: std::sync::Mutex<Vec<Event>>,
     clock: Clock,
-    /// Bytes sent by pipeline p2p this run.
+    /// Bytes sent by pipeline p2p this run (activations and gradients together), and of them
+    /// the gradients.
     pub sent_bytes: AtomicU64,
+    pub sent_grad_bytes: AtomicU64,
     pub messages: AtomicU64,
     pub instructions: AtomicU64,
     /// Time spent outside compute while executing instructions (actor and messaging overhead).
@@ -296,7 +300,8 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     None,
                 );
                 if let Some(l) = loss {
-                    report.losses.push((mb, l));
+                    let poisoned = ctx.nan_loss_at == Some(step) && mb == 0;
+                    report.losses.push((mb, if poisoned { f32::NAN } else { l }));
                 }
                 if let Some(out) = out {
                     let (r, c2) = program.locate(stage + 1);
@@ -381,6 +386,9 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 let t = ctx.now_us();
                 let work = ctx.pp.send(Buf::F32(data), peer as usize, RankCtx::tag(step, dir, mb, c2 as u32));
                 ctx.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if dir == Dir::Grad {
+                    ctx.sent_grad_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
                 ctx.messages.fetch_add(1, Ordering::Relaxed);
                 ctx.record(step, op.kind(), Some(mb), Some(c as u32), (t, t), Some(bytes), Some(peer));
                 sends.push((op, work));
@@ -977,9 +985,11 @@ impl Actor for Supervisor {
             compute,
             record_step: s.opts.trace_step,
             fail_at: s.opts.fail_at,
+            nan_loss_at: s.opts.nan_loss_at,
             events: std::sync::Mutex::new(Vec::new()),
             clock: Clock::now(),
             sent_bytes: AtomicU64::new(0),
+            sent_grad_bytes: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             instructions: AtomicU64::new(0),
             overhead_ns: AtomicU64::new(0),
@@ -1138,6 +1148,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let save_dir = cfg.checkpoint.save.clone();
     let save_every = cfg.checkpoint.save_interval;
     let mut saved_at = None;
+    let mut reported = (0u64, 0u64, 0u64, 0u64);
     while step < t.train_iters {
         let this = step + 1;
         let t_step = Instant::now();
@@ -1459,6 +1470,17 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             },
         );
         crate::telemetry::set_queue_depth(wr, "mailbox", ctx.mailbox.take_peak_depth());
+        let (sent, grad, msgs, instr) = (
+            ctx.sent_bytes.load(Ordering::Relaxed),
+            ctx.sent_grad_bytes.load(Ordering::Relaxed),
+            ctx.messages.load(Ordering::Relaxed),
+            ctx.instructions.load(Ordering::Relaxed),
+        );
+        crate::telemetry::add_bytes_sent(wr, "activation", (sent - grad) - (reported.0 - reported.1));
+        crate::telemetry::add_bytes_sent(wr, "gradient", grad - reported.1);
+        crate::telemetry::add_messages(wr, "pipeline", msgs - reported.2);
+        crate::telemetry::add_instructions(wr, instr - reported.3);
+        reported = (sent, grad, msgs, instr);
         if let Some(tx) = &st.events {
             let _ = tx.send(RunEvent::Step {
                 step: this,
@@ -1489,6 +1511,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     result.optimizer_state_bytes =
         rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::StateBytes, Some(timeout)).await)?;
     crate::telemetry::set_optimizer_state_bytes(wr, result.optimizer_state_bytes as u64);
+    let _ = reported;
     let chunks = st
         .job(step, "collect parameters", |e: &mut Engine| {
             e.chunks.iter().map(|g| (g.range(), g.table().clone(), g.params().to_vec())).collect::<Vec<_>>()
@@ -1504,9 +1527,6 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     result.messages = ctx.messages.load(Ordering::Relaxed);
     result.instructions = ctx.instructions.load(Ordering::Relaxed);
     result.overhead_s = ctx.overhead_ns.load(Ordering::Relaxed) as f64 * 1e-9;
-    crate::telemetry::add_bytes_sent(wr, "activation", result.sent_bytes);
-    crate::telemetry::add_messages(wr, "p2p", result.messages);
-    crate::telemetry::add_instructions(wr, result.instructions);
     Ok(result)
 }
 
