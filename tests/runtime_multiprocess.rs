@@ -147,3 +147,37 @@ fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// `troupe train --trace` on the actor runtime writes a trace that `troupe trace replay` reads,
+/// and `--replay-order` re-runs the same training with the recorded message order.
+#[test]
+fn cli_traces_replay_and_replay_order() {
+    let dir = scratch("trace");
+    let cfg = write_config(&dir);
+    let run = |extra: &[&str], log: &Path| {
+        let out = Command::new(BIN)
+            .args(["train", "--no-progress", "--config"])
+            .arg(&cfg)
+            .arg("--log-json")
+            .arg(log)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let trace = dir.join("step.trace");
+    let t = trace.to_str().unwrap();
+    let (a, b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+    let err = run(&["--trace", t, "--trace-step", "2"], &a);
+    assert!(err.contains("bubble measured") && err.contains("simulated"), "{err}");
+    let out = Command::new(BIN).args(["trace", "replay", t, "--schedule", "gpipe,zb-h1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("recorded order") && text.contains("zb-h1"), "{text}");
+    run(&["--replay-order", t], &b);
+    assert_eq!(json_losses(&a), json_losses(&b));
+    let bad = Command::new(BIN).args(["train", "--replay-order", "/nonexistent.trace"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -48,6 +48,9 @@ pub struct TrainBenchArgs {
     /// Use the actor runtime even for one rank, and also time the plain trainer in the same run.
     #[arg(long)]
     pub actors: bool,
+    /// Shard optimizer state over the data-parallel ranks (ZeRO-1).
+    #[arg(long)]
+    pub use_distributed_optimizer: bool,
 }
 
 pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
@@ -56,6 +59,9 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
         format!("parallel.data_parallel_size={}", args.data_parallel_size),
         format!("parallel.pipeline_schedule={}", toml::Value::String(args.pipeline_schedule.clone())),
     ];
+    if args.use_distributed_optimizer {
+        sets.push("parallel.use_distributed_optimizer=true".into());
+    }
     if let Some(v) = args.virtual_pipeline_size {
         sets.push(format!("parallel.virtual_pipeline_model_parallel_size={v}"));
     }
@@ -200,6 +206,8 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "bubble_simulated_mean_costs": bubble.as_ref().map(|b| round(b.predicted_mean_costs, 4)),
         "bubble_ideal_1f1b": round((plan.pp as f64 - 1.0) / plan.microbatches as f64, 4),
         "final_loss": r0.records.last().map(|r| r.loss),
+        "distributed_optimizer": plan.distributed_optimizer,
+        "optimizer_state_mb_per_rank": results.iter().map(|r| round(r.optimizer_state_bytes as f64 / 1048576.0, 2)).collect::<Vec<_>>(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     });
     if let Some(b) = bubble.as_ref().filter(|_| plan.pp > 1) {

@@ -140,7 +140,14 @@ pub fn stage_ranges(
         }
         explicit.to_vec()
     };
-    let cuts: Vec<usize> = counts.iter().scan(0, |acc, c| Some(*acc + c)).take(n - 1).collect();
+    let cuts: Vec<usize> = counts
+        .iter()
+        .scan(0, |acc, &c| {
+            *acc += c;
+            Some(*acc)
+        })
+        .take(n - 1)
+        .collect();
     LayerRange::partition(model, &cuts)
         .map_err(|e| RuntimeError::Layout { what: "stage_layers".into(), reason: e.to_string() })
 }
@@ -193,6 +200,11 @@ mod tests {
         assert!(r[0].embedding && !r[0].head && r[1].head && !r[1].embedding);
         let r = stage_ranges(&cfg, 2, &[1, 4]).unwrap();
         assert_eq!(r[0].last, 1);
+        let r = stage_ranges(&cfg, 4, &[]).unwrap();
+        let bounds: Vec<(usize, usize)> = r.iter().map(|x| (x.first, x.last)).collect();
+        assert_eq!(bounds, [(0, 2), (2, 3), (3, 4), (4, 5)]);
+        let r = stage_ranges(&cfg, 3, &[2, 0, 3]).unwrap();
+        assert_eq!((r[1].first, r[1].last, r[2].first, r[2].last), (2, 2, 2, 5));
         let err = stage_ranges(&cfg, 2, &[1, 1]).unwrap_err().to_string();
         assert!(err.contains("summing to 5"), "{err}");
     }
