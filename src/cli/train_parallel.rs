@@ -166,6 +166,15 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             cfg.train.train_iters
         );
     }
+    if rank == 0 && plan.pp > 1 && plan.microbatches < plan.pp {
+        eprintln!(
+            "troupe: note: {} microbatch(es) per step for {} pipeline stages: stages cannot overlap; raise \
+             --global-batch-size or lower --micro-batch-size for at least {} microbatches",
+            plan.microbatches,
+            plan.pp,
+            4 * plan.pp
+        );
+    }
     if rank == 0 && cfg.logging.eval_interval > 0 {
         eprintln!(
             "troupe: note: the parallel runtime does not run evaluation yet (logging.eval_interval = {} is ignored); \

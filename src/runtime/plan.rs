@@ -210,6 +210,43 @@ mod tests {
     }
 
     #[test]
+    fn virtual_stages_from_layers_per_chunk() {
+        let sets = |extra: &[&str]| -> Vec<String> {
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.pipeline_schedule=\"interleaved\"",
+                "train.global_batch_size=4",
+                "train.micro_batch_size=1",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let toml = "[model]\nvocab_size = 10\nseq_length = 8\nnum_layers = 8\nhidden_size = 8\nnum_attention_heads = 2\n";
+        let cfg =
+            Config::from_toml_str(toml, "t", &sets(&["parallel.num_layers_per_virtual_pipeline_stage=2"]))
+                .unwrap();
+        let plan = Plan::new(&cfg, 2).unwrap();
+        assert_eq!((plan.vpp, plan.num_stages()), (2, 4));
+        assert!(plan.stages.iter().all(|r| r.last - r.first == 2));
+        let cfg =
+            Config::from_toml_str(toml, "t", &sets(&["parallel.num_layers_per_virtual_pipeline_stage=3"]))
+                .unwrap();
+        assert!(Plan::new(&cfg, 2).unwrap_err().to_string().contains("does not divide 8 layers"));
+        let cfg = Config::from_toml_str(
+            toml,
+            "t",
+            &sets(&[
+                "parallel.pipeline_schedule=\"1f1b\"",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+            ]),
+        )
+        .unwrap();
+        assert!(Plan::new(&cfg, 2).unwrap_err().to_string().contains("interleaved or zb-v"));
+    }
+
+    #[test]
     fn buckets_cover_the_arena_once_and_isolate_wte() {
         let cfg = GptConfig { num_layers: 3, ..GptConfig::tiny() };
         for range in stage_ranges(&cfg, 2, &[]).unwrap().into_iter().chain([LayerRange::full(&cfg)]) {
