@@ -142,6 +142,29 @@ pub fn check_writable(dir: &Path) -> Result<(), CheckpointError> {
 /// # Errors
 /// [`CheckpointError::Io`] naming the path; on error `latest` still names the previous checkpoint.
 pub fn save(dir: &Path, state: &TrainState, model: &Gpt, opt: &AdamW) -> Result<PathBuf, CheckpointError> {
+    save_with_fault(dir, state, model, opt, None)
+}
+
+/// A failure injected into [`save_with_fault`] after the model file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveFault {
+    /// The optimizer file cannot be written: no space left on the device.
+    DiskFull,
+    /// The process dies (exit code 44) in the middle of the write.
+    Kill,
+}
+
+/// [`save`] with an optional injected failure half-way (fault-injection tests).
+///
+/// # Errors
+/// As [`save`]; with [`SaveFault::DiskFull`] an I/O error (ENOSPC) naming the file.
+pub fn save_with_fault(
+    dir: &Path,
+    state: &TrainState,
+    model: &Gpt,
+    opt: &AdamW,
+    fault: Option<SaveFault>,
+) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io("create directory", dir))?;
     let name = iter_dir_name(state.step);
     let final_dir = dir.join(&name);
@@ -155,6 +178,22 @@ pub fn save(dir: &Path, state: &TrainState, model: &Gpt, opt: &AdamW) -> Result<
     let model_bytes = tensors_bytes(model, &[("", model.params())]).map_err(damaged)?;
     files.insert(MODEL_FILE.to_string(), write_synced(&tmp.join(MODEL_FILE), &model_bytes)?);
     drop(model_bytes);
+    match fault {
+        Some(SaveFault::DiskFull) => {
+            let path = tmp.join(OPTIM_FILE);
+            let _ = fs::write(&path, b"partial");
+            return Err(CheckpointError::Io {
+                op: "write",
+                path,
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        Some(SaveFault::Kill) => {
+            eprintln!("troupe: injected fault: killed while writing {}", tmp.display());
+            std::process::exit(44);
+        }
+        None => {}
+    }
     let opt_bytes = tensors_bytes(model, &[("m", &opt.m), ("v", &opt.v)])
         .map_err(|reason| CheckpointError::Damaged { path: tmp.clone(), reason })?;
     files.insert(OPTIM_FILE.to_string(), write_synced(&tmp.join(OPTIM_FILE), &opt_bytes)?);

@@ -41,6 +41,18 @@ pub struct Engine {
     pub handed: Vec<Vec<bool>>,
     /// Per chunk, this step: largest number of microbatches holding activations.
     pub peak_in_flight: Vec<usize>,
+    /// A non-finite gradient was found this step (and kept out of every collective).
+    pub nonfinite: bool,
+}
+
+/// `data`, or zeros with `flag` raised when it holds NaN or Inf: a non-finite gradient never
+/// enters a collective; the step-end agreement then skips or aborts the step on every rank.
+pub fn finite_or_zero(mut data: Vec<f32>, flag: &mut bool) -> Vec<f32> {
+    if data.iter().any(|x| !x.is_finite()) {
+        *flag = true;
+        data.fill(0.0);
+    }
+    data
 }
 
 impl Engine {
@@ -48,6 +60,7 @@ impl Engine {
         self.weight_done.iter_mut().for_each(|d| *d = 0);
         self.handed.iter_mut().for_each(|h| h.iter_mut().for_each(|x| *x = false));
         self.peak_in_flight.iter_mut().for_each(|p| *p = 0);
+        self.nonfinite = false;
         self.chunks.iter_mut().for_each(Gpt::zero_grads);
     }
 
@@ -59,18 +72,14 @@ impl Engine {
     /// Hands every not-yet-handed bucket of `chunk` (with the tied `wte`) to the reducer, from
     /// the chunk's current gradients.
     pub fn hand_remaining_buckets(&mut self, chunk: usize) {
-        let Engine { chunks, buckets, bucket_tx, handed, .. } = self;
+        let Engine { chunks, buckets, bucket_tx, handed, nonfinite, .. } = self;
         let Some(tx) = bucket_tx.as_ref() else { return };
         let arena = chunks[chunk].grads();
         for (index, b) in buckets[chunk].iter().enumerate() {
             if !handed[chunk][index] {
                 handed[chunk][index] = true;
-                tx(ReadyBucket {
-                    chunk,
-                    index,
-                    range: b.range.clone(),
-                    data: arena[b.range.clone()].to_vec(),
-                });
+                let data = finite_or_zero(arena[b.range.clone()].to_vec(), nonfinite);
+                tx(ReadyBucket { chunk, index, range: b.range.clone(), data });
             }
         }
     }

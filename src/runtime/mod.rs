@@ -16,6 +16,7 @@
 //! (per data-parallel rank, then across ranks), so results agree to rounding only.
 
 mod compute;
+pub mod faults;
 mod mailbox;
 pub mod plan;
 pub mod rank;
@@ -84,6 +85,16 @@ pub struct RunOptions {
     pub fail_at: Option<FailAt>,
     /// Make the last stage's loss of microbatch 0 NaN at this step (tests of the NaN policy).
     pub nan_loss_at: Option<u64>,
+    /// Faults to inject (see [`faults`]).
+    pub faults: faults::FaultPlan,
+    /// The launcher's restart attempt (faults fire in their own attempt only).
+    pub attempt: u64,
+    /// Append and verify a CRC32 on every pipeline message.
+    pub checksums: bool,
+    /// A rank that makes no progress for this long reports itself hung (default: `timeout`).
+    pub watchdog: Option<Duration>,
+    /// Write each failing rank's flight recorder (its last instructions and messages) here.
+    pub flight_dir: Option<std::path::PathBuf>,
 }
 
 /// Where an injected failure strikes: world rank, step (1-based), index of the instruction in
@@ -105,6 +116,11 @@ impl Default for RunOptions {
             consumed_samples: 0,
             fail_at: None,
             nan_loss_at: None,
+            faults: faults::FaultPlan::default(),
+            attempt: 0,
+            checksums: true,
+            watchdog: None,
+            flight_dir: None,
         }
     }
 }
@@ -132,6 +148,12 @@ pub enum RunEvent {
 /// One step as every rank agreed on it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepRecord {
+    /// World ranks that found a non-finite loss or gradient this step.
+    pub nonfinite_ranks: Vec<usize>,
+    /// The world rank with the most compute time this step (a straggler if much above the rest)
+    /// and its compute time over the median rank's.
+    pub slowest_rank: usize,
+    pub slowest_ratio: f64,
     pub step: u64,
     pub loss: f32,
     pub grad_norm: f64,
@@ -209,6 +231,9 @@ pub fn train_inproc_all(
 ) -> Result<Vec<Result<RankResult, RuntimeError>>, RuntimeError> {
     let world = cfg.parallel.pipeline_model_parallel_size * cfg.parallel.data_parallel_size;
     let plan = Arc::new(Plan::new(cfg, world)?);
+    opts.faults
+        .check(&plan, world, cfg.train.train_iters)
+        .map_err(|e| RuntimeError::Layout { what: "fault plan".into(), reason: e.to_string() })?;
     let comm_opts = CommOptions { timeout: opts.timeout, ..CommOptions::default() };
     let comms = inproc::world(world, comm_opts)
         .map_err(|e| RuntimeError::Start { rank: 0, detail: e.to_string() })?;

@@ -39,6 +39,9 @@ use super::plan::{Plan, buckets};
 use super::shard::ChunkShard;
 use super::{RankResult, RunEvent, RunOptions, RuntimeError, StepRecord};
 
+/// Entries kept by the flight recorder.
+const FLIGHT: usize = 64;
+
 /// Microseconds since the Unix epoch for an `Instant` (shared clock for traces across ranks
 /// and processes on one host).
 #[derive(Clone, Copy)]
@@ -90,6 +93,16 @@ pub struct RankCtx {
     pub fail_at: Option<super::FailAt>,
     /// Test hook: a NaN loss at this step.
     pub nan_loss_at: Option<u64>,
+    /// This rank's injected faults, with the instruction index each fires at (pipeline phases).
+    pub faults: Vec<(super::faults::Fault, Option<usize>)>,
+    pub fault_plan: super::faults::FaultPlan,
+    pub checksums: bool,
+    /// The stop request shared with the signal handler.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// The last instructions and messages, dumped when the rank fails.
+    pub flight: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Milliseconds since the clock's origin at the last sign of progress.
+    pub progress_ms: AtomicU64,
     pub events: std::sync::Mutex<Vec<Event>>,
     clock: Clock,
     /// Bytes sent by pipeline p2p this run (activations and gradients together), and of them
@@ -137,6 +150,55 @@ impl RankCtx {
 
     fn now_us(&self) -> f64 {
         self.clock.us(Instant::now())
+    }
+
+    /// Notes an event in the flight recorder and marks progress.
+    pub fn note(&self, step: u64, what: impl FnOnce() -> String) {
+        let ms = self.clock.at.elapsed().as_millis() as u64;
+        self.progress_ms.store(ms, Ordering::Relaxed);
+        let mut f = self.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if f.len() == FLIGHT {
+            f.pop_front();
+        }
+        f.push_back(format!(
+            "+{:>9.3} ms  step {step}  {}",
+            self.clock.at.elapsed().as_secs_f64() * 1e3,
+            what()
+        ));
+    }
+
+    /// The flight recorder's contents, oldest first.
+    pub fn flight_dump(&self) -> Vec<String> {
+        self.flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
+    }
+
+    /// The fault of `kind`s that fires at instruction `index` of `step`, if any.
+    fn fault_at(
+        &self,
+        step: u64,
+        index: usize,
+        kinds: &[super::faults::FaultKind],
+    ) -> Option<&super::faults::Fault> {
+        self.faults.iter().find_map(|(f, i)| {
+            (f.step == step && *i == Some(index) && kinds.contains(&f.kind) && self.fault_plan.fires(f, step))
+                .then_some(f)
+        })
+    }
+
+    /// The fault of `kind`s placed in `phase` of `step`, if any.
+    fn fault_in(
+        &self,
+        step: u64,
+        phase: super::faults::Phase,
+        kinds: &[super::faults::FaultKind],
+    ) -> Option<&super::faults::Fault> {
+        self.faults.iter().find_map(|(f, _)| {
+            (f.step == step
+                && f.phase == Some(phase)
+                && kinds.contains(&f.kind)
+                && self.fault_plan.fires(f, step))
+            .then_some(f)
+        })
     }
 
     fn tag(step: u64, dir: Dir, mb: u32, chunk: u32) -> u64 {
@@ -254,8 +316,37 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
     let t_all = Instant::now();
     let busy_start = ctx.busy_ns.load(Ordering::Relaxed);
     let inject = ctx.fail_at.filter(|f| f.rank == ctx.world_rank && f.step == step).map(|f| f.instruction);
+    use super::faults::{FaultKind as K, Target};
+    let mut held: Option<(Op, Buf, usize, u64)> = None;
     for &(op, ticket, index) in &st.ops {
-        let boom = inject == Some(index);
+        ctx.note(step, || format!("#{index} {op} start"));
+        let mut boom = inject == Some(index);
+        if let Some(f) = ctx.fault_at(step, index, &[K::Crash, K::Exit, K::Hang]) {
+            match f.kind {
+                K::Exit => {
+                    eprintln!("troupe: injected fault {}: rank {} exits now", f.describe(), ctx.world_rank);
+                    std::process::exit(43);
+                }
+                K::Hang => {
+                    ctx.note(step, || format!("#{index} {op}: injected hang ({})", f.describe()));
+                    std::future::pending::<()>().await;
+                }
+                _ => boom = true,
+            }
+        }
+        if let Some(f) = ctx.fault_at(step, index, &[K::Sigterm]) {
+            ctx.note(step, || format!("#{index} {op}: injected {}", f.describe()));
+            if let Some(flag) = &ctx.stop {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+        let slow = ctx.fault_at(step, index, &[K::Slow]).map(|f| f.factor.unwrap_or(4.0));
+        let poison = ctx.fault_at(step, index, &[K::Nan, K::Inf]).map(|f| {
+            let v = if f.kind == K::Nan { f32::NAN } else { f32::INFINITY };
+            (f.what.unwrap_or(if matches!(op, Op::Forward { .. }) { Target::Act } else { Target::Grad }), v)
+        });
+        let msg_fault =
+            ctx.fault_at(step, index, &[K::Drop, K::Delay, K::Duplicate, K::Reorder, K::Corrupt]).cloned();
         let mut compute_ns = 0u64;
         ctx.instructions.fetch_add(1, Ordering::Relaxed);
         match op {
@@ -281,9 +372,22 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                             Some(h) => StageInput::Hidden(h),
                         };
                         let targets = head.then(|| &batch.targets[i][..]);
-                        let loss = g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?;
-                        let out = if head { None } else { g.output(u64::from(mb)).map(<[f32]>::to_vec) };
+                        let t = Instant::now();
+                        let mut loss = g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?;
+                        let mut out = if head { None } else { g.output(u64::from(mb)).map(<[f32]>::to_vec) };
+                        match poison {
+                            Some((Target::Act, v)) if out.is_some() => {
+                                if let Some(o) = out.as_mut() {
+                                    o[0] = v;
+                                }
+                            }
+                            Some((_, v)) if loss.is_some() => loss = Some(v),
+                            _ => {}
+                        }
                         e.note_in_flight(c);
+                        if let Some(f) = slow {
+                            std::thread::sleep(t.elapsed().mul_f64((f - 1.0).max(0.0)));
+                        }
                         Ok::<_, crate::models::gpt::ModelError>((loss, out))
                     })
                     .await
@@ -325,10 +429,14 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     .compute
                     .run(ticket, move |e: &mut Engine| {
                         assert!(!boom, "injected failure");
+                        let t = Instant::now();
                         if split {
                             e.chunks[c].backward_input(&*e.be, u64::from(mb), dout.as_deref())?;
                         } else {
-                            weight_backward(e, c, mb, dout.as_deref(), false)?;
+                            weight_backward(e, c, mb, dout.as_deref(), false, poison.map(|p| p.1))?;
+                        }
+                        if let Some(f) = slow {
+                            std::thread::sleep(t.elapsed().mul_f64((f - 1.0).max(0.0)));
                         }
                         Ok::<_, crate::models::gpt::ModelError>(
                             (!first).then(|| e.chunks[c].input_grad().to_vec()),
@@ -360,7 +468,15 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 let ticket = w.base_ticket + ticket.unwrap_or(0);
                 let (r, t0, t1) = ctx
                     .compute
-                    .run(ticket, move |e: &mut Engine| weight_backward(e, c, mb, None, true))
+                    .run(ticket, move |e: &mut Engine| {
+                        assert!(!boom, "injected failure");
+                        let t = Instant::now();
+                        let r = weight_backward(e, c, mb, None, true, poison.map(|p| p.1));
+                        if let Some(f) = slow {
+                            std::thread::sleep(t.elapsed().mul_f64((f - 1.0).max(0.0)));
+                        }
+                        r
+                    })
                     .await
                     .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
                 r.map_err(|e| fail(&op, index, e.to_string()))?;
@@ -382,9 +498,35 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 })?;
                 let consumer = if dir == Dir::Act { stage + 1 } else { stage - 1 };
                 let (_, c2) = program.locate(consumer);
+                let mut data = data;
+                if ctx.checksums {
+                    let crc = crc32fast::hash(bytemuck::cast_slice(&data));
+                    data.push(f32::from_bits(crc));
+                }
                 let bytes = 4 * data.len() as u64;
                 let t = ctx.now_us();
-                let work = ctx.pp.send(Buf::F32(data), peer as usize, RankCtx::tag(step, dir, mb, c2 as u32));
+                let tag = RankCtx::tag(step, dir, mb, c2 as u32);
+                ctx.note(step, || format!("#{index} {op}: send {bytes} B to pipeline rank {peer}"));
+                if let Some(f) = &msg_fault {
+                    ctx.note(step, || format!("#{index} {op}: injected {}", f.describe()));
+                    match f.kind {
+                        K::Drop => continue,
+                        K::Delay => tokio::time::sleep(Duration::from_millis(f.ms.unwrap_or(200))).await,
+                        K::Corrupt => {
+                            let bits = data[0].to_bits() ^ 0x0040_0000;
+                            data[0] = f32::from_bits(bits);
+                        }
+                        K::Duplicate => {
+                            sends.push((op, ctx.pp.send(Buf::F32(data.clone()), peer as usize, tag)))
+                        }
+                        K::Reorder => {
+                            held = Some((op, Buf::F32(data), peer as usize, tag));
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+                let work = ctx.pp.send(Buf::F32(data), peer as usize, tag);
                 ctx.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
                 if dir == Dir::Grad {
                     ctx.sent_grad_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -392,21 +534,36 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 ctx.messages.fetch_add(1, Ordering::Relaxed);
                 ctx.record(step, op.kind(), Some(mb), Some(c as u32), (t, t), Some(bytes), Some(peer));
                 sends.push((op, work));
+                if let Some((hop, buf, hpeer, htag)) = held.take() {
+                    // The held-back message goes out after this one: reordered.
+                    sends.push((hop, ctx.pp.send(buf, hpeer, htag)));
+                }
             }
             Op::RecvAct { mb, peer, .. } | Op::RecvGrad { mb, peer, .. } => {
                 let dir = if matches!(op, Op::RecvAct { .. }) { Dir::Act } else { Dir::Grad };
                 let key = (dir, mb, c as u32);
-                let work = ctx.pp.recv(
-                    DType::F32,
-                    ctx.hidden_len(),
-                    peer as usize,
-                    RankCtx::tag(step, dir, mb, c as u32),
-                );
+                let len = ctx.hidden_len() + usize::from(ctx.checksums);
+                let work = ctx.pp.recv(DType::F32, len, peer as usize, RankCtx::tag(step, dir, mb, c as u32));
+                let checksums = ctx.checksums;
+                let world_peer = peer as usize * ctx.plan.dp + ctx.dp_rank;
                 let ctx2 = st.ctx.clone();
                 let posted = ctx.now_us();
                 let kind = op.kind();
                 tokio::spawn(async move {
                     let r = match work.await {
+                        Ok(Buf::F32(mut v)) if checksums => {
+                            let want = v.pop().map(f32::to_bits);
+                            let got = crc32fast::hash(bytemuck::cast_slice(&v));
+                            if want == Some(got) {
+                                Ok(v)
+                            } else {
+                                Err(format!(
+                                    "corrupt {} from rank {world_peer} (checksum {got:08x}, sent {:08x}): the link from rank {world_peer} damaged it",
+                                    dir.name(),
+                                    want.unwrap_or(0)
+                                ))
+                            }
+                        }
                         Ok(Buf::F32(v)) => Ok(v),
                         Ok(other) => Err(format!("expected f32 {}, got {:?}", dir.name(), other.dtype())),
                         Err(e) => Err(e.to_string()),
@@ -492,11 +649,18 @@ fn weight_backward(
     mb: u32,
     dout: Option<&[f32]>,
     weight_only: bool,
+    poison: Option<f32>,
 ) -> Result<(), crate::models::gpt::ModelError> {
     e.weight_done[c] += 1;
     let last = e.weight_done[c] == e.microbatches;
-    let Engine { be, chunks, buckets, bucket_tx, handed, .. } = e;
+    let Engine { be, chunks, buckets, bucket_tx, handed, nonfinite, .. } = e;
     let g = &mut chunks[c];
+    if let Some(v) = poison
+        && let Some(x) = g.grads_mut().last_mut()
+    {
+        // An injected non-finite gradient: accumulation keeps it.
+        *x = v;
+    }
     let wte = g.wte_range();
     let mut hook = |range: std::ops::Range<usize>, arena: &[f32]| {
         if last && let Some(tx) = bucket_tx.as_ref() {
@@ -504,12 +668,8 @@ fn weight_backward(
                 let is_wte = Some(&b.range) == wte.as_ref();
                 if !is_wte && !handed[c][index] && b.range.start >= range.start {
                     handed[c][index] = true;
-                    tx(ReadyBucket {
-                        chunk: c,
-                        index,
-                        range: b.range.clone(),
-                        data: arena[b.range.clone()].to_vec(),
-                    });
+                    let data = super::compute::finite_or_zero(arena[b.range.clone()].to_vec(), nonfinite);
+                    tx(ReadyBucket { chunk: c, index, range: b.range.clone(), data });
                 }
             }
         }
@@ -908,9 +1068,13 @@ fn spawn_err(what: &str, e: impl std::fmt::Display) -> ActorProcessingErr {
 impl Actor for Supervisor {
     type Msg = SupMsg;
     type State = SupState;
-    type Arguments = RankSetup;
+    type Arguments = (RankSetup, Arc<std::sync::OnceLock<Arc<RankCtx>>>);
 
-    async fn pre_start(&self, me: ActorRef<SupMsg>, s: RankSetup) -> Result<SupState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<SupMsg>,
+        (s, probe): (RankSetup, Arc<std::sync::OnceLock<Arc<RankCtx>>>),
+    ) -> Result<SupState, ActorProcessingErr> {
         let plan = s.plan.clone();
         let world: Arc<dyn Comm> = Arc::from(s.world);
         let wr = world.rank();
@@ -963,6 +1127,7 @@ impl Actor for Supervisor {
             weight_done: vec![0; plan.vpp],
             handed,
             peak_in_flight: vec![0; plan.vpp],
+            nonfinite: false,
         };
         let compute = Compute::start(wr, engine).map_err(|e| spawn_err("compute thread", e))?;
         let mailbox = Mailbox::default();
@@ -986,6 +1151,23 @@ impl Actor for Supervisor {
             record_step: s.opts.trace_step,
             fail_at: s.opts.fail_at,
             nan_loss_at: s.opts.nan_loss_at,
+            faults: {
+                let ops = &plan.program.ranks[coords.pp];
+                s.opts
+                    .faults
+                    .for_rank(wr, s.opts.attempt)
+                    .into_iter()
+                    .map(|f| {
+                        let i = f.instruction_in(ops);
+                        (f, i)
+                    })
+                    .collect()
+            },
+            fault_plan: s.opts.faults.clone(),
+            checksums: s.opts.checksums,
+            stop: s.stop.clone(),
+            flight: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FLIGHT)),
+            progress_ms: AtomicU64::new(0),
             events: std::sync::Mutex::new(Vec::new()),
             clock: Clock::now(),
             sent_bytes: AtomicU64::new(0),
@@ -996,6 +1178,7 @@ impl Actor for Supervisor {
             busy_ns: AtomicU64::new(0),
             waited_ns: AtomicU64::new(0),
         });
+        let _ = probe.set(ctx.clone());
         let cell = me.get_cell();
         // Actor names are process-global in ractor: prefix them with the supervisor's.
         let tag = me.get_name().unwrap_or_else(|| format!("rank{wr}"));
@@ -1132,7 +1315,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let program_ops = &plan.program.ranks[ctx.pp_rank];
     let k = program_ops.iter().filter(|op| op.kind().is_compute()).count() as u64;
     let n_tensors = st.tensor_index.len();
-    let slots = n_tensors + 5;
+    let slots = n_tensors + 6;
     let last_stage = plan.num_stages() - 1;
     let timeout = ctx.timeout;
     let wr = ctx.world_rank;
@@ -1203,6 +1386,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         // This rank's idle time over its busy time during the pipeline phase.
         let local_bubble = if busy_s > 0.0 { (pipeline_s - busy_s).max(0.0) / busy_s } else { 0.0 };
         st.next_ticket = base + k;
+        phase_fault(&ctx, this, super::faults::Phase::Reduce, "grad-reducer").await?;
         // Data-parallel reduction (started during the backward), written back.
         let reduced = rpc(
             "grad-reducer",
@@ -1250,7 +1434,10 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                 } else {
                     let c = *emb_chunks2.first()?;
                     let r = wte_part(e, c)?;
-                    Some((c, e.chunks[c].grads()[r].to_vec()))
+                    Some((
+                        c,
+                        super::compute::finite_or_zero(e.chunks[c].grads()[r].to_vec(), &mut e.nonfinite),
+                    ))
                 }
             })
             .await?;
@@ -1292,6 +1479,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let mut parts = st
             .job(this, "gradient norm", move |e: &mut Engine| {
                 let mut v = vec![0.0f64; slots];
+                v[n_tensors + 2] = f64::from(u8::from(e.nonfinite));
                 if !contributes {
                     return v;
                 }
@@ -1321,13 +1509,17 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             .await?;
         losses.sort_by_key(|&(mb, _)| mb);
         let loss_sum: f64 = losses.iter().fold(0.0f64, |acc, &(_, l)| acc + f64::from(l));
-        let nonfinite = losses.iter().any(|(_, l)| !l.is_finite());
-        let stop_now = st.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let nonfinite = parts[n_tensors + 2] != 0.0
+            || losses.iter().any(|(_, l)| !l.is_finite())
+            || parts[..n_tensors].iter().any(|x| !x.is_finite());
+        let stop_now = st.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+            || ctx.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         parts[n_tensors] = loss_sum;
         parts[n_tensors + 1] = losses.len() as f64;
         parts[n_tensors + 2] = f64::from(u8::from(nonfinite));
         parts[n_tensors + 3] = f64::from(u8::from(stop_now));
         parts[n_tensors + 4] = local_bubble;
+        parts[n_tensors + 5] = busy_s;
         let world = ctx.world.size();
         let mut all = vec![0.0f64; world * slots];
         all[wr * slots..(wr + 1) * slots].copy_from_slice(&parts);
@@ -1359,6 +1551,8 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let mut sums = vec![0.0f64; n_tensors];
         let (mut loss_total, mut count, mut any_nonfinite, mut any_stop, mut worst) =
             (0.0f64, 0.0f64, false, false, 0.0f64);
+        let mut nonfinite_ranks = Vec::new();
+        let mut busy: Vec<(f64, usize)> = Vec::with_capacity(world);
         for r in 0..world {
             let v = &vals[r * slots..(r + 1) * slots];
             for j in 0..n_tensors {
@@ -1367,8 +1561,27 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             loss_total += v[n_tensors];
             count += v[n_tensors + 1];
             any_nonfinite |= v[n_tensors + 2] != 0.0;
+            if v[n_tensors + 2] != 0.0 {
+                nonfinite_ranks.push(r);
+            }
+            busy.push((v[n_tensors + 5], r));
             any_stop |= v[n_tensors + 3] != 0.0;
             worst = worst.max(v[n_tensors + 4]);
+        }
+        busy.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (slowest_busy, slowest_rank) = busy.last().copied().unwrap_or((0.0, 0));
+        let median_busy = busy.get(busy.len() / 2).map_or(0.0, |b| b.0);
+        let slowest_ratio = if median_busy > 0.0 { slowest_busy / median_busy } else { 1.0 };
+        if slowest_ratio > 1.5 && wr == 0 {
+            tracing::warn!(
+                step = this,
+                rank = slowest_rank,
+                ratio = slowest_ratio,
+                "straggler: rank computes {slowest_ratio:.1}× the median rank's time"
+            );
+        }
+        if !nonfinite_ranks.is_empty() && wr == 0 {
+            tracing::warn!(step = this, ranks = ?nonfinite_ranks, "non-finite loss or gradient");
         }
         let norm = norm_from_tensor_sums(&sums);
         let scale = 1.0 / count.max(1.0) as f32;
@@ -1383,6 +1596,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         if skip {
             skipped += 1;
         } else {
+            phase_fault(&ctx, this, super::faults::Phase::Optimizer, "optimizer").await?;
             let clip = clip_coefficient(norm, t.clip_grad);
             let ticket = st.next_ticket;
             st.next_ticket += 1;
@@ -1448,6 +1662,9 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let secs = t_step.elapsed().as_secs_f64();
         let tokens = (t.global_batch_size * ctx.seq) as f64;
         let rec = StepRecord {
+            nonfinite_ranks,
+            slowest_rank,
+            slowest_ratio,
             step: this,
             loss,
             grad_norm: norm,
@@ -1536,32 +1753,76 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
 /// The first [`RuntimeError`] of any of the rank's actors.
 pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
     let wr = setup.world.rank();
+    let watchdog = setup.opts.watchdog.unwrap_or(setup.opts.timeout);
+    let flight_dir = setup.opts.flight_dir.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
-        RuntimeError::Actor {
-            actor: "supervisor".into(),
-            rank: wr,
-            step: 0,
-            op: "start".into(),
-            detail: format!("cannot build the tokio runtime: {e}"),
-        }
+        RuntimeError::Start { rank: wr, detail: format!("cannot build the tokio runtime: {e}") }
     })?;
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
-    rt.block_on(async move {
-        let (sup, handle) = Actor::spawn(Some(format!("run{run}/rank{wr}")), Supervisor, setup)
+    let probe: Arc<std::sync::OnceLock<Arc<RankCtx>>> = Arc::new(std::sync::OnceLock::new());
+    let probe2 = probe.clone();
+    let probe3 = probe.clone();
+    let out = rt.block_on(async move {
+        let probe = probe3;
+        let (sup, handle) = Actor::spawn(Some(format!("run{run}/rank{wr}")), Supervisor, (setup, probe2))
             .await
-            .map_err(|e| RuntimeError::Actor {
-                actor: "supervisor".into(),
-                rank: wr,
-                step: 0,
-                op: "start".into(),
-                detail: e.to_string(),
-            })?;
-        let r = sup.call(SupMsg::Run, None).await;
-        let out = rpc("supervisor", wr, 0, r).and_then(|x| x);
-        let _ = handle.await;
+            .map_err(|e| RuntimeError::Start { rank: wr, detail: e.to_string() })?;
+        let call = sup.call(SupMsg::Run, None);
+        tokio::pin!(call);
+        // The watchdog: a rank that shows no progress (no instruction, message or phase) for
+        // `watchdog` reports itself hung, naming where it stopped.
+        let tick = (watchdog / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let out = loop {
+            tokio::select! {
+                r = &mut call => break rpc("supervisor", wr, 0, r).and_then(|x| x),
+                () = tokio::time::sleep(tick) => {
+                    let Some(ctx) = probe.get() else { continue };
+                    let now = ctx.clock.at.elapsed().as_millis() as u64;
+                    let idle = Duration::from_millis(now.saturating_sub(ctx.progress_ms.load(Ordering::Relaxed)));
+                    if idle > watchdog {
+                        let last = ctx.flight_dump().pop().unwrap_or_default();
+                        sup.kill();
+                        break Err(RuntimeError::Actor {
+                            actor: "watchdog".into(),
+                            rank: wr,
+                            step: 0,
+                            op: last.trim().to_string(),
+                            detail: format!("rank {wr} made no progress for {:.1} s: hung", idle.as_secs_f64()),
+                        });
+                    }
+                }
+            }
+        };
+        if out.is_ok() {
+            let _ = handle.await;
+        }
         out
-    })
+    });
+    if out.is_err()
+        && let Some(ctx) = probe.get()
+    {
+        let lines = ctx.flight_dump();
+        let text = lines.join("\n");
+        match &flight_dir {
+            Some(dir) => {
+                let path = dir.join(format!("flight-rank{wr}.txt"));
+                let _ = std::fs::create_dir_all(dir);
+                if std::fs::write(&path, &text).is_ok() {
+                    eprintln!(
+                        "troupe: rank {wr} failed; flight recorder ({} events) in {}",
+                        lines.len(),
+                        path.display()
+                    );
+                }
+            }
+            None => {
+                let tail = lines.len().saturating_sub(6);
+                eprintln!("troupe: rank {wr} failed; its last events:\n  {}", lines[tail..].join("\n  "));
+            }
+        }
+    }
+    out
 }
 
 /// Brings every pipeline rank's trace events (first data-parallel replica) to world rank 0.
@@ -1692,6 +1953,7 @@ async fn save_checkpoint(
     let ctx = st.ctx.clone();
     let plan = ctx.plan.clone();
     let wr = ctx.world_rank;
+    phase_fault(&ctx, step, super::faults::Phase::Checkpoint, "checkpoint writer").await?;
     let (shards, updates) =
         rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::Snapshot, Some(ctx.timeout)).await)?;
     let params = st
@@ -1796,10 +2058,66 @@ async fn save_checkpoint(
         rng_state: cfg.train.seed,
         config: cfg.clone(),
     };
-    let dir = crate::checkpoint::save(std::path::Path::new(&cfg.checkpoint.save), &state, &model, &opt)
-        .map_err(|e| fail(e.to_string()))?;
+    use super::faults::FaultKind as K;
+    let fault =
+        ctx.faults.iter().find(|(f, _)| f.step == step && matches!(f.kind, K::CkptFail | K::CkptKill));
+    let fault = fault.map(|(f, _)| {
+        if f.kind == K::CkptFail {
+            crate::checkpoint::SaveFault::DiskFull
+        } else {
+            crate::checkpoint::SaveFault::Kill
+        }
+    });
+    let dir = crate::checkpoint::save_with_fault(
+        std::path::Path::new(&cfg.checkpoint.save),
+        &state,
+        &model,
+        &opt,
+        fault,
+    )
+    .map_err(|e| RuntimeError::Actor {
+        actor: "checkpoint writer".into(),
+        rank: wr,
+        step,
+        op: "save".into(),
+        detail: format!("{e} (the previous checkpoint stays `latest`)"),
+    })?;
     if let Some(tx) = &st.events {
         let _ = tx.send(RunEvent::Saved { step, path: dir.display().to_string() });
     }
     Ok(())
+}
+
+/// Crash, exit, hang or slow faults placed in a step-end phase.
+async fn phase_fault(
+    ctx: &RankCtx,
+    step: u64,
+    phase: super::faults::Phase,
+    actor: &str,
+) -> Result<(), RuntimeError> {
+    use super::faults::FaultKind as K;
+    let Some(f) = ctx.fault_in(step, phase, &[K::Crash, K::Exit, K::Hang, K::Slow]) else {
+        ctx.note(step, || format!("{} phase", phase.name()));
+        return Ok(());
+    };
+    ctx.note(step, || format!("{} phase: injected {}", phase.name(), f.describe()));
+    match f.kind {
+        K::Exit => {
+            eprintln!("troupe: injected fault {}: rank {} exits now", f.describe(), ctx.world_rank);
+            std::process::exit(43);
+        }
+        K::Hang => std::future::pending::<()>().await,
+        K::Slow => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(());
+        }
+        _ => {}
+    }
+    Err(RuntimeError::Actor {
+        actor: actor.into(),
+        rank: ctx.world_rank,
+        step,
+        op: phase.name().into(),
+        detail: format!("injected crash ({})", f.describe()),
+    })
 }
