@@ -39,6 +39,12 @@ pub struct LaunchArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping the other ranks after a failure.
     #[arg(long, default_value_t = 5.0)]
     pub grace: f64,
+    /// Restart every rank up to this many times after a failure (like torchelastic); each
+    /// attempt gets `TORCHELASTIC_RESTART_COUNT`, and the training resumes from its latest
+    /// checkpoint when the command passes `--load` (with `--allow-fresh-start`). After the last
+    /// restart fails the launcher exits with code 3.
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: u32,
     /// The program and its arguments; `${local_rank}` is replaced per rank, as torchrun does.
     #[arg(last = true, required = true)]
     pub cmd: Vec<String>,
@@ -79,7 +85,12 @@ fn pump(from: impl Read + Send + 'static, rank: usize, to_stderr: bool) -> std::
     })
 }
 
-fn spawn_rank(a: &LaunchArgs, local: usize, port: u16, agent_store: bool) -> anyhow::Result<Child> {
+/// The launcher gave up: the job failed after every allowed restart (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GaveUp(pub String);
+
+fn spawn_rank(a: &LaunchArgs, local: usize, port: u16, agent_store: bool, attempt: u32) -> anyhow::Result<Child> {
     let world = a.nnodes * a.nproc_per_node;
     let rank = a.node_rank * a.nproc_per_node + local;
     let args: Vec<String> =
@@ -97,8 +108,8 @@ fn spawn_rank(a: &LaunchArgs, local: usize, port: u16, agent_store: bool) -> any
         .env("ROLE_NAME", "default")
         .env("MASTER_ADDR", &a.master_addr)
         .env("MASTER_PORT", port.to_string())
-        .env("TORCHELASTIC_RESTART_COUNT", "0")
-        .env("TORCHELASTIC_MAX_RESTARTS", "0")
+        .env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
+        .env("TORCHELASTIC_MAX_RESTARTS", a.max_restarts.to_string())
         .env("TORCHELASTIC_RUN_ID", "none")
         .env("TORCHELASTIC_USE_AGENT_STORE", if agent_store { "True" } else { "False" })
         .stdin(Stdio::null())
@@ -139,10 +150,40 @@ pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
         None
     };
     let port = store.as_ref().map_or(a.master_port, |s| s.addr().port());
+    let mut failures: Vec<String> = Vec::new();
+    for attempt in 0..=a.max_restarts {
+        if attempt > 0 {
+            eprintln!("troupe launch: restarting all ranks (attempt {attempt} of {})", a.max_restarts);
+        }
+        match run_attempt(&a, port, attempt)? {
+            None => {
+                drop(store);
+                return Ok(());
+            }
+            Some(why) => {
+                eprintln!("troupe launch: attempt {attempt}: {why}");
+                failures.push(format!("attempt {attempt}: {why}"));
+            }
+        }
+    }
+    drop(store);
+    if a.max_restarts == 0 {
+        bail!("{}; stopped the other ranks", failures.pop().unwrap_or_default().trim_start_matches("attempt 0: "));
+    }
+    Err(GaveUp(format!(
+        "gave up after {} restarts; root causes: {}",
+        a.max_restarts,
+        failures.join("; ")
+    ))
+    .into())
+}
+
+/// Starts every rank of this node once; `Some(root cause)` when a rank failed.
+fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32) -> anyhow::Result<Option<String>> {
     let mut ranks = Vec::new();
     let mut pumps = Vec::new();
     for local in 0..a.nproc_per_node {
-        let mut child = match spawn_rank(&a, local, port, true) {
+        let mut child = match spawn_rank(a, local, port, true, attempt) {
             Ok(c) => c,
             Err(e) => {
                 stop_all(&mut ranks, Duration::from_secs_f64(a.grace));
@@ -163,17 +204,15 @@ pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
     for p in pumps {
         let _ = p.join();
     }
-    drop(store);
-    match failed {
-        None => Ok(()),
-        Some((rank, status)) => {
-            bail!("rank {rank} failed first ({}); stopped the other ranks", describe(status))
-        }
-    }
+    Ok(failed.map(|(rank, status)| format!("rank {rank} failed first ({})", describe(status))))
 }
 
-/// Polls until every rank exited successfully or one failed; returns the first failure.
+/// Polls until every rank exited successfully or one failed; returns the root cause: of the
+/// ranks that failed within a short window of the first, the first whose exit code is not 4 (4
+/// means "failed because a peer failed").
 fn supervise(ranks: &mut [Rank]) -> Option<(usize, ExitStatus)> {
+    let mut failed: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut deadline: Option<Instant> = None;
     loop {
         let mut running = 0;
         for r in ranks.iter_mut() {
@@ -184,12 +223,15 @@ fn supervise(ranks: &mut [Rank]) -> Option<(usize, ExitStatus)> {
                 Ok(Some(s)) => {
                     r.status = Some(s);
                     if !s.success() {
-                        return Some((r.rank, s));
+                        failed.push((r.rank, s));
+                        deadline.get_or_insert_with(|| Instant::now() + Duration::from_millis(500));
                     }
                 }
-                Ok(None) => running += 1,
-                Err(_) => running += 1,
+                Ok(None) | Err(_) => running += 1,
             }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) || (running == 0 && !failed.is_empty()) {
+            return failed.iter().find(|(_, s)| s.code() != Some(4)).or(failed.first()).copied();
         }
         if running == 0 {
             return None;

@@ -90,7 +90,20 @@ mod train_parallel;
 
 /// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) { 2 } else { 1 }
+    if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) {
+        2
+    } else if err.chain().any(|e| e.downcast_ref::<launch::GaveUp>().is_some()) {
+        3
+    } else if err
+        .chain()
+        .any(|e| e.downcast_ref::<troupe::runtime::RuntimeError>().is_some_and(|r| r.is_consequence()))
+    {
+        // This rank failed because a peer did (lost or silent): the launcher looks elsewhere
+        // for the root cause.
+        4
+    } else {
+        1
+    }
 }
 
 /// An error caused by what the user asked for (bad flag, bad config value); exits with code 2.

@@ -49,6 +49,21 @@ pub struct RuntimeArgs {
     /// Longest wait for any message or collective, in seconds.
     #[arg(long, default_value_t = 600.0, value_name = "SECS")]
     pub comm_timeout: f64,
+    /// Inject a fault, `KIND[:key=value,...]` (repeatable), e.g. `crash:rank=1,step=3,phase=steady`;
+    /// kinds: crash exit hang slow drop delay duplicate reorder corrupt nan inf sigterm ckpt-fail ckpt-kill.
+    #[arg(long = "inject", value_name = "SPEC")]
+    pub inject: Vec<String>,
+    /// Do not add and verify a CRC32 on pipeline messages.
+    #[arg(long)]
+    pub no_checksums: bool,
+    /// A rank that makes no progress for this many seconds reports itself hung (default: the
+    /// communication timeout).
+    #[arg(long, value_name = "SECS")]
+    pub watchdog_timeout: Option<f64>,
+    /// Write a failing rank's flight recorder (its last 64 instructions and messages) to
+    /// DIR/flight-rank<r>.txt.
+    #[arg(long, value_name = "DIR")]
+    pub flight_recorder: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
@@ -72,9 +87,20 @@ pub fn wanted(cfg: &Config, args: &RuntimeArgs, launched: Option<&LaunchEnv>) ->
         || launched.is_some_and(|e| e.world_size > 1)
         || args.trace.is_some()
         || args.replay_order.is_some()
+        || !args.inject.is_empty()
+        || !cfg.faults.is_empty()
 }
 
-fn options(args: &RuntimeArgs, cfg: &Config) -> anyhow::Result<RunOptions> {
+fn options(args: &RuntimeArgs, cfg: &Config, attempt: u64) -> anyhow::Result<RunOptions> {
+    let mut faults = cfg.faults.clone();
+    for spec in &args.inject {
+        faults.push(spec.parse().map_err(|e: troupe::runtime::faults::FaultError| UsageError(format!("--inject {e}")))?);
+    }
+    let watchdog = match args.watchdog_timeout {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
+        Some(s) => return Err(UsageError(format!("--watchdog-timeout {s}: must be a positive number of seconds")).into()),
+    };
     if !(args.comm_timeout.is_finite() && args.comm_timeout > 0.0) {
         return Err(UsageError(format!(
             "--comm-timeout {}: must be a positive number of seconds",
@@ -102,6 +128,11 @@ fn options(args: &RuntimeArgs, cfg: &Config) -> anyhow::Result<RunOptions> {
         timeout: Duration::from_secs_f64(args.comm_timeout),
         trace_step,
         replay_order,
+        faults: troupe::runtime::faults::FaultPlan { faults, seed: cfg.fault_seed },
+        attempt,
+        checksums: !args.no_checksums,
+        watchdog,
+        flight_dir: args.flight_recorder.clone(),
         ..RunOptions::default()
     })
 }
@@ -134,7 +165,15 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         None => (cfg.parallel.pipeline_model_parallel_size * cfg.parallel.data_parallel_size, 0, 0),
     };
     let plan = Plan::new(&cfg, world).map_err(|e| UsageError(e.to_string()))?;
-    let opts = options(rt, &cfg)?;
+    let attempt = launched.as_ref().map_or(0, |e| e.restart_count);
+    let opts = options(rt, &cfg, attempt)?;
+    opts.faults
+        .check(&plan, world, cfg.train.train_iters)
+        .map_err(|e| UsageError(format!("fault plan: {e}")))?;
+    if rank == 0 && !opts.faults.faults.is_empty() {
+        let list: Vec<String> = opts.faults.faults.iter().map(|f| f.describe()).collect();
+        eprintln!("troupe: injecting faults (attempt {attempt}): {}", list.join("; "));
+    }
     if let Some(port) = rt.metrics_port {
         let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port.saturating_add(local as u16)));
         troupe::telemetry::serve_prometheus(addr).map_err(|e| UsageError(format!("--metrics-port: {e}")))?;

@@ -42,6 +42,16 @@ pub struct Config {
     /// Saving and resuming.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Seed of the fault plan's probabilistic faults.
+    #[serde(default = "default_fault_seed")]
+    pub fault_seed: u64,
+    /// Faults to inject (`[[faults]]` tables; see `troupe::runtime::faults`).
+    #[serde(default)]
+    pub faults: Vec<crate::runtime::faults::Fault>,
+}
+
+fn default_fault_seed() -> u64 {
+    1
 }
 
 /// Learning-rate decay after warm-up (Megatron's `--lr-decay-style`).

@@ -58,7 +58,7 @@ pub enum RuntimeError {
 impl RuntimeError {
     /// Errors that are consequences of another rank's failure (a lost peer, a message that never
     /// came) rank below errors that describe a failure itself when choosing the root cause.
-    fn is_consequence(&self) -> bool {
+    pub fn is_consequence(&self) -> bool {
         match self {
             RuntimeError::Comm { .. } => true,
             RuntimeError::Actor { detail, .. } => {

@@ -39,6 +39,16 @@ use super::plan::{Plan, buckets};
 use super::shard::ChunkShard;
 use super::{RankResult, RunEvent, RunOptions, RuntimeError, StepRecord};
 
+/// See [`RankCtx::waiting`].
+pub struct WaitGuard<'a>(&'a RankCtx);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.progress_ms.store(self.0.clock.at.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Entries kept by the flight recorder.
 const FLIGHT: usize = 64;
 
@@ -103,6 +113,9 @@ pub struct RankCtx {
     pub flight: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// Milliseconds since the clock's origin at the last sign of progress.
     pub progress_ms: AtomicU64,
+    /// Waits on peers in progress: a rank waiting for a message or collective is not hung (the
+    /// communication timeout names the silent peer instead).
+    pub waiting: std::sync::atomic::AtomicUsize,
     pub events: std::sync::Mutex<Vec<Event>>,
     clock: Clock,
     /// Bytes sent by pipeline p2p this run (activations and gradients together), and of them
@@ -165,6 +178,12 @@ impl RankCtx {
             self.clock.at.elapsed().as_secs_f64() * 1e3,
             what()
         ));
+    }
+
+    /// Marks a wait on peers until the guard drops.
+    pub fn waiting(&self) -> WaitGuard<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        WaitGuard(self)
     }
 
     /// The flight recorder's contents, oldest first.
@@ -611,6 +630,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
 
 /// Takes a message from the mailbox within the timeout; the error text says what was awaited.
 async fn take(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
+    let _w = ctx.waiting();
     let t = Instant::now();
     let r = take_inner(ctx, key).await;
     ctx.waited_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -738,6 +758,7 @@ impl Actor for GradReducer {
                 st.pending.push((b.chunk, b.index, b.range, work, t));
             }
             ReducerMsg::Finish(step, reply) => {
+                let _w = st.ctx.waiting();
                 let mut out = Vec::with_capacity(st.pending.len());
                 let mut err = None;
                 let mut span: Vec<(f64, f64)> = vec![(f64::INFINITY, 0.0); st.ctx.plan.vpp];
@@ -1168,6 +1189,7 @@ impl Actor for Supervisor {
             stop: s.stop.clone(),
             flight: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FLIGHT)),
             progress_ms: AtomicU64::new(0),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             events: std::sync::Mutex::new(Vec::new()),
             clock: Clock::now(),
             sent_bytes: AtomicU64::new(0),
@@ -1442,6 +1464,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             })
             .await?;
         if let (Some(emb), Some((c, part))) = (ctx.emb.clone(), emb_send) {
+            let _w = ctx.waiting();
             let summed = tokio::time::timeout(timeout, emb.all_reduce(Buf::F32(part), ReduceOp::Sum))
                 .await
                 .map_err(|_| RuntimeError::Actor {
@@ -1523,6 +1546,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let world = ctx.world.size();
         let mut all = vec![0.0f64; world * slots];
         all[wr * slots..(wr + 1) * slots].copy_from_slice(&parts);
+        let waiting = ctx.waiting();
         let gathered = tokio::time::timeout(timeout, ctx.world.all_gather(f64s_to_buf(&all)))
             .await
             .map_err(|_| RuntimeError::Actor {
@@ -1538,6 +1562,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                 op: "step agreement (all-gather)".into(),
                 source: Box::new(e),
             })?;
+        drop(waiting);
         let Buf::I64(bits) = gathered else {
             return Err(RuntimeError::Actor {
                 actor: "supervisor".into(),
@@ -1780,7 +1805,7 @@ pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
                     let Some(ctx) = probe.get() else { continue };
                     let now = ctx.clock.at.elapsed().as_millis() as u64;
                     let idle = Duration::from_millis(now.saturating_sub(ctx.progress_ms.load(Ordering::Relaxed)));
-                    if idle > watchdog {
+                    if idle > watchdog && ctx.waiting.load(Ordering::SeqCst) == 0 {
                         let last = ctx.flight_dump().pop().unwrap_or_default();
                         sup.kill();
                         break Err(RuntimeError::Actor {
@@ -1880,6 +1905,7 @@ async fn gather_events(ctx: &RankCtx, step: u64, events: &mut Vec<Event>) -> Res
 
 /// Awaits a communication within the timeout; errors name the rank, step and operation.
 async fn wait_work<T>(ctx: &RankCtx, step: u64, op: &str, w: Work<T>) -> Result<T, RuntimeError> {
+    let _w = ctx.waiting();
     tokio::time::timeout(ctx.timeout, w)
         .await
         .map_err(|_| RuntimeError::Actor {
