@@ -90,7 +90,13 @@ fn pump(from: impl Read + Send + 'static, rank: usize, to_stderr: bool) -> std::
 #[error("{0}")]
 pub struct GaveUp(pub String);
 
-fn spawn_rank(a: &LaunchArgs, local: usize, port: u16, agent_store: bool, attempt: u32) -> anyhow::Result<Child> {
+fn spawn_rank(
+    a: &LaunchArgs,
+    local: usize,
+    port: u16,
+    agent_store: bool,
+    attempt: u32,
+) -> anyhow::Result<Child> {
     let world = a.nnodes * a.nproc_per_node;
     let rank = a.node_rank * a.nproc_per_node + local;
     let args: Vec<String> =
@@ -168,14 +174,13 @@ pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
     }
     drop(store);
     if a.max_restarts == 0 {
-        bail!("{}; stopped the other ranks", failures.pop().unwrap_or_default().trim_start_matches("attempt 0: "));
+        bail!(
+            "{}; stopped the other ranks",
+            failures.pop().unwrap_or_default().trim_start_matches("attempt 0: ")
+        );
     }
-    Err(GaveUp(format!(
-        "gave up after {} restarts; root causes: {}",
-        a.max_restarts,
-        failures.join("; ")
-    ))
-    .into())
+    Err(GaveUp(format!("gave up after {} restarts; root causes: {}", a.max_restarts, failures.join("; ")))
+        .into())
 }
 
 /// Starts every rank of this node once; `Some(root cause)` when a rank failed.

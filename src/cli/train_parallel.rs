@@ -94,12 +94,19 @@ pub fn wanted(cfg: &Config, args: &RuntimeArgs, launched: Option<&LaunchEnv>) ->
 fn options(args: &RuntimeArgs, cfg: &Config, attempt: u64) -> anyhow::Result<RunOptions> {
     let mut faults = cfg.faults.clone();
     for spec in &args.inject {
-        faults.push(spec.parse().map_err(|e: troupe::runtime::faults::FaultError| UsageError(format!("--inject {e}")))?);
+        faults.push(
+            spec.parse()
+                .map_err(|e: troupe::runtime::faults::FaultError| UsageError(format!("--inject {e}")))?,
+        );
     }
     let watchdog = match args.watchdog_timeout {
         None => None,
         Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
-        Some(s) => return Err(UsageError(format!("--watchdog-timeout {s}: must be a positive number of seconds")).into()),
+        Some(s) => {
+            return Err(
+                UsageError(format!("--watchdog-timeout {s}: must be a positive number of seconds")).into()
+            );
+        }
     };
     if !(args.comm_timeout.is_finite() && args.comm_timeout > 0.0) {
         return Err(UsageError(format!(

@@ -18,6 +18,7 @@
 mod compute;
 pub mod faults;
 mod mailbox;
+pub mod matrix;
 pub mod plan;
 pub mod rank;
 pub mod shard;
@@ -62,7 +63,10 @@ impl RuntimeError {
         match self {
             RuntimeError::Comm { .. } => true,
             RuntimeError::Actor { detail, .. } => {
-                detail.contains("arrived within") || detail.contains("receiving the")
+                !detail.contains("corrupt")
+                    && (detail.contains("arrived within")
+                        || detail.contains("receiving the")
+                        || detail.contains("not done within"))
             }
             _ => false,
         }
@@ -267,10 +271,24 @@ pub fn train_inproc_all(
         .collect())
 }
 
-/// The error to report out of several ranks' errors.
+/// The error to report out of several ranks' errors (see [`root_cause_index`]).
 pub fn root_cause(mut errors: Vec<RuntimeError>) -> Option<RuntimeError> {
-    let i = errors.iter().position(|e| !e.is_consequence()).unwrap_or(0);
-    (!errors.is_empty()).then(|| errors.swap_remove(i))
+    let refs: Vec<&RuntimeError> = errors.iter().collect();
+    let i = root_cause_index(&refs)?;
+    Some(errors.swap_remove(i))
+}
+
+/// Which of several ranks' errors is the root cause: a failure itself if any; else a rank that
+/// waited in vain for a silent peer (it names that peer); else the first.
+pub fn root_cause_index(errors: &[&RuntimeError]) -> Option<usize> {
+    if errors.is_empty() {
+        return None;
+    }
+    errors
+        .iter()
+        .position(|e| !e.is_consequence())
+        .or_else(|| errors.iter().position(|e| !e.to_string().contains("lost peer")))
+        .or(Some(0))
 }
 
 /// The trace of a run's recorded step from the events world rank 0 gathered (every pipeline rank

@@ -339,6 +339,13 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
     let mut held: Option<(Op, Buf, usize, u64)> = None;
     for &(op, ticket, index) in &st.ops {
         ctx.note(step, || format!("#{index} {op} start"));
+        if !matches!(op, Op::SendAct { .. } | Op::SendGrad { .. })
+            && let Some((hop, buf, hpeer, htag)) = held.take()
+        {
+            // No later send overtook the held message before this instruction, which may wait
+            // on its consequences: send it now.
+            sends.push((hop, ctx.pp.send(buf, hpeer, htag)));
+        }
         let mut boom = inject == Some(index);
         if let Some(f) = ctx.fault_at(step, index, &[K::Crash, K::Exit, K::Hang]) {
             match f.kind {
@@ -359,7 +366,12 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 flag.store(true, Ordering::SeqCst);
             }
         }
-        let slow = ctx.fault_at(step, index, &[K::Slow]).map(|f| f.factor.unwrap_or(4.0));
+        // A straggler: every compute instruction of the step from the fault's position on.
+        let slow = ctx
+            .faults
+            .iter()
+            .find(|(f, i)| f.kind == K::Slow && f.step == step && i.is_some_and(|i| index >= i))
+            .map(|(f, _)| f.factor.unwrap_or(4.0));
         let poison = ctx.fault_at(step, index, &[K::Nan, K::Inf]).map(|f| {
             let v = if f.kind == K::Nan { f32::NAN } else { f32::INFINITY };
             (f.what.unwrap_or(if matches!(op, Op::Forward { .. }) { Target::Act } else { Target::Grad }), v)
@@ -613,6 +625,10 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
         let busy = ctx.busy_ns.load(Ordering::Relaxed) - busy_start;
         let total = t_all.elapsed().as_nanos() as u64;
         ctx.overhead_ns.fetch_add(total.saturating_sub(busy + waited), Ordering::Relaxed);
+    }
+    if let Some((hop, buf, hpeer, htag)) = held.take() {
+        // A message held back for reordering, with no later send to overtake it.
+        sends.push((hop, ctx.pp.send(buf, hpeer, htag)));
     }
     for (op, work) in sends {
         tokio::time::timeout(ctx.timeout, work)
@@ -1186,7 +1202,7 @@ impl Actor for Supervisor {
             },
             fault_plan: s.opts.faults.clone(),
             checksums: s.opts.checksums,
-            stop: s.stop.clone(),
+            stop: Some(s.stop.clone().unwrap_or_else(|| Arc::new(AtomicBool::new(false)))),
             flight: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FLIGHT)),
             progress_ms: AtomicU64::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
