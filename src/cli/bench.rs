@@ -51,6 +51,58 @@ pub struct TrainBenchArgs {
     /// Shard optimizer state over the data-parallel ranks (ZeRO-1).
     #[arg(long)]
     pub use_distributed_optimizer: bool,
+    /// Do not checksum pipeline messages (to measure what the always-on checks cost).
+    #[arg(long)]
+    pub no_checksums: bool,
+}
+
+/// `troupe bench faults`: the fault matrix (every fault kind × phase × seed on PP = 2 × DP = 2,
+/// in-process), printed as a table with the summary figures.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FaultBenchArgs {
+    /// Seeds (each picks the faulty rank and step).
+    #[arg(long, num_args = 1.., default_values_t = [1u64, 2])]
+    pub seeds: Vec<u64>,
+    /// Communication timeout and watchdog bound, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub timeout: f64,
+    /// Scratch directory for checkpoints and flight recorders (default: a temporary one).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+pub fn faults(args: FaultBenchArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(
+            UsageError(format!("--timeout {}: must be a positive number of seconds", args.timeout)).into()
+        );
+    }
+    let timeout = std::time::Duration::from_secs_f64(args.timeout);
+    let mut rng = Rng::derived(4, "fault-matrix");
+    let tokens: Vec<u32> = (0..4000).map(|_| (rng.next_u64() % 61) as u32).collect();
+    let data = troupe::train::data::TokenWindows::new(tokens, 16, 5).context("matrix data")?;
+    let data: Arc<dyn troupe::data::SampleSource> = Arc::new(data);
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("troupe-faults-{}", std::process::id())));
+    let started = Instant::now();
+    let (rows, sum) = troupe::runtime::matrix::run(&data, &dir, &args.seeds, timeout, &mut |s| {
+        eprintln!(
+            "{:>10} {:<10} seed {}: {}",
+            s.kind.name(),
+            s.phase.name(),
+            s.seed,
+            if s.detected { "detected" } else { "survived" }
+        );
+    })?;
+    println!("{}", troupe::runtime::matrix::table(&rows, &sum, timeout));
+    println!("wall time {:.1} s", started.elapsed().as_secs_f64());
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
 }
 
 pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
@@ -174,7 +226,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let opts = RunOptions { trace_step: Some(total), ..RunOptions::default() };
+    let opts = RunOptions { trace_step: Some(total), checksums: !args.no_checksums, ..RunOptions::default() };
     let results = train_inproc(&cfg, Arc::new(data), opts, threads, None, None)?;
     let r0 = &results[0];
     let mut times: Vec<f64> = r0.records.iter().skip(args.warmup).map(|r| r.seconds).collect();
@@ -207,6 +259,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "bubble_ideal_1f1b": round((plan.pp as f64 - 1.0) / plan.microbatches as f64, 4),
         "final_loss": r0.records.last().map(|r| r.loss),
         "distributed_optimizer": plan.distributed_optimizer,
+        "checksums": !args.no_checksums,
         "optimizer_state_mb_per_rank": results.iter().map(|r| round(r.optimizer_state_bytes as f64 / 1048576.0, 2)).collect::<Vec<_>>(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     });

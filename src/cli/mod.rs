@@ -73,6 +73,9 @@ pub enum BenchCommand {
     Preprocess(bench_preprocess::PreprocessBenchArgs),
     /// Time a collective over sizes (algbw/busbw like nccl-tests) against the machine's reference.
     Comm(bench_comm::CommBenchArgs),
+    /// The fault matrix: inject every fault kind in every phase and report detection,
+    /// attribution and recovery.
+    Faults(bench::FaultBenchArgs),
 }
 
 mod bench;
@@ -137,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(TraceCommand::Replay(args)) => trace::replay_cmd(args),
         Command::Trace(TraceCommand::Render(args)) => trace::render(args),
         Command::Bench(BenchCommand::Comm(args)) => bench_comm::comm(args),
+        Command::Bench(BenchCommand::Faults(args)) => bench::faults(args),
         Command::Launch(args) => launch::launch(args),
     }
 }
