@@ -56,3 +56,47 @@ fn every_fault_is_detected_named_and_survived() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A fault that depends on the order of message handling (damage the 3rd message rank 0's
+/// mailbox accepts) fails a run; the trace that failing run leaves, given to `--replay-order`,
+/// makes re-runs fail in exactly the same way.
+#[test]
+fn a_recorded_order_reproduces_an_ordering_failure() {
+    use troupe::config::Config;
+    use troupe::runtime::{RunOptions, faults::FaultPlan, replay_order, train_inproc};
+    let mut rng = Rng::derived(9, "replay-fault");
+    let tokens: Vec<u32> = (0..4000).map(|_| (rng.next_u64() % 61) as u32).collect();
+    let data: Arc<dyn SampleSource> = Arc::new(TokenWindows::new(tokens, 16, 5).unwrap());
+    let sets = [
+        "parallel.data_parallel_size=1",
+        "parallel.pipeline_schedule=\"interleaved\"",
+        "checkpoint.save_interval=0",
+    ];
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let cfg = Config::from_toml_str(matrix::MATRIX_CONFIG, "test", &sets).unwrap();
+    let dir = std::env::temp_dir().join(format!("troupe-replay-fault-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fault: troupe::runtime::faults::Fault = "corrupt:rank=0,step=2,recv=3".parse().unwrap();
+    let opts = |order| RunOptions {
+        timeout: Duration::from_secs(2),
+        trace_step: Some(2),
+        flight_dir: Some(dir.clone()),
+        faults: FaultPlan { faults: vec![fault.clone()], seed: 1 },
+        replay_order: order,
+        ..RunOptions::default()
+    };
+    let first =
+        train_inproc(&cfg, data.clone(), opts(None), 2, None, None).expect_err("the fault fails the run");
+    let text = std::fs::read_to_string(dir.join("trace-rank0.txt")).expect("the failing rank's trace");
+    let trace = troupe::trace::Trace::parse(&text).unwrap();
+    let order = replay_order(&trace);
+    assert!(order[0].len() >= 3, "the trace holds the messages accepted before the failure: {order:?}");
+    let first = first.to_string();
+    assert!(first.contains("receive #3") && first.starts_with("rank 0, step 2"), "{first}");
+    for _ in 0..3 {
+        let again = train_inproc(&cfg, data.clone(), opts(Some(order.clone())), 2, None, None)
+            .expect_err("fails again");
+        assert_eq!(again.to_string(), first, "the replayed run failed differently");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -157,6 +157,11 @@ pub struct Fault {
     pub prob: Option<f64>,
     #[serde(default)]
     pub attempt: u64,
+    /// `corrupt` only: instead of a send, damage the n-th message (1-based) this rank's mailbox
+    /// accepts in the step — a fault that depends on the order of message handling, which
+    /// `--replay-order` makes reproducible.
+    #[serde(default)]
+    pub recv: Option<u32>,
 }
 
 fn one() -> u64 {
@@ -199,6 +204,7 @@ impl FromStr for Fault {
             ms: None,
             prob: None,
             attempt: 0,
+            recv: None,
         };
         for field in rest.split(',').map(str::trim).filter(|x| !x.is_empty()) {
             let bad = |reason: &str| FaultError::Field {
@@ -221,6 +227,7 @@ impl FromStr for Fault {
                 "mb" => f.mb = Some(int()? as u32),
                 "ms" => f.ms = Some(int()?),
                 "attempt" => f.attempt = int()?,
+                "recv" => f.recv = Some(int()?.max(1) as u32),
                 "factor" => f.factor = Some(num()?),
                 "prob" => f.prob = Some(num()?.min(1.0)),
                 "phase" => {
@@ -238,7 +245,7 @@ impl FromStr for Fault {
                 }
                 _ => {
                     return Err(bad(
-                        "unknown key; accepted: rank, step, phase, instruction, mb, what, factor, ms, prob, attempt",
+                        "unknown key; accepted: rank, step, phase, instruction, mb, what, factor, ms, prob, attempt, recv",
                     ));
                 }
             }
@@ -259,6 +266,9 @@ impl Fault {
         }
         if let Some(m) = self.mb {
             s += &format!(",mb={m}");
+        }
+        if let Some(r) = self.recv {
+            s += &format!(",recv={r}");
         }
         s
     }
@@ -292,6 +302,13 @@ impl Fault {
         {
             return no("this rank sends no pipeline messages (pipeline size 1?)".into());
         }
+        if self.recv.is_some() {
+            return if self.kind == FaultKind::Corrupt {
+                Ok(())
+            } else {
+                no("`recv` only goes with `corrupt`".into())
+            };
+        }
         let pipeline_phase =
             !matches!(self.phase, Some(Phase::Reduce | Phase::Optimizer | Phase::Checkpoint));
         let anywhere = matches!(self.kind, FaultKind::Sigterm | FaultKind::CkptFail | FaultKind::CkptKill);
@@ -322,6 +339,9 @@ impl Fault {
     /// given `instruction`, else the first compute instruction (a send, for message faults) in
     /// the fault's phase and microbatch. `None` for faults outside the pipeline phases.
     pub fn instruction_in(&self, ops: &[Op]) -> Option<usize> {
+        if self.recv.is_some() {
+            return None;
+        }
         if let Some(i) = self.instruction {
             return Some(i);
         }

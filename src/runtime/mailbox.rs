@@ -45,6 +45,24 @@ struct Inner {
     held: HashMap<Key, Msg>,
     /// Largest number of messages waiting at once.
     peak_depth: usize,
+    /// Messages accepted this step, and an injected fault: damage the n-th.
+    accepted: u32,
+    corrupt_nth: Option<u32>,
+}
+
+/// Makes a message visible to its consumer, counting acceptances (for injected faults).
+fn accept(g: &mut Inner, key: Key, data: Msg) {
+    g.accepted += 1;
+    let data = match (g.corrupt_nth, data) {
+        (Some(n), Ok(_)) if n == g.accepted => Err(format!(
+            "corrupt {} of microbatch {} for chunk {}: damaged on arrival (injected at this rank's receive #{n})",
+            key.0.name(),
+            key.1,
+            key.2
+        )),
+        (_, d) => d,
+    };
+    g.ready.insert(key, data);
 }
 
 /// See the module docs.
@@ -66,9 +84,13 @@ impl Mailbox {
         g.next = 0;
     }
 
-    /// Starts a new step: the replay order starts over.
-    pub fn new_step(&self) {
-        self.lock().next = 0;
+    /// Starts a new step: the replay order starts over; `corrupt_nth` arms an injected fault
+    /// that damages the n-th message accepted in this step.
+    pub fn new_step(&self, corrupt_nth: Option<u32>) {
+        let mut g = self.lock();
+        g.next = 0;
+        g.accepted = 0;
+        g.corrupt_nth = corrupt_nth;
     }
 
     /// Delivers a message.
@@ -76,13 +98,13 @@ impl Mailbox {
         let mut g = self.lock();
         let gated = !g.order.is_empty() && g.order.contains(&key);
         if !gated {
-            g.ready.insert(key, data);
+            accept(&mut g, key, data);
         } else {
             g.held.insert(key, data);
             while let Some(&k) = g.order.get(g.next) {
                 match g.held.remove(&k) {
                     Some(d) => {
-                        g.ready.insert(k, d);
+                        accept(&mut g, k, d);
                         g.next += 1;
                     }
                     None => break,

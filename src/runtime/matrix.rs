@@ -122,6 +122,7 @@ fn fault_for(kind: FaultKind, phase: Phase, seed: u64, plan: &super::Plan) -> Fa
         ms: Some(50),
         prob: None,
         attempt: 0,
+        recv: None,
     };
     // The seed's rank, or the next one where the fault can happen (e.g. a rank that sends in
     // that phase).

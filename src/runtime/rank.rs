@@ -1379,7 +1379,12 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             this,
             st.feeder.call(|r| FeederMsg::Next { step: this, consumed, reply: r }, Some(timeout)).await,
         )??;
-        ctx.mailbox.new_step();
+        let nth = ctx
+            .faults
+            .iter()
+            .find(|(f, _)| f.step == this && f.kind == super::faults::FaultKind::Corrupt && f.recv.is_some())
+            .and_then(|(f, _)| f.recv);
+        ctx.mailbox.new_step(nth);
         st.job(this, "new step", |e: &mut Engine| e.new_step()).await?;
         let base = st.next_ticket;
         let busy0 = Instant::now();
@@ -1397,16 +1402,25 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             })?;
             waits.push(rx);
         }
-        let mut losses: Vec<(u32, f32)> = Vec::new();
-        let mut first_err = None;
+        // Replies in completion order: the first failing chunk fails the rank at once (its
+        // siblings may be blocked behind its unfinished instructions).
+        let (rtx, mut rrx) = tokio::sync::mpsc::unbounded_channel();
+        let n_waits = waits.len();
         for (c, rx) in waits.into_iter().enumerate() {
-            match rx.await {
+            let rtx = rtx.clone();
+            tokio::spawn(async move {
+                let _ = rtx.send((c, rx.await));
+            });
+        }
+        drop(rtx);
+        let mut losses: Vec<(u32, f32)> = Vec::new();
+        for _ in 0..n_waits {
+            let Some((c, r)) = rrx.recv().await else { break };
+            match r {
                 Ok(Ok(rep)) => losses.extend(rep.losses),
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
+                Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    first_err.get_or_insert(RuntimeError::Actor {
+                    return Err(RuntimeError::Actor {
                         actor: format!("stage[{c}]"),
                         rank: wr,
                         step: this,
@@ -1415,9 +1429,6 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                     });
                 }
             }
-        }
-        if let Some(e) = first_err {
-            return Err(e);
         }
         let pipeline_s = busy0.elapsed().as_secs_f64();
         let busy_s = (ctx.busy_ns.load(Ordering::Relaxed) - busy_ns0) as f64 * 1e-9;
@@ -1843,6 +1854,13 @@ pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
     if out.is_err()
         && let Some(ctx) = probe.get()
     {
+        // The events recorded so far in the traced step: a replay order for `--replay-order`.
+        if let (Some(dir), Some(_)) = (&flight_dir, ctx.record_step) {
+            let events = ctx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            let trace = super::trace_of(&ctx.plan, &events);
+            let _ = std::fs::create_dir_all(dir);
+            let _ = std::fs::write(dir.join(format!("trace-rank{wr}.txt")), trace.to_native());
+        }
         let lines = ctx.flight_dump();
         let text = lines.join("\n");
         match &flight_dir {
