@@ -182,3 +182,70 @@ fn under_mpirun_a_failing_rank_fails_the_job_with_its_name() {
     assert!(err.contains("rank 1, step 2") && err.contains("injected failure"), "{err}");
     no_orphans(&cfg);
 }
+
+/// Starts `troupe launch` on a longer run, waits until rank 0 has logged `after` steps, then
+/// sends `signal` to one rank process (a child of the launcher) from outside.
+fn launch_and_signal(dir: &Path, signal: i32, restarts: u32, after: u64) -> (std::process::Output, PathBuf, String) {
+    let (cfg, text) = config(dir);
+    let text = text.replace("train_iters = 4", "train_iters = 200").replace("save_interval = 2", "save_interval = 1");
+    std::fs::write(&cfg, &text).unwrap();
+    let log = dir.join("log.jsonl");
+    let child = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--grace", "1"])
+        .args(["--max-restarts", &restarts.to_string(), "--"])
+        .arg(BIN)
+        .args(["train", "--no-progress", "--comm-timeout", "20", "--config"])
+        .arg(&cfg)
+        .arg("--log-json")
+        .arg(&log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while json_losses(&log).len() < after as usize && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
+    let pid: i32 = String::from_utf8_lossy(&kids.stdout).lines().last().and_then(|l| l.trim().parse().ok()).expect("a rank process");
+    // SAFETY: kill(2) on a child process id we just listed; no memory effects.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+    (child.wait_with_output().unwrap(), log, text)
+}
+
+#[test]
+fn sigkill_from_outside_is_survived_by_a_restart() {
+    let dir = scratch("sigkill");
+    let (out, log, text) = launch_and_signal(&dir, libc::SIGKILL, 1, 3);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("killed by signal 9") && err.contains("restarting all ranks"), "{err}");
+    // The restarted attempt's log continues the uninterrupted curve bit for bit.
+    let mut cfg = Config::from_toml_str(&text, "test", &[]).unwrap();
+    cfg.checkpoint.save.clear();
+    cfg.checkpoint.load.clear();
+    let data = troupe::train::corpus::open(&cfg).unwrap();
+    let r = train_inproc(&cfg, Arc::from(data.train), RunOptions::default(), 2, None, None).unwrap();
+    let want: Vec<f32> = r[0].records.iter().map(|x| x.loss).collect();
+    let got = json_losses(&log);
+    assert_eq!(got.last().map(|x| x.0), Some(200), "{err}");
+    for (step, loss) in got {
+        assert_eq!(loss.to_bits(), want[step as usize - 1].to_bits(), "step {step}");
+    }
+    no_orphans(&dir.join("cfg.toml"));
+}
+
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint() {
+    let dir = scratch("sigterm");
+    let (out, log, _) = launch_and_signal(&dir, libc::SIGTERM, 0, 3);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let steps = json_losses(&log).len() as u64;
+    assert!(steps < 200 && err.contains("interrupted at step"), "{err}");
+    let latest = std::fs::read_to_string(dir.join("ckpt").join("latest")).unwrap();
+    assert_eq!(latest.trim(), format!("iter_{steps:07}"), "{err}");
+    no_orphans(&dir.join("cfg.toml"));
+}
