@@ -94,6 +94,8 @@ const MESSAGES_TOTAL: &str = "troupe_messages_total";
 const INSTRUCTIONS_TOTAL: &str = "troupe_instructions_total";
 const QUEUE_DEPTH: &str = "troupe_queue_depth";
 const OPTIMIZER_STATE_BYTES: &str = "troupe_optimizer_state_bytes";
+const STRAGGLER_RATIO: &str = "troupe_straggler_ratio";
+const NONFINITE_TOTAL: &str = "troupe_nonfinite_steps_total";
 
 /// The address the installed exporter serves on, `None` until [`serve_prometheus`] succeeds.
 /// Held across the whole install so concurrent calls cannot both bind.
@@ -171,6 +173,11 @@ pub fn describe() {
     describe_counter!(INSTRUCTIONS_TOTAL, Unit::Count, "Schedule instructions executed.");
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "Messages waiting in an actor's mailbox or buffer.");
     describe_gauge!(OPTIMIZER_STATE_BYTES, Unit::Bytes, "Bytes of optimizer state held by this rank.");
+    describe_gauge!(
+        STRAGGLER_RATIO,
+        "Compute time of the slowest rank over the median rank's in the last step, labelled with the slowest rank."
+    );
+    describe_counter!(NONFINITE_TOTAL, "Steps in which this rank found a non-finite loss or gradient.");
 }
 
 /// Reports one step: sets the per-step gauges and counts the step (and whether it was skipped).
@@ -211,6 +218,16 @@ pub fn set_queue_depth(rank: usize, actor: &'static str, depth: usize) {
 /// Sets the bytes of optimizer state `rank` holds (its shard under ZeRO).
 pub fn set_optimizer_state_bytes(rank: usize, bytes: u64) {
     metrics::gauge!(OPTIMIZER_STATE_BYTES, "rank" => rank.to_string()).set(bytes as f64);
+}
+
+/// Names the slowest rank of the last step (`slowest`) and its compute time over the median's.
+pub fn set_straggler(rank: usize, slowest: usize, ratio: f64) {
+    metrics::gauge!(STRAGGLER_RATIO, "rank" => rank.to_string(), "slowest" => slowest.to_string()).set(ratio);
+}
+
+/// Counts a step in which `rank` found a non-finite loss or gradient.
+pub fn add_nonfinite_step(rank: usize) {
+    metrics::counter!(NONFINITE_TOTAL, "rank" => rank.to_string()).increment(1);
 }
 
 #[cfg(test)]

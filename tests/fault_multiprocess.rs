@@ -185,9 +185,16 @@ fn under_mpirun_a_failing_rank_fails_the_job_with_its_name() {
 
 /// Starts `troupe launch` on a longer run, waits until rank 0 has logged `after` steps, then
 /// sends `signal` to one rank process (a child of the launcher) from outside.
-fn launch_and_signal(dir: &Path, signal: i32, restarts: u32, after: u64) -> (std::process::Output, PathBuf, String) {
+fn launch_and_signal(
+    dir: &Path,
+    signal: i32,
+    restarts: u32,
+    after: u64,
+) -> (std::process::Output, PathBuf, String) {
     let (cfg, text) = config(dir);
-    let text = text.replace("train_iters = 4", "train_iters = 200").replace("save_interval = 2", "save_interval = 1");
+    let text = text
+        .replace("train_iters = 4", "train_iters = 200")
+        .replace("save_interval = 2", "save_interval = 1");
     std::fs::write(&cfg, &text).unwrap();
     let log = dir.join("log.jsonl");
     let child = Command::new(BIN)
@@ -207,7 +214,11 @@ fn launch_and_signal(dir: &Path, signal: i32, restarts: u32, after: u64) -> (std
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
-    let pid: i32 = String::from_utf8_lossy(&kids.stdout).lines().last().and_then(|l| l.trim().parse().ok()).expect("a rank process");
+    let pid: i32 = String::from_utf8_lossy(&kids.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a rank process");
     // SAFETY: kill(2) on a child process id we just listed; no memory effects.
     unsafe {
         libc::kill(pid, signal);

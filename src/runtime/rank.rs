@@ -1620,10 +1620,12 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             any_stop |= v[n_tensors + 3] != 0.0;
             worst = worst.max(v[n_tensors + 4]);
         }
+        let rec_nonfinite_here = nonfinite_ranks.contains(&wr);
         busy.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (slowest_busy, slowest_rank) = busy.last().copied().unwrap_or((0.0, 0));
         let median_busy = busy.get(busy.len() / 2).map_or(0.0, |b| b.0);
         let slowest_ratio = if median_busy > 0.0 { slowest_busy / median_busy } else { 1.0 };
+        let rec_slowest = (slowest_rank, slowest_ratio);
         if slowest_ratio > 1.5 && wr == 0 {
             tracing::warn!(
                 step = this,
@@ -1739,6 +1741,10 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             },
         );
         crate::telemetry::set_queue_depth(wr, "mailbox", ctx.mailbox.take_peak_depth());
+        crate::telemetry::set_straggler(wr, rec_slowest.0, rec_slowest.1);
+        if rec_nonfinite_here {
+            crate::telemetry::add_nonfinite_step(wr);
+        }
         let (sent, grad, msgs, instr) = (
             ctx.sent_bytes.load(Ordering::Relaxed),
             ctx.sent_grad_bytes.load(Ordering::Relaxed),
