@@ -260,3 +260,96 @@ fn sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint() {
     assert_eq!(latest.trim(), format!("iter_{steps:07}"), "{err}");
     no_orphans(&dir.join("cfg.toml"));
 }
+
+/// The fault matrix as processes: each kind in each phase where it applies, under `troupe launch
+/// --max-restarts 1`. Every run must end (no hang), recover with the uninterrupted curve bit for
+/// bit, name the faulty rank in the launcher's root cause where the fault kills or wedges a rank,
+/// and leave no process behind.
+#[test]
+fn the_fault_matrix_as_processes() {
+    let dir = scratch("matrix");
+    let (_, text) = config(&dir);
+    let want = reference(&text);
+    let phases = ["warmup", "steady", "cooldown", "reduce", "optimizer", "checkpoint"];
+    let mut cases: Vec<(String, Option<usize>)> = Vec::new();
+    for kind in ["crash", "exit", "hang"] {
+        for p in phases {
+            // Checkpoints are written by rank 0 at steps 2 and 4.
+            let (rank, step) = if p == "checkpoint" { (0, 4) } else { (1, 3) };
+            cases.push((format!("{kind}:rank={rank},step={step},phase={p}"), Some(rank)));
+        }
+    }
+    for p in ["warmup", "steady"] {
+        cases.push((format!("corrupt:rank=0,step=3,phase={p}"), Some(0)));
+        cases.push((format!("nan:rank=0,step=3,phase={p},what=act"), None));
+        cases.push((format!("delay:rank=0,step=3,phase={p},ms=100"), None));
+    }
+    cases.push(("ckpt-kill:rank=0,step=4".into(), Some(0)));
+    cases.push(("ckpt-fail:rank=0,step=4".into(), Some(0)));
+    let mut table = String::from(
+        "fault                                      exit  s      root cause names rank  curve bitwise\n",
+    );
+    let mut bad = Vec::new();
+    for (i, (fault, faulty)) in cases.iter().enumerate() {
+        let sdir = dir.join(format!("case{i}"));
+        std::fs::create_dir_all(&sdir).unwrap();
+        let (cfg, _) = config(&sdir);
+        let log = sdir.join("log.jsonl");
+        let t0 = std::time::Instant::now();
+        let out = Command::new(BIN)
+            .args([
+                "launch",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                "0",
+                "--grace",
+                "1",
+                "--max-restarts",
+                "1",
+                "--",
+            ])
+            .arg(BIN)
+            .args(["train", "--no-progress", "--comm-timeout", "2", "--watchdog-timeout", "1", "--config"])
+            .arg(&cfg)
+            .arg("--log-json")
+            .arg(&log)
+            .args(["--inject", fault])
+            .output()
+            .unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let root = err.lines().find(|l| l.starts_with("troupe launch: attempt 0:")).unwrap_or("");
+        // A corrupt message is reported by its receiver, naming the sender.
+        let named = faulty.map(|r| {
+            if fault.starts_with("corrupt") {
+                err.contains(&format!("from rank {r}"))
+            } else {
+                root.contains(&format!("rank {r} failed first"))
+            }
+        });
+        let got = json_losses(&log);
+        let bitwise = !got.is_empty()
+            && got.last().map(|x| x.0) == Some(4)
+            && got.iter().all(|(s, l)| l.to_bits() == want[*s as usize - 1].to_bits());
+        let survived_unchanged = !fault.starts_with("nan");
+        table += &format!(
+            "{fault:<42} {:<5} {secs:<6.2} {:<22} {}\n",
+            out.status.code().map_or("sig".into(), |c| c.to_string()),
+            named.map_or("-", |b| if b { "yes" } else { "NO" }),
+            if bitwise {
+                "yes"
+            } else if survived_unchanged {
+                "NO"
+            } else {
+                "n/a (step skipped/aborted)"
+            }
+        );
+        if !out.status.success() || named == Some(false) || (survived_unchanged && !bitwise) || secs > 30.0 {
+            bad.push(format!("{fault}: {}", err.lines().rev().take(6).collect::<Vec<_>>().join(" | ")));
+        }
+        no_orphans(&cfg);
+    }
+    println!("{table}");
+    assert!(bad.is_empty(), "{table}\n{}", bad.join("\n"));
+}
