@@ -59,7 +59,12 @@ fn writer_produces_the_golden_bytes() {
     let bin = std::fs::read(dir.path().join("out_text_document.bin")).unwrap();
     assert_eq!(idx, golden_idx());
     assert_eq!(bin, golden_bin());
-    assert!(!dir.path().join("out_text_document.bin.tmp").exists());
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .count();
+    assert_eq!(leftovers, 0, "temporary files left behind");
 }
 
 #[test]

@@ -107,9 +107,14 @@ pub struct IndexWriter {
     scratch: Vec<u8>,
 }
 
+/// A temporary name next to `path`, unique to this process and writer, so that several
+/// processes preparing the same dataset at once (ranks opening a shared cache) never write into
+/// each other's files; each renames its complete file into place.
 fn tmp_path(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
+    s.push(format!(".tmp-{}-{n}", std::process::id()));
     PathBuf::from(s)
 }
 

@@ -1623,7 +1623,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let rec_nonfinite_here = nonfinite_ranks.contains(&wr);
         busy.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (slowest_busy, slowest_rank) = busy.last().copied().unwrap_or((0.0, 0));
-        let median_busy = busy.get(busy.len() / 2).map_or(0.0, |b| b.0);
+        let median_busy = busy.get(busy.len().saturating_sub(1) / 2).map_or(0.0, |b| b.0);
         let slowest_ratio = if median_busy > 0.0 { slowest_busy / median_busy } else { 1.0 };
         let rec_slowest = (slowest_rank, slowest_ratio);
         if slowest_ratio > 1.5 && wr == 0 {
