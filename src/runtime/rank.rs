@@ -1491,22 +1491,10 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             })
             .await?;
         if let (Some(emb), Some((c, part))) = (ctx.emb.clone(), emb_send) {
-            let _w = ctx.waiting();
-            let summed = tokio::time::timeout(timeout, emb.all_reduce(Buf::F32(part), ReduceOp::Sum))
-                .await
-                .map_err(|_| RuntimeError::Actor {
-                    actor: "supervisor".into(),
-                    rank: wr,
-                    step: this,
-                    op: "embedding all-reduce".into(),
-                    detail: format!("not done within {timeout:?}"),
-                })?
-                .map_err(|e| RuntimeError::Comm {
-                    rank: wr,
-                    step: this,
-                    op: "embedding all-reduce".into(),
-                    source: Box::new(e),
-                })?;
+            let summed =
+                wait_work(&ctx, this, "embedding all-reduce", emb.all_reduce(Buf::F32(part), ReduceOp::Sum))
+                    .await?;
+
             let Buf::F32(summed) = summed else {
                 return Err(RuntimeError::Actor {
                     actor: "supervisor".into(),
@@ -1573,23 +1561,9 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let world = ctx.world.size();
         let mut all = vec![0.0f64; world * slots];
         all[wr * slots..(wr + 1) * slots].copy_from_slice(&parts);
-        let waiting = ctx.waiting();
-        let gathered = tokio::time::timeout(timeout, ctx.world.all_gather(f64s_to_buf(&all)))
-            .await
-            .map_err(|_| RuntimeError::Actor {
-                actor: "supervisor".into(),
-                rank: wr,
-                step: this,
-                op: "step agreement".into(),
-                detail: format!("not done within {timeout:?}"),
-            })?
-            .map_err(|e| RuntimeError::Comm {
-                rank: wr,
-                step: this,
-                op: "step agreement (all-gather)".into(),
-                source: Box::new(e),
-            })?;
-        drop(waiting);
+        let gathered =
+            wait_work(&ctx, this, "step agreement (all-gather)", ctx.world.all_gather(f64s_to_buf(&all)))
+                .await?;
         let Buf::I64(bits) = gathered else {
             return Err(RuntimeError::Actor {
                 actor: "supervisor".into(),
@@ -1682,21 +1656,8 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                     reads.into_iter().map(|(c, r, v)| (c, r, ctx.dp.all_gather(Buf::F32(v)))).collect();
                 let mut full = Vec::with_capacity(works.len());
                 for (c, r, w) in works {
-                    let b = tokio::time::timeout(timeout, w)
-                        .await
-                        .map_err(|_| RuntimeError::Actor {
-                            actor: "optimizer".into(),
-                            rank: wr,
-                            step: this,
-                            op: "parameter all-gather".into(),
-                            detail: format!("not done within {timeout:?}"),
-                        })?
-                        .map_err(|e| RuntimeError::Comm {
-                            rank: wr,
-                            step: this,
-                            op: "parameter all-gather".into(),
-                            source: Box::new(e),
-                        })?;
+                    let b = wait_work(&ctx, this, "parameter all-gather", w).await?;
+
                     if let Buf::F32(v) = b {
                         full.push((c, r, v));
                     }
