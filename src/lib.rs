@@ -23,6 +23,7 @@
 
 pub mod comm;
 pub mod data;
+pub mod device;
 pub mod kernels;
 pub mod models;
 pub mod optim;

@@ -54,6 +54,9 @@ pub struct TrainBenchArgs {
     /// Do not checksum pipeline messages (to measure what the always-on checks cost).
     #[arg(long)]
     pub no_checksums: bool,
+    /// `cpu`, or `cuda` (probed; the CUDA backend is not built yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: troupe::device::Device,
 }
 
 /// `troupe bench faults`: the fault matrix (every fault kind × phase × seed on PP = 2 × DP = 2,
@@ -106,6 +109,7 @@ pub fn faults(args: FaultBenchArgs) -> anyhow::Result<()> {
 }
 
 pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
+    super::train::check_device(args.device)?;
     let mut sets = vec![
         format!("parallel.pipeline_model_parallel_size={}", args.pipeline_model_parallel_size),
         format!("parallel.data_parallel_size={}", args.data_parallel_size),

@@ -122,8 +122,37 @@ pub struct TrainArgs {
     /// Never draw a progress bar (plain log lines instead).
     #[arg(long)]
     pub no_progress: bool,
+    /// `cpu`, or `cuda` (probed at start; the CUDA backend is not built yet).
+    #[arg(long, default_value = "cpu")]
+    pub device: troupe::device::Device,
     #[command(flatten)]
     pub runtime: super::train_parallel::RuntimeArgs,
+}
+
+/// Refuses `--device cuda` with the reason: no driver or GPU here, or the backend not built yet.
+pub(super) fn check_device(device: troupe::device::Device) -> anyhow::Result<()> {
+    if device == troupe::device::Device::Cpu {
+        return Ok(());
+    }
+    match troupe::device::probe_cuda() {
+        Err(e) => Err(UsageError(format!("--device cuda: {e}")).into()),
+        Ok(devices) => {
+            let list: Vec<String> = devices
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{} {} (sm_{}{})",
+                        d.ordinal, d.name, d.compute_capability.0, d.compute_capability.1
+                    )
+                })
+                .collect();
+            Err(UsageError(format!(
+                "--device cuda: found {}, but troupe's CUDA backend is not built yet; use --device cpu",
+                list.join(", ")
+            ))
+            .into())
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -139,6 +168,7 @@ pub fn config_show(args: ConfigShowArgs) -> anyhow::Result<()> {
 }
 
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    check_device(args.device)?;
     let mut extra = Vec::new();
     if args.allow_fresh_start {
         extra.push("checkpoint.allow_fresh_start=true".to_string());
