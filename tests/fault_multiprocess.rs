@@ -353,3 +353,53 @@ fn the_fault_matrix_as_processes() {
     println!("{table}");
     assert!(bad.is_empty(), "{table}\n{}", bad.join("\n"));
 }
+
+/// A rank stopped from outside (SIGSTOP: its connections stay open, so no transport notices)
+/// is found by the heartbeats through the store within `--heartbeat-timeout`, long before the
+/// communication timeout, and the error names it.
+#[test]
+fn a_stopped_rank_is_found_by_the_store_heartbeat() {
+    let dir = scratch("sigstop");
+    let (cfg, text) = config(&dir);
+    let text = text.replace("train_iters = 4", "train_iters = 200");
+    std::fs::write(&cfg, &text).unwrap();
+    let log = dir.join("log.jsonl");
+    let started = std::time::Instant::now();
+    let child = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--grace", "1", "--"])
+        .arg(BIN)
+        .args(["train", "--no-progress", "--comm-timeout", "60", "--heartbeat-timeout", "1", "--config"])
+        .arg(&cfg)
+        .arg("--log-json")
+        .arg(&log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while json_losses(&log).len() < 3 && started.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
+    let pid: i32 = String::from_utf8_lossy(&kids.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a rank");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let rank = String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|kv| kv.strip_prefix("RANK=").map(str::to_string))
+        .expect("RANK in the rank's environment");
+    let stopped_at = std::time::Instant::now();
+    // SAFETY: kill(2) on a child process id we just listed; no memory effects.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let out = child.wait_with_output().unwrap();
+    let took = stopped_at.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("rank {rank} sent no heartbeat")), "{err}");
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?} (the comm timeout is 60 s)");
+    no_orphans(&cfg);
+}

@@ -64,6 +64,10 @@ pub struct RuntimeArgs {
     /// DIR/flight-rank<r>.txt.
     #[arg(long, value_name = "DIR")]
     pub flight_recorder: Option<PathBuf>,
+    /// Multi-process runs: a rank whose heartbeat through the rendezvous store stops for this
+    /// many seconds is reported dead or hung (default: the communication timeout).
+    #[arg(long, value_name = "SECS")]
+    pub heartbeat_timeout: Option<f64>,
 }
 
 impl RuntimeArgs {
@@ -247,6 +251,23 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                 CommOptions { timeout: opts.timeout, ..CommOptions::default() },
             )
             .map_err(|e| anyhow::anyhow!("rank {}: connecting to the other ranks: {e}", env.rank))?;
+            let bound = match rt.heartbeat_timeout {
+                None => opts.timeout,
+                Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+                Some(s) => {
+                    return Err(UsageError(format!(
+                        "--heartbeat-timeout {s}: must be a positive number of seconds"
+                    ))
+                    .into());
+                }
+            };
+            let addr = format!("{}:{}", env.master_addr, env.master_port);
+            let store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
+                .map_err(|e| {
+                    anyhow::anyhow!("rank {}: connecting to the store for heartbeats: {e}", env.rank)
+                })?
+                .with_prefix(&format!("troupe/attempt_{}", env.restart_count));
+            let heartbeat = runtime::heartbeat::Heartbeat::start(store, env.rank, env.world_size, bound);
             let setup = RankSetup {
                 cfg: cfg2,
                 plan: Arc::new(plan.clone()),
@@ -256,8 +277,13 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                 threads: per_rank,
                 events,
                 stop: Some(stop),
+                alarm: Some(heartbeat.alarm()),
             };
-            std::thread::spawn(move || runtime::run_rank(setup).map(|r| vec![r]))
+            std::thread::spawn(move || {
+                let r = runtime::run_rank(setup).map(|r| vec![r]);
+                drop(heartbeat);
+                r
+            })
         }
     };
     let bar = if rank == 0 { progress_bar(&cfg, 0, args.no_progress) } else { ProgressBar::hidden() };

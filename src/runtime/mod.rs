@@ -17,6 +17,7 @@
 
 mod compute;
 pub mod faults;
+pub mod heartbeat;
 mod mailbox;
 pub mod matrix;
 pub mod plan;
@@ -65,6 +66,7 @@ impl RuntimeError {
             RuntimeError::Actor { detail, .. } => {
                 !detail.contains("corrupt")
                     && (detail.contains("arrived within")
+                        || detail.contains("sent no heartbeat")
                         || detail.contains("receiving the")
                         || detail.contains("not done within"))
             }
@@ -253,6 +255,7 @@ pub fn train_inproc_all(
             threads: per_rank,
             events: if r == 0 { events.clone() } else { None },
             stop: stop.clone(),
+            alarm: None,
         };
         let h = std::thread::Builder::new()
             .name(format!("troupe-rank-{r}"))

@@ -1062,6 +1062,8 @@ pub struct RankSetup {
     pub events: Option<std::sync::mpsc::Sender<RunEvent>>,
     /// Raised by SIGINT/SIGTERM: the ranks agree to stop after the current step.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The alarm of this process's store heartbeat (multi-process runs).
+    pub alarm: Option<super::heartbeat::Alarm>,
 }
 
 pub enum SupMsg {
@@ -1773,6 +1775,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
 pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
     let wr = setup.world.rank();
     let watchdog = setup.opts.watchdog.unwrap_or(setup.opts.timeout);
+    let alarm = setup.alarm.clone();
     let flight_dir = setup.opts.flight_dir.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
         RuntimeError::Start { rank: wr, detail: format!("cannot build the tokio runtime: {e}") }
@@ -1796,6 +1799,17 @@ pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
             tokio::select! {
                 r = &mut call => break rpc("supervisor", wr, 0, r).and_then(|x| x),
                 () = tokio::time::sleep(tick) => {
+                    let raised = alarm.as_ref().and_then(|a| a.lock().ok().and_then(|g| g.clone()));
+                    if let Some(text) = raised {
+                        sup.kill();
+                        break Err(RuntimeError::Actor {
+                            actor: "heartbeat".into(),
+                            rank: wr,
+                            step: 0,
+                            op: "heartbeat".into(),
+                            detail: text,
+                        });
+                    }
                     let Some(ctx) = probe.get() else { continue };
                     let now = ctx.clock.at.elapsed().as_millis() as u64;
                     let idle = Duration::from_millis(now.saturating_sub(ctx.progress_ms.load(Ordering::Relaxed)));
