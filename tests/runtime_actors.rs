@@ -10,9 +10,9 @@ use anyhow::{Result, ensure};
 use troupe::config::Config;
 use troupe::data::SampleSource;
 use troupe::models::Rng;
+use troupe::runtime::faults::FaultPlan;
 use troupe::runtime::{
-    FailAt, Plan, RunOptions, RuntimeError, bubble_report, replay_order, trace_of, train_inproc,
-    train_inproc_all,
+    Plan, RunOptions, RuntimeError, bubble_report, replay_order, trace_of, train_inproc, train_inproc_all,
 };
 use troupe::schedule::OpKind;
 use troupe::trace::{Trace, recorded_program};
@@ -59,7 +59,8 @@ fn a_failing_actor_is_named_and_its_peers_do_not_hang() -> Result<()> {
     let plan = Plan::new(&cfg, 2)?;
     let instruction = plan.program.ranks[1].iter().position(|op| op.kind() == OpKind::Forward).unwrap_or(0);
     let timeout = 2;
-    let o = RunOptions { fail_at: Some(FailAt { rank: 1, step: 2, instruction }), ..opts(timeout) };
+    let crash = format!("crash:rank=1,step=2,instruction={instruction}").parse()?;
+    let o = RunOptions { faults: FaultPlan { faults: vec![crash], seed: 1 }, ..opts(timeout) };
     let t0 = Instant::now();
     let all = train_inproc_all(&cfg, data.clone(), o.clone(), 2, None, None)?;
     let took = t0.elapsed();
@@ -242,7 +243,9 @@ fn a_non_finite_loss_is_skipped_or_aborts_on_every_rank_together() -> Result<()>
     // Skip: step 2 changes nothing, on every rank; training continues.
     let (cfg, data) = setup(&[&layout[..], &["train.nan_policy=\"skip\""]].concat())?;
     let clean = train_inproc(&cfg, data.clone(), RunOptions { ..opts(30) }, 2, None, None)?;
-    let o = RunOptions { nan_loss_at: Some(2), ..opts(30) };
+    // World rank 2 is the last pipeline stage of data-parallel replica 0: its loss turns NaN.
+    let nan = "nan:rank=2,step=2,what=loss".parse()?;
+    let o = RunOptions { faults: FaultPlan { faults: vec![nan], seed: 1 }, ..opts(30) };
     let skipped = train_inproc(&cfg, data.clone(), o.clone(), 2, None, None)?;
     for r in &skipped {
         let flags: Vec<bool> = r.records.iter().map(|x| x.skipped).collect();

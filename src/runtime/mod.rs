@@ -87,10 +87,6 @@ pub struct RunOptions {
     /// Resume point.
     pub start_step: u64,
     pub consumed_samples: u64,
-    /// Make one compute instruction panic (tests of failure reporting).
-    pub fail_at: Option<FailAt>,
-    /// Make the last stage's loss of microbatch 0 NaN at this step (tests of the NaN policy).
-    pub nan_loss_at: Option<u64>,
     /// Faults to inject (see [`faults`]).
     pub faults: faults::FaultPlan,
     /// The launcher's restart attempt (faults fire in their own attempt only).
@@ -103,15 +99,6 @@ pub struct RunOptions {
     pub flight_dir: Option<std::path::PathBuf>,
 }
 
-/// Where an injected failure strikes: world rank, step (1-based), index of the instruction in
-/// the rank's program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FailAt {
-    pub rank: usize,
-    pub step: u64,
-    pub instruction: usize,
-}
-
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
@@ -120,8 +107,6 @@ impl Default for RunOptions {
             replay_order: None,
             start_step: 0,
             consumed_samples: 0,
-            fail_at: None,
-            nan_loss_at: None,
             faults: faults::FaultPlan::default(),
             attempt: 0,
             checksums: true,

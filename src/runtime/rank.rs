@@ -99,10 +99,6 @@ pub struct RankCtx {
     pub compute: Compute,
     /// Which steps record trace events, and the events.
     pub record_step: Option<u64>,
-    /// Test hook: make one compute instruction fail.
-    pub fail_at: Option<super::FailAt>,
-    /// Test hook: a NaN loss at this step.
-    pub nan_loss_at: Option<u64>,
     /// This rank's injected faults, with the instruction index each fires at (pipeline phases).
     pub faults: Vec<(super::faults::Fault, Option<usize>)>,
     pub fault_plan: super::faults::FaultPlan,
@@ -334,7 +330,6 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
     let waited0 = ctx.waited_ns.load(Ordering::Relaxed) + ctx.compute.queued_ns.load(Ordering::Relaxed);
     let t_all = Instant::now();
     let busy_start = ctx.busy_ns.load(Ordering::Relaxed);
-    let inject = ctx.fail_at.filter(|f| f.rank == ctx.world_rank && f.step == step).map(|f| f.instruction);
     use super::faults::{FaultKind as K, Target};
     let mut held: Option<(Op, Buf, usize, u64)> = None;
     for &(op, ticket, index) in &st.ops {
@@ -346,7 +341,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
             // on its consequences: send it now.
             sends.push((hop, ctx.pp.send(buf, hpeer, htag)));
         }
-        let mut boom = inject == Some(index);
+        let mut boom = false;
         if let Some(f) = ctx.fault_at(step, index, &[K::Crash, K::Exit, K::Hang]) {
             match f.kind {
                 K::Exit => {
@@ -435,8 +430,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     None,
                 );
                 if let Some(l) = loss {
-                    let poisoned = ctx.nan_loss_at == Some(step) && mb == 0;
-                    report.losses.push((mb, if poisoned { f32::NAN } else { l }));
+                    report.losses.push((mb, l));
                 }
                 if let Some(out) = out {
                     let (r, c2) = program.locate(stage + 1);
@@ -1188,8 +1182,6 @@ impl Actor for Supervisor {
             mailbox,
             compute,
             record_step: s.opts.trace_step,
-            fail_at: s.opts.fail_at,
-            nan_loss_at: s.opts.nan_loss_at,
             faults: {
                 let ops = &plan.program.ranks[coords.pp];
                 s.opts
