@@ -266,3 +266,56 @@ fn a_non_finite_loss_is_skipped_or_aborts_on_every_rank_together() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn evaluation_through_the_pipeline_matches_the_single_rank_trainer() -> Result<()> {
+    let (base, data) = setup(&["logging.eval_interval=1", "logging.eval_iters=3"])?;
+    let mut rng = Rng::derived(2, "actors-valid");
+    let tokens: Vec<u32> = (0..2000).map(|_| (rng.next_u64() % 61) as u32).collect();
+    let valid: Arc<dyn SampleSource> = Arc::new(TokenWindows::new(tokens, 16, 4).expect("tokens"));
+    // The single-rank trainer's evaluation after each step.
+    let be = troupe::kernels::CpuBackend::new(1);
+    let (mut trainer, mut state, _) = troupe::train::run::prepare(&base)?;
+    let stop = AtomicBool::new(false);
+    let d = troupe::train::run::RunData { train: data.as_ref(), valid: Some(valid.as_ref()), sample: None };
+    let mut want = Vec::new();
+    troupe::train::run::run(&base, &be, &mut trainer, &mut state, &d, &stop, &mut |e| {
+        if let troupe::train::run::Event::Eval { loss, .. } = e {
+            want.push(*loss);
+        }
+    })?;
+    ensure!(want.len() == 3, "{want:?}");
+    for layout in [
+        &["parallel.pipeline_model_parallel_size=2"][..],
+        &["parallel.pipeline_model_parallel_size=2", "parallel.data_parallel_size=2"],
+    ] {
+        let sets: Vec<&str> = ["logging.eval_interval=1", "logging.eval_iters=3"]
+            .into_iter()
+            .chain(layout.iter().copied())
+            .collect();
+        let (cfg, _) = setup(&sets)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let o = RunOptions { valid: Some(troupe::runtime::ValidData(valid.clone())), ..opts(30) };
+        train_inproc(&cfg, data.clone(), o, 2, Some(tx), None)?;
+        let got: Vec<f32> = rx
+            .try_iter()
+            .filter_map(
+                |e| if let troupe::runtime::RunEvent::Eval { loss, .. } = e { Some(loss) } else { None },
+            )
+            .collect();
+        // DP = 1 trains bitwise like one rank, so its evaluations are bitwise too; with DP = 2 the
+        // parameters differ in the last bits, and so do the losses.
+        if layout.len() == 1 {
+            ensure!(
+                got.iter().map(|x| x.to_bits()).eq(want.iter().map(|x| x.to_bits())),
+                "{got:?} vs {want:?}"
+            );
+        } else {
+            ensure!(
+                got.len() == 3 && got.iter().zip(&want).all(|(a, b)| ((a - b) / b).abs() < 1e-5),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+    Ok(())
+}

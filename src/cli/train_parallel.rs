@@ -225,13 +225,14 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             4 * plan.pp
         );
     }
-    if rank == 0 && cfg.logging.eval_interval > 0 {
-        eprintln!(
-            "troupe: note: the parallel runtime does not run evaluation yet (logging.eval_interval = {} is ignored); \
-             evaluate a saved checkpoint with the single-rank trainer",
-            cfg.logging.eval_interval
-        );
+    if rank == 0 && cfg.logging.eval_interval > 0 && cfg.logging.sample_tokens > 0 {
+        eprintln!("troupe: note: the parallel runtime evaluates but does not generate text samples");
     }
+    if let Some(note) = data.valid_note.as_ref().filter(|_| rank == 0) {
+        eprintln!("troupe: warning: no evaluation will run: {note}");
+    }
+    let mut opts = opts;
+    opts.valid = data.valid.map(|v| runtime::ValidData(Arc::from(v)));
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
     let events = (rank == 0).then_some(tx);
@@ -308,6 +309,10 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             }
             RunEvent::Saved { step, path } => {
                 report(&Event::Saved { step, path }, &bar, cfg.logging.log_interval, json.as_mut());
+            }
+            RunEvent::Eval { step, loss } => {
+                let e = Event::Eval { step, loss, perplexity: loss.exp(), sample: None };
+                report(&e, &bar, cfg.logging.log_interval, json.as_mut());
             }
             RunEvent::Resumed { step, consumed_samples } => {
                 bar.set_position(step);

@@ -97,6 +97,19 @@ pub struct RunOptions {
     pub watchdog: Option<Duration>,
     /// Write each failing rank's flight recorder (its last instructions and messages) here.
     pub flight_dir: Option<std::path::PathBuf>,
+    /// Validation data: every `logging.eval_interval` steps the ranks evaluate
+    /// `logging.eval_iters` microbatches of it through the pipeline.
+    pub valid: Option<ValidData>,
+}
+
+/// Validation samples for [`RunOptions::valid`].
+#[derive(Clone)]
+pub struct ValidData(pub Arc<dyn SampleSource>);
+
+impl std::fmt::Debug for ValidData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ValidData({} samples)", self.0.num_samples())
+    }
 }
 
 impl Default for RunOptions {
@@ -112,6 +125,7 @@ impl Default for RunOptions {
             checksums: true,
             watchdog: None,
             flight_dir: None,
+            valid: None,
         }
     }
 }
@@ -134,6 +148,8 @@ pub enum RunEvent {
     Resumed { step: u64, consumed_samples: u64 },
     /// A checkpoint was written (by world rank 0).
     Saved { step: u64, path: String },
+    /// Mean validation loss over `logging.eval_iters` microbatches.
+    Eval { step: u64, loss: f32 },
 }
 
 /// One step as every rank agreed on it.
@@ -141,8 +157,8 @@ pub enum RunEvent {
 pub struct StepRecord {
     /// World ranks that found a non-finite loss or gradient this step.
     pub nonfinite_ranks: Vec<usize>,
-    /// The world rank with the most compute time this step (a straggler if much above the rest)
-    /// and its compute time over the median rank's.
+    /// The world rank most behind this step and by how much: its compute time over the smaller
+    /// of its data-parallel peers' (same stage) and its own best step so far.
     pub slowest_rank: usize,
     pub slowest_ratio: f64,
     pub step: u64,

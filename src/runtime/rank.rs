@@ -1364,6 +1364,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let save_every = cfg.checkpoint.save_interval;
     let mut saved_at = None;
     let mut reported = (0u64, 0u64, 0u64, 0u64);
+    let mut best_busy = vec![f64::INFINITY; ctx.world.size()];
     while step < t.train_iters {
         let this = step + 1;
         let t_step = Instant::now();
@@ -1589,17 +1590,37 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             worst = worst.max(v[n_tensors + 4]);
         }
         let rec_nonfinite_here = nonfinite_ranks.contains(&wr);
-        busy.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (slowest_busy, slowest_rank) = busy.last().copied().unwrap_or((0.0, 0));
-        let median_busy = busy.get(busy.len().saturating_sub(1) / 2).map_or(0.0, |b| b.0);
-        let slowest_ratio = if median_busy > 0.0 { slowest_busy / median_busy } else { 1.0 };
+        // A straggler is slow against ranks doing the same work: its data-parallel peers of the
+        // same pipeline stage this step, and its own fastest step so far (pipeline stages differ
+        // by design, so they are not compared with each other).
+        busy.sort_by_key(|b| b.1);
+        let mut slowest_ratio = 1.0f64;
+        let mut slowest_rank = 0;
+        for &(t, r) in &busy {
+            let stage = r / plan.dp;
+            let peers = busy
+                .iter()
+                .filter(|(_, q)| q / plan.dp == stage)
+                .map(|(t, _)| *t)
+                .fold(f64::INFINITY, f64::min);
+            let best = best_busy[r].min(peers);
+            let ratio = if best > 0.0 && best.is_finite() { t / best } else { 1.0 };
+            if ratio > slowest_ratio {
+                (slowest_ratio, slowest_rank) = (ratio, r);
+            }
+        }
+        for &(t, r) in &busy {
+            if t > 0.0 {
+                best_busy[r] = best_busy[r].min(t);
+            }
+        }
         let rec_slowest = (slowest_rank, slowest_ratio);
         if slowest_ratio > 1.5 && wr == 0 {
             tracing::warn!(
                 step = this,
                 rank = slowest_rank,
                 ratio = slowest_ratio,
-                "straggler: rank computes {slowest_ratio:.1}× the median rank's time"
+                "straggler: rank {slowest_rank} computes {slowest_ratio:.1}× its peers' or its own best time"
             );
         }
         if !nonfinite_ranks.is_empty() && wr == 0 {
@@ -1724,6 +1745,16 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             });
         }
         result.records.push(rec);
+        let every = cfg.logging.eval_interval;
+        if every > 0
+            && this.is_multiple_of(every)
+            && let Some(valid) = st.opts.valid.clone()
+        {
+            let loss = evaluate(st, this, &valid.0).await?;
+            if let Some(tx) = &st.events {
+                let _ = tx.send(RunEvent::Eval { step: this, loss });
+            }
+        }
         if !save_dir.is_empty() && save_every > 0 && this.is_multiple_of(save_every) {
             save_checkpoint(st, this, consumed, skipped).await?;
             saved_at = Some(this);
@@ -2153,4 +2184,102 @@ async fn phase_fault(
         op: phase.name().into(),
         detail: format!("injected crash ({})", f.describe()),
     })
+}
+
+/// Mean validation loss over `logging.eval_iters` microbatches (always the same samples, as the
+/// single-rank trainer's `evaluate`): each microbatch goes forward through the stages in order,
+/// one at a time; data-parallel replica `d` takes microbatches `i ≡ d (mod dp)`; the per-
+/// microbatch losses are gathered and added in microbatch order, so the result has the
+/// single-rank bits.
+async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -> Result<f32, RuntimeError> {
+    const TAG: u64 = 0xE7A1 << 48;
+    let ctx = st.ctx.clone();
+    let plan = ctx.plan.clone();
+    let cfg = &ctx.cfg;
+    let (b, seq) = (plan.micro_batch_size, ctx.seq);
+    let n = cfg.logging.eval_iters.max(1) as usize;
+    let stages = plan.num_stages();
+    let wr = ctx.world_rank;
+    let fail = |detail: String| RuntimeError::Actor {
+        actor: "evaluator".into(),
+        rank: wr,
+        step,
+        op: "eval".into(),
+        detail,
+    };
+    let mut losses = vec![0.0f64; n];
+    let mut mine = vec![false; n];
+    let mut buf = crate::train::data::BatchBuf::default();
+    for (i, slot) in losses.iter_mut().enumerate() {
+        if i % plan.dp != ctx.dp_rank {
+            continue;
+        }
+        buf.fill(valid.as_ref(), (i * b) as u64, b).map_err(|e| fail(e.to_string()))?;
+        let mut hidden: Option<Vec<f32>> = None;
+        for s in 0..stages {
+            let (r, c) = plan.program.locate(s);
+            if r != ctx.pp_rank {
+                continue;
+            }
+            let input = if s == 0 {
+                None
+            } else if let Some(h) = hidden.take() {
+                Some(h)
+            } else {
+                let (pr, _) = plan.program.locate(s - 1);
+                let w = ctx.pp.recv(DType::F32, ctx.hidden_len(), pr, TAG | ((i as u64) << 8) | s as u64);
+                match wait_work(&ctx, step, "eval: receive activation", w).await? {
+                    Buf::F32(v) => Some(v),
+                    _ => return Err(fail("a non-f32 activation".into())),
+                }
+            };
+            let (tokens, targets) = (buf.tokens.clone(), buf.targets.clone());
+            let last = s == stages - 1;
+            let id = u64::MAX - 1 - i as u64;
+            let r = st
+                .job(step, "eval forward", move |e: &mut Engine| {
+                    let Engine { be, chunks, .. } = e;
+                    let g = &mut chunks[c];
+                    let inp = match &input {
+                        None => StageInput::Tokens(&tokens),
+                        Some(h) => StageInput::Hidden(h),
+                    };
+                    let loss = g.forward(&**be, id, b, seq, inp, last.then_some(&targets[..]), 1.0);
+                    let out = if last { None } else { g.output(id).map(<[f32]>::to_vec) };
+                    g.release(id);
+                    loss.map(|l| (l, out))
+                })
+                .await?;
+            let (loss, out) = r.map_err(|e| fail(e.to_string()))?;
+            if let Some(l) = loss {
+                *slot = f64::from(l);
+                mine[i] = true;
+            }
+            if let Some(out) = out {
+                let (nr, _) = plan.program.locate(s + 1);
+                if nr == ctx.pp_rank {
+                    hidden = Some(out);
+                } else {
+                    let w = ctx.pp.send(Buf::F32(out), nr, TAG | ((i as u64) << 8) | (s + 1) as u64);
+                    wait_work(&ctx, step, "eval: send activation", w).await?;
+                }
+            }
+        }
+    }
+    // Every rank learns every microbatch's loss (one holder each), then adds them in order.
+    let world = ctx.world.size();
+    let mut all = vec![0.0f64; world * n];
+    for i in 0..n {
+        if mine[i] {
+            all[wr * n + i] = losses[i];
+        }
+    }
+    let g = wait_work(&ctx, step, "eval: gather losses", ctx.world.all_gather(f64s_to_buf(&all))).await?;
+    let Buf::I64(bits) = g else { return Err(fail("a non-i64 gather".into())) };
+    let vals: Vec<f64> = bits.iter().map(|&x| f64::from_bits(x as u64)).collect();
+    let mut sum = 0.0f64;
+    for i in 0..n {
+        sum += (0..world).map(|r| vals[r * n + i]).fold(0.0f64, |a, x| a + x);
+    }
+    Ok((sum / n as f64) as f32)
 }
