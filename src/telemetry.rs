@@ -175,7 +175,7 @@ pub fn describe() {
     describe_gauge!(OPTIMIZER_STATE_BYTES, Unit::Bytes, "Bytes of optimizer state held by this rank.");
     describe_gauge!(
         STRAGGLER_RATIO,
-        "Compute time of the slowest rank over the median rank's in the last step, labelled with the slowest rank."
+        "The rank most behind in the last step (label `slowest`): its compute time over the smaller of its data-parallel peers' and its own best step's."
     );
     describe_counter!(NONFINITE_TOTAL, "Steps in which this rank found a non-finite loss or gradient.");
 }
@@ -220,7 +220,8 @@ pub fn set_optimizer_state_bytes(rank: usize, bytes: u64) {
     metrics::gauge!(OPTIMIZER_STATE_BYTES, "rank" => rank.to_string()).set(bytes as f64);
 }
 
-/// Names the slowest rank of the last step (`slowest`) and its compute time over the median's.
+/// Names the rank most behind in the last step (`slowest`) and its compute time over the smaller
+/// of its data-parallel peers' and its own best step's.
 pub fn set_straggler(rank: usize, slowest: usize, ratio: f64) {
     metrics::gauge!(STRAGGLER_RATIO, "rank" => rank.to_string(), "slowest" => slowest.to_string()).set(ratio);
 }
