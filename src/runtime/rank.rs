@@ -1328,8 +1328,24 @@ fn rpc<T>(
     }
 }
 
-fn f64s_to_buf(v: &[f64]) -> Buf {
-    Buf::I64(v.iter().map(|x| x.to_bits() as i64).collect())
+/// All-gathers this rank's f64 values (carried bit for bit as i64) over the world: returns
+/// `world × mine.len()` values, rank r's at `[r·len, (r+1)·len)`.
+async fn gather_f64(ctx: &RankCtx, step: u64, op: &str, mine: &[f64]) -> Result<Vec<f64>, RuntimeError> {
+    let (world, len) = (ctx.world.size(), mine.len());
+    let mut all = vec![0i64; world * len];
+    for (d, x) in all[ctx.world_rank * len..(ctx.world_rank + 1) * len].iter_mut().zip(mine) {
+        *d = x.to_bits() as i64;
+    }
+    match wait_work(ctx, step, op, ctx.world.all_gather(Buf::I64(all))).await? {
+        Buf::I64(bits) => Ok(bits.iter().map(|&b| f64::from_bits(b as u64)).collect()),
+        other => Err(RuntimeError::Actor {
+            actor: "supervisor".into(),
+            rank: ctx.world_rank,
+            step,
+            op: op.into(),
+            detail: format!("expected i64 values, got {:?}", other.dtype()),
+        }),
+    }
 }
 
 async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
@@ -1554,21 +1570,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         parts[n_tensors + 4] = local_bubble;
         parts[n_tensors + 5] = busy_s;
         let world = ctx.world.size();
-        let mut all = vec![0.0f64; world * slots];
-        all[wr * slots..(wr + 1) * slots].copy_from_slice(&parts);
-        let gathered =
-            wait_work(&ctx, this, "step agreement (all-gather)", ctx.world.all_gather(f64s_to_buf(&all)))
-                .await?;
-        let Buf::I64(bits) = gathered else {
-            return Err(RuntimeError::Actor {
-                actor: "supervisor".into(),
-                rank: wr,
-                step: this,
-                op: "step agreement".into(),
-                detail: "non-i64 result".into(),
-            });
-        };
-        let vals: Vec<f64> = bits.iter().map(|&b| f64::from_bits(b as u64)).collect();
+        let vals = gather_f64(&ctx, this, "step agreement (all-gather)", &parts).await?;
         let mut sums = vec![0.0f64; n_tensors];
         let (mut loss_total, mut count, mut any_nonfinite, mut any_stop, mut worst) =
             (0.0f64, 0.0f64, false, false, 0.0f64);
@@ -2268,15 +2270,8 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
     }
     // Every rank learns every microbatch's loss (one holder each), then adds them in order.
     let world = ctx.world.size();
-    let mut all = vec![0.0f64; world * n];
-    for i in 0..n {
-        if mine[i] {
-            all[wr * n + i] = losses[i];
-        }
-    }
-    let g = wait_work(&ctx, step, "eval: gather losses", ctx.world.all_gather(f64s_to_buf(&all))).await?;
-    let Buf::I64(bits) = g else { return Err(fail("a non-i64 gather".into())) };
-    let vals: Vec<f64> = bits.iter().map(|&x| f64::from_bits(x as u64)).collect();
+    let held: Vec<f64> = losses.iter().zip(&mine).map(|(&l, &m)| if m { l } else { 0.0 }).collect();
+    let vals = gather_f64(&ctx, step, "eval: gather losses", &held).await?;
     let mut sum = 0.0f64;
     for i in 0..n {
         sum += (0..world).map(|r| vals[r * n + i]).fold(0.0f64, |a, x| a + x);
