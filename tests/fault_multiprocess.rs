@@ -76,6 +76,17 @@ fn json_losses(path: &Path) -> Vec<(u64, f32)> {
         .collect()
 }
 
+/// The steps logged in `log` (by the restarted attempt) are `steps`, with the uninterrupted
+/// run's losses bit for bit.
+fn assert_continues(log: &Path, text: &str, steps: &[u64], err: &str) {
+    let want = reference(text);
+    let got = json_losses(log);
+    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), steps, "{err}");
+    for (step, loss) in got {
+        assert_eq!(loss.to_bits(), want[step as usize - 1].to_bits(), "step {step}");
+    }
+}
+
 /// No process still runs with this test's config path on its command line.
 fn no_orphans(cfg: &Path) {
     let out = Command::new("pgrep").args(["-f", &cfg.display().to_string()]).output();
@@ -109,12 +120,7 @@ fn a_rank_that_exits_is_restarted_and_the_curve_continues_bit_for_bit() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("attempt 0: rank 1 failed first (exit code 43)"), "{err}");
-    let want = reference(&text);
-    let got = json_losses(&log);
-    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [3, 4], "{err}");
-    for (step, loss) in got {
-        assert_eq!(loss.to_bits(), want[step as usize - 1].to_bits(), "step {step}");
-    }
+    assert_continues(&log, &text, &[3, 4], &err);
     no_orphans(&cfg);
 }
 
@@ -127,12 +133,7 @@ fn a_checkpoint_killed_mid_write_leaves_the_previous_one_and_the_run_recovers() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("exit code 44") && err.contains("resumed at step 2"), "{err}");
-    let want = reference(&text);
-    let got = json_losses(&log);
-    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [3, 4], "{err}");
-    for (step, loss) in got {
-        assert_eq!(loss.to_bits(), want[step as usize - 1].to_bits(), "step {step}");
-    }
+    assert_continues(&log, &text, &[3, 4], &err);
     no_orphans(&cfg);
 }
 
@@ -233,18 +234,10 @@ fn sigkill_from_outside_is_survived_by_a_restart() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("killed by signal 9") && err.contains("restarting all ranks"), "{err}");
-    // The restarted attempt's log continues the uninterrupted curve bit for bit.
-    let mut cfg = Config::from_toml_str(&text, "test", &[]).unwrap();
-    cfg.checkpoint.save.clear();
-    cfg.checkpoint.load.clear();
-    let data = troupe::train::corpus::open(&cfg).unwrap();
-    let r = train_inproc(&cfg, Arc::from(data.train), RunOptions::default(), 2, None, None).unwrap();
-    let want: Vec<f32> = r[0].records.iter().map(|x| x.loss).collect();
-    let got = json_losses(&log);
-    assert_eq!(got.last().map(|x| x.0), Some(200), "{err}");
-    for (step, loss) in got {
-        assert_eq!(loss.to_bits(), want[step as usize - 1].to_bits(), "step {step}");
-    }
+    // The restarted attempt's log continues the uninterrupted curve bit for bit, to the end.
+    let steps: Vec<u64> = json_losses(&log).iter().map(|x| x.0).collect();
+    assert_eq!(steps.last(), Some(&200), "{err}");
+    assert_continues(&log, &text, &steps, &err);
     no_orphans(&dir.join("cfg.toml"));
 }
 
