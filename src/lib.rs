@@ -24,6 +24,7 @@
 pub mod comm;
 pub mod data;
 pub mod device;
+pub mod gpu;
 pub mod kernels;
 pub mod models;
 pub mod optim;

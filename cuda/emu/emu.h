@@ -1,0 +1,176 @@
+// The CPU emulator of troupe's CUDA kernels: just enough of CUDA C++ for the kernels in cuda/*.cu
+// to compile as C++20 with g++ and run on the CPU, one OS thread per CUDA thread of a block, for
+// tests on machines without a GPU. It checks algorithms and launch geometry, not GPU performance
+// or memory-model corner cases (every thread sees every store at once; there are no data races
+// that a GPU would expose but the emulator hides, as long as kernels synchronise as they must).
+//
+// Model: a launch runs the blocks of the grid one after another; the threads of a block are real
+// threads that meet at __syncthreads() (a std::barrier of the block size) and exchange values in
+// warp shuffles through a per-warp slot array guarded by a per-warp barrier. `__shared__`
+// variables become function-local statics: one copy, used by the one block running at a time.
+#define TROUPE_EMU 1
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <math.h>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+
+namespace troupe_emu {
+struct Launch;
+inline thread_local dim3 thread_idx;
+inline thread_local dim3 block_idx;
+inline thread_local Launch* current = nullptr;
+inline thread_local unsigned int linear_tid = 0;
+}  // namespace troupe_emu
+
+#define threadIdx (troupe_emu::thread_idx)
+#define blockIdx (troupe_emu::block_idx)
+#define blockDim (troupe_emu::launch_block_dim())
+#define gridDim (troupe_emu::launch_grid_dim())
+
+namespace troupe_emu {
+struct Launch {
+    dim3 grid, block;
+    unsigned int threads;
+    std::unique_ptr<std::barrier<>> block_barrier;
+    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+    std::vector<uint32_t> warp_slots;  // 32 lanes per warp, 4-byte payloads
+    std::vector<uint64_t> warp_slots64;
+    alignas(64) std::vector<unsigned char> dyn_smem;
+};
+inline const dim3& launch_block_dim() { return current->block; }
+inline const dim3& launch_grid_dim() { return current->grid; }
+inline unsigned char* dyn_smem() { return current->dyn_smem.data(); }
+
+template <typename T>
+inline T shfl(T v, unsigned int src_lane) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "shuffles move 4- or 8-byte values");
+    Launch* l = current;
+    unsigned int warp = linear_tid / 32, lane = linear_tid % 32;
+    auto& bar = *l->warp_barriers[warp];
+    T out;
+    if constexpr (sizeof(T) == 4) {
+        uint32_t bits;
+        std::memcpy(&bits, &v, 4);
+        l->warp_slots[warp * 32 + lane] = bits;
+        bar.arrive_and_wait();
+        bits = l->warp_slots[warp * 32 + (src_lane & 31)];
+        std::memcpy(&out, &bits, 4);
+    } else {
+        uint64_t bits;
+        std::memcpy(&bits, &v, 8);
+        l->warp_slots64[warp * 32 + lane] = bits;
+        bar.arrive_and_wait();
+        bits = l->warp_slots64[warp * 32 + (src_lane & 31)];
+        std::memcpy(&out, &bits, 8);
+    }
+    bar.arrive_and_wait();
+    (void)lane;
+    return out;
+}
+}  // namespace troupe_emu
+
+#define DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(troupe_emu::dyn_smem())
+
+inline void __syncthreads() { troupe_emu::current->block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned int = 0xffffffffu) {
+    troupe_emu::current->warp_barriers[troupe_emu::linear_tid / 32]->arrive_and_wait();
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned int, T v, int mask, int = 32) {
+    return troupe_emu::shfl(v, (troupe_emu::linear_tid % 32) ^ (unsigned int)mask);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned int, T v, unsigned int delta, int = 32) {
+    unsigned int lane = troupe_emu::linear_tid % 32;
+    T other = troupe_emu::shfl(v, std::min(lane + delta, 31u));
+    return lane + delta < 32 ? other : v;
+}
+template <typename T>
+inline T __shfl_sync(unsigned int, T v, int src, int = 32) {
+    return troupe_emu::shfl(v, (unsigned int)src);
+}
+
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __saturatef(float x) { return std::min(1.0f, std::max(0.0f, x)); }
+using std::max;
+using std::min;
+
+template <typename T>
+inline T atomicAdd(T* addr, T v) {
+    return std::atomic_ref<T>(*addr).fetch_add(v);
+}
+
+namespace troupe_emu {
+using Trampoline = void (*)(void* fn, void** args);
+struct Entry {
+    const char* name;
+    void* fn;
+    Trampoline call;
+};
+inline std::vector<Entry>& registry() {
+    static std::vector<Entry> r;
+    return r;
+}
+template <typename... A, std::size_t... I>
+inline void call_with(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_reference_t<A>*>(args[I])...);
+}
+template <typename... A>
+inline void trampoline(void* fn, void** args) {
+    call_with(reinterpret_cast<void (*)(A...)>(fn), args, std::index_sequence_for<A...>{});
+}
+template <typename... A>
+inline Trampoline trampoline_for(void (*)(A...)) {
+    return &trampoline<A...>;
+}
+struct Register {
+    template <typename F>
+    Register(const char* name, F* f) {
+        registry().push_back(Entry{name, reinterpret_cast<void*>(f), trampoline_for(f)});
+    }
+};
+}  // namespace troupe_emu
+
+#define EXPORT_KERNEL(name) static troupe_emu::Register troupe_emu_reg_##name(#name, &name)

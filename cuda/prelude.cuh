@@ -1,0 +1,76 @@
+// troupe CUDA prelude: prepended to every kernel file, both when NVRTC compiles the kernels for
+// a GPU and when the CPU emulator (cuda/emu/emu.h, TROUPE_EMU defined) compiles them as C++.
+// It must therefore use no CUDA header: bf16 is stored as a 16-bit integer and converted by bit
+// manipulation (round to nearest even, NaN kept quiet), which is exact and costs two integer ops.
+//
+// Conventions for every kernel file:
+// - Kernels are `extern "C" __global__` with plain pointer/scalar parameters and are followed by
+//   `EXPORT_KERNEL(name);` (registers them with the emulator; nothing on a GPU).
+// - Block sizes are multiples of 32 and every thread of a warp reaches every shuffle; every thread
+//   of a block reaches every __syncthreads() (no early return before a barrier).
+// - Dynamic shared memory is declared with `DYN_SMEM(type, name);`.
+// - Reductions run in an order fixed by the shapes and the launch geometry: results never depend
+//   on timing (no float atomics).
+#ifndef TROUPE_EMU
+#define EXPORT_KERNEL(name)
+#define DYN_SMEM(T, name)                                                                         \
+    extern __shared__ __align__(16) unsigned char troupe_dyn_smem_[];                             \
+    T* name = reinterpret_cast<T*>(troupe_dyn_smem_)
+#endif
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float bf16_to_f32(bf16 h) { return __uint_as_float(((unsigned int)h) << 16); }
+
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x0040u); // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+// Loads and stores that read fp32 or bf16 storage as fp32 values.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return bf16_to_f32(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return f32_to_bf16(x); }
+
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
+// `scratch` is 32 floats of shared memory; the function synchronises before and after using it,
+// so it may be called repeatedly with the same scratch.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < warps ? scratch[lane] : -INFINITY;
+    return warp_max(t);
+}

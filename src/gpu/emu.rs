@@ -1,0 +1,337 @@
+//! The CPU emulator of the CUDA kernels (see the module docs of [`crate::gpu`] and
+//! `cuda/emu/emu.h`). Slow — one OS thread per CUDA thread — and meant for tests with small shapes.
+
+use std::cell::UnsafeCell;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, sources};
+
+/// How long one emulated launch may take before the process is stopped: a kernel that breaks the
+/// barrier rules (a thread skipping `__syncthreads`) deadlocks the emulator instead of failing.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(300);
+
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    *const u32,
+    *const u32,
+    u64,
+    *mut *mut c_void,
+    *mut c_char,
+    u64,
+) -> c_int;
+type CountFn = unsafe extern "C" fn() -> c_int;
+type NameFn = unsafe extern "C" fn(c_int) -> *const c_char;
+
+/// Host memory standing in for device memory (8-byte aligned, zeroed).
+pub struct EmuBuf {
+    data: UnsafeCell<Box<[u64]>>,
+    bytes: usize,
+}
+
+// SAFETY: kernels write through raw pointers while the buffer is shared, exactly as on a GPU; the
+// emulator runs one launch at a time and uploads/downloads only between launches.
+unsafe impl Send for EmuBuf {}
+unsafe impl Sync for EmuBuf {}
+
+impl EmuBuf {
+    fn ptr(&self, offset: usize) -> *mut u8 {
+        assert!(offset <= self.bytes, "device pointer {offset} past a {}-byte buffer", self.bytes);
+        // SAFETY: the offset is inside the allocation (checked above).
+        unsafe { ((*self.data.get()).as_mut_ptr() as *mut u8).add(offset) }
+    }
+}
+
+/// Kernels compiled for the CPU (`g++ -std=c++20`), loaded as a shared library.
+pub struct EmuGpu {
+    lib: libloading::Library,
+    kernels: Vec<String>,
+    path: PathBuf,
+}
+
+impl EmuGpu {
+    /// Compiles (or finds in the cache) the emulated kernels. Needs `g++` (12 or newer).
+    ///
+    /// # Errors
+    /// [`GpuError::EmuBuild`] when g++ is missing or the kernels do not compile.
+    pub fn new() -> Result<Self, GpuError> {
+        let mut src = String::new();
+        src.push_str(sources::EMU_HEADER);
+        src.push_str("\n#line 1 \"prelude.cuh\"\n");
+        src.push_str(sources::PRELUDE);
+        for (name, text) in sources::KERNEL_FILES {
+            src.push_str(&format!("\n#line 1 \"{name}\"\n"));
+            src.push_str(text);
+        }
+        src.push_str("\n#line 1 \"runtime.cpp\"\n");
+        src.push_str(sources::EMU_RUNTIME);
+        const FLAGS: &[&str] = &["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-w"];
+        let key = sources::hash_texts(&[&src, &FLAGS.join(" ")]);
+        let dir = std::env::var_os("TROUPE_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("troupe-cache"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| GpuError::EmuBuild(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(format!("emu-kernels-{key:016x}.so"));
+        if !path.exists() {
+            let unique = format!("{}-{:?}", std::process::id(), std::thread::current().id());
+            let unique: String = unique.chars().filter(char::is_ascii_alphanumeric).collect();
+            let cpp = dir.join(format!("emu-kernels-{key:016x}-{unique}.cpp"));
+            let tmp = dir.join(format!("emu-kernels-{key:016x}-{unique}.so"));
+            std::fs::write(&cpp, &src)
+                .map_err(|e| GpuError::EmuBuild(format!("writing {}: {e}", cpp.display())))?;
+            let out = Command::new("g++")
+                .args(FLAGS)
+                .arg("-o")
+                .arg(&tmp)
+                .arg(&cpp)
+                .output()
+                .map_err(|e| GpuError::EmuBuild(format!("running g++ (is it installed?): {e}")))?;
+            let _ = std::fs::remove_file(&cpp);
+            if !out.status.success() {
+                let log = String::from_utf8_lossy(&out.stderr);
+                return Err(GpuError::EmuBuild(format!("g++ failed:\n{}", &log[..log.len().min(8000)])));
+            }
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| GpuError::EmuBuild(format!("moving {} into place: {e}", tmp.display())))?;
+        }
+        // SAFETY: the library is ours, built just now from the embedded sources; its static
+        // initialisers only register kernels.
+        let lib = unsafe { libloading::Library::new(&path) }
+            .map_err(|e| GpuError::EmuBuild(format!("loading {}: {e}", path.display())))?;
+        let kernels = {
+            // SAFETY: both symbols are defined in runtime.cpp with these signatures.
+            let count: libloading::Symbol<CountFn> = unsafe { lib.get(b"troupe_emu_kernel_count") }
+                .map_err(|e| GpuError::EmuBuild(e.to_string()))?;
+            let name: libloading::Symbol<NameFn> = unsafe { lib.get(b"troupe_emu_kernel_name") }
+                .map_err(|e| GpuError::EmuBuild(e.to_string()))?;
+            // SAFETY: indices below the count name registered kernels (static C strings).
+            (0..unsafe { count() })
+                .map(|i| unsafe { CStr::from_ptr(name(i)) }.to_string_lossy().into_owned())
+                .collect()
+        };
+        Ok(EmuGpu { lib, kernels, path })
+    }
+
+    /// The names of all kernels compiled in.
+    pub fn kernels(&self) -> &[String] {
+        &self.kernels
+    }
+}
+
+fn emu_gemm(g: &Gemm, c: *mut u8, a: *const u8, b: *const u8, bias: Option<*const u8>) {
+    let load = |p: *const u8, i: usize| -> f32 {
+        // SAFETY: callers check every index against the buffer sizes before calling.
+        unsafe {
+            match g.dtype {
+                DType::F32 => (p as *const f32).add(i).read_unaligned(),
+                DType::Bf16 => half::bf16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
+            }
+        }
+    };
+    for i in 0..g.m {
+        for j in 0..g.n {
+            let mut acc = 0.0f32;
+            for p in 0..g.k {
+                let av = load(a, if g.trans_a { p * g.m + i } else { i * g.k + p });
+                let bv = load(b, if g.trans_b { j * g.k + p } else { p * g.n + j });
+                acc += av * bv;
+            }
+            if let Some(bias) = bias {
+                acc += load(bias, j);
+            }
+            let idx = i * g.n + j;
+            if g.accumulate {
+                acc += load(c as *const u8, idx);
+            }
+            // SAFETY: idx < m·n, checked by the caller.
+            unsafe {
+                match g.dtype {
+                    DType::F32 => (c as *mut f32).add(idx).write_unaligned(acc),
+                    DType::Bf16 => {
+                        (c as *mut u16).add(idx).write_unaligned(half::bf16::from_f32(acc).to_bits())
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Gpu for EmuGpu {
+    type Buf = EmuBuf;
+
+    fn describe(&self) -> String {
+        format!("CPU emulator ({} kernels, {})", self.kernels.len(), self.path.display())
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<EmuBuf, GpuError> {
+        Ok(EmuBuf { data: UnsafeCell::new(vec![0u64; bytes.div_ceil(8)].into_boxed_slice()), bytes })
+    }
+
+    fn buf_len(&self, buf: &EmuBuf) -> usize {
+        buf.bytes
+    }
+
+    fn upload(&self, dst: &mut EmuBuf, offset: usize, src: &[u8]) -> Result<(), GpuError> {
+        if offset + src.len() > dst.bytes {
+            return Err(GpuError::Shape {
+                op: "upload",
+                detail: format!("{} bytes at offset {offset} into a {}-byte buffer", src.len(), dst.bytes),
+            });
+        }
+        // SAFETY: bounds checked above; no launch runs concurrently (launches are synchronous).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr(offset), src.len()) };
+        Ok(())
+    }
+
+    fn download(&self, src: &EmuBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
+        if offset + dst.len() > src.bytes {
+            return Err(GpuError::Shape {
+                op: "download",
+                detail: format!("{} bytes at offset {offset} from a {}-byte buffer", dst.len(), src.bytes),
+            });
+        }
+        // SAFETY: bounds checked above.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr(offset), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        args: &[Arg<'_, EmuBuf>],
+    ) -> Result<(), GpuError> {
+        let fail =
+            |detail: String| GpuError::Launch { kernel: kernel.to_string(), grid, block, smem, detail };
+        if grid.contains(&0) {
+            return Err(fail("empty grid".into()));
+        }
+        // Argument values live here; the kernel receives pointers to them (cuLaunchKernel's rule).
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Ptr(d) => d.buf.ptr(d.offset) as u64,
+                Arg::I32(v) => u64::from(*v as u32),
+                Arg::U32(v) => u64::from(*v),
+                Arg::U64(v) => *v,
+                Arg::F32(v) => u64::from(v.to_bits()),
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+        let name = CString::new(kernel).map_err(|_| fail("kernel name contains NUL".into()))?;
+        // SAFETY: defined in runtime.cpp with this signature.
+        let launch: libloading::Symbol<LaunchFn> =
+            unsafe { self.lib.get(b"troupe_emu_launch") }.map_err(|e| fail(e.to_string()))?;
+        let launch = *launch;
+        let mut err = vec![0 as c_char; 512];
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let kernel_name = kernel.to_string();
+        let watchdog = std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(LAUNCH_TIMEOUT) {
+                eprintln!(
+                    "emulated kernel {kernel_name} did not finish in {LAUNCH_TIMEOUT:?}: a thread skipped a \
+                     __syncthreads or shuffle (deadlock); aborting"
+                );
+                std::process::abort();
+            }
+        });
+        // SAFETY: little-endian x86-64: a pointer to the u64 slot is also a valid pointer to its
+        // low 4 bytes, which is how 32-bit arguments are read. Buffers outlive the call.
+        let rc = unsafe {
+            launch(
+                name.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                u64::from(smem),
+                ptrs.as_mut_ptr(),
+                err.as_mut_ptr(),
+                err.len() as u64,
+            )
+        };
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        if rc != 0 {
+            // SAFETY: runtime.cpp wrote a NUL-terminated message into `err`.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(fail(msg));
+        }
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        g: &Gemm,
+        c: Dev<'_, EmuBuf>,
+        a: Dev<'_, EmuBuf>,
+        b: Dev<'_, EmuBuf>,
+        bias: Option<Dev<'_, EmuBuf>>,
+    ) -> Result<(), GpuError> {
+        let es = g.dtype.size();
+        let need = |d: Dev<'_, EmuBuf>, elems: usize, what: &str| {
+            if d.offset + elems * es > d.buf.bytes {
+                Err(GpuError::Shape {
+                    op: "gemm",
+                    detail: format!(
+                        "{what} needs {elems} elements at byte {} of a {}-byte buffer ({g:?})",
+                        d.offset, d.buf.bytes
+                    ),
+                })
+            } else {
+                Ok(d.buf.ptr(d.offset))
+            }
+        };
+        let cp = need(c, g.m * g.n, "c")?;
+        let ap = need(a, g.m * g.k, "a")?;
+        let bp = need(b, g.k * g.n, "b")?;
+        let biasp = bias.map(|d| need(d, g.n, "bias")).transpose()?;
+        emu_gemm(g, cp, ap, bp, biasp.map(|p| p as *const u8));
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(())
+    }
+}
+
+/// The process-wide emulator for tests: built on first use; `None` (after printing why, with
+/// "SKIPPED") when it cannot be built here, e.g. without g++.
+pub fn shared() -> Option<&'static EmuGpu> {
+    static EMU: std::sync::OnceLock<Option<EmuGpu>> = std::sync::OnceLock::new();
+    EMU.get_or_init(|| match EmuGpu::new() {
+        Ok(emu) => Some(emu),
+        Err(e) => {
+            eprintln!("SKIPPED the emulated GPU kernel tests: {e}");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// Compares `got` with `want` elementwise: `|got − want| ≤ atol + rtol·|want|`. Returns a message
+/// naming the worst element when any fails (for tests).
+pub fn compare(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
+    }
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (f64::from(g) - w).abs();
+        let excess = err - (atol + rtol * w.abs());
+        if !(excess <= 0.0) && worst.is_none_or(|(_, e)| excess > e || e.is_nan()) {
+            worst = Some((i, excess));
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((i, _)) => Err(format!(
+            "{what}: element {i} is {} but should be {} (rtol {rtol:e}, atol {atol:e})",
+            got[i], want[i]
+        )),
+    }
+}

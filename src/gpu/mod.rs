@@ -1,0 +1,234 @@
+//! GPU execution: one [`Gpu`] interface with two implementations.
+//!
+//! - [`CudaGpu`] runs the kernels of `cuda/*.cu` on an NVIDIA GPU: NVRTC compiles them at run time
+//!   (once per process and device, cached on disk by source hash and architecture), cudarc launches
+//!   them, cuBLASLt does the matrix products.
+//! - [`EmuGpu`] compiles the **same kernel sources** as C++20 with the machine's `g++` against a
+//!   small CUDA emulation header (`cuda/emu/emu.h`) and runs every CUDA thread of a block as an OS
+//!   thread. It exists so that the kernels and the host code that launches them (grid sizes, shared
+//!   memory, argument order, the sequence of launches in [`ops`]) are tested against the CPU
+//!   backend on machines without a GPU, which is where CI runs.
+//!
+//! Buffers are untyped bytes; a kernel's name says which element types it reads (`_f32`,
+//! `_bf16`). [`Dev`] is a pointer into a buffer (buffer + byte offset), the unit kernels take.
+
+pub mod cuda;
+pub mod emu;
+pub mod ops;
+pub mod sources;
+
+pub use cuda::CudaGpu;
+pub use emu::EmuGpu;
+
+/// Element types stored in GPU buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+
+    /// The suffix of kernel names for this storage type.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// What can go wrong on a GPU (or in the emulator).
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error("CUDA driver: {op}: {detail}")]
+    Driver { op: String, detail: String },
+    #[error("NVRTC could not compile {file} for {arch}:\n{log}")]
+    Compile { file: String, arch: String, log: String },
+    #[error("NVRTC is not available: {0}")]
+    NoNvrtc(String),
+    #[error("cuBLASLt: {op}: {detail}")]
+    Blas { op: String, detail: String },
+    #[error("kernel {kernel} (grid {grid:?}, block {block:?}, {smem} B shared): {detail}")]
+    Launch { kernel: String, grid: [u32; 3], block: [u32; 3], smem: u32, detail: String },
+    #[error("{op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("the CPU kernel emulator could not be built: {0}")]
+    EmuBuild(String),
+    #[error("I/O while {op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A device pointer: a buffer and a byte offset into it.
+pub struct Dev<'a, B> {
+    pub buf: &'a B,
+    pub offset: usize,
+}
+
+impl<B> Clone for Dev<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for Dev<'_, B> {}
+
+impl<'a, B> Dev<'a, B> {
+    pub fn new(buf: &'a B) -> Self {
+        Dev { buf, offset: 0 }
+    }
+
+    /// The pointer `elems` elements of `dtype` further on.
+    pub fn at(self, elems: usize, dtype: DType) -> Self {
+        Dev { buf: self.buf, offset: self.offset + elems * dtype.size() }
+    }
+}
+
+/// One kernel argument, in the order of the kernel's parameter list.
+pub enum Arg<'a, B> {
+    Ptr(Dev<'a, B>),
+    I32(i32),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// `c[m,n] (=|+=) op(a)[m,k] · op(b)[k,n] (+ bias[n])`, row-major like the CPU backend.
+/// `a` is stored `[m,k]`, or `[k,m]` with `trans_a`; `b` is stored `[k,n]`, or `[n,k]` with
+/// `trans_b`. Inputs and output have storage type `dtype`; products accumulate in fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// `c += …` instead of `c = …`.
+    pub accumulate: bool,
+    pub dtype: DType,
+}
+
+impl Gemm {
+    /// The CPU backend's `matmul_forward`: `out[m,n] = inp[m,k] · weight[n,k]ᵀ`.
+    pub fn linear(m: usize, k: usize, n: usize, dtype: DType) -> Self {
+        Gemm { m, n, k, trans_a: false, trans_b: true, accumulate: false, dtype }
+    }
+
+    /// `dinp[m,k] = dout[m,n] · weight[n,k]`.
+    pub fn linear_backward_input(m: usize, k: usize, n: usize, dtype: DType) -> Self {
+        Gemm { m, n: k, k: n, trans_a: false, trans_b: false, accumulate: false, dtype }
+    }
+
+    /// `dweight[n,k] += dout[m,n]ᵀ · inp[m,k]`.
+    pub fn linear_backward_weight(m: usize, k: usize, n: usize, dtype: DType) -> Self {
+        Gemm { m: n, n: k, k: m, trans_a: true, trans_b: false, accumulate: true, dtype }
+    }
+}
+
+/// A GPU, real or emulated. Calls are ordered as on one CUDA stream: each launch sees the
+/// effects of the previous ones; [`Gpu::download`] waits for all of them.
+pub trait Gpu: Send + Sync {
+    /// Device memory.
+    type Buf: Send + Sync;
+
+    /// A one-line description for logs ("NVIDIA H100 80GB HBM3 (sm_90)", "CPU emulator").
+    fn describe(&self) -> String;
+
+    /// `bytes` of zeroed device memory.
+    fn alloc(&self, bytes: usize) -> Result<Self::Buf, GpuError>;
+
+    /// Size of a buffer in bytes.
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+
+    /// Copies `src` into `dst` from byte `offset` on.
+    fn upload(&self, dst: &mut Self::Buf, offset: usize, src: &[u8]) -> Result<(), GpuError>;
+
+    /// Copies `dst.len()` bytes from byte `offset` of `src`, after all earlier work finished.
+    fn download(&self, src: &Self::Buf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError>;
+
+    /// Runs `kernel` (a name from `cuda/*.cu`) on a `grid` of `block`s with `smem` bytes of dynamic
+    /// shared memory.
+    fn launch(
+        &self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        args: &[Arg<'_, Self::Buf>],
+    ) -> Result<(), GpuError>;
+
+    /// A matrix product (see [`Gemm`]); `bias` is added to every row of the result.
+    fn gemm(
+        &self,
+        g: &Gemm,
+        c: Dev<'_, Self::Buf>,
+        a: Dev<'_, Self::Buf>,
+        b: Dev<'_, Self::Buf>,
+        bias: Option<Dev<'_, Self::Buf>>,
+    ) -> Result<(), GpuError>;
+
+    /// Waits for all queued work.
+    fn synchronize(&self) -> Result<(), GpuError>;
+}
+
+/// Uploads fp32 values as storage of `dtype` into a new buffer.
+pub fn upload_f32<G: Gpu>(gpu: &G, values: &[f32], dtype: DType) -> Result<G::Buf, GpuError> {
+    let bytes = encode(values, dtype);
+    let mut buf = gpu.alloc(bytes.len())?;
+    gpu.upload(&mut buf, 0, &bytes)?;
+    Ok(buf)
+}
+
+/// Downloads `n` elements of `dtype` from `src` as fp32 values.
+pub fn download_f32<G: Gpu>(
+    gpu: &G,
+    src: Dev<'_, G::Buf>,
+    n: usize,
+    dtype: DType,
+) -> Result<Vec<f32>, GpuError> {
+    let mut bytes = vec![0u8; n * dtype.size()];
+    gpu.download(src.buf, src.offset, &mut bytes)?;
+    Ok(decode(&bytes, dtype))
+}
+
+/// Uploads 32-bit integers (token ids, targets) into a new buffer.
+pub fn upload_u32<G: Gpu>(gpu: &G, values: &[u32]) -> Result<G::Buf, GpuError> {
+    let mut buf = gpu.alloc(values.len() * 4)?;
+    gpu.upload(&mut buf, 0, bytemuck::cast_slice(values))?;
+    Ok(buf)
+}
+
+/// fp32 values as little-endian storage bytes of `dtype` (bf16 rounded to nearest even).
+pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
+    }
+}
+
+/// Storage bytes of `dtype` as fp32 values.
+pub fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    }
+}
+
+/// Rounds fp32 values to bf16 and back (what a bf16 buffer would hold).
+pub fn round_bf16(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+}

@@ -1,0 +1,68 @@
+//! GELU kernels (cuda/gelu.cu) run in the CPU emulator against the float64 reference and the CPU
+//! backend. Tolerances: fp32 1e-5 relative + 1e-6 absolute (tanhf vs the CPU backend's fast tanh,
+//! both within a few ulp); bf16 storage rounds inputs and outputs to 8 significant bits, so the
+//! reference is computed from the rounded inputs and compared within 2^-8 relative (one bf16 ulp).
+
+use troupe::gpu::emu::{compare, shared};
+use troupe::gpu::ops::gelu;
+use troupe::gpu::{DType, Dev, Gpu, download_f32, round_bf16, upload_f32};
+use troupe::kernels::naive;
+
+fn inputs(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+        })
+        .collect()
+}
+
+#[test]
+fn gelu_forward_and_backward_match_the_reference() {
+    let Some(gpu) = shared() else { return };
+    let n = 1000; // not a multiple of the block: the tail guard is exercised
+    for dtype in [DType::F32, DType::Bf16] {
+        let (x, g) = (inputs(n, 1), inputs(n, 2));
+        let (x, g) = if dtype == DType::Bf16 { (round_bf16(&x), round_bf16(&g)) } else { (x, g) };
+        let xb = upload_f32(gpu, &x, dtype).unwrap();
+        let gb = upload_f32(gpu, &g, dtype).unwrap();
+        let out = gpu.alloc(n * dtype.size()).unwrap();
+        let din = gpu.alloc(n * dtype.size()).unwrap();
+        gelu::gelu_forward(gpu, dtype, Dev::new(&out), Dev::new(&xb), n).unwrap();
+        gelu::gelu_backward(gpu, dtype, Dev::new(&din), Dev::new(&xb), Dev::new(&gb), n).unwrap();
+        let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let g64: Vec<f64> = g.iter().map(|&v| f64::from(v)).collect();
+        let mut want = vec![0.0; n];
+        naive::gelu_forward(&mut want, &x64);
+        let mut dwant = vec![0.0; n];
+        naive::gelu_backward(&mut dwant, &x64, &g64);
+        let (rtol, atol) = if dtype == DType::F32 { (1e-5, 1e-6) } else { (1.0 / 256.0, 1e-6) };
+        compare("gelu forward", &download_f32(gpu, Dev::new(&out), n, dtype).unwrap(), &want, rtol, atol)
+            .unwrap();
+        compare("gelu backward", &download_f32(gpu, Dev::new(&din), n, dtype).unwrap(), &dwant, rtol, atol)
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_short_buffer_is_a_shape_error_not_a_crash() {
+    let Some(gpu) = shared() else { return };
+    let small = gpu.alloc(16).unwrap();
+    let err = gelu::gelu_forward(gpu, DType::F32, Dev::new(&small), Dev::new(&small), 100).unwrap_err();
+    assert!(err.to_string().contains("gelu_forward"), "{err}");
+    assert!(err.to_string().contains("400 bytes"), "{err}");
+}
+
+#[test]
+fn unknown_kernels_and_bad_blocks_are_named() {
+    let Some(gpu) = shared() else { return };
+    assert!(gpu.kernels().iter().any(|k| k == "gelu_forward_f32"), "{:?}", gpu.kernels());
+    let buf = gpu.alloc(64).unwrap();
+    let err = gpu.launch("no_such_kernel", [1, 1, 1], [32, 1, 1], 0, &[]).unwrap_err();
+    assert!(err.to_string().contains("no kernel named no_such_kernel"), "{err}");
+    let err = gpu
+        .launch("gelu_forward_f32", [1, 1, 1], [33, 1, 1], 0, &[troupe::gpu::Arg::Ptr(Dev::new(&buf))])
+        .unwrap_err();
+    assert!(err.to_string().contains("multiple of 32"), "{err}");
+}
