@@ -323,7 +323,8 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) -> R
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (f64::from(g) - w).abs();
         let excess = err - (atol + rtol * w.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, e)| excess > e || e.is_nan()) {
+        let fails = excess.is_nan() || excess > 0.0;
+        if fails && worst.is_none_or(|(_, e)| excess > e || e.is_nan()) {
             worst = Some((i, excess));
         }
     }
