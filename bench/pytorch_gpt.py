@@ -85,27 +85,44 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa")
     ap.add_argument("--fused-adamw", action="store_true")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                    help="compute type (default: fp32 on cpu, bf16 autocast on cuda)")
+    ap.add_argument("--micro-batch-size", type=int, default=None)
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="peak dense TFLOP/s for MFU (H100 SXM bf16: 989)")
     args = ap.parse_args()
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    dev = torch.device(args.device)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(args.threads)
     torch.manual_seed(1234)
     with open(args.config, "rb") as f:
         cfg = tomllib.load(f)
     m, tr = cfg["model"], cfg.get("train", {})
-    b, t = tr.get("micro_batch_size", 8), m["seq_length"]
+    b, t = args.micro_batch_size or tr.get("micro_batch_size", 8), m["seq_length"]
     accum = tr.get("global_batch_size", b) // b
-    model = GPT(m, args.attn)
+    model = GPT(m, args.attn).to(dev)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=no_decay, weight_decay=0.0)],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=args.fused_adamw or None)
     fwd = torch.compile(model) if args.compile else model
-    data = [torch.randint(0, m["vocab_size"], (b, t + 1)) for _ in range(accum)]
+    data = [torch.randint(0, m["vocab_size"], (b, t + 1), device=dev) for _ in range(accum)]
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
 
     def step():
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for seq in data:
-            loss = fwd(seq[:, :-1], seq[:, 1:]) / accum
+            with autocast:
+                loss = fwd(seq[:, :-1], seq[:, 1:]) / accum
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -116,8 +133,10 @@ def main():
         step()
     times, loss = [], 0.0
     for _ in range(args.steps):
+        sync()
         t0 = time.perf_counter()
         loss = step()
+        sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     tps = accum * b * t / med
@@ -128,7 +147,8 @@ def main():
         tokens_per_s=round(tps, 1), step_ms_median=round(med * 1e3, 2),
         model_gflops_per_s=round(flops_per_token(m) * tps / 1e9, 2),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        final_loss=loss, torch=torch.__version__, attn=args.attn)))
+        final_loss=loss, torch=torch.__version__, attn=args.attn, device=args.device, dtype=dtype,
+        mfu=round(flops_per_token(m) * tps / (args.peak_tflops * 1e12), 4) if args.device == "cuda" else None)))
 
 
 if __name__ == "__main__":

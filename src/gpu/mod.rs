@@ -14,6 +14,7 @@
 
 pub mod cuda;
 pub mod emu;
+pub mod nccl;
 pub mod ops;
 pub mod sources;
 
@@ -55,6 +56,8 @@ pub enum GpuError {
     Compile { file: String, arch: String, log: String },
     #[error("NVRTC is not available: {0}")]
     NoNvrtc(String),
+    #[error("NCCL {op} on rank {rank} of group {group}: {detail}")]
+    Nccl { op: String, rank: usize, group: String, detail: String },
     #[error("cuBLASLt: {op}: {detail}")]
     Blas { op: String, detail: String },
     #[error("kernel {kernel} (grid {grid:?}, block {block:?}, {smem} B shared): {detail}")]
@@ -107,7 +110,7 @@ pub enum Arg<'a, B> {
 /// `c[m,n] (=|+=) op(a)[m,k] · op(b)[k,n] (+ bias[n])`, row-major like the CPU backend.
 /// `a` is stored `[m,k]`, or `[k,m]` with `trans_a`; `b` is stored `[k,n]`, or `[n,k]` with
 /// `trans_b`. Inputs and output have storage type `dtype`; products accumulate in fp32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Gemm {
     pub m: usize,
     pub n: usize,
