@@ -165,11 +165,12 @@ impl CudaGpu {
         let stream = ctx.new_stream().map_err(driver("creating the compute stream"))?;
         let comm_stream = ctx.new_stream().map_err(driver("creating the communication stream"))?;
         let ptx = compile_ptx(&arch, false)?;
+        let names = ptx_entries(&ptx);
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(driver("loading the kernel module"))?;
         let mut functions = HashMap::new();
-        for name in kernel_names() {
+        for name in names {
             let f = module.load_function(&name).map_err(driver("finding a kernel"))?;
             functions.insert(name, f);
         }
@@ -225,22 +226,19 @@ impl CudaGpu {
     }
 }
 
-/// Every kernel name defined in the sources (`extern "C" __global__ void NAME(`).
-pub fn kernel_names() -> Vec<String> {
-    let mut names = Vec::new();
-    for (_, text) in sources::KERNEL_FILES {
-        let mut rest = *text;
-        while let Some(at) = rest.find("EXPORT_KERNEL(") {
-            rest = &rest[at + "EXPORT_KERNEL(".len()..];
-            if let Some(end) = rest.find(')') {
-                let name = rest[..end].trim();
-                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    names.push(name.to_string());
-                }
-            }
-        }
-    }
-    names
+/// The kernel names a PTX module defines (its `.entry` directives). Kernel files generate many
+/// kernels with macros, so the compiled module, not the source text, is the list.
+pub fn ptx_entries(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|l| {
+            let rest = l
+                .trim_start()
+                .strip_prefix(".visible .entry ")
+                .or_else(|| l.trim_start().strip_prefix(".entry "))?;
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
 }
 
 fn lt_type(d: DType) -> ltsys::cudaDataType {

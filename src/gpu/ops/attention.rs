@@ -1,1 +1,276 @@
-//! (being written)
+//! Causal multi-head self-attention on the GPU (flash-attention style, `cuda/attention.cu`):
+//! twins of `Backend::attention_forward` / `attention_backward`.
+//!
+//! Dimensions: B batch, T sequence, C channels, NH heads, HS = C / NH head size (32, 64 or 128).
+//! `qkv[B,T,3C]` is Q | K | V with heads contiguous inside each; `out[B,T,C]`; `lse[B,NH,T]` is
+//! the log-sum-exp of each softmax row and is always fp32, whatever the storage type of the rest.
+//!
+//! Memory contract: forward overwrites `out` and `lse`; backward overwrites all of `dqkv` and the
+//! caller's scratch `dsum[B,NH,T]` (fp32), which the caller allocates once (the training step
+//! does not allocate). `dqkv` must not overlap `qkv`, `out` or `dout`.
+//!
+//! Launch geometry: the tile sizes, block sizes and shared memory below mirror the table at the
+//! top of `cuda/attention.cu`; change both together. Every block uses at most 48 KiB of dynamic
+//! shared memory, so no launch needs the opt-in attribute for more.
+
+use super::check_len;
+use crate::gpu::{Arg, DType, Dev, Gpu, GpuError};
+
+/// Head sizes with kernels.
+pub const HEAD_SIZES: [usize; 3] = [32, 64, 128];
+
+/// Largest dynamic shared memory a block may use without `cuFuncSetAttribute`.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// Threads per block of the `dsum` kernel: 8 warps, one (b, t, h) row each.
+const DSUM_BLOCK: u32 = 256;
+
+/// The three tiled kernels of one head size.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    Forward,
+    BackwardDkv,
+    BackwardDq,
+}
+
+/// One tiled kernel's geometry: `tile` rows of T per block, `threads` per block, shared bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    tile: usize,
+    threads: u32,
+    smem: usize,
+}
+
+/// The tile table of `cuda/attention.cu` (`AttnFwdTiles`, `AttnDkvTiles`, `AttnDqTiles`):
+/// (rows of the block's own tile, rows of the tiles it loops over, TY). The block has 16·TY
+/// threads.
+fn tiles(kernel: Kernel, hs: usize) -> Option<(usize, usize, u32)> {
+    Some(match (kernel, hs) {
+        (Kernel::Forward, 32 | 64) => (64, 64, 16),
+        (Kernel::Forward, 128) => (32, 32, 8),
+        (Kernel::BackwardDkv, 32) => (64, 32, 16),
+        (Kernel::BackwardDkv, 64) => (32, 32, 8),
+        (Kernel::BackwardDkv, 128) => (16, 16, 8),
+        (Kernel::BackwardDq, 32) => (64, 64, 16),
+        (Kernel::BackwardDq, 64) => (64, 32, 16),
+        (Kernel::BackwardDq, 128) => (32, 16, 8),
+        _ => return None,
+    })
+}
+
+/// Threads and shared memory of one kernel, as `cuda/attention.cu` lays out its shared tiles.
+fn geometry(kernel: Kernel, hs: usize) -> Option<Geometry> {
+    let (own, other, ty) = tiles(kernel, hs)?;
+    let floats = match kernel {
+        // Q tile + K and V tiles + P, which reuses K's space when it fits (BQ ≤ HS).
+        Kernel::Forward => (own + 2 * other) * hs + if own <= hs { 0 } else { own * other },
+        // K, V (own) + Q, dO (other) + Pᵀ and dSᵀ + lse and D of the query tile.
+        Kernel::BackwardDkv => (2 * own + 2 * other) * hs + 2 * own * other + 2 * other,
+        // Q, dO (own) + K, V (other) + dS, which reuses V's space when it fits (BQ ≤ HS).
+        Kernel::BackwardDq => (2 * own + 2 * other) * hs + if own <= hs { 0 } else { own * other },
+    };
+    Some(Geometry { tile: own, threads: 16 * ty, smem: floats * 4 })
+}
+
+/// Checked dimensions of one attention call.
+struct Dims {
+    hs: usize,
+    /// `T` and `NH` as the kernels take them.
+    t: i32,
+    nh: i32,
+}
+
+fn dims(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<Dims, GpuError> {
+    let shape = |detail: String| GpuError::Shape { op, detail };
+    if b == 0 || t == 0 || c == 0 || nh == 0 {
+        return Err(shape(format!("empty shape: B {b}, T {t}, C {c}, NH {nh}")));
+    }
+    if !c.is_multiple_of(nh) {
+        return Err(shape(format!("C {c} is not a multiple of NH {nh}")));
+    }
+    let hs = c / nh;
+    if !HEAD_SIZES.contains(&hs) {
+        return Err(shape(format!(
+            "head size {hs} (C {c} / NH {nh}) has no kernel; supported head sizes: {HEAD_SIZES:?}"
+        )));
+    }
+    // Kernels index with 64-bit offsets but take T, NH and B·NH (grid x) as 32-bit values, and
+    // the tile count along T is grid y (at most 65535).
+    let too_big = || shape(format!("B {b}, T {t}, NH {nh} exceed the kernels' 32-bit grid limits"));
+    let t32 = i32::try_from(t).map_err(|_| too_big())?;
+    let nh32 = i32::try_from(nh).map_err(|_| too_big())?;
+    let bh = b.checked_mul(nh).ok_or_else(too_big)?;
+    let bt = b.checked_mul(t).ok_or_else(too_big)?;
+    bt.checked_mul(3 * c).ok_or_else(too_big)?;
+    if i32::try_from(bh).is_err() || i32::try_from(bt).is_err() || t.div_ceil(16) > 65535 {
+        return Err(too_big());
+    }
+    Ok(Dims { hs, t: t32, nh: nh32 })
+}
+
+/// Launches one tiled kernel over the grid (B·NH, tiles along T).
+#[allow(clippy::too_many_arguments)]
+fn launch_tiled<G: Gpu>(
+    gpu: &G,
+    op: &'static str,
+    kernel: Kernel,
+    name: &str,
+    b: usize,
+    t: usize,
+    d: &Dims,
+    args: &[Arg<'_, G::Buf>],
+) -> Result<(), GpuError> {
+    let g = geometry(kernel, d.hs).ok_or_else(|| GpuError::Shape {
+        op,
+        detail: format!("no {kernel:?} tiles for head size {}", d.hs),
+    })?;
+    debug_assert!(g.smem <= SMEM_LIMIT, "{kernel:?} hs {}: {} bytes of shared memory", d.hs, g.smem);
+    // SAFETY (device memory): the callers' check_len calls cover every element the kernels
+    // touch: rows < T of qkv and dqkv (3C wide), of out and dout (C wide), and B·NH·T of lse and
+    // dsum. Both grid sizes fit in u32: dims() bounded B·NH and T.
+    let grid = [(b * d.nh as usize) as u32, t.div_ceil(g.tile) as u32, 1];
+    gpu.launch(name, grid, [g.threads, 1, 1], g.smem as u32, args)
+}
+
+/// Causal attention forward: writes `out[B,T,C]` (storage `dtype`) and `lse[B,NH,T]` (fp32)
+/// from `qkv[B,T,3C]` (storage `dtype`).
+///
+/// # Errors
+/// [`GpuError::Shape`] for an empty shape, `C` not a multiple of `NH`, a head size without
+/// kernels (see [`HEAD_SIZES`]), shapes beyond the grid limits or buffers that are too short;
+/// launch errors from the device.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward<G: Gpu>(
+    gpu: &G,
+    dtype: DType,
+    out: Dev<'_, G::Buf>,
+    lse: Dev<'_, G::Buf>,
+    qkv: Dev<'_, G::Buf>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "attention_forward";
+    let d = dims(OP, b, t, c, nh)?;
+    check_len(gpu, OP, "out", out, b * t * c, dtype)?;
+    check_len(gpu, OP, "lse", lse, b * nh * t, DType::F32)?;
+    check_len(gpu, OP, "qkv", qkv, b * t * 3 * c, dtype)?;
+    let name = format!("attention_forward_hs{}_{}", d.hs, dtype.suffix());
+    let args = [Arg::Ptr(out), Arg::Ptr(lse), Arg::Ptr(qkv), Arg::I32(d.t), Arg::I32(d.nh)];
+    launch_tiled(gpu, OP, Kernel::Forward, &name, b, t, &d, &args)
+}
+
+/// Causal attention backward: overwrites `dqkv[B,T,3C]` from `dout[B,T,C]`, the forward's
+/// `out[B,T,C]` and `lse[B,NH,T]`, and `qkv[B,T,3C]`. `dsum` is caller-owned fp32 scratch of
+/// `B·NH·T` elements (overwritten with `D = Σ_d dout·out` per row). Three launches: `dsum`,
+/// then dK/dV per key tile, then dQ per query tile — no atomics, bitwise deterministic.
+///
+/// # Errors
+/// As [`attention_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<G: Gpu>(
+    gpu: &G,
+    dtype: DType,
+    dqkv: Dev<'_, G::Buf>,
+    dsum: Dev<'_, G::Buf>,
+    dout: Dev<'_, G::Buf>,
+    out: Dev<'_, G::Buf>,
+    lse: Dev<'_, G::Buf>,
+    qkv: Dev<'_, G::Buf>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "attention_backward";
+    let d = dims(OP, b, t, c, nh)?;
+    check_len(gpu, OP, "dqkv", dqkv, b * t * 3 * c, dtype)?;
+    check_len(gpu, OP, "dsum", dsum, b * nh * t, DType::F32)?;
+    check_len(gpu, OP, "dout", dout, b * t * c, dtype)?;
+    check_len(gpu, OP, "out", out, b * t * c, dtype)?;
+    check_len(gpu, OP, "lse", lse, b * nh * t, DType::F32)?;
+    check_len(gpu, OP, "qkv", qkv, b * t * 3 * c, dtype)?;
+    let sfx = dtype.suffix();
+
+    let rows = b * t * nh;
+    let warps = (DSUM_BLOCK / 32) as usize;
+    let blocks = u32::try_from(rows.div_ceil(warps))
+        .map_err(|_| GpuError::Shape { op: OP, detail: format!("{rows} rows need too many blocks") })?;
+    // dims() bounded B·T by i32::MAX.
+    let bt = (b * t) as i32;
+    // SAFETY (device memory): one warp per (b, t, h) row < B·T·NH of out and dout (checked above).
+    gpu.launch(
+        &format!("attention_backward_dsum_{sfx}"),
+        [blocks, 1, 1],
+        [DSUM_BLOCK, 1, 1],
+        0,
+        &[
+            Arg::Ptr(dsum),
+            Arg::Ptr(out),
+            Arg::Ptr(dout),
+            Arg::I32(bt),
+            Arg::I32(d.t),
+            Arg::I32(d.nh),
+            Arg::I32(d.hs as i32),
+        ],
+    )?;
+
+    let args = [
+        Arg::Ptr(dqkv),
+        Arg::Ptr(dout),
+        Arg::Ptr(qkv),
+        Arg::Ptr(lse),
+        Arg::Ptr(dsum),
+        Arg::I32(d.t),
+        Arg::I32(d.nh),
+    ];
+    let name = format!("attention_backward_dkv_hs{}_{sfx}", d.hs);
+    launch_tiled(gpu, OP, Kernel::BackwardDkv, &name, b, t, &d, &args)?;
+    let name = format!("attention_backward_dq_hs{}_{sfx}", d.hs);
+    launch_tiled(gpu, OP, Kernel::BackwardDq, &name, b, t, &d, &args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(BQ, BK, TY)` of `template <> struct {name}<{hs}>` in cuda/attention.cu.
+    fn tiles_in_kernel_file(name: &str, hs: usize) -> (usize, usize, u32) {
+        let src = crate::gpu::sources::KERNEL_FILES.iter().find(|(f, _)| *f == "attention.cu").unwrap().1;
+        let head = format!("template <> struct {name}<{hs}> {{");
+        let line = src.lines().find(|l| l.starts_with(&head)).unwrap_or_else(|| panic!("no {head}"));
+        let get = |key: &str| -> usize {
+            let at =
+                line.find(&format!("{key} = ")).unwrap_or_else(|| panic!("{key} in {line}")) + key.len() + 3;
+            line[at..].split(|ch: char| !ch.is_ascii_digit()).next().unwrap().parse().unwrap()
+        };
+        (get("BQ"), get("BK"), get("TY") as u32)
+    }
+
+    #[test]
+    fn the_tile_table_matches_the_kernel_file_and_fits_in_48_kib() {
+        for hs in HEAD_SIZES {
+            let (bq, bk, ty) = tiles_in_kernel_file("AttnFwdTiles", hs);
+            assert_eq!(tiles(Kernel::Forward, hs), Some((bq, bk, ty)), "forward hs {hs}");
+            let (bq, bk, ty) = tiles_in_kernel_file("AttnDkvTiles", hs);
+            assert_eq!(tiles(Kernel::BackwardDkv, hs), Some((bk, bq, ty)), "dkv hs {hs}");
+            let (bq, bk, ty) = tiles_in_kernel_file("AttnDqTiles", hs);
+            assert_eq!(tiles(Kernel::BackwardDq, hs), Some((bq, bk, ty)), "dq hs {hs}");
+            for k in [Kernel::Forward, Kernel::BackwardDkv, Kernel::BackwardDq] {
+                let g = geometry(k, hs).unwrap();
+                assert!(g.smem <= SMEM_LIMIT, "{k:?} hs {hs}: {} bytes", g.smem);
+                assert!(g.threads.is_multiple_of(32) && g.threads <= 1024, "{k:?} hs {hs}");
+            }
+        }
+        // The sizes quoted in the kernel file's header.
+        let kib = |k, hs| geometry(k, hs).unwrap().smem as f64 / 1024.0;
+        let fwd = [kib(Kernel::Forward, 32), kib(Kernel::Forward, 64), kib(Kernel::Forward, 128)];
+        assert_eq!(fwd, [40.0, 48.0, 48.0]);
+        let dkv = [kib(Kernel::BackwardDkv, 32), kib(Kernel::BackwardDkv, 64), kib(Kernel::BackwardDkv, 128)];
+        assert_eq!(dkv, [40.25, 40.25, 34.125]);
+        let dq = [kib(Kernel::BackwardDq, 32), kib(Kernel::BackwardDq, 64), kib(Kernel::BackwardDq, 128)];
+        assert_eq!(dq, [48.0, 48.0, 48.0]);
+        assert!(geometry(Kernel::Forward, 96).is_none());
+    }
+}
