@@ -499,6 +499,49 @@ impl Gpu for CudaGpu {
         .map_err(blas("matmul"))
     }
 
+    fn copy(&self, dst: Dev<'_, CudaBuf>, src: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
+        for (what, d) in [("destination", dst), ("source", src)] {
+            if d.offset + bytes > d.buf.slice.len() {
+                return Err(GpuError::Shape {
+                    op: "copy",
+                    detail: format!(
+                        "{what}: {bytes} bytes at offset {} of a {}-byte buffer",
+                        d.offset,
+                        d.buf.slice.len()
+                    ),
+                });
+            }
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let (s, d) = (self.device_ptr(src), self.device_ptr(dst));
+        // SAFETY: both ranges are inside device buffers of this context (checked above); the copy
+        // is ordered on the compute stream.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) }
+            .map_err(driver("copying on the device"))
+    }
+
+    fn zero(&self, dst: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
+        if dst.offset + bytes > dst.buf.slice.len() {
+            return Err(GpuError::Shape {
+                op: "zero",
+                detail: format!(
+                    "{bytes} bytes at offset {} of a {}-byte buffer",
+                    dst.offset,
+                    dst.buf.slice.len()
+                ),
+            });
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let d = self.device_ptr(dst);
+        // SAFETY: inside a device buffer of this context (checked above); ordered on the stream.
+        unsafe { cudarc::driver::result::memset_d8_async(d, 0, bytes, self.stream.cu_stream()) }
+            .map_err(driver("zeroing device memory"))
+    }
+
     fn synchronize(&self) -> Result<(), GpuError> {
         self.stream.synchronize().map_err(driver("synchronising the compute stream"))?;
         self.comm_stream.synchronize().map_err(driver("synchronising the communication stream"))

@@ -294,6 +294,36 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
+    fn copy(&self, dst: Dev<'_, EmuBuf>, src: Dev<'_, EmuBuf>, bytes: usize) -> Result<(), GpuError> {
+        for (what, d) in [("destination", dst), ("source", src)] {
+            if d.offset + bytes > d.buf.bytes {
+                return Err(GpuError::Shape {
+                    op: "copy",
+                    detail: format!(
+                        "{what}: {bytes} bytes at offset {} of a {}-byte buffer",
+                        d.offset, d.buf.bytes
+                    ),
+                });
+            }
+        }
+        // SAFETY: bounds checked above; `copy` handles overlap like cudaMemcpy's undefined case
+        // would not, which is harmless.
+        unsafe { std::ptr::copy(src.buf.ptr(src.offset), dst.buf.ptr(dst.offset), bytes) };
+        Ok(())
+    }
+
+    fn zero(&self, dst: Dev<'_, EmuBuf>, bytes: usize) -> Result<(), GpuError> {
+        if dst.offset + bytes > dst.buf.bytes {
+            return Err(GpuError::Shape {
+                op: "zero",
+                detail: format!("{bytes} bytes at offset {} of a {}-byte buffer", dst.offset, dst.buf.bytes),
+            });
+        }
+        // SAFETY: bounds checked above.
+        unsafe { std::ptr::write_bytes(dst.buf.ptr(dst.offset), 0, bytes) };
+        Ok(())
+    }
+
     fn synchronize(&self) -> Result<(), GpuError> {
         Ok(())
     }

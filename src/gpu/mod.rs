@@ -14,6 +14,7 @@
 
 pub mod cuda;
 pub mod emu;
+pub mod model;
 pub mod nccl;
 pub mod ops;
 pub mod sources;
@@ -180,6 +181,12 @@ pub trait Gpu: Send + Sync {
         b: Dev<'_, Self::Buf>,
         bias: Option<Dev<'_, Self::Buf>>,
     ) -> Result<(), GpuError>;
+
+    /// Copies `bytes` from `src` to `dst` on the device (ordered like a launch).
+    fn copy(&self, dst: Dev<'_, Self::Buf>, src: Dev<'_, Self::Buf>, bytes: usize) -> Result<(), GpuError>;
+
+    /// Sets `bytes` at `dst` to zero (ordered like a launch).
+    fn zero(&self, dst: Dev<'_, Self::Buf>, bytes: usize) -> Result<(), GpuError>;
 
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<(), GpuError>;

@@ -1,0 +1,175 @@
+//! The GPU GPT (`troupe::gpu::model::GpuGpt`) against the CPU model: same initialisation, same
+//! tokens. Runs on the CPU emulator of the kernels everywhere, and on a real GPU when one is
+//! present (otherwise that half prints SKIPPED).
+//!
+//! Tolerances (fp32 mode):
+//! - loss: 1e-5 relative — fp32 throughout; the CPU backend's fast exp/tanh and the kernels'
+//!   expf/tanhf (fast-math on a GPU) and different summation orders differ by a few ulp per op.
+//! - gradients: per tensor ‖Δg‖ ≤ 1e-4·‖g‖ + 1e-7·√len — relative error of a whole backward
+//!   through two blocks; tensors whose true gradient is ~0 (the attention key bias) only pass the
+//!   absolute term.
+//! - parameters after 3 AdamW steps: ‖Δθ‖ ≤ 1e-5·‖θ‖ — Adam divides by √v, which amplifies
+//!   gradient noise for tiny gradients, but each update is at most lr in size.
+//!
+//! bf16 mode: bf16 parameters, activations and gradients change every rounding, so only the loss
+//! curve is compared: each of 4 steps within 2% of the fp32 CPU loss.
+
+use troupe::gpu::model::GpuGpt;
+use troupe::gpu::{DType, Gpu};
+use troupe::optim::{AdamW, AdamWConfig, clip_table_grad_norm};
+use troupe::{CpuBackend, Gpt, GptConfig, StageInput};
+
+fn cfg() -> GptConfig {
+    GptConfig {
+        vocab_size: 97,
+        make_vocab_size_divisible_by: 32,
+        seq_length: 24,
+        num_layers: 2,
+        hidden_size: 64,
+        num_attention_heads: 2,
+    }
+}
+
+fn batch(step: u64, b: usize, t: usize, vocab: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64 ^ step;
+    let mut next = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 33) % vocab as u64) as u32
+    };
+    let seq: Vec<u32> = (0..b * (t + 1)).map(|_| next()).collect();
+    let mut tokens = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..b {
+        let row = &seq[r * (t + 1)..(r + 1) * (t + 1)];
+        tokens.extend_from_slice(&row[..t]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    (tokens, targets)
+}
+
+const LR: f32 = 1e-3;
+const CLIP: f32 = 1.0;
+
+/// CPU reference: per step (loss, gradients before clipping), and the final parameters.
+fn cpu_run(steps: u64, b: usize, t: usize) -> (Vec<(f32, Vec<f32>)>, Vec<f32>) {
+    let cfg = cfg();
+    let be = CpuBackend::new(1);
+    let mut model = Gpt::new(&cfg, 7).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default(), model.params().len());
+    let mut out = Vec::new();
+    for step in 0..steps {
+        let (tokens, targets) = batch(step, b, t, cfg.vocab_size);
+        model.zero_grads();
+        let loss =
+            model.forward(&be, 0, b, t, StageInput::Tokens(&tokens), Some(&targets), 1.0).unwrap().unwrap();
+        model.backward(&be, 0, None).unwrap();
+        model.fold_tied_grad(&be);
+        out.push((loss, model.grads().to_vec()));
+        let (table, params, grads) = model.split_mut();
+        let table = table.clone();
+        clip_table_grad_norm(&be, &table, grads, CLIP);
+        opt.update(&be, &table, params, grads, LR);
+    }
+    (out, model.params().to_vec())
+}
+
+fn check_fp32<G: Gpu>(gpu: &G, label: &str) {
+    let (b, t, steps) = (2, 24, 3);
+    let (reference, final_params) = cpu_run(steps, b, t);
+    let cfg = cfg();
+    let mut model = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
+    let table = model.table().clone();
+    for step in 0..steps {
+        let (tokens, targets) = batch(step, b, t, cfg.vocab_size);
+        model.zero_grads().unwrap();
+        let loss = model.forward(&tokens, &targets, b, t, 1.0).unwrap();
+        model.backward().unwrap();
+        let (want_loss, want_grads) = &reference[step as usize];
+        let rel = ((loss - want_loss) / want_loss).abs();
+        assert!(rel <= 1e-5, "{label} step {step}: loss {loss} vs CPU {want_loss} (rel {rel:e})");
+        let grads = model.grads_host().unwrap();
+        let mut worst = (0.0f64, String::new());
+        for spec in table.specs() {
+            let r = spec.span.range();
+            let (gg, cg) = (&grads[r.clone()], &want_grads[r]);
+            let diff = gg.iter().zip(cg).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+            let norm = cg.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            let bound = 1e-4 * norm + 1e-7 * (cg.len() as f64).sqrt();
+            assert!(
+                diff <= bound,
+                "{label} step {step}: gradient of {} differs by {diff:e} (norm {norm:e})",
+                spec.name
+            );
+            if norm > 0.0 && diff / norm > worst.0 {
+                worst = (diff / norm, spec.name.clone());
+            }
+        }
+        eprintln!(
+            "{label} step {step}: loss rel {rel:.2e}, worst gradient rel {:.2e} ({})",
+            worst.0, worst.1
+        );
+        model.step(LR, &AdamWConfig::default(), CLIP).unwrap();
+    }
+    let params = model.params_host().unwrap();
+    let diff = params.iter().zip(&final_params).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+    let norm = final_params.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    eprintln!("{label}: parameters after {steps} steps rel {:.2e}", diff / norm);
+    assert!(diff <= 1e-5 * norm, "{label}: parameters differ by {diff:e} (norm {norm:e})");
+}
+
+fn check_bf16<G: Gpu>(gpu: &G, label: &str) {
+    let (b, t, steps) = (2, 24, 4);
+    let (reference, _) = cpu_run(steps, b, t);
+    let cfg = cfg();
+    let mut model = GpuGpt::new(gpu, &cfg, 7, DType::Bf16).unwrap();
+    for step in 0..steps {
+        let (tokens, targets) = batch(step, b, t, cfg.vocab_size);
+        model.zero_grads().unwrap();
+        let loss = model.forward(&tokens, &targets, b, t, 1.0).unwrap();
+        model.backward().unwrap();
+        model.step(LR, &AdamWConfig::default(), CLIP).unwrap();
+        let want = reference[step as usize].0;
+        let rel = ((loss - want) / want).abs();
+        eprintln!("{label} bf16 step {step}: loss {loss} vs CPU fp32 {want} (rel {rel:.2e})");
+        assert!(rel <= 0.02, "{label} bf16 step {step}: loss {loss} vs CPU {want}");
+    }
+}
+
+#[test]
+fn fp32_matches_the_cpu_model_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_fp32(emu, "emulator");
+}
+
+#[test]
+fn bf16_tracks_the_cpu_model_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_bf16(emu, "emulator");
+}
+
+#[test]
+fn fp32_matches_the_cpu_model_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_fp32(gpu, "cuda");
+}
+
+#[test]
+fn bf16_tracks_the_cpu_model_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_bf16(gpu, "cuda");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    let cfg = cfg();
+    let mut model = GpuGpt::new(emu, &cfg, 7, DType::F32).unwrap();
+    let err = model.forward(&[1, 2, 3], &[1, 2, 3], 1, 4, 1.0).unwrap_err();
+    assert!(err.to_string().contains("tokens: 3 ids"), "{err}");
+    let err = model.forward(&[1, 200], &[1, 2], 1, 2, 1.0).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    assert!(model.backward().unwrap_err().to_string().contains("no forward"));
+    let bad = GptConfig { hidden_size: 96, num_attention_heads: 2, ..cfg };
+    let err = GpuGpt::new(emu, &bad, 7, DType::F32).err().unwrap();
+    assert!(err.to_string().contains("head size 48"), "{err}");
+}
