@@ -2,8 +2,8 @@
 //!
 //! The crate links `cudarc` with dynamic loading, so it builds and runs on machines without
 //! CUDA; [`probe_cuda`] looks for the driver library first (cudarc would panic on the first call
-//! without it) and only then asks the driver for devices. The CUDA kernels and the NCCL backend
-//! are not built yet (the CUDA issue); `--device cuda` says so, naming the GPU it found.
+//! without it) and only then asks the driver for devices. `emu` runs the CUDA kernels in their
+//! CPU emulator (`crate::gpu::EmuGpu`): very slow, for testing the GPU path without a GPU.
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,6 +14,8 @@ pub enum Device {
     #[default]
     Cpu,
     Cuda,
+    /// The CUDA kernels in the CPU emulator (tests of the GPU path on machines without a GPU).
+    Emu,
 }
 
 impl FromStr for Device {
@@ -22,7 +24,8 @@ impl FromStr for Device {
         match s.to_ascii_lowercase().as_str() {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda),
-            other => Err(format!("unknown device `{other}`; known: cpu, cuda")),
+            "emu" | "cuda-emu" => Ok(Device::Emu),
+            other => Err(format!("unknown device `{other}`; known: cpu, cuda, emu")),
         }
     }
 }
@@ -32,6 +35,7 @@ impl fmt::Display for Device {
         f.write_str(match self {
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
+            Device::Emu => "emu",
         })
     }
 }
@@ -97,7 +101,8 @@ mod tests {
     fn device_names_parse() {
         assert_eq!("CUDA".parse::<Device>(), Ok(Device::Cuda));
         assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
-        assert!("tpu".parse::<Device>().unwrap_err().contains("known: cpu, cuda"));
+        assert_eq!("emu".parse::<Device>(), Ok(Device::Emu));
+        assert!("tpu".parse::<Device>().unwrap_err().contains("known: cpu, cuda, emu"));
     }
 
     #[test]

@@ -54,9 +54,18 @@ pub struct TrainBenchArgs {
     /// Do not checksum pipeline messages (to measure what the always-on checks cost).
     #[arg(long)]
     pub no_checksums: bool,
-    /// `cpu`, or `cuda` (probed; the CUDA backend is not built yet).
+    /// `cpu`, `cuda` (one GPU) or `emu` (the CUDA kernels in their CPU emulator; slow).
     #[arg(long, default_value = "cpu")]
     pub device: troupe::device::Device,
+    /// GPU storage type: bf16 (fp32 master weights) or fp32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: super::train::GpuDtype,
+    /// Micro-batch size (default: the config's); with no --microbatches, one microbatch per step.
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
+    /// Peak dense TFLOP/s of the GPU for MFU (H100 SXM bf16: 989).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
 }
 
 /// `troupe bench faults`: the fault matrix (every fault kind × phase × seed on PP = 2 × DP = 2,
@@ -123,10 +132,26 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
     }
     let base = Config::load(&args.config).map_err(|e| UsageError(e.to_string()))?;
     if let Some(m) = args.microbatches {
-        let gbs = m * base.train.micro_batch_size * args.data_parallel_size;
+        let gbs = m * args.micro_batch_size.unwrap_or(base.train.micro_batch_size) * args.data_parallel_size;
         sets.push(format!("train.global_batch_size={gbs}"));
     }
+    if let Some(m) = args.micro_batch_size {
+        sets.push(format!("train.micro_batch_size={m}"));
+        if args.microbatches.is_none() {
+            sets.push(format!("train.global_batch_size={}", m * args.data_parallel_size));
+        }
+    }
     let cfg = Config::load_with(&args.config, &sets).map_err(|e| UsageError(e.to_string()))?;
+    if args.device != troupe::device::Device::Cpu {
+        if args.actors || cfg.parallel.is_distributed() {
+            return Err(UsageError(format!(
+                "--device {}: one GPU rank only (no actor runtime on GPUs yet)",
+                args.device
+            ))
+            .into());
+        }
+        return gpu_bench(&args, &cfg).map(|out| println!("{out}"));
+    }
     if args.actors || cfg.parallel.is_distributed() {
         return runtime_bench(&args, &cfg);
     }
@@ -144,20 +169,9 @@ fn plain(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::Valu
     let threads = cpu.threads();
     let profiled = Profiled::new(cpu);
     let mut trainer = Trainer::new(&cfg).context("building the model")?;
-    let (b, t, v) = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size);
+    let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
     let accum = cfg.accumulation_steps();
-    let mut rng = Rng::new(cfg.train.seed);
-    let data: Vec<(Vec<u32>, Vec<u32>)> = (0..accum)
-        .map(|_| {
-            let seq: Vec<u32> = (0..b * (t + 1)).map(|_| (rng.next_u64() % v as u64) as u32).collect();
-            let (mut x, mut y) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-            for row in seq.chunks(t + 1) {
-                x.extend_from_slice(&row[..t]);
-                y.extend_from_slice(&row[1..]);
-            }
-            (x, y)
-        })
-        .collect();
+    let data = random_batches(&cfg);
     let mbs: Vec<Microbatch<'_>> =
         data.iter().map(|(x, y)| Microbatch { tokens: x, targets: y, batch: b, seq: t }).collect();
     let be: &dyn Backend = &profiled;
@@ -205,6 +219,102 @@ fn plain(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::Valu
         out["breakdown"] = serde_json::Value::Array(rows);
     }
     Ok(out)
+}
+
+/// One step's microbatches of random tokens (tokens, next-token targets), from the config's seed.
+fn random_batches(cfg: &Config) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let (b, t, v) = (cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size);
+    let mut rng = Rng::new(cfg.train.seed);
+    (0..cfg.accumulation_steps())
+        .map(|_| {
+            let seq: Vec<u32> = (0..b * (t + 1)).map(|_| (rng.next_u64() % v as u64) as u32).collect();
+            let (mut x, mut y) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+            for row in seq.chunks(t + 1) {
+                x.extend_from_slice(&row[..t]);
+                y.extend_from_slice(&row[1..]);
+            }
+            (x, y)
+        })
+        .collect()
+}
+
+/// Full training steps on a GPU (or the emulator): one JSON line with tokens/s and MFU.
+fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::Value> {
+    use super::train::OpenGpu;
+    if args.steps == 0 {
+        return Err(UsageError("--steps must be at least 1".into()).into());
+    }
+    let Some(gpu) = OpenGpu::open(args.device)? else {
+        return Err(UsageError("gpu_bench needs --device cuda or emu".into()).into());
+    };
+    let describe = gpu.describe();
+    let dtype: troupe::gpu::DType = args.dtype.into();
+    let (times, loss) = match &gpu {
+        OpenGpu::Cuda(g) => gpu_steps(g, args, cfg, dtype)?,
+        OpenGpu::Emu(g) => gpu_steps(g, args, cfg, dtype)?,
+    };
+    let median = times[times.len() / 2];
+    let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
+    let tokens_per_step = (cfg.accumulation_steps() * b * t) as f64;
+    let tokens_per_s = tokens_per_step / median;
+    let flops = cfg.model.flops_per_token() * tokens_per_s;
+    let name = args.config.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    Ok(serde_json::json!({
+        "impl": "troupe",
+        "config": name,
+        "device": args.device.to_string(),
+        "gpu": describe,
+        "dtype": dtype.suffix(),
+        "params": cfg.model.num_params(),
+        "micro_batch_size": b,
+        "tokens_per_step": tokens_per_step,
+        "steps": args.steps,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_ms_median": round(median * 1e3, 2),
+        "model_gflops_per_s": round(flops / 1e9, 2),
+        "mfu": round(flops / (args.peak_tflops * 1e12), 4),
+        "peak_tflops": args.peak_tflops,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "final_loss": loss,
+    }))
+}
+
+/// Sorted step times (seconds) and the last loss.
+fn gpu_steps<G: troupe::gpu::Gpu>(
+    gpu: &G,
+    args: &TrainBenchArgs,
+    cfg: &Config,
+    dtype: troupe::gpu::DType,
+) -> anyhow::Result<(Vec<f64>, f32)> {
+    let mut model = troupe::gpu::model::GpuGpt::new(gpu, &cfg.model, cfg.train.seed, dtype)
+        .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
+    let adam = troupe::gpu::train::adam_config(cfg);
+    let data = random_batches(cfg);
+    let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
+    let scale = 1.0 / data.len() as f32;
+    let step = |model: &mut troupe::gpu::model::GpuGpt<'_, G>| -> anyhow::Result<f32> {
+        model.zero_grads()?;
+        let mut loss = 0.0f64;
+        for (x, y) in &data {
+            loss += f64::from(model.forward(x, y, b, t, scale)?);
+            model.backward()?;
+        }
+        model.step(1e-4, &adam, cfg.train.clip_grad)?;
+        gpu.synchronize()?;
+        Ok((loss * f64::from(scale)) as f32)
+    };
+    for _ in 0..args.warmup {
+        step(&mut model)?;
+    }
+    let mut times = Vec::with_capacity(args.steps);
+    let mut loss = f32::NAN;
+    for _ in 0..args.steps {
+        let t0 = Instant::now();
+        loss = step(&mut model)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times, loss))
 }
 
 /// The actor runtime (ranks as threads), with the plain trainer timed in the same run when the

@@ -122,37 +122,88 @@ pub struct TrainArgs {
     /// Never draw a progress bar (plain log lines instead).
     #[arg(long)]
     pub no_progress: bool,
-    /// `cpu`, or `cuda` (probed at start; the CUDA backend is not built yet).
+    /// `cpu`, `cuda` (one GPU), or `emu` (the CUDA kernels in their CPU emulator: very slow,
+    /// for testing the GPU path without a GPU).
     #[arg(long, default_value = "cpu")]
     pub device: troupe::device::Device,
+    /// Storage type on the GPU: bf16 (fp32 master weights, moments and statistics) or fp32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: GpuDtype,
     #[command(flatten)]
     pub runtime: super::train_parallel::RuntimeArgs,
 }
 
-/// Refuses `--device cuda` with the reason: no driver or GPU here, or the backend not built yet.
-pub(super) fn check_device(device: troupe::device::Device) -> anyhow::Result<()> {
-    if device == troupe::device::Device::Cpu {
-        return Ok(());
-    }
-    match troupe::device::probe_cuda() {
-        Err(e) => Err(UsageError(format!("--device cuda: {e}")).into()),
-        Ok(devices) => {
-            let list: Vec<String> = devices
-                .iter()
-                .map(|d| {
-                    format!(
-                        "{} {} (sm_{}{})",
-                        d.ordinal, d.name, d.compute_capability.0, d.compute_capability.1
-                    )
-                })
-                .collect();
-            Err(UsageError(format!(
-                "--device cuda: found {}, but troupe's CUDA backend is not built yet; use --device cpu",
-                list.join(", ")
-            ))
-            .into())
+/// GPU storage type (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuDtype {
+    Bf16,
+    Fp32,
+}
+
+impl From<GpuDtype> for troupe::gpu::DType {
+    fn from(d: GpuDtype) -> Self {
+        match d {
+            GpuDtype::Bf16 => troupe::gpu::DType::Bf16,
+            GpuDtype::Fp32 => troupe::gpu::DType::F32,
         }
     }
+}
+
+/// Refuses `--device cuda` on a machine without a usable driver or GPU, with the reason.
+pub(super) fn check_device(device: troupe::device::Device) -> anyhow::Result<()> {
+    if device != troupe::device::Device::Cuda {
+        return Ok(());
+    }
+    troupe::device::probe_cuda().map_err(|e| UsageError(format!("--device cuda: {e}")))?;
+    Ok(())
+}
+
+/// A GPU (or the emulator) for `--device`, or a usage error naming what is missing.
+pub(super) enum OpenGpu {
+    Cuda(troupe::gpu::CudaGpu),
+    Emu(troupe::gpu::EmuGpu),
+}
+
+impl OpenGpu {
+    pub(super) fn open(device: troupe::device::Device) -> anyhow::Result<Option<Self>> {
+        use troupe::device::Device;
+        let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(match device {
+            Device::Cpu => None,
+            Device::Cuda => Some(OpenGpu::Cuda(
+                troupe::gpu::CudaGpu::new(local_rank)
+                    .map_err(|e| UsageError(format!("--device cuda: {e}")))?,
+            )),
+            Device::Emu => Some(OpenGpu::Emu(
+                troupe::gpu::EmuGpu::new().map_err(|e| UsageError(format!("--device emu: {e}")))?,
+            )),
+        })
+    }
+
+    pub(super) fn describe(&self) -> String {
+        use troupe::gpu::Gpu;
+        match self {
+            OpenGpu::Cuda(g) => g.describe(),
+            OpenGpu::Emu(g) => g.describe(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gpu_run<G: troupe::gpu::Gpu>(
+    gpu: &G,
+    dtype: troupe::gpu::DType,
+    cfg: &Config,
+    be: &CpuBackend,
+    trainer: &mut troupe::train::Trainer,
+    state: &mut troupe::checkpoint::TrainState,
+    data: &RunData<'_>,
+    stop: &std::sync::atomic::AtomicBool,
+    on: &mut dyn FnMut(&Event),
+) -> anyhow::Result<run::RunSummary> {
+    let mut model = troupe::gpu::train::upload(gpu, cfg, trainer, dtype)
+        .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
+    Ok(troupe::gpu::train::run(cfg, &mut model, be, trainer, state, data, stop, on)?)
 }
 
 #[derive(Debug, clap::Args)]
@@ -205,8 +256,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     if super::train_parallel::wanted(&cfg, &args.runtime, launched.as_ref()) {
+        if args.device != troupe::device::Device::Cpu {
+            return Err(UsageError(format!(
+                "--device {}: GPU training runs one rank for now (pipeline and data parallelism on GPUs \
+                 — NCCL inside the actor runtime — is not built); drop the parallel options or use --device cpu",
+                args.device
+            ))
+            .into());
+        }
         return super::train_parallel::train(&args, cfg, launched);
     }
+    let gpu = OpenGpu::open(args.device)?;
     let data = corpus::open(&cfg).map_err(|e| UsageError(e.to_string()))?;
     let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {
         RunError::Checkpoint(_) | RunError::NothingToLoad { .. } => {
@@ -220,12 +280,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "" => None,
         p => Some(std::fs::File::create(p).map_err(|e| UsageError(format!("--log-json {p}: {e}")))?),
     };
+    let on_what = match &gpu {
+        None => format!("{} threads", be.threads()),
+        Some(g) => {
+            format!("{} in {}", g.describe(), if args.dtype == GpuDtype::Bf16 { "bf16" } else { "fp32" })
+        }
+    };
     eprintln!(
-        "troupe: training a {}-layer GPT ({:.2} M parameters) on {} with {} threads for {} steps",
+        "troupe: training a {}-layer GPT ({:.2} M parameters) on {} with {on_what} for {} steps",
         cfg.model.num_layers,
         cfg.model.num_params() as f64 / 1e6,
         data.description,
-        be.threads(),
         cfg.train.train_iters
     );
     if let Some(from) = &resumed {
@@ -251,7 +316,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let bar = progress_bar(&cfg, state.step, args.no_progress);
     let log_interval = cfg.logging.log_interval;
     let mut on = |e: &Event| report(e, &bar, log_interval, json.as_mut());
-    let summary = run::run(&cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?;
+    let dtype = args.dtype.into();
+    let summary = match &gpu {
+        None => run::run(&cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?,
+        Some(OpenGpu::Cuda(g)) => {
+            gpu_run(g, dtype, &cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?
+        }
+        Some(OpenGpu::Emu(g)) => {
+            gpu_run(g, dtype, &cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?
+        }
+    };
     bar.finish_and_clear();
     if summary.interrupted && cfg.checkpoint.save.is_empty() {
         eprintln!(

@@ -18,6 +18,7 @@ pub mod model;
 pub mod nccl;
 pub mod ops;
 pub mod sources;
+pub mod train;
 
 pub use cuda::CudaGpu;
 pub use emu::EmuGpu;

@@ -508,6 +508,22 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         Ok(mean as f32)
     }
 
+    /// Mean loss of one microbatch without touching the gradients (evaluation).
+    ///
+    /// # Errors
+    /// As [`GpuGpt::forward`].
+    pub fn eval_loss(
+        &mut self,
+        tokens: &[u32],
+        targets: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<f32, GpuError> {
+        let loss = self.forward(tokens, targets, batch, seq, 1.0)?;
+        self.pending_backward = false;
+        Ok(loss)
+    }
+
     /// Backward of the microbatch of the last forward; parameter gradients accumulate.
     ///
     /// # Errors

@@ -1,0 +1,212 @@
+//! The single-GPU training loop: the CPU loop's semantics (`crate::train::run`: gradient
+//! accumulation, the LR schedule, the NaN policy, evaluation, checkpoints on an interval and on
+//! SIGINT/SIGTERM, resume) with the model on a [`Gpu`].
+//!
+//! Checkpoints stay in the single-rank format: at a save the fp32 master weights and the AdamW
+//! moments are downloaded into the CPU [`Trainer`] and written by `crate::checkpoint`, so a GPU
+//! run resumes on the CPU and the other way round. Evaluation samples text with the CPU model
+//! after the same download.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::model::GpuGpt;
+use super::{DType, Gpu, GpuError};
+use crate::checkpoint::{self, TrainState};
+use crate::config::{Config, NanPolicy};
+use crate::kernels::Backend;
+use crate::optim::{AdamWConfig, LrSchedule};
+use crate::train::Trainer;
+use crate::train::data::BatchBuf;
+use crate::train::run::{Event, RunData, RunError, RunSummary};
+
+/// Errors of a GPU run: the CPU loop's, or the device's.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuRunError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+}
+
+/// The AdamW settings of a config.
+pub fn adam_config(cfg: &Config) -> AdamWConfig {
+    let t = &cfg.train;
+    AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, weight_decay: t.weight_decay }
+}
+
+/// Uploads a (possibly resumed) CPU trainer to the GPU.
+pub fn upload<'g, G: Gpu>(
+    gpu: &'g G,
+    cfg: &Config,
+    trainer: &Trainer,
+    dtype: DType,
+) -> Result<GpuGpt<'g, G>, GpuError> {
+    let mut model = GpuGpt::from_params(gpu, &cfg.model, trainer.model.params(), dtype)?;
+    model.set_optimizer_state(&trainer.opt.m, &trainer.opt.v, trainer.opt.step)?;
+    Ok(model)
+}
+
+/// Copies the GPU model's master weights and optimizer state into the CPU trainer.
+pub fn download<G: Gpu>(model: &GpuGpt<'_, G>, trainer: &mut Trainer) -> Result<(), GpuError> {
+    let params = model.params_host()?;
+    trainer.model.params_mut().copy_from_slice(&params);
+    let (m, v) = model.moments_host()?;
+    trainer.opt.m = m;
+    trainer.opt.v = v;
+    trainer.opt.step = model.steps();
+    Ok(())
+}
+
+/// Runs training from `state` to `cfg.train.train_iters` on the GPU. `trainer` is the CPU side
+/// used for checkpoints and text samples (kept in sync at those points only).
+///
+/// # Errors
+/// A non-finite loss under the `abort` policy, bad data, a failed checkpoint write, or a device
+/// error.
+#[allow(clippy::too_many_arguments)]
+pub fn run<G: Gpu>(
+    cfg: &Config,
+    model: &mut GpuGpt<'_, G>,
+    cpu: &dyn Backend,
+    trainer: &mut Trainer,
+    state: &mut TrainState,
+    data: &RunData<'_>,
+    stop: &AtomicBool,
+    on: &mut dyn FnMut(&Event),
+) -> Result<RunSummary, GpuRunError> {
+    if data.train.num_samples() == 0 {
+        return Err(RunError::NoData("no training samples").into());
+    }
+    let t = &cfg.train;
+    let sched = LrSchedule {
+        max_lr: t.lr,
+        min_lr: t.min_lr,
+        warmup: t.lr_warmup_iters,
+        decay: t.lr_decay_iters.unwrap_or(t.train_iters),
+        style: t.lr_decay_style,
+    };
+    let adam = adam_config(cfg);
+    let (mb_size, accum) = (t.micro_batch_size, cfg.accumulation_steps());
+    let seq = data.train.sample_tokens().saturating_sub(1);
+    let mut bufs: Vec<BatchBuf> = (0..accum).map(|_| BatchBuf::default()).collect();
+    let started = Instant::now();
+    let mut last = (Instant::now(), state.step);
+    let mut final_loss = f32::NAN;
+    let mut interrupted = false;
+    while state.step < t.train_iters {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            on(&Event::Interrupted { step: state.step });
+            break;
+        }
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            buf.fill(data.train, state.consumed_samples + (i * mb_size) as u64, mb_size)
+                .map_err(RunError::from)?;
+        }
+        let lr = sched.lr(state.step);
+        model.zero_grads()?;
+        let scale = 1.0 / accum.max(1) as f32;
+        let mut loss_sum = 0.0f64;
+        let mut bad = None;
+        for (i, b) in bufs.iter().enumerate() {
+            let loss = model.forward(&b.tokens, &b.targets, mb_size, seq, scale)?;
+            model.backward()?;
+            if !loss.is_finite() {
+                bad = Some((i, loss));
+                break;
+            }
+            loss_sum += f64::from(loss);
+        }
+        state.step += 1;
+        state.consumed_samples += t.global_batch_size as u64;
+        match bad {
+            None => {
+                let grad_norm = model.step(lr, &adam, t.clip_grad)?;
+                let loss = (loss_sum * f64::from(scale)) as f32;
+                final_loss = loss;
+                let now = Instant::now();
+                let secs = now.duration_since(last.0).as_secs_f64().max(1e-9);
+                let tokens = (state.step - last.1) as f64 * (t.global_batch_size * seq) as f64;
+                last = (now, state.step);
+                on(&Event::Step {
+                    step: state.step,
+                    loss,
+                    lr,
+                    grad_norm,
+                    tokens_per_s: tokens / secs,
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                });
+            }
+            Some((microbatch, loss)) if t.nan_policy == NanPolicy::Skip => {
+                state.skipped_steps += 1;
+                tracing::warn!(step = state.step, microbatch, loss, "non-finite loss: step skipped");
+                on(&Event::Skipped { step: state.step, microbatch, loss });
+            }
+            Some((mb, loss)) => {
+                return Err(RunError::Train(crate::train::TrainError::NonFiniteLoss {
+                    step: state.step,
+                    mb,
+                    loss,
+                })
+                .into());
+            }
+        }
+        let l = &cfg.logging;
+        if let Some(valid) =
+            data.valid.filter(|_| l.eval_interval > 0 && state.step.is_multiple_of(l.eval_interval))
+        {
+            let loss = evaluate(cfg, model, valid)?;
+            let sample = match data.sample {
+                Some(f) => {
+                    download(model, trainer)?;
+                    Some(f(&trainer.model, cpu))
+                }
+                None => None,
+            };
+            on(&Event::Eval { step: state.step, loss, perplexity: loss.exp(), sample });
+        }
+        let c = &cfg.checkpoint;
+        if !c.save.is_empty() && c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) {
+            save(cfg, model, trainer, state, on)?;
+        }
+    }
+    let c = &cfg.checkpoint;
+    let saved_now = c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) && !interrupted;
+    if !c.save.is_empty() && !saved_now && state.step > 0 {
+        save(cfg, model, trainer, state, on)?;
+    }
+    Ok(RunSummary { steps: state.step, final_loss, interrupted, skipped_steps: state.skipped_steps })
+}
+
+fn save<G: Gpu>(
+    cfg: &Config,
+    model: &GpuGpt<'_, G>,
+    trainer: &mut Trainer,
+    state: &TrainState,
+    on: &mut dyn FnMut(&Event),
+) -> Result<(), GpuRunError> {
+    download(model, trainer)?;
+    let dir = checkpoint::save(Path::new(&cfg.checkpoint.save), state, &trainer.model, &trainer.opt)
+        .map_err(RunError::from)?;
+    on(&Event::Saved { step: state.step, path: dir.display().to_string() });
+    Ok(())
+}
+
+/// Mean validation loss over `eval_iters` microbatches (the CPU loop's samples).
+pub fn evaluate<G: Gpu>(
+    cfg: &Config,
+    model: &mut GpuGpt<'_, G>,
+    valid: &dyn crate::data::SampleSource,
+) -> Result<f32, GpuRunError> {
+    let (b, seq) = (cfg.train.micro_batch_size, valid.sample_tokens().saturating_sub(1));
+    let mut buf = BatchBuf::default();
+    let mut sum = 0.0f64;
+    let n = cfg.logging.eval_iters.max(1);
+    for i in 0..n {
+        buf.fill(valid, i * b as u64, b).map_err(RunError::from)?;
+        sum += f64::from(model.eval_loss(&buf.tokens, &buf.targets, b, seq)?);
+    }
+    Ok((sum / n as f64) as f32)
+}
