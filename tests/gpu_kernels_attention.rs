@@ -1,5 +1,6 @@
-//! Attention kernels (cuda/attention.cu) run in the CPU emulator against the float64 reference
-//! (`kernels::naive::attention_forward/backward`) on small odd shapes: T = 1, T not a multiple of
+//! Attention kernels (cuda/attention.cu) against the float64 reference
+//! (`kernels::naive::attention_forward/backward`), in the CPU emulator everywhere and on a real GPU
+//! when one is present (otherwise that half prints SKIPPED), on small odd shapes: T = 1, T not a multiple of
 //! any tile, several query and key tiles, every head size with kernels.
 //!
 //! Tolerances, `|got − want| ≤ atol + rtol·|want|`, with `atol` a fraction of the largest
@@ -14,8 +15,13 @@
 //!   (D = Σ dout·out carries 2^-9 relative error into every dS) and rounds dqkv:
 //!   rtol 2^-6, atol 2^-7·max (measured worst 3e-3·max). lse is fp32 for both storage types
 //!   and computed from the same (rounded) inputs as the reference: rtol 1e-5, atol 1e-5·max.
+//!
+//! The same tolerances should cover a GPU: `--use_fast_math` (approximate exp2f and division,
+//! FMA contraction, flushed denormals) costs a few fp32 ulp per term, inside the headroom above.
+//! Two backward runs must be bitwise equal on both. The check that every head size's kernels are
+//! compiled in uses `EmuGpu::kernels()` and runs only in the emulator.
 
-use troupe::gpu::emu::{EmuGpu, compare, shared};
+use troupe::gpu::emu::compare;
 use troupe::gpu::ops::attention;
 use troupe::gpu::{DType, Dev, Gpu, download_f32, round_bf16, upload_f32};
 use troupe::kernels::naive;
@@ -64,7 +70,7 @@ fn worst(got: &[f32], want: &[f64]) -> f64 {
 }
 
 /// A buffer of `n` elements of `dtype` filled with `value` (to catch elements a kernel skips).
-fn filled(gpu: &EmuGpu, n: usize, value: f32, dtype: DType) -> <EmuGpu as Gpu>::Buf {
+fn filled<G: Gpu>(gpu: &G, n: usize, value: f32, dtype: DType) -> G::Buf {
     upload_f32(gpu, &vec![value; n], dtype).unwrap()
 }
 
@@ -77,8 +83,8 @@ struct Outputs {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(
-    gpu: &EmuGpu,
+fn run<G: Gpu>(
+    gpu: &G,
     dtype: DType,
     qkv: &[f32],
     dout: &[f32],
@@ -136,7 +142,7 @@ fn run(
 
 /// Runs one shape in `dtype` and checks out, lse, dqkv and determinism; returns the worst
 /// normalised errors (out, lse, dqkv).
-fn check(gpu: &EmuGpu, dtype: DType, b: usize, t: usize, nh: usize, hs: usize) -> [f64; 3] {
+fn check<G: Gpu>(gpu: &G, label: &str, dtype: DType, b: usize, t: usize, nh: usize, hs: usize) -> [f64; 3] {
     let c = nh * hs;
     let seed = (b * 1000 + t * 10 + hs) as u64;
     let (mut qkv, mut dout) = (uniform(b * t * 3 * c, seed, 2.0), uniform(b * t * c, seed + 1, 1.0));
@@ -153,7 +159,7 @@ fn check(gpu: &EmuGpu, dtype: DType, b: usize, t: usize, nh: usize, hs: usize) -
     naive::attention_backward(&mut dqkv, &dout64, &probs, &qkv64, b, t, c, nh);
     let lse = lse_f64(&qkv64, b, t, c, nh);
 
-    let what = |x: &str| format!("{x} ({dtype:?}, B {b}, T {t}, NH {nh}, HS {hs})");
+    let what = |x: &str| format!("{label}: {x} ({dtype:?}, B {b}, T {t}, NH {nh}, HS {hs})");
     let ((rf, af), (rb, ab), lse_tol) = match dtype {
         DType::F32 => ((1e-5, 2e-6), (1e-5, 2e-6), 1e-5),
         DType::Bf16 => ((1.0 / 256.0, 1.0 / 512.0), (1.0 / 64.0, 1.0 / 128.0), 1e-5),
@@ -173,30 +179,27 @@ fn check(gpu: &EmuGpu, dtype: DType, b: usize, t: usize, nh: usize, hs: usize) -
     errs
 }
 
-#[test]
-fn head_size_32_matches_the_reference_on_odd_lengths() {
-    let Some(gpu) = shared() else { return };
+fn check_head_size_32<G: Gpu>(gpu: &G, label: &str) {
     for dtype in [DType::F32, DType::Bf16] {
         // 1 row; one partial tile; 64 < T < 2·64 (partial diagonal and tail); three tiles.
         for t in [1, 37, 70, 130] {
-            check(gpu, dtype, 2, t, 2, 32);
+            check(gpu, label, dtype, 2, t, 2, 32);
         }
     }
 }
 
-#[test]
-fn head_sizes_64_and_128_match_the_reference() {
-    let Some(gpu) = shared() else { return };
+fn check_head_sizes_64_and_128<G: Gpu>(gpu: &G, label: &str) {
     for dtype in [DType::F32, DType::Bf16] {
-        check(gpu, dtype, 2, 45, 2, 64);
+        check(gpu, label, dtype, 2, 45, 2, 64);
         // T 40 spans 3 of the 16-row tiles of the backward kernels and 2 forward tiles.
-        check(gpu, dtype, 1, 40, 2, 128);
+        check(gpu, label, dtype, 1, 40, 2, 128);
     }
 }
 
+/// Emulator only: `EmuGpu::kernels()` lists the compiled kernels.
 #[test]
-fn unsupported_head_sizes_and_short_buffers_are_shape_errors() {
-    let Some(gpu) = shared() else { return };
+fn every_head_size_has_its_kernels_in_the_emulator() {
+    let Some(gpu) = troupe::gpu::emu::shared() else { return };
     for hs in attention::HEAD_SIZES {
         for dt in ["f32", "bf16"] {
             for k in ["forward", "backward_dkv", "backward_dq"] {
@@ -205,6 +208,9 @@ fn unsupported_head_sizes_and_short_buffers_are_shape_errors() {
             }
         }
     }
+}
+
+fn check_shape_errors<G: Gpu>(gpu: &G, label: &str) {
     let big = gpu.alloc(1 << 16).unwrap();
     let (b, t) = (1, 4);
     // C 96 with NH 2: head size 48.
@@ -221,8 +227,8 @@ fn unsupported_head_sizes_and_short_buffers_are_shape_errors() {
     )
     .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("attention_forward") && msg.contains("head size 48"), "{msg}");
-    assert!(msg.contains("[32, 64, 128]"), "{msg}");
+    assert!(msg.contains("attention_forward") && msg.contains("head size 48"), "{label}: {msg}");
+    assert!(msg.contains("[32, 64, 128]"), "{label}: {msg}");
     let err = attention::attention_forward(
         gpu,
         DType::F32,
@@ -235,7 +241,7 @@ fn unsupported_head_sizes_and_short_buffers_are_shape_errors() {
         3,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("not a multiple"), "{err}");
+    assert!(err.to_string().contains("not a multiple"), "{label}: {err}");
     // qkv needs B·T·3C = 768 floats = 3072 bytes.
     let small = gpu.alloc(3000).unwrap();
     let err = attention::attention_forward(
@@ -250,7 +256,8 @@ fn unsupported_head_sizes_and_short_buffers_are_shape_errors() {
         2,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("qkv") && err.to_string().contains("3072 bytes"), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("qkv") && msg.contains("3072 bytes"), "{label}: {msg}");
     let err = attention::attention_backward(
         gpu,
         DType::F32,
@@ -266,5 +273,42 @@ fn unsupported_head_sizes_and_short_buffers_are_shape_errors() {
         2,
     )
     .unwrap_err();
-    assert!(err.to_string().contains("attention_backward") && err.to_string().contains("dsum"), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("attention_backward") && msg.contains("dsum"), "{label}: {msg}");
+}
+
+#[test]
+fn head_size_32_matches_the_reference_on_odd_lengths_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_head_size_32(emu, "emulator");
+}
+
+#[test]
+fn head_size_32_matches_the_reference_on_odd_lengths_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_head_size_32(gpu, "cuda");
+}
+
+#[test]
+fn head_sizes_64_and_128_match_the_reference_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_head_sizes_64_and_128(emu, "emulator");
+}
+
+#[test]
+fn head_sizes_64_and_128_match_the_reference_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_head_sizes_64_and_128(gpu, "cuda");
+}
+
+#[test]
+fn unsupported_head_sizes_and_short_buffers_are_shape_errors_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_shape_errors(emu, "emulator");
+}
+
+#[test]
+fn unsupported_head_sizes_and_short_buffers_are_shape_errors_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_shape_errors(gpu, "cuda");
 }

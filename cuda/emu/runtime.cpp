@@ -1,12 +1,63 @@
 // Launching emulated kernels (see emu.h). Compiled in one translation unit after emu.h, the
 // prelude and every kernel file; exported to Rust as `troupe_emu_launch`.
+#include <condition_variable>
 #include <cstdio>
+#include <functional>
 #include <mutex>
 #include <thread>
 
 namespace troupe_emu {
 static std::mutex launch_mutex;  // `__shared__` statics allow one launch at a time
-}
+
+// Worker threads kept across launches (creating a thousand threads per launch dominated the
+// emulator's time). Launch n runs the job on workers 0..n; the others wake and sleep again.
+// Leaked on purpose: workers block forever in `wait`, and a static destructor would have to join
+// them at exit.
+struct Pool {
+    std::mutex m;
+    std::condition_variable wake, done;
+    unsigned long long generation = 0;
+    unsigned active = 0, remaining = 0;
+    const std::function<void(unsigned)>* job = nullptr;
+    unsigned workers = 0;
+
+    void ensure(unsigned n) {
+        while (workers < n) {
+            unsigned id = workers++;
+            std::thread([this, id] { serve(id); }).detach();
+        }
+    }
+
+    void serve(unsigned id) {
+        unsigned long long seen = 0;
+        for (;;) {
+            const std::function<void(unsigned)>* j;
+            {
+                std::unique_lock<std::mutex> lk(m);
+                wake.wait(lk, [&] { return generation != seen; });
+                seen = generation;
+                if (id >= active) continue;
+                j = job;
+            }
+            (*j)(id);
+            std::lock_guard<std::mutex> lk(m);
+            if (--remaining == 0) done.notify_all();
+        }
+    }
+
+    void run(unsigned n, const std::function<void(unsigned)>& f) {
+        std::unique_lock<std::mutex> lk(m);
+        ensure(n);
+        job = &f;
+        active = n;
+        remaining = n;
+        ++generation;
+        wake.notify_all();
+        done.wait(lk, [&] { return remaining == 0; });
+    }
+};
+static Pool* pool = new Pool;
+}  // namespace troupe_emu
 
 extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, const unsigned int* block3,
                                  unsigned long long smem_bytes, void** args, char* err, unsigned long long err_len) {
@@ -35,22 +86,18 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
     // Uninitialised shared memory reads as NaN, so a kernel that forgets to write it fails tests.
     l.dyn_smem.assign(smem_bytes + 16, 0xff);
     std::barrier<> end_of_block(l.threads);
-    std::vector<std::thread> threads;
-    threads.reserve(l.threads);
-    for (unsigned int t = 0; t < l.threads; ++t) {
-        threads.emplace_back([&, t] {
-            current = &l;
-            linear_tid = t;
-            thread_idx = dim3{t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
-            for (unsigned long long b = 0; b < blocks; ++b) {
-                block_idx = dim3{(unsigned int)(b % l.grid.x), (unsigned int)((b / l.grid.x) % l.grid.y),
-                                 (unsigned int)(b / ((unsigned long long)l.grid.x * l.grid.y))};
-                entry->call(entry->fn, args);
-                end_of_block.arrive_and_wait();
-            }
-        });
-    }
-    for (auto& th : threads) th.join();
+    std::function<void(unsigned)> body = [&](unsigned t) {
+        current = &l;
+        linear_tid = t;
+        thread_idx = dim3{t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
+        for (unsigned long long b = 0; b < blocks; ++b) {
+            block_idx = dim3{(unsigned int)(b % l.grid.x), (unsigned int)((b / l.grid.x) % l.grid.y),
+                             (unsigned int)(b / ((unsigned long long)l.grid.x * l.grid.y))};
+            entry->call(entry->fn, args);
+            end_of_block.arrive_and_wait();
+        }
+    };
+    pool->run(l.threads, body);
     return 0;
 }
 
