@@ -2,8 +2,8 @@
 # Every GPU check and benchmark in one script, for the GPU machines (one H100/H200, CUDA 13,
 # driver 580, PyTorch and NCCL from Python packages, no Rust toolchain, no network).
 #
-# On the development machine first:   cargo build --release && cargo test --release --no-run
-# then copy the tree with target/release (the binaries) to the GPU machine and run:
+# On the development machine first:   bench/gpu-prep.sh   (fills target/gpu-bundle/)
+# then copy the tree with target/gpu-bundle to the GPU machine and run:
 #   bench/gpu.sh [quick]
 # It finds the CUDA libraries of the Python packages (NVRTC, cuBLAS/cuBLASLt, NCCL), runs the
 # GPU tests (kernels vs their CPU twins, NVRTC compile), the training benchmark and the PyTorch
@@ -35,33 +35,58 @@ log "date $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
 log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-# --- tests: every test binary whose name starts with gpu_ (kernels on CUDA and the emulator) ---
+bundle=target/gpu-bundle
+[ -x $bundle/troupe ] || { log "$bundle/troupe missing: run bench/gpu-prep.sh on the development machine"; exit 1; }
+troupe=$bundle/troupe
+
+# --- tests: kernels vs their CPU twins, the model vs the CPU model, NVRTC (CUDA halves run here) --
 status=0
-for t in target/release/deps/gpu_*; do
-  case "$t" in *.d) continue ;; esac
-  [ -x "$t" ] || continue
-  name=$(basename "$t" | sed 's/-[0-9a-f]*$//')
-  if "$t" --test-threads 1 >"$OUT/test-$name.log" 2>&1; then
-    log "test $name: ok ($(grep -c SKIPPED "$OUT/test-$name.log") skipped messages)"
+for t in $bundle/tests/gpu_*; do
+  name=$(basename "$t")
+  # The mma self-test and NVRTC first: they explain most later failures.
+  if timeout 600 "$t" --test-threads 1 >"$OUT/test-$name.log" 2>&1; then
+    log "test $name: ok ($(grep -c 'SKIPPED' "$OUT/test-$name.log") skip messages)"
   else
     log "test $name: FAILED (see $OUT/test-$name.log)"; status=1
+    grep -E "panicked|assert|Error" "$OUT/test-$name.log" | head -5 | tee -a "$OUT/summary.txt"
   fi
 done
-[ -x target/release/troupe ] || { log "target/release/troupe missing: build it first"; exit 1; }
 
 [ "${1:-}" = quick ] && { cat "$OUT/summary.txt"; exit $status; }
 
 # --- benchmarks -------------------------------------------------------------------------------
+# GPT-2 124M, seq 1024, bf16, micro-batch MB (one microbatch per step), 10 timed steps.
 cfg=config/gpt2-124m.toml
-timeout 300 ./target/release/troupe bench train --config $cfg --device cuda --steps 10 --warmup 2 \
-  >"$OUT/bench-troupe.json" 2>"$OUT/bench-troupe.err"
-log "troupe bench train --device cuda: rc $? $(tail -c 300 "$OUT/bench-troupe.json" "$OUT/bench-troupe.err" | tr '\n' ' ')"
-timeout 300 python3 bench/pytorch_gpt.py --config $cfg --device cuda --compile --fused-adamw --steps 10 \
-  --micro-batch-size 16 >"$OUT/bench-pytorch.json" 2>"$OUT/bench-pytorch.err" \
+MB=${MB:-16}
+bench() { # name, then extra environment/arguments
+  local name=$1; shift
+  timeout 300 env "$@" $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --steps 10 \
+    --warmup 3 >"$OUT/bench-$name.json" 2>"$OUT/bench-$name.err"
+  log "troupe $name: rc $? $(tail -c 400 "$OUT/bench-$name.json") $(tail -c 300 "$OUT/bench-$name.err")"
+}
+bench tc TROUPE_ATTENTION=auto
+bench simt TROUPE_ATTENTION=simt
+timeout 400 python3 bench/pytorch_gpt.py --config $cfg --device cuda --compile --fused-adamw --steps 10 \
+  --micro-batch-size "$MB" >"$OUT/bench-pytorch.json" 2>"$OUT/bench-pytorch.err" \
   || timeout 300 python3 bench/pytorch_gpt.py --config $cfg --device cuda --fused-adamw --steps 10 \
-  --micro-batch-size 16 >"$OUT/bench-pytorch.json" 2>>"$OUT/bench-pytorch.err"
-log "pytorch: $(tail -c 600 "$OUT/bench-pytorch.json")"
+  --micro-batch-size "$MB" >"$OUT/bench-pytorch.json" 2>>"$OUT/bench-pytorch.err"
+log "pytorch: $(tail -c 600 "$OUT/bench-pytorch.json") $(tail -c 300 "$OUT/bench-pytorch.err")"
 echo
 echo "---- summary ----"
 cat "$OUT/summary.txt"
+python3 - "$OUT" <<'PY'
+import json, sys, os
+rows = []
+for name in ("tc", "simt", "pytorch"):
+    p = os.path.join(sys.argv[1], f"bench-{name}.json")
+    try:
+        r = json.loads(open(p).read().strip().splitlines()[-1])
+    except Exception:
+        continue
+    mfu = r.get("mfu")
+    rows.append((name, r.get("tokens_per_s"), mfu, r.get("step_ms_median")))
+print(f"{'run':<8} {'tokens/s':>12} {'MFU':>7} {'step ms':>9}")
+for name, tps, mfu, ms in rows:
+    print(f"{name:<8} {tps or 0:>12.0f} {(mfu or 0)*100:>6.1f}% {ms or 0:>9.1f}")
+PY
 exit $status

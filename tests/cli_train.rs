@@ -198,3 +198,68 @@ fn device_cuda_is_a_clear_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// The GPU training path, run in the kernel emulator (`--device emu`, fp32): the same losses as
+/// the CPU run of the same config (within 1e-4 relative: different kernels, same math — see
+/// tests/gpu_model.rs for the per-tensor comparison), and its checkpoint resumes on the CPU.
+#[test]
+fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Result<()> {
+    if troupe::gpu::emu::shared().is_none() {
+        return Ok(()); // printed SKIPPED (no g++)
+    }
+    let dir = tempdir("emu");
+    let small: &[&str] = &[
+        "--num-layers",
+        "1",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--eval-interval",
+        "0",
+        "--threads",
+        "1",
+        "--train-iters",
+        "2",
+    ];
+    let losses = |log: &Path| -> Result<Vec<f64>> {
+        let text = std::fs::read_to_string(log)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
+            .collect())
+    };
+    let mut emu = vec!["train", "--device", "emu", "--dtype", "fp32", "--save", "ck", "--log-json", "emu.jsonl"];
+    emu.extend_from_slice(small);
+    let out = troupe(&emu, &dir);
+    ensure!(out.status.success(), "emu run: {}", stderr(&out));
+    ensure!(stderr(&out).contains("CPU emulator"), "{}", stderr(&out));
+    let mut cpu = vec!["train", "--device", "cpu", "--log-json", "cpu.jsonl"];
+    cpu.extend_from_slice(small);
+    let out = troupe(&cpu, &dir);
+    ensure!(out.status.success(), "cpu run: {}", stderr(&out));
+    let (e, c) = (losses(&dir.join("emu.jsonl"))?, losses(&dir.join("cpu.jsonl"))?);
+    ensure!(e.len() == 2 && c.len() == 2, "emu {e:?} cpu {c:?}");
+    for (a, b) in e.iter().zip(&c) {
+        ensure!(((a - b) / b).abs() <= 1e-4, "emu losses {e:?} vs cpu {c:?}");
+    }
+    let mut resume = vec!["train", "--device", "cpu", "--load", "ck"];
+    resume.extend_from_slice(&small[..small.len() - 2]);
+    resume.extend_from_slice(&["--train-iters", "3"]);
+    let out = troupe(&resume, &dir);
+    ensure!(out.status.success(), "resume on cpu: {}", stderr(&out));
+    ensure!(stderr(&out).contains("resumed from") && stderr(&out).contains("done: 3 steps"), "{}", stderr(&out));
+    // Parallel layouts are refused on GPUs with the reason.
+    let mut pp = vec!["train", "--device", "emu", "--pipeline-model-parallel-size", "2"];
+    pp.extend_from_slice(small);
+    let out = troupe(&pp, &dir);
+    ensure!(out.status.code() == Some(2) && stderr(&out).contains("one rank"), "{}", stderr(&out));
+    Ok(())
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds, on the development machine, everything bench/gpu.sh runs on a GPU machine (which has no
+# Rust toolchain): the release binary and the GPU test binaries, copied to target/gpu-bundle/.
+# Carry that folder with the tree (it is ~40 MB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+out=target/gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/tests"
+cp target/release/troupe "$out/"
+cargo test --release --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys, shutil, os
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    name = m.get("target", {}).get("name", "")
+    if exe and m.get("profile", {}).get("test") and name.startswith("gpu_"):
+        shutil.copy(exe, os.path.join(sys.argv[1], name))
+        print("bundled", name)
+' "$out/tests"
+ls -la "$out" "$out/tests"
