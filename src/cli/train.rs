@@ -189,21 +189,132 @@ impl OpenGpu {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gpu_run<G: troupe::gpu::Gpu>(
-    gpu: &G,
+/// What every GPU rank of a run shares.
+struct GpuRank<'a> {
     dtype: troupe::gpu::DType,
+    cfg: &'a Config,
+    be: &'a CpuBackend,
+    data: &'a RunData<'a>,
+    stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl GpuRank<'_> {
+    fn run<G: troupe::gpu::Gpu>(
+        &self,
+        gpu: &G,
+        trainer: &mut troupe::train::Trainer,
+        state: &mut troupe::checkpoint::TrainState,
+        dp: Option<&dyn troupe::gpu::dp::DeviceComm<G>>,
+        on: &mut dyn FnMut(&Event),
+    ) -> anyhow::Result<run::RunSummary> {
+        let mut model = troupe::gpu::train::upload(gpu, self.cfg, trainer, self.dtype)
+            .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
+        Ok(troupe::gpu::train::run(
+            self.cfg, &mut model, self.be, trainer, state, self.data, self.stop, dp, on,
+        )?)
+    }
+}
+
+/// The data-parallel size of a GPU run, after checking that only data parallelism is asked for.
+fn gpu_dp_size(
+    args: &TrainArgs,
     cfg: &Config,
-    be: &CpuBackend,
+    launched: Option<&troupe::comm::env::LaunchEnv>,
+) -> anyhow::Result<usize> {
+    let p = &cfg.parallel;
+    let refuse = |what: &str| -> anyhow::Result<usize> {
+        Err(UsageError(format!(
+            "--device {}: GPUs run data parallelism only for now ({what} on GPUs is not built); use --device cpu for it",
+            args.device
+        ))
+        .into())
+    };
+    if p.pipeline_model_parallel_size > 1 || p.virtual_pipeline_model_parallel_size > 1 {
+        return refuse("pipeline parallelism");
+    }
+    if args.runtime.trace.is_some() || args.runtime.replay_order.is_some() {
+        return refuse("schedule tracing");
+    }
+    if !args.runtime.inject.is_empty() || !cfg.faults.is_empty() {
+        return refuse("fault injection");
+    }
+    if p.use_distributed_optimizer {
+        return refuse("the distributed optimizer");
+    }
+    let dp = launched.map_or(p.data_parallel_size, |e| e.world_size);
+    if launched.is_some() && p.data_parallel_size > 1 && p.data_parallel_size != dp {
+        return Err(UsageError(format!(
+            "--data-parallel-size {} but the launcher started {dp} ranks",
+            p.data_parallel_size
+        ))
+        .into());
+    }
+    Ok(dp.max(1))
+}
+
+/// Communicator settings of a GPU data-parallel run (`--comm-timeout` bounds every wait).
+fn comm_options(args: &TrainArgs) -> anyhow::Result<troupe::comm::CommOptions> {
+    let t = args.runtime.comm_timeout;
+    if !(t.is_finite() && t > 0.0) {
+        return Err(UsageError(format!("--comm-timeout {t}: must be a positive number of seconds")).into());
+    }
+    Ok(troupe::comm::CommOptions { timeout: std::time::Duration::from_secs_f64(t), ..Default::default() })
+}
+
+/// An NCCL data-parallel group over the launcher's ranks (one GPU per process); the TCP world is
+/// kept alive beside it because rank 0 hosts the rendezvous store in it.
+fn nccl_from_env(
+    gpu: &troupe::gpu::CudaGpu,
+    env: &troupe::comm::env::LaunchEnv,
+    opts: troupe::comm::CommOptions,
+) -> anyhow::Result<(troupe::gpu::nccl::NcclComm, Box<dyn troupe::comm::Comm>)> {
+    let world = troupe::comm::tcp::connect_from_env(env, opts.clone())
+        .map_err(|e| UsageError(format!("connecting the data-parallel ranks: {e}")))?;
+    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    let mut store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
+        .map_err(|e| anyhow::anyhow!("rendezvous store at {addr}: {e}"))?
+        .with_prefix(&format!("troupe/attempt_{}/nccl", env.restart_count));
+    let id = troupe::gpu::nccl::share_unique_id(&mut store, "dp", env.rank, opts.timeout)?;
+    let comm = troupe::gpu::nccl::NcclComm::init(gpu, id, env.rank, env.world_size, "dp", opts.timeout)?;
+    Ok((comm, world))
+}
+
+/// Data parallelism in the kernel emulator with ranks as threads of this process (tests of the
+/// GPU data-parallel path on machines without GPUs). Rank 0 reports; its trainer and state are
+/// the caller's.
+fn emu_dp_threads(
+    gpu: &troupe::gpu::EmuGpu,
+    dp: usize,
+    opts: troupe::comm::CommOptions,
+    rank: &GpuRank<'_>,
     trainer: &mut troupe::train::Trainer,
     state: &mut troupe::checkpoint::TrainState,
-    data: &RunData<'_>,
-    stop: &std::sync::atomic::AtomicBool,
-    on: &mut dyn FnMut(&Event),
+    on: &mut (dyn FnMut(&Event) + Send),
 ) -> anyhow::Result<run::RunSummary> {
-    let mut model = troupe::gpu::train::upload(gpu, cfg, trainer, dtype)
-        .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
-    Ok(troupe::gpu::train::run(cfg, &mut model, be, trainer, state, data, stop, on)?)
+    let comms = troupe::comm::inproc::world(dp, opts)?;
+    let (dtype, cfg, be, train, stop) = (rank.dtype, rank.cfg, rank.be, rank.data.train, rank.stop);
+    std::thread::scope(|scope| {
+        let mut comms = comms.into_iter().map(troupe::gpu::dp::HostComm::new);
+        let first = comms.next().ok_or_else(|| anyhow::anyhow!("no ranks"))?;
+        let handles: Vec<_> = comms
+            .map(|comm| {
+                let start = state.clone();
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let quiet = RunData { train, valid: None, sample: None };
+                    let me = GpuRank { dtype, cfg, be, data: &quiet, stop };
+                    let (mut t, _, _) = run::prepare(cfg)?;
+                    let mut st = start;
+                    me.run(gpu, &mut t, &mut st, Some(&comm), &mut |_| {})?;
+                    Ok(())
+                })
+            })
+            .collect();
+        let summary = rank.run(gpu, trainer, state, Some(&first), on);
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("a data-parallel rank panicked"))??;
+        }
+        summary
+    })
 }
 
 #[derive(Debug, clap::Args)]
@@ -255,15 +366,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             cfg.checkpoint.save
         );
     }
-    if super::train_parallel::wanted(&cfg, &args.runtime, launched.as_ref()) {
-        if args.device != troupe::device::Device::Cpu {
-            return Err(UsageError(format!(
-                "--device {}: GPU training runs one rank for now (pipeline and data parallelism on GPUs \
-                 — NCCL inside the actor runtime — is not built); drop the parallel options or use --device cpu",
-                args.device
-            ))
-            .into());
-        }
+    let parallel = super::train_parallel::wanted(&cfg, &args.runtime, launched.as_ref());
+    let gpu_dp = if parallel && args.device != troupe::device::Device::Cpu {
+        Some(gpu_dp_size(&args, &cfg, launched.as_ref())?)
+    } else {
+        None
+    };
+    if parallel && gpu_dp.is_none() {
         return super::train_parallel::train(&args, cfg, launched);
     }
     let gpu = OpenGpu::open(args.device)?;
@@ -317,14 +426,31 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let log_interval = cfg.logging.log_interval;
     let mut on = |e: &Event| report(e, &bar, log_interval, json.as_mut());
     let dtype = args.dtype.into();
-    let summary = match &gpu {
-        None => run::run(&cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?,
-        Some(OpenGpu::Cuda(g)) => {
-            gpu_run(g, dtype, &cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?
+    let rank = GpuRank { dtype, cfg: &cfg, be: &be, data: &run_data, stop: &stop };
+    let summary = match (&gpu, gpu_dp) {
+        (None, _) => run::run(&cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?,
+        (Some(OpenGpu::Cuda(g)), None) => rank.run(g, &mut trainer, &mut state, None, &mut on)?,
+        (Some(OpenGpu::Emu(g)), None) => rank.run(g, &mut trainer, &mut state, None, &mut on)?,
+        (Some(OpenGpu::Cuda(g)), Some(_)) => {
+            let env = launched.as_ref().ok_or_else(|| {
+                UsageError(
+                    "--device cuda with data parallelism needs one process per GPU: \
+                            troupe launch --nproc-per-node N -- troupe train --device cuda …"
+                        .into(),
+                )
+            })?;
+            let (comm, _world) = nccl_from_env(g, env, comm_options(&args)?)?;
+            rank.run(g, &mut trainer, &mut state, Some(&comm), &mut on)?
         }
-        Some(OpenGpu::Emu(g)) => {
-            gpu_run(g, dtype, &cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?
-        }
+        (Some(OpenGpu::Emu(g)), Some(dp)) => match &launched {
+            Some(env) => {
+                let world = troupe::comm::tcp::connect_from_env(env, comm_options(&args)?)
+                    .map_err(|e| UsageError(format!("connecting the data-parallel ranks: {e}")))?;
+                let comm = troupe::gpu::dp::HostComm::new(world);
+                rank.run(g, &mut trainer, &mut state, Some(&comm), &mut on)?
+            }
+            None => emu_dp_threads(g, dp, comm_options(&args)?, &rank, &mut trainer, &mut state, &mut on)?,
+        },
     };
     bar.finish_and_clear();
     if summary.interrupted && cfg.checkpoint.save.is_empty() {

@@ -300,6 +300,26 @@ impl Gpu for CudaGpu {
         self.stream.synchronize().map_err(driver("waiting for a copy to the device"))
     }
 
+    fn write(&self, dst: Dev<'_, CudaBuf>, src: &[u8]) -> Result<(), GpuError> {
+        if dst.offset + src.len() > dst.buf.slice.len() {
+            return Err(GpuError::Shape {
+                op: "write",
+                detail: format!(
+                    "{} bytes at offset {} into a {}-byte buffer",
+                    src.len(),
+                    dst.offset,
+                    dst.buf.slice.len()
+                ),
+            });
+        }
+        let ptr = self.device_ptr(dst);
+        // SAFETY: the range is inside a device buffer of this context (checked above); the copy is
+        // ordered on the compute stream and finished before returning, so `src` may be reused.
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, self.stream.cu_stream()) }
+            .map_err(driver("copying to the device"))?;
+        self.stream.synchronize().map_err(driver("waiting for a copy to the device"))
+    }
+
     fn download(&self, src: &CudaBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
         if offset + dst.len() > src.slice.len() {
             return Err(GpuError::Shape {

@@ -187,6 +187,23 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
+    fn write(&self, dst: Dev<'_, EmuBuf>, src: &[u8]) -> Result<(), GpuError> {
+        if dst.offset + src.len() > dst.buf.bytes {
+            return Err(GpuError::Shape {
+                op: "write",
+                detail: format!(
+                    "{} bytes at offset {} into a {}-byte buffer",
+                    src.len(),
+                    dst.offset,
+                    dst.buf.bytes
+                ),
+            });
+        }
+        // SAFETY: bounds checked above; launches are synchronous, so nothing else writes now.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.buf.ptr(dst.offset), src.len()) };
+        Ok(())
+    }
+
     fn download(&self, src: &EmuBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
         if offset + dst.len() > src.bytes {
             return Err(GpuError::Shape {

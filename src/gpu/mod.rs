@@ -13,6 +13,7 @@
 //! `_bf16`). [`Dev`] is a pointer into a buffer (buffer + byte offset), the unit kernels take.
 
 pub mod cuda;
+pub mod dp;
 pub mod emu;
 pub mod model;
 pub mod nccl;
@@ -158,6 +159,10 @@ pub trait Gpu: Send + Sync {
 
     /// Copies `src` into `dst` from byte `offset` on.
     fn upload(&self, dst: &mut Self::Buf, offset: usize, src: &[u8]) -> Result<(), GpuError>;
+
+    /// Copies `src` to the device memory at `dst` (a shared pointer, like a kernel's output),
+    /// ordered after the work queued so far; returns once `src` may be reused.
+    fn write(&self, dst: Dev<'_, Self::Buf>, src: &[u8]) -> Result<(), GpuError>;
 
     /// Copies `dst.len()` bytes from byte `offset` of `src`, after all earlier work finished.
     fn download(&self, src: &Self::Buf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError>;

@@ -19,6 +19,10 @@ use crate::models::gpt::{Gpt, GptConfig, LayerRange, param_table};
 use crate::models::params::{ParamTable, Span};
 use crate::optim::AdamWConfig;
 
+/// The callback of [`GpuGpt::backward_with`]: an arena range whose gradient is complete, and the
+/// gradient buffer.
+pub type GradsReady<'a, B> = dyn FnMut(std::ops::Range<usize>, &B) -> Result<(), GpuError> + 'a;
+
 /// Spans of one transformer block in the parameter arena.
 #[derive(Debug, Clone, Copy)]
 struct Block {
@@ -208,6 +212,11 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
 
     pub fn config(&self) -> &GptConfig {
         &self.cfg
+    }
+
+    /// The GPU the model lives on.
+    pub fn gpu(&self) -> &'g G {
+        self.gpu
     }
 
     pub fn dtype(&self) -> DType {
@@ -529,6 +538,22 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// # Errors
     /// No forward pending; device errors.
     pub fn backward(&mut self) -> Result<(), GpuError> {
+        self.backward_with(&mut |_, _| Ok(()))
+    }
+
+    /// [`GpuGpt::backward`] that reports progress: `ready(range, grads)` is called with a range of
+    /// the parameter arena (elements) and the gradient buffer as soon as this microbatch's
+    /// contribution to that range has been queued — the final LayerNorm first, then each block
+    /// from the last to the first, then `wte`/`wpe` — like the CPU model's `backward_with`. A
+    /// data-parallel trainer starts the all-reduce of each range there (ordered after the queued
+    /// compute by an event) while the rest of the backward runs.
+    ///
+    /// # Errors
+    /// As [`GpuGpt::backward`], and whatever `ready` returns.
+    pub fn backward_with(
+        &mut self,
+        ready: &mut GradsReady<'_, G::Buf>,
+    ) -> Result<(), GpuError> {
         if !self.pending_backward {
             return Err(GpuError::Shape { op: "GpuGpt::backward", detail: "no forward is pending".into() });
         }
@@ -536,7 +561,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             .acts
             .take()
             .ok_or(GpuError::Shape { op: "GpuGpt::backward", detail: "no activations".into() })?;
-        let result = self.backward_inner(&mut acts);
+        let result = self.backward_inner(&mut acts, ready);
         self.acts = Some(acts);
         self.pending_backward = false;
         result
@@ -569,7 +594,11 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         Ok(())
     }
 
-    fn backward_inner(&self, a: &mut Acts<G::Buf>) -> Result<(), GpuError> {
+    fn backward_inner(
+        &self,
+        a: &mut Acts<G::Buf>,
+        ready: &mut GradsReady<'_, G::Buf>,
+    ) -> Result<(), GpuError> {
         let g = self.gpu;
         let dt = self.dtype;
         let (batch, seq) = (a.batch, a.seq);
@@ -596,6 +625,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             n,
             c,
         )?;
+        ready(self.lnf_w.offset..self.lnf_b.range().end, &self.grads)?;
         for li in (0..self.blocks.len()).rev() {
             let blk = self.blocks[li];
             let x = if li == 0 { d(&a.input) } else { d(&a.layers[li - 1].out) };
@@ -689,6 +719,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 n,
                 c,
             )?;
+            ready(blk.ln1_w.offset..blk.fcproj_b.range().end, &self.grads)?;
         }
         embedding::encoder_backward(
             g,
@@ -703,6 +734,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             c,
             self.cfg.vocab_size,
         )?;
+        ready(self.wte.offset..self.wpe.range().end, &self.grads)?;
         Ok(())
     }
 

@@ -11,8 +11,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use super::dp::DeviceComm;
 use super::model::GpuGpt;
-use super::{DType, Gpu, GpuError};
+use super::{DType, Dev, Gpu, GpuError};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, NanPolicy};
 use crate::kernels::Backend;
@@ -62,6 +63,12 @@ pub fn download<G: Gpu>(model: &GpuGpt<'_, G>, trainer: &mut Trainer) -> Result<
 /// Runs training from `state` to `cfg.train.train_iters` on the GPU. `trainer` is the CPU side
 /// used for checkpoints and text samples (kept in sync at those points only).
 ///
+/// With `dp`, this is one data-parallel rank: it takes its microbatches of each global batch in
+/// Megatron's order (the CPU runtime's), all-reduces each gradient range as the last
+/// microbatch's backward finishes it (overlapping the rest of the backward on a GPU), and agrees
+/// with the other ranks on the loss and on skipping a step with a non-finite loss. Only
+/// data-parallel rank 0 evaluates and writes checkpoints (every rank holds the same parameters).
+///
 /// # Errors
 /// A non-finite loss under the `abort` policy, bad data, a failed checkpoint write, or a device
 /// error.
@@ -74,6 +81,7 @@ pub fn run<G: Gpu>(
     state: &mut TrainState,
     data: &RunData<'_>,
     stop: &AtomicBool,
+    dp: Option<&dyn DeviceComm<G>>,
     on: &mut dyn FnMut(&Event),
 ) -> Result<RunSummary, GpuRunError> {
     if data.train.num_samples() == 0 {
@@ -88,7 +96,21 @@ pub fn run<G: Gpu>(
         style: t.lr_decay_style,
     };
     let adam = adam_config(cfg);
-    let (mb_size, accum) = (t.micro_batch_size, cfg.accumulation_steps());
+    let (dp_rank, dp_size) = dp.map_or((0, 1), |c| (c.rank(), c.size()));
+    let mb_size = t.micro_batch_size;
+    let accum = cfg.accumulation_steps() / dp_size;
+    if accum == 0 || accum * dp_size != cfg.accumulation_steps() {
+        return Err(GpuError::Shape {
+            op: "data-parallel GPU training",
+            detail: format!(
+                "global batch {} is not a multiple of micro-batch {mb_size} × {dp_size} data-parallel ranks",
+                t.global_batch_size
+            ),
+        }
+        .into());
+    }
+    let gpu = model.gpu();
+    let stats = gpu.alloc(8)?;
     let seq = data.train.sample_tokens().saturating_sub(1);
     let mut bufs: Vec<BatchBuf> = (0..accum).map(|_| BatchBuf::default()).collect();
     let started = Instant::now();
@@ -102,29 +124,50 @@ pub fn run<G: Gpu>(
             break;
         }
         for (i, buf) in bufs.iter_mut().enumerate() {
-            buf.fill(data.train, state.consumed_samples + (i * mb_size) as u64, mb_size)
-                .map_err(RunError::from)?;
+            let first = state.consumed_samples + ((i * dp_size + dp_rank) * mb_size) as u64;
+            buf.fill(data.train, first, mb_size).map_err(RunError::from)?;
         }
         let lr = sched.lr(state.step);
         model.zero_grads()?;
-        let scale = 1.0 / accum.max(1) as f32;
+        // Gradients are summed over the data-parallel ranks, so each rank scales by the whole
+        // step's microbatch count.
+        let scale = 1.0 / (accum * dp_size) as f32;
+        let dtype = model.dtype();
         let mut loss_sum = 0.0f64;
         let mut bad = None;
         for (i, b) in bufs.iter().enumerate() {
             let loss = model.forward(&b.tokens, &b.targets, mb_size, seq, scale)?;
-            model.backward()?;
-            if !loss.is_finite() {
+            match dp.filter(|_| i + 1 == accum) {
+                Some(comm) => model.backward_with(&mut |range, grads| {
+                    comm.all_reduce_sum(gpu, Dev::new(grads).at(range.start, dtype), range.len(), dtype)
+                })?,
+                None => model.backward()?,
+            }
+            if !loss.is_finite() && bad.is_none() {
                 bad = Some((i, loss));
-                break;
             }
             loss_sum += f64::from(loss);
+        }
+        let mut loss = (loss_sum / accum as f64) as f32;
+        if let Some(comm) = dp {
+            comm.finish(gpu)?;
+            // Agree on the loss and on whether any rank saw a non-finite one.
+            let flag = if bad.is_some() { 1.0f32 } else { 0.0 };
+            let mine = [if bad.is_some() { 0.0 } else { loss }, flag];
+            gpu.write(Dev::new(&stats), bytemuck::cast_slice(&mine))?;
+            comm.all_reduce_sum(gpu, Dev::new(&stats), 2, DType::F32)?;
+            comm.finish(gpu)?;
+            let all = super::download_f32(gpu, Dev::new(&stats), 2, DType::F32)?;
+            loss = all[0] / dp_size as f32;
+            if all[1] > 0.0 && bad.is_none() {
+                bad = Some((usize::MAX, f32::NAN));
+            }
         }
         state.step += 1;
         state.consumed_samples += t.global_batch_size as u64;
         match bad {
             None => {
                 let grad_norm = model.step(lr, &adam, t.clip_grad)?;
-                let loss = (loss_sum * f64::from(scale)) as f32;
                 final_loss = loss;
                 let now = Instant::now();
                 let secs = now.duration_since(last.0).as_secs_f64().max(1e-9);
@@ -145,17 +188,14 @@ pub fn run<G: Gpu>(
                 on(&Event::Skipped { step: state.step, microbatch, loss });
             }
             Some((mb, loss)) => {
-                return Err(RunError::Train(crate::train::TrainError::NonFiniteLoss {
-                    step: state.step,
-                    mb,
-                    loss,
-                })
-                .into());
+                let e = crate::train::TrainError::NonFiniteLoss { step: state.step, mb, loss };
+                return Err(RunError::Train(e).into());
             }
         }
         let l = &cfg.logging;
-        if let Some(valid) =
-            data.valid.filter(|_| l.eval_interval > 0 && state.step.is_multiple_of(l.eval_interval))
+        if let Some(valid) = data
+            .valid
+            .filter(|_| dp_rank == 0 && l.eval_interval > 0 && state.step.is_multiple_of(l.eval_interval))
         {
             let loss = evaluate(cfg, model, valid)?;
             let sample = match data.sample {
@@ -168,13 +208,17 @@ pub fn run<G: Gpu>(
             on(&Event::Eval { step: state.step, loss, perplexity: loss.exp(), sample });
         }
         let c = &cfg.checkpoint;
-        if !c.save.is_empty() && c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) {
+        if dp_rank == 0
+            && !c.save.is_empty()
+            && c.save_interval > 0
+            && state.step.is_multiple_of(c.save_interval)
+        {
             save(cfg, model, trainer, state, on)?;
         }
     }
     let c = &cfg.checkpoint;
     let saved_now = c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) && !interrupted;
-    if !c.save.is_empty() && !saved_now && state.step > 0 {
+    if dp_rank == 0 && !c.save.is_empty() && !saved_now && state.step > 0 {
         save(cfg, model, trainer, state, on)?;
     }
     Ok(RunSummary { steps: state.step, final_loss, interrupted, skipped_steps: state.skipped_steps })

@@ -1,0 +1,116 @@
+//! Data parallelism on GPUs: the gradient all-reduce that the CPU runtime's GradReducer does,
+//! over device buffers.
+//!
+//! [`DeviceComm`] is what the GPU training loop needs from a communicator: a sum all-reduce of a
+//! device range, queued so that it overlaps the rest of the backward, and a bounded wait at the
+//! end. Two implementations:
+//! - [`NcclComm`] on a [`CudaGpu`]: each all-reduce is queued on the communication stream after
+//!   an event recorded on the compute stream (so it starts when backward has written that range,
+//!   while later layers' backward keeps running); [`DeviceComm::finish`] polls NCCL with the
+//!   communicator's timeout and orders later compute after the reductions — the GPU form of the
+//!   CPU reducer's overlap.
+//! - [`HostComm`] on any [`Gpu`] (the emulator in tests): copies the range to the host, runs the
+//!   CPU `Comm`'s all-reduce (in-process or TCP), copies it back. No overlap; same results.
+
+use super::cuda::CudaGpu;
+use super::nccl::NcclComm;
+use super::{DType, Dev, Gpu, GpuError, decode, encode};
+use crate::comm::{Buf, Comm, ReduceOp};
+
+/// A data-parallel group as the GPU training loop uses it.
+pub trait DeviceComm<G: Gpu>: Send + Sync {
+    /// This rank in the group.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+    /// Queues an in-place sum over the group of `count` elements of `dtype` at `buf`, after the
+    /// work queued on the GPU so far.
+    fn all_reduce_sum(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+    ) -> Result<(), GpuError>;
+    /// Waits (bounded by the communicator's timeout) until every queued reduction has finished,
+    /// and orders later GPU work after them.
+    fn finish(&self, gpu: &G) -> Result<(), GpuError>;
+}
+
+impl DeviceComm<CudaGpu> for NcclComm {
+    fn rank(&self) -> usize {
+        NcclComm::rank(self)
+    }
+
+    fn size(&self) -> usize {
+        NcclComm::size(self)
+    }
+
+    fn all_reduce_sum(
+        &self,
+        gpu: &CudaGpu,
+        buf: Dev<'_, super::cuda::CudaBuf>,
+        count: usize,
+        dtype: DType,
+    ) -> Result<(), GpuError> {
+        gpu.comm_after_compute()?;
+        self.all_reduce(gpu, buf, count, dtype, ReduceOp::Sum)
+    }
+
+    fn finish(&self, gpu: &CudaGpu) -> Result<(), GpuError> {
+        self.wait(gpu, "gradient all-reduce")?;
+        gpu.compute_after_comm()?;
+        Ok(())
+    }
+}
+
+/// A CPU communicator used for device buffers by copying through the host.
+pub struct HostComm {
+    comm: Box<dyn Comm>,
+}
+
+impl HostComm {
+    pub fn new(comm: Box<dyn Comm>) -> Self {
+        HostComm { comm }
+    }
+}
+
+impl<G: Gpu> DeviceComm<G> for HostComm {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    fn all_reduce_sum(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+    ) -> Result<(), GpuError> {
+        let mut bytes = vec![0u8; count * dtype.size()];
+        gpu.download(buf.buf, buf.offset, &mut bytes)?;
+        let values = decode(&bytes, dtype);
+        let summed =
+            self.comm.all_reduce(Buf::F32(values), ReduceOp::Sum).wait().map_err(|e| GpuError::Nccl {
+                op: "all_reduce (through the host)".into(),
+                rank: self.comm.rank(),
+                group: self.comm.group_name().to_string(),
+                detail: e.to_string(),
+            })?;
+        let Buf::F32(values) = summed else {
+            return Err(GpuError::Shape {
+                op: "HostComm::all_reduce_sum",
+                detail: "the reduction changed the type".into(),
+            });
+        };
+        gpu.write(buf, &encode(&values, dtype))
+    }
+
+    fn finish(&self, _gpu: &G) -> Result<(), GpuError> {
+        Ok(())
+    }
+}
