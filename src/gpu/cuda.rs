@@ -164,6 +164,11 @@ impl CudaGpu {
         let ctx = CudaContext::new(ordinal).map_err(driver("creating a context"))?;
         let stream = ctx.new_stream().map_err(driver("creating the compute stream"))?;
         let comm_stream = ctx.new_stream().map_err(driver("creating the communication stream"))?;
+        // SAFETY: troupe orders its streams itself: every buffer is allocated and used by cudarc on
+        // the compute stream only, and NCCL's accesses on the communication stream are ordered by
+        // explicit events (comm_after_compute / compute_after_comm). cudarc's per-slice event
+        // tracking would add an event record to every kernel argument for nothing.
+        unsafe { ctx.disable_event_tracking() };
         let ptx = compile_ptx(&arch, false)?;
         let names = ptx_entries(&ptx);
         let module = ctx

@@ -550,10 +550,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     ///
     /// # Errors
     /// As [`GpuGpt::backward`], and whatever `ready` returns.
-    pub fn backward_with(
-        &mut self,
-        ready: &mut GradsReady<'_, G::Buf>,
-    ) -> Result<(), GpuError> {
+    pub fn backward_with(&mut self, ready: &mut GradsReady<'_, G::Buf>) -> Result<(), GpuError> {
         if !self.pending_backward {
             return Err(GpuError::Shape { op: "GpuGpt::backward", detail: "no forward is pending".into() });
         }
