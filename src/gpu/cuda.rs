@@ -246,6 +246,39 @@ pub fn ptx_entries(ptx: &str) -> Vec<String> {
         .collect()
 }
 
+/// A row-major [`Gemm`] as the column-major problem cuBLASLt solves: row-major `C = op(A)·op(B)`
+/// is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so cuBLASLt's first operand is our `b` and its second
+/// our `a`, with the transposes carried over. Kept apart from the call so that a test can check
+/// it against a plain column-major GEMM on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LtProblem {
+    /// cuBLASLt's M, N, K.
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    /// Transposes of cuBLASLt's A (our `b`) and B (our `a`).
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// Stored (rows, cols, leading dimension) of cuBLASLt's A and B; C is (m, n, m).
+    pub a: (u64, u64, i64),
+    pub b: (u64, u64, i64),
+}
+
+impl LtProblem {
+    pub fn of(g: &Gemm) -> Self {
+        let (m, n, k) = (g.n as u64, g.m as u64, g.k as u64);
+        LtProblem {
+            m,
+            n,
+            k,
+            trans_a: g.trans_b,
+            trans_b: g.trans_a,
+            a: if g.trans_b { (k, m, k as i64) } else { (m, k, m as i64) },
+            b: if g.trans_a { (n, k, n as i64) } else { (k, n, k as i64) },
+        }
+    }
+}
+
 fn lt_type(d: DType) -> ltsys::cudaDataType {
     match d {
         DType::F32 => ltsys::cudaDataType_t::CUDA_R_32F,
@@ -416,10 +449,11 @@ impl Gpu for CudaGpu {
         }
         // Row-major C[m,n] = op(A)·op(B) is column-major Cᵀ[n,m] = op(B)ᵀ·op(A)ᵀ: cuBLASLt
         // multiplies B' = our A after A' = our B, with the transposes carried over.
-        let (m, n, k) = (g.n as u64, g.m as u64, g.k as u64);
+        let p = LtProblem::of(g);
+        let (m, n) = (p.m, p.n);
         let ty = lt_type(g.dtype);
-        let (a_rows, a_cols, lda) = if g.trans_b { (k, m, k as i64) } else { (m, k, m as i64) };
-        let (b_rows, b_cols, ldb) = if g.trans_a { (n, k, n as i64) } else { (k, n, k as i64) };
+        let (a_rows, a_cols, lda) = p.a;
+        let (b_rows, b_cols, ldb) = p.b;
         let compute = ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let layouts = Layouts {
             desc: lt::create_matmul_desc(compute, ltsys::cudaDataType_t::CUDA_R_32F)
@@ -437,11 +471,11 @@ impl Gpu for CudaGpu {
         let op = |t: bool| i32::from(t);
         set(
             ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-            &op(g.trans_b).to_ne_bytes(),
+            &op(p.trans_a).to_ne_bytes(),
         )?;
         set(
             ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-            &op(g.trans_a).to_ne_bytes(),
+            &op(p.trans_b).to_ne_bytes(),
         )?;
         let bias_ptr = bias.map(|d| self.device_ptr(d));
         if let Some(ptr) = bias_ptr {
@@ -570,6 +604,61 @@ impl Gpu for CudaGpu {
     fn synchronize(&self) -> Result<(), GpuError> {
         self.stream.synchronize().map_err(driver("synchronising the compute stream"))?;
         self.comm_stream.synchronize().map_err(driver("synchronising the communication stream"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BLAS's column-major `C = op(A)·op(B)` (element (i, j) at `i + j·ld`).
+    #[allow(clippy::too_many_arguments)]
+    fn colmajor(p: &LtProblem, a: &[f64], b: &[f64]) -> Vec<f64> {
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let (lda, ldb) = (p.a.2 as usize, p.b.2 as usize);
+        let at = |i: usize, l: usize| if p.trans_a { a[l + i * lda] } else { a[i + l * lda] };
+        let bt = |l: usize, j: usize| if p.trans_b { b[j + l * ldb] } else { b[l + j * ldb] };
+        let mut c = vec![0.0; m * n];
+        for j in 0..n {
+            for i in 0..m {
+                c[i + j * m] = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn the_column_major_mapping_computes_the_row_major_product() {
+        let (m, k, n) = (5usize, 7usize, 3usize);
+        let vals = |len: usize, seed: usize| -> Vec<f64> {
+            (0..len).map(|i| ((i * 7 + seed) % 11) as f64 - 5.0).collect()
+        };
+        for g in [
+            Gemm::linear(m, k, n, DType::F32),
+            Gemm::linear_backward_input(m, k, n, DType::F32),
+            Gemm::linear_backward_weight(m, k, n, DType::F32),
+        ] {
+            let (a, b) = (vals(g.m * g.k, 1), vals(g.k * g.n, 2));
+            // Row-major reference with the Gemm's own conventions.
+            let mut want = vec![0.0; g.m * g.n];
+            for i in 0..g.m {
+                for j in 0..g.n {
+                    want[i * g.n + j] = (0..g.k)
+                        .map(|l| {
+                            let av = if g.trans_a { a[l * g.m + i] } else { a[i * g.k + l] };
+                            let bv = if g.trans_b { b[j * g.k + l] } else { b[l * g.n + j] };
+                            av * bv
+                        })
+                        .sum();
+                }
+            }
+            let p = LtProblem::of(&g);
+            // cuBLASLt's A is our b and its B our a; the column-major result is C's bytes.
+            let got = colmajor(&p, &b, &a);
+            assert_eq!(got, want, "{g:?} → {p:?}");
+            let (rows, cols, ld) = p.a;
+            assert!(ld as u64 >= rows && rows * cols == (g.k * g.n) as u64, "{p:?}");
+        }
     }
 }
 
