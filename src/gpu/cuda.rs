@@ -607,6 +607,23 @@ impl Gpu for CudaGpu {
     }
 }
 
+/// The process-wide CUDA device 0 for tests: `None` (after printing "SKIPPED" and why) on a
+/// machine without a usable GPU, driver, NVRTC or cuBLASLt.
+pub fn shared() -> Option<&'static CudaGpu> {
+    static GPU: std::sync::OnceLock<Option<CudaGpu>> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| match CudaGpu::new(0) {
+        Ok(gpu) => {
+            eprintln!("GPU tests run on {}", gpu.describe());
+            Some(gpu)
+        }
+        Err(e) => {
+            eprintln!("SKIPPED the CUDA half of the GPU kernel tests (no GPU here): {e}");
+            None
+        }
+    })
+    .as_ref()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,21 +677,4 @@ mod tests {
             assert!(ld as u64 >= rows && rows * cols == (g.k * g.n) as u64, "{p:?}");
         }
     }
-}
-
-/// The process-wide CUDA device 0 for tests: `None` (after printing "SKIPPED" and why) on a
-/// machine without a usable GPU, driver, NVRTC or cuBLASLt.
-pub fn shared() -> Option<&'static CudaGpu> {
-    static GPU: std::sync::OnceLock<Option<CudaGpu>> = std::sync::OnceLock::new();
-    GPU.get_or_init(|| match CudaGpu::new(0) {
-        Ok(gpu) => {
-            eprintln!("GPU tests run on {}", gpu.describe());
-            Some(gpu)
-        }
-        Err(e) => {
-            eprintln!("SKIPPED the CUDA half of the GPU kernel tests (no GPU here): {e}");
-            None
-        }
-    })
-    .as_ref()
 }
