@@ -74,3 +74,38 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     float t = lane < warps ? scratch[lane] : -INFINITY;
     return warp_max(t);
 }
+
+// Warp-level tensor-core product D = A·B + C (PTX `mma.sync.aligned.m16n8k16.row.col.f32.bf16.
+// bf16.f32`): A 16×16 and B 16×8 in bf16, C and D 16×8 in fp32. Every lane of the warp must call
+// it with the same shape of arguments (a warp-collective: on the emulator it meets the other
+// lanes at a warp barrier). d may be c (in-place accumulation).
+//
+// Fragment layouts, from the PTX ISA, section "Matrix Fragments for mma.m16n8k16 with floating
+// point type" (lane = 0..31, g = lane >> 2, t = lane & 3; each 32-bit register holds two bf16,
+// the lower column / k index in the lower 16 bits):
+//   A (16×16, row-major):  a[0] = A[g][2t, 2t+1]     a[1] = A[g+8][2t, 2t+1]
+//                          a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   B (16×8, K×N, "col": a register holds two consecutive k):
+//                          b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]
+//   C, D (16×8 fp32):      c[0] = C[g][2t]   c[1] = C[g][2t+1]   c[2] = C[g+8][2t]   c[3] = C[g+8][2t+1]
+// The emulator (cuda/emu/emu.h) implements the same layouts; the kernel mma_selftest_bf16
+// (cuda/attention_tc.cu) and its test check them against a host product on a GPU.
+#ifndef TROUPE_EMU
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                               const float (&c)[4]) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#else
+    // No bf16 mma before sm_80: the module still compiles (the other kernels stay usable) and a
+    // kernel that reaches this traps instead of computing garbage.
+    (void)a, (void)b;
+    for (int i = 0; i < 4; ++i) d[i] = c[i];
+    asm volatile("trap;");
+#endif
+}
+#endif

@@ -12,7 +12,9 @@
 //!   gradient noise for tiny gradients, but each update is at most lr in size.
 //!
 //! bf16 mode: bf16 parameters, activations and gradients change every rounding, so only the loss
-//! curve is compared: each of 4 steps within 2% of the fp32 CPU loss.
+//! curve is compared: each of 4 steps within 0.2% of the fp32 CPU loss (measured ≤ 7.5e-5 in the
+//! emulator, for head size 32 on the SIMT attention and 64 on the tensor-core kernels; the margin
+//! covers a GPU's fast-math exp/tanh and different accumulation orders).
 
 use troupe::gpu::model::GpuGpt;
 use troupe::gpu::{DType, Gpu};
@@ -28,6 +30,11 @@ fn cfg() -> GptConfig {
         hidden_size: 64,
         num_attention_heads: 2,
     }
+}
+
+/// Head size 64 (GPT-2's): the bf16 path takes the tensor-core attention kernels.
+fn cfg64() -> GptConfig {
+    GptConfig { hidden_size: 128, num_layers: 1, ..cfg() }
 }
 
 fn batch(step: u64, b: usize, t: usize, vocab: usize) -> (Vec<u32>, Vec<u32>) {
@@ -51,8 +58,8 @@ const LR: f32 = 1e-3;
 const CLIP: f32 = 1.0;
 
 /// CPU reference: per step (loss, gradients before clipping), and the final parameters.
-fn cpu_run(steps: u64, b: usize, t: usize) -> (Vec<(f32, Vec<f32>)>, Vec<f32>) {
-    let cfg = cfg();
+fn cpu_run(cfg: &GptConfig, steps: u64, b: usize, t: usize) -> (Vec<(f32, Vec<f32>)>, Vec<f32>) {
+    let cfg = cfg.clone();
     let be = CpuBackend::new(1);
     let mut model = Gpt::new(&cfg, 7).unwrap();
     let mut opt = AdamW::new(AdamWConfig::default(), model.params().len());
@@ -75,7 +82,7 @@ fn cpu_run(steps: u64, b: usize, t: usize) -> (Vec<(f32, Vec<f32>)>, Vec<f32>) {
 
 fn check_fp32<G: Gpu>(gpu: &G, label: &str) {
     let (b, t, steps) = (2, 24, 3);
-    let (reference, final_params) = cpu_run(steps, b, t);
+    let (reference, final_params) = cpu_run(&cfg(), steps, b, t);
     let cfg = cfg();
     let mut model = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
     let table = model.table().clone();
@@ -117,10 +124,10 @@ fn check_fp32<G: Gpu>(gpu: &G, label: &str) {
     assert!(diff <= 1e-5 * norm, "{label}: parameters differ by {diff:e} (norm {norm:e})");
 }
 
-fn check_bf16<G: Gpu>(gpu: &G, label: &str) {
+fn check_bf16<G: Gpu>(gpu: &G, label: &str, cfg: &GptConfig) {
     let (b, t, steps) = (2, 24, 4);
-    let (reference, _) = cpu_run(steps, b, t);
-    let cfg = cfg();
+    let (reference, _) = cpu_run(cfg, steps, b, t);
+    let cfg = cfg.clone();
     let mut model = GpuGpt::new(gpu, &cfg, 7, DType::Bf16).unwrap();
     for step in 0..steps {
         let (tokens, targets) = batch(step, b, t, cfg.vocab_size);
@@ -131,7 +138,7 @@ fn check_bf16<G: Gpu>(gpu: &G, label: &str) {
         let want = reference[step as usize].0;
         let rel = ((loss - want) / want).abs();
         eprintln!("{label} bf16 step {step}: loss {loss} vs CPU fp32 {want} (rel {rel:.2e})");
-        assert!(rel <= 0.02, "{label} bf16 step {step}: loss {loss} vs CPU {want}");
+        assert!(rel <= 2e-3, "{label} bf16 step {step}: loss {loss} vs CPU {want}");
     }
 }
 
@@ -144,7 +151,8 @@ fn fp32_matches_the_cpu_model_in_the_emulator() {
 #[test]
 fn bf16_tracks_the_cpu_model_in_the_emulator() {
     let Some(emu) = troupe::gpu::emu::shared() else { return };
-    check_bf16(emu, "emulator");
+    check_bf16(emu, "emulator hs32", &cfg());
+    check_bf16(emu, "emulator hs64 (tensor cores)", &cfg64());
 }
 
 #[test]
@@ -156,7 +164,8 @@ fn fp32_matches_the_cpu_model_on_a_gpu() {
 #[test]
 fn bf16_tracks_the_cpu_model_on_a_gpu() {
     let Some(gpu) = troupe::gpu::cuda::shared() else { return };
-    check_bf16(gpu, "cuda");
+    check_bf16(gpu, "cuda hs32", &cfg());
+    check_bf16(gpu, "cuda hs64 (tensor cores)", &cfg64());
 }
 
 #[test]

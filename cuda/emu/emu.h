@@ -109,6 +109,48 @@ inline T __shfl_sync(unsigned int, T v, int src, int = 32) {
     return troupe_emu::shfl(v, (unsigned int)src);
 }
 
+// The warp-level tensor-core product mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (see
+// mma_bf16_16816 in cuda/prelude.cuh for the fragment layouts, from the PTX ISA). Every lane
+// deposits its A and B fragments in its warp's slots, the warp meets at its barrier, each lane
+// computes its four outputs from the whole 16×16 A and 16×8 B (products of bf16 values are exact
+// in fp32; summed in fp32 in k order 0..15, starting from C), and the warp meets again so that no
+// lane overwrites the slots while another still reads them. The slots are one static array: one
+// launch runs at a time (runtime.cpp), and a block has at most 32 warps.
+namespace troupe_emu {
+inline uint32_t mma_slots[32][32][6];  // [warp][lane][a0..a3, b0, b1]
+inline float mma_half(uint32_t reg, unsigned hi) { return __builtin_bit_cast(float, ((reg >> (16 * hi)) & 0xffffu) << 16); }
+}  // namespace troupe_emu
+
+inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    using namespace troupe_emu;
+    Launch* l = current;
+    unsigned int warp = linear_tid / 32, lane = linear_tid % 32;
+    auto& bar = *l->warp_barriers[warp];
+    uint32_t* mine = mma_slots[warp][lane];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    bar.arrive_and_wait();
+    // A[r][k]: lane (r % 8)·4 + (k % 8) / 2, register (r ≥ 8) + 2·(k ≥ 8), half k % 2.
+    auto A = [&](unsigned r, unsigned k) {
+        return mma_half(mma_slots[warp][(r % 8) * 4 + (k % 8) / 2][(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+    };
+    // B[k][n]: lane n·4 + (k % 8) / 2, register 4 + (k ≥ 8), half k % 2.
+    auto B = [&](unsigned k, unsigned n) {
+        return mma_half(mma_slots[warp][n * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)], k % 2);
+    };
+    const unsigned g = lane >> 2, t = lane & 3;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = c[i];
+        for (unsigned k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        out[i] = acc;
+    }
+    bar.arrive_and_wait();
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
 inline float __uint_as_float(unsigned int u) {
     float f;
     std::memcpy(&f, &u, 4);

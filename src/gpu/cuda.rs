@@ -115,6 +115,7 @@ pub struct CudaGpu {
     blas: BlasLt,
     name: String,
     arch: String,
+    compute_capability: (i32, i32),
 }
 
 struct BlasLt {
@@ -191,6 +192,7 @@ impl CudaGpu {
             blas: BlasLt { handle, workspace, algos: Mutex::new(HashMap::new()) },
             name: info.name.clone(),
             arch,
+            compute_capability: info.compute_capability,
         })
     }
 
@@ -310,6 +312,10 @@ impl Gpu for CudaGpu {
 
     fn describe(&self) -> String {
         format!("{} ({})", self.name, self.arch)
+    }
+
+    fn tensor_cores(&self) -> bool {
+        self.compute_capability.0 >= 8
     }
 
     fn alloc(&self, bytes: usize) -> Result<CudaBuf, GpuError> {

@@ -167,6 +167,10 @@ impl Gpu for EmuGpu {
         format!("CPU emulator ({} kernels, {})", self.kernels.len(), self.path.display())
     }
 
+    fn tensor_cores(&self) -> bool {
+        true
+    }
+
     fn alloc(&self, bytes: usize) -> Result<EmuBuf, GpuError> {
         Ok(EmuBuf { data: UnsafeCell::new(vec![0u64; bytes.div_ceil(8)].into_boxed_slice()), bytes })
     }

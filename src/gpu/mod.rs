@@ -151,6 +151,10 @@ pub trait Gpu: Send + Sync {
     /// A one-line description for logs ("NVIDIA H100 80GB HBM3 (sm_90)", "CPU emulator").
     fn describe(&self) -> String;
 
+    /// Whether the device has bf16 tensor cores with `mma.sync` (sm_80 and newer; the emulator
+    /// emulates them).
+    fn tensor_cores(&self) -> bool;
+
     /// `bytes` of zeroed device memory.
     fn alloc(&self, bytes: usize) -> Result<Self::Buf, GpuError>;
 

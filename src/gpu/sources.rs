@@ -14,6 +14,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("layernorm.cu", include_str!("../../cuda/layernorm.cu")),
     ("embedding.cu", include_str!("../../cuda/embedding.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
+    ("attention_tc.cu", include_str!("../../cuda/attention_tc.cu")),
     ("crossentropy.cu", include_str!("../../cuda/crossentropy.cu")),
     ("optim.cu", include_str!("../../cuda/optim.cu")),
 ];

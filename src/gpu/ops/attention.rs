@@ -1,23 +1,119 @@
-//! Causal multi-head self-attention on the GPU (flash-attention style, `cuda/attention.cu`):
-//! twins of `Backend::attention_forward` / `attention_backward`.
+//! Causal multi-head self-attention on the GPU (flash-attention style): twins of
+//! `Backend::attention_forward` / `attention_backward`, with two sets of kernels.
+//!
+//! - **Tensor cores** (`cuda/attention_tc.cu`, [`Path::TensorCore`]): bf16 storage and head sizes
+//!   [`TC_HEAD_SIZES`] (64, 128). Every matrix product (forward: Q Kᵀ, P V; backward: Sᵀ, dPᵀ,
+//!   dV, dK per key tile and S, dP, dQ per query tile) is a warp-level `mma.sync` m16n8k16 with
+//!   bf16 inputs and fp32 accumulation; softmax statistics and accumulators are fp32. P (and dS)
+//!   are rounded to bf16 before they enter a product, which the SIMT kernels do not do. Needs
+//!   sm_80 or newer (on older GPUs the module still compiles, but these kernels trap).
+//! - **SIMT** (`cuda/attention.cu`, [`Path::Simt`]): fp32 arithmetic on CUDA cores, fp32 or bf16
+//!   storage, head sizes [`HEAD_SIZES`] (32, 64, 128).
+//!
+//! [`attention_forward`] / [`attention_backward`] take the tensor-core kernels whenever they apply
+//! (bf16, a head size in [`TC_HEAD_SIZES`], `qkv`/`out`/`dout`/`dqkv` 16-byte aligned, which every
+//! buffer from `Gpu::alloc` is at offset 0) and the SIMT kernels otherwise. The environment
+//! variable **`TROUPE_ATTENTION=simt`** forces the SIMT kernels everywhere (for comparisons on a
+//! GPU); `auto` or unset is the default; it is read once per process. [`attention_forward_on`] /
+//! [`attention_backward_on`] run an explicit [`Path`]. Both paths write the same outputs with the
+//! same meaning, so a forward on one path may be followed by a backward on the other.
 //!
 //! Dimensions: B batch, T sequence, C channels, NH heads, HS = C / NH head size (32, 64 or 128).
 //! `qkv[B,T,3C]` is Q | K | V with heads contiguous inside each; `out[B,T,C]`; `lse[B,NH,T]` is
-//! the log-sum-exp of each softmax row and is always fp32, whatever the storage type of the rest.
+//! the (natural) log-sum-exp of each softmax row and is always fp32, whatever the storage type of
+//! the rest.
 //!
 //! Memory contract: forward overwrites `out` and `lse`; backward overwrites all of `dqkv` and the
 //! caller's scratch `dsum[B,NH,T]` (fp32), which the caller allocates once (the training step
-//! does not allocate). `dqkv` must not overlap `qkv`, `out` or `dout`.
+//! does not allocate). `dqkv` must not overlap `qkv`, `out` or `dout`. Both paths are bitwise
+//! deterministic (no atomics).
 //!
-//! Launch geometry: the tile sizes, block sizes and shared memory below mirror the table at the
-//! top of `cuda/attention.cu`; change both together. Every block uses at most 48 KiB of dynamic
-//! shared memory, so no launch needs the opt-in attribute for more.
+//! Launch geometry: the tile sizes, block sizes and shared memory below mirror the tables at the
+//! top of `cuda/attention.cu` and `cuda/attention_tc.cu`; change both together. Every block uses
+//! at most 48 KiB of dynamic shared memory, so no launch needs the opt-in attribute for more.
+
+use std::sync::OnceLock;
 
 use super::check_len;
 use crate::gpu::{Arg, DType, Dev, Gpu, GpuError};
 
 /// Head sizes with kernels.
 pub const HEAD_SIZES: [usize; 3] = [32, 64, 128];
+
+/// Head sizes with tensor-core kernels (bf16 storage only).
+pub const TC_HEAD_SIZES: [usize; 2] = [64, 128];
+
+/// Which kernels compute an attention call (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// `cuda/attention.cu`: fp32 arithmetic on CUDA cores; fp32 or bf16 storage, [`HEAD_SIZES`].
+    Simt,
+    /// `cuda/attention_tc.cu`: bf16 `mma.sync` products with fp32 accumulation; bf16 storage,
+    /// [`TC_HEAD_SIZES`], 16-byte aligned `qkv`, `out`, `dout` and `dqkv`.
+    TensorCore,
+}
+
+/// Rows of a tensor-core block's own tile (4 warps × 16 rows) and its threads.
+const TC_OWN: usize = 64;
+const TC_THREADS: u32 = 128;
+
+/// Whether `TROUPE_ATTENTION=simt` forces the SIMT kernels (read once per process; `auto` or
+/// unset chooses; another value is reported once and treated as `auto`).
+fn forced_simt() -> bool {
+    static FORCED: OnceLock<bool> = OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var("TROUPE_ATTENTION") {
+        Ok(v) if v.eq_ignore_ascii_case("simt") => true,
+        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("auto") => false,
+        Ok(v) => {
+            tracing::warn!("TROUPE_ATTENTION={v:?} is neither \"simt\" nor \"auto\"; using auto");
+            false
+        }
+        Err(_) => false,
+    })
+}
+
+/// The path [`attention_forward`] / [`attention_backward`] take for storage `dtype`, head size
+/// `hs` and the given device pointers (`qkv`, `out`, and for backward `dout` and `dqkv`).
+pub fn auto_path<B>(dtype: DType, hs: usize, ptrs: &[Dev<'_, B>]) -> Path {
+    if !forced_simt() && tc_supports(dtype, hs) && ptrs.iter().all(|p| p.offset.is_multiple_of(16)) {
+        Path::TensorCore
+    } else {
+        Path::Simt
+    }
+}
+
+fn tc_supports(dtype: DType, hs: usize) -> bool {
+    dtype == DType::Bf16 && TC_HEAD_SIZES.contains(&hs)
+}
+
+/// Checks that the tensor-core kernels can run a call (an explicit [`Path::TensorCore`]).
+fn check_tc<B>(
+    op: &'static str,
+    dtype: DType,
+    hs: usize,
+    ptrs: &[(&str, Dev<'_, B>)],
+) -> Result<(), GpuError> {
+    if !tc_supports(dtype, hs) {
+        return Err(GpuError::Shape {
+            op,
+            detail: format!(
+                "the tensor-core kernels need bf16 storage and a head size in {TC_HEAD_SIZES:?}, not {dtype:?} and {hs}"
+            ),
+        });
+    }
+    for (what, p) in ptrs {
+        if !p.offset.is_multiple_of(16) {
+            return Err(GpuError::Shape {
+                op,
+                detail: format!(
+                    "{what} at byte offset {} is not 16-byte aligned (tensor-core kernels)",
+                    p.offset
+                ),
+            });
+        }
+    }
+    Ok(())
+}
 
 /// Largest dynamic shared memory a block may use without `cuFuncSetAttribute`.
 const SMEM_LIMIT: usize = 48 * 1024;
@@ -72,6 +168,54 @@ fn geometry(kernel: Kernel, hs: usize) -> Option<Geometry> {
     Some(Geometry { tile: own, threads: 16 * ty, smem: floats * 4 })
 }
 
+/// The tile table of `cuda/attention_tc.cu` (`AttnTcTiles`): rows of the tiles a block loops over
+/// (its own tile is always [`TC_OWN`] rows).
+fn tc_tiles(kernel: Kernel, hs: usize) -> Option<usize> {
+    Some(match (kernel, hs) {
+        (Kernel::Forward, 64 | 128) => 64,
+        (Kernel::BackwardDkv | Kernel::BackwardDq, 64) => 64,
+        (Kernel::BackwardDkv | Kernel::BackwardDq, 128) => 16,
+        _ => return None,
+    })
+}
+
+/// Threads and shared memory of one tensor-core kernel: bf16 tiles with rows of HS + 8 elements.
+fn tc_geometry(kernel: Kernel, hs: usize) -> Option<Geometry> {
+    let other = tc_tiles(kernel, hs)?;
+    let row = (hs + 8) * 2;
+    let bytes = match kernel {
+        // K and V tiles (Q lives in registers).
+        Kernel::Forward => 2 * other * row,
+        // K, V (own) + Q, dO (other) + lse and D of the query tile.
+        Kernel::BackwardDkv => (2 * TC_OWN + 2 * other) * row + 2 * other * 4,
+        // Q, dO (own) + K, V (other).
+        Kernel::BackwardDq => (2 * TC_OWN + 2 * other) * row,
+    };
+    Some(Geometry { tile: TC_OWN, threads: TC_THREADS, smem: bytes })
+}
+
+/// The geometry of one kernel on one path.
+fn path_geometry(path: Path, kernel: Kernel, hs: usize) -> Option<Geometry> {
+    match path {
+        Path::Simt => geometry(kernel, hs),
+        Path::TensorCore => tc_geometry(kernel, hs),
+    }
+}
+
+/// The name of one tiled kernel.
+fn kernel_name(path: Path, kernel: Kernel, hs: usize, dtype: DType) -> String {
+    let k = match kernel {
+        Kernel::Forward => "forward",
+        Kernel::BackwardDkv => "backward_dkv",
+        Kernel::BackwardDq => "backward_dq",
+    };
+    let p = match path {
+        Path::Simt => "",
+        Path::TensorCore => "tc_",
+    };
+    format!("attention_{p}{k}_hs{hs}_{}", dtype.suffix())
+}
+
 /// Checked dimensions of one attention call.
 struct Dims {
     hs: usize,
@@ -113,27 +257,30 @@ fn dims(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<Dim
 fn launch_tiled<G: Gpu>(
     gpu: &G,
     op: &'static str,
+    path: Path,
     kernel: Kernel,
-    name: &str,
+    dtype: DType,
     b: usize,
     t: usize,
     d: &Dims,
     args: &[Arg<'_, G::Buf>],
 ) -> Result<(), GpuError> {
-    let g = geometry(kernel, d.hs).ok_or_else(|| GpuError::Shape {
+    let g = path_geometry(path, kernel, d.hs).ok_or_else(|| GpuError::Shape {
         op,
-        detail: format!("no {kernel:?} tiles for head size {}", d.hs),
+        detail: format!("no {path:?} {kernel:?} tiles for head size {}", d.hs),
     })?;
+    let name = kernel_name(path, kernel, d.hs, dtype);
     debug_assert!(g.smem <= SMEM_LIMIT, "{kernel:?} hs {}: {} bytes of shared memory", d.hs, g.smem);
     // SAFETY (device memory): the callers' check_len calls cover every element the kernels
     // touch: rows < T of qkv and dqkv (3C wide), of out and dout (C wide), and B·NH·T of lse and
     // dsum. Both grid sizes fit in u32: dims() bounded B·NH and T.
     let grid = [(b * d.nh as usize) as u32, t.div_ceil(g.tile) as u32, 1];
-    gpu.launch(name, grid, [g.threads, 1, 1], g.smem as u32, args)
+    gpu.launch(&name, grid, [g.threads, 1, 1], g.smem as u32, args)
 }
 
 /// Causal attention forward: writes `out[B,T,C]` (storage `dtype`) and `lse[B,NH,T]` (fp32)
-/// from `qkv[B,T,3C]` (storage `dtype`).
+/// from `qkv[B,T,3C]` (storage `dtype`), on the tensor cores when they apply (see the module
+/// docs and [`auto_path`]).
 ///
 /// # Errors
 /// [`GpuError::Shape`] for an empty shape, `C` not a multiple of `NH`, a head size without
@@ -151,26 +298,83 @@ pub fn attention_forward<G: Gpu>(
     c: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
+    let path = if gpu.tensor_cores() {
+        auto_path(dtype, c.checked_div(nh).unwrap_or(0), &[out, qkv])
+    } else {
+        Path::Simt
+    };
+    attention_forward_on(gpu, path, dtype, out, lse, qkv, b, t, c, nh)
+}
+
+/// [`attention_forward`] on an explicit [`Path`].
+///
+/// # Errors
+/// As [`attention_forward`]; also [`GpuError::Shape`] when `path` is [`Path::TensorCore`] and
+/// the storage type, head size or pointer alignment does not suit it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_on<G: Gpu>(
+    gpu: &G,
+    path: Path,
+    dtype: DType,
+    out: Dev<'_, G::Buf>,
+    lse: Dev<'_, G::Buf>,
+    qkv: Dev<'_, G::Buf>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
     const OP: &str = "attention_forward";
     let d = dims(OP, b, t, c, nh)?;
     check_len(gpu, OP, "out", out, b * t * c, dtype)?;
     check_len(gpu, OP, "lse", lse, b * nh * t, DType::F32)?;
     check_len(gpu, OP, "qkv", qkv, b * t * 3 * c, dtype)?;
-    let name = format!("attention_forward_hs{}_{}", d.hs, dtype.suffix());
+    if path == Path::TensorCore {
+        check_tc(OP, dtype, d.hs, &[("out", out), ("qkv", qkv)])?;
+    }
     let args = [Arg::Ptr(out), Arg::Ptr(lse), Arg::Ptr(qkv), Arg::I32(d.t), Arg::I32(d.nh)];
-    launch_tiled(gpu, OP, Kernel::Forward, &name, b, t, &d, &args)
+    launch_tiled(gpu, OP, path, Kernel::Forward, dtype, b, t, &d, &args)
 }
 
 /// Causal attention backward: overwrites `dqkv[B,T,3C]` from `dout[B,T,C]`, the forward's
 /// `out[B,T,C]` and `lse[B,NH,T]`, and `qkv[B,T,3C]`. `dsum` is caller-owned fp32 scratch of
 /// `B·NH·T` elements (overwritten with `D = Σ_d dout·out` per row). Three launches: `dsum`,
-/// then dK/dV per key tile, then dQ per query tile — no atomics, bitwise deterministic.
+/// then dK/dV per key tile, then dQ per query tile — no atomics, bitwise deterministic. On the
+/// tensor cores when they apply (see the module docs and [`auto_path`]).
 ///
 /// # Errors
 /// As [`attention_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<G: Gpu>(
     gpu: &G,
+    dtype: DType,
+    dqkv: Dev<'_, G::Buf>,
+    dsum: Dev<'_, G::Buf>,
+    dout: Dev<'_, G::Buf>,
+    out: Dev<'_, G::Buf>,
+    lse: Dev<'_, G::Buf>,
+    qkv: Dev<'_, G::Buf>,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    let path = if gpu.tensor_cores() {
+        auto_path(dtype, c.checked_div(nh).unwrap_or(0), &[dqkv, dout, qkv])
+    } else {
+        Path::Simt
+    };
+    attention_backward_on(gpu, path, dtype, dqkv, dsum, dout, out, lse, qkv, b, t, c, nh)
+}
+
+/// [`attention_backward`] on an explicit [`Path`] (the `dsum` pre-kernel is the same on both).
+///
+/// # Errors
+/// As [`attention_forward_on`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_on<G: Gpu>(
+    gpu: &G,
+    path: Path,
     dtype: DType,
     dqkv: Dev<'_, G::Buf>,
     dsum: Dev<'_, G::Buf>,
@@ -191,6 +395,9 @@ pub fn attention_backward<G: Gpu>(
     check_len(gpu, OP, "out", out, b * t * c, dtype)?;
     check_len(gpu, OP, "lse", lse, b * nh * t, DType::F32)?;
     check_len(gpu, OP, "qkv", qkv, b * t * 3 * c, dtype)?;
+    if path == Path::TensorCore {
+        check_tc(OP, dtype, d.hs, &[("dqkv", dqkv), ("dout", dout), ("qkv", qkv)])?;
+    }
     let sfx = dtype.suffix();
 
     let rows = b * t * nh;
@@ -225,10 +432,8 @@ pub fn attention_backward<G: Gpu>(
         Arg::I32(d.t),
         Arg::I32(d.nh),
     ];
-    let name = format!("attention_backward_dkv_hs{}_{sfx}", d.hs);
-    launch_tiled(gpu, OP, Kernel::BackwardDkv, &name, b, t, &d, &args)?;
-    let name = format!("attention_backward_dq_hs{}_{sfx}", d.hs);
-    launch_tiled(gpu, OP, Kernel::BackwardDq, &name, b, t, &d, &args)
+    launch_tiled(gpu, OP, path, Kernel::BackwardDkv, dtype, b, t, &d, &args)?;
+    launch_tiled(gpu, OP, path, Kernel::BackwardDq, dtype, b, t, &d, &args)
 }
 
 #[cfg(test)]
@@ -272,5 +477,65 @@ mod tests {
         let dq = [kib(Kernel::BackwardDq, 32), kib(Kernel::BackwardDq, 64), kib(Kernel::BackwardDq, 128)];
         assert_eq!(dq, [48.0, 48.0, 48.0]);
         assert!(geometry(Kernel::Forward, 96).is_none());
+    }
+
+    /// `{key} = N` in the line `template <> struct AttnTcTiles<{hs}> {` of cuda/attention_tc.cu.
+    fn tc_tile_in_kernel_file(key: &str, hs: usize) -> usize {
+        let src = crate::gpu::sources::KERNEL_FILES.iter().find(|(f, _)| *f == "attention_tc.cu").unwrap().1;
+        let head = format!("template <> struct AttnTcTiles<{hs}> {{");
+        let line = src.lines().find(|l| l.starts_with(&head)).unwrap_or_else(|| panic!("no {head}"));
+        let at = line.find(&format!("{key} = ")).unwrap_or_else(|| panic!("{key} in {line}")) + key.len() + 3;
+        line[at..].split(|ch: char| !ch.is_ascii_digit()).next().unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn the_tensor_core_tile_table_matches_the_kernel_file_and_fits_in_48_kib() {
+        for hs in TC_HEAD_SIZES {
+            assert_eq!(tc_tiles(Kernel::Forward, hs), Some(tc_tile_in_kernel_file("FWD_BK", hs)), "hs {hs}");
+            assert_eq!(
+                tc_tiles(Kernel::BackwardDkv, hs),
+                Some(tc_tile_in_kernel_file("DKV_BQ", hs)),
+                "hs {hs}"
+            );
+            assert_eq!(
+                tc_tiles(Kernel::BackwardDq, hs),
+                Some(tc_tile_in_kernel_file("DQ_BK", hs)),
+                "hs {hs}"
+            );
+        }
+        // The sizes quoted in the kernel file's header.
+        let kib = |k, hs| tc_geometry(k, hs).unwrap().smem as f64 / 1024.0;
+        assert_eq!([kib(Kernel::Forward, 64), kib(Kernel::Forward, 128)], [18.0, 34.0]);
+        assert_eq!([kib(Kernel::BackwardDkv, 64), kib(Kernel::BackwardDkv, 128)], [36.5, 42.625]);
+        assert_eq!([kib(Kernel::BackwardDq, 64), kib(Kernel::BackwardDq, 128)], [36.0, 42.5]);
+        for hs in TC_HEAD_SIZES {
+            for k in [Kernel::Forward, Kernel::BackwardDkv, Kernel::BackwardDq] {
+                let g = tc_geometry(k, hs).unwrap();
+                assert!(g.smem <= SMEM_LIMIT, "{k:?} hs {hs}: {} bytes", g.smem);
+                assert_eq!((g.tile, g.threads), (64, 128));
+            }
+        }
+        assert!(tc_geometry(Kernel::Forward, 32).is_none());
+        assert_eq!(
+            kernel_name(Path::TensorCore, Kernel::BackwardDq, 64, DType::Bf16),
+            "attention_tc_backward_dq_hs64_bf16"
+        );
+        assert_eq!(kernel_name(Path::Simt, Kernel::Forward, 32, DType::F32), "attention_forward_hs32_f32");
+    }
+
+    #[test]
+    fn the_automatic_path_takes_the_tensor_cores_only_where_they_apply() {
+        let buf = ();
+        let at0 = Dev::new(&buf);
+        let at8 = Dev { buf: &buf, offset: 8 };
+        if forced_simt() {
+            assert_eq!(auto_path(DType::Bf16, 64, &[at0]), Path::Simt);
+            return;
+        }
+        assert_eq!(auto_path(DType::Bf16, 64, &[at0, at0]), Path::TensorCore);
+        assert_eq!(auto_path(DType::Bf16, 128, &[at0]), Path::TensorCore);
+        assert_eq!(auto_path(DType::Bf16, 32, &[at0]), Path::Simt);
+        assert_eq!(auto_path(DType::F32, 64, &[at0]), Path::Simt);
+        assert_eq!(auto_path(DType::Bf16, 64, &[at0, at8]), Path::Simt);
     }
 }
