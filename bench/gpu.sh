@@ -66,6 +66,11 @@ bench() { # name, then extra environment/arguments
 }
 bench tc TROUPE_ATTENTION=auto
 bench simt TROUPE_ATTENTION=simt
+# Where the time goes (device time per kernel and GEMM shape; events slow the steps a little).
+timeout 200 $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --steps 3 --warmup 2 \
+  --profile >"$OUT/bench-profile.json" 2>"$OUT/bench-profile.err"
+log "profile: rc $?; top kernels:"
+head -12 "$OUT/bench-profile.err" | tee -a "$OUT/summary.txt"
 timeout 400 python3 bench/pytorch_gpt.py --config $cfg --device cuda --compile --fused-adamw --steps 10 \
   --micro-batch-size "$MB" >"$OUT/bench-pytorch.json" 2>"$OUT/bench-pytorch.err" \
   || timeout 300 python3 bench/pytorch_gpt.py --config $cfg --device cuda --fused-adamw --steps 10 \

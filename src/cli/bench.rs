@@ -249,8 +249,8 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
     };
     let describe = gpu.describe();
     let dtype: troupe::gpu::DType = args.dtype.into();
-    let (times, loss) = match &gpu {
-        OpenGpu::Cuda(g) => gpu_steps(g, args, cfg, dtype)?,
+    let (times, loss, profile) = match &gpu {
+        OpenGpu::Cuda(g) => gpu_steps(g.as_ref(), args, cfg, dtype)?,
         OpenGpu::Emu(g) => gpu_steps(g, args, cfg, dtype)?,
     };
     let median = times[times.len() / 2];
@@ -259,7 +259,22 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
     let tokens_per_s = tokens_per_step / median;
     let flops = cfg.model.flops_per_token() * tokens_per_s;
     let name = args.config.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let total_ms: f64 = profile.iter().map(|k| k.ms).sum();
+    let breakdown: Vec<_> = profile
+        .iter()
+        .map(|k| {
+            let per_step = k.ms / args.steps as f64;
+            eprintln!(
+                "{:>44}: {per_step:8.3} ms/step  {:5.1}%  ({} calls)",
+                k.name,
+                100.0 * k.ms / total_ms.max(1e-12),
+                k.calls
+            );
+            serde_json::json!({"kernel": k.name, "ms_per_step": round(per_step, 3), "calls": k.calls})
+        })
+        .collect();
     Ok(serde_json::json!({
+        "breakdown": if args.profile { serde_json::Value::Array(breakdown) } else { serde_json::Value::Null },
         "impl": "troupe",
         "config": name,
         "device": args.device.to_string(),
@@ -279,13 +294,14 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
     }))
 }
 
-/// Sorted step times (seconds) and the last loss.
+/// Sorted step times (seconds), the last loss, and with `--profile` the device time per kernel
+/// over the timed steps (CUDA events around every launch, which slow the steps slightly).
 fn gpu_steps<G: troupe::gpu::Gpu>(
     gpu: &G,
     args: &TrainBenchArgs,
     cfg: &Config,
     dtype: troupe::gpu::DType,
-) -> anyhow::Result<(Vec<f64>, f32)> {
+) -> anyhow::Result<(Vec<f64>, f32, Vec<troupe::gpu::KernelTime>)> {
     let mut model = troupe::gpu::model::GpuGpt::new(gpu, &cfg.model, cfg.train.seed, dtype)
         .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
     let adam = troupe::gpu::train::adam_config(cfg);
@@ -306,6 +322,7 @@ fn gpu_steps<G: troupe::gpu::Gpu>(
     for _ in 0..args.warmup {
         step(&mut model)?;
     }
+    gpu.set_profiling(args.profile);
     let mut times = Vec::with_capacity(args.steps);
     let mut loss = f32::NAN;
     for _ in 0..args.steps {
@@ -313,8 +330,10 @@ fn gpu_steps<G: troupe::gpu::Gpu>(
         loss = step(&mut model)?;
         times.push(t0.elapsed().as_secs_f64());
     }
+    let profile = gpu.take_profile()?;
+    gpu.set_profiling(false);
     times.sort_by(f64::total_cmp);
-    Ok((times, loss))
+    Ok((times, loss, profile))
 }
 
 /// The actor runtime (ranks as threads), with the plain trainer timed in the same run when the

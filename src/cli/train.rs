@@ -160,7 +160,7 @@ pub(super) fn check_device(device: troupe::device::Device) -> anyhow::Result<()>
 
 /// A GPU (or the emulator) for `--device`, or a usage error naming what is missing.
 pub(super) enum OpenGpu {
-    Cuda(troupe::gpu::CudaGpu),
+    Cuda(Box<troupe::gpu::CudaGpu>),
     Emu(troupe::gpu::EmuGpu),
 }
 
@@ -170,10 +170,10 @@ impl OpenGpu {
         let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
         Ok(match device {
             Device::Cpu => None,
-            Device::Cuda => Some(OpenGpu::Cuda(
+            Device::Cuda => Some(OpenGpu::Cuda(Box::new(
                 troupe::gpu::CudaGpu::new(local_rank)
                     .map_err(|e| UsageError(format!("--device cuda: {e}")))?,
-            )),
+            ))),
             Device::Emu => Some(OpenGpu::Emu(
                 troupe::gpu::EmuGpu::new().map_err(|e| UsageError(format!("--device emu: {e}")))?,
             )),
@@ -429,7 +429,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let rank = GpuRank { dtype, cfg: &cfg, be: &be, data: &run_data, stop: &stop };
     let summary = match (&gpu, gpu_dp) {
         (None, _) => run::run(&cfg, &be, &mut trainer, &mut state, &run_data, &stop, &mut on)?,
-        (Some(OpenGpu::Cuda(g)), None) => rank.run(g, &mut trainer, &mut state, None, &mut on)?,
+        (Some(OpenGpu::Cuda(g)), None) => rank.run(g.as_ref(), &mut trainer, &mut state, None, &mut on)?,
         (Some(OpenGpu::Emu(g)), None) => rank.run(g, &mut trainer, &mut state, None, &mut on)?,
         (Some(OpenGpu::Cuda(g)), Some(_)) => {
             let env = launched.as_ref().ok_or_else(|| {
@@ -439,8 +439,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                         .into(),
                 )
             })?;
-            let (comm, _world) = nccl_from_env(g, env, comm_options(&args)?)?;
-            rank.run(g, &mut trainer, &mut state, Some(&comm), &mut on)?
+            let (comm, _world) = nccl_from_env(g.as_ref(), env, comm_options(&args)?)?;
+            rank.run(g.as_ref(), &mut trainer, &mut state, Some(&comm), &mut on)?
         }
         (Some(OpenGpu::Emu(g)), Some(dp)) => match &launched {
             Some(env) => {

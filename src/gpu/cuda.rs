@@ -14,7 +14,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, sources};
+use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, sources};
 
 /// cuBLASLt workspace (what cuBLAS itself uses on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -116,6 +116,8 @@ pub struct CudaGpu {
     name: String,
     arch: String,
     compute_capability: (i32, i32),
+    /// (name, start, end) of every launch while profiling; `None` when off.
+    profile: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
 
 struct BlasLt {
@@ -193,6 +195,7 @@ impl CudaGpu {
             name: info.name.clone(),
             arch,
             compute_capability: info.compute_capability,
+            profile: Mutex::new(None),
         })
     }
 
@@ -219,6 +222,29 @@ impl CudaGpu {
         let ev = self.comm_stream.record_event(None).map_err(driver("recording a communication event"))?;
         self.stream.wait(&ev).map_err(driver("ordering compute after communication"))?;
         Ok(ev)
+    }
+
+    /// Runs `f` (which queues work on the compute stream) between two timing events when
+    /// profiling is on.
+    fn timed<R>(
+        &self,
+        name: impl FnOnce() -> String,
+        f: impl FnOnce() -> Result<R, GpuError>,
+    ) -> Result<R, GpuError> {
+        let on = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
+        if !on {
+            return f();
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(flags).map_err(driver("recording a timing event"))?;
+        let out = f()?;
+        let end = self.stream.record_event(flags).map_err(driver("recording a timing event"))?;
+        if let Ok(mut p) = self.profile.lock()
+            && let Some(list) = p.as_mut()
+        {
+            list.push((name(), start, end));
+        }
+        Ok(out)
     }
 
     /// The device's context.
@@ -388,6 +414,113 @@ impl Gpu for CudaGpu {
         smem: u32,
         args: &[Arg<'_, CudaBuf>],
     ) -> Result<(), GpuError> {
+        self.timed(|| kernel.to_string(), || self.launch_now(kernel, grid, block, smem, args))
+    }
+
+    fn gemm(
+        &self,
+        g: &Gemm,
+        c: Dev<'_, CudaBuf>,
+        a: Dev<'_, CudaBuf>,
+        b: Dev<'_, CudaBuf>,
+        bias: Option<Dev<'_, CudaBuf>>,
+    ) -> Result<(), GpuError> {
+        let name = || {
+            let t = |x: bool| if x { "T" } else { "N" };
+            format!(
+                "gemm {}x{}x{} {}{}{}",
+                g.m,
+                g.n,
+                g.k,
+                t(g.trans_a),
+                t(g.trans_b),
+                if bias.is_some() { " +bias" } else { "" }
+            )
+        };
+        self.timed(name, || self.gemm_now(g, c, a, b, bias))
+    }
+
+    fn set_profiling(&self, on: bool) {
+        if let Ok(mut p) = self.profile.lock() {
+            *p = if on { Some(Vec::new()) } else { None };
+        }
+    }
+
+    fn take_profile(&self) -> Result<Vec<KernelTime>, GpuError> {
+        let events = match self.profile.lock() {
+            Ok(mut p) => p.as_mut().map(std::mem::take).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let mut by_name: HashMap<String, (usize, f64)> = HashMap::new();
+        for (name, start, end) in events {
+            let ms = start.elapsed_ms(&end).map_err(driver("reading a timing event"))?;
+            let e = by_name.entry(name).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += f64::from(ms);
+        }
+        let mut out: Vec<KernelTime> =
+            by_name.into_iter().map(|(name, (calls, ms))| KernelTime { name, calls, ms }).collect();
+        out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(out)
+    }
+    fn copy(&self, dst: Dev<'_, CudaBuf>, src: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
+        for (what, d) in [("destination", dst), ("source", src)] {
+            if d.offset + bytes > d.buf.slice.len() {
+                return Err(GpuError::Shape {
+                    op: "copy",
+                    detail: format!(
+                        "{what}: {bytes} bytes at offset {} of a {}-byte buffer",
+                        d.offset,
+                        d.buf.slice.len()
+                    ),
+                });
+            }
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let (s, d) = (self.device_ptr(src), self.device_ptr(dst));
+        // SAFETY: both ranges are inside device buffers of this context (checked above); the copy
+        // is ordered on the compute stream.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) }
+            .map_err(driver("copying on the device"))
+    }
+
+    fn zero(&self, dst: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
+        if dst.offset + bytes > dst.buf.slice.len() {
+            return Err(GpuError::Shape {
+                op: "zero",
+                detail: format!(
+                    "{bytes} bytes at offset {} of a {}-byte buffer",
+                    dst.offset,
+                    dst.buf.slice.len()
+                ),
+            });
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let d = self.device_ptr(dst);
+        // SAFETY: inside a device buffer of this context (checked above); ordered on the stream.
+        unsafe { cudarc::driver::result::memset_d8_async(d, 0, bytes, self.stream.cu_stream()) }
+            .map_err(driver("zeroing device memory"))
+    }
+
+    fn synchronize(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(driver("synchronising the compute stream"))?;
+        self.comm_stream.synchronize().map_err(driver("synchronising the communication stream"))
+    }
+}
+
+impl CudaGpu {
+    fn launch_now(
+        &self,
+        kernel: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: u32,
+        args: &[Arg<'_, CudaBuf>],
+    ) -> Result<(), GpuError> {
         let fail =
             |detail: String| GpuError::Launch { kernel: kernel.to_string(), grid, block, smem, detail };
         let func = self.functions.get(kernel).ok_or_else(|| fail("no kernel of that name".into()))?;
@@ -431,8 +564,7 @@ impl Gpu for CudaGpu {
         unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
-
-    fn gemm(
+    fn gemm_now(
         &self,
         g: &Gemm,
         c: Dev<'_, CudaBuf>,
@@ -562,54 +694,6 @@ impl Gpu for CudaGpu {
             )
         }
         .map_err(blas("matmul"))
-    }
-
-    fn copy(&self, dst: Dev<'_, CudaBuf>, src: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
-        for (what, d) in [("destination", dst), ("source", src)] {
-            if d.offset + bytes > d.buf.slice.len() {
-                return Err(GpuError::Shape {
-                    op: "copy",
-                    detail: format!(
-                        "{what}: {bytes} bytes at offset {} of a {}-byte buffer",
-                        d.offset,
-                        d.buf.slice.len()
-                    ),
-                });
-            }
-        }
-        if bytes == 0 {
-            return Ok(());
-        }
-        let (s, d) = (self.device_ptr(src), self.device_ptr(dst));
-        // SAFETY: both ranges are inside device buffers of this context (checked above); the copy
-        // is ordered on the compute stream.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) }
-            .map_err(driver("copying on the device"))
-    }
-
-    fn zero(&self, dst: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
-        if dst.offset + bytes > dst.buf.slice.len() {
-            return Err(GpuError::Shape {
-                op: "zero",
-                detail: format!(
-                    "{bytes} bytes at offset {} of a {}-byte buffer",
-                    dst.offset,
-                    dst.buf.slice.len()
-                ),
-            });
-        }
-        if bytes == 0 {
-            return Ok(());
-        }
-        let d = self.device_ptr(dst);
-        // SAFETY: inside a device buffer of this context (checked above); ordered on the stream.
-        unsafe { cudarc::driver::result::memset_d8_async(d, 0, bytes, self.stream.cu_stream()) }
-            .map_err(driver("zeroing device memory"))
-    }
-
-    fn synchronize(&self) -> Result<(), GpuError> {
-        self.stream.synchronize().map_err(driver("synchronising the compute stream"))?;
-        self.comm_stream.synchronize().map_err(driver("synchronising the communication stream"))
     }
 }
 

@@ -200,6 +200,23 @@ pub trait Gpu: Send + Sync {
 
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<(), GpuError>;
+
+    /// Starts (or stops) timing every kernel and GEMM on the device (CUDA events around each);
+    /// a no-op where timing means nothing (the emulator).
+    fn set_profiling(&self, _on: bool) {}
+
+    /// Device time per kernel name since profiling started, longest first, and clears it.
+    fn take_profile(&self) -> Result<Vec<KernelTime>, GpuError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Device time spent in one kernel (or GEMM shape) while profiling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    pub name: String,
+    pub calls: usize,
+    pub ms: f64,
 }
 
 /// Uploads fp32 values as storage of `dtype` into a new buffer.
