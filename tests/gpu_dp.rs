@@ -84,17 +84,34 @@ fn two_emulated_gpu_ranks_match_one() -> Result<()> {
     };
     run("1", "one")?;
     run("2", "two")?;
-    let (a, b) = (records(&dir.join("one.jsonl"))?, records(&dir.join("two.jsonl"))?);
-    ensure!(a.len() == 3 && b.len() == 3, "{a:?} {b:?}");
-    for ((la, ga), (lb, gb)) in a.iter().zip(&b) {
-        ensure!(((la - lb) / la).abs() <= 1e-5 && ((ga - gb) / ga).abs() <= 1e-5, "dp1 {a:?} vs dp2 {b:?}");
-    }
-    ensure!(a[0] != a[2], "the loss did not move: {a:?}");
-    let (pa, pb) = (params(&dir.join("one"))?, params(&dir.join("two"))?);
-    let diff = pa.iter().zip(&pb).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
+    // The same two ranks as processes under the launcher (the TCP world and store of a real job;
+    // `--device cuda` puts NCCL on the same rendezvous).
+    let bin = env!("CARGO_BIN_EXE_troupe");
+    let out = Command::new(bin)
+        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--", bin])
+        .args(common)
+        .args(["--comm-timeout", "60", "--save", "launched", "--log-json", "launched.jsonl"])
+        .current_dir(&dir)
+        .output()?;
+    ensure!(out.status.success(), "launched: {}", String::from_utf8_lossy(&out.stderr));
+    let a = records(&dir.join("one.jsonl"))?;
+    ensure!(a.len() == 3 && a[0] != a[2], "the loss did not move: {a:?}");
+    let pa = params(&dir.join("one"))?;
     let norm = pa.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
-    ensure!(diff <= 1e-5 * norm, "parameters differ by {diff:e} (norm {norm:e})");
-    eprintln!("dp2 vs dp1: parameters differ by {:.2e} of their norm", diff / norm);
+    for tag in ["two", "launched"] {
+        let b = records(&dir.join(format!("{tag}.jsonl")))?;
+        ensure!(b.len() == 3, "{tag}: {b:?}");
+        for ((la, ga), (lb, gb)) in a.iter().zip(&b) {
+            ensure!(
+                ((la - lb) / la).abs() <= 1e-5 && ((ga - gb) / ga).abs() <= 1e-5,
+                "dp1 {a:?} vs {tag} {b:?}"
+            );
+        }
+        let pb = params(&dir.join(tag))?;
+        let diff = pa.iter().zip(&pb).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
+        ensure!(diff <= 1e-5 * norm, "{tag}: parameters differ by {diff:e} (norm {norm:e})");
+        eprintln!("{tag} vs dp1: parameters differ by {:.2e} of their norm", diff / norm);
+    }
     Ok(())
 }
 
