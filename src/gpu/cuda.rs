@@ -14,7 +14,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, sources};
+use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, check_range, sources};
 
 /// cuBLASLt workspace (what cuBLAS itself uses on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -355,33 +355,14 @@ impl Gpu for CudaGpu {
     }
 
     fn upload(&self, dst: &mut CudaBuf, offset: usize, src: &[u8]) -> Result<(), GpuError> {
-        if offset + src.len() > dst.slice.len() {
-            return Err(GpuError::Shape {
-                op: "upload",
-                detail: format!(
-                    "{} bytes at offset {offset} into a {}-byte buffer",
-                    src.len(),
-                    dst.slice.len()
-                ),
-            });
-        }
+        check_range("upload", "destination", offset, src.len(), dst.slice.len())?;
         let mut view = dst.slice.slice_mut(offset..offset + src.len());
         self.stream.memcpy_htod(src, &mut view).map_err(driver("copying to the device"))?;
         self.stream.synchronize().map_err(driver("waiting for a copy to the device"))
     }
 
     fn write(&self, dst: Dev<'_, CudaBuf>, src: &[u8]) -> Result<(), GpuError> {
-        if dst.offset + src.len() > dst.buf.slice.len() {
-            return Err(GpuError::Shape {
-                op: "write",
-                detail: format!(
-                    "{} bytes at offset {} into a {}-byte buffer",
-                    src.len(),
-                    dst.offset,
-                    dst.buf.slice.len()
-                ),
-            });
-        }
+        check_range("write", "destination", dst.offset, src.len(), dst.buf.slice.len())?;
         let ptr = self.device_ptr(dst);
         // SAFETY: the range is inside a device buffer of this context (checked above); the copy is
         // ordered on the compute stream and finished before returning, so `src` may be reused.
@@ -391,16 +372,7 @@ impl Gpu for CudaGpu {
     }
 
     fn download(&self, src: &CudaBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
-        if offset + dst.len() > src.slice.len() {
-            return Err(GpuError::Shape {
-                op: "download",
-                detail: format!(
-                    "{} bytes at offset {offset} from a {}-byte buffer",
-                    dst.len(),
-                    src.slice.len()
-                ),
-            });
-        }
+        check_range("download", "source", offset, dst.len(), src.slice.len())?;
         let view = src.slice.slice(offset..offset + dst.len());
         self.stream.memcpy_dtoh(&view, dst).map_err(driver("copying from the device"))?;
         self.stream.synchronize().map_err(driver("waiting for a copy from the device"))
@@ -465,16 +437,7 @@ impl Gpu for CudaGpu {
     }
     fn copy(&self, dst: Dev<'_, CudaBuf>, src: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
         for (what, d) in [("destination", dst), ("source", src)] {
-            if d.offset + bytes > d.buf.slice.len() {
-                return Err(GpuError::Shape {
-                    op: "copy",
-                    detail: format!(
-                        "{what}: {bytes} bytes at offset {} of a {}-byte buffer",
-                        d.offset,
-                        d.buf.slice.len()
-                    ),
-                });
-            }
+            check_range("copy", what, d.offset, bytes, d.buf.slice.len())?;
         }
         if bytes == 0 {
             return Ok(());
@@ -487,16 +450,7 @@ impl Gpu for CudaGpu {
     }
 
     fn zero(&self, dst: Dev<'_, CudaBuf>, bytes: usize) -> Result<(), GpuError> {
-        if dst.offset + bytes > dst.buf.slice.len() {
-            return Err(GpuError::Shape {
-                op: "zero",
-                detail: format!(
-                    "{bytes} bytes at offset {} of a {}-byte buffer",
-                    dst.offset,
-                    dst.buf.slice.len()
-                ),
-            });
-        }
+        check_range("zero", "destination", dst.offset, bytes, dst.buf.slice.len())?;
         if bytes == 0 {
             return Ok(());
         }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, sources};
+use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, check_range, sources};
 
 /// How long one emulated launch may take before the process is stopped: a kernel that breaks the
 /// barrier rules (a thread skipping `__syncthreads`) deadlocks the emulator instead of failing.
@@ -180,41 +180,21 @@ impl Gpu for EmuGpu {
     }
 
     fn upload(&self, dst: &mut EmuBuf, offset: usize, src: &[u8]) -> Result<(), GpuError> {
-        if offset + src.len() > dst.bytes {
-            return Err(GpuError::Shape {
-                op: "upload",
-                detail: format!("{} bytes at offset {offset} into a {}-byte buffer", src.len(), dst.bytes),
-            });
-        }
+        check_range("upload", "destination", offset, src.len(), dst.bytes)?;
         // SAFETY: bounds checked above; no launch runs concurrently (launches are synchronous).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr(offset), src.len()) };
         Ok(())
     }
 
     fn write(&self, dst: Dev<'_, EmuBuf>, src: &[u8]) -> Result<(), GpuError> {
-        if dst.offset + src.len() > dst.buf.bytes {
-            return Err(GpuError::Shape {
-                op: "write",
-                detail: format!(
-                    "{} bytes at offset {} into a {}-byte buffer",
-                    src.len(),
-                    dst.offset,
-                    dst.buf.bytes
-                ),
-            });
-        }
+        check_range("write", "destination", dst.offset, src.len(), dst.buf.bytes)?;
         // SAFETY: bounds checked above; launches are synchronous, so nothing else writes now.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.buf.ptr(dst.offset), src.len()) };
         Ok(())
     }
 
     fn download(&self, src: &EmuBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
-        if offset + dst.len() > src.bytes {
-            return Err(GpuError::Shape {
-                op: "download",
-                detail: format!("{} bytes at offset {offset} from a {}-byte buffer", dst.len(), src.bytes),
-            });
-        }
+        check_range("download", "source", offset, dst.len(), src.bytes)?;
         // SAFETY: bounds checked above.
         unsafe { std::ptr::copy_nonoverlapping(src.ptr(offset), dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -317,15 +297,7 @@ impl Gpu for EmuGpu {
 
     fn copy(&self, dst: Dev<'_, EmuBuf>, src: Dev<'_, EmuBuf>, bytes: usize) -> Result<(), GpuError> {
         for (what, d) in [("destination", dst), ("source", src)] {
-            if d.offset + bytes > d.buf.bytes {
-                return Err(GpuError::Shape {
-                    op: "copy",
-                    detail: format!(
-                        "{what}: {bytes} bytes at offset {} of a {}-byte buffer",
-                        d.offset, d.buf.bytes
-                    ),
-                });
-            }
+            check_range("copy", what, d.offset, bytes, d.buf.bytes)?;
         }
         // SAFETY: bounds checked above; `copy` handles overlap like cudaMemcpy's undefined case
         // would not, which is harmless.
@@ -334,12 +306,7 @@ impl Gpu for EmuGpu {
     }
 
     fn zero(&self, dst: Dev<'_, EmuBuf>, bytes: usize) -> Result<(), GpuError> {
-        if dst.offset + bytes > dst.buf.bytes {
-            return Err(GpuError::Shape {
-                op: "zero",
-                detail: format!("{bytes} bytes at offset {} of a {}-byte buffer", dst.offset, dst.buf.bytes),
-            });
-        }
+        check_range("zero", "destination", dst.offset, bytes, dst.buf.bytes)?;
         // SAFETY: bounds checked above.
         unsafe { std::ptr::write_bytes(dst.buf.ptr(dst.offset), 0, bytes) };
         Ok(())

@@ -211,6 +211,23 @@ pub trait Gpu: Send + Sync {
     }
 }
 
+/// Checks that `bytes` at `offset` fit in a buffer of `len` bytes (the copies of both GPUs).
+pub(crate) fn check_range(
+    op: &'static str,
+    what: &str,
+    offset: usize,
+    bytes: usize,
+    len: usize,
+) -> Result<(), GpuError> {
+    if offset.checked_add(bytes).is_none_or(|end| end > len) {
+        return Err(GpuError::Shape {
+            op,
+            detail: format!("{what}: {bytes} bytes at offset {offset} of a {len}-byte buffer"),
+        });
+    }
+    Ok(())
+}
+
 /// Device time spent in one kernel (or GEMM shape) while profiling.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelTime {

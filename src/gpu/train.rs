@@ -88,13 +88,7 @@ pub fn run<G: Gpu>(
         return Err(RunError::NoData("no training samples").into());
     }
     let t = &cfg.train;
-    let sched = LrSchedule {
-        max_lr: t.lr,
-        min_lr: t.min_lr,
-        warmup: t.lr_warmup_iters,
-        decay: t.lr_decay_iters.unwrap_or(t.train_iters),
-        style: t.lr_decay_style,
-    };
+    let sched = LrSchedule::from_train(t);
     let adam = adam_config(cfg);
     let (dp_rank, dp_size) = dp.map_or((0, 1), |c| (c.rank(), c.size()));
     let mb_size = t.micro_batch_size;

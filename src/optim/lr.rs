@@ -16,6 +16,18 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
+    /// The schedule a training config asks for (decay over `train_iters` unless
+    /// `lr_decay_iters` says otherwise).
+    pub fn from_train(t: &crate::config::TrainConfig) -> Self {
+        LrSchedule {
+            max_lr: t.lr,
+            min_lr: t.min_lr,
+            warmup: t.lr_warmup_iters,
+            decay: t.lr_decay_iters.unwrap_or(t.train_iters),
+            style: t.lr_decay_style,
+        }
+    }
+
     /// The rate for the update that follows `step` completed steps.
     pub fn lr(&self, step: u64) -> f32 {
         let (max, min) = (f64::from(self.max_lr), f64::from(self.min_lr));

@@ -1353,13 +1353,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let cfg = ctx.cfg.clone();
     let plan = ctx.plan.clone();
     let t = &cfg.train;
-    let sched = LrSchedule {
-        max_lr: t.lr,
-        min_lr: t.min_lr,
-        warmup: t.lr_warmup_iters,
-        decay: t.lr_decay_iters.unwrap_or(t.train_iters),
-        style: t.lr_decay_style,
-    };
+    let sched = LrSchedule::from_train(t);
     let program_ops = &plan.program.ranks[ctx.pp_rank];
     let k = program_ops.iter().filter(|op| op.kind().is_compute()).count() as u64;
     let n_tensors = st.tensor_index.len();

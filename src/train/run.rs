@@ -130,13 +130,7 @@ pub fn run(
         return Err(RunError::NoData("no training samples"));
     }
     let t = &cfg.train;
-    let sched = LrSchedule {
-        max_lr: t.lr,
-        min_lr: t.min_lr,
-        warmup: t.lr_warmup_iters,
-        decay: t.lr_decay_iters.unwrap_or(t.train_iters),
-        style: t.lr_decay_style,
-    };
+    let sched = LrSchedule::from_train(t);
     let (mb_size, accum) = (t.micro_batch_size, cfg.accumulation_steps());
     let seq = data.train.sample_tokens().saturating_sub(1);
     let mut bufs: Vec<BatchBuf> = (0..accum).map(|_| BatchBuf::default()).collect();
