@@ -171,6 +171,25 @@ impl NcclComm {
         GpuError::Nccl { op: op.to_string(), rank: self.rank, group: self.name.clone(), detail }
     }
 
+    /// Checks that `count` elements of `dtype` fit at `d` (NCCL would read or write past the end).
+    fn fits(
+        &self,
+        gpu: &CudaGpu,
+        op: &'static str,
+        d: Dev<'_, CudaBuf>,
+        count: usize,
+        dtype: DType,
+    ) -> Result<(), GpuError> {
+        use super::Gpu;
+        super::check_range(
+            op,
+            &format!("rank {} of {}", self.rank, self.name),
+            d.offset,
+            count * dtype.size(),
+            gpu.buf_len(d.buf),
+        )
+    }
+
     fn check(&self, op: &str, r: Result<nr::NcclStatus, nr::NcclError>) -> Result<(), GpuError> {
         if self.aborted.load(Ordering::Acquire) {
             return Err(self.err(op, "the communicator was aborted after an earlier failure".into()));
@@ -187,6 +206,7 @@ impl NcclComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<(), GpuError> {
+        self.fits(gpu, "all_reduce", buf, count, dtype)?;
         let p = gpu.device_ptr(buf) as *mut c_void;
         // SAFETY: `p` is device memory of this context with room for `count` elements (caller).
         let r = unsafe {
@@ -213,6 +233,8 @@ impl NcclComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<(), GpuError> {
+        self.fits(gpu, "reduce_scatter", send, recv_count * self.size, dtype)?;
+        self.fits(gpu, "reduce_scatter", recv, recv_count, dtype)?;
         let (s, r) = (gpu.device_ptr(send) as *const c_void, gpu.device_ptr(recv) as *mut c_void);
         // SAFETY: as in all_reduce.
         let res = unsafe {
@@ -238,6 +260,8 @@ impl NcclComm {
         send_count: usize,
         dtype: DType,
     ) -> Result<(), GpuError> {
+        self.fits(gpu, "all_gather", send, send_count, dtype)?;
+        self.fits(gpu, "all_gather", recv, send_count * self.size, dtype)?;
         let (s, r) = (gpu.device_ptr(send) as *const c_void, gpu.device_ptr(recv) as *mut c_void);
         // SAFETY: as in all_reduce.
         let res = unsafe {
@@ -255,6 +279,7 @@ impl NcclComm {
         dtype: DType,
         root: usize,
     ) -> Result<(), GpuError> {
+        self.fits(gpu, "broadcast", buf, count, dtype)?;
         let p = gpu.device_ptr(buf) as *mut c_void;
         // SAFETY: as in all_reduce.
         let res = unsafe {
@@ -281,6 +306,7 @@ impl NcclComm {
         dtype: DType,
         peer: usize,
     ) -> Result<(), GpuError> {
+        self.fits(gpu, "send", buf, count, dtype)?;
         let p = gpu.device_ptr(buf) as *const c_void;
         // SAFETY: as in all_reduce.
         let res = unsafe {
@@ -298,6 +324,7 @@ impl NcclComm {
         dtype: DType,
         peer: usize,
     ) -> Result<(), GpuError> {
+        self.fits(gpu, "recv", buf, count, dtype)?;
         let p = gpu.device_ptr(buf) as *mut c_void;
         // SAFETY: as in all_reduce.
         let res = unsafe {
