@@ -12,9 +12,10 @@
 //   moves 4 elements per load/store (16 B for fp32), and a scalar loop handles the tail.
 // - sum_squares_partial_*: G blocks (any G) write G double partials, each the sum of its
 //   grid-stride slice; sum_squares_finish (one block) sums `count` partials in a fixed order.
-// - bias_grad_partial_*: grid (ceil(N / 32), chunks), block (32, 8): block (c, k) sums rows
-//   [k·rows_per_chunk, (k+1)·rows_per_chunk) of 32 columns into fp32 partials[k, N];
-//   bias_grad_finish_*: 1-D grid over N adds Σ_k partials[k, n] (k ascending) to dbias[n].
+// - bias_grad_partial_*: grid (ceil(N / 256), chunks), block (32, 16): block (c, k) sums rows
+//   [k·rows_per_chunk, (k+1)·rows_per_chunk) of the 256 columns [256·c, 256·c + 256) into fp32
+//   partials[k, N] (details at the kernel); bias_grad_finish_*: 1-D grid over N adds
+//   Σ_k partials[k, n] (k ascending) to dbias[n].
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) OptimPack {
@@ -225,49 +226,134 @@ EXPORT_KERNEL(cast_bf16_to_f32);
 
 // ---------------------------------------------------------------------------------------------
 // Bias gradient: dbias[n] += Σ_rows dout[rows, N] (column sums), fp32 partials, fixed order.
+//
+// A partial block covers BIAS_COLS = 256 columns and one chunk of rows. Its 16 warps take the
+// chunk's rows in 16 interleaved phases (warp y: rows r0 + y, r0 + y + 16, …), and each lane owns
+// 8 columns of the tile:
+// - vector path (N a multiple of the 16-byte pack, dout 16-byte aligned, so every row starts
+//   aligned): lane x owns the packs at tile columns p·32·V + x·V + [0, V), p < 8 / V, with V = 8
+//   for bf16 (one 16-byte load per row) or 4 for fp32 (two): each warp load reads 512 contiguous
+//   bytes of a row;
+// - scalar path (any other N or alignment): lane x owns tile columns x + 32·j, j < 8, one element
+//   per load (still coalesced: a warp load reads 32 consecutive elements).
+// Rows are loaded BIAS_UNROLL phases at a time before they are added (independent loads in flight).
+// Either way each (phase, column) accumulator adds its rows in ascending order, starting from 0, so
+// both paths give the same bits; the 16 phases of a column are then summed in phase order through
+// shared memory into partials[chunk, column]. The host sizes the grid (bias_grad in
+// src/gpu/ops/optim.rs) as a function of rows and N only.
 
-#define BIAS_TILE_X 32  // columns per block (one per lane: a warp reads 32 consecutive columns)
-#define BIAS_TILE_Y 8   // row phases per block
+#define BIAS_COLS 256     // columns per block
+#define BIAS_PER_LANE 8   // columns per lane (BIAS_COLS / 32)
+#define BIAS_WARPS 16     // warps per block = row phases
+#define BIAS_UNROLL 4     // row phases' rows loaded per batch before they are added
+#define BIAS_THREADS (32 * BIAS_WARPS)
 
 template <typename T>
 __device__ __forceinline__ void bias_grad_partial_impl(float* __restrict__ partials, const T* __restrict__ dout,
                                                        unsigned int rows, unsigned int N, unsigned int rows_per_chunk,
-                                                       float (*tile)[BIAS_TILE_X]) {
-    unsigned int c = blockIdx.x * BIAS_TILE_X + threadIdx.x;
-    unsigned long long r0 = (unsigned long long)blockIdx.y * rows_per_chunk;
-    unsigned long long r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
-    float acc = 0.0f;
-    if (c < N)
-        for (unsigned long long r = r0 + threadIdx.y; r < r1; r += BIAS_TILE_Y) acc += to_f32(dout[r * N + c]);
-    tile[threadIdx.y][threadIdx.x] = acc;
+                                                       float (*tile)[BIAS_COLS]) {
+    constexpr int V = 16 / (int)sizeof(T);   // elements per 16-byte pack
+    constexpr int PACKS = BIAS_PER_LANE / V; // packs per lane and row
+    typedef OptimPack<T, V> P;
+    const unsigned int lane = threadIdx.x, phase = threadIdx.y;
+    const unsigned int c0 = blockIdx.x * BIAS_COLS;
+    const unsigned long long r0 = (unsigned long long)blockIdx.y * rows_per_chunk;
+    const unsigned long long r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+    const bool vec = N % V == 0 && optim_aligned(dout, 16); // the same for every thread of the grid
+    unsigned int col[BIAS_PER_LANE]; // the lane's columns, relative to c0
+    float acc[BIAS_PER_LANE];
+#pragma unroll
+    for (int k = 0; k < BIAS_PER_LANE; ++k) {
+        col[k] = vec ? (k / V) * 32 * V + lane * V + k % V : lane + 32 * k;
+        acc[k] = 0.0f;
+    }
+    if (vec) {
+        bool live[PACKS]; // N % V == 0: a pack is wholly inside or wholly past N
+#pragma unroll
+        for (int p = 0; p < PACKS; ++p) live[p] = c0 + col[p * V] < N;
+        for (unsigned long long r = r0 + phase; r < r1; r += BIAS_UNROLL * BIAS_WARPS) {
+            P x[BIAS_UNROLL][PACKS] = {};
+#pragma unroll
+            for (int u = 0; u < BIAS_UNROLL; ++u) {
+                unsigned long long ru = r + (unsigned long long)u * BIAS_WARPS;
+#pragma unroll
+                for (int p = 0; p < PACKS; ++p)
+                    if (ru < r1 && live[p]) x[u][p] = *reinterpret_cast<const P*>(dout + ru * N + c0 + col[p * V]);
+            }
+#pragma unroll
+            for (int u = 0; u < BIAS_UNROLL; ++u) {
+                if (r + (unsigned long long)u * BIAS_WARPS >= r1) break;
+#pragma unroll
+                for (int p = 0; p < PACKS; ++p)
+#pragma unroll
+                    for (int v = 0; v < V; ++v) acc[p * V + v] += to_f32(x[u][p].v[v]);
+            }
+        }
+        // Packs past N added zeros to accumulators that start at +0 (no -0): they stay +0 and are
+        // not written below.
+    } else {
+        for (unsigned long long r = r0 + phase; r < r1; r += BIAS_UNROLL * BIAS_WARPS) {
+            T x[BIAS_UNROLL][BIAS_PER_LANE] = {};
+#pragma unroll
+            for (int u = 0; u < BIAS_UNROLL; ++u) {
+                unsigned long long ru = r + (unsigned long long)u * BIAS_WARPS;
+#pragma unroll
+                for (int k = 0; k < BIAS_PER_LANE; ++k)
+                    if (ru < r1 && c0 + col[k] < N) x[u][k] = dout[ru * N + c0 + col[k]];
+            }
+#pragma unroll
+            for (int u = 0; u < BIAS_UNROLL; ++u) {
+                if (r + (unsigned long long)u * BIAS_WARPS >= r1) break;
+#pragma unroll
+                for (int k = 0; k < BIAS_PER_LANE; ++k) acc[k] += to_f32(x[u][k]);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < BIAS_PER_LANE; ++k) tile[phase][col[k]] = acc[k];
     __syncthreads();
-    if (threadIdx.y == 0 && c < N) {
-        float sum = tile[0][threadIdx.x];
-        for (int y = 1; y < BIAS_TILE_Y; ++y) sum += tile[y][threadIdx.x];
-        partials[(unsigned long long)blockIdx.y * N + c] = sum;
+    const unsigned int t = phase * 32 + lane; // one thread per tile column
+    if (t < BIAS_COLS && c0 + t < N) {
+        float sum = tile[0][t];
+#pragma unroll
+        for (int y = 1; y < BIAS_WARPS; ++y) sum += tile[y][t];
+        partials[(unsigned long long)blockIdx.y * N + c0 + t] = sum;
     }
 }
+
+#define BIAS_FINISH_BATCH 8 // partials loaded per column before they are added
 
 template <typename D>
 __device__ __forceinline__ void bias_grad_finish_impl(D* __restrict__ dbias, const float* __restrict__ partials,
                                                       unsigned int chunks, unsigned int N) {
     unsigned int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < N) {
+        const float* col = partials + c;
         float sum = 0.0f;
-        for (unsigned int k = 0; k < chunks; ++k) sum += partials[(unsigned long long)k * N + c];
+        unsigned int k = 0;
+        for (; k + BIAS_FINISH_BATCH <= chunks; k += BIAS_FINISH_BATCH) {
+            float x[BIAS_FINISH_BATCH];
+#pragma unroll
+            for (int i = 0; i < BIAS_FINISH_BATCH; ++i) x[i] = col[(unsigned long long)(k + i) * N];
+#pragma unroll
+            for (int i = 0; i < BIAS_FINISH_BATCH; ++i) sum += x[i];
+        }
+        for (; k < chunks; ++k) sum += col[(unsigned long long)k * N];
         dbias[c] = from_f32<D>(to_f32(dbias[c]) + sum);
     }
 }
 
-extern "C" __global__ void bias_grad_partial_f32(float* partials, const float* dout, unsigned int rows, unsigned int N,
-                                                 unsigned int rows_per_chunk) {
-    __shared__ float tile[BIAS_TILE_Y][BIAS_TILE_X];
+extern "C" __global__ void __launch_bounds__(BIAS_THREADS, 2)
+    bias_grad_partial_f32(float* partials, const float* dout, unsigned int rows, unsigned int N,
+                          unsigned int rows_per_chunk) {
+    __shared__ float tile[BIAS_WARPS][BIAS_COLS];
     bias_grad_partial_impl(partials, dout, rows, N, rows_per_chunk, tile);
 }
 EXPORT_KERNEL(bias_grad_partial_f32);
-extern "C" __global__ void bias_grad_partial_bf16(float* partials, const bf16* dout, unsigned int rows, unsigned int N,
-                                                  unsigned int rows_per_chunk) {
-    __shared__ float tile[BIAS_TILE_Y][BIAS_TILE_X];
+extern "C" __global__ void __launch_bounds__(BIAS_THREADS, 2)
+    bias_grad_partial_bf16(float* partials, const bf16* dout, unsigned int rows, unsigned int N,
+                           unsigned int rows_per_chunk) {
+    __shared__ float tile[BIAS_WARPS][BIAS_COLS];
     bias_grad_partial_impl(partials, dout, rows, N, rows_per_chunk, tile);
 }
 EXPORT_KERNEL(bias_grad_partial_bf16);

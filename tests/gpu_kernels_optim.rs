@@ -16,7 +16,9 @@
 //!   against the same operation on the host.
 //! - Bias gradients: fp32 sums of up to 700 terms in [-1, 1]: 1e-5 relative + 1e-5 absolute (a
 //!   column sum can cancel to near 0, where only the absolute error, a few 2^-24·Σ|x|, is
-//!   meaningful); a bf16 dbias adds one rounding: 2^-8 relative.
+//!   meaningful); a bf16 dbias adds one rounding: 2^-8 relative. The 16-byte-load path (aligned
+//!   `dout`, n a multiple of the pack) and the scalar path (misaligned `dout`, or other n) add the
+//!   same values in the same order: bitwise equal, in the emulator and on a GPU alike.
 //!
 //! On a GPU the same tolerances apply: `--use_fast_math` (approximate sqrtf and division in
 //! AdamW, FMA contraction) costs a few fp32 ulp per step, far inside them, and does not touch the
@@ -334,9 +336,44 @@ fn check_scale_add_casts<G: Gpu>(gpu: &G, label: &str) {
     assert!(err.starts_with("cast: F32 → F32"), "{label}: {err}");
 }
 
+/// Runs [`bias_grad`] once on `dout[rows, n]` (uploaded as `dout_dtype` with `pad` elements in
+/// front: pad 1 misaligns it for the 16-byte path, so the scalar loop runs) into `db0` (uploaded
+/// as `dbias_dtype`); returns dbias.
+#[allow(clippy::too_many_arguments)]
+fn run_bias_grad<G: Gpu>(
+    gpu: &G,
+    dout: &[f32],
+    db0: &[f32],
+    rows: usize,
+    n: usize,
+    dout_dtype: DType,
+    dbias_dtype: DType,
+    pad: usize,
+) -> Vec<f32> {
+    let scratch = gpu.alloc(bias_grad_scratch_elems(rows, n) * 4).unwrap();
+    let ob = upload_f32(gpu, &[vec![0.0; pad], dout.to_vec()].concat(), dout_dtype).unwrap();
+    let db = upload_f32(gpu, db0, dbias_dtype).unwrap();
+    bias_grad(
+        gpu,
+        Dev::new(&db),
+        dbias_dtype,
+        Dev::new(&ob).at(pad, dout_dtype),
+        dout_dtype,
+        rows,
+        n,
+        Dev::new(&scratch),
+    )
+    .unwrap();
+    download_f32(gpu, Dev::new(&db), n, dbias_dtype).unwrap()
+}
+
 fn check_bias_grad<G: Gpu>(gpu: &G, label: &str) {
-    // 700 rows: 3 row chunks of 234; 45 columns: two column tiles, the second partial.
-    for (rows, n) in [(700usize, 45usize), (5, 33)] {
+    // 700 rows: 11 row chunks of 64 (the last 60); 45 columns: one partial column tile, scalar
+    // path. 5 × 33: one short chunk. 300 × 768: 3 full column tiles of 256, 5 chunks of 60 rows
+    // (row phases with and without a full batch of 4 rows), 16-byte path when aligned. 300 × 37:
+    // scalar path for either dtype (37 is not a multiple of 4 or 8). 130 × 264: 16-byte path with
+    // a second tile of 8 columns (lanes whose packs lie past n).
+    for (rows, n) in [(700usize, 45usize), (5, 33), (300, 768), (300, 37), (130, 264)] {
         let dout = uniform(rows * n, 60, 2.0);
         let db0 = uniform(n, 61, 1.0);
         for (dout_dtype, dbias_dtype) in [
@@ -348,31 +385,15 @@ fn check_bias_grad<G: Gpu>(gpu: &G, label: &str) {
             let what = format!("{label}: rows {rows}, n {n}, dout {dout_dtype:?}, dbias {dbias_dtype:?}");
             let dout = if dout_dtype == DType::Bf16 { round_bf16(&dout) } else { dout.clone() };
             let db0 = if dbias_dtype == DType::Bf16 { round_bf16(&db0) } else { db0.clone() };
-            let scratch = gpu.alloc(bias_grad_scratch_elems(rows, n) * 4).unwrap();
-            let ob = upload_f32(gpu, &dout, dout_dtype).unwrap();
-            let mut results = Vec::new();
-            for _ in 0..2 {
-                let db = upload_f32(gpu, &db0, dbias_dtype).unwrap();
-                bias_grad(
-                    gpu,
-                    Dev::new(&db),
-                    dbias_dtype,
-                    Dev::new(&ob),
-                    dout_dtype,
-                    rows,
-                    n,
-                    Dev::new(&scratch),
-                )
-                .unwrap();
-                results.push(download_f32(gpu, Dev::new(&db), n, dbias_dtype).unwrap());
-            }
-            assert_eq!(bits(&results[0]), bits(&results[1]), "{what}: two runs differ");
+            let run = |pad| run_bias_grad(gpu, &dout, &db0, rows, n, dout_dtype, dbias_dtype, pad);
+            let (first, second, misaligned) = (run(0), run(0), run(1));
+            assert_eq!(bits(&first), bits(&second), "{what}: two runs differ");
+            assert_eq!(bits(&first), bits(&misaligned), "{what}: aligned vs misaligned dout (scalar path)");
             let mut want = up(&db0);
             naive::matmul_backward_weight(&mut [], Some(&mut want), &up(&dout), &[], rows, 0, n);
             let rtol = if dbias_dtype == DType::Bf16 { 1.0 / 256.0 + 1e-5 } else { 1e-5 };
-            compare(&format!("dbias, {what}"), &results[0], &want, rtol, 1e-5).unwrap();
-            let worst =
-                results[0].iter().zip(&want).map(|(&g, &w)| (f64::from(g) - w).abs()).fold(0.0, f64::max);
+            compare(&format!("dbias, {what}"), &first, &want, rtol, 1e-5).unwrap();
+            let worst = first.iter().zip(&want).map(|(&g, &w)| (f64::from(g) - w).abs()).fold(0.0, f64::max);
             eprintln!("bias_grad {what}: worst absolute error {worst:.2e}");
         }
     }
@@ -382,7 +403,20 @@ fn check_bias_grad<G: Gpu>(gpu: &G, label: &str) {
     let err = bias_grad(gpu, Dev::new(&db), DType::F32, Dev::new(&ob), DType::F32, 700, 45, Dev::new(&small))
         .unwrap_err()
         .to_string();
-    assert!(err.starts_with("bias_grad: scratch: 135 × F32"), "{label}: {err}");
+    let need = format!("bias_grad: scratch: {} × F32", bias_grad_scratch_elems(700, 45));
+    assert!(err.starts_with(&need), "{label}: {err}");
+}
+
+#[test]
+fn bias_grad_scratch_fits_the_row_split() {
+    // 700 rows of 45 columns: 11 chunks of 64 rows. GPT-2 124M shapes (16384 rows): 264 blocks
+    // of 256-column tiles × chunks, one chunk per (264 / tiles) at most.
+    assert_eq!(bias_grad_scratch_elems(700, 45), 11 * 45);
+    assert_eq!(bias_grad_scratch_elems(5, 33), 33);
+    for (n, chunks) in [(768, 88), (2304, 29), (3072, 22)] {
+        assert_eq!(bias_grad_scratch_elems(16384, n), chunks * n, "n {n}");
+    }
+    assert!(bias_grad_scratch_elems(1 << 20, 1) <= 264);
 }
 
 #[test]

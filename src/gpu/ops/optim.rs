@@ -24,11 +24,15 @@ pub const SUM_SQUARES_MAX_PARTIALS: usize = 1024;
 const SUM_SQUARES_PER_THREAD: usize = 16;
 /// Threads of the one block that sums the partials.
 const FINISH_BLOCK: u32 = 256;
-/// Bias gradient: columns per block, row phases per block (`BIAS_TILE_X`, `BIAS_TILE_Y`).
-const BIAS_TILE: [u32; 2] = [32, 8];
-/// Bias gradient: rows per chunk at least, and at most this many chunks (fp32 partials each).
-const BIAS_MIN_ROWS_PER_CHUNK: usize = 256;
-const BIAS_MAX_CHUNKS: usize = 512;
+/// Bias gradient, partial kernel: columns per block (`BIAS_COLS`: 32 lanes × 8 columns, for
+/// either dtype) and warps per block, one per row phase (`BIAS_WARPS`).
+const BIAS_COLS: usize = 256;
+const BIAS_WARPS: u32 = 16;
+/// Bias gradient: rows per chunk at least (16 phases × 4 rows loaded per batch, `BIAS_UNROLL`).
+const BIAS_MIN_ROWS_PER_CHUNK: usize = 64;
+/// Bias gradient: blocks per partial launch aimed at (column tiles × chunks, never more): two
+/// 512-thread blocks on each of an H100's 132 SMs, one wave. Also the most chunks there can be.
+const BIAS_TARGET_BLOCKS: usize = 2 * 132;
 
 fn shape(op: &'static str, detail: String) -> GpuError {
     GpuError::Shape { op, detail }
@@ -331,22 +335,27 @@ pub fn cast<G: Gpu>(
     )
 }
 
-/// (chunks, rows per chunk) of the bias gradient's row split, a function of `rows` only.
-fn bias_grad_split(rows: usize) -> (usize, usize) {
-    let chunks = rows.div_ceil(BIAS_MIN_ROWS_PER_CHUNK).clamp(1, BIAS_MAX_CHUNKS);
+/// (chunks, rows per chunk) of the bias gradient's row split, a function of the shape only: as
+/// many chunks as fill [`BIAS_TARGET_BLOCKS`] together with the `ceil(n / 256)` column tiles, but
+/// at least [`BIAS_MIN_ROWS_PER_CHUNK`] rows each (the last chunk may be shorter).
+fn bias_grad_split(rows: usize, n: usize) -> (usize, usize) {
+    let tiles = n.div_ceil(BIAS_COLS).max(1);
+    let chunks = (BIAS_TARGET_BLOCKS / tiles).min(rows.div_ceil(BIAS_MIN_ROWS_PER_CHUNK)).max(1);
     let per = rows.div_ceil(chunks).max(1);
     (rows.div_ceil(per).max(1), per)
 }
 
-/// Scratch fp32 elements [`bias_grad`] needs for `dout[rows, n]` (at most 512·n).
+/// Scratch fp32 elements [`bias_grad`] needs for `dout[rows, n]` (either dtype; at most 264·n).
 pub fn bias_grad_scratch_elems(rows: usize, n: usize) -> usize {
-    bias_grad_split(rows).0 * n
+    bias_grad_split(rows, n).0 * n
 }
 
 /// `dbias[n] += Σ_rows dout[rows, n]` (accumulate), `dout` stored as `dout_dtype`, `dbias` as
 /// `dbias_dtype` (fp32 recommended: a bf16 accumulator rounds every step). Rows are summed in fp32
 /// in fixed chunks into `scratch` ([`bias_grad_scratch_elems`] fp32 elements), then the chunks in
-/// ascending order: deterministic, no atomics.
+/// ascending order: deterministic, no atomics. `dout` is read with 16-byte loads when it is 16-byte
+/// aligned and `n` is a multiple of 8 (bf16) or 4 (fp32), element by element otherwise; both paths
+/// add in the same order and give the same bits.
 ///
 /// # Errors
 /// [`GpuError::Shape`] for empty shapes, sizes past 32 bits or short buffers; launch errors.
@@ -365,7 +374,7 @@ pub fn bias_grad<G: Gpu>(
     if rows == 0 || n == 0 {
         return Err(shape(OP, format!("dout [{rows}, {n}] is empty")));
     }
-    let (chunks, per) = bias_grad_split(rows);
+    let (chunks, per) = bias_grad_split(rows, n);
     let r32 = u32::try_from(rows).map_err(|_| shape(OP, format!("{rows} rows do not fit in 32 bits")))?;
     let n32 = u32::try_from(n).map_err(|_| shape(OP, format!("{n} columns do not fit in 32 bits")))?;
     check_len(gpu, OP, "dbias", dbias, n, dbias_dtype)?;
@@ -373,8 +382,8 @@ pub fn bias_grad<G: Gpu>(
     check_len(gpu, OP, "scratch", scratch, chunks * n, DType::F32)?;
     gpu.launch(
         &format!("bias_grad_partial_{}", dout_dtype.suffix()),
-        [n32.div_ceil(BIAS_TILE[0]), chunks as u32, 1],
-        [BIAS_TILE[0], BIAS_TILE[1], 1],
+        [n32.div_ceil(BIAS_COLS as u32), chunks as u32, 1],
+        [32, BIAS_WARPS, 1],
         0,
         &[Arg::Ptr(scratch), Arg::Ptr(dout), Arg::U32(r32), Arg::U32(n32), Arg::U32(per as u32)],
     )?;
