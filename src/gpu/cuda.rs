@@ -69,7 +69,7 @@ pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
     let src = kernel_source();
     let opts =
         [format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), "--use_fast_math".to_string()];
-    let key = sources::hash_texts(&[&src, &opts.join(" ")]);
+    let key = sources::hash_texts(&[&src, &opts.join(" "), &nvrtc_version()]);
     let path = cache_dir().join(format!("kernels-{key:016x}-{arch}.ptx"));
     if !fresh && let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok(ptx);
@@ -98,6 +98,29 @@ pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
         }
     }
     Ok(ptx)
+}
+
+/// NVRTC's version as "major.minor" (or "unknown").
+pub fn nvrtc_version() -> String {
+    // SAFETY: probes the library first; the call only writes the two integers.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return "unknown".into();
+    }
+    let (mut major, mut minor) = (0i32, 0i32);
+    match unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) } {
+        cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS => format!("{major}.{minor}"),
+        _ => "unknown".into(),
+    }
+}
+
+/// The driver's CUDA version as "major.minor" (or "unknown").
+pub fn driver_version() -> String {
+    let mut v = 0i32;
+    // SAFETY: the driver library was found (probe_cuda); the call only writes `v`.
+    match unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) } {
+        cudarc::driver::sys::CUresult::CUDA_SUCCESS => format!("{}.{}", v / 1000, (v % 1000) / 10),
+        _ => "unknown".into(),
+    }
 }
 
 /// Device memory of a [`CudaGpu`].
@@ -174,9 +197,15 @@ impl CudaGpu {
         unsafe { ctx.disable_event_tracking() };
         let ptx = compile_ptx(&arch, false)?;
         let names = ptx_entries(&ptx);
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(driver("loading the kernel module"))?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| GpuError::Driver {
+            op: "loading the kernel module".into(),
+            detail: format!(
+                "{e} (PTX from NVRTC {}; the driver supports CUDA {}: an NVRTC newer than the driver \
+                     writes PTX the driver cannot load — use the NVRTC of the driver's CUDA version)",
+                nvrtc_version(),
+                driver_version()
+            ),
+        })?;
         let mut functions = HashMap::new();
         for name in names {
             let f = module.load_function(&name).map_err(driver("finding a kernel"))?;

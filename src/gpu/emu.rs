@@ -318,17 +318,28 @@ impl Gpu for EmuGpu {
 }
 
 /// The process-wide emulator for tests: built on first use; `None` (after printing why, with
-/// "SKIPPED") when it cannot be built here, e.g. without g++.
+/// "SKIPPED") when it cannot be built here, e.g. without g++, or when `TROUPE_SKIP_EMU` is set (a
+/// GPU machine's time is better spent on the CUDA halves).
 pub fn shared() -> Option<&'static EmuGpu> {
     static EMU: std::sync::OnceLock<Option<EmuGpu>> = std::sync::OnceLock::new();
-    EMU.get_or_init(|| match EmuGpu::new() {
+    EMU.get_or_init(|| {
+        if std::env::var_os("TROUPE_SKIP_EMU").is_some() {
+            eprintln!("SKIPPED the emulated GPU kernel tests: TROUPE_SKIP_EMU is set (bench/gpu.sh on a GPU machine)");
+            return None;
+        }
+        shared_build()
+    })
+    .as_ref()
+}
+
+fn shared_build() -> Option<EmuGpu> {
+    match EmuGpu::new() {
         Ok(emu) => Some(emu),
         Err(e) => {
             eprintln!("SKIPPED the emulated GPU kernel tests: {e}");
             None
         }
-    })
-    .as_ref()
+    }
 }
 
 /// Compares `got` with `want` elementwise: `|got − want| ≤ atol + rtol·|want|`. Returns a message
