@@ -147,7 +147,7 @@ struct BlasLt {
     handle: ltsys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     /// Chosen algorithms by problem (heuristics are slow to ask for every call).
-    algos: Mutex<HashMap<(Gemm, bool), ltsys::cublasLtMatmulAlgo_t>>,
+    algos: Mutex<HashMap<(Gemm, bool, [u32; 4]), ltsys::cublasLtMatmulAlgo_t>>,
 }
 
 // SAFETY: the cuBLASLt handle is used only under the compute stream's ordering, from one thread
@@ -607,7 +607,12 @@ impl CudaGpu {
                 &ptr.to_ne_bytes(),
             )?;
         }
-        let key = (*g, bias_ptr.is_some());
+        // cuBLASLt assumes 256-byte-aligned operands unless told otherwise; parameter views inside
+        // the arena can be less aligned, so the actual alignments pick the algorithm (and key it).
+        let align = |p: u64| -> u32 { 1u32 << p.trailing_zeros().min(8) };
+        let (a_ptr, b_ptr, c_ptr) = (self.device_ptr(b), self.device_ptr(a), self.device_ptr(c));
+        let aligns = [align(a_ptr), align(b_ptr), align(c_ptr), bias_ptr.map_or(256, align)];
+        let key = (*g, bias_ptr.is_some(), aligns);
         let algo = {
             let mut algos = self.blas.algos.lock().map_err(|_| GpuError::Blas {
                 op: "algorithm cache".into(),
@@ -628,6 +633,24 @@ impl CudaGpu {
                         )
                     }
                     .map_err(blas("workspace preference"))?;
+                    use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
+                    for (attr, bytes) in [
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aligns[0]),
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, aligns[1]),
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, aligns[2]),
+                        (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, aligns[2]),
+                    ] {
+                        // SAFETY: `pref` is alive; the value is a u32 as the attribute requires.
+                        unsafe {
+                            lt::set_matmul_pref_attribute(
+                                pref,
+                                attr,
+                                (&bytes as *const u32).cast(),
+                                std::mem::size_of::<u32>(),
+                            )
+                        }
+                        .map_err(blas("alignment preference"))?;
+                    }
                     // SAFETY: every handle passed is alive.
                     let found = unsafe {
                         lt::get_matmul_algo_heuristic(
@@ -652,7 +675,6 @@ impl CudaGpu {
         };
         let alpha = 1.0f32;
         let beta = if g.accumulate { 1.0f32 } else { 0.0f32 };
-        let (a_ptr, b_ptr, c_ptr) = (self.device_ptr(b), self.device_ptr(a), self.device_ptr(c));
         let (ws, _sync) = self.blas.workspace.device_ptr(&self.stream);
         // SAFETY: shapes checked above; all descriptors alive; pointers are device memory of
         // this context; the call is ordered on the compute stream.
