@@ -2,18 +2,19 @@
 //! the float64 reference (`kernels::naive::attention_forward/backward`), in the CPU emulator
 //! everywhere and on a real GPU when one is present (otherwise that half prints SKIPPED), on small
 //! odd shapes: T = 1, T not a multiple of any tile, several query and key tiles, every head size
-//! with kernels. Also: the fragment layouts of the warp-level MMA (`mma_selftest_bf16`), the
+//! with tiled kernels, and the any-head-size fallback (cuda/attention_any.cu) at head sizes 4, 8,
+//! 20 and 48 (T 1, 13, 37, and 130 for two 128-row blocks). Also: the fragment layouts of the warp-level MMA (`mma_selftest_bf16`), the
 //! tensor-core path against the SIMT path on the same inputs, and what the tensor-core path
 //! refuses.
 //!
 //! Tolerances, `|got − want| ≤ atol + rtol·|want|`, with `atol` a fraction of the largest
 //! `|want|` of the tensor (outputs and gradients are sums of O(1) terms that can cancel to
 //! near zero, where no relative bound holds):
-//! - fp32 (SIMT): rtol 1e-5, atol 2e-6·max: fp32 accumulation over ≤ 130 keys/queries and HS
+//! - fp32 (SIMT and the fallback): rtol 1e-5, atol 2e-6·max: fp32 accumulation over ≤ 130 keys/queries and HS
 //!   products, exp2f, and Q pre-scaled by scale·log2 e (one rounding) each cost a few 1e-7 of the
 //!   largest term (measured worst 6e-7·max in the emulator; a GPU contracts to FMA and rounds
 //!   differently, hence the factor 3 of headroom).
-//! - bf16 (SIMT): the reference sees the bf16-rounded qkv and dout. Forward rounds `out` to bf16:
+//! - bf16 (SIMT and the fallback, which rounds the same things): the reference sees the bf16-rounded qkv and dout. Forward rounds `out` to bf16:
 //!   rtol 2^-8 (one bf16 ulp), atol 2^-9·max. Backward also starts from the forward's bf16 `out`
 //!   (D = Σ dout·out carries 2^-9 relative error into every dS) and rounds dqkv:
 //!   rtol 2^-6, atol 2^-7·max (measured worst 3.7e-3·max). lse is fp32 for both storage types
@@ -255,6 +256,23 @@ fn check_head_sizes_64_and_128<G: Gpu>(gpu: &G, label: &str) {
     }
 }
 
+/// The fallback kernels (cuda/attention_any.cu) at head sizes without tiled kernels, in both
+/// storage types, on the automatic path (which is the fallback there): T 1 (one row), 13, 37
+/// (partial 128-row blocks, several heads), 130 (two blocks: the dK/dV threads of the second
+/// block start at its first key).
+fn check_any_head_sizes<G: Gpu>(gpu: &G, label: &str) {
+    for dtype in [DType::F32, DType::Bf16] {
+        for hs in [4, 8, 20, 48] {
+            check(gpu, label, None, dtype, 2, 1, 2, hs);
+            check(gpu, label, None, dtype, 2, 13, 2, hs);
+            check(gpu, label, None, dtype, 1, 37, 3, hs);
+        }
+        check(gpu, label, None, dtype, 1, 130, 2, 8);
+        // Explicitly on the SIMT path too (the same kernels).
+        check(gpu, label, Some(Path::Simt), dtype, 1, 13, 1, 1);
+    }
+}
+
 /// The tensor-core kernels (bf16) against the reference, bitwise determinism, and agreement with
 /// the SIMT kernels on the same bf16 inputs: T 1 (one row), 50 (one partial tile), 130 (three
 /// 64-row tiles, the last partial); HS 128 at T 80 (two forward tiles; five 16-row tiles in
@@ -389,13 +407,19 @@ fn every_head_size_has_its_kernels_in_the_emulator() {
             assert!(gpu.kernels().contains(&name), "{name} is not compiled in");
         }
     }
+    for dt in ["f32", "bf16"] {
+        for k in ["forward", "backward_dkv", "backward_dq"] {
+            let name = format!("attention_any_{k}_{dt}");
+            assert!(gpu.kernels().contains(&name), "{name} is not compiled in");
+        }
+    }
     assert!(gpu.kernels().iter().any(|k| k == "mma_selftest_bf16"));
 }
 
 fn check_shape_errors<G: Gpu>(gpu: &G, label: &str) {
     let big = gpu.alloc(1 << 16).unwrap();
     let (b, t) = (1, 4);
-    // C 96 with NH 2: head size 48.
+    // C 600 with NH 2: head size 300, above the largest supported (256).
     let err = attention::attention_forward(
         gpu,
         DType::F32,
@@ -404,13 +428,13 @@ fn check_shape_errors<G: Gpu>(gpu: &G, label: &str) {
         Dev::new(&big),
         b,
         t,
-        96,
+        600,
         2,
     )
     .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("attention_forward") && msg.contains("head size 48"), "{label}: {msg}");
-    assert!(msg.contains("[32, 64, 128]"), "{label}: {msg}");
+    assert!(msg.contains("attention_forward") && msg.contains("head size 300"), "{label}: {msg}");
+    assert!(msg.contains("256"), "{label}: {msg}");
     let err = attention::attention_forward(
         gpu,
         DType::F32,
@@ -481,6 +505,18 @@ fn head_sizes_64_and_128_match_the_reference_in_the_emulator() {
 fn head_sizes_64_and_128_match_the_reference_on_a_gpu() {
     let Some(gpu) = troupe::gpu::cuda::shared() else { return };
     check_head_sizes_64_and_128(gpu, "cuda");
+}
+
+#[test]
+fn any_head_size_falls_back_and_matches_the_reference_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_any_head_sizes(emu, "emulator");
+}
+
+#[test]
+fn any_head_size_falls_back_and_matches_the_reference_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_any_head_sizes(gpu, "cuda");
 }
 
 #[test]

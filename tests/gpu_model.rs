@@ -178,7 +178,11 @@ fn bad_inputs_are_errors() {
     let err = model.forward(&[1, 200], &[1, 2], 1, 2, 1.0).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert!(model.backward().unwrap_err().to_string().contains("no forward"));
-    let bad = GptConfig { hidden_size: 96, num_attention_heads: 2, ..cfg };
+    // 3 heads do not divide hidden 64: an impossible configuration.
+    let bad = GptConfig { hidden_size: 64, num_attention_heads: 3, ..cfg.clone() };
+    assert!(GpuGpt::new(emu, &bad, 7, DType::F32).is_err());
+    // Head size 512 (hidden 512 / 1 head) is above the attention kernels' limit of 256.
+    let bad = GptConfig { hidden_size: 512, num_attention_heads: 1, ..cfg };
     let err = GpuGpt::new(emu, &bad, 7, DType::F32).err().unwrap();
-    assert!(err.to_string().contains("head size 48"), "{err}");
+    assert!(err.to_string().contains("head size 512") && err.to_string().contains("256"), "{err}");
 }

@@ -6,74 +6,13 @@
 //! every gradient tensor 1e-4 relative; each step loss 1e-4 relative. Our float32 kernels
 //! against a float64 reference stay well inside these; an indexing or formula error does not.
 
-use std::collections::BTreeMap;
+#[path = "common/fixture.rs"]
+mod fixture;
 
-use anyhow::{Context, Result, bail, ensure};
-use safetensors::{Dtype, SafeTensors};
+use anyhow::{Context, Result, ensure};
+use fixture::{Fixture, load, rel_err};
 use troupe::optim::{AdamW, AdamWConfig, clip_grad_norm};
-use troupe::{CpuBackend, Gpt, GptConfig, LayerRange, StageInput};
-
-struct Fixture {
-    cfg: GptConfig,
-    batch: usize,
-    seq: usize,
-    train: serde_json::Value,
-    f32s: BTreeMap<String, Vec<f32>>,
-    tokens: Vec<u32>,
-    targets: Vec<u32>,
-}
-
-fn load(name: &str) -> Result<Fixture> {
-    let path = format!("{}/tests/fixtures/gpt_{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)?;
-    let meta = meta.metadata().clone().context("fixture has no metadata")?;
-    ensure!(
-        meta.get("format").map(String::as_str) == Some("troupe-gpt-fixture"),
-        "{path}: not a troupe fixture"
-    );
-    ensure!(meta.get("version").map(String::as_str) == Some("1"), "{path}: unsupported fixture version");
-    let cfg: GptConfig = serde_json::from_str(meta.get("config").context("config")?)?;
-    let train: serde_json::Value = serde_json::from_str(meta.get("train").context("train")?)?;
-    let st = SafeTensors::deserialize(&bytes)?;
-    let mut f32s = BTreeMap::new();
-    let (mut tokens, mut targets) = (Vec::new(), Vec::new());
-    for (name, view) in st.tensors() {
-        match view.dtype() {
-            Dtype::F32 => {
-                let v = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                f32s.insert(name, v);
-            }
-            Dtype::I64 => {
-                let v: Vec<u32> = view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as u32)
-                    .collect();
-                match name.as_str() {
-                    "tokens" => tokens = v,
-                    "targets" => targets = v,
-                    _ => bail!("unexpected integer tensor {name}"),
-                }
-            }
-            other => bail!("unexpected dtype {other:?} for {name}"),
-        }
-    }
-    let batch = train["batch"].as_u64().context("batch")? as usize;
-    let seq = train["seq"].as_u64().context("seq")? as usize;
-    Ok(Fixture { cfg, batch, seq, train, f32s, tokens, targets })
-}
-
-fn rel_err(ours: &[f32], want: &[f32]) -> f64 {
-    let max_ref = want.iter().fold(0.0f64, |a, &b| a.max(f64::from(b).abs())).max(1e-12);
-    let max_err =
-        ours.iter().zip(want).fold(0.0f64, |a, (&x, &y)| a.max((f64::from(x) - f64::from(y)).abs()));
-    max_err / max_ref
-}
+use troupe::{CpuBackend, Gpt, LayerRange, StageInput};
 
 fn load_params(model: &mut Gpt, fx: &Fixture) -> Result<()> {
     let names: Vec<String> = model.table().specs().iter().map(|s| s.name.clone()).collect();

@@ -143,11 +143,15 @@ pub struct CudaGpu {
     profile: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
 
+/// What picks a cuBLASLt algorithm: the problem, whether a bias epilogue is used, and the
+/// alignments (bytes) of A, B, C and the bias.
+type AlgoKey = (Gemm, bool, [u32; 4]);
+
 struct BlasLt {
     handle: ltsys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     /// Chosen algorithms by problem (heuristics are slow to ask for every call).
-    algos: Mutex<HashMap<(Gemm, bool, [u32; 4]), ltsys::cublasLtMatmulAlgo_t>>,
+    algos: Mutex<HashMap<AlgoKey, ltsys::cublasLtMatmulAlgo_t>>,
 }
 
 // SAFETY: the cuBLASLt handle is used only under the compute stream's ordering, from one thread

@@ -127,7 +127,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// then uploaded).
     ///
     /// # Errors
-    /// An invalid configuration, a head size without an attention kernel, out of device memory.
+    /// An invalid configuration, a head size above [`attention::MAX_HEAD_SIZE`], out of device
+    /// memory.
     pub fn new(gpu: &'g G, cfg: &GptConfig, seed: u64, dtype: DType) -> Result<Self, GpuError> {
         let cpu = Gpt::new(cfg, seed).map_err(model_err)?;
         Self::from_params(gpu, cfg, cpu.params(), dtype)
@@ -140,14 +141,14 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     pub fn from_params(gpu: &'g G, cfg: &GptConfig, host: &[f32], dtype: DType) -> Result<Self, GpuError> {
         cfg.validate().map_err(model_err)?;
         let hs = cfg.head_size();
-        if !attention::HEAD_SIZES.contains(&hs) {
+        if hs == 0 || hs > attention::MAX_HEAD_SIZE {
             return Err(GpuError::Shape {
                 op: "GpuGpt",
                 detail: format!(
-                    "head size {hs} (hidden {} / {} heads) has no attention kernel; supported: {:?}",
+                    "head size {hs} (hidden {} / {} heads) has no attention kernel; supported: 1 to {}",
                     cfg.hidden_size,
                     cfg.num_attention_heads,
-                    attention::HEAD_SIZES
+                    attention::MAX_HEAD_SIZE
                 ),
             });
         }
@@ -382,7 +383,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         }
         self.ensure_acts(batch, seq)?;
         let mut acts = self.acts.take().ok_or(GpuError::Shape { op: OP, detail: "no activations".into() })?;
-        let result = self.forward_inner(&mut acts, tokens, targets, loss_scale);
+        let result = self.forward_inner(&mut acts, tokens, Some(targets), loss_scale);
         self.acts = Some(acts);
         if result.is_ok() {
             self.pending_backward = true;
@@ -390,11 +391,13 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         result
     }
 
+    /// The forward; with `targets`, the fused cross-entropy turns the logits into dlogits and the
+    /// mean loss is returned; without, the logits stay (and 0 is returned).
     fn forward_inner(
         &self,
         a: &mut Acts<G::Buf>,
         tokens: &[u32],
-        targets: &[u32],
+        targets: Option<&[u32]>,
         loss_scale: f32,
     ) -> Result<f32, GpuError> {
         let g = self.gpu;
@@ -409,7 +412,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         );
         a.host_tokens.copy_from_slice(tokens);
         g.upload(&mut a.tokens, 0, bytemuck::cast_slice(tokens))?;
-        g.upload(&mut a.targets, 0, bytemuck::cast_slice(targets))?;
+        if let Some(targets) = targets {
+            g.upload(&mut a.targets, 0, bytemuck::cast_slice(targets))?;
+        }
         let d = Dev::new;
         embedding::encoder_forward(
             g,
@@ -500,6 +505,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             c,
         )?;
         g.gemm(&Gemm::linear(n, c, vp, dt), d(&a.logits), d(&a.lnf), self.p(self.wte), None)?;
+        if targets.is_none() {
+            return Ok(0.0);
+        }
         let dloss = loss_scale / n as f32;
         crossentropy::crossentropy_forward_backward(
             g,
@@ -515,6 +523,25 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         let losses = download_f32(g, d(&a.losses), n, DType::F32)?;
         let mean = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
         Ok(mean as f32)
+    }
+
+    /// Logits `[B·T, V]` (padding columns dropped) of one forward, as fp32 (tests and tools).
+    ///
+    /// # Errors
+    /// As [`GpuGpt::forward`].
+    pub fn logits(&mut self, tokens: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>, GpuError> {
+        self.forward(tokens, tokens, batch, seq, 1.0)?; // checks shapes and ids; its loss is discarded
+        self.pending_backward = false;
+        let mut acts = self
+            .acts
+            .take()
+            .ok_or(GpuError::Shape { op: "GpuGpt::logits", detail: "no activations".into() })?;
+        let result = self.forward_inner(&mut acts, tokens, None, 1.0);
+        let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size());
+        let logits =
+            result.and_then(|_| download_f32(self.gpu, Dev::new(&acts.logits), batch * seq * vp, self.dtype));
+        self.acts = Some(acts);
+        Ok(logits?.chunks(vp).flat_map(|r| r[..v].iter().copied()).collect())
     }
 
     /// Mean loss of one microbatch without touching the gradients (evaluation).

@@ -15,6 +15,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("embedding.cu", include_str!("../../cuda/embedding.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
     ("attention_tc.cu", include_str!("../../cuda/attention_tc.cu")),
+    ("attention_any.cu", include_str!("../../cuda/attention_any.cu")),
     ("crossentropy.cu", include_str!("../../cuda/crossentropy.cu")),
     ("optim.cu", include_str!("../../cuda/optim.cu")),
 ];

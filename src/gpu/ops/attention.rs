@@ -9,6 +9,11 @@
 //!   sm_80 or newer (on older GPUs the module still compiles, but these kernels trap).
 //! - **SIMT** (`cuda/attention.cu`, [`Path::Simt`]): fp32 arithmetic on CUDA cores, fp32 or bf16
 //!   storage, head sizes [`HEAD_SIZES`] (32, 64, 128).
+//! - **Fallback** (`cuda/attention_any.cu`): every other head size from 1 to [`MAX_HEAD_SIZE`]
+//!   (256), fp32 or bf16 storage, fp32 arithmetic: one thread per row (forward and dQ per query,
+//!   dK/dV per key) with the head's vectors in per-thread arrays. Simple and deterministic, not
+//!   fast. [`Path::Simt`] runs it for a head size outside [`HEAD_SIZES`] (so does the automatic
+//!   choice); [`Path::TensorCore`] refuses such head sizes.
 //!
 //! [`attention_forward`] / [`attention_backward`] take the tensor-core kernels whenever they apply
 //! (bf16, a head size in [`TC_HEAD_SIZES`], `qkv`/`out`/`dout`/`dqkv` 16-byte aligned, which every
@@ -18,7 +23,7 @@
 //! [`attention_backward_on`] run an explicit [`Path`]. Both paths write the same outputs with the
 //! same meaning, so a forward on one path may be followed by a backward on the other.
 //!
-//! Dimensions: B batch, T sequence, C channels, NH heads, HS = C / NH head size (32, 64 or 128).
+//! Dimensions: B batch, T sequence, C channels, NH heads, HS = C / NH head size (1 to 256).
 //! `qkv[B,T,3C]` is Q | K | V with heads contiguous inside each; `out[B,T,C]`; `lse[B,NH,T]` is
 //! the (natural) log-sum-exp of each softmax row and is always fp32, whatever the storage type of
 //! the rest.
@@ -30,15 +35,24 @@
 //!
 //! Launch geometry: the tile sizes, block sizes and shared memory below mirror the tables at the
 //! top of `cuda/attention.cu` and `cuda/attention_tc.cu`; change both together. Every block uses
-//! at most 48 KiB of dynamic shared memory, so no launch needs the opt-in attribute for more.
+//! at most 48 KiB of dynamic shared memory, so no launch needs the opt-in attribute for more. The
+//! fallback uses none: grid (B·NH, ⌈T / 128⌉), 128 threads (see `cuda/attention_any.cu`).
 
 use std::sync::OnceLock;
 
 use super::check_len;
 use crate::gpu::{Arg, DType, Dev, Gpu, GpuError};
 
-/// Head sizes with kernels.
+/// Head sizes with tiled kernels (every other head size up to [`MAX_HEAD_SIZE`] runs the
+/// fallback kernels of `cuda/attention_any.cu`).
 pub const HEAD_SIZES: [usize; 3] = [32, 64, 128];
+
+/// The largest head size any attention kernel supports (`ATTN_ANY_MAX_HS` in
+/// `cuda/attention_any.cu`).
+pub const MAX_HEAD_SIZE: usize = 256;
+
+/// Threads per block of the fallback kernels (`ATTN_ANY_THREADS`), one row each.
+const ANY_THREADS: u32 = 128;
 
 /// Head sizes with tensor-core kernels (bf16 storage only).
 pub const TC_HEAD_SIZES: [usize; 2] = [64, 128];
@@ -46,7 +60,8 @@ pub const TC_HEAD_SIZES: [usize; 2] = [64, 128];
 /// Which kernels compute an attention call (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
-    /// `cuda/attention.cu`: fp32 arithmetic on CUDA cores; fp32 or bf16 storage, [`HEAD_SIZES`].
+    /// `cuda/attention.cu`: fp32 arithmetic on CUDA cores; fp32 or bf16 storage, [`HEAD_SIZES`];
+    /// any other head size up to [`MAX_HEAD_SIZE`] runs the fallback of `cuda/attention_any.cu`.
     Simt,
     /// `cuda/attention_tc.cu`: bf16 `mma.sync` products with fp32 accumulation; bf16 storage,
     /// [`TC_HEAD_SIZES`], 16-byte aligned `qkv`, `out`, `dout` and `dqkv`.
@@ -233,9 +248,9 @@ fn dims(op: &'static str, b: usize, t: usize, c: usize, nh: usize) -> Result<Dim
         return Err(shape(format!("C {c} is not a multiple of NH {nh}")));
     }
     let hs = c / nh;
-    if !HEAD_SIZES.contains(&hs) {
+    if hs > MAX_HEAD_SIZE {
         return Err(shape(format!(
-            "head size {hs} (C {c} / NH {nh}) has no kernel; supported head sizes: {HEAD_SIZES:?}"
+            "head size {hs} (C {c} / NH {nh}) exceeds the largest supported head size {MAX_HEAD_SIZE}"
         )));
     }
     // Kernels index with 64-bit offsets but take T, NH and B·NH (grid x) as 32-bit values, and
@@ -278,13 +293,35 @@ fn launch_tiled<G: Gpu>(
     gpu.launch(&name, grid, [g.threads, 1, 1], g.smem as u32, args)
 }
 
+/// Launches one fallback kernel (`attention_any_{forward,backward_dq,backward_dkv}`) over the
+/// grid (B·NH, ⌈T / 128⌉) with 128 threads, one row each.
+fn launch_any<G: Gpu>(
+    gpu: &G,
+    kernel: Kernel,
+    dtype: DType,
+    b: usize,
+    t: usize,
+    d: &Dims,
+    args: &[Arg<'_, G::Buf>],
+) -> Result<(), GpuError> {
+    let k = match kernel {
+        Kernel::Forward => "forward",
+        Kernel::BackwardDkv => "backward_dkv",
+        Kernel::BackwardDq => "backward_dq",
+    };
+    // SAFETY (device memory): as launch_tiled; each thread touches its own row < T (and the rows
+    // before or after it, < T) of one (b, h). dims() bounded B·NH and T.
+    let grid = [(b * d.nh as usize) as u32, t.div_ceil(ANY_THREADS as usize) as u32, 1];
+    gpu.launch(&format!("attention_any_{k}_{}", dtype.suffix()), grid, [ANY_THREADS, 1, 1], 0, args)
+}
+
 /// Causal attention forward: writes `out[B,T,C]` (storage `dtype`) and `lse[B,NH,T]` (fp32)
 /// from `qkv[B,T,3C]` (storage `dtype`), on the tensor cores when they apply (see the module
 /// docs and [`auto_path`]).
 ///
 /// # Errors
-/// [`GpuError::Shape`] for an empty shape, `C` not a multiple of `NH`, a head size without
-/// kernels (see [`HEAD_SIZES`]), shapes beyond the grid limits or buffers that are too short;
+/// [`GpuError::Shape`] for an empty shape, `C` not a multiple of `NH`, a head size above
+/// [`MAX_HEAD_SIZE`], shapes beyond the grid limits or buffers that are too short;
 /// launch errors from the device.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<G: Gpu>(
@@ -332,6 +369,17 @@ pub fn attention_forward_on<G: Gpu>(
     if path == Path::TensorCore {
         check_tc(OP, dtype, d.hs, &[("out", out), ("qkv", qkv)])?;
     }
+    if path == Path::Simt && !HEAD_SIZES.contains(&d.hs) {
+        let args = [
+            Arg::Ptr(out),
+            Arg::Ptr(lse),
+            Arg::Ptr(qkv),
+            Arg::I32(d.t),
+            Arg::I32(d.nh),
+            Arg::I32(d.hs as i32),
+        ];
+        return launch_any(gpu, Kernel::Forward, dtype, b, t, &d, &args);
+    }
     let args = [Arg::Ptr(out), Arg::Ptr(lse), Arg::Ptr(qkv), Arg::I32(d.t), Arg::I32(d.nh)];
     launch_tiled(gpu, OP, path, Kernel::Forward, dtype, b, t, &d, &args)
 }
@@ -339,7 +387,7 @@ pub fn attention_forward_on<G: Gpu>(
 /// Causal attention backward: overwrites `dqkv[B,T,3C]` from `dout[B,T,C]`, the forward's
 /// `out[B,T,C]` and `lse[B,NH,T]`, and `qkv[B,T,3C]`. `dsum` is caller-owned fp32 scratch of
 /// `B·NH·T` elements (overwritten with `D = Σ_d dout·out` per row). Three launches: `dsum`,
-/// then dK/dV per key tile, then dQ per query tile — no atomics, bitwise deterministic. On the
+/// then dK/dV per key tile (row, in the fallback), then dQ per query tile (row) — no atomics, bitwise deterministic. On the
 /// tensor cores when they apply (see the module docs and [`auto_path`]).
 ///
 /// # Errors
@@ -423,6 +471,20 @@ pub fn attention_backward_on<G: Gpu>(
         ],
     )?;
 
+    if path == Path::Simt && !HEAD_SIZES.contains(&d.hs) {
+        let args = [
+            Arg::Ptr(dqkv),
+            Arg::Ptr(dout),
+            Arg::Ptr(qkv),
+            Arg::Ptr(lse),
+            Arg::Ptr(dsum),
+            Arg::I32(d.t),
+            Arg::I32(d.nh),
+            Arg::I32(d.hs as i32),
+        ];
+        launch_any(gpu, Kernel::BackwardDkv, dtype, b, t, &d, &args)?;
+        return launch_any(gpu, Kernel::BackwardDq, dtype, b, t, &d, &args);
+    }
     let args = [
         Arg::Ptr(dqkv),
         Arg::Ptr(dout),
