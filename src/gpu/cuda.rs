@@ -14,7 +14,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, check_range, sources};
+use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, check_gemm, check_range, sources};
 
 /// cuBLASLt workspace (what cuBLAS itself uses on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -559,19 +559,7 @@ impl CudaGpu {
         b: Dev<'_, CudaBuf>,
         bias: Option<Dev<'_, CudaBuf>>,
     ) -> Result<(), GpuError> {
-        let es = g.dtype.size();
-        for (what, d, elems) in [("c", c, g.m * g.n), ("a", a, g.m * g.k), ("b", b, g.k * g.n)] {
-            if d.offset + elems * es > d.buf.slice.len() {
-                return Err(GpuError::Shape {
-                    op: "gemm",
-                    detail: format!(
-                        "{what} needs {elems} elements at byte {} of a {}-byte buffer ({g:?})",
-                        d.offset,
-                        d.buf.slice.len()
-                    ),
-                });
-            }
-        }
+        check_gemm(self, g, c, a, b, bias)?;
         // Row-major C[m,n] = op(A)·op(B) is column-major Cᵀ[n,m] = op(B)ᵀ·op(A)ᵀ: cuBLASLt
         // multiplies B' = our A after A' = our B, with the transposes carried over.
         let p = LtProblem::of(g);

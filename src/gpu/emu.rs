@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, check_range, sources};
+use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, check_gemm, check_range, sources};
 
 /// How long one emulated launch may take before the process is stopped: a kernel that breaks the
 /// barrier rules (a thread skipping `__syncthreads`) deadlocks the emulator instead of failing.
@@ -273,24 +273,9 @@ impl Gpu for EmuGpu {
         b: Dev<'_, EmuBuf>,
         bias: Option<Dev<'_, EmuBuf>>,
     ) -> Result<(), GpuError> {
-        let es = g.dtype.size();
-        let need = |d: Dev<'_, EmuBuf>, elems: usize, what: &str| {
-            if d.offset + elems * es > d.buf.bytes {
-                Err(GpuError::Shape {
-                    op: "gemm",
-                    detail: format!(
-                        "{what} needs {elems} elements at byte {} of a {}-byte buffer ({g:?})",
-                        d.offset, d.buf.bytes
-                    ),
-                })
-            } else {
-                Ok(d.buf.ptr(d.offset))
-            }
-        };
-        let cp = need(c, g.m * g.n, "c")?;
-        let ap = need(a, g.m * g.k, "a")?;
-        let bp = need(b, g.k * g.n, "b")?;
-        let biasp = bias.map(|d| need(d, g.n, "bias")).transpose()?;
+        check_gemm(self, g, c, a, b, bias)?;
+        let (cp, ap, bp) = (c.buf.ptr(c.offset), a.buf.ptr(a.offset), b.buf.ptr(b.offset));
+        let biasp = bias.map(|d| d.buf.ptr(d.offset));
         emu_gemm(g, cp, ap, bp, biasp.map(|p| p as *const u8));
         Ok(())
     }

@@ -228,6 +228,25 @@ pub(crate) fn check_range(
     Ok(())
 }
 
+/// Checks that every operand of a [`Gemm`] fits its buffer (both GPUs, before any pointer is
+/// formed). The bias has `g.n` elements.
+pub(crate) fn check_gemm<G: Gpu + ?Sized>(
+    gpu: &G,
+    g: &Gemm,
+    c: Dev<'_, G::Buf>,
+    a: Dev<'_, G::Buf>,
+    b: Dev<'_, G::Buf>,
+    bias: Option<Dev<'_, G::Buf>>,
+) -> Result<(), GpuError> {
+    let es = g.dtype.size();
+    let mut operands = vec![("c", c, g.m * g.n), ("a", a, g.m * g.k), ("b", b, g.k * g.n)];
+    operands.extend(bias.map(|d| ("bias", d, g.n)));
+    for (what, d, elems) in operands {
+        check_range("gemm", &format!("{what} of {g:?}"), d.offset, elems * es, gpu.buf_len(d.buf))?;
+    }
+    Ok(())
+}
+
 /// Device time spent in one kernel (or GEMM shape) while profiling.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelTime {
