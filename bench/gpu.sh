@@ -40,6 +40,7 @@ log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 bundle=target/gpu-bundle
 [ -x $bundle/troupe ] || { log "$bundle/troupe missing: run bench/gpu-prep.sh on the development machine"; exit 1; }
 troupe=$bundle/troupe
+$troupe device 2>&1 | tee -a "$OUT/summary.txt"
 
 # --- tests: kernels vs their CPU twins, the model vs the CPU model, NVRTC (CUDA halves run here) --
 status=0

@@ -10,6 +10,10 @@ pub struct Cli {
     /// More log output (-v info, -vv debug). `RUST_LOG` overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// NCCL library (file or directory) for --device cuda, e.g. pip's
+    /// site-packages/nvidia/nccl/lib (default: $TROUPE_NCCL_LIB, else the library path).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub nccl_lib: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -41,6 +45,8 @@ pub enum Command {
     Trace(TraceCommand),
     /// Start this node's ranks with a torchrun-compatible environment.
     Launch(launch::LaunchArgs),
+    /// What this machine offers the GPU path: driver, GPUs, NVRTC, cuBLASLt, NCCL, the emulator.
+    Device(device::DeviceArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +87,7 @@ pub enum BenchCommand {
 mod bench;
 mod bench_comm;
 mod bench_preprocess;
+mod device;
 mod generate;
 mod launch;
 mod plot;
@@ -126,6 +133,14 @@ pub fn init_logging(verbose: u8) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let nccl = cli.nccl_lib.clone().or_else(|| std::env::var_os("TROUPE_NCCL_LIB").map(Into::into));
+    match (&nccl, &cli.command) {
+        // The launcher hands the path to its ranks, which make the library loadable themselves.
+        // SAFETY: nothing else runs yet (no threads), so changing the environment is sound.
+        (Some(path), Command::Launch(_)) => unsafe { std::env::set_var("TROUPE_NCCL_LIB", path) },
+        (Some(path), _) => device::ensure_nccl(path)?,
+        (None, _) => {}
+    }
     match cli.command {
         Command::Train(args) => train::train(*args),
         Command::Config(ConfigCommand::Show(args)) => train::config_show(*args),
@@ -142,5 +157,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Comm(args)) => bench_comm::comm(args),
         Command::Bench(BenchCommand::Faults(args)) => bench::faults(args),
         Command::Launch(args) => launch::launch(args),
+        Command::Device(args) => device::run(args),
     }
 }

@@ -1,0 +1,57 @@
+//! `troupe device` reports what the GPU path can use on this machine, and `--nccl-lib` makes an
+//! NCCL library that the loader would not find by name (pip ships only `libnccl.so.2`) loadable by
+//! re-executing troupe with a link to it on LD_LIBRARY_PATH. A stand-in library built with gcc
+//! plays NCCL here (the check only loads it).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Result, ensure};
+
+fn troupe(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(args)
+        .env_remove("TROUPE_NCCL_LIB")
+        .env(
+            "TROUPE_CACHE_DIR",
+            std::env::temp_dir().join(format!("troupe-cli-device-{}", std::process::id())),
+        )
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn device_reports_each_part_and_nccl_lib_makes_pips_nccl_loadable() -> Result<()> {
+    let (code, out, err) = troupe(&["device"])?;
+    ensure!(code == 0, "{err}");
+    for part in ["CUDA driver:", "NVRTC:", "cuBLASLt:", "NCCL:", "kernel emulator", "kernel cache:"] {
+        ensure!(out.contains(part), "missing {part}: {out}");
+    }
+    let already = out.contains("NCCL: found");
+    let (code, _, err) = troupe(&["device", "--nccl-lib", "/no/such/nccl"])?;
+    ensure!(code == 2 && err.contains("no such file or directory"), "{code} {err}");
+    if already || Command::new("gcc").arg("--version").output().is_err() {
+        eprintln!("SKIPPED the --nccl-lib link check (NCCL already loads here, or no gcc)");
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("troupe-fake-nccl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("stub.c"), "int troupe_stand_in_for_nccl;\n")?;
+    let lib: PathBuf = dir.join("libnccl.so.2");
+    let built =
+        Command::new("gcc").args(["-shared", "-fPIC", "-o"]).arg(&lib).arg(dir.join("stub.c")).status()?;
+    ensure!(built.success(), "gcc failed");
+    let dir_s = dir.display().to_string();
+    let (code, out, err) = troupe(&["device", "--nccl-lib", &dir_s])?;
+    ensure!(code == 0 && out.contains("NCCL: found (via --nccl-lib"), "{code} {out} {err}");
+    // A directory without the library names what it looked for.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty)?;
+    let (code, _, err) = troupe(&["device", "--nccl-lib", &empty.display().to_string()])?;
+    ensure!(code == 2 && err.contains("no libnccl.so.2 or libnccl.so"), "{code} {err}");
+    Ok(())
+}
