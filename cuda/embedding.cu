@@ -1,11 +1,12 @@
 // Token + position embedding (GPT-2's encoder) forward and deterministic backward, on fp32 or bf16
 // storage with fp32 arithmetic. Twins of the CPU backend's encoder_forward / encoder_backward.
 //
-// Shapes: tokens [B, T] u32; out, dout [B, T, C] of T; wte, dwte [V, C] of T; wpe, dwpe
-// [≥ T, C] of T. N = B·T positions.
+// Shapes: tokens [B, T] u32; out, dout [B, T, C] of T; wte [V, C] and wpe [≥ T, C] of T; dwte
+// [V, C] and dwpe [≥ T, C] fp32 for either T (parameter gradients are always fp32, Megatron's
+// rule). N = B·T positions.
 //
 // Memory contract: forward overwrites out; backward ACCUMULATES into dwte and dwpe (parameter
-// gradients); bf16 gradients are read, added to in fp32 and rounded once.
+// gradients), read, added to in fp32 and written as fp32 with no bf16 rounding.
 //
 // Kernels (every name exists for _f32 and _bf16; `_vec` variants need C a multiple of
 // 16 / sizeof(T) and 16-byte aligned pointers, and move 16 bytes per thread per access; a "pack"
@@ -13,7 +14,8 @@
 // - encoder_forward[_vec]_T(out, tokens, wte, wpe, N, T, C, V): one thread per pack of out, grid
 //   ceil(N·C/P / blockDim.x). A token id ≥ V (which the host cannot check without reading the
 //   device's tokens) yields a row of NaN instead of an out-of-bounds read.
-// - encoder_backward_wpe[_vec]_T(dwpe, dout, B, T, C): one thread per pack of dwpe[0:T]:
+// - encoder_backward_wpe[_vec]_T(dwpe, dout, B, T, C): one thread per pack of dwpe[0:T] (a pack
+//   of dwpe is P fp32 values: one 16-byte access per 4 channels in the _vec variants):
 //   dwpe[t] += dout[0, t] + dout[1, t] + … in batch order; grid ceil(T·C/P / blockDim.x).
 // - encoder_backward_wte[_vec]_T(dwte, dout, positions, run_tokens, run_starts, C): the token
 //   gradient without atomics. The host sorts the positions 0..N stably by token id (so positions
@@ -89,6 +91,24 @@ template <> struct emb_io<bf16, true> {
     }
 };
 
+// Loads and stores of a pack of P fp32 gradient values: scalar, or P / 4 16-byte accesses.
+template <int P, bool VEC> struct emb_grad_io {
+    static __device__ __forceinline__ void load(float* f, const float* p) {
+        if constexpr (VEC) {
+            for (int k = 0; k < P; k += 4) emb_io<float, true>::load(f + k, p + k);
+        } else {
+            for (int k = 0; k < P; ++k) f[k] = p[k];
+        }
+    }
+    static __device__ __forceinline__ void store(float* p, const float* f) {
+        if constexpr (VEC) {
+            for (int k = 0; k < P; k += 4) emb_io<float, true>::store(p + k, f + k);
+        } else {
+            for (int k = 0; k < P; ++k) p[k] = f[k];
+        }
+    }
+};
+
 template <typename T, bool VEC>
 __device__ __forceinline__ void emb_forward_impl(T* __restrict__ out, const unsigned int* __restrict__ tokens,
                                                  const T* __restrict__ wte, const T* __restrict__ wpe,
@@ -114,39 +134,41 @@ __device__ __forceinline__ void emb_forward_impl(T* __restrict__ out, const unsi
 }
 
 template <typename T, bool VEC>
-__device__ __forceinline__ void emb_backward_wpe_impl(T* __restrict__ dwpe, const T* __restrict__ dout,
+__device__ __forceinline__ void emb_backward_wpe_impl(float* __restrict__ dwpe, const T* __restrict__ dout,
                                                       unsigned int batch, unsigned int seq, unsigned int C) {
     typedef emb_io<T, VEC> io;
     const int P = io::P;
+    typedef emb_grad_io<io::P, VEC> gio;
     const unsigned int packs = C / P;
     const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (unsigned long long)seq * packs) return;
     const unsigned long long t = i / packs;
     const unsigned int j = (unsigned int)(i % packs) * P;
     float acc[P];
-    io::load(acc, dwpe + t * C + j);
+    gio::load(acc, dwpe + t * C + j);
     for (unsigned int b = 0; b < batch; ++b) {
         float g[P];
         io::load(g, dout + ((unsigned long long)b * seq + t) * C + j);
         for (int k = 0; k < P; ++k) acc[k] += g[k];
     }
-    io::store(dwpe + t * C + j, acc);
+    gio::store(dwpe + t * C + j, acc);
 }
 
 template <typename T, bool VEC>
-__device__ __forceinline__ void emb_backward_wte_impl(T* __restrict__ dwte, const T* __restrict__ dout,
+__device__ __forceinline__ void emb_backward_wte_impl(float* __restrict__ dwte, const T* __restrict__ dout,
                                                       const unsigned int* __restrict__ positions,
                                                       const unsigned int* __restrict__ run_tokens,
                                                       const unsigned int* __restrict__ run_starts, unsigned int C) {
     typedef emb_io<T, VEC> io;
     const int P = io::P;
+    typedef emb_grad_io<io::P, VEC> gio;
     const unsigned int j = (blockIdx.y * blockDim.x + threadIdx.x) * P;
     if (j >= C) return;
     const unsigned int u = blockIdx.x;
     const unsigned int start = run_starts[u], end = run_starts[u + 1];
-    T* dst = dwte + (unsigned long long)run_tokens[u] * C + j;
+    float* dst = dwte + (unsigned long long)run_tokens[u] * C + j;
     float acc[P];
-    io::load(acc, dst);
+    gio::load(acc, dst);
     unsigned int i = start;
     // Four rows at a time: their loads overlap, the additions keep position order.
     for (; i + 4 <= end; i += 4) {
@@ -160,7 +182,7 @@ __device__ __forceinline__ void emb_backward_wte_impl(T* __restrict__ dwte, cons
         io::load(g, dout + (unsigned long long)positions[i] * C + j);
         for (int k = 0; k < P; ++k) acc[k] += g[k];
     }
-    io::store(dst, acc);
+    gio::store(dst, acc);
 }
 
 #define EMB_KERNELS(T, SUF, VEC)                                                                                   \
@@ -170,12 +192,13 @@ __device__ __forceinline__ void emb_backward_wte_impl(T* __restrict__ dwte, cons
         emb_forward_impl<T, VEC>(out, tokens, wte, wpe, n, seq, C, V);                                           \
     }                                                                                                            \
     EXPORT_KERNEL(encoder_forward_##SUF);                                                                        \
-    extern "C" __global__ void encoder_backward_wpe_##SUF(T* dwpe, const T* dout, unsigned int batch,           \
+    extern "C" __global__ void encoder_backward_wpe_##SUF(float* dwpe, const T* dout, unsigned int batch,       \
                                                           unsigned int seq, unsigned int C) {                    \
         emb_backward_wpe_impl<T, VEC>(dwpe, dout, batch, seq, C);                                                \
     }                                                                                                            \
     EXPORT_KERNEL(encoder_backward_wpe_##SUF);                                                                   \
-    extern "C" __global__ void encoder_backward_wte_##SUF(T* dwte, const T* dout, const unsigned int* positions, \
+    extern "C" __global__ void encoder_backward_wte_##SUF(float* dwte, const T* dout,                            \
+                                                          const unsigned int* positions,                         \
                                                           const unsigned int* run_tokens,                        \
                                                           const unsigned int* run_starts, unsigned int C) {      \
         emb_backward_wte_impl<T, VEC>(dwte, dout, positions, run_tokens, run_starts, C);                         \

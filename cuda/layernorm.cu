@@ -2,12 +2,13 @@
 // bf16 storage with fp32 arithmetic. Twins of the CPU backend's layernorm_forward,
 // residual_layernorm_forward and layernorm_backward (src/kernels/cpu/norm.rs).
 //
-// Shapes: inp, out, resid, a, b, dout, dinp [rows, C] of the storage type T; weight, bias, dweight,
-// dbias [C] of T; mean, rstd [rows] fp32; scratch [nblocks, 2C] fp32.
+// Shapes: inp, out, resid, a, b, dout, dinp [rows, C] of the storage type T; weight, bias [C] of
+// T; dweight, dbias [C] fp32 for either T (parameter gradients are always fp32, Megatron's rule);
+// mean, rstd [rows] fp32; scratch [nblocks, 2C] fp32.
 //
 // Memory contract: forward overwrites out, resid, mean and rstd. Backward ACCUMULATES into dinp
-// (it sits on the residual stream) and into dweight/dbias (parameter gradients). bf16 targets are
-// read, added to in fp32 and rounded once.
+// (it sits on the residual stream; a bf16 dinp is read, added to in fp32 and rounded once) and
+// into the fp32 dweight/dbias (parameter gradients, added to in fp32 with no bf16 rounding).
 //
 // Kernels (every name exists for _f32 and _bf16; `_vec` variants need C a multiple of
 // 16 / sizeof(T) and 16-byte aligned pointers, and move 16 bytes per lane per access):
@@ -24,7 +25,9 @@
 //   (Σ dout) over the block's rows, in row order, written to scratch[i, 0:C] and scratch[i, C:2C].
 //   The phases touch disjoint outputs, so no barrier separates them; phase B re-reads dout and inp
 //   while they are still in L2.
-// - layernorm_backward_reduce_T(dweight, dbias, scratch, nblocks, C): column k of the 2C scratch
+// - layernorm_backward_reduce_T(dweight, dbias, scratch, nblocks, C): dweight, dbias fp32 for
+//   both T (the _bf16 name is kept for the host's dtype-suffixed launch; the two are identical).
+//   Column k of the 2C scratch
 //   columns is lane k % 32 of block k / 32; grid ceil(2C / 32). Warp w sums the partials of
 //   blocks w, w + warps, … in order, then warp 0 adds the per-warp sums in warp order to the
 //   gradient. The result depends only on (rows, C, rpb, blockDim): no atomics, bitwise
@@ -244,8 +247,7 @@ __device__ __forceinline__ void ln_backward_impl(T* __restrict__ dinp, float* __
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void ln_backward_reduce_impl(T* __restrict__ dweight, T* __restrict__ dbias,
+__device__ __forceinline__ void ln_backward_reduce_impl(float* __restrict__ dweight, float* __restrict__ dbias,
                                                         const float* __restrict__ scratch, unsigned int nblocks,
                                                         unsigned int C) {
     __shared__ float sums[32][33];
@@ -260,8 +262,8 @@ __device__ __forceinline__ void ln_backward_reduce_impl(T* __restrict__ dweight,
     if (warp == 0 && col < cols) {
         float t = 0.0f;
         for (unsigned int w = 0; w < warps; ++w) t += sums[w][lane];
-        T* dst = col < C ? dweight + col : dbias + (col - C);
-        *dst = from_f32<T>(to_f32(*dst) + t);
+        float* dst = col < C ? dweight + col : dbias + (col - C);
+        *dst += t;
     }
 }
 
@@ -296,7 +298,7 @@ extern "C" __global__ void layernorm_backward_reduce_f32(float* dweight, float* 
     ln_backward_reduce_impl(dweight, dbias, scratch, nblocks, C);
 }
 EXPORT_KERNEL(layernorm_backward_reduce_f32);
-extern "C" __global__ void layernorm_backward_reduce_bf16(bf16* dweight, bf16* dbias, const float* scratch,
+extern "C" __global__ void layernorm_backward_reduce_bf16(float* dweight, float* dbias, const float* scratch,
                                                           unsigned int nblocks, unsigned int C) {
     ln_backward_reduce_impl(dweight, dbias, scratch, nblocks, C);
 }

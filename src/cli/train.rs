@@ -385,8 +385,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     })?;
     let be = CpuBackend::new(cfg.train.threads);
     let stop = run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
+    // Under a launcher (GPU data parallelism) every rank runs this loop; rank 0 reports.
+    let reporting = launched.as_ref().is_none_or(|e| e.rank == 0);
     let mut json = match cfg.logging.log_json.as_str() {
         "" => None,
+        _ if !reporting => None,
         p => Some(std::fs::File::create(p).map_err(|e| UsageError(format!("--log-json {p}: {e}")))?),
     };
     let on_what = match &gpu {
@@ -424,7 +427,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let bar = progress_bar(&cfg, state.step, args.no_progress);
     let log_interval = cfg.logging.log_interval;
-    let mut on = |e: &Event| report(e, &bar, log_interval, json.as_mut());
+    let mut on = |e: &Event| {
+        if reporting {
+            report(e, &bar, log_interval, json.as_mut())
+        }
+    };
     let dtype = args.dtype.into();
     let rank = GpuRank { dtype, cfg: &cfg, be: &be, data: &run_data, stop: &stop };
     let summary = match (&gpu, gpu_dp) {

@@ -573,7 +573,7 @@ impl CudaGpu {
                 .map_err(blas("matmul descriptor"))?,
             a: lt::create_matrix_layout(ty, a_rows, a_cols, lda).map_err(blas("layout of A"))?,
             b: lt::create_matrix_layout(ty, b_rows, b_cols, ldb).map_err(blas("layout of B"))?,
-            c: lt::create_matrix_layout(ty, m, n, m as i64).map_err(blas("layout of C"))?,
+            c: lt::create_matrix_layout(lt_type(g.c_dtype), m, n, m as i64).map_err(blas("layout of C"))?,
         };
         let set = |attr: ltsys::cublasLtMatmulDescAttributes_t, value: &[u8]| {
             // SAFETY: the descriptor is alive; the value has the attribute's size.

@@ -123,15 +123,16 @@ impl EmuGpu {
 }
 
 fn emu_gemm(g: &Gemm, c: *mut u8, a: *const u8, b: *const u8, bias: Option<*const u8>) {
-    let load = |p: *const u8, i: usize| -> f32 {
+    let load_as = |dtype: DType, p: *const u8, i: usize| -> f32 {
         // SAFETY: callers check every index against the buffer sizes before calling.
         unsafe {
-            match g.dtype {
+            match dtype {
                 DType::F32 => (p as *const f32).add(i).read_unaligned(),
                 DType::Bf16 => half::bf16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
             }
         }
     };
+    let load = |p: *const u8, i: usize| load_as(g.dtype, p, i);
     for i in 0..g.m {
         for j in 0..g.n {
             let mut acc = 0.0f32;
@@ -145,11 +146,11 @@ fn emu_gemm(g: &Gemm, c: *mut u8, a: *const u8, b: *const u8, bias: Option<*cons
             }
             let idx = i * g.n + j;
             if g.accumulate {
-                acc += load(c as *const u8, idx);
+                acc += load_as(g.c_dtype, c as *const u8, idx);
             }
             // SAFETY: idx < m·n, checked by the caller.
             unsafe {
-                match g.dtype {
+                match g.c_dtype {
                     DType::F32 => (c as *mut f32).add(idx).write_unaligned(acc),
                     DType::Bf16 => {
                         (c as *mut u16).add(idx).write_unaligned(half::bf16::from_f32(acc).to_bits())

@@ -112,7 +112,9 @@ pub enum Arg<'a, B> {
 
 /// `c[m,n] (=|+=) op(a)[m,k] · op(b)[k,n] (+ bias[n])`, row-major like the CPU backend.
 /// `a` is stored `[m,k]`, or `[k,m]` with `trans_a`; `b` is stored `[k,n]`, or `[n,k]` with
-/// `trans_b`. Inputs and output have storage type `dtype`; products accumulate in fp32.
+/// `trans_b`. Inputs (and the bias) have storage type `dtype`, the output `c_dtype` (fp32 for
+/// parameter gradients, which accumulate in fp32 whatever the activations are); products
+/// accumulate in fp32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Gemm {
     pub m: usize,
@@ -123,22 +125,23 @@ pub struct Gemm {
     /// `c += …` instead of `c = …`.
     pub accumulate: bool,
     pub dtype: DType,
+    pub c_dtype: DType,
 }
 
 impl Gemm {
     /// The CPU backend's `matmul_forward`: `out[m,n] = inp[m,k] · weight[n,k]ᵀ`.
     pub fn linear(m: usize, k: usize, n: usize, dtype: DType) -> Self {
-        Gemm { m, n, k, trans_a: false, trans_b: true, accumulate: false, dtype }
+        Gemm { m, n, k, trans_a: false, trans_b: true, accumulate: false, dtype, c_dtype: dtype }
     }
 
     /// `dinp[m,k] = dout[m,n] · weight[n,k]`.
     pub fn linear_backward_input(m: usize, k: usize, n: usize, dtype: DType) -> Self {
-        Gemm { m, n: k, k: n, trans_a: false, trans_b: false, accumulate: false, dtype }
+        Gemm { m, n: k, k: n, trans_a: false, trans_b: false, accumulate: false, dtype, c_dtype: dtype }
     }
 
-    /// `dweight[n,k] += dout[m,n]ᵀ · inp[m,k]`.
+    /// `dweight[n,k] += dout[m,n]ᵀ · inp[m,k]`, the gradient in fp32.
     pub fn linear_backward_weight(m: usize, k: usize, n: usize, dtype: DType) -> Self {
-        Gemm { m: n, n: k, k: m, trans_a: true, trans_b: false, accumulate: true, dtype }
+        Gemm { m: n, n: k, k: m, trans_a: true, trans_b: false, accumulate: true, dtype, c_dtype: DType::F32 }
     }
 }
 
@@ -238,11 +241,11 @@ pub(crate) fn check_gemm<G: Gpu + ?Sized>(
     b: Dev<'_, G::Buf>,
     bias: Option<Dev<'_, G::Buf>>,
 ) -> Result<(), GpuError> {
-    let es = g.dtype.size();
-    let mut operands = vec![("c", c, g.m * g.n), ("a", a, g.m * g.k), ("b", b, g.k * g.n)];
-    operands.extend(bias.map(|d| ("bias", d, g.n)));
-    for (what, d, elems) in operands {
-        check_range("gemm", &format!("{what} of {g:?}"), d.offset, elems * es, gpu.buf_len(d.buf))?;
+    let (es, ces) = (g.dtype.size(), g.c_dtype.size());
+    let mut operands = vec![("c", c, g.m * g.n * ces), ("a", a, g.m * g.k * es), ("b", b, g.k * g.n * es)];
+    operands.extend(bias.map(|d| ("bias", d, g.n * es)));
+    for (what, d, bytes) in operands {
+        check_range("gemm", &format!("{what} of {g:?}"), d.offset, bytes, gpu.buf_len(d.buf))?;
     }
     Ok(())
 }

@@ -3,9 +3,11 @@
 //! activations in device memory.
 //!
 //! Precision: with [`DType::Bf16`] the parameters the kernels read, the activations and the
-//! gradients are bf16; fp32 master weights and fp32 AdamW moments are kept beside them and the
-//! update writes a fresh bf16 copy; statistics (LayerNorm mean/rstd, attention log-sum-exp,
-//! losses) and every reduction are fp32 (the gradient norm f64). With [`DType::F32`] everything
+//! activation gradients are bf16; parameter gradients are fp32 (accumulated in fp32 over the
+//! microbatches and all-reduced in fp32, Megatron's main grads), fp32 master weights and fp32
+//! AdamW moments are kept beside them and the update writes a fresh bf16 copy; statistics
+//! (LayerNorm mean/rstd, attention log-sum-exp, losses) and every reduction are fp32 (the gradient
+//! norm f64). With [`DType::F32`] everything
 //! is fp32 and the master weights are the parameters: that mode is for parity with the CPU model.
 //!
 //! One microbatch is in flight at a time (forward, then its backward); gradients accumulate over
@@ -198,7 +200,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             lnf_w: span(&table, "ln_f.weight")?,
             lnf_b: span(&table, "ln_f.bias")?,
             blocks,
-            grads: gpu.alloc(n * dtype.size())?,
+            grads: gpu.alloc(n * 4)?,
             m: gpu.alloc(n * 4)?,
             v: gpu.alloc(n * 4)?,
             norm_scratch: gpu.alloc(norm_bytes)?,
@@ -242,9 +244,14 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         }
     }
 
-    /// The accumulated gradients as fp32.
+    /// Storage type of the parameter gradients (always fp32).
+    pub fn grad_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    /// The accumulated gradients (fp32).
     pub fn grads_host(&self) -> Result<Vec<f32>, GpuError> {
-        download_f32(self.gpu, Dev::new(&self.grads), self.table.len(), self.dtype)
+        download_f32(self.gpu, Dev::new(&self.grads), self.table.len(), DType::F32)
     }
 
     /// The AdamW moments (m, v) as fp32.
@@ -592,7 +599,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     }
 
     fn gr(&self, s: Span) -> Dev<'_, G::Buf> {
-        Dev::new(&self.grads).at(s.offset, self.dtype)
+        Dev::new(&self.grads).at(s.offset, DType::F32)
     }
 
     /// `dinp = dout·W` (overwrite), `dW += doutᵀ·inp`, `db += Σ_rows dout`.
@@ -613,7 +620,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         g.gemm(&Gemm::linear_backward_input(n, k, out, dt), dinp, dout, self.p(w), None)?;
         g.gemm(&Gemm::linear_backward_weight(n, k, out, dt), self.gr(w), dout, inp, None)?;
         if let Some(b) = b {
-            optim::bias_grad(g, self.gr(b), dt, dout, dt, n, out, Dev::new(&a.bias_scratch))?;
+            optim::bias_grad(g, self.gr(b), DType::F32, dout, dt, n, out, Dev::new(&a.bias_scratch))?;
         }
         Ok(())
     }
@@ -764,13 +771,13 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
 
     /// Zeroes the gradients.
     pub fn zero_grads(&mut self) -> Result<(), GpuError> {
-        self.gpu.zero(Dev::new(&self.grads), self.table.len() * self.dtype.size())
+        self.gpu.zero(Dev::new(&self.grads), self.table.len() * 4)
     }
 
     /// L2 norm of all gradients (f64 accumulation, fixed order).
     pub fn grad_norm(&self) -> Result<f64, GpuError> {
         let parts: Vec<_> =
-            self.table.specs().iter().map(|s| (self.dtype, self.gr(s.span), s.span.len)).collect();
+            self.table.specs().iter().map(|s| (DType::F32, self.gr(s.span), s.span.len)).collect();
         Ok(optim::sum_squares_many(self.gpu, &parts, Dev::new(&self.norm_scratch))?.sqrt())
     }
 
@@ -796,7 +803,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 m: Dev::new(&self.m).at(s.offset, DType::F32),
                 v: Dev::new(&self.v).at(s.offset, DType::F32),
                 grads: self.gr(s),
-                grad_dtype: self.dtype,
+                grad_dtype: DType::F32,
                 copy: self.master.as_ref().map(|_| (self.p(s), self.dtype)),
             };
             optim::adamw(self.gpu, &bufs, s.len, &h, scale)?;

@@ -126,14 +126,14 @@ pub fn run<G: Gpu>(
         // Gradients are summed over the data-parallel ranks, so each rank scales by the whole
         // step's microbatch count.
         let scale = 1.0 / (accum * dp_size) as f32;
-        let dtype = model.dtype();
+        let gdt = model.grad_dtype();
         let mut loss_sum = 0.0f64;
         let mut bad = None;
         for (i, b) in bufs.iter().enumerate() {
             let loss = model.forward(&b.tokens, &b.targets, mb_size, seq, scale)?;
             match dp.filter(|_| i + 1 == accum) {
                 Some(comm) => model.backward_with(&mut |range, grads| {
-                    comm.all_reduce_sum(gpu, Dev::new(grads).at(range.start, dtype), range.len(), dtype)
+                    comm.all_reduce_sum(gpu, Dev::new(grads).at(range.start, gdt), range.len(), gdt)
                 })?,
                 None => model.backward()?,
             }

@@ -1,9 +1,11 @@
 //! Token + position embedding on the GPU (`cuda/embedding.cu`): twins of
 //! `Backend::encoder_forward` / `encoder_backward`.
 //!
-//! Shapes: tokens `[B, T]` u32; `out`, `dout` `[B, T, C]`; `wte`, `dwte` `[V, C]`; `wpe`, `dwpe`
-//! `[≥ T, C]`, all of `dtype`. Forward overwrites `out`; backward **accumulates** into `dwte` and
-//! `dwpe`.
+//! Shapes: tokens `[B, T]` u32; `out`, `dout` `[B, T, C]`, `wte` `[V, C]` and `wpe` `[≥ T, C]` of
+//! `dtype`; the parameter gradients `dwte` `[V, C]` and `dwpe` `[≥ T, C]` are **fp32 for either
+//! dtype** (Megatron's rule: parameter gradients are accumulated in fp32 across microbatches).
+//! Forward overwrites `out`; backward **accumulates** into `dwte` and `dwpe` in fp32, never
+//! rounding them to bf16.
 //!
 //! Deterministic backward without atomics: `dwpe[t]` is summed over the batch in order by one
 //! thread per channel; for `dwte` the host groups the positions by token ([`TokenRuns`], a stable
@@ -13,7 +15,8 @@
 //! tokens on the host, where the data loader has them anyway, and validates them there.
 //!
 //! The `_vec` kernels (16-byte accesses) are chosen as in [`super::layernorm`]: C a multiple of
-//! 16 / element size and every pointer's byte offset a multiple of 16.
+//! 16 / element size and every pointer's byte offset a multiple of 16 (in the bf16 `_vec` kernels a
+//! pack of 8 fp32 gradient values is two 16-byte accesses).
 
 use super::{ELEMENTWISE_BLOCK, check_len, grid_1d};
 use crate::gpu::{Arg, DType, Dev, Gpu, GpuError};
@@ -139,9 +142,11 @@ pub fn backward_workspace_bytes(n: usize) -> usize {
 }
 
 /// Embedding backward: `dwpe[t] += Σ_b dout[b,t]` (batch order) and `dwte[tok] += dout[b,t]` for
-/// every position holding `tok` (position order). `tokens` are the `B·T` ids on the host;
+/// every position holding `tok` (position order). `dout` is of `dtype`; `dwte` and `dwpe` are
+/// fp32 whatever `dtype` is. `tokens` are the `B·T` ids on the host;
 /// `workspace` (at least [`backward_workspace_bytes`]`(B·T)` bytes) is overwritten with their
-/// grouping before the kernels run. In fp32 the result is bitwise the CPU backend's.
+/// grouping before the kernels run. The result is bitwise the CPU backend's fp32
+/// `encoder_backward` on `dout` widened to fp32 (in bf16 as well: only the loads differ).
 ///
 /// # Errors
 /// [`GpuError::Shape`] when a buffer is too short, a dimension is zero or too large, `tokens` does
@@ -173,8 +178,8 @@ pub fn encoder_backward<G: Gpu>(
             detail: format!("{} tokens for B·T = {b}·{t} = {n}", tokens.len()),
         });
     }
-    check_len(gpu, OP, "dwte", dwte, v * c, dtype)?;
-    check_len(gpu, OP, "dwpe", dwpe, t * c, dtype)?;
+    check_len(gpu, OP, "dwte", dwte, v * c, DType::F32)?;
+    check_len(gpu, OP, "dwpe", dwpe, t * c, DType::F32)?;
     check_len(gpu, OP, "dout", dout, n * c, dtype)?;
     let need = backward_workspace_bytes(n);
     if gpu.buf_len(workspace) < need {

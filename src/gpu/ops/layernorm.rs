@@ -2,8 +2,11 @@
 //! `residual_layernorm_forward` and `layernorm_backward`.
 //!
 //! Shapes: activations `[rows, C]` (rows = B·T) and parameters `[C]` of `dtype`; `mean`, `rstd`
-//! `[rows]` fp32. Forward overwrites its outputs; backward **accumulates** into `dinp`, `dweight`
-//! and `dbias`.
+//! `[rows]` fp32. The parameter gradients `dweight`, `dbias` `[C]` are **fp32 for either dtype**
+//! (Megatron's rule: parameter gradients are accumulated in fp32 across microbatches), while the
+//! activation gradients `dout`, `dinp` are of `dtype`. Forward overwrites its outputs; backward
+//! **accumulates** into `dinp` (a bf16 `dinp` is rounded once per call), `dweight` and `dbias`
+//! (added to in fp32, never rounded to bf16).
 //!
 //! Geometry: forward runs one warp per row, [`LN_BLOCK`] / 32 rows per block. Backward runs
 //! blocks of [`backward_rows_per_block`] rows (one warp per row for `dinp`, thread-per-channel
@@ -181,7 +184,8 @@ fn forward_grid(op: &'static str, rows: usize) -> Result<[u32; 3], GpuError> {
 }
 
 /// LayerNorm backward: `dinp += ∂L/∂inp`, `dweight += Σ_rows dout · norm`,
-/// `dbias += Σ_rows dout`, from the forward's `mean` and `rstd`. `scratch` holds
+/// `dbias += Σ_rows dout`, from the forward's `mean` and `rstd`. `dinp`, `dout`, `inp` and
+/// `weight` are of `dtype`; `dweight` and `dbias` are fp32 whatever `dtype` is. `scratch` holds
 /// [`backward_scratch_len`]`(rows, c)` fp32 values; its contents on entry do not matter.
 ///
 /// # Errors
@@ -210,8 +214,8 @@ pub fn layernorm_backward<G: Gpu>(
         ("dinp", dinp, rows * c, dtype),
         ("dout", dout, rows * c, dtype),
         ("inp", inp, rows * c, dtype),
-        ("dweight", dweight, c, dtype),
-        ("dbias", dbias, c, dtype),
+        ("dweight", dweight, c, DType::F32),
+        ("dbias", dbias, c, DType::F32),
         ("weight", weight, c, dtype),
         ("mean", mean, rows, DType::F32),
         ("rstd", rstd, rows, DType::F32),
