@@ -29,80 +29,19 @@
 //   written by exactly one block, and the order of the additions is the order of the positions,
 //   as in the CPU backend: in fp32 the result is bitwise the CPU backend's. Grid (U, chunks).
 
-// 16 bytes moved as one vector access on the GPU; memcpy in the emulator (8-byte aligned buffers).
-struct __align__(16) emb_pack16 {
-    unsigned int w[4];
-};
-
-__device__ __forceinline__ emb_pack16 emb_load16(const void* p) {
-#ifdef TROUPE_EMU
-    emb_pack16 r;
-    std::memcpy(&r, p, 16);
-    return r;
-#else
-    return *reinterpret_cast<const emb_pack16*>(p);
-#endif
-}
-
-__device__ __forceinline__ void emb_store16(void* p, emb_pack16 v) {
-#ifdef TROUPE_EMU
-    std::memcpy(p, &v, 16);
-#else
-    *reinterpret_cast<emb_pack16*>(p) = v;
-#endif
-}
-
-// Loads and stores of P consecutive elements of T as fp32: P = 1 (any C) or one 16-byte pack.
-template <typename T, bool VEC> struct emb_io;
-
-template <typename T> struct emb_io<T, false> {
-    static constexpr int P = 1;
-    static __device__ __forceinline__ void load(float* f, const T* p) { f[0] = to_f32(p[0]); }
-    static __device__ __forceinline__ void store(T* p, const float* f) { p[0] = from_f32<T>(f[0]); }
-};
-
-template <> struct emb_io<float, true> {
-    static constexpr int P = 4;
-    static __device__ __forceinline__ void load(float* f, const float* p) {
-        emb_pack16 u = emb_load16(p);
-        for (int k = 0; k < 4; ++k) f[k] = __uint_as_float(u.w[k]);
-    }
-    static __device__ __forceinline__ void store(float* p, const float* f) {
-        emb_pack16 u;
-        for (int k = 0; k < 4; ++k) u.w[k] = __float_as_uint(f[k]);
-        emb_store16(p, u);
-    }
-};
-
-template <> struct emb_io<bf16, true> {
-    static constexpr int P = 8;
-    static __device__ __forceinline__ void load(float* f, const bf16* p) {
-        emb_pack16 u = emb_load16(p);
-        for (int k = 0; k < 4; ++k) {
-            f[2 * k] = __uint_as_float(u.w[k] << 16);  // little-endian: element 2k is the low half
-            f[2 * k + 1] = __uint_as_float(u.w[k] & 0xffff0000u);
-        }
-    }
-    static __device__ __forceinline__ void store(bf16* p, const float* f) {
-        emb_pack16 u;
-        for (int k = 0; k < 4; ++k)
-            u.w[k] = (unsigned int)f32_to_bf16(f[2 * k]) | ((unsigned int)f32_to_bf16(f[2 * k + 1]) << 16);
-        emb_store16(p, u);
-    }
-};
 
 // Loads and stores of a pack of P fp32 gradient values: scalar, or P / 4 16-byte accesses.
 template <int P, bool VEC> struct emb_grad_io {
     static __device__ __forceinline__ void load(float* f, const float* p) {
         if constexpr (VEC) {
-            for (int k = 0; k < P; k += 4) emb_io<float, true>::load(f + k, p + k);
+            for (int k = 0; k < P; k += 4) vec_io<float, true>::load(f + k, p + k);
         } else {
             for (int k = 0; k < P; ++k) f[k] = p[k];
         }
     }
     static __device__ __forceinline__ void store(float* p, const float* f) {
         if constexpr (VEC) {
-            for (int k = 0; k < P; k += 4) emb_io<float, true>::store(p + k, f + k);
+            for (int k = 0; k < P; k += 4) vec_io<float, true>::store(p + k, f + k);
         } else {
             for (int k = 0; k < P; ++k) p[k] = f[k];
         }
@@ -113,7 +52,7 @@ template <typename T, bool VEC>
 __device__ __forceinline__ void emb_forward_impl(T* __restrict__ out, const unsigned int* __restrict__ tokens,
                                                  const T* __restrict__ wte, const T* __restrict__ wpe,
                                                  unsigned int n, unsigned int seq, unsigned int C, unsigned int V) {
-    typedef emb_io<T, VEC> io;
+    typedef vec_io<T, VEC> io;
     const int P = io::P;
     const unsigned int packs = C / P;
     const unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -136,7 +75,7 @@ __device__ __forceinline__ void emb_forward_impl(T* __restrict__ out, const unsi
 template <typename T, bool VEC>
 __device__ __forceinline__ void emb_backward_wpe_impl(float* __restrict__ dwpe, const T* __restrict__ dout,
                                                       unsigned int batch, unsigned int seq, unsigned int C) {
-    typedef emb_io<T, VEC> io;
+    typedef vec_io<T, VEC> io;
     const int P = io::P;
     typedef emb_grad_io<io::P, VEC> gio;
     const unsigned int packs = C / P;
@@ -159,7 +98,7 @@ __device__ __forceinline__ void emb_backward_wte_impl(float* __restrict__ dwte, 
                                                       const unsigned int* __restrict__ positions,
                                                       const unsigned int* __restrict__ run_tokens,
                                                       const unsigned int* __restrict__ run_starts, unsigned int C) {
-    typedef emb_io<T, VEC> io;
+    typedef vec_io<T, VEC> io;
     const int P = io::P;
     typedef emb_grad_io<io::P, VEC> gio;
     const unsigned int j = (blockIdx.y * blockDim.x + threadIdx.x) * P;

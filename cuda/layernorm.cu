@@ -35,68 +35,6 @@
 
 #define LN_EPS 1e-5f
 
-// 16 bytes moved as one vector access on the GPU (ld/st.global.v4); memcpy in the emulator,
-// whose buffers are only 8-byte aligned.
-struct __align__(16) ln_pack16 {
-    unsigned int w[4];
-};
-
-__device__ __forceinline__ ln_pack16 ln_load16(const void* p) {
-#ifdef TROUPE_EMU
-    ln_pack16 r;
-    std::memcpy(&r, p, 16);
-    return r;
-#else
-    return *reinterpret_cast<const ln_pack16*>(p);
-#endif
-}
-
-__device__ __forceinline__ void ln_store16(void* p, ln_pack16 v) {
-#ifdef TROUPE_EMU
-    std::memcpy(p, &v, 16);
-#else
-    *reinterpret_cast<ln_pack16*>(p) = v;
-#endif
-}
-
-// Loads and stores of P consecutive elements of T as fp32: P = 1 (any C) or one 16-byte pack.
-template <typename T, bool VEC> struct ln_io;
-
-template <typename T> struct ln_io<T, false> {
-    static constexpr int P = 1;
-    static __device__ __forceinline__ void load(float* f, const T* p) { f[0] = to_f32(p[0]); }
-    static __device__ __forceinline__ void store(T* p, const float* f) { p[0] = from_f32<T>(f[0]); }
-};
-
-template <> struct ln_io<float, true> {
-    static constexpr int P = 4;
-    static __device__ __forceinline__ void load(float* f, const float* p) {
-        ln_pack16 u = ln_load16(p);
-        for (int k = 0; k < 4; ++k) f[k] = __uint_as_float(u.w[k]);
-    }
-    static __device__ __forceinline__ void store(float* p, const float* f) {
-        ln_pack16 u;
-        for (int k = 0; k < 4; ++k) u.w[k] = __float_as_uint(f[k]);
-        ln_store16(p, u);
-    }
-};
-
-template <> struct ln_io<bf16, true> {
-    static constexpr int P = 8;
-    static __device__ __forceinline__ void load(float* f, const bf16* p) {
-        ln_pack16 u = ln_load16(p);
-        for (int k = 0; k < 4; ++k) {
-            f[2 * k] = __uint_as_float(u.w[k] << 16);  // little-endian: element 2k is the low half
-            f[2 * k + 1] = __uint_as_float(u.w[k] & 0xffff0000u);
-        }
-    }
-    static __device__ __forceinline__ void store(bf16* p, const float* f) {
-        ln_pack16 u;
-        for (int k = 0; k < 4; ++k)
-            u.w[k] = (unsigned int)f32_to_bf16(f[2 * k]) | ((unsigned int)f32_to_bf16(f[2 * k + 1]) << 16);
-        ln_store16(p, u);
-    }
-};
 
 // What a value becomes once stored as T and read back.
 template <typename T> __device__ __forceinline__ float ln_round(float x) { return to_f32(from_f32<T>(x)); }
@@ -106,7 +44,7 @@ template <typename T, bool VEC>
 __device__ __forceinline__ void ln_normalize_row(T* __restrict__ o, const T* x, const T* __restrict__ weight,
                                                  const T* __restrict__ bias, unsigned int C, float sum,
                                                  float* mean_out, float* rstd_out) {
-    typedef ln_io<T, VEC> io;
+    typedef vec_io<T, VEC> io;
     const int P = io::P;
     const unsigned int lane = threadIdx.x & 31;
     const float mu = warp_sum(sum) / (float)C;
@@ -138,7 +76,7 @@ template <typename T, bool VEC>
 __device__ __forceinline__ void ln_forward_impl(T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
                                                 const T* __restrict__ inp, const T* __restrict__ weight,
                                                 const T* __restrict__ bias, unsigned int rows, unsigned int C) {
-    typedef ln_io<T, VEC> io;
+    typedef vec_io<T, VEC> io;
     const int P = io::P;
     const unsigned int lane = threadIdx.x & 31;
     const unsigned long long row = (unsigned long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -158,7 +96,7 @@ __device__ __forceinline__ void ln_residual_forward_impl(T* resid, T* __restrict
                                                          float* __restrict__ rstd, const T* __restrict__ a,
                                                          const T* __restrict__ b, const T* __restrict__ weight,
                                                          const T* __restrict__ bias, unsigned int rows, unsigned int C) {
-    typedef ln_io<T, VEC> io;
+    typedef vec_io<T, VEC> io;
     const int P = io::P;
     const unsigned int lane = threadIdx.x & 31;
     const unsigned long long row = (unsigned long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -183,7 +121,7 @@ __device__ __forceinline__ void ln_backward_impl(T* __restrict__ dinp, float* __
                                                  const T* __restrict__ weight, const float* __restrict__ mean,
                                                  const float* __restrict__ rstd, unsigned int rows, unsigned int C,
                                                  unsigned int rpb) {
-    typedef ln_io<T, VEC> io;
+    typedef vec_io<T, VEC> io;
     const int P = io::P;
     const unsigned int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const unsigned long long r0 = (unsigned long long)blockIdx.x * rpb;
@@ -237,8 +175,8 @@ __device__ __forceinline__ void ln_backward_impl(T* __restrict__ dinp, float* __
         }
         if constexpr (VEC) {
             for (int k = 0; k < P; k += 4) {
-                ln_io<float, true>::store(part + j + k, dw + k);
-                ln_io<float, true>::store(part + C + j + k, db + k);
+                vec_io<float, true>::store(part + j + k, dw + k);
+                vec_io<float, true>::store(part + C + j + k, db + k);
             }
         } else {
             part[j] = dw[0];

@@ -109,3 +109,67 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a
 #endif
 }
 #endif
+
+// 16 bytes moved as one vector access on the GPU (ld/st.global.v4); memcpy in the emulator,
+// whose buffers are only 8-byte aligned. Callers check 16-byte alignment before taking a vector
+// path.
+struct __align__(16) pack16 {
+    unsigned int w[4];
+};
+
+__device__ __forceinline__ pack16 load16(const void* p) {
+#ifdef TROUPE_EMU
+    pack16 r;
+    std::memcpy(&r, p, 16);
+    return r;
+#else
+    return *reinterpret_cast<const pack16*>(p);
+#endif
+}
+
+__device__ __forceinline__ void store16(void* p, pack16 v) {
+#ifdef TROUPE_EMU
+    std::memcpy(p, &v, 16);
+#else
+    *reinterpret_cast<pack16*>(p) = v;
+#endif
+}
+
+// Loads and stores of P consecutive elements of T as fp32: P = 1 (any C) or one 16-byte pack.
+template <typename T, bool VEC> struct vec_io;
+
+template <typename T> struct vec_io<T, false> {
+    static constexpr int P = 1;
+    static __device__ __forceinline__ void load(float* f, const T* p) { f[0] = to_f32(p[0]); }
+    static __device__ __forceinline__ void store(T* p, const float* f) { p[0] = from_f32<T>(f[0]); }
+};
+
+template <> struct vec_io<float, true> {
+    static constexpr int P = 4;
+    static __device__ __forceinline__ void load(float* f, const float* p) {
+        pack16 u = load16(p);
+        for (int k = 0; k < 4; ++k) f[k] = __uint_as_float(u.w[k]);
+    }
+    static __device__ __forceinline__ void store(float* p, const float* f) {
+        pack16 u;
+        for (int k = 0; k < 4; ++k) u.w[k] = __float_as_uint(f[k]);
+        store16(p, u);
+    }
+};
+
+template <> struct vec_io<bf16, true> {
+    static constexpr int P = 8;
+    static __device__ __forceinline__ void load(float* f, const bf16* p) {
+        pack16 u = load16(p);
+        for (int k = 0; k < 4; ++k) {
+            f[2 * k] = __uint_as_float(u.w[k] << 16);  // little-endian: element 2k is the low half
+            f[2 * k + 1] = __uint_as_float(u.w[k] & 0xffff0000u);
+        }
+    }
+    static __device__ __forceinline__ void store(bf16* p, const float* f) {
+        pack16 u;
+        for (int k = 0; k < 4; ++k)
+            u.w[k] = (unsigned int)f32_to_bf16(f[2 * k]) | ((unsigned int)f32_to_bf16(f[2 * k + 1]) << 16);
+        store16(p, u);
+    }
+};
