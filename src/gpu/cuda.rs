@@ -551,6 +551,7 @@ impl CudaGpu {
         unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
+
     fn gemm_now(
         &self,
         g: &Gemm,

@@ -342,6 +342,48 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         Ok(())
     }
 
+    /// Checks a microbatch before any device work: no backward pending, a shape that fits the
+    /// positions, and `B·T` ids below the vocabulary in each of `ids`.
+    fn check_batch(
+        &self,
+        op: &'static str,
+        ids: &[(&str, &[u32])],
+        batch: usize,
+        seq: usize,
+    ) -> Result<(), GpuError> {
+        if self.pending_backward {
+            return Err(GpuError::Shape {
+                op,
+                detail: "the previous microbatch's backward has not run".into(),
+            });
+        }
+        let n = batch * seq;
+        if n == 0 || seq > self.cfg.seq_length {
+            return Err(GpuError::Shape {
+                op,
+                detail: format!("{batch} × {seq} tokens (at most {} positions)", self.cfg.seq_length),
+            });
+        }
+        for &(what, ids) in ids {
+            if ids.len() != n {
+                return Err(GpuError::Shape {
+                    op,
+                    detail: format!("{what}: {} ids for {batch} × {seq}", ids.len()),
+                });
+            }
+            if let Some(pos) = ids.iter().position(|&t| t as usize >= self.cfg.vocab_size) {
+                return Err(GpuError::Shape {
+                    op,
+                    detail: format!(
+                        "{what}[{pos}] = {} is outside the vocabulary of {}",
+                        ids[pos], self.cfg.vocab_size
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Forward of one microbatch of `batch` sequences of `seq` tokens with next-token `targets`.
     /// Returns the mean loss and leaves dlogits scaled by `loss_scale / (B·T)` for
     /// [`GpuGpt::backward`].
@@ -358,36 +400,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         loss_scale: f32,
     ) -> Result<f32, GpuError> {
         const OP: &str = "GpuGpt::forward";
-        if self.pending_backward {
-            return Err(GpuError::Shape {
-                op: OP,
-                detail: "the previous microbatch's backward has not run".into(),
-            });
-        }
-        let n = batch * seq;
-        if n == 0 || seq > self.cfg.seq_length {
-            return Err(GpuError::Shape {
-                op: OP,
-                detail: format!("{batch} × {seq} tokens (at most {} positions)", self.cfg.seq_length),
-            });
-        }
-        for (what, ids) in [("tokens", tokens), ("targets", targets)] {
-            if ids.len() != n {
-                return Err(GpuError::Shape {
-                    op: OP,
-                    detail: format!("{what}: {} ids for {batch} × {seq}", ids.len()),
-                });
-            }
-            if let Some(pos) = ids.iter().position(|&t| t as usize >= self.cfg.vocab_size) {
-                return Err(GpuError::Shape {
-                    op: OP,
-                    detail: format!(
-                        "{what}[{pos}] = {} is outside the vocabulary of {}",
-                        ids[pos], self.cfg.vocab_size
-                    ),
-                });
-            }
-        }
+        self.check_batch(OP, &[("tokens", tokens), ("targets", targets)], batch, seq)?;
         self.ensure_acts(batch, seq)?;
         let mut acts = self.acts.take().ok_or(GpuError::Shape { op: OP, detail: "no activations".into() })?;
         let result = self.forward_inner(&mut acts, tokens, Some(targets), loss_scale);
@@ -537,8 +550,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// # Errors
     /// As [`GpuGpt::forward`].
     pub fn logits(&mut self, tokens: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>, GpuError> {
-        self.forward(tokens, tokens, batch, seq, 1.0)?; // checks shapes and ids; its loss is discarded
-        self.pending_backward = false;
+        self.check_batch("GpuGpt::logits", &[("tokens", tokens)], batch, seq)?;
+        self.ensure_acts(batch, seq)?;
         let mut acts = self
             .acts
             .take()
