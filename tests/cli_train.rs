@@ -201,7 +201,9 @@ fn device_cuda_is_a_clear_error() -> Result<()> {
 
 /// The GPU training path, run in the kernel emulator (`--device emu`, fp32): the same losses as
 /// the CPU run of the same config (within 1e-4 relative: different kernels, same math — see
-/// tests/gpu_model.rs for the per-tensor comparison), and its checkpoint resumes on the CPU.
+/// tests/gpu_model.rs for the per-tensor comparison), and its checkpoint resumes on the CPU; a
+/// pipeline-parallel run on GPU stages gives the same losses too (tests/gpu_pipeline.rs compares
+/// layouts in detail).
 #[test]
 fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Result<()> {
     if troupe::gpu::emu::shared().is_none() {
@@ -261,14 +263,17 @@ fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Res
         "{}",
         stderr(&out)
     );
-    // Parallel layouts are refused on GPUs with the reason.
-    let mut pp = vec!["train", "--device", "emu", "--pipeline-model-parallel-size", "2"];
+    // Pipeline parallelism on GPU stages goes through the actor runtime: the same losses.
+    let mut pp = vec!["train", "--device", "emu", "--dtype", "fp32", "--log-json", "pp.jsonl"];
+    pp.extend_from_slice(&["--pipeline-model-parallel-size", "2", "--no-progress"]);
     pp.extend_from_slice(small);
     let out = troupe(&pp, &dir);
-    ensure!(
-        out.status.code() == Some(2) && stderr(&out).contains("pipeline parallelism"),
-        "{}",
-        stderr(&out)
-    );
+    ensure!(out.status.success(), "pipeline run: {}", stderr(&out));
+    ensure!(stderr(&out).contains("each chunk computes on CPU emulator"), "{}", stderr(&out));
+    let p = losses(&dir.join("pp.jsonl"))?;
+    ensure!(p.len() == 2, "pipeline losses {p:?}");
+    for (a, b) in p.iter().zip(&c) {
+        ensure!(((a - b) / b).abs() <= 1e-4, "pipeline losses {p:?} vs cpu {c:?}");
+    }
     Ok(())
 }

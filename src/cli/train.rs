@@ -215,32 +215,24 @@ impl GpuRank<'_> {
     }
 }
 
-/// The data-parallel size of a GPU run, after checking that only data parallelism is asked for.
-fn gpu_dp_size(
-    args: &TrainArgs,
-    cfg: &Config,
-    launched: Option<&troupe::comm::env::LaunchEnv>,
-) -> anyhow::Result<usize> {
+/// Whether a GPU run needs the actor runtime: pipeline parallelism, the distributed optimizer,
+/// schedule traces, fault injection or `--actors` (the GPU training loop runs one GPU or plain
+/// data parallelism, with the optimizer on the device and NCCL all-reduces).
+fn gpu_needs_runtime(args: &TrainArgs, cfg: &Config) -> bool {
     let p = &cfg.parallel;
-    let refuse = |what: &str| -> anyhow::Result<usize> {
-        Err(UsageError(format!(
-            "--device {}: GPUs run data parallelism only for now ({what} on GPUs is not built); use --device cpu for it",
-            args.device
-        ))
-        .into())
-    };
-    if p.pipeline_model_parallel_size > 1 || p.virtual_pipeline_model_parallel_size > 1 {
-        return refuse("pipeline parallelism");
-    }
-    if args.runtime.trace.is_some() || args.runtime.replay_order.is_some() {
-        return refuse("schedule tracing");
-    }
-    if !args.runtime.inject.is_empty() || !cfg.faults.is_empty() {
-        return refuse("fault injection");
-    }
-    if p.use_distributed_optimizer {
-        return refuse("the distributed optimizer");
-    }
+    p.pipeline_model_parallel_size > 1
+        || p.virtual_pipeline_model_parallel_size > 1
+        || p.use_distributed_optimizer
+        || args.runtime.actors
+        || args.runtime.trace.is_some()
+        || args.runtime.replay_order.is_some()
+        || !args.runtime.inject.is_empty()
+        || !cfg.faults.is_empty()
+}
+
+/// The data-parallel size of a GPU run on the GPU training loop.
+fn gpu_dp_size(cfg: &Config, launched: Option<&troupe::comm::env::LaunchEnv>) -> anyhow::Result<usize> {
+    let p = &cfg.parallel;
     let dp = launched.map_or(p.data_parallel_size, |e| e.world_size);
     if launched.is_some() && p.data_parallel_size > 1 && p.data_parallel_size != dp {
         return Err(UsageError(format!(
@@ -250,6 +242,29 @@ fn gpu_dp_size(
         .into());
     }
     Ok(dp.max(1))
+}
+
+/// The device stages of an actor-runtime run on `--device cuda|emu` (`None` for the CPU): the
+/// GPU of this process's local rank (or the emulator), kept for the life of the process.
+pub(super) fn stage_factory(
+    device: troupe::device::Device,
+    dtype: troupe::gpu::DType,
+    local_rank: usize,
+) -> anyhow::Result<Option<troupe::gpu::stage::StageFactory>> {
+    use troupe::device::Device;
+    use troupe::gpu::stage::StageFactory;
+    Ok(match device {
+        Device::Cpu => None,
+        Device::Cuda => {
+            let gpu = troupe::gpu::CudaGpu::new(local_rank)
+                .map_err(|e| UsageError(format!("--device cuda (GPU {local_rank}): {e}")))?;
+            Some(StageFactory::new(Box::leak(Box::new(gpu)), dtype))
+        }
+        Device::Emu => {
+            let gpu = troupe::gpu::EmuGpu::new().map_err(|e| UsageError(format!("--device emu: {e}")))?;
+            Some(StageFactory::new(Box::leak(Box::new(gpu)), dtype))
+        }
+    })
 }
 
 /// Communicator settings of a GPU data-parallel run (`--comm-timeout` bounds every wait).
@@ -367,14 +382,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     let parallel = super::train_parallel::wanted(&cfg, &args.runtime, launched.as_ref());
-    let gpu_dp = if parallel && args.device != troupe::device::Device::Cpu {
-        Some(gpu_dp_size(&args, &cfg, launched.as_ref())?)
-    } else {
-        None
-    };
-    if parallel && gpu_dp.is_none() {
+    let on_gpu = args.device != troupe::device::Device::Cpu;
+    if parallel && (!on_gpu || gpu_needs_runtime(&args, &cfg)) {
         return super::train_parallel::train(&args, cfg, launched);
     }
+    let gpu_dp = if parallel { Some(gpu_dp_size(&cfg, launched.as_ref())?) } else { None };
     let gpu = OpenGpu::open(args.device)?;
     let data = corpus::open(&cfg).map_err(|e| UsageError(e.to_string()))?;
     let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {

@@ -176,6 +176,14 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         None => (cfg.parallel.pipeline_model_parallel_size * cfg.parallel.data_parallel_size, 0, 0),
     };
     let plan = Plan::new(&cfg, world).map_err(|e| UsageError(e.to_string()))?;
+    if args.device != troupe::device::Device::Cpu && plan.schedule.name().starts_with("zb") {
+        return Err(UsageError(format!(
+            "--device {}: the {} schedule splits each backward in two, which GPU stages do not do yet; \
+             use --pipeline-schedule 1f1b, interleaved or gpipe",
+            args.device, plan.schedule
+        ))
+        .into());
+    }
     let attempt = launched.as_ref().map_or(0, |e| e.restart_count);
     let opts = options(rt, &cfg, attempt)?;
     opts.faults
@@ -233,6 +241,13 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     }
     let mut opts = opts;
     opts.valid = data.valid.map(|v| runtime::ValidData(Arc::from(v)));
+    opts.device = super::train::stage_factory(args.device, args.dtype.into(), local)?;
+    if let Some(f) = opts.device.as_ref().filter(|_| rank == 0) {
+        eprintln!(
+            "troupe: each chunk computes on {} (parameters, gradients and optimizer on the host)",
+            f.describe()
+        );
+    }
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
     let events = (rank == 0).then_some(tx);

@@ -287,6 +287,10 @@ impl CudaGpu {
 
     /// The raw device pointer of `d` (for NCCL).
     pub fn device_ptr(&self, d: Dev<'_, CudaBuf>) -> u64 {
+        // Raw driver and cuBLASLt calls use the thread's current context: the actor runtime calls
+        // from its compute thread, not the thread that made the context. Binding is a cheap check
+        // when it is current already; a failure resurfaces from the call that follows.
+        let _ = self.stream.context().bind_to_thread();
         let (ptr, _sync) = d.buf.slice.device_ptr(&self.stream);
         ptr + d.offset as u64
     }

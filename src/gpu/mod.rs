@@ -19,6 +19,7 @@ pub mod model;
 pub mod nccl;
 pub mod ops;
 pub mod sources;
+pub mod stage;
 pub mod train;
 
 pub use cuda::CudaGpu;

@@ -10,14 +10,21 @@
 //! norm f64). With [`DType::F32`] everything
 //! is fp32 and the master weights are the parameters: that mode is for parity with the CPU model.
 //!
-//! One microbatch is in flight at a time (forward, then its backward); gradients accumulate over
-//! microbatches until [`GpuGpt::zero_grads`]. All work is queued on the GPU's compute stream;
-//! only the loss (N floats) and the gradient norm (one f64) come back to the host each step.
+//! Like the CPU model, a [`GpuGpt`] holds a [`LayerRange`] (the whole model, or one pipeline
+//! stage: a contiguous run of blocks, with the embedding on the first stage and the final
+//! LayerNorm + tied head + loss on the last), and any number of microbatches may be in flight:
+//! [`GpuGpt::forward_mb`] stores microbatch `mb`'s activations under its id and
+//! [`GpuGpt::backward_mb`] consumes them (a pipeline schedule's order); the backward scratch is
+//! shared. The whole-model calls [`GpuGpt::forward`] / [`GpuGpt::backward`] run one microbatch at a
+//! time. Gradients accumulate over microbatches until [`GpuGpt::zero_grads`]. All work is queued
+//! on the GPU's compute stream; only the loss (N floats) and the gradient norm (one f64) come
+//! back to the host each step, plus a stage's output activations and input gradients when it is
+//! a pipeline stage.
 
 use super::ops::{attention, crossentropy, embedding, gelu, layernorm, optim};
 use super::{DType, Dev, Gemm, Gpu, GpuError, download_f32, encode};
 use crate::kernels::AdamWStep;
-use crate::models::gpt::{Gpt, GptConfig, LayerRange, param_table};
+use crate::models::gpt::{Gpt, GptConfig, LayerRange, StageInput, param_table};
 use crate::models::params::{ParamTable, Span};
 use crate::optim::AdamWConfig;
 
@@ -59,12 +66,8 @@ struct LayerBufs<B> {
     out: B,
 }
 
-/// Everything sized by the microbatch shape (B, T).
-struct Acts<B> {
-    batch: usize,
-    seq: usize,
-    input: B,
-    layers: Vec<LayerBufs<B>>,
+/// The head's activations of one microbatch (last stage).
+struct HeadBufs<B> {
     lnf: B,
     lnf_mean: B,
     lnf_rstd: B,
@@ -72,15 +75,34 @@ struct Acts<B> {
     logits: B,
     losses: B,
     targets: B,
+}
+
+/// What one in-flight microbatch keeps for its backward, sized by its shape (B, T).
+struct Acts<B> {
+    batch: usize,
+    seq: usize,
+    /// The range's input: the embedding's output, or the previous stage's hidden states.
+    input: B,
+    layers: Vec<LayerBufs<B>>,
+    head: Option<HeadBufs<B>>,
+    /// Token ids on the device and on the host (the embedding's deterministic backward sorts
+    /// them on the host); only a range with the embedding fills them.
     tokens: B,
     host_tokens: Vec<u32>,
-    // Backward scratch.
+}
+
+/// Backward scratch shared by all microbatches, sized by N = B·T.
+struct Scratch<B> {
+    n: usize,
+    /// The gradient flowing down the residual stream; after a backward, the gradient of the
+    /// range's input (what a pipeline stage sends to the previous one).
     dres: B,
     dln: B,
     datty: B,
     dqkv: B,
     dbig1: B,
     dbig2: B,
+    /// Forward scratch too (projection outputs before the residual add).
     tmp: B,
     dsum: B,
     ln_scratch: B,
@@ -88,16 +110,23 @@ struct Acts<B> {
     emb_workspace: B,
 }
 
-/// A whole GPT (embedding, blocks, tied head) on one GPU.
+/// The microbatch id of the whole-model calls ([`GpuGpt::forward`] and friends).
+const WHOLE: u64 = u64::MAX - 1;
+/// The microbatch id of [`GpuGpt::logits`].
+const LOGITS: u64 = u64::MAX;
+
+/// A GPT, or a pipeline stage's layer range of one, on one GPU.
 pub struct GpuGpt<'g, G: Gpu> {
     gpu: &'g G,
     cfg: GptConfig,
     dtype: DType,
+    range: LayerRange,
     table: ParamTable,
-    wte: Span,
-    wpe: Span,
-    lnf_w: Span,
-    lnf_b: Span,
+    /// The tied embedding (on the embedding range and on the head range).
+    wte: Option<Span>,
+    wpe: Option<Span>,
+    /// Final LayerNorm weight and bias (head range).
+    lnf: Option<(Span, Span)>,
     blocks: Vec<Block>,
     /// Parameters as the kernels read them (`dtype`).
     params: G::Buf,
@@ -108,9 +137,12 @@ pub struct GpuGpt<'g, G: Gpu> {
     v: G::Buf,
     norm_scratch: G::Buf,
     adam_steps: u64,
-    acts: Option<Acts<G::Buf>>,
-    /// A forward ran whose backward has not.
-    pending_backward: bool,
+    in_flight: std::collections::HashMap<u64, Acts<G::Buf>>,
+    /// Activation sets of finished microbatches, reused by later ones of the same shape.
+    free: Vec<Acts<G::Buf>>,
+    scratch: Option<Scratch<G::Buf>>,
+    /// N of the latest backward: [`GpuGpt::input_grad`] reads that many rows of `dres`.
+    last_backward_n: Option<usize>,
 }
 
 fn span(table: &ParamTable, name: &str) -> Result<Span, GpuError> {
@@ -136,12 +168,35 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         Self::from_params(gpu, cfg, cpu.params(), dtype)
     }
 
-    /// The model with the given parameter arena (the CPU model's order; e.g. from a checkpoint).
+    /// The whole model with the given parameter arena (the CPU model's order; e.g. from a
+    /// checkpoint).
     ///
     /// # Errors
     /// As [`GpuGpt::new`], and a parameter arena of the wrong length.
     pub fn from_params(gpu: &'g G, cfg: &GptConfig, host: &[f32], dtype: DType) -> Result<Self, GpuError> {
+        Self::from_range_params(gpu, cfg, LayerRange::full(cfg), host, dtype)
+    }
+
+    /// Layer range `range` of the model (a pipeline stage) with the given parameter arena, in
+    /// the order of `param_table(cfg, range)` (the CPU `Gpt::new_range`'s arena).
+    ///
+    /// # Errors
+    /// As [`GpuGpt::from_params`], and a range outside the model.
+    pub fn from_range_params(
+        gpu: &'g G,
+        cfg: &GptConfig,
+        range: LayerRange,
+        host: &[f32],
+        dtype: DType,
+    ) -> Result<Self, GpuError> {
         cfg.validate().map_err(model_err)?;
+        if range.first > range.last || range.last > cfg.num_layers {
+            return Err(model_err(crate::models::gpt::ModelError::BadRange {
+                first: range.first,
+                last: range.last,
+                num_layers: cfg.num_layers,
+            }));
+        }
         let hs = cfg.head_size();
         if hs == 0 || hs > attention::MAX_HEAD_SIZE {
             return Err(GpuError::Shape {
@@ -154,14 +209,14 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 ),
             });
         }
-        let table = param_table(cfg, LayerRange::full(cfg));
+        let table = param_table(cfg, range);
         if host.len() != table.len() {
             return Err(GpuError::Shape {
                 op: "GpuGpt",
-                detail: format!("{} parameters given, the model has {}", host.len(), table.len()),
+                detail: format!("{} parameters given, the layer range has {}", host.len(), table.len()),
             });
         }
-        let blocks = (0..cfg.num_layers)
+        let blocks = (range.first..range.last)
             .map(|i| {
                 let s = |n: &str| span(&table, &format!("h.{i}.{n}"));
                 Ok(Block {
@@ -191,14 +246,16 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             Some(m)
         };
         let norm_bytes = optim::sum_squares_scratch_bytes(table.specs().iter().map(|s| s.span.len));
+        let lnf =
+            if range.head { Some((span(&table, "ln_f.weight")?, span(&table, "ln_f.bias")?)) } else { None };
         Ok(GpuGpt {
             gpu,
             cfg: cfg.clone(),
             dtype,
-            wte: span(&table, "wte")?,
-            wpe: span(&table, "wpe")?,
-            lnf_w: span(&table, "ln_f.weight")?,
-            lnf_b: span(&table, "ln_f.bias")?,
+            range,
+            wte: if range.embedding || range.head { Some(span(&table, "wte")?) } else { None },
+            wpe: if range.embedding { Some(span(&table, "wpe")?) } else { None },
+            lnf,
             blocks,
             grads: gpu.alloc(n * 4)?,
             m: gpu.alloc(n * 4)?,
@@ -208,8 +265,10 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             params,
             master,
             adam_steps: 0,
-            acts: None,
-            pending_backward: false,
+            in_flight: std::collections::HashMap::new(),
+            free: Vec::new(),
+            scratch: None,
+            last_backward_n: None,
         })
     }
 
@@ -278,22 +337,55 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         Ok(())
     }
 
+    /// The layer range this model holds.
+    pub fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// Replaces the parameters with `host` (fp32, this range's arena order): the master weights
+    /// and the copy the kernels read. A pipeline stage whose optimizer runs on the host calls
+    /// this after each update.
+    ///
+    /// # Errors
+    /// A wrong length; device errors.
+    pub fn set_params(&mut self, host: &[f32]) -> Result<(), GpuError> {
+        let n = self.table.len();
+        if host.len() != n {
+            return Err(GpuError::Shape {
+                op: "GpuGpt::set_params",
+                detail: format!("{} values for {n} parameters", host.len()),
+            });
+        }
+        self.gpu.upload(&mut self.params, 0, &encode(host, self.dtype))?;
+        if let Some(m) = self.master.as_mut() {
+            self.gpu.upload(m, 0, bytemuck::cast_slice(host))?;
+        }
+        Ok(())
+    }
+
+    /// Number of microbatches whose activations are stored (forward ran, backward has not).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
     fn p(&self, s: Span) -> Dev<'_, G::Buf> {
         Dev::new(&self.params).at(s.offset, self.dtype)
     }
 
-    fn ensure_acts(&mut self, batch: usize, seq: usize) -> Result<(), GpuError> {
-        if self.acts.as_ref().is_some_and(|a| a.batch == batch && a.seq == seq) {
-            return Ok(());
+    /// An activation set for a (B, T) microbatch: a freed one of that shape, or a new one.
+    fn take_acts(&mut self, batch: usize, seq: usize) -> Result<Acts<G::Buf>, GpuError> {
+        if let Some(i) = self.free.iter().position(|a| a.batch == batch && a.seq == seq) {
+            return Ok(self.free.swap_remove(i));
         }
-        self.acts = None; // free the old shape first
+        // Shapes change rarely (evaluation, the last partial batch): drop sets of other shapes.
+        self.free.clear();
         let g = self.gpu;
         let (c, nh, vp) = (self.cfg.hidden_size, self.cfg.num_attention_heads, self.cfg.padded_vocab_size());
         let n = batch * seq;
         let es = self.dtype.size();
         let act = |elems: usize| g.alloc(elems * es);
         let f32s = |elems: usize| g.alloc(elems * 4);
-        let layers = (0..self.cfg.num_layers)
+        let layers = (0..self.blocks.len())
             .map(|_| {
                 Ok(LayerBufs {
                     ln1: act(n * c)?,
@@ -312,21 +404,46 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 })
             })
             .collect::<Result<Vec<_>, GpuError>>()?;
-        let bias_elems =
-            [c, 3 * c, 4 * c].iter().map(|&w| optim::bias_grad_scratch_elems(n, w)).max().unwrap_or(0);
-        self.acts = Some(Acts {
+        let head = if self.range.head {
+            Some(HeadBufs {
+                lnf: act(n * c)?,
+                lnf_mean: f32s(n)?,
+                lnf_rstd: f32s(n)?,
+                logits: act(n * vp)?,
+                losses: f32s(n)?,
+                targets: g.alloc(n * 4)?,
+            })
+        } else {
+            None
+        };
+        let ids = if self.range.embedding { n } else { 0 };
+        Ok(Acts {
             batch,
             seq,
             input: act(n * c)?,
             layers,
-            lnf: act(n * c)?,
-            lnf_mean: f32s(n)?,
-            lnf_rstd: f32s(n)?,
-            logits: act(n * vp)?,
-            losses: f32s(n)?,
-            targets: g.alloc(n * 4)?,
-            tokens: g.alloc(n * 4)?,
-            host_tokens: vec![0; n],
+            head,
+            tokens: g.alloc(ids * 4)?,
+            host_tokens: vec![0; ids],
+        })
+    }
+
+    /// The backward scratch for N = B·T rows.
+    fn ensure_scratch(&mut self, n: usize) -> Result<(), GpuError> {
+        if self.scratch.as_ref().is_some_and(|s| s.n == n) {
+            return Ok(());
+        }
+        self.scratch = None; // free the old size first
+        let g = self.gpu;
+        let (c, nh) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        let es = self.dtype.size();
+        let act = |elems: usize| g.alloc(elems * es);
+        let f32s = |elems: usize| g.alloc(elems * 4);
+        let bias_elems =
+            [c, 3 * c, 4 * c].iter().map(|&w| optim::bias_grad_scratch_elems(n, w)).max().unwrap_or(0);
+        let emb = if self.range.embedding { embedding::backward_workspace_bytes(n) } else { 0 };
+        self.scratch = Some(Scratch {
+            n,
             dres: act(n * c)?,
             dln: act(n * c)?,
             datty: act(n * c)?,
@@ -334,63 +451,115 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             dbig1: act(n * 4 * c)?,
             dbig2: act(n * 4 * c)?,
             tmp: act(n * c)?,
-            dsum: f32s(batch * nh * seq)?,
+            dsum: f32s(nh * n)?,
             ln_scratch: f32s(layernorm::backward_scratch_len(n, c))?,
             bias_scratch: f32s(bias_elems)?,
-            emb_workspace: g.alloc(embedding::backward_workspace_bytes(n))?,
+            emb_workspace: g.alloc(emb)?,
         });
         Ok(())
     }
 
-    /// Checks a microbatch before any device work: no backward pending, a shape that fits the
-    /// positions, and `B·T` ids below the vocabulary in each of `ids`.
-    fn check_batch(
+    /// Checks a microbatch before any device work: an id not in flight, a shape that fits the
+    /// positions, the input kind and length the range takes, and ids below the vocabulary.
+    fn check_input(
         &self,
         op: &'static str,
-        ids: &[(&str, &[u32])],
+        mb: u64,
         batch: usize,
         seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
     ) -> Result<(), GpuError> {
-        if self.pending_backward {
-            return Err(GpuError::Shape {
-                op,
-                detail: "the previous microbatch's backward has not run".into(),
-            });
+        let bad = |detail: String| GpuError::Shape { op, detail };
+        if self.in_flight.contains_key(&mb) {
+            return Err(bad(if mb == WHOLE {
+                "the previous microbatch's backward has not run".into()
+            } else {
+                format!("microbatch {mb} is already in flight (forward ran, backward has not)")
+            }));
         }
         let n = batch * seq;
         if n == 0 || seq > self.cfg.seq_length {
-            return Err(GpuError::Shape {
-                op,
-                detail: format!("{batch} × {seq} tokens (at most {} positions)", self.cfg.seq_length),
-            });
+            return Err(bad(format!("{batch} × {seq} tokens (at most {} positions)", self.cfg.seq_length)));
         }
-        for &(what, ids) in ids {
+        let check_ids = |what: &str, ids: &[u32]| -> Result<(), GpuError> {
             if ids.len() != n {
-                return Err(GpuError::Shape {
-                    op,
-                    detail: format!("{what}: {} ids for {batch} × {seq}", ids.len()),
-                });
+                return Err(bad(format!("{what}: {} ids for {batch} × {seq}", ids.len())));
             }
             if let Some(pos) = ids.iter().position(|&t| t as usize >= self.cfg.vocab_size) {
-                return Err(GpuError::Shape {
-                    op,
-                    detail: format!(
-                        "{what}[{pos}] = {} is outside the vocabulary of {}",
-                        ids[pos], self.cfg.vocab_size
-                    ),
-                });
+                return Err(bad(format!(
+                    "{what}[{pos}] = {} is outside the vocabulary of {}",
+                    ids[pos], self.cfg.vocab_size
+                )));
+            }
+            Ok(())
+        };
+        match (input, self.range.embedding) {
+            (StageInput::Tokens(t), true) => check_ids("tokens", t)?,
+            (StageInput::Hidden(h), false) => {
+                let want = n * self.cfg.hidden_size;
+                if h.len() != want {
+                    return Err(bad(format!("hidden states: {} values, expected {want}", h.len())));
+                }
+            }
+            (StageInput::Tokens(_), false) => {
+                return Err(bad("this layer range has no embedding: pass hidden states".into()));
+            }
+            (StageInput::Hidden(_), true) => {
+                return Err(bad("this layer range starts with the embedding: pass tokens".into()));
             }
         }
-        Ok(())
+        match (targets, self.range.head) {
+            (Some(t), true) => check_ids("targets", t),
+            (Some(_), false) => Err(bad("targets given to a layer range without the head".into())),
+            (None, _) => Ok(()),
+        }
     }
 
-    /// Forward of one microbatch of `batch` sequences of `seq` tokens with next-token `targets`.
-    /// Returns the mean loss and leaves dlogits scaled by `loss_scale / (B·T)` for
-    /// [`GpuGpt::backward`].
+    /// Forward of microbatch `mb` (`batch` sequences of `seq` positions) of this layer range,
+    /// keeping its activations until [`GpuGpt::backward_mb`] (or [`GpuGpt::release`]). The
+    /// embedding range takes token ids, the others the previous stage's hidden states `[B,T,C]`.
+    /// With the head and `targets`, returns the mean loss and leaves dlogits scaled by
+    /// `loss_scale / (B·T)`; without targets the head keeps the logits.
     ///
     /// # Errors
-    /// Bad lengths, token ids outside the vocabulary, a sequence longer than the positions, a
-    /// forward while another microbatch's backward is pending; device errors.
+    /// Bad lengths, token ids outside the vocabulary, a sequence longer than the positions, an
+    /// input kind the range does not take, an id already in flight; device errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_mb(
+        &mut self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<Option<f32>, GpuError> {
+        const OP: &str = "GpuGpt::forward";
+        self.check_input(OP, mb, batch, seq, input, targets)?;
+        self.ensure_scratch(batch * seq)?;
+        let mut acts = self.take_acts(batch, seq)?;
+        let mut scratch =
+            self.scratch.take().ok_or(GpuError::Shape { op: OP, detail: "no scratch".into() })?;
+        let result = self.forward_inner(&mut acts, &mut scratch, input, targets, loss_scale);
+        self.scratch = Some(scratch);
+        match result {
+            Ok(loss) => {
+                self.in_flight.insert(mb, acts);
+                Ok(loss)
+            }
+            Err(e) => {
+                self.free.push(acts);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forward of one whole-model microbatch with next-token `targets`: the mean loss, with
+    /// dlogits scaled by `loss_scale / (B·T)` left for [`GpuGpt::backward`].
+    ///
+    /// # Errors
+    /// As [`GpuGpt::forward_mb`]; also a forward while the previous one's backward is pending.
     pub fn forward(
         &mut self,
         tokens: &[u32],
@@ -399,27 +568,30 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         seq: usize,
         loss_scale: f32,
     ) -> Result<f32, GpuError> {
-        const OP: &str = "GpuGpt::forward";
-        self.check_batch(OP, &[("tokens", tokens), ("targets", targets)], batch, seq)?;
-        self.ensure_acts(batch, seq)?;
-        let mut acts = self.acts.take().ok_or(GpuError::Shape { op: OP, detail: "no activations".into() })?;
-        let result = self.forward_inner(&mut acts, tokens, Some(targets), loss_scale);
-        self.acts = Some(acts);
-        if result.is_ok() {
-            self.pending_backward = true;
+        self.whole("GpuGpt::forward")?;
+        let loss =
+            self.forward_mb(WHOLE, batch, seq, StageInput::Tokens(tokens), Some(targets), loss_scale)?;
+        Ok(loss.unwrap_or(f32::NAN))
+    }
+
+    fn whole(&self, op: &'static str) -> Result<(), GpuError> {
+        if self.range.embedding && self.range.head {
+            Ok(())
+        } else {
+            Err(GpuError::Shape { op, detail: "this call needs the whole model (embedding and head)".into() })
         }
-        result
     }
 
     /// The forward; with `targets`, the fused cross-entropy turns the logits into dlogits and the
-    /// mean loss is returned; without, the logits stay (and 0 is returned).
+    /// mean loss is returned.
     fn forward_inner(
         &self,
         a: &mut Acts<G::Buf>,
-        tokens: &[u32],
+        s: &mut Scratch<G::Buf>,
+        input: StageInput<'_>,
         targets: Option<&[u32]>,
         loss_scale: f32,
-    ) -> Result<f32, GpuError> {
+    ) -> Result<Option<f32>, GpuError> {
         let g = self.gpu;
         let dt = self.dtype;
         let (batch, seq) = (a.batch, a.seq);
@@ -430,24 +602,29 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             self.cfg.vocab_size,
             self.cfg.padded_vocab_size(),
         );
-        a.host_tokens.copy_from_slice(tokens);
-        g.upload(&mut a.tokens, 0, bytemuck::cast_slice(tokens))?;
-        if let Some(targets) = targets {
-            g.upload(&mut a.targets, 0, bytemuck::cast_slice(targets))?;
-        }
         let d = Dev::new;
-        embedding::encoder_forward(
-            g,
-            dt,
-            d(&a.input),
-            d(&a.tokens),
-            self.p(self.wte),
-            self.p(self.wpe),
-            batch,
-            seq,
-            c,
-            vp,
-        )?;
+        match (input, self.wte, self.wpe) {
+            (StageInput::Tokens(tokens), Some(wte), Some(wpe)) => {
+                a.host_tokens.copy_from_slice(tokens);
+                g.upload(&mut a.tokens, 0, bytemuck::cast_slice(tokens))?;
+                embedding::encoder_forward(
+                    g,
+                    dt,
+                    d(&a.input),
+                    d(&a.tokens),
+                    self.p(wte),
+                    self.p(wpe),
+                    batch,
+                    seq,
+                    c,
+                    vp,
+                )?;
+            }
+            (StageInput::Hidden(h), _, _) => g.upload(&mut a.input, 0, &encode(h, dt))?,
+            (StageInput::Tokens(_), _, _) => {
+                return Err(GpuError::Shape { op: "GpuGpt::forward", detail: "no embedding".into() });
+            }
+        }
         for li in 0..self.blocks.len() {
             let blk = self.blocks[li];
             let x = if li == 0 { d(&a.input) } else { d(&a.layers[li - 1].out) };
@@ -474,7 +651,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             attention::attention_forward(g, dt, d(&l.atty), d(&l.lse), d(&l.qkv), batch, seq, c, nh)?;
             g.gemm(
                 &Gemm::linear(n, c, c, dt),
-                d(&a.tmp),
+                d(&s.tmp),
                 d(&l.atty),
                 self.p(blk.proj_w),
                 Some(self.p(blk.proj_b)),
@@ -487,7 +664,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 d(&l.ln2_mean),
                 d(&l.ln2_rstd),
                 x,
-                d(&a.tmp),
+                d(&s.tmp),
                 self.p(blk.ln2_w),
                 self.p(blk.ln2_b),
                 n,
@@ -503,46 +680,83 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             gelu::gelu_forward(g, dt, d(&l.fch_gelu), d(&l.fch), n * 4 * c)?;
             g.gemm(
                 &Gemm::linear(n, 4 * c, c, dt),
-                d(&a.tmp),
+                d(&s.tmp),
                 d(&l.fch_gelu),
                 self.p(blk.fcproj_w),
                 Some(self.p(blk.fcproj_b)),
             )?;
             g.copy(d(&l.out), d(&l.resid2), n * c * dt.size())?;
-            optim::add_assign(g, dt, d(&l.out), d(&a.tmp), n * c)?;
+            optim::add_assign(g, dt, d(&l.out), d(&s.tmp), n * c)?;
         }
+        if let (Some(t), Some(h)) = (targets, a.head.as_mut()) {
+            g.upload(&mut h.targets, 0, bytemuck::cast_slice(t))?;
+        }
+        let (Some(h), Some((lnf_w, lnf_b)), Some(wte)) = (&a.head, self.lnf, self.wte) else {
+            return Ok(None);
+        };
         let x = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
         layernorm::layernorm_forward(
             g,
             dt,
-            d(&a.lnf),
-            d(&a.lnf_mean),
-            d(&a.lnf_rstd),
+            d(&h.lnf),
+            d(&h.lnf_mean),
+            d(&h.lnf_rstd),
             x,
-            self.p(self.lnf_w),
-            self.p(self.lnf_b),
+            self.p(lnf_w),
+            self.p(lnf_b),
             n,
             c,
         )?;
-        g.gemm(&Gemm::linear(n, c, vp, dt), d(&a.logits), d(&a.lnf), self.p(self.wte), None)?;
+        g.gemm(&Gemm::linear(n, c, vp, dt), d(&h.logits), d(&h.lnf), self.p(wte), None)?;
         if targets.is_none() {
-            return Ok(0.0);
+            return Ok(None);
         }
         let dloss = loss_scale / n as f32;
         crossentropy::crossentropy_forward_backward(
             g,
             dt,
-            d(&a.logits),
-            d(&a.losses),
-            d(&a.targets),
+            d(&h.logits),
+            d(&h.losses),
+            d(&h.targets),
             n,
             v,
             vp,
             dloss,
         )?;
-        let losses = download_f32(g, d(&a.losses), n, DType::F32)?;
+        let losses = download_f32(g, d(&h.losses), n, DType::F32)?;
         let mean = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
-        Ok(mean as f32)
+        Ok(Some(mean as f32))
+    }
+
+    /// Output hidden states `[B,T,C]` of in-flight microbatch `mb` as fp32 (what a stage without
+    /// the head sends to the next one); `None` when `mb` is not in flight.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn output(&self, mb: u64) -> Result<Option<Vec<f32>>, GpuError> {
+        let Some(a) = self.in_flight.get(&mb) else { return Ok(None) };
+        let out = a.layers.last().map_or(&a.input, |l| &l.out);
+        let n = a.batch * a.seq * self.cfg.hidden_size;
+        download_f32(self.gpu, Dev::new(out), n, self.dtype).map(Some)
+    }
+
+    /// Gradient of the range's input `[B,T,C]` after the latest [`GpuGpt::backward_mb`], as fp32
+    /// (what a stage without the embedding sends to the previous one).
+    ///
+    /// # Errors
+    /// No backward has run; device errors.
+    pub fn input_grad(&self) -> Result<Vec<f32>, GpuError> {
+        let (Some(n), Some(s)) = (self.last_backward_n, self.scratch.as_ref()) else {
+            return Err(GpuError::Shape { op: "GpuGpt::input_grad", detail: "no backward has run".into() });
+        };
+        download_f32(self.gpu, Dev::new(&s.dres), n * self.cfg.hidden_size, self.dtype)
+    }
+
+    /// Drops the stored activations of `mb` without its backward (evaluation).
+    pub fn release(&mut self, mb: u64) {
+        if let Some(a) = self.in_flight.remove(&mb) {
+            self.free.push(a);
+        }
     }
 
     /// Logits `[B·T, V]` (padding columns dropped) of one forward, as fp32 (tests and tools).
@@ -550,17 +764,14 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// # Errors
     /// As [`GpuGpt::forward`].
     pub fn logits(&mut self, tokens: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>, GpuError> {
-        self.check_batch("GpuGpt::logits", &[("tokens", tokens)], batch, seq)?;
-        self.ensure_acts(batch, seq)?;
-        let mut acts = self
-            .acts
-            .take()
-            .ok_or(GpuError::Shape { op: "GpuGpt::logits", detail: "no activations".into() })?;
-        let result = self.forward_inner(&mut acts, tokens, None, 1.0);
+        self.whole("GpuGpt::logits")?;
+        self.forward_mb(LOGITS, batch, seq, StageInput::Tokens(tokens), None, 1.0)?;
         let (v, vp) = (self.cfg.vocab_size, self.cfg.padded_vocab_size());
-        let logits =
-            result.and_then(|_| download_f32(self.gpu, Dev::new(&acts.logits), batch * seq * vp, self.dtype));
-        self.acts = Some(acts);
+        let logits = match self.in_flight.get(&LOGITS).and_then(|a| a.head.as_ref()) {
+            Some(h) => download_f32(self.gpu, Dev::new(&h.logits), batch * seq * vp, self.dtype),
+            None => Err(GpuError::Shape { op: "GpuGpt::logits", detail: "no head".into() }),
+        };
+        self.release(LOGITS);
         Ok(logits?.chunks(vp).flat_map(|r| r[..v].iter().copied()).collect())
     }
 
@@ -576,11 +787,12 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         seq: usize,
     ) -> Result<f32, GpuError> {
         let loss = self.forward(tokens, targets, batch, seq, 1.0)?;
-        self.pending_backward = false;
+        self.release(WHOLE);
         Ok(loss)
     }
 
-    /// Backward of the microbatch of the last forward; parameter gradients accumulate.
+    /// Backward of the whole-model microbatch of the last [`GpuGpt::forward`]; parameter
+    /// gradients accumulate.
     ///
     /// # Errors
     /// No forward pending; device errors.
@@ -598,16 +810,69 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// # Errors
     /// As [`GpuGpt::backward`], and whatever `ready` returns.
     pub fn backward_with(&mut self, ready: &mut GradsReady<'_, G::Buf>) -> Result<(), GpuError> {
-        if !self.pending_backward {
+        if !self.in_flight.contains_key(&WHOLE) {
             return Err(GpuError::Shape { op: "GpuGpt::backward", detail: "no forward is pending".into() });
         }
-        let mut acts = self
-            .acts
-            .take()
-            .ok_or(GpuError::Shape { op: "GpuGpt::backward", detail: "no activations".into() })?;
-        let result = self.backward_inner(&mut acts, ready);
-        self.acts = Some(acts);
-        self.pending_backward = false;
+        self.backward_mb(WHOLE, None, ready)
+    }
+
+    /// Backward of in-flight microbatch `mb`, freeing its activations. The head range starts
+    /// from its stored dlogits (`dout` must be `None`); other ranges take `dout`, the gradient of
+    /// their output `[B,T,C]`. Parameter gradients accumulate (the head's use of the tied `wte`
+    /// adds into `wte`'s gradient directly); the input gradient is then in
+    /// [`GpuGpt::input_grad`]. `ready` reports finished arena ranges as in
+    /// [`GpuGpt::backward_with`].
+    ///
+    /// # Errors
+    /// An unknown microbatch, `dout` missing, given to the head or of the wrong length; device
+    /// errors and whatever `ready` returns.
+    pub fn backward_mb(
+        &mut self,
+        mb: u64,
+        dout: Option<&[f32]>,
+        ready: &mut GradsReady<'_, G::Buf>,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "GpuGpt::backward";
+        let Some(a) = self.in_flight.get(&mb) else {
+            return Err(GpuError::Shape {
+                op: OP,
+                detail: format!("no stored activations for microbatch {mb}: backward without forward"),
+            });
+        };
+        let n = a.batch * a.seq;
+        match (dout, self.range.head) {
+            (Some(_), true) => {
+                return Err(GpuError::Shape {
+                    op: OP,
+                    detail: "the head range starts from its dlogits: pass no output gradient".into(),
+                });
+            }
+            (None, false) => {
+                return Err(GpuError::Shape {
+                    op: OP,
+                    detail: "a range without the head needs the gradient of its output".into(),
+                });
+            }
+            (Some(h), false) if h.len() != n * self.cfg.hidden_size => {
+                return Err(GpuError::Shape {
+                    op: OP,
+                    detail: format!(
+                        "output gradient: {} values, expected {}",
+                        h.len(),
+                        n * self.cfg.hidden_size
+                    ),
+                });
+            }
+            _ => {}
+        }
+        self.ensure_scratch(n)?;
+        let acts = self.in_flight.remove(&mb).ok_or(GpuError::Shape { op: OP, detail: "lost".into() })?;
+        let mut scratch =
+            self.scratch.take().ok_or(GpuError::Shape { op: OP, detail: "no scratch".into() })?;
+        let result = self.backward_inner(&acts, &mut scratch, dout, ready);
+        self.scratch = Some(scratch);
+        self.free.push(acts);
+        self.last_backward_n = result.is_ok().then_some(n);
         result
     }
 
@@ -619,7 +884,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
-        a: &Acts<G::Buf>,
+        s: &Scratch<G::Buf>,
         dinp: Dev<'_, G::Buf>,
         dout: Dev<'_, G::Buf>,
         inp: Dev<'_, G::Buf>,
@@ -633,14 +898,16 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         g.gemm(&Gemm::linear_backward_input(n, k, out, dt), dinp, dout, self.p(w), None)?;
         g.gemm(&Gemm::linear_backward_weight(n, k, out, dt), self.gr(w), dout, inp, None)?;
         if let Some(b) = b {
-            optim::bias_grad(g, self.gr(b), DType::F32, dout, dt, n, out, Dev::new(&a.bias_scratch))?;
+            optim::bias_grad(g, self.gr(b), DType::F32, dout, dt, n, out, Dev::new(&s.bias_scratch))?;
         }
         Ok(())
     }
 
     fn backward_inner(
         &self,
-        a: &mut Acts<G::Buf>,
+        a: &Acts<G::Buf>,
+        s: &mut Scratch<G::Buf>,
+        dout: Option<&[f32]>,
         ready: &mut GradsReady<'_, G::Buf>,
     ) -> Result<(), GpuError> {
         let g = self.gpu;
@@ -649,35 +916,46 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         let n = batch * seq;
         let (c, nh, vp) = (self.cfg.hidden_size, self.cfg.num_attention_heads, self.cfg.padded_vocab_size());
         let d = Dev::new;
-        // Head: dlnf = dlogits·wte; the tied wte gradient accumulates here and again in the
-        // embedding backward below.
-        self.linear_backward(a, d(&a.dln), d(&a.logits), d(&a.lnf), self.wte, None, n, c, vp)?;
-        g.zero(d(&a.dres), n * c * dt.size())?;
-        let last_out = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
-        layernorm::layernorm_backward(
-            g,
-            dt,
-            d(&a.dres),
-            self.gr(self.lnf_w),
-            self.gr(self.lnf_b),
-            d(&a.ln_scratch),
-            d(&a.dln),
-            last_out,
-            self.p(self.lnf_w),
-            d(&a.lnf_mean),
-            d(&a.lnf_rstd),
-            n,
-            c,
-        )?;
-        ready(self.lnf_w.offset..self.lnf_b.range().end, &self.grads)?;
+        match (&a.head, self.lnf, self.wte, dout) {
+            (Some(h), Some((lnf_w, lnf_b)), Some(wte), None) => {
+                // Head: dlnf = dlogits·wte; the tied wte gradient accumulates here (and again in
+                // the embedding backward of the range that holds the embedding).
+                self.linear_backward(s, d(&s.dln), d(&h.logits), d(&h.lnf), wte, None, n, c, vp)?;
+                g.zero(d(&s.dres), n * c * dt.size())?;
+                let last_out = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
+                layernorm::layernorm_backward(
+                    g,
+                    dt,
+                    d(&s.dres),
+                    self.gr(lnf_w),
+                    self.gr(lnf_b),
+                    d(&s.ln_scratch),
+                    d(&s.dln),
+                    last_out,
+                    self.p(lnf_w),
+                    d(&h.lnf_mean),
+                    d(&h.lnf_rstd),
+                    n,
+                    c,
+                )?;
+                ready(lnf_w.offset..lnf_b.range().end, &self.grads)?;
+            }
+            (None, _, _, Some(h)) => g.upload(&mut s.dres, 0, &encode(h, dt))?,
+            _ => {
+                return Err(GpuError::Shape {
+                    op: "GpuGpt::backward",
+                    detail: "the output gradient does not fit the layer range".into(),
+                });
+            }
+        }
         for li in (0..self.blocks.len()).rev() {
             let blk = self.blocks[li];
             let x = if li == 0 { d(&a.input) } else { d(&a.layers[li - 1].out) };
             let l = &a.layers[li];
             self.linear_backward(
-                a,
-                d(&a.dbig1),
-                d(&a.dres),
+                s,
+                d(&s.dbig1),
+                d(&s.dres),
                 d(&l.fch_gelu),
                 blk.fcproj_w,
                 Some(blk.fcproj_b),
@@ -685,11 +963,11 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 4 * c,
                 c,
             )?;
-            gelu::gelu_backward(g, dt, d(&a.dbig2), d(&l.fch), d(&a.dbig1), n * 4 * c)?;
+            gelu::gelu_backward(g, dt, d(&s.dbig2), d(&l.fch), d(&s.dbig1), n * 4 * c)?;
             self.linear_backward(
-                a,
-                d(&a.dln),
-                d(&a.dbig2),
+                s,
+                d(&s.dln),
+                d(&s.dbig2),
                 d(&l.ln2),
                 blk.fc_w,
                 Some(blk.fc_b),
@@ -700,11 +978,11 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             layernorm::layernorm_backward(
                 g,
                 dt,
-                d(&a.dres),
+                d(&s.dres),
                 self.gr(blk.ln2_w),
                 self.gr(blk.ln2_b),
-                d(&a.ln_scratch),
-                d(&a.dln),
+                d(&s.ln_scratch),
+                d(&s.dln),
                 d(&l.resid2),
                 self.p(blk.ln2_w),
                 d(&l.ln2_mean),
@@ -713,9 +991,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 c,
             )?;
             self.linear_backward(
-                a,
-                d(&a.datty),
-                d(&a.dres),
+                s,
+                d(&s.datty),
+                d(&s.dres),
                 d(&l.atty),
                 blk.proj_w,
                 Some(blk.proj_b),
@@ -726,9 +1004,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             attention::attention_backward(
                 g,
                 dt,
-                d(&a.dqkv),
-                d(&a.dsum),
-                d(&a.datty),
+                d(&s.dqkv),
+                d(&s.dsum),
+                d(&s.datty),
                 d(&l.atty),
                 d(&l.lse),
                 d(&l.qkv),
@@ -738,9 +1016,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 nh,
             )?;
             self.linear_backward(
-                a,
-                d(&a.dln),
-                d(&a.dqkv),
+                s,
+                d(&s.dln),
+                d(&s.dqkv),
                 d(&l.ln1),
                 blk.qkv_w,
                 Some(blk.qkv_b),
@@ -751,11 +1029,11 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             layernorm::layernorm_backward(
                 g,
                 dt,
-                d(&a.dres),
+                d(&s.dres),
                 self.gr(blk.ln1_w),
                 self.gr(blk.ln1_b),
-                d(&a.ln_scratch),
-                d(&a.dln),
+                d(&s.ln_scratch),
+                d(&s.dln),
                 x,
                 self.p(blk.ln1_w),
                 d(&l.ln1_mean),
@@ -765,20 +1043,22 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             )?;
             ready(blk.ln1_w.offset..blk.fcproj_b.range().end, &self.grads)?;
         }
-        embedding::encoder_backward(
-            g,
-            dt,
-            self.gr(self.wte),
-            self.gr(self.wpe),
-            d(&a.dres),
-            &a.host_tokens,
-            &mut a.emb_workspace,
-            batch,
-            seq,
-            c,
-            self.cfg.vocab_size,
-        )?;
-        ready(self.wte.offset..self.wpe.range().end, &self.grads)?;
+        if let (true, Some(wte), Some(wpe)) = (self.range.embedding, self.wte, self.wpe) {
+            embedding::encoder_backward(
+                g,
+                dt,
+                self.gr(wte),
+                self.gr(wpe),
+                d(&s.dres),
+                &a.host_tokens,
+                &mut s.emb_workspace,
+                batch,
+                seq,
+                c,
+                self.cfg.vocab_size,
+            )?;
+            ready(wte.offset..wpe.range().end, &self.grads)?;
+        }
         Ok(())
     }
 

@@ -13,9 +13,9 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::kernels::Backend;
-use crate::models::gpt::Gpt;
 
 use super::plan::Bucket;
+use super::stage::Stage;
 
 /// A finished bucket of gradients, handed to the data-parallel reducer.
 #[derive(Debug)]
@@ -29,7 +29,7 @@ pub struct ReadyBucket {
 /// What the compute thread owns.
 pub struct Engine {
     pub be: Box<dyn Backend + Send>,
-    pub chunks: Vec<Gpt>,
+    pub chunks: Vec<Stage>,
     /// Microbatches per step (the last weight-producing backward of a chunk is number m).
     pub microbatches: usize,
     /// Buckets of each chunk (see [`super::plan::buckets`]).
@@ -61,7 +61,7 @@ impl Engine {
         self.handed.iter_mut().for_each(|h| h.iter_mut().for_each(|x| *x = false));
         self.peak_in_flight.iter_mut().for_each(|p| *p = 0);
         self.nonfinite = false;
-        self.chunks.iter_mut().for_each(Gpt::zero_grads);
+        self.chunks.iter_mut().for_each(Stage::zero_grads);
     }
 
     pub fn note_in_flight(&mut self, chunk: usize) {

@@ -23,6 +23,7 @@ pub mod matrix;
 pub mod plan;
 pub mod rank;
 pub mod shard;
+pub mod stage;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -100,6 +101,8 @@ pub struct RunOptions {
     /// Validation data: every `logging.eval_interval` steps the ranks evaluate
     /// `logging.eval_iters` microbatches of it through the pipeline.
     pub valid: Option<ValidData>,
+    /// Run each chunk's forwards and backwards on this device (see [`stage`]); `None`: the CPU.
+    pub device: Option<crate::gpu::stage::StageFactory>,
 }
 
 /// Validation samples for [`RunOptions::valid`].
@@ -126,6 +129,7 @@ impl Default for RunOptions {
             watchdog: None,
             flight_dir: None,
             valid: None,
+            device: None,
         }
     }
 }

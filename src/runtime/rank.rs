@@ -400,7 +400,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         let targets = head.then(|| &batch.targets[i][..]);
                         let t = Instant::now();
                         let mut loss = g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?;
-                        let mut out = if head { None } else { g.output(u64::from(mb)).map(<[f32]>::to_vec) };
+                        let mut out = if head { None } else { g.output_vec(u64::from(mb))? };
                         match poison {
                             Some((Target::Act, v)) if out.is_some() => {
                                 if let Some(o) = out.as_mut() {
@@ -710,6 +710,7 @@ fn weight_backward(
         g.backward_with(&**be, u64::from(mb), dout, &mut hook)?;
     }
     if last {
+        g.sync_grads()?;
         g.fold_tied_grad(&**be);
         e.hand_remaining_buckets(c);
     }
@@ -1150,6 +1151,11 @@ impl Actor for Supervisor {
                 }
             }) as Box<dyn Fn(ReadyBucket) + Send>
         });
+        let chunks = chunks
+            .into_iter()
+            .map(|g| super::stage::Stage::new(g, s.opts.device.as_ref()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| spawn_err("model chunk on the device", e))?;
         let handed = chunk_buckets.iter().map(|b| vec![false; b.len()]).collect();
         let engine = Engine {
             be: Box::new(CpuBackend::new(s.threads)),
@@ -2241,9 +2247,9 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
                         Some(h) => StageInput::Hidden(h),
                     };
                     let loss = g.forward(&**be, id, b, seq, inp, last.then_some(&targets[..]), 1.0);
-                    let out = if last { None } else { g.output(id).map(<[f32]>::to_vec) };
+                    let out = if last { Ok(None) } else { g.output_vec(id) };
                     g.release(id);
-                    loss.map(|l| (l, out))
+                    loss.and_then(|l| Ok((l, out?)))
                 })
                 .await?;
             let (loss, out) = r.map_err(|e| fail(e.to_string()))?;

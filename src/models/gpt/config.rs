@@ -168,4 +168,7 @@ pub enum ModelError {
     WrongStage(&'static str),
     #[error("non-finite loss {loss} in microbatch {mb}")]
     NonFiniteLoss { mb: u64, loss: f32 },
+    /// The chunk's compute runs on a device (`crate::gpu::stage`) and the device failed.
+    #[error("on the GPU: {0}")]
+    Device(String),
 }

@@ -1,0 +1,178 @@
+//! A pipeline stage's layer range on a GPU, as the actor runtime drives it.
+//!
+//! The runtime (`crate::runtime`) keeps each chunk's parameters, gradients and optimizer state
+//! on the host — that is where its gradient reducer, ZeRO optimizer shards, embedding group,
+//! checkpoints and fault injection work — and hands the chunk's compute to a [`DeviceStage`]
+//! when the run has a device: forwards and backwards of microbatches run on the GPU, activations
+//! and input gradients cross stages as fp32 host messages, the gradients come back to the host
+//! once per step (after the chunk's last backward) and the updated parameters go up once per
+//! step (before the first forward that needs them). Every schedule except the zero-bubble ones
+//! (which split the backward) runs this way.
+
+use std::sync::Arc;
+
+use super::model::GpuGpt;
+use super::{DType, Gpu, GpuError};
+use crate::models::gpt::{GptConfig, LayerRange, StageInput};
+
+/// The compute of one model chunk on a device (object safe, so the runtime holds any GPU).
+pub trait DeviceStage: Send {
+    /// Forward of microbatch `mb`, as [`GpuGpt::forward_mb`].
+    ///
+    /// # Errors
+    /// As [`GpuGpt::forward_mb`].
+    fn forward(
+        &mut self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<Option<f32>, GpuError>;
+
+    /// Output hidden states of in-flight `mb` (fp32).
+    ///
+    /// # Errors
+    /// Device errors.
+    fn output(&self, mb: u64) -> Result<Option<Vec<f32>>, GpuError>;
+
+    /// Backward of `mb`, as [`GpuGpt::backward_mb`]; gradients accumulate on the device.
+    ///
+    /// # Errors
+    /// As [`GpuGpt::backward_mb`].
+    fn backward(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError>;
+
+    /// Gradient of the range input after the latest backward (fp32).
+    ///
+    /// # Errors
+    /// No backward ran; device errors.
+    fn input_grad(&self) -> Result<Vec<f32>, GpuError>;
+
+    /// Drops `mb`'s activations without a backward.
+    fn release(&mut self, mb: u64);
+
+    /// Microbatches holding activations.
+    fn in_flight(&self) -> usize;
+
+    /// Replaces the parameters (fp32 host arena, the range's order).
+    ///
+    /// # Errors
+    /// A wrong length; device errors.
+    fn set_params(&mut self, host: &[f32]) -> Result<(), GpuError>;
+
+    /// The accumulated parameter gradients (fp32 host arena, the range's order).
+    ///
+    /// # Errors
+    /// Device errors.
+    fn grads(&self) -> Result<Vec<f32>, GpuError>;
+
+    /// Zeroes the accumulated gradients.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn zero_grads(&mut self) -> Result<(), GpuError>;
+}
+
+impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
+    fn forward(
+        &mut self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<Option<f32>, GpuError> {
+        self.forward_mb(mb, batch, seq, input, targets, loss_scale)
+    }
+
+    fn output(&self, mb: u64) -> Result<Option<Vec<f32>>, GpuError> {
+        GpuGpt::output(self, mb)
+    }
+
+    fn backward(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError> {
+        self.backward_mb(mb, dout, &mut |_, _| Ok(()))
+    }
+
+    fn input_grad(&self) -> Result<Vec<f32>, GpuError> {
+        GpuGpt::input_grad(self)
+    }
+
+    fn release(&mut self, mb: u64) {
+        GpuGpt::release(self, mb);
+    }
+
+    fn in_flight(&self) -> usize {
+        GpuGpt::in_flight(self)
+    }
+
+    fn set_params(&mut self, host: &[f32]) -> Result<(), GpuError> {
+        GpuGpt::set_params(self, host)
+    }
+
+    fn grads(&self) -> Result<Vec<f32>, GpuError> {
+        self.grads_host()
+    }
+
+    fn zero_grads(&mut self) -> Result<(), GpuError> {
+        GpuGpt::zero_grads(self)
+    }
+}
+
+type MakeStage =
+    dyn Fn(&GptConfig, LayerRange, &[f32]) -> Result<Box<dyn DeviceStage>, GpuError> + Send + Sync;
+
+/// Builds the [`DeviceStage`] of a chunk (model config, layer range, initial host parameters)
+/// on one device in one precision; what the runtime's `RunOptions::device` holds.
+#[derive(Clone)]
+pub struct StageFactory {
+    make: Arc<MakeStage>,
+    describe: String,
+}
+
+impl StageFactory {
+    /// Stages on `gpu` (which lives as long as the process: leak it, or use a `shared()` one)
+    /// in `dtype`.
+    pub fn new<G: Gpu + 'static>(gpu: &'static G, dtype: DType) -> Self {
+        let describe = format!(
+            "{} in {}",
+            gpu.describe(),
+            match dtype {
+                DType::F32 => "fp32",
+                DType::Bf16 => "bf16",
+            }
+        );
+        StageFactory {
+            make: Arc::new(move |cfg: &GptConfig, range: LayerRange, host: &[f32]| {
+                let stage = GpuGpt::from_range_params(gpu, cfg, range, host, dtype)?;
+                Ok(Box::new(stage) as Box<dyn DeviceStage>)
+            }),
+            describe,
+        }
+    }
+
+    /// The device and precision, for logs.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// The stage of layer `range` with parameters `host`.
+    ///
+    /// # Errors
+    /// As [`GpuGpt::from_range_params`].
+    pub fn make(
+        &self,
+        cfg: &GptConfig,
+        range: LayerRange,
+        host: &[f32],
+    ) -> Result<Box<dyn DeviceStage>, GpuError> {
+        (self.make)(cfg, range, host)
+    }
+}
+
+impl std::fmt::Debug for StageFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StageFactory({})", self.describe)
+    }
+}

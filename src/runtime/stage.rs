@@ -1,0 +1,225 @@
+//! A model chunk as the runtime holds it: the host [`Gpt`] (parameters, gradients, the table the
+//! reducer, optimizer shard and checkpoints work on) and, on a GPU run, the chunk's
+//! [`DeviceStage`] that does its forwards and backwards (see `crate::gpu::stage`).
+//!
+//! [`Stage`] dereferences to the host model, so the runtime reads and writes parameters and
+//! gradients as on the CPU; any mutable access marks the host parameters as newer than the
+//! device's, and the next device forward uploads them first (once per step in practice: after
+//! the optimizer). The compute calls (`forward`, `backward_with`, `output`, `input_grad`, …) are
+//! the stage's own and go to the device when there is one. The device's gradients are added into
+//! the host arena by [`Stage::sync_grads`] after the chunk's last backward of the step, so a
+//! gradient the host already holds (an injected NaN) survives.
+
+use std::ops::{Deref, DerefMut};
+
+use crate::gpu::stage::{DeviceStage, StageFactory};
+use crate::kernels::Backend;
+use crate::models::gpt::{Gpt, ModelError, StageInput};
+
+/// See the module docs.
+pub struct Stage {
+    host: Gpt,
+    dev: Option<Box<dyn DeviceStage>>,
+    /// The host parameters changed since the device last got them.
+    params_dirty: bool,
+    /// The device gradients must be zeroed before the next backward.
+    dev_zero: bool,
+    /// The device holds gradients not yet added into the host arena.
+    dev_grads: bool,
+    /// The device's latest input gradient, on the host.
+    dinput: Vec<f32>,
+}
+
+fn dev_err(e: crate::gpu::GpuError) -> ModelError {
+    ModelError::Device(e.to_string())
+}
+
+impl Stage {
+    /// The chunk `host`, computing on the CPU.
+    pub fn cpu(host: Gpt) -> Self {
+        Stage { host, dev: None, params_dirty: false, dev_zero: false, dev_grads: false, dinput: Vec::new() }
+    }
+
+    /// The chunk `host` with its compute on the device `factory` makes (from the host's
+    /// current parameters), or on the CPU without a factory.
+    ///
+    /// # Errors
+    /// The device stage cannot be built (an unsupported shape, out of device memory).
+    pub fn new(host: Gpt, factory: Option<&StageFactory>) -> Result<Self, ModelError> {
+        let Some(f) = factory else { return Ok(Self::cpu(host)) };
+        let dev = f.make(host.config(), host.range(), host.params()).map_err(dev_err)?;
+        Ok(Stage { dev: Some(dev), ..Self::cpu(host) })
+    }
+
+    /// Whether the compute runs on a device.
+    pub fn on_device(&self) -> bool {
+        self.dev.is_some()
+    }
+
+    /// Forward of microbatch `mb` (see `Gpt::forward`).
+    ///
+    /// # Errors
+    /// As `Gpt::forward`; device errors as [`ModelError::Device`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<Option<f32>, ModelError> {
+        let Some(dev) = self.dev.as_mut() else {
+            return self.host.forward(be, mb, batch, seq, input, targets, loss_scale);
+        };
+        if self.params_dirty {
+            dev.set_params(self.host.params()).map_err(dev_err)?;
+            self.params_dirty = false;
+        }
+        dev.forward(mb, batch, seq, input, targets, loss_scale).map_err(dev_err)
+    }
+
+    /// Output hidden states of in-flight `mb` (what a stage without the head sends).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn output_vec(&self, mb: u64) -> Result<Option<Vec<f32>>, ModelError> {
+        match &self.dev {
+            None => Ok(self.host.output(mb).map(<[f32]>::to_vec)),
+            Some(d) => d.output(mb).map_err(dev_err),
+        }
+    }
+
+    /// Full backward of `mb` (see `Gpt::backward_with`). On a device, `ready` is not called:
+    /// the gradients reach the host at [`Stage::sync_grads`].
+    ///
+    /// # Errors
+    /// As `Gpt::backward_with`; device errors.
+    pub fn backward_with(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        dout: Option<&[f32]>,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<(), ModelError> {
+        let Some(dev) = self.dev.as_mut() else {
+            return self.host.backward_with(be, mb, dout, ready);
+        };
+        if self.dev_zero {
+            dev.zero_grads().map_err(dev_err)?;
+            self.dev_zero = false;
+        }
+        dev.backward(mb, dout).map_err(dev_err)?;
+        self.dev_grads = true;
+        if !self.host.range().embedding {
+            self.dinput = dev.input_grad().map_err(dev_err)?;
+        }
+        Ok(())
+    }
+
+    /// The input half of a split backward (zero-bubble schedules); CPU only.
+    ///
+    /// # Errors
+    /// As `Gpt::backward_input`; on a device, always (not built).
+    pub fn backward_input(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        dout: Option<&[f32]>,
+    ) -> Result<(), ModelError> {
+        if self.dev.is_some() {
+            return Err(split_unsupported());
+        }
+        self.host.backward_input(be, mb, dout)
+    }
+
+    /// The weight half of a split backward; CPU only.
+    ///
+    /// # Errors
+    /// As `Gpt::backward_weight_with`; on a device, always (not built).
+    pub fn backward_weight_with(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<(), ModelError> {
+        if self.dev.is_some() {
+            return Err(split_unsupported());
+        }
+        self.host.backward_weight_with(be, mb, ready)
+    }
+
+    /// Gradient of the range input after the latest backward.
+    pub fn input_grad(&self) -> &[f32] {
+        match self.dev {
+            None => self.host.input_grad(),
+            Some(_) => &self.dinput,
+        }
+    }
+
+    /// Drops `mb`'s activations without a backward.
+    pub fn release(&mut self, mb: u64) {
+        match self.dev.as_mut() {
+            None => self.host.release(mb),
+            Some(d) => d.release(mb),
+        }
+    }
+
+    /// Microbatches holding activations.
+    pub fn in_flight(&self) -> usize {
+        self.dev.as_ref().map_or_else(|| self.host.in_flight(), |d| d.in_flight())
+    }
+
+    /// Zeroes the host gradients, and the device's before its next backward.
+    pub fn zero_grads(&mut self) {
+        self.host.zero_grads();
+        self.dev_zero = self.dev.is_some();
+        self.dev_grads = false;
+    }
+
+    /// Adds the gradients the device accumulated since the last sync into the host arena (a
+    /// no-op on the CPU). Call after the chunk's last backward of the step, before reading them.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn sync_grads(&mut self) -> Result<(), ModelError> {
+        let Some(dev) = self.dev.as_mut() else { return Ok(()) };
+        if !self.dev_grads {
+            return Ok(());
+        }
+        let g = dev.grads().map_err(dev_err)?;
+        for (h, d) in self.host.grads_mut().iter_mut().zip(&g) {
+            *h += d;
+        }
+        dev.zero_grads().map_err(dev_err)?;
+        self.dev_grads = false;
+        self.dev_zero = false;
+        Ok(())
+    }
+}
+
+fn split_unsupported() -> ModelError {
+    ModelError::Device(
+        "zero-bubble schedules split the backward in two, which GPU stages do not do yet; \
+         use --pipeline-schedule 1f1b, interleaved or gpipe"
+            .into(),
+    )
+}
+
+impl Deref for Stage {
+    type Target = Gpt;
+    fn deref(&self) -> &Gpt {
+        &self.host
+    }
+}
+
+impl DerefMut for Stage {
+    /// Mutable access to the host model: its parameters may change, so the device gets them
+    /// again before its next forward.
+    fn deref_mut(&mut self) -> &mut Gpt {
+        self.params_dirty = self.dev.is_some();
+        &mut self.host
+    }
+}
