@@ -81,6 +81,12 @@ timeout 200 $troupe bench train --config $cfg --device cuda --micro-batch-size "
 log "profile: rc $?; top kernels:"
 head -14 "$OUT/bench-profile.err" | tee -a "$OUT/summary.txt"
 bench simt TROUPE_ATTENTION=simt
+# The actor runtime with the model chunk on the GPU (optimizer on the host, gradients down and
+# parameters up once per step) against the GPU training loop, in the same process: the cost of
+# the general path that pipeline parallelism on GPUs uses.
+timeout 300 $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --microbatches 2 --actors \
+  --steps 5 --warmup 2 >"$OUT/bench-actors.json" 2>"$OUT/bench-actors.err"
+log "troupe actors: rc $? $(tail -c 400 "$OUT/bench-actors.json") $(tail -c 300 "$OUT/bench-actors.err")"
 pytorch pytorch-compile --compile
 echo
 echo "---- summary ----"
@@ -88,7 +94,7 @@ cat "$OUT/summary.txt"
 python3 - "$OUT" <<'PY'
 import json, sys, os
 rows = []
-for name in ("tc", "simt", "pytorch-eager", "pytorch-compile"):
+for name in ("tc", "simt", "actors", "pytorch-eager", "pytorch-compile"):
     p = os.path.join(sys.argv[1], f"bench-{name}.json")
     try:
         r = json.loads(open(p).read().strip().splitlines()[-1])

@@ -12,8 +12,8 @@
 //! 7.5e-5, and the weights the kernels read are rounded to bf16 again after each update;
 //! measured here: 7e-5 and 1.3e-3).
 //!
-//! Also: each rank holds the number of microbatches its schedule says (GPipe all m, 1F1B
-//! `p − r`), an injected NaN gradient on a GPU stage is caught and the step skipped like on the
+//! Also: two runs give the same bits, each rank holds the number of microbatches its schedule
+//! says (GPipe all m, 1F1B `p − r`), an injected NaN gradient on a GPU stage is caught and the step skipped like on the
 //! CPU, and a zero-bubble schedule (split backward, not built for GPU stages) is an error that
 //! says so instead of a hang.
 
@@ -150,6 +150,23 @@ fn compare(sets: &[&str], dtype: DType, loss_tol: f64) -> Result<()> {
 #[test]
 fn one_f_one_b_on_gpu_stages_matches_the_cpu() -> Result<()> {
     compare(&["parallel.pipeline_model_parallel_size=2"], DType::F32, 1e-5)
+}
+
+/// The kernels have no atomics and fixed reduction orders: a second run gives the same bits.
+#[test]
+fn gpu_stages_are_deterministic() -> Result<()> {
+    let cfg = config(&["parallel.pipeline_model_parallel_size=2"])?;
+    for (name, dev) in devices(DType::Bf16) {
+        let a = run(&cfg, Some(dev.clone()), &[])?;
+        let b = run(&cfg, Some(dev), &[])?;
+        let (pa, pb) = (params(&a), params(&b));
+        let same = pa.iter().zip(&pb).all(|(x, y)| x.to_bits() == y.to_bits());
+        ensure!(same && pa.len() == pb.len(), "on the {name}: two runs differ");
+        let la: Vec<u32> = a[0].records.iter().map(|r| r.loss.to_bits()).collect();
+        let lb: Vec<u32> = b[0].records.iter().map(|r| r.loss.to_bits()).collect();
+        ensure!(la == lb, "on the {name}: losses differ between runs");
+    }
+    Ok(())
 }
 
 #[test]

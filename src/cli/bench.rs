@@ -142,18 +142,11 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
         }
     }
     let cfg = Config::load_with(&args.config, &sets).map_err(|e| UsageError(e.to_string()))?;
-    if args.device != troupe::device::Device::Cpu {
-        if args.actors || cfg.parallel.is_distributed() {
-            return Err(UsageError(format!(
-                "--device {}: one GPU rank only (no actor runtime on GPUs yet)",
-                args.device
-            ))
-            .into());
-        }
-        return gpu_bench(&args, &cfg).map(|out| println!("{out}"));
-    }
     if args.actors || cfg.parallel.is_distributed() {
         return runtime_bench(&args, &cfg);
+    }
+    if args.device != troupe::device::Device::Cpu {
+        return gpu_bench(&args, &cfg).map(|out| println!("{out}"));
     }
     plain(&args, &cfg).map(|out| println!("{out}"))
 }
@@ -359,7 +352,21 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let opts = RunOptions { trace_step: Some(total), checksums: !args.no_checksums, ..RunOptions::default() };
+    let device = super::train::stage_factory(args.device, args.dtype.into(), 0)?;
+    if device.is_some() && plan.schedule.name().starts_with("zb") {
+        return Err(UsageError(format!(
+            "--device {}: GPU stages do not split the backward (zero-bubble schedules)",
+            args.device
+        ))
+        .into());
+    }
+    let describe = device.as_ref().map(|d| d.describe().to_string());
+    let opts = RunOptions {
+        trace_step: Some(total),
+        checksums: !args.no_checksums,
+        device,
+        ..RunOptions::default()
+    };
     let results = train_inproc(&cfg, Arc::new(data), opts, threads, None, None)?;
     let r0 = &results[0];
     let mut times: Vec<f64> = r0.records.iter().skip(args.warmup).map(|r| r.seconds).collect();
@@ -395,12 +402,23 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "checksums": !args.no_checksums,
         "optimizer_state_mb_per_rank": results.iter().map(|r| round(r.optimizer_state_bytes as f64 / 1048576.0, 2)).collect::<Vec<_>>(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": args.device.to_string(),
+        "gpu": describe,
+        "mfu": describe.as_ref().map(|_| {
+            round(cfg.model.flops_per_token() * tokens_per_s / (args.peak_tflops * 1e12), 4)
+        }),
     });
     if let Some(b) = bubble.as_ref().filter(|_| plan.pp > 1) {
         out["bubble_relative_error"] =
             serde_json::json!(round((b.measured - b.predicted).abs() / b.predicted.max(1e-12), 4));
     }
-    if world == 1 {
+    if world == 1 && args.device != troupe::device::Device::Cpu {
+        // The same rank on the GPU training loop (device optimizer, no host round trips).
+        let g = gpu_bench(&TrainBenchArgs { profile: false, ..args.clone() }, &cfg)?;
+        let loop_tps = g["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        out["gpu_loop_tokens_per_s"] = serde_json::json!(loop_tps);
+        out["actors_over_gpu_loop"] = serde_json::json!(round(tokens_per_s / loop_tps, 4));
+    } else if world == 1 {
         let p = plain(&TrainBenchArgs { profile: false, threads: Some(threads), ..args.clone() }, &cfg)?;
         let plain_tps = p["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
         out["plain_tokens_per_s"] = serde_json::json!(plain_tps);

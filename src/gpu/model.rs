@@ -356,11 +356,16 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 detail: format!("{} values for {n} parameters", host.len()),
             });
         }
-        self.gpu.upload(&mut self.params, 0, &encode(host, self.dtype))?;
-        if let Some(m) = self.master.as_mut() {
-            self.gpu.upload(m, 0, bytemuck::cast_slice(host))?;
+        match self.master.as_mut() {
+            None => self.gpu.upload(&mut self.params, 0, bytemuck::cast_slice(host)),
+            Some(m) => {
+                // fp32 up once; the bf16 copy is rounded on the device (to nearest even, as
+                // `encode` does on the host).
+                self.gpu.upload(m, 0, bytemuck::cast_slice(host))?;
+                let (dst, src) = (Dev::new(&self.params), Dev::new(&*m));
+                optim::cast(self.gpu, dst, self.dtype, src, DType::F32, n)
+            }
         }
-        Ok(())
     }
 
     /// Number of microbatches whose activations are stored (forward ran, backward has not).

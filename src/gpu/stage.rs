@@ -72,6 +72,13 @@ pub trait DeviceStage: Send {
     /// # Errors
     /// Device errors.
     fn zero_grads(&mut self) -> Result<(), GpuError>;
+
+    /// Waits until the device has finished the queued work (so a compute job's measured time,
+    /// which traces and the bubble report use, is the device's).
+    ///
+    /// # Errors
+    /// Device errors.
+    fn synchronize(&self) -> Result<(), GpuError>;
 }
 
 impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
@@ -117,6 +124,10 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
 
     fn zero_grads(&mut self) -> Result<(), GpuError> {
         GpuGpt::zero_grads(self)
+    }
+
+    fn synchronize(&self) -> Result<(), GpuError> {
+        self.gpu().synchronize()
     }
 }
 

@@ -113,7 +113,11 @@ impl Stage {
         }
         dev.backward(mb, dout).map_err(dev_err)?;
         self.dev_grads = true;
-        if !self.host.range().embedding {
+        if self.host.range().embedding {
+            // Nothing comes back from the first stage's backward: wait for it, so the job's
+            // time (in traces and the bubble report) is the device's.
+            dev.synchronize().map_err(dev_err)?;
+        } else {
             self.dinput = dev.input_grad().map_err(dev_err)?;
         }
         Ok(())
