@@ -55,6 +55,39 @@ for t in $bundle/tests/gpu_*; do
   fi
 done
 
+# --- loss curves: the default model (4 layers, hidden 256, head size 64: tensor-core attention in
+# bf16) for 200 steps on the CPU, on the GPU in fp32 and in bf16 (and on GPU pipeline stages),
+# same data and seed.
+curve() { # name, then train arguments
+  local name=$1; shift
+  timeout 240 $troupe train --train-iters 200 --eval-interval 0 --save "" --log-interval 1 --no-progress \
+    --set logging.sample_tokens=0 --log-json "$OUT/curve-$name.jsonl" "$@" >"$OUT/curve-$name.err" 2>&1
+  log "curve $name: rc $? $(tail -n 1 "$OUT/curve-$name.err")"
+}
+curve cpu --device cpu
+curve cuda-fp32 --device cuda --dtype fp32
+curve cuda-bf16 --device cuda --dtype bf16
+curve cuda-pp2-bf16 --device cuda --dtype bf16 --pipeline-model-parallel-size 2
+python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys, os
+def load(name):
+    try:
+        rows = [json.loads(l) for l in open(os.path.join(sys.argv[1], f"curve-{name}.jsonl")) if l.strip()]
+        return [r["loss"] for r in rows if "loss" in r and "step" in r]
+    except Exception:
+        return []
+cpu = load("cpu")
+for name in ("cuda-fp32", "cuda-bf16", "cuda-pp2-bf16"):
+    got = load(name)
+    n = min(len(cpu), len(got))
+    if n == 0:
+        print(f"curve {name}: no data"); continue
+    d = [abs(a - b) for a, b in zip(got[:n], cpu[:n])]
+    tail = d[max(0, n - 50):]
+    print(f"curve {name} vs cpu: {n} steps, final {got[n-1]:.4f} vs {cpu[n-1]:.4f}, "
+          f"max |diff| {max(d):.4f}, mean |diff| over the last 50 steps {sum(tail)/len(tail):.4f}")
+PY
+
 [ "${1:-}" = quick ] && { cat "$OUT/summary.txt"; exit $status; }
 
 # --- benchmarks -------------------------------------------------------------------------------
