@@ -197,6 +197,14 @@ fn interleaved_with_zero_on_gpu_stages_matches_the_cpu() -> Result<()> {
     )
 }
 
+/// Data parallelism alone on the runtime: one whole-model chunk per rank, whose gradient ranges
+/// are drained to the reducer during the last backward (the tied `wte` last, with both its head
+/// and embedding parts).
+#[test]
+fn data_parallel_gpu_stages_match_the_cpu() -> Result<()> {
+    compare(&["parallel.data_parallel_size=2", "parallel.grad_bucket_size=3000"], DType::F32, 1e-5)
+}
+
 #[test]
 fn bf16_gpu_stages_track_the_fp32_cpu() -> Result<()> {
     compare(&["parallel.pipeline_model_parallel_size=2"], DType::Bf16, 2e-3)
@@ -232,5 +240,60 @@ fn a_zero_bubble_schedule_on_gpu_stages_is_an_error() -> Result<()> {
         };
         ensure!(err.contains("split"), "on the {name}: {err}");
     }
+    Ok(())
+}
+
+/// A head stage's last backward of a step on the device reports the CPU model's ranges, in its
+/// order, with the gradients accumulated over the step already in the host arena; an earlier
+/// backward reports nothing; after `sync_grads` the host holds the CPU model's gradients.
+#[test]
+fn the_last_backward_drains_the_cpu_models_ranges() -> Result<()> {
+    use troupe::kernels::CpuBackend;
+    use troupe::models::gpt::{Gpt, LayerRange, StageInput};
+    use troupe::runtime::stage::Stage;
+    let Some(emu) = troupe::gpu::emu::shared() else { return Ok(()) };
+    let cfg = config(&[])?.model;
+    let range = LayerRange { first: 1, last: 3, embedding: false, head: true };
+    let be = CpuBackend::new(1);
+    let mut cpu = Gpt::new_range(&cfg, range, 7)?;
+    let mut st = Stage::new(Gpt::new_range(&cfg, range, 7)?, Some(&StageFactory::new(emu, DType::F32)))?;
+    ensure!(st.on_device(), "no device stage");
+    let (b, t, c) = (2, 8, cfg.hidden_size);
+    let mut rng = Rng::derived(3, "drain");
+    let hidden: Vec<Vec<f32>> =
+        (0..2).map(|_| (0..b * t * c).map(|_| rng.normal() as f32).collect()).collect();
+    let targets: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
+    for (mb, h) in hidden.iter().enumerate() {
+        let input = StageInput::Hidden(h);
+        cpu.forward(&be, mb as u64, b, t, input, Some(&targets), 0.5)?;
+        st.forward(&be, mb as u64, b, t, input, Some(&targets), 0.5)?;
+    }
+    let mut cpu_ranges = Vec::new();
+    cpu.backward_with(&be, 0, None, &mut |_, _| {})?;
+    cpu.backward_with(&be, 1, None, &mut |r, _| cpu_ranges.push(r))?;
+    let mut early = 0;
+    st.backward_report(&be, 0, None, false, &mut |_, _| early += 1)?;
+    ensure!(early == 0, "a backward without report reported {early} ranges");
+    let mut ranges = Vec::new();
+    let mut complete = true;
+    let want = cpu.grads().to_vec();
+    st.backward_report(&be, 1, None, true, &mut |r, arena| {
+        // The reported range already holds the step's full gradient.
+        let close = arena[r.clone()]
+            .iter()
+            .zip(&want[r.clone()])
+            .all(|(&a, &w)| (a - w).abs() <= 1e-5 * w.abs().max(1e-2));
+        complete &= close;
+        ranges.push(r);
+    })?;
+    ensure!(ranges == cpu_ranges, "device ranges {ranges:?}, CPU {cpu_ranges:?}");
+    ensure!(complete, "a reported range did not hold its full gradient");
+    st.sync_grads()?;
+    st.fold_tied_grad(&be);
+    cpu.fold_tied_grad(&be);
+    let d = rel_norm(st.grads(), cpu.grads());
+    ensure!(d <= 1e-5, "gradients after sync differ by {d:.2e}");
+    let di = rel_norm(st.input_grad(), cpu.input_grad());
+    ensure!(di <= 1e-5, "input gradients differ by {di:.2e}");
     Ok(())
 }

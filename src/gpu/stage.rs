@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use super::model::GpuGpt;
-use super::{DType, Gpu, GpuError};
+use super::{DType, Dev, Gpu, GpuError, download_f32};
 use crate::models::gpt::{GptConfig, LayerRange, StageInput};
 
 /// The compute of one model chunk on a device (object safe, so the runtime holds any GPU).
@@ -42,6 +42,22 @@ pub trait DeviceStage: Send {
     /// # Errors
     /// As [`GpuGpt::backward_mb`].
     fn backward(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError>;
+
+    /// [`DeviceStage::backward`] that drains finished gradients as it goes: as soon as the
+    /// backward has produced a range of the arena (the ranges of [`GpuGpt::backward_with`]), the
+    /// range's accumulated gradients are copied to the host, handed to `drained(range, values)`
+    /// and zeroed on the device — so a data-parallel reducer can start on them while the rest of
+    /// the backward runs on the GPU. Ranges never reported (the head's tied `wte` on a head-only
+    /// stage) stay on the device for [`DeviceStage::grads`].
+    ///
+    /// # Errors
+    /// As [`DeviceStage::backward`], and whatever `drained` returns.
+    fn backward_drain(
+        &mut self,
+        mb: u64,
+        dout: Option<&[f32]>,
+        drained: &mut dyn FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError>;
 
     /// Gradient of the range input after the latest backward (fp32).
     ///
@@ -100,6 +116,21 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
 
     fn backward(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError> {
         self.backward_mb(mb, dout, &mut |_, _| Ok(()))
+    }
+
+    fn backward_drain(
+        &mut self,
+        mb: u64,
+        dout: Option<&[f32]>,
+        drained: &mut dyn FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        let gpu = self.gpu();
+        self.backward_mb(mb, dout, &mut |range, grads| {
+            let at = Dev::new(grads).at(range.start, DType::F32);
+            let values = download_f32(gpu, at, range.len(), DType::F32)?;
+            gpu.zero(at, range.len() * 4)?;
+            drained(range, values)
+        })
     }
 
     fn input_grad(&self) -> Result<Vec<f32>, GpuError> {

@@ -707,7 +707,7 @@ fn weight_backward(
     if weight_only {
         g.backward_weight_with(&**be, u64::from(mb), &mut hook)?;
     } else {
-        g.backward_with(&**be, u64::from(mb), dout, &mut hook)?;
+        g.backward_report(&**be, u64::from(mb), dout, last && bucket_tx.is_some(), &mut hook)?;
     }
     if last {
         g.sync_grads()?;

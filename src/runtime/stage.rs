@@ -7,8 +7,10 @@
 //! device's, and the next device forward uploads them first (once per step in practice: after
 //! the optimizer). The compute calls (`forward`, `backward_with`, `output`, `input_grad`, …) are
 //! the stage's own and go to the device when there is one. The device's gradients are added into
-//! the host arena by [`Stage::sync_grads`] after the chunk's last backward of the step, so a
-//! gradient the host already holds (an injected NaN) survives.
+//! the host arena by [`Stage::sync_grads`] after the chunk's last backward of the step (most of
+//! them already during that backward, range by range as it finishes them, so the data-parallel
+//! reduction overlaps the rest of the backward: [`Stage::backward_report`]); adding keeps a
+//! gradient the host already holds (an injected NaN).
 
 use std::ops::{Deref, DerefMut};
 
@@ -104,23 +106,60 @@ impl Stage {
         dout: Option<&[f32]>,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
-        let Some(dev) = self.dev.as_mut() else {
-            return self.host.backward_with(be, mb, dout, ready);
-        };
-        if self.dev_zero {
+        self.backward_report(be, mb, dout, false, ready)
+    }
+
+    /// [`Stage::backward_with`] for the chunk's last weight-producing backward of a step when
+    /// `report` is set: on a device, each finished range's gradients are drained to the host
+    /// (added into the host arena) and `ready` called with it while the rest of the backward runs
+    /// on the GPU — the reducer's overlap, as on the CPU. Without `report` (earlier
+    /// microbatches) the device keeps accumulating. On the CPU, `ready` is always called.
+    ///
+    /// # Errors
+    /// As `Gpt::backward_with`; device errors.
+    pub fn backward_report(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        dout: Option<&[f32]>,
+        report: bool,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<(), ModelError> {
+        let Stage { host, dev, dev_zero, dev_grads, dinput, .. } = self;
+        let Some(dev) = dev.as_mut() else { return host.backward_with(be, mb, dout, ready) };
+        if *dev_zero {
             dev.zero_grads().map_err(dev_err)?;
-            self.dev_zero = false;
+            *dev_zero = false;
         }
-        dev.backward(mb, dout).map_err(dev_err)?;
-        self.dev_grads = true;
-        if self.host.range().embedding {
+        if report {
+            dev.backward_drain(mb, dout, &mut |range, values| {
+                let n = host.grads().len();
+                let dst =
+                    host.grads_mut().get_mut(range.clone()).ok_or_else(|| crate::gpu::GpuError::Shape {
+                        op: "Stage::backward_report",
+                        detail: format!("range {range:?} outside {n} gradients"),
+                    })?;
+                for (h, d) in dst.iter_mut().zip(&values) {
+                    *h += d;
+                }
+                ready(range, host.grads());
+                Ok(())
+            })
+        } else {
+            dev.backward(mb, dout)
+        }
+        .map_err(dev_err)?;
+        // Gradients not drained (all of them, or the ranges never reported such as a head-only
+        // stage's tied wte) wait on the device for `sync_grads`.
+        *dev_grads = true;
+        if host.range().embedding {
             // Nothing comes back from the first stage's backward: wait for it, so the job's
             // time (in traces and the bubble report) is the device's.
-            dev.synchronize().map_err(dev_err)?;
+            dev.synchronize().map_err(dev_err)
         } else {
-            self.dinput = dev.input_grad().map_err(dev_err)?;
+            *dinput = dev.input_grad().map_err(dev_err)?;
+            Ok(())
         }
-        Ok(())
     }
 
     /// The input half of a split backward (zero-bubble schedules); CPU only.
