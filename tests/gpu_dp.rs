@@ -116,15 +116,8 @@ fn two_emulated_gpu_ranks_match_one() -> Result<()> {
 }
 
 #[test]
-fn gpu_layouts_that_are_not_built_are_refused() -> Result<()> {
+fn a_data_parallel_size_that_does_not_divide_the_batch_is_refused() -> Result<()> {
     let dir = tempdir("refuse");
-    let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(["train", "--device", "emu", "--pipeline-model-parallel-size", "2", "--hidden-size", "64"])
-        .args(["--pipeline-schedule", "zb-h1"])
-        .current_dir(&dir)
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.code() == Some(2) && err.contains("splits each backward"), "{err}");
     let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
         .args(["train", "--device", "emu", "--data-parallel-size", "3", "--global-batch-size", "4"])
         .args(["--micro-batch-size", "1", "--hidden-size", "64", "--num-attention-heads", "2"])

@@ -13,9 +13,10 @@
 //! measured here: 7e-5 and 1.3e-3).
 //!
 //! Also: two runs give the same bits, each rank holds the number of microbatches its schedule
-//! says (GPipe all m, 1F1B `p − r`), an injected NaN gradient on a GPU stage is caught and the step skipped like on the
-//! CPU, and a zero-bubble schedule (split backward, not built for GPU stages) is an error that
-//! says so instead of a hang.
+//! says (GPipe all m, 1F1B `p − r`), an injected NaN gradient on a GPU stage is caught and the
+//! step skipped like on the CPU, zero-bubble schedules run with the device's split backward
+//! (which gives the fused backward's bits), and the last backward drains the CPU model's
+//! gradient ranges.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -230,16 +231,136 @@ fn an_injected_nan_on_a_gpu_stage_skips_the_step() -> Result<()> {
     Ok(())
 }
 
+/// Zero-bubble schedules split each backward into its input half (I) and weight half (W) on
+/// the device (`src/gpu/model/split.rs`): ZB-H1, and ZB-V with two chunks per rank in the V
+/// placement (the first and last stage on one rank) with data parallelism.
 #[test]
-fn a_zero_bubble_schedule_on_gpu_stages_is_an_error() -> Result<()> {
-    let cfg = config(&["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=\"zb-h1\""])?;
-    for (name, dev) in devices(DType::F32) {
-        let err = match run(&cfg, Some(dev), &[]) {
-            Ok(_) => anyhow::bail!("zb-h1 on the {name} trained"),
-            Err(e) => format!("{e:#}"),
-        };
-        ensure!(err.contains("split"), "on the {name}: {err}");
+fn zero_bubble_schedules_on_gpu_stages_match_the_cpu() -> Result<()> {
+    compare(
+        &["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=\"zb-h1\""],
+        DType::F32,
+        1e-5,
+    )?;
+    compare(
+        &[
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.pipeline_schedule=\"zb-v\"",
+            "parallel.data_parallel_size=2",
+            "parallel.grad_bucket_size=3000",
+        ],
+        DType::F32,
+        1e-5,
+    )
+}
+
+/// On the device, I then W gives the fused backward's bits: parameter gradients after two
+/// microbatches split as I₀ I₁ W₀ W₁ equal fused backwards of 0 then 1, and each I's input
+/// gradient equals the fused one's — on a middle stage (hidden states in and out) and on the
+/// whole model (embedding and head).
+#[test]
+fn split_backward_on_the_device_gives_the_fused_bits() -> Result<()> {
+    use troupe::gpu::model::GpuGpt;
+    use troupe::models::gpt::{Gpt, LayerRange, StageInput};
+    let Some(emu) = troupe::gpu::emu::shared() else { return Ok(()) };
+    let cfg = config(&[])?.model;
+    let (b, t, c) = (2, 8, cfg.hidden_size);
+    let mut rng = Rng::derived(5, "split");
+    let mut normal = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
+    let hidden = [normal(b * t * c), normal(b * t * c)];
+    let douts = [normal(b * t * c), normal(b * t * c)];
+    let mut rng = Rng::derived(6, "split-ids");
+    let mut ids =
+        || -> Vec<u32> { (0..b * t).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect() };
+    let (tokens, targets) = ([ids(), ids()], ids());
+    for (range, whole) in [
+        (LayerRange { first: 1, last: 3, embedding: false, head: false }, false),
+        (LayerRange::full(&cfg), true),
+    ] {
+        for dtype in [DType::F32, DType::Bf16] {
+            let host = Gpt::new_range(&cfg, range, 9)?;
+            let make = || GpuGpt::from_range_params(emu, &cfg, range, host.params(), dtype);
+            let (mut fused, mut split) = (make()?, make()?);
+            for mb in 0..2 {
+                let input =
+                    if whole { StageInput::Tokens(&tokens[mb]) } else { StageInput::Hidden(&hidden[mb]) };
+                let tg = whole.then_some(&targets[..]);
+                fused.forward_mb(mb as u64, b, t, input, tg, 1.0)?;
+                split.forward_mb(mb as u64, b, t, input, tg, 1.0)?;
+            }
+            let dout = |mb: usize| (!whole).then(|| &douts[mb][..]);
+            // (On the whole model this is the gradient at the embedding output.)
+            let mut fused_dinp = Vec::new();
+            for mb in 0..2 {
+                fused.backward_mb(mb as u64, dout(mb), &mut |_, _| Ok(()))?;
+                fused_dinp.push(fused.input_grad()?);
+            }
+            for (mb, want) in fused_dinp.iter().enumerate() {
+                split.backward_input_mb(mb as u64, dout(mb))?;
+                let got = split.input_grad()?;
+                ensure!(
+                    got.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{range:?} {dtype:?}: input gradient of microbatch {mb} differs from the fused backward's"
+                );
+            }
+            ensure!(split.in_flight() == 2, "I freed activations");
+            let mut split_ranges = Vec::new();
+            for mb in 0..2 {
+                split.backward_weight_mb(mb as u64, &mut |r, _| {
+                    split_ranges.push(r);
+                    Ok(())
+                })?;
+            }
+            ensure!(split.in_flight() == 0, "W kept activations");
+            let (g1, g2) = (fused.grads_host()?, split.grads_host()?);
+            let same = g1.iter().zip(&g2).all(|(x, y)| x.to_bits() == y.to_bits());
+            ensure!(
+                same,
+                "{range:?} {dtype:?}: gradients differ from the fused backward's (max diff {:.2e})",
+                g1.iter().zip(&g2).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+            );
+            ensure!(g1.iter().any(|&x| x != 0.0), "no gradient at all");
+            // W reports the fused backward's ranges once per microbatch.
+            let mut fused_ranges = Vec::new();
+            let mut again = make()?;
+            let input = if whole { StageInput::Tokens(&tokens[0]) } else { StageInput::Hidden(&hidden[0]) };
+            again.forward_mb(0, b, t, input, whole.then_some(&targets[..]), 1.0)?;
+            again.backward_mb(0, dout(0), &mut |r, _| {
+                fused_ranges.push(r);
+                Ok(())
+            })?;
+            ensure!(
+                split_ranges.len() == 2 * fused_ranges.len()
+                    && split_ranges[..fused_ranges.len()] == fused_ranges[..],
+                "W ranges {split_ranges:?}, fused {fused_ranges:?}"
+            );
+        }
     }
+    Ok(())
+}
+
+/// A weight half before its input half, a second input half and a fused backward after an
+/// input half are errors, not corruption.
+#[test]
+fn split_backward_misuse_is_an_error() -> Result<()> {
+    use troupe::gpu::model::GpuGpt;
+    use troupe::models::gpt::{LayerRange, StageInput};
+    let Some(emu) = troupe::gpu::emu::shared() else { return Ok(()) };
+    let cfg = config(&[])?.model;
+    let range = LayerRange { first: 0, last: 1, embedding: false, head: false };
+    let host = troupe::models::gpt::Gpt::new_range(&cfg, range, 1)?;
+    let mut m = GpuGpt::from_range_params(emu, &cfg, range, host.params(), DType::F32)?;
+    let h = vec![0.5f32; 16 * cfg.hidden_size];
+    m.forward_mb(3, 1, 16, StageInput::Hidden(&h), None, 1.0)?;
+    let e = m.backward_weight_mb(3, &mut |_, _| Ok(())).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains("before its backward_input"), "{e}");
+    m.backward_input_mb(3, Some(&h))?;
+    let e = m.backward_input_mb(3, Some(&h)).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains("already ran"), "{e}");
+    let e = m.backward_mb(3, Some(&h), &mut |_, _| Ok(())).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains("already ran"), "{e}");
+    m.backward_weight_mb(3, &mut |_, _| Ok(()))?;
+    ensure!(m.in_flight() == 0, "microbatch still in flight");
     Ok(())
 }
 

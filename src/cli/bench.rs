@@ -353,13 +353,6 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         n => n,
     };
     let device = super::train::stage_factory(args.device, args.dtype.into(), 0)?;
-    if device.is_some() && plan.schedule.name().starts_with("zb") {
-        return Err(UsageError(format!(
-            "--device {}: GPU stages do not split the backward (zero-bubble schedules)",
-            args.device
-        ))
-        .into());
-    }
     let describe = device.as_ref().map(|d| d.describe().to_string());
     let opts = RunOptions {
         trace_step: Some(total),

@@ -176,14 +176,6 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         None => (cfg.parallel.pipeline_model_parallel_size * cfg.parallel.data_parallel_size, 0, 0),
     };
     let plan = Plan::new(&cfg, world).map_err(|e| UsageError(e.to_string()))?;
-    if args.device != troupe::device::Device::Cpu && plan.schedule.name().starts_with("zb") {
-        return Err(UsageError(format!(
-            "--device {}: the {} schedule splits each backward in two, which GPU stages do not do yet; \
-             use --pipeline-schedule 1f1b, interleaved or gpipe",
-            args.device, plan.schedule
-        ))
-        .into());
-    }
     let attempt = launched.as_ref().map_or(0, |e| e.restart_count);
     let opts = options(rt, &cfg, attempt)?;
     opts.faults

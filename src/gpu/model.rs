@@ -21,6 +21,8 @@
 //! back to the host each step, plus a stage's output activations and input gradients when it is
 //! a pipeline stage.
 
+mod split;
+
 use super::ops::{attention, crossentropy, embedding, gelu, layernorm, optim};
 use super::{DType, Dev, Gemm, Gpu, GpuError, download_f32, encode};
 use crate::kernels::AdamWStep;
@@ -108,6 +110,10 @@ struct Scratch<B> {
     ln_scratch: B,
     bias_scratch: B,
     emb_workspace: B,
+    /// Where the unwanted half of a LayerNorm backward goes in a split backward: the parameter
+    /// gradients (2·C fp32) during the input half, the input gradient (N·C) during the weight half.
+    dparam_sink: B,
+    dinp_sink: B,
 }
 
 /// The microbatch id of the whole-model calls ([`GpuGpt::forward`] and friends).
@@ -138,6 +144,10 @@ pub struct GpuGpt<'g, G: Gpu> {
     norm_scratch: G::Buf,
     adam_steps: u64,
     in_flight: std::collections::HashMap<u64, Acts<G::Buf>>,
+    /// Microbatches whose split backward's input half ran: what the weight half needs (their
+    /// activations stay in `in_flight` until then). See `model/split.rs`.
+    pending_w: std::collections::HashMap<u64, split::Stash<G::Buf>>,
+    free_stash: Vec<split::Stash<G::Buf>>,
     /// Activation sets of finished microbatches, reused by later ones of the same shape.
     free: Vec<Acts<G::Buf>>,
     scratch: Option<Scratch<G::Buf>>,
@@ -266,6 +276,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             master,
             adam_steps: 0,
             in_flight: std::collections::HashMap::new(),
+            pending_w: std::collections::HashMap::new(),
+            free_stash: Vec::new(),
             free: Vec::new(),
             scratch: None,
             last_backward_n: None,
@@ -460,6 +472,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             ln_scratch: f32s(layernorm::backward_scratch_len(n, c))?,
             bias_scratch: f32s(bias_elems)?,
             emb_workspace: g.alloc(emb)?,
+            dparam_sink: f32s(2 * c)?,
+            dinp_sink: act(n * c)?,
         });
         Ok(())
     }
@@ -762,6 +776,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         if let Some(a) = self.in_flight.remove(&mb) {
             self.free.push(a);
         }
+        if let Some(st) = self.pending_w.remove(&mb) {
+            self.free_stash.push(st);
+        }
     }
 
     /// Logits `[B·T, V]` (padding columns dropped) of one forward, as fp32 (tests and tools).
@@ -838,38 +855,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         ready: &mut GradsReady<'_, G::Buf>,
     ) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::backward";
-        let Some(a) = self.in_flight.get(&mb) else {
-            return Err(GpuError::Shape {
-                op: OP,
-                detail: format!("no stored activations for microbatch {mb}: backward without forward"),
-            });
-        };
-        let n = a.batch * a.seq;
-        match (dout, self.range.head) {
-            (Some(_), true) => {
-                return Err(GpuError::Shape {
-                    op: OP,
-                    detail: "the head range starts from its dlogits: pass no output gradient".into(),
-                });
-            }
-            (None, false) => {
-                return Err(GpuError::Shape {
-                    op: OP,
-                    detail: "a range without the head needs the gradient of its output".into(),
-                });
-            }
-            (Some(h), false) if h.len() != n * self.cfg.hidden_size => {
-                return Err(GpuError::Shape {
-                    op: OP,
-                    detail: format!(
-                        "output gradient: {} values, expected {}",
-                        h.len(),
-                        n * self.cfg.hidden_size
-                    ),
-                });
-            }
-            _ => {}
-        }
+        let n = self.check_backward(OP, mb, dout)?;
         self.ensure_scratch(n)?;
         let acts = self.in_flight.remove(&mb).ok_or(GpuError::Shape { op: OP, detail: "lost".into() })?;
         let mut scratch =
@@ -879,6 +865,52 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         self.free.push(acts);
         self.last_backward_n = result.is_ok().then_some(n);
         result
+    }
+
+    /// Checks a backward of `mb` before any device work: in flight, no split backward started,
+    /// `dout` present exactly when the range has no head, of the output's length. Returns N.
+    fn check_backward(&self, op: &'static str, mb: u64, dout: Option<&[f32]>) -> Result<usize, GpuError> {
+        let Some(a) = self.in_flight.get(&mb) else {
+            return Err(GpuError::Shape {
+                op,
+                detail: format!("no stored activations for microbatch {mb}: backward without forward"),
+            });
+        };
+        if self.pending_w.contains_key(&mb) {
+            return Err(GpuError::Shape {
+                op,
+                detail: format!(
+                    "microbatch {mb}: backward_input already ran, so only its backward_weight may follow"
+                ),
+            });
+        }
+        let n = a.batch * a.seq;
+        match (dout, self.range.head) {
+            (Some(_), true) => {
+                return Err(GpuError::Shape {
+                    op,
+                    detail: "the head range starts from its dlogits: pass no output gradient".into(),
+                });
+            }
+            (None, false) => {
+                return Err(GpuError::Shape {
+                    op,
+                    detail: "a range without the head needs the gradient of its output".into(),
+                });
+            }
+            (Some(h), false) if h.len() != n * self.cfg.hidden_size => {
+                return Err(GpuError::Shape {
+                    op,
+                    detail: format!(
+                        "output gradient: {} values, expected {}",
+                        h.len(),
+                        n * self.cfg.hidden_size
+                    ),
+                });
+            }
+            _ => {}
+        }
+        Ok(n)
     }
 
     fn gr(&self, s: Span) -> Dev<'_, G::Buf> {
@@ -899,8 +931,24 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         k: usize,
         out: usize,
     ) -> Result<(), GpuError> {
+        self.gpu.gemm(&Gemm::linear_backward_input(n, k, out, self.dtype), dinp, dout, self.p(w), None)?;
+        self.linear_backward_weight(s, dout, inp, w, b, n, k, out)
+    }
+
+    /// The parameter half of [`GpuGpt::linear_backward`]: `dW += doutᵀ·inp`, `db += Σ_rows dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_weight(
+        &self,
+        s: &Scratch<G::Buf>,
+        dout: Dev<'_, G::Buf>,
+        inp: Dev<'_, G::Buf>,
+        w: Span,
+        b: Option<Span>,
+        n: usize,
+        k: usize,
+        out: usize,
+    ) -> Result<(), GpuError> {
         let (g, dt) = (self.gpu, self.dtype);
-        g.gemm(&Gemm::linear_backward_input(n, k, out, dt), dinp, dout, self.p(w), None)?;
         g.gemm(&Gemm::linear_backward_weight(n, k, out, dt), self.gr(w), dout, inp, None)?;
         if let Some(b) = b {
             optim::bias_grad(g, self.gr(b), DType::F32, dout, dt, n, out, Dev::new(&s.bias_scratch))?;

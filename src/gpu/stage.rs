@@ -5,9 +5,9 @@
 //! checkpoints and fault injection work — and hands the chunk's compute to a [`DeviceStage`]
 //! when the run has a device: forwards and backwards of microbatches run on the GPU, activations
 //! and input gradients cross stages as fp32 host messages, the gradients come back to the host
-//! once per step (after the chunk's last backward) and the updated parameters go up once per
-//! step (before the first forward that needs them). Every schedule except the zero-bubble ones
-//! (which split the backward) runs this way.
+//! once per step (during and after the chunk's last backward) and the updated parameters go up
+//! once per step (before the first forward that needs them). Every schedule runs this way,
+//! zero-bubble ones included (the split backward of `model/split.rs`).
 
 use std::sync::Arc;
 
@@ -37,27 +37,36 @@ pub trait DeviceStage: Send {
     /// Device errors.
     fn output(&self, mb: u64) -> Result<Option<Vec<f32>>, GpuError>;
 
-    /// Backward of `mb`, as [`GpuGpt::backward_mb`]; gradients accumulate on the device.
+    /// Backward of `mb`, as [`GpuGpt::backward_mb`]; gradients accumulate on the device. With
+    /// `drained`, the backward drains finished gradients as it goes: as soon as it has produced
+    /// a range of the arena (the ranges of [`GpuGpt::backward_with`]), the range's accumulated
+    /// gradients are copied to the host, handed to `drained(range, values)` and zeroed on the
+    /// device — so a data-parallel reducer can start on them while the rest of the backward runs
+    /// on the GPU. Ranges never reported (the head's tied `wte` on a head-only stage) stay on
+    /// the device for [`DeviceStage::grads`].
     ///
     /// # Errors
-    /// As [`GpuGpt::backward_mb`].
-    fn backward(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError>;
-
-    /// [`DeviceStage::backward`] that drains finished gradients as it goes: as soon as the
-    /// backward has produced a range of the arena (the ranges of [`GpuGpt::backward_with`]), the
-    /// range's accumulated gradients are copied to the host, handed to `drained(range, values)`
-    /// and zeroed on the device — so a data-parallel reducer can start on them while the rest of
-    /// the backward runs on the GPU. Ranges never reported (the head's tied `wte` on a head-only
-    /// stage) stay on the device for [`DeviceStage::grads`].
-    ///
-    /// # Errors
-    /// As [`DeviceStage::backward`], and whatever `drained` returns.
-    fn backward_drain(
+    /// As [`GpuGpt::backward_mb`], and whatever `drained` returns.
+    fn backward(
         &mut self,
         mb: u64,
         dout: Option<&[f32]>,
-        drained: &mut dyn FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<(), GpuError>,
+        drained: Option<&mut Drained<'_>>,
     ) -> Result<(), GpuError>;
+
+    /// The input half of a split backward (zero-bubble schedules), as
+    /// [`GpuGpt::backward_input_mb`].
+    ///
+    /// # Errors
+    /// As [`GpuGpt::backward_input_mb`].
+    fn backward_input(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError>;
+
+    /// The weight half of a split backward, as [`GpuGpt::backward_weight_mb`], draining as
+    /// [`DeviceStage::backward`] does when `drained` is given.
+    ///
+    /// # Errors
+    /// As [`GpuGpt::backward_weight_mb`], and whatever `drained` returns.
+    fn backward_weight(&mut self, mb: u64, drained: Option<&mut Drained<'_>>) -> Result<(), GpuError>;
 
     /// Gradient of the range input after the latest backward (fp32).
     ///
@@ -114,23 +123,33 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
         GpuGpt::output(self, mb)
     }
 
-    fn backward(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError> {
-        self.backward_mb(mb, dout, &mut |_, _| Ok(()))
-    }
-
-    fn backward_drain(
+    fn backward(
         &mut self,
         mb: u64,
         dout: Option<&[f32]>,
-        drained: &mut dyn FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<(), GpuError>,
+        drained: Option<&mut Drained<'_>>,
     ) -> Result<(), GpuError> {
-        let gpu = self.gpu();
-        self.backward_mb(mb, dout, &mut |range, grads| {
-            let at = Dev::new(grads).at(range.start, DType::F32);
-            let values = download_f32(gpu, at, range.len(), DType::F32)?;
-            gpu.zero(at, range.len() * 4)?;
-            drained(range, values)
-        })
+        match drained {
+            None => self.backward_mb(mb, dout, &mut |_, _| Ok(())),
+            Some(f) => {
+                let gpu = self.gpu();
+                self.backward_mb(mb, dout, &mut |range, grads| drain(gpu, range, grads, f))
+            }
+        }
+    }
+
+    fn backward_input(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError> {
+        self.backward_input_mb(mb, dout)
+    }
+
+    fn backward_weight(&mut self, mb: u64, drained: Option<&mut Drained<'_>>) -> Result<(), GpuError> {
+        match drained {
+            None => self.backward_weight_mb(mb, &mut |_, _| Ok(())),
+            Some(f) => {
+                let gpu = self.gpu();
+                self.backward_weight_mb(mb, &mut |range, grads| drain(gpu, range, grads, f))
+            }
+        }
     }
 
     fn input_grad(&self) -> Result<Vec<f32>, GpuError> {
@@ -160,6 +179,23 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
     fn synchronize(&self) -> Result<(), GpuError> {
         self.gpu().synchronize()
     }
+}
+
+/// Where [`DeviceStage::backward`] hands drained gradient ranges: the arena range and its values.
+pub type Drained<'a> = dyn FnMut(std::ops::Range<usize>, Vec<f32>) -> Result<(), GpuError> + 'a;
+
+/// Copies `range` of the fp32 gradient buffer to the host, zeroes it on the device and hands it
+/// to `to`.
+fn drain<G: Gpu>(
+    gpu: &G,
+    range: std::ops::Range<usize>,
+    grads: &G::Buf,
+    to: &mut Drained<'_>,
+) -> Result<(), GpuError> {
+    let at = Dev::new(grads).at(range.start, DType::F32);
+    let values = download_f32(gpu, at, range.len(), DType::F32)?;
+    gpu.zero(at, range.len() * 4)?;
+    to(range, values)
 }
 
 type MakeStage =

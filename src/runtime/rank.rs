@@ -705,7 +705,7 @@ fn weight_backward(
         }
     };
     if weight_only {
-        g.backward_weight_with(&**be, u64::from(mb), &mut hook)?;
+        g.backward_weight_report(&**be, u64::from(mb), last && bucket_tx.is_some(), &mut hook)?;
     } else {
         g.backward_report(&**be, u64::from(mb), dout, last && bucket_tx.is_some(), &mut hook)?;
     }

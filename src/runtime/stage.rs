@@ -125,73 +125,104 @@ impl Stage {
         report: bool,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
-        let Stage { host, dev, dev_zero, dev_grads, dinput, .. } = self;
-        let Some(dev) = dev.as_mut() else { return host.backward_with(be, mb, dout, ready) };
-        if *dev_zero {
-            dev.zero_grads().map_err(dev_err)?;
-            *dev_zero = false;
+        if self.dev.is_none() {
+            return self.host.backward_with(be, mb, dout, ready);
         }
-        if report {
-            dev.backward_drain(mb, dout, &mut |range, values| {
-                let n = host.grads().len();
-                let dst =
-                    host.grads_mut().get_mut(range.clone()).ok_or_else(|| crate::gpu::GpuError::Shape {
-                        op: "Stage::backward_report",
-                        detail: format!("range {range:?} outside {n} gradients"),
-                    })?;
-                for (h, d) in dst.iter_mut().zip(&values) {
-                    *h += d;
-                }
-                ready(range, host.grads());
-                Ok(())
-            })
-        } else {
-            dev.backward(mb, dout)
-        }
-        .map_err(dev_err)?;
-        // Gradients not drained (all of them, or the ranges never reported such as a head-only
-        // stage's tied wte) wait on the device for `sync_grads`.
-        *dev_grads = true;
-        if host.range().embedding {
-            // Nothing comes back from the first stage's backward: wait for it, so the job's
-            // time (in traces and the bubble report) is the device's.
-            dev.synchronize().map_err(dev_err)
-        } else {
-            *dinput = dev.input_grad().map_err(dev_err)?;
-            Ok(())
-        }
+        self.device_backward(Half::Both(mb, dout), report, ready)
     }
 
-    /// The input half of a split backward (zero-bubble schedules); CPU only.
+    /// The input half of a split backward (zero-bubble schedules); see `Gpt::backward_input`.
     ///
     /// # Errors
-    /// As `Gpt::backward_input`; on a device, always (not built).
+    /// As `Gpt::backward_input`; device errors.
     pub fn backward_input(
         &mut self,
         be: &dyn Backend,
         mb: u64,
         dout: Option<&[f32]>,
     ) -> Result<(), ModelError> {
-        if self.dev.is_some() {
-            return Err(split_unsupported());
+        if self.dev.is_none() {
+            return self.host.backward_input(be, mb, dout);
         }
-        self.host.backward_input(be, mb, dout)
+        self.device_backward(Half::Input(mb, dout), false, &mut |_, _| {})
     }
 
-    /// The weight half of a split backward; CPU only.
+    /// The weight half of a split backward; see `Gpt::backward_weight_with`.
     ///
     /// # Errors
-    /// As `Gpt::backward_weight_with`; on a device, always (not built).
+    /// As `Gpt::backward_weight_with`; device errors.
     pub fn backward_weight_with(
         &mut self,
         be: &dyn Backend,
         mb: u64,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
-        if self.dev.is_some() {
-            return Err(split_unsupported());
+        self.backward_weight_report(be, mb, true, ready)
+    }
+
+    /// [`Stage::backward_weight_with`] that drains to the host only with `report`, as
+    /// [`Stage::backward_report`] does.
+    ///
+    /// # Errors
+    /// As `Gpt::backward_weight_with`; device errors.
+    pub fn backward_weight_report(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        report: bool,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<(), ModelError> {
+        if self.dev.is_none() {
+            return self.host.backward_weight_with(be, mb, ready);
         }
-        self.host.backward_weight_with(be, mb, ready)
+        self.device_backward(Half::Weight(mb), report, ready)
+    }
+
+    /// A backward, or half of one, on the device; see [`Stage::backward_report`].
+    fn device_backward(
+        &mut self,
+        half: Half<'_>,
+        report: bool,
+        ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
+    ) -> Result<(), ModelError> {
+        let Stage { host, dev, dev_zero, dev_grads, dinput, .. } = self;
+        let Some(dev) = dev.as_mut() else { return Ok(()) };
+        let weights = !matches!(half, Half::Input(..));
+        if *dev_zero && weights {
+            dev.zero_grads().map_err(dev_err)?;
+            *dev_zero = false;
+        }
+        let mut drain = |range: std::ops::Range<usize>, values: Vec<f32>| {
+            let n = host.grads().len();
+            let dst = host.grads_mut().get_mut(range.clone()).ok_or_else(|| crate::gpu::GpuError::Shape {
+                op: "Stage::backward_report",
+                detail: format!("range {range:?} outside {n} gradients"),
+            })?;
+            for (h, d) in dst.iter_mut().zip(&values) {
+                *h += d;
+            }
+            ready(range, host.grads());
+            Ok(())
+        };
+        let drained: Option<&mut crate::gpu::stage::Drained<'_>> =
+            if report { Some(&mut drain) } else { None };
+        match half {
+            Half::Both(mb, dout) => dev.backward(mb, dout, drained),
+            Half::Input(mb, dout) => dev.backward_input(mb, dout),
+            Half::Weight(mb) => dev.backward_weight(mb, drained),
+        }
+        .map_err(dev_err)?;
+        // Gradients not drained (all of them, or ranges never reported such as a head-only
+        // stage's tied wte) wait on the device for `sync_grads`.
+        *dev_grads |= weights;
+        if matches!(half, Half::Weight(_)) || host.range().embedding {
+            // Nothing comes back: wait for the device, so the job's time (in traces and the
+            // bubble report) is the device's.
+            dev.synchronize().map_err(dev_err)
+        } else {
+            *dinput = dev.input_grad().map_err(dev_err)?;
+            Ok(())
+        }
     }
 
     /// Gradient of the range input after the latest backward.
@@ -243,12 +274,12 @@ impl Stage {
     }
 }
 
-fn split_unsupported() -> ModelError {
-    ModelError::Device(
-        "zero-bubble schedules split the backward in two, which GPU stages do not do yet; \
-         use --pipeline-schedule 1f1b, interleaved or gpipe"
-            .into(),
-    )
+/// Which backward [`Stage::device_backward`] runs.
+#[derive(Clone, Copy)]
+enum Half<'a> {
+    Both(u64, Option<&'a [f32]>),
+    Input(u64, Option<&'a [f32]>),
+    Weight(u64),
 }
 
 impl Deref for Stage {
