@@ -418,3 +418,76 @@ fn the_last_backward_drains_the_cpu_models_ranges() -> Result<()> {
     ensure!(di <= 1e-5, "input gradients differ by {di:.2e}");
     Ok(())
 }
+
+/// A run's rank results and its (step, evaluation loss) events.
+type RunWithEvals = (Vec<RankResult>, Vec<(u64, f32)>);
+
+/// A bf16 pipeline run on GPU stages that stops at step 2 (checkpoint) and resumes to step 4
+/// continues the uninterrupted run bit for bit (the checkpoint holds the fp32 master weights and
+/// moments; the bf16 copy is rounded again from them); evaluation through the GPU pipeline gives
+/// the same loss in both and tracks the CPU's.
+#[test]
+fn gpu_stages_resume_bit_for_bit_and_evaluate() -> Result<()> {
+    use troupe::runtime::{RunEvent, ValidData};
+    let dir = std::env::temp_dir().join(format!("troupe-gpu-pp-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let save = format!("checkpoint.save=\"{}\"", dir.display());
+    let load = format!("checkpoint.load=\"{}\"", dir.display());
+    let common = [
+        "parallel.pipeline_model_parallel_size=2",
+        "train.lr_decay_iters=4",
+        "logging.eval_interval=2",
+        "logging.eval_iters=2",
+    ];
+    let run_eval = |extra: &[&str], device: Option<StageFactory>| -> Result<RunWithEvals> {
+        let sets: Vec<&str> = common.iter().chain(extra).copied().collect();
+        let cfg = config(&sets)?;
+        let src = data(&cfg);
+        let opts = RunOptions {
+            timeout: Duration::from_secs(120),
+            device,
+            valid: Some(ValidData(src.clone())),
+            ..RunOptions::default()
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let results = train_inproc(&cfg, src, opts, 2, Some(tx), None)?;
+        let evals = rx
+            .try_iter()
+            .filter_map(|e| if let RunEvent::Eval { step, loss } = e { Some((step, loss)) } else { None });
+        Ok((results, evals.collect()))
+    };
+    let (_, cpu_evals) = run_eval(&["train.train_iters=4"], None)?;
+    for (name, dev) in devices(DType::Bf16) {
+        let (straight, evals) = run_eval(&["train.train_iters=4"], Some(dev.clone()))?;
+        run_eval(&["train.train_iters=2", &save, "checkpoint.save_interval=2"], Some(dev.clone()))?;
+        let (resumed, resumed_evals) = run_eval(&["train.train_iters=4", &load], Some(dev))?;
+        ensure!(
+            resumed[0].records.len() == 2 && resumed[0].records[0].step == 3,
+            "on the {name}: resumed at step 3"
+        );
+        for (a, b) in straight[0].records[2..].iter().zip(&resumed[0].records) {
+            ensure!(
+                a.loss.to_bits() == b.loss.to_bits(),
+                "on the {name}: step {}: {} vs {}",
+                a.step,
+                a.loss,
+                b.loss
+            );
+        }
+        let bits = |r: &[RankResult]| params(r).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        ensure!(bits(&straight) == bits(&resumed), "on the {name}: resumed parameters differ");
+        ensure!(
+            evals.len() == 2 && cpu_evals.len() == 2,
+            "on the {name}: evaluations {evals:?}, CPU {cpu_evals:?}"
+        );
+        ensure!(
+            resumed_evals.last().map(|e| e.1.to_bits()) == evals.last().map(|e| e.1.to_bits()),
+            "on the {name}: step-4 evaluation {resumed_evals:?} vs {evals:?}"
+        );
+        for ((s, g), (_, c)) in evals.iter().zip(&cpu_evals) {
+            ensure!((g - c).abs() <= 2e-3, "on the {name}: evaluation at step {s}: {g} vs CPU {c}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
