@@ -917,6 +917,40 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         Dev::new(&self.grads).at(s.offset, DType::F32)
     }
 
+    /// LayerNorm backward over N rows with weight `w` and the forward's (mean, rstd): `dx +=`
+    /// the input gradient, `(dw, db) +=` the parameter gradients (a split backward sends the half
+    /// it does not want to a sink).
+    #[allow(clippy::too_many_arguments)]
+    fn ln_backward(
+        &self,
+        s: &Scratch<G::Buf>,
+        dx: Dev<'_, G::Buf>,
+        (dw, db): (Dev<'_, G::Buf>, Dev<'_, G::Buf>),
+        dout: Dev<'_, G::Buf>,
+        x: Dev<'_, G::Buf>,
+        w: Span,
+        (mean, rstd): (Dev<'_, G::Buf>, Dev<'_, G::Buf>),
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let scratch = Dev::new(&s.ln_scratch);
+        let c = self.cfg.hidden_size;
+        layernorm::layernorm_backward(
+            self.gpu,
+            self.dtype,
+            dx,
+            dw,
+            db,
+            scratch,
+            dout,
+            x,
+            self.p(w),
+            mean,
+            rstd,
+            n,
+            c,
+        )
+    }
+
     /// `dinp = dout·W` (overwrite), `dW += doutᵀ·inp`, `db += Σ_rows dout`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
@@ -976,20 +1010,15 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 self.linear_backward(s, d(&s.dln), d(&h.logits), d(&h.lnf), wte, None, n, c, vp)?;
                 g.zero(d(&s.dres), n * c * dt.size())?;
                 let last_out = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
-                layernorm::layernorm_backward(
-                    g,
-                    dt,
+                self.ln_backward(
+                    s,
                     d(&s.dres),
-                    self.gr(lnf_w),
-                    self.gr(lnf_b),
-                    d(&s.ln_scratch),
+                    (self.gr(lnf_w), self.gr(lnf_b)),
                     d(&s.dln),
                     last_out,
-                    self.p(lnf_w),
-                    d(&h.lnf_mean),
-                    d(&h.lnf_rstd),
+                    lnf_w,
+                    (d(&h.lnf_mean), d(&h.lnf_rstd)),
                     n,
-                    c,
                 )?;
                 ready(lnf_w.offset..lnf_b.range().end, &self.grads)?;
             }
@@ -1028,20 +1057,15 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 c,
                 4 * c,
             )?;
-            layernorm::layernorm_backward(
-                g,
-                dt,
+            self.ln_backward(
+                s,
                 d(&s.dres),
-                self.gr(blk.ln2_w),
-                self.gr(blk.ln2_b),
-                d(&s.ln_scratch),
+                (self.gr(blk.ln2_w), self.gr(blk.ln2_b)),
                 d(&s.dln),
                 d(&l.resid2),
-                self.p(blk.ln2_w),
-                d(&l.ln2_mean),
-                d(&l.ln2_rstd),
+                blk.ln2_w,
+                (d(&l.ln2_mean), d(&l.ln2_rstd)),
                 n,
-                c,
             )?;
             self.linear_backward(
                 s,
@@ -1079,20 +1103,15 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 c,
                 3 * c,
             )?;
-            layernorm::layernorm_backward(
-                g,
-                dt,
+            self.ln_backward(
+                s,
                 d(&s.dres),
-                self.gr(blk.ln1_w),
-                self.gr(blk.ln1_b),
-                d(&s.ln_scratch),
+                (self.gr(blk.ln1_w), self.gr(blk.ln1_b)),
                 d(&s.dln),
                 x,
-                self.p(blk.ln1_w),
-                d(&l.ln1_mean),
-                d(&l.ln1_rstd),
+                blk.ln1_w,
+                (d(&l.ln1_mean), d(&l.ln1_rstd)),
                 n,
-                c,
             )?;
             ready(blk.ln1_w.offset..blk.fcproj_b.range().end, &self.grads)?;
         }

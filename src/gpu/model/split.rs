@@ -12,7 +12,7 @@
 //! backward's bits, and several microbatches give the bits of fused backwards in the order of
 //! their W's.
 
-use super::{Acts, GpuGpt, GradsReady, Scratch, attention, embedding, gelu, layernorm};
+use super::{Acts, GpuGpt, GradsReady, Scratch, attention, embedding, gelu};
 use crate::gpu::{DType, Dev, Gemm, Gpu, GpuError, encode};
 
 /// What I keeps of one block for W.
@@ -160,20 +160,15 @@ impl<G: Gpu> GpuGpt<'_, G> {
                 g.gemm(&Gemm::linear_backward_input(n, c, vp, dt), d(dlnf), d(&h.logits), self.p(wte), None)?;
                 g.zero(d(&s.dres), bytes)?;
                 let last_out = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
-                layernorm::layernorm_backward(
-                    g,
-                    dt,
+                self.ln_backward(
+                    s,
                     d(&s.dres),
-                    sink_w,
-                    sink_b,
-                    d(&s.ln_scratch),
+                    (sink_w, sink_b),
                     d(dlnf),
                     last_out,
-                    self.p(lnf_w),
-                    d(&h.lnf_mean),
-                    d(&h.lnf_rstd),
+                    lnf_w,
+                    (d(&h.lnf_mean), d(&h.lnf_rstd)),
                     n,
-                    c,
                 )?;
             }
             (None, _, _, Some(h), _) => g.upload(&mut s.dres, 0, &encode(h, dt))?,
@@ -195,20 +190,15 @@ impl<G: Gpu> GpuGpt<'_, G> {
             input_grad(d(&s.dbig1), d(&s.dres), blk.fcproj_w, 4 * c, c)?;
             gelu::gelu_backward(g, dt, d(&k.dbig2), d(&l.fch), d(&s.dbig1), n * 4 * c)?;
             input_grad(d(&k.dln2), d(&k.dbig2), blk.fc_w, c, 4 * c)?;
-            layernorm::layernorm_backward(
-                g,
-                dt,
+            self.ln_backward(
+                s,
                 d(&s.dres),
-                sink_w,
-                sink_b,
-                d(&s.ln_scratch),
+                (sink_w, sink_b),
                 d(&k.dln2),
                 d(&l.resid2),
-                self.p(blk.ln2_w),
-                d(&l.ln2_mean),
-                d(&l.ln2_rstd),
+                blk.ln2_w,
+                (d(&l.ln2_mean), d(&l.ln2_rstd)),
                 n,
-                c,
             )?;
             g.copy(d(&k.dres_mid), d(&s.dres), bytes)?;
             input_grad(d(&s.datty), d(&s.dres), blk.proj_w, c, c)?;
@@ -227,20 +217,15 @@ impl<G: Gpu> GpuGpt<'_, G> {
                 nh,
             )?;
             input_grad(d(&k.dln1), d(&k.dqkv), blk.qkv_w, c, 3 * c)?;
-            layernorm::layernorm_backward(
-                g,
-                dt,
+            self.ln_backward(
+                s,
                 d(&s.dres),
-                sink_w,
-                sink_b,
-                d(&s.ln_scratch),
+                (sink_w, sink_b),
                 d(&k.dln1),
                 x,
-                self.p(blk.ln1_w),
-                d(&l.ln1_mean),
-                d(&l.ln1_rstd),
+                blk.ln1_w,
+                (d(&l.ln1_mean), d(&l.ln1_rstd)),
                 n,
-                c,
             )?;
         }
         if let Some(bottom) = st.dres_bottom.as_ref() {
@@ -267,20 +252,15 @@ impl<G: Gpu> GpuGpt<'_, G> {
         {
             self.linear_backward_weight(s, d(&h.logits), d(&h.lnf), wte, None, n, c, vp)?;
             let last_out = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
-            layernorm::layernorm_backward(
-                g,
-                dt,
+            self.ln_backward(
+                s,
                 sink,
-                self.gr(lnf_w),
-                self.gr(lnf_b),
-                d(&s.ln_scratch),
+                (self.gr(lnf_w), self.gr(lnf_b)),
                 d(dlnf),
                 last_out,
-                self.p(lnf_w),
-                d(&h.lnf_mean),
-                d(&h.lnf_rstd),
+                lnf_w,
+                (d(&h.lnf_mean), d(&h.lnf_rstd)),
                 n,
-                c,
             )?;
             ready(lnf_w.offset..lnf_b.range().end, &self.grads)?;
         }
@@ -299,20 +279,15 @@ impl<G: Gpu> GpuGpt<'_, G> {
                 c,
             )?;
             self.linear_backward_weight(s, d(&k.dbig2), d(&l.ln2), blk.fc_w, Some(blk.fc_b), n, c, 4 * c)?;
-            layernorm::layernorm_backward(
-                g,
-                dt,
+            self.ln_backward(
+                s,
                 sink,
-                self.gr(blk.ln2_w),
-                self.gr(blk.ln2_b),
-                d(&s.ln_scratch),
+                (self.gr(blk.ln2_w), self.gr(blk.ln2_b)),
                 d(&k.dln2),
                 d(&l.resid2),
-                self.p(blk.ln2_w),
-                d(&l.ln2_mean),
-                d(&l.ln2_rstd),
+                blk.ln2_w,
+                (d(&l.ln2_mean), d(&l.ln2_rstd)),
                 n,
-                c,
             )?;
             self.linear_backward_weight(
                 s,
@@ -325,20 +300,15 @@ impl<G: Gpu> GpuGpt<'_, G> {
                 c,
             )?;
             self.linear_backward_weight(s, d(&k.dqkv), d(&l.ln1), blk.qkv_w, Some(blk.qkv_b), n, c, 3 * c)?;
-            layernorm::layernorm_backward(
-                g,
-                dt,
+            self.ln_backward(
+                s,
                 sink,
-                self.gr(blk.ln1_w),
-                self.gr(blk.ln1_b),
-                d(&s.ln_scratch),
+                (self.gr(blk.ln1_w), self.gr(blk.ln1_b)),
                 d(&k.dln1),
                 x,
-                self.p(blk.ln1_w),
-                d(&l.ln1_mean),
-                d(&l.ln1_rstd),
+                blk.ln1_w,
+                (d(&l.ln1_mean), d(&l.ln1_rstd)),
                 n,
-                c,
             )?;
             ready(blk.ln1_w.offset..blk.fcproj_b.range().end, &self.grads)?;
         }
