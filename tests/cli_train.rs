@@ -277,3 +277,65 @@ fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Res
     }
     Ok(())
 }
+
+/// GPU pipeline stages (emulated) under `troupe launch`: two processes, one stage each, write a
+/// schedule trace and train like the CPU (losses within 1e-4 relative).
+#[test]
+fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Result<()> {
+    if troupe::gpu::emu::shared().is_none() {
+        return Ok(()); // printed SKIPPED (no g++)
+    }
+    let dir = tempdir("emu-launch");
+    let exe = env!("CARGO_BIN_EXE_troupe");
+    let model: &[&str] = &[
+        "--pipeline-model-parallel-size",
+        "2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "16",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "2",
+        "--save",
+        "",
+        "--no-progress",
+    ];
+    let mut gpu =
+        vec!["launch", "--nproc-per-node", "2", "--", exe, "train", "--device", "emu", "--dtype", "fp32"];
+    gpu.extend_from_slice(&["--log-json", "gpu.jsonl", "--trace", "trace.json"]);
+    gpu.extend_from_slice(model);
+    let out = troupe(&gpu, &dir);
+    ensure!(out.status.success(), "launched GPU pipeline: {}", stderr(&out));
+    let mut cpu = vec!["train", "--device", "cpu", "--log-json", "cpu.jsonl"];
+    cpu.extend_from_slice(model);
+    let out = troupe(&cpu, &dir);
+    ensure!(out.status.success(), "cpu pipeline: {}", stderr(&out));
+    let losses = |name: &str| -> Result<Vec<f64>> {
+        Ok(std::fs::read_to_string(dir.join(name))?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
+            .collect())
+    };
+    let (g, c) = (losses("gpu.jsonl")?, losses("cpu.jsonl")?);
+    ensure!(g.len() == 2 && c.len() == 2, "gpu {g:?} cpu {c:?}");
+    for (a, b) in g.iter().zip(&c) {
+        ensure!(((a - b) / b).abs() <= 1e-4, "GPU pipeline losses {g:?} vs cpu {c:?}");
+    }
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trace.json"))?)?;
+    let events = trace.get("traceEvents").and_then(serde_json::Value::as_array).map_or(0, |e| {
+        e.iter()
+            .filter(|x| x.get("name").and_then(serde_json::Value::as_str).is_some_and(|n| n.contains('F')))
+            .count()
+    });
+    ensure!(events >= 8, "the trace has {events} forward events (2 ranks × 4 microbatches expected)");
+    Ok(())
+}
