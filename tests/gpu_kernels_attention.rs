@@ -371,20 +371,40 @@ fn check_mma_layout<G: Gpu>(gpu: &G, label: &str) {
         ];
         gpu.launch("mma_selftest_bf16", [1, 1, 1], [32, 1, 1], 0, &args).unwrap();
         let got = download_f32(gpu, Dev::new(&dd), 128, DType::F32).unwrap();
+        let mut want = vec![0.0f64; 128];
+        let mut first_bad = None;
         for i in 0..16 {
             for j in 0..8 {
                 let terms: Vec<f64> =
                     (0..16).map(|k| f64::from(a[i * 16 + k]) * f64::from(b[k * 8 + j])).collect();
-                let want = terms.iter().sum::<f64>() + f64::from(c[i * 8 + j]);
+                want[i * 8 + j] = terms.iter().sum::<f64>() + f64::from(c[i * 8 + j]);
                 let mag = terms.iter().map(|x| x.abs()).sum::<f64>() + f64::from(c[i * 8 + j]).abs();
                 let tol = if ints { 0.0 } else { mag * 2f64.powi(-20) };
                 let g = f64::from(got[i * 8 + j]);
-                assert!(
-                    (g - want).abs() <= tol,
-                    "{label}: mma {case}: d[{i}][{j}] is {g}, want {want} (tolerance {tol:e}): \
-                     the fragment layouts of mma_bf16_16816 are wrong"
-                );
+                if first_bad.is_none() && (g - want[i * 8 + j]).abs() > tol {
+                    first_bad = Some((i, j, g, want[i * 8 + j], tol));
+                }
             }
+        }
+        if let Some((i, j, g, w, tol)) = first_bad {
+            // The whole picture, so that the layout can be worked out from the log afterwards
+            // (a GPU session is short): inputs, what came back, what was expected.
+            let rows = |name: &str, v: &[f64], cols: usize| {
+                eprintln!("{label}: mma {case}: {name} ({} × {cols}, row-major):", v.len() / cols);
+                for r in v.chunks(cols) {
+                    eprintln!("  {}", r.iter().map(|x| format!("{x:>8}")).collect::<Vec<_>>().join(" "));
+                }
+            };
+            let f = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            rows("a", &f(&a), 16);
+            rows("b", &f(&b), 8);
+            rows("c", &f(&c), 8);
+            rows("d from the device", &f(&got), 8);
+            rows("d expected", &want, 8);
+            panic!(
+                "{label}: mma {case}: d[{i}][{j}] is {g}, want {w} (tolerance {tol:e}): \
+                 the fragment layouts of mma_bf16_16816 are wrong (matrices above)"
+            );
         }
     }
 }
