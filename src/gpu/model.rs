@@ -322,7 +322,22 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
 
     /// The accumulated gradients (fp32).
     pub fn grads_host(&self) -> Result<Vec<f32>, GpuError> {
-        download_f32(self.gpu, Dev::new(&self.grads), self.table.len(), DType::F32)
+        self.grads_range_host(0..self.table.len())
+    }
+
+    /// The accumulated gradients of an arena range (fp32).
+    ///
+    /// # Errors
+    /// A range outside the arena; device errors.
+    pub fn grads_range_host(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, GpuError> {
+        if range.start > range.end || range.end > self.table.len() {
+            return Err(GpuError::Shape {
+                op: "GpuGpt::grads_range_host",
+                detail: format!("range {range:?} of {} gradients", self.table.len()),
+            });
+        }
+        let at = Dev::new(&self.grads).at(range.start, DType::F32);
+        download_f32(self.gpu, at, range.len(), DType::F32)
     }
 
     /// The AdamW moments (m, v) as fp32.

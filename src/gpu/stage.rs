@@ -86,11 +86,11 @@ pub trait DeviceStage: Send {
     /// A wrong length; device errors.
     fn set_params(&mut self, host: &[f32]) -> Result<(), GpuError>;
 
-    /// The accumulated parameter gradients (fp32 host arena, the range's order).
+    /// The accumulated parameter gradients of an arena range (fp32, the range's order).
     ///
     /// # Errors
-    /// Device errors.
-    fn grads(&self) -> Result<Vec<f32>, GpuError>;
+    /// A range outside the arena; device errors.
+    fn grads(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, GpuError>;
 
     /// Zeroes the accumulated gradients.
     ///
@@ -168,8 +168,8 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
         GpuGpt::set_params(self, host)
     }
 
-    fn grads(&self) -> Result<Vec<f32>, GpuError> {
-        self.grads_host()
+    fn grads(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, GpuError> {
+        self.grads_range_host(range)
     }
 
     fn zero_grads(&mut self) -> Result<(), GpuError> {

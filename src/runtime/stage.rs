@@ -30,6 +30,8 @@ pub struct Stage {
     dev_grads: bool,
     /// The device's latest input gradient, on the host.
     dinput: Vec<f32>,
+    /// Arena ranges drained to the host since the last sync (zero on the device).
+    drained: Vec<std::ops::Range<usize>>,
 }
 
 fn dev_err(e: crate::gpu::GpuError) -> ModelError {
@@ -39,7 +41,15 @@ fn dev_err(e: crate::gpu::GpuError) -> ModelError {
 impl Stage {
     /// The chunk `host`, computing on the CPU.
     pub fn cpu(host: Gpt) -> Self {
-        Stage { host, dev: None, params_dirty: false, dev_zero: false, dev_grads: false, dinput: Vec::new() }
+        Stage {
+            host,
+            dev: None,
+            params_dirty: false,
+            dev_zero: false,
+            dev_grads: false,
+            dinput: Vec::new(),
+            drained: Vec::new(),
+        }
     }
 
     /// The chunk `host` with its compute on the device `factory` makes (from the host's
@@ -185,7 +195,7 @@ impl Stage {
         report: bool,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
-        let Stage { host, dev, dev_zero, dev_grads, dinput, .. } = self;
+        let Stage { host, dev, dev_zero, dev_grads, dinput, drained: done, .. } = self;
         let Some(dev) = dev.as_mut() else { return Ok(()) };
         let weights = !matches!(half, Half::Input(..));
         if *dev_zero && weights {
@@ -201,6 +211,7 @@ impl Stage {
             for (h, d) in dst.iter_mut().zip(&values) {
                 *h += d;
             }
+            done.push(range.clone());
             ready(range, host.grads());
             Ok(())
         };
@@ -251,6 +262,7 @@ impl Stage {
         self.host.zero_grads();
         self.dev_zero = self.dev.is_some();
         self.dev_grads = false;
+        self.drained.clear();
     }
 
     /// Adds the gradients the device accumulated since the last sync into the host arena (a
@@ -263,14 +275,49 @@ impl Stage {
         if !self.dev_grads {
             return Ok(());
         }
-        let g = dev.grads().map_err(dev_err)?;
-        for (h, d) in self.host.grads_mut().iter_mut().zip(&g) {
-            *h += d;
+        // Only what was not drained during the backward (drained ranges are zero there).
+        let n = self.host.grads().len();
+        for gap in undrained(&mut self.drained, n) {
+            let g = dev.grads(gap.clone()).map_err(dev_err)?;
+            for (h, d) in self.host.grads_mut()[gap].iter_mut().zip(&g) {
+                *h += d;
+            }
         }
         dev.zero_grads().map_err(dev_err)?;
         self.dev_grads = false;
         self.dev_zero = false;
         Ok(())
+    }
+}
+
+/// The parts of `0..n` outside `drained` (which it sorts and empties).
+fn undrained(drained: &mut Vec<std::ops::Range<usize>>, n: usize) -> Vec<std::ops::Range<usize>> {
+    drained.sort_by_key(|r| r.start);
+    let mut gaps = Vec::new();
+    let mut at = 0;
+    for r in drained.drain(..) {
+        if r.start > at {
+            gaps.push(at..r.start.min(n));
+        }
+        at = at.max(r.end);
+    }
+    if at < n {
+        gaps.push(at..n);
+    }
+    gaps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::undrained;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // lists of ranges, one of them
+    fn undrained_is_the_complement() {
+        assert_eq!(undrained(&mut vec![], 5), vec![0..5]);
+        assert_eq!(undrained(&mut vec![0..5], 5), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(undrained(&mut vec![6..9, 2..4], 10), vec![0..2, 4..6, 9..10]);
+        assert_eq!(undrained(&mut vec![3..6, 2..4], 8), vec![0..2, 6..8]);
     }
 }
 
