@@ -157,7 +157,8 @@ impl Stage {
         self.device_backward(Half::Input(mb, dout), false, &mut |_, _| {})
     }
 
-    /// The weight half of a split backward; see `Gpt::backward_weight_with`.
+    /// The weight half of a split backward; see `Gpt::backward_weight_with`. On a device, as
+    /// for [`Stage::backward_with`], `ready` is not called.
     ///
     /// # Errors
     /// As `Gpt::backward_weight_with`; device errors.
@@ -167,7 +168,7 @@ impl Stage {
         mb: u64,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
-        self.backward_weight_report(be, mb, true, ready)
+        self.backward_weight_report(be, mb, false, ready)
     }
 
     /// [`Stage::backward_weight_with`] that drains to the host only with `report`, as
