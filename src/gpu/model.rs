@@ -675,21 +675,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 n,
                 c,
             )?;
-            g.gemm(
-                &Gemm::linear(n, c, 3 * c, dt),
-                d(&l.qkv),
-                d(&l.ln1),
-                self.p(blk.qkv_w),
-                Some(self.p(blk.qkv_b)),
-            )?;
+            self.linear(d(&l.qkv), d(&l.ln1), blk.qkv_w, Some(blk.qkv_b), n, c, 3 * c)?;
             attention::attention_forward(g, dt, d(&l.atty), d(&l.lse), d(&l.qkv), batch, seq, c, nh)?;
-            g.gemm(
-                &Gemm::linear(n, c, c, dt),
-                d(&s.tmp),
-                d(&l.atty),
-                self.p(blk.proj_w),
-                Some(self.p(blk.proj_b)),
-            )?;
+            self.linear(d(&s.tmp), d(&l.atty), blk.proj_w, Some(blk.proj_b), n, c, c)?;
             layernorm::residual_layernorm_forward(
                 g,
                 dt,
@@ -704,21 +692,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 n,
                 c,
             )?;
-            g.gemm(
-                &Gemm::linear(n, c, 4 * c, dt),
-                d(&l.fch),
-                d(&l.ln2),
-                self.p(blk.fc_w),
-                Some(self.p(blk.fc_b)),
-            )?;
+            self.linear(d(&l.fch), d(&l.ln2), blk.fc_w, Some(blk.fc_b), n, c, 4 * c)?;
             gelu::gelu_forward(g, dt, d(&l.fch_gelu), d(&l.fch), n * 4 * c)?;
-            g.gemm(
-                &Gemm::linear(n, 4 * c, c, dt),
-                d(&s.tmp),
-                d(&l.fch_gelu),
-                self.p(blk.fcproj_w),
-                Some(self.p(blk.fcproj_b)),
-            )?;
+            self.linear(d(&s.tmp), d(&l.fch_gelu), blk.fcproj_w, Some(blk.fcproj_b), n, 4 * c, c)?;
             g.copy(d(&l.out), d(&l.resid2), n * c * dt.size())?;
             optim::add_assign(g, dt, d(&l.out), d(&s.tmp), n * c)?;
         }
@@ -741,7 +717,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             n,
             c,
         )?;
-        g.gemm(&Gemm::linear(n, c, vp, dt), d(&h.logits), d(&h.lnf), self.p(wte), None)?;
+        self.linear(d(&h.logits), d(&h.lnf), wte, None, n, c, vp)?;
         if targets.is_none() {
             return Ok(None);
         }
@@ -964,6 +940,21 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             n,
             c,
         )
+    }
+
+    /// `out = inp·Wᵀ + b` over N rows, `inp` `[N, k]`, `out` `[N, m]` (overwrite).
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        out: Dev<'_, G::Buf>,
+        inp: Dev<'_, G::Buf>,
+        w: Span,
+        b: Option<Span>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<(), GpuError> {
+        self.gpu.gemm(&Gemm::linear(n, k, m, self.dtype), out, inp, self.p(w), b.map(|b| self.p(b)))
     }
 
     /// `dinp = dout·W` (overwrite), `dW += doutᵀ·inp`, `db += Σ_rows dout`.
