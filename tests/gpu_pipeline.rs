@@ -491,3 +491,33 @@ fn gpu_stages_resume_bit_for_bit_and_evaluate() -> Result<()> {
     }
     Ok(())
 }
+
+/// A GPU stage that runs out of device memory (the emulator with a small memory) fails the run
+/// with the reason — the allocation, the rank and the instruction — instead of hanging its peers;
+/// the device memory is given back when the run ends.
+#[test]
+fn a_gpu_stage_out_of_device_memory_fails_the_run_with_the_reason() -> Result<()> {
+    if troupe::gpu::emu::shared().is_none() {
+        return Ok(());
+    }
+    let cfg = config(&["parallel.pipeline_model_parallel_size=2"])?;
+    // Room for both stages' parameters, gradients and moments (fp32: 16 bytes a parameter) and
+    // the norm scratch, not for a microbatch's activations.
+    let plan = troupe::runtime::Plan::new(&cfg, 2)?;
+    let params: usize =
+        (0..2).map(|r| troupe::models::gpt::param_table(&cfg.model, plan.range_of(r, 0)).len()).sum();
+    let limit = 16 * params + 64 * 1024;
+    let gpu: &'static troupe::gpu::EmuGpu =
+        Box::leak(Box::new(troupe::gpu::EmuGpu::with_memory_limit(limit)?));
+    let started = std::time::Instant::now();
+    let err = match run(&cfg, Some(StageFactory::new(gpu, DType::F32)), &[]) {
+        Ok(_) => anyhow::bail!("trained within {limit} bytes of device memory"),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!("the run failed with: {err}");
+    ensure!(err.contains("allocating device memory") && err.contains("out of memory"), "{err}");
+    ensure!(err.contains("rank"), "the error does not name the rank: {err}");
+    ensure!(started.elapsed() < Duration::from_secs(60), "the failure took {:?}", started.elapsed());
+    ensure!(gpu.memory_in_use() == Some(0), "{:?} bytes still allocated after the run", gpu.memory_in_use());
+    Ok(())
+}

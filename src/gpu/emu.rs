@@ -5,7 +5,8 @@ use std::cell::UnsafeCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, check_gemm, check_range, sources};
@@ -30,6 +31,16 @@ type NameFn = unsafe extern "C" fn(c_int) -> *const c_char;
 pub struct EmuBuf {
     data: UnsafeCell<Box<[u64]>>,
     bytes: usize,
+    /// The bytes in use of a memory-limited emulator, given back on drop.
+    budget: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for EmuBuf {
+    fn drop(&mut self) {
+        if let Some(used) = &self.budget {
+            used.fetch_sub(self.bytes, Ordering::SeqCst);
+        }
+    }
 }
 
 // SAFETY: kernels write through raw pointers while the buffer is shared, exactly as on a GPU; the
@@ -50,6 +61,8 @@ pub struct EmuGpu {
     lib: libloading::Library,
     kernels: Vec<String>,
     path: PathBuf,
+    /// An emulated device memory size and the bytes in use (tests of out-of-memory handling).
+    memory: Option<(usize, Arc<AtomicUsize>)>,
 }
 
 impl EmuGpu {
@@ -113,7 +126,23 @@ impl EmuGpu {
                 .map(|i| unsafe { CStr::from_ptr(name(i)) }.to_string_lossy().into_owned())
                 .collect()
         };
-        Ok(EmuGpu { lib, kernels, path })
+        Ok(EmuGpu { lib, kernels, path, memory: None })
+    }
+
+    /// The emulator with `bytes` of device memory: an allocation past it fails as a GPU's does
+    /// when its memory is full (tests of out-of-memory handling).
+    ///
+    /// # Errors
+    /// As [`EmuGpu::new`].
+    pub fn with_memory_limit(bytes: usize) -> Result<Self, GpuError> {
+        let mut gpu = Self::new()?;
+        gpu.memory = Some((bytes, Arc::new(AtomicUsize::new(0))));
+        Ok(gpu)
+    }
+
+    /// Bytes of emulated device memory in use (with a limit; `None` without).
+    pub fn memory_in_use(&self) -> Option<usize> {
+        self.memory.as_ref().map(|(_, used)| used.load(Ordering::SeqCst))
     }
 
     /// The names of all kernels compiled in.
@@ -173,7 +202,29 @@ impl Gpu for EmuGpu {
     }
 
     fn alloc(&self, bytes: usize) -> Result<EmuBuf, GpuError> {
-        Ok(EmuBuf { data: UnsafeCell::new(vec![0u64; bytes.div_ceil(8)].into_boxed_slice()), bytes })
+        let oom = |detail: String| GpuError::Driver { op: "allocating device memory".into(), detail };
+        let budget = match &self.memory {
+            None => None,
+            Some((limit, used)) => {
+                let before = used.fetch_add(bytes, Ordering::SeqCst);
+                if before.saturating_add(bytes) > *limit {
+                    used.fetch_sub(bytes, Ordering::SeqCst);
+                    return Err(oom(format!(
+                        "out of memory: {bytes} bytes asked with {before} of {limit} in use (the emulator's limit)"
+                    )));
+                }
+                Some(used.clone())
+            }
+        };
+        // Dropped unfinished, `buf` gives the bytes back.
+        let mut buf = EmuBuf { data: UnsafeCell::new(Box::default()), bytes, budget };
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(bytes.div_ceil(8))
+            .map_err(|_| oom(format!("out of host memory for {bytes} bytes of emulated device memory")))?;
+        words.resize(bytes.div_ceil(8), 0u64);
+        buf.data = UnsafeCell::new(words.into_boxed_slice());
+        Ok(buf)
     }
 
     fn buf_len(&self, buf: &EmuBuf) -> usize {
