@@ -12,6 +12,9 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
+            if let Some(h) = cli::hint(&err) {
+                eprintln!("hint: {h}");
+            }
             std::process::ExitCode::from(cli::exit_code(&err))
         }
     }

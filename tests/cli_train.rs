@@ -339,3 +339,31 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
     ensure!(events >= 8, "the trace has {events} forward events (2 ranks × 4 microbatches expected)");
     Ok(())
 }
+
+/// A GPU that runs out of memory (the emulator told it has 1 MiB by TROUPE_EMU_MEMORY) is an
+/// error naming the allocation, with advice, on the GPU loop and on GPU pipeline stages.
+#[test]
+fn device_out_of_memory_is_an_error_with_advice() -> Result<()> {
+    if troupe::gpu::emu::shared().is_none() {
+        return Ok(()); // printed SKIPPED (no g++)
+    }
+    let dir = tempdir("emu-oom");
+    for layout in [&["--pipeline-model-parallel-size", "1"], &["--pipeline-model-parallel-size", "2"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+            .args(["train", "--device", "emu", "--num-layers", "2", "--hidden-size", "64"])
+            .args(["--num-attention-heads", "2", "--seq-length", "32", "--micro-batch-size", "2"])
+            .args(["--global-batch-size", "4", "--train-iters", "1", "--save", "", "--no-progress"])
+            .args(layout)
+            .env("TROUPE_EMU_MEMORY", "1M")
+            .current_dir(&dir)
+            .output()?;
+        let err = stderr(&out);
+        ensure!(!out.status.success(), "{layout:?}: trained in 1 MiB");
+        ensure!(
+            err.contains("allocating device memory") && err.contains("out of memory"),
+            "{layout:?}: {err}"
+        );
+        ensure!(err.contains("hint: the GPU ran out of memory"), "{layout:?}: {err}");
+    }
+    Ok(())
+}

@@ -116,6 +116,16 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// Advice for an error whose cause has a usual remedy, printed after it.
+pub fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    let text = format!("{err:#}");
+    (text.contains("allocating device memory") && text.contains("out of memory")).then_some(
+        "the GPU ran out of memory: lower --micro-batch-size (the same --global-batch-size then runs as \
+         more microbatches), use --dtype bf16, or split the model over GPUs with \
+         --pipeline-model-parallel-size",
+    )
+}
+
 /// An error caused by what the user asked for (bad flag, bad config value); exits with code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

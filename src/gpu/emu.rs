@@ -126,7 +126,17 @@ impl EmuGpu {
                 .map(|i| unsafe { CStr::from_ptr(name(i)) }.to_string_lossy().into_owned())
                 .collect()
         };
-        Ok(EmuGpu { lib, kernels, path, memory: None })
+        // TROUPE_EMU_MEMORY=<bytes> (suffix K, M or G allowed) emulates a GPU of that memory size.
+        let memory = match std::env::var("TROUPE_EMU_MEMORY") {
+            Err(_) => None,
+            Ok(v) => {
+                let bytes = parse_bytes(&v).ok_or_else(|| {
+                    GpuError::EmuBuild(format!("TROUPE_EMU_MEMORY={v}: expected a byte count such as 512M"))
+                })?;
+                Some((bytes, Arc::new(AtomicUsize::new(0))))
+            }
+        };
+        Ok(EmuGpu { lib, kernels, path, memory })
     }
 
     /// The emulator with `bytes` of device memory: an allocation past it fails as a GPU's does
@@ -379,6 +389,18 @@ fn shared_build() -> Option<EmuGpu> {
     }
 }
 
+/// `123`, `64K`, `512M`, `2G` (binary multiples) as bytes.
+fn parse_bytes(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last()? {
+        (i, 'k' | 'K') => (&t[..i], 10),
+        (i, 'm' | 'M') => (&t[..i], 20),
+        (i, 'g' | 'G') => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    digits.trim().parse::<usize>().ok()?.checked_mul(1usize << shift)
+}
+
 /// Compares `got` with `want` elementwise: `|got − want| ≤ atol + rtol·|want|`. Returns a message
 /// naming the worst element when any fails (for tests).
 pub fn compare(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) -> Result<(), String> {
@@ -400,5 +422,21 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) -> R
             "{what}: element {i} is {} but should be {} (rtol {rtol:e}, atol {atol:e})",
             got[i], want[i]
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_parse_with_binary_suffixes() {
+        assert_eq!(parse_bytes("123"), Some(123));
+        assert_eq!(parse_bytes("64K"), Some(64 << 10));
+        assert_eq!(parse_bytes(" 512m "), Some(512 << 20));
+        assert_eq!(parse_bytes("2G"), Some(2 << 30));
+        assert_eq!(parse_bytes("abc"), None);
+        assert_eq!(parse_bytes("K"), None);
+        assert_eq!(parse_bytes(""), None);
     }
 }
