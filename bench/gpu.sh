@@ -134,9 +134,9 @@ for name in ("tc", "simt", "actors", "pytorch-eager", "pytorch-compile"):
     except Exception:
         continue
     mfu = r.get("mfu")
-    rows.append((name, r.get("tokens_per_s"), mfu, r.get("step_ms_median")))
-print(f"{'run':<16} {'tokens/s':>12} {'MFU':>7} {'step ms':>9}")
-for name, tps, mfu, ms in rows:
-    print(f"{name:<16} {tps or 0:>12.0f} {(mfu or 0)*100:>6.1f}% {ms or 0:>9.1f}")
+    rows.append((name, r.get("tokens_per_s"), mfu, r.get("step_ms_median"), r.get("device_memory_peak_mb")))
+print(f"{'run':<16} {'tokens/s':>12} {'MFU':>7} {'step ms':>9} {'GPU MiB':>9}")
+for name, tps, mfu, ms, mem in rows:
+    print(f"{name:<16} {tps or 0:>12.0f} {(mfu or 0)*100:>6.1f}% {ms or 0:>9.1f} {mem or 0:>9.0f}")
 PY
 exit $status

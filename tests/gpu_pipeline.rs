@@ -518,6 +518,35 @@ fn a_gpu_stage_out_of_device_memory_fails_the_run_with_the_reason() -> Result<()
     ensure!(err.contains("allocating device memory") && err.contains("out of memory"), "{err}");
     ensure!(err.contains("rank"), "the error does not name the rank: {err}");
     ensure!(started.elapsed() < Duration::from_secs(60), "the failure took {:?}", started.elapsed());
-    ensure!(gpu.memory_in_use() == Some(0), "{:?} bytes still allocated after the run", gpu.memory_in_use());
+    use troupe::gpu::Gpu;
+    ensure!(gpu.memory().live == 0, "{} bytes still allocated after the run", gpu.memory().live);
+    Ok(())
+}
+
+/// Device memory follows the schedule: on GPU stages GPipe (every microbatch's activations held
+/// until the backwards) peaks higher than 1F1B (at most p − r in flight), on the emulator's
+/// byte count of its buffers; after the run everything is given back.
+#[test]
+fn gpipe_holds_more_device_memory_than_1f1b() -> Result<()> {
+    use troupe::gpu::Gpu;
+    if troupe::gpu::emu::shared().is_none() {
+        return Ok(());
+    }
+    let mut peaks = Vec::new();
+    for schedule in ["gpipe", "1f1b"] {
+        let sets = [
+            "parallel.pipeline_model_parallel_size=2".to_string(),
+            format!("parallel.pipeline_schedule=\"{schedule}\""),
+            "train.global_batch_size=8".into(),
+            "train.train_iters=1".into(),
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let gpu: &'static troupe::gpu::EmuGpu = Box::leak(Box::new(troupe::gpu::EmuGpu::new()?));
+        run(&config(&sets)?, Some(StageFactory::new(gpu, DType::F32)), &[])?;
+        ensure!(gpu.memory().live == 0, "{schedule}: {} bytes left allocated", gpu.memory().live);
+        peaks.push(gpu.memory().peak);
+    }
+    eprintln!("peak device memory: gpipe {} B, 1f1b {} B", peaks[0], peaks[1]);
+    ensure!(peaks[0] > peaks[1], "GPipe peaked at {} B, 1F1B at {} B", peaks[0], peaks[1]);
     Ok(())
 }

@@ -246,6 +246,10 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
         OpenGpu::Cuda(g) => gpu_steps(g.as_ref(), args, cfg, dtype)?,
         OpenGpu::Emu(g) => gpu_steps(g, args, cfg, dtype)?,
     };
+    let peak = match &gpu {
+        OpenGpu::Cuda(g) => troupe::gpu::Gpu::memory(g.as_ref()).peak,
+        OpenGpu::Emu(g) => troupe::gpu::Gpu::memory(g).peak,
+    };
     let median = times[times.len() / 2];
     let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
     let tokens_per_step = (cfg.accumulation_steps() * b * t) as f64;
@@ -283,6 +287,7 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
         "mfu": round(flops / (args.peak_tflops * 1e12), 4),
         "peak_tflops": args.peak_tflops,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device_memory_peak_mb": round(peak as f64 / 1048576.0, 1),
         "final_loss": loss,
     }))
 }
@@ -295,6 +300,7 @@ fn gpu_steps<G: troupe::gpu::Gpu>(
     cfg: &Config,
     dtype: troupe::gpu::DType,
 ) -> anyhow::Result<(Vec<f64>, f32, Vec<troupe::gpu::KernelTime>)> {
+    gpu.reset_peak_memory();
     let mut model = troupe::gpu::model::GpuGpt::new(gpu, &cfg.model, cfg.train.seed, dtype)
         .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
     let adam = troupe::gpu::train::adam_config(cfg);
@@ -354,6 +360,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
     };
     let device = super::train::stage_factory(args.device, args.dtype.into(), 0)?;
     let describe = device.as_ref().map(|d| d.describe().to_string());
+    let memory = device.clone();
     let opts = RunOptions {
         trace_step: Some(total),
         checksums: !args.no_checksums,
@@ -397,6 +404,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": args.device.to_string(),
         "gpu": describe,
+        "device_memory_peak_mb": memory.map(|d| round(d.memory().peak as f64 / 1048576.0, 1)),
         "mfu": describe.as_ref().map(|_| {
             round(cfg.model.flops_per_token() * tokens_per_s / (args.peak_tflops * 1e12), 4)
         }),

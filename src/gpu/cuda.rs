@@ -14,7 +14,10 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, check_gemm, check_range, sources};
+use super::{
+    Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, MemCounter, MemoryStats, check_gemm, check_range,
+    sources,
+};
 
 /// cuBLASLt workspace (what cuBLAS itself uses on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -126,6 +129,14 @@ pub fn driver_version() -> String {
 /// Device memory of a [`CudaGpu`].
 pub struct CudaBuf {
     slice: CudaSlice<u8>,
+    /// The GPU's byte count, given back on drop.
+    counter: Arc<MemCounter>,
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        self.counter.sub(self.slice.len());
+    }
 }
 
 /// One CUDA device: a context, a compute stream, a communication stream, the compiled kernels
@@ -141,6 +152,8 @@ pub struct CudaGpu {
     compute_capability: (i32, i32),
     /// (name, start, end) of every launch while profiling; `None` when off.
     profile: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
+    /// Bytes held in this GPU's buffers.
+    memory: Arc<MemCounter>,
 }
 
 /// What picks a cuBLASLt algorithm: the problem, whether a bias epilogue is used, and the
@@ -154,8 +167,9 @@ struct BlasLt {
     algos: Mutex<HashMap<AlgoKey, ltsys::cublasLtMatmulAlgo_t>>,
 }
 
-// SAFETY: the cuBLASLt handle is used only under the compute stream's ordering, from one thread
-// at a time (the algorithm cache is behind a mutex); cuBLASLt handles may be shared across threads.
+// SAFETY: cuBLASLt handles may be shared across threads, and the runtime's in-process ranks do
+// call from several; every product is ordered on the one compute stream, so the shared
+// workspace serves one product at a time, and the algorithm cache is behind a mutex.
 unsafe impl Send for BlasLt {}
 unsafe impl Sync for BlasLt {}
 
@@ -229,6 +243,7 @@ impl CudaGpu {
             arch,
             compute_capability: info.compute_capability,
             profile: Mutex::new(None),
+            memory: Arc::default(),
         })
     }
 
@@ -384,7 +399,16 @@ impl Gpu for CudaGpu {
     fn alloc(&self, bytes: usize) -> Result<CudaBuf, GpuError> {
         let slice =
             self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(driver("allocating device memory"))?;
-        Ok(CudaBuf { slice })
+        self.memory.add(slice.len());
+        Ok(CudaBuf { slice, counter: self.memory.clone() })
+    }
+
+    fn memory(&self) -> MemoryStats {
+        self.memory.stats()
+    }
+
+    fn reset_peak_memory(&self) {
+        self.memory.reset_peak();
     }
 
     fn buf_len(&self, buf: &CudaBuf) -> usize {

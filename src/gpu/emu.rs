@@ -5,11 +5,12 @@ use std::cell::UnsafeCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use super::{Arg, DType, Dev, Gemm, Gpu, GpuError, check_gemm, check_range, sources};
+use super::{
+    Arg, DType, Dev, Gemm, Gpu, GpuError, MemCounter, MemoryStats, check_gemm, check_range, sources,
+};
 
 /// How long one emulated launch may take before the process is stopped: a kernel that breaks the
 /// barrier rules (a thread skipping `__syncthreads`) deadlocks the emulator instead of failing.
@@ -31,15 +32,13 @@ type NameFn = unsafe extern "C" fn(c_int) -> *const c_char;
 pub struct EmuBuf {
     data: UnsafeCell<Box<[u64]>>,
     bytes: usize,
-    /// The bytes in use of a memory-limited emulator, given back on drop.
-    budget: Option<Arc<AtomicUsize>>,
+    /// The emulator's byte count, given back on drop.
+    counter: Arc<MemCounter>,
 }
 
 impl Drop for EmuBuf {
     fn drop(&mut self) {
-        if let Some(used) = &self.budget {
-            used.fetch_sub(self.bytes, Ordering::SeqCst);
-        }
+        self.counter.sub(self.bytes);
     }
 }
 
@@ -61,8 +60,9 @@ pub struct EmuGpu {
     lib: libloading::Library,
     kernels: Vec<String>,
     path: PathBuf,
-    /// An emulated device memory size and the bytes in use (tests of out-of-memory handling).
-    memory: Option<(usize, Arc<AtomicUsize>)>,
+    /// An emulated device memory size (tests of out-of-memory handling).
+    limit: Option<usize>,
+    memory: Arc<MemCounter>,
 }
 
 impl EmuGpu {
@@ -127,16 +127,13 @@ impl EmuGpu {
                 .collect()
         };
         // TROUPE_EMU_MEMORY=<bytes> (suffix K, M or G allowed) emulates a GPU of that memory size.
-        let memory = match std::env::var("TROUPE_EMU_MEMORY") {
+        let limit = match std::env::var("TROUPE_EMU_MEMORY") {
             Err(_) => None,
-            Ok(v) => {
-                let bytes = parse_bytes(&v).ok_or_else(|| {
-                    GpuError::EmuBuild(format!("TROUPE_EMU_MEMORY={v}: expected a byte count such as 512M"))
-                })?;
-                Some((bytes, Arc::new(AtomicUsize::new(0))))
-            }
+            Ok(v) => Some(parse_bytes(&v).ok_or_else(|| {
+                GpuError::EmuBuild(format!("TROUPE_EMU_MEMORY={v}: expected a byte count such as 512M"))
+            })?),
         };
-        Ok(EmuGpu { lib, kernels, path, memory })
+        Ok(EmuGpu { lib, kernels, path, limit, memory: Arc::default() })
     }
 
     /// The emulator with `bytes` of device memory: an allocation past it fails as a GPU's does
@@ -146,13 +143,8 @@ impl EmuGpu {
     /// As [`EmuGpu::new`].
     pub fn with_memory_limit(bytes: usize) -> Result<Self, GpuError> {
         let mut gpu = Self::new()?;
-        gpu.memory = Some((bytes, Arc::new(AtomicUsize::new(0))));
+        gpu.limit = Some(bytes);
         Ok(gpu)
-    }
-
-    /// Bytes of emulated device memory in use (with a limit; `None` without).
-    pub fn memory_in_use(&self) -> Option<usize> {
-        self.memory.as_ref().map(|(_, used)| used.load(Ordering::SeqCst))
     }
 
     /// The names of all kernels compiled in.
@@ -213,21 +205,15 @@ impl Gpu for EmuGpu {
 
     fn alloc(&self, bytes: usize) -> Result<EmuBuf, GpuError> {
         let oom = |detail: String| GpuError::Driver { op: "allocating device memory".into(), detail };
-        let budget = match &self.memory {
-            None => None,
-            Some((limit, used)) => {
-                let before = used.fetch_add(bytes, Ordering::SeqCst);
-                if before.saturating_add(bytes) > *limit {
-                    used.fetch_sub(bytes, Ordering::SeqCst);
-                    return Err(oom(format!(
-                        "out of memory: {bytes} bytes asked with {before} of {limit} in use (the emulator's limit)"
-                    )));
-                }
-                Some(used.clone())
-            }
-        };
+        let live = self.memory.stats().live;
+        if let Some(limit) = self.limit.filter(|&l| live.saturating_add(bytes) > l) {
+            return Err(oom(format!(
+                "out of memory: {bytes} bytes asked with {live} of {limit} in use (the emulator's limit)"
+            )));
+        }
+        self.memory.add(bytes);
         // Dropped unfinished, `buf` gives the bytes back.
-        let mut buf = EmuBuf { data: UnsafeCell::new(Box::default()), bytes, budget };
+        let mut buf = EmuBuf { data: UnsafeCell::new(Box::default()), bytes, counter: self.memory.clone() };
         let mut words = Vec::new();
         words
             .try_reserve_exact(bytes.div_ceil(8))
@@ -235,6 +221,14 @@ impl Gpu for EmuGpu {
         words.resize(bytes.div_ceil(8), 0u64);
         buf.data = UnsafeCell::new(words.into_boxed_slice());
         Ok(buf)
+    }
+
+    fn memory(&self) -> MemoryStats {
+        self.memory.stats()
+    }
+
+    fn reset_peak_memory(&self) {
+        self.memory.reset_peak();
     }
 
     fn buf_len(&self, buf: &EmuBuf) -> usize {

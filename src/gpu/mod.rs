@@ -213,6 +213,51 @@ pub trait Gpu: Send + Sync {
     fn take_profile(&self) -> Result<Vec<KernelTime>, GpuError> {
         Ok(Vec::new())
     }
+
+    /// Bytes of device memory held in this GPU's buffers now and at most since the last
+    /// [`Gpu::reset_peak_memory`] (library workspaces and the CUDA context are not counted).
+    fn memory(&self) -> MemoryStats;
+
+    /// Starts a new peak from the bytes held now.
+    fn reset_peak_memory(&self);
+}
+
+/// See [`Gpu::memory`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub live: usize,
+    pub peak: usize,
+}
+
+/// The live and peak bytes of a GPU's buffers, shared with the buffers (which give theirs back
+/// on drop).
+#[derive(Debug, Default)]
+pub(crate) struct MemCounter {
+    live: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+impl MemCounter {
+    pub(crate) fn add(&self, bytes: usize) -> usize {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.live.fetch_add(bytes, SeqCst) + bytes;
+        self.peak.fetch_max(now, SeqCst);
+        now
+    }
+
+    pub(crate) fn sub(&self, bytes: usize) {
+        self.live.fetch_sub(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn stats(&self) -> MemoryStats {
+        use std::sync::atomic::Ordering::SeqCst;
+        MemoryStats { live: self.live.load(SeqCst), peak: self.peak.load(SeqCst) }
+    }
+
+    pub(crate) fn reset_peak(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.peak.store(self.live.load(SeqCst), SeqCst);
+    }
 }
 
 /// Checks that `bytes` at `offset` fit in a buffer of `len` bytes (the copies of both GPUs).

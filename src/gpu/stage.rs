@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use super::model::GpuGpt;
-use super::{DType, Dev, Gpu, GpuError, download_f32};
+use super::{DType, Dev, Gpu, GpuError, MemoryStats, download_f32};
 use crate::models::gpt::{GptConfig, LayerRange, StageInput};
 
 /// The compute of one model chunk on a device (object safe, so the runtime holds any GPU).
@@ -206,6 +206,7 @@ type MakeStage =
 #[derive(Clone)]
 pub struct StageFactory {
     make: Arc<MakeStage>,
+    memory: Arc<dyn Fn() -> MemoryStats + Send + Sync>,
     describe: String,
 }
 
@@ -226,8 +227,15 @@ impl StageFactory {
                 let stage = GpuGpt::from_range_params(gpu, cfg, range, host, dtype)?;
                 Ok(Box::new(stage) as Box<dyn DeviceStage>)
             }),
+            memory: Arc::new(move || gpu.memory()),
             describe,
         }
+    }
+
+    /// The device's memory held in buffers (all stages this factory made, and anything else on
+    /// that device).
+    pub fn memory(&self) -> MemoryStats {
+        (self.memory)()
     }
 
     /// The device and precision, for logs.
