@@ -148,6 +148,7 @@ def main():
         model_gflops_per_s=round(flops_per_token(m) * tps / 1e9, 2),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         final_loss=loss, torch=torch.__version__, attn=args.attn, device=args.device, dtype=dtype,
+        device_memory_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if args.device == "cuda" else None,
         mfu=round(flops_per_token(m) * tps / (args.peak_tflops * 1e12), 4) if args.device == "cuda" else None)))
 
 
