@@ -54,7 +54,8 @@ pub struct TrainBenchArgs {
     /// Do not checksum pipeline messages (to measure what the always-on checks cost).
     #[arg(long)]
     pub no_checksums: bool,
-    /// `cpu`, `cuda` (one GPU) or `emu` (the CUDA kernels in their CPU emulator; slow).
+    /// `cpu`, `cuda` (GPU 0; with pipeline or data parallelism, ranks as threads share it) or
+    /// `emu` (the CUDA kernels in their CPU emulator; slow).
     #[arg(long, default_value = "cpu")]
     pub device: troupe::device::Device,
     /// GPU storage type: bf16 (fp32 master weights) or fp32.

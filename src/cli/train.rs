@@ -122,8 +122,11 @@ pub struct TrainArgs {
     /// Never draw a progress bar (plain log lines instead).
     #[arg(long)]
     pub no_progress: bool,
-    /// `cpu`, `cuda` (one GPU), or `emu` (the CUDA kernels in their CPU emulator: very slow,
-    /// for testing the GPU path without a GPU).
+    /// `cpu`, `cuda` (the GPU of this process's LOCAL_RANK; one process per GPU under a
+    /// launcher), or `emu` (the CUDA kernels in their CPU emulator: very slow, for testing the
+    /// GPU path without a GPU). One GPU and plain data parallelism run the GPU training loop;
+    /// pipeline parallelism, the distributed optimizer, traces and faults run the actor runtime
+    /// with each chunk's compute on the GPU.
     #[arg(long, default_value = "cpu")]
     pub device: troupe::device::Device,
     /// Storage type on the GPU: bf16 (fp32 master weights, moments and statistics) or fp32.
