@@ -38,6 +38,15 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
+/// The per-step losses of a `--log-json` file.
+fn losses(log: &Path) -> Result<Vec<f64>> {
+    Ok(std::fs::read_to_string(log)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
+        .collect())
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -230,14 +239,6 @@ fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Res
         "--train-iters",
         "2",
     ];
-    let losses = |log: &Path| -> Result<Vec<f64>> {
-        let text = std::fs::read_to_string(log)?;
-        Ok(text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
-            .collect())
-    };
     let mut emu =
         vec!["train", "--device", "emu", "--dtype", "fp32", "--save", "ck", "--log-json", "emu.jsonl"];
     emu.extend_from_slice(small);
@@ -318,14 +319,7 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
     cpu.extend_from_slice(model);
     let out = troupe(&cpu, &dir);
     ensure!(out.status.success(), "cpu pipeline: {}", stderr(&out));
-    let losses = |name: &str| -> Result<Vec<f64>> {
-        Ok(std::fs::read_to_string(dir.join(name))?
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v.get("loss").and_then(serde_json::Value::as_f64))
-            .collect())
-    };
-    let (g, c) = (losses("gpu.jsonl")?, losses("cpu.jsonl")?);
+    let (g, c) = (losses(&dir.join("gpu.jsonl"))?, losses(&dir.join("cpu.jsonl"))?);
     ensure!(g.len() == 2 && c.len() == 2, "gpu {g:?} cpu {c:?}");
     for (a, b) in g.iter().zip(&c) {
         ensure!(((a - b) / b).abs() <= 1e-4, "GPU pipeline losses {g:?} vs cpu {c:?}");
