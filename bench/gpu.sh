@@ -114,9 +114,9 @@ timeout 200 $troupe bench train --config $cfg --device cuda --micro-batch-size "
 log "profile: rc $?; top kernels:"
 head -14 "$OUT/bench-profile.err" | tee -a "$OUT/summary.txt"
 bench simt TROUPE_ATTENTION=simt
-# The actor runtime with the model chunk on the GPU (optimizer on the host, gradients down and
-# parameters up once per step) against the GPU training loop, in the same process: the cost of
-# the general path that pipeline parallelism on GPUs uses.
+# The actor runtime with the model chunk and its optimizer on the GPU against the GPU training
+# loop, in the same process: the cost of the general path that pipeline parallelism on GPUs uses
+# (the JSON also has host_device_copies_mb_per_step).
 timeout 300 $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --microbatches 2 --actors \
   --steps 5 --warmup 2 >"$OUT/bench-actors.json" 2>"$OUT/bench-actors.err"
 log "troupe actors: rc $? $(tail -c 400 "$OUT/bench-actors.json") $(tail -c 300 "$OUT/bench-actors.err")"

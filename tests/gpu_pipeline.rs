@@ -198,6 +198,81 @@ fn interleaved_with_zero_on_gpu_stages_matches_the_cpu() -> Result<()> {
     )
 }
 
+/// Without the distributed optimizer the AdamW update runs on the device and the gradients of a
+/// step without data parallelism never leave it; the tied embedding's gradient is summed
+/// across the embedding group from the device (interleaved: the embedding and the head on
+/// different ranks) and on one rank (ZB-V's V placement: both on rank 0).
+#[test]
+fn the_device_optimizer_with_the_embedding_group_matches_the_cpu() -> Result<()> {
+    compare(
+        &[
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.pipeline_schedule=\"interleaved\"",
+        ],
+        DType::F32,
+        1e-5,
+    )?;
+    compare(
+        &[
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.pipeline_schedule=\"zb-v\"",
+        ],
+        DType::F32,
+        1e-5,
+    )
+}
+
+/// Bytes copied between host and device per training step: with the optimizer on the device
+/// (PP 2, no data parallelism) a step moves microbatch inputs, activations, the tied embedding's
+/// gradient and a few scalars — well under one copy of the parameter arena — while the host
+/// optimizer (ZeRO-1, here with one replica) moves every gradient down and every parameter up.
+/// Per step = (bytes after 4 steps − bytes after 2) / 2, which cancels the setup and the final
+/// read of the parameters.
+#[test]
+fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
+    use troupe::gpu::Gpu;
+    if troupe::gpu::emu::shared().is_none() {
+        eprintln!("SKIPPED: no kernel emulator (g++ missing or TROUPE_SKIP_EMU set)");
+        return Ok(());
+    }
+    // A private emulator: its copy counters see only this test's runs.
+    let gpu: &'static troupe::gpu::EmuGpu = Box::leak(Box::new(troupe::gpu::EmuGpu::new()?));
+    let per_step = |extra: &[&str]| -> Result<(f64, f64, usize)> {
+        let mut counts = Vec::new();
+        let mut arena = 0;
+        for iters in ["train.train_iters=2", "train.train_iters=4"] {
+            let mut sets = vec!["parallel.pipeline_model_parallel_size=2", iters];
+            sets.extend_from_slice(extra);
+            let cfg = config(&sets)?;
+            let before = gpu.memory();
+            let results = run(&cfg, Some(StageFactory::new(gpu, DType::F32)), &[])?;
+            let after = gpu.memory();
+            arena = 4 * params(&results).len();
+            counts.push((after.to_device - before.to_device, after.to_host - before.to_host));
+        }
+        let up = (counts[1].0 as f64 - counts[0].0 as f64) / 2.0;
+        let down = (counts[1].1 as f64 - counts[0].1 as f64) / 2.0;
+        Ok((up, down, arena))
+    };
+    let (up, down, arena) = per_step(&[])?;
+    let (host_up, host_down, _) = per_step(&["parallel.use_distributed_optimizer=true"])?;
+    eprintln!(
+        "per step: device optimizer {up:.0} B up, {down:.0} B down; host optimizer {host_up:.0} B up, \
+         {host_down:.0} B down; parameter arena {arena} B"
+    );
+    ensure!(
+        host_up >= arena as f64 && host_down >= arena as f64,
+        "the host optimizer moved only {host_up} B up and {host_down} B down per step (arena {arena} B)"
+    );
+    ensure!(
+        up < 0.5 * arena as f64 && down < 0.5 * arena as f64,
+        "the device optimizer moved {up} B up and {down} B down per step (arena {arena} B)"
+    );
+    Ok(())
+}
+
 /// Data parallelism alone on the runtime: one whole-model chunk per rank, whose gradient ranges
 /// are drained to the reducer during the last backward (the tied `wte` last, with both its head
 /// and embedding parts).

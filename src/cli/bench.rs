@@ -368,7 +368,13 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         device,
         ..RunOptions::default()
     };
+    let before = memory.as_ref().map(troupe::gpu::stage::StageFactory::memory);
     let results = train_inproc(&cfg, Arc::new(data), opts, threads, None, None)?;
+    // Host ↔ device copies per step (setup and the final read of the parameters included).
+    let copies_mb = memory.as_ref().zip(before).map(|(d, b)| {
+        let a = d.memory();
+        round(((a.to_device - b.to_device) + (a.to_host - b.to_host)) as f64 / 1048576.0 / total as f64, 2)
+    });
     let r0 = &results[0];
     let mut times: Vec<f64> = r0.records.iter().skip(args.warmup).map(|r| r.seconds).collect();
     times.sort_by(f64::total_cmp);
@@ -406,6 +412,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "device": args.device.to_string(),
         "gpu": describe,
         "device_memory_peak_mb": memory.map(|d| round(d.memory().peak as f64 / 1048576.0, 1)),
+        "host_device_copies_mb_per_step": copies_mb,
         "mfu": describe.as_ref().map(|_| {
             round(cfg.model.flops_per_token() * tokens_per_s / (args.peak_tflops * 1e12), 4)
         }),

@@ -236,8 +236,13 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     opts.device = super::train::stage_factory(args.device, args.dtype.into(), local)?;
     if let Some(f) = opts.device.as_ref().filter(|_| rank == 0) {
         eprintln!(
-            "troupe: each chunk computes on {} (parameters, gradients and optimizer on the host)",
-            f.describe()
+            "troupe: each chunk computes on {} (AdamW {})",
+            f.describe(),
+            if cfg.parallel.use_distributed_optimizer {
+                "on the host: the distributed optimizer's shards"
+            } else {
+                "on the device"
+            }
         );
     }
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;

@@ -416,6 +416,7 @@ impl Gpu for CudaGpu {
     }
 
     fn upload(&self, dst: &mut CudaBuf, offset: usize, src: &[u8]) -> Result<(), GpuError> {
+        self.memory.up(src.len());
         check_range("upload", "destination", offset, src.len(), dst.slice.len())?;
         let mut view = dst.slice.slice_mut(offset..offset + src.len());
         self.stream.memcpy_htod(src, &mut view).map_err(driver("copying to the device"))?;
@@ -423,6 +424,7 @@ impl Gpu for CudaGpu {
     }
 
     fn write(&self, dst: Dev<'_, CudaBuf>, src: &[u8]) -> Result<(), GpuError> {
+        self.memory.up(src.len());
         check_range("write", "destination", dst.offset, src.len(), dst.buf.slice.len())?;
         let ptr = self.device_ptr(dst);
         // SAFETY: the range is inside a device buffer of this context (checked above); the copy is
@@ -433,6 +435,7 @@ impl Gpu for CudaGpu {
     }
 
     fn download(&self, src: &CudaBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
+        self.memory.down(dst.len());
         check_range("download", "source", offset, dst.len(), src.slice.len())?;
         let view = src.slice.slice(offset..offset + dst.len());
         self.stream.memcpy_dtoh(&view, dst).map_err(driver("copying from the device"))?;

@@ -236,6 +236,7 @@ impl Gpu for EmuGpu {
     }
 
     fn upload(&self, dst: &mut EmuBuf, offset: usize, src: &[u8]) -> Result<(), GpuError> {
+        self.memory.up(src.len());
         check_range("upload", "destination", offset, src.len(), dst.bytes)?;
         // SAFETY: bounds checked above; no launch runs concurrently (launches are synchronous).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr(offset), src.len()) };
@@ -243,6 +244,7 @@ impl Gpu for EmuGpu {
     }
 
     fn write(&self, dst: Dev<'_, EmuBuf>, src: &[u8]) -> Result<(), GpuError> {
+        self.memory.up(src.len());
         check_range("write", "destination", dst.offset, src.len(), dst.buf.bytes)?;
         // SAFETY: bounds checked above; launches are synchronous, so nothing else writes now.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.buf.ptr(dst.offset), src.len()) };
@@ -250,6 +252,7 @@ impl Gpu for EmuGpu {
     }
 
     fn download(&self, src: &EmuBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
+        self.memory.down(dst.len());
         check_range("download", "source", offset, dst.len(), src.bytes)?;
         // SAFETY: bounds checked above.
         unsafe { std::ptr::copy_nonoverlapping(src.ptr(offset), dst.as_mut_ptr(), dst.len()) };

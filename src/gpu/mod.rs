@@ -215,7 +215,8 @@ pub trait Gpu: Send + Sync {
     }
 
     /// Bytes of device memory held in this GPU's buffers now and at most since the last
-    /// [`Gpu::reset_peak_memory`] (library workspaces and the CUDA context are not counted).
+    /// [`Gpu::reset_peak_memory`] (library workspaces and the CUDA context are not counted),
+    /// and the bytes copied between host and device so far.
     fn memory(&self) -> MemoryStats;
 
     /// Starts a new peak from the bytes held now.
@@ -227,6 +228,10 @@ pub trait Gpu: Send + Sync {
 pub struct MemoryStats {
     pub live: usize,
     pub peak: usize,
+    /// Bytes copied host → device since the GPU was opened (uploads and writes).
+    pub to_device: u64,
+    /// Bytes copied device → host since the GPU was opened (downloads).
+    pub to_host: u64,
 }
 
 /// The live and peak bytes of a GPU's buffers, shared with the buffers (which give theirs back
@@ -235,6 +240,8 @@ pub struct MemoryStats {
 pub(crate) struct MemCounter {
     live: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
+    to_device: std::sync::atomic::AtomicU64,
+    to_host: std::sync::atomic::AtomicU64,
 }
 
 impl MemCounter {
@@ -251,7 +258,22 @@ impl MemCounter {
 
     pub(crate) fn stats(&self) -> MemoryStats {
         use std::sync::atomic::Ordering::SeqCst;
-        MemoryStats { live: self.live.load(SeqCst), peak: self.peak.load(SeqCst) }
+        MemoryStats {
+            live: self.live.load(SeqCst),
+            peak: self.peak.load(SeqCst),
+            to_device: self.to_device.load(SeqCst),
+            to_host: self.to_host.load(SeqCst),
+        }
+    }
+
+    /// Counts a host → device copy.
+    pub(crate) fn up(&self, bytes: usize) {
+        self.to_device.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts a device → host copy.
+    pub(crate) fn down(&self, bytes: usize) {
+        self.to_host.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn reset_peak(&self) {

@@ -142,6 +142,8 @@ pub struct GpuGpt<'g, G: Gpu> {
     m: G::Buf,
     v: G::Buf,
     norm_scratch: G::Buf,
+    /// Scratch of [`GpuGpt::grad_sum_squares`], grown on demand.
+    sq_scratch: Option<G::Buf>,
     adam_steps: u64,
     in_flight: std::collections::HashMap<u64, Acts<G::Buf>>,
     /// Microbatches whose split backward's input half ran: what the weight half needs (their
@@ -271,6 +273,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             m: gpu.alloc(n * 4)?,
             v: gpu.alloc(n * 4)?,
             norm_scratch: gpu.alloc(norm_bytes)?,
+            sq_scratch: None,
             table,
             params,
             master,
@@ -370,7 +373,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     }
 
     /// Replaces the parameters with `host` (fp32, this range's arena order): the master weights
-    /// and the copy the kernels read. A pipeline stage whose optimizer runs on the host calls
+    /// and the copy the kernels read. A pipeline stage whose optimizer runs on the host (ZeRO-1) calls
     /// this after each update.
     ///
     /// # Errors
@@ -1157,7 +1160,28 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     pub fn step(&mut self, lr: f32, adam: &AdamWConfig, max_norm: f32) -> Result<f64, GpuError> {
         let norm = self.grad_norm()?;
         let scale = crate::optim::clip_coefficient(norm, max_norm).unwrap_or(1.0);
-        self.adam_steps += 1;
+        self.adamw_update(lr, adam, self.adam_steps + 1, scale)?;
+        Ok(norm)
+    }
+
+    /// One AdamW update numbered `step` (1-based; bias corrections use it) with the gradients
+    /// multiplied by `grad_scale` first (a clip coefficient computed elsewhere, e.g. from the
+    /// global norm of all pipeline stages). The update count becomes `step`.
+    ///
+    /// # Errors
+    /// `step == 0`; device errors.
+    pub fn adamw_update(
+        &mut self,
+        lr: f32,
+        adam: &AdamWConfig,
+        step: u64,
+        grad_scale: f32,
+    ) -> Result<(), GpuError> {
+        if step == 0 {
+            return Err(GpuError::Shape { op: "GpuGpt::adamw_update", detail: "step is 1-based".into() });
+        }
+        self.adam_steps = step;
+        let scale = grad_scale;
         let master = self.master.as_ref().unwrap_or(&self.params);
         for spec in self.table.specs() {
             let s = spec.span;
@@ -1179,6 +1203,69 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             };
             optim::adamw(self.gpu, &bufs, s.len, &h, scale)?;
         }
-        Ok(norm)
+        Ok(())
+    }
+
+    /// `Σ g²` of each arena range of the gradients, in double and a fixed order (one download
+    /// for all of them): the per-tensor sums a pipeline's global gradient norm is built from.
+    ///
+    /// # Errors
+    /// A range outside the arena; device errors.
+    pub fn grad_sum_squares(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<Vec<f64>, GpuError> {
+        let n = self.table.len();
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > n) {
+            return Err(GpuError::Shape {
+                op: "GpuGpt::grad_sum_squares",
+                detail: format!("range {r:?} of {n} gradients"),
+            });
+        }
+        let live: Vec<usize> = (0..ranges.len()).filter(|&i| !ranges[i].is_empty()).collect();
+        let mut out = vec![0.0f64; ranges.len()];
+        if live.is_empty() {
+            return Ok(out);
+        }
+        // Layout: one total per range, then every range's partials side by side.
+        let counts: Vec<usize> =
+            live.iter().map(|&i| optim::sum_squares_partial_count(ranges[i].len())).collect();
+        let bytes = 8 * (live.len() + counts.iter().sum::<usize>());
+        if self.sq_scratch.as_ref().is_none_or(|b| self.gpu.buf_len(b) < bytes) {
+            self.sq_scratch = None;
+            self.sq_scratch = Some(self.gpu.alloc(bytes)?);
+        }
+        let Some(scratch) = self.sq_scratch.as_ref() else { unreachable!("allocated above") };
+        let mut at = 8 * live.len();
+        for (k, &i) in live.iter().enumerate() {
+            let r = &ranges[i];
+            let x = Dev::new(&self.grads).at(r.start, DType::F32);
+            let partials = Dev { buf: scratch, offset: at };
+            let c = optim::sum_squares_partials(self.gpu, DType::F32, partials, x, r.len())?;
+            optim::sum_squares_finish(self.gpu, Dev { buf: scratch, offset: 8 * k }, partials, c)?;
+            at += 8 * c;
+        }
+        let mut totals = vec![0u8; 8 * live.len()];
+        self.gpu.download(scratch, 0, &mut totals)?;
+        for (k, &i) in live.iter().enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&totals[8 * k..8 * k + 8]);
+            out[i] = f64::from_le_bytes(b);
+        }
+        Ok(out)
+    }
+
+    /// Overwrites an arena range of the gradients with fp32 `values` (ordered after the queued
+    /// work): reduced or injected gradients coming back from the host.
+    ///
+    /// # Errors
+    /// A range outside the arena or of another length than `values`; device errors.
+    pub fn set_grads_range(&mut self, range: std::ops::Range<usize>, values: &[f32]) -> Result<(), GpuError> {
+        let n = self.table.len();
+        if range.start > range.end || range.end > n || range.len() != values.len() {
+            return Err(GpuError::Shape {
+                op: "GpuGpt::set_grads_range",
+                detail: format!("{} values for range {range:?} of {n} gradients", values.len()),
+            });
+        }
+        let at = Dev::new(&self.grads).at(range.start, DType::F32);
+        self.gpu.write(at, bytemuck::cast_slice(values))
     }
 }

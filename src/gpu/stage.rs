@@ -1,19 +1,27 @@
 //! A pipeline stage's layer range on a GPU, as the actor runtime drives it.
 //!
-//! The runtime (`crate::runtime`) keeps each chunk's parameters, gradients and optimizer state
-//! on the host — that is where its gradient reducer, ZeRO optimizer shards, embedding group,
-//! checkpoints and fault injection work — and hands the chunk's compute to a [`DeviceStage`]
-//! when the run has a device: forwards and backwards of microbatches run on the GPU, activations
-//! and input gradients cross stages as fp32 host messages, the gradients come back to the host
-//! once per step (during and after the chunk's last backward) and the updated parameters go up
-//! once per step (before the first forward that needs them). Every schedule runs this way,
-//! zero-bubble ones included (the split backward of `model/split.rs`).
+//! The runtime (`crate::runtime`) keeps each chunk's host model — the table and arenas its
+//! gradient reducer, ZeRO optimizer shards, checkpoints and fault injection work on — and hands
+//! the chunk's compute to a [`DeviceStage`] when the run has a device: forwards and backwards of
+//! microbatches run on the GPU and activations and input gradients cross stages as fp32 host
+//! messages. Every schedule runs this way, zero-bubble ones included (the split backward of
+//! `model/split.rs`).
+//!
+//! Without the distributed optimizer the AdamW update runs on the device as well
+//! ([`DeviceStage::adamw`]): the device owns the parameters and moments, and a step without
+//! data parallelism moves no gradients or parameters across the bus except the tied
+//! embedding's gradient, which the embedding group sums on the host (`Stage::optimizer_step` in
+//! `crate::runtime::stage`). With data parallelism the gradients come to the host during the
+//! chunk's last backward (for the reducer) and the reduced ones go back up; with the
+//! distributed optimizer (ZeRO-1) the shards update on the host and the parameters go up once
+//! per step (before the first forward that needs them).
 
 use std::sync::Arc;
 
 use super::model::GpuGpt;
 use super::{DType, Dev, Gpu, GpuError, MemoryStats, download_f32};
 use crate::models::gpt::{GptConfig, LayerRange, StageInput};
+use crate::optim::AdamWConfig;
 
 /// The compute of one model chunk on a device (object safe, so the runtime holds any GPU).
 pub trait DeviceStage: Send {
@@ -104,6 +112,44 @@ pub trait DeviceStage: Send {
     /// # Errors
     /// Device errors.
     fn synchronize(&self) -> Result<(), GpuError>;
+
+    /// Overwrites an arena range of the accumulated gradients (reduced or injected values
+    /// coming back from the host).
+    ///
+    /// # Errors
+    /// A range outside the arena or a length mismatch; device errors.
+    fn set_grads(&mut self, range: std::ops::Range<usize>, values: &[f32]) -> Result<(), GpuError>;
+
+    /// `Σ g²` of each arena range of the gradients (double), as [`GpuGpt::grad_sum_squares`].
+    ///
+    /// # Errors
+    /// A range outside the arena; device errors.
+    fn grad_sum_squares(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<Vec<f64>, GpuError>;
+
+    /// One AdamW update numbered `step` of every parameter on the device, gradients scaled by
+    /// `grad_scale` first; as [`GpuGpt::adamw_update`].
+    ///
+    /// # Errors
+    /// `step == 0`; device errors.
+    fn adamw(&mut self, lr: f32, adam: &AdamWConfig, step: u64, grad_scale: f32) -> Result<(), GpuError>;
+
+    /// The (master) parameters, fp32, in the range's arena order.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn params(&self) -> Result<Vec<f32>, GpuError>;
+
+    /// The AdamW moments (m, v), fp32, in arena order.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn moments(&self) -> Result<(Vec<f32>, Vec<f32>), GpuError>;
+
+    /// Replaces the AdamW moments and update count (resuming from a checkpoint).
+    ///
+    /// # Errors
+    /// Wrong lengths; device errors.
+    fn set_moments(&mut self, m: &[f32], v: &[f32], step: u64) -> Result<(), GpuError>;
 }
 
 impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
@@ -178,6 +224,30 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.gpu().synchronize()
+    }
+
+    fn set_grads(&mut self, range: std::ops::Range<usize>, values: &[f32]) -> Result<(), GpuError> {
+        self.set_grads_range(range, values)
+    }
+
+    fn grad_sum_squares(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<Vec<f64>, GpuError> {
+        GpuGpt::grad_sum_squares(self, ranges)
+    }
+
+    fn adamw(&mut self, lr: f32, adam: &AdamWConfig, step: u64, grad_scale: f32) -> Result<(), GpuError> {
+        self.adamw_update(lr, adam, step, grad_scale)
+    }
+
+    fn params(&self) -> Result<Vec<f32>, GpuError> {
+        self.params_host()
+    }
+
+    fn moments(&self) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
+        self.moments_host()
+    }
+
+    fn set_moments(&mut self, m: &[f32], v: &[f32], step: u64) -> Result<(), GpuError> {
+        self.set_optimizer_state(m, v, step)
     }
 }
 

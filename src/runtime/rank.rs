@@ -27,8 +27,8 @@ use crate::comm::{Buf, Comm, DType, GroupKind, ReduceOp, Topology, Work, chunk_r
 use crate::config::{Config, NanPolicy};
 use crate::data::SampleSource;
 use crate::kernels::CpuBackend;
-use crate::models::gpt::Gpt;
 use crate::models::gpt::StageInput;
+use crate::models::gpt::{Gpt, ModelError};
 use crate::optim::{AdamWConfig, LrSchedule, clip_coefficient, norm_from_tensor_sums};
 use crate::schedule::{Op, OpKind};
 use crate::trace::{Event, actor_of};
@@ -685,11 +685,9 @@ fn weight_backward(
     let last = e.weight_done[c] == e.microbatches;
     let Engine { be, chunks, buckets, bucket_tx, handed, nonfinite, .. } = e;
     let g = &mut chunks[c];
-    if let Some(v) = poison
-        && let Some(x) = g.grads_mut().last_mut()
-    {
+    if let Some(v) = poison {
         // An injected non-finite gradient: accumulation keeps it.
-        *x = v;
+        g.poison_grad(v);
     }
     let wte = g.wte_range();
     let mut hook = |range: std::ops::Range<usize>, arena: &[f32]| {
@@ -710,8 +708,9 @@ fn weight_backward(
         g.backward_report(&**be, u64::from(mb), dout, last && bucket_tx.is_some(), &mut hook)?;
     }
     if last {
-        g.sync_grads()?;
-        g.fold_tied_grad(&**be);
+        // Without data parallelism nothing is reduced on the host: a device optimizer's
+        // gradients stay on the device.
+        g.finish_grads(&**be, bucket_tx.is_none())?;
         e.hand_remaining_buckets(c);
     }
     Ok(())
@@ -911,19 +910,14 @@ impl Actor for OptimizerShard {
                     .compute
                     .run(s.ticket, move |e: &mut Engine| {
                         for (c, shard) in shards.iter_mut().enumerate() {
-                            let (table, params, grads) = e.chunks[c].split_mut();
-                            if let Some(coef) = clip {
-                                for r in &shard.ranges {
-                                    e.be.scale(&mut grads[r.clone()], coef);
-                                }
-                            }
-                            shard.update(&*e.be, table, params, grads, &cfg, updates, lr);
+                            e.chunks[c].optimizer_step(&*e.be, shard, &cfg, updates, lr, clip)?;
                         }
-                        shards
+                        Ok::<_, ModelError>(shards)
                     })
                     .await;
                 let out = match r {
-                    Ok((shards, t0, t1)) => {
+                    Ok((Err(e), _, _)) => Err(opt_err(&st.ctx, s.step, e.to_string())),
+                    Ok((Ok(shards), t0, t1)) => {
                         st.shards = Some(shards);
                         st.ctx.record(
                             s.step,
@@ -942,6 +936,17 @@ impl Actor for OptimizerShard {
             }
         }
         Ok(())
+    }
+}
+
+/// A model or device error of a supervisor job.
+fn model_err(ctx: &RankCtx, step: u64, op: &str, e: ModelError) -> RuntimeError {
+    RuntimeError::Actor {
+        actor: "supervisor".into(),
+        rank: ctx.world_rank,
+        step,
+        op: op.into(),
+        detail: e.to_string(),
     }
 }
 
@@ -1151,11 +1156,20 @@ impl Actor for Supervisor {
                 }
             }) as Box<dyn Fn(ReadyBucket) + Send>
         });
-        let chunks = chunks
+        // On a device the optimizer runs there too, unless it is sharded (ZeRO-1 keeps its
+        // shards on the host).
+        let device_opt = !plan.distributed_optimizer;
+        let mut chunks = chunks
             .into_iter()
-            .map(|g| super::stage::Stage::new(g, s.opts.device.as_ref()))
+            .map(|g| super::stage::Stage::with_optimizer(g, s.opts.device.as_ref(), device_opt))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| spawn_err("model chunk on the device", e))?;
+        if let Some(r) = resume {
+            for (g, shard) in chunks.iter_mut().zip(&shards) {
+                g.load_optimizer_state(shard, r.updates)
+                    .map_err(|e| spawn_err("optimizer state on the device", e))?;
+            }
+        }
         let handed = chunk_buckets.iter().map(|b| vec![false; b.len()]).collect();
         let engine = Engine {
             be: Box::new(CpuBackend::new(s.threads)),
@@ -1471,7 +1485,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let local_pair = emb_chunks.len() == 2 && plan.num_stages() > 1;
         let emb_chunks2 = emb_chunks.clone();
         let emb_send = st
-            .job(this, "write back reduced gradients", move |e: &mut Engine| {
+            .job(this, "write back reduced gradients", move |e: &mut Engine| -> Result<_, ModelError> {
                 for b in reduced {
                     let g = e.chunks[b.chunk].grads_mut();
                     if dist {
@@ -1484,23 +1498,22 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                 if local_pair {
                     // Stage 0 and the last stage on this rank (V placement): embedding + head.
                     let (a, b) = (emb_chunks2[0], emb_chunks2[1]);
-                    let (ra, rb) = (wte_part(e, a)?, wte_part(e, b)?);
-                    let head: Vec<f32> = e.chunks[b].grads()[rb.clone()].to_vec();
-                    let be = &e.be;
-                    be.add_assign(&mut e.chunks[a].grads_mut()[ra.clone()], &head);
-                    let sum = e.chunks[a].grads()[ra].to_vec();
-                    e.chunks[b].grads_mut()[rb].copy_from_slice(&sum);
-                    None
+                    let (Some(ra), Some(rb)) = (wte_part(e, a), wte_part(e, b)) else { return Ok(None) };
+                    let head = e.chunks[b].read_grads(rb.clone())?;
+                    let mut sum = e.chunks[a].read_grads(ra.clone())?;
+                    e.be.add_assign(&mut sum, &head);
+                    e.chunks[a].write_grads(ra, &sum)?;
+                    e.chunks[b].write_grads(rb, &sum)?;
+                    Ok(None)
                 } else {
-                    let c = *emb_chunks2.first()?;
-                    let r = wte_part(e, c)?;
-                    Some((
-                        c,
-                        super::compute::finite_or_zero(e.chunks[c].grads()[r].to_vec(), &mut e.nonfinite),
-                    ))
+                    let Some(&c) = emb_chunks2.first() else { return Ok(None) };
+                    let Some(r) = wte_part(e, c) else { return Ok(None) };
+                    let part = e.chunks[c].read_grads(r)?;
+                    Ok(Some((c, super::compute::finite_or_zero(part, &mut e.nonfinite))))
                 }
             })
-            .await?;
+            .await?
+            .map_err(|e| model_err(&ctx, this, "write back reduced gradients", e))?;
         if let (Some(emb), Some((c, part))) = (ctx.emb.clone(), emb_send) {
             let summed =
                 wait_work(&ctx, this, "embedding all-reduce", emb.all_reduce(Buf::F32(part), ReduceOp::Sum))
@@ -1515,30 +1528,33 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                     detail: "non-f32 result".into(),
                 });
             };
-            st.job(this, "write back embedding gradient", move |e: &mut Engine| {
-                if let Some(r) = wte_part(e, c) {
-                    e.chunks[c].grads_mut()[r].copy_from_slice(&summed);
-                }
+            st.job(this, "write back embedding gradient", move |e: &mut Engine| match wte_part(e, c) {
+                Some(r) => e.chunks[c].write_grads(r, &summed),
+                None => Ok(()),
             })
-            .await?;
+            .await?
+            .map_err(|e| model_err(&ctx, this, "write back embedding gradient", e))?;
         }
         // Agreement: per-tensor Σg² (canonical order), loss, non-finite and stop flags, bubble.
         let index = st.tensor_index.clone();
         let contributes = dist || dp_rank == 0;
         let mut parts = st
-            .job(this, "gradient norm", move |e: &mut Engine| {
+            .job(this, "gradient norm", move |e: &mut Engine| -> Result<Vec<f64>, ModelError> {
                 let mut v = vec![0.0f64; slots];
                 v[n_tensors + 2] = f64::from(u8::from(e.nonfinite));
                 if !contributes {
-                    return v;
+                    return Ok(v);
                 }
-                for (c, g) in e.chunks.iter().enumerate() {
+                let Engine { be, chunks, buckets, .. } = e;
+                for (c, g) in chunks.iter_mut().enumerate() {
                     let tied_copy = g.range().head && !g.range().embedding;
                     let shard = if dist {
-                        ChunkShard::new(g.table().len(), &e.buckets[c], dp, dp_rank, true).ranges
+                        ChunkShard::new(g.table().len(), &buckets[c], dp, dp_rank, true).ranges
                     } else {
                         std::iter::once(0..g.table().len()).collect()
                     };
+                    // (tensor slot, arena range) in a fixed order; summed where they live.
+                    let mut parts: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
                     for spec in g.table().specs() {
                         if tied_copy && spec.name == "wte" {
                             continue;
@@ -1548,14 +1564,20 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                         for r in &shard {
                             let (lo, hi) = (s.start.max(r.start), s.end.min(r.end));
                             if lo < hi {
-                                v[j] += e.be.sum_squares(&g.grads()[lo..hi]);
+                                parts.push((j, lo..hi));
                             }
                         }
                     }
+                    let ranges: Vec<_> = parts.iter().map(|p| p.1.clone()).collect();
+                    let sums = g.grad_sum_squares(&**be, &ranges)?;
+                    for ((j, _), x) in parts.iter().zip(sums) {
+                        v[*j] += x;
+                    }
                 }
-                v
+                Ok(v)
             })
-            .await?;
+            .await?
+            .map_err(|e| model_err(&ctx, this, "gradient norm", e))?;
         losses.sort_by_key(|&(mb, _)| mb);
         let loss_sum: f64 = losses.iter().fold(0.0f64, |acc, &(_, l)| acc + f64::from(l));
         let nonfinite = parts[n_tensors + 2] != 0.0
@@ -1777,9 +1799,16 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let _ = reported;
     let chunks = st
         .job(step, "collect parameters", |e: &mut Engine| {
-            e.chunks.iter().map(|g| (g.range(), g.table().clone(), g.params().to_vec())).collect::<Vec<_>>()
+            e.chunks
+                .iter_mut()
+                .map(|g| {
+                    g.pull_params()?;
+                    Ok((g.range(), g.table().clone(), g.params().to_vec()))
+                })
+                .collect::<Result<Vec<_>, ModelError>>()
         })
-        .await?;
+        .await?
+        .map_err(|e| model_err(&ctx, step, "collect parameters", e))?;
     result.chunks = chunks;
     result.events =
         std::mem::take(&mut *ctx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
@@ -2022,11 +2051,20 @@ async fn save_checkpoint(
     phase_fault(&ctx, step, super::faults::Phase::Checkpoint, "checkpoint writer").await?;
     let (shards, updates) =
         rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::Snapshot, Some(ctx.timeout)).await)?;
-    let params = st
+    let (params, shards) = st
         .job(step, "read parameters for a checkpoint", |e: &mut Engine| {
-            e.chunks.iter().map(|g| g.params().to_vec()).collect::<Vec<_>>()
+            let mut shards = shards;
+            let mut params = Vec::with_capacity(e.chunks.len());
+            for (g, shard) in e.chunks.iter_mut().zip(shards.iter_mut()) {
+                // A device optimizer's parameters and moments come from the device.
+                g.pull_params()?;
+                g.optimizer_state_into(shard)?;
+                params.push(g.params().to_vec());
+            }
+            Ok::<_, ModelError>((params, shards))
         })
-        .await?;
+        .await?
+        .map_err(|e| model_err(&ctx, step, "read parameters for a checkpoint", e))?;
     let buckets = st.job(step, "bucket layout", |e: &mut Engine| e.buckets.clone()).await?;
     // Full-arena moments of every chunk on this rank.
     let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(shards.len());

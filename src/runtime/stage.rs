@@ -4,19 +4,32 @@
 //!
 //! [`Stage`] dereferences to the host model, so the runtime reads and writes parameters and
 //! gradients as on the CPU; any mutable access marks the host parameters as newer than the
-//! device's, and the next device forward uploads them first (once per step in practice: after
-//! the optimizer). The compute calls (`forward`, `backward_with`, `output`, `input_grad`, …) are
-//! the stage's own and go to the device when there is one. The device's gradients are added into
-//! the host arena by [`Stage::sync_grads`] after the chunk's last backward of the step (most of
-//! them already during that backward, range by range as it finishes them, so the data-parallel
-//! reduction overlaps the rest of the backward: [`Stage::backward_report`]); adding keeps a
-//! gradient the host already holds (an injected NaN).
+//! device's, and the next device forward uploads them first. The compute calls (`forward`,
+//! `backward_with`, `output`, `input_grad`, …) are the stage's own and go to the device when
+//! there is one.
+//!
+//! Where the step's gradients go after the chunk's last backward ([`Stage::finish_grads`]):
+//! - with data parallelism, or the optimizer on the host: added into the host arena (most of
+//!   them during that backward, range by range as it finishes them, so the data-parallel
+//!   reduction overlaps the rest of the backward: [`Stage::backward_report`]; adding keeps a
+//!   gradient the host already holds, an injected NaN);
+//! - with the optimizer on the device and no data parallelism: nowhere; [`Stage::read_grads`],
+//!   [`Stage::write_grads`] (the tied embedding's sum) and [`Stage::grad_sum_squares`] (the
+//!   global norm) work on them in place.
+//!
+//! [`Stage::optimizer_step`] then updates on the host (the device gets the parameters before
+//! its next forward) or on the device (host gradients go up first if the reducer left them on
+//! the host; the host parameters are stale until [`Stage::pull_params`], which checkpoints and
+//! the end of the run call; the moments are read with [`Stage::optimizer_state_into`]).
 
 use std::ops::{Deref, DerefMut};
 
 use crate::gpu::stage::{DeviceStage, StageFactory};
 use crate::kernels::Backend;
 use crate::models::gpt::{Gpt, ModelError, StageInput};
+use crate::optim::AdamWConfig;
+
+use super::shard::ChunkShard;
 
 /// See the module docs.
 pub struct Stage {
@@ -32,6 +45,14 @@ pub struct Stage {
     dinput: Vec<f32>,
     /// Arena ranges drained to the host since the last sync (zero on the device).
     drained: Vec<std::ops::Range<usize>>,
+    /// AdamW runs on the device (which then owns the parameters and moments).
+    optimizer_on_device: bool,
+    /// This step's gradients stay on the device (the host arena's are stale).
+    grads_on_device: bool,
+    /// The device's parameters are newer than the host's (after a device update).
+    host_params_stale: bool,
+    /// An injected non-finite gradient for the device's arena (see [`Stage::poison_grad`]).
+    poison: Option<f32>,
 }
 
 fn dev_err(e: crate::gpu::GpuError) -> ModelError {
@@ -49,23 +70,47 @@ impl Stage {
             dev_grads: false,
             dinput: Vec::new(),
             drained: Vec::new(),
+            optimizer_on_device: false,
+            grads_on_device: false,
+            host_params_stale: false,
+            poison: None,
         }
     }
 
     /// The chunk `host` with its compute on the device `factory` makes (from the host's
     /// current parameters), or on the CPU without a factory.
     ///
+    /// With `optimizer_on_device` (and a device) the AdamW update runs on the device too, which
+    /// then owns the parameters and moments: see [`Stage::optimizer_step`].
+    ///
     /// # Errors
     /// The device stage cannot be built (an unsupported shape, out of device memory).
-    pub fn new(host: Gpt, factory: Option<&StageFactory>) -> Result<Self, ModelError> {
+    pub fn with_optimizer(
+        host: Gpt,
+        factory: Option<&StageFactory>,
+        optimizer_on_device: bool,
+    ) -> Result<Self, ModelError> {
         let Some(f) = factory else { return Ok(Self::cpu(host)) };
         let dev = f.make(host.config(), host.range(), host.params()).map_err(dev_err)?;
-        Ok(Stage { dev: Some(dev), ..Self::cpu(host) })
+        Ok(Stage { dev: Some(dev), optimizer_on_device, ..Self::cpu(host) })
+    }
+
+    /// [`Stage::with_optimizer`] with the optimizer on the host.
+    ///
+    /// # Errors
+    /// As [`Stage::with_optimizer`].
+    pub fn new(host: Gpt, factory: Option<&StageFactory>) -> Result<Self, ModelError> {
+        Self::with_optimizer(host, factory, false)
     }
 
     /// Whether the compute runs on a device.
     pub fn on_device(&self) -> bool {
         self.dev.is_some()
+    }
+
+    /// Whether the AdamW update runs on the device.
+    pub fn optimizer_on_device(&self) -> bool {
+        self.optimizer_on_device && self.dev.is_some()
     }
 
     /// Forward of microbatch `mb` (see `Gpt::forward`).
@@ -263,7 +308,212 @@ impl Stage {
         self.host.zero_grads();
         self.dev_zero = self.dev.is_some();
         self.dev_grads = false;
+        self.grads_on_device = false;
+        self.poison = None;
         self.drained.clear();
+    }
+
+    /// Injects a non-finite gradient (fault injection): the arena's last element becomes `v`
+    /// before the backward, and the backward's accumulation keeps it; on a device the value
+    /// also goes into the device's arena when the step's gradients stay there.
+    pub fn poison_grad(&mut self, v: f32) {
+        if let Some(x) = self.host.grads_mut().last_mut() {
+            *x = v;
+        }
+        if self.dev.is_some() {
+            self.poison = Some(v);
+        }
+    }
+
+    /// Ends the chunk's gradient accumulation for the step (after its last weight-producing
+    /// backward). On the CPU the head's tied gradient is folded into `wte`. On a device, with
+    /// `keep_on_device` and the optimizer on the device, the gradients stay there (the norm,
+    /// the embedding group's sum and the update read and write them in place); otherwise they
+    /// are added into the host arena ([`Stage::sync_grads`]).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn finish_grads(&mut self, be: &dyn Backend, keep_on_device: bool) -> Result<(), ModelError> {
+        if keep_on_device && self.optimizer_on_device() {
+            if let (Some(v), Some(dev)) = (self.poison.take(), self.dev.as_mut()) {
+                let n = self.host.grads().len();
+                if n > 0 {
+                    dev.set_grads(n - 1..n, &[v]).map_err(dev_err)?;
+                }
+            }
+            self.grads_on_device = true;
+            return Ok(());
+        }
+        self.sync_grads()?;
+        self.host.fold_tied_grad(be);
+        Ok(())
+    }
+
+    /// A copy of the gradients of an arena range, wherever this step's live.
+    ///
+    /// # Errors
+    /// A range outside the arena; device errors.
+    pub fn read_grads(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, ModelError> {
+        if self.grads_on_device
+            && let Some(dev) = &self.dev
+        {
+            return dev.grads(range).map_err(dev_err);
+        }
+        let n = self.host.grads().len();
+        self.host
+            .grads()
+            .get(range.clone())
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| ModelError::Device(format!("gradient range {range:?} outside the arena of {n}")))
+    }
+
+    /// Overwrites the gradients of an arena range, wherever this step's live.
+    ///
+    /// # Errors
+    /// A range outside the arena or a length mismatch; device errors.
+    pub fn write_grads(&mut self, range: std::ops::Range<usize>, values: &[f32]) -> Result<(), ModelError> {
+        if self.grads_on_device
+            && let Some(dev) = self.dev.as_mut()
+        {
+            return dev.set_grads(range, values).map_err(dev_err);
+        }
+        let n = self.host.grads().len();
+        match self.host.grads_mut().get_mut(range.clone()) {
+            Some(dst) if dst.len() == values.len() => {
+                dst.copy_from_slice(values);
+                Ok(())
+            }
+            _ => Err(ModelError::Device(format!(
+                "{} gradient values for range {range:?} of an arena of {n}",
+                values.len()
+            ))),
+        }
+    }
+
+    /// `Σ g²` of each arena range of the gradients (double), wherever they live.
+    ///
+    /// # Errors
+    /// A range outside the arena; device errors.
+    pub fn grad_sum_squares(
+        &mut self,
+        be: &dyn Backend,
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<Vec<f64>, ModelError> {
+        if self.grads_on_device
+            && let Some(dev) = self.dev.as_mut()
+        {
+            return dev.grad_sum_squares(ranges).map_err(dev_err);
+        }
+        let g = self.host.grads();
+        ranges
+            .iter()
+            .map(|r| {
+                g.get(r.clone()).map(|x| be.sum_squares(x)).ok_or_else(|| {
+                    ModelError::Device(format!("gradient range {r:?} outside the arena of {}", g.len()))
+                })
+            })
+            .collect()
+    }
+
+    /// One AdamW update (number `step`) of this rank's `shard` of the chunk, gradients
+    /// multiplied by `clip` first when given. On the host: the shard's moments and the host
+    /// parameters (the device gets them before its next forward). With the optimizer on the
+    /// device: the whole arena on the device (the shard is the whole arena; its host moments
+    /// are not used until [`Stage::optimizer_state_into`]); host gradients go up first when
+    /// the step's gradients are on the host (data-parallel reduction), and the host parameters
+    /// are stale until [`Stage::pull_params`].
+    ///
+    /// # Errors
+    /// The optimizer is on the device but the shard is not the whole arena; device errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn optimizer_step(
+        &mut self,
+        be: &dyn Backend,
+        shard: &mut ChunkShard,
+        cfg: &AdamWConfig,
+        step: u64,
+        lr: f32,
+        clip: Option<f32>,
+    ) -> Result<(), ModelError> {
+        let on_device = self.optimizer_on_device();
+        let Some(dev) = self.dev.as_mut().filter(|_| on_device) else {
+            let (table, params, grads) = self.host.split_mut();
+            if let Some(coef) = clip {
+                for r in &shard.ranges {
+                    be.scale(&mut grads[r.clone()], coef);
+                }
+            }
+            shard.update(be, table, params, grads, cfg, step, lr);
+            self.params_dirty = self.dev.is_some();
+            return Ok(());
+        };
+        let n = self.host.grads().len();
+        if shard.ranges.iter().map(std::ops::Range::len).sum::<usize>() != n {
+            return Err(ModelError::Device(format!(
+                "the device optimizer updates whole chunks; this rank's shard covers {:?} of {n}",
+                shard.ranges
+            )));
+        }
+        if self.params_dirty {
+            dev.set_params(self.host.params()).map_err(dev_err)?;
+            self.params_dirty = false;
+        }
+        if !self.grads_on_device {
+            dev.set_grads(0..n, self.host.grads()).map_err(dev_err)?;
+        }
+        dev.adamw(lr, cfg, step, clip.unwrap_or(1.0)).map_err(dev_err)?;
+        self.host_params_stale = true;
+        Ok(())
+    }
+
+    /// Makes the host parameters current (downloads the device's after a device update).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn pull_params(&mut self) -> Result<(), ModelError> {
+        if !self.host_params_stale {
+            return Ok(());
+        }
+        let Some(dev) = &self.dev else { return Ok(()) };
+        let p = dev.params().map_err(dev_err)?;
+        let n = self.host.params().len();
+        if p.len() != n {
+            return Err(ModelError::Device(format!("the device returned {} parameters for {n}", p.len())));
+        }
+        self.host.params_mut().copy_from_slice(&p);
+        self.host_params_stale = false;
+        Ok(())
+    }
+
+    /// Copies the device's AdamW moments into `shard` (for a checkpoint) when the optimizer
+    /// runs on the device; otherwise the shard already holds them.
+    ///
+    /// # Errors
+    /// A shard that is not the whole arena; device errors.
+    pub fn optimizer_state_into(&self, shard: &mut ChunkShard) -> Result<(), ModelError> {
+        let Some(dev) = self.dev.as_ref().filter(|_| self.optimizer_on_device) else { return Ok(()) };
+        let (m, v) = dev.moments().map_err(dev_err)?;
+        if m.len() != shard.m.len() || v.len() != shard.v.len() {
+            return Err(ModelError::Device(format!(
+                "device moments of {} values for a shard of {}",
+                m.len(),
+                shard.m.len()
+            )));
+        }
+        shard.m = m;
+        shard.v = v;
+        Ok(())
+    }
+
+    /// Gives the device the moments of `shard` and the update count `step` (resuming) when the
+    /// optimizer runs on the device.
+    ///
+    /// # Errors
+    /// A shard that is not the whole arena; device errors.
+    pub fn load_optimizer_state(&mut self, shard: &ChunkShard, step: u64) -> Result<(), ModelError> {
+        let on_device = self.optimizer_on_device();
+        let Some(dev) = self.dev.as_mut().filter(|_| on_device) else { return Ok(()) };
+        dev.set_moments(&shard.m, &shard.v, step).map_err(dev_err)
     }
 
     /// Adds the gradients the device accumulated since the last sync into the host arena (a
@@ -341,7 +591,9 @@ impl DerefMut for Stage {
     /// Mutable access to the host model: its parameters may change, so the device gets them
     /// again before its next forward.
     fn deref_mut(&mut self) -> &mut Gpt {
-        self.params_dirty = self.dev.is_some();
+        // While the device holds newer parameters (its optimizer ran) the host's are a stale
+        // copy nobody writes: uploading them would undo the update.
+        self.params_dirty = self.dev.is_some() && !self.host_params_stale;
         &mut self.host
     }
 }
