@@ -273,6 +273,36 @@ fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
     Ok(())
 }
 
+/// A bf16 device's activations and input gradients are bf16 values, so bf16 pipeline messages
+/// (the default there) carry them exactly in half the bytes: the run gives the bits of one with
+/// fp32 messages, checksums included, and sends about half as many bytes.
+#[test]
+fn bf16_messages_between_bf16_stages_lose_nothing() -> Result<()> {
+    use troupe::comm::DType as Wire;
+    let cfg = config(&["parallel.pipeline_model_parallel_size=2"])?;
+    for (name, dev) in devices(DType::Bf16) {
+        let go = |wire: Option<Wire>| {
+            let opts = RunOptions {
+                timeout: Duration::from_secs(120),
+                device: Some(dev.clone()),
+                message_dtype: wire,
+                ..RunOptions::default()
+            };
+            train_inproc(&cfg, data(&cfg), opts, 2, None, None)
+        };
+        let (auto, fp32) = (go(None)?, go(Some(Wire::F32))?);
+        let bits = |r: &[RankResult]| params(r).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        ensure!(bits(&auto) == bits(&fp32), "on the {name}: bf16 messages changed the parameters");
+        let losses = |r: &[RankResult]| r[0].records.iter().map(|x| x.loss.to_bits()).collect::<Vec<_>>();
+        ensure!(losses(&auto) == losses(&fp32), "on the {name}: bf16 messages changed the losses");
+        let sent = |r: &[RankResult]| r.iter().map(|x| x.sent_bytes).sum::<u64>() as f64;
+        let ratio = sent(&auto) / sent(&fp32);
+        eprintln!("on the {name}: bf16 messages send {ratio:.3} of the fp32 bytes");
+        ensure!((0.49..0.52).contains(&ratio), "on the {name}: bf16 messages sent {ratio:.3} of the bytes");
+    }
+    Ok(())
+}
+
 /// Data parallelism alone on the runtime: one whole-model chunk per rank, whose gradient ranges
 /// are drained to the reducer during the last backward (the tied `wte` last, with both its head
 /// and embedding parts).

@@ -3,8 +3,8 @@
 //! The runtime (`crate::runtime`) keeps each chunk's host model — the table and arenas its
 //! gradient reducer, ZeRO optimizer shards, checkpoints and fault injection work on — and hands
 //! the chunk's compute to a [`DeviceStage`] when the run has a device: forwards and backwards of
-//! microbatches run on the GPU and activations and input gradients cross stages as fp32 host
-//! messages. Every schedule runs this way, zero-bubble ones included (the split backward of
+//! microbatches run on the GPU and activations and input gradients cross stages as host
+//! messages (bf16 from bf16 stages: `crate::runtime::wire`). Every schedule runs this way, zero-bubble ones included (the split backward of
 //! `model/split.rs`).
 //!
 //! Without the distributed optimizer the AdamW update runs on the device as well
@@ -276,6 +276,7 @@ type MakeStage =
 #[derive(Clone)]
 pub struct StageFactory {
     make: Arc<MakeStage>,
+    dtype: DType,
     memory: Arc<dyn Fn() -> MemoryStats + Send + Sync>,
     describe: String,
 }
@@ -298,6 +299,7 @@ impl StageFactory {
                 Ok(Box::new(stage) as Box<dyn DeviceStage>)
             }),
             memory: Arc::new(move || gpu.memory()),
+            dtype,
             describe,
         }
     }
@@ -306,6 +308,11 @@ impl StageFactory {
     /// that device).
     pub fn memory(&self) -> MemoryStats {
         (self.memory)()
+    }
+
+    /// The precision the stages compute in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device and precision, for logs.

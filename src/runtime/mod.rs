@@ -24,6 +24,7 @@ pub mod plan;
 pub mod rank;
 pub mod shard;
 pub mod stage;
+pub mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -103,6 +104,10 @@ pub struct RunOptions {
     pub valid: Option<ValidData>,
     /// Run each chunk's forwards and backwards on this device (see [`stage`]); `None`: the CPU.
     pub device: Option<crate::gpu::stage::StageFactory>,
+    /// Precision of pipeline messages (see [`wire`]). `None`: bf16 when the chunks compute in
+    /// bf16 on a device (the values are bf16 already: nothing is lost), else fp32. Forcing bf16
+    /// elsewhere rounds every activation and gradient that crosses a stage.
+    pub message_dtype: Option<crate::comm::DType>,
 }
 
 /// Validation samples for [`RunOptions::valid`].
@@ -130,6 +135,7 @@ impl Default for RunOptions {
             flight_dir: None,
             valid: None,
             device: None,
+            message_dtype: None,
         }
     }
 }

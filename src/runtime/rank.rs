@@ -37,6 +37,7 @@ use super::compute::{Compute, Engine, JobError, ReadyBucket};
 use super::mailbox::{Dir, Key, Mailbox};
 use super::plan::{Plan, buckets};
 use super::shard::ChunkShard;
+use super::wire::Wire;
 use super::{RankResult, RunEvent, RunOptions, RuntimeError, StepRecord};
 
 /// See [`RankCtx::waiting`].
@@ -102,7 +103,8 @@ pub struct RankCtx {
     /// This rank's injected faults, with the instruction index each fires at (pipeline phases).
     pub faults: Vec<(super::faults::Fault, Option<usize>)>,
     pub fault_plan: super::faults::FaultPlan,
-    pub checksums: bool,
+    /// How pipeline messages travel (precision, checksums).
+    pub wire: Wire,
     /// The stop request shared with the signal handler.
     pub stop: Option<Arc<AtomicBool>>,
     /// The last instructions and messages, dumped when the rank fails.
@@ -523,12 +525,8 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 })?;
                 let consumer = if dir == Dir::Act { stage + 1 } else { stage - 1 };
                 let (_, c2) = program.locate(consumer);
-                let mut data = data;
-                if ctx.checksums {
-                    let crc = crc32fast::hash(bytemuck::cast_slice(&data));
-                    data.push(f32::from_bits(crc));
-                }
-                let bytes = 4 * data.len() as u64;
+                let bytes = ctx.wire.bytes(data.len());
+                let mut data = ctx.wire.pack(data);
                 let t = ctx.now_us();
                 let tag = RankCtx::tag(step, dir, mb, c2 as u32);
                 ctx.note(step, || format!("#{index} {op}: send {bytes} B to pipeline rank {peer}"));
@@ -537,21 +535,16 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     match f.kind {
                         K::Drop => continue,
                         K::Delay => tokio::time::sleep(Duration::from_millis(f.ms.unwrap_or(200))).await,
-                        K::Corrupt => {
-                            let bits = data[0].to_bits() ^ 0x0040_0000;
-                            data[0] = f32::from_bits(bits);
-                        }
-                        K::Duplicate => {
-                            sends.push((op, ctx.pp.send(Buf::F32(data.clone()), peer as usize, tag)))
-                        }
+                        K::Corrupt => Wire::corrupt(&mut data),
+                        K::Duplicate => sends.push((op, ctx.pp.send(data.clone(), peer as usize, tag))),
                         K::Reorder => {
-                            held = Some((op, Buf::F32(data), peer as usize, tag));
+                            held = Some((op, data, peer as usize, tag));
                             continue;
                         }
                         _ => {}
                     }
                 }
-                let work = ctx.pp.send(Buf::F32(data), peer as usize, tag);
+                let work = ctx.pp.send(data, peer as usize, tag);
                 ctx.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
                 if dir == Dir::Grad {
                     ctx.sent_grad_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -567,33 +560,19 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
             Op::RecvAct { mb, peer, .. } | Op::RecvGrad { mb, peer, .. } => {
                 let dir = if matches!(op, Op::RecvAct { .. }) { Dir::Act } else { Dir::Grad };
                 let key = (dir, mb, c as u32);
-                let len = ctx.hidden_len() + usize::from(ctx.checksums);
-                let work = ctx.pp.recv(DType::F32, len, peer as usize, RankCtx::tag(step, dir, mb, c as u32));
-                let checksums = ctx.checksums;
+                let wire = ctx.wire;
+                let len = wire.elements(ctx.hidden_len());
+                let work = ctx.pp.recv(wire.dtype, len, peer as usize, RankCtx::tag(step, dir, mb, c as u32));
                 let world_peer = peer as usize * ctx.plan.dp + ctx.dp_rank;
                 let ctx2 = st.ctx.clone();
                 let posted = ctx.now_us();
                 let kind = op.kind();
                 tokio::spawn(async move {
                     let r = match work.await {
-                        Ok(Buf::F32(mut v)) if checksums => {
-                            let want = v.pop().map(f32::to_bits);
-                            let got = crc32fast::hash(bytemuck::cast_slice(&v));
-                            if want == Some(got) {
-                                Ok(v)
-                            } else {
-                                Err(format!(
-                                    "corrupt {} from rank {world_peer} (checksum {got:08x}, sent {:08x}): the link from rank {world_peer} damaged it",
-                                    dir.name(),
-                                    want.unwrap_or(0)
-                                ))
-                            }
-                        }
-                        Ok(Buf::F32(v)) => Ok(v),
-                        Ok(other) => Err(format!("expected f32 {}, got {:?}", dir.name(), other.dtype())),
+                        Ok(buf) => wire.unpack(buf, dir.name(), world_peer),
                         Err(e) => Err(e.to_string()),
                     };
-                    let bytes = r.as_ref().map(|v| 4 * v.len() as u64).ok();
+                    let bytes = r.as_ref().map(|v| wire.bytes(v.len())).ok();
                     ctx2.record(
                         step,
                         kind,
@@ -1215,7 +1194,13 @@ impl Actor for Supervisor {
                     .collect()
             },
             fault_plan: s.opts.faults.clone(),
-            checksums: s.opts.checksums,
+            wire: Wire {
+                dtype: s.opts.message_dtype.unwrap_or(match s.opts.device.as_ref().map(|d| d.dtype()) {
+                    Some(crate::gpu::DType::Bf16) => DType::Bf16,
+                    _ => DType::F32,
+                }),
+                checksums: s.opts.checksums,
+            },
             stop: Some(s.stop.clone().unwrap_or_else(|| Arc::new(AtomicBool::new(false)))),
             flight: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FLIGHT)),
             progress_ms: AtomicU64::new(0),
@@ -2267,11 +2252,10 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
                 Some(h)
             } else {
                 let (pr, _) = plan.program.locate(s - 1);
-                let w = ctx.pp.recv(DType::F32, ctx.hidden_len(), pr, TAG | ((i as u64) << 8) | s as u64);
-                match wait_work(&ctx, step, "eval: receive activation", w).await? {
-                    Buf::F32(v) => Some(v),
-                    _ => return Err(fail("a non-f32 activation".into())),
-                }
+                let wire = Wire { checksums: false, ..ctx.wire };
+                let w = ctx.pp.recv(wire.dtype, ctx.hidden_len(), pr, TAG | ((i as u64) << 8) | s as u64);
+                let b = wait_work(&ctx, step, "eval: receive activation", w).await?;
+                Some(wire.unpack(b, "activation", pr).map_err(fail)?)
             };
             let (tokens, targets) = (buf.tokens.clone(), buf.targets.clone());
             let last = s == stages - 1;
@@ -2300,7 +2284,8 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
                 if nr == ctx.pp_rank {
                     hidden = Some(out);
                 } else {
-                    let w = ctx.pp.send(Buf::F32(out), nr, TAG | ((i as u64) << 8) | (s + 1) as u64);
+                    let buf = Wire { checksums: false, ..ctx.wire }.pack(out);
+                    let w = ctx.pp.send(buf, nr, TAG | ((i as u64) << 8) | (s + 1) as u64);
                     wait_work(&ctx, step, "eval: send activation", w).await?;
                 }
             }
