@@ -622,13 +622,35 @@ impl CudaGpu {
             ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
             &op(p.trans_b).to_ne_bytes(),
         )?;
-        let bias_ptr = bias.map(|d| self.device_ptr(d));
+        // The bias epilogue wants a 16-byte-aligned vector (other libraries report failures with
+        // less); a bias inside the parameter arena need not be (hidden sizes that are not a
+        // multiple of 8), so such a bias is first copied to an aligned buffer, ordered on the
+        // stream before the product (freed stream-ordered after it).
+        let mut _bias_copy = None;
+        let bias_ptr = match bias {
+            None => None,
+            Some(d) if self.device_ptr(d).is_multiple_of(16) => Some(self.device_ptr(d)),
+            Some(d) => {
+                let bytes = g.n * g.dtype.size();
+                let copy = self.alloc(bytes)?;
+                self.copy(Dev::new(&copy), d, bytes)?;
+                let ptr = self.device_ptr(Dev::new(&copy));
+                _bias_copy = Some(copy);
+                Some(ptr)
+            }
+        };
         if let Some(ptr) = bias_ptr {
             let epi = ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
             set(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi.to_ne_bytes())?;
             set(
                 ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &ptr.to_ne_bytes(),
+            )?;
+            // The bias is stored like A and B (its default would be D's type, which differs for
+            // fp32 outputs of bf16 operands).
+            set(
+                ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                &(lt_type(g.dtype) as i32).to_ne_bytes(),
             )?;
         }
         // cuBLASLt assumes 256-byte-aligned operands unless told otherwise; parameter views inside
