@@ -114,6 +114,8 @@ timeout 200 $troupe bench train --config $cfg --device cuda --micro-batch-size "
 log "profile: rc $?; top kernels:"
 head -14 "$OUT/bench-profile.err" | tee -a "$OUT/summary.txt"
 bench simt TROUPE_ATTENTION=simt
+# The MLP's GELU as separate kernels instead of in the cuBLASLt epilogues (GELU_AUX_BIAS, DGELU).
+bench gelu-kernels TROUPE_GELU_EPILOGUE=0
 # The actor runtime with the model chunk and its optimizer on the GPU against the GPU training
 # loop, in the same process: the cost of the general path that pipeline parallelism on GPUs uses
 # (the JSON also has host_device_copies_mb_per_step).
@@ -127,7 +129,7 @@ cat "$OUT/summary.txt"
 python3 - "$OUT" <<'PY'
 import json, sys, os
 rows = []
-for name in ("tc", "simt", "actors", "pytorch-eager", "pytorch-compile"):
+for name in ("tc", "simt", "gelu-kernels", "actors", "pytorch-eager", "pytorch-compile"):
     p = os.path.join(sys.argv[1], f"bench-{name}.json")
     try:
         r = json.loads(open(p).read().strip().splitlines()[-1])

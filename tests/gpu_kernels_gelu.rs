@@ -6,10 +6,16 @@
 //! GPU, where `--use_fast_math` (FMA contraction, flushed denormals, approximate tanhf) moves
 //! results by a few fp32 ulp, well inside them. The kernel-registry and launch-check test uses the
 //! emulator's own API and messages and runs only there.
+//!
+//! The GELU fused into a matrix product's epilogue (`Gpu::gemm_gelu`, cuBLASLt's GELU_AUX_BIAS and
+//! DGELU on a GPU) against float64 products of the same (rounded) operands: fp32 within 1e-5
+//! relative + 1e-5 absolute (the products sum 24 to 64 terms of magnitude ≤ 1 in another order);
+//! bf16 outputs are rounded once from the fp32 accumulator, so within 2^-8 relative plus the
+//! same absolute term.
 
 use troupe::gpu::emu::compare;
 use troupe::gpu::ops::gelu;
-use troupe::gpu::{DType, Dev, Gpu, download_f32, round_bf16, upload_f32};
+use troupe::gpu::{DType, Dev, GeluEpilogue, Gemm, Gpu, download_f32, round_bf16, upload_f32};
 use troupe::kernels::naive;
 
 fn inputs(n: usize, seed: u64) -> Vec<f32> {
@@ -91,4 +97,87 @@ fn unknown_kernels_and_bad_blocks_are_named_in_the_emulator() {
         .launch("gelu_forward_f32", [1, 1, 1], [33, 1, 1], 0, &[troupe::gpu::Arg::Ptr(Dev::new(&buf))])
         .unwrap_err();
     assert!(err.to_string().contains("multiple of 32"), "{err}");
+}
+
+/// `gemm_gelu` forward (`aux = x·Wᵀ + b`, `out = gelu(aux)`) and backward (`dx = (dy·W) ·
+/// gelu'(aux)`) against float64; `false` when the GPU has no such epilogue (nothing to check).
+fn check_gemm_gelu<G: Gpu>(gpu: &G, label: &str) -> bool {
+    let (m, k, n) = (40usize, 24usize, 64usize);
+    for dtype in [DType::F32, DType::Bf16] {
+        let round = |v: Vec<f32>| if dtype == DType::Bf16 { round_bf16(&v) } else { v };
+        let scale = |v: Vec<f32>, s: f32| v.into_iter().map(|x| x * s).collect::<Vec<_>>();
+        let x = round(scale(inputs(m * k, 3), 0.25));
+        let w = round(scale(inputs(n * k, 4), 0.25));
+        let b = round(scale(inputs(n, 5), 0.25));
+        let up = |v: &[f32]| upload_f32(gpu, v, dtype).unwrap();
+        let (xb, wb, bb) = (up(&x), up(&w), up(&b));
+        let (out, aux) = (gpu.alloc(m * n * dtype.size()).unwrap(), gpu.alloc(m * n * dtype.size()).unwrap());
+        let fwd = GeluEpilogue::Forward { bias: Dev::new(&bb), aux: Dev::new(&aux) };
+        let g = Gemm::linear(m, k, n, dtype);
+        if !gpu.gemm_gelu(&g, Dev::new(&out), Dev::new(&xb), Dev::new(&wb), fwd).unwrap() {
+            eprintln!("{label}: no GELU epilogue for {g:?}; the model uses separate kernels");
+            return false;
+        }
+        let f = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+        let (x64, w64, b64) = (f(&x), f(&w), f(&b));
+        let pre: Vec<f64> = (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                b64[j] + (0..k).map(|p| x64[i * k + p] * w64[j * k + p]).sum::<f64>()
+            })
+            .collect();
+        let mut want = vec![0.0; m * n];
+        naive::gelu_forward(&mut want, &pre);
+        let rtol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 256.0 };
+        let got_aux = download_f32(gpu, Dev::new(&aux), m * n, dtype).unwrap();
+        compare(&format!("{label}: gemm+bias+gelu aux {dtype:?}"), &got_aux, &pre, rtol, 1e-5).unwrap();
+        let got = download_f32(gpu, Dev::new(&out), m * n, dtype).unwrap();
+        compare(&format!("{label}: gemm+bias+gelu out {dtype:?}"), &got, &want, rtol, 1e-5).unwrap();
+
+        // Backward through the next product: dy [m, k] · W [k, n] → [m, n], times gelu'(aux).
+        let dy = round(scale(inputs(m * k, 6), 0.25));
+        let w2 = round(scale(inputs(k * n, 7), 0.25));
+        let (dyb, w2b) = (up(&dy), up(&w2));
+        let dx = gpu.alloc(m * n * dtype.size()).unwrap();
+        let g2 = Gemm::linear_backward_input(m, n, k, dtype);
+        let bwd = GeluEpilogue::Backward { aux: Dev::new(&aux) };
+        assert!(
+            gpu.gemm_gelu(&g2, Dev::new(&dx), Dev::new(&dyb), Dev::new(&w2b), bwd).unwrap(),
+            "{label}: the forward epilogue ran but the backward's did not"
+        );
+        let (dy64, w264) = (f(&dy), f(&w2));
+        let prod: Vec<f64> = (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                (0..k).map(|p| dy64[i * k + p] * w264[p * n + j]).sum::<f64>()
+            })
+            .collect();
+        let mut dwant = vec![0.0; m * n];
+        naive::gelu_backward(&mut dwant, &f(&got_aux), &prod);
+        let got = download_f32(gpu, Dev::new(&dx), m * n, dtype).unwrap();
+        compare(&format!("{label}: gemm·dgelu {dtype:?}"), &got, &dwant, rtol, 1e-5).unwrap();
+    }
+    true
+}
+
+#[test]
+fn the_gelu_epilogue_of_a_product_matches_the_reference_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    assert!(check_gemm_gelu(emu, "emulator"), "the emulator always has the epilogue");
+}
+
+#[test]
+fn the_gelu_epilogue_of_a_product_matches_the_reference_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_gemm_gelu(gpu, "cuda");
+}
+
+#[test]
+fn a_gelu_epilogue_on_an_accumulating_product_is_an_error() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    let buf = emu.alloc(4096).unwrap();
+    let g = Gemm::linear_backward_weight(4, 4, 8, DType::F32);
+    let epi = GeluEpilogue::Backward { aux: Dev::new(&buf) };
+    let err = emu.gemm_gelu(&g, Dev::new(&buf), Dev::new(&buf), Dev::new(&buf), epi).unwrap_err();
+    assert!(err.to_string().contains("GELU epilogue"), "{err}");
 }

@@ -15,8 +15,8 @@ use cudarc::driver::{
 };
 
 use super::{
-    Arg, DType, Dev, Gemm, Gpu, GpuError, KernelTime, MemCounter, MemoryStats, check_gemm, check_range,
-    sources,
+    Arg, DType, Dev, GeluEpilogue, Gemm, Gpu, GpuError, KernelTime, MemCounter, MemoryStats, check_gemm,
+    check_gemm_gelu, check_range, sources,
 };
 
 /// cuBLASLt workspace (what cuBLAS itself uses on Hopper).
@@ -156,15 +156,16 @@ pub struct CudaGpu {
     memory: Arc<MemCounter>,
 }
 
-/// What picks a cuBLASLt algorithm: the problem, whether a bias epilogue is used, and the
-/// alignments (bytes) of A, B, C and the bias.
-type AlgoKey = (Gemm, bool, [u32; 4]);
+/// What picks a cuBLASLt algorithm: the problem, the epilogue (0 none, 1 bias, 2 GELU_AUX_BIAS,
+/// 3 DGELU), and the alignments (bytes) of A, B, C, the bias and the aux matrix.
+type AlgoKey = (Gemm, u8, [u32; 5]);
 
 struct BlasLt {
     handle: ltsys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    /// Chosen algorithms by problem (heuristics are slow to ask for every call).
-    algos: Mutex<HashMap<AlgoKey, ltsys::cublasLtMatmulAlgo_t>>,
+    /// Chosen algorithms by problem (heuristics are slow to ask for every call); `None` where a
+    /// GELU epilogue has none (the caller falls back to separate kernels).
+    algos: Mutex<HashMap<AlgoKey, Option<ltsys::cublasLtMatmulAlgo_t>>>,
 }
 
 // SAFETY: cuBLASLt handles may be shared across threads, and the runtime's in-process ranks do
@@ -473,7 +474,41 @@ impl Gpu for CudaGpu {
                 if bias.is_some() { " +bias" } else { "" }
             )
         };
-        self.timed(name, || self.gemm_now(g, c, a, b, bias))
+        self.timed(name, || {
+            check_gemm(self, g, c, a, b, bias)?;
+            let epi = match bias {
+                None => LtEpilogue::None,
+                Some(d) => LtEpilogue::Bias(d),
+            };
+            if self.gemm_lt(g, c, a, b, epi)? {
+                Ok(())
+            } else {
+                Err(GpuError::Blas {
+                    op: format!("matmul {g:?}"),
+                    detail: "cuBLASLt has no algorithm for this product".into(),
+                })
+            }
+        })
+    }
+
+    fn gemm_gelu(
+        &self,
+        g: &Gemm,
+        c: Dev<'_, CudaBuf>,
+        a: Dev<'_, CudaBuf>,
+        b: Dev<'_, CudaBuf>,
+        epi: GeluEpilogue<'_, CudaBuf>,
+    ) -> Result<bool, GpuError> {
+        check_gemm_gelu(self, g, c, a, b, &epi)?;
+        let name = || {
+            let which = if matches!(epi, GeluEpilogue::Forward { .. }) { "+bias+gelu" } else { "·dgelu" };
+            format!("gemm {}x{}x{} {}", g.m, g.n, g.k, which)
+        };
+        let epi = match epi {
+            GeluEpilogue::Forward { bias, aux } => LtEpilogue::GeluAuxBias { bias, aux },
+            GeluEpilogue::Backward { aux } => LtEpilogue::DGelu { aux },
+        };
+        self.timed(name, || self.gemm_lt(g, c, a, b, epi))
     }
 
     fn set_profiling(&self, on: bool) {
@@ -583,15 +618,32 @@ impl CudaGpu {
         Ok(())
     }
 
-    fn gemm_now(
+    /// One cuBLASLt product with epilogue `epi` (operands already checked). `Ok(false)`, with
+    /// nothing queued, when a GELU epilogue has no algorithm for the problem (a plain or bias
+    /// product without one is an error).
+    fn gemm_lt(
         &self,
         g: &Gemm,
         c: Dev<'_, CudaBuf>,
         a: Dev<'_, CudaBuf>,
         b: Dev<'_, CudaBuf>,
-        bias: Option<Dev<'_, CudaBuf>>,
-    ) -> Result<(), GpuError> {
-        check_gemm(self, g, c, a, b, bias)?;
+        epi: LtEpilogue<'_>,
+    ) -> Result<bool, GpuError> {
+        let (bias, aux) = match epi {
+            LtEpilogue::None => (None, None),
+            LtEpilogue::Bias(b) => (Some(b), None),
+            LtEpilogue::GeluAuxBias { bias, aux } => (Some(bias), Some(aux)),
+            LtEpilogue::DGelu { aux } => (None, Some(aux)),
+        };
+        let gelu = aux.is_some();
+        let aux_ptr = aux.map(|d| self.device_ptr(d));
+        // GELU's aux matrix: leading dimension (our row length) a multiple of 8 elements, and
+        // 16-byte aligned; otherwise the caller's separate kernels do it.
+        if let Some(p) = aux_ptr
+            && (!g.n.is_multiple_of(8) || !p.is_multiple_of(16))
+        {
+            return Ok(false);
+        }
         // Row-major C[m,n] = op(A)·op(B) is column-major Cᵀ[n,m] = op(B)ᵀ·op(A)ᵀ: cuBLASLt
         // multiplies B' = our A after A' = our B, with the transposes carried over.
         let p = LtProblem::of(g);
@@ -639,9 +691,33 @@ impl CudaGpu {
                 Some(ptr)
             }
         };
+        use ltsys::cublasLtEpilogue_t as E;
+        let (epi_code, epi_kind) = match epi {
+            LtEpilogue::None => (E::CUBLASLT_EPILOGUE_DEFAULT, 0u8),
+            LtEpilogue::Bias(_) => (E::CUBLASLT_EPILOGUE_BIAS, 1),
+            LtEpilogue::GeluAuxBias { .. } => (E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS, 2),
+            LtEpilogue::DGelu { .. } => (E::CUBLASLT_EPILOGUE_DGELU, 3),
+        };
+        if epi_kind != 0 {
+            let code = epi_code as u32;
+            set(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &code.to_ne_bytes())?;
+        }
+        if let Some(ptr) = aux_ptr {
+            // The aux matrix has C's layout: column-major n × m (our m × n row-major), ld = n.
+            set(
+                ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                &ptr.to_ne_bytes(),
+            )?;
+            set(
+                ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                &(g.n as i64).to_ne_bytes(),
+            )?;
+            set(
+                ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE,
+                &(lt_type(g.dtype) as i32).to_ne_bytes(),
+            )?;
+        }
         if let Some(ptr) = bias_ptr {
-            let epi = ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
-            set(ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi.to_ne_bytes())?;
             set(
                 ltsys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &ptr.to_ne_bytes(),
@@ -657,15 +733,22 @@ impl CudaGpu {
         // the arena can be less aligned, so the actual alignments pick the algorithm (and key it).
         let align = |p: u64| -> u32 { 1u32 << p.trailing_zeros().min(8) };
         let (a_ptr, b_ptr, c_ptr) = (self.device_ptr(b), self.device_ptr(a), self.device_ptr(c));
-        let aligns = [align(a_ptr), align(b_ptr), align(c_ptr), bias_ptr.map_or(256, align)];
-        let key = (*g, bias_ptr.is_some(), aligns);
+        let aligns = [
+            align(a_ptr),
+            align(b_ptr),
+            align(c_ptr),
+            bias_ptr.map_or(256, align),
+            aux_ptr.map_or(256, align),
+        ];
+        let key = (*g, epi_kind, aligns);
         let algo = {
             let mut algos = self.blas.algos.lock().map_err(|_| GpuError::Blas {
                 op: "algorithm cache".into(),
                 detail: "a thread panicked while holding it".into(),
             })?;
             match algos.get(&key) {
-                Some(a) => *a,
+                Some(Some(a)) => *a,
+                Some(None) => return Ok(false),
                 None => {
                     let pref = lt::create_matmul_pref().map_err(blas("preferences"))?;
                     let ws = BLAS_WORKSPACE;
@@ -713,8 +796,18 @@ impl CudaGpu {
                     unsafe {
                         let _ = lt::destroy_matmul_pref(pref);
                     }
-                    let algo = found.map_err(blas("choosing an algorithm"))?.algo;
-                    algos.insert(key, algo);
+                    let algo = match found {
+                        Ok(h) => h.algo,
+                        Err(e) if gelu => {
+                            tracing::debug!(
+                                "cuBLASLt has no GELU epilogue for {g:?} ({e}): separate kernels"
+                            );
+                            algos.insert(key, None);
+                            return Ok(false);
+                        }
+                        Err(e) => return Err(blas("choosing an algorithm")(e)),
+                    };
+                    algos.insert(key, Some(algo));
                     algo
                 }
             }
@@ -744,8 +837,18 @@ impl CudaGpu {
                 self.stream.cu_stream() as *mut _,
             )
         }
-        .map_err(blas("matmul"))
+        .map_err(blas("matmul"))?;
+        Ok(true)
     }
+}
+
+/// The epilogue of one cuBLASLt product.
+#[derive(Clone, Copy)]
+enum LtEpilogue<'a> {
+    None,
+    Bias(Dev<'a, CudaBuf>),
+    GeluAuxBias { bias: Dev<'a, CudaBuf>, aux: Dev<'a, CudaBuf> },
+    DGelu { aux: Dev<'a, CudaBuf> },
 }
 
 /// The process-wide CUDA device 0 for tests: `None` (after printing "SKIPPED" and why) on a

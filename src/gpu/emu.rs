@@ -9,7 +9,8 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use super::{
-    Arg, DType, Dev, Gemm, Gpu, GpuError, MemCounter, MemoryStats, check_gemm, check_range, sources,
+    Arg, DType, Dev, GeluEpilogue, Gemm, Gpu, GpuError, MemCounter, MemoryStats, check_gemm, check_gemm_gelu,
+    check_range, sources,
 };
 
 /// How long one emulated launch may take before the process is stopped: a kernel that breaks the
@@ -153,7 +154,40 @@ impl EmuGpu {
     }
 }
 
+/// What [`emu_gemm`] does with each accumulated element.
+#[derive(Clone, Copy)]
+enum EmuEpilogue {
+    /// Store (plus bias, plus C when accumulating).
+    Plain,
+    /// Store `gelu(x)`, and `x` at this aux pointer.
+    Gelu(*mut u8),
+    /// Store `x · gelu'(aux)`.
+    DGelu(*const u8),
+}
+
+const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2/pi), as cuda/gelu.cu
+
+/// `gelu(x)` and `gelu'(x)` with cuda/gelu.cu's arithmetic (tanh approximation, fp32).
+fn gelu_and_grad(x: f32) -> (f32, f32) {
+    let u = GELU_SCALE * (x + 0.044715 * x * x * x);
+    let th = u.tanh();
+    let y = 0.5 * x * (1.0 + th);
+    let dy = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+    (y, dy)
+}
+
 fn emu_gemm(g: &Gemm, c: *mut u8, a: *const u8, b: *const u8, bias: Option<*const u8>) {
+    emu_gemm_epilogue(g, c, a, b, bias, EmuEpilogue::Plain);
+}
+
+fn emu_gemm_epilogue(
+    g: &Gemm,
+    c: *mut u8,
+    a: *const u8,
+    b: *const u8,
+    bias: Option<*const u8>,
+    epi: EmuEpilogue,
+) {
     let load_as = |dtype: DType, p: *const u8, i: usize| -> f32 {
         // SAFETY: callers check every index against the buffer sizes before calling.
         unsafe {
@@ -179,14 +213,24 @@ fn emu_gemm(g: &Gemm, c: *mut u8, a: *const u8, b: *const u8, bias: Option<*cons
             if g.accumulate {
                 acc += load_as(g.c_dtype, c as *const u8, idx);
             }
-            // SAFETY: idx < m·n, checked by the caller.
-            unsafe {
-                match g.c_dtype {
-                    DType::F32 => (c as *mut f32).add(idx).write_unaligned(acc),
-                    DType::Bf16 => {
-                        (c as *mut u16).add(idx).write_unaligned(half::bf16::from_f32(acc).to_bits())
+            let store = |p: *mut u8, v: f32| {
+                // SAFETY: idx < m·n, checked by the caller for C and the aux matrix.
+                unsafe {
+                    match g.c_dtype {
+                        DType::F32 => (p as *mut f32).add(idx).write_unaligned(v),
+                        DType::Bf16 => {
+                            (p as *mut u16).add(idx).write_unaligned(half::bf16::from_f32(v).to_bits())
+                        }
                     }
                 }
+            };
+            match epi {
+                EmuEpilogue::Plain => store(c, acc),
+                EmuEpilogue::Gelu(aux) => {
+                    store(aux, acc);
+                    store(c, gelu_and_grad(acc).0);
+                }
+                EmuEpilogue::DGelu(aux) => store(c, acc * gelu_and_grad(load_as(g.c_dtype, aux, idx)).1),
             }
         }
     }
@@ -337,6 +381,29 @@ impl Gpu for EmuGpu {
         let biasp = bias.map(|d| d.buf.ptr(d.offset));
         emu_gemm(g, cp, ap, bp, biasp.map(|p| p as *const u8));
         Ok(())
+    }
+
+    fn gemm_gelu(
+        &self,
+        g: &Gemm,
+        c: Dev<'_, EmuBuf>,
+        a: Dev<'_, EmuBuf>,
+        b: Dev<'_, EmuBuf>,
+        epi: GeluEpilogue<'_, EmuBuf>,
+    ) -> Result<bool, GpuError> {
+        check_gemm_gelu(self, g, c, a, b, &epi)?;
+        let (cp, ap, bp) = (c.buf.ptr(c.offset), a.buf.ptr(a.offset), b.buf.ptr(b.offset));
+        match epi {
+            GeluEpilogue::Forward { bias, aux } => {
+                let e = EmuEpilogue::Gelu(aux.buf.ptr(aux.offset));
+                emu_gemm_epilogue(g, cp, ap, bp, Some(bias.buf.ptr(bias.offset) as *const u8), e);
+            }
+            GeluEpilogue::Backward { aux } => {
+                let e = EmuEpilogue::DGelu(aux.buf.ptr(aux.offset) as *const u8);
+                emu_gemm_epilogue(g, cp, ap, bp, None, e);
+            }
+        }
+        Ok(true)
     }
 
     fn copy(&self, dst: Dev<'_, EmuBuf>, src: Dev<'_, EmuBuf>, bytes: usize) -> Result<(), GpuError> {

@@ -196,6 +196,26 @@ pub trait Gpu: Send + Sync {
         bias: Option<Dev<'_, Self::Buf>>,
     ) -> Result<(), GpuError>;
 
+    /// [`Gpu::gemm`] with GELU (tanh approximation, GPT-2's) fused into the product's epilogue
+    /// (see [`GeluEpilogue`]); `g` must not accumulate and its output type must be its input
+    /// type, as must `aux`'s. Returns `Ok(false)`, having written nothing, when this GPU has no
+    /// such epilogue for the problem: the caller then runs the product and the GELU kernel
+    /// separately. Applied to the fp32 accumulator, before the output is rounded.
+    ///
+    /// # Errors
+    /// Operands outside their buffers; device errors.
+    fn gemm_gelu(
+        &self,
+        g: &Gemm,
+        c: Dev<'_, Self::Buf>,
+        a: Dev<'_, Self::Buf>,
+        b: Dev<'_, Self::Buf>,
+        epi: GeluEpilogue<'_, Self::Buf>,
+    ) -> Result<bool, GpuError> {
+        check_gemm_gelu(self, g, c, a, b, &epi)?;
+        Ok(false)
+    }
+
     /// Copies `bytes` from `src` to `dst` on the device (ordered like a launch).
     fn copy(&self, dst: Dev<'_, Self::Buf>, src: Dev<'_, Self::Buf>, bytes: usize) -> Result<(), GpuError>;
 
@@ -297,6 +317,46 @@ pub(crate) fn check_range(
         });
     }
     Ok(())
+}
+
+/// The GELU epilogue of [`Gpu::gemm_gelu`] (cuBLASLt's `GELU_AUX_BIAS` and `DGELU`).
+pub enum GeluEpilogue<'a, B> {
+    /// `aux = a·b + bias` (the pre-activation, which the backward needs) and `c = gelu(a·b +
+    /// bias)`, both from the same fp32 accumulator.
+    Forward { bias: Dev<'a, B>, aux: Dev<'a, B> },
+    /// `c = (a·b) · gelu'(aux)`: from the gradient at the GELU's output (the product) to the one
+    /// at its input.
+    Backward { aux: Dev<'a, B> },
+}
+
+/// The checks of [`Gpu::gemm_gelu`] (both GPUs): the operands fit and the problem is one the
+/// epilogue serves.
+pub(crate) fn check_gemm_gelu<G: Gpu + ?Sized>(
+    gpu: &G,
+    g: &Gemm,
+    c: Dev<'_, G::Buf>,
+    a: Dev<'_, G::Buf>,
+    b: Dev<'_, G::Buf>,
+    epi: &GeluEpilogue<'_, G::Buf>,
+) -> Result<(), GpuError> {
+    if g.accumulate || g.c_dtype != g.dtype {
+        return Err(GpuError::Shape {
+            op: "gemm_gelu",
+            detail: format!("{g:?}: a GELU epilogue overwrites an output of the input type"),
+        });
+    }
+    let (bias, aux) = match epi {
+        GeluEpilogue::Forward { bias, aux } => (Some(*bias), *aux),
+        GeluEpilogue::Backward { aux } => (None, *aux),
+    };
+    check_gemm(gpu, g, c, a, b, bias)?;
+    check_range(
+        "gemm_gelu",
+        &format!("aux of {g:?}"),
+        aux.offset,
+        g.m * g.n * g.dtype.size(),
+        gpu.buf_len(aux.buf),
+    )
 }
 
 /// Checks that every operand of a [`Gemm`] fits its buffer (both GPUs, before any pointer is

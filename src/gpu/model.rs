@@ -24,7 +24,7 @@
 mod split;
 
 use super::ops::{attention, crossentropy, embedding, gelu, layernorm, optim};
-use super::{DType, Dev, Gemm, Gpu, GpuError, download_f32, encode};
+use super::{DType, Dev, GeluEpilogue, Gemm, Gpu, GpuError, download_f32, encode};
 use crate::kernels::AdamWStep;
 use crate::models::gpt::{Gpt, GptConfig, LayerRange, StageInput, param_table};
 use crate::models::params::{ParamTable, Span};
@@ -144,6 +144,9 @@ pub struct GpuGpt<'g, G: Gpu> {
     norm_scratch: G::Buf,
     /// Scratch of [`GpuGpt::grad_sum_squares`], grown on demand.
     sq_scratch: Option<G::Buf>,
+    /// Fuse the MLP's GELU into its first product's epilogue (and GELU's backward into the
+    /// second's input gradient) where the GPU can; `TROUPE_GELU_EPILOGUE=0` turns it off.
+    gelu_epilogue: bool,
     adam_steps: u64,
     in_flight: std::collections::HashMap<u64, Acts<G::Buf>>,
     /// Microbatches whose split backward's input half ran: what the weight half needs (their
@@ -274,6 +277,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             v: gpu.alloc(n * 4)?,
             norm_scratch: gpu.alloc(norm_bytes)?,
             sq_scratch: None,
+            gelu_epilogue: std::env::var("TROUPE_GELU_EPILOGUE").map_or(true, |v| v != "0"),
             table,
             params,
             master,
@@ -365,6 +369,12 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         self.gpu.upload(&mut self.v, 0, bytemuck::cast_slice(v))?;
         self.adam_steps = steps;
         Ok(())
+    }
+
+    /// Fuses the MLP's GELU into the products' epilogues where the GPU can (the default;
+    /// `TROUPE_GELU_EPILOGUE=0` in the environment starts it off), or runs the GELU kernels.
+    pub fn set_gelu_epilogue(&mut self, on: bool) {
+        self.gelu_epilogue = on;
     }
 
     /// The layer range this model holds.
@@ -695,8 +705,20 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 n,
                 c,
             )?;
-            self.linear(d(&l.fch), d(&l.ln2), blk.fc_w, Some(blk.fc_b), n, c, 4 * c)?;
-            gelu::gelu_forward(g, dt, d(&l.fch_gelu), d(&l.fch), n * 4 * c)?;
+            // fch = ln2·W + b (kept for the backward), fch_gelu = gelu(fch): in the product's
+            // epilogue where the GPU has one, else a GELU kernel after it.
+            let fused = self.gelu_epilogue
+                && g.gemm_gelu(
+                    &Gemm::linear(n, c, 4 * c, dt),
+                    d(&l.fch_gelu),
+                    d(&l.ln2),
+                    self.p(blk.fc_w),
+                    GeluEpilogue::Forward { bias: self.p(blk.fc_b), aux: d(&l.fch) },
+                )?;
+            if !fused {
+                self.linear(d(&l.fch), d(&l.ln2), blk.fc_w, Some(blk.fc_b), n, c, 4 * c)?;
+                gelu::gelu_forward(g, dt, d(&l.fch_gelu), d(&l.fch), n * 4 * c)?;
+            }
             self.linear(d(&s.tmp), d(&l.fch_gelu), blk.fcproj_w, Some(blk.fcproj_b), n, 4 * c, c)?;
             g.copy(d(&l.out), d(&l.resid2), n * c * dt.size())?;
             optim::add_assign(g, dt, d(&l.out), d(&s.tmp), n * c)?;
@@ -978,6 +1000,29 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         self.linear_backward_weight(s, dout, inp, w, b, n, k, out)
     }
 
+    /// The gradient at the MLP's pre-activation `fch` from the gradient `dres` at the MLP's
+    /// output: `dfch = (dres·W_proj) · gelu'(fch)`, in the product's epilogue where the GPU has
+    /// one, else through `dtmp` and the GELU backward kernel.
+    fn mlp_input_grad(
+        &self,
+        dfch: Dev<'_, G::Buf>,
+        dtmp: Dev<'_, G::Buf>,
+        dres: Dev<'_, G::Buf>,
+        fch: Dev<'_, G::Buf>,
+        w: Span,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let (g, dt, c) = (self.gpu, self.dtype, self.cfg.hidden_size);
+        let gemm = Gemm::linear_backward_input(n, 4 * c, c, dt);
+        if self.gelu_epilogue
+            && g.gemm_gelu(&gemm, dfch, dres, self.p(w), GeluEpilogue::Backward { aux: fch })?
+        {
+            return Ok(());
+        }
+        g.gemm(&gemm, dtmp, dres, self.p(w), None)?;
+        gelu::gelu_backward(g, dt, dfch, fch, dtmp, n * 4 * c)
+    }
+
     /// The parameter half of [`GpuGpt::linear_backward`]: `dW += doutᵀ·inp`, `db += Σ_rows dout`.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward_weight(
@@ -1043,9 +1088,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             let blk = self.blocks[li];
             let x = if li == 0 { d(&a.input) } else { d(&a.layers[li - 1].out) };
             let l = &a.layers[li];
-            self.linear_backward(
+            self.mlp_input_grad(d(&s.dbig2), d(&s.dbig1), d(&s.dres), d(&l.fch), blk.fcproj_w, n)?;
+            self.linear_backward_weight(
                 s,
-                d(&s.dbig1),
                 d(&s.dres),
                 d(&l.fch_gelu),
                 blk.fcproj_w,
@@ -1054,7 +1099,6 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 4 * c,
                 c,
             )?;
-            gelu::gelu_backward(g, dt, d(&s.dbig2), d(&l.fch), d(&s.dbig1), n * 4 * c)?;
             self.linear_backward(
                 s,
                 d(&s.dln),

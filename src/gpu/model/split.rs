@@ -12,7 +12,7 @@
 //! backward's bits, and several microbatches give the bits of fused backwards in the order of
 //! their W's.
 
-use super::{Acts, GpuGpt, GradsReady, Scratch, attention, embedding, gelu};
+use super::{Acts, GpuGpt, GradsReady, Scratch, attention, embedding};
 use crate::gpu::{DType, Dev, Gemm, Gpu, GpuError, encode};
 
 /// What I keeps of one block for W.
@@ -187,8 +187,7 @@ impl<G: Gpu> GpuGpt<'_, G> {
             let input_grad = |dinp: Dev<'_, G::Buf>, dout: Dev<'_, G::Buf>, w, k: usize, out: usize| {
                 g.gemm(&Gemm::linear_backward_input(n, k, out, dt), dinp, dout, self.p(w), None)
             };
-            input_grad(d(&s.dbig1), d(&s.dres), blk.fcproj_w, 4 * c, c)?;
-            gelu::gelu_backward(g, dt, d(&k.dbig2), d(&l.fch), d(&s.dbig1), n * 4 * c)?;
+            self.mlp_input_grad(d(&k.dbig2), d(&s.dbig1), d(&s.dres), d(&l.fch), blk.fcproj_w, n)?;
             input_grad(d(&k.dln2), d(&k.dbig2), blk.fc_w, c, 4 * c)?;
             self.ln_backward(
                 s,
