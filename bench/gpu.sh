@@ -4,15 +4,26 @@
 #
 # On the development machine first:   bench/gpu-prep.sh   (fills target/gpu-bundle/)
 # then copy the tree with target/gpu-bundle to the GPU machine and run:
-#   bench/gpu.sh [quick]
+#   bench/gpu.sh
 # It finds the CUDA libraries of the Python packages (NVRTC, cuBLAS/cuBLASLt, NCCL), runs the
 # GPU tests (kernels vs their CPU twins, NVRTC compile), the training benchmark and the PyTorch
-# baseline, and prints a short table last. Results go to $OUT (default bench/gpu-results/).
+# baseline, loss curves against the CPU, and prints a short table last, within BUDGET seconds
+# (default 560). Results go to $OUT (default bench/gpu-results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-results}
 mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+# A device session is short: every step below is skipped (and says so) once less than its own
+# timeout is left of BUDGET seconds (default 560, under the 600 s a device call may run), so the
+# summary table is always printed. Results so far are in $OUT whatever happens.
+BUDGET=${BUDGET:-560}
+fits() { # seconds the next step may take; false (and a log line) if they are not left
+  local left=$((BUDGET - SECONDS))
+  [ "$left" -ge "$1" ] && return 0
+  log "skipped ($left s of the budget left, the step may take $1 s): ${*:2}"
+  return 1
+}
 
 # --- libraries from the Python packages --------------------------------------------------------
 site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)
@@ -42,31 +53,76 @@ bundle=target/gpu-bundle
 troupe=$bundle/troupe
 $troupe device 2>&1 | tee -a "$OUT/summary.txt"
 
-# --- tests: kernels vs their CPU twins, the model vs the CPU model, NVRTC (CUDA halves run here) --
+# --- the order: what explains failures first (NVRTC, the MMA self-test, kernels, the model), then
+# the headline numbers (troupe vs PyTorch on GPT-2 124M), then the rest, longest last.
 status=0
-for t in $bundle/tests/gpu_*; do
-  name=$(basename "$t")
-  # The mma self-test and NVRTC first: they explain most later failures.
-  if timeout 600 "$t" --test-threads 1 --nocapture >"$OUT/test-$name.log" 2>&1; then
-    log "test $name: ok ($(grep -c 'SKIPPED' "$OUT/test-$name.log") skip messages)"
+gputest() { # test binary name, time limit
+  local t=$bundle/tests/$1
+  [ -x "$t" ] || { log "test $1: not bundled"; return; }
+  fits "$2" "test $1" || return
+  if timeout "$2" "$t" --test-threads 1 --nocapture >"$OUT/test-$1.log" 2>&1; then
+    log "test $1: ok ($(grep -c 'SKIPPED' "$OUT/test-$1.log") skip messages)"
   else
-    log "test $name: FAILED (see $OUT/test-$name.log)"; status=1
-    grep -E "panicked|assert|Error" "$OUT/test-$name.log" | head -5 | tee -a "$OUT/summary.txt"
+    log "test $1: FAILED or timed out (see $OUT/test-$1.log)"; status=1
+    grep -E "panicked|assert|Error" "$OUT/test-$1.log" | head -5 | tee -a "$OUT/summary.txt"
   fi
+}
+for name in gpu_nvrtc gpu_kernels_attention gpu_kernels_gelu gpu_kernels_layernorm gpu_kernels_crossentropy \
+  gpu_kernels_embedding gpu_kernels_optim gpu_model gpu_parity gpu_nccl; do
+  gputest $name 120
 done
+
+# --- benchmarks: GPT-2 124M, seq 1024, bf16, micro-batch MB (one microbatch per step) -----------
+cfg=config/gpt2-124m.toml
+MB=${MB:-16}
+bench() { # name, then extra environment/arguments
+  local name=$1; shift
+  fits 150 "troupe $name" || return
+  timeout 150 env "$@" $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --steps 10 \
+    --warmup 3 >"$OUT/bench-$name.json" 2>"$OUT/bench-$name.err"
+  log "troupe $name: rc $? $(tail -c 400 "$OUT/bench-$name.json") $(tail -c 300 "$OUT/bench-$name.err")"
+}
+pytorch() { # name, limit, then extra arguments; eager first (fast), torch.compile last (slow to build)
+  local name=$1 limit=$2; shift 2
+  fits "$limit" "$name" || return
+  timeout "$limit" python3 bench/pytorch_gpt.py --config $cfg --device cuda --fused-adamw --steps 10 \
+    --micro-batch-size "$MB" "$@" >"$OUT/bench-$name.json" 2>"$OUT/bench-$name.err"
+  log "$name: rc $? $(tail -c 500 "$OUT/bench-$name.json") $(tail -c 200 "$OUT/bench-$name.err")"
+}
+bench tc TROUPE_ATTENTION=auto
+pytorch pytorch-eager 150
+# Where the time goes (device time per kernel and GEMM shape; events slow the steps a little).
+if fits 120 "profile"; then
+  timeout 120 $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --steps 3 --warmup 2 \
+    --profile >"$OUT/bench-profile.json" 2>"$OUT/bench-profile.err"
+  log "profile: rc $?; top kernels:"
+  head -14 "$OUT/bench-profile.err" | tee -a "$OUT/summary.txt"
+fi
+# The MLP's GELU as separate kernels instead of in the cuBLASLt epilogues (GELU_AUX_BIAS, DGELU).
+bench gelu-kernels TROUPE_GELU_EPILOGUE=0
+# The actor runtime with the model chunk and its optimizer on the GPU against the GPU training
+# loop, in the same process: the cost of the general path that pipeline parallelism on GPUs uses
+# (the JSON also has host_device_copies_mb_per_step).
+if fits 200 "troupe actors"; then
+  timeout 200 $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --microbatches 2 --actors \
+    --steps 5 --warmup 2 >"$OUT/bench-actors.json" 2>"$OUT/bench-actors.err"
+  log "troupe actors: rc $? $(tail -c 400 "$OUT/bench-actors.json") $(tail -c 300 "$OUT/bench-actors.err")"
+fi
+gputest gpu_pipeline 200
 
 # --- loss curves: the default model (4 layers, hidden 256, head size 64: tensor-core attention in
 # bf16) for 200 steps on the CPU, on the GPU in fp32 and in bf16 (and on GPU pipeline stages),
 # same data and seed.
 curve() { # name, then train arguments
   local name=$1; shift
-  timeout 240 $troupe train --train-iters 200 --eval-interval 0 --save "" --log-interval 1 --no-progress \
+  fits 120 "curve $name" || return
+  timeout 120 $troupe train --train-iters 200 --eval-interval 0 --save "" --log-interval 1 --no-progress \
     --set logging.sample_tokens=0 --log-json "$OUT/curve-$name.jsonl" "$@" >"$OUT/curve-$name.err" 2>&1
   log "curve $name: rc $? $(tail -n 1 "$OUT/curve-$name.err")"
 }
 curve cpu --device cpu
-curve cuda-fp32 --device cuda --dtype fp32
 curve cuda-bf16 --device cuda --dtype bf16
+curve cuda-fp32 --device cuda --dtype fp32
 curve cuda-pp2-bf16 --device cuda --dtype bf16 --pipeline-model-parallel-size 2
 python3 - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys, os
@@ -87,42 +143,8 @@ for name in ("cuda-fp32", "cuda-bf16", "cuda-pp2-bf16"):
     print(f"curve {name} vs cpu: {n} steps, final {got[n-1]:.4f} vs {cpu[n-1]:.4f}, "
           f"max |diff| {max(d):.4f}, mean |diff| over the last 50 steps {sum(tail)/len(tail):.4f}")
 PY
-
-[ "${1:-}" = quick ] && { cat "$OUT/summary.txt"; exit $status; }
-
-# --- benchmarks -------------------------------------------------------------------------------
-# GPT-2 124M, seq 1024, bf16, micro-batch MB (one microbatch per step), 10 timed steps.
-cfg=config/gpt2-124m.toml
-MB=${MB:-16}
-bench() { # name, then extra environment/arguments
-  local name=$1; shift
-  timeout 300 env "$@" $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --steps 10 \
-    --warmup 3 >"$OUT/bench-$name.json" 2>"$OUT/bench-$name.err"
-  log "troupe $name: rc $? $(tail -c 400 "$OUT/bench-$name.json") $(tail -c 300 "$OUT/bench-$name.err")"
-}
-pytorch() { # name, then extra arguments; eager first (fast), torch.compile last (slow to build)
-  local name=$1; shift
-  timeout "${PT_TIMEOUT:-240}" python3 bench/pytorch_gpt.py --config $cfg --device cuda --fused-adamw --steps 10 \
-    --micro-batch-size "$MB" "$@" >"$OUT/bench-$name.json" 2>"$OUT/bench-$name.err"
-  log "$name: rc $? $(tail -c 500 "$OUT/bench-$name.json") $(tail -c 200 "$OUT/bench-$name.err")"
-}
-bench tc TROUPE_ATTENTION=auto
-pytorch pytorch-eager
-# Where the time goes (device time per kernel and GEMM shape; events slow the steps a little).
-timeout 200 $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --steps 3 --warmup 2 \
-  --profile >"$OUT/bench-profile.json" 2>"$OUT/bench-profile.err"
-log "profile: rc $?; top kernels:"
-head -14 "$OUT/bench-profile.err" | tee -a "$OUT/summary.txt"
 bench simt TROUPE_ATTENTION=simt
-# The MLP's GELU as separate kernels instead of in the cuBLASLt epilogues (GELU_AUX_BIAS, DGELU).
-bench gelu-kernels TROUPE_GELU_EPILOGUE=0
-# The actor runtime with the model chunk and its optimizer on the GPU against the GPU training
-# loop, in the same process: the cost of the general path that pipeline parallelism on GPUs uses
-# (the JSON also has host_device_copies_mb_per_step).
-timeout 300 $troupe bench train --config $cfg --device cuda --micro-batch-size "$MB" --microbatches 2 --actors \
-  --steps 5 --warmup 2 >"$OUT/bench-actors.json" 2>"$OUT/bench-actors.err"
-log "troupe actors: rc $? $(tail -c 400 "$OUT/bench-actors.json") $(tail -c 300 "$OUT/bench-actors.err")"
-pytorch pytorch-compile --compile
+pytorch pytorch-compile 240 --compile
 echo
 echo "---- summary ----"
 cat "$OUT/summary.txt"
