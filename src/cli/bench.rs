@@ -413,6 +413,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "gpu": describe,
         "device_memory_peak_mb": memory.map(|d| round(d.memory().peak as f64 / 1048576.0, 1)),
         "host_device_copies_mb_per_step": copies_mb,
+        "optimizer": if describe.is_some() && !plan.distributed_optimizer { "device" } else { "host" },
         "mfu": describe.as_ref().map(|_| {
             round(cfg.model.flops_per_token() * tokens_per_s / (args.peak_tflops * 1e12), 4)
         }),
