@@ -104,6 +104,88 @@ OPTIM_ADAMW(f32, float, bf16, bf16);
 OPTIM_ADAMW(bf16, bf16, f32, float);
 OPTIM_ADAMW(bf16, bf16, bf16, bf16);
 
+// AdamW over a whole arena of tensors in one launch: the tensors differ only in whether weight
+// decay applies, so the launch takes the arena's runs of tensors with the same flag (run r
+// covers [run_start[r], run_start[r + 1]), run_start[0] = 0, at most OPTIM_MAX_RUNS) and gives
+// each element the `decay` factor or 1 — the per-tensor launches' arithmetic, bit for bit (a
+// tensor without decay gets 1 − lr·0 = 1 there too). The run table is staged in shared memory
+// and searched once per 4-element pack (per element where a pack straddles two runs).
+#define OPTIM_MAX_RUNS 1024
+
+template <typename G, typename C>
+__device__ __forceinline__ void adamw_runs_impl(float* __restrict__ params, float* __restrict__ m,
+                                                float* __restrict__ v, C* __restrict__ copy,
+                                                const G* __restrict__ grads, OptimAdam a,
+                                                const unsigned long long* __restrict__ run_start,
+                                                const unsigned* __restrict__ run_decay, unsigned runs,
+                                                unsigned long long n, unsigned long long* s_start, unsigned* s_decay) {
+    for (unsigned r = threadIdx.x; r < runs; r += blockDim.x) {
+        s_start[r] = run_start[r];
+        s_decay[r] = run_decay[r];
+    }
+    __syncthreads();
+    // The run holding element i: the last r with s_start[r] <= i.
+    auto run_of = [&](unsigned long long i) {
+        unsigned lo = 0, hi = runs;
+        while (hi - lo > 1) {
+            unsigned mid = (lo + hi) / 2;
+            if (s_start[mid] <= i) lo = mid; else hi = mid;
+        }
+        return lo;
+    };
+    auto adam_of = [&](unsigned r) {
+        OptimAdam b = a;
+        if (s_decay[r] == 0u) b.decay = 1.0f;
+        return b;
+    };
+    bool aligned = optim_aligned(params, 16) && optim_aligned(m, 16) && optim_aligned(v, 16) &&
+                   optim_aligned(grads, sizeof(G) * OPTIM_W) && optim_aligned(copy, sizeof(C) * OPTIM_W);
+    typedef OptimPack<float, OPTIM_W> F4;
+    typedef OptimPack<G, OPTIM_W> G4;
+    typedef OptimPack<C, OPTIM_W> C4;
+    optim_grid_loop(
+        n, aligned,
+        [&](unsigned long long i) {
+            const unsigned long long e = i * OPTIM_W;
+            const unsigned r = run_of(e);
+            const unsigned long long end = r + 1 < runs ? s_start[r + 1] : n;
+            F4 p = reinterpret_cast<F4*>(params)[i], mm = reinterpret_cast<F4*>(m)[i], vv = reinterpret_cast<F4*>(v)[i];
+            G4 g = reinterpret_cast<const G4*>(grads)[i];
+            C4 c;
+            for (int k = 0; k < OPTIM_W; ++k) {
+                const OptimAdam b = adam_of(e + k < end ? r : run_of(e + k));
+                c.v[k] = from_f32<C>(b.update(p.v[k], mm.v[k], vv.v[k], to_f32(g.v[k])));
+            }
+            reinterpret_cast<F4*>(params)[i] = p;
+            reinterpret_cast<F4*>(m)[i] = mm;
+            reinterpret_cast<F4*>(v)[i] = vv;
+            if (copy != nullptr) reinterpret_cast<C4*>(copy)[i] = c;
+        },
+        [&](unsigned long long i) {
+            const OptimAdam b = adam_of(run_of(i));
+            float p = params[i], mm = m[i], vv = v[i];
+            float out = b.update(p, mm, vv, to_f32(grads[i]));
+            params[i] = p;
+            m[i] = mm;
+            v[i] = vv;
+            if (copy != nullptr) copy[i] = from_f32<C>(out);
+        });
+}
+
+#define OPTIM_ADAMW_RUNS(GN, G, CN, C)                                                                                 \
+    extern "C" __global__ void adamw_runs_grad_##GN##_copy_##CN(                                                       \
+        float* params, float* m, float* v, C* copy, const G* grads, float beta1, float beta2, float eps,               \
+        float step_size, float bc2_sqrt, float decay, float grad_scale, const unsigned long long* run_start,           \
+        const unsigned* run_decay, unsigned runs, unsigned long long n) {                                              \
+        __shared__ unsigned long long s_start[OPTIM_MAX_RUNS];                                                         \
+        __shared__ unsigned s_decay[OPTIM_MAX_RUNS];                                                                   \
+        OptimAdam a = {beta1, beta2, eps, step_size, bc2_sqrt, decay, grad_scale};                                     \
+        adamw_runs_impl(params, m, v, copy, grads, a, run_start, run_decay, runs, n, s_start, s_decay);                \
+    }                                                                                                                  \
+    EXPORT_KERNEL(adamw_runs_grad_##GN##_copy_##CN)
+OPTIM_ADAMW_RUNS(f32, float, f32, float);
+OPTIM_ADAMW_RUNS(f32, float, bf16, bf16);
+
 // ---------------------------------------------------------------------------------------------
 // Σ x² in double.
 

@@ -28,6 +28,11 @@
 //! are compiled separately, so there the scalar path only has to match the vector path within the
 //! AdamW tolerances (and its bf16 copy must still be its own master weights rounded, bit for bit).
 //! Two runs must be bitwise equal on both.
+//!
+//! AdamW over a whole arena in one launch (`adamw_runs`: runs of tensors with and without weight
+//! decay) against one `adamw` launch per tensor: bitwise in the emulator (the same per-element
+//! arithmetic), within the AdamW tolerances on a GPU (separately compiled code, as above), with
+//! tensor lengths that make 4-element packs straddle two runs.
 
 use troupe::gpu::emu::compare;
 use troupe::gpu::ops::optim::{
@@ -501,4 +506,99 @@ fn bias_gradients_match_float64_and_are_deterministic_in_the_emulator() {
 fn bias_gradients_match_float64_and_are_deterministic_on_a_gpu() {
     let Some(gpu) = troupe::gpu::cuda::shared() else { return };
     check_bias_grad(gpu, "cuda");
+}
+
+/// `adamw_runs` over an arena of tensors against one `adamw` per tensor (3 steps, fp32 or bf16
+/// copy, a clip scale), and the float64 reference with each tensor's decay.
+fn check_adamw_runs<G: Gpu>(gpu: &G, label: &str) {
+    use troupe::gpu::ops::optim::{DecayRuns, adamw_runs};
+    let lens = [5usize, 3, 64, 7, 1, 130, 2, 33, 12, 9];
+    let decays = [false, false, true, false, true, true, false, true, false, true];
+    let n: usize = lens.iter().sum();
+    let p0 = uniform(n, 21, 2.0);
+    let grads: Vec<Vec<f32>> = (0..3).map(|s| uniform(n, 30 + s, 0.2)).collect();
+    let scale = 0.75f32;
+    let mut offsets = Vec::new();
+    let mut at = 0;
+    for &l in &lens {
+        offsets.push(at);
+        at += l;
+    }
+    let tensors = || offsets.iter().zip(&lens).zip(&decays).map(|((&o, &l), &d)| (o, l, d));
+    let runs = DecayRuns::new(gpu, tensors()).unwrap().expect("runs");
+    assert_eq!((runs.len(), runs.runs()), (n, 8), "{label}: runs of {decays:?}");
+    for copy_dtype in [None, Some(DType::Bf16)] {
+        let mut out = Vec::new();
+        for one_launch in [true, false] {
+            let p = upload_f32(gpu, &p0, DType::F32).unwrap();
+            let (m, v) = (gpu.alloc(n * 4).unwrap(), gpu.alloc(n * 4).unwrap());
+            let copy = copy_dtype.map(|dt| (gpu.alloc(n * dt.size()).unwrap(), dt));
+            for (i, g) in grads.iter().enumerate() {
+                let gb = upload_f32(gpu, g, DType::F32).unwrap();
+                let h = AdamWStep { step: i as u64 + 1, ..H };
+                if one_launch {
+                    let bufs = AdamWBufs {
+                        params: Dev::new(&p),
+                        m: Dev::new(&m),
+                        v: Dev::new(&v),
+                        grads: Dev::new(&gb),
+                        grad_dtype: DType::F32,
+                        copy: copy.as_ref().map(|(b, dt)| (Dev::new(b), *dt)),
+                    };
+                    adamw_runs(gpu, &bufs, &runs, &h, scale).unwrap();
+                } else {
+                    for (o, l, d) in tensors() {
+                        let bufs = AdamWBufs {
+                            params: Dev::new(&p).at(o, DType::F32),
+                            m: Dev::new(&m).at(o, DType::F32),
+                            v: Dev::new(&v).at(o, DType::F32),
+                            grads: Dev::new(&gb).at(o, DType::F32),
+                            grad_dtype: DType::F32,
+                            copy: copy.as_ref().map(|(b, dt)| (Dev::new(b).at(o, *dt), *dt)),
+                        };
+                        let wd = if d { H.weight_decay } else { 0.0 };
+                        adamw(gpu, &bufs, l, &AdamWStep { weight_decay: wd, ..h }, scale).unwrap();
+                    }
+                }
+            }
+            let get = |b: &G::Buf, dt: DType| download_f32(gpu, Dev::new(b), n, dt).unwrap();
+            let c = copy.as_ref().map(|(b, dt)| get(b, *dt));
+            out.push((get(&p, DType::F32), get(&m, DType::F32), get(&v, DType::F32), c));
+        }
+        let what = format!("{label}: adamw_runs vs per tensor, copy {copy_dtype:?}");
+        if bitwise_across_paths(label) {
+            assert_eq!(bits(&out[0].0), bits(&out[1].0), "{what}: parameters");
+            assert_eq!(bits(&out[0].1), bits(&out[1].1), "{what}: m");
+            assert_eq!(bits(&out[0].2), bits(&out[1].2), "{what}: v");
+        }
+        if let Some(c) = &out[0].3 {
+            assert_eq!(bits(c), bits(&round_bf16(&out[0].0)), "{what}: the copy is the master rounded");
+        }
+        // Against float64, tensor by tensor with its decay.
+        for (o, l, d) in tensors() {
+            let mut p = up(&p0[o..o + l]);
+            let (mut m, mut v) = (vec![0.0; l], vec![0.0; l]);
+            for (i, g) in grads.iter().enumerate() {
+                let g: Vec<f64> = g[o..o + l].iter().map(|&x| f64::from(x * scale)).collect();
+                let wd = if d { f64::from(H.weight_decay) } else { 0.0 };
+                let (lr, b1, b2, eps) =
+                    (f64::from(H.lr), f64::from(H.beta1), f64::from(H.beta2), f64::from(H.eps));
+                naive::adamw(&mut p, &g, &mut m, &mut v, lr, b1, b2, eps, wd, i as u64 + 1);
+            }
+            let got = &out[0].0[o..o + l];
+            compare(&format!("{what}: tensor at {o}"), got, &p, 1e-5, PARAM_ATOL).unwrap();
+        }
+    }
+}
+
+#[test]
+fn adamw_over_decay_runs_matches_per_tensor_launches_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_adamw_runs(emu, "emulator");
+}
+
+#[test]
+fn adamw_over_decay_runs_matches_per_tensor_launches_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_adamw_runs(gpu, "cuda");
 }

@@ -229,7 +229,7 @@ fn the_device_optimizer_with_the_embedding_group_matches_the_cpu() -> Result<()>
 /// gradient and a few scalars — well under one copy of the parameter arena — while the host
 /// optimizer (ZeRO-1, here with one replica) moves every gradient down and every parameter up.
 /// Per step = (bytes after 4 steps − bytes after 2) / 2, which cancels the setup and the final
-/// read of the parameters.
+/// read of the parameters. The host optimizer's stages hold no device moments.
 #[test]
 fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
     use troupe::gpu::Gpu;
@@ -239,25 +239,36 @@ fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
     }
     // A private emulator: its copy counters see only this test's runs.
     let gpu: &'static troupe::gpu::EmuGpu = Box::leak(Box::new(troupe::gpu::EmuGpu::new()?));
-    let per_step = |extra: &[&str]| -> Result<(f64, f64, usize)> {
+    let per_step = |extra: &[&str]| -> Result<(f64, f64, usize, usize)> {
         let mut counts = Vec::new();
-        let mut arena = 0;
+        let (mut arena, mut peak) = (0, 0);
         for iters in ["train.train_iters=2", "train.train_iters=4"] {
             let mut sets = vec!["parallel.pipeline_model_parallel_size=2", iters];
             sets.extend_from_slice(extra);
             let cfg = config(&sets)?;
+            gpu.reset_peak_memory();
             let before = gpu.memory();
             let results = run(&cfg, Some(StageFactory::new(gpu, DType::F32)), &[])?;
             let after = gpu.memory();
             arena = 4 * params(&results).len();
+            peak = after.peak;
             counts.push((after.to_device - before.to_device, after.to_host - before.to_host));
         }
         let up = (counts[1].0 as f64 - counts[0].0 as f64) / 2.0;
         let down = (counts[1].1 as f64 - counts[0].1 as f64) / 2.0;
-        Ok((up, down, arena))
+        Ok((up, down, arena, peak))
     };
-    let (up, down, arena) = per_step(&[])?;
-    let (host_up, host_down, _) = per_step(&["parallel.use_distributed_optimizer=true"])?;
+    let (up, down, arena, peak) = per_step(&[])?;
+    let (host_up, host_down, _, host_peak) = per_step(&["parallel.use_distributed_optimizer=true"])?;
+    // The device optimizer's moments (two fp32 arenas) are the only device memory the host
+    // optimizer's stages do not hold.
+    let extra = peak as f64 - host_peak as f64;
+    eprintln!("device memory peak: {peak} B with the device optimizer, {host_peak} B with the host one");
+    ensure!(
+        (extra - 2.0 * arena as f64).abs() <= 0.05 * arena as f64 + 65536.0,
+        "the device optimizer holds {extra} B more device memory, expected its moments ({} B)",
+        2 * arena
+    );
     eprintln!(
         "per step: device optimizer {up:.0} B up, {down:.0} B down; host optimizer {host_up:.0} B up, \
          {host_down:.0} B down; parameter arena {arena} B"

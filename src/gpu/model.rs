@@ -139,8 +139,11 @@ pub struct GpuGpt<'g, G: Gpu> {
     /// fp32 master weights in bf16 mode (`None` in fp32 mode: `params` are the master).
     master: Option<G::Buf>,
     grads: G::Buf,
-    m: G::Buf,
-    v: G::Buf,
+    /// AdamW's first and second moments (fp32), allocated by the first update or restore: a
+    /// pipeline stage whose optimizer shards live on the host (ZeRO-1) never holds them.
+    moments: Option<(G::Buf, G::Buf)>,
+    /// The arena's weight-decay runs: AdamW in one launch (`None`: one launch per tensor).
+    decay_runs: Option<optim::DecayRuns<G::Buf>>,
     norm_scratch: G::Buf,
     /// Scratch of [`GpuGpt::grad_sum_squares`], grown on demand.
     sq_scratch: Option<G::Buf>,
@@ -260,7 +263,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             gpu.upload(&mut m, 0, bytemuck::cast_slice(host))?;
             Some(m)
         };
-        let norm_bytes = optim::sum_squares_scratch_bytes(table.specs().iter().map(|s| s.span.len));
+        let norm_bytes = optim::sum_squares_scratch_bytes([n]);
+        let decay_runs =
+            optim::DecayRuns::new(gpu, table.specs().iter().map(|s| (s.span.offset, s.span.len, s.decay)))?;
         let lnf =
             if range.head { Some((span(&table, "ln_f.weight")?, span(&table, "ln_f.bias")?)) } else { None };
         Ok(GpuGpt {
@@ -273,8 +278,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             lnf,
             blocks,
             grads: gpu.alloc(n * 4)?,
-            m: gpu.alloc(n * 4)?,
-            v: gpu.alloc(n * 4)?,
+            moments: None,
+            decay_runs,
             norm_scratch: gpu.alloc(norm_bytes)?,
             sq_scratch: None,
             gelu_epilogue: std::env::var("TROUPE_GELU_EPILOGUE").map_or(true, |v| v != "0"),
@@ -350,10 +355,24 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// The AdamW moments (m, v) as fp32.
     pub fn moments_host(&self) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
         let n = self.table.len();
-        Ok((
-            download_f32(self.gpu, Dev::new(&self.m), n, DType::F32)?,
-            download_f32(self.gpu, Dev::new(&self.v), n, DType::F32)?,
-        ))
+        match &self.moments {
+            None => Ok((vec![0.0; n], vec![0.0; n])),
+            Some((m, v)) => Ok((
+                download_f32(self.gpu, Dev::new(m), n, DType::F32)?,
+                download_f32(self.gpu, Dev::new(v), n, DType::F32)?,
+            )),
+        }
+    }
+
+    /// The moments, allocated (zero) on first use.
+    fn moments_mut(&mut self) -> Result<&mut (G::Buf, G::Buf), GpuError> {
+        if self.moments.is_none() {
+            let n = self.table.len();
+            self.moments = Some((self.gpu.alloc(n * 4)?, self.gpu.alloc(n * 4)?));
+        }
+        self.moments
+            .as_mut()
+            .ok_or_else(|| GpuError::Shape { op: "GpuGpt::moments", detail: "allocated above".into() })
     }
 
     /// Replaces the AdamW state (resuming from a checkpoint): moments and the update count.
@@ -365,8 +384,10 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 detail: format!("moments of {} and {} values for {n} parameters", m.len(), v.len()),
             });
         }
-        self.gpu.upload(&mut self.m, 0, bytemuck::cast_slice(m))?;
-        self.gpu.upload(&mut self.v, 0, bytemuck::cast_slice(v))?;
+        let gpu = self.gpu;
+        let (dm, dv) = self.moments_mut()?;
+        gpu.upload(dm, 0, bytemuck::cast_slice(m))?;
+        gpu.upload(dv, 0, bytemuck::cast_slice(v))?;
         self.adam_steps = steps;
         Ok(())
     }
@@ -1194,9 +1215,10 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
 
     /// L2 norm of all gradients (f64 accumulation, fixed order).
     pub fn grad_norm(&self) -> Result<f64, GpuError> {
-        let parts: Vec<_> =
-            self.table.specs().iter().map(|s| (DType::F32, self.gr(s.span), s.span.len)).collect();
-        Ok(optim::sum_squares_many(self.gpu, &parts, Dev::new(&self.norm_scratch))?.sqrt())
+        // The arena is contiguous: one sum over all of it (two launches, not one per tensor).
+        let n = self.table.len();
+        Ok(optim::sum_squares(self.gpu, DType::F32, Dev::new(&self.grads), n, Dev::new(&self.norm_scratch))?
+            .sqrt())
     }
 
     /// Clips the gradients to `max_norm` (0 disables clipping; Megatron's global-norm rule) and
@@ -1224,9 +1246,32 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         if step == 0 {
             return Err(GpuError::Shape { op: "GpuGpt::adamw_update", detail: "step is 1-based".into() });
         }
+        self.moments_mut()?;
         self.adam_steps = step;
         let scale = grad_scale;
+        let Some((m, v)) = self.moments.as_ref() else {
+            return Err(GpuError::Shape { op: "GpuGpt::adamw_update", detail: "no moments".into() });
+        };
         let master = self.master.as_ref().unwrap_or(&self.params);
+        if let Some(runs) = self.decay_runs.as_ref().filter(|r| r.len() == self.table.len()) {
+            let h = AdamWStep {
+                lr,
+                beta1: adam.beta1,
+                beta2: adam.beta2,
+                eps: adam.eps,
+                weight_decay: adam.weight_decay,
+                step: self.adam_steps,
+            };
+            let bufs = optim::AdamWBufs {
+                params: Dev::new(master),
+                m: Dev::new(m),
+                v: Dev::new(v),
+                grads: Dev::new(&self.grads),
+                grad_dtype: DType::F32,
+                copy: self.master.as_ref().map(|_| (Dev::new(&self.params), self.dtype)),
+            };
+            return optim::adamw_runs(self.gpu, &bufs, runs, &h, scale);
+        }
         for spec in self.table.specs() {
             let s = spec.span;
             let h = AdamWStep {
@@ -1239,8 +1284,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             };
             let bufs = optim::AdamWBufs {
                 params: Dev::new(master).at(s.offset, DType::F32),
-                m: Dev::new(&self.m).at(s.offset, DType::F32),
-                v: Dev::new(&self.v).at(s.offset, DType::F32),
+                m: Dev::new(m).at(s.offset, DType::F32),
+                v: Dev::new(v).at(s.offset, DType::F32),
                 grads: self.gr(s),
                 grad_dtype: DType::F32,
                 copy: self.master.as_ref().map(|_| (self.p(s), self.dtype)),
@@ -1276,7 +1321,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             self.sq_scratch = None;
             self.sq_scratch = Some(self.gpu.alloc(bytes)?);
         }
-        let Some(scratch) = self.sq_scratch.as_ref() else { unreachable!("allocated above") };
+        let Some(scratch) = self.sq_scratch.as_ref() else {
+            return Err(GpuError::Shape { op: "GpuGpt::grad_sum_squares", detail: "no scratch".into() });
+        };
         let mut at = 8 * live.len();
         for (k, &i) in live.iter().enumerate() {
             let r = &ranges[i];

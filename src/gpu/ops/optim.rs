@@ -95,9 +95,7 @@ pub fn adamw<G: Gpu>(
     grad_scale: f32,
 ) -> Result<(), GpuError> {
     const OP: &str = "adamw";
-    if h.step == 0 {
-        return Err(shape(OP, "step is 1-based (bias correction divides by 1 − β^step)".into()));
-    }
+    let (step_size, bc2_sqrt, decay) = adamw_scalars(OP, h)?;
     for (what, d) in [("params", b.params), ("m", b.m), ("v", b.v)] {
         check_len(gpu, OP, what, d, n, DType::F32)?;
     }
@@ -108,12 +106,6 @@ pub fn adamw<G: Gpu>(
     if n == 0 {
         return Ok(());
     }
-    let step =
-        i32::try_from(h.step).map_err(|_| shape(OP, format!("step {} does not fit in i32", h.step)))?;
-    let bc1 = 1.0 - h.beta1.powi(step);
-    let bc2_sqrt = (1.0 - h.beta2.powi(step)).sqrt();
-    let step_size = h.lr / bc1;
-    let decay = 1.0 - h.lr * h.weight_decay;
     let (copy_arg, copy_dtype) = match b.copy {
         Some((c, dt)) => (Arg::Ptr(c), dt),
         // A null pointer: kernel pointer parameters are 8-byte values on both GPU and emulator.
@@ -141,6 +133,137 @@ pub fn adamw<G: Gpu>(
             Arg::U64(n as u64),
         ],
     )
+}
+
+/// Most runs [`adamw_runs`] takes (`OPTIM_MAX_RUNS` in `cuda/optim.cu`).
+pub const ADAMW_MAX_RUNS: usize = 1024;
+
+/// An arena's runs of consecutive tensors with the same weight-decay flag, on the device: what
+/// [`adamw_runs`] updates in one launch.
+pub struct DecayRuns<B> {
+    starts: B,
+    flags: B,
+    runs: u32,
+    len: usize,
+}
+
+impl<B> DecayRuns<B> {
+    /// The runs of tensors given in arena order as (offset, length, decays); `None` when the
+    /// tensors do not tile the arena from 0 in order, there are more than [`ADAMW_MAX_RUNS`]
+    /// runs, or no elements (the caller then updates tensor by tensor).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn new<G: Gpu<Buf = B>>(
+        gpu: &G,
+        tensors: impl IntoIterator<Item = (usize, usize, bool)>,
+    ) -> Result<Option<Self>, GpuError> {
+        let (mut starts, mut flags, mut len) = (Vec::<u64>::new(), Vec::<u32>::new(), 0usize);
+        for (offset, n, decay) in tensors {
+            if offset != len {
+                return Ok(None);
+            }
+            if n == 0 {
+                continue;
+            }
+            if flags.last() != Some(&u32::from(decay)) {
+                starts.push(len as u64);
+                flags.push(u32::from(decay));
+            }
+            len += n;
+        }
+        if starts.is_empty() || starts.len() > ADAMW_MAX_RUNS {
+            return Ok(None);
+        }
+        let mut sbuf = gpu.alloc(8 * starts.len())?;
+        gpu.upload(&mut sbuf, 0, bytemuck::cast_slice(&starts))?;
+        let mut fbuf = gpu.alloc(4 * flags.len())?;
+        gpu.upload(&mut fbuf, 0, bytemuck::cast_slice(&flags))?;
+        Ok(Some(DecayRuns { starts: sbuf, flags: fbuf, runs: starts.len() as u32, len }))
+    }
+
+    /// Elements the runs cover.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the runs cover nothing (never: `new` returns `None` then).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of runs.
+    pub fn runs(&self) -> usize {
+        self.runs as usize
+    }
+}
+
+/// [`adamw`] of a whole arena in one launch: elements in runs whose flag is set get the weight
+/// decay of `h` (`h.weight_decay`), the others none — the bits of one [`adamw`] per tensor.
+/// Gradients are fp32 (the models' gradient type).
+///
+/// # Errors
+/// [`GpuError::Shape`] for short buffers, gradients not fp32 or `h.step == 0`; launch errors.
+pub fn adamw_runs<G: Gpu>(
+    gpu: &G,
+    b: &AdamWBufs<'_, G::Buf>,
+    runs: &DecayRuns<G::Buf>,
+    h: &AdamWStep,
+    grad_scale: f32,
+) -> Result<(), GpuError> {
+    const OP: &str = "adamw_runs";
+    let n = runs.len;
+    if b.grad_dtype != DType::F32 {
+        return Err(shape(OP, "gradients must be fp32".into()));
+    }
+    let (step_size, bc2_sqrt, decay) = adamw_scalars(OP, h)?;
+    for (what, d) in [("params", b.params), ("m", b.m), ("v", b.v), ("grads", b.grads)] {
+        check_len(gpu, OP, what, d, n, DType::F32)?;
+    }
+    if let Some((c, dt)) = b.copy {
+        check_len(gpu, OP, "copy", c, n, dt)?;
+    }
+    let (copy_arg, copy_dtype) = match b.copy {
+        Some((c, dt)) => (Arg::Ptr(c), dt),
+        None => (Arg::U64(0), DType::F32),
+    };
+    gpu.launch(
+        &format!("adamw_runs_grad_f32_copy_{}", copy_dtype.suffix()),
+        stride_grid(n),
+        [ELEMENTWISE_BLOCK, 1, 1],
+        0,
+        &[
+            Arg::Ptr(b.params),
+            Arg::Ptr(b.m),
+            Arg::Ptr(b.v),
+            copy_arg,
+            Arg::Ptr(b.grads),
+            Arg::F32(h.beta1),
+            Arg::F32(h.beta2),
+            Arg::F32(h.eps),
+            Arg::F32(step_size),
+            Arg::F32(bc2_sqrt),
+            Arg::F32(decay),
+            Arg::F32(grad_scale),
+            Arg::Ptr(Dev::new(&runs.starts)),
+            Arg::Ptr(Dev::new(&runs.flags)),
+            Arg::U32(runs.runs),
+            Arg::U64(n as u64),
+        ],
+    )
+}
+
+/// AdamW's per-step scalars as the CPU backend computes them (fp32): step size, √(1 − β2^t),
+/// decay factor.
+fn adamw_scalars(op: &'static str, h: &AdamWStep) -> Result<(f32, f32, f32), GpuError> {
+    if h.step == 0 {
+        return Err(shape(op, "step is 1-based (bias correction divides by 1 − β^step)".into()));
+    }
+    let step =
+        i32::try_from(h.step).map_err(|_| shape(op, format!("step {} does not fit in i32", h.step)))?;
+    let bc1 = 1.0 - h.beta1.powi(step);
+    let bc2_sqrt = (1.0 - h.beta2.powi(step)).sqrt();
+    Ok((h.lr / bc1, bc2_sqrt, 1.0 - h.lr * h.weight_decay))
 }
 
 /// How many double partials [`sum_squares_partials`] writes for `n` elements.
