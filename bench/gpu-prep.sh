@@ -24,4 +24,7 @@ for line in sys.stdin:
         shutil.copy(exe, os.path.join(sys.argv[1], name))
         print("bundled", name)
 ' "$out/tests"
+# Which commit the bundle is (the GPU machine gets the tree without its history).
+{ git rev-parse --short HEAD; git status --porcelain | grep -q . && echo "(with uncommitted changes)"; } \
+  >"$out/COMMIT" 2>/dev/null || true
 ls -la "$out" "$out/tests"

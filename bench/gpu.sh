@@ -148,8 +148,9 @@ pytorch pytorch-compile 240 --compile
 echo
 echo "---- summary ----"
 cat "$OUT/summary.txt"
-python3 - "$OUT" <<'PY'
-import json, sys, os
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+python3 - "$OUT" "${gpu_name:-unknown GPU}" "$(cat $bundle/COMMIT 2>/dev/null | tr '\n' ' ')" <<'PY'
+import json, sys, os, datetime
 rows = []
 for name in ("tc", "simt", "gelu-kernels", "actors", "pytorch-eager", "pytorch-compile"):
     p = os.path.join(sys.argv[1], f"bench-{name}.json")
@@ -162,5 +163,12 @@ for name in ("tc", "simt", "gelu-kernels", "actors", "pytorch-eager", "pytorch-c
 print(f"{'run':<16} {'tokens/s':>12} {'MFU':>7} {'step ms':>9} {'GPU MiB':>9}")
 for name, tps, mfu, ms, mem in rows:
     print(f"{name:<16} {tps or 0:>12.0f} {(mfu or 0)*100:>6.1f}% {ms or 0:>9.1f} {mem or 0:>9.0f}")
+# The same rows as a Markdown table for BENCHMARKS.md, with the date, device and commit.
+with open(os.path.join(sys.argv[1], "benchmarks-rows.md"), "w") as f:
+    day = datetime.date.today().isoformat()
+    f.write(f"GPT-2 124M, seq 1024, bf16, {day}, {sys.argv[2]}, commit {sys.argv[3].strip() or 'unknown'}\n\n")
+    f.write("| run | tokens/s | MFU | step ms | GPU MiB |\n|---|---:|---:|---:|---:|\n")
+    for name, tps, mfu, ms, mem in rows:
+        f.write(f"| {name} | {tps or 0:.0f} | {(mfu or 0)*100:.1f}% | {ms or 0:.1f} | {mem or 0:.0f} |\n")
 PY
 exit $status
