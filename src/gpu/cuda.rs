@@ -77,6 +77,12 @@ pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
     if !fresh && let Ok(ptx) = std::fs::read_to_string(&path) {
         return Ok(ptx);
     }
+    // Tens of seconds once per kernel-source version and architecture: say so rather than stall.
+    eprintln!(
+        "troupe: compiling the CUDA kernels for {arch} with NVRTC {} (once; cached in {})",
+        nvrtc_version(),
+        cache_dir().display()
+    );
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(
         &src,
         cudarc::nvrtc::CompileOptions {

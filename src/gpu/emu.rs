@@ -97,6 +97,8 @@ impl EmuGpu {
             let tmp = dir.join(format!("emu-kernels-{key:016x}-{unique}.so"));
             std::fs::write(&cpp, &src)
                 .map_err(|e| GpuError::EmuBuild(format!("writing {}: {e}", cpp.display())))?;
+            // A minute or two of g++ once per kernel-source version: say so rather than stall.
+            eprintln!("troupe: building the kernel emulator with g++ (once; cached in {})", dir.display());
             let out = Command::new("g++")
                 .args(FLAGS)
                 .arg("-o")
