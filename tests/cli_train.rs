@@ -331,6 +331,20 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
             .count()
     });
     ensure!(events >= 8, "the trace has {events} forward events (2 ranks × 4 microbatches expected)");
+    // bf16 stages send bf16 messages: over TCP between the two processes they carry the same
+    // bits as in one process.
+    let mut launched = vec!["launch", "--nproc-per-node", "2", "--", exe, "train", "--device", "emu"];
+    launched.extend_from_slice(&["--dtype", "bf16", "--log-json", "bf16-launched.jsonl"]);
+    launched.extend_from_slice(model);
+    let out = troupe(&launched, &dir);
+    ensure!(out.status.success(), "launched bf16 GPU pipeline: {}", stderr(&out));
+    let mut local = vec!["train", "--device", "emu", "--dtype", "bf16", "--log-json", "bf16-local.jsonl"];
+    local.extend_from_slice(model);
+    let out = troupe(&local, &dir);
+    ensure!(out.status.success(), "in-process bf16 GPU pipeline: {}", stderr(&out));
+    let (a, b) = (losses(&dir.join("bf16-launched.jsonl"))?, losses(&dir.join("bf16-local.jsonl"))?);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    ensure!(a.len() == 2 && bits(&a) == bits(&b), "bf16 losses: launched {a:?}, in one process {b:?}");
     Ok(())
 }
 
