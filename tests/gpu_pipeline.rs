@@ -530,7 +530,7 @@ fn the_last_backward_drains_the_cpu_models_ranges() -> Result<()> {
     cpu.fold_tied_grad(&be);
     let d = rel_norm(st.grads(), cpu.grads());
     ensure!(d <= 1e-5, "gradients after sync differ by {d:.2e}");
-    let di = rel_norm(st.input_grad(), cpu.input_grad());
+    let di = rel_norm(&st.input_grad(), cpu.input_grad());
     ensure!(di <= 1e-5, "input gradients differ by {di:.2e}");
     Ok(())
 }

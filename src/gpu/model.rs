@@ -26,7 +26,7 @@ mod split;
 use super::ops::{attention, crossentropy, embedding, gelu, layernorm, optim};
 use super::{DType, Dev, GeluEpilogue, Gemm, Gpu, GpuError, download_f32, encode};
 use crate::kernels::AdamWStep;
-use crate::models::gpt::{Gpt, GptConfig, LayerRange, StageInput, param_table};
+use crate::models::gpt::{Gpt, GptConfig, Hidden, LayerRange, StageInput, param_table};
 use crate::models::params::{ParamTable, Span};
 use crate::optim::AdamWConfig;
 
@@ -168,6 +168,23 @@ fn span(table: &ParamTable, name: &str) -> Result<Span, GpuError> {
         op: "GpuGpt",
         detail: format!("the parameter table has no `{name}`"),
     })
+}
+
+/// `n` values of `dtype` downloaded as they are stored (bf16 stays bf16).
+fn download_native<G: Gpu>(
+    gpu: &G,
+    src: Dev<'_, G::Buf>,
+    n: usize,
+    dtype: DType,
+) -> Result<Hidden, GpuError> {
+    match dtype {
+        DType::F32 => download_f32(gpu, src, n, DType::F32).map(Hidden::F32),
+        DType::Bf16 => {
+            let mut v = vec![half::bf16::ZERO; n];
+            gpu.download(src.buf, src.offset, bytemuck::cast_slice_mut(&mut v))?;
+            Ok(Hidden::Bf16(v))
+        }
+    }
 }
 
 fn model_err(e: crate::models::gpt::ModelError) -> GpuError {
@@ -564,16 +581,21 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         };
         match (input, self.range.embedding) {
             (StageInput::Tokens(t), true) => check_ids("tokens", t)?,
-            (StageInput::Hidden(h), false) => {
+            (StageInput::Hidden(_) | StageInput::HiddenBf16(_), false) => {
                 let want = n * self.cfg.hidden_size;
-                if h.len() != want {
-                    return Err(bad(format!("hidden states: {} values, expected {want}", h.len())));
+                let got = match input {
+                    StageInput::Hidden(h) => h.len(),
+                    StageInput::HiddenBf16(h) => h.len(),
+                    StageInput::Tokens(t) => t.len(),
+                };
+                if got != want {
+                    return Err(bad(format!("hidden states: {got} values, expected {want}")));
                 }
             }
             (StageInput::Tokens(_), false) => {
                 return Err(bad("this layer range has no embedding: pass hidden states".into()));
             }
-            (StageInput::Hidden(_), true) => {
+            (StageInput::Hidden(_) | StageInput::HiddenBf16(_), true) => {
                 return Err(bad("this layer range starts with the embedding: pass tokens".into()));
             }
         }
@@ -689,6 +711,14 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 )?;
             }
             (StageInput::Hidden(h), _, _) => g.upload(&mut a.input, 0, &encode(h, dt))?,
+            // bf16 values into a bf16 model as they are; widened for an fp32 one.
+            (StageInput::HiddenBf16(h), _, _) if dt == DType::Bf16 => {
+                g.upload(&mut a.input, 0, bytemuck::cast_slice(h))?;
+            }
+            (StageInput::HiddenBf16(h), _, _) => {
+                let wide: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+                g.upload(&mut a.input, 0, &encode(&wide, dt))?;
+            }
             (StageInput::Tokens(_), _, _) => {
                 return Err(GpuError::Shape { op: "GpuGpt::forward", detail: "no embedding".into() });
             }
@@ -790,10 +820,18 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// # Errors
     /// Device errors.
     pub fn output(&self, mb: u64) -> Result<Option<Vec<f32>>, GpuError> {
+        Ok(self.output_native(mb)?.map(Hidden::into_f32))
+    }
+
+    /// [`GpuGpt::output`] in the model's storage type (bf16 values stay bf16).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn output_native(&self, mb: u64) -> Result<Option<Hidden>, GpuError> {
         let Some(a) = self.in_flight.get(&mb) else { return Ok(None) };
         let out = a.layers.last().map_or(&a.input, |l| &l.out);
         let n = a.batch * a.seq * self.cfg.hidden_size;
-        download_f32(self.gpu, Dev::new(out), n, self.dtype).map(Some)
+        download_native(self.gpu, Dev::new(out), n, self.dtype).map(Some)
     }
 
     /// Gradient of the range's input `[B,T,C]` after the latest [`GpuGpt::backward_mb`], as fp32
@@ -802,10 +840,19 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// # Errors
     /// No backward has run; device errors.
     pub fn input_grad(&self) -> Result<Vec<f32>, GpuError> {
+        self.input_grad_native().map(Hidden::into_f32)
+    }
+
+    /// [`GpuGpt::input_grad`] in the model's storage type (bf16 values stay bf16: what a
+    /// pipeline message carries, without a conversion).
+    ///
+    /// # Errors
+    /// No backward has run; device errors.
+    pub fn input_grad_native(&self) -> Result<Hidden, GpuError> {
         let (Some(n), Some(s)) = (self.last_backward_n, self.scratch.as_ref()) else {
             return Err(GpuError::Shape { op: "GpuGpt::input_grad", detail: "no backward has run".into() });
         };
-        download_f32(self.gpu, Dev::new(&s.dres), n * self.cfg.hidden_size, self.dtype)
+        download_native(self.gpu, Dev::new(&s.dres), n * self.cfg.hidden_size, self.dtype)
     }
 
     /// Drops the stored activations of `mb` without its backward (evaluation).

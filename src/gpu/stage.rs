@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use super::model::GpuGpt;
 use super::{DType, Dev, Gpu, GpuError, MemoryStats, download_f32};
-use crate::models::gpt::{GptConfig, LayerRange, StageInput};
+use crate::models::gpt::{GptConfig, Hidden, LayerRange, StageInput};
 use crate::optim::AdamWConfig;
 
 /// The compute of one model chunk on a device (object safe, so the runtime holds any GPU).
@@ -39,11 +39,11 @@ pub trait DeviceStage: Send {
         loss_scale: f32,
     ) -> Result<Option<f32>, GpuError>;
 
-    /// Output hidden states of in-flight `mb` (fp32).
+    /// Output hidden states of in-flight `mb`, in the stage's storage type (bf16 stays bf16).
     ///
     /// # Errors
     /// Device errors.
-    fn output(&self, mb: u64) -> Result<Option<Vec<f32>>, GpuError>;
+    fn output(&self, mb: u64) -> Result<Option<Hidden>, GpuError>;
 
     /// Backward of `mb`, as [`GpuGpt::backward_mb`]; gradients accumulate on the device. With
     /// `drained`, the backward drains finished gradients as it goes: as soon as it has produced
@@ -76,11 +76,11 @@ pub trait DeviceStage: Send {
     /// As [`GpuGpt::backward_weight_mb`], and whatever `drained` returns.
     fn backward_weight(&mut self, mb: u64, drained: Option<&mut Drained<'_>>) -> Result<(), GpuError>;
 
-    /// Gradient of the range input after the latest backward (fp32).
+    /// Gradient of the range input after the latest backward, in the stage's storage type.
     ///
     /// # Errors
     /// No backward ran; device errors.
-    fn input_grad(&self) -> Result<Vec<f32>, GpuError>;
+    fn input_grad(&self) -> Result<Hidden, GpuError>;
 
     /// Drops `mb`'s activations without a backward.
     fn release(&mut self, mb: u64);
@@ -165,8 +165,8 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
         self.forward_mb(mb, batch, seq, input, targets, loss_scale)
     }
 
-    fn output(&self, mb: u64) -> Result<Option<Vec<f32>>, GpuError> {
-        GpuGpt::output(self, mb)
+    fn output(&self, mb: u64) -> Result<Option<Hidden>, GpuError> {
+        self.output_native(mb)
     }
 
     fn backward(
@@ -198,8 +198,8 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
         }
     }
 
-    fn input_grad(&self) -> Result<Vec<f32>, GpuError> {
-        GpuGpt::input_grad(self)
+    fn input_grad(&self) -> Result<Hidden, GpuError> {
+        self.input_grad_native()
     }
 
     fn release(&mut self, mb: u64) {

@@ -34,7 +34,7 @@ impl Dir {
 pub type Key = (Dir, u32, u32);
 
 /// A delivered message, or why its receive failed.
-pub type Msg = Result<Vec<f32>, String>;
+pub type Msg = Result<crate::models::gpt::Hidden, String>;
 
 #[derive(Default)]
 struct Inner {
@@ -158,12 +158,13 @@ mod tests {
         let a = (Dir::Act, 0, 0);
         let b = (Dir::Act, 1, 0);
         mb.set_order(vec![a, b]);
-        mb.put(b, Ok(vec![2.0]));
+        let h = |x: f32| crate::models::gpt::Hidden::F32(vec![x]);
+        mb.put(b, Ok(h(2.0)));
         // b is held until a arrives.
         assert!(mb.take(b, Duration::from_millis(20)).await.is_err());
-        mb.put(a, Ok(vec![1.0]));
-        assert_eq!(mb.take(a, Duration::from_secs(1)).await.unwrap(), Ok(vec![1.0]));
-        assert_eq!(mb.take(b, Duration::from_secs(1)).await.unwrap(), Ok(vec![2.0]));
+        mb.put(a, Ok(h(1.0)));
+        assert_eq!(mb.take(a, Duration::from_secs(1)).await.unwrap(), Ok(h(1.0)));
+        assert_eq!(mb.take(b, Duration::from_secs(1)).await.unwrap(), Ok(h(2.0)));
         assert_eq!(mb.depth(), 0);
     }
 }

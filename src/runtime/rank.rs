@@ -28,7 +28,7 @@ use crate::config::{Config, NanPolicy};
 use crate::data::SampleSource;
 use crate::kernels::CpuBackend;
 use crate::models::gpt::StageInput;
-use crate::models::gpt::{Gpt, ModelError};
+use crate::models::gpt::{Gpt, Hidden, ModelError};
 use crate::optim::{AdamWConfig, LrSchedule, clip_coefficient, norm_from_tensor_sums};
 use crate::schedule::{Op, OpKind};
 use crate::trace::{Event, actor_of};
@@ -320,7 +320,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
     let scale = 1.0 / (plan.microbatches * plan.dp) as f32;
     let step = w.step;
     let mut report = StageReport::default();
-    let mut outbox: std::collections::HashMap<Key, Vec<f32>> = std::collections::HashMap::new();
+    let mut outbox: std::collections::HashMap<Key, Hidden> = std::collections::HashMap::new();
     let mut sends: Vec<(Op, Work<()>)> = Vec::new();
     let fail = |op: &Op, index: usize, detail: String| RuntimeError::Actor {
         actor: format!("stage[{c}]"),
@@ -397,16 +397,16 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         let i = mb as usize;
                         let input = match &input {
                             None => StageInput::Tokens(&batch.tokens[i]),
-                            Some(h) => StageInput::Hidden(h),
+                            Some(h) => h.as_input(),
                         };
                         let targets = head.then(|| &batch.targets[i][..]);
                         let t = Instant::now();
                         let mut loss = g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?;
-                        let mut out = if head { None } else { g.output_vec(u64::from(mb))? };
+                        let mut out = if head { None } else { g.output(u64::from(mb))? };
                         match poison {
                             Some((Target::Act, v)) if out.is_some() => {
                                 if let Some(o) = out.as_mut() {
-                                    o[0] = v;
+                                    o.set_first(v);
                                 }
                             }
                             Some((_, v)) if loss.is_some() => loss = Some(v),
@@ -444,10 +444,16 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 }
             }
             Op::Backward { mb, .. } | Op::BackwardInput { mb, .. } => {
+                // The backward takes fp32 gradients (widening bf16 ones is exact).
                 let dout = if stage == last_stage {
                     None
                 } else {
-                    Some(take(ctx, (Dir::Grad, mb, c as u32)).await.map_err(|d| fail(&op, index, d))?)
+                    Some(
+                        take(ctx, (Dir::Grad, mb, c as u32))
+                            .await
+                            .map_err(|d| fail(&op, index, d))?
+                            .into_f32(),
+                    )
                 };
                 let split = matches!(op, Op::BackwardInput { .. });
                 let ticket = w.base_ticket + ticket.unwrap_or(0);
@@ -466,7 +472,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                             std::thread::sleep(t.elapsed().mul_f64((f - 1.0).max(0.0)));
                         }
                         Ok::<_, crate::models::gpt::ModelError>(
-                            (!first).then(|| e.chunks[c].input_grad().to_vec()),
+                            (!first).then(|| e.chunks[c].take_input_grad()),
                         )
                     })
                     .await
@@ -618,7 +624,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
 }
 
 /// Takes a message from the mailbox within the timeout; the error text says what was awaited.
-async fn take(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
+async fn take(ctx: &RankCtx, key: Key) -> Result<Hidden, String> {
     let _w = ctx.waiting();
     let t = Instant::now();
     let r = take_inner(ctx, key).await;
@@ -626,7 +632,7 @@ async fn take(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
     r
 }
 
-async fn take_inner(ctx: &RankCtx, key: Key) -> Result<Vec<f32>, String> {
+async fn take_inner(ctx: &RankCtx, key: Key) -> Result<Hidden, String> {
     // A second past the communication timeout: a receive that fails reports its own error
     // (naming the peer) first.
     match ctx.mailbox.take(key, ctx.timeout + Duration::from_secs(1)).await {
@@ -2240,7 +2246,7 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
             continue;
         }
         buf.fill(valid.as_ref(), (i * b) as u64, b).map_err(|e| fail(e.to_string()))?;
-        let mut hidden: Option<Vec<f32>> = None;
+        let mut hidden: Option<Hidden> = None;
         for s in 0..stages {
             let (r, c) = plan.program.locate(s);
             if r != ctx.pp_rank {
@@ -2266,10 +2272,10 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
                     let g = &mut chunks[c];
                     let inp = match &input {
                         None => StageInput::Tokens(&tokens),
-                        Some(h) => StageInput::Hidden(h),
+                        Some(h) => h.as_input(),
                     };
                     let loss = g.forward(&**be, id, b, seq, inp, last.then_some(&targets[..]), 1.0);
-                    let out = if last { Ok(None) } else { g.output_vec(id) };
+                    let out = if last { Ok(None) } else { g.output(id) };
                     g.release(id);
                     loss.and_then(|l| Ok((l, out?)))
                 })

@@ -26,7 +26,7 @@ use std::ops::{Deref, DerefMut};
 
 use crate::gpu::stage::{DeviceStage, StageFactory};
 use crate::kernels::Backend;
-use crate::models::gpt::{Gpt, ModelError, StageInput};
+use crate::models::gpt::{Gpt, Hidden, ModelError, StageInput};
 use crate::optim::AdamWConfig;
 
 use super::shard::ChunkShard;
@@ -41,8 +41,8 @@ pub struct Stage {
     dev_zero: bool,
     /// The device holds gradients not yet added into the host arena.
     dev_grads: bool,
-    /// The device's latest input gradient, on the host.
-    dinput: Vec<f32>,
+    /// The device's latest input gradient, on the host (in the device's storage type).
+    dinput: Hidden,
     /// Arena ranges drained to the host since the last sync (zero on the device).
     drained: Vec<std::ops::Range<usize>>,
     /// AdamW runs on the device (which then owns the parameters and moments).
@@ -68,7 +68,7 @@ impl Stage {
             params_dirty: false,
             dev_zero: false,
             dev_grads: false,
-            dinput: Vec::new(),
+            dinput: Hidden::default(),
             drained: Vec::new(),
             optimizer_on_device: false,
             grads_on_device: false,
@@ -142,9 +142,9 @@ impl Stage {
     ///
     /// # Errors
     /// Device errors.
-    pub fn output_vec(&self, mb: u64) -> Result<Option<Vec<f32>>, ModelError> {
+    pub fn output(&self, mb: u64) -> Result<Option<Hidden>, ModelError> {
         match &self.dev {
-            None => Ok(self.host.output(mb).map(<[f32]>::to_vec)),
+            None => Ok(self.host.output(mb).map(|h| Hidden::F32(h.to_vec()))),
             Some(d) => d.output(mb).map_err(dev_err),
         }
     }
@@ -282,11 +282,20 @@ impl Stage {
         }
     }
 
-    /// Gradient of the range input after the latest backward.
-    pub fn input_grad(&self) -> &[f32] {
+    /// Gradient of the range input after the latest backward, as fp32 (a copy).
+    pub fn input_grad(&self) -> Vec<f32> {
         match self.dev {
-            None => self.host.input_grad(),
-            Some(_) => &self.dinput,
+            None => self.host.input_grad().to_vec(),
+            Some(_) => self.dinput.clone().into_f32(),
+        }
+    }
+
+    /// Gradient of the range input after the latest backward, for sending: the device's is
+    /// handed over as it came down (bf16 from a bf16 stage), not copied.
+    pub fn take_input_grad(&mut self) -> Hidden {
+        match self.dev {
+            None => Hidden::F32(self.host.input_grad().to_vec()),
+            Some(_) => std::mem::take(&mut self.dinput),
         }
     }
 

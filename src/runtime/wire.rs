@@ -6,6 +6,7 @@
 use half::bf16;
 
 use crate::comm::{Buf, DType};
+use crate::models::gpt::Hidden;
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,12 +32,15 @@ impl Wire {
         (self.elements(n) * self.dtype.size()) as u64
     }
 
-    /// The message for `values` (rounded to nearest even in bf16: exact for values a bf16
-    /// device produced).
-    pub fn pack(&self, values: Vec<f32>) -> Buf {
+    /// The message for `values` (fp32 rounded to nearest even for a bf16 wire: exact for values
+    /// a bf16 device produced; bf16 values go as they are).
+    pub fn pack(&self, values: Hidden) -> Buf {
         match self.dtype {
             DType::Bf16 => {
-                let mut v: Vec<bf16> = values.into_iter().map(bf16::from_f32).collect();
+                let mut v: Vec<bf16> = match values {
+                    Hidden::Bf16(v) => v,
+                    Hidden::F32(v) => v.into_iter().map(bf16::from_f32).collect(),
+                };
                 if self.checksums {
                     let crc = crc32fast::hash(bytemuck::cast_slice(&v));
                     v.push(bf16::from_bits(crc as u16));
@@ -45,7 +49,7 @@ impl Wire {
                 Buf::Bf16(v)
             }
             _ => {
-                let mut v = values;
+                let mut v = values.into_f32();
                 if self.checksums {
                     let crc = crc32fast::hash(bytemuck::cast_slice(&v));
                     v.push(f32::from_bits(crc));
@@ -55,9 +59,9 @@ impl Wire {
         }
     }
 
-    /// The values of a received message, its checksum checked; the error says what is wrong
-    /// (`what` names the message, `from` its sender).
-    pub fn unpack(&self, buf: Buf, what: &str, from: usize) -> Result<Vec<f32>, String> {
+    /// The values of a received message (bf16 stay bf16), its checksum checked; the error says
+    /// what is wrong (`what` names the message, `from` its sender).
+    pub fn unpack(&self, buf: Buf, what: &str, from: usize) -> Result<Hidden, String> {
         let bad = |want: u32, got: u32| {
             format!(
                 "corrupt {what} from rank {from} (checksum {got:08x}, sent {want:08x}): the link from rank {from} damaged it"
@@ -75,7 +79,7 @@ impl Wire {
                         return Err(bad(want, got));
                     }
                 }
-                Ok(v.into_iter().map(bf16::to_f32).collect())
+                Ok(Hidden::Bf16(v))
             }
             (DType::F32, Buf::F32(mut v)) => {
                 if self.checksums {
@@ -87,7 +91,7 @@ impl Wire {
                         return Err(bad(want, got));
                     }
                 }
-                Ok(v)
+                Ok(Hidden::F32(v))
             }
             (want, other) => Err(format!(
                 "{what} from rank {from} arrived as {:?}, expected {want:?} (do both ranks run the same precision?)",
@@ -133,13 +137,16 @@ mod tests {
             for checksums in [false, true] {
                 let w = Wire { dtype, checksums };
                 let v = bf16_values(33);
-                let buf = w.pack(v.clone());
-                assert_eq!(buf.len(), w.elements(33));
-                assert_eq!(buf.dtype(), dtype);
-                assert_eq!(w.bytes(33), (buf.len() * dtype.size()) as u64);
-                let back = w.unpack(buf, "activation", 1).expect("unpacks");
                 let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&back), bits(&v), "{dtype:?} checksums={checksums}");
+                let as_bf16 = Hidden::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect());
+                for sent in [Hidden::F32(v.clone()), as_bf16] {
+                    let buf = w.pack(sent);
+                    assert_eq!(buf.len(), w.elements(33));
+                    assert_eq!(buf.dtype(), dtype);
+                    assert_eq!(w.bytes(33), (buf.len() * dtype.size()) as u64);
+                    let back = w.unpack(buf, "activation", 1).expect("unpacks").into_f32();
+                    assert_eq!(bits(&back), bits(&v), "{dtype:?} checksums={checksums}");
+                }
             }
         }
         assert_eq!(Wire { dtype: DType::Bf16, checksums: true }.bytes(10), 24);
@@ -150,7 +157,7 @@ mod tests {
     fn a_damaged_message_is_caught_with_the_sender_named() {
         for dtype in [DType::F32, DType::Bf16] {
             let w = Wire { dtype, checksums: true };
-            let mut buf = w.pack(bf16_values(16));
+            let mut buf = w.pack(Hidden::F32(bf16_values(16)));
             Wire::corrupt(&mut buf);
             let err = w.unpack(buf, "gradient", 3).expect_err("checksum mismatch");
             assert!(err.contains("corrupt gradient from rank 3"), "{err}");

@@ -45,6 +45,70 @@ pub fn param_table(cfg: &GptConfig, range: LayerRange) -> ParamTable {
 pub enum StageInput<'a> {
     Tokens(&'a [u32]),
     Hidden(&'a [f32]),
+    /// Hidden states as bf16 (a bf16 stage's output, as a pipeline message carries it): a bf16
+    /// GPU stage takes them as they are; the CPU model widens them to fp32.
+    HiddenBf16(&'a [half::bf16]),
+}
+
+/// Hidden states or their gradient as a stage hands them over: fp32, or bf16 when a bf16 GPU
+/// stage computed them (its values are bf16, so nothing is rounded).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hidden {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl Default for Hidden {
+    fn default() -> Self {
+        Hidden::F32(Vec::new())
+    }
+}
+
+impl Hidden {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Hidden::F32(v) => v.len(),
+            Hidden::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as fp32 (exact: bf16 widens without rounding).
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            Hidden::F32(v) => v,
+            Hidden::Bf16(v) => v.into_iter().map(half::bf16::to_f32).collect(),
+        }
+    }
+
+    /// A model input of these hidden states.
+    pub fn as_input(&self) -> StageInput<'_> {
+        match self {
+            Hidden::F32(v) => StageInput::Hidden(v),
+            Hidden::Bf16(v) => StageInput::HiddenBf16(v),
+        }
+    }
+
+    /// Overwrites the first value (fault injection); nothing when empty.
+    pub fn set_first(&mut self, x: f32) {
+        match self {
+            Hidden::F32(v) => {
+                if let Some(a) = v.first_mut() {
+                    *a = x;
+                }
+            }
+            Hidden::Bf16(v) => {
+                if let Some(a) = v.first_mut() {
+                    *a = half::bf16::from_f32(x);
+                }
+            }
+        }
+    }
 }
 
 /// A GPT (or a layer range of one) with its parameter and gradient arenas.
@@ -262,16 +326,21 @@ impl Gpt {
         };
         match (input, self.range.embedding) {
             (StageInput::Tokens(t), true) => check_ids("tokens", t)?,
-            (StageInput::Hidden(h), false) => {
+            (StageInput::Hidden(_) | StageInput::HiddenBf16(_), false) => {
                 let expected = n * self.cfg.hidden_size;
-                if h.len() != expected {
-                    return Err(ModelError::BadLength { what: "hidden states", expected, got: h.len() });
+                let got = match input {
+                    StageInput::Hidden(h) => h.len(),
+                    StageInput::HiddenBf16(h) => h.len(),
+                    StageInput::Tokens(t) => t.len(),
+                };
+                if got != expected {
+                    return Err(ModelError::BadLength { what: "hidden states", expected, got });
                 }
             }
             (StageInput::Tokens(_), false) => {
                 return Err(ModelError::WrongStage("this range has no embedding: pass hidden states"));
             }
-            (StageInput::Hidden(_), true) => {
+            (StageInput::Hidden(_) | StageInput::HiddenBf16(_), true) => {
                 return Err(ModelError::WrongStage("this range starts with the embedding: pass tokens"));
             }
         }
@@ -323,6 +392,11 @@ impl Gpt {
                 be.encoder_forward(&mut acts.input, tokens, &p[wte.range()], &p[wpe.range()], batch, seq, c);
             }
             StageInput::Hidden(h) => acts.input.copy_from_slice(h),
+            StageInput::HiddenBf16(h) => {
+                for (a, b) in acts.input.iter_mut().zip(h) {
+                    *a = b.to_f32();
+                }
+            }
         }
         for li in 0..acts.layers.len() {
             let (done, rest) = acts.layers.split_at_mut(li);
@@ -623,4 +697,39 @@ fn layer_backward(
     }
     let (dw, db) = two_mut(g, blk.ln1_w, blk.ln1_b);
     be.layernorm_backward(&mut s.dres, dw, db, &s.dln, x, sl(p, blk.ln1_w), &a.ln1_mean, &a.ln1_rstd, n, c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::CpuBackend;
+
+    /// bf16 hidden states (a bf16 stage's message) give the CPU model the same forward as their
+    /// fp32 widening; a wrong length is an error, not a panic.
+    #[test]
+    fn bf16_hidden_states_are_widened_exactly() {
+        let cfg = GptConfig {
+            vocab_size: 64,
+            make_vocab_size_divisible_by: 8,
+            seq_length: 8,
+            num_layers: 2,
+            hidden_size: 16,
+            num_attention_heads: 2,
+        };
+        let range = LayerRange { first: 1, last: 2, embedding: false, head: true };
+        let be = CpuBackend::new(1);
+        let (b, t) = (2, 8);
+        let h: Vec<half::bf16> =
+            (0..b * t * 16).map(|i| half::bf16::from_f32((i as f32 * 0.37).sin())).collect();
+        let wide = Hidden::Bf16(h.clone()).into_f32();
+        let targets: Vec<u32> = (0..b * t).map(|i| (i % 64) as u32).collect();
+        let mut a = Gpt::new_range(&cfg, range, 3).expect("model");
+        let mut c = Gpt::new_range(&cfg, range, 3).expect("model");
+        let la =
+            a.forward(&be, 0, b, t, StageInput::HiddenBf16(&h), Some(&targets), 1.0).expect("bf16 input");
+        let lc = c.forward(&be, 0, b, t, StageInput::Hidden(&wide), Some(&targets), 1.0).expect("fp32 input");
+        assert_eq!(la.map(f32::to_bits), lc.map(f32::to_bits));
+        let err = a.forward(&be, 1, b, t, StageInput::HiddenBf16(&h[1..]), Some(&targets), 1.0);
+        assert!(matches!(err, Err(ModelError::BadLength { .. })), "{err:?}");
+    }
 }
