@@ -2,6 +2,8 @@
 //! chunks compute in bf16 on a device (their outputs and input gradients are bf16 there, so the
 //! bf16 message carries the same values in half the bytes, as Megatron sends them), with an
 //! optional CRC32 of the payload appended (two bf16 elements, or one f32, holding its bits).
+//! Payloads are [`Hidden`] values: a bf16 stage's come down from the device as bf16 and go out
+//! without a conversion, and arrive as bf16 for the next stage's upload.
 
 use half::bf16;
 
