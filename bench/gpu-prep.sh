@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on the development machine, everything bench/gpu.sh runs on a GPU machine (which has no
 # Rust toolchain): the release binary and the GPU test binaries, copied to target/gpu-bundle/.
-# Carry that folder with the tree (it is ~40 MB).
+# Carry that folder with the tree (about 45 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -24,6 +24,9 @@ for line in sys.stdin:
         shutil.copy(exe, os.path.join(sys.argv[1], name))
         print("bundled", name)
 ' "$out/tests"
+# Symbols off (panic messages keep their file and line): a quarter smaller, well inside what a
+# device call may carry (64 MiB).
+strip "$out/troupe" "$out"/tests/* 2>/dev/null || true
 # Which commit the bundle is (the GPU machine gets the tree without its history).
 { git rev-parse --short HEAD; git status --porcelain | grep -q . && echo "(with uncommitted changes)"; } \
   >"$out/COMMIT" 2>/dev/null || true
