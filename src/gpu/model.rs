@@ -26,7 +26,7 @@ mod split;
 use super::ops::{attention, crossentropy, embedding, gelu, layernorm, optim};
 use super::{DType, Dev, GeluEpilogue, Gemm, Gpu, GpuError, download_f32, encode};
 use crate::kernels::AdamWStep;
-use crate::models::gpt::{Gpt, GptConfig, Hidden, LayerRange, StageInput, param_table};
+use crate::models::gpt::{Gpt, GptConfig, GradRef, Hidden, LayerRange, StageInput, param_table};
 use crate::models::params::{ParamTable, Span};
 use crate::optim::AdamWConfig;
 
@@ -168,6 +168,20 @@ fn span(table: &ParamTable, name: &str) -> Result<Span, GpuError> {
         op: "GpuGpt",
         detail: format!("the parameter table has no `{name}`"),
     })
+}
+
+/// An output gradient into the device buffer `dst` of storage `dtype`: bf16 into bf16 as it is,
+/// anything else converted.
+pub(super) fn upload_grad<G: Gpu>(
+    gpu: &G,
+    dst: &mut G::Buf,
+    h: GradRef<'_>,
+    dtype: DType,
+) -> Result<(), GpuError> {
+    match (h, dtype) {
+        (GradRef::Bf16(v), DType::Bf16) => gpu.upload(dst, 0, bytemuck::cast_slice(v)),
+        (h, _) => gpu.upload(dst, 0, &encode(&h.to_f32(), dtype)),
+    }
 }
 
 /// `n` values of `dtype` downloaded as they are stored (bf16 stays bf16).
@@ -938,6 +952,20 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         dout: Option<&[f32]>,
         ready: &mut GradsReady<'_, G::Buf>,
     ) -> Result<(), GpuError> {
+        self.backward_mb_grad(mb, dout.map(GradRef::F32), ready)
+    }
+
+    /// [`GpuGpt::backward_mb`] with the output gradient as sent (a bf16 gradient goes up as it
+    /// is into a bf16 model).
+    ///
+    /// # Errors
+    /// As [`GpuGpt::backward_mb`].
+    pub fn backward_mb_grad(
+        &mut self,
+        mb: u64,
+        dout: Option<GradRef<'_>>,
+        ready: &mut GradsReady<'_, G::Buf>,
+    ) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::backward";
         let n = self.check_backward(OP, mb, dout)?;
         self.ensure_scratch(n)?;
@@ -953,7 +981,12 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
 
     /// Checks a backward of `mb` before any device work: in flight, no split backward started,
     /// `dout` present exactly when the range has no head, of the output's length. Returns N.
-    fn check_backward(&self, op: &'static str, mb: u64, dout: Option<&[f32]>) -> Result<usize, GpuError> {
+    fn check_backward(
+        &self,
+        op: &'static str,
+        mb: u64,
+        dout: Option<GradRef<'_>>,
+    ) -> Result<usize, GpuError> {
         let Some(a) = self.in_flight.get(&mb) else {
             return Err(GpuError::Shape {
                 op,
@@ -1116,7 +1149,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         &self,
         a: &Acts<G::Buf>,
         s: &mut Scratch<G::Buf>,
-        dout: Option<&[f32]>,
+        dout: Option<GradRef<'_>>,
         ready: &mut GradsReady<'_, G::Buf>,
     ) -> Result<(), GpuError> {
         let g = self.gpu;
@@ -1144,7 +1177,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 )?;
                 ready(lnf_w.offset..lnf_b.range().end, &self.grads)?;
             }
-            (None, _, _, Some(h)) => g.upload(&mut s.dres, 0, &encode(h, dt))?,
+            (None, _, _, Some(h)) => upload_grad(g, &mut s.dres, h, dt)?,
             _ => {
                 return Err(GpuError::Shape {
                     op: "GpuGpt::backward",

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use super::model::GpuGpt;
 use super::{DType, Dev, Gpu, GpuError, MemoryStats, download_f32};
-use crate::models::gpt::{GptConfig, Hidden, LayerRange, StageInput};
+use crate::models::gpt::{GptConfig, GradRef, Hidden, LayerRange, StageInput};
 use crate::optim::AdamWConfig;
 
 /// The compute of one model chunk on a device (object safe, so the runtime holds any GPU).
@@ -58,7 +58,7 @@ pub trait DeviceStage: Send {
     fn backward(
         &mut self,
         mb: u64,
-        dout: Option<&[f32]>,
+        dout: Option<GradRef<'_>>,
         drained: Option<&mut Drained<'_>>,
     ) -> Result<(), GpuError>;
 
@@ -67,7 +67,7 @@ pub trait DeviceStage: Send {
     ///
     /// # Errors
     /// As [`GpuGpt::backward_input_mb`].
-    fn backward_input(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError>;
+    fn backward_input(&mut self, mb: u64, dout: Option<GradRef<'_>>) -> Result<(), GpuError>;
 
     /// The weight half of a split backward, as [`GpuGpt::backward_weight_mb`], draining as
     /// [`DeviceStage::backward`] does when `drained` is given.
@@ -172,20 +172,20 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
     fn backward(
         &mut self,
         mb: u64,
-        dout: Option<&[f32]>,
+        dout: Option<GradRef<'_>>,
         drained: Option<&mut Drained<'_>>,
     ) -> Result<(), GpuError> {
         match drained {
-            None => self.backward_mb(mb, dout, &mut |_, _| Ok(())),
+            None => self.backward_mb_grad(mb, dout, &mut |_, _| Ok(())),
             Some(f) => {
                 let gpu = self.gpu();
-                self.backward_mb(mb, dout, &mut |range, grads| drain(gpu, range, grads, f))
+                self.backward_mb_grad(mb, dout, &mut |range, grads| drain(gpu, range, grads, f))
             }
         }
     }
 
-    fn backward_input(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError> {
-        self.backward_input_mb(mb, dout)
+    fn backward_input(&mut self, mb: u64, dout: Option<GradRef<'_>>) -> Result<(), GpuError> {
+        self.backward_input_mb_grad(mb, dout)
     }
 
     fn backward_weight(&mut self, mb: u64, drained: Option<&mut Drained<'_>>) -> Result<(), GpuError> {

@@ -444,16 +444,10 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 }
             }
             Op::Backward { mb, .. } | Op::BackwardInput { mb, .. } => {
-                // The backward takes fp32 gradients (widening bf16 ones is exact).
                 let dout = if stage == last_stage {
                     None
                 } else {
-                    Some(
-                        take(ctx, (Dir::Grad, mb, c as u32))
-                            .await
-                            .map_err(|d| fail(&op, index, d))?
-                            .into_f32(),
-                    )
+                    Some(take(ctx, (Dir::Grad, mb, c as u32)).await.map_err(|d| fail(&op, index, d))?)
                 };
                 let split = matches!(op, Op::BackwardInput { .. });
                 let ticket = w.base_ticket + ticket.unwrap_or(0);
@@ -464,9 +458,14 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         assert!(!boom, "injected failure");
                         let t = Instant::now();
                         if split {
-                            e.chunks[c].backward_input(&*e.be, u64::from(mb), dout.as_deref())?;
+                            e.chunks[c].backward_input(
+                                &*e.be,
+                                u64::from(mb),
+                                dout.as_ref().map(Hidden::as_grad),
+                            )?;
                         } else {
-                            weight_backward(e, c, mb, dout.as_deref(), false, poison.map(|p| p.1))?;
+                            let dout = dout.as_ref().map(Hidden::as_grad);
+                            weight_backward(e, c, mb, dout, false, poison.map(|p| p.1))?;
                         }
                         if let Some(f) = slow {
                             std::thread::sleep(t.elapsed().mul_f64((f - 1.0).max(0.0)));
@@ -662,7 +661,7 @@ fn weight_backward(
     e: &mut Engine,
     c: usize,
     mb: u32,
-    dout: Option<&[f32]>,
+    dout: Option<crate::models::gpt::GradRef<'_>>,
     weight_only: bool,
     poison: Option<f32>,
 ) -> Result<(), crate::models::gpt::ModelError> {

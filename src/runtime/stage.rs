@@ -26,7 +26,7 @@ use std::ops::{Deref, DerefMut};
 
 use crate::gpu::stage::{DeviceStage, StageFactory};
 use crate::kernels::Backend;
-use crate::models::gpt::{Gpt, Hidden, ModelError, StageInput};
+use crate::models::gpt::{Gpt, GradRef, Hidden, ModelError, StageInput};
 use crate::optim::AdamWConfig;
 
 use super::shard::ChunkShard;
@@ -158,7 +158,7 @@ impl Stage {
         &mut self,
         be: &dyn Backend,
         mb: u64,
-        dout: Option<&[f32]>,
+        dout: Option<GradRef<'_>>,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
         self.backward_report(be, mb, dout, false, ready)
@@ -176,12 +176,13 @@ impl Stage {
         &mut self,
         be: &dyn Backend,
         mb: u64,
-        dout: Option<&[f32]>,
+        dout: Option<GradRef<'_>>,
         report: bool,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
         if self.dev.is_none() {
-            return self.host.backward_with(be, mb, dout, ready);
+            let wide = dout.map(|g| g.to_f32());
+            return self.host.backward_with(be, mb, wide.as_deref(), ready);
         }
         self.device_backward(Half::Both(mb, dout), report, ready)
     }
@@ -194,10 +195,11 @@ impl Stage {
         &mut self,
         be: &dyn Backend,
         mb: u64,
-        dout: Option<&[f32]>,
+        dout: Option<GradRef<'_>>,
     ) -> Result<(), ModelError> {
         if self.dev.is_none() {
-            return self.host.backward_input(be, mb, dout);
+            let wide = dout.map(|g| g.to_f32());
+            return self.host.backward_input(be, mb, wide.as_deref());
         }
         self.device_backward(Half::Input(mb, dout), false, &mut |_, _| {})
     }
@@ -584,8 +586,8 @@ mod tests {
 /// Which backward [`Stage::device_backward`] runs.
 #[derive(Clone, Copy)]
 enum Half<'a> {
-    Both(u64, Option<&'a [f32]>),
-    Input(u64, Option<&'a [f32]>),
+    Both(u64, Option<GradRef<'a>>),
+    Input(u64, Option<GradRef<'a>>),
     Weight(u64),
 }
 

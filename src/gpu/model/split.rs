@@ -13,7 +13,8 @@
 //! their W's.
 
 use super::{Acts, GpuGpt, GradsReady, Scratch, attention, embedding};
-use crate::gpu::{DType, Dev, Gemm, Gpu, GpuError, encode};
+use crate::gpu::{DType, Dev, Gemm, Gpu, GpuError};
+use crate::models::gpt::GradRef;
 
 /// What I keeps of one block for W.
 pub(super) struct LayerStash<B> {
@@ -77,6 +78,14 @@ impl<G: Gpu> GpuGpt<'_, G> {
     /// # Errors
     /// As [`GpuGpt::backward_mb`]; also when I already ran for `mb`.
     pub fn backward_input_mb(&mut self, mb: u64, dout: Option<&[f32]>) -> Result<(), GpuError> {
+        self.backward_input_mb_grad(mb, dout.map(GradRef::F32))
+    }
+
+    /// [`GpuGpt::backward_input_mb`] with the output gradient as sent.
+    ///
+    /// # Errors
+    /// As [`GpuGpt::backward_input_mb`].
+    pub fn backward_input_mb_grad(&mut self, mb: u64, dout: Option<GradRef<'_>>) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::backward_input";
         let n = self.check_backward(OP, mb, dout)?;
         self.ensure_scratch(n)?;
@@ -145,7 +154,7 @@ impl<G: Gpu> GpuGpt<'_, G> {
         a: &Acts<G::Buf>,
         s: &mut Scratch<G::Buf>,
         st: &mut Stash<G::Buf>,
-        dout: Option<&[f32]>,
+        dout: Option<GradRef<'_>>,
     ) -> Result<(), GpuError> {
         let (g, dt) = (self.gpu, self.dtype);
         let (batch, seq) = (a.batch, a.seq);
@@ -171,7 +180,7 @@ impl<G: Gpu> GpuGpt<'_, G> {
                     n,
                 )?;
             }
-            (None, _, _, Some(h), _) => g.upload(&mut s.dres, 0, &encode(h, dt))?,
+            (None, _, _, Some(h), _) => super::upload_grad(g, &mut s.dres, h, dt)?,
             _ => {
                 return Err(GpuError::Shape {
                     op: "GpuGpt::backward_input",

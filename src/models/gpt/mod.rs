@@ -50,6 +50,37 @@ pub enum StageInput<'a> {
     HiddenBf16(&'a [half::bf16]),
 }
 
+/// The gradient of a stage's output as a backward takes it: fp32, or bf16 as a bf16 stage sent
+/// it (a bf16 GPU stage uploads it as it is; others widen it, exactly).
+#[derive(Debug, Clone, Copy)]
+pub enum GradRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> GradRef<'a> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            GradRef::F32(v) => v.len(),
+            GradRef::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as fp32: borrowed, or widened (exactly) from bf16.
+    pub fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            GradRef::F32(v) => std::borrow::Cow::Borrowed(v),
+            GradRef::Bf16(v) => std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+}
+
 /// Hidden states or their gradient as a stage hands them over: fp32, or bf16 when a bf16 GPU
 /// stage computed them (its values are bf16, so nothing is rounded).
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +114,14 @@ impl Hidden {
         match self {
             Hidden::F32(v) => v,
             Hidden::Bf16(v) => v.into_iter().map(half::bf16::to_f32).collect(),
+        }
+    }
+
+    /// These values as the gradient a backward takes.
+    pub fn as_grad(&self) -> GradRef<'_> {
+        match self {
+            Hidden::F32(v) => GradRef::F32(v),
+            Hidden::Bf16(v) => GradRef::Bf16(v),
         }
     }
 
