@@ -59,10 +59,12 @@ struct OptimAdam {
     }
 };
 
-template <typename G, typename C>
-__device__ __forceinline__ void adamw_impl(float* __restrict__ params, float* __restrict__ m, float* __restrict__ v,
-                                           C* __restrict__ copy, const G* __restrict__ grads, OptimAdam a,
-                                           unsigned long long n) {
+// The AdamW loop over n elements; `adam_of(e, k)` gives the hyperparameters of element e + k for
+// a pack starting at e (k < OPTIM_W), `adam_at(i)` those of element i on the scalar path.
+template <typename G, typename C, typename PackAdam, typename ElemAdam>
+__device__ __forceinline__ void adamw_loop(float* __restrict__ params, float* __restrict__ m, float* __restrict__ v,
+                                           C* __restrict__ copy, const G* __restrict__ grads, unsigned long long n,
+                                           PackAdam adam_of, ElemAdam adam_at) {
     bool aligned = optim_aligned(params, 16) && optim_aligned(m, 16) && optim_aligned(v, 16) &&
                    optim_aligned(grads, sizeof(G) * OPTIM_W) && optim_aligned(copy, sizeof(C) * OPTIM_W);
     typedef OptimPack<float, OPTIM_W> F4;
@@ -71,16 +73,21 @@ __device__ __forceinline__ void adamw_impl(float* __restrict__ params, float* __
     optim_grid_loop(
         n, aligned,
         [&](unsigned long long i) {
+            const unsigned long long e = i * OPTIM_W;
             F4 p = reinterpret_cast<F4*>(params)[i], mm = reinterpret_cast<F4*>(m)[i], vv = reinterpret_cast<F4*>(v)[i];
             G4 g = reinterpret_cast<const G4*>(grads)[i];
             C4 c;
-            for (int k = 0; k < OPTIM_W; ++k) c.v[k] = from_f32<C>(a.update(p.v[k], mm.v[k], vv.v[k], to_f32(g.v[k])));
+            for (int k = 0; k < OPTIM_W; ++k) {
+                const OptimAdam a = adam_of(e, k);
+                c.v[k] = from_f32<C>(a.update(p.v[k], mm.v[k], vv.v[k], to_f32(g.v[k])));
+            }
             reinterpret_cast<F4*>(params)[i] = p;
             reinterpret_cast<F4*>(m)[i] = mm;
             reinterpret_cast<F4*>(v)[i] = vv;
             if (copy != nullptr) reinterpret_cast<C4*>(copy)[i] = c;
         },
         [&](unsigned long long i) {
+            const OptimAdam a = adam_at(i);
             float p = params[i], mm = m[i], vv = v[i];
             float out = a.update(p, mm, vv, to_f32(grads[i]));
             params[i] = p;
@@ -88,6 +95,15 @@ __device__ __forceinline__ void adamw_impl(float* __restrict__ params, float* __
             v[i] = vv;
             if (copy != nullptr) copy[i] = from_f32<C>(out);
         });
+}
+
+template <typename G, typename C>
+__device__ __forceinline__ void adamw_impl(float* __restrict__ params, float* __restrict__ m, float* __restrict__ v,
+                                           C* __restrict__ copy, const G* __restrict__ grads, OptimAdam a,
+                                           unsigned long long n) {
+    adamw_loop(
+        params, m, v, copy, grads, n, [&](unsigned long long, int) { return a; },
+        [&](unsigned long long) { return a; });
 }
 
 #define OPTIM_ADAMW(GN, G, CN, C)                                                                                       \
@@ -138,38 +154,20 @@ __device__ __forceinline__ void adamw_runs_impl(float* __restrict__ params, floa
         if (s_decay[r] == 0u) b.decay = 1.0f;
         return b;
     };
-    bool aligned = optim_aligned(params, 16) && optim_aligned(m, 16) && optim_aligned(v, 16) &&
-                   optim_aligned(grads, sizeof(G) * OPTIM_W) && optim_aligned(copy, sizeof(C) * OPTIM_W);
-    typedef OptimPack<float, OPTIM_W> F4;
-    typedef OptimPack<G, OPTIM_W> G4;
-    typedef OptimPack<C, OPTIM_W> C4;
-    optim_grid_loop(
-        n, aligned,
-        [&](unsigned long long i) {
-            const unsigned long long e = i * OPTIM_W;
-            const unsigned r = run_of(e);
-            const unsigned long long end = r + 1 < runs ? s_start[r + 1] : n;
-            F4 p = reinterpret_cast<F4*>(params)[i], mm = reinterpret_cast<F4*>(m)[i], vv = reinterpret_cast<F4*>(v)[i];
-            G4 g = reinterpret_cast<const G4*>(grads)[i];
-            C4 c;
-            for (int k = 0; k < OPTIM_W; ++k) {
-                const OptimAdam b = adam_of(e + k < end ? r : run_of(e + k));
-                c.v[k] = from_f32<C>(b.update(p.v[k], mm.v[k], vv.v[k], to_f32(g.v[k])));
+    // A pack's run is searched once (its first element) and reused while the pack stays in it.
+    unsigned long long cached_e = ~0ull, cached_end = 0;
+    unsigned cached_r = 0;
+    adamw_loop(
+        params, m, v, copy, grads, n,
+        [&](unsigned long long e, int k) {
+            if (e != cached_e) {
+                cached_e = e;
+                cached_r = run_of(e);
+                cached_end = cached_r + 1 < runs ? s_start[cached_r + 1] : n;
             }
-            reinterpret_cast<F4*>(params)[i] = p;
-            reinterpret_cast<F4*>(m)[i] = mm;
-            reinterpret_cast<F4*>(v)[i] = vv;
-            if (copy != nullptr) reinterpret_cast<C4*>(copy)[i] = c;
+            return adam_of(e + k < cached_end ? cached_r : run_of(e + k));
         },
-        [&](unsigned long long i) {
-            const OptimAdam b = adam_of(run_of(i));
-            float p = params[i], mm = m[i], vv = v[i];
-            float out = b.update(p, mm, vv, to_f32(grads[i]));
-            params[i] = p;
-            m[i] = mm;
-            v[i] = vv;
-            if (copy != nullptr) copy[i] = from_f32<C>(out);
-        });
+        [&](unsigned long long i) { return adam_of(run_of(i)); });
 }
 
 #define OPTIM_ADAMW_RUNS(GN, G, CN, C)                                                                                 \

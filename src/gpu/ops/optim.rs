@@ -106,33 +106,10 @@ pub fn adamw<G: Gpu>(
     if n == 0 {
         return Ok(());
     }
-    let (copy_arg, copy_dtype) = match b.copy {
-        Some((c, dt)) => (Arg::Ptr(c), dt),
-        // A null pointer: kernel pointer parameters are 8-byte values on both GPU and emulator.
-        None => (Arg::U64(0), DType::F32),
-    };
+    let (mut args, copy_dtype) = adamw_args(b, h, (step_size, bc2_sqrt, decay), grad_scale);
+    args.push(Arg::U64(n as u64));
     let kernel = format!("adamw_grad_{}_copy_{}", b.grad_dtype.suffix(), copy_dtype.suffix());
-    gpu.launch(
-        &kernel,
-        stride_grid(n),
-        [ELEMENTWISE_BLOCK, 1, 1],
-        0,
-        &[
-            Arg::Ptr(b.params),
-            Arg::Ptr(b.m),
-            Arg::Ptr(b.v),
-            copy_arg,
-            Arg::Ptr(b.grads),
-            Arg::F32(h.beta1),
-            Arg::F32(h.beta2),
-            Arg::F32(h.eps),
-            Arg::F32(step_size),
-            Arg::F32(bc2_sqrt),
-            Arg::F32(decay),
-            Arg::F32(grad_scale),
-            Arg::U64(n as u64),
-        ],
-    )
+    gpu.launch(&kernel, stride_grid(n), [ELEMENTWISE_BLOCK, 1, 1], 0, &args)
 }
 
 /// Most runs [`adamw_runs`] takes (`OPTIM_MAX_RUNS` in `cuda/optim.cu`).
@@ -223,34 +200,45 @@ pub fn adamw_runs<G: Gpu>(
     if let Some((c, dt)) = b.copy {
         check_len(gpu, OP, "copy", c, n, dt)?;
     }
+    let (mut args, copy_dtype) = adamw_args(b, h, (step_size, bc2_sqrt, decay), grad_scale);
+    args.extend([
+        Arg::Ptr(Dev::new(&runs.starts)),
+        Arg::Ptr(Dev::new(&runs.flags)),
+        Arg::U32(runs.runs),
+        Arg::U64(n as u64),
+    ]);
+    let kernel = format!("adamw_runs_grad_f32_copy_{}", copy_dtype.suffix());
+    gpu.launch(&kernel, stride_grid(n), [ELEMENTWISE_BLOCK, 1, 1], 0, &args)
+}
+
+/// The arguments both AdamW kernels start with (buffers, then the step's scalars), and the
+/// copy's storage type for the kernel name.
+fn adamw_args<'a, B>(
+    b: &AdamWBufs<'a, B>,
+    h: &AdamWStep,
+    (step_size, bc2_sqrt, decay): (f32, f32, f32),
+    grad_scale: f32,
+) -> (Vec<Arg<'a, B>>, DType) {
     let (copy_arg, copy_dtype) = match b.copy {
         Some((c, dt)) => (Arg::Ptr(c), dt),
+        // A null pointer: kernel pointer parameters are 8-byte values on both GPU and emulator.
         None => (Arg::U64(0), DType::F32),
     };
-    gpu.launch(
-        &format!("adamw_runs_grad_f32_copy_{}", copy_dtype.suffix()),
-        stride_grid(n),
-        [ELEMENTWISE_BLOCK, 1, 1],
-        0,
-        &[
-            Arg::Ptr(b.params),
-            Arg::Ptr(b.m),
-            Arg::Ptr(b.v),
-            copy_arg,
-            Arg::Ptr(b.grads),
-            Arg::F32(h.beta1),
-            Arg::F32(h.beta2),
-            Arg::F32(h.eps),
-            Arg::F32(step_size),
-            Arg::F32(bc2_sqrt),
-            Arg::F32(decay),
-            Arg::F32(grad_scale),
-            Arg::Ptr(Dev::new(&runs.starts)),
-            Arg::Ptr(Dev::new(&runs.flags)),
-            Arg::U32(runs.runs),
-            Arg::U64(n as u64),
-        ],
-    )
+    let args = vec![
+        Arg::Ptr(b.params),
+        Arg::Ptr(b.m),
+        Arg::Ptr(b.v),
+        copy_arg,
+        Arg::Ptr(b.grads),
+        Arg::F32(h.beta1),
+        Arg::F32(h.beta2),
+        Arg::F32(h.eps),
+        Arg::F32(step_size),
+        Arg::F32(bc2_sqrt),
+        Arg::F32(decay),
+        Arg::F32(grad_scale),
+    ];
+    (args, copy_dtype)
 }
 
 /// AdamW's per-step scalars as the CPU backend computes them (fp32): step size, √(1 − β2^t),
