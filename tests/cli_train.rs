@@ -279,6 +279,64 @@ fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Res
     Ok(())
 }
 
+/// Data parallelism on GPU stages (emulated) under `troupe launch`: two processes, whose
+/// gradient sums run on the devices (the emulator's device groups go through the host's TCP
+/// communicator, where CUDA ranks use NCCL) or, with `--host-grad-reduce`, through the host's
+/// reducer. Both train like the CPU (losses within 1e-4 relative) and say where the sums run.
+#[test]
+fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> {
+    if troupe::gpu::emu::shared().is_none() {
+        return Ok(()); // printed SKIPPED (no g++)
+    }
+    let dir = tempdir("emu-dp");
+    let exe = env!("CARGO_BIN_EXE_troupe");
+    let model: &[&str] = &[
+        "--actors",
+        "--data-parallel-size",
+        "2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "16",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "2",
+        "--save",
+        "",
+        "--no-progress",
+    ];
+    let mut cpu = vec!["train", "--device", "cpu", "--log-json", "cpu.jsonl"];
+    cpu.extend_from_slice(model);
+    let out = troupe(&cpu, &dir);
+    ensure!(out.status.success(), "cpu data parallelism: {}", stderr(&out));
+    let c = losses(&dir.join("cpu.jsonl"))?;
+    let paths =
+        [(None, "gradient sums on the device"), (Some("--host-grad-reduce"), "gradient sums on the host")];
+    for (flag, says) in paths {
+        let log = format!("gpu{}.jsonl", u8::from(flag.is_some()));
+        let mut gpu = vec!["launch", "--nproc-per-node", "2", "--", exe, "train", "--device", "emu"];
+        gpu.extend_from_slice(&["--dtype", "fp32", "--log-json", &log]);
+        gpu.extend(flag);
+        gpu.extend_from_slice(model);
+        let out = troupe(&gpu, &dir);
+        ensure!(out.status.success(), "launched GPU data parallelism {flag:?}: {}", stderr(&out));
+        ensure!(stderr(&out).contains(says), "{flag:?}: the log does not say {says:?}: {}", stderr(&out));
+        let g = losses(&dir.join(&log))?;
+        ensure!(g.len() == 2 && c.len() == 2, "gpu {g:?} cpu {c:?}");
+        for (a, b) in g.iter().zip(&c) {
+            ensure!(((a - b) / b).abs() <= 1e-4, "{flag:?}: GPU data-parallel losses {g:?} vs cpu {c:?}");
+        }
+    }
+    Ok(())
+}
+
 /// GPU pipeline stages (emulated) under `troupe launch`: two processes, one stage each, write a
 /// schedule trace and train like the CPU (losses within 1e-4 relative).
 #[test]

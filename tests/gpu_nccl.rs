@@ -43,6 +43,40 @@ fn one_rank_collectives_on_device_buffers() {
     }
 }
 
+/// The rest of the calls on one rank: a grouped send to itself and receive from itself (how a
+/// schedule pairs a send with a receive) copies the buffer; broadcast from rank 0 and a
+/// one-rank reduce-scatter are the identity; the operations' bounds checks refuse a count past
+/// the buffer's end before calling NCCL.
+#[test]
+fn one_rank_point_to_point_broadcast_and_reduce_scatter() {
+    let Some((gpu, _server, mut store)) = setup() else { return };
+    let id = share_unique_id(&mut store, "p2p", 0, Duration::from_secs(10)).unwrap();
+    let comm = NcclComm::init(gpu, id, 0, 1, "p2p", Duration::from_secs(30)).unwrap();
+    let x: Vec<f32> = (0..777).map(|i| (i as f32).sin()).collect();
+    for dtype in [DType::F32, DType::Bf16] {
+        let rounded = if dtype == DType::Bf16 { troupe::gpu::round_bf16(&x) } else { x.clone() };
+        let src = upload_f32(gpu, &x, dtype).unwrap();
+        let dst = gpu.alloc(x.len() * dtype.size()).unwrap();
+        let rs = gpu.alloc(x.len() * dtype.size()).unwrap();
+        gpu.comm_after_compute().unwrap();
+        comm.group(|| {
+            comm.send(gpu, Dev::new(&src), x.len(), dtype, 0)?;
+            comm.recv(gpu, Dev::new(&dst), x.len(), dtype, 0)
+        })
+        .unwrap();
+        comm.broadcast(gpu, Dev::new(&src), x.len(), dtype, 0).unwrap();
+        comm.reduce_scatter(gpu, Dev::new(&src), Dev::new(&rs), x.len(), dtype, ReduceOp::Sum).unwrap();
+        comm.wait(gpu, "test").unwrap();
+        gpu.compute_after_comm().unwrap();
+        for (what, b) in [("received", &dst), ("broadcast", &src), ("reduce-scattered", &rs)] {
+            let got = download_f32(gpu, Dev::new(b), x.len(), dtype).unwrap();
+            assert_eq!(got, rounded, "{dtype:?}: {what}");
+        }
+        let err = comm.send(gpu, Dev::new(&src), x.len() + 1, dtype, 0).expect_err("past the end");
+        assert!(err.to_string().contains("send"), "{err}");
+    }
+}
+
 #[test]
 fn a_missing_peer_is_an_error_after_the_timeout_not_a_hang() {
     let Some((gpu, _server, mut store)) = setup() else { return };
@@ -52,4 +86,44 @@ fn a_missing_peer_is_an_error_after_the_timeout_not_a_hang() {
     let msg = err.to_string();
     assert!(msg.contains("rank 0") && msg.contains("pair") && msg.contains("joined"), "{msg}");
     assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
+}
+
+/// The runtime's device groups on CUDA (`StageFactory::cuda_nccl`): the unique id goes over the
+/// group's CPU communicator, the NCCL communicator joins, and a GPU stage's last backward and
+/// its embedding-style sum run on it. One rank: the sums are the identity, so the stage's
+/// gradients equal a stage's without a group, bit for bit.
+#[test]
+fn a_one_rank_device_group_reduces_a_gpu_stage_in_place() {
+    use troupe::kernels::CpuBackend;
+    use troupe::models::gpt::{Gpt, GptConfig, LayerRange, StageInput};
+    use troupe::runtime::stage::Stage;
+    let Some((gpu, _server, _store)) = setup() else { return };
+    let cfg = GptConfig { vocab_size: 64, hidden_size: 64, num_attention_heads: 1, ..GptConfig::tiny() };
+    let range = LayerRange::full(&cfg);
+    let factory = troupe::gpu::stage::StageFactory::cuda_nccl(gpu, DType::F32, Duration::from_secs(30));
+    let cpu_comm = troupe::comm::inproc::world(1, troupe::comm::CommOptions::default()).unwrap().remove(0);
+    let group = factory.reduce_group(cpu_comm).unwrap();
+    assert_eq!(group.describe(), "NCCL");
+    let be = CpuBackend::new(1);
+    let tokens: Vec<u32> = (0..32).map(|i| (i * 7 % 64) as u32).collect();
+    let targets: Vec<u32> = (0..32).map(|i| (i * 5 % 64) as u32).collect();
+    let mut grads = Vec::new();
+    for with_group in [false, true] {
+        let host = Gpt::new_range(&cfg, range, 3).unwrap();
+        let mut st = if with_group {
+            Stage::with_device_group(host, &factory, &group).unwrap()
+        } else {
+            Stage::with_optimizer(host, Some(&factory), true).unwrap()
+        };
+        st.forward(&be, 0, 2, 16, StageInput::Tokens(&tokens), Some(&targets), 1.0).unwrap();
+        st.backward_report(&be, 0, None, true, &mut |_, _| {}).unwrap();
+        st.finish_grads(&be, true).unwrap();
+        let n = st.grads().len();
+        if with_group {
+            let wte = st.wte_range().unwrap();
+            assert!(st.all_reduce_grads_on_device(wte, &group).unwrap());
+        }
+        grads.push(st.read_grads(0..n).unwrap());
+    }
+    assert_eq!(grads[0], grads[1], "a one-rank device group changed the gradients");
 }

@@ -93,10 +93,10 @@ fn rel_norm(a: &[f32], b: &[f32]) -> f64 {
 fn devices(dtype: DType) -> Vec<(&'static str, StageFactory)> {
     let mut v = Vec::new();
     if let Some(emu) = troupe::gpu::emu::shared() {
-        v.push(("emulator", StageFactory::new(emu, dtype)));
+        v.push(("emulator", StageFactory::new(emu, dtype).with_host_groups(emu)));
     }
     if let Some(gpu) = troupe::gpu::cuda::shared() {
-        v.push(("GPU", StageFactory::new(gpu, dtype)));
+        v.push(("GPU", StageFactory::new(gpu, dtype).with_host_groups(gpu)));
     }
     v
 }
@@ -532,6 +532,159 @@ fn the_last_backward_drains_the_cpu_models_ranges() -> Result<()> {
     ensure!(d <= 1e-5, "gradients after sync differ by {d:.2e}");
     let di = rel_norm(&st.input_grad(), cpu.input_grad());
     ensure!(di <= 1e-5, "input gradients differ by {di:.2e}");
+    Ok(())
+}
+
+/// With a data-parallel group on the device (`Stage::with_device_group`), a head stage's last
+/// backward of a step sums each gradient range over the group as it finishes it, on the device
+/// (through the host's communicator in the emulator; NCCL on GPUs), and `finish_grads` sums
+/// what the backward never reported (the tied `wte`): two ranks fed different data then both
+/// hold the sum of the CPU model's gradients of each, bit for bit the same on both ranks; the
+/// host reducer's callback is never called and the gradients never reach the host arena.
+#[test]
+fn the_last_backward_sums_over_the_device_group() -> Result<()> {
+    use troupe::kernels::CpuBackend;
+    use troupe::models::gpt::{Gpt, LayerRange, StageInput};
+    use troupe::runtime::stage::Stage;
+    let Some(emu) = troupe::gpu::emu::shared() else { return Ok(()) };
+    let cfg = config(&[])?.model;
+    let range = LayerRange { first: 1, last: 3, embedding: false, head: true };
+    let factory = StageFactory::new(emu, DType::F32).with_host_groups(emu);
+    let comms = troupe::comm::inproc::world(2, troupe::comm::CommOptions::default())?;
+    let mut emb_comms = troupe::comm::inproc::world(2, troupe::comm::CommOptions::default())?.into_iter();
+    let (b, t, c) = (2, 8, cfg.hidden_size);
+    type RankOut = (Vec<f32>, Vec<f32>, usize, bool, Vec<f32>);
+    let outs: Vec<RankOut> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (cfg, factory) = (&cfg, &factory);
+                let emb_comm = emb_comms.next();
+                scope.spawn(move || -> Result<RankOut> {
+                    let be = CpuBackend::new(1);
+                    let group = factory.reduce_group(comm)?;
+                    let mut cpu = Gpt::new_range(cfg, range, 7)?;
+                    let mut st = Stage::with_device_group(Gpt::new_range(cfg, range, 7)?, factory, &group)?;
+                    ensure!(st.reduces_on_device(), "the stage does not reduce on the device");
+                    let mut rng = Rng::derived(3 + rank as u64, "device-group");
+                    for mb in 0..2u64 {
+                        let h: Vec<f32> = (0..b * t * c).map(|_| rng.normal() as f32).collect();
+                        let tg: Vec<u32> =
+                            (0..b * t).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
+                        cpu.forward(&be, mb, b, t, StageInput::Hidden(&h), Some(&tg), 0.5)?;
+                        st.forward(&be, mb, b, t, StageInput::Hidden(&h), Some(&tg), 0.5)?;
+                    }
+                    cpu.backward_with(&be, 0, None, &mut |_, _| {})?;
+                    cpu.backward_with(&be, 1, None, &mut |_, _| {})?;
+                    cpu.fold_tied_grad(&be);
+                    let mut called = 0;
+                    st.backward_report(&be, 0, None, false, &mut |_, _| called += 1)?;
+                    st.backward_report(&be, 1, None, true, &mut |_, _| called += 1)?;
+                    st.finish_grads(&be, false)?;
+                    let n = st.grads().len();
+                    let host_zero = st.grads().iter().all(|&g| g == 0.0);
+                    let summed = st.read_grads(0..n)?;
+                    let span = st.take_reduce_span()?;
+                    ensure!(span.is_some(), "rank {rank}: no reduction span");
+                    // A second device group (as the embedding group is): summing the tied wte
+                    // range over two ranks that hold the same values doubles it, in place.
+                    let emb = factory.reduce_group(emb_comm.ok_or_else(|| anyhow::anyhow!("no comm"))?)?;
+                    let wte = st.wte_range().ok_or_else(|| anyhow::anyhow!("no wte"))?;
+                    ensure!(
+                        st.all_reduce_grads_on_device(wte.clone(), &emb)?,
+                        "the gradients are not on the device"
+                    );
+                    let doubled = st.read_grads(0..n)?;
+                    for (i, (&d, &s)) in doubled.iter().zip(&summed).enumerate() {
+                        let w = if wte.contains(&i) { 2.0 * s } else { s };
+                        ensure!(d == w, "rank {rank}: element {i} is {d} after the wte sum, expected {w}");
+                    }
+                    Ok((cpu.grads().to_vec(), summed, called, host_zero, st.input_grad()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked")).and_then(|r| r))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let want: Vec<f32> = outs[0].0.iter().zip(&outs[1].0).map(|(a, b)| a + b).collect();
+    for (rank, (_, got, called, host_zero, _)) in outs.iter().enumerate() {
+        ensure!(*called == 0, "rank {rank}: the host reducer's callback ran {called} times");
+        ensure!(*host_zero, "rank {rank}: gradients reached the host arena");
+        let d = rel_norm(got, &want);
+        ensure!(d <= 1e-5, "rank {rank}: summed gradients differ from the CPU sum by {d:.2e}");
+    }
+    ensure!(outs[0].1 == outs[1].1, "the two ranks hold different sums");
+    // Each rank's input gradient is its own (the reduction touches parameter gradients only).
+    ensure!(outs[0].4 != outs[1].4, "the ranks' input gradients are equal: the data did not differ");
+    Ok(())
+}
+
+/// GPU stages with data parallelism sum their gradients on the device by default; the host's
+/// reducer (`RunOptions::host_grad_reduce`) gives the same training within the tolerance, and
+/// the trace shows each chunk's reduction either way. A NaN injected on a data-parallel rank
+/// skips the step on every rank with the device reduction too.
+#[test]
+fn device_and_host_gradient_reductions_agree() -> Result<()> {
+    use troupe::schedule::OpKind;
+    let sets = ["parallel.pipeline_model_parallel_size=2", "parallel.data_parallel_size=2"];
+    let cfg = config(&sets)?;
+    let cpu = run(&cfg, None, &[])?;
+    for (name, dev) in devices(DType::F32) {
+        let mut per_path = Vec::new();
+        for host in [false, true] {
+            let opts = RunOptions {
+                timeout: Duration::from_secs(120),
+                device: Some(dev.clone()),
+                host_grad_reduce: host,
+                trace_step: Some(2),
+                ..RunOptions::default()
+            };
+            let got = train_inproc(&cfg, data(&cfg), opts, 2, None, None)?;
+            let what = format!("on the {name}, reduction on the {}", if host { "host" } else { "device" });
+            for (g, c) in got[0].records.iter().zip(&cpu[0].records) {
+                let dl = f64::from((g.loss - c.loss).abs());
+                ensure!(
+                    dl <= 1e-5 * f64::from(c.loss.abs()),
+                    "{what}: step {} loss {} vs {}",
+                    g.step,
+                    g.loss,
+                    c.loss
+                );
+                let dn = (g.grad_norm - c.grad_norm).abs() / c.grad_norm;
+                ensure!(dn <= 1e-5, "{what}: step {} grad norm {} vs {}", g.step, g.grad_norm, c.grad_norm);
+            }
+            let d = rel_norm(&params(&got), &params(&cpu));
+            ensure!(d <= 1e-5, "{what}: parameters differ from the CPU's by {d:.2e}");
+            // Rank 0 holds the step's trace of every pipeline rank: one reduction per chunk each.
+            for pp in 0..2u32 {
+                let red =
+                    got[0].events.iter().filter(|e| e.kind == OpKind::ReduceGrads && e.rank == pp).count();
+                ensure!(red == 1, "{what}: pipeline rank {pp} traced {red} reductions for its one chunk");
+            }
+            per_path.push(params(&got));
+        }
+        let d = rel_norm(&per_path[0], &per_path[1]);
+        ensure!(d <= 1e-5, "on the {name}: device and host reductions differ by {d:.2e}");
+        let nan = troupe::config::Config::from_toml_str(
+            CONFIG,
+            "test",
+            &sets
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["train.nan_policy=\"skip\"".to_string()])
+                .collect::<Vec<_>>(),
+        )?;
+        let got = run(&nan, Some(dev.clone()), &["nan:rank=3,step=2,what=grad"])?;
+        for (r, res) in got.iter().enumerate() {
+            let skipped: Vec<bool> = res.records.iter().map(|x| x.skipped).collect();
+            ensure!(skipped == [false, true, false], "on the {name}: rank {r} skipped {skipped:?}");
+        }
+        let named = &got[0].records[1].nonfinite_ranks;
+        ensure!(named.contains(&3), "on the {name}: the NaN's rank 3 is not named: {named:?}");
+    }
     Ok(())
 }
 

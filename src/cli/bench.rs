@@ -359,8 +359,13 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let device = super::train::stage_factory(args.device, args.dtype.into(), 0)?;
+    let device = super::train::stage_factory(args.device, args.dtype.into(), 0, None)?;
     let describe = device.as_ref().map(|d| d.describe().to_string());
+    // Where the data-parallel and embedding gradient sums run (see `Stage::with_device_group`).
+    let grad_sums = match device.as_ref() {
+        Some(d) if d.has_device_groups() && !cfg.parallel.use_distributed_optimizer => "device",
+        _ => "host",
+    };
     let memory = device.clone();
     let opts = RunOptions {
         trace_step: Some(total),
@@ -414,6 +419,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "device_memory_peak_mb": memory.map(|d| round(d.memory().peak as f64 / 1048576.0, 1)),
         "host_device_copies_mb_per_step": copies_mb,
         "optimizer": if describe.is_some() && !plan.distributed_optimizer { "device" } else { "host" },
+        "grad_sums": grad_sums,
         "mfu": describe.as_ref().map(|_| {
             round(cfg.model.flops_per_token() * tokens_per_s / (args.peak_tflops * 1e12), 4)
         }),

@@ -248,11 +248,15 @@ fn gpu_dp_size(cfg: &Config, launched: Option<&troupe::comm::env::LaunchEnv>) ->
 }
 
 /// The device stages of an actor-runtime run on `--device cuda|emu` (`None` for the CPU): the
-/// GPU of this process's local rank (or the emulator), kept for the life of the process.
+/// GPU of this process's local rank (or the emulator), kept for the life of the process. With
+/// `nccl` (a join timeout; launched ranks, one per GPU) CUDA stages sum gradients over their
+/// data-parallel and embedding groups with NCCL; without, CUDA ranks (sharing this process's
+/// GPU) sum on the host; emulated stages have device groups that go through the host.
 pub(super) fn stage_factory(
     device: troupe::device::Device,
     dtype: troupe::gpu::DType,
     local_rank: usize,
+    nccl: Option<std::time::Duration>,
 ) -> anyhow::Result<Option<troupe::gpu::stage::StageFactory>> {
     use troupe::device::Device;
     use troupe::gpu::stage::StageFactory;
@@ -261,11 +265,17 @@ pub(super) fn stage_factory(
         Device::Cuda => {
             let gpu = troupe::gpu::CudaGpu::new(local_rank)
                 .map_err(|e| UsageError(format!("--device cuda (GPU {local_rank}): {e}")))?;
-            Some(StageFactory::new(Box::leak(Box::new(gpu)), dtype))
+            let gpu: &'static troupe::gpu::CudaGpu = Box::leak(Box::new(gpu));
+            Some(match nccl {
+                Some(timeout) => StageFactory::cuda_nccl(gpu, dtype, timeout),
+                None => StageFactory::new(gpu, dtype),
+            })
         }
         Device::Emu => {
             let gpu = troupe::gpu::EmuGpu::new().map_err(|e| UsageError(format!("--device emu: {e}")))?;
-            Some(StageFactory::new(Box::leak(Box::new(gpu)), dtype))
+            let gpu: &'static troupe::gpu::EmuGpu = Box::leak(Box::new(gpu));
+            // Device groups through the host: the emulator runs the GPU runtime's path.
+            Some(StageFactory::new(gpu, dtype).with_host_groups(gpu))
         }
     })
 }

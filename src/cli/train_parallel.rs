@@ -56,6 +56,11 @@ pub struct RuntimeArgs {
     /// Do not add and verify a CRC32 on pipeline messages.
     #[arg(long)]
     pub no_checksums: bool,
+    /// GPU chunks with data parallelism: sum gradients through the host's reducer (download,
+    /// CPU all-reduce, upload) instead of on the devices (NCCL when launched, one process per
+    /// GPU).
+    #[arg(long)]
+    pub host_grad_reduce: bool,
     /// A rank that makes no progress for this many seconds reports itself hung (default: the
     /// communication timeout).
     #[arg(long, value_name = "SECS")]
@@ -142,6 +147,7 @@ fn options(args: &RuntimeArgs, cfg: &Config, attempt: u64) -> anyhow::Result<Run
         faults: troupe::runtime::faults::FaultPlan { faults, seed: cfg.fault_seed },
         attempt,
         checksums: !args.no_checksums,
+        host_grad_reduce: args.host_grad_reduce,
         watchdog,
         flight_dir: args.flight_recorder.clone(),
         ..RunOptions::default()
@@ -233,12 +239,25 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     }
     let mut opts = opts;
     opts.valid = data.valid.map(|v| runtime::ValidData(Arc::from(v)));
-    opts.device = super::train::stage_factory(args.device, args.dtype.into(), local)?;
+    // Launched ranks are one process per GPU, so their data-parallel groups can be NCCL
+    // communicators; in-process ranks share this process's GPU and reduce through the host.
+    let nccl = launched.as_ref().map(|_| opts.timeout);
+    opts.device = super::train::stage_factory(args.device, args.dtype.into(), local, nccl)?;
     if let Some(f) = opts.device.as_ref().filter(|_| rank == 0) {
+        let p = &cfg.parallel;
+        let on_device = f.has_device_groups() && !p.use_distributed_optimizer && !opts.host_grad_reduce;
+        let reduce = match (p.data_parallel_size > 1 || p.pipeline_model_parallel_size > 1, on_device) {
+            (false, _) => "",
+            (true, false) => ", gradient sums on the host",
+            (true, true) if nccl.is_some() && args.device == troupe::device::Device::Cuda => {
+                ", gradient sums on the devices with NCCL"
+            }
+            (true, true) => ", gradient sums on the device through the host's communicator",
+        };
         eprintln!(
-            "troupe: each chunk computes on {} (AdamW {})",
+            "troupe: each chunk computes on {} (AdamW {}{reduce})",
             f.describe(),
-            if cfg.parallel.use_distributed_optimizer {
+            if p.use_distributed_optimizer {
                 "on the host: the distributed optimizer's shards"
             } else {
                 "on the device"

@@ -368,6 +368,11 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         self.grads_range_host(0..self.table.len())
     }
 
+    /// The device buffer of the accumulated gradients (fp32, arena order).
+    pub fn grads_buf(&self) -> &G::Buf {
+        &self.grads
+    }
+
     /// The accumulated gradients of an arena range (fp32).
     ///
     /// # Errors

@@ -24,8 +24,8 @@ use cudarc::nccl::{result as nr, sys as ns};
 
 use super::cuda::{CudaBuf, CudaGpu};
 use super::{DType, Dev, GpuError};
-use crate::comm::ReduceOp;
 use crate::comm::store::StoreClient;
+use crate::comm::{Comm, ReduceOp};
 
 /// Checks that libnccl can be loaded (cudarc panics on the first call otherwise).
 pub fn nccl_available() -> Result<(), GpuError> {
@@ -78,6 +78,57 @@ pub fn share_unique_id(
         }
         Ok(id)
     }
+}
+
+/// Shares an NCCL unique id over a CPU communicator of the group (its broadcast; for groups
+/// that have no store key of their own, such as the runtime's data-parallel groups): the
+/// group's rank 0 creates it. A rank 0 that cannot (no NCCL there) says so to the others, so
+/// that every rank reports the failure instead of waiting.
+///
+/// # Errors
+/// NCCL missing here or at rank 0; the broadcast fails or times out.
+pub fn broadcast_unique_id(comm: &dyn Comm) -> Result<ns::ncclUniqueId, GpuError> {
+    let (rank, group) = (comm.rank(), comm.group_name().to_string());
+    let err =
+        |op: &str, detail: String| GpuError::Nccl { op: op.to_string(), rank, group: group.clone(), detail };
+    // Word 0: 1 when rank 0 made an id; words 1..=16: the id's 128 bytes.
+    let mut words = vec![0i64; 17];
+    let mut failure = None;
+    if rank == 0 {
+        match nccl_available()
+            .and_then(|()| nr::get_uniqueid().map_err(|e| err("creating the unique id", format!("{e:?}"))))
+        {
+            Ok(id) => {
+                words[0] = 1;
+                let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+                for (w, b) in words[1..].iter_mut().zip(bytes.chunks_exact(8)) {
+                    *w = i64::from_le_bytes(b.try_into().unwrap_or_default());
+                }
+            }
+            Err(e) => failure = Some(e),
+        }
+    } else {
+        nccl_available()?;
+    }
+    let got = comm
+        .broadcast(crate::comm::Buf::I64(words), 0)
+        .wait()
+        .map_err(|e| err("broadcasting the unique id", e.to_string()))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let crate::comm::Buf::I64(words) = got else {
+        return Err(err("broadcasting the unique id", "the broadcast changed the type".into()));
+    };
+    if words.len() != 17 || words[0] != 1 {
+        return Err(err("broadcasting the unique id", "rank 0 of the group could not create one".into()));
+    }
+    let mut id = ns::ncclUniqueId { internal: [0; 128] };
+    let bytes: Vec<u8> = words[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
+    for (d, s) in id.internal.iter_mut().zip(&bytes) {
+        *d = *s as std::ffi::c_char;
+    }
+    Ok(id)
 }
 
 /// One NCCL communicator.

@@ -4,22 +4,28 @@
 //! gradient reducer, ZeRO optimizer shards, checkpoints and fault injection work on — and hands
 //! the chunk's compute to a [`DeviceStage`] when the run has a device: forwards and backwards of
 //! microbatches run on the GPU and activations and input gradients cross stages as host
-//! messages (bf16 from bf16 stages: `crate::runtime::wire`). Every schedule runs this way, zero-bubble ones included (the split backward of
-//! `model/split.rs`).
+//! messages (bf16 from bf16 stages: `crate::runtime::wire`). Every schedule runs this way,
+//! zero-bubble ones included (the split backward of `model/split.rs`).
 //!
 //! Without the distributed optimizer the AdamW update runs on the device as well
-//! ([`DeviceStage::adamw`]): the device owns the parameters and moments, and a step without
-//! data parallelism moves no gradients or parameters across the bus except the tied
-//! embedding's gradient, which the embedding group sums on the host (`Stage::optimizer_step` in
-//! `crate::runtime::stage`). With data parallelism the gradients come to the host during the
-//! chunk's last backward (for the reducer) and the reduced ones go back up; with the
+//! ([`DeviceStage::adamw`]): the device owns the parameters and moments, and gradients and
+//! parameters stay there. The data-parallel sum runs on the device too ([`Finished::Reduce`]:
+//! each range as the chunk's last backward finishes it, over a [`DeviceGroup`] — NCCL between
+//! launched processes, through the host elsewhere), and so does the embedding group's sum of
+//! the tied embedding ([`DeviceStage::all_reduce_grads`]). With `RunOptions::host_grad_reduce`
+//! the gradients come to the host during the chunk's last backward instead
+//! ([`Finished::Drain`], for the runtime's reducer) and the reduced ones go back up; with the
 //! distributed optimizer (ZeRO-1) the shards update on the host and the parameters go up once
 //! per step (before the first forward that needs them).
 
 use std::sync::Arc;
 
+use super::cuda::CudaGpu;
+use super::dp::{DeviceComm, HostComm};
 use super::model::GpuGpt;
+use super::nccl::NcclComm;
 use super::{DType, Dev, Gpu, GpuError, MemoryStats, download_f32};
+use crate::comm::Comm;
 use crate::models::gpt::{GptConfig, GradRef, Hidden, LayerRange, StageInput};
 use crate::optim::AdamWConfig;
 
@@ -45,21 +51,17 @@ pub trait DeviceStage: Send {
     /// Device errors.
     fn output(&self, mb: u64) -> Result<Option<Hidden>, GpuError>;
 
-    /// Backward of `mb`, as [`GpuGpt::backward_mb`]; gradients accumulate on the device. With
-    /// `drained`, the backward drains finished gradients as it goes: as soon as it has produced
-    /// a range of the arena (the ranges of [`GpuGpt::backward_with`]), the range's accumulated
-    /// gradients are copied to the host, handed to `drained(range, values)` and zeroed on the
-    /// device — so a data-parallel reducer can start on them while the rest of the backward runs
-    /// on the GPU. Ranges never reported (the head's tied `wte` on a head-only stage) stay on
-    /// the device for [`DeviceStage::grads`].
+    /// Backward of `mb`, as [`GpuGpt::backward_mb`]; gradients accumulate on the device. As
+    /// soon as the backward has produced a range of the arena (the ranges of
+    /// [`GpuGpt::backward_with`]), `finished` says what happens to it: see [`Finished`].
     ///
     /// # Errors
-    /// As [`GpuGpt::backward_mb`], and whatever `drained` returns.
+    /// As [`GpuGpt::backward_mb`], and whatever a drain or a reduction returns.
     fn backward(
         &mut self,
         mb: u64,
         dout: Option<GradRef<'_>>,
-        drained: Option<&mut Drained<'_>>,
+        finished: Finished<'_>,
     ) -> Result<(), GpuError>;
 
     /// The input half of a split backward (zero-bubble schedules), as
@@ -69,12 +71,40 @@ pub trait DeviceStage: Send {
     /// As [`GpuGpt::backward_input_mb`].
     fn backward_input(&mut self, mb: u64, dout: Option<GradRef<'_>>) -> Result<(), GpuError>;
 
-    /// The weight half of a split backward, as [`GpuGpt::backward_weight_mb`], draining as
-    /// [`DeviceStage::backward`] does when `drained` is given.
+    /// The weight half of a split backward, as [`GpuGpt::backward_weight_mb`], handing finished
+    /// ranges over as [`DeviceStage::backward`] does.
     ///
     /// # Errors
-    /// As [`GpuGpt::backward_weight_mb`], and whatever `drained` returns.
-    fn backward_weight(&mut self, mb: u64, drained: Option<&mut Drained<'_>>) -> Result<(), GpuError>;
+    /// As [`GpuGpt::backward_weight_mb`], and whatever a drain or a reduction returns.
+    fn backward_weight(&mut self, mb: u64, finished: Finished<'_>) -> Result<(), GpuError>;
+
+    /// Whether the stage has a data-parallel group on the device ([`Finished::Reduce`]).
+    fn reduces(&self) -> bool;
+
+    /// Queues the reduction of every arena range the step's backwards did not reduce as they
+    /// finished it (the head's tied `wte` on a head-only stage), ending the step's reductions.
+    ///
+    /// # Errors
+    /// No data-parallel group; device or communication errors.
+    fn reduce_remaining(&mut self) -> Result<(), GpuError>;
+
+    /// Waits (bounded by the group's timeout) until the queued reductions have finished, and
+    /// orders later device work after them. A no-op when none are queued.
+    ///
+    /// # Errors
+    /// Communication errors and timeouts.
+    fn wait_reduced(&mut self) -> Result<(), GpuError>;
+
+    /// Sums an arena range of the gradients over `group` in place on the device and waits for
+    /// it (the tied embedding's gradient over the embedding group).
+    ///
+    /// # Errors
+    /// A range outside the arena; a group of another device; communication errors.
+    fn all_reduce_grads(
+        &mut self,
+        range: std::ops::Range<usize>,
+        group: &DeviceGroup,
+    ) -> Result<(), GpuError>;
 
     /// Gradient of the range input after the latest backward, in the stage's storage type.
     ///
@@ -152,7 +182,82 @@ pub trait DeviceStage: Send {
     fn set_moments(&mut self, m: &[f32], v: &[f32], step: u64) -> Result<(), GpuError>;
 }
 
-impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
+/// What a backward does with each arena range of gradients as soon as it has finished it.
+pub enum Finished<'a> {
+    /// Nothing: the gradients keep accumulating on the device.
+    Keep,
+    /// Drain it: the range's accumulated gradients are copied to the host, handed to the
+    /// function and zeroed on the device — so a host data-parallel reducer can start on them
+    /// while the rest of the backward runs on the GPU. Ranges never reported (the head's tied
+    /// `wte` on a head-only stage) stay on the device for [`DeviceStage::grads`].
+    Drain(&'a mut Drained<'a>),
+    /// Sum it over the stage's data-parallel group in place, on the device: queued behind the
+    /// backward's work so far, so the reduction overlaps the rest of the backward (NCCL on the
+    /// communication stream; through the host, blocking, for other devices).
+    Reduce,
+}
+
+/// A chunk's compute on a GPU: the model range and, with data parallelism on the device, the
+/// group its gradients are summed over.
+struct GpuStage<G: Gpu + 'static> {
+    model: GpuGpt<'static, G>,
+    dp: Option<Arc<dyn DeviceComm<G>>>,
+    /// Arena ranges reduced since the step's reductions began (in the order queued).
+    reduced: Vec<std::ops::Range<usize>>,
+    /// Reductions queued and not yet waited for.
+    queued: bool,
+}
+
+impl<G: Gpu + 'static> GpuStage<G> {
+    fn group(&self, op: &'static str) -> Result<Arc<dyn DeviceComm<G>>, GpuError> {
+        self.dp.clone().ok_or(GpuError::Shape {
+            op,
+            detail: "a reduction on the device, but the stage has no data-parallel group".into(),
+        })
+    }
+
+    /// The callback of a backward for `finished`.
+    fn run(
+        &mut self,
+        finished: Finished<'_>,
+        backward: impl FnOnce(
+            &mut GpuGpt<'static, G>,
+            &mut super::model::GradsReady<'_, G::Buf>,
+        ) -> Result<(), GpuError>,
+    ) -> Result<(), GpuError> {
+        let gpu = self.model.gpu();
+        match finished {
+            Finished::Keep => backward(&mut self.model, &mut |_, _| Ok(())),
+            Finished::Drain(f) => backward(&mut self.model, &mut |range, grads| drain(gpu, range, grads, f)),
+            Finished::Reduce => {
+                let dp = self.group("DeviceStage::backward")?;
+                let reduced = &mut self.reduced;
+                self.queued = true;
+                backward(&mut self.model, &mut |range, grads| {
+                    let at = Dev::new(grads).at(range.start, DType::F32);
+                    dp.all_reduce_sum(gpu, at, range.len(), DType::F32)?;
+                    reduced.push(range);
+                    Ok(())
+                })
+            }
+        }
+    }
+}
+
+impl<G: Gpu + 'static> std::ops::Deref for GpuStage<G> {
+    type Target = GpuGpt<'static, G>;
+    fn deref(&self) -> &Self::Target {
+        &self.model
+    }
+}
+
+impl<G: Gpu + 'static> std::ops::DerefMut for GpuStage<G> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.model
+    }
+}
+
+impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
     fn forward(
         &mut self,
         mb: u64,
@@ -173,29 +278,58 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
         &mut self,
         mb: u64,
         dout: Option<GradRef<'_>>,
-        drained: Option<&mut Drained<'_>>,
+        finished: Finished<'_>,
     ) -> Result<(), GpuError> {
-        match drained {
-            None => self.backward_mb_grad(mb, dout, &mut |_, _| Ok(())),
-            Some(f) => {
-                let gpu = self.gpu();
-                self.backward_mb_grad(mb, dout, &mut |range, grads| drain(gpu, range, grads, f))
-            }
-        }
+        self.run(finished, |m, ready| m.backward_mb_grad(mb, dout, ready))
     }
 
     fn backward_input(&mut self, mb: u64, dout: Option<GradRef<'_>>) -> Result<(), GpuError> {
         self.backward_input_mb_grad(mb, dout)
     }
 
-    fn backward_weight(&mut self, mb: u64, drained: Option<&mut Drained<'_>>) -> Result<(), GpuError> {
-        match drained {
-            None => self.backward_weight_mb(mb, &mut |_, _| Ok(())),
-            Some(f) => {
-                let gpu = self.gpu();
-                self.backward_weight_mb(mb, &mut |range, grads| drain(gpu, range, grads, f))
-            }
+    fn backward_weight(&mut self, mb: u64, finished: Finished<'_>) -> Result<(), GpuError> {
+        self.run(finished, |m, ready| m.backward_weight_mb(mb, ready))
+    }
+
+    fn reduces(&self) -> bool {
+        self.dp.is_some()
+    }
+
+    fn reduce_remaining(&mut self) -> Result<(), GpuError> {
+        let dp = self.group("DeviceStage::reduce_remaining")?;
+        let gpu = self.model.gpu();
+        let n = self.model.table().len();
+        let grads = self.model.grads_buf();
+        for gap in complement(&mut self.reduced, n) {
+            dp.all_reduce_sum(gpu, Dev::new(grads).at(gap.start, DType::F32), gap.len(), DType::F32)?;
         }
+        self.queued = true;
+        Ok(())
+    }
+
+    fn wait_reduced(&mut self) -> Result<(), GpuError> {
+        if !std::mem::take(&mut self.queued) {
+            return Ok(());
+        }
+        self.group("DeviceStage::wait_reduced")?.finish(self.model.gpu())
+    }
+
+    fn all_reduce_grads(
+        &mut self,
+        range: std::ops::Range<usize>,
+        group: &DeviceGroup,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "DeviceStage::all_reduce_grads";
+        let n = self.model.table().len();
+        if range.start > range.end || range.end > n {
+            return Err(GpuError::Shape { op: OP, detail: format!("range {range:?} of {n} gradients") });
+        }
+        self.wait_reduced()?;
+        let comm = group.comm::<G>(OP)?;
+        let gpu = self.model.gpu();
+        let at = Dev::new(self.model.grads_buf()).at(range.start, DType::F32);
+        comm.all_reduce_sum(gpu, at, range.len(), DType::F32)?;
+        comm.finish(gpu)
     }
 
     fn input_grad(&self) -> Result<Hidden, GpuError> {
@@ -203,15 +337,15 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
     }
 
     fn release(&mut self, mb: u64) {
-        GpuGpt::release(self, mb);
+        GpuGpt::release(&mut self.model, mb);
     }
 
     fn in_flight(&self) -> usize {
-        GpuGpt::in_flight(self)
+        GpuGpt::in_flight(&self.model)
     }
 
     fn set_params(&mut self, host: &[f32]) -> Result<(), GpuError> {
-        GpuGpt::set_params(self, host)
+        GpuGpt::set_params(&mut self.model, host)
     }
 
     fn grads(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, GpuError> {
@@ -219,7 +353,7 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
     }
 
     fn zero_grads(&mut self) -> Result<(), GpuError> {
-        GpuGpt::zero_grads(self)
+        GpuGpt::zero_grads(&mut self.model)
     }
 
     fn synchronize(&self) -> Result<(), GpuError> {
@@ -231,7 +365,7 @@ impl<G: Gpu> DeviceStage for GpuGpt<'static, G> {
     }
 
     fn grad_sum_squares(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<Vec<f64>, GpuError> {
-        GpuGpt::grad_sum_squares(self, ranges)
+        GpuGpt::grad_sum_squares(&mut self.model, ranges)
     }
 
     fn adamw(&mut self, lr: f32, adam: &AdamWConfig, step: u64, grad_scale: f32) -> Result<(), GpuError> {
@@ -268,14 +402,73 @@ fn drain<G: Gpu>(
     to(range, values)
 }
 
-type MakeStage =
-    dyn Fn(&GptConfig, LayerRange, &[f32]) -> Result<Box<dyn DeviceStage>, GpuError> + Send + Sync;
+/// The arena ranges of `0..n` outside `done` (which it sorts and empties): what a step's
+/// reductions or drains have not covered.
+pub fn complement(done: &mut Vec<std::ops::Range<usize>>, n: usize) -> Vec<std::ops::Range<usize>> {
+    done.sort_by_key(|r| r.start);
+    let mut gaps = Vec::new();
+    let mut at = 0;
+    for r in done.drain(..) {
+        if r.start > at {
+            gaps.push(at..r.start.min(n));
+        }
+        at = at.max(r.end);
+    }
+    if at < n {
+        gaps.push(at..n);
+    }
+    gaps
+}
+
+/// A data-parallel group on a device, made by [`StageFactory::reduce_group`] and handed to
+/// [`StageFactory::make`] for every chunk of the rank (they share it, as they share the
+/// device). Opaque: it holds the device's own communicator type.
+#[derive(Clone)]
+pub struct DeviceGroup {
+    comm: Arc<dyn std::any::Any + Send + Sync>,
+    describe: String,
+}
+
+impl DeviceGroup {
+    fn new<G: Gpu + 'static>(comm: Arc<dyn DeviceComm<G>>, describe: String) -> Self {
+        DeviceGroup { comm: Arc::new(comm), describe }
+    }
+
+    /// The communicator of a `G` device.
+    fn comm<G: Gpu + 'static>(&self, op: &'static str) -> Result<Arc<dyn DeviceComm<G>>, GpuError> {
+        self.comm.downcast_ref::<Arc<dyn DeviceComm<G>>>().cloned().ok_or_else(|| GpuError::Shape {
+            op,
+            detail: format!("the device group ({}) belongs to another device", self.describe),
+        })
+    }
+
+    /// What carries the reductions, for logs ("NCCL" or "through the host").
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+}
+
+impl std::fmt::Debug for DeviceGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceGroup({})", self.describe)
+    }
+}
+
+/// What a factory builds: a chunk's device stage (config, layer range, host parameters, and the
+/// device group it sums its gradients over, if any).
+type MakeStage = dyn Fn(&GptConfig, LayerRange, &[f32], Option<&DeviceGroup>) -> StageResult + Send + Sync;
+type StageResult = Result<Box<dyn DeviceStage>, GpuError>;
+
+type MakeGroup = dyn Fn(Box<dyn Comm>) -> Result<DeviceGroup, GpuError> + Send + Sync;
 
 /// Builds the [`DeviceStage`] of a chunk (model config, layer range, initial host parameters)
-/// on one device in one precision; what the runtime's `RunOptions::device` holds.
+/// on one device in one precision, and the device's data-parallel groups; what the runtime's
+/// `RunOptions::device` holds.
 #[derive(Clone)]
 pub struct StageFactory {
     make: Arc<MakeStage>,
+    /// How the device's data-parallel groups are made; `None`: the runtime reduces on the host.
+    group: Option<Arc<MakeGroup>>,
     dtype: DType,
     memory: Arc<dyn Fn() -> MemoryStats + Send + Sync>,
     describe: String,
@@ -283,7 +476,9 @@ pub struct StageFactory {
 
 impl StageFactory {
     /// Stages on `gpu` (which lives as long as the process: leak it, or use a `shared()` one)
-    /// in `dtype`.
+    /// in `dtype`, without device groups: the runtime sums their gradients on the host (what
+    /// suits ranks that share one GPU). See [`StageFactory::with_host_groups`] and
+    /// [`StageFactory::cuda_nccl`].
     pub fn new<G: Gpu + 'static>(gpu: &'static G, dtype: DType) -> Self {
         let describe = format!(
             "{} in {}",
@@ -294,13 +489,68 @@ impl StageFactory {
             }
         );
         StageFactory {
-            make: Arc::new(move |cfg: &GptConfig, range: LayerRange, host: &[f32]| {
-                let stage = GpuGpt::from_range_params(gpu, cfg, range, host, dtype)?;
-                Ok(Box::new(stage) as Box<dyn DeviceStage>)
-            }),
+            make: Arc::new(
+                move |cfg: &GptConfig, range: LayerRange, host: &[f32], group: Option<&DeviceGroup>| {
+                    let dp = group.map(|g| g.comm::<G>("StageFactory::make")).transpose()?;
+                    let model = GpuGpt::from_range_params(gpu, cfg, range, host, dtype)?;
+                    Ok(Box::new(GpuStage { model, dp, reduced: Vec::new(), queued: false })
+                        as Box<dyn DeviceStage>)
+                },
+            ),
+            group: None,
             memory: Arc::new(move || gpu.memory()),
             dtype,
             describe,
+        }
+    }
+
+    /// These stages with device groups that sum through the host ([`HostComm`]: download, the
+    /// CPU communicator's all-reduce, upload; blocking): the device-group logic on any device
+    /// (the emulator tests it this way).
+    #[must_use]
+    pub fn with_host_groups<G: Gpu + 'static>(self, _gpu: &'static G) -> Self {
+        let group = Arc::new(|comm: Box<dyn Comm>| {
+            let comm: Arc<dyn DeviceComm<G>> = Arc::new(HostComm::new(comm));
+            Ok(DeviceGroup::new(comm, "through the host".into()))
+        });
+        StageFactory { group: Some(group), ..self }
+    }
+
+    /// Stages on a CUDA `gpu` whose data-parallel groups are NCCL communicators (one process
+    /// per GPU: NCCL refuses two ranks of one communicator on one device). Each group's rank 0
+    /// creates the NCCL unique id and broadcasts it over the group's CPU communicator; joining
+    /// is bounded by `timeout`.
+    pub fn cuda_nccl(gpu: &'static CudaGpu, dtype: DType, timeout: std::time::Duration) -> Self {
+        let group = Arc::new(move |comm: Box<dyn Comm>| {
+            let id = super::nccl::broadcast_unique_id(&*comm)?;
+            let nccl = NcclComm::init(gpu, id, comm.rank(), comm.size(), comm.group_name(), timeout)?;
+            let comm: Arc<dyn DeviceComm<CudaGpu>> = Arc::new(nccl);
+            Ok(DeviceGroup::new(comm, "NCCL".into()))
+        });
+        StageFactory { group: Some(group), ..Self::new(gpu, dtype) }
+    }
+
+    /// Whether the device has data-parallel groups of its own ([`StageFactory::reduce_group`]).
+    pub fn has_device_groups(&self) -> bool {
+        self.group.is_some()
+    }
+
+    /// The device group over the ranks of `comm` (a CPU communicator of the data-parallel
+    /// group, used for nothing else), for [`StageFactory::make`].
+    ///
+    /// # Errors
+    /// No device groups; the device's communicator cannot be created (NCCL missing, a peer
+    /// that never joins).
+    pub fn reduce_group(&self, comm: Box<dyn Comm>) -> Result<DeviceGroup, GpuError> {
+        match &self.group {
+            Some(make) => make(comm),
+            None => Err(GpuError::Shape {
+                op: "StageFactory::reduce_group",
+                detail: format!(
+                    "{} has no device groups (made without with_host_groups or NCCL)",
+                    self.describe
+                ),
+            }),
         }
     }
 
@@ -320,17 +570,19 @@ impl StageFactory {
         &self.describe
     }
 
-    /// The stage of layer `range` with parameters `host`.
+    /// The stage of layer `range` with parameters `host`, reducing its gradients over `group`
+    /// on the device when given ([`Finished::Reduce`]).
     ///
     /// # Errors
-    /// As [`GpuGpt::from_range_params`].
+    /// As [`GpuGpt::from_range_params`]; a group of another factory's device.
     pub fn make(
         &self,
         cfg: &GptConfig,
         range: LayerRange,
         host: &[f32],
+        group: Option<&DeviceGroup>,
     ) -> Result<Box<dyn DeviceStage>, GpuError> {
-        (self.make)(cfg, range, host)
+        (self.make)(cfg, range, host, group)
     }
 }
 

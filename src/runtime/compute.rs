@@ -34,8 +34,12 @@ pub struct Engine {
     pub microbatches: usize,
     /// Buckets of each chunk (see [`super::plan::buckets`]).
     pub buckets: Vec<Vec<Bucket>>,
-    /// Where finished buckets go (`None` when there is no data parallelism).
+    /// Where finished buckets go (`None` without data parallelism, or when the chunks reduce
+    /// on their device).
     pub bucket_tx: Option<Box<dyn Fn(ReadyBucket) + Send>>,
+    /// The gradients are summed over a data-parallel group (on the host through `bucket_tx`, or
+    /// on the device by the chunks themselves).
+    pub reduce: bool,
     /// Per chunk, this step: weight-gradient backwards done (B or W) and buckets handed over.
     pub weight_done: Vec<usize>,
     pub handed: Vec<Vec<bool>>,

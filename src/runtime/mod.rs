@@ -108,6 +108,10 @@ pub struct RunOptions {
     /// bf16 on a device (the values are bf16 already: nothing is lost), else fp32. Forcing bf16
     /// elsewhere rounds every activation and gradient that crosses a stage.
     pub message_dtype: Option<crate::comm::DType>,
+    /// With chunks on a device and data parallelism (without the distributed optimizer), sum
+    /// the gradients through the host's reducer (drain, CPU all-reduce, upload) instead of on
+    /// the device (NCCL under a launcher; see `stage::Stage::with_device_group`).
+    pub host_grad_reduce: bool,
 }
 
 /// Validation samples for [`RunOptions::valid`].
@@ -136,6 +140,7 @@ impl Default for RunOptions {
             valid: None,
             device: None,
             message_dtype: None,
+            host_grad_reduce: false,
         }
     }
 }

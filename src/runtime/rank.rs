@@ -667,11 +667,17 @@ fn weight_backward(
 ) -> Result<(), crate::models::gpt::ModelError> {
     e.weight_done[c] += 1;
     let last = e.weight_done[c] == e.microbatches;
+    let reduce = e.reduce;
     let Engine { be, chunks, buckets, bucket_tx, handed, nonfinite, .. } = e;
     let g = &mut chunks[c];
     if let Some(v) = poison {
-        // An injected non-finite gradient: accumulation keeps it.
+        // An injected non-finite gradient: accumulation keeps it. A chunk that reduces on its
+        // device sums it into its peers' gradients, so this rank names itself here (the host
+        // reducer finds it in the bucket instead).
         g.poison_grad(v);
+        if g.reduces_on_device() && !v.is_finite() {
+            *nonfinite = true;
+        }
     }
     let wte = g.wte_range();
     let mut hook = |range: std::ops::Range<usize>, arena: &[f32]| {
@@ -687,14 +693,14 @@ fn weight_backward(
         }
     };
     if weight_only {
-        g.backward_weight_report(&**be, u64::from(mb), last && bucket_tx.is_some(), &mut hook)?;
+        g.backward_weight_report(&**be, u64::from(mb), last && reduce, &mut hook)?;
     } else {
-        g.backward_report(&**be, u64::from(mb), dout, last && bucket_tx.is_some(), &mut hook)?;
+        g.backward_report(&**be, u64::from(mb), dout, last && reduce, &mut hook)?;
     }
     if last {
         // Without data parallelism nothing is reduced on the host: a device optimizer's
-        // gradients stay on the device.
-        g.finish_grads(&**be, bucket_tx.is_none())?;
+        // gradients stay on the device (and so do those of a chunk that reduces there).
+        g.finish_grads(&**be, !reduce)?;
         e.hand_remaining_buckets(c);
     }
     Ok(())
@@ -1073,6 +1079,8 @@ pub struct SupState {
     chunk_stage: Vec<usize>,
     /// Where a loaded checkpoint left off.
     resume: Option<Resume>,
+    /// The embedding group on the device (the tied embedding's gradient stays there).
+    emb_device: Option<crate::gpu::stage::DeviceGroup>,
 }
 
 /// The training state a checkpoint restores.
@@ -1133,19 +1141,56 @@ impl Actor for Supervisor {
         let reducer_slot: Arc<std::sync::OnceLock<ActorRef<ReducerMsg>>> =
             Arc::new(std::sync::OnceLock::new());
         let slot = reducer_slot.clone();
-        let bucket_tx: Option<Box<dyn Fn(ReadyBucket) + Send>> = (plan.dp > 1).then(|| {
-            Box::new(move |b: ReadyBucket| {
-                if let Some(r) = slot.get() {
-                    let _ = r.cast(ReducerMsg::Bucket(b));
-                }
-            }) as Box<dyn Fn(ReadyBucket) + Send>
-        });
+        // On a device, without ZeRO, the data-parallel sum runs there (NCCL under a launcher):
+        // over a communicator of its own, whose CPU side only carries the setup.
+        let device_group = match s.opts.device.as_ref() {
+            Some(f)
+                if f.has_device_groups()
+                    && plan.dp > 1
+                    && !plan.distributed_optimizer
+                    && !s.opts.host_grad_reduce =>
+            {
+                let (name, ranks) = topo.group(GroupKind::Data, wr);
+                let cpu = world
+                    .new_group(&ranks, &format!("{name}-device"))
+                    .map_err(|e| spawn_err("device data-parallel communicator", e))?;
+                let g = f.reduce_group(cpu).map_err(|e| spawn_err("device data-parallel group", e))?;
+                tracing::debug!(rank = wr, "data-parallel gradient sums on the device ({})", g.describe());
+                Some(g)
+            }
+            _ => None,
+        };
+        // The tied embedding's gradient is summed on the devices too when it stays there (the
+        // optimizer on the device).
+        let emb_device = match (s.opts.device.as_ref(), emb.as_ref()) {
+            (Some(f), Some(_))
+                if f.has_device_groups() && !plan.distributed_optimizer && !s.opts.host_grad_reduce =>
+            {
+                let (name, ranks) = topo.group(GroupKind::Embedding, wr);
+                let cpu = world
+                    .new_group(&ranks, &format!("{name}-device"))
+                    .map_err(|e| spawn_err("device embedding communicator", e))?;
+                Some(f.reduce_group(cpu).map_err(|e| spawn_err("device embedding group", e))?)
+            }
+            _ => None,
+        };
+        let bucket_tx: Option<Box<dyn Fn(ReadyBucket) + Send>> = (plan.dp > 1 && device_group.is_none())
+            .then(|| {
+                Box::new(move |b: ReadyBucket| {
+                    if let Some(r) = slot.get() {
+                        let _ = r.cast(ReducerMsg::Bucket(b));
+                    }
+                }) as Box<dyn Fn(ReadyBucket) + Send>
+            });
         // On a device the optimizer runs there too, unless it is sharded (ZeRO-1 keeps its
         // shards on the host).
         let device_opt = !plan.distributed_optimizer;
         let mut chunks = chunks
             .into_iter()
-            .map(|g| super::stage::Stage::with_optimizer(g, s.opts.device.as_ref(), device_opt))
+            .map(|g| match (s.opts.device.as_ref(), device_group.as_ref()) {
+                (Some(f), Some(group)) => super::stage::Stage::with_device_group(g, f, group),
+                (f, _) => super::stage::Stage::with_optimizer(g, f, device_opt),
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| spawn_err("model chunk on the device", e))?;
         if let Some(r) = resume {
@@ -1161,6 +1206,7 @@ impl Actor for Supervisor {
             microbatches: plan.microbatches,
             buckets: chunk_buckets,
             bucket_tx,
+            reduce: plan.dp > 1,
             weight_done: vec![0; plan.vpp],
             handed,
             peak_in_flight: vec![0; plan.vpp],
@@ -1274,6 +1320,7 @@ impl Actor for Supervisor {
             tensor_index,
             chunk_stage,
             resume,
+            emb_device,
         })
     }
 
@@ -1474,8 +1521,16 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         };
         let local_pair = emb_chunks.len() == 2 && plan.num_stages() > 1;
         let emb_chunks2 = emb_chunks.clone();
-        let emb_send = st
+        let emb_device = st.emb_device.clone();
+        let (emb_send, device_reduced) = st
             .job(this, "write back reduced gradients", move |e: &mut Engine| -> Result<_, ModelError> {
+                // Chunks that reduce on their device: their reductions end here.
+                let mut spans = Vec::new();
+                for (c, g) in e.chunks.iter_mut().enumerate() {
+                    if let Some(span) = g.take_reduce_span()? {
+                        spans.push((c, span));
+                    }
+                }
                 for b in reduced {
                     let g = e.chunks[b.chunk].grads_mut();
                     if dist {
@@ -1488,22 +1543,33 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                 if local_pair {
                     // Stage 0 and the last stage on this rank (V placement): embedding + head.
                     let (a, b) = (emb_chunks2[0], emb_chunks2[1]);
-                    let (Some(ra), Some(rb)) = (wte_part(e, a), wte_part(e, b)) else { return Ok(None) };
+                    let (Some(ra), Some(rb)) = (wte_part(e, a), wte_part(e, b)) else {
+                        return Ok((None, spans));
+                    };
                     let head = e.chunks[b].read_grads(rb.clone())?;
                     let mut sum = e.chunks[a].read_grads(ra.clone())?;
                     e.be.add_assign(&mut sum, &head);
                     e.chunks[a].write_grads(ra, &sum)?;
                     e.chunks[b].write_grads(rb, &sum)?;
-                    Ok(None)
+                    Ok((None, spans))
                 } else {
-                    let Some(&c) = emb_chunks2.first() else { return Ok(None) };
-                    let Some(r) = wte_part(e, c) else { return Ok(None) };
+                    let Some(&c) = emb_chunks2.first() else { return Ok((None, spans)) };
+                    let Some(r) = wte_part(e, c) else { return Ok((None, spans)) };
+                    if let Some(g) = emb_device.as_ref()
+                        && e.chunks[c].all_reduce_grads_on_device(r.clone(), g)?
+                    {
+                        return Ok((None, spans));
+                    }
                     let part = e.chunks[c].read_grads(r)?;
-                    Ok(Some((c, super::compute::finite_or_zero(part, &mut e.nonfinite))))
+                    Ok((Some((c, super::compute::finite_or_zero(part, &mut e.nonfinite))), spans))
                 }
             })
             .await?
             .map_err(|e| model_err(&ctx, this, "write back reduced gradients", e))?;
+        for (c, (a, b)) in device_reduced {
+            let span = (ctx.clock.us(a), ctx.clock.us(b));
+            ctx.record(this, OpKind::ReduceGrads, None, Some(c as u32), span, None, None);
+        }
         if let (Some(emb), Some((c, part))) = (ctx.emb.clone(), emb_send) {
             let summed =
                 wait_work(&ctx, this, "embedding all-reduce", emb.all_reduce(Buf::F32(part), ReduceOp::Sum))

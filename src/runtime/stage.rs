@@ -9,7 +9,10 @@
 //! there is one.
 //!
 //! Where the step's gradients go after the chunk's last backward ([`Stage::finish_grads`]):
-//! - with data parallelism, or the optimizer on the host: added into the host arena (most of
+//! - with a device group ([`Stage::with_device_group`]: data parallelism, optimizer on the
+//!   device): nowhere; the last backward queues each finished range's sum over the group on the
+//!   device, `finish_grads` the rest, and every read waits for them;
+//! - with data parallelism through the host, or the optimizer on the host: added into the host arena (most of
 //!   them during that backward, range by range as it finishes them, so the data-parallel
 //!   reduction overlaps the rest of the backward: [`Stage::backward_report`]; adding keeps a
 //!   gradient the host already holds, an injected NaN);
@@ -24,7 +27,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use crate::gpu::stage::{DeviceStage, StageFactory};
+use crate::gpu::stage::{DeviceStage, Finished, StageFactory};
 use crate::kernels::Backend;
 use crate::models::gpt::{Gpt, GradRef, Hidden, ModelError, StageInput};
 use crate::optim::AdamWConfig;
@@ -53,6 +56,12 @@ pub struct Stage {
     host_params_stale: bool,
     /// An injected non-finite gradient for the device's arena (see [`Stage::poison_grad`]).
     poison: Option<f32>,
+    /// The step's last backward sums the gradients over the data-parallel group on the device
+    /// (a device group: [`Stage::with_device_group`]) instead of draining them to the host.
+    reduce_on_device: bool,
+    /// When the backward that queues this step's device reductions began, and when they were
+    /// all done.
+    reduce_span: (Option<std::time::Instant>, Option<std::time::Instant>),
 }
 
 fn dev_err(e: crate::gpu::GpuError) -> ModelError {
@@ -74,6 +83,8 @@ impl Stage {
             grads_on_device: false,
             host_params_stale: false,
             poison: None,
+            reduce_on_device: false,
+            reduce_span: (None, None),
         }
     }
 
@@ -91,8 +102,63 @@ impl Stage {
         optimizer_on_device: bool,
     ) -> Result<Self, ModelError> {
         let Some(f) = factory else { return Ok(Self::cpu(host)) };
-        let dev = f.make(host.config(), host.range(), host.params()).map_err(dev_err)?;
+        let dev = f.make(host.config(), host.range(), host.params(), None).map_err(dev_err)?;
         Ok(Stage { dev: Some(dev), optimizer_on_device, ..Self::cpu(host) })
+    }
+
+    /// The chunk `host` on the device `factory` makes, with the optimizer on the device and the
+    /// data-parallel reduction too: the step's last backward queues the sum of each gradient
+    /// range over `group` as soon as it has finished it (NCCL on its own stream, overlapping
+    /// the rest of the backward), and the gradients never come to the host (see
+    /// [`Stage::finish_grads`]). The runtime's reducer then has nothing to do for this chunk.
+    ///
+    /// # Errors
+    /// As [`Stage::with_optimizer`]; a group from another device.
+    pub fn with_device_group(
+        host: Gpt,
+        factory: &StageFactory,
+        group: &crate::gpu::stage::DeviceGroup,
+    ) -> Result<Self, ModelError> {
+        let dev = factory.make(host.config(), host.range(), host.params(), Some(group)).map_err(dev_err)?;
+        Ok(Stage { dev: Some(dev), optimizer_on_device: true, reduce_on_device: true, ..Self::cpu(host) })
+    }
+
+    /// Whether the data-parallel reduction runs on the device ([`Stage::with_device_group`]).
+    pub fn reduces_on_device(&self) -> bool {
+        self.reduce_on_device && self.dev.is_some()
+    }
+
+    /// Waits for the device's queued data-parallel reductions (anything that reads or changes
+    /// the gradients does so first).
+    ///
+    /// # Errors
+    /// Communication errors and timeouts.
+    pub fn wait_reduced(&mut self) -> Result<(), ModelError> {
+        match self.dev.as_mut() {
+            Some(d) if self.reduce_on_device => {
+                d.wait_reduced().map_err(dev_err)?;
+                if self.reduce_span.0.is_some() && self.reduce_span.1.is_none() {
+                    self.reduce_span.1 = Some(std::time::Instant::now());
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// This step's device reduction, from the start of the backward that queues its ranges to
+    /// the end of the wait for them all (for traces), if it ran; ends the wait first.
+    ///
+    /// # Errors
+    /// As [`Stage::wait_reduced`].
+    pub fn take_reduce_span(
+        &mut self,
+    ) -> Result<Option<(std::time::Instant, std::time::Instant)>, ModelError> {
+        self.wait_reduced()?;
+        Ok(match std::mem::take(&mut self.reduce_span) {
+            (Some(a), Some(b)) => Some((a, b)),
+            _ => None,
+        })
     }
 
     /// [`Stage::with_optimizer`] with the optimizer on the host.
@@ -243,12 +309,36 @@ impl Stage {
         report: bool,
         ready: &mut dyn FnMut(std::ops::Range<usize>, &[f32]),
     ) -> Result<(), ModelError> {
-        let Stage { host, dev, dev_zero, dev_grads, dinput, drained: done, .. } = self;
+        self.wait_reduced()?;
+        let Stage {
+            host,
+            dev,
+            dev_zero,
+            dev_grads,
+            dinput,
+            drained: done,
+            reduce_on_device,
+            poison,
+            reduce_span: self_span_start,
+            ..
+        } = self;
         let Some(dev) = dev.as_mut() else { return Ok(()) };
         let weights = !matches!(half, Half::Input(..));
         if *dev_zero && weights {
             dev.zero_grads().map_err(dev_err)?;
             *dev_zero = false;
+        }
+        let reduce = report && *reduce_on_device;
+        if reduce && self_span_start.0.is_none() {
+            self_span_start.0 = Some(std::time::Instant::now());
+        }
+        if reduce && let Some(v) = poison.take() {
+            // Into the device arena before the reduction, so that every data-parallel rank
+            // sees it (the backward's accumulation keeps it non-finite).
+            let n = host.grads().len();
+            if n > 0 {
+                dev.set_grads(n - 1..n, &[v]).map_err(dev_err)?;
+            }
         }
         let mut drain = |range: std::ops::Range<usize>, values: Vec<f32>| {
             let n = host.grads().len();
@@ -263,12 +353,15 @@ impl Stage {
             ready(range, host.grads());
             Ok(())
         };
-        let drained: Option<&mut crate::gpu::stage::Drained<'_>> =
-            if report { Some(&mut drain) } else { None };
+        let finished = match (report, reduce) {
+            (_, true) => Finished::Reduce,
+            (true, false) => Finished::Drain(&mut drain),
+            (false, _) => Finished::Keep,
+        };
         match half {
-            Half::Both(mb, dout) => dev.backward(mb, dout, drained),
+            Half::Both(mb, dout) => dev.backward(mb, dout, finished),
             Half::Input(mb, dout) => dev.backward_input(mb, dout),
-            Half::Weight(mb) => dev.backward_weight(mb, drained),
+            Half::Weight(mb) => dev.backward_weight(mb, finished),
         }
         .map_err(dev_err)?;
         // Gradients not drained (all of them, or ranges never reported such as a head-only
@@ -345,6 +438,15 @@ impl Stage {
     /// # Errors
     /// Device errors.
     pub fn finish_grads(&mut self, be: &dyn Backend, keep_on_device: bool) -> Result<(), ModelError> {
+        if self.reduces_on_device()
+            && let Some(dev) = self.dev.as_mut()
+        {
+            // The ranges the backward did not report (a head-only stage's tied wte) are summed
+            // now; every read of the gradients waits for the reductions first.
+            dev.reduce_remaining().map_err(dev_err)?;
+            self.grads_on_device = true;
+            return Ok(());
+        }
         if keep_on_device && self.optimizer_on_device() {
             if let (Some(v), Some(dev)) = (self.poison.take(), self.dev.as_mut()) {
                 let n = self.host.grads().len();
@@ -360,11 +462,32 @@ impl Stage {
         Ok(())
     }
 
+    /// Sums an arena range of this step's gradients over a device `group` in place, when they
+    /// live on the device; `Ok(false)` (nothing done) when they are on the host.
+    ///
+    /// # Errors
+    /// A range outside the arena; device and communication errors.
+    pub fn all_reduce_grads_on_device(
+        &mut self,
+        range: std::ops::Range<usize>,
+        group: &crate::gpu::stage::DeviceGroup,
+    ) -> Result<bool, ModelError> {
+        self.wait_reduced()?;
+        match self.dev.as_mut() {
+            Some(dev) if self.grads_on_device => {
+                dev.all_reduce_grads(range, group).map_err(dev_err)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// A copy of the gradients of an arena range, wherever this step's live.
     ///
     /// # Errors
     /// A range outside the arena; device errors.
-    pub fn read_grads(&self, range: std::ops::Range<usize>) -> Result<Vec<f32>, ModelError> {
+    pub fn read_grads(&mut self, range: std::ops::Range<usize>) -> Result<Vec<f32>, ModelError> {
+        self.wait_reduced()?;
         if self.grads_on_device
             && let Some(dev) = &self.dev
         {
@@ -383,6 +506,7 @@ impl Stage {
     /// # Errors
     /// A range outside the arena or a length mismatch; device errors.
     pub fn write_grads(&mut self, range: std::ops::Range<usize>, values: &[f32]) -> Result<(), ModelError> {
+        self.wait_reduced()?;
         if self.grads_on_device
             && let Some(dev) = self.dev.as_mut()
         {
@@ -410,6 +534,7 @@ impl Stage {
         be: &dyn Backend,
         ranges: &[std::ops::Range<usize>],
     ) -> Result<Vec<f64>, ModelError> {
+        self.wait_reduced()?;
         if self.grads_on_device
             && let Some(dev) = self.dev.as_mut()
         {
@@ -446,6 +571,7 @@ impl Stage {
         lr: f32,
         clip: Option<f32>,
     ) -> Result<(), ModelError> {
+        self.wait_reduced()?;
         let on_device = self.optimizer_on_device();
         let Some(dev) = self.dev.as_mut().filter(|_| on_device) else {
             let (table, params, grads) = self.host.split_mut();
@@ -533,13 +659,14 @@ impl Stage {
     /// # Errors
     /// Device errors.
     pub fn sync_grads(&mut self) -> Result<(), ModelError> {
+        self.wait_reduced()?;
         let Some(dev) = self.dev.as_mut() else { return Ok(()) };
         if !self.dev_grads {
             return Ok(());
         }
         // Only what was not drained during the backward (drained ranges are zero there).
         let n = self.host.grads().len();
-        for gap in undrained(&mut self.drained, n) {
+        for gap in crate::gpu::stage::complement(&mut self.drained, n) {
             let g = dev.grads(gap.clone()).map_err(dev_err)?;
             for (h, d) in self.host.grads_mut()[gap].iter_mut().zip(&g) {
                 *h += d;
@@ -552,26 +679,9 @@ impl Stage {
     }
 }
 
-/// The parts of `0..n` outside `drained` (which it sorts and empties).
-fn undrained(drained: &mut Vec<std::ops::Range<usize>>, n: usize) -> Vec<std::ops::Range<usize>> {
-    drained.sort_by_key(|r| r.start);
-    let mut gaps = Vec::new();
-    let mut at = 0;
-    for r in drained.drain(..) {
-        if r.start > at {
-            gaps.push(at..r.start.min(n));
-        }
-        at = at.max(r.end);
-    }
-    if at < n {
-        gaps.push(at..n);
-    }
-    gaps
-}
-
 #[cfg(test)]
 mod tests {
-    use super::undrained;
+    use crate::gpu::stage::complement as undrained;
 
     #[test]
     #[allow(clippy::single_range_in_vec_init)] // lists of ranges, one of them
