@@ -198,6 +198,23 @@ fn interleaved_with_zero_on_gpu_stages_matches_the_cpu() -> Result<()> {
     )
 }
 
+/// Interleaved × DP 2 without ZeRO: both chunks of a rank sum their gradients over the same
+/// device group (each during its own last backward, in the schedule's order, which every
+/// data-parallel peer shares), and the tied embedding over the device embedding group.
+#[test]
+fn interleaved_chunks_share_the_device_group() -> Result<()> {
+    compare(
+        &[
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.pipeline_schedule=\"interleaved\"",
+            "parallel.data_parallel_size=2",
+        ],
+        DType::F32,
+        1e-5,
+    )
+}
+
 /// Without the distributed optimizer the AdamW update runs on the device and the gradients of a
 /// step without data parallelism never leave it; the tied embedding's gradient is summed
 /// across the embedding group from the device (interleaved: the embedding and the head on
