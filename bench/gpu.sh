@@ -44,6 +44,9 @@ export LD_LIBRARY_PATH
 export TROUPE_CACHE_DIR=${TROUPE_CACHE_DIR:-$OUT/cache}
 # The emulated halves of the GPU tests already ran in CI; spend the GPU's time on the CUDA halves.
 export TROUPE_SKIP_EMU=1
+# A kernel that never ends fails its step with the wait it hung in, well before the step's own
+# timeout kills it without a word (no step here waits seconds on the GPU).
+export TROUPE_GPU_TIMEOUT=${TROUPE_GPU_TIMEOUT:-60}
 log "date $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
 log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"

@@ -160,6 +160,28 @@ pub struct CudaGpu {
     profile: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
     /// Bytes held in this GPU's buffers.
     memory: Arc<MemCounter>,
+    /// Longest wait for queued GPU work (`TROUPE_GPU_TIMEOUT`, seconds; default 10 minutes).
+    timeout: std::time::Duration,
+}
+
+/// The bound on every host wait for GPU work: `TROUPE_GPU_TIMEOUT` seconds, or 10 minutes.
+fn gpu_timeout() -> Result<std::time::Duration, GpuError> {
+    parse_gpu_timeout(
+        std::env::var_os("TROUPE_GPU_TIMEOUT").map(|v| v.to_string_lossy().into_owned()).as_deref(),
+    )
+}
+
+fn parse_gpu_timeout(raw: Option<&str>) -> Result<std::time::Duration, GpuError> {
+    let Some(text) = raw else {
+        return Ok(std::time::Duration::from_secs(600));
+    };
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(std::time::Duration::from_secs_f64(s)),
+        _ => Err(GpuError::Driver {
+            op: "reading TROUPE_GPU_TIMEOUT".into(),
+            detail: format!("{text:?} is not a positive number of seconds"),
+        }),
+    }
 }
 
 /// What picks a cuBLASLt algorithm: the problem, the epilogue (0 none, 1 bias, 2 GELU_AUX_BIAS,
@@ -240,6 +262,7 @@ impl CudaGpu {
         // SAFETY: zero-initialised scratch owned by the handle's user.
         let workspace =
             stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver("allocating the cuBLASLt workspace"))?;
+        let timeout = gpu_timeout()?;
         Ok(CudaGpu {
             ctx,
             stream,
@@ -251,6 +274,7 @@ impl CudaGpu {
             compute_capability: info.compute_capability,
             profile: Mutex::new(None),
             memory: Arc::default(),
+            timeout,
         })
     }
 
@@ -425,28 +449,33 @@ impl Gpu for CudaGpu {
     fn upload(&self, dst: &mut CudaBuf, offset: usize, src: &[u8]) -> Result<(), GpuError> {
         self.memory.up(src.len());
         check_range("upload", "destination", offset, src.len(), dst.slice.len())?;
+        self.wait_for(&self.stream, "waiting for the GPU before a copy to the device")?;
         let mut view = dst.slice.slice_mut(offset..offset + src.len());
         self.stream.memcpy_htod(src, &mut view).map_err(driver("copying to the device"))?;
-        self.stream.synchronize().map_err(driver("waiting for a copy to the device"))
+        self.wait_for(&self.stream, "waiting for a copy to the device")
     }
 
     fn write(&self, dst: Dev<'_, CudaBuf>, src: &[u8]) -> Result<(), GpuError> {
         self.memory.up(src.len());
         check_range("write", "destination", dst.offset, src.len(), dst.buf.slice.len())?;
         let ptr = self.device_ptr(dst);
+        self.wait_for(&self.stream, "waiting for the GPU before a copy to the device")?;
         // SAFETY: the range is inside a device buffer of this context (checked above); the copy is
         // ordered on the compute stream and finished before returning, so `src` may be reused.
         unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, self.stream.cu_stream()) }
             .map_err(driver("copying to the device"))?;
-        self.stream.synchronize().map_err(driver("waiting for a copy to the device"))
+        self.wait_for(&self.stream, "waiting for a copy to the device")
     }
 
     fn download(&self, src: &CudaBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
         self.memory.down(dst.len());
         check_range("download", "source", offset, dst.len(), src.slice.len())?;
+        // A copy into pageable memory blocks until it is done: wait (bounded) for the work before
+        // it first.
+        self.wait_for(&self.stream, "waiting for the GPU before a copy from the device")?;
         let view = src.slice.slice(offset..offset + dst.len());
         self.stream.memcpy_dtoh(&view, dst).map_err(driver("copying from the device"))?;
-        self.stream.synchronize().map_err(driver("waiting for a copy from the device"))
+        self.wait_for(&self.stream, "waiting for a copy from the device")
     }
 
     fn launch(
@@ -566,12 +595,45 @@ impl Gpu for CudaGpu {
     }
 
     fn synchronize(&self) -> Result<(), GpuError> {
-        self.stream.synchronize().map_err(driver("synchronising the compute stream"))?;
-        self.comm_stream.synchronize().map_err(driver("synchronising the communication stream"))
+        self.wait_for(&self.stream, "synchronising the compute stream")?;
+        self.wait_for(&self.comm_stream, "synchronising the communication stream")
     }
 }
 
 impl CudaGpu {
+    /// Waits until `stream` has run the work queued on it so far, for at most the GPU timeout
+    /// (a kernel that never ends or a collective whose peer never arrives is an error naming
+    /// `what`, not a hang). Polls an event: spinning briefly, then yielding, then sleeping 50 µs.
+    fn wait_for(&self, stream: &CudaStream, what: &str) -> Result<(), GpuError> {
+        use std::time::{Duration, Instant};
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let event = stream.record_event(flags).map_err(driver(what))?;
+        let start = Instant::now();
+        loop {
+            if event.try_is_complete().map_err(driver(what))? {
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if waited > self.timeout {
+                return Err(GpuError::Driver {
+                    op: what.to_string(),
+                    detail: format!(
+                        "the GPU did not finish its queued work within {:?} (a kernel that does not end, or a \
+                         collective whose peer never came); TROUPE_GPU_TIMEOUT=<seconds> sets the limit",
+                        self.timeout
+                    ),
+                });
+            }
+            if waited < Duration::from_micros(200) {
+                std::hint::spin_loop();
+            } else if waited < Duration::from_millis(2) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
     fn launch_now(
         &self,
         kernel: &str,
@@ -877,6 +939,17 @@ pub fn shared() -> Option<&'static CudaGpu> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gpu_timeout_defaults_to_ten_minutes_and_refuses_nonsense() {
+        use std::time::Duration;
+        assert_eq!(parse_gpu_timeout(None).unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_gpu_timeout(Some(" 2.5 ")).unwrap(), Duration::from_millis(2500));
+        for bad in ["", "0", "-1", "inf", "NaN", "ten"] {
+            let e = parse_gpu_timeout(Some(bad)).expect_err(bad).to_string();
+            assert!(e.contains("TROUPE_GPU_TIMEOUT") && e.contains("positive"), "{bad:?}: {e}");
+        }
+    }
 
     /// BLAS's column-major `C = op(A)·op(B)` (element (i, j) at `i + j·ld`).
     #[allow(clippy::too_many_arguments)]
