@@ -321,7 +321,18 @@ fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> 
         [(None, "gradient sums on the device"), (Some("--host-grad-reduce"), "gradient sums on the host")];
     for (flag, says) in paths {
         let log = format!("gpu{}.jsonl", u8::from(flag.is_some()));
-        let mut gpu = vec!["launch", "--nproc-per-node", "2", "--", exe, "train", "--device", "emu"];
+        let mut gpu = vec![
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "0",
+            "--",
+            exe,
+            "train",
+            "--device",
+            "emu",
+        ];
         gpu.extend_from_slice(&["--dtype", "fp32", "--log-json", &log]);
         gpu.extend(flag);
         gpu.extend_from_slice(model);
@@ -367,8 +378,20 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
         "",
         "--no-progress",
     ];
-    let mut gpu =
-        vec!["launch", "--nproc-per-node", "2", "--", exe, "train", "--device", "emu", "--dtype", "fp32"];
+    let mut gpu = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "0",
+        "--",
+        exe,
+        "train",
+        "--device",
+        "emu",
+        "--dtype",
+        "fp32",
+    ];
     gpu.extend_from_slice(&["--log-json", "gpu.jsonl", "--trace", "trace.json"]);
     gpu.extend_from_slice(model);
     let out = troupe(&gpu, &dir);
@@ -391,7 +414,8 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
     ensure!(events >= 8, "the trace has {events} forward events (2 ranks × 4 microbatches expected)");
     // bf16 stages send bf16 messages: over TCP between the two processes they carry the same
     // bits as in one process.
-    let mut launched = vec!["launch", "--nproc-per-node", "2", "--", exe, "train", "--device", "emu"];
+    let mut launched =
+        vec!["launch", "--nproc-per-node", "2", "--master-port", "0", "--", exe, "train", "--device", "emu"];
     launched.extend_from_slice(&["--dtype", "bf16", "--log-json", "bf16-launched.jsonl"]);
     launched.extend_from_slice(model);
     let out = troupe(&launched, &dir);
