@@ -279,6 +279,28 @@ fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Res
     Ok(())
 }
 
+/// A 2-layer model for two steps, unsaved: what the launched emulator tests train (their
+/// layout flags come first).
+const LAUNCHED_TINY: &[&str] = &[
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "16",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "4",
+    "--train-iters",
+    "2",
+    "--save",
+    "",
+    "--no-progress",
+];
+
 /// Data parallelism on GPU stages (emulated) under `troupe launch`: two processes, whose
 /// gradient sums run on the devices (the emulator's device groups go through the host's TCP
 /// communicator, where CUDA ranks use NCCL) or, with `--host-grad-reduce`, through the host's
@@ -290,28 +312,8 @@ fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> 
     }
     let dir = tempdir("emu-dp");
     let exe = env!("CARGO_BIN_EXE_troupe");
-    let model: &[&str] = &[
-        "--actors",
-        "--data-parallel-size",
-        "2",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--num-attention-heads",
-        "2",
-        "--seq-length",
-        "16",
-        "--micro-batch-size",
-        "1",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        "2",
-        "--save",
-        "",
-        "--no-progress",
-    ];
+    let model = [&["--actors", "--data-parallel-size", "2"][..], LAUNCHED_TINY].concat();
+    let model = &model[..];
     let mut cpu = vec!["train", "--device", "cpu", "--log-json", "cpu.jsonl"];
     cpu.extend_from_slice(model);
     let out = troupe(&cpu, &dir);
@@ -357,27 +359,8 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
     }
     let dir = tempdir("emu-launch");
     let exe = env!("CARGO_BIN_EXE_troupe");
-    let model: &[&str] = &[
-        "--pipeline-model-parallel-size",
-        "2",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--num-attention-heads",
-        "2",
-        "--seq-length",
-        "16",
-        "--micro-batch-size",
-        "1",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        "2",
-        "--save",
-        "",
-        "--no-progress",
-    ];
+    let model = [&["--pipeline-model-parallel-size", "2"][..], LAUNCHED_TINY].concat();
+    let model = &model[..];
     let mut gpu = vec![
         "launch",
         "--nproc-per-node",
