@@ -279,6 +279,13 @@ fn device_emu_trains_like_the_cpu_and_its_checkpoint_resumes_on_the_cpu() -> Res
     Ok(())
 }
 
+/// `troupe launch` of two emulated-GPU `troupe train` ranks on a free store port (training
+/// flags follow).
+fn launched_emu() -> Vec<&'static str> {
+    let exe = env!("CARGO_BIN_EXE_troupe");
+    vec!["launch", "--nproc-per-node", "2", "--master-port", "0", "--", exe, "train", "--device", "emu"]
+}
+
 /// A 2-layer model for two steps, unsaved: what the launched emulator tests train (their
 /// layout flags come first).
 const LAUNCHED_TINY: &[&str] = &[
@@ -311,7 +318,6 @@ fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> 
         return Ok(()); // printed SKIPPED (no g++)
     }
     let dir = tempdir("emu-dp");
-    let exe = env!("CARGO_BIN_EXE_troupe");
     let model = [&["--actors", "--data-parallel-size", "2"][..], LAUNCHED_TINY].concat();
     let model = &model[..];
     let mut cpu = vec!["train", "--device", "cpu", "--log-json", "cpu.jsonl"];
@@ -323,18 +329,7 @@ fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> 
         [(None, "gradient sums on the device"), (Some("--host-grad-reduce"), "gradient sums on the host")];
     for (flag, says) in paths {
         let log = format!("gpu{}.jsonl", u8::from(flag.is_some()));
-        let mut gpu = vec![
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "0",
-            "--",
-            exe,
-            "train",
-            "--device",
-            "emu",
-        ];
+        let mut gpu = launched_emu();
         gpu.extend_from_slice(&["--dtype", "fp32", "--log-json", &log]);
         gpu.extend(flag);
         gpu.extend_from_slice(model);
@@ -358,24 +353,10 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
         return Ok(()); // printed SKIPPED (no g++)
     }
     let dir = tempdir("emu-launch");
-    let exe = env!("CARGO_BIN_EXE_troupe");
     let model = [&["--pipeline-model-parallel-size", "2"][..], LAUNCHED_TINY].concat();
     let model = &model[..];
-    let mut gpu = vec![
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "0",
-        "--",
-        exe,
-        "train",
-        "--device",
-        "emu",
-        "--dtype",
-        "fp32",
-    ];
-    gpu.extend_from_slice(&["--log-json", "gpu.jsonl", "--trace", "trace.json"]);
+    let mut gpu = launched_emu();
+    gpu.extend_from_slice(&["--dtype", "fp32", "--log-json", "gpu.jsonl", "--trace", "trace.json"]);
     gpu.extend_from_slice(model);
     let out = troupe(&gpu, &dir);
     ensure!(out.status.success(), "launched GPU pipeline: {}", stderr(&out));
@@ -397,8 +378,7 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
     ensure!(events >= 8, "the trace has {events} forward events (2 ranks × 4 microbatches expected)");
     // bf16 stages send bf16 messages: over TCP between the two processes they carry the same
     // bits as in one process.
-    let mut launched =
-        vec!["launch", "--nproc-per-node", "2", "--master-port", "0", "--", exe, "train", "--device", "emu"];
+    let mut launched = launched_emu();
     launched.extend_from_slice(&["--dtype", "bf16", "--log-json", "bf16-launched.jsonl"]);
     launched.extend_from_slice(model);
     let out = troupe(&launched, &dir);
