@@ -311,7 +311,9 @@ const LAUNCHED_TINY: &[&str] = &[
 /// Data parallelism on GPU stages (emulated) under `troupe launch`: two processes, whose
 /// gradient sums run on the devices (the emulator's device groups go through the host's TCP
 /// communicator, where CUDA ranks use NCCL) or, with `--host-grad-reduce`, through the host's
-/// reducer. Both train like the CPU (losses within 1e-4 relative) and say where the sums run.
+/// reducer; with `--use-distributed-optimizer` the devices also hold the optimizer shards and
+/// gather them over the device group. All train like the CPU (losses within 1e-4 relative) and
+/// say where the sums and AdamW run.
 #[test]
 fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> {
     if troupe::gpu::emu::shared().is_none() {
@@ -325,10 +327,16 @@ fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> 
     let out = troupe(&cpu, &dir);
     ensure!(out.status.success(), "cpu data parallelism: {}", stderr(&out));
     let c = losses(&dir.join("cpu.jsonl"))?;
-    let paths =
-        [(None, "gradient sums on the device"), (Some("--host-grad-reduce"), "gradient sums on the host")];
-    for (flag, says) in paths {
-        let log = format!("gpu{}.jsonl", u8::from(flag.is_some()));
+    let paths = [
+        (None, "AdamW on the device, gradient sums on the device"),
+        (Some("--host-grad-reduce"), "AdamW on the device, gradient sums on the host"),
+        (
+            Some("--use-distributed-optimizer"),
+            "distributed optimizer's shards, gathered there, gradient sums on the device",
+        ),
+    ];
+    for (i, (flag, says)) in paths.into_iter().enumerate() {
+        let log = format!("gpu{i}.jsonl");
         let mut gpu = launched_emu();
         gpu.extend_from_slice(&["--dtype", "fp32", "--log-json", &log]);
         gpu.extend(flag);

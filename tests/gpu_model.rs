@@ -201,3 +201,59 @@ fn bad_inputs_are_errors() {
     let err = GpuGpt::new(emu, &bad, 7, DType::F32).err().unwrap();
     assert!(err.to_string().contains("head size 512") && err.to_string().contains("256"), "{err}");
 }
+
+/// The distributed optimizer's shard on one device (`GpuGpt::set_optimizer_shard`): two AdamW
+/// updates of ranges that cut tensors (with and without weight decay) give, in those ranges,
+/// the bits of the whole-arena update, leave every other parameter as it was, and keep moments
+/// for the shard only (the whole update's moments of those ranges, concatenated). Misuse is an
+/// error.
+fn check_optimizer_shard<G: Gpu>(gpu: &G, label: &str) {
+    let cfg = cfg();
+    let mut whole = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
+    let mut shard = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
+    let n = whole.table().len();
+    let ranges = [3..41, 1000..5003, n - 301..n];
+    let err = shard.set_optimizer_shard(&[10..20, 5..8]).unwrap_err();
+    assert!(err.to_string().contains("not sorted"), "{label}: {err}");
+    let err = shard.set_optimizer_shard(&[0..4, 10..n + 1]).unwrap_err();
+    assert!(err.to_string().contains("not sorted"), "{label}: {err}");
+    shard.set_optimizer_shard(&ranges).unwrap();
+    assert_eq!(shard.optimizer_shard(), ranges.to_vec(), "{label}");
+    assert_eq!(shard.optimizer_len(), 38 + 4003 + 301, "{label}");
+    let before = shard.params_host().unwrap();
+    let grads: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5).collect();
+    let adam = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+    for step in 1..=2 {
+        for m in [&mut whole, &mut shard] {
+            m.set_grads_range(0..n, &grads).unwrap();
+            m.adamw_update(1e-2, &adam, step, 0.5).unwrap();
+        }
+    }
+    let (pw, ps) = (whole.params_host().unwrap(), shard.params_host().unwrap());
+    for i in 0..n {
+        let expect = if ranges.iter().any(|r| r.contains(&i)) { pw[i] } else { before[i] };
+        assert_eq!(ps[i].to_bits(), expect.to_bits(), "{label}: parameter {i}");
+    }
+    assert!(ranges.iter().any(|r| r.clone().any(|i| pw[i] != before[i])), "{label}: nothing moved");
+    let ((mw, vw), (ms, vs)) = (whole.moments_host().unwrap(), shard.moments_host().unwrap());
+    let cut = |x: &[f32]| ranges.iter().flat_map(|r| x[r.clone()].to_vec()).collect::<Vec<f32>>();
+    assert_eq!(ms, cut(&mw), "{label}: first moments");
+    assert_eq!(vs, cut(&vw), "{label}: second moments");
+    let err = shard.set_optimizer_shard(&ranges).unwrap_err();
+    assert!(err.to_string().contains("already allocated"), "{label}: {err}");
+    let err = shard.set_optimizer_state(&mw, &vw, 2).unwrap_err();
+    assert!(err.to_string().contains(&format!("for {} parameters", 38 + 4003 + 301)), "{label}: {err}");
+    shard.set_optimizer_state(&ms, &vs, 2).unwrap();
+}
+
+#[test]
+fn a_sharded_optimizer_updates_only_its_ranges_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_optimizer_shard(emu, "emulator");
+}
+
+#[test]
+fn a_sharded_optimizer_updates_only_its_ranges_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_optimizer_shard(gpu, "cuda");
+}

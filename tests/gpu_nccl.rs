@@ -90,8 +90,10 @@ fn a_missing_peer_is_an_error_after_the_timeout_not_a_hang() {
 
 /// The runtime's device groups on CUDA (`StageFactory::cuda_nccl`): the unique id goes over the
 /// group's CPU communicator, the NCCL communicator joins, and a GPU stage's last backward and
-/// its embedding-style sum run on it. One rank: the sums are the identity, so the stage's
-/// gradients equal a stage's without a group, bit for bit.
+/// its embedding-style sum run on it, and so does the distributed optimizer's gather
+/// (`Stage::shard_optimizer`: NCCL broadcasts). One rank: the sums and the gather are the
+/// identity, so the stage's gradients and updated parameters equal a stage's without a group,
+/// bit for bit.
 #[test]
 fn a_one_rank_device_group_reduces_a_gpu_stage_in_place() {
     use troupe::kernels::CpuBackend;
@@ -107,23 +109,39 @@ fn a_one_rank_device_group_reduces_a_gpu_stage_in_place() {
     let be = CpuBackend::new(1);
     let tokens: Vec<u32> = (0..32).map(|i| (i * 7 % 64) as u32).collect();
     let targets: Vec<u32> = (0..32).map(|i| (i * 5 % 64) as u32).collect();
-    let mut grads = Vec::new();
+    let (mut grads, mut params) = (Vec::new(), Vec::new());
     for with_group in [false, true] {
         let host = Gpt::new_range(&cfg, range, 3).unwrap();
+        let n = host.grads().len();
         let mut st = if with_group {
             Stage::with_device_group(host, &factory, &group).unwrap()
         } else {
             Stage::with_optimizer(host, Some(&factory), true).unwrap()
         };
+        // The group's distributed optimizer: one rank's shard of two ranges, gathered by NCCL
+        // broadcasts from itself.
+        let ranges: Vec<_> =
+            if with_group { vec![0..1000, 1000..n] } else { std::iter::once(0..n).collect() };
+        if with_group {
+            st.shard_optimizer(vec![ranges.clone()], 0).unwrap();
+        }
         st.forward(&be, 0, 2, 16, StageInput::Tokens(&tokens), Some(&targets), 1.0).unwrap();
         st.backward_report(&be, 0, None, true, &mut |_, _| {}).unwrap();
         st.finish_grads(&be, true).unwrap();
-        let n = st.grads().len();
         if with_group {
             let wte = st.wte_range().unwrap();
             assert!(st.all_reduce_grads_on_device(wte, &group).unwrap());
         }
         grads.push(st.read_grads(0..n).unwrap());
+        let mut shard = troupe::runtime::shard::ChunkShard { ranges, m: vec![0.0; n], v: vec![0.0; n] };
+        let adam = troupe::optim::AdamWConfig::default();
+        st.optimizer_step(&be, &mut shard, &adam, 1, 1e-2, Some(0.5)).unwrap();
+        st.pull_params().unwrap();
+        params.push(st.params().to_vec());
     }
     assert_eq!(grads[0], grads[1], "a one-rank device group changed the gradients");
+    assert!(
+        params[0].iter().zip(&params[1]).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the one-rank distributed optimizer's update differs from the whole-arena update"
+    );
 }

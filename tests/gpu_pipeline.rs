@@ -244,7 +244,8 @@ fn the_device_optimizer_with_the_embedding_group_matches_the_cpu() -> Result<()>
 /// Bytes copied between host and device per training step: with the optimizer on the device
 /// (PP 2, no data parallelism) a step moves microbatch inputs, activations, the tied embedding's
 /// gradient and a few scalars — well under one copy of the parameter arena — while the host
-/// optimizer (ZeRO-1, here with one replica) moves every gradient down and every parameter up.
+/// optimizer (ZeRO-1 with one replica and `host_grad_reduce`, which keeps the distributed
+/// optimizer's shards on the host) moves every gradient down and every parameter up.
 /// Per step = (bytes after 4 steps − bytes after 2) / 2, which cancels the setup and the final
 /// read of the parameters. The host optimizer's stages hold no device moments.
 #[test]
@@ -256,7 +257,7 @@ fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
     }
     // A private emulator: its copy counters see only this test's runs.
     let gpu: &'static troupe::gpu::EmuGpu = Box::leak(Box::new(troupe::gpu::EmuGpu::new()?));
-    let per_step = |extra: &[&str]| -> Result<(f64, f64, usize, usize)> {
+    let per_step = |extra: &[&str], host: bool| -> Result<(f64, f64, usize, usize)> {
         let mut counts = Vec::new();
         let (mut arena, mut peak) = (0, 0);
         for iters in ["train.train_iters=2", "train.train_iters=4"] {
@@ -265,7 +266,13 @@ fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
             let cfg = config(&sets)?;
             gpu.reset_peak_memory();
             let before = gpu.memory();
-            let results = run(&cfg, Some(StageFactory::new(gpu, DType::F32)), &[])?;
+            let opts = RunOptions {
+                timeout: Duration::from_secs(120),
+                device: Some(StageFactory::new(gpu, DType::F32)),
+                host_grad_reduce: host,
+                ..RunOptions::default()
+            };
+            let results = train_inproc(&cfg, data(&cfg), opts, 2, None, None)?;
             let after = gpu.memory();
             arena = 4 * params(&results).len();
             peak = after.peak;
@@ -275,8 +282,8 @@ fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
         let down = (counts[1].1 as f64 - counts[0].1 as f64) / 2.0;
         Ok((up, down, arena, peak))
     };
-    let (up, down, arena, peak) = per_step(&[])?;
-    let (host_up, host_down, _, host_peak) = per_step(&["parallel.use_distributed_optimizer=true"])?;
+    let (up, down, arena, peak) = per_step(&[], false)?;
+    let (host_up, host_down, _, host_peak) = per_step(&["parallel.use_distributed_optimizer=true"], true)?;
     // The device optimizer's moments (two fp32 arenas) are the only device memory the host
     // optimizer's stages do not hold.
     let extra = peak as f64 - host_peak as f64;
@@ -298,6 +305,68 @@ fn the_device_optimizer_keeps_parameters_on_the_device() -> Result<()> {
         up < 0.5 * arena as f64 && down < 0.5 * arena as f64,
         "the device optimizer moved {up} B up and {down} B down per step (arena {arena} B)"
     );
+    Ok(())
+}
+
+/// The distributed optimizer beside a device group (ZeRO-1 on the devices): each data-parallel
+/// rank updates its shard of every bucket on its device and the group gathers the others' shards
+/// (broadcasts of the fp32 parameters, then the bf16 copy rounded from them). With clipping off
+/// (the sharded norm adds its parts in another order) it gives the unsharded device optimizer's
+/// bits in fp32 and bf16 — a replica that ran its forward on a stale copy of a peer's shard
+/// would not — and it holds moments for its shard only: the device memory peak is lower by one
+/// parameter arena of all ranks (m and v of half of each replica's arena). Small buckets make
+/// shards of several ranges that cut tensors.
+#[test]
+fn the_distributed_optimizer_shards_on_the_device() -> Result<()> {
+    use troupe::gpu::Gpu;
+    if troupe::gpu::emu::shared().is_none() {
+        eprintln!("SKIPPED: no kernel emulator (g++ missing or TROUPE_SKIP_EMU set)");
+        return Ok(());
+    }
+    // A private emulator: its memory peak sees only this test's runs.
+    let gpu: &'static troupe::gpu::EmuGpu = Box::leak(Box::new(troupe::gpu::EmuGpu::new()?));
+    let base = [
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.data_parallel_size=2",
+        "parallel.grad_bucket_size=3000",
+        "train.clip_grad=0.0",
+    ];
+    for dtype in [DType::F32, DType::Bf16] {
+        let mut runs = Vec::new();
+        for dist in [false, true] {
+            let mut sets = base.to_vec();
+            if dist {
+                sets.push("parallel.use_distributed_optimizer=true");
+            }
+            gpu.reset_peak_memory();
+            let results =
+                run(&config(&sets)?, Some(StageFactory::new(gpu, dtype).with_host_groups(gpu)), &[])?;
+            runs.push((results, gpu.memory().peak));
+        }
+        let [(plain, plain_peak), (sharded, sharded_peak)] = &runs[..] else { unreachable!("two runs") };
+        for (a, b) in plain[0].records.iter().zip(&sharded[0].records) {
+            ensure!(
+                a.loss.to_bits() == b.loss.to_bits(),
+                "{dtype:?}: step {} loss {} sharded vs {} unsharded",
+                a.step,
+                b.loss,
+                a.loss
+            );
+            ensure!(!b.skipped, "{dtype:?}: step {} skipped", b.step);
+        }
+        let same = params(plain).iter().zip(&params(sharded)).all(|(x, y)| x.to_bits() == y.to_bits());
+        ensure!(same, "{dtype:?}: the sharded device optimizer's parameters differ from the unsharded one's");
+        let arena = 4 * params(plain).len();
+        let saved = *plain_peak as f64 - *sharded_peak as f64;
+        eprintln!(
+            "{dtype:?}: device memory peak {plain_peak} B unsharded, {sharded_peak} B sharded; arena of all \
+             ranks {arena} B"
+        );
+        ensure!(
+            (saved - arena as f64).abs() <= 0.05 * arena as f64 + 65536.0,
+            "{dtype:?}: sharding saved {saved} B of device memory, expected half the moments ({arena} B)"
+        );
+    }
     Ok(())
 }
 
@@ -711,12 +780,13 @@ type RunWithEvals = (Vec<RankResult>, Vec<(u64, f32)>);
 /// A bf16 pipeline run on GPU stages that stops at step 2 (checkpoint) and resumes to step 4
 /// continues the uninterrupted run bit for bit (the checkpoint holds the fp32 master weights and
 /// moments; the bf16 copy is rounded again from them); evaluation through the GPU pipeline gives
-/// the same loss in both and tracks the CPU's.
+/// the same loss in both and tracks the CPU's. Also with two replicas and the distributed
+/// optimizer on the devices, whose moments are each rank's shard (written as the full arena,
+/// restored as the shard).
 #[test]
 fn gpu_stages_resume_bit_for_bit_and_evaluate() -> Result<()> {
     use troupe::runtime::{RunEvent, ValidData};
     let dir = std::env::temp_dir().join(format!("troupe-gpu-pp-ckpt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let save = format!("checkpoint.save=\"{}\"", dir.display());
     let load = format!("checkpoint.load=\"{}\"", dir.display());
     let common = [
@@ -725,56 +795,62 @@ fn gpu_stages_resume_bit_for_bit_and_evaluate() -> Result<()> {
         "logging.eval_interval=2",
         "logging.eval_iters=2",
     ];
-    let run_eval = |extra: &[&str], device: Option<StageFactory>| -> Result<RunWithEvals> {
-        let sets: Vec<&str> = common.iter().chain(extra).copied().collect();
-        let cfg = config(&sets)?;
-        let src = data(&cfg);
-        let opts = RunOptions {
-            timeout: Duration::from_secs(120),
-            device,
-            valid: Some(ValidData(src.clone())),
-            ..RunOptions::default()
+    let layouts: [&[&str]; 2] =
+        [&[], &["parallel.data_parallel_size=2", "parallel.use_distributed_optimizer=true"]];
+    for layout in layouts {
+        let run_eval = |extra: &[&str], device: Option<StageFactory>| -> Result<RunWithEvals> {
+            let sets: Vec<&str> = common.iter().chain(layout).chain(extra).copied().collect();
+            let cfg = config(&sets)?;
+            let src = data(&cfg);
+            let opts = RunOptions {
+                timeout: Duration::from_secs(120),
+                device,
+                valid: Some(ValidData(src.clone())),
+                ..RunOptions::default()
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let results = train_inproc(&cfg, src, opts, 2, Some(tx), None)?;
+            let evals = rx.try_iter().filter_map(|e| {
+                if let RunEvent::Eval { step, loss } = e { Some((step, loss)) } else { None }
+            });
+            Ok((results, evals.collect()))
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        let results = train_inproc(&cfg, src, opts, 2, Some(tx), None)?;
-        let evals = rx
-            .try_iter()
-            .filter_map(|e| if let RunEvent::Eval { step, loss } = e { Some((step, loss)) } else { None });
-        Ok((results, evals.collect()))
-    };
-    let (_, cpu_evals) = run_eval(&["train.train_iters=4"], None)?;
-    for (name, dev) in devices(DType::Bf16) {
-        let (straight, evals) = run_eval(&["train.train_iters=4"], Some(dev.clone()))?;
-        run_eval(&["train.train_iters=2", &save, "checkpoint.save_interval=2"], Some(dev.clone()))?;
-        let (resumed, resumed_evals) = run_eval(&["train.train_iters=4", &load], Some(dev))?;
-        ensure!(
-            resumed[0].records.len() == 2 && resumed[0].records[0].step == 3,
-            "on the {name}: resumed at step 3"
-        );
-        for (a, b) in straight[0].records[2..].iter().zip(&resumed[0].records) {
+        let (_, cpu_evals) = run_eval(&["train.train_iters=4"], None)?;
+        for (name, dev) in devices(DType::Bf16) {
+            let name = format!("{name} {layout:?}");
+            let _ = std::fs::remove_dir_all(&dir);
+            let (straight, evals) = run_eval(&["train.train_iters=4"], Some(dev.clone()))?;
+            run_eval(&["train.train_iters=2", &save, "checkpoint.save_interval=2"], Some(dev.clone()))?;
+            let (resumed, resumed_evals) = run_eval(&["train.train_iters=4", &load], Some(dev))?;
             ensure!(
-                a.loss.to_bits() == b.loss.to_bits(),
-                "on the {name}: step {}: {} vs {}",
-                a.step,
-                a.loss,
-                b.loss
+                resumed[0].records.len() == 2 && resumed[0].records[0].step == 3,
+                "on the {name}: resumed at step 3"
             );
+            for (a, b) in straight[0].records[2..].iter().zip(&resumed[0].records) {
+                ensure!(
+                    a.loss.to_bits() == b.loss.to_bits(),
+                    "on the {name}: step {}: {} vs {}",
+                    a.step,
+                    a.loss,
+                    b.loss
+                );
+            }
+            let bits = |r: &[RankResult]| params(r).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            ensure!(bits(&straight) == bits(&resumed), "on the {name}: resumed parameters differ");
+            ensure!(
+                evals.len() == 2 && cpu_evals.len() == 2,
+                "on the {name}: evaluations {evals:?}, CPU {cpu_evals:?}"
+            );
+            ensure!(
+                resumed_evals.last().map(|e| e.1.to_bits()) == evals.last().map(|e| e.1.to_bits()),
+                "on the {name}: step-4 evaluation {resumed_evals:?} vs {evals:?}"
+            );
+            for ((s, g), (_, c)) in evals.iter().zip(&cpu_evals) {
+                ensure!((g - c).abs() <= 2e-3, "on the {name}: evaluation at step {s}: {g} vs CPU {c}");
+            }
         }
-        let bits = |r: &[RankResult]| params(r).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        ensure!(bits(&straight) == bits(&resumed), "on the {name}: resumed parameters differ");
-        ensure!(
-            evals.len() == 2 && cpu_evals.len() == 2,
-            "on the {name}: evaluations {evals:?}, CPU {cpu_evals:?}"
-        );
-        ensure!(
-            resumed_evals.last().map(|e| e.1.to_bits()) == evals.last().map(|e| e.1.to_bits()),
-            "on the {name}: step-4 evaluation {resumed_evals:?} vs {evals:?}"
-        );
-        for ((s, g), (_, c)) in evals.iter().zip(&cpu_evals) {
-            ensure!((g - c).abs() <= 2e-3, "on the {name}: evaluation at step {s}: {g} vs CPU {c}");
-        }
-        let _ = std::fs::remove_dir_all(&dir);
     }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

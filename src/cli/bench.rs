@@ -361,11 +361,17 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
     };
     let device = super::train::stage_factory(args.device, args.dtype.into(), 0, None)?;
     let describe = device.as_ref().map(|d| d.describe().to_string());
-    // Where the data-parallel and embedding gradient sums run (see `Stage::with_device_group`).
-    let grad_sums = match device.as_ref() {
-        Some(d) if d.has_device_groups() && !cfg.parallel.use_distributed_optimizer => "device",
-        _ => "host",
-    };
+    // Where the data-parallel and embedding gradient sums and AdamW run (see
+    // `Stage::with_device_group`).
+    let place = device.as_ref().map(|d| {
+        troupe::runtime::DevicePlacement::new(
+            d.has_device_groups(),
+            cfg.parallel.data_parallel_size,
+            cfg.parallel.use_distributed_optimizer,
+            false,
+        )
+    });
+    let grad_sums = if place.is_some_and(|p| p.grad_sums) { "device" } else { "host" };
     let memory = device.clone();
     let opts = RunOptions {
         trace_step: Some(total),
@@ -418,7 +424,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "gpu": describe,
         "device_memory_peak_mb": memory.map(|d| round(d.memory().peak as f64 / 1048576.0, 1)),
         "host_device_copies_mb_per_step": copies_mb,
-        "optimizer": if describe.is_some() && !plan.distributed_optimizer { "device" } else { "host" },
+        "optimizer": if place.is_some_and(|p| p.optimizer) { "device" } else { "host" },
         "grad_sums": grad_sums,
         "mfu": describe.as_ref().map(|_| {
             round(cfg.model.flops_per_token() * tokens_per_s / (args.peak_tflops * 1e12), 4)

@@ -245,8 +245,13 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     opts.device = super::train::stage_factory(args.device, args.dtype.into(), local, nccl)?;
     if let Some(f) = opts.device.as_ref().filter(|_| rank == 0) {
         let p = &cfg.parallel;
-        let on_device = f.has_device_groups() && !p.use_distributed_optimizer && !opts.host_grad_reduce;
-        let reduce = match (p.data_parallel_size > 1 || p.pipeline_model_parallel_size > 1, on_device) {
+        let place = runtime::DevicePlacement::new(
+            f.has_device_groups(),
+            p.data_parallel_size,
+            p.use_distributed_optimizer,
+            opts.host_grad_reduce,
+        );
+        let reduce = match (p.data_parallel_size > 1 || p.pipeline_model_parallel_size > 1, place.grad_sums) {
             (false, _) => "",
             (true, false) => ", gradient sums on the host",
             (true, true) if nccl.is_some() && args.device == troupe::device::Device::Cuda => {
@@ -254,15 +259,12 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             }
             (true, true) => ", gradient sums on the device through the host's communicator",
         };
-        eprintln!(
-            "troupe: each chunk computes on {} (AdamW {}{reduce})",
-            f.describe(),
-            if p.use_distributed_optimizer {
-                "on the host: the distributed optimizer's shards"
-            } else {
-                "on the device"
-            }
-        );
+        let adamw = match (place.optimizer, place.shards) {
+            (false, _) => "on the host: the distributed optimizer's shards",
+            (true, true) => "on the device: the distributed optimizer's shards, gathered there",
+            (true, false) => "on the device",
+        };
+        eprintln!("troupe: each chunk computes on {} (AdamW {adamw}{reduce})", f.describe());
     }
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();

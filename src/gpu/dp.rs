@@ -1,9 +1,10 @@
 //! Data parallelism on GPUs: the gradient all-reduce that the CPU runtime's GradReducer does,
 //! over device buffers.
 //!
-//! [`DeviceComm`] is what the GPU training loop needs from a communicator: a sum all-reduce of a
-//! device range, queued so that it overlaps the rest of the backward, and a bounded wait at the
-//! end. Two implementations:
+//! [`DeviceComm`] is what the GPU training loop and the runtime's device groups need from a
+//! communicator: a sum all-reduce of a device range, queued so that it overlaps the rest of the
+//! backward, an in-place broadcast (the distributed optimizer's parameter gather), and a bounded
+//! wait at the end. Two implementations:
 //! - [`NcclComm`] on a [`CudaGpu`]: each all-reduce is queued on the communication stream after
 //!   an event recorded on the compute stream (so it starts when backward has written that range,
 //!   while later layers' backward keeps running); [`DeviceComm::finish`] polls NCCL with the
@@ -32,7 +33,17 @@ pub trait DeviceComm<G: Gpu>: Send + Sync {
         count: usize,
         dtype: DType,
     ) -> Result<(), GpuError>;
-    /// Waits (bounded by the communicator's timeout) until every queued reduction has finished,
+    /// Queues an in-place broadcast from group rank `root` of `count` elements of `dtype` at
+    /// `buf`, after the work queued on the GPU so far (every rank passes a buffer of the length).
+    fn broadcast(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<(), GpuError>;
+    /// Waits (bounded by the communicator's timeout) until every queued collective has finished,
     /// and orders later GPU work after them.
     fn finish(&self, gpu: &G) -> Result<(), GpuError>;
 }
@@ -55,6 +66,18 @@ impl DeviceComm<CudaGpu> for NcclComm {
     ) -> Result<(), GpuError> {
         gpu.comm_after_compute()?;
         self.all_reduce(gpu, buf, count, dtype, ReduceOp::Sum)
+    }
+
+    fn broadcast(
+        &self,
+        gpu: &CudaGpu,
+        buf: Dev<'_, super::cuda::CudaBuf>,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<(), GpuError> {
+        gpu.comm_after_compute()?;
+        NcclComm::broadcast(self, gpu, buf, count, dtype, root)
     }
 
     fn finish(&self, gpu: &CudaGpu) -> Result<(), GpuError> {
@@ -107,6 +130,42 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
                 detail: "the reduction changed the type".into(),
             });
         };
+        gpu.write(buf, &encode(&values, dtype))
+    }
+
+    fn broadcast(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<(), GpuError> {
+        if root >= self.comm.size() {
+            return Err(GpuError::Shape {
+                op: "HostComm::broadcast",
+                detail: format!("root {root} of a group of {}", self.comm.size()),
+            });
+        }
+        let mut bytes = vec![0u8; count * dtype.size()];
+        gpu.download(buf.buf, buf.offset, &mut bytes)?;
+        // bf16 values widen to fp32 exactly and round back to themselves.
+        let values = decode(&bytes, dtype);
+        let got = self.comm.broadcast(Buf::F32(values), root).wait().map_err(|e| GpuError::Nccl {
+            op: "broadcast (through the host)".into(),
+            rank: self.comm.rank(),
+            group: self.comm.group_name().to_string(),
+            detail: e.to_string(),
+        })?;
+        let Buf::F32(values) = got else {
+            return Err(GpuError::Shape {
+                op: "HostComm::broadcast",
+                detail: "the broadcast changed the type".into(),
+            });
+        };
+        if self.comm.rank() == root {
+            return Ok(());
+        }
         gpu.write(buf, &encode(&values, dtype))
     }
 

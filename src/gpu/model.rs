@@ -139,11 +139,13 @@ pub struct GpuGpt<'g, G: Gpu> {
     /// fp32 master weights in bf16 mode (`None` in fp32 mode: `params` are the master).
     master: Option<G::Buf>,
     grads: G::Buf,
-    /// AdamW's first and second moments (fp32), allocated by the first update or restore: a
-    /// pipeline stage whose optimizer shards live on the host (ZeRO-1) never holds them.
+    /// AdamW's first and second moments (fp32) of the optimizer's part of the arena
+    /// (`opt_parts`, concatenated), allocated by the first update or restore: a pipeline stage
+    /// whose optimizer shards live on the host never holds them.
     moments: Option<(G::Buf, G::Buf)>,
-    /// The arena's weight-decay runs: AdamW in one launch (`None`: one launch per tensor).
-    decay_runs: Option<optim::DecayRuns<G::Buf>>,
+    /// The arena ranges AdamW updates here: the whole arena, or this rank's shard under the
+    /// distributed optimizer ([`GpuGpt::set_optimizer_shard`]).
+    opt_parts: Vec<OptPart<G::Buf>>,
     norm_scratch: G::Buf,
     /// Scratch of [`GpuGpt::grad_sum_squares`], grown on demand.
     sq_scratch: Option<G::Buf>,
@@ -161,6 +163,36 @@ pub struct GpuGpt<'g, G: Gpu> {
     scratch: Option<Scratch<G::Buf>>,
     /// N of the latest backward: [`GpuGpt::input_grad`] reads that many rows of `dres`.
     last_backward_n: Option<usize>,
+}
+
+/// A range of the arena the optimizer updates, where its moments start in the moment buffers,
+/// and its weight-decay runs (one AdamW launch; `None`: one launch per tensor piece).
+struct OptPart<B> {
+    range: std::ops::Range<usize>,
+    base: usize,
+    runs: Option<optim::DecayRuns<B>>,
+}
+
+/// The optimizer parts of `ranges` (sorted, disjoint, inside the arena; empty ones dropped).
+fn opt_parts<G: Gpu>(
+    gpu: &G,
+    table: &ParamTable,
+    ranges: &[std::ops::Range<usize>],
+) -> Result<Vec<OptPart<G::Buf>>, GpuError> {
+    let mut parts = Vec::with_capacity(ranges.len());
+    let mut base = 0;
+    for r in ranges.iter().filter(|r| !r.is_empty()) {
+        // The tensors' pieces inside r, rebased to r.start (they tile it in arena order).
+        let pieces = table.specs().iter().filter_map(|s| {
+            let t = s.span.range();
+            let (lo, hi) = (t.start.max(r.start), t.end.min(r.end));
+            (lo < hi).then(|| (lo - r.start, hi - lo, s.decay))
+        });
+        let runs = optim::DecayRuns::new(gpu, pieces)?.filter(|runs| runs.len() == r.len());
+        parts.push(OptPart { range: r.clone(), base, runs });
+        base += r.len();
+    }
+    Ok(parts)
 }
 
 fn span(table: &ParamTable, name: &str) -> Result<Span, GpuError> {
@@ -295,8 +327,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             Some(m)
         };
         let norm_bytes = optim::sum_squares_scratch_bytes([n]);
-        let decay_runs =
-            optim::DecayRuns::new(gpu, table.specs().iter().map(|s| (s.span.offset, s.span.len, s.decay)))?;
+        let opt_parts = opt_parts(gpu, &table, std::slice::from_ref(&(0..n)))?;
         let lnf =
             if range.head { Some((span(&table, "ln_f.weight")?, span(&table, "ln_f.bias")?)) } else { None };
         Ok(GpuGpt {
@@ -310,7 +341,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             blocks,
             grads: gpu.alloc(n * 4)?,
             moments: None,
-            decay_runs,
+            opt_parts,
             norm_scratch: gpu.alloc(norm_bytes)?,
             sq_scratch: None,
             gelu_epilogue: std::env::var("TROUPE_GELU_EPILOGUE").map_or(true, |v| v != "0"),
@@ -388,9 +419,10 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         download_f32(self.gpu, at, range.len(), DType::F32)
     }
 
-    /// The AdamW moments (m, v) as fp32.
+    /// The AdamW moments (m, v) as fp32: of the whole arena, or of the optimizer shard's ranges
+    /// concatenated in arena order ([`GpuGpt::set_optimizer_shard`]).
     pub fn moments_host(&self) -> Result<(Vec<f32>, Vec<f32>), GpuError> {
-        let n = self.table.len();
+        let n = self.optimizer_len();
         match &self.moments {
             None => Ok((vec![0.0; n], vec![0.0; n])),
             Some((m, v)) => Ok((
@@ -403,7 +435,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// The moments, allocated (zero) on first use.
     fn moments_mut(&mut self) -> Result<&mut (G::Buf, G::Buf), GpuError> {
         if self.moments.is_none() {
-            let n = self.table.len();
+            let n = self.optimizer_len();
             self.moments = Some((self.gpu.alloc(n * 4)?, self.gpu.alloc(n * 4)?));
         }
         self.moments
@@ -411,9 +443,10 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             .ok_or_else(|| GpuError::Shape { op: "GpuGpt::moments", detail: "allocated above".into() })
     }
 
-    /// Replaces the AdamW state (resuming from a checkpoint): moments and the update count.
+    /// Replaces the AdamW state (resuming from a checkpoint): moments (as
+    /// [`GpuGpt::moments_host`] returns them) and the update count.
     pub fn set_optimizer_state(&mut self, m: &[f32], v: &[f32], steps: u64) -> Result<(), GpuError> {
-        let n = self.table.len();
+        let n = self.optimizer_len();
         if m.len() != n || v.len() != n {
             return Err(GpuError::Shape {
                 op: "set_optimizer_state",
@@ -1333,51 +1366,117 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         }
         self.moments_mut()?;
         self.adam_steps = step;
-        let scale = grad_scale;
         let Some((m, v)) = self.moments.as_ref() else {
             return Err(GpuError::Shape { op: "GpuGpt::adamw_update", detail: "no moments".into() });
         };
         let master = self.master.as_ref().unwrap_or(&self.params);
-        if let Some(runs) = self.decay_runs.as_ref().filter(|r| r.len() == self.table.len()) {
-            let h = AdamWStep {
-                lr,
-                beta1: adam.beta1,
-                beta2: adam.beta2,
-                eps: adam.eps,
-                weight_decay: adam.weight_decay,
-                step: self.adam_steps,
-            };
-            let bufs = optim::AdamWBufs {
-                params: Dev::new(master),
-                m: Dev::new(m),
-                v: Dev::new(v),
-                grads: Dev::new(&self.grads),
-                grad_dtype: DType::F32,
-                copy: self.master.as_ref().map(|_| (Dev::new(&self.params), self.dtype)),
-            };
-            return optim::adamw_runs(self.gpu, &bufs, runs, &h, scale);
-        }
-        for spec in self.table.specs() {
-            let s = spec.span;
-            let h = AdamWStep {
-                lr,
-                beta1: adam.beta1,
-                beta2: adam.beta2,
-                eps: adam.eps,
-                weight_decay: if spec.decay { adam.weight_decay } else { 0.0 },
-                step: self.adam_steps,
-            };
-            let bufs = optim::AdamWBufs {
-                params: Dev::new(master).at(s.offset, DType::F32),
-                m: Dev::new(m).at(s.offset, DType::F32),
-                v: Dev::new(v).at(s.offset, DType::F32),
-                grads: self.gr(s),
-                grad_dtype: DType::F32,
-                copy: self.master.as_ref().map(|_| (self.p(s), self.dtype)),
-            };
-            optim::adamw(self.gpu, &bufs, s.len, &h, scale)?;
+        let h = |decay: bool| AdamWStep {
+            lr,
+            beta1: adam.beta1,
+            beta2: adam.beta2,
+            eps: adam.eps,
+            weight_decay: if decay { adam.weight_decay } else { 0.0 },
+            step,
+        };
+        // Buffers of `len` elements from arena element `at` (moments from `base + at - start`).
+        let bufs = |at: usize, moment: usize| optim::AdamWBufs {
+            params: Dev::new(master).at(at, DType::F32),
+            m: Dev::new(m).at(moment, DType::F32),
+            v: Dev::new(v).at(moment, DType::F32),
+            grads: Dev::new(&self.grads).at(at, DType::F32),
+            grad_dtype: DType::F32,
+            copy: self.master.as_ref().map(|_| (Dev::new(&self.params).at(at, self.dtype), self.dtype)),
+        };
+        for part in &self.opt_parts {
+            let r = &part.range;
+            if let Some(runs) = part.runs.as_ref() {
+                // `weight_decay` is the decaying runs' own; the others get none in the kernel.
+                optim::adamw_runs(self.gpu, &bufs(r.start, part.base), runs, &h(true), grad_scale)?;
+                continue;
+            }
+            for spec in self.table.specs() {
+                let t = spec.span.range();
+                let (lo, hi) = (t.start.max(r.start), t.end.min(r.end));
+                if lo < hi {
+                    let b = bufs(lo, part.base + lo - r.start);
+                    optim::adamw(self.gpu, &b, hi - lo, &h(spec.decay), grad_scale)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Restricts the optimizer to arena `ranges` (sorted, disjoint): this rank's shard under
+    /// the distributed optimizer (ZeRO-1). Moments are then held for those elements only, and
+    /// [`GpuGpt::adamw_update`] changes only them (the other ranks' shards come from them:
+    /// [`GpuGpt::master_range`], [`GpuGpt::refresh_copy`]). Call before the first update or
+    /// restore.
+    ///
+    /// # Errors
+    /// Ranges unsorted, overlapping or outside the arena; moments already allocated; device
+    /// errors.
+    pub fn set_optimizer_shard(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<(), GpuError> {
+        const OP: &str = "GpuGpt::set_optimizer_shard";
+        let n = self.table.len();
+        let mut end = 0;
+        for r in ranges {
+            if r.start < end || r.start > r.end || r.end > n {
+                return Err(GpuError::Shape {
+                    op: OP,
+                    detail: format!("ranges {ranges:?} are not sorted, disjoint ranges of {n} parameters"),
+                });
+            }
+            end = r.end;
+        }
+        if self.moments.is_some() {
+            return Err(GpuError::Shape {
+                op: OP,
+                detail: "the moments are already allocated (set the shard before the first update)".into(),
+            });
+        }
+        self.opt_parts = opt_parts(self.gpu, &self.table, ranges)?;
+        Ok(())
+    }
+
+    /// The arena ranges the optimizer updates here (the whole arena unless sharded).
+    pub fn optimizer_shard(&self) -> Vec<std::ops::Range<usize>> {
+        self.opt_parts.iter().map(|p| p.range.clone()).collect()
+    }
+
+    /// Parameters the optimizer updates here (the length of each moment buffer).
+    pub fn optimizer_len(&self) -> usize {
+        self.opt_parts.iter().map(|p| p.range.len()).sum()
+    }
+
+    /// The fp32 (master) parameters of arena `range` on the device, for a collective that
+    /// fills them in place (the distributed optimizer's gather); then call
+    /// [`GpuGpt::refresh_copy`] for the range.
+    ///
+    /// # Errors
+    /// A range outside the arena.
+    pub fn master_range(&self, range: std::ops::Range<usize>) -> Result<Dev<'_, G::Buf>, GpuError> {
+        let n = self.table.len();
+        if range.start > range.end || range.end > n {
+            return Err(GpuError::Shape {
+                op: "GpuGpt::master_range",
+                detail: format!("range {range:?} of {n} parameters"),
+            });
+        }
+        Ok(Dev::new(self.master.as_ref().unwrap_or(&self.params)).at(range.start, DType::F32))
+    }
+
+    /// Rounds the master parameters of `range` into the bf16 copy the kernels read (ordered
+    /// after the queued work; nothing in fp32, where the master is what they read).
+    ///
+    /// # Errors
+    /// A range outside the arena; device errors.
+    pub fn refresh_copy(&mut self, range: std::ops::Range<usize>) -> Result<(), GpuError> {
+        let src = self.master_range(range.clone())?;
+        if self.master.is_none() || range.is_empty() {
+            return Ok(());
+        }
+        let dst = Dev::new(&self.params).at(range.start, self.dtype);
+        optim::cast(self.gpu, dst, self.dtype, src, DType::F32, range.len())
     }
 
     /// `Σ g²` of each arena range of the gradients, in double and a fixed order (one download

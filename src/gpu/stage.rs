@@ -7,15 +7,17 @@
 //! messages (bf16 from bf16 stages: `crate::runtime::wire`). Every schedule runs this way,
 //! zero-bubble ones included (the split backward of `model/split.rs`).
 //!
-//! Without the distributed optimizer the AdamW update runs on the device as well
-//! ([`DeviceStage::adamw`]): the device owns the parameters and moments, and gradients and
-//! parameters stay there. The data-parallel sum runs on the device too ([`Finished::Reduce`]:
+//! The AdamW update runs on the device as well ([`DeviceStage::adamw`]): the device owns the
+//! parameters and moments, and gradients and parameters stay there. With the distributed
+//! optimizer (ZeRO-1) each data-parallel rank's device updates its shard, holding moments for it
+//! only ([`DeviceStage::set_optimizer_shard`]), and the group's ranks broadcast their updated
+//! shards to the others ([`DeviceStage::gather_params`]). The data-parallel sum runs on the device too ([`Finished::Reduce`]:
 //! each range as the chunk's last backward finishes it, over a [`DeviceGroup`] — NCCL between
 //! launched processes, through the host elsewhere), and so does the embedding group's sum of
 //! the tied embedding ([`DeviceStage::all_reduce_grads`]). With `RunOptions::host_grad_reduce`
 //! the gradients come to the host during the chunk's last backward instead
 //! ([`Finished::Drain`], for the runtime's reducer) and the reduced ones go back up; with the
-//! distributed optimizer (ZeRO-1) the shards update on the host and the parameters go up once
+//! distributed optimizer too, the shards then update on the host and the parameters go up once
 //! per step (before the first forward that needs them).
 
 use std::sync::Arc;
@@ -163,13 +165,31 @@ pub trait DeviceStage: Send {
     /// `step == 0`; device errors.
     fn adamw(&mut self, lr: f32, adam: &AdamWConfig, step: u64, grad_scale: f32) -> Result<(), GpuError>;
 
+    /// Restricts [`DeviceStage::adamw`] to this rank's shard of the arena (the distributed
+    /// optimizer); as [`GpuGpt::set_optimizer_shard`].
+    ///
+    /// # Errors
+    /// As [`GpuGpt::set_optimizer_shard`].
+    fn set_optimizer_shard(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<(), GpuError>;
+
+    /// The distributed optimizer's gather over the data-parallel group, on the device: every
+    /// range of `shards[q]` (group rank q's shard; the same list on every rank) is broadcast
+    /// from rank q into the others' fp32 parameters in place, then rounded into their bf16
+    /// copy; returns when done. Call on every rank of the group after its update.
+    ///
+    /// # Errors
+    /// No data-parallel group, or `shards` not one per rank of it; communication errors and
+    /// timeouts; device errors.
+    fn gather_params(&mut self, shards: &[Vec<std::ops::Range<usize>>]) -> Result<(), GpuError>;
+
     /// The (master) parameters, fp32, in the range's arena order.
     ///
     /// # Errors
     /// Device errors.
     fn params(&self) -> Result<Vec<f32>, GpuError>;
 
-    /// The AdamW moments (m, v), fp32, in arena order.
+    /// The AdamW moments (m, v), fp32, in arena order (of the optimizer shard's ranges, when
+    /// sharded).
     ///
     /// # Errors
     /// Device errors.
@@ -370,6 +390,38 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
 
     fn adamw(&mut self, lr: f32, adam: &AdamWConfig, step: u64, grad_scale: f32) -> Result<(), GpuError> {
         self.adamw_update(lr, adam, step, grad_scale)
+    }
+
+    fn set_optimizer_shard(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<(), GpuError> {
+        GpuGpt::set_optimizer_shard(&mut self.model, ranges)
+    }
+
+    fn gather_params(&mut self, shards: &[Vec<std::ops::Range<usize>>]) -> Result<(), GpuError> {
+        const OP: &str = "DeviceStage::gather_params";
+        let dp = self.group(OP)?;
+        if shards.len() != dp.size() {
+            return Err(GpuError::Shape {
+                op: OP,
+                detail: format!("{} shards for a data-parallel group of {}", shards.len(), dp.size()),
+            });
+        }
+        self.wait_reduced()?;
+        let gpu = self.model.gpu();
+        for (root, ranges) in shards.iter().enumerate() {
+            for r in ranges.iter().filter(|r| !r.is_empty()) {
+                dp.broadcast(gpu, self.model.master_range(r.clone())?, r.len(), DType::F32, root)?;
+            }
+        }
+        dp.finish(gpu)?;
+        let me = dp.rank();
+        for (q, ranges) in shards.iter().enumerate() {
+            if q != me {
+                for r in ranges {
+                    self.model.refresh_copy(r.clone())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn params(&self) -> Result<Vec<f32>, GpuError> {

@@ -108,10 +108,48 @@ pub struct RunOptions {
     /// bf16 on a device (the values are bf16 already: nothing is lost), else fp32. Forcing bf16
     /// elsewhere rounds every activation and gradient that crosses a stage.
     pub message_dtype: Option<crate::comm::DType>,
-    /// With chunks on a device and data parallelism (without the distributed optimizer), sum
-    /// the gradients through the host's reducer (drain, CPU all-reduce, upload) instead of on
-    /// the device (NCCL under a launcher; see `stage::Stage::with_device_group`).
+    /// With chunks on a device and data parallelism, sum the gradients through the host's
+    /// reducer (drain, CPU all-reduce or reduce-scatter, upload) instead of on the device (NCCL
+    /// under a launcher; see `stage::Stage::with_device_group`). With the distributed optimizer
+    /// its shards then live on the host too.
     pub host_grad_reduce: bool,
+}
+
+/// Where the work around the backward runs when chunks compute on a device: what the ranks
+/// build (see `rank.rs`) and what `troupe train` and `troupe bench` report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevicePlacement {
+    /// Data-parallel and tied-embedding gradient sums on the devices (device groups).
+    pub grad_sums: bool,
+    /// AdamW on the devices (the host's copy of the parameters is stale between checkpoints).
+    pub optimizer: bool,
+    /// The distributed optimizer's shards on the devices, gathered over the device group.
+    pub shards: bool,
+}
+
+impl DevicePlacement {
+    /// The placement for a device whose factory has device groups (`device_groups`), `dp`
+    /// data-parallel ranks, the distributed optimizer (`distributed`) and `host_grad_reduce`.
+    ///
+    /// ```
+    /// use troupe::runtime::DevicePlacement;
+    /// // ZeRO-1 over two replicas with NCCL (or host-backed) device groups: all on the devices.
+    /// let p = DevicePlacement::new(true, 2, true, false);
+    /// assert!(p.grad_sums && p.optimizer && p.shards);
+    /// // Without device groups (in-process CUDA ranks) the shards stay on the host.
+    /// let p = DevicePlacement::new(false, 2, true, false);
+    /// assert!(!p.grad_sums && !p.optimizer && !p.shards);
+    /// // Unsharded AdamW is on the device either way.
+    /// assert!(DevicePlacement::new(false, 2, false, false).optimizer);
+    /// ```
+    pub fn new(device_groups: bool, dp: usize, distributed: bool, host_grad_reduce: bool) -> Self {
+        let grad_sums = device_groups && !host_grad_reduce;
+        // Sharded AdamW runs on the device only where the device group can gather the shards;
+        // one replica's "shard" is the whole arena (`host_grad_reduce` keeps it on the host).
+        let shards = distributed && dp > 1 && grad_sums;
+        let optimizer = !distributed || shards || (dp == 1 && !host_grad_reduce);
+        DevicePlacement { grad_sums, optimizer, shards }
+    }
 }
 
 /// Validation samples for [`RunOptions::valid`].

@@ -1081,6 +1081,8 @@ pub struct SupState {
     resume: Option<Resume>,
     /// The embedding group on the device (the tied embedding's gradient stays there).
     emb_device: Option<crate::gpu::stage::DeviceGroup>,
+    /// The distributed optimizer gathers the parameter shards on the devices (in its step).
+    gather_on_device: bool,
 }
 
 /// The training state a checkpoint restores.
@@ -1141,15 +1143,17 @@ impl Actor for Supervisor {
         let reducer_slot: Arc<std::sync::OnceLock<ActorRef<ReducerMsg>>> =
             Arc::new(std::sync::OnceLock::new());
         let slot = reducer_slot.clone();
-        // On a device, without ZeRO, the data-parallel sum runs there (NCCL under a launcher):
-        // over a communicator of its own, whose CPU side only carries the setup.
+        // On a device the data-parallel sum runs there (NCCL under a launcher): over a
+        // communicator of its own, whose CPU side only carries the setup. With the distributed
+        // optimizer the same group gathers the parameter shards after the update.
+        let place = super::DevicePlacement::new(
+            s.opts.device.as_ref().is_some_and(crate::gpu::stage::StageFactory::has_device_groups),
+            plan.dp,
+            plan.distributed_optimizer,
+            s.opts.host_grad_reduce,
+        );
         let device_group = match s.opts.device.as_ref() {
-            Some(f)
-                if f.has_device_groups()
-                    && plan.dp > 1
-                    && !plan.distributed_optimizer
-                    && !s.opts.host_grad_reduce =>
-            {
+            Some(f) if place.grad_sums && plan.dp > 1 => {
                 let (name, ranks) = topo.group(GroupKind::Data, wr);
                 let cpu = world
                     .new_group(&ranks, &format!("{name}-device"))
@@ -1163,9 +1167,7 @@ impl Actor for Supervisor {
         // The tied embedding's gradient is summed on the devices too when it stays there (the
         // optimizer on the device).
         let emb_device = match (s.opts.device.as_ref(), emb.as_ref()) {
-            (Some(f), Some(_))
-                if f.has_device_groups() && !plan.distributed_optimizer && !s.opts.host_grad_reduce =>
-            {
+            (Some(f), Some(_)) if place.grad_sums => {
                 let (name, ranks) = topo.group(GroupKind::Embedding, wr);
                 let cpu = world
                     .new_group(&ranks, &format!("{name}-device"))
@@ -1182,9 +1184,9 @@ impl Actor for Supervisor {
                     }
                 }) as Box<dyn Fn(ReadyBucket) + Send>
             });
-        // On a device the optimizer runs there too, unless it is sharded (ZeRO-1 keeps its
-        // shards on the host).
-        let device_opt = !plan.distributed_optimizer;
+        // On a device the optimizer runs there too; sharded (ZeRO-1) only beside a device group,
+        // which gathers the shards (with the data-parallel sums on the host, so are the shards).
+        let (device_opt, gather_on_device) = (place.optimizer, place.shards);
         let mut chunks = chunks
             .into_iter()
             .map(|g| match (s.opts.device.as_ref(), device_group.as_ref()) {
@@ -1193,6 +1195,14 @@ impl Actor for Supervisor {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| spawn_err("model chunk on the device", e))?;
+        if gather_on_device {
+            for (g, b) in chunks.iter_mut().zip(&chunk_buckets) {
+                let n = g.table().len();
+                let all = (0..plan.dp).map(|q| ChunkShard::new(n, b, plan.dp, q, true).ranges).collect();
+                g.shard_optimizer(all, coords.dp)
+                    .map_err(|e| spawn_err("distributed optimizer on the device", e))?;
+            }
+        }
         if let Some(r) = resume {
             for (g, shard) in chunks.iter_mut().zip(&shards) {
                 g.load_optimizer_state(shard, r.updates)
@@ -1321,6 +1331,7 @@ impl Actor for Supervisor {
             chunk_stage,
             resume,
             emb_device,
+            gather_on_device,
         })
     }
 
@@ -1731,7 +1742,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                     .call(|r| OptimizerMsg::Step(OptStep { step: this, ticket, lr, clip }, r), Some(timeout))
                     .await,
             )??;
-            if dist && dp > 1 {
+            if dist && dp > 1 && !st.gather_on_device {
                 let reads = st
                     .job(this, "read parameter shards", |e: &mut Engine| {
                         let mut out = Vec::new();

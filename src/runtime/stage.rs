@@ -10,7 +10,7 @@
 //!
 //! Where the step's gradients go after the chunk's last backward ([`Stage::finish_grads`]):
 //! - with a device group ([`Stage::with_device_group`]: data parallelism, optimizer on the
-//!   device): nowhere; the last backward queues each finished range's sum over the group on the
+//!   device, sharded or not: [`Stage::shard_optimizer`]): nowhere; the last backward queues each finished range's sum over the group on the
 //!   device, `finish_grads` the rest, and every read waits for them;
 //! - with data parallelism through the host, or the optimizer on the host: added into the host arena (most of
 //!   them during that backward, range by range as it finishes them, so the data-parallel
@@ -22,7 +22,7 @@
 //!
 //! [`Stage::optimizer_step`] then updates on the host (the device gets the parameters before
 //! its next forward) or on the device (host gradients go up first if the reducer left them on
-//! the host; the host parameters are stale until [`Stage::pull_params`], which checkpoints and
+//! the host; a sharded device optimizer gathers the other ranks' shards over the device group; the host parameters are stale until [`Stage::pull_params`], which checkpoints and
 //! the end of the run call; the moments are read with [`Stage::optimizer_state_into`]).
 
 use std::ops::{Deref, DerefMut};
@@ -62,6 +62,9 @@ pub struct Stage {
     /// When the backward that queues this step's device reductions began, and when they were
     /// all done.
     reduce_span: (Option<std::time::Instant>, Option<std::time::Instant>),
+    /// The distributed optimizer on the device: every data-parallel rank's shard of the arena
+    /// and this rank's index ([`Stage::shard_optimizer`]).
+    opt_shards: Option<(Vec<Vec<std::ops::Range<usize>>>, usize)>,
 }
 
 fn dev_err(e: crate::gpu::GpuError) -> ModelError {
@@ -85,6 +88,7 @@ impl Stage {
             poison: None,
             reduce_on_device: false,
             reduce_span: (None, None),
+            opt_shards: None,
         }
     }
 
@@ -121,6 +125,40 @@ impl Stage {
     ) -> Result<Self, ModelError> {
         let dev = factory.make(host.config(), host.range(), host.params(), Some(group)).map_err(dev_err)?;
         Ok(Stage { dev: Some(dev), optimizer_on_device: true, reduce_on_device: true, ..Self::cpu(host) })
+    }
+
+    /// Runs the distributed optimizer (ZeRO-1) on the device of a [`Stage::with_device_group`]
+    /// stage: `shards[q]` is data-parallel rank q's shard of the arena (its ranges in order,
+    /// the same list on every rank), `me` this rank's. The device then holds moments for its
+    /// shard only, [`Stage::optimizer_step`] updates that shard and gathers the others' from
+    /// their owners over the device group (broadcasts of the fp32 parameters), and the host's
+    /// parameter all-gather is not needed. Call before restoring optimizer state.
+    ///
+    /// # Errors
+    /// A stage without a device group; `me` out of range; shards the device refuses.
+    pub fn shard_optimizer(
+        &mut self,
+        shards: Vec<Vec<std::ops::Range<usize>>>,
+        me: usize,
+    ) -> Result<(), ModelError> {
+        let Some(dev) = self.dev.as_mut().filter(|_| self.reduce_on_device && self.optimizer_on_device)
+        else {
+            return Err(ModelError::Device(
+                "the distributed optimizer runs on the device only beside a device group".into(),
+            ));
+        };
+        let Some(mine) = shards.get(me) else {
+            return Err(ModelError::Device(format!("shard {me} of {}", shards.len())));
+        };
+        dev.set_optimizer_shard(mine).map_err(dev_err)?;
+        self.opt_shards = Some((shards, me));
+        Ok(())
+    }
+
+    /// Whether [`Stage::optimizer_step`] gathers the data-parallel ranks' parameter shards on
+    /// the device ([`Stage::shard_optimizer`]).
+    pub fn gathers_on_device(&self) -> bool {
+        self.opt_shards.is_some() && self.optimizer_on_device()
     }
 
     /// Whether the data-parallel reduction runs on the device ([`Stage::with_device_group`]).
@@ -554,13 +592,15 @@ impl Stage {
     /// One AdamW update (number `step`) of this rank's `shard` of the chunk, gradients
     /// multiplied by `clip` first when given. On the host: the shard's moments and the host
     /// parameters (the device gets them before its next forward). With the optimizer on the
-    /// device: the whole arena on the device (the shard is the whole arena; its host moments
-    /// are not used until [`Stage::optimizer_state_into`]); host gradients go up first when
-    /// the step's gradients are on the host (data-parallel reduction), and the host parameters
-    /// are stale until [`Stage::pull_params`].
+    /// device: the shard on the device (the whole arena, or the one given to
+    /// [`Stage::shard_optimizer`], after which the other ranks' shards are gathered; its host
+    /// moments are not used until [`Stage::optimizer_state_into`]); host gradients go up first
+    /// when the step's gradients are on the host (data-parallel reduction), and the host
+    /// parameters are stale until [`Stage::pull_params`].
     ///
     /// # Errors
-    /// The optimizer is on the device but the shard is not the whole arena; device errors.
+    /// The optimizer is on the device but `shard` is not the device's (the whole arena, or the
+    /// shard it was given); communication errors and timeouts of the gather; device errors.
     #[allow(clippy::too_many_arguments)]
     pub fn optimizer_step(
         &mut self,
@@ -585,11 +625,20 @@ impl Stage {
             return Ok(());
         };
         let n = self.host.grads().len();
-        if shard.ranges.iter().map(std::ops::Range::len).sum::<usize>() != n {
-            return Err(ModelError::Device(format!(
-                "the device optimizer updates whole chunks; this rank's shard covers {:?} of {n}",
-                shard.ranges
-            )));
+        match &self.opt_shards {
+            Some((all, me)) if all[*me] != shard.ranges => {
+                return Err(ModelError::Device(format!(
+                    "the device optimizer holds shard {:?}; asked to update {:?}",
+                    all[*me], shard.ranges
+                )));
+            }
+            None if shard.ranges.iter().map(std::ops::Range::len).sum::<usize>() != n => {
+                return Err(ModelError::Device(format!(
+                    "the device optimizer updates whole chunks; this rank's shard covers {:?} of {n}",
+                    shard.ranges
+                )));
+            }
+            _ => {}
         }
         if self.params_dirty {
             dev.set_params(self.host.params()).map_err(dev_err)?;
@@ -599,6 +648,9 @@ impl Stage {
             dev.set_grads(0..n, self.host.grads()).map_err(dev_err)?;
         }
         dev.adamw(lr, cfg, step, clip.unwrap_or(1.0)).map_err(dev_err)?;
+        if let Some((all, _)) = &self.opt_shards {
+            dev.gather_params(all).map_err(dev_err)?;
+        }
         self.host_params_stale = true;
         Ok(())
     }
@@ -626,7 +678,7 @@ impl Stage {
     /// runs on the device; otherwise the shard already holds them.
     ///
     /// # Errors
-    /// A shard that is not the whole arena; device errors.
+    /// A shard of another size than the device's; device errors.
     pub fn optimizer_state_into(&self, shard: &mut ChunkShard) -> Result<(), ModelError> {
         let Some(dev) = self.dev.as_ref().filter(|_| self.optimizer_on_device) else { return Ok(()) };
         let (m, v) = dev.moments().map_err(dev_err)?;
@@ -646,7 +698,7 @@ impl Stage {
     /// optimizer runs on the device.
     ///
     /// # Errors
-    /// A shard that is not the whole arena; device errors.
+    /// A shard of another size than the device's; device errors.
     pub fn load_optimizer_state(&mut self, shard: &ChunkShard, step: u64) -> Result<(), ModelError> {
         let on_device = self.optimizer_on_device();
         let Some(dev) = self.dev.as_mut().filter(|_| on_device) else { return Ok(()) };
