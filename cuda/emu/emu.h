@@ -1,17 +1,20 @@
 // The CPU emulator of troupe's CUDA kernels: just enough of CUDA C++ for the kernels in cuda/*.cu
-// to compile as C++20 with g++ and run on the CPU, one OS thread per CUDA thread of a block, for
-// tests on machines without a GPU. It checks algorithms and launch geometry, not GPU performance
+// to compile as C++20 with g++ and run on the CPU, one fiber (a stack of its own, switched in user
+// space) per CUDA thread of a block, for tests on machines without a GPU. It checks algorithms and launch geometry, not GPU performance
 // or memory-model corner cases (every thread sees every store at once; there are no data races
 // that a GPU would expose but the emulator hides, as long as kernels synchronise as they must).
 //
-// Model: a launch runs the blocks of the grid one after another; the threads of a block are real
-// threads that meet at __syncthreads() (a std::barrier of the block size) and exchange values in
-// warp shuffles through a per-warp slot array guarded by a per-warp barrier. `__shared__`
-// variables become function-local statics: one copy, used by the one block running at a time.
+// Model: a launch runs the blocks of the grid one after another, on the launching thread; the
+// threads of a block are fibers that the launch resumes in turn (runtime.cpp). They meet at
+// __syncthreads() (a barrier of the block size) and exchange values in warp shuffles through a
+// per-warp slot array guarded by a per-warp barrier; waiting at a barrier yields to the next
+// fiber, so a block's threads interleave only at barriers (no OS threads, no preemption). A
+// round of all fibers in which none arrives at a barrier or ends is a deadlock (a thread skipped a
+// barrier), reported as the launch's error. `__shared__` variables become function-local statics:
+// one copy, used by the one block running at a time.
 #define TROUPE_EMU 1
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <math.h>
 #include <cstdint>
@@ -33,12 +36,34 @@ struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
 
+// The running fiber's coordinates: plain globals, set by the launch before it resumes a fiber
+// (one launch runs at a time, on one thread).
 namespace troupe_emu {
 struct Launch;
-inline thread_local dim3 thread_idx;
-inline thread_local dim3 block_idx;
-inline thread_local Launch* current = nullptr;
-inline thread_local unsigned int linear_tid = 0;
+inline dim3 thread_idx;
+inline dim3 block_idx;
+inline Launch* current = nullptr;
+inline unsigned int linear_tid = 0;
+// Gives the thread to the next fiber of the block (runtime.cpp).
+void fiber_yield();
+// Counts barrier arrivals: the launch's progress, for deadlock detection.
+inline unsigned long long arrivals = 0;
+
+// A barrier of `expected` fibers: the last to arrive opens it; the others yield until it is.
+struct Barrier {
+    unsigned int expected = 0, count = 0;
+    unsigned long long generation = 0;
+    void arrive_and_wait() {
+        const unsigned long long g = generation;
+        ++arrivals;
+        if (++count == expected) {
+            count = 0;
+            ++generation;
+            return;
+        }
+        while (generation == g) fiber_yield();
+    }
+};
 }  // namespace troupe_emu
 
 #define threadIdx (troupe_emu::thread_idx)
@@ -50,8 +75,8 @@ namespace troupe_emu {
 struct Launch {
     dim3 grid, block;
     unsigned int threads;
-    std::unique_ptr<std::barrier<>> block_barrier;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+    Barrier block_barrier;
+    std::vector<Barrier> warp_barriers;
     std::vector<uint32_t> warp_slots;  // 32 lanes per warp, 4-byte payloads
     std::vector<uint64_t> warp_slots64;
     alignas(64) std::vector<unsigned char> dyn_smem;
@@ -65,7 +90,7 @@ inline T shfl(T v, unsigned int src_lane) {
     static_assert(sizeof(T) == 4 || sizeof(T) == 8, "shuffles move 4- or 8-byte values");
     Launch* l = current;
     unsigned int warp = linear_tid / 32, lane = linear_tid % 32;
-    auto& bar = *l->warp_barriers[warp];
+    auto& bar = l->warp_barriers[warp];
     T out;
     if constexpr (sizeof(T) == 4) {
         uint32_t bits;
@@ -90,9 +115,9 @@ inline T shfl(T v, unsigned int src_lane) {
 
 #define DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(troupe_emu::dyn_smem())
 
-inline void __syncthreads() { troupe_emu::current->block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { troupe_emu::current->block_barrier.arrive_and_wait(); }
 inline void __syncwarp(unsigned int = 0xffffffffu) {
-    troupe_emu::current->warp_barriers[troupe_emu::linear_tid / 32]->arrive_and_wait();
+    troupe_emu::current->warp_barriers[troupe_emu::linear_tid / 32].arrive_and_wait();
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned int, T v, int mask, int = 32) {
@@ -125,7 +150,7 @@ inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned
     using namespace troupe_emu;
     Launch* l = current;
     unsigned int warp = linear_tid / 32, lane = linear_tid % 32;
-    auto& bar = *l->warp_barriers[warp];
+    auto& bar = l->warp_barriers[warp];
     uint32_t* mine = mma_slots[warp][lane];
     for (int i = 0; i < 4; ++i) mine[i] = a[i];
     mine[4] = b[0];

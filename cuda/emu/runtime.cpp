@@ -1,62 +1,114 @@
 // Launching emulated kernels (see emu.h). Compiled in one translation unit after emu.h, the
 // prelude and every kernel file; exported to Rust as `troupe_emu_launch`.
-#include <condition_variable>
+//
+// A block's threads are fibers on the launching thread: each has a stack of its own (mapped once,
+// with a guard page below it, and reused by every launch) and is switched to and from by
+// `troupe_emu_switch`, which saves the callee-saved registers and the stack pointer — all a
+// cooperative switch between C++ frames needs on x86-64 System V (the floating-point control
+// state is the thread's and no fiber changes it). The launch resumes the unfinished fibers in
+// turn; a fiber runs until it waits at a barrier (emu.h) or its kernel returns.
 #include <cstdio>
-#include <functional>
 #include <mutex>
-#include <thread>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#if !defined(__x86_64__)
+#error "the kernel emulator's fibers switch stacks with x86-64 code"
+#endif
+
+// troupe_emu_switch(&save_sp, next_sp): pushes the callee-saved registers, stores the stack
+// pointer in *save_sp, loads next_sp and pops the registers saved there, returning into the
+// other fiber (or, for a new fiber, into its entry, see `Fibers::start`).
+asm(R"(
+    .text
+    .p2align 4
+    .type troupe_emu_switch, @function
+troupe_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size troupe_emu_switch, .-troupe_emu_switch
+)");
+extern "C" void troupe_emu_switch(void** save_sp, void* next_sp);
 
 namespace troupe_emu {
-static std::mutex launch_mutex;  // `__shared__` statics allow one launch at a time
+static std::mutex launch_mutex;  // `__shared__` statics and the fibers allow one launch at a time
 
-// Worker threads kept across launches (creating a thousand threads per launch dominated the
-// emulator's time). Launch n runs the job on workers 0..n; the others wake and sleep again.
-// Leaked on purpose: workers block forever in `wait`, and a static destructor would have to join
-// them at exit.
-struct Pool {
-    std::mutex m;
-    std::condition_variable wake, done;
-    unsigned long long generation = 0;
-    unsigned active = 0, remaining = 0;
-    const std::function<void(unsigned)>* job = nullptr;
-    unsigned workers = 0;
+// Stack of one fiber. Kernels keep a few KiB of locals (the largest, the head-size-256
+// attention, under 8 KiB); -O2 frames and the emulator's helpers fit many times over.
+constexpr size_t kStackBytes = 256 * 1024;
 
-    void ensure(unsigned n) {
-        while (workers < n) {
-            unsigned id = workers++;
-            std::thread([this, id] { serve(id); }).detach();
-        }
+struct Fibers {
+    unsigned char* stacks = nullptr;  // capacity × (guard page + stack)
+    unsigned capacity = 0;
+    size_t page = 4096;
+    std::vector<void*> sp;           // saved stack pointer of each fiber
+    std::vector<unsigned char> done;  // its kernel returned
+    void* launcher_sp = nullptr;     // the launching thread's, while a fiber runs
+    unsigned running = 0;
+    const Entry* entry = nullptr;
+    void** args = nullptr;
+
+    size_t slot() const { return page + kStackBytes; }
+
+    // Stacks for n fibers (mapped lazily: untouched pages cost nothing).
+    bool reserve(unsigned n) {
+        if (n <= capacity) return true;
+        page = (size_t)sysconf(_SC_PAGESIZE);
+        void* m = mmap(nullptr, slot() * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return false;
+        unsigned char* base = static_cast<unsigned char*>(m);
+        for (unsigned i = 0; i < n; ++i)
+            if (mprotect(base + i * slot(), page, PROT_NONE) != 0) return false;  // overflow faults
+        if (stacks) munmap(stacks, slot() * capacity);
+        stacks = base;
+        capacity = n;
+        return true;
     }
 
-    void serve(unsigned id) {
-        unsigned long long seen = 0;
-        for (;;) {
-            const std::function<void(unsigned)>* j;
-            {
-                std::unique_lock<std::mutex> lk(m);
-                wake.wait(lk, [&] { return generation != seen; });
-                seen = generation;
-                if (id >= active) continue;
-                j = job;
-            }
-            (*j)(id);
-            std::lock_guard<std::mutex> lk(m);
-            if (--remaining == 0) done.notify_all();
-        }
+    [[noreturn]] static void entry_point();
+
+    // Fiber t's stack as if `troupe_emu_switch` had saved it just before entering
+    // `entry_point` (six zero registers, then the entry as the return address, then a dummy
+    // return address for entry_point's own frame, keeping the ABI's 16-byte alignment).
+    void start(unsigned t) {
+        unsigned char* top = stacks + (size_t)(t + 1) * slot();
+        void** s = reinterpret_cast<void**>(top);
+        *--s = nullptr;
+        *--s = reinterpret_cast<void*>(&entry_point);
+        for (int r = 0; r < 6; ++r) *--s = nullptr;
+        sp[t] = s;
+        done[t] = 0;
     }
 
-    void run(unsigned n, const std::function<void(unsigned)>& f) {
-        std::unique_lock<std::mutex> lk(m);
-        ensure(n);
-        job = &f;
-        active = n;
-        remaining = n;
-        ++generation;
-        wake.notify_all();
-        done.wait(lk, [&] { return remaining == 0; });
+    void resume(unsigned t) {
+        running = t;
+        troupe_emu_switch(&launcher_sp, sp[t]);
     }
 };
-static Pool* pool = new Pool;
+static Fibers* fibers = new Fibers;  // leaked: its stacks live as long as the process
+
+void fiber_yield() { troupe_emu_switch(&fibers->sp[fibers->running], fibers->launcher_sp); }
+
+void Fibers::entry_point() {
+    Fibers& f = *fibers;
+    f.entry->call(f.entry->fn, f.args);
+    f.done[f.running] = 1;
+    troupe_emu_switch(&f.sp[f.running], f.launcher_sp);
+    __builtin_unreachable();  // a finished fiber is never resumed
+}
 }  // namespace troupe_emu
 
 extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, const unsigned int* block3,
@@ -79,27 +131,63 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
     if (smem_bytes > 227 * 1024) return fail("more than 227 KiB of dynamic shared memory (the sm_90 limit)");
     unsigned long long blocks = (unsigned long long)grid3[0] * grid3[1] * grid3[2];
     std::lock_guard<std::mutex> guard(launch_mutex);
-    l.block_barrier = std::make_unique<std::barrier<>>(l.threads);
-    for (unsigned int w = 0; w < l.threads / 32; ++w) l.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    Fibers& f = *fibers;
+    if (!f.reserve(l.threads)) return fail("mapping " + std::to_string(l.threads) + " fiber stacks failed");
+    f.sp.assign(l.threads, nullptr);
+    f.done.assign(l.threads, 0);
+    f.entry = entry;
+    f.args = args;
+    l.block_barrier.expected = l.threads;
+    l.warp_barriers.assign(l.threads / 32, Barrier{});
+    for (Barrier& w : l.warp_barriers) w.expected = 32;
     l.warp_slots.assign(l.threads, 0);
     l.warp_slots64.assign(l.threads, 0);
     // Uninitialised shared memory reads as NaN, so a kernel that forgets to write it fails tests.
     l.dyn_smem.assign(smem_bytes + 16, 0xff);
-    std::barrier<> end_of_block(l.threads);
-    std::function<void(unsigned)> body = [&](unsigned t) {
-        current = &l;
-        linear_tid = t;
-        thread_idx = dim3{t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
-        for (unsigned long long b = 0; b < blocks; ++b) {
-            block_idx = dim3{(unsigned int)(b % l.grid.x), (unsigned int)((b / l.grid.x) % l.grid.y),
-                             (unsigned int)(b / ((unsigned long long)l.grid.x * l.grid.y))};
-            entry->call(entry->fn, args);
-            end_of_block.arrive_and_wait();
+    current = &l;
+    for (unsigned long long b = 0; b < blocks; ++b) {
+        block_idx = dim3{(unsigned int)(b % l.grid.x), (unsigned int)((b / l.grid.x) % l.grid.y),
+                         (unsigned int)(b / ((unsigned long long)l.grid.x * l.grid.y))};
+        for (unsigned t = 0; t < l.threads; ++t) f.start(t);
+        unsigned left = l.threads;
+        while (left > 0) {
+            const unsigned long long before = arrivals;
+            unsigned finished = 0;
+            for (unsigned t = 0; t < l.threads; ++t) {
+                if (f.done[t]) continue;
+                linear_tid = t;
+                thread_idx = dim3{t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
+                f.resume(t);
+                finished += f.done[t];
+            }
+            left -= finished;
+            if (left > 0 && finished == 0 && arrivals == before) {
+                current = nullptr;
+                return fail(std::string("kernel ") + name + " deadlocked in block " + std::to_string(b) + ": " +
+                            std::to_string(left) +
+                            " threads wait at a __syncthreads or warp shuffle that the others never reach");
+            }
         }
-    };
-    pool->run(l.threads, body);
+    }
+    current = nullptr;
     return 0;
 }
+
+// Self-tests of the emulator itself (no GPU twin; see src/gpu/emu.rs): odd threads skip the
+// block barrier (a deadlock, reported as an error), and a rotation through shared memory (every
+// fiber's store is visible after the barrier, in every block).
+extern "C" __global__ void emu_selftest_skipped_barrier() {
+    if (threadIdx.x % 2 == 0) __syncthreads();
+}
+EXPORT_KERNEL(emu_selftest_skipped_barrier);
+extern "C" __global__ void emu_selftest_rotate(float* out, const float* in) {
+    __shared__ float s[1024];
+    const unsigned n = blockDim.x, t = threadIdx.x, base = blockIdx.x * n;
+    s[t] = in[base + t];
+    __syncthreads();
+    out[base + t] = s[(t + 1) % n];
+}
+EXPORT_KERNEL(emu_selftest_rotate);
 
 extern "C" int troupe_emu_kernel_count() { return (int)troupe_emu::registry().size(); }
 extern "C" const char* troupe_emu_kernel_name(int i) { return troupe_emu::registry()[(size_t)i].name; }

@@ -1,5 +1,6 @@
 //! The CPU emulator of the CUDA kernels (see the module docs of [`crate::gpu`] and
-//! `cuda/emu/emu.h`). Slow — one OS thread per CUDA thread — and meant for tests with small shapes.
+//! `cuda/emu/emu.h`). One fiber per CUDA thread, switched at barriers on the launching thread
+//! (`cuda/emu/runtime.cpp`): slow next to a GPU and meant for tests with small shapes.
 
 use std::cell::UnsafeCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -13,8 +14,8 @@ use super::{
     check_range, sources,
 };
 
-/// How long one emulated launch may take before the process is stopped: a kernel that breaks the
-/// barrier rules (a thread skipping `__syncthreads`) deadlocks the emulator instead of failing.
+/// How long one emulated launch may take before the process is stopped (a kernel in an endless
+/// loop; a thread that skips a barrier is found by the launch and reported as its error).
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(300);
 
 type LaunchFn = unsafe extern "C" fn(
@@ -341,8 +342,8 @@ impl Gpu for EmuGpu {
         let watchdog = std::thread::spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(LAUNCH_TIMEOUT) {
                 eprintln!(
-                    "emulated kernel {kernel_name} did not finish in {LAUNCH_TIMEOUT:?}: a thread skipped a \
-                     __syncthreads or shuffle (deadlock); aborting"
+                    "emulated kernel {kernel_name} did not finish in {LAUNCH_TIMEOUT:?} (an endless loop?); \
+                     aborting"
                 );
                 std::process::abort();
             }
@@ -494,6 +495,33 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], rtol: f64, atol: f64) -> R
 #[cfg(test)]
 mod tests {
     use super::parse_bytes;
+    use crate::gpu::{Arg, Dev, Gpu};
+
+    /// The fibers: a block whose odd threads skip the barrier is a deadlock error naming the
+    /// kernel and block (not a hang), and the emulator works after it: stores before a barrier
+    /// are seen after it by every thread, in every block.
+    #[test]
+    fn a_skipped_barrier_is_an_error_and_barriers_order_shared_memory() {
+        let Some(emu) = super::shared() else { return };
+        let err = emu.launch("emu_selftest_skipped_barrier", [2, 1, 1], [64, 1, 1], 0, &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("emu_selftest_skipped_barrier deadlocked in block 0"), "{msg}");
+        assert!(msg.contains("32 threads wait"), "{msg}");
+        let (blocks, n) = (3usize, 256usize);
+        let input: Vec<f32> = (0..blocks * n).map(|i| i as f32).collect();
+        let mut inp = emu.alloc(4 * input.len()).unwrap();
+        emu.upload(&mut inp, 0, bytemuck::cast_slice(&input)).unwrap();
+        let out = emu.alloc(4 * input.len()).unwrap();
+        let args = [Arg::Ptr(Dev::new(&out)), Arg::Ptr(Dev::new(&inp))];
+        emu.launch("emu_selftest_rotate", [blocks as u32, 1, 1], [n as u32, 1, 1], 0, &args).unwrap();
+        let mut bytes = vec![0u8; 4 * input.len()];
+        emu.download(&out, 0, &mut bytes).unwrap();
+        let got: &[f32] = bytemuck::cast_slice(&bytes);
+        for (i, &g) in got.iter().enumerate() {
+            let (b, t) = (i / n, i % n);
+            assert_eq!(g, (b * n + (t + 1) % n) as f32, "block {b} thread {t}");
+        }
+    }
 
     #[test]
     fn byte_counts_parse_with_binary_suffixes() {
