@@ -6,7 +6,7 @@ use std::cell::UnsafeCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
@@ -17,6 +17,55 @@ use super::{
 /// How long one emulated launch may take before the process is stopped (a kernel in an endless
 /// loop; a thread that skips a barrier is found by the launch and reported as its error).
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Launches in progress, checked by one thread that aborts the process when one has run longer
+/// than [`LAUNCH_TIMEOUT`] (a thread per launch cost more than many emulated kernels).
+struct Watchdog {
+    running: std::sync::Mutex<std::collections::HashMap<u64, (std::time::Instant, String)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Removes its launch from the watchdog when dropped.
+struct Watched(u64);
+
+impl Watchdog {
+    fn watch(&'static self, kernel: &str) -> Watched {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut running = self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.insert(id, (std::time::Instant::now(), kernel.to_string()));
+        Watched(id)
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        watchdog().running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.0);
+    }
+}
+
+fn watchdog() -> &'static Watchdog {
+    static WATCHDOG: std::sync::OnceLock<&'static Watchdog> = std::sync::OnceLock::new();
+    WATCHDOG.get_or_init(|| {
+        let w: &'static Watchdog = Box::leak(Box::new(Watchdog {
+            running: std::sync::Mutex::new(std::collections::HashMap::new()),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }));
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                let running = w.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some((_, kernel)) = running.values().find(|(t, _)| t.elapsed() > LAUNCH_TIMEOUT) {
+                    eprintln!(
+                        "emulated kernel {kernel} did not finish in {LAUNCH_TIMEOUT:?} (an endless loop?); \
+                         aborting"
+                    );
+                    std::process::abort();
+                }
+            }
+        });
+        w
+    })
+}
 
 type LaunchFn = unsafe extern "C" fn(
     *const c_char,
@@ -337,17 +386,7 @@ impl Gpu for EmuGpu {
             unsafe { self.lib.get(b"troupe_emu_launch") }.map_err(|e| fail(e.to_string()))?;
         let launch = *launch;
         let mut err = vec![0 as c_char; 512];
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let kernel_name = kernel.to_string();
-        let watchdog = std::thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(LAUNCH_TIMEOUT) {
-                eprintln!(
-                    "emulated kernel {kernel_name} did not finish in {LAUNCH_TIMEOUT:?} (an endless loop?); \
-                     aborting"
-                );
-                std::process::abort();
-            }
-        });
+        let _watch = watchdog().watch(kernel);
         // SAFETY: little-endian x86-64: a pointer to the u64 slot is also a valid pointer to its
         // low 4 bytes, which is how 32-bit arguments are read. Buffers outlive the call.
         let rc = unsafe {
@@ -361,8 +400,6 @@ impl Gpu for EmuGpu {
                 err.len() as u64,
             )
         };
-        let _ = done_tx.send(());
-        let _ = watchdog.join();
         if rc != 0 {
             // SAFETY: runtime.cpp wrote a NUL-terminated message into `err`.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
