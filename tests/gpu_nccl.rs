@@ -90,8 +90,8 @@ fn a_missing_peer_is_an_error_after_the_timeout_not_a_hang() {
 
 /// The runtime's device groups on CUDA (`StageFactory::cuda_nccl`): the unique id goes over the
 /// group's CPU communicator, the NCCL communicator joins, and a GPU stage's last backward and
-/// its embedding-style sum run on it, and so does the distributed optimizer's gather
-/// (`Stage::shard_optimizer`: NCCL broadcasts). One rank: the sums and the gather are the
+/// its embedding-style sum run on it, and so do the distributed optimizer's gradient reduction
+/// and parameter gather (`Stage::shard_optimizer`: NCCL reduces and broadcasts). One rank: the sums and the gather are the
 /// identity, so the stage's gradients and updated parameters equal a stage's without a group,
 /// bit for bit.
 #[test]
@@ -118,12 +118,13 @@ fn a_one_rank_device_group_reduces_a_gpu_stage_in_place() {
         } else {
             Stage::with_optimizer(host, Some(&factory), true).unwrap()
         };
-        // The group's distributed optimizer: one rank's shard of two ranges, gathered by NCCL
-        // broadcasts from itself.
+        // The group's distributed optimizer over two buckets: one rank owns both; its backward
+        // reduces them to itself and its update gathers them from itself (NCCL reduce and
+        // broadcast).
         let ranges: Vec<_> =
             if with_group { vec![0..1000, 1000..n] } else { std::iter::once(0..n).collect() };
         if with_group {
-            st.shard_optimizer(vec![ranges.clone()], 0).unwrap();
+            assert_eq!(st.shard_optimizer(&[1000..n, 0..1000]).unwrap(), ranges);
         }
         st.forward(&be, 0, 2, 16, StageInput::Tokens(&tokens), Some(&targets), 1.0).unwrap();
         st.backward_report(&be, 0, None, true, &mut |_, _| {}).unwrap();

@@ -3,7 +3,8 @@
 //!
 //! [`DeviceComm`] is what the GPU training loop and the runtime's device groups need from a
 //! communicator: a sum all-reduce of a device range, queued so that it overlaps the rest of the
-//! backward, an in-place broadcast (the distributed optimizer's parameter gather), and a bounded
+//! backward, an in-place reduce to one rank and an in-place broadcast (the distributed
+//! optimizer's gradient reduction and parameter gather), and a bounded
 //! wait at the end. Two implementations:
 //! - [`NcclComm`] on a [`CudaGpu`]: each all-reduce is queued on the communication stream after
 //!   an event recorded on the compute stream (so it starts when backward has written that range,
@@ -32,6 +33,17 @@ pub trait DeviceComm<G: Gpu>: Send + Sync {
         buf: Dev<'_, G::Buf>,
         count: usize,
         dtype: DType,
+    ) -> Result<(), GpuError>;
+    /// Queues an in-place sum over the group into group rank `root`'s `count` elements of
+    /// `dtype` at `buf`, after the work queued on the GPU so far; the other ranks' buffers keep
+    /// their values (the distributed optimizer's gradient reduction: each part to its owner).
+    fn reduce_sum(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        root: usize,
     ) -> Result<(), GpuError>;
     /// Queues an in-place broadcast from group rank `root` of `count` elements of `dtype` at
     /// `buf`, after the work queued on the GPU so far (every rank passes a buffer of the length).
@@ -66,6 +78,18 @@ impl DeviceComm<CudaGpu> for NcclComm {
     ) -> Result<(), GpuError> {
         gpu.comm_after_compute()?;
         self.all_reduce(gpu, buf, count, dtype, ReduceOp::Sum)
+    }
+
+    fn reduce_sum(
+        &self,
+        gpu: &CudaGpu,
+        buf: Dev<'_, super::cuda::CudaBuf>,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<(), GpuError> {
+        gpu.comm_after_compute()?;
+        self.reduce(gpu, buf, count, dtype, ReduceOp::Sum, root)
     }
 
     fn broadcast(
@@ -130,6 +154,44 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
                 detail: "the reduction changed the type".into(),
             });
         };
+        gpu.write(buf, &encode(&values, dtype))
+    }
+
+    fn reduce_sum(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        root: usize,
+    ) -> Result<(), GpuError> {
+        if root >= self.comm.size() {
+            return Err(GpuError::Shape {
+                op: "HostComm::reduce_sum",
+                detail: format!("root {root} of a group of {}", self.comm.size()),
+            });
+        }
+        // The CPU communicator's all-reduce; only the root keeps the sum, as a reduce would.
+        let mut bytes = vec![0u8; count * dtype.size()];
+        gpu.download(buf.buf, buf.offset, &mut bytes)?;
+        let summed =
+            self.comm.all_reduce(Buf::F32(decode(&bytes, dtype)), ReduceOp::Sum).wait().map_err(|e| {
+                GpuError::Nccl {
+                    op: "reduce (through the host)".into(),
+                    rank: self.comm.rank(),
+                    group: self.comm.group_name().to_string(),
+                    detail: e.to_string(),
+                }
+            })?;
+        let Buf::F32(values) = summed else {
+            return Err(GpuError::Shape {
+                op: "HostComm::reduce_sum",
+                detail: "the reduction changed the type".into(),
+            });
+        };
+        if self.comm.rank() != root {
+            return Ok(());
+        }
         gpu.write(buf, &encode(&values, dtype))
     }
 

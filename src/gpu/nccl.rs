@@ -321,6 +321,36 @@ impl NcclComm {
         self.check("all_gather", res)
     }
 
+    /// In-place sum-style reduction to `root`: `root`'s buffer gets the reduction of every
+    /// rank's; the others' buffers are left as they were.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reduce(
+        &self,
+        gpu: &CudaGpu,
+        buf: Dev<'_, CudaBuf>,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<(), GpuError> {
+        self.fits(gpu, "reduce", buf, count, dtype)?;
+        let p = gpu.device_ptr(buf) as *mut c_void;
+        // SAFETY: as in all_reduce.
+        let res = unsafe {
+            nr::reduce(
+                p,
+                p,
+                count,
+                nccl_type(dtype),
+                nccl_op(op),
+                root as i32,
+                self.raw,
+                gpu.comm_stream().cu_stream() as _,
+            )
+        };
+        self.check("reduce", res)
+    }
+
     /// In-place broadcast from `root`.
     pub fn broadcast(
         &self,

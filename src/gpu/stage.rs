@@ -10,8 +10,10 @@
 //! The AdamW update runs on the device as well ([`DeviceStage::adamw`]): the device owns the
 //! parameters and moments, and gradients and parameters stay there. With the distributed
 //! optimizer (ZeRO-1) each data-parallel rank's device updates its shard, holding moments for it
-//! only ([`DeviceStage::set_optimizer_shard`]), and the group's ranks broadcast their updated
-//! shards to the others ([`DeviceStage::gather_params`]). The data-parallel sum runs on the device too ([`Finished::Reduce`]:
+//! only ([`DeviceStage::shard_optimizer`]): the step's last backward then reduces each
+//! gradient bucket's parts to their owners as soon as it has finished the bucket (a reduce per
+//! part, the reduce-scatter of the CPU path), and after the update the owners broadcast their
+//! parts of the parameters to the others ([`DeviceStage::gather_params`]). The data-parallel sum runs on the device too ([`Finished::Reduce`]:
 //! each range as the chunk's last backward finishes it, over a [`DeviceGroup`] — NCCL between
 //! launched processes, through the host elsewhere), and so does the embedding group's sum of
 //! the tied embedding ([`DeviceStage::all_reduce_grads`]). With `RunOptions::host_grad_reduce`
@@ -165,22 +167,32 @@ pub trait DeviceStage: Send {
     /// `step == 0`; device errors.
     fn adamw(&mut self, lr: f32, adam: &AdamWConfig, step: u64, grad_scale: f32) -> Result<(), GpuError>;
 
-    /// Restricts [`DeviceStage::adamw`] to this rank's shard of the arena (the distributed
-    /// optimizer); as [`GpuGpt::set_optimizer_shard`].
+    /// The distributed optimizer (ZeRO-1) over the stage's data-parallel group: each gradient
+    /// bucket (arena ranges, in the order the backward finishes them; the same on every rank) is
+    /// split over the group's ranks by `chunk_range`, and this rank owns its part of each.
+    /// [`Finished::Reduce`] then reduces each finished bucket's parts to their owners (instead
+    /// of all-reducing ranges), [`DeviceStage::adamw`] updates the owned parts only (moments
+    /// for them only: [`GpuGpt::set_optimizer_shard`]) and [`DeviceStage::gather_params`]
+    /// brings the others'. Returns the owned ranges, in arena order. Call before the first
+    /// update or restore.
     ///
     /// # Errors
-    /// As [`GpuGpt::set_optimizer_shard`].
-    fn set_optimizer_shard(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<(), GpuError>;
+    /// No data-parallel group; buckets that overlap or leave the arena; moments already
+    /// allocated.
+    fn shard_optimizer(
+        &mut self,
+        buckets: &[std::ops::Range<usize>],
+    ) -> Result<Vec<std::ops::Range<usize>>, GpuError>;
 
-    /// The distributed optimizer's gather over the data-parallel group, on the device: every
-    /// range of `shards[q]` (group rank q's shard; the same list on every rank) is broadcast
-    /// from rank q into the others' fp32 parameters in place, then rounded into their bf16
-    /// copy; returns when done. Call on every rank of the group after its update.
+    /// The distributed optimizer's gather over the data-parallel group, on the device: each
+    /// bucket part is broadcast from its owner into the others' fp32 parameters in place, then
+    /// rounded into their bf16 copy; returns when done. Call on every rank of the group after
+    /// its update.
     ///
     /// # Errors
-    /// No data-parallel group, or `shards` not one per rank of it; communication errors and
+    /// No data-parallel group or no [`DeviceStage::shard_optimizer`]; communication errors and
     /// timeouts; device errors.
-    fn gather_params(&mut self, shards: &[Vec<std::ops::Range<usize>>]) -> Result<(), GpuError>;
+    fn gather_params(&mut self) -> Result<(), GpuError>;
 
     /// The (master) parameters, fp32, in the range's arena order.
     ///
@@ -226,6 +238,67 @@ struct GpuStage<G: Gpu + 'static> {
     reduced: Vec<std::ops::Range<usize>>,
     /// Reductions queued and not yet waited for.
     queued: bool,
+    /// The distributed optimizer's buckets ([`DeviceStage::shard_optimizer`]).
+    zero: Option<Zero>,
+}
+
+/// The distributed optimizer's layout on a device group: gradient buckets, each split over the
+/// group's ranks by `chunk_range` (part q belongs to rank q), and the step's progress.
+struct Zero {
+    buckets: Vec<std::ops::Range<usize>>,
+    /// Elements of each bucket the step's last backward has finished so far.
+    covered: Vec<usize>,
+    /// Buckets whose parts are queued for reduction this step.
+    queued: Vec<bool>,
+}
+
+impl Zero {
+    /// Part `q` of bucket `b` among `parts` ranks, as arena positions.
+    fn part(&self, b: usize, parts: usize, q: usize) -> std::ops::Range<usize> {
+        let r = &self.buckets[b];
+        let c = crate::comm::chunk_range(r.len(), parts, q);
+        r.start + c.start..r.start + c.end
+    }
+
+    /// Queues the reduction of bucket `b`'s parts to their owners.
+    fn reduce_bucket<G: Gpu>(
+        &mut self,
+        b: usize,
+        dp: &dyn DeviceComm<G>,
+        gpu: &G,
+        grads: &G::Buf,
+    ) -> Result<(), GpuError> {
+        self.queued[b] = true;
+        for q in 0..dp.size() {
+            let r = self.part(b, dp.size(), q);
+            if !r.is_empty() {
+                dp.reduce_sum(gpu, Dev::new(grads).at(r.start, DType::F32), r.len(), DType::F32, q)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts `range` as finished and queues the buckets it completes, in bucket order.
+    fn finished<G: Gpu>(
+        &mut self,
+        range: &std::ops::Range<usize>,
+        dp: &dyn DeviceComm<G>,
+        gpu: &G,
+        grads: &G::Buf,
+    ) -> Result<(), GpuError> {
+        for b in 0..self.buckets.len() {
+            let r = &self.buckets[b];
+            let overlap = range.end.min(r.end).saturating_sub(range.start.max(r.start));
+            if overlap == 0 {
+                continue;
+            }
+            self.covered[b] += overlap;
+            if self.covered[b] >= r.len() && !self.queued[b] {
+                self.reduce_bucket(b, dp, gpu, grads)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<G: Gpu + 'static> GpuStage<G> {
@@ -251,11 +324,15 @@ impl<G: Gpu + 'static> GpuStage<G> {
             Finished::Drain(f) => backward(&mut self.model, &mut |range, grads| drain(gpu, range, grads, f)),
             Finished::Reduce => {
                 let dp = self.group("DeviceStage::backward")?;
-                let reduced = &mut self.reduced;
+                let (reduced, zero) = (&mut self.reduced, &mut self.zero);
                 self.queued = true;
                 backward(&mut self.model, &mut |range, grads| {
-                    let at = Dev::new(grads).at(range.start, DType::F32);
-                    dp.all_reduce_sum(gpu, at, range.len(), DType::F32)?;
+                    if let Some(z) = zero.as_mut() {
+                        z.finished(&range, &*dp, gpu, grads)?;
+                    } else {
+                        let at = Dev::new(grads).at(range.start, DType::F32);
+                        dp.all_reduce_sum(gpu, at, range.len(), DType::F32)?;
+                    }
                     reduced.push(range);
                     Ok(())
                 })
@@ -320,8 +397,20 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         let gpu = self.model.gpu();
         let n = self.model.table().len();
         let grads = self.model.grads_buf();
-        for gap in complement(&mut self.reduced, n) {
-            dp.all_reduce_sum(gpu, Dev::new(grads).at(gap.start, DType::F32), gap.len(), DType::F32)?;
+        let gaps = complement(&mut self.reduced, n);
+        if let Some(z) = self.zero.as_mut() {
+            // Buckets the backward did not finish (a head-only stage's tied wte).
+            for b in 0..z.buckets.len() {
+                if !z.queued[b] {
+                    z.reduce_bucket(b, &*dp, gpu, grads)?;
+                }
+            }
+            z.covered.iter_mut().for_each(|c| *c = 0);
+            z.queued.iter_mut().for_each(|q| *q = false);
+        } else {
+            for gap in gaps {
+                dp.all_reduce_sum(gpu, Dev::new(grads).at(gap.start, DType::F32), gap.len(), DType::F32)?;
+            }
         }
         self.queued = true;
         Ok(())
@@ -392,34 +481,61 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         self.adamw_update(lr, adam, step, grad_scale)
     }
 
-    fn set_optimizer_shard(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<(), GpuError> {
-        GpuGpt::set_optimizer_shard(&mut self.model, ranges)
-    }
-
-    fn gather_params(&mut self, shards: &[Vec<std::ops::Range<usize>>]) -> Result<(), GpuError> {
-        const OP: &str = "DeviceStage::gather_params";
+    fn shard_optimizer(
+        &mut self,
+        buckets: &[std::ops::Range<usize>],
+    ) -> Result<Vec<std::ops::Range<usize>>, GpuError> {
+        const OP: &str = "DeviceStage::shard_optimizer";
         let dp = self.group(OP)?;
-        if shards.len() != dp.size() {
+        let n = self.model.table().len();
+        let mut sorted = buckets.to_vec();
+        sorted.sort_by_key(|r| r.start);
+        if sorted.windows(2).any(|w| w[0].end > w[1].start)
+            || sorted.iter().any(|r| r.start > r.end || r.end > n)
+        {
             return Err(GpuError::Shape {
                 op: OP,
-                detail: format!("{} shards for a data-parallel group of {}", shards.len(), dp.size()),
+                detail: format!("buckets {buckets:?} overlap or leave the arena of {n}"),
             });
         }
+        let zero = Zero {
+            buckets: buckets.to_vec(),
+            covered: vec![0; buckets.len()],
+            queued: vec![false; buckets.len()],
+        };
+        let mut own: Vec<_> = (0..buckets.len())
+            .map(|b| zero.part(b, dp.size(), dp.rank()))
+            .filter(|r| !r.is_empty())
+            .collect();
+        own.sort_by_key(|r| r.start);
+        self.model.set_optimizer_shard(&own)?;
+        self.zero = Some(zero);
+        Ok(own)
+    }
+
+    fn gather_params(&mut self) -> Result<(), GpuError> {
+        const OP: &str = "DeviceStage::gather_params";
+        let dp = self.group(OP)?;
         self.wait_reduced()?;
-        let gpu = self.model.gpu();
-        for (root, ranges) in shards.iter().enumerate() {
-            for r in ranges.iter().filter(|r| !r.is_empty()) {
-                dp.broadcast(gpu, self.model.master_range(r.clone())?, r.len(), DType::F32, root)?;
+        let Some(zero) = self.zero.as_ref() else {
+            return Err(GpuError::Shape { op: OP, detail: "the stage's optimizer is not sharded".into() });
+        };
+        let (gpu, size, me) = (self.model.gpu(), dp.size(), dp.rank());
+        for b in 0..zero.buckets.len() {
+            for q in 0..size {
+                let r = zero.part(b, size, q);
+                if !r.is_empty() {
+                    dp.broadcast(gpu, self.model.master_range(r.clone())?, r.len(), DType::F32, q)?;
+                }
             }
         }
         dp.finish(gpu)?;
-        let me = dp.rank();
-        for (q, ranges) in shards.iter().enumerate() {
-            if q != me {
-                for r in ranges {
-                    self.model.refresh_copy(r.clone())?;
-                }
-            }
+        let others: Vec<_> = (0..zero.buckets.len())
+            .flat_map(|b| (0..size).filter(|&q| q != me).map(move |q| (b, q)))
+            .map(|(b, q)| zero.part(b, size, q))
+            .collect();
+        for r in others {
+            self.model.refresh_copy(r)?;
         }
         Ok(())
     }
@@ -545,7 +661,7 @@ impl StageFactory {
                 move |cfg: &GptConfig, range: LayerRange, host: &[f32], group: Option<&DeviceGroup>| {
                     let dp = group.map(|g| g.comm::<G>("StageFactory::make")).transpose()?;
                     let model = GpuGpt::from_range_params(gpu, cfg, range, host, dtype)?;
-                    Ok(Box::new(GpuStage { model, dp, reduced: Vec::new(), queued: false })
+                    Ok(Box::new(GpuStage { model, dp, reduced: Vec::new(), queued: false, zero: None })
                         as Box<dyn DeviceStage>)
                 },
             ),

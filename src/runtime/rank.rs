@@ -1196,11 +1196,20 @@ impl Actor for Supervisor {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| spawn_err("model chunk on the device", e))?;
         if gather_on_device {
-            for (g, b) in chunks.iter_mut().zip(&chunk_buckets) {
-                let n = g.table().len();
-                let all = (0..plan.dp).map(|q| ChunkShard::new(n, b, plan.dp, q, true).ranges).collect();
-                g.shard_optimizer(all, coords.dp)
+            for ((g, b), shard) in chunks.iter_mut().zip(&chunk_buckets).zip(&shards) {
+                let ranges: Vec<_> = b.iter().map(|x| x.range.clone()).collect();
+                let own = g
+                    .shard_optimizer(&ranges)
                     .map_err(|e| spawn_err("distributed optimizer on the device", e))?;
+                if own != shard.ranges {
+                    return Err(spawn_err(
+                        "distributed optimizer on the device",
+                        ModelError::Device(format!(
+                            "the device group's rank owns {own:?}, the data-parallel rank's shard is {:?}",
+                            shard.ranges
+                        )),
+                    ));
+                }
             }
         }
         if let Some(r) = resume {

@@ -62,9 +62,9 @@ pub struct Stage {
     /// When the backward that queues this step's device reductions began, and when they were
     /// all done.
     reduce_span: (Option<std::time::Instant>, Option<std::time::Instant>),
-    /// The distributed optimizer on the device: every data-parallel rank's shard of the arena
-    /// and this rank's index ([`Stage::shard_optimizer`]).
-    opt_shards: Option<(Vec<Vec<std::ops::Range<usize>>>, usize)>,
+    /// The distributed optimizer on the device: this rank's shard of the arena
+    /// ([`Stage::shard_optimizer`]).
+    opt_shard: Option<Vec<std::ops::Range<usize>>>,
 }
 
 fn dev_err(e: crate::gpu::GpuError) -> ModelError {
@@ -88,7 +88,7 @@ impl Stage {
             poison: None,
             reduce_on_device: false,
             reduce_span: (None, None),
-            opt_shards: None,
+            opt_shard: None,
         }
     }
 
@@ -128,37 +128,35 @@ impl Stage {
     }
 
     /// Runs the distributed optimizer (ZeRO-1) on the device of a [`Stage::with_device_group`]
-    /// stage: `shards[q]` is data-parallel rank q's shard of the arena (its ranges in order,
-    /// the same list on every rank), `me` this rank's. The device then holds moments for its
-    /// shard only, [`Stage::optimizer_step`] updates that shard and gathers the others' from
-    /// their owners over the device group (broadcasts of the fp32 parameters), and the host's
-    /// parameter all-gather is not needed. Call before restoring optimizer state.
+    /// stage, over the chunk's gradient `buckets` (arena ranges, the reducer's; each split over
+    /// the data-parallel ranks by `chunk_range`, as [`ChunkShard`] does): the step's last
+    /// backward reduces each finished bucket's parts to their owners, the device holds moments
+    /// for this rank's parts only, [`Stage::optimizer_step`] updates them and gathers the
+    /// others' from their owners over the device group (broadcasts of the fp32 parameters), and
+    /// the host's parameter all-gather is not needed. Returns this rank's shard (its parts, in
+    /// arena order: the ranges of its [`ChunkShard`]). Call before restoring optimizer state.
     ///
     /// # Errors
-    /// A stage without a device group; `me` out of range; shards the device refuses.
+    /// A stage without a device group; buckets the device refuses.
     pub fn shard_optimizer(
         &mut self,
-        shards: Vec<Vec<std::ops::Range<usize>>>,
-        me: usize,
-    ) -> Result<(), ModelError> {
+        buckets: &[std::ops::Range<usize>],
+    ) -> Result<Vec<std::ops::Range<usize>>, ModelError> {
         let Some(dev) = self.dev.as_mut().filter(|_| self.reduce_on_device && self.optimizer_on_device)
         else {
             return Err(ModelError::Device(
                 "the distributed optimizer runs on the device only beside a device group".into(),
             ));
         };
-        let Some(mine) = shards.get(me) else {
-            return Err(ModelError::Device(format!("shard {me} of {}", shards.len())));
-        };
-        dev.set_optimizer_shard(mine).map_err(dev_err)?;
-        self.opt_shards = Some((shards, me));
-        Ok(())
+        let own = dev.shard_optimizer(buckets).map_err(dev_err)?;
+        self.opt_shard = Some(own.clone());
+        Ok(own)
     }
 
     /// Whether [`Stage::optimizer_step`] gathers the data-parallel ranks' parameter shards on
     /// the device ([`Stage::shard_optimizer`]).
     pub fn gathers_on_device(&self) -> bool {
-        self.opt_shards.is_some() && self.optimizer_on_device()
+        self.opt_shard.is_some() && self.optimizer_on_device()
     }
 
     /// Whether the data-parallel reduction runs on the device ([`Stage::with_device_group`]).
@@ -625,11 +623,11 @@ impl Stage {
             return Ok(());
         };
         let n = self.host.grads().len();
-        match &self.opt_shards {
-            Some((all, me)) if all[*me] != shard.ranges => {
+        match &self.opt_shard {
+            Some(own) if *own != shard.ranges => {
                 return Err(ModelError::Device(format!(
-                    "the device optimizer holds shard {:?}; asked to update {:?}",
-                    all[*me], shard.ranges
+                    "the device optimizer holds shard {own:?}; asked to update {:?}",
+                    shard.ranges
                 )));
             }
             None if shard.ranges.iter().map(std::ops::Range::len).sum::<usize>() != n => {
@@ -648,8 +646,8 @@ impl Stage {
             dev.set_grads(0..n, self.host.grads()).map_err(dev_err)?;
         }
         dev.adamw(lr, cfg, step, clip.unwrap_or(1.0)).map_err(dev_err)?;
-        if let Some((all, _)) = &self.opt_shards {
-            dev.gather_params(all).map_err(dev_err)?;
+        if self.opt_shard.is_some() {
+            dev.gather_params().map_err(dev_err)?;
         }
         self.host_params_stale = true;
         Ok(())
