@@ -257,3 +257,54 @@ fn a_sharded_optimizer_updates_only_its_ranges_on_a_gpu() {
     let Some(gpu) = troupe::gpu::cuda::shared() else { return };
     check_optimizer_shard(gpu, "cuda");
 }
+
+/// Deferred losses (`GpuGpt::forward_deferred`, what the GPU training loop uses): no copy to the
+/// host between a forward and its backward, and `take_losses` returns the bits the synchronous
+/// forward returns, for each microbatch in order (three microbatches also grow the device's
+/// loss buffer, copying the earlier losses over); the gradients are the same bits too.
+/// `exclusive`: no other test uses `gpu`, so its copy counter sees only this one.
+fn check_deferred_losses<G: Gpu>(gpu: &G, label: &str, exclusive: bool) {
+    let cfg = cfg();
+    let (b, t) = (2, cfg.seq_length);
+    let mut sync = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
+    let mut deferred = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
+    let mut expect = Vec::new();
+    let before = gpu.memory().to_host;
+    for step in 0..3 {
+        let (x, y) = batch(step, b, t, cfg.vocab_size);
+        expect.push(sync.forward(&x, &y, b, t, 1.0 / 3.0).unwrap());
+        sync.backward().unwrap();
+        deferred.forward_deferred(&x, &y, b, t, 1.0 / 3.0).unwrap();
+        deferred.backward().unwrap();
+    }
+    let synced = gpu.memory().to_host - before;
+    if exclusive {
+        assert_eq!(
+            synced,
+            3 * 4 * (b * t) as u64,
+            "{label}: only the synchronous forwards' losses came down"
+        );
+    }
+    let got = deferred.take_losses().unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got), bits(&expect), "{label}: deferred losses {got:?} vs {expect:?}");
+    assert!(deferred.take_losses().unwrap().is_empty(), "{label}: losses taken twice");
+    let (ga, gb) = (sync.grads_host().unwrap(), deferred.grads_host().unwrap());
+    assert_eq!(bits(&ga), bits(&gb), "{label}: gradients");
+}
+
+#[test]
+fn deferred_losses_match_the_synchronous_ones_in_the_emulator() {
+    if troupe::gpu::emu::shared().is_none() {
+        return;
+    }
+    // A private emulator: its copy counter sees only this test.
+    let emu = troupe::gpu::EmuGpu::new().unwrap();
+    check_deferred_losses(&emu, "emulator", true);
+}
+
+#[test]
+fn deferred_losses_match_the_synchronous_ones_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_deferred_losses(gpu, "cuda", false);
+}

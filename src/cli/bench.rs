@@ -310,11 +310,11 @@ fn gpu_steps<G: troupe::gpu::Gpu>(
     let scale = 1.0 / data.len() as f32;
     let step = |model: &mut troupe::gpu::model::GpuGpt<'_, G>| -> anyhow::Result<f32> {
         model.zero_grads()?;
-        let mut loss = 0.0f64;
         for (x, y) in &data {
-            loss += f64::from(model.forward(x, y, b, t, scale)?);
+            model.forward_deferred(x, y, b, t, scale)?;
             model.backward()?;
         }
+        let loss: f64 = model.take_losses()?.iter().map(|&l| f64::from(l)).sum();
         model.step(1e-4, &adam, cfg.train.clip_grad)?;
         gpu.synchronize()?;
         Ok((loss * f64::from(scale)) as f32)

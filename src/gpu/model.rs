@@ -157,12 +157,24 @@ pub struct GpuGpt<'g, G: Gpu> {
     /// Microbatches whose split backward's input half ran: what the weight half needs (their
     /// activations stay in `in_flight` until then). See `model/split.rs`.
     pending_w: std::collections::HashMap<u64, split::Stash<G::Buf>>,
+    /// The next head forward keeps its per-token losses on the device ([`GpuGpt::forward_deferred`]).
+    defer_loss: bool,
+    /// Per-token losses of deferred forwards, side by side, and each one's token count.
+    deferred: Option<G::Buf>,
+    deferred_counts: Vec<usize>,
+    /// Smaller buffers `deferred` outgrew, kept until the queued copies out of them are done.
+    retired: Vec<G::Buf>,
     free_stash: Vec<split::Stash<G::Buf>>,
     /// Activation sets of finished microbatches, reused by later ones of the same shape.
     free: Vec<Acts<G::Buf>>,
     scratch: Option<Scratch<G::Buf>>,
     /// N of the latest backward: [`GpuGpt::input_grad`] reads that many rows of `dres`.
     last_backward_n: Option<usize>,
+}
+
+/// The mean of per-token losses, summed in double.
+fn mean_loss(losses: &[f32]) -> f32 {
+    (losses.iter().map(|&l| f64::from(l)).sum::<f64>() / losses.len().max(1) as f64) as f32
 }
 
 /// A range of the arena the optimizer updates, where its moments start in the moment buffers,
@@ -351,6 +363,10 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             adam_steps: 0,
             in_flight: std::collections::HashMap::new(),
             pending_w: std::collections::HashMap::new(),
+            defer_loss: false,
+            deferred: None,
+            deferred_counts: Vec::new(),
+            retired: Vec::new(),
             free_stash: Vec::new(),
             free: Vec::new(),
             scratch: None,
@@ -683,8 +699,14 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         let mut acts = self.take_acts(batch, seq)?;
         let mut scratch =
             self.scratch.take().ok_or(GpuError::Shape { op: OP, detail: "no scratch".into() })?;
-        let result = self.forward_inner(&mut acts, &mut scratch, input, targets, loss_scale);
+        let mut result = self.forward_inner(&mut acts, &mut scratch, input, targets, loss_scale);
         self.scratch = Some(scratch);
+        if self.defer_loss
+            && targets.is_some()
+            && let (Ok(Some(_)), Some(h)) = (&result, acts.head.as_ref())
+        {
+            result = self.stash_losses(&h.losses, batch * seq).map(|()| None);
+        }
         match result {
             Ok(loss) => {
                 self.in_flight.insert(mb, acts);
@@ -861,9 +883,78 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             vp,
             dloss,
         )?;
+        if self.defer_loss {
+            // forward_mb keeps the losses on the device.
+            return Ok(Some(f32::NAN));
+        }
         let losses = download_f32(g, d(&h.losses), n, DType::F32)?;
-        let mean = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
-        Ok(Some(mean as f32))
+        Ok(Some(mean_loss(&losses)))
+    }
+
+    /// Queues a copy of a forward's `n` per-token losses behind the deferred ones.
+    fn stash_losses(&mut self, losses: &G::Buf, n: usize) -> Result<(), GpuError> {
+        let g = self.gpu;
+        let used: usize = self.deferred_counts.iter().sum();
+        let need = 4 * (used + n);
+        let have = self.deferred.as_ref().map_or(0, |b| g.buf_len(b));
+        if have < need {
+            let grown = g.alloc(need.max(2 * have))?;
+            if let Some(old) = self.deferred.take() {
+                g.copy(Dev::new(&grown), Dev::new(&old), 4 * used)?;
+                self.retired.push(old);
+            }
+            self.deferred = Some(grown);
+        }
+        let Some(buf) = self.deferred.as_ref() else {
+            return Err(GpuError::Shape { op: "GpuGpt::stash_losses", detail: "no loss buffer".into() });
+        };
+        g.copy(Dev::new(buf).at(used, DType::F32), Dev::new(losses), 4 * n)?;
+        self.deferred_counts.push(n);
+        Ok(())
+    }
+
+    /// [`GpuGpt::forward`] without waiting for the loss: the per-token losses stay on the device
+    /// and the host queues the backward at once (the forward's loss is a host sync per
+    /// microbatch otherwise). [`GpuGpt::take_losses`] returns the losses of the deferred forwards
+    /// so far, with one copy.
+    ///
+    /// # Errors
+    /// As [`GpuGpt::forward`].
+    pub fn forward_deferred(
+        &mut self,
+        tokens: &[u32],
+        targets: &[u32],
+        batch: usize,
+        seq: usize,
+        loss_scale: f32,
+    ) -> Result<(), GpuError> {
+        self.defer_loss = true;
+        let r = self.forward(tokens, targets, batch, seq, loss_scale);
+        self.defer_loss = false;
+        r.map(|_| ())
+    }
+
+    /// The mean losses of the forwards deferred since the last call, in order (the bits
+    /// [`GpuGpt::forward`] returns for them); waits for them.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn take_losses(&mut self) -> Result<Vec<f32>, GpuError> {
+        let counts = std::mem::take(&mut self.deferred_counts);
+        let total: usize = counts.iter().sum();
+        let all = match (&self.deferred, total) {
+            (_, 0) | (None, _) => Vec::new(),
+            (Some(b), _) => download_f32(self.gpu, Dev::new(b), total, DType::F32)?,
+        };
+        self.retired.clear();
+        let mut at = 0;
+        Ok(counts
+            .iter()
+            .map(|&n| {
+                at += n;
+                mean_loss(&all[at - n..at])
+            })
+            .collect())
     }
 
     /// Output hidden states `[B,T,C]` of in-flight microbatch `mb` as fp32 (what a stage without

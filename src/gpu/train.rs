@@ -127,16 +127,20 @@ pub fn run<G: Gpu>(
         // step's microbatch count.
         let scale = 1.0 / (accum * dp_size) as f32;
         let gdt = model.grad_dtype();
-        let mut loss_sum = 0.0f64;
-        let mut bad = None;
+        // The losses stay on the device until every microbatch's backward is queued: no host
+        // sync between a forward and its backward.
         for (i, b) in bufs.iter().enumerate() {
-            let loss = model.forward(&b.tokens, &b.targets, mb_size, seq, scale)?;
+            model.forward_deferred(&b.tokens, &b.targets, mb_size, seq, scale)?;
             match dp.filter(|_| i + 1 == accum) {
                 Some(comm) => model.backward_with(&mut |range, grads| {
                     comm.all_reduce_sum(gpu, Dev::new(grads).at(range.start, gdt), range.len(), gdt)
                 })?,
                 None => model.backward()?,
             }
+        }
+        let mut loss_sum = 0.0f64;
+        let mut bad = None;
+        for (i, loss) in model.take_losses()?.into_iter().enumerate() {
             if !loss.is_finite() && bad.is_none() {
                 bad = Some((i, loss));
             }
