@@ -418,17 +418,24 @@ fn bf16_gpu_stages_track_the_fp32_cpu() -> Result<()> {
 #[test]
 fn an_injected_nan_on_a_gpu_stage_skips_the_step() -> Result<()> {
     let cfg = config(&["parallel.pipeline_model_parallel_size=2", "train.nan_policy=\"skip\""])?;
-    let fault = "nan:rank=1,step=2,what=grad";
-    let cpu = run(&cfg, None, &[fault])?;
-    let want: Vec<bool> = cpu[0].records.iter().map(|r| r.skipped).collect();
-    ensure!(want == [false, true, false], "the CPU run skipped {want:?}");
-    for (name, dev) in devices(DType::F32) {
-        let got = run(&cfg, Some(dev), &[fault])?;
-        let skipped: Vec<bool> = got[0].records.iter().map(|r| r.skipped).collect();
-        ensure!(skipped == want, "on the {name}: skipped {skipped:?}, CPU {want:?}");
-        ensure!(got[0].records[1].nonfinite_ranks == [1], "{:?}", got[0].records[1].nonfinite_ranks);
-        let d = rel_norm(&params(&got), &params(&cpu));
-        ensure!(d <= 1e-5, "on the {name}: parameters after the skipped step differ by {d:.2e}");
+    // A NaN gradient; a NaN loss, which the device keeps until the step's end (deferred).
+    for fault in ["nan:rank=1,step=2,what=grad", "nan:rank=1,step=2,what=loss"] {
+        let cpu = run(&cfg, None, &[fault])?;
+        let want: Vec<bool> = cpu[0].records.iter().map(|r| r.skipped).collect();
+        ensure!(want == [false, true, false], "{fault}: the CPU run skipped {want:?}");
+        for (name, dev) in devices(DType::F32) {
+            let got = run(&cfg, Some(dev), &[fault])?;
+            let skipped: Vec<bool> = got[0].records.iter().map(|r| r.skipped).collect();
+            ensure!(skipped == want, "{fault} on the {name}: skipped {skipped:?}, CPU {want:?}");
+            ensure!(
+                got[0].records[1].nonfinite_ranks == [1],
+                "{fault}: {:?}",
+                got[0].records[1].nonfinite_ranks
+            );
+            ensure!(got[0].records[1].loss.is_nan() == (fault.ends_with("loss")), "{fault}: step 2's loss");
+            let d = rel_norm(&params(&got), &params(&cpu));
+            ensure!(d <= 1e-5, "{fault} on the {name}: parameters after the skipped step differ by {d:.2e}");
+        }
     }
     Ok(())
 }
@@ -563,6 +570,49 @@ fn split_backward_misuse_is_an_error() -> Result<()> {
     ensure!(e.contains("already ran"), "{e}");
     m.backward_weight_mb(3, &mut |_, _| Ok(()))?;
     ensure!(m.in_flight() == 0, "microbatch still in flight");
+    Ok(())
+}
+
+/// A head stage on a device keeps its training losses there (`Stage::forward_train` returns
+/// `None`: no host sync between the forward and the backward) and gives them at the step's end
+/// (`Stage::take_losses`), in forward order, with the bits of the synchronous forward; an
+/// injected value replaces its microbatch's loss; a stage without the head defers nothing.
+#[test]
+fn a_device_head_stage_defers_its_training_losses() -> Result<()> {
+    use troupe::kernels::CpuBackend;
+    use troupe::models::gpt::{Gpt, LayerRange, StageInput};
+    use troupe::runtime::stage::Stage;
+    let Some(emu) = troupe::gpu::emu::shared() else { return Ok(()) };
+    let cfg = config(&[])?.model;
+    let range = LayerRange { first: 1, last: 3, embedding: false, head: true };
+    let be = CpuBackend::new(1);
+    let factory = StageFactory::new(emu, DType::F32);
+    let mut sync = Stage::new(Gpt::new_range(&cfg, range, 7)?, Some(&factory))?;
+    let mut deferred = Stage::new(Gpt::new_range(&cfg, range, 7)?, Some(&factory))?;
+    let (b, t, c) = (2, 8, cfg.hidden_size);
+    let mut rng = Rng::derived(5, "deferred");
+    let targets: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
+    let mut want = Vec::new();
+    for mb in [4u64, 2, 9] {
+        let h: Vec<f32> = (0..b * t * c).map(|_| rng.normal() as f32).collect();
+        let input = StageInput::Hidden(&h);
+        let l = sync.forward(&be, mb, b, t, input, Some(&targets), 0.5)?;
+        want.push((mb, l.ok_or_else(|| anyhow::anyhow!("no loss"))?));
+        let got = deferred.forward_train(&be, mb, b, t, input, Some(&targets), 0.5)?;
+        ensure!(got.is_none(), "microbatch {mb}: the loss {got:?} came to the host at once");
+    }
+    ensure!(deferred.override_deferred_loss(2, f32::INFINITY), "microbatch 2 is deferred");
+    ensure!(!deferred.override_deferred_loss(5, 0.0), "microbatch 5 never ran");
+    let got = deferred.take_losses()?;
+    want[1].1 = f32::INFINITY;
+    let bits = |v: &[(u64, f32)]| v.iter().map(|(m, l)| (*m, l.to_bits())).collect::<Vec<_>>();
+    ensure!(bits(&got) == bits(&want), "deferred {got:?} vs synchronous {want:?}");
+    ensure!(deferred.take_losses()?.is_empty(), "losses taken twice");
+    let body = LayerRange { first: 0, last: 1, embedding: true, head: false };
+    let mut first = Stage::new(Gpt::new_range(&cfg, body, 7)?, Some(&factory))?;
+    let tokens: Vec<u32> = targets.clone();
+    first.forward_train(&be, 0, b, t, StageInput::Tokens(&tokens), None, 0.5)?;
+    ensure!(first.take_losses()?.is_empty(), "a stage without the head deferred a loss");
     Ok(())
 }
 

@@ -928,8 +928,27 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         seq: usize,
         loss_scale: f32,
     ) -> Result<(), GpuError> {
+        self.whole("GpuGpt::forward")?;
+        self.forward_mb_deferred(WHOLE, batch, seq, StageInput::Tokens(tokens), Some(targets), loss_scale)
+    }
+
+    /// [`GpuGpt::forward_mb`] whose loss (on a range with the head, given targets) stays on the
+    /// device for [`GpuGpt::take_losses`]; see [`GpuGpt::forward_deferred`].
+    ///
+    /// # Errors
+    /// As [`GpuGpt::forward_mb`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_mb_deferred(
+        &mut self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<(), GpuError> {
         self.defer_loss = true;
-        let r = self.forward(tokens, targets, batch, seq, loss_scale);
+        let r = self.forward_mb(mb, batch, seq, input, targets, loss_scale);
         self.defer_loss = false;
         r.map(|_| ())
     }

@@ -49,6 +49,28 @@ pub trait DeviceStage: Send {
         loss_scale: f32,
     ) -> Result<Option<f32>, GpuError>;
 
+    /// Forward of microbatch `mb` whose loss (a head stage's) stays on the device until
+    /// [`DeviceStage::take_losses`], as [`GpuGpt::forward_mb_deferred`]: no host sync.
+    ///
+    /// # Errors
+    /// As [`GpuGpt::forward_mb`].
+    #[allow(clippy::too_many_arguments)]
+    fn forward_deferred(
+        &mut self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<(), GpuError>;
+
+    /// The losses of the deferred forwards since the last call, in their order.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn take_losses(&mut self) -> Result<Vec<f32>, GpuError>;
+
     /// Output hidden states of in-flight `mb`, in the stage's storage type (bf16 stays bf16).
     ///
     /// # Errors
@@ -365,6 +387,22 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         loss_scale: f32,
     ) -> Result<Option<f32>, GpuError> {
         self.forward_mb(mb, batch, seq, input, targets, loss_scale)
+    }
+
+    fn forward_deferred(
+        &mut self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<(), GpuError> {
+        self.forward_mb_deferred(mb, batch, seq, input, targets, loss_scale)
+    }
+
+    fn take_losses(&mut self) -> Result<Vec<f32>, GpuError> {
+        GpuGpt::take_losses(&mut self.model)
     }
 
     fn output(&self, mb: u64) -> Result<Option<Hidden>, GpuError> {

@@ -387,6 +387,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 };
                 let batch = w.batch.clone();
                 let head = stage == last_stage;
+                let defer_loss = ctx.record_step != Some(step);
                 let ticket = w.base_ticket + ticket.unwrap_or(0);
                 let (r, t0, t1) = ctx
                     .compute
@@ -401,7 +402,13 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         };
                         let targets = head.then(|| &batch.targets[i][..]);
                         let t = Instant::now();
-                        let mut loss = g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?;
+                        // A device head's loss stays there until the step's end (take_losses),
+                        // except in the traced step, whose spans should be the device's.
+                        let mut loss = if defer_loss {
+                            g.forward_train(&**be, u64::from(mb), mbs, seq, input, targets, scale)?
+                        } else {
+                            g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?
+                        };
                         let mut out = if head { None } else { g.output(u64::from(mb))? };
                         match poison {
                             Some((Target::Act, v)) if out.is_some() => {
@@ -410,6 +417,9 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                                 }
                             }
                             Some((_, v)) if loss.is_some() => loss = Some(v),
+                            Some((_, v)) if head => {
+                                g.override_deferred_loss(u64::from(mb), v);
+                            }
                             _ => {}
                         }
                         e.note_in_flight(c);
@@ -1517,6 +1527,18 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         // This rank's idle time over its busy time during the pipeline phase.
         let local_bubble = if busy_s > 0.0 { (pipeline_s - busy_s).max(0.0) / busy_s } else { 0.0 };
         st.next_ticket = base + k;
+        // Losses the head chunks' devices kept during the step.
+        let device_losses = st
+            .job(this, "losses from the device", |e: &mut Engine| -> Result<Vec<(u32, f32)>, ModelError> {
+                let mut out = Vec::new();
+                for g in &mut e.chunks {
+                    out.extend(g.take_losses()?.into_iter().map(|(mb, l)| (mb as u32, l)));
+                }
+                Ok(out)
+            })
+            .await?
+            .map_err(|e| model_err(&ctx, this, "losses from the device", e))?;
+        losses.extend(device_losses);
         phase_fault(&ctx, this, super::faults::Phase::Reduce, "grad-reducer").await?;
         // Data-parallel reduction (started during the backward), written back.
         let reduced = rpc(

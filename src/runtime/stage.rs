@@ -65,6 +65,9 @@ pub struct Stage {
     /// The distributed optimizer on the device: this rank's shard of the arena
     /// ([`Stage::shard_optimizer`]).
     opt_shard: Option<Vec<std::ops::Range<usize>>>,
+    /// Microbatches whose loss the device keeps until [`Stage::take_losses`], in forward order,
+    /// each with an injected value to report instead.
+    deferred: Vec<(u64, Option<f32>)>,
 }
 
 fn dev_err(e: crate::gpu::GpuError) -> ModelError {
@@ -89,6 +92,7 @@ impl Stage {
             reduce_on_device: false,
             reduce_span: (None, None),
             opt_shard: None,
+            deferred: Vec::new(),
         }
     }
 
@@ -238,6 +242,67 @@ impl Stage {
             self.params_dirty = false;
         }
         dev.forward(mb, batch, seq, input, targets, loss_scale).map_err(dev_err)
+    }
+
+    /// [`Stage::forward`] of a training step: on a device, a head stage's loss stays there (no
+    /// host sync between the forward and the backward) and this returns `None` for it;
+    /// [`Stage::take_losses`] gives the step's losses at its end. Elsewhere as `forward`.
+    ///
+    /// # Errors
+    /// As [`Stage::forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_train(
+        &mut self,
+        be: &dyn Backend,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        input: StageInput<'_>,
+        targets: Option<&[u32]>,
+        loss_scale: f32,
+    ) -> Result<Option<f32>, ModelError> {
+        let head = self.host.range().head && targets.is_some();
+        let Some(dev) = self.dev.as_mut().filter(|_| head) else {
+            return self.forward(be, mb, batch, seq, input, targets, loss_scale);
+        };
+        if self.params_dirty {
+            dev.set_params(self.host.params()).map_err(dev_err)?;
+            self.params_dirty = false;
+        }
+        dev.forward_deferred(mb, batch, seq, input, targets, loss_scale).map_err(dev_err)?;
+        self.deferred.push((mb, None));
+        Ok(None)
+    }
+
+    /// Reports `value` as microbatch `mb`'s loss (fault injection) if its loss is deferred
+    /// ([`Stage::forward_train`]); returns whether it was.
+    pub fn override_deferred_loss(&mut self, mb: u64, value: f32) -> bool {
+        match self.deferred.iter_mut().find(|(m, _)| *m == mb) {
+            Some((_, v)) => {
+                *v = Some(value);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The losses [`Stage::forward_train`] left on the device, as (microbatch, loss) in forward
+    /// order (one copy from the device; nothing when none were deferred).
+    ///
+    /// # Errors
+    /// Device errors; a device that returns another number of losses.
+    pub fn take_losses(&mut self) -> Result<Vec<(u64, f32)>, ModelError> {
+        let deferred = std::mem::take(&mut self.deferred);
+        let Some(dev) = self.dev.as_mut().filter(|_| !deferred.is_empty()) else { return Ok(Vec::new()) };
+        let losses = dev.take_losses().map_err(dev_err)?;
+        if losses.len() != deferred.len() {
+            return Err(ModelError::Device(format!(
+                "the device kept {} losses for {} deferred forwards",
+                losses.len(),
+                deferred.len()
+            )));
+        }
+        Ok(deferred.into_iter().zip(losses).map(|((mb, injected), l)| (mb, injected.unwrap_or(l))).collect())
     }
 
     /// Output hidden states of in-flight `mb` (what a stage without the head sends).
