@@ -67,6 +67,10 @@ fn watchdog() -> &'static Watchdog {
     })
 }
 
+/// Prefix of the emulator's own self-test kernels (cuda/emu/runtime.cpp; launchable, but no GPU
+/// has them).
+const EMU_SELFTEST: &str = "emu_selftest_";
+
 type LaunchFn = unsafe extern "C" fn(
     *const c_char,
     *const u32,
@@ -175,8 +179,10 @@ impl EmuGpu {
             let name: libloading::Symbol<NameFn> = unsafe { lib.get(b"troupe_emu_kernel_name") }
                 .map_err(|e| GpuError::EmuBuild(e.to_string()))?;
             // SAFETY: indices below the count name registered kernels (static C strings).
+            // The emulator's own self-test kernels (runtime.cpp) are not CUDA kernels.
             (0..unsafe { count() })
                 .map(|i| unsafe { CStr::from_ptr(name(i)) }.to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with(EMU_SELFTEST))
                 .collect()
         };
         // TROUPE_EMU_MEMORY=<bytes> (suffix K, M or G allowed) emulates a GPU of that memory size.
@@ -200,7 +206,8 @@ impl EmuGpu {
         Ok(gpu)
     }
 
-    /// The names of all kernels compiled in.
+    /// The names of all CUDA kernels compiled in (the ones `cuda/*.cu` defines; not the
+    /// emulator's own self-tests, whose names start with `emu_selftest_`).
     pub fn kernels(&self) -> &[String] {
         &self.kernels
     }
