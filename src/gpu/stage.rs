@@ -8,19 +8,20 @@
 //! zero-bubble ones included (the split backward of `model/split.rs`).
 //!
 //! The AdamW update runs on the device as well ([`DeviceStage::adamw`]): the device owns the
-//! parameters and moments, and gradients and parameters stay there. With the distributed
-//! optimizer (ZeRO-1) each data-parallel rank's device updates its shard, holding moments for it
-//! only ([`DeviceStage::shard_optimizer`]): the step's last backward then reduces each
-//! gradient bucket's parts to their owners as soon as it has finished the bucket (a reduce per
-//! part, the reduce-scatter of the CPU path), and after the update the owners broadcast their
-//! parts of the parameters to the others ([`DeviceStage::gather_params`]). The data-parallel sum runs on the device too ([`Finished::Reduce`]:
-//! each range as the chunk's last backward finishes it, over a [`DeviceGroup`] — NCCL between
-//! launched processes, through the host elsewhere), and so does the embedding group's sum of
-//! the tied embedding ([`DeviceStage::all_reduce_grads`]). With `RunOptions::host_grad_reduce`
-//! the gradients come to the host during the chunk's last backward instead
-//! ([`Finished::Drain`], for the runtime's reducer) and the reduced ones go back up; with the
-//! distributed optimizer too, the shards then update on the host and the parameters go up once
-//! per step (before the first forward that needs them).
+//! parameters and moments, and gradients and parameters stay there. The data-parallel sum runs
+//! on the device too ([`Finished::Reduce`]: each range as the chunk's last backward finishes
+//! it, over a [`DeviceGroup`] — NCCL between launched processes, through the host elsewhere),
+//! and so does the embedding group's sum of the tied embedding
+//! ([`DeviceStage::all_reduce_grads`]). With the distributed optimizer (ZeRO-1) each
+//! data-parallel rank's device updates its shard, holding moments for it only
+//! ([`DeviceStage::shard_optimizer`]): the step's last backward then reduces each gradient
+//! bucket's parts to their owners as soon as it has finished the bucket (a reduce per part, the
+//! reduce-scatter of the CPU path), and after the update the owners broadcast their parts of
+//! the parameters to the others ([`DeviceStage::gather_params`]). With
+//! `RunOptions::host_grad_reduce` the gradients come to the host during the chunk's last
+//! backward instead ([`Finished::Drain`], for the runtime's reducer) and the reduced ones go
+//! back up; with the distributed optimizer too, the shards then update on the host and the
+//! parameters go up once per step (before the first forward that needs them).
 
 use std::sync::Arc;
 

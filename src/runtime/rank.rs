@@ -5,9 +5,9 @@
 //!   reduced gradients from the [`GradReducer`], agrees with every rank on the loss, the gradient
 //!   norm and whether anything is non-finite, and has the [`OptimizerShard`] update.
 //! - A [`StageActor`] per local model chunk executes that chunk's instructions of the rank's
-//!   schedule program in order: compute on the compute thread ([`super::compute`]), activations
+//!   schedule program in order: compute on the compute thread (`super::compute`), activations
 //!   out with `SendAct`, gradients with `SendGrad`, receives posted at their `Recv*` and buffered
-//!   in the rank's [`Mailbox`] until their instruction comes.
+//!   in the rank's `Mailbox` until their instruction comes.
 //! - The [`GradReducer`] starts a data-parallel all-reduce (or reduce-scatter) per gradient bucket
 //!   as soon as the compute thread hands it over — during the chunk's last backward — so it runs
 //!   while the remaining backward work runs.

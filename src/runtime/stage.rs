@@ -10,20 +10,23 @@
 //!
 //! Where the step's gradients go after the chunk's last backward ([`Stage::finish_grads`]):
 //! - with a device group ([`Stage::with_device_group`]: data parallelism, optimizer on the
-//!   device, sharded or not: [`Stage::shard_optimizer`]): nowhere; the last backward queues each finished range's sum over the group on the
-//!   device, `finish_grads` the rest, and every read waits for them;
-//! - with data parallelism through the host, or the optimizer on the host: added into the host arena (most of
-//!   them during that backward, range by range as it finishes them, so the data-parallel
-//!   reduction overlaps the rest of the backward: [`Stage::backward_report`]; adding keeps a
-//!   gradient the host already holds, an injected NaN);
+//!   device): nowhere; the last backward queues each finished range's sum over the group on
+//!   the device (with the distributed optimizer, [`Stage::shard_optimizer`]: each finished
+//!   bucket's parts reduced to their owners), `finish_grads` the rest, and every read waits for
+//!   them;
+//! - with data parallelism through the host, or the optimizer on the host: added into the host
+//!   arena (most of them during that backward, range by range as it finishes them, so the
+//!   data-parallel reduction overlaps the rest of the backward: [`Stage::backward_report`];
+//!   adding keeps a gradient the host already holds, an injected NaN);
 //! - with the optimizer on the device and no data parallelism: nowhere; [`Stage::read_grads`],
 //!   [`Stage::write_grads`] (the tied embedding's sum) and [`Stage::grad_sum_squares`] (the
 //!   global norm) work on them in place.
 //!
 //! [`Stage::optimizer_step`] then updates on the host (the device gets the parameters before
 //! its next forward) or on the device (host gradients go up first if the reducer left them on
-//! the host; a sharded device optimizer gathers the other ranks' shards over the device group; the host parameters are stale until [`Stage::pull_params`], which checkpoints and
-//! the end of the run call; the moments are read with [`Stage::optimizer_state_into`]).
+//! the host; a sharded device optimizer gathers the other ranks' shards over the device group;
+//! the host parameters are stale until [`Stage::pull_params`], which checkpoints and the end of
+//! the run call; the moments are read with [`Stage::optimizer_state_into`]).
 
 use std::ops::{Deref, DerefMut};
 

@@ -37,7 +37,7 @@ pub fn validate(program: &Program) -> Result<()> {
 /// Largest `pp·vpp·microbatches` accepted: the checks keep tables of that many slots per rank.
 pub(crate) const MAX_SLOTS: usize = 1 << 26;
 
-/// Whether `pp·vpp·microbatches` is positive and at most [`MAX_SLOTS`].
+/// Whether `pp·vpp·microbatches` is positive and at most `MAX_SLOTS`.
 pub fn dims_ok(pp: usize, vpp: usize, microbatches: usize) -> bool {
     let slots = pp.checked_mul(vpp).and_then(|s| s.checked_mul(microbatches));
     slots.is_some_and(|s| (1..=MAX_SLOTS).contains(&s))

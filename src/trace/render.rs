@@ -184,7 +184,7 @@ pub fn render_svg(scene: &Scene) -> String {
     out
 }
 
-/// Draw a scene as PNG bytes (see [`super::png`] for the rasterizer).
+/// Draw a scene as PNG bytes (see `super::png` for the rasterizer).
 pub fn render_png(scene: &Scene) -> Vec<u8> {
     super::png::rasterize(scene)
 }
