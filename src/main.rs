@@ -17,10 +17,13 @@ fn main() -> std::process::ExitCode {
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // One write: ranks of one job share a stderr pipe, and `eprintln!` writes a message
+            // in pieces that another rank's message can land between.
+            let mut msg = format!("error: {err:#}\n");
             if let Some(h) = cli::hint(&err) {
-                eprintln!("hint: {h}");
+                msg.push_str(&format!("hint: {h}\n"));
             }
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), msg.as_bytes());
             std::process::ExitCode::from(cli::exit_code(&err))
         }
     }

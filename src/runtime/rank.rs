@@ -2010,7 +2010,10 @@ pub fn run_rank(setup: RankSetup) -> Result<RankResult, RuntimeError> {
             }
             None => {
                 let tail = lines.len().saturating_sub(6);
-                eprintln!("troupe: rank {wr} failed; its last events:\n  {}", lines[tail..].join("\n  "));
+                // One write, so that other ranks' output does not land inside it.
+                let msg =
+                    format!("troupe: rank {wr} failed; its last events:\n  {}\n", lines[tail..].join("\n  "));
+                eprint!("{msg}");
             }
         }
     }
