@@ -120,6 +120,47 @@ impl HostComm {
     pub fn new(comm: Box<dyn Comm>) -> Self {
         HostComm { comm }
     }
+
+    /// Runs the CPU collective `run` on the fp32 values of `count` elements of `dtype` at `buf`
+    /// (downloaded; bf16 widens exactly) and writes its result back when `keep` says this rank
+    /// keeps it. `op` names the collective in errors.
+    #[allow(clippy::too_many_arguments)]
+    fn through_host<G: Gpu>(
+        &self,
+        op: &'static str,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        keep: bool,
+        run: impl FnOnce(&dyn Comm, Buf) -> crate::comm::Work<Buf>,
+    ) -> Result<(), GpuError> {
+        let mut bytes = vec![0u8; count * dtype.size()];
+        gpu.download(buf.buf, buf.offset, &mut bytes)?;
+        let out = run(&*self.comm, Buf::F32(decode(&bytes, dtype))).wait().map_err(|e| GpuError::Nccl {
+            op: format!("{op} (through the host)"),
+            rank: self.comm.rank(),
+            group: self.comm.group_name().to_string(),
+            detail: e.to_string(),
+        })?;
+        let Buf::F32(values) = out else {
+            return Err(GpuError::Shape { op: "HostComm", detail: format!("the {op} changed the type") });
+        };
+        if !keep {
+            return Ok(());
+        }
+        gpu.write(buf, &encode(&values, dtype))
+    }
+
+    fn check_root(&self, op: &'static str, root: usize) -> Result<(), GpuError> {
+        if root >= self.comm.size() {
+            return Err(GpuError::Shape {
+                op,
+                detail: format!("root {root} of a group of {}", self.comm.size()),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl<G: Gpu> DeviceComm<G> for HostComm {
@@ -138,23 +179,7 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         count: usize,
         dtype: DType,
     ) -> Result<(), GpuError> {
-        let mut bytes = vec![0u8; count * dtype.size()];
-        gpu.download(buf.buf, buf.offset, &mut bytes)?;
-        let values = decode(&bytes, dtype);
-        let summed =
-            self.comm.all_reduce(Buf::F32(values), ReduceOp::Sum).wait().map_err(|e| GpuError::Nccl {
-                op: "all_reduce (through the host)".into(),
-                rank: self.comm.rank(),
-                group: self.comm.group_name().to_string(),
-                detail: e.to_string(),
-            })?;
-        let Buf::F32(values) = summed else {
-            return Err(GpuError::Shape {
-                op: "HostComm::all_reduce_sum",
-                detail: "the reduction changed the type".into(),
-            });
-        };
-        gpu.write(buf, &encode(&values, dtype))
+        self.through_host("all_reduce", gpu, buf, count, dtype, true, |c, b| c.all_reduce(b, ReduceOp::Sum))
     }
 
     fn reduce_sum(
@@ -165,34 +190,10 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         dtype: DType,
         root: usize,
     ) -> Result<(), GpuError> {
-        if root >= self.comm.size() {
-            return Err(GpuError::Shape {
-                op: "HostComm::reduce_sum",
-                detail: format!("root {root} of a group of {}", self.comm.size()),
-            });
-        }
+        self.check_root("HostComm::reduce_sum", root)?;
         // The CPU communicator's all-reduce; only the root keeps the sum, as a reduce would.
-        let mut bytes = vec![0u8; count * dtype.size()];
-        gpu.download(buf.buf, buf.offset, &mut bytes)?;
-        let summed =
-            self.comm.all_reduce(Buf::F32(decode(&bytes, dtype)), ReduceOp::Sum).wait().map_err(|e| {
-                GpuError::Nccl {
-                    op: "reduce (through the host)".into(),
-                    rank: self.comm.rank(),
-                    group: self.comm.group_name().to_string(),
-                    detail: e.to_string(),
-                }
-            })?;
-        let Buf::F32(values) = summed else {
-            return Err(GpuError::Shape {
-                op: "HostComm::reduce_sum",
-                detail: "the reduction changed the type".into(),
-            });
-        };
-        if self.comm.rank() != root {
-            return Ok(());
-        }
-        gpu.write(buf, &encode(&values, dtype))
+        let keep = self.comm.rank() == root;
+        self.through_host("reduce", gpu, buf, count, dtype, keep, |c, b| c.all_reduce(b, ReduceOp::Sum))
     }
 
     fn broadcast(
@@ -203,32 +204,10 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         dtype: DType,
         root: usize,
     ) -> Result<(), GpuError> {
-        if root >= self.comm.size() {
-            return Err(GpuError::Shape {
-                op: "HostComm::broadcast",
-                detail: format!("root {root} of a group of {}", self.comm.size()),
-            });
-        }
-        let mut bytes = vec![0u8; count * dtype.size()];
-        gpu.download(buf.buf, buf.offset, &mut bytes)?;
-        // bf16 values widen to fp32 exactly and round back to themselves.
-        let values = decode(&bytes, dtype);
-        let got = self.comm.broadcast(Buf::F32(values), root).wait().map_err(|e| GpuError::Nccl {
-            op: "broadcast (through the host)".into(),
-            rank: self.comm.rank(),
-            group: self.comm.group_name().to_string(),
-            detail: e.to_string(),
-        })?;
-        let Buf::F32(values) = got else {
-            return Err(GpuError::Shape {
-                op: "HostComm::broadcast",
-                detail: "the broadcast changed the type".into(),
-            });
-        };
-        if self.comm.rank() == root {
-            return Ok(());
-        }
-        gpu.write(buf, &encode(&values, dtype))
+        self.check_root("HostComm::broadcast", root)?;
+        // The root's values are its own already.
+        let keep = self.comm.rank() != root;
+        self.through_host("broadcast", gpu, buf, count, dtype, keep, |c, b| c.broadcast(b, root))
     }
 
     fn finish(&self, _gpu: &G) -> Result<(), GpuError> {

@@ -77,6 +77,17 @@ fn dev_err(e: crate::gpu::GpuError) -> ModelError {
     ModelError::Device(e.to_string())
 }
 
+/// Gives `dev` the host parameters if they changed since it last got them (`dirty`).
+fn push_params(dev: &mut dyn DeviceStage, host: &Gpt, dirty: &mut bool) -> Result<(), ModelError> {
+    if std::mem::take(dirty) {
+        dev.set_params(host.params()).map_err(|e| {
+            *dirty = true;
+            dev_err(e)
+        })?;
+    }
+    Ok(())
+}
+
 impl Stage {
     /// The chunk `host`, computing on the CPU.
     pub fn cpu(host: Gpt) -> Self {
@@ -240,10 +251,7 @@ impl Stage {
         let Some(dev) = self.dev.as_mut() else {
             return self.host.forward(be, mb, batch, seq, input, targets, loss_scale);
         };
-        if self.params_dirty {
-            dev.set_params(self.host.params()).map_err(dev_err)?;
-            self.params_dirty = false;
-        }
+        push_params(&mut **dev, &self.host, &mut self.params_dirty)?;
         dev.forward(mb, batch, seq, input, targets, loss_scale).map_err(dev_err)
     }
 
@@ -268,10 +276,7 @@ impl Stage {
         let Some(dev) = self.dev.as_mut().filter(|_| head) else {
             return self.forward(be, mb, batch, seq, input, targets, loss_scale);
         };
-        if self.params_dirty {
-            dev.set_params(self.host.params()).map_err(dev_err)?;
-            self.params_dirty = false;
-        }
+        push_params(&mut **dev, &self.host, &mut self.params_dirty)?;
         dev.forward_deferred(mb, batch, seq, input, targets, loss_scale).map_err(dev_err)?;
         self.deferred.push((mb, None));
         Ok(None)
@@ -706,10 +711,7 @@ impl Stage {
             }
             _ => {}
         }
-        if self.params_dirty {
-            dev.set_params(self.host.params()).map_err(dev_err)?;
-            self.params_dirty = false;
-        }
+        push_params(&mut **dev, &self.host, &mut self.params_dirty)?;
         if !self.grads_on_device {
             dev.set_grads(0..n, self.host.grads()).map_err(dev_err)?;
         }
