@@ -1093,6 +1093,8 @@ pub struct SupState {
     emb_device: Option<crate::gpu::stage::DeviceGroup>,
     /// The distributed optimizer gathers the parameter shards on the devices (in its step).
     gather_on_device: bool,
+    /// The chunks compute on a device (whose head keeps its losses until the step's end).
+    on_device: bool,
 }
 
 /// The training state a checkpoint restores.
@@ -1197,6 +1199,7 @@ impl Actor for Supervisor {
         // On a device the optimizer runs there too; sharded (ZeRO-1) only beside a device group,
         // which gathers the shards (with the data-parallel sums on the host, so are the shards).
         let (device_opt, gather_on_device) = (place.optimizer, place.shards);
+        let on_device = s.opts.device.is_some();
         let mut chunks = chunks
             .into_iter()
             .map(|g| match (s.opts.device.as_ref(), device_group.as_ref()) {
@@ -1351,6 +1354,7 @@ impl Actor for Supervisor {
             resume,
             emb_device,
             gather_on_device,
+            on_device,
         })
     }
 
@@ -1528,17 +1532,23 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let local_bubble = if busy_s > 0.0 { (pipeline_s - busy_s).max(0.0) / busy_s } else { 0.0 };
         st.next_ticket = base + k;
         // Losses the head chunks' devices kept during the step.
-        let device_losses = st
-            .job(this, "losses from the device", |e: &mut Engine| -> Result<Vec<(u32, f32)>, ModelError> {
-                let mut out = Vec::new();
-                for g in &mut e.chunks {
-                    out.extend(g.take_losses()?.into_iter().map(|(mb, l)| (mb as u32, l)));
-                }
-                Ok(out)
-            })
-            .await?
-            .map_err(|e| model_err(&ctx, this, "losses from the device", e))?;
-        losses.extend(device_losses);
+        if st.on_device {
+            let device_losses = st
+                .job(
+                    this,
+                    "losses from the device",
+                    |e: &mut Engine| -> Result<Vec<(u32, f32)>, ModelError> {
+                        let mut out = Vec::new();
+                        for g in &mut e.chunks {
+                            out.extend(g.take_losses()?.into_iter().map(|(mb, l)| (mb as u32, l)));
+                        }
+                        Ok(out)
+                    },
+                )
+                .await?
+                .map_err(|e| model_err(&ctx, this, "losses from the device", e))?;
+            losses.extend(device_losses);
+        }
         phase_fault(&ctx, this, super::faults::Phase::Reduce, "grad-reducer").await?;
         // Data-parallel reduction (started during the backward), written back.
         let reduced = rpc(
