@@ -20,7 +20,7 @@
 //! covers a GPU's fast-math exp/tanh and different accumulation orders).
 
 use troupe::gpu::model::GpuGpt;
-use troupe::gpu::{DType, Gpu};
+use troupe::gpu::{DType, Gpu, round_bf16};
 use troupe::optim::{AdamW, AdamWConfig, clip_table_grad_norm};
 use troupe::{CpuBackend, Gpt, GptConfig, StageInput};
 
@@ -205,22 +205,42 @@ fn bad_inputs_are_errors() {
 /// The distributed optimizer's shard on one device (`GpuGpt::set_optimizer_shard`): two AdamW
 /// updates of ranges that cut tensors (with and without weight decay) give, in those ranges,
 /// the bits of the whole-arena update, leave every other parameter as it was, and keep moments
-/// for the shard only (the whole update's moments of those ranges, concatenated). Misuse is an
-/// error.
-fn check_optimizer_shard<G: Gpu>(gpu: &G, label: &str) {
+/// for the shard only (the whole update's moments of those ranges, concatenated). In bf16 the
+/// fp32 master weights are the shard's only too (device memory drops by the rest when the
+/// shard is set; `exclusive`: no other test uses `gpu`), the parameters read back are the
+/// masters there and the bf16 copy elsewhere, the update rounds the shard's masters into the
+/// copy, and `set_params` keeps the shard's fp32 values and rounds the rest. Misuse is an error.
+fn check_optimizer_shard<G: Gpu>(gpu: &G, label: &str, dtype: DType, exclusive: bool) {
     let cfg = cfg();
-    let mut whole = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
-    let mut shard = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
+    let mut whole = GpuGpt::new(gpu, &cfg, 7, dtype).unwrap();
+    let mut shard = GpuGpt::new(gpu, &cfg, 7, dtype).unwrap();
     let n = whole.table().len();
     let ranges = [3..41, 1000..5003, n - 301..n];
+    let own = 38 + 4003 + 301;
+    let inside = |i: usize| ranges.iter().any(|r| r.contains(&i));
     let err = shard.set_optimizer_shard(&[10..20, 5..8]).unwrap_err();
     assert!(err.to_string().contains("not sorted"), "{label}: {err}");
     let err = shard.set_optimizer_shard(&[0..4, 10..n + 1]).unwrap_err();
     assert!(err.to_string().contains("not sorted"), "{label}: {err}");
+    let live = gpu.memory().live;
     shard.set_optimizer_shard(&ranges).unwrap();
+    if exclusive && dtype == DType::Bf16 {
+        // The parts' weight-decay run tables replace the whole arena's: a few hundred bytes.
+        let freed = live as i64 - gpu.memory().live as i64;
+        let masters = 4 * (n - own) as i64;
+        assert!(
+            (freed - masters).abs() <= 4096,
+            "{label}: sharding freed {freed} B, the masters are {masters} B"
+        );
+    }
     assert_eq!(shard.optimizer_shard(), ranges.to_vec(), "{label}");
-    assert_eq!(shard.optimizer_len(), 38 + 4003 + 301, "{label}");
+    assert_eq!(shard.optimizer_len(), own, "{label}");
     let before = shard.params_host().unwrap();
+    let init = whole.params_host().unwrap();
+    for i in 0..n {
+        let expect = if inside(i) || dtype == DType::F32 { init[i] } else { round_bf16(&init[i..i + 1])[0] };
+        assert_eq!(before[i].to_bits(), expect.to_bits(), "{label}: parameter {i} before the updates");
+    }
     let grads: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5).collect();
     let adam = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
     for step in 1..=2 {
@@ -231,10 +251,18 @@ fn check_optimizer_shard<G: Gpu>(gpu: &G, label: &str) {
     }
     let (pw, ps) = (whole.params_host().unwrap(), shard.params_host().unwrap());
     for i in 0..n {
-        let expect = if ranges.iter().any(|r| r.contains(&i)) { pw[i] } else { before[i] };
+        let expect = if inside(i) { pw[i] } else { before[i] };
         assert_eq!(ps[i].to_bits(), expect.to_bits(), "{label}: parameter {i}");
     }
     assert!(ranges.iter().any(|r| r.clone().any(|i| pw[i] != before[i])), "{label}: nothing moved");
+    // What the kernels read: the shard's updated masters rounded, the rest as it was.
+    let (at, read_dtype) = shard.params_range(0..n).unwrap();
+    assert_eq!(read_dtype, dtype, "{label}");
+    let copy = troupe::gpu::download_f32(gpu, at, n, dtype).unwrap();
+    let rounded = if dtype == DType::Bf16 { round_bf16(&ps) } else { ps.clone() };
+    for i in 0..n {
+        assert_eq!(copy[i].to_bits(), rounded[i].to_bits(), "{label}: the kernels' parameter {i}");
+    }
     let ((mw, vw), (ms, vs)) = (whole.moments_host().unwrap(), shard.moments_host().unwrap());
     let cut = |x: &[f32]| ranges.iter().flat_map(|r| x[r.clone()].to_vec()).collect::<Vec<f32>>();
     assert_eq!(ms, cut(&mw), "{label}: first moments");
@@ -242,20 +270,40 @@ fn check_optimizer_shard<G: Gpu>(gpu: &G, label: &str) {
     let err = shard.set_optimizer_shard(&ranges).unwrap_err();
     assert!(err.to_string().contains("already allocated"), "{label}: {err}");
     let err = shard.set_optimizer_state(&mw, &vw, 2).unwrap_err();
-    assert!(err.to_string().contains(&format!("for {} parameters", 38 + 4003 + 301)), "{label}: {err}");
+    assert!(err.to_string().contains(&format!("for {own} parameters")), "{label}: {err}");
     shard.set_optimizer_state(&ms, &vs, 2).unwrap();
+    // Restoring parameters (a resume): the shard's in fp32, the rest as the copy holds them.
+    let host: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 2003) as f32 / 2003.0 - 0.5).collect();
+    shard.set_params(&host).unwrap();
+    let back = shard.params_host().unwrap();
+    for i in 0..n {
+        let expect = if inside(i) || dtype == DType::F32 { host[i] } else { round_bf16(&host[i..i + 1])[0] };
+        assert_eq!(back[i].to_bits(), expect.to_bits(), "{label}: restored parameter {i}");
+    }
+    if dtype == DType::Bf16 {
+        let mut again = GpuGpt::new(gpu, &cfg, 7, dtype).unwrap();
+        again.set_optimizer_shard(&ranges).unwrap();
+        let err = again.set_optimizer_shard(std::slice::from_ref(&(0..n))).unwrap_err();
+        assert!(err.to_string().contains("already sharded"), "{label}: {err}");
+    }
 }
 
 #[test]
 fn a_sharded_optimizer_updates_only_its_ranges_in_the_emulator() {
-    let Some(emu) = troupe::gpu::emu::shared() else { return };
-    check_optimizer_shard(emu, "emulator");
+    if troupe::gpu::emu::shared().is_none() {
+        return;
+    }
+    // A private emulator: its memory counter sees only this test.
+    let emu = troupe::gpu::EmuGpu::new().unwrap();
+    check_optimizer_shard(&emu, "emulator fp32", DType::F32, true);
+    check_optimizer_shard(&emu, "emulator bf16", DType::Bf16, true);
 }
 
 #[test]
 fn a_sharded_optimizer_updates_only_its_ranges_on_a_gpu() {
     let Some(gpu) = troupe::gpu::cuda::shared() else { return };
-    check_optimizer_shard(gpu, "cuda");
+    check_optimizer_shard(gpu, "cuda fp32", DType::F32, false);
+    check_optimizer_shard(gpu, "cuda bf16", DType::Bf16, false);
 }
 
 /// Deferred losses (`GpuGpt::forward_deferred`, what the GPU training loop uses): no copy to the

@@ -136,7 +136,9 @@ pub struct GpuGpt<'g, G: Gpu> {
     blocks: Vec<Block>,
     /// Parameters as the kernels read them (`dtype`).
     params: G::Buf,
-    /// fp32 master weights in bf16 mode (`None` in fp32 mode: `params` are the master).
+    /// fp32 master weights in bf16 mode (`None` in fp32 mode: `params` are the master), of the
+    /// optimizer's parts only (`opt_parts`, concatenated as the moments are): the whole arena,
+    /// or this rank's shard under the distributed optimizer, whose owners hold the rest.
     master: Option<G::Buf>,
     grads: G::Buf,
     /// AdamW's first and second moments (fp32) of the optimizer's part of the arena
@@ -397,12 +399,29 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         self.adam_steps
     }
 
-    /// The (master) parameters as fp32, in the CPU model's arena order.
+    /// The (master) parameters as fp32, in the CPU model's arena order. With a sharded
+    /// optimizer in bf16 ([`GpuGpt::set_optimizer_shard`]) the master weights here are the
+    /// shard's: elsewhere this returns the bf16 copy the kernels read, widened (the fp32 values
+    /// are their owners').
     pub fn params_host(&self) -> Result<Vec<f32>, GpuError> {
-        match &self.master {
-            Some(m) => download_f32(self.gpu, Dev::new(m), self.table.len(), DType::F32),
-            None => download_f32(self.gpu, Dev::new(&self.params), self.table.len(), DType::F32),
+        let n = self.table.len();
+        let Some(m) = &self.master else {
+            return download_f32(self.gpu, Dev::new(&self.params), n, DType::F32);
+        };
+        if self.master_is_whole() {
+            return download_f32(self.gpu, Dev::new(m), n, DType::F32);
         }
+        let mut out = download_f32(self.gpu, Dev::new(&self.params), n, self.dtype)?;
+        let own = download_f32(self.gpu, Dev::new(m), self.optimizer_len(), DType::F32)?;
+        for part in &self.opt_parts {
+            out[part.range.clone()].copy_from_slice(&own[part.base..part.base + part.range.len()]);
+        }
+        Ok(out)
+    }
+
+    /// Whether the master weights (if any) cover the whole arena in arena order.
+    fn master_is_whole(&self) -> bool {
+        self.optimizer_len() == self.table.len()
     }
 
     /// Storage type of the parameter gradients (always fp32).
@@ -502,14 +521,22 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 detail: format!("{} values for {n} parameters", host.len()),
             });
         }
+        let whole = self.master_is_whole();
         match self.master.as_mut() {
             None => self.gpu.upload(&mut self.params, 0, bytemuck::cast_slice(host)),
-            Some(m) => {
+            Some(m) if whole => {
                 // fp32 up once; the bf16 copy is rounded on the device (to nearest even, as
                 // `encode` does on the host).
                 self.gpu.upload(m, 0, bytemuck::cast_slice(host))?;
                 let (dst, src) = (Dev::new(&self.params), Dev::new(&*m));
                 optim::cast(self.gpu, dst, self.dtype, src, DType::F32, n)
+            }
+            Some(m) => {
+                // A shard's master weights: its parts in fp32, the whole copy rounded here.
+                for part in &self.opt_parts {
+                    self.gpu.upload(m, part.base * 4, bytemuck::cast_slice(&host[part.range.clone()]))?;
+                }
+                self.gpu.upload(&mut self.params, 0, &encode(host, self.dtype))
             }
         }
     }
@@ -1479,7 +1506,6 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         let Some((m, v)) = self.moments.as_ref() else {
             return Err(GpuError::Shape { op: "GpuGpt::adamw_update", detail: "no moments".into() });
         };
-        let master = self.master.as_ref().unwrap_or(&self.params);
         let h = |decay: bool| AdamWStep {
             lr,
             beta1: adam.beta1,
@@ -1488,9 +1514,13 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             weight_decay: if decay { adam.weight_decay } else { 0.0 },
             step,
         };
-        // Buffers of `len` elements from arena element `at` (moments from `base + at - start`).
+        // Buffers of `len` elements from arena element `at` (moments, and the master weights
+        // when there are any, from `base + at - start`).
         let bufs = |at: usize, moment: usize| optim::AdamWBufs {
-            params: Dev::new(master).at(at, DType::F32),
+            params: match &self.master {
+                Some(master) => Dev::new(master).at(moment, DType::F32),
+                None => Dev::new(&self.params).at(at, DType::F32),
+            },
             m: Dev::new(m).at(moment, DType::F32),
             v: Dev::new(v).at(moment, DType::F32),
             grads: Dev::new(&self.grads).at(at, DType::F32),
@@ -1517,14 +1547,15 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     }
 
     /// Restricts the optimizer to arena `ranges` (sorted, disjoint): this rank's shard under
-    /// the distributed optimizer (ZeRO-1). Moments are then held for those elements only, and
-    /// [`GpuGpt::adamw_update`] changes only them (the other ranks' shards come from them:
-    /// [`GpuGpt::master_range`], [`GpuGpt::refresh_copy`]). Call before the first update or
-    /// restore.
+    /// the distributed optimizer (ZeRO-1). Moments, and in bf16 the fp32 master weights, are
+    /// then held for those elements only (Megatron's distributed optimizer; the bf16 copy the
+    /// kernels read stays whole), and [`GpuGpt::adamw_update`] changes only them (the other
+    /// ranks' parts come from their owners: [`GpuGpt::params_range`]). Call before the first
+    /// update or restore.
     ///
     /// # Errors
-    /// Ranges unsorted, overlapping or outside the arena; moments already allocated; device
-    /// errors.
+    /// Ranges unsorted, overlapping or outside the arena; moments already allocated; master
+    /// weights already sharded; device errors.
     pub fn set_optimizer_shard(&mut self, ranges: &[std::ops::Range<usize>]) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::set_optimizer_shard";
         let n = self.table.len();
@@ -1544,7 +1575,25 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 detail: "the moments are already allocated (set the shard before the first update)".into(),
             });
         }
-        self.opt_parts = opt_parts(self.gpu, &self.table, ranges)?;
+        let parts = opt_parts(self.gpu, &self.table, ranges)?;
+        let len: usize = parts.iter().map(|p| p.range.len()).sum();
+        if self.master.is_some() && !self.master_is_whole() {
+            return Err(GpuError::Shape {
+                op: OP,
+                detail: "the master weights are already sharded (their other parts are gone)".into(),
+            });
+        }
+        if let Some(m) = self.master.as_ref().filter(|_| len < n) {
+            // Keep the shard's fp32 master weights only, side by side as the moments will be.
+            let kept = self.gpu.alloc(len * 4)?;
+            for p in &parts {
+                let (dst, src) =
+                    (Dev::new(&kept).at(p.base, DType::F32), Dev::new(m).at(p.range.start, DType::F32));
+                self.gpu.copy(dst, src, p.range.len() * 4)?;
+            }
+            self.master = Some(kept);
+        }
+        self.opt_parts = parts;
         Ok(())
     }
 
@@ -1558,35 +1607,22 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         self.opt_parts.iter().map(|p| p.range.len()).sum()
     }
 
-    /// The fp32 (master) parameters of arena `range` on the device, for a collective that
-    /// fills them in place (the distributed optimizer's gather); then call
-    /// [`GpuGpt::refresh_copy`] for the range.
+    /// The parameters the kernels read in arena `range` on the device, and their type (bf16 or
+    /// fp32), for a collective that fills them in place: the distributed optimizer's gather,
+    /// which broadcasts each part from its owner (whose [`GpuGpt::adamw_update`] wrote them,
+    /// rounded from its master weights in bf16) — in bf16, half the bytes of the fp32 masters.
     ///
     /// # Errors
     /// A range outside the arena.
-    pub fn master_range(&self, range: std::ops::Range<usize>) -> Result<Dev<'_, G::Buf>, GpuError> {
+    pub fn params_range(&self, range: std::ops::Range<usize>) -> Result<(Dev<'_, G::Buf>, DType), GpuError> {
         let n = self.table.len();
         if range.start > range.end || range.end > n {
             return Err(GpuError::Shape {
-                op: "GpuGpt::master_range",
+                op: "GpuGpt::params_range",
                 detail: format!("range {range:?} of {n} parameters"),
             });
         }
-        Ok(Dev::new(self.master.as_ref().unwrap_or(&self.params)).at(range.start, DType::F32))
-    }
-
-    /// Rounds the master parameters of `range` into the bf16 copy the kernels read (ordered
-    /// after the queued work; nothing in fp32, where the master is what they read).
-    ///
-    /// # Errors
-    /// A range outside the arena; device errors.
-    pub fn refresh_copy(&mut self, range: std::ops::Range<usize>) -> Result<(), GpuError> {
-        let src = self.master_range(range.clone())?;
-        if self.master.is_none() || range.is_empty() {
-            return Ok(());
-        }
-        let dst = Dev::new(&self.params).at(range.start, self.dtype);
-        optim::cast(self.gpu, dst, self.dtype, src, DType::F32, range.len())
+        Ok((Dev::new(&self.params).at(range.start, self.dtype), self.dtype))
     }
 
     /// `Σ g²` of each arena range of the gradients, in double and a fixed order (one download

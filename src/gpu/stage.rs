@@ -208,16 +208,17 @@ pub trait DeviceStage: Send {
     ) -> Result<Vec<std::ops::Range<usize>>, GpuError>;
 
     /// The distributed optimizer's gather over the data-parallel group, on the device: each
-    /// bucket part is broadcast from its owner into the others' fp32 parameters in place, then
-    /// rounded into their bf16 copy; returns when done. Call on every rank of the group after
-    /// its update.
+    /// bucket part of the parameters the kernels read (bf16 or fp32) is broadcast from its owner,
+    /// which rounded it from its master weights, into the others' in place; returns when done.
+    /// Call on every rank of the group after its update.
     ///
     /// # Errors
     /// No data-parallel group or no [`DeviceStage::shard_optimizer`]; communication errors and
     /// timeouts; device errors.
     fn gather_params(&mut self) -> Result<(), GpuError>;
 
-    /// The (master) parameters, fp32, in the range's arena order.
+    /// The (master) parameters, fp32, in the range's arena order (outside a sharded bf16
+    /// optimizer's own parts, the bf16 copy widened: [`GpuGpt::params_host`]).
     ///
     /// # Errors
     /// Device errors.
@@ -559,24 +560,17 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         let Some(zero) = self.zero.as_ref() else {
             return Err(GpuError::Shape { op: OP, detail: "the stage's optimizer is not sharded".into() });
         };
-        let (gpu, size, me) = (self.model.gpu(), dp.size(), dp.rank());
+        let (gpu, size) = (self.model.gpu(), dp.size());
         for b in 0..zero.buckets.len() {
             for q in 0..size {
                 let r = zero.part(b, size, q);
                 if !r.is_empty() {
-                    dp.broadcast(gpu, self.model.master_range(r.clone())?, r.len(), DType::F32, q)?;
+                    let (at, dtype) = self.model.params_range(r.clone())?;
+                    dp.broadcast(gpu, at, r.len(), dtype, q)?;
                 }
             }
         }
-        dp.finish(gpu)?;
-        let others: Vec<_> = (0..zero.buckets.len())
-            .flat_map(|b| (0..size).filter(|&q| q != me).map(move |q| (b, q)))
-            .map(|(b, q)| zero.part(b, size, q))
-            .collect();
-        for r in others {
-            self.model.refresh_copy(r)?;
-        }
-        Ok(())
+        dp.finish(gpu)
     }
 
     fn params(&self) -> Result<Vec<f32>, GpuError> {

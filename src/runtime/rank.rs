@@ -35,7 +35,7 @@ use crate::trace::{Event, actor_of};
 
 use super::compute::{Compute, Engine, JobError, ReadyBucket};
 use super::mailbox::{Dir, Key, Mailbox};
-use super::plan::{Plan, buckets};
+use super::plan::{Bucket, Plan, buckets};
 use super::shard::ChunkShard;
 use super::wire::Wire;
 use super::{RankResult, RunEvent, RunOptions, RuntimeError, StepRecord};
@@ -1917,6 +1917,14 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         })
         .await?
         .map_err(|e| model_err(&ctx, step, "collect parameters", e))?;
+    let mut chunks = chunks;
+    if st.gather_on_device && ctx.plan.dp > 1 {
+        // The devices hold the fp32 master weights of their own parts only.
+        let buckets = st.job(step, "bucket layout", |e: &mut Engine| e.buckets.clone()).await?;
+        for ((_, _, p), bs) in chunks.iter_mut().zip(&buckets) {
+            gather_bucket_parts(&ctx, step, "master weight all-gather", bs, p).await?;
+        }
+    }
     result.chunks = chunks;
     result.events =
         std::mem::take(&mut *ctx.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
@@ -2084,6 +2092,25 @@ async fn gather_events(ctx: &RankCtx, step: u64, events: &mut Vec<Event>) -> Res
 }
 
 /// Awaits a communication within the timeout; errors name the rank, step and operation.
+/// Fills every bucket of `arena` with its data-parallel owners' parts (`chunk_range` of the
+/// bucket over the group; on entry this rank's part is its own): host all-gathers, one per
+/// bucket. For checkpoints and the end of a run, where every rank of the group calls it.
+async fn gather_bucket_parts(
+    ctx: &RankCtx,
+    step: u64,
+    op: &str,
+    buckets: &[Bucket],
+    arena: &mut [f32],
+) -> Result<(), RuntimeError> {
+    for b in buckets {
+        let w = ctx.dp.all_gather(Buf::F32(arena[b.range.clone()].to_vec()));
+        if let Buf::F32(full) = wait_work(ctx, step, op, w).await? {
+            arena[b.range.clone()].copy_from_slice(&full);
+        }
+    }
+    Ok(())
+}
+
 async fn wait_work<T>(ctx: &RankCtx, step: u64, op: &str, w: Work<T>) -> Result<T, RuntimeError> {
     let _w = ctx.waiting();
     tokio::time::timeout(ctx.timeout, w)
@@ -2177,6 +2204,13 @@ async fn save_checkpoint(
         .await?
         .map_err(|e| model_err(&ctx, step, "read parameters for a checkpoint", e))?;
     let buckets = st.job(step, "bucket layout", |e: &mut Engine| e.buckets.clone()).await?;
+    let mut params = params;
+    if st.gather_on_device && plan.dp > 1 {
+        // The devices hold the fp32 master weights of their own parts only.
+        for (p, bs) in params.iter_mut().zip(&buckets) {
+            gather_bucket_parts(&ctx, step, "checkpoint: master weight all-gather", bs, p).await?;
+        }
+    }
     // Full-arena moments of every chunk on this rank.
     let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(shards.len());
     for (c, shard) in shards.iter().enumerate() {
@@ -2189,13 +2223,8 @@ async fn save_checkpoint(
             base += r.len();
         }
         if plan.distributed_optimizer && plan.dp > 1 {
-            for b in &buckets[c] {
-                for arena in [&mut m, &mut v] {
-                    let w = ctx.dp.all_gather(Buf::F32(arena[b.range.clone()].to_vec()));
-                    if let Buf::F32(full) = wait_work(&ctx, step, "checkpoint: moment all-gather", w).await? {
-                        arena[b.range.clone()].copy_from_slice(&full);
-                    }
-                }
+            for arena in [&mut m, &mut v] {
+                gather_bucket_parts(&ctx, step, "checkpoint: moment all-gather", &buckets[c], arena).await?;
             }
         }
         moments.push((m, v));

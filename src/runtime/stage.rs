@@ -149,9 +149,11 @@ impl Stage {
     /// stage, over the chunk's gradient `buckets` (arena ranges, the reducer's; each split over
     /// the data-parallel ranks by `chunk_range`, as [`ChunkShard`] does): the step's last
     /// backward reduces each finished bucket's parts to their owners, the device holds moments
-    /// for this rank's parts only, [`Stage::optimizer_step`] updates them and gathers the
-    /// others' from their owners over the device group (broadcasts of the fp32 parameters), and
-    /// the host's parameter all-gather is not needed. Returns this rank's shard (its parts, in
+    /// (and fp32 master weights) for this rank's parts only, [`Stage::optimizer_step`] updates
+    /// them and gathers the others' from their owners over the device group (broadcasts of the
+    /// parameters the kernels read), and the host's parameter all-gather is not needed; the host
+    /// parameters [`Stage::pull_params`] reads are then exact in the shard only (the callers
+    /// all-gather the rest). Returns this rank's shard (its parts, in
     /// arena order: the ranges of its [`ChunkShard`]). Call before restoring optimizer state.
     ///
     /// # Errors
