@@ -11,8 +11,13 @@
 //!   while later layers' backward keeps running); [`DeviceComm::finish`] polls NCCL with the
 //!   communicator's timeout and orders later compute after the reductions — the GPU form of the
 //!   CPU reducer's overlap.
-//! - [`HostComm`] on any [`Gpu`] (the emulator in tests): copies the range to the host, runs the
-//!   CPU `Comm`'s all-reduce (in-process or TCP), copies it back. No overlap; same results.
+//! - [`HostComm`] on any [`Gpu`] (the emulator in tests): copies the range to the host when the
+//!   collective is queued (what NCCL would read: the data at that point of the stream), starts
+//!   the CPU `Comm`'s collective (in-process or TCP), and on the emulator writes its result
+//!   back only in [`DeviceComm::finish`] — as late as NCCL may — so that code which reads a
+//!   range before `finish`, or writes one between the queueing and `finish`, sees the other
+//!   values and fails its tests here instead of racing on a GPU. Where the GPU has no stable
+//!   addresses ([`Gpu::stable_address`]: CUDA) the result is written back at once.
 
 use super::cuda::CudaGpu;
 use super::nccl::NcclComm;
@@ -111,19 +116,50 @@ impl DeviceComm<CudaGpu> for NcclComm {
     }
 }
 
-/// A CPU communicator used for device buffers by copying through the host.
+/// A CPU communicator used for device buffers by copying through the host (see the module
+/// docs).
 pub struct HostComm {
     comm: Box<dyn Comm>,
+    /// Collectives queued and not yet finished, in the order queued.
+    pending: std::sync::Mutex<Vec<Pending>>,
+}
+
+/// A collective [`HostComm`] has started: its result goes to `target` (an address from
+/// [`Gpu::stable_address`] and the bytes there) in [`DeviceComm::finish`].
+struct Pending {
+    op: &'static str,
+    work: crate::comm::Work<Buf>,
+    target: Option<(usize, usize)>,
+    dtype: DType,
 }
 
 impl HostComm {
     pub fn new(comm: Box<dyn Comm>) -> Self {
-        HostComm { comm }
+        HostComm { comm, pending: std::sync::Mutex::new(Vec::new()) }
     }
 
-    /// Runs the CPU collective `run` on the fp32 values of `count` elements of `dtype` at `buf`
-    /// (downloaded; bf16 widens exactly) and writes its result back when `keep` says this rank
-    /// keeps it. `op` names the collective in errors.
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The values of a finished collective, or its error naming `op`.
+    fn result(&self, op: &str, work: crate::comm::Work<Buf>) -> Result<Vec<f32>, GpuError> {
+        let out = work.wait().map_err(|e| GpuError::Nccl {
+            op: format!("{op} (through the host)"),
+            rank: self.comm.rank(),
+            group: self.comm.group_name().to_string(),
+            detail: e.to_string(),
+        })?;
+        let Buf::F32(values) = out else {
+            return Err(GpuError::Shape { op: "HostComm", detail: format!("the {op} changed the type") });
+        };
+        Ok(values)
+    }
+
+    /// Starts the CPU collective `run` on the fp32 values of `count` elements of `dtype` at `buf`
+    /// (downloaded now; bf16 widens exactly); its result is written back, when `keep` says this
+    /// rank keeps it, in [`DeviceComm::finish`] (at once where the GPU has no stable addresses).
+    /// `op` names the collective in errors.
     #[allow(clippy::too_many_arguments)]
     fn through_host<G: Gpu>(
         &self,
@@ -137,19 +173,18 @@ impl HostComm {
     ) -> Result<(), GpuError> {
         let mut bytes = vec![0u8; count * dtype.size()];
         gpu.download(buf.buf, buf.offset, &mut bytes)?;
-        let out = run(&*self.comm, Buf::F32(decode(&bytes, dtype))).wait().map_err(|e| GpuError::Nccl {
-            op: format!("{op} (through the host)"),
-            rank: self.comm.rank(),
-            group: self.comm.group_name().to_string(),
-            detail: e.to_string(),
-        })?;
-        let Buf::F32(values) = out else {
-            return Err(GpuError::Shape { op: "HostComm", detail: format!("the {op} changed the type") });
-        };
-        if !keep {
-            return Ok(());
+        let work = run(&*self.comm, Buf::F32(decode(&bytes, dtype)));
+        match gpu.stable_address(buf) {
+            Some((addr, room)) if room >= bytes.len() => {
+                let target = keep.then_some((addr, bytes.len()));
+                self.pending().push(Pending { op, work, target, dtype });
+                Ok(())
+            }
+            _ => {
+                let values = self.result(op, work)?;
+                if keep { gpu.write(buf, &encode(&values, dtype)) } else { Ok(()) }
+            }
         }
-        gpu.write(buf, &encode(&values, dtype))
     }
 
     fn check_root(&self, op: &'static str, root: usize) -> Result<(), GpuError> {
@@ -210,7 +245,69 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         self.through_host("broadcast", gpu, buf, count, dtype, keep, |c, b| c.broadcast(b, root))
     }
 
-    fn finish(&self, _gpu: &G) -> Result<(), GpuError> {
+    fn finish(&self, gpu: &G) -> Result<(), GpuError> {
+        let pending = std::mem::take(&mut *self.pending());
+        for p in pending {
+            let values = self.result(p.op, p.work)?;
+            if let Some((addr, len)) = p.target {
+                let bytes = encode(&values, p.dtype);
+                if bytes.len() != len {
+                    return Err(GpuError::Shape {
+                        op: "HostComm::finish",
+                        detail: format!("the {} returned {} bytes for {len}", p.op, bytes.len()),
+                    });
+                }
+                // SAFETY: `addr` is the stable address of the collective's buffer, which the
+                // caller keeps alive until `finish` (as for NCCL), with `len` bytes of room.
+                unsafe { gpu.write_later(addr, &bytes)? };
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{EmuGpu, download_f32, upload_f32};
+
+    /// On the emulator a collective through the host reads the device range when queued and
+    /// lands in [`DeviceComm::finish`], as NCCL's may: before it the range holds what it did,
+    /// and a write between the two is overwritten — so the device-group tests catch code that
+    /// reads a reduced range without waiting for it. Two ranks as threads, each on its own
+    /// emulator.
+    #[test]
+    fn collectives_through_the_host_land_at_finish() {
+        if super::super::emu::shared().is_none() {
+            eprintln!("SKIPPED: no kernel emulator (g++ missing or TROUPE_SKIP_EMU set)");
+            return;
+        }
+        let comms = crate::comm::inproc::world(2, crate::comm::CommOptions::default()).unwrap();
+        let threads: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                std::thread::spawn(move || {
+                    let gpu = EmuGpu::new().unwrap();
+                    let group = HostComm::new(comm);
+                    let me = group.comm.rank() as f32;
+                    let start = [1.0 + me, 10.0 * (1.0 + me), 0.5 + me, -2.0 - me];
+                    let buf = upload_f32(&gpu, &start, DType::Bf16).unwrap();
+                    let at = |i: usize| Dev::new(&buf).at(i, DType::Bf16);
+                    // Sum of elements 0..2, broadcast of 2..4 from rank 1.
+                    DeviceComm::<EmuGpu>::all_reduce_sum(&group, &gpu, at(0), 2, DType::Bf16).unwrap();
+                    DeviceComm::<EmuGpu>::broadcast(&group, &gpu, at(2), 2, DType::Bf16, 1).unwrap();
+                    let queued = download_f32(&gpu, at(0), 4, DType::Bf16).unwrap();
+                    gpu.write(at(0), &encode(&[99.0], DType::Bf16)).unwrap();
+                    group.finish(&gpu).unwrap();
+                    let done = download_f32(&gpu, at(0), 4, DType::Bf16).unwrap();
+                    (start, queued, done)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (start, queued, done) = t.join().unwrap();
+            assert_eq!(queued, start, "nothing lands before finish");
+            assert_eq!(done, [3.0, 30.0, 1.5, -3.0], "sums of both ranks; rank 1's broadcast values");
+        }
     }
 }

@@ -354,6 +354,19 @@ impl Gpu for EmuGpu {
         Ok(())
     }
 
+    fn stable_address(&self, dst: Dev<'_, EmuBuf>) -> Option<(usize, usize)> {
+        // The boxed words do not move when the EmuBuf does.
+        (dst.offset <= dst.buf.bytes).then(|| (dst.buf.ptr(dst.offset) as usize, dst.buf.bytes - dst.offset))
+    }
+
+    unsafe fn write_later(&self, addr: usize, src: &[u8]) -> Result<(), GpuError> {
+        self.memory.up(src.len());
+        // SAFETY: the caller's contract: `addr` is inside a live buffer with room for `src`;
+        // launches are synchronous, so nothing else writes now.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, src.len()) };
+        Ok(())
+    }
+
     fn download(&self, src: &EmuBuf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError> {
         self.memory.down(dst.len());
         check_range("download", "source", offset, dst.len(), src.bytes)?;

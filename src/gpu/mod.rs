@@ -172,6 +172,24 @@ pub trait Gpu: Send + Sync {
     /// ordered after the work queued so far; returns once `src` may be reused.
     fn write(&self, dst: Dev<'_, Self::Buf>, src: &[u8]) -> Result<(), GpuError>;
 
+    /// Where the memory at `dst` lives for as long as its buffer does (the buffer object may
+    /// move; its memory does not), for a write that completes later through
+    /// [`Gpu::write_later`], and how many bytes of the buffer follow it. `None` where a GPU
+    /// offers no such writes (CUDA: collectives through the host then complete when issued).
+    fn stable_address(&self, _dst: Dev<'_, Self::Buf>) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Copies `src` to an address from [`Gpu::stable_address`] (the emulator's stand-in for a
+    /// collective that finishes after it was queued).
+    ///
+    /// # Safety
+    /// `addr` came from [`Gpu::stable_address`] of this GPU, its buffer is still alive and
+    /// `src` fits in the bytes that followed it.
+    unsafe fn write_later(&self, _addr: usize, _src: &[u8]) -> Result<(), GpuError> {
+        Err(GpuError::Shape { op: "Gpu::write_later", detail: "this GPU has no stable addresses".into() })
+    }
+
     /// Copies `dst.len()` bytes from byte `offset` of `src`, after all earlier work finished.
     fn download(&self, src: &Self::Buf, offset: usize, dst: &mut [u8]) -> Result<(), GpuError>;
 
