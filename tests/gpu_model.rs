@@ -356,3 +356,73 @@ fn deferred_losses_match_the_synchronous_ones_on_a_gpu() {
     let Some(gpu) = troupe::gpu::cuda::shared() else { return };
     check_deferred_losses(gpu, "cuda", false);
 }
+
+/// Parameters that arrive late (`GpuGpt::params_arriving`: the distributed optimizer's gather,
+/// overlapped with the next forward): rank 1 of two thread ranks gets every tensor from rank 0
+/// by its own broadcast through the host, each declared as a fence, and runs a forward at once.
+/// On the emulator a broadcast lands only when its fence is due, so the forward gives rank 0's
+/// loss bits only if every kernel waits for the tensors it reads (the embedding's, each
+/// block's, the head's LayerNorm and tied embedding); the bf16 parameters the kernels read are
+/// rank 0's too, and the fences are each readied once, in arena order.
+#[test]
+fn late_parameters_are_awaited_before_each_read_in_the_emulator() {
+    use std::sync::{Arc, Mutex};
+    use troupe::gpu::dp::{DeviceComm, HostComm};
+    use troupe::gpu::model::ParamFence;
+    if troupe::gpu::emu::shared().is_none() {
+        eprintln!("SKIPPED: no kernel emulator (g++ missing or TROUPE_SKIP_EMU set)");
+        return;
+    }
+    let comms = troupe::comm::inproc::world(2, troupe::comm::CommOptions::default()).unwrap();
+    let threads: Vec<_> = comms
+        .into_iter()
+        .enumerate()
+        .map(|(rank, comm)| {
+            std::thread::spawn(move || {
+                let gpu: &'static troupe::gpu::EmuGpu =
+                    Box::leak(Box::new(troupe::gpu::EmuGpu::new().unwrap()));
+                let cfg = cfg();
+                let mut model = GpuGpt::new(gpu, &cfg, 7, DType::Bf16).unwrap();
+                if rank == 0 {
+                    let moved: Vec<f32> = model
+                        .params_host()
+                        .unwrap()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| p + 0.05 * ((i % 17) as f32 - 8.0) / 8.0)
+                        .collect();
+                    model.set_params(&moved).unwrap();
+                }
+                let group: Arc<dyn DeviceComm<troupe::gpu::EmuGpu>> = Arc::new(HostComm::new(comm));
+                let mut spans: Vec<_> = model.table().specs().iter().map(|s| s.span.range()).collect();
+                spans.sort_by_key(|r| r.start);
+                let readied = Arc::new(Mutex::new(Vec::new()));
+                let mut fences = Vec::new();
+                for (i, r) in spans.iter().enumerate() {
+                    let (at, dtype) = model.params_range(r.clone()).unwrap();
+                    group.broadcast(gpu, at, r.len(), dtype, 0).unwrap();
+                    let (mark, group, readied) = (group.mark(gpu).unwrap(), group.clone(), readied.clone());
+                    let ready = Box::new(move || {
+                        readied.lock().unwrap().push(i);
+                        group.compute_after(gpu, mark)
+                    });
+                    fences.push(ParamFence { range: r.clone(), ready });
+                }
+                model.params_arriving(fences);
+                let (x, y) = batch(0, 2, cfg.seq_length, cfg.vocab_size);
+                let loss = model.forward(&x, &y, 2, cfg.seq_length, 1.0).unwrap();
+                let order = readied.lock().unwrap().clone();
+                let n = model.table().len();
+                let (at, dtype) = model.params_range(0..n).unwrap();
+                (loss, troupe::gpu::download_f32(gpu, at, n, dtype).unwrap(), order, spans.len())
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let (l0, p0, _, _) = &results[0];
+    let (l1, p1, order, n) = &results[1];
+    assert_eq!(l1.to_bits(), l0.to_bits(), "rank 1's forward on late parameters: loss {l1} vs {l0}");
+    assert!(p0.iter().zip(p1).all(|(a, b)| a.to_bits() == b.to_bits()), "the kernels' parameters differ");
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "fences readied out of order: {order:?}");
+    assert!(order.len() <= *n && !order.is_empty(), "{} fences readied of {n}", order.len());
+}

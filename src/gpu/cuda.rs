@@ -296,6 +296,12 @@ impl CudaGpu {
         Ok(ev)
     }
 
+    /// Makes the compute stream wait for `event` (recorded on another stream), without waiting
+    /// on the host.
+    pub fn compute_waits(&self, event: &CudaEvent) -> Result<(), GpuError> {
+        self.stream.wait(event).map_err(driver("ordering compute after an event"))
+    }
+
     /// Makes the compute stream wait for everything queued on the communication stream so far.
     pub fn compute_after_comm(&self) -> Result<CudaEvent, GpuError> {
         let ev = self.comm_stream.record_event(None).map_err(driver("recording a communication event"))?;

@@ -63,6 +63,13 @@ pub trait DeviceComm<G: Gpu>: Send + Sync {
     /// Waits (bounded by the communicator's timeout) until every queued collective has finished,
     /// and orders later GPU work after them.
     fn finish(&self, gpu: &G) -> Result<(), GpuError>;
+    /// Marks the collectives queued so far, for [`DeviceComm::compute_after`].
+    fn mark(&self, gpu: &G) -> Result<u64, GpuError>;
+    /// Orders the GPU work queued from now on after the collectives queued before `mark`,
+    /// without a host wait where the GPU can (NCCL: the compute stream waits for an event; their
+    /// errors and timeouts surface in the next [`DeviceComm::finish`]); through the host their
+    /// results land now. A mark that an earlier call covered needs nothing.
+    fn compute_after(&self, gpu: &G, mark: u64) -> Result<(), GpuError>;
 }
 
 impl DeviceComm<CudaGpu> for NcclComm {
@@ -114,19 +121,30 @@ impl DeviceComm<CudaGpu> for NcclComm {
         gpu.compute_after_comm()?;
         Ok(())
     }
+
+    fn mark(&self, gpu: &CudaGpu) -> Result<u64, GpuError> {
+        NcclComm::mark(self, gpu)
+    }
+
+    fn compute_after(&self, gpu: &CudaGpu, mark: u64) -> Result<(), GpuError> {
+        NcclComm::compute_after(self, gpu, mark)
+    }
 }
 
 /// A CPU communicator used for device buffers by copying through the host (see the module
 /// docs).
 pub struct HostComm {
     comm: Box<dyn Comm>,
-    /// Collectives queued and not yet finished, in the order queued.
-    pending: std::sync::Mutex<Vec<Pending>>,
+    /// Collectives queued and not yet landed, in the order queued, and how many were queued
+    /// in all (a [`DeviceComm::mark`]).
+    pending: std::sync::Mutex<(std::collections::VecDeque<Pending>, u64)>,
 }
 
 /// A collective [`HostComm`] has started: its result goes to `target` (an address from
-/// [`Gpu::stable_address`] and the bytes there) in [`DeviceComm::finish`].
+/// [`Gpu::stable_address`] and the bytes there) in [`DeviceComm::finish`] (or an earlier
+/// [`DeviceComm::compute_after`]). `seq`: its place among all the collectives queued.
 struct Pending {
+    seq: u64,
     op: &'static str,
     work: crate::comm::Work<Buf>,
     target: Option<(usize, usize)>,
@@ -135,11 +153,37 @@ struct Pending {
 
 impl HostComm {
     pub fn new(comm: Box<dyn Comm>) -> Self {
-        HostComm { comm, pending: std::sync::Mutex::new(Vec::new()) }
+        HostComm { comm, pending: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)) }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, (std::collections::VecDeque<Pending>, u64)> {
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lands, in order, the pending collectives queued before `mark`.
+    fn land<G: Gpu>(&self, gpu: &G, mark: u64) -> Result<(), GpuError> {
+        loop {
+            let Some(p) = ({
+                let mut pending = self.pending();
+                if pending.0.front().is_some_and(|p| p.seq < mark) { pending.0.pop_front() } else { None }
+            }) else {
+                return Ok(());
+            };
+            let values = self.result(p.op, p.work)?;
+            if let Some((addr, len)) = p.target {
+                let bytes = encode(&values, p.dtype);
+                if bytes.len() != len {
+                    return Err(GpuError::Shape {
+                        op: "HostComm::finish",
+                        detail: format!("the {} returned {} bytes for {len}", p.op, bytes.len()),
+                    });
+                }
+                // SAFETY: `addr` is the stable address of the collective's buffer, which the
+                // caller keeps alive until the collective lands (as for NCCL), with `len` bytes
+                // of room.
+                unsafe { gpu.write_later(addr, &bytes)? };
+            }
+        }
     }
 
     /// The values of a finished collective, or its error naming `op`.
@@ -174,13 +218,17 @@ impl HostComm {
         let mut bytes = vec![0u8; count * dtype.size()];
         gpu.download(buf.buf, buf.offset, &mut bytes)?;
         let work = run(&*self.comm, Buf::F32(decode(&bytes, dtype)));
+        let mut pending = self.pending();
+        let seq = pending.1;
+        pending.1 += 1;
         match gpu.stable_address(buf) {
             Some((addr, room)) if room >= bytes.len() => {
                 let target = keep.then_some((addr, bytes.len()));
-                self.pending().push(Pending { op, work, target, dtype });
+                pending.0.push_back(Pending { seq, op, work, target, dtype });
                 Ok(())
             }
             _ => {
+                drop(pending);
                 let values = self.result(op, work)?;
                 if keep { gpu.write(buf, &encode(&values, dtype)) } else { Ok(()) }
             }
@@ -246,23 +294,15 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
     }
 
     fn finish(&self, gpu: &G) -> Result<(), GpuError> {
-        let pending = std::mem::take(&mut *self.pending());
-        for p in pending {
-            let values = self.result(p.op, p.work)?;
-            if let Some((addr, len)) = p.target {
-                let bytes = encode(&values, p.dtype);
-                if bytes.len() != len {
-                    return Err(GpuError::Shape {
-                        op: "HostComm::finish",
-                        detail: format!("the {} returned {} bytes for {len}", p.op, bytes.len()),
-                    });
-                }
-                // SAFETY: `addr` is the stable address of the collective's buffer, which the
-                // caller keeps alive until `finish` (as for NCCL), with `len` bytes of room.
-                unsafe { gpu.write_later(addr, &bytes)? };
-            }
-        }
-        Ok(())
+        self.land(gpu, u64::MAX)
+    }
+
+    fn mark(&self, _gpu: &G) -> Result<u64, GpuError> {
+        Ok(self.pending().1)
+    }
+
+    fn compute_after(&self, gpu: &G, mark: u64) -> Result<(), GpuError> {
+        self.land(gpu, mark)
     }
 }
 

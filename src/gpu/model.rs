@@ -51,6 +51,29 @@ struct Block {
     fcproj_b: Span,
 }
 
+impl Block {
+    /// The arena range from the block's first parameter to its last.
+    fn range(&self) -> std::ops::Range<usize> {
+        let spans = [
+            self.ln1_w,
+            self.ln1_b,
+            self.qkv_w,
+            self.qkv_b,
+            self.proj_w,
+            self.proj_b,
+            self.ln2_w,
+            self.ln2_b,
+            self.fc_w,
+            self.fc_b,
+            self.fcproj_w,
+            self.fcproj_b,
+        ];
+        let start = spans.iter().map(|s| s.offset).min().unwrap_or(0);
+        let end = spans.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
+        start..end
+    }
+}
+
 /// Activations of one layer for the microbatch in flight.
 struct LayerBufs<B> {
     ln1: B,
@@ -172,6 +195,27 @@ pub struct GpuGpt<'g, G: Gpu> {
     scratch: Option<Scratch<G::Buf>>,
     /// N of the latest backward: [`GpuGpt::input_grad`] reads that many rows of `dres`.
     last_backward_n: Option<usize>,
+    /// Parameter ranges whose values are still on their way ([`GpuGpt::params_arriving`]),
+    /// in the order they land.
+    fences: std::sync::Mutex<Vec<ParamFence>>,
+}
+
+impl<G: Gpu> Drop for GpuGpt<'_, G> {
+    fn drop(&mut self) {
+        // Collectives still writing into the parameters land before their memory goes (through
+        // the host they would write it later otherwise).
+        if let Err(e) = self.await_all_params() {
+            tracing::warn!("parameters still arriving when a GPU model was dropped: {e}");
+        }
+    }
+}
+
+/// Parameters of an arena range that a queued collective is still writing (the distributed
+/// optimizer's gather), and what orders the GPU's later work after it: `ready` is called
+/// before the first kernel that reads the range (and covers every fence before it).
+pub struct ParamFence {
+    pub range: std::ops::Range<usize>,
+    pub ready: Box<dyn FnOnce() -> Result<(), GpuError> + Send>,
 }
 
 /// The mean of per-token losses, summed in double.
@@ -373,6 +417,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             free: Vec::new(),
             scratch: None,
             last_backward_n: None,
+            fences: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -404,6 +449,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// shard's: elsewhere this returns the bf16 copy the kernels read, widened (the fp32 values
     /// are their owners').
     pub fn params_host(&self) -> Result<Vec<f32>, GpuError> {
+        self.await_all_params()?;
         let n = self.table.len();
         let Some(m) = &self.master else {
             return download_f32(self.gpu, Dev::new(&self.params), n, DType::F32);
@@ -521,6 +567,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 detail: format!("{} values for {n} parameters", host.len()),
             });
         }
+        self.await_all_params()?;
         let whole = self.master_is_whole();
         match self.master.as_mut() {
             None => self.gpu.upload(&mut self.params, 0, bytemuck::cast_slice(host)),
@@ -727,6 +774,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         let mut scratch =
             self.scratch.take().ok_or(GpuError::Shape { op: OP, detail: "no scratch".into() })?;
         let mut result = self.forward_inner(&mut acts, &mut scratch, input, targets, loss_scale);
+        // Ranges no layer read (none, as the arena is laid out now) are due by the backward.
+        result = result.and_then(|loss| self.await_all_params().map(|()| loss));
         self.scratch = Some(scratch);
         if self.defer_loss
             && targets.is_some()
@@ -765,6 +814,33 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         Ok(loss.unwrap_or(f32::NAN))
     }
 
+    /// Declares parameter ranges that queued collectives are still writing, in the order they
+    /// will land (each after the ones before it): the forward orders each layer's kernels after
+    /// the fences of its parameters only — so the distributed optimizer's gather of later
+    /// layers overlaps the compute of earlier ones, as Megatron's overlapped parameter gather
+    /// does — and everything else that reads or writes parameters waits for all of them.
+    pub fn params_arriving(&self, fences: Vec<ParamFence>) {
+        self.fences.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(fences);
+    }
+
+    /// Orders later GPU work after the fences of every range up to the last that meets `range`.
+    fn await_params(&self, range: std::ops::Range<usize>) -> Result<(), GpuError> {
+        let mut fences = self.fences.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(last) = fences.iter().rposition(|f| f.range.start < range.end && range.start < f.range.end)
+        else {
+            return Ok(());
+        };
+        // The last one covers the earlier ones (they landed before it).
+        let mut due: Vec<ParamFence> = fences.drain(..=last).collect();
+        drop(fences);
+        due.pop().map_or(Ok(()), |f| (f.ready)())
+    }
+
+    /// Orders later GPU work after every parameter fence.
+    fn await_all_params(&self) -> Result<(), GpuError> {
+        self.await_params(0..self.table.len().max(1))
+    }
+
     fn whole(&self, op: &'static str) -> Result<(), GpuError> {
         if self.range.embedding && self.range.head {
             Ok(())
@@ -798,6 +874,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             (StageInput::Tokens(tokens), Some(wte), Some(wpe)) => {
                 a.host_tokens.copy_from_slice(tokens);
                 g.upload(&mut a.tokens, 0, bytemuck::cast_slice(tokens))?;
+                self.await_params(wte.range())?;
+                self.await_params(wpe.range())?;
                 embedding::encoder_forward(
                     g,
                     dt,
@@ -826,6 +904,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         }
         for li in 0..self.blocks.len() {
             let blk = self.blocks[li];
+            self.await_params(blk.range())?;
             let x = if li == 0 { d(&a.input) } else { d(&a.layers[li - 1].out) };
             let l = &a.layers[li];
             layernorm::layernorm_forward(
@@ -882,6 +961,9 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             return Ok(None);
         };
         let x = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
+        self.await_params(lnf_w.range())?;
+        self.await_params(lnf_b.range())?;
+        self.await_params(wte.range())?;
         layernorm::layernorm_forward(
             g,
             dt,
@@ -1501,6 +1583,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         if step == 0 {
             return Err(GpuError::Shape { op: "GpuGpt::adamw_update", detail: "step is 1-based".into() });
         }
+        self.await_all_params()?;
         self.moments_mut()?;
         self.adam_steps = step;
         let Some((m, v)) = self.moments.as_ref() else {
@@ -1615,6 +1698,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
     /// # Errors
     /// A range outside the arena.
     pub fn params_range(&self, range: std::ops::Range<usize>) -> Result<(Dev<'_, G::Buf>, DType), GpuError> {
+        self.await_all_params()?;
         let n = self.table.len();
         if range.start > range.end || range.end > n {
             return Err(GpuError::Shape {

@@ -139,6 +139,9 @@ pub struct NcclComm {
     name: String,
     timeout: Duration,
     aborted: AtomicBool,
+    /// Events recorded on the communication stream by [`NcclComm::mark`], oldest first, and
+    /// the next mark's number.
+    marks: std::sync::Mutex<(Vec<(u64, cudarc::driver::CudaEvent)>, u64)>,
 }
 
 // SAFETY: NCCL communicators may be used from any thread as long as calls on one communicator
@@ -207,7 +210,41 @@ impl NcclComm {
                 ));
             }
         };
-        Ok(NcclComm { raw, rank, size, name: name.to_string(), timeout, aborted: AtomicBool::new(false) })
+        Ok(NcclComm {
+            raw,
+            rank,
+            size,
+            name: name.to_string(),
+            timeout,
+            aborted: AtomicBool::new(false),
+            marks: std::sync::Mutex::new((Vec::new(), 0)),
+        })
+    }
+
+    /// Marks the work queued on the communication stream so far (an event recorded there);
+    /// [`NcclComm::compute_after`] with the mark orders later compute after it.
+    pub fn mark(&self, gpu: &CudaGpu) -> Result<u64, GpuError> {
+        let event = gpu
+            .comm_stream()
+            .record_event(None)
+            .map_err(|e| self.err("marking the communication stream", format!("{e}")))?;
+        let mut marks = self.marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id = marks.1;
+        marks.1 += 1;
+        marks.0.push((id, event));
+        Ok(id)
+    }
+
+    /// Makes the compute stream wait for the communication queued before `mark` (no host
+    /// wait; the collectives' errors surface in the next [`NcclComm::wait`]). A mark an
+    /// earlier call already covered needs nothing.
+    pub fn compute_after(&self, gpu: &CudaGpu, mark: u64) -> Result<(), GpuError> {
+        let mut marks = self.marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(pos) = marks.0.iter().position(|(id, _)| *id == mark) {
+            gpu.compute_waits(&marks.0[pos].1)?;
+            marks.0.drain(..=pos);
+        }
+        Ok(())
     }
 
     pub fn rank(&self) -> usize {

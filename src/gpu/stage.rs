@@ -28,6 +28,7 @@ use std::sync::Arc;
 use super::cuda::CudaGpu;
 use super::dp::{DeviceComm, HostComm};
 use super::model::GpuGpt;
+use super::model::ParamFence;
 use super::nccl::NcclComm;
 use super::{DType, Dev, Gpu, GpuError, MemoryStats, download_f32};
 use crate::comm::Comm;
@@ -209,8 +210,11 @@ pub trait DeviceStage: Send {
 
     /// The distributed optimizer's gather over the data-parallel group, on the device: each
     /// bucket part of the parameters the kernels read (bf16 or fp32) is broadcast from its owner,
-    /// which rounded it from its master weights, into the others' in place; returns when done.
-    /// Call on every rank of the group after its update.
+    /// which rounded it from its master weights, into the others' in place. Returns once queued
+    /// (buckets in arena order, each behind a mark): the next forward orders each layer's kernels
+    /// after its own buckets only ([`GpuGpt::params_arriving`]), so the gather of later layers
+    /// overlaps the compute of earlier ones; anything else that touches the parameters waits for
+    /// all of it. Call on every rank of the group after its update.
     ///
     /// # Errors
     /// No data-parallel group or no [`DeviceStage::shard_optimizer`]; communication errors and
@@ -561,7 +565,12 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
             return Err(GpuError::Shape { op: OP, detail: "the stage's optimizer is not sharded".into() });
         };
         let (gpu, size) = (self.model.gpu(), dp.size());
-        for b in 0..zero.buckets.len() {
+        // In arena order, the forward's (the buckets are in the backward's), each bucket's
+        // broadcasts followed by a mark: the next forward waits for a layer's buckets only.
+        let mut order: Vec<usize> = (0..zero.buckets.len()).collect();
+        order.sort_by_key(|&b| zero.buckets[b].start);
+        let mut fences = Vec::with_capacity(order.len());
+        for b in order {
             for q in 0..size {
                 let r = zero.part(b, size, q);
                 if !r.is_empty() {
@@ -569,8 +578,12 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
                     dp.broadcast(gpu, at, r.len(), dtype, q)?;
                 }
             }
+            let (mark, dp) = (dp.mark(gpu)?, dp.clone());
+            let ready = Box::new(move || dp.compute_after(gpu, mark));
+            fences.push(ParamFence { range: zero.buckets[b].clone(), ready });
         }
-        dp.finish(gpu)
+        self.model.params_arriving(fences);
+        Ok(())
     }
 
     fn params(&self) -> Result<Vec<f32>, GpuError> {
