@@ -464,6 +464,20 @@ fn zero_bubble_schedules_on_gpu_stages_match_the_cpu() -> Result<()> {
         ],
         DType::F32,
         1e-5,
+    )?;
+    // The distributed optimizer on the devices under a split backward: the last W of a chunk
+    // reduces the buckets, and the next step's I and W wait for the gathered parameters.
+    compare(
+        &[
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.pipeline_schedule=\"zb-v\"",
+            "parallel.data_parallel_size=2",
+            "parallel.use_distributed_optimizer=true",
+            "parallel.grad_bucket_size=3000",
+        ],
+        DType::F32,
+        1e-5,
     )
 }
 
