@@ -52,25 +52,10 @@ struct Block {
 }
 
 impl Block {
-    /// The arena range from the block's first parameter to its last.
+    /// The block's parameters in the arena (contiguous, from ln_1's weight to the MLP
+    /// projection's bias).
     fn range(&self) -> std::ops::Range<usize> {
-        let spans = [
-            self.ln1_w,
-            self.ln1_b,
-            self.qkv_w,
-            self.qkv_b,
-            self.proj_w,
-            self.proj_b,
-            self.ln2_w,
-            self.ln2_b,
-            self.fc_w,
-            self.fc_b,
-            self.fcproj_w,
-            self.fcproj_b,
-        ];
-        let start = spans.iter().map(|s| s.offset).min().unwrap_or(0);
-        let end = spans.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
-        start..end
+        self.ln1_w.offset..self.fcproj_b.range().end
     }
 }
 
@@ -961,8 +946,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             return Ok(None);
         };
         let x = a.layers.last().map_or(d(&a.input), |l| d(&l.out));
-        self.await_params(lnf_w.range())?;
-        self.await_params(lnf_b.range())?;
+        self.await_params(lnf_w.offset..lnf_b.range().end)?;
         self.await_params(wte.range())?;
         layernorm::layernorm_forward(
             g,
@@ -1524,7 +1508,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 (d(&l.ln1_mean), d(&l.ln1_rstd)),
                 n,
             )?;
-            ready(blk.ln1_w.offset..blk.fcproj_b.range().end, &self.grads)?;
+            ready(blk.range(), &self.grads)?;
         }
         if let (true, Some(wte), Some(wpe)) = (self.range.embedding, self.wte, self.wpe) {
             embedding::encoder_backward(

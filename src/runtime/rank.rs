@@ -1905,7 +1905,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::StateBytes, Some(timeout)).await)?;
     crate::telemetry::set_optimizer_state_bytes(wr, result.optimizer_state_bytes as u64);
     let _ = reported;
-    let chunks = st
+    let mut chunks = st
         .job(step, "collect parameters", |e: &mut Engine| {
             e.chunks
                 .iter_mut()
@@ -1917,7 +1917,6 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         })
         .await?
         .map_err(|e| model_err(&ctx, step, "collect parameters", e))?;
-    let mut chunks = chunks;
     if st.gather_on_device && ctx.plan.dp > 1 {
         // The devices hold the fp32 master weights of their own parts only.
         let buckets = st.job(step, "bucket layout", |e: &mut Engine| e.buckets.clone()).await?;
@@ -2091,7 +2090,6 @@ async fn gather_events(ctx: &RankCtx, step: u64, events: &mut Vec<Event>) -> Res
     Ok(())
 }
 
-/// Awaits a communication within the timeout; errors name the rank, step and operation.
 /// Fills every bucket of `arena` with its data-parallel owners' parts (`chunk_range` of the
 /// bucket over the group; on entry this rank's part is its own): host all-gathers, one per
 /// bucket. For checkpoints and the end of a run, where every rank of the group calls it.
@@ -2111,6 +2109,7 @@ async fn gather_bucket_parts(
     Ok(())
 }
 
+/// Awaits a communication within the timeout; errors name the rank, step and operation.
 async fn wait_work<T>(ctx: &RankCtx, step: u64, op: &str, w: Work<T>) -> Result<T, RuntimeError> {
     let _w = ctx.waiting();
     tokio::time::timeout(ctx.timeout, w)
@@ -2189,7 +2188,7 @@ async fn save_checkpoint(
     phase_fault(&ctx, step, super::faults::Phase::Checkpoint, "checkpoint writer").await?;
     let (shards, updates) =
         rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::Snapshot, Some(ctx.timeout)).await)?;
-    let (params, shards) = st
+    let (mut params, shards) = st
         .job(step, "read parameters for a checkpoint", |e: &mut Engine| {
             let mut shards = shards;
             let mut params = Vec::with_capacity(e.chunks.len());
@@ -2204,7 +2203,6 @@ async fn save_checkpoint(
         .await?
         .map_err(|e| model_err(&ctx, step, "read parameters for a checkpoint", e))?;
     let buckets = st.job(step, "bucket layout", |e: &mut Engine| e.buckets.clone()).await?;
-    let mut params = params;
     if st.gather_on_device && plan.dp > 1 {
         // The devices hold the fp32 master weights of their own parts only.
         for (p, bs) in params.iter_mut().zip(&buckets) {

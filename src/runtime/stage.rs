@@ -152,10 +152,10 @@ impl Stage {
     /// (and fp32 master weights) for this rank's parts only, [`Stage::optimizer_step`] updates
     /// them and gathers the others' from their owners over the device group (broadcasts of the
     /// parameters the kernels read, which the next forward waits for layer by layer), and the
-    /// host's parameter all-gather is not needed; the host
-    /// parameters [`Stage::pull_params`] reads are then exact in the shard only (the callers
-    /// all-gather the rest). Returns this rank's shard (its parts, in
-    /// arena order: the ranges of its [`ChunkShard`]). Call before restoring optimizer state.
+    /// host's parameter all-gather is not needed; the host parameters [`Stage::pull_params`]
+    /// reads are then exact in the shard only (the callers all-gather the rest). Returns this
+    /// rank's shard (its parts, in arena order: the ranges of its [`ChunkShard`]). Call before
+    /// restoring optimizer state.
     ///
     /// # Errors
     /// A stage without a device group; buckets the device refuses.
