@@ -353,8 +353,9 @@ fn device_emu_data_parallel_ranks_sum_on_the_device_or_the_host() -> Result<()> 
     Ok(())
 }
 
-/// GPU pipeline stages (emulated) under `troupe launch`: two processes, one stage each, write a
-/// schedule trace and train like the CPU (losses within 1e-4 relative).
+/// GPU pipeline stages (emulated) under `troupe launch`: two processes, one stage each, whose
+/// messages travel over a device link between them, write a schedule trace and train like the
+/// CPU (losses within 1e-4 relative).
 #[test]
 fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Result<()> {
     if troupe::gpu::emu::shared().is_none() {
@@ -368,6 +369,13 @@ fn device_emu_pipeline_ranks_under_the_launcher_trace_and_match_the_cpu() -> Res
     gpu.extend_from_slice(model);
     let out = troupe(&gpu, &dir);
     ensure!(out.status.success(), "launched GPU pipeline: {}", stderr(&out));
+    // The stages' messages travel between the devices (over TCP through the host's
+    // communicator on the emulator; NCCL on CUDA), except in the traced step.
+    ensure!(
+        stderr(&out).contains("pipeline messages between the devices through the host's communicator"),
+        "{}",
+        stderr(&out)
+    );
     let mut cpu = vec!["train", "--device", "cpu", "--log-json", "cpu.jsonl"];
     cpu.extend_from_slice(model);
     let out = troupe(&cpu, &dir);

@@ -404,6 +404,76 @@ fn bf16_messages_between_bf16_stages_lose_nothing() -> Result<()> {
     Ok(())
 }
 
+/// Pipeline messages between the devices (a two-rank device link per pair of pipeline
+/// neighbours, each message a broadcast from its sender queued in program order; on the
+/// emulator through the host's communicator, landing only when the reader waits for it) give
+/// the bits of messages through the host, in fp32 and bf16: 1F1B over four ranks, interleaved
+/// (the last rank's chunk sends to rank 0's next one), ZB-V (split backwards) with data
+/// parallelism and the distributed optimizer beside the links, and a traced step in the
+/// middle (its messages go through the host while the steps around it use the links).
+#[test]
+fn pipeline_messages_between_the_devices_give_the_host_messages_bits() -> Result<()> {
+    let layouts: [&[&str]; 4] = [
+        &["parallel.pipeline_model_parallel_size=4", "train.global_batch_size=6"],
+        &[
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.pipeline_schedule=\"interleaved\"",
+        ],
+        &[
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            "parallel.pipeline_schedule=\"zb-v\"",
+            "parallel.data_parallel_size=2",
+            "parallel.use_distributed_optimizer=true",
+            "parallel.grad_bucket_size=3000",
+        ],
+        &["parallel.pipeline_model_parallel_size=2"],
+    ];
+    for dtype in [DType::F32, DType::Bf16] {
+        for (name, dev) in devices(dtype) {
+            for (i, sets) in layouts.iter().enumerate() {
+                let cfg = config(sets)?;
+                let traced = i == layouts.len() - 1;
+                let go = |host_p2p: bool| {
+                    let opts = RunOptions {
+                        timeout: Duration::from_secs(120),
+                        device: Some(dev.clone()),
+                        host_p2p,
+                        trace_step: traced.then_some(2),
+                        ..RunOptions::default()
+                    };
+                    train_inproc(&cfg, data(&cfg), opts, 2, None, None)
+                };
+                let (linked, host) = (go(false)?, go(true)?);
+                let what = format!("{sets:?} on the {name} ({dtype:?})");
+                ensure!(linked.iter().all(|r| r.p2p_on_device), "{what}: the messages did not use the links");
+                ensure!(host.iter().all(|r| !r.p2p_on_device), "{what}: --host-p2p used the links");
+                let bits = |r: &[RankResult]| params(r).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                ensure!(bits(&linked) == bits(&host), "{what}: the device links changed the parameters");
+                let steps = |r: &[RankResult]| {
+                    r[0].records.iter().map(|x| (x.loss.to_bits(), x.grad_norm.to_bits())).collect::<Vec<_>>()
+                };
+                ensure!(steps(&linked) == steps(&host), "{what}: the device links changed losses or norms");
+                ensure!(linked[0].records.len() == 3, "{what}: {} steps", linked[0].records.len());
+                let sent = |r: &[RankResult]| r.iter().map(|x| x.messages).sum::<u64>();
+                ensure!(
+                    sent(&linked) == sent(&host),
+                    "{what}: {} messages vs {}",
+                    sent(&linked),
+                    sent(&host)
+                );
+                if traced {
+                    // The traced step's sends and receives are in the trace either way.
+                    let p2p = |r: &[RankResult]| r[0].events.iter().filter(|e| e.bytes.is_some()).count();
+                    ensure!(p2p(&linked) > 0 && p2p(&linked) == p2p(&host), "{what}: traced messages");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Data parallelism alone on the runtime: one whole-model chunk per rank, whose gradient ranges
 /// are drained to the reducer during the last backward (the tied `wte` last, with both its head
 /// and embedding parts).
@@ -582,6 +652,99 @@ fn split_backward_misuse_is_an_error() -> Result<()> {
     ensure!(e.contains("already ran"), "{e}");
     m.backward_weight_mb(3, &mut |_, _| Ok(()))?;
     ensure!(m.in_flight() == 0, "microbatch still in flight");
+    Ok(())
+}
+
+/// A stage's messages on the device: an input that arrived in a message buffer gives the
+/// forward of the same values from the host, bit for bit, after the arrival's wait; an output
+/// gradient that arrived gives the backward's input gradient, kept on the device for its send;
+/// and misuse is an error.
+#[test]
+fn device_messages_carry_the_host_inputs_bits_and_misuse_is_an_error() -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use troupe::gpu::model::GpuGpt;
+    use troupe::gpu::{Dev, Gpu, download_f32, encode};
+    use troupe::models::gpt::{LayerRange, StageInput};
+    let Some(emu) = troupe::gpu::emu::shared() else {
+        eprintln!("SKIPPED: no kernel emulator");
+        return Ok(());
+    };
+    let cfg = config(&[])?.model;
+    let range = LayerRange { first: 1, last: 2, embedding: false, head: false };
+    let host = troupe::models::gpt::Gpt::new_range(&cfg, range, 1)?;
+    let n = 2 * 16 * cfg.hidden_size;
+    let mut rng = Rng::derived(5, "device-messages");
+    let mut vals = || (0..n).map(|_| (rng.next_u64() % 1000) as f32 / 500.0 - 1.0).collect::<Vec<f32>>();
+    let (h, g) = (vals(), vals());
+    for dtype in [DType::F32, DType::Bf16] {
+        let mut reference = GpuGpt::from_range_params(emu, &cfg, range, host.params(), dtype)?;
+        reference.forward_mb(4, 2, 16, StageInput::Hidden(&h), None, 1.0)?;
+        let out = reference.output(4)?.unwrap_or_default();
+        reference.backward_mb(4, Some(&g), &mut |_, _| Ok(()))?;
+        let dinput = reference.input_grad()?;
+
+        let mut m = GpuGpt::from_range_params(emu, &cfg, range, host.params(), dtype)?;
+        ensure!(m.message_elems(2, 16) == n, "message size");
+        let waited = Arc::new(AtomicUsize::new(0));
+        let arrival = |m: &mut GpuGpt<'static, _>, values: &[f32]| -> Result<_> {
+            let buf = m.message_buffer(n)?;
+            emu.write(Dev::new(&buf), &encode(values, dtype))?;
+            let w = waited.clone();
+            let ready: troupe::gpu::model::Ready = Box::new(move || {
+                w.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            });
+            Ok((buf, Some(ready)))
+        };
+        let e = m.forward_mb(4, 2, 16, StageInput::Arrived, None, 1.0).err().map(|e| e.to_string());
+        ensure!(e.as_deref().is_some_and(|e| e.contains("has not arrived")), "{e:?}");
+        let (buf, ready) = arrival(&mut m, &h)?;
+        m.input_arriving(4, buf, ready)?;
+        let (buf, ready) = arrival(&mut m, &h)?;
+        let e = m.input_arriving(4, buf, ready).err().map(|e| e.to_string());
+        ensure!(e.as_deref().is_some_and(|e| e.contains("already arrived")), "{e:?}");
+        m.forward_mb(4, 2, 16, StageInput::Arrived, None, 1.0)?;
+        ensure!(waited.load(Ordering::SeqCst) == 1, "the forward did not wait for its input");
+        let (at, len) = m.output_buffer(4)?;
+        let sent = download_f32(emu, at, len, dtype)?;
+        ensure!(
+            sent.iter().map(|x| x.to_bits()).eq(out.iter().map(|x| x.to_bits())),
+            "{dtype:?}: the output from an arrived input differs"
+        );
+        let (buf, ready) = arrival(&mut m, &g)?;
+        m.output_grad_arriving(4, buf, ready)?;
+        let e = m.backward_mb(4, Some(&g), &mut |_, _| Ok(())).err().map(|e| e.to_string());
+        ensure!(e.as_deref().is_some_and(|e| e.contains("another arrived")), "{e:?}");
+        m.backward_mb(4, None, &mut |_, _| Ok(()))?;
+        ensure!(waited.load(Ordering::SeqCst) == 2, "the backward did not wait for its gradient");
+        m.keep_input_grad(4)?;
+        let e = m.keep_input_grad(4).err().map(|e| e.to_string());
+        ensure!(e.as_deref().is_some_and(|e| e.contains("kept already")), "{e:?}");
+        let (at, len) = m.kept_input_grad(4)?;
+        let kept = download_f32(emu, at, len, dtype)?;
+        ensure!(
+            kept.iter().map(|x| x.to_bits()).eq(dinput.iter().map(|x| x.to_bits())),
+            "{dtype:?}: the kept input gradient differs from the host backward's"
+        );
+        ensure!(m.messages_held() == 1, "{} messages held", m.messages_held());
+        m.input_grad_sent(4, None);
+        ensure!(m.messages_held() == 0 && m.kept_input_grad(4).is_err(), "the sent gradient is still held");
+        // The ends of the pipeline receive nothing from their outer side.
+        let first = LayerRange { first: 0, last: 1, embedding: true, head: false };
+        let h0 = troupe::models::gpt::Gpt::new_range(&cfg, first, 1)?;
+        let mut e0 = GpuGpt::from_range_params(emu, &cfg, first, h0.params(), dtype)?;
+        let buf = e0.message_buffer(n)?;
+        let e = e0.input_arriving(1, buf, None).err().map(|e| e.to_string());
+        ensure!(e.as_deref().is_some_and(|e| e.contains("embedding")), "{e:?}");
+        let last = LayerRange { first: 3, last: 4, embedding: false, head: true };
+        let hl = troupe::models::gpt::Gpt::new_range(&cfg, last, 1)?;
+        let mut el = GpuGpt::from_range_params(emu, &cfg, last, hl.params(), dtype)?;
+        let buf = el.message_buffer(n)?;
+        let e = el.output_grad_arriving(1, buf, None).err().map(|e| e.to_string());
+        ensure!(e.as_deref().is_some_and(|e| e.contains("head")), "{e:?}");
+        let e = el.output_buffer(1).err().map(|e| e.to_string());
+        ensure!(e.as_deref().is_some_and(|e| e.contains("head")), "{e:?}");
+    }
     Ok(())
 }
 

@@ -54,6 +54,10 @@ pub struct TrainBenchArgs {
     /// Do not checksum pipeline messages (to measure what the always-on checks cost).
     #[arg(long)]
     pub no_checksums: bool,
+    /// Pipeline messages of device chunks through the host (download, CPU communicator, upload)
+    /// instead of between the devices.
+    #[arg(long)]
+    pub host_p2p: bool,
     /// `cpu`, `cuda` (GPU 0; with pipeline or data parallelism, ranks as threads share it) or
     /// `emu` (the CUDA kernels in their CPU emulator; slow).
     #[arg(long, default_value = "cpu")]
@@ -376,6 +380,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
     let opts = RunOptions {
         trace_step: Some(total),
         checksums: !args.no_checksums,
+        host_p2p: args.host_p2p,
         device,
         ..RunOptions::default()
     };
@@ -426,6 +431,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "host_device_copies_mb_per_step": copies_mb,
         "optimizer": if place.is_some_and(|p| p.optimizer) { "device" } else { "host" },
         "grad_sums": grad_sums,
+        "p2p": if results.iter().any(|r| r.p2p_on_device) { "device" } else { "host" },
         "mfu": describe.as_ref().map(|_| {
             round(cfg.model.flops_per_token() * tokens_per_s / (args.peak_tflops * 1e12), 4)
         }),

@@ -61,6 +61,10 @@ pub struct RuntimeArgs {
     /// GPU).
     #[arg(long)]
     pub host_grad_reduce: bool,
+    /// GPU chunks with pipeline parallelism: send activations and gradients through the host
+    /// (download, CPU communicator, upload) instead of between the devices (NCCL when launched).
+    #[arg(long)]
+    pub host_p2p: bool,
     /// A rank that makes no progress for this many seconds reports itself hung (default: the
     /// communication timeout).
     #[arg(long, value_name = "SECS")]
@@ -148,6 +152,7 @@ fn options(args: &RuntimeArgs, cfg: &Config, attempt: u64) -> anyhow::Result<Run
         attempt,
         checksums: !args.no_checksums,
         host_grad_reduce: args.host_grad_reduce,
+        host_p2p: args.host_p2p,
         watchdog,
         flight_dir: args.flight_recorder.clone(),
         ..RunOptions::default()
@@ -264,7 +269,21 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             (true, true) => "on the device: the distributed optimizer's shards, gathered there",
             (true, false) => "on the device",
         };
-        eprintln!("troupe: each chunk computes on {} (AdamW {adamw}{reduce})", f.describe());
+        let messages = runtime::device_messages(
+            f.has_device_groups(),
+            p.pipeline_model_parallel_size,
+            opts.host_p2p,
+            opts.faults.faults.iter().any(|x| x.kind.is_message()),
+        );
+        let p2p = match (p.pipeline_model_parallel_size > 1, messages) {
+            (false, _) => "",
+            (true, false) => ", pipeline messages through the host",
+            (true, true) if nccl.is_some() && args.device == troupe::device::Device::Cuda => {
+                ", pipeline messages between the devices with NCCL"
+            }
+            (true, true) => ", pipeline messages between the devices through the host's communicator",
+        };
+        eprintln!("troupe: each chunk computes on {} (AdamW {adamw}{reduce}{p2p})", f.describe());
     }
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();

@@ -201,7 +201,8 @@ impl HostComm {
     }
 
     /// Starts the CPU collective `run` on the fp32 values of `count` elements of `dtype` at `buf`
-    /// (downloaded now; bf16 widens exactly); its result is written back, when `keep` says this
+    /// (downloaded now when `read` says the collective reads them — a broadcast's receivers
+    /// pass zeros; bf16 widens exactly); its result is written back, when `keep` says this
     /// rank keeps it, in [`DeviceComm::finish`] (at once where the GPU has no stable addresses).
     /// `op` names the collective in errors.
     #[allow(clippy::too_many_arguments)]
@@ -212,11 +213,13 @@ impl HostComm {
         buf: Dev<'_, G::Buf>,
         count: usize,
         dtype: DType,
-        keep: bool,
+        (read, keep): (bool, bool),
         run: impl FnOnce(&dyn Comm, Buf) -> crate::comm::Work<Buf>,
     ) -> Result<(), GpuError> {
         let mut bytes = vec![0u8; count * dtype.size()];
-        gpu.download(buf.buf, buf.offset, &mut bytes)?;
+        if read {
+            gpu.download(buf.buf, buf.offset, &mut bytes)?;
+        }
         let work = run(&*self.comm, Buf::F32(decode(&bytes, dtype)));
         let mut pending = self.pending();
         let seq = pending.1;
@@ -262,7 +265,9 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         count: usize,
         dtype: DType,
     ) -> Result<(), GpuError> {
-        self.through_host("all_reduce", gpu, buf, count, dtype, true, |c, b| c.all_reduce(b, ReduceOp::Sum))
+        self.through_host("all_reduce", gpu, buf, count, dtype, (true, true), |c, b| {
+            c.all_reduce(b, ReduceOp::Sum)
+        })
     }
 
     fn reduce_sum(
@@ -276,7 +281,9 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         self.check_root("HostComm::reduce_sum", root)?;
         // The CPU communicator's all-reduce; only the root keeps the sum, as a reduce would.
         let keep = self.comm.rank() == root;
-        self.through_host("reduce", gpu, buf, count, dtype, keep, |c, b| c.all_reduce(b, ReduceOp::Sum))
+        self.through_host("reduce", gpu, buf, count, dtype, (true, keep), |c, b| {
+            c.all_reduce(b, ReduceOp::Sum)
+        })
     }
 
     fn broadcast(
@@ -290,7 +297,7 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         self.check_root("HostComm::broadcast", root)?;
         // The root's values are its own already.
         let keep = self.comm.rank() != root;
-        self.through_host("broadcast", gpu, buf, count, dtype, keep, |c, b| c.broadcast(b, root))
+        self.through_host("broadcast", gpu, buf, count, dtype, (!keep, keep), |c, b| c.broadcast(b, root))
     }
 
     fn finish(&self, gpu: &G) -> Result<(), GpuError> {

@@ -21,7 +21,10 @@
 //! back to the host each step, plus a stage's output activations and input gradients when it is
 //! a pipeline stage.
 
+mod messages;
 mod split;
+
+pub use messages::Ready;
 
 use super::ops::{attention, crossentropy, embedding, gelu, layernorm, optim};
 use super::{DType, Dev, GeluEpilogue, Gemm, Gpu, GpuError, download_f32, encode};
@@ -183,6 +186,8 @@ pub struct GpuGpt<'g, G: Gpu> {
     /// Parameter ranges whose values are still on their way ([`GpuGpt::params_arriving`]),
     /// in the order they land.
     fences: std::sync::Mutex<Vec<ParamFence>>,
+    /// Pipeline messages on the device (see `model/messages.rs`).
+    messages: messages::Messages<G::Buf>,
 }
 
 impl<G: Gpu> Drop for GpuGpt<'_, G> {
@@ -191,6 +196,10 @@ impl<G: Gpu> Drop for GpuGpt<'_, G> {
         // the host they would write it later otherwise).
         if let Err(e) = self.await_all_params() {
             tracing::warn!("parameters still arriving when a GPU model was dropped: {e}");
+        }
+        // Likewise messages still arriving into (or sent from) its message buffers.
+        if let Err(e) = self.messages.settle() {
+            tracing::warn!("pipeline messages still in transfer when a GPU model was dropped: {e}");
         }
     }
 }
@@ -256,6 +265,38 @@ pub(super) fn upload_grad<G: Gpu>(
     match (h, dtype) {
         (GradRef::Bf16(v), DType::Bf16) => gpu.upload(dst, 0, bytemuck::cast_slice(v)),
         (h, _) => gpu.upload(dst, 0, &encode(&h.to_f32(), dtype)),
+    }
+}
+
+/// The gradient of a range's output as a backward reads it: host values, or a device buffer
+/// it arrived in (`model/messages.rs`).
+enum OutGrad<'a, B> {
+    Host(GradRef<'a>),
+    Device(&'a B),
+}
+
+// By hand: a derive would ask `B: Copy`.
+impl<B> Clone for OutGrad<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B> Copy for OutGrad<'_, B> {}
+
+impl<B> OutGrad<'_, B> {
+    /// Into the backward's running residual gradient `dres` (`elems` values of `dtype`).
+    fn write<G: Gpu<Buf = B>>(
+        self,
+        gpu: &G,
+        dres: &mut B,
+        elems: usize,
+        dtype: DType,
+    ) -> Result<(), GpuError> {
+        match self {
+            OutGrad::Host(h) => upload_grad(gpu, dres, h, dtype),
+            OutGrad::Device(b) => gpu.copy(Dev::new(dres), Dev::new(b), elems * dtype.size()),
+        }
     }
 }
 
@@ -403,6 +444,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             scratch: None,
             last_backward_n: None,
             fences: std::sync::Mutex::new(Vec::new()),
+            messages: messages::Messages::default(),
         })
     }
 
@@ -714,6 +756,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                     StageInput::Hidden(h) => h.len(),
                     StageInput::HiddenBf16(h) => h.len(),
                     StageInput::Tokens(t) => t.len(),
+                    StageInput::Arrived => want,
                 };
                 if got != want {
                     return Err(bad(format!("hidden states: {got} values, expected {want}")));
@@ -721,6 +764,13 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
             }
             (StageInput::Tokens(_), false) => {
                 return Err(bad("this layer range has no embedding: pass hidden states".into()));
+            }
+            (StageInput::Arrived, false) if self.has_arrived_input(mb) => {}
+            (StageInput::Arrived, false) => {
+                return Err(bad(format!("the input of microbatch {mb} has not arrived on the device")));
+            }
+            (StageInput::Arrived, true) => {
+                return Err(bad("this layer range starts with the embedding: pass tokens".into()));
             }
             (StageInput::Hidden(_) | StageInput::HiddenBf16(_), true) => {
                 return Err(bad("this layer range starts with the embedding: pass tokens".into()));
@@ -755,10 +805,28 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         const OP: &str = "GpuGpt::forward";
         self.check_input(OP, mb, batch, seq, input, targets)?;
         self.ensure_scratch(batch * seq)?;
-        let mut acts = self.take_acts(batch, seq)?;
+        let arrived = match input {
+            StageInput::Arrived => Some(self.take_arrived_input(OP, mb)?),
+            _ => None,
+        };
+        let mut acts = match self.take_acts(batch, seq) {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(b) = arrived {
+                    self.recycle_message(b);
+                }
+                return Err(e);
+            }
+        };
         let mut scratch =
             self.scratch.take().ok_or(GpuError::Shape { op: OP, detail: "no scratch".into() })?;
-        let mut result = self.forward_inner(&mut acts, &mut scratch, input, targets, loss_scale);
+        let mut result =
+            self.forward_inner(&mut acts, &mut scratch, input, arrived.as_ref(), targets, loss_scale);
+        if let Some(b) = arrived {
+            // Copied into the activations: free for the next message (whose transfer is
+            // queued after the copy).
+            self.recycle_message(b);
+        }
         // Ranges no layer read (none, as the arena is laid out now) are due by the backward.
         result = result.and_then(|loss| self.await_all_params().map(|()| loss));
         self.scratch = Some(scratch);
@@ -841,6 +909,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         a: &mut Acts<G::Buf>,
         s: &mut Scratch<G::Buf>,
         input: StageInput<'_>,
+        arrived: Option<&G::Buf>,
         targets: Option<&[u32]>,
         loss_scale: f32,
     ) -> Result<Option<f32>, GpuError> {
@@ -883,6 +952,12 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 let wide: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
                 g.upload(&mut a.input, 0, &encode(&wide, dt))?;
             }
+            (StageInput::Arrived, _, _) => match arrived {
+                Some(b) => g.copy(d(&a.input), d(b), n * c * dt.size())?,
+                None => {
+                    return Err(GpuError::Shape { op: "GpuGpt::forward", detail: "no arrived input".into() });
+                }
+            },
             (StageInput::Tokens(_), _, _) => {
                 return Err(GpuError::Shape { op: "GpuGpt::forward", detail: "no embedding".into() });
             }
@@ -1208,13 +1283,30 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         ready: &mut GradsReady<'_, G::Buf>,
     ) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::backward";
-        let n = self.check_backward(OP, mb, dout)?;
+        let arrived = self.arrived_dout(OP, mb, dout)?;
+        let dout = match (dout, arrived.as_ref()) {
+            (Some(h), _) => Some(OutGrad::Host(h)),
+            (None, Some(b)) => Some(OutGrad::Device(b)),
+            (None, None) => None,
+        };
+        let n = match self.check_backward(OP, mb, dout) {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(b) = arrived {
+                    self.recycle_message(b);
+                }
+                return Err(e);
+            }
+        };
         self.ensure_scratch(n)?;
         let acts = self.in_flight.remove(&mb).ok_or(GpuError::Shape { op: OP, detail: "lost".into() })?;
         let mut scratch =
             self.scratch.take().ok_or(GpuError::Shape { op: OP, detail: "no scratch".into() })?;
         let result = self.backward_inner(&acts, &mut scratch, dout, ready);
         self.scratch = Some(scratch);
+        if let Some(b) = arrived {
+            self.recycle_message(b);
+        }
         self.free.push(acts);
         self.last_backward_n = result.is_ok().then_some(n);
         result
@@ -1226,7 +1318,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         &self,
         op: &'static str,
         mb: u64,
-        dout: Option<GradRef<'_>>,
+        dout: Option<OutGrad<'_, G::Buf>>,
     ) -> Result<usize, GpuError> {
         let Some(a) = self.in_flight.get(&mb) else {
             return Err(GpuError::Shape {
@@ -1256,13 +1348,25 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                     detail: "a range without the head needs the gradient of its output".into(),
                 });
             }
-            (Some(h), false) if h.len() != n * self.cfg.hidden_size => {
+            (Some(OutGrad::Host(h)), false) if h.len() != n * self.cfg.hidden_size => {
                 return Err(GpuError::Shape {
                     op,
                     detail: format!(
                         "output gradient: {} values, expected {}",
                         h.len(),
                         n * self.cfg.hidden_size
+                    ),
+                });
+            }
+            (Some(OutGrad::Device(b)), false)
+                if self.gpu.buf_len(b) != n * self.cfg.hidden_size * self.dtype.size() =>
+            {
+                return Err(GpuError::Shape {
+                    op,
+                    detail: format!(
+                        "output gradient arrived on the device: {} bytes, expected {}",
+                        self.gpu.buf_len(b),
+                        n * self.cfg.hidden_size * self.dtype.size()
                     ),
                 });
             }
@@ -1390,7 +1494,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         &self,
         a: &Acts<G::Buf>,
         s: &mut Scratch<G::Buf>,
-        dout: Option<GradRef<'_>>,
+        dout: Option<OutGrad<'_, G::Buf>>,
         ready: &mut GradsReady<'_, G::Buf>,
     ) -> Result<(), GpuError> {
         let g = self.gpu;
@@ -1418,7 +1522,7 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
                 )?;
                 ready(lnf_w.offset..lnf_b.range().end, &self.grads)?;
             }
-            (None, _, _, Some(h)) => upload_grad(g, &mut s.dres, h, dt)?,
+            (None, _, _, Some(h)) => h.write(g, &mut s.dres, n * c, dt)?,
             _ => {
                 return Err(GpuError::Shape {
                     op: "GpuGpt::backward",

@@ -240,6 +240,64 @@ pub trait DeviceStage: Send {
     /// # Errors
     /// Wrong lengths; device errors.
     fn set_moments(&mut self, m: &[f32], v: &[f32], step: u64) -> Result<(), GpuError>;
+
+    /// Pipeline messages on the device: `links[i] = (peer, group)`, the two-rank device group
+    /// ([`StageFactory::link_group`]) this stage exchanges messages with pipeline rank `peer`
+    /// over. A message is a broadcast from its sender over the pair's group, so both sides
+    /// must queue the pair's messages in the same order (the runtime queues them in program
+    /// order, which a rendezvous-validated schedule makes the same on both).
+    ///
+    /// # Errors
+    /// A group of another device, or not of two ranks.
+    fn set_links(&mut self, links: &[(usize, DeviceGroup)]) -> Result<(), GpuError>;
+
+    /// Queues the send of in-flight microbatch `mb`'s output to pipeline rank `peer`, from the
+    /// activations as they are (after the work queued so far).
+    ///
+    /// # Errors
+    /// No link to `peer`; `mb` not in flight; the link's errors.
+    fn send_output(&mut self, mb: u64, peer: usize) -> Result<(), GpuError>;
+
+    /// Queues the receipt of microbatch `mb`'s input (`batch` × `seq` tokens) from pipeline
+    /// rank `peer` into a message buffer, for a forward given [`StageInput::Arrived`].
+    ///
+    /// # Errors
+    /// No link to `peer`; out of device memory; the link's errors.
+    fn recv_input(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError>;
+
+    /// Keeps the input gradient of the latest backward (of `mb`) on the device for
+    /// [`DeviceStage::send_input_grad`] (one device copy; nothing comes to the host).
+    ///
+    /// # Errors
+    /// As [`GpuGpt::keep_input_grad`].
+    fn keep_input_grad(&mut self, mb: u64) -> Result<(), GpuError>;
+
+    /// Queues the send of `mb`'s kept input gradient to pipeline rank `peer`.
+    ///
+    /// # Errors
+    /// No link to `peer`; none kept for `mb`; the link's errors.
+    fn send_input_grad(&mut self, mb: u64, peer: usize) -> Result<(), GpuError>;
+
+    /// Queues the receipt of the gradient of `mb`'s output from pipeline rank `peer`, for a
+    /// backward given no output gradient.
+    ///
+    /// # Errors
+    /// As [`DeviceStage::recv_input`].
+    fn recv_output_grad(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError>;
+
+    /// Waits (bounded by the links' timeout) until every message queued on the links has been
+    /// transferred, so that a failed or missing peer shows at the end of the step that needed it.
+    ///
+    /// # Errors
+    /// The first link's error.
+    fn finish_links(&mut self) -> Result<(), GpuError>;
+
+    /// Writes `value` over the first element of in-flight `mb`'s output (fault injection: a
+    /// non-finite activation sent on).
+    ///
+    /// # Errors
+    /// `mb` not in flight; device errors.
+    fn poison_output(&mut self, mb: u64, value: f32) -> Result<(), GpuError>;
 }
 
 /// What a backward does with each arena range of gradients as soon as it has finished it.
@@ -268,6 +326,8 @@ struct GpuStage<G: Gpu + 'static> {
     queued: bool,
     /// The distributed optimizer's buckets ([`DeviceStage::shard_optimizer`]).
     zero: Option<Zero>,
+    /// Device links by pipeline peer ([`DeviceStage::set_links`]).
+    links: std::collections::BTreeMap<usize, Arc<dyn DeviceComm<G>>>,
 }
 
 /// The distributed optimizer's layout on a device group: gradient buckets, each split over the
@@ -330,6 +390,34 @@ impl Zero {
 }
 
 impl<G: Gpu + 'static> GpuStage<G> {
+    fn link(&self, op: &'static str, peer: usize) -> Result<Arc<dyn DeviceComm<G>>, GpuError> {
+        self.links.get(&peer).cloned().ok_or_else(|| GpuError::Shape {
+            op,
+            detail: format!(
+                "no device link to pipeline rank {peer} (links to {:?})",
+                self.links.keys().collect::<Vec<_>>()
+            ),
+        })
+    }
+
+    /// A message buffer of `elems` with its receipt from `peer` queued; what the reader runs
+    /// before reading it.
+    fn receive(
+        &mut self,
+        op: &'static str,
+        elems: usize,
+        peer: usize,
+    ) -> Result<(G::Buf, Option<super::model::Ready>), GpuError> {
+        let link = self.link(op, peer)?;
+        let (gpu, dtype) = (self.model.gpu(), self.model.dtype());
+        let buf = self.model.message_buffer(elems)?;
+        // The sender is the other rank of the pair, the broadcast's root.
+        link.broadcast(gpu, Dev::new(&buf), elems, dtype, 1 - link.rank())?;
+        let mark = link.mark(gpu)?;
+        let ready: super::model::Ready = Box::new(move || link.compute_after(gpu, mark));
+        Ok((buf, Some(ready)))
+    }
+
     fn group(&self, op: &'static str) -> Result<Arc<dyn DeviceComm<G>>, GpuError> {
         self.dp.clone().ok_or(GpuError::Shape {
             op,
@@ -597,6 +685,72 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
     fn set_moments(&mut self, m: &[f32], v: &[f32], step: u64) -> Result<(), GpuError> {
         self.set_optimizer_state(m, v, step)
     }
+
+    fn set_links(&mut self, links: &[(usize, DeviceGroup)]) -> Result<(), GpuError> {
+        const OP: &str = "DeviceStage::set_links";
+        for (peer, group) in links {
+            let comm = group.comm::<G>(OP)?;
+            if comm.size() != 2 {
+                return Err(GpuError::Shape {
+                    op: OP,
+                    detail: format!("the link to pipeline rank {peer} has {} ranks, not 2", comm.size()),
+                });
+            }
+            self.links.insert(*peer, comm);
+        }
+        Ok(())
+    }
+
+    fn send_output(&mut self, mb: u64, peer: usize) -> Result<(), GpuError> {
+        let link = self.link("DeviceStage::send_output", peer)?;
+        let (gpu, dtype) = (self.model.gpu(), self.model.dtype());
+        // The activations stay put until mb's backward, which waits for the gradient that the
+        // peer computes from them: the send has read them by then.
+        let (out, n) = self.model.output_buffer(mb)?;
+        link.broadcast(gpu, out, n, dtype, link.rank())
+    }
+
+    fn recv_input(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError> {
+        let n = self.model.message_elems(batch, seq);
+        let (buf, ready) = self.receive("DeviceStage::recv_input", n, peer)?;
+        self.model.input_arriving(mb, buf, ready)
+    }
+
+    fn keep_input_grad(&mut self, mb: u64) -> Result<(), GpuError> {
+        GpuGpt::keep_input_grad(&mut self.model, mb)
+    }
+
+    fn send_input_grad(&mut self, mb: u64, peer: usize) -> Result<(), GpuError> {
+        let link = self.link("DeviceStage::send_input_grad", peer)?;
+        let (gpu, dtype) = (self.model.gpu(), self.model.dtype());
+        let (buf, n) = self.model.kept_input_grad(mb)?;
+        link.broadcast(gpu, buf, n, dtype, link.rank())?;
+        // The buffer is written again only after the send has read it.
+        let mark = link.mark(gpu)?;
+        let ready: super::model::Ready = Box::new(move || link.compute_after(gpu, mark));
+        self.model.input_grad_sent(mb, Some(ready));
+        Ok(())
+    }
+
+    fn recv_output_grad(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError> {
+        let n = self.model.message_elems(batch, seq);
+        let (buf, ready) = self.receive("DeviceStage::recv_output_grad", n, peer)?;
+        self.model.output_grad_arriving(mb, buf, ready)
+    }
+
+    fn finish_links(&mut self) -> Result<(), GpuError> {
+        let gpu = self.model.gpu();
+        for link in self.links.values() {
+            link.finish(gpu)?;
+        }
+        Ok(())
+    }
+
+    fn poison_output(&mut self, mb: u64, value: f32) -> Result<(), GpuError> {
+        let dtype = self.model.dtype();
+        let (out, _) = self.model.output_buffer(mb)?;
+        self.model.gpu().write(out, &super::encode(&[value], dtype))
+    }
 }
 
 /// Where [`DeviceStage::backward`] hands drained gradient ranges: the arena range and its values.
@@ -707,8 +861,14 @@ impl StageFactory {
                 move |cfg: &GptConfig, range: LayerRange, host: &[f32], group: Option<&DeviceGroup>| {
                     let dp = group.map(|g| g.comm::<G>("StageFactory::make")).transpose()?;
                     let model = GpuGpt::from_range_params(gpu, cfg, range, host, dtype)?;
-                    Ok(Box::new(GpuStage { model, dp, reduced: Vec::new(), queued: false, zero: None })
-                        as Box<dyn DeviceStage>)
+                    Ok(Box::new(GpuStage {
+                        model,
+                        dp,
+                        reduced: Vec::new(),
+                        queued: false,
+                        zero: None,
+                        links: std::collections::BTreeMap::new(),
+                    }) as Box<dyn DeviceStage>)
                 },
             ),
             group: None,
@@ -766,6 +926,22 @@ impl StageFactory {
                 ),
             }),
         }
+    }
+
+    /// The device link over the two ranks of `comm` (a CPU communicator of a pair of pipeline
+    /// ranks, used for setup only) for [`DeviceStage::set_links`]: made as the device groups
+    /// are (NCCL, or through the host).
+    ///
+    /// # Errors
+    /// As [`StageFactory::reduce_group`]; a communicator not of two ranks.
+    pub fn link_group(&self, comm: Box<dyn Comm>) -> Result<DeviceGroup, GpuError> {
+        if comm.size() != 2 {
+            return Err(GpuError::Shape {
+                op: "StageFactory::link_group",
+                detail: format!("a device link joins two ranks; {} has {}", comm.group_name(), comm.size()),
+            });
+        }
+        self.reduce_group(comm)
     }
 
     /// The device's memory held in buffers (all stages this factory made, and anything else on

@@ -113,6 +113,28 @@ pub struct RunOptions {
     /// under a launcher; see `stage::Stage::with_device_group`). With the distributed optimizer
     /// its shards then live on the host too.
     pub host_grad_reduce: bool,
+    /// With chunks on a device that has device groups and pipeline parallelism, send the
+    /// pipeline messages through the host (download, the CPU communicator, upload) instead of
+    /// between the devices (see [`device_messages`]).
+    pub host_p2p: bool,
+}
+
+/// Whether pipeline messages between ranks travel between the devices (a two-rank device link
+/// per pair of pipeline neighbours: NCCL under a launcher, through the host's communicator on
+/// the emulator): for chunks on a device with device groups (`device_groups`), more than one
+/// pipeline rank (`pp`), unless `host_p2p` asks for the host path or message faults (drop,
+/// delay, duplicate, reorder, corrupt: injected into host messages) are planned.
+///
+/// ```
+/// use troupe::runtime::device_messages;
+/// assert!(device_messages(true, 2, false, false));
+/// assert!(!device_messages(true, 1, false, false)); // no pipeline: no messages
+/// assert!(!device_messages(false, 4, false, false)); // in-process CUDA ranks: the host
+/// assert!(!device_messages(true, 4, true, false)); // --host-p2p
+/// assert!(!device_messages(true, 4, false, true)); // message faults go into host messages
+/// ```
+pub fn device_messages(device_groups: bool, pp: usize, host_p2p: bool, message_faults: bool) -> bool {
+    device_groups && pp > 1 && !host_p2p && !message_faults
 }
 
 /// Where the work around the backward runs when chunks compute on a device: what the ranks
@@ -179,6 +201,7 @@ impl Default for RunOptions {
             device: None,
             message_dtype: None,
             host_grad_reduce: false,
+            host_p2p: false,
         }
     }
 }
@@ -245,6 +268,8 @@ pub struct RankResult {
     pub instructions: u64,
     /// Wall time executing instructions outside compute jobs (actor and messaging overhead).
     pub overhead_s: f64,
+    /// Pipeline messages to other ranks traveled between the devices (see [`device_messages`]).
+    pub p2p_on_device: bool,
 }
 
 /// Trains with every rank of the layout as a thread of this process, on the in-process backend.

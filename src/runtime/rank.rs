@@ -105,6 +105,10 @@ pub struct RankCtx {
     pub fault_plan: super::faults::FaultPlan,
     /// How pipeline messages travel (precision, checksums).
     pub wire: Wire,
+    /// Pipeline messages to and from other ranks travel between the devices, over the chunks'
+    /// device links ([`super::device_messages`]): sends and receives are queued by compute
+    /// jobs, in program order, and carry nothing through the host.
+    pub device_links: bool,
     /// The stop request shared with the signal handler.
     pub stop: Option<Arc<AtomicBool>>,
     /// The last instructions and messages, dumped when the rank fails.
@@ -131,6 +135,21 @@ pub struct RankCtx {
 }
 
 impl RankCtx {
+    /// Whether step `step`'s pipeline messages to other ranks travel over the device links:
+    /// with links, every step but the traced one, whose spans should show the device's time
+    /// and each message's wait (its messages go through the host, as its forwards are
+    /// synchronous).
+    fn links(&self, step: u64) -> bool {
+        self.device_links && self.record_step != Some(step)
+    }
+
+    /// Whether `op` runs as a compute job in ticket order: compute instructions, and with
+    /// device links (`links`) the sends and receives too (the device queues a pair's messages
+    /// in program order on both sides, as a collective over the pair needs).
+    fn ticketed(op: &Op, links: bool) -> bool {
+        op.kind().is_compute() || (links && op.peer().is_some())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
@@ -268,8 +287,10 @@ pub struct StageActor;
 pub struct StageState {
     ctx: Arc<RankCtx>,
     chunk: usize,
-    /// This chunk's instructions with, for compute ones, their ticket offset in the step.
+    /// This chunk's instructions with, for compute ones, their ticket offset in the step:
+    /// with messages through the host, and over device links (sends and receives ticketed).
     ops: Vec<(Op, Option<u64>, usize)>,
+    ops_links: Vec<(Op, Option<u64>, usize)>,
 }
 
 impl Actor for StageActor {
@@ -282,18 +303,23 @@ impl Actor for StageActor {
         _me: ActorRef<StageMsg>,
         (ctx, chunk): (Arc<RankCtx>, usize),
     ) -> Result<StageState, ActorProcessingErr> {
-        let mut ops = Vec::new();
-        let mut k = 0u64;
-        for (i, op) in ctx.plan.program.ranks[ctx.pp_rank].iter().enumerate() {
-            let ticket = op.kind().is_compute().then(|| {
-                k += 1;
-                k - 1
-            });
-            if op.chunk() == Some(chunk as u32) {
-                ops.push((*op, ticket, i));
+        let program = &ctx.plan.program.ranks[ctx.pp_rank];
+        let ticketed = |links: bool| {
+            let mut ops = Vec::new();
+            let mut k = 0u64;
+            for (i, op) in program.iter().enumerate() {
+                let ticket = RankCtx::ticketed(op, links).then(|| {
+                    k += 1;
+                    k - 1
+                });
+                if op.chunk() == Some(chunk as u32) {
+                    ops.push((*op, ticket, i));
+                }
             }
-        }
-        Ok(StageState { ctx, chunk, ops })
+            ops
+        };
+        let (ops, ops_links) = (ticketed(false), ticketed(true));
+        Ok(StageState { ctx, chunk, ops, ops_links })
     }
 
     async fn handle(
@@ -334,7 +360,8 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
     let busy_start = ctx.busy_ns.load(Ordering::Relaxed);
     use super::faults::{FaultKind as K, Target};
     let mut held: Option<(Op, Buf, usize, u64)> = None;
-    for &(op, ticket, index) in &st.ops {
+    let links = ctx.links(step);
+    for &(op, ticket, index) in if links { &st.ops_links } else { &st.ops } {
         ctx.note(step, || format!("#{index} {op} start"));
         if !matches!(op, Op::SendAct { .. } | Op::SendGrad { .. })
             && let Some((hop, buf, hpeer, htag)) = held.take()
@@ -379,7 +406,11 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
         ctx.instructions.fetch_add(1, Ordering::Relaxed);
         match op {
             Op::Forward { mb, .. } => {
-                let input = if stage == 0 {
+                // With device links, an input from another rank arrived on the device and an
+                // output for another rank stays there for its send.
+                let remote_in = stage > 0 && links && program.locate(stage - 1).0 != ctx.pp_rank;
+                let remote_out = stage < last_stage && links && program.locate(stage + 1).0 != ctx.pp_rank;
+                let input = if stage == 0 || remote_in {
                     None
                 } else {
                     let key = (Dir::Act, mb, c as u32);
@@ -397,6 +428,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         let g = &mut chunks[c];
                         let i = mb as usize;
                         let input = match &input {
+                            None if remote_in => StageInput::Arrived,
                             None => StageInput::Tokens(&batch.tokens[i]),
                             Some(h) => h.as_input(),
                         };
@@ -409,8 +441,9 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         } else {
                             g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?
                         };
-                        let mut out = if head { None } else { g.output(u64::from(mb))? };
+                        let mut out = if head || remote_out { None } else { g.output(u64::from(mb))? };
                         match poison {
+                            Some((Target::Act, v)) if remote_out => g.poison_output(u64::from(mb), v)?,
                             Some((Target::Act, v)) if out.is_some() => {
                                 if let Some(o) = out.as_mut() {
                                     o.set_first(v);
@@ -454,7 +487,11 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 }
             }
             Op::Backward { mb, .. } | Op::BackwardInput { mb, .. } => {
-                let dout = if stage == last_stage {
+                // With device links, a gradient from another rank arrived on the device and
+                // one for another rank stays there for its send.
+                let remote_dout = stage < last_stage && links && program.locate(stage + 1).0 != ctx.pp_rank;
+                let remote_dinp = stage > 0 && links && program.locate(stage - 1).0 != ctx.pp_rank;
+                let dout = if stage == last_stage || remote_dout {
                     None
                 } else {
                     Some(take(ctx, (Dir::Grad, mb, c as u32)).await.map_err(|d| fail(&op, index, d))?)
@@ -481,7 +518,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                             std::thread::sleep(t.elapsed().mul_f64((f - 1.0).max(0.0)));
                         }
                         Ok::<_, crate::models::gpt::ModelError>(
-                            (!first).then(|| e.chunks[c].take_input_grad()),
+                            (!first && !remote_dinp).then(|| e.chunks[c].take_input_grad()),
                         )
                     })
                     .await
@@ -532,6 +569,54 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     None,
                     None,
                 );
+            }
+            Op::SendAct { mb, peer, .. } | Op::SendGrad { mb, peer, .. } if links => {
+                let act = matches!(op, Op::SendAct { .. });
+                let ticket = w.base_ticket + ticket.unwrap_or(0);
+                let (r, t0, _) = ctx
+                    .compute
+                    .run(ticket, move |e: &mut Engine| {
+                        let g = &mut e.chunks[c];
+                        if act {
+                            g.send_output(u64::from(mb), peer as usize)
+                        } else {
+                            g.send_input_grad(u64::from(mb), peer as usize)
+                        }
+                    })
+                    .await
+                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
+                r.map_err(|e| fail(&op, index, e.to_string()))?;
+                let bytes = (ctx.hidden_len() * ctx.wire.dtype.size()) as u64;
+                ctx.note(step, || {
+                    format!("#{index} {op}: {bytes} B queued on the device link to pipeline rank {peer}")
+                });
+                ctx.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if !act {
+                    ctx.sent_grad_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                ctx.messages.fetch_add(1, Ordering::Relaxed);
+                let t = ctx.clock.us(t0);
+                ctx.record(step, op.kind(), Some(mb), Some(c as u32), (t, t), Some(bytes), Some(peer));
+            }
+            Op::RecvAct { mb, peer, .. } | Op::RecvGrad { mb, peer, .. } if links => {
+                let act = matches!(op, Op::RecvAct { .. });
+                let ticket = w.base_ticket + ticket.unwrap_or(0);
+                let (r, t0, _) = ctx
+                    .compute
+                    .run(ticket, move |e: &mut Engine| {
+                        let g = &mut e.chunks[c];
+                        if act {
+                            g.recv_input(u64::from(mb), mbs, seq, peer as usize)
+                        } else {
+                            g.recv_output_grad(u64::from(mb), mbs, seq, peer as usize)
+                        }
+                    })
+                    .await
+                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
+                r.map_err(|e| fail(&op, index, e.to_string()))?;
+                let bytes = (ctx.hidden_len() * ctx.wire.dtype.size()) as u64;
+                let t = ctx.clock.us(t0);
+                ctx.record(step, op.kind(), Some(mb), Some(c as u32), (t, t), Some(bytes), Some(peer));
             }
             Op::SendAct { mb, peer, .. } | Op::SendGrad { mb, peer, .. } => {
                 let dir = if matches!(op, Op::SendAct { .. }) { Dir::Act } else { Dir::Grad };
@@ -1231,6 +1316,50 @@ impl Actor for Supervisor {
                     .map_err(|e| spawn_err("optimizer state on the device", e))?;
             }
         }
+        // Pipeline messages between the devices: a two-rank device link with each pipeline
+        // peer (of this data-parallel replica), made pair by pair in one global order so that
+        // joining a link (NCCL's init waits for the peer) never waits in a cycle.
+        // (A message precision other than the device's keeps them on the host, which converts.)
+        let device_links = match s.opts.device.as_ref() {
+            Some(f) => {
+                super::device_messages(
+                    f.has_device_groups(),
+                    plan.pp,
+                    s.opts.host_p2p,
+                    s.opts.faults.faults.iter().any(|x| x.kind.is_message()),
+                ) && s.opts.message_dtype.is_none_or(|d| d.size() == f.dtype().size())
+            }
+            None => false,
+        };
+        if let (true, Some(f)) = (device_links, s.opts.device.as_ref()) {
+            let (_, pipeline) = topo.group(GroupKind::Pipeline, wr);
+            let mut peers: Vec<usize> =
+                plan.program.ranks[coords.pp].iter().filter_map(|op| op.peer().map(|p| p as usize)).collect();
+            peers.sort_unstable();
+            peers.dedup();
+            let mut pairs: Vec<(usize, usize, usize)> = peers
+                .into_iter()
+                .map(|q| {
+                    let other = pipeline[q];
+                    (wr.min(other), wr.max(other), q)
+                })
+                .collect();
+            pairs.sort_unstable();
+            let mut links = Vec::with_capacity(pairs.len());
+            for (lo, hi, q) in pairs {
+                let cpu = world
+                    .new_group(&[lo, hi], &format!("pp-link-{lo}-{hi}"))
+                    .map_err(|e| spawn_err("device link communicator", e))?;
+                let g = f.link_group(cpu).map_err(|e| spawn_err("device link", e))?;
+                links.push((q, g));
+            }
+            for (c, g) in chunks.iter_mut().enumerate() {
+                let stage = plan.program.stage_of(coords.pp, c);
+                let remote_prev = stage > 0 && plan.program.locate(stage - 1).0 != coords.pp;
+                g.set_links(&links, remote_prev).map_err(|e| spawn_err("device links", e))?;
+            }
+            tracing::debug!(rank = wr, links = links.len(), "pipeline messages between the devices");
+        }
         let handed = chunk_buckets.iter().map(|b| vec![false; b.len()]).collect();
         let engine = Engine {
             be: Box::new(CpuBackend::new(s.threads)),
@@ -1284,6 +1413,7 @@ impl Actor for Supervisor {
                 }),
                 checksums: s.opts.checksums,
             },
+            device_links,
             stop: Some(s.stop.clone().unwrap_or_else(|| Arc::new(AtomicBool::new(false)))),
             flight: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FLIGHT)),
             progress_ms: AtomicU64::new(0),
@@ -1446,7 +1576,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let t = &cfg.train;
     let sched = LrSchedule::from_train(t);
     let program_ops = &plan.program.ranks[ctx.pp_rank];
-    let k = program_ops.iter().filter(|op| op.kind().is_compute()).count() as u64;
+    let ticketed = |links: bool| program_ops.iter().filter(|op| RankCtx::ticketed(op, links)).count() as u64;
     let n_tensors = st.tensor_index.len();
     let slots = n_tensors + 6;
     let last_stage = plan.num_stages() - 1;
@@ -1481,7 +1611,13 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             .find(|(f, _)| f.step == this && f.kind == super::faults::FaultKind::Corrupt && f.recv.is_some())
             .and_then(|(f, _)| f.recv);
         ctx.mailbox.new_step(nth);
-        st.job(this, "new step", |e: &mut Engine| e.new_step()).await?;
+        let links = ctx.links(this);
+        st.job(this, "new step", move |e: &mut Engine| {
+            e.new_step();
+            e.chunks.iter_mut().for_each(|g| g.use_links(links));
+        })
+        .await?;
+        let k = ticketed(links);
         let base = st.next_ticket;
         let busy0 = Instant::now();
         let busy_ns0 = ctx.busy_ns.load(Ordering::Relaxed);
@@ -1540,6 +1676,9 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                     |e: &mut Engine| -> Result<Vec<(u32, f32)>, ModelError> {
                         let mut out = Vec::new();
                         for g in &mut e.chunks {
+                            // The step's messages over device links have all landed (a
+                            // missing peer shows here, bounded by the timeout).
+                            g.finish_links()?;
                             out.extend(g.take_losses()?.into_iter().map(|(mb, l)| (mb as u32, l)));
                         }
                         Ok(out)
@@ -1932,6 +2071,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     }
     result.sent_bytes = ctx.sent_bytes.load(Ordering::Relaxed);
     result.messages = ctx.messages.load(Ordering::Relaxed);
+    result.p2p_on_device = ctx.device_links;
     result.instructions = ctx.instructions.load(Ordering::Relaxed);
     result.overhead_s = ctx.overhead_ns.load(Ordering::Relaxed) as f64 * 1e-9;
     Ok(result)

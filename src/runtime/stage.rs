@@ -71,6 +71,11 @@ pub struct Stage {
     /// Microbatches whose loss the device keeps until [`Stage::take_losses`], in forward order,
     /// each with an injected value to report instead.
     deferred: Vec<(u64, Option<f32>)>,
+    /// The previous stage is on another rank, linked on the device ([`Stage::set_links`]).
+    input_grad_linked: bool,
+    /// The input gradient of each backward stays on the device for the link instead of
+    /// coming to the host (this step's messages use the links: [`Stage::use_links`]).
+    keep_input_grad: bool,
 }
 
 fn dev_err(e: crate::gpu::GpuError) -> ModelError {
@@ -107,6 +112,8 @@ impl Stage {
             reduce_span: (None, None),
             opt_shard: None,
             deferred: Vec::new(),
+            input_grad_linked: false,
+            keep_input_grad: false,
         }
     }
 
@@ -216,6 +223,95 @@ impl Stage {
             (Some(a), Some(b)) => Some((a, b)),
             _ => None,
         })
+    }
+
+    /// Pipeline messages on the device: `links` as for [`DeviceStage::set_links`] (the rank's
+    /// two-rank device groups with its pipeline peers). With `input_grads_on_device` (the
+    /// previous stage is on another rank) each backward keeps its input gradient on the device
+    /// for [`Stage::send_input_grad`] instead of downloading it for [`Stage::take_input_grad`].
+    ///
+    /// # Errors
+    /// A chunk on the CPU; links the device refuses.
+    pub fn set_links(
+        &mut self,
+        links: &[(usize, crate::gpu::stage::DeviceGroup)],
+        input_grads_on_device: bool,
+    ) -> Result<(), ModelError> {
+        let dev = self.device("Stage::set_links")?;
+        dev.set_links(links).map_err(dev_err)?;
+        self.input_grad_linked = input_grads_on_device;
+        self.keep_input_grad = input_grads_on_device;
+        Ok(())
+    }
+
+    /// Whether the coming step's messages use the device links (on by [`Stage::set_links`]):
+    /// off, the input gradients come to the host for [`Stage::take_input_grad`] as without
+    /// links.
+    pub fn use_links(&mut self, on: bool) {
+        self.keep_input_grad = on && self.input_grad_linked;
+    }
+
+    fn device(&mut self, op: &str) -> Result<&mut Box<dyn DeviceStage>, ModelError> {
+        self.dev.as_mut().ok_or_else(|| ModelError::Device(format!("{op}: this chunk computes on the CPU")))
+    }
+
+    /// Queues the send of `mb`'s output to pipeline rank `peer` over the device link.
+    ///
+    /// # Errors
+    /// As [`DeviceStage::send_output`].
+    pub fn send_output(&mut self, mb: u64, peer: usize) -> Result<(), ModelError> {
+        self.device("Stage::send_output")?.send_output(mb, peer).map_err(dev_err)
+    }
+
+    /// Queues the receipt of `mb`'s input from pipeline rank `peer` over the device link; its
+    /// forward then takes [`StageInput::Arrived`].
+    ///
+    /// # Errors
+    /// As [`DeviceStage::recv_input`].
+    pub fn recv_input(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), ModelError> {
+        self.device("Stage::recv_input")?.recv_input(mb, batch, seq, peer).map_err(dev_err)
+    }
+
+    /// Queues the send of `mb`'s input gradient (kept by its backward) to pipeline rank `peer`.
+    ///
+    /// # Errors
+    /// As [`DeviceStage::send_input_grad`].
+    pub fn send_input_grad(&mut self, mb: u64, peer: usize) -> Result<(), ModelError> {
+        self.device("Stage::send_input_grad")?.send_input_grad(mb, peer).map_err(dev_err)
+    }
+
+    /// Queues the receipt of the gradient of `mb`'s output from pipeline rank `peer`; its
+    /// backward is then given no output gradient.
+    ///
+    /// # Errors
+    /// As [`DeviceStage::recv_output_grad`].
+    pub fn recv_output_grad(
+        &mut self,
+        mb: u64,
+        batch: usize,
+        seq: usize,
+        peer: usize,
+    ) -> Result<(), ModelError> {
+        self.device("Stage::recv_output_grad")?.recv_output_grad(mb, batch, seq, peer).map_err(dev_err)
+    }
+
+    /// Waits for the messages queued on the device links (nothing on the CPU).
+    ///
+    /// # Errors
+    /// As [`DeviceStage::finish_links`].
+    pub fn finish_links(&mut self) -> Result<(), ModelError> {
+        match self.dev.as_mut() {
+            Some(d) => d.finish_links().map_err(dev_err),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `value` over the first element of in-flight `mb`'s output on the device.
+    ///
+    /// # Errors
+    /// As [`DeviceStage::poison_output`].
+    pub fn poison_output(&mut self, mb: u64, value: f32) -> Result<(), ModelError> {
+        self.device("Stage::poison_output")?.poison_output(mb, value).map_err(dev_err)
     }
 
     /// [`Stage::with_optimizer`] with the optimizer on the host.
@@ -432,6 +528,7 @@ impl Stage {
             reduce_on_device,
             poison,
             reduce_span: self_span_start,
+            keep_input_grad,
             ..
         } = self;
         let Some(dev) = dev.as_mut() else { return Ok(()) };
@@ -479,13 +576,18 @@ impl Stage {
         // Gradients not drained (all of them, or ranges never reported such as a head-only
         // stage's tied wte) wait on the device for `sync_grads`.
         *dev_grads |= weights;
-        if matches!(half, Half::Weight(_)) || host.range().embedding {
+        match half {
+            Half::Both(mb, _) | Half::Input(mb, _) if !host.range().embedding && *keep_input_grad => {
+                // Sent from the device by a device link: no host sync.
+                dev.keep_input_grad(mb).map_err(dev_err)
+            }
+            Half::Both(..) | Half::Input(..) if !host.range().embedding => {
+                *dinput = dev.input_grad().map_err(dev_err)?;
+                Ok(())
+            }
             // Nothing comes back: wait for the device, so the job's time (in traces and the
             // bubble report) is the device's.
-            dev.synchronize().map_err(dev_err)
-        } else {
-            *dinput = dev.input_grad().map_err(dev_err)?;
-            Ok(())
+            _ => dev.synchronize().map_err(dev_err),
         }
     }
 

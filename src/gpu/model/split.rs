@@ -12,7 +12,7 @@
 //! backward's bits, and several microbatches give the bits of fused backwards in the order of
 //! their W's.
 
-use super::{Acts, GpuGpt, GradsReady, Scratch, attention, embedding};
+use super::{Acts, GpuGpt, GradsReady, OutGrad, Scratch, attention, embedding};
 use crate::gpu::{DType, Dev, Gemm, Gpu, GpuError};
 use crate::models::gpt::GradRef;
 
@@ -87,7 +87,21 @@ impl<G: Gpu> GpuGpt<'_, G> {
     /// As [`GpuGpt::backward_input_mb`].
     pub fn backward_input_mb_grad(&mut self, mb: u64, dout: Option<GradRef<'_>>) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::backward_input";
-        let n = self.check_backward(OP, mb, dout)?;
+        let arrived = self.arrived_dout(OP, mb, dout)?;
+        let dout = match (dout, arrived.as_ref()) {
+            (Some(h), _) => Some(OutGrad::Host(h)),
+            (None, Some(b)) => Some(OutGrad::Device(b)),
+            (None, None) => None,
+        };
+        let n = match self.check_backward(OP, mb, dout) {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(b) = arrived {
+                    self.recycle_message(b);
+                }
+                return Err(e);
+            }
+        };
         self.ensure_scratch(n)?;
         let mut stash = self.take_stash(n)?;
         let mut scratch =
@@ -97,6 +111,9 @@ impl<G: Gpu> GpuGpt<'_, G> {
             None => Err(GpuError::Shape { op: OP, detail: "lost".into() }),
         };
         self.scratch = Some(scratch);
+        if let Some(b) = arrived {
+            self.recycle_message(b);
+        }
         match result {
             Ok(()) => {
                 self.pending_w.insert(mb, stash);
@@ -154,7 +171,7 @@ impl<G: Gpu> GpuGpt<'_, G> {
         a: &Acts<G::Buf>,
         s: &mut Scratch<G::Buf>,
         st: &mut Stash<G::Buf>,
-        dout: Option<GradRef<'_>>,
+        dout: Option<OutGrad<'_, G::Buf>>,
     ) -> Result<(), GpuError> {
         let (g, dt) = (self.gpu, self.dtype);
         let (batch, seq) = (a.batch, a.seq);
@@ -180,7 +197,7 @@ impl<G: Gpu> GpuGpt<'_, G> {
                     n,
                 )?;
             }
-            (None, _, _, Some(h), _) => super::upload_grad(g, &mut s.dres, h, dt)?,
+            (None, _, _, Some(h), _) => h.write(g, &mut s.dres, n * c, dt)?,
             _ => {
                 return Err(GpuError::Shape {
                     op: "GpuGpt::backward_input",

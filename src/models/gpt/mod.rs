@@ -48,6 +48,9 @@ pub enum StageInput<'a> {
     /// Hidden states as bf16 (a bf16 stage's output, as a pipeline message carries it): a bf16
     /// GPU stage takes them as they are; the CPU model widens them to fp32.
     HiddenBf16(&'a [half::bf16]),
+    /// The hidden states already arrived on the stage's device: a pipeline message the GPU
+    /// stage received there itself (device links). Only GPU stages take it.
+    Arrived,
 }
 
 /// The gradient of a stage's output as a backward takes it: fp32, or bf16 as a bf16 stage sent
@@ -371,6 +374,7 @@ impl Gpt {
                     StageInput::Hidden(h) => h.len(),
                     StageInput::HiddenBf16(h) => h.len(),
                     StageInput::Tokens(t) => t.len(),
+                    StageInput::Arrived => 0,
                 };
                 if got != expected {
                     return Err(ModelError::BadLength { what: "hidden states", expected, got });
@@ -378,6 +382,11 @@ impl Gpt {
             }
             (StageInput::Tokens(_), false) => {
                 return Err(ModelError::WrongStage("this range has no embedding: pass hidden states"));
+            }
+            (StageInput::Arrived, _) => {
+                return Err(ModelError::WrongStage(
+                    "hidden states that arrived on a device: this range computes on the CPU",
+                ));
             }
             (StageInput::Hidden(_) | StageInput::HiddenBf16(_), true) => {
                 return Err(ModelError::WrongStage("this range starts with the embedding: pass tokens"));
@@ -436,6 +445,8 @@ impl Gpt {
                     *a = b.to_f32();
                 }
             }
+            // Refused by check_input.
+            StageInput::Arrived => {}
         }
         for li in 0..acts.layers.len() {
             let (done, rest) = acts.layers.split_at_mut(li);

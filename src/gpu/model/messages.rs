@@ -1,0 +1,256 @@
+//! Pipeline messages that stay on the device: what a stage sends is read from, and what it
+//! receives is written into, device buffers by the stage's device links (`src/gpu/stage.rs`),
+//! with no copy through the host.
+//!
+//! A received message lands in a buffer of its own (a stage's input, or its output's
+//! gradient, by microbatch), together with what orders reads after its arrival (`ready`: the
+//! link's event, waited for by the compute stream); the forward ([`StageInput::Arrived`]) or
+//! the backward (no output gradient given to a range without the head) copies it into the
+//! activations or the backward scratch — one device copy — and the buffer is free again. A
+//! stage's output is sent from its activations as they are (they live until its backward); its
+//! input gradient, which the next backward overwrites, is first copied into a buffer kept until
+//! the send is queued ([`GpuGpt::keep_input_grad`]); a freed buffer whose send may still be
+//! reading it is written again only after the send's `ready`.
+//!
+//! [`StageInput::Arrived`]: crate::models::gpt::StageInput::Arrived
+
+use std::collections::HashMap;
+
+use super::GpuGpt;
+use crate::gpu::{Dev, Gpu, GpuError};
+use crate::models::gpt::GradRef;
+
+/// What orders later GPU work after a message's transfer (see the module docs).
+pub type Ready = Box<dyn FnOnce() -> Result<(), GpuError> + Send>;
+
+/// A message buffer and what must run before it is read (an arrival) or written again (a
+/// buffer a send may still read).
+pub(super) struct Held<B> {
+    buf: B,
+    ready: Option<Ready>,
+}
+
+/// The stage's pipeline messages on the device.
+pub(super) struct Messages<B> {
+    inputs: HashMap<u64, Held<B>>,
+    douts: HashMap<u64, Held<B>>,
+    outgoing: HashMap<u64, B>,
+    free: Vec<Held<B>>,
+}
+
+impl<B> Default for Messages<B> {
+    fn default() -> Self {
+        Messages { inputs: HashMap::new(), douts: HashMap::new(), outgoing: HashMap::new(), free: Vec::new() }
+    }
+}
+
+impl<B> Messages<B> {
+    /// Runs what every held buffer still waits for (before the buffers go).
+    pub(super) fn settle(&mut self) -> Result<(), GpuError> {
+        let mut first = Ok(());
+        for h in self.inputs.values_mut().chain(self.douts.values_mut()).chain(self.free.iter_mut()) {
+            if let Some(r) = h.ready.take() {
+                let r = r();
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+        }
+        first
+    }
+}
+
+fn bad(op: &'static str, detail: String) -> GpuError {
+    GpuError::Shape { op, detail }
+}
+
+impl<G: Gpu> GpuGpt<'_, G> {
+    /// Elements of a message between stages for `batch` × `seq` tokens (hidden states or their
+    /// gradient, `[B,T,C]` in the model's dtype).
+    pub fn message_elems(&self, batch: usize, seq: usize) -> usize {
+        batch * seq * self.cfg.hidden_size
+    }
+
+    /// A device buffer for a message of `elems` elements: a free one of that size (once what it
+    /// waits for ran), or a new one.
+    ///
+    /// # Errors
+    /// Out of device memory; the error of a send the buffer waited for.
+    pub fn message_buffer(&mut self, elems: usize) -> Result<G::Buf, GpuError> {
+        let bytes = elems * self.dtype.size();
+        let m = &mut self.messages;
+        if let Some(i) = m.free.iter().position(|h| self.gpu.buf_len(&h.buf) == bytes) {
+            let h = m.free.swap_remove(i);
+            if let Some(r) = h.ready {
+                r()?;
+            }
+            return Ok(h.buf);
+        }
+        self.gpu.alloc(bytes)
+    }
+
+    /// Gives `buf` (from [`GpuGpt::message_buffer`]) as the input of microbatch `mb`'s coming
+    /// forward, which runs `ready` before it reads it.
+    ///
+    /// # Errors
+    /// A range with the embedding (it takes tokens); an input of `mb` already waiting.
+    pub fn input_arriving(&mut self, mb: u64, buf: G::Buf, ready: Option<Ready>) -> Result<(), GpuError> {
+        const OP: &str = "GpuGpt::input_arriving";
+        if self.range.embedding {
+            return Err(bad(
+                OP,
+                "this layer range starts with the embedding: it receives no hidden states".into(),
+            ));
+        }
+        if self.messages.inputs.contains_key(&mb) {
+            return Err(bad(OP, format!("the input of microbatch {mb} already arrived and was not used")));
+        }
+        self.messages.inputs.insert(mb, Held { buf, ready });
+        Ok(())
+    }
+
+    /// Gives `buf` as the gradient of microbatch `mb`'s output for its coming backward (called
+    /// without an output gradient), which runs `ready` before it reads it.
+    ///
+    /// # Errors
+    /// A range with the head (it starts from its dlogits); a gradient of `mb` already waiting.
+    pub fn output_grad_arriving(
+        &mut self,
+        mb: u64,
+        buf: G::Buf,
+        ready: Option<Ready>,
+    ) -> Result<(), GpuError> {
+        const OP: &str = "GpuGpt::output_grad_arriving";
+        if self.range.head {
+            return Err(bad(OP, "the head range starts from its dlogits: it receives no gradient".into()));
+        }
+        if self.messages.douts.contains_key(&mb) {
+            return Err(bad(
+                OP,
+                format!("the output gradient of microbatch {mb} already arrived and was not used"),
+            ));
+        }
+        self.messages.douts.insert(mb, Held { buf, ready });
+        Ok(())
+    }
+
+    /// Whether microbatch `mb`'s input arrived on the device.
+    pub fn has_arrived_input(&self, mb: u64) -> bool {
+        self.messages.inputs.contains_key(&mb)
+    }
+
+    /// Whether microbatch `mb`'s output gradient arrived on the device.
+    pub fn has_arrived_output_grad(&self, mb: u64) -> bool {
+        self.messages.douts.contains_key(&mb)
+    }
+
+    /// For a backward of `mb` given `dout`: the output gradient that arrived on the device
+    /// when none is given to a range without the head (readable once this returns), else
+    /// `None`. A given one with one waiting is an error (the arrival would be left behind).
+    pub(super) fn arrived_dout(
+        &mut self,
+        op: &'static str,
+        mb: u64,
+        dout: Option<GradRef<'_>>,
+    ) -> Result<Option<G::Buf>, GpuError> {
+        match (dout, self.range.head) {
+            (None, false) => self.take_arrived_dout(mb).transpose(),
+            (Some(_), _) if self.has_arrived_output_grad(mb) => Err(bad(
+                op,
+                format!("an output gradient of microbatch {mb} was given, and another arrived on the device"),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// The arrived input of `mb`, readable once this returns (its `ready` ran).
+    pub(super) fn take_arrived_input(&mut self, op: &'static str, mb: u64) -> Result<G::Buf, GpuError> {
+        let h = self.messages.inputs.remove(&mb).ok_or_else(|| {
+            bad(
+                op,
+                format!(
+                    "the input of microbatch {mb} was to arrive on the device, and has not been received"
+                ),
+            )
+        })?;
+        if let Some(r) = h.ready {
+            r()?;
+        }
+        Ok(h.buf)
+    }
+
+    /// The arrived output gradient of `mb`, readable once this returns.
+    pub(super) fn take_arrived_dout(&mut self, mb: u64) -> Option<Result<G::Buf, GpuError>> {
+        let h = self.messages.douts.remove(&mb)?;
+        Some(match h.ready {
+            Some(r) => r().map(|()| h.buf),
+            None => Ok(h.buf),
+        })
+    }
+
+    /// A message buffer whose contents were used (copied out), free for the next message.
+    pub(super) fn recycle_message(&mut self, buf: G::Buf) {
+        self.messages.free.push(Held { buf, ready: None });
+    }
+
+    /// The device range and element count of in-flight microbatch `mb`'s output (what a stage
+    /// without the head sends), in the model's dtype. It stays put until `mb`'s backward.
+    ///
+    /// # Errors
+    /// `mb` is not in flight; a range with the head (it sends nothing forward).
+    pub fn output_buffer(&self, mb: u64) -> Result<(Dev<'_, G::Buf>, usize), GpuError> {
+        const OP: &str = "GpuGpt::output_buffer";
+        if self.range.head {
+            return Err(bad(OP, "the head range sends no hidden states".into()));
+        }
+        let a =
+            self.in_flight.get(&mb).ok_or_else(|| bad(OP, format!("microbatch {mb} is not in flight")))?;
+        let out = a.layers.last().map_or(&a.input, |l| &l.out);
+        Ok((Dev::new(out), a.batch * a.seq * self.cfg.hidden_size))
+    }
+
+    /// Keeps the input gradient of the latest backward (of microbatch `mb`) on the device for
+    /// sending: one device copy out of the shared scratch, which the next backward overwrites.
+    ///
+    /// # Errors
+    /// No backward has run; a gradient of `mb` already kept; device errors.
+    pub fn keep_input_grad(&mut self, mb: u64) -> Result<(), GpuError> {
+        const OP: &str = "GpuGpt::keep_input_grad";
+        let Some(n) = self.last_backward_n else {
+            return Err(bad(OP, "no backward has run".into()));
+        };
+        if self.messages.outgoing.contains_key(&mb) {
+            return Err(bad(OP, format!("the input gradient of microbatch {mb} is kept already")));
+        }
+        let elems = n * self.cfg.hidden_size;
+        let buf = self.message_buffer(elems)?;
+        let s = self.scratch.as_ref().ok_or_else(|| bad(OP, "no backward scratch".into()))?;
+        self.gpu.copy(Dev::new(&buf), Dev::new(&s.dres), elems * self.dtype.size())?;
+        self.messages.outgoing.insert(mb, buf);
+        Ok(())
+    }
+
+    /// The kept input gradient of `mb` ([`GpuGpt::keep_input_grad`]) and its element count.
+    ///
+    /// # Errors
+    /// None kept for `mb`.
+    pub fn kept_input_grad(&self, mb: u64) -> Result<(Dev<'_, G::Buf>, usize), GpuError> {
+        let buf = self.messages.outgoing.get(&mb).ok_or_else(|| {
+            bad("GpuGpt::kept_input_grad", format!("no input gradient of microbatch {mb} was kept"))
+        })?;
+        Ok((Dev::new(buf), self.gpu.buf_len(buf) / self.dtype.size()))
+    }
+
+    /// The kept input gradient of `mb` was queued for sending: its buffer is free once `ready`
+    /// (the send's completion) ran.
+    pub fn input_grad_sent(&mut self, mb: u64, ready: Option<Ready>) {
+        if let Some(buf) = self.messages.outgoing.remove(&mb) {
+            self.messages.free.push(Held { buf, ready });
+        }
+    }
+
+    /// Messages held on the device: arrived and not yet used, and kept and not yet sent.
+    pub fn messages_held(&self) -> usize {
+        self.messages.inputs.len() + self.messages.douts.len() + self.messages.outgoing.len()
+    }
+}
