@@ -655,6 +655,24 @@ fn split_backward_misuse_is_an_error() -> Result<()> {
     Ok(())
 }
 
+/// A GPU stage that crashes mid-step is the run's root cause, not its peer's failed receive
+/// over their device link (which names the lost peer) — and the run ends instead of hanging.
+#[test]
+fn a_crashed_gpu_stage_is_the_root_cause_over_its_device_link() -> Result<()> {
+    let cfg = config(&["parallel.pipeline_model_parallel_size=2"])?;
+    for (name, dev) in devices(DType::Bf16) {
+        let err = match run(&cfg, Some(dev), &["crash:rank=1,step=2"]) {
+            Ok(_) => anyhow::bail!("on the {name}: the run survived a crash"),
+            Err(e) => e.to_string(),
+        };
+        ensure!(
+            err.contains("rank 1, step 2") && err.contains("injected failure"),
+            "on the {name}: the reported error is not the crash: {err}"
+        );
+    }
+    Ok(())
+}
+
 /// A stage's messages on the device: an input that arrived in a message buffer gives the
 /// forward of the same values from the host, bit for bit, after the arrival's wait; an output
 /// gradient that arrived gives the backward's input gradient, kept on the device for its send;

@@ -70,7 +70,10 @@ impl RuntimeError {
                     && (detail.contains("arrived within")
                         || detail.contains("sent no heartbeat")
                         || detail.contains("receiving the")
-                        || detail.contains("not done within"))
+                        || detail.contains("not done within")
+                        // A device link or group whose peer failed (through the host, or NCCL).
+                        || detail.contains("lost peer")
+                        || detail.contains("a peer is missing or stuck"))
             }
             _ => false,
         }
