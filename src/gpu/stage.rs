@@ -289,7 +289,8 @@ pub trait DeviceStage: Send {
     /// transferred, so that a failed or missing peer shows at the end of the step that needed it.
     ///
     /// # Errors
-    /// The first link's error.
+    /// The first link's error; messages that arrived and were not used, or were kept and not
+    /// sent.
     fn finish_links(&mut self) -> Result<(), GpuError>;
 
     /// Writes `value` over the first element of in-flight `mb`'s output (fault injection: a
@@ -743,7 +744,15 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         for link in self.links.values() {
             link.finish(gpu)?;
         }
-        Ok(())
+        // Every message of the step was used: an arrival nothing read, or a kept gradient
+        // never sent, is a schedule the runtime executed wrongly.
+        match self.model.messages_held() {
+            0 => Ok(()),
+            n => Err(GpuError::Shape {
+                op: "DeviceStage::finish_links",
+                detail: format!("{n} pipeline messages still held on the device at the end of the step"),
+            }),
+        }
     }
 
     fn poison_output(&mut self, mb: u64, value: f32) -> Result<(), GpuError> {
