@@ -718,8 +718,9 @@ fn device_messages_carry_the_host_inputs_bits_and_misuse_is_an_error() -> Result
         ensure!(e.as_deref().is_some_and(|e| e.contains("has not arrived")), "{e:?}");
         let (buf, ready) = arrival(&mut m, &h)?;
         m.input_arriving(4, buf, ready)?;
-        let (buf, ready) = arrival(&mut m, &h)?;
-        let e = m.input_arriving(4, buf, ready).err().map(|e| e.to_string());
+        // A second input of the microbatch is refused (its buffer kept as a free one).
+        let buf = m.message_buffer(n)?;
+        let e = m.input_arriving(4, buf, None).err().map(|e| e.to_string());
         ensure!(e.as_deref().is_some_and(|e| e.contains("already arrived")), "{e:?}");
         m.forward_mb(4, 2, 16, StageInput::Arrived, None, 1.0)?;
         ensure!(waited.load(Ordering::SeqCst) == 1, "the forward did not wait for its input");

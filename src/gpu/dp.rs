@@ -4,8 +4,9 @@
 //! [`DeviceComm`] is what the GPU training loop and the runtime's device groups need from a
 //! communicator: a sum all-reduce of a device range, queued so that it overlaps the rest of the
 //! backward, an in-place reduce to one rank and an in-place broadcast (the distributed
-//! optimizer's gradient reduction and parameter gather), and a bounded
-//! wait at the end. Two implementations:
+//! optimizer's gradient reduction and parameter gather), point-to-point sends and receives
+//! matched in the order queued (the pipeline's device links; grouped where an exchange pairs
+//! them), and a bounded wait at the end. Two implementations:
 //! - [`NcclComm`] on a [`CudaGpu`]: each all-reduce is queued on the communication stream after
 //!   an event recorded on the compute stream (so it starts when backward has written that range,
 //!   while later layers' backward keeps running); [`DeviceComm::finish`] polls NCCL with the
@@ -60,6 +61,31 @@ pub trait DeviceComm<G: Gpu>: Send + Sync {
         dtype: DType,
         root: usize,
     ) -> Result<(), GpuError>;
+    /// Queues a send of `count` elements of `dtype` at `buf` to group rank `peer`, after the work
+    /// queued on the GPU so far. Messages between two ranks match in the order queued: this is
+    /// the peer's next [`DeviceComm::recv`] from this rank.
+    fn send(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+    ) -> Result<(), GpuError>;
+    /// Queues a receive of `count` elements of `dtype` into `buf` from group rank `peer` (its next
+    /// send to this rank), after the work queued on the GPU so far.
+    fn recv(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+    ) -> Result<(), GpuError>;
+    /// Queues the sends and receives `f` queues as one group: with NCCL one launch between
+    /// `ncclGroupStart` and `ncclGroupEnd`, so the two directions of an exchange progress
+    /// together rather than one after the other (Megatron's batched send-forward-recv-backward).
+    fn grouped(&self, f: &mut dyn FnMut() -> Result<(), GpuError>) -> Result<(), GpuError>;
     /// Waits (bounded by the communicator's timeout) until every queued collective has finished,
     /// and orders later GPU work after them.
     fn finish(&self, gpu: &G) -> Result<(), GpuError>;
@@ -116,6 +142,34 @@ impl DeviceComm<CudaGpu> for NcclComm {
         NcclComm::broadcast(self, gpu, buf, count, dtype, root)
     }
 
+    fn send(
+        &self,
+        gpu: &CudaGpu,
+        buf: Dev<'_, super::cuda::CudaBuf>,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+    ) -> Result<(), GpuError> {
+        gpu.comm_after_compute()?;
+        NcclComm::send(self, gpu, buf, count, dtype, peer)
+    }
+
+    fn recv(
+        &self,
+        gpu: &CudaGpu,
+        buf: Dev<'_, super::cuda::CudaBuf>,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+    ) -> Result<(), GpuError> {
+        gpu.comm_after_compute()?;
+        NcclComm::recv(self, gpu, buf, count, dtype, peer)
+    }
+
+    fn grouped(&self, f: &mut dyn FnMut() -> Result<(), GpuError>) -> Result<(), GpuError> {
+        self.group(f)
+    }
+
     fn finish(&self, gpu: &CudaGpu) -> Result<(), GpuError> {
         self.wait(gpu, "gradient all-reduce")?;
         gpu.compute_after_comm()?;
@@ -138,6 +192,8 @@ pub struct HostComm {
     /// Collectives queued and not yet landed, in the order queued, and how many were queued
     /// in all (a [`DeviceComm::mark`]).
     pending: std::sync::Mutex<(std::collections::VecDeque<Pending>, u64)>,
+    /// Point-to-point messages queued so far, by (direction: sent, peer): the next one's tag.
+    p2p: std::sync::Mutex<std::collections::HashMap<(bool, usize), u64>>,
 }
 
 /// A collective [`HostComm`] has started: its result goes to `target` (an address from
@@ -146,14 +202,24 @@ pub struct HostComm {
 struct Pending {
     seq: u64,
     op: &'static str,
-    work: crate::comm::Work<Buf>,
+    work: Started,
     target: Option<(usize, usize)>,
     dtype: DType,
 }
 
+/// A CPU operation [`HostComm`] started: one that returns values, or a send.
+enum Started {
+    Values(crate::comm::Work<Buf>),
+    Sent(crate::comm::Work<()>),
+}
+
 impl HostComm {
     pub fn new(comm: Box<dyn Comm>) -> Self {
-        HostComm { comm, pending: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)) }
+        HostComm {
+            comm,
+            pending: std::sync::Mutex::new((std::collections::VecDeque::new(), 0)),
+            p2p: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, (std::collections::VecDeque<Pending>, u64)> {
@@ -169,7 +235,13 @@ impl HostComm {
             }) else {
                 return Ok(());
             };
-            let values = self.result(p.op, p.work)?;
+            let values = match p.work {
+                Started::Values(w) => self.result(p.op, w)?,
+                Started::Sent(w) => {
+                    w.wait().map_err(|e| self.comm_err(p.op, &e))?;
+                    continue;
+                }
+            };
             if let Some((addr, len)) = p.target {
                 let bytes = encode(&values, p.dtype);
                 if bytes.len() != len {
@@ -186,14 +258,18 @@ impl HostComm {
         }
     }
 
-    /// The values of a finished collective, or its error naming `op`.
-    fn result(&self, op: &str, work: crate::comm::Work<Buf>) -> Result<Vec<f32>, GpuError> {
-        let out = work.wait().map_err(|e| GpuError::Nccl {
+    fn comm_err(&self, op: &str, e: &dyn std::fmt::Display) -> GpuError {
+        GpuError::Nccl {
             op: format!("{op} (through the host)"),
             rank: self.comm.rank(),
             group: self.comm.group_name().to_string(),
             detail: e.to_string(),
-        })?;
+        }
+    }
+
+    /// The values of a finished collective, or its error naming `op`.
+    fn result(&self, op: &str, work: crate::comm::Work<Buf>) -> Result<Vec<f32>, GpuError> {
+        let out = work.wait().map_err(|e| self.comm_err(op, &e))?;
         let Buf::F32(values) = out else {
             return Err(GpuError::Shape { op: "HostComm", detail: format!("the {op} changed the type") });
         };
@@ -227,7 +303,7 @@ impl HostComm {
         match gpu.stable_address(buf) {
             Some((addr, room)) if room >= bytes.len() => {
                 let target = keep.then_some((addr, bytes.len()));
-                pending.0.push_back(Pending { seq, op, work, target, dtype });
+                pending.0.push_back(Pending { seq, op, work: Started::Values(work), target, dtype });
                 Ok(())
             }
             _ => {
@@ -236,6 +312,24 @@ impl HostComm {
                 if keep { gpu.write(buf, &encode(&values, dtype)) } else { Ok(()) }
             }
         }
+    }
+
+    /// The tag of the next message sent to (`sent`) or received from `peer`, after checking it.
+    fn p2p_tag(&self, op: &'static str, sent: bool, peer: usize) -> Result<u64, GpuError> {
+        if peer >= self.comm.size() || peer == self.comm.rank() {
+            return Err(GpuError::Shape {
+                op,
+                detail: format!(
+                    "peer {peer} from rank {} of a group of {}",
+                    self.comm.rank(),
+                    self.comm.size()
+                ),
+            });
+        }
+        let mut p2p = self.p2p.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = p2p.entry((sent, peer)).or_insert(0);
+        *n += 1;
+        Ok(*n - 1)
     }
 
     fn check_root(&self, op: &'static str, root: usize) -> Result<(), GpuError> {
@@ -300,6 +394,45 @@ impl<G: Gpu> DeviceComm<G> for HostComm {
         self.through_host("broadcast", gpu, buf, count, dtype, (!keep, keep), |c, b| c.broadcast(b, root))
     }
 
+    fn send(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+    ) -> Result<(), GpuError> {
+        let tag = self.p2p_tag("HostComm::send", true, peer)?;
+        let mut bytes = vec![0u8; count * dtype.size()];
+        gpu.download(buf.buf, buf.offset, &mut bytes)?;
+        let work = self.comm.send(Buf::F32(decode(&bytes, dtype)), peer, tag);
+        // Nothing to write back: pending only so that `finish` reports its failure.
+        let mut pending = self.pending();
+        let seq = pending.1;
+        pending.1 += 1;
+        pending.0.push_back(Pending { seq, op: "send", work: Started::Sent(work), target: None, dtype });
+        Ok(())
+    }
+
+    fn recv(
+        &self,
+        gpu: &G,
+        buf: Dev<'_, G::Buf>,
+        count: usize,
+        dtype: DType,
+        peer: usize,
+    ) -> Result<(), GpuError> {
+        let tag = self.p2p_tag("HostComm::recv", false, peer)?;
+        self.through_host("recv", gpu, buf, count, dtype, (false, true), |c, _| {
+            c.recv(crate::comm::DType::F32, count, peer, tag)
+        })
+    }
+
+    fn grouped(&self, f: &mut dyn FnMut() -> Result<(), GpuError>) -> Result<(), GpuError> {
+        // Through the host a send never waits for its receive: nothing to group.
+        f()
+    }
+
     fn finish(&self, gpu: &G) -> Result<(), GpuError> {
         self.land(gpu, u64::MAX)
     }
@@ -355,6 +488,51 @@ mod tests {
             let (start, queued, done) = t.join().unwrap();
             assert_eq!(queued, start, "nothing lands before finish");
             assert_eq!(done, [3.0, 30.0, 1.5, -3.0], "sums of both ranks; rank 1's broadcast values");
+        }
+    }
+
+    /// Sends and receives through the host match in the order queued, land at `finish` (the
+    /// receiver's range keeps its values before), and a peer outside the pair is an error.
+    #[test]
+    fn point_to_point_through_the_host_matches_in_order() {
+        if super::super::emu::shared().is_none() {
+            eprintln!("SKIPPED: no kernel emulator (g++ missing or TROUPE_SKIP_EMU set)");
+            return;
+        }
+        let comms = crate::comm::inproc::world(2, crate::comm::CommOptions::default()).unwrap();
+        let threads: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                std::thread::spawn(move || {
+                    let gpu = EmuGpu::new().unwrap();
+                    let pair = HostComm::new(comm);
+                    let me = pair.comm.rank();
+                    let buf = upload_f32(&gpu, &[1.0, 2.0, 3.0, 4.0], DType::Bf16).unwrap();
+                    let at = |i: usize| Dev::new(&buf).at(i, DType::Bf16);
+                    let bad = DeviceComm::<EmuGpu>::send(&pair, &gpu, at(0), 1, DType::Bf16, me).is_err();
+                    if me == 0 {
+                        // Two messages: elements 0..2, then 2..4 (the receiver takes them in order).
+                        DeviceComm::<EmuGpu>::grouped(&pair, &mut || {
+                            DeviceComm::<EmuGpu>::send(&pair, &gpu, at(0), 2, DType::Bf16, 1)?;
+                            DeviceComm::<EmuGpu>::send(&pair, &gpu, at(2), 2, DType::Bf16, 1)
+                        })
+                        .unwrap();
+                    } else {
+                        DeviceComm::<EmuGpu>::recv(&pair, &gpu, at(2), 2, DType::Bf16, 0).unwrap();
+                        DeviceComm::<EmuGpu>::recv(&pair, &gpu, at(0), 2, DType::Bf16, 0).unwrap();
+                    }
+                    let queued = download_f32(&gpu, at(0), 4, DType::Bf16).unwrap();
+                    DeviceComm::<EmuGpu>::finish(&pair, &gpu).unwrap();
+                    (me, bad, queued, download_f32(&gpu, at(0), 4, DType::Bf16).unwrap())
+                })
+            })
+            .collect();
+        for t in threads {
+            let (me, bad, queued, done) = t.join().unwrap();
+            assert!(bad, "rank {me}: a send to itself was accepted");
+            assert_eq!(queued, [1.0, 2.0, 3.0, 4.0], "rank {me}: nothing lands before finish");
+            let want = if me == 0 { [1.0, 2.0, 3.0, 4.0] } else { [3.0, 4.0, 1.0, 2.0] };
+            assert_eq!(done, want, "rank {me}: the first message into 2..4, the second into 0..2");
         }
     }
 }

@@ -243,47 +243,33 @@ pub trait DeviceStage: Send {
 
     /// Pipeline messages on the device: `links[i] = (peer, group)`, the two-rank device group
     /// ([`StageFactory::link_group`]) this stage exchanges messages with pipeline rank `peer`
-    /// over. A message is a broadcast from its sender over the pair's group, so both sides
-    /// must queue the pair's messages in the same order (the runtime queues them in program
-    /// order, which a rendezvous-validated schedule makes the same on both).
+    /// over. Messages between two ranks match in the order queued (NCCL's sends and receives),
+    /// so both sides must queue the pair's messages in the same order (the runtime queues them
+    /// in program order, which a rendezvous-validated schedule makes the same on both).
     ///
     /// # Errors
     /// A group of another device, or not of two ranks.
     fn set_links(&mut self, links: &[(usize, DeviceGroup)]) -> Result<(), GpuError>;
 
-    /// Queues the send of in-flight microbatch `mb`'s output to pipeline rank `peer`, from the
-    /// activations as they are (after the work queued so far).
+    /// Queues `ops` on the device link to their peer, in order; several (all to one peer) are
+    /// queued as one group, so an exchange's two directions progress together
+    /// ([`DeviceComm::grouped`]). A send reads the output from the activations as they are (they
+    /// live until the microbatch's backward, which waits for a gradient the peer computed from
+    /// them) or the input gradient [`DeviceStage::keep_input_grad`] kept (whose buffer is written
+    /// again only after the send's mark); a receive lands in a message buffer that the forward
+    /// (given [`StageInput::Arrived`]) or the backward (given no output gradient) waits for.
     ///
     /// # Errors
-    /// No link to `peer`; `mb` not in flight; the link's errors.
-    fn send_output(&mut self, mb: u64, peer: usize) -> Result<(), GpuError>;
+    /// No link to the peer, ops to several peers, a microbatch not in flight, no kept
+    /// gradient, out of device memory; the link's errors.
+    fn post_messages(&mut self, ops: &[LinkOp]) -> Result<(), GpuError>;
 
-    /// Queues the receipt of microbatch `mb`'s input (`batch` × `seq` tokens) from pipeline
-    /// rank `peer` into a message buffer, for a forward given [`StageInput::Arrived`].
-    ///
-    /// # Errors
-    /// No link to `peer`; out of device memory; the link's errors.
-    fn recv_input(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError>;
-
-    /// Keeps the input gradient of the latest backward (of `mb`) on the device for
-    /// [`DeviceStage::send_input_grad`] (one device copy; nothing comes to the host).
+    /// Keeps the input gradient of the latest backward (of `mb`) on the device for a
+    /// [`LinkOp::SendInputGrad`] (one device copy; nothing comes to the host).
     ///
     /// # Errors
     /// As [`GpuGpt::keep_input_grad`].
     fn keep_input_grad(&mut self, mb: u64) -> Result<(), GpuError>;
-
-    /// Queues the send of `mb`'s kept input gradient to pipeline rank `peer`.
-    ///
-    /// # Errors
-    /// No link to `peer`; none kept for `mb`; the link's errors.
-    fn send_input_grad(&mut self, mb: u64, peer: usize) -> Result<(), GpuError>;
-
-    /// Queues the receipt of the gradient of `mb`'s output from pipeline rank `peer`, for a
-    /// backward given no output gradient.
-    ///
-    /// # Errors
-    /// As [`DeviceStage::recv_input`].
-    fn recv_output_grad(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError>;
 
     /// Waits (bounded by the links' timeout) until every message queued on the links has been
     /// transferred, so that a failed or missing peer shows at the end of the step that needed it.
@@ -302,6 +288,32 @@ pub trait DeviceStage: Send {
 }
 
 /// What a backward does with each arena range of gradients as soon as it has finished it.
+/// A pipeline message on a device link ([`DeviceStage::post_messages`]); `peer` is the other
+/// end's pipeline rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOp {
+    /// In-flight microbatch `mb`'s output, to the next stage.
+    SendOutput { mb: u64, peer: usize },
+    /// Microbatch `mb`'s input gradient (kept by its backward), to the previous stage.
+    SendInputGrad { mb: u64, peer: usize },
+    /// Microbatch `mb`'s input (`batch` × `seq` tokens), from the previous stage.
+    RecvInput { mb: u64, batch: usize, seq: usize, peer: usize },
+    /// The gradient of microbatch `mb`'s output, from the next stage.
+    RecvOutputGrad { mb: u64, batch: usize, seq: usize, peer: usize },
+}
+
+impl LinkOp {
+    /// The pipeline rank at the other end.
+    pub fn peer(&self) -> usize {
+        match *self {
+            LinkOp::SendOutput { peer, .. }
+            | LinkOp::SendInputGrad { peer, .. }
+            | LinkOp::RecvInput { peer, .. }
+            | LinkOp::RecvOutputGrad { peer, .. } => peer,
+        }
+    }
+}
+
 pub enum Finished<'a> {
     /// Nothing: the gradients keep accumulating on the device.
     Keep,
@@ -399,24 +411,6 @@ impl<G: Gpu + 'static> GpuStage<G> {
                 self.links.keys().collect::<Vec<_>>()
             ),
         })
-    }
-
-    /// A message buffer of `elems` with its receipt from `peer` queued; what the reader runs
-    /// before reading it.
-    fn receive(
-        &mut self,
-        op: &'static str,
-        elems: usize,
-        peer: usize,
-    ) -> Result<(G::Buf, Option<super::model::Ready>), GpuError> {
-        let link = self.link(op, peer)?;
-        let (gpu, dtype) = (self.model.gpu(), self.model.dtype());
-        let buf = self.model.message_buffer(elems)?;
-        // The sender is the other rank of the pair, the broadcast's root.
-        link.broadcast(gpu, Dev::new(&buf), elems, dtype, 1 - link.rank())?;
-        let mark = link.mark(gpu)?;
-        let ready: super::model::Ready = Box::new(move || link.compute_after(gpu, mark));
-        Ok((buf, Some(ready)))
     }
 
     fn group(&self, op: &'static str) -> Result<Arc<dyn DeviceComm<G>>, GpuError> {
@@ -702,41 +696,86 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         Ok(())
     }
 
-    fn send_output(&mut self, mb: u64, peer: usize) -> Result<(), GpuError> {
-        let link = self.link("DeviceStage::send_output", peer)?;
+    fn post_messages(&mut self, ops: &[LinkOp]) -> Result<(), GpuError> {
+        const OP: &str = "DeviceStage::post_messages";
+        let Some(first) = ops.first() else { return Ok(()) };
+        let peer = first.peer();
+        if let Some(o) = ops.iter().find(|o| o.peer() != peer) {
+            return Err(GpuError::Shape {
+                op: OP,
+                detail: format!("a group of messages goes to one peer: {first:?} and {o:?}"),
+            });
+        }
+        let link = self.link(OP, peer)?;
         let (gpu, dtype) = (self.model.gpu(), self.model.dtype());
-        // The activations stay put until mb's backward, which waits for the gradient that the
-        // peer computes from them: the send has read them by then.
-        let (out, n) = self.model.output_buffer(mb)?;
-        link.broadcast(gpu, out, n, dtype, link.rank())
-    }
-
-    fn recv_input(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError> {
-        let n = self.model.message_elems(batch, seq);
-        let (buf, ready) = self.receive("DeviceStage::recv_input", n, peer)?;
-        self.model.input_arriving(mb, buf, ready)
+        let other = 1 - link.rank();
+        // The receives' buffers first (allocation, and waits for their previous sends, stay
+        // out of the group).
+        let mut bufs = Vec::new();
+        for op in ops {
+            if let LinkOp::RecvInput { batch, seq, .. } | LinkOp::RecvOutputGrad { batch, seq, .. } = *op {
+                let n = self.model.message_elems(batch, seq);
+                bufs.push((self.model.message_buffer(n)?, n));
+            }
+        }
+        let model = &self.model;
+        let mut next = 0;
+        let queued = link.grouped(&mut || {
+            for op in ops {
+                match *op {
+                    LinkOp::SendOutput { mb, .. } => {
+                        let (out, n) = model.output_buffer(mb)?;
+                        link.send(gpu, out, n, dtype, other)?;
+                    }
+                    LinkOp::SendInputGrad { mb, .. } => {
+                        let (kept, n) = model.kept_input_grad(mb)?;
+                        link.send(gpu, kept, n, dtype, other)?;
+                    }
+                    LinkOp::RecvInput { .. } | LinkOp::RecvOutputGrad { .. } => {
+                        let (buf, n) = &bufs[next];
+                        link.recv(gpu, Dev::new(buf), *n, dtype, other)?;
+                        next += 1;
+                    }
+                }
+            }
+            Ok(())
+        });
+        let ready = |mark: u64| -> super::model::Ready {
+            let link = link.clone();
+            Box::new(move || link.compute_after(gpu, mark))
+        };
+        let mark = match queued.and_then(|()| link.mark(gpu)) {
+            Ok(m) => m,
+            Err(e) => {
+                // Receives may be queued: their buffers stay (free, behind a mark) until the
+                // link has landed them or the model goes.
+                let last = link.mark(gpu).ok();
+                for (buf, _) in bufs {
+                    self.model.recycle_message_after(buf, last.map(ready));
+                }
+                return Err(e);
+            }
+        };
+        let mut bufs = bufs.into_iter();
+        for op in ops {
+            match *op {
+                LinkOp::SendOutput { .. } => {}
+                LinkOp::SendInputGrad { mb, .. } => self.model.input_grad_sent(mb, Some(ready(mark))),
+                LinkOp::RecvInput { mb, .. } | LinkOp::RecvOutputGrad { mb, .. } => {
+                    let Some((buf, _)) = bufs.next() else { break };
+                    if matches!(op, LinkOp::RecvInput { .. }) {
+                        self.model.input_arriving(mb, buf, Some(ready(mark)))?;
+                    } else {
+                        self.model.output_grad_arriving(mb, buf, Some(ready(mark)))?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn keep_input_grad(&mut self, mb: u64) -> Result<(), GpuError> {
         GpuGpt::keep_input_grad(&mut self.model, mb)
-    }
-
-    fn send_input_grad(&mut self, mb: u64, peer: usize) -> Result<(), GpuError> {
-        let link = self.link("DeviceStage::send_input_grad", peer)?;
-        let (gpu, dtype) = (self.model.gpu(), self.model.dtype());
-        let (buf, n) = self.model.kept_input_grad(mb)?;
-        link.broadcast(gpu, buf, n, dtype, link.rank())?;
-        // The buffer is written again only after the send has read it.
-        let mark = link.mark(gpu)?;
-        let ready: super::model::Ready = Box::new(move || link.compute_after(gpu, mark));
-        self.model.input_grad_sent(mb, Some(ready));
-        Ok(())
-    }
-
-    fn recv_output_grad(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), GpuError> {
-        let n = self.model.message_elems(batch, seq);
-        let (buf, ready) = self.receive("DeviceStage::recv_output_grad", n, peer)?;
-        self.model.output_grad_arriving(mb, buf, ready)
     }
 
     fn finish_links(&mut self) -> Result<(), GpuError> {

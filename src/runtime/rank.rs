@@ -26,6 +26,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::comm::{Buf, Comm, DType, GroupKind, ReduceOp, Topology, Work, chunk_range};
 use crate::config::{Config, NanPolicy};
 use crate::data::SampleSource;
+use crate::gpu::stage::LinkOp;
 use crate::kernels::CpuBackend;
 use crate::models::gpt::StageInput;
 use crate::models::gpt::{Gpt, Hidden, ModelError};
@@ -361,7 +362,10 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
     use super::faults::{FaultKind as K, Target};
     let mut held: Option<(Op, Buf, usize, u64)> = None;
     let links = ctx.links(step);
-    for &(op, ticket, index) in if links { &st.ops_links } else { &st.ops } {
+    let list = if links { &st.ops_links } else { &st.ops };
+    // The instruction index of a receive queued with the send before it.
+    let mut grouped: Option<usize> = None;
+    for (pos, &(op, ticket, index)) in list.iter().enumerate() {
         ctx.note(step, || format!("#{index} {op} start"));
         if !matches!(op, Op::SendAct { .. } | Op::SendGrad { .. })
             && let Some((hop, buf, hpeer, htag)) = held.take()
@@ -570,53 +574,51 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     None,
                 );
             }
-            Op::SendAct { mb, peer, .. } | Op::SendGrad { mb, peer, .. } if links => {
-                let act = matches!(op, Op::SendAct { .. });
+            Op::SendAct { .. } | Op::SendGrad { .. } | Op::RecvAct { .. } | Op::RecvGrad { .. } if links => {
                 let ticket = w.base_ticket + ticket.unwrap_or(0);
-                let (r, t0, _) = ctx
-                    .compute
-                    .run(ticket, move |e: &mut Engine| {
-                        let g = &mut e.chunks[c];
-                        if act {
-                            g.send_output(u64::from(mb), peer as usize)
-                        } else {
-                            g.send_input_grad(u64::from(mb), peer as usize)
-                        }
-                    })
-                    .await
-                    .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
-                r.map_err(|e| fail(&op, index, e.to_string()))?;
-                let bytes = (ctx.hidden_len() * ctx.wire.dtype.size()) as u64;
-                ctx.note(step, || {
-                    format!("#{index} {op}: {bytes} B queued on the device link to pipeline rank {peer}")
-                });
-                ctx.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
-                if !act {
-                    ctx.sent_grad_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if grouped == Some(index) {
+                    // Queued with the send before it: only its turn on the compute thread.
+                    ctx.compute.run(ticket, |_: &mut Engine| ()).await.map_err(|e| {
+                        ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e)
+                    })?;
+                    continue;
                 }
-                ctx.messages.fetch_add(1, Ordering::Relaxed);
-                let t = ctx.clock.us(t0);
-                ctx.record(step, op.kind(), Some(mb), Some(c as u32), (t, t), Some(bytes), Some(peer));
-            }
-            Op::RecvAct { mb, peer, .. } | Op::RecvGrad { mb, peer, .. } if links => {
-                let act = matches!(op, Op::RecvAct { .. });
-                let ticket = w.base_ticket + ticket.unwrap_or(0);
+                // A receive from the same peer right after a send (the rank's next instruction)
+                // joins it in one group, so the exchange's two directions progress together.
+                let next = list.get(pos + 1).map(|x| x.0).filter(|n| {
+                    list[pos + 1].2 == index + 1
+                        && matches!(op, Op::SendAct { .. } | Op::SendGrad { .. })
+                        && matches!(n, Op::RecvAct { .. } | Op::RecvGrad { .. })
+                        && n.peer() == op.peer()
+                });
+                let batch = (mbs, seq);
+                let ops: Vec<LinkOp> =
+                    std::iter::once(op).chain(next).filter_map(|o| link_op(o, batch)).collect();
                 let (r, t0, _) = ctx
                     .compute
-                    .run(ticket, move |e: &mut Engine| {
-                        let g = &mut e.chunks[c];
-                        if act {
-                            g.recv_input(u64::from(mb), mbs, seq, peer as usize)
-                        } else {
-                            g.recv_output_grad(u64::from(mb), mbs, seq, peer as usize)
-                        }
-                    })
+                    .run(ticket, move |e: &mut Engine| e.chunks[c].post_messages(&ops))
                     .await
                     .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
                 r.map_err(|e| fail(&op, index, e.to_string()))?;
                 let bytes = (ctx.hidden_len() * ctx.wire.dtype.size()) as u64;
                 let t = ctx.clock.us(t0);
-                ctx.record(step, op.kind(), Some(mb), Some(c as u32), (t, t), Some(bytes), Some(peer));
+                for o in std::iter::once(op).chain(next) {
+                    let (Some(mb), Some(peer)) = (o.pair().map(|p| p.0), o.peer()) else { continue };
+                    if matches!(o, Op::SendAct { .. } | Op::SendGrad { .. }) {
+                        ctx.note(step, || {
+                            format!(
+                                "#{index} {o}: {bytes} B queued on the device link to pipeline rank {peer}"
+                            )
+                        });
+                        ctx.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        if matches!(o, Op::SendGrad { .. }) {
+                            ctx.sent_grad_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        }
+                        ctx.messages.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ctx.record(step, o.kind(), Some(mb), Some(c as u32), (t, t), Some(bytes), Some(peer));
+                }
+                grouped = next.map(|_| index + 1);
             }
             Op::SendAct { mb, peer, .. } | Op::SendGrad { mb, peer, .. } => {
                 let dir = if matches!(op, Op::SendAct { .. }) { Dir::Act } else { Dir::Grad };
@@ -715,6 +717,22 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
             })?;
     }
     Ok(report)
+}
+
+/// The device-link message of a send or receive instruction (`batch`: micro-batch size and
+/// sequence length); `None` for other instructions.
+fn link_op(op: Op, (batch, seq): (usize, usize)) -> Option<LinkOp> {
+    Some(match op {
+        Op::SendAct { mb, peer, .. } => LinkOp::SendOutput { mb: u64::from(mb), peer: peer as usize },
+        Op::SendGrad { mb, peer, .. } => LinkOp::SendInputGrad { mb: u64::from(mb), peer: peer as usize },
+        Op::RecvAct { mb, peer, .. } => {
+            LinkOp::RecvInput { mb: u64::from(mb), batch, seq, peer: peer as usize }
+        }
+        Op::RecvGrad { mb, peer, .. } => {
+            LinkOp::RecvOutputGrad { mb: u64::from(mb), batch, seq, peer: peer as usize }
+        }
+        _ => return None,
+    })
 }
 
 /// Takes a message from the mailbox within the timeout; the error text says what was awaited.

@@ -255,44 +255,14 @@ impl Stage {
         self.dev.as_mut().ok_or_else(|| ModelError::Device(format!("{op}: this chunk computes on the CPU")))
     }
 
-    /// Queues the send of `mb`'s output to pipeline rank `peer` over the device link.
+    /// Queues pipeline messages on the device links (several to one peer as a group): see
+    /// [`DeviceStage::post_messages`]. A received input is then given to the forward as
+    /// [`StageInput::Arrived`]; a received output gradient is found by a backward given none.
     ///
     /// # Errors
-    /// As [`DeviceStage::send_output`].
-    pub fn send_output(&mut self, mb: u64, peer: usize) -> Result<(), ModelError> {
-        self.device("Stage::send_output")?.send_output(mb, peer).map_err(dev_err)
-    }
-
-    /// Queues the receipt of `mb`'s input from pipeline rank `peer` over the device link; its
-    /// forward then takes [`StageInput::Arrived`].
-    ///
-    /// # Errors
-    /// As [`DeviceStage::recv_input`].
-    pub fn recv_input(&mut self, mb: u64, batch: usize, seq: usize, peer: usize) -> Result<(), ModelError> {
-        self.device("Stage::recv_input")?.recv_input(mb, batch, seq, peer).map_err(dev_err)
-    }
-
-    /// Queues the send of `mb`'s input gradient (kept by its backward) to pipeline rank `peer`.
-    ///
-    /// # Errors
-    /// As [`DeviceStage::send_input_grad`].
-    pub fn send_input_grad(&mut self, mb: u64, peer: usize) -> Result<(), ModelError> {
-        self.device("Stage::send_input_grad")?.send_input_grad(mb, peer).map_err(dev_err)
-    }
-
-    /// Queues the receipt of the gradient of `mb`'s output from pipeline rank `peer`; its
-    /// backward is then given no output gradient.
-    ///
-    /// # Errors
-    /// As [`DeviceStage::recv_output_grad`].
-    pub fn recv_output_grad(
-        &mut self,
-        mb: u64,
-        batch: usize,
-        seq: usize,
-        peer: usize,
-    ) -> Result<(), ModelError> {
-        self.device("Stage::recv_output_grad")?.recv_output_grad(mb, batch, seq, peer).map_err(dev_err)
+    /// As [`DeviceStage::post_messages`].
+    pub fn post_messages(&mut self, ops: &[crate::gpu::stage::LinkOp]) -> Result<(), ModelError> {
+        self.device("Stage::post_messages")?.post_messages(ops).map_err(dev_err)
     }
 
     /// Waits for the messages queued on the device links (nothing on the CPU).

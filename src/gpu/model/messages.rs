@@ -93,17 +93,19 @@ impl<G: Gpu> GpuGpt<'_, G> {
     /// forward, which runs `ready` before it reads it.
     ///
     /// # Errors
-    /// A range with the embedding (it takes tokens); an input of `mb` already waiting.
+    /// A range with the embedding (it takes tokens); an input of `mb` already waiting. The
+    /// buffer is then kept as a free one behind `ready` (a transfer into it may be queued).
     pub fn input_arriving(&mut self, mb: u64, buf: G::Buf, ready: Option<Ready>) -> Result<(), GpuError> {
-        const OP: &str = "GpuGpt::input_arriving";
-        if self.range.embedding {
-            return Err(bad(
-                OP,
-                "this layer range starts with the embedding: it receives no hidden states".into(),
-            ));
-        }
-        if self.messages.inputs.contains_key(&mb) {
-            return Err(bad(OP, format!("the input of microbatch {mb} already arrived and was not used")));
+        let refused = if self.range.embedding {
+            Some("this layer range starts with the embedding: it receives no hidden states".to_string())
+        } else if self.messages.inputs.contains_key(&mb) {
+            Some(format!("the input of microbatch {mb} already arrived and was not used"))
+        } else {
+            None
+        };
+        if let Some(detail) = refused {
+            self.recycle_message_after(buf, ready);
+            return Err(bad("GpuGpt::input_arriving", detail));
         }
         self.messages.inputs.insert(mb, Held { buf, ready });
         Ok(())
@@ -114,21 +116,23 @@ impl<G: Gpu> GpuGpt<'_, G> {
     ///
     /// # Errors
     /// A range with the head (it starts from its dlogits); a gradient of `mb` already waiting.
+    /// The buffer is then kept as a free one behind `ready`.
     pub fn output_grad_arriving(
         &mut self,
         mb: u64,
         buf: G::Buf,
         ready: Option<Ready>,
     ) -> Result<(), GpuError> {
-        const OP: &str = "GpuGpt::output_grad_arriving";
-        if self.range.head {
-            return Err(bad(OP, "the head range starts from its dlogits: it receives no gradient".into()));
-        }
-        if self.messages.douts.contains_key(&mb) {
-            return Err(bad(
-                OP,
-                format!("the output gradient of microbatch {mb} already arrived and was not used"),
-            ));
+        let refused = if self.range.head {
+            Some("the head range starts from its dlogits: it receives no gradient".to_string())
+        } else if self.messages.douts.contains_key(&mb) {
+            Some(format!("the output gradient of microbatch {mb} already arrived and was not used"))
+        } else {
+            None
+        };
+        if let Some(detail) = refused {
+            self.recycle_message_after(buf, ready);
+            return Err(bad("GpuGpt::output_grad_arriving", detail));
         }
         self.messages.douts.insert(mb, Held { buf, ready });
         Ok(())
@@ -191,6 +195,12 @@ impl<G: Gpu> GpuGpt<'_, G> {
     /// A message buffer whose contents were used (copied out), free for the next message.
     pub(super) fn recycle_message(&mut self, buf: G::Buf) {
         self.messages.free.push(Held { buf, ready: None });
+    }
+
+    /// A message buffer free once `ready` ran (a transfer that may still read or write it was
+    /// queued): its next user, or the model's end, runs it first.
+    pub fn recycle_message_after(&mut self, buf: G::Buf, ready: Option<Ready>) {
+        self.messages.free.push(Held { buf, ready });
     }
 
     /// The device range and element count of in-flight microbatch `mb`'s output (what a stage
