@@ -228,7 +228,7 @@ impl Stage {
     /// Pipeline messages on the device: `links` as for [`DeviceStage::set_links`] (the rank's
     /// two-rank device groups with its pipeline peers). With `input_grads_on_device` (the
     /// previous stage is on another rank) each backward keeps its input gradient on the device
-    /// for [`Stage::send_input_grad`] instead of downloading it for [`Stage::take_input_grad`].
+    /// for a `LinkOp::SendInputGrad` instead of downloading it for [`Stage::take_input_grad`].
     ///
     /// # Errors
     /// A chunk on the CPU; links the device refuses.
