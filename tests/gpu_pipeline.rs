@@ -655,6 +655,62 @@ fn split_backward_misuse_is_an_error() -> Result<()> {
     Ok(())
 }
 
+/// ZB-V's turn (the last rank holds two consecutive stages) hands the activation and the
+/// gradient from one chunk to the other on the device with device links: per step the host
+/// copies exactly those messages fewer (one each way per microbatch and direction) than with
+/// `--host-p2p`, and the bits are the same.
+#[test]
+fn the_v_turn_stays_on_the_device() -> Result<()> {
+    use troupe::gpu::Gpu;
+    if troupe::gpu::emu::shared().is_none() {
+        eprintln!("SKIPPED: no kernel emulator (g++ missing or TROUPE_SKIP_EMU set)");
+        return Ok(());
+    }
+    // A private emulator: its copy counters see only this test's runs.
+    let gpu: &'static troupe::gpu::EmuGpu = Box::leak(Box::new(troupe::gpu::EmuGpu::new()?));
+    let per_step = |host_p2p: bool| -> Result<(f64, f64, Vec<u32>)> {
+        let mut counts = Vec::new();
+        let mut bits = Vec::new();
+        for iters in ["train.train_iters=2", "train.train_iters=4"] {
+            let cfg = config(&[
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+                "parallel.pipeline_schedule=\"zb-v\"",
+                iters,
+            ])?;
+            let before = gpu.memory();
+            let opts = RunOptions {
+                timeout: Duration::from_secs(120),
+                device: Some(StageFactory::new(gpu, DType::F32).with_host_groups(gpu)),
+                host_p2p,
+                ..RunOptions::default()
+            };
+            let results = train_inproc(&cfg, data(&cfg), opts, 2, None, None)?;
+            let after = gpu.memory();
+            counts.push((after.to_device - before.to_device, after.to_host - before.to_host));
+            bits = params(&results).iter().map(|x| x.to_bits()).collect();
+        }
+        let up = (counts[1].0 as f64 - counts[0].0 as f64) / 2.0;
+        let down = (counts[1].1 as f64 - counts[0].1 as f64) / 2.0;
+        Ok((up, down, bits))
+    };
+    let (up, down, linked) = per_step(false)?;
+    let (host_up, host_down, host) = per_step(true)?;
+    ensure!(linked == host, "the device links changed the parameters");
+    // 4 microbatches of 1 × 16 tokens × 32 fp32 values, an activation and a gradient each.
+    let turn = (4 * 2 * 16 * 32 * 4) as f64;
+    eprintln!(
+        "per step: links {up:.0} B up, {down:.0} B down; host messages {host_up:.0} up, {host_down:.0} down"
+    );
+    ensure!(host_up - up == turn, "{} B fewer up per step, expected the turn's {turn}", host_up - up);
+    ensure!(
+        host_down - down == turn,
+        "{} B fewer down per step, expected the turn's {turn}",
+        host_down - down
+    );
+    Ok(())
+}
+
 /// A GPU stage that crashes mid-step is the run's root cause, not its peer's failed receive
 /// over their device link (which names the lost peer) — and the run ends instead of hanging.
 #[test]

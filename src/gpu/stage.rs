@@ -271,6 +271,24 @@ pub trait DeviceStage: Send {
     /// As [`GpuGpt::keep_input_grad`].
     fn keep_input_grad(&mut self, mb: u64) -> Result<(), GpuError>;
 
+    /// Hands in-flight microbatch `mb`'s output to `next`, a stage on the same device (the next
+    /// stage of the same rank: the turn of a V-shaped schedule), as an arrived input — one
+    /// device copy, nothing through the host.
+    ///
+    /// # Errors
+    /// `next` on another device; `mb` not in flight; out of device memory.
+    fn hand_output(&mut self, mb: u64, next: &mut dyn DeviceStage) -> Result<(), GpuError>;
+
+    /// Hands `mb`'s kept input gradient ([`DeviceStage::keep_input_grad`]) to `prev`, a stage on
+    /// the same device, as its arrived output gradient (the buffer moves; no copy).
+    ///
+    /// # Errors
+    /// `prev` on another device; no gradient kept for `mb`.
+    fn hand_input_grad(&mut self, mb: u64, prev: &mut dyn DeviceStage) -> Result<(), GpuError>;
+
+    /// The stage as `Any`, for handing messages between stages of one device.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+
     /// Waits (bounded by the links' timeout) until every message queued on the links has been
     /// transferred, so that a failed or missing peer shows at the end of the step that needed it.
     ///
@@ -778,6 +796,24 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         GpuGpt::keep_input_grad(&mut self.model, mb)
     }
 
+    fn hand_output(&mut self, mb: u64, next: &mut dyn DeviceStage) -> Result<(), GpuError> {
+        let next = same_device::<G>("DeviceStage::hand_output", next)?;
+        let (out, n) = self.model.output_buffer(mb)?;
+        let buf = next.model.message_buffer(n)?;
+        self.model.gpu().copy(Dev::new(&buf), out, n * self.model.dtype().size())?;
+        next.model.input_arriving(mb, buf, None)
+    }
+
+    fn hand_input_grad(&mut self, mb: u64, prev: &mut dyn DeviceStage) -> Result<(), GpuError> {
+        let prev = same_device::<G>("DeviceStage::hand_input_grad", prev)?;
+        let buf = self.model.take_kept_input_grad(mb)?;
+        prev.model.output_grad_arriving(mb, buf, None)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn finish_links(&mut self) -> Result<(), GpuError> {
         let gpu = self.model.gpu();
         for link in self.links.values() {
@@ -799,6 +835,17 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         let (out, _) = self.model.output_buffer(mb)?;
         self.model.gpu().write(out, &super::encode(&[value], dtype))
     }
+}
+
+/// `other` as a stage of this device type.
+fn same_device<'a, G: Gpu + 'static>(
+    op: &'static str,
+    other: &'a mut dyn DeviceStage,
+) -> Result<&'a mut GpuStage<G>, GpuError> {
+    other
+        .as_any_mut()
+        .downcast_mut::<GpuStage<G>>()
+        .ok_or(GpuError::Shape { op, detail: "the other stage is on another device".into() })
 }
 
 /// Where [`DeviceStage::backward`] hands drained gradient ranges: the arena range and its values.

@@ -410,11 +410,16 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
         ctx.instructions.fetch_add(1, Ordering::Relaxed);
         match op {
             Op::Forward { mb, .. } => {
-                // With device links, an input from another rank arrived on the device and an
-                // output for another rank stays there for its send.
-                let remote_in = stage > 0 && links && program.locate(stage - 1).0 != ctx.pp_rank;
-                let remote_out = stage < last_stage && links && program.locate(stage + 1).0 != ctx.pp_rank;
-                let input = if stage == 0 || remote_in {
+                // With device links the input arrived on the device (over a link, or handed by
+                // the previous stage of this rank) and the output stays there: for its send, or
+                // handed now to the next stage of this rank.
+                let arrived_in = stage > 0 && links;
+                let out_on_device = stage < last_stage && links;
+                let hand_to = (stage < last_stage && links)
+                    .then(|| program.locate(stage + 1))
+                    .filter(|&(r, _)| r == ctx.pp_rank)
+                    .map(|(_, c2)| c2);
+                let input = if stage == 0 || arrived_in {
                     None
                 } else {
                     let key = (Dir::Act, mb, c as u32);
@@ -432,7 +437,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         let g = &mut chunks[c];
                         let i = mb as usize;
                         let input = match &input {
-                            None if remote_in => StageInput::Arrived,
+                            None if arrived_in => StageInput::Arrived,
                             None => StageInput::Tokens(&batch.tokens[i]),
                             Some(h) => h.as_input(),
                         };
@@ -445,9 +450,9 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         } else {
                             g.forward(&**be, u64::from(mb), mbs, seq, input, targets, scale)?
                         };
-                        let mut out = if head || remote_out { None } else { g.output(u64::from(mb))? };
+                        let mut out = if head || out_on_device { None } else { g.output(u64::from(mb))? };
                         match poison {
-                            Some((Target::Act, v)) if remote_out => g.poison_output(u64::from(mb), v)?,
+                            Some((Target::Act, v)) if out_on_device => g.poison_output(u64::from(mb), v)?,
                             Some((Target::Act, v)) if out.is_some() => {
                                 if let Some(o) = out.as_mut() {
                                     o.set_first(v);
@@ -458,6 +463,10 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                                 g.override_deferred_loss(u64::from(mb), v);
                             }
                             _ => {}
+                        }
+                        if let Some(c2) = hand_to {
+                            let (g, next) = two_mut(chunks, c, c2);
+                            g.hand_output(u64::from(mb), next)?;
                         }
                         e.note_in_flight(c);
                         if let Some(f) = slow {
@@ -491,11 +500,16 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 }
             }
             Op::Backward { mb, .. } | Op::BackwardInput { mb, .. } => {
-                // With device links, a gradient from another rank arrived on the device and
-                // one for another rank stays there for its send.
-                let remote_dout = stage < last_stage && links && program.locate(stage + 1).0 != ctx.pp_rank;
-                let remote_dinp = stage > 0 && links && program.locate(stage - 1).0 != ctx.pp_rank;
-                let dout = if stage == last_stage || remote_dout {
+                // With device links the output's gradient arrived on the device (over a link, or
+                // handed by the next stage of this rank) and the input's stays there: for its
+                // send, or handed now to the previous stage of this rank.
+                let dout_on_device = stage < last_stage && links;
+                let dinp_on_device = stage > 0 && links;
+                let hand_to = dinp_on_device
+                    .then(|| program.locate(stage - 1))
+                    .filter(|&(r, _)| r == ctx.pp_rank)
+                    .map(|(_, c2)| c2);
+                let dout = if stage == last_stage || dout_on_device {
                     None
                 } else {
                     Some(take(ctx, (Dir::Grad, mb, c as u32)).await.map_err(|d| fail(&op, index, d))?)
@@ -521,8 +535,12 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                         if let Some(f) = slow {
                             std::thread::sleep(t.elapsed().mul_f64((f - 1.0).max(0.0)));
                         }
+                        if let Some(c2) = hand_to {
+                            let (g, prev) = two_mut(&mut e.chunks, c, c2);
+                            g.hand_input_grad(u64::from(mb), prev)?;
+                        }
                         Ok::<_, crate::models::gpt::ModelError>(
-                            (!first && !remote_dinp).then(|| e.chunks[c].take_input_grad()),
+                            (!first && !dinp_on_device).then(|| e.chunks[c].take_input_grad()),
                         )
                     })
                     .await
@@ -717,6 +735,18 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
             })?;
     }
     Ok(report)
+}
+
+/// Two distinct elements of `v`, both mutable.
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    assert_ne!(a, b, "two_mut of one element");
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &mut lo[b])
+    }
 }
 
 /// The device-link message of a send or receive instruction (`batch`: micro-batch size and
@@ -1373,8 +1403,9 @@ impl Actor for Supervisor {
             }
             for (c, g) in chunks.iter_mut().enumerate() {
                 let stage = plan.program.stage_of(coords.pp, c);
-                let remote_prev = stage > 0 && plan.program.locate(stage - 1).0 != coords.pp;
-                g.set_links(&links, remote_prev).map_err(|e| spawn_err("device links", e))?;
+                // Every chunk but the first keeps its input gradients on the device: sent over a
+                // link, or handed to the previous stage of this rank.
+                g.set_links(&links, stage > 0).map_err(|e| spawn_err("device links", e))?;
             }
             tracing::debug!(rank = wr, links = links.len(), "pipeline messages between the devices");
         }

@@ -226,9 +226,10 @@ impl Stage {
     }
 
     /// Pipeline messages on the device: `links` as for [`DeviceStage::set_links`] (the rank's
-    /// two-rank device groups with its pipeline peers). With `input_grads_on_device` (the
-    /// previous stage is on another rank) each backward keeps its input gradient on the device
-    /// for a `LinkOp::SendInputGrad` instead of downloading it for [`Stage::take_input_grad`].
+    /// two-rank device groups with its pipeline peers). With `input_grads_on_device` (any stage
+    /// but the first) each backward keeps its input gradient on the device — for a
+    /// `LinkOp::SendInputGrad`, or [`Stage::hand_input_grad`] to a previous stage of the same
+    /// rank — instead of downloading it for [`Stage::take_input_grad`].
     ///
     /// # Errors
     /// A chunk on the CPU; links the device refuses.
@@ -263,6 +264,31 @@ impl Stage {
     /// As [`DeviceStage::post_messages`].
     pub fn post_messages(&mut self, ops: &[crate::gpu::stage::LinkOp]) -> Result<(), ModelError> {
         self.device("Stage::post_messages")?.post_messages(ops).map_err(dev_err)
+    }
+
+    /// Hands `mb`'s output to `next` (the next stage, on the same device) as its arrived input.
+    ///
+    /// # Errors
+    /// Either chunk on the CPU; as [`DeviceStage::hand_output`].
+    pub fn hand_output(&mut self, mb: u64, next: &mut Stage) -> Result<(), ModelError> {
+        let to = next.device("Stage::hand_output")?;
+        let dev =
+            self.dev.as_mut().ok_or_else(|| ModelError::Device("Stage::hand_output: on the CPU".into()))?;
+        dev.hand_output(mb, &mut **to).map_err(dev_err)
+    }
+
+    /// Hands `mb`'s kept input gradient to `prev` (the previous stage, on the same device) as its
+    /// arrived output gradient.
+    ///
+    /// # Errors
+    /// Either chunk on the CPU; as [`DeviceStage::hand_input_grad`].
+    pub fn hand_input_grad(&mut self, mb: u64, prev: &mut Stage) -> Result<(), ModelError> {
+        let to = prev.device("Stage::hand_input_grad")?;
+        let dev = self
+            .dev
+            .as_mut()
+            .ok_or_else(|| ModelError::Device("Stage::hand_input_grad: on the CPU".into()))?;
+        dev.hand_input_grad(mb, &mut **to).map_err(dev_err)
     }
 
     /// Waits for the messages queued on the device links (nothing on the CPU).

@@ -251,6 +251,17 @@ impl<G: Gpu> GpuGpt<'_, G> {
         Ok((Dev::new(buf), self.gpu.buf_len(buf) / self.dtype.size()))
     }
 
+    /// Takes the kept input gradient of `mb` ([`GpuGpt::keep_input_grad`]) out of this model
+    /// (handed to another stage of the device).
+    ///
+    /// # Errors
+    /// None kept for `mb`.
+    pub fn take_kept_input_grad(&mut self, mb: u64) -> Result<G::Buf, GpuError> {
+        self.messages.outgoing.remove(&mb).ok_or_else(|| {
+            bad("GpuGpt::take_kept_input_grad", format!("no input gradient of microbatch {mb} was kept"))
+        })
+    }
+
     /// The kept input gradient of `mb` was queued for sending: its buffer is free once `ready`
     /// (the send's completion) ran.
     pub fn input_grad_sent(&mut self, mb: u64, ready: Option<Ready>) {
