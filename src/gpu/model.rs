@@ -275,6 +275,17 @@ enum OutGrad<'a, B> {
     Device(&'a B),
 }
 
+impl<'a, B> OutGrad<'a, B> {
+    /// The given gradient, else the one that arrived on the device, else none (the head).
+    fn of(given: Option<GradRef<'a>>, arrived: Option<&'a B>) -> Option<Self> {
+        match (given, arrived) {
+            (Some(h), _) => Some(OutGrad::Host(h)),
+            (None, Some(b)) => Some(OutGrad::Device(b)),
+            (None, None) => None,
+        }
+    }
+}
+
 // By hand: a derive would ask `B: Copy`.
 impl<B> Clone for OutGrad<'_, B> {
     fn clone(&self) -> Self {
@@ -1283,21 +1294,8 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
         ready: &mut GradsReady<'_, G::Buf>,
     ) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::backward";
-        let arrived = self.arrived_dout(OP, mb, dout)?;
-        let dout = match (dout, arrived.as_ref()) {
-            (Some(h), _) => Some(OutGrad::Host(h)),
-            (None, Some(b)) => Some(OutGrad::Device(b)),
-            (None, None) => None,
-        };
-        let n = match self.check_backward(OP, mb, dout) {
-            Ok(n) => n,
-            Err(e) => {
-                if let Some(b) = arrived {
-                    self.recycle_message(b);
-                }
-                return Err(e);
-            }
-        };
+        let (arrived, n) = self.prepare_backward(OP, mb, dout)?;
+        let dout = OutGrad::of(dout, arrived.as_ref());
         self.ensure_scratch(n)?;
         let acts = self.in_flight.remove(&mb).ok_or(GpuError::Shape { op: OP, detail: "lost".into() })?;
         let mut scratch =
@@ -1314,6 +1312,26 @@ impl<'g, G: Gpu> GpuGpt<'g, G> {
 
     /// Checks a backward of `mb` before any device work: in flight, no split backward started,
     /// `dout` present exactly when the range has no head, of the output's length. Returns N.
+    /// Before a backward of `mb` given `dout`: the output gradient that arrived on the device
+    /// (if any) and N, after the checks; a refused backward frees the arrival.
+    fn prepare_backward(
+        &mut self,
+        op: &'static str,
+        mb: u64,
+        dout: Option<GradRef<'_>>,
+    ) -> Result<(Option<G::Buf>, usize), GpuError> {
+        let arrived = self.arrived_dout(op, mb, dout)?;
+        match self.check_backward(op, mb, OutGrad::of(dout, arrived.as_ref())) {
+            Ok(n) => Ok((arrived, n)),
+            Err(e) => {
+                if let Some(b) = arrived {
+                    self.recycle_message(b);
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn check_backward(
         &self,
         op: &'static str,

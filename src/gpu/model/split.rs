@@ -87,21 +87,8 @@ impl<G: Gpu> GpuGpt<'_, G> {
     /// As [`GpuGpt::backward_input_mb`].
     pub fn backward_input_mb_grad(&mut self, mb: u64, dout: Option<GradRef<'_>>) -> Result<(), GpuError> {
         const OP: &str = "GpuGpt::backward_input";
-        let arrived = self.arrived_dout(OP, mb, dout)?;
-        let dout = match (dout, arrived.as_ref()) {
-            (Some(h), _) => Some(OutGrad::Host(h)),
-            (None, Some(b)) => Some(OutGrad::Device(b)),
-            (None, None) => None,
-        };
-        let n = match self.check_backward(OP, mb, dout) {
-            Ok(n) => n,
-            Err(e) => {
-                if let Some(b) = arrived {
-                    self.recycle_message(b);
-                }
-                return Err(e);
-            }
-        };
+        let (arrived, n) = self.prepare_backward(OP, mb, dout)?;
+        let dout = OutGrad::of(dout, arrived.as_ref());
         self.ensure_scratch(n)?;
         let mut stash = self.take_stash(n)?;
         let mut scratch =
