@@ -30,6 +30,13 @@ pub(super) struct Held<B> {
     ready: Option<Ready>,
 }
 
+/// Which arrival of a microbatch.
+#[derive(Clone, Copy)]
+enum Arrival {
+    Input,
+    OutputGrad,
+}
+
 /// The stage's pipeline messages on the device.
 pub(super) struct Messages<B> {
     inputs: HashMap<u64, Held<B>>,
@@ -96,19 +103,11 @@ impl<G: Gpu> GpuGpt<'_, G> {
     /// A range with the embedding (it takes tokens); an input of `mb` already waiting. The
     /// buffer is then kept as a free one behind `ready` (a transfer into it may be queued).
     pub fn input_arriving(&mut self, mb: u64, buf: G::Buf, ready: Option<Ready>) -> Result<(), GpuError> {
-        let refused = if self.range.embedding {
-            Some("this layer range starts with the embedding: it receives no hidden states".to_string())
-        } else if self.messages.inputs.contains_key(&mb) {
-            Some(format!("the input of microbatch {mb} already arrived and was not used"))
-        } else {
-            None
-        };
-        if let Some(detail) = refused {
-            self.recycle_message_after(buf, ready);
-            return Err(bad("GpuGpt::input_arriving", detail));
-        }
-        self.messages.inputs.insert(mb, Held { buf, ready });
-        Ok(())
+        let wrong_end = self
+            .range
+            .embedding
+            .then_some("this layer range starts with the embedding: it receives no hidden states");
+        self.arrive(Arrival::Input, mb, Held { buf, ready }, wrong_end)
     }
 
     /// Gives `buf` as the gradient of microbatch `mb`'s output for its coming backward (called
@@ -123,19 +122,43 @@ impl<G: Gpu> GpuGpt<'_, G> {
         buf: G::Buf,
         ready: Option<Ready>,
     ) -> Result<(), GpuError> {
-        let refused = if self.range.head {
-            Some("the head range starts from its dlogits: it receives no gradient".to_string())
-        } else if self.messages.douts.contains_key(&mb) {
-            Some(format!("the output gradient of microbatch {mb} already arrived and was not used"))
-        } else {
-            None
+        let wrong_end =
+            self.range.head.then_some("the head range starts from its dlogits: it receives no gradient");
+        self.arrive(Arrival::OutputGrad, mb, Held { buf, ready }, wrong_end)
+    }
+
+    /// Files `held` as `mb`'s arrival of `kind`, unless this range takes none (`wrong_end`) or
+    /// one is waiting already; a refused buffer stays as a free one behind its `ready`.
+    fn arrive(
+        &mut self,
+        kind: Arrival,
+        mb: u64,
+        held: Held<G::Buf>,
+        wrong_end: Option<&str>,
+    ) -> Result<(), GpuError> {
+        let (op, what, map) = match kind {
+            Arrival::Input => ("GpuGpt::input_arriving", "input", &mut self.messages.inputs),
+            Arrival::OutputGrad => {
+                ("GpuGpt::output_grad_arriving", "output gradient", &mut self.messages.douts)
+            }
         };
-        if let Some(detail) = refused {
-            self.recycle_message_after(buf, ready);
-            return Err(bad("GpuGpt::output_grad_arriving", detail));
+        let refused = match wrong_end {
+            Some(w) => Some(w.to_string()),
+            None if map.contains_key(&mb) => {
+                Some(format!("the {what} of microbatch {mb} already arrived and was not used"))
+            }
+            None => None,
+        };
+        match refused {
+            Some(detail) => {
+                self.messages.free.push(held);
+                Err(bad(op, detail))
+            }
+            None => {
+                map.insert(mb, held);
+                Ok(())
+            }
         }
-        self.messages.douts.insert(mb, Held { buf, ready });
-        Ok(())
     }
 
     /// Whether microbatch `mb`'s input arrived on the device.
