@@ -357,6 +357,44 @@ fn deferred_losses_match_the_synchronous_ones_on_a_gpu() {
     check_deferred_losses(gpu, "cuda", false);
 }
 
+/// The compute stream's clock (`Gpu::stream_time`, what a linked pipeline step's bubble is
+/// measured with): the device time around a forward and backward is positive and no longer than
+/// the host's wall time around it until the device finished; a time is not before itself; and a
+/// CUDA device refuses times from the host's clock.
+fn check_stream_times<G: Gpu>(gpu: &G, label: &str) {
+    let cfg = cfg();
+    let (b, t) = (2, cfg.seq_length);
+    let mut model = GpuGpt::new(gpu, &cfg, 7, DType::F32).unwrap();
+    let (x, y) = batch(0, b, t, cfg.vocab_size);
+    let wall = std::time::Instant::now();
+    let t0 = gpu.stream_time().unwrap();
+    model.forward_deferred(&x, &y, b, t, 1.0).unwrap();
+    model.backward().unwrap();
+    let t1 = gpu.stream_time().unwrap();
+    gpu.synchronize().unwrap();
+    let wall = wall.elapsed().as_secs_f64();
+    let work = gpu.stream_seconds(&t0, &t1).unwrap();
+    assert!(work > 0.0 && work <= wall + 1e-3, "{label}: {work} s on the device, {wall} s on the host");
+    assert_eq!(gpu.stream_seconds(&t1, &t1).unwrap(), 0.0, "{label}: a time before itself");
+    let host = troupe::gpu::StreamTime::Host(std::time::Instant::now());
+    if matches!(t0, troupe::gpu::StreamTime::Event(_)) {
+        let e = gpu.stream_seconds(&host, &t1).expect_err("host time on a CUDA device").to_string();
+        assert!(e.contains("another device"), "{label}: {e}");
+    }
+}
+
+#[test]
+fn stream_times_measure_the_device_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_stream_times(emu, "emulator");
+}
+
+#[test]
+fn stream_times_measure_the_device_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_stream_times(gpu, "cuda");
+}
+
 /// Parameters that arrive late (`GpuGpt::params_arriving`: the distributed optimizer's gather,
 /// overlapped with the next forward): rank 1 of two thread ranks gets every tensor from rank 0
 /// by its own broadcast through the host, each declared as a fence, and runs a forward at once.

@@ -711,6 +711,42 @@ fn the_v_turn_stays_on_the_device() -> Result<()> {
     Ok(())
 }
 
+/// With device links the host only queues the waits for messages, so a linked step's bubble
+/// is measured on the device's clock (the compute stream's stalls at those waits, over the
+/// step's span there): a straggler's neighbour is seen idling as much as with messages through
+/// the host. (On the host's clock the waits count as busy, and the bubble read about 0.)
+#[test]
+fn the_bubble_of_a_linked_step_is_measured_on_the_device() -> Result<()> {
+    let cfg = config(&["parallel.pipeline_model_parallel_size=2"])?;
+    for (name, dev) in devices(DType::F32) {
+        let go = |host_p2p: bool| -> Result<Vec<RankResult>> {
+            let mut opts = RunOptions {
+                timeout: Duration::from_secs(120),
+                device: Some(dev.clone()),
+                host_p2p,
+                ..RunOptions::default()
+            };
+            // Rank 1 (the last stage) computes 6× slower in step 2: rank 0 waits for its gradients.
+            opts.faults.faults.push("slow:rank=1,step=2,factor=6".parse()?);
+            Ok(train_inproc(&cfg, data(&cfg), opts, 2, None, None)?)
+        };
+        let (linked, host) = (go(false)?, go(true)?);
+        ensure!(linked.iter().all(|r| r.p2p_on_device), "{name}: the messages did not use the links");
+        let bubbles = |r: &[RankResult]| r[0].records.iter().map(|x| x.bubble).collect::<Vec<_>>();
+        let (b, h) = (bubbles(&linked), bubbles(&host));
+        eprintln!("{name}: measured bubbles with links {b:?}, through the host {h:?}");
+        ensure!(h[1] > 1.0, "{name}: through the host the straggler's neighbour idled only {:.3}", h[1]);
+        ensure!(
+            b[1] > 0.5 * h[1],
+            "{name}: with links step 2's bubble reads {:.3}, through the host {:.3}",
+            b[1],
+            h[1]
+        );
+        ensure!(b.iter().all(|x| x.is_finite() && *x >= 0.0), "{name}: bubbles {b:?}");
+    }
+    Ok(())
+}
+
 /// A GPU stage that crashes mid-step is the run's root cause, not its peer's failed receive
 /// over their device link (which names the lost peer) — and the run ends instead of hanging.
 #[test]

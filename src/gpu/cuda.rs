@@ -552,6 +552,26 @@ impl Gpu for CudaGpu {
         self.timed(name, || self.gemm_lt(g, c, a, b, epi))
     }
 
+    fn stream_time(&self) -> Result<super::StreamTime, GpuError> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let event = self.stream.record_event(flags).map_err(driver("recording a timing event"))?;
+        Ok(super::StreamTime::Event(event))
+    }
+
+    fn stream_seconds(&self, start: &super::StreamTime, end: &super::StreamTime) -> Result<f64, GpuError> {
+        use super::StreamTime::Event;
+        let (Event(a), Event(b)) = (start, end) else {
+            return Err(GpuError::Driver {
+                op: "Gpu::stream_seconds".into(),
+                detail: "stream times of another device".into(),
+            });
+        };
+        // Bounded here, so that reading the times (which waits for both events) cannot hang.
+        self.wait_event(b, "waiting for a timing event")?;
+        let ms = a.elapsed_ms(b).map_err(driver("reading a timing event"))?;
+        Ok(f64::from(ms) * 1e-3)
+    }
+
     fn set_profiling(&self, on: bool) {
         if let Ok(mut p) = self.profile.lock() {
             *p = if on { Some(Vec::new()) } else { None };
@@ -611,9 +631,14 @@ impl CudaGpu {
     /// (a kernel that never ends or a collective whose peer never arrives is an error naming
     /// `what`, not a hang). Polls an event: spinning briefly, then yielding, then sleeping 50 µs.
     fn wait_for(&self, stream: &CudaStream, what: &str) -> Result<(), GpuError> {
-        use std::time::{Duration, Instant};
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
         let event = stream.record_event(flags).map_err(driver(what))?;
+        self.wait_event(&event, what)
+    }
+
+    /// Waits until the device has passed `event`, bounded like [`CudaGpu::wait_for`].
+    fn wait_event(&self, event: &CudaEvent, what: &str) -> Result<(), GpuError> {
+        use std::time::{Duration, Instant};
         let start = Instant::now();
         loop {
             if event.try_is_complete().map_err(driver(what))? {

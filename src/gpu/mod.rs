@@ -243,6 +243,33 @@ pub trait Gpu: Send + Sync {
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<(), GpuError>;
 
+    /// The compute stream's clock at this point of its queue: the moment the work queued so far
+    /// has run. Where work runs as it is queued (the emulator) that is now, on the host's clock;
+    /// on CUDA a timing event recorded on the compute stream. Two of them give the device time
+    /// between ([`Gpu::stream_seconds`]): how long the stream stalled for a pipeline message,
+    /// or how long a step kept it.
+    ///
+    /// # Errors
+    /// Recording the event fails.
+    fn stream_time(&self) -> Result<StreamTime, GpuError> {
+        Ok(StreamTime::Host(std::time::Instant::now()))
+    }
+
+    /// Seconds of device time from `start` to `end` (both from [`Gpu::stream_time`], `start`
+    /// queued first); waits, bounded by the GPU timeout, until the device has passed `end`.
+    ///
+    /// # Errors
+    /// Times of another kind than this device's; the wait times out; reading the events fails.
+    fn stream_seconds(&self, start: &StreamTime, end: &StreamTime) -> Result<f64, GpuError> {
+        match (start, end) {
+            (StreamTime::Host(a), StreamTime::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64()),
+            _ => Err(GpuError::Driver {
+                op: "Gpu::stream_seconds".into(),
+                detail: "stream times of another device".into(),
+            }),
+        }
+    }
+
     /// Starts (or stops) timing every kernel and GEMM on the device (CUDA events around each);
     /// a no-op where timing means nothing (the emulator).
     fn set_profiling(&self, _on: bool) {}
@@ -394,6 +421,23 @@ pub(crate) fn check_gemm<G: Gpu + ?Sized>(
         check_range("gemm", &format!("{what} of {g:?}"), d.offset, bytes, gpu.buf_len(d.buf))?;
     }
     Ok(())
+}
+
+/// A point on a device's compute stream ([`Gpu::stream_time`]).
+pub enum StreamTime {
+    /// The host's clock, for a device that runs work as it is queued (the emulator).
+    Host(std::time::Instant),
+    /// A timing event recorded on a CUDA compute stream.
+    Event(cudarc::driver::CudaEvent),
+}
+
+impl std::fmt::Debug for StreamTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamTime::Host(t) => write!(f, "StreamTime::Host({t:?})"),
+            StreamTime::Event(_) => f.write_str("StreamTime::Event"),
+        }
+    }
 }
 
 /// Device time spent in one kernel (or GEMM shape) while profiling.

@@ -289,13 +289,22 @@ pub trait DeviceStage: Send {
     /// The stage as `Any`, for handing messages between stages of one device.
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 
+    /// Starts a step whose messages use the links (`on`) or go through the host: with links
+    /// (and some set), the device's clock of the step starts here (see [`LinkTiming`]).
+    ///
+    /// # Errors
+    /// Recording the device's time fails.
+    fn use_links(&mut self, on: bool) -> Result<(), GpuError>;
+
     /// Waits (bounded by the links' timeout) until every message queued on the links has been
-    /// transferred, so that a failed or missing peer shows at the end of the step that needed it.
+    /// transferred, so that a failed or missing peer shows at the end of the step that needed it;
+    /// after a step started by [`DeviceStage::use_links`] with links on, returns how the device
+    /// spent it.
     ///
     /// # Errors
     /// The first link's error; messages that arrived and were not used, or were kept and not
-    /// sent.
-    fn finish_links(&mut self) -> Result<(), GpuError>;
+    /// sent; reading the device's times fails.
+    fn finish_links(&mut self) -> Result<Option<LinkTiming>, GpuError>;
 
     /// Writes `value` over the first element of in-flight `mb`'s output (fault injection: a
     /// non-finite activation sent on).
@@ -303,6 +312,27 @@ pub trait DeviceStage: Send {
     /// # Errors
     /// `mb` not in flight; device errors.
     fn poison_output(&mut self, mb: u64, value: f32) -> Result<(), GpuError>;
+}
+
+/// How a stage's device spent a step whose pipeline messages travelled on its links, on the
+/// device's clock ([`crate::gpu::Gpu::stream_time`]): with links the host only queues the
+/// waits for messages, so its clock cannot see the pipeline bubble; the compute stream's
+/// stalls at those waits are it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkTiming {
+    /// Seconds from the step's start ([`DeviceStage::use_links`]) until its messages had all
+    /// landed ([`DeviceStage::finish_links`]).
+    pub span_s: f64,
+    /// Seconds of that span the compute stream stood waiting for a message's transfer.
+    pub stalled_s: f64,
+}
+
+impl LinkTiming {
+    /// Idle over busy time (the runtime's measured bubble), `stalled / (span − stalled)`.
+    pub fn bubble(&self) -> f64 {
+        let busy = self.span_s - self.stalled_s;
+        if busy > 0.0 { self.stalled_s / busy } else { 0.0 }
+    }
 }
 
 /// What a backward does with each arena range of gradients as soon as it has finished it.
@@ -359,6 +389,8 @@ struct GpuStage<G: Gpu + 'static> {
     zero: Option<Zero>,
     /// Device links by pipeline peer ([`DeviceStage::set_links`]).
     links: std::collections::BTreeMap<usize, Arc<dyn DeviceComm<G>>>,
+    /// The device's time at the start of a step that uses the links ([`DeviceStage::use_links`]).
+    step_start: Option<crate::gpu::StreamTime>,
 }
 
 /// The distributed optimizer's layout on a device group: gradient buckets, each split over the
@@ -814,20 +846,34 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         self
     }
 
-    fn finish_links(&mut self) -> Result<(), GpuError> {
+    fn use_links(&mut self, on: bool) -> Result<(), GpuError> {
+        // Waits of earlier steps (through the host, or evaluation) are not this step's.
+        self.model.take_stalled_seconds()?;
+        self.step_start = match on && !self.links.is_empty() {
+            true => Some(self.model.gpu().stream_time()?),
+            false => None,
+        };
+        Ok(())
+    }
+
+    fn finish_links(&mut self) -> Result<Option<LinkTiming>, GpuError> {
         let gpu = self.model.gpu();
         for link in self.links.values() {
             link.finish(gpu)?;
         }
         // Every message of the step was used: an arrival nothing read, or a kept gradient
         // never sent, is a schedule the runtime executed wrongly.
-        match self.model.messages_held() {
-            0 => Ok(()),
-            n => Err(GpuError::Shape {
+        if let n @ 1.. = self.model.messages_held() {
+            return Err(GpuError::Shape {
                 op: "DeviceStage::finish_links",
                 detail: format!("{n} pipeline messages still held on the device at the end of the step"),
-            }),
+            });
         }
+        let Some(start) = self.step_start.take() else { return Ok(None) };
+        let end = gpu.stream_time()?;
+        let span_s = gpu.stream_seconds(&start, &end)?;
+        let stalled_s = self.model.take_stalled_seconds()?;
+        Ok(Some(LinkTiming { span_s, stalled_s }))
     }
 
     fn poison_output(&mut self, mb: u64, value: f32) -> Result<(), GpuError> {
@@ -963,6 +1009,7 @@ impl StageFactory {
                         queued: false,
                         zero: None,
                         links: std::collections::BTreeMap::new(),
+                        step_start: None,
                     }) as Box<dyn DeviceStage>)
                 },
             ),

@@ -26,7 +26,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::comm::{Buf, Comm, DType, GroupKind, ReduceOp, Topology, Work, chunk_range};
 use crate::config::{Config, NanPolicy};
 use crate::data::SampleSource;
-use crate::gpu::stage::LinkOp;
+use crate::gpu::stage::{LinkOp, LinkTiming};
 use crate::kernels::CpuBackend;
 use crate::models::gpt::StageInput;
 use crate::models::gpt::{Gpt, Hidden, ModelError};
@@ -1661,11 +1661,12 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             .and_then(|(f, _)| f.recv);
         ctx.mailbox.new_step(nth);
         let links = ctx.links(this);
-        st.job(this, "new step", move |e: &mut Engine| {
+        st.job(this, "new step", move |e: &mut Engine| -> Result<(), ModelError> {
             e.new_step();
-            e.chunks.iter_mut().for_each(|g| g.use_links(links));
+            e.chunks.iter_mut().try_for_each(|g| g.use_links(links))
         })
-        .await?;
+        .await?
+        .map_err(|e| model_err(&ctx, this, "new step", e))?;
         let k = ticketed(links);
         let base = st.next_ticket;
         let busy0 = Instant::now();
@@ -1713,28 +1714,40 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         }
         let pipeline_s = busy0.elapsed().as_secs_f64();
         let busy_s = (ctx.busy_ns.load(Ordering::Relaxed) - busy_ns0) as f64 * 1e-9;
-        // This rank's idle time over its busy time during the pipeline phase.
-        let local_bubble = if busy_s > 0.0 { (pipeline_s - busy_s).max(0.0) / busy_s } else { 0.0 };
+        // This rank's idle time over its busy time during the pipeline phase (on the host's
+        // clock; with device links, on the device's below).
+        let mut local_bubble = if busy_s > 0.0 { (pipeline_s - busy_s).max(0.0) / busy_s } else { 0.0 };
         st.next_ticket = base + k;
         // Losses the head chunks' devices kept during the step.
         if st.on_device {
             let device_losses = st
-                .job(
-                    this,
-                    "losses from the device",
-                    |e: &mut Engine| -> Result<Vec<(u32, f32)>, ModelError> {
-                        let mut out = Vec::new();
-                        for g in &mut e.chunks {
-                            // The step's messages over device links have all landed (a
-                            // missing peer shows here, bounded by the timeout).
-                            g.finish_links()?;
-                            out.extend(g.take_losses()?.into_iter().map(|(mb, l)| (mb as u32, l)));
+                .job(this, "losses from the device", |e: &mut Engine| -> Result<_, ModelError> {
+                    let mut out = Vec::new();
+                    let mut timing: Option<LinkTiming> = None;
+                    for g in &mut e.chunks {
+                        // The step's messages over device links have all landed (a
+                        // missing peer shows here, bounded by the timeout).
+                        if let Some(t) = g.finish_links()? {
+                            // The chunks share the device's one compute stream: their
+                            // spans are one, their stalls add up.
+                            let sum = timing.map_or(t, |s| LinkTiming {
+                                span_s: s.span_s.max(t.span_s),
+                                stalled_s: s.stalled_s + t.stalled_s,
+                            });
+                            timing = Some(sum);
                         }
-                        Ok(out)
-                    },
-                )
+                        out.extend(g.take_losses()?.into_iter().map(|(mb, l)| (mb as u32, l)));
+                    }
+                    Ok((out, timing))
+                })
                 .await?
                 .map_err(|e| model_err(&ctx, this, "losses from the device", e))?;
+            let (device_losses, timing) = device_losses;
+            if let Some(t) = timing {
+                // The host only queued the waits for messages: the device's stalls are the
+                // bubble (see `LinkTiming`).
+                local_bubble = t.bubble();
+            }
             losses.extend(device_losses);
         }
         phase_fault(&ctx, this, super::faults::Phase::Reduce, "grad-reducer").await?;

@@ -248,8 +248,15 @@ impl Stage {
     /// Whether the coming step's messages use the device links (on by [`Stage::set_links`]):
     /// off, the input gradients come to the host for [`Stage::take_input_grad`] as without
     /// links.
-    pub fn use_links(&mut self, on: bool) {
+    ///
+    /// # Errors
+    /// As [`DeviceStage::use_links`].
+    pub fn use_links(&mut self, on: bool) -> Result<(), ModelError> {
         self.keep_input_grad = on && self.input_grad_linked;
+        match self.dev.as_mut() {
+            Some(d) => d.use_links(on).map_err(dev_err),
+            None => Ok(()),
+        }
     }
 
     fn device(&mut self, op: &str) -> Result<&mut Box<dyn DeviceStage>, ModelError> {
@@ -295,10 +302,10 @@ impl Stage {
     ///
     /// # Errors
     /// As [`DeviceStage::finish_links`].
-    pub fn finish_links(&mut self) -> Result<(), ModelError> {
+    pub fn finish_links(&mut self) -> Result<Option<crate::gpu::stage::LinkTiming>, ModelError> {
         match self.dev.as_mut() {
             Some(d) => d.finish_links().map_err(dev_err),
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 

@@ -12,12 +12,17 @@
 //! the send is queued ([`GpuGpt::keep_input_grad`]); a freed buffer whose send may still be
 //! reading it is written again only after the send's `ready`.
 //!
+//! Every `ready` is a point where the compute stream may stall for a peer: its device time is
+//! recorded ([`crate::gpu::Gpu::stream_time`] before and after) and summed by
+//! [`GpuGpt::take_stalled_seconds`] — the pipeline bubble of a step whose messages travel on
+//! the devices, which no host clock sees (the host only queues the waits).
+//!
 //! [`StageInput::Arrived`]: crate::models::gpt::StageInput::Arrived
 
 use std::collections::HashMap;
 
 use super::GpuGpt;
-use crate::gpu::{Dev, Gpu, GpuError};
+use crate::gpu::{Dev, Gpu, GpuError, StreamTime};
 use crate::models::gpt::GradRef;
 
 /// What orders later GPU work after a message's transfer (see the module docs).
@@ -43,11 +48,20 @@ pub(super) struct Messages<B> {
     douts: HashMap<u64, Held<B>>,
     outgoing: HashMap<u64, B>,
     free: Vec<Held<B>>,
+    /// The compute stream's time before and after each wait for a transfer, since the last
+    /// [`GpuGpt::take_stalled_seconds`].
+    stalls: Vec<(StreamTime, StreamTime)>,
 }
 
 impl<B> Default for Messages<B> {
     fn default() -> Self {
-        Messages { inputs: HashMap::new(), douts: HashMap::new(), outgoing: HashMap::new(), free: Vec::new() }
+        Messages {
+            inputs: HashMap::new(),
+            douts: HashMap::new(),
+            outgoing: HashMap::new(),
+            free: Vec::new(),
+            stalls: Vec::new(),
+        }
     }
 }
 
@@ -88,12 +102,35 @@ impl<G: Gpu> GpuGpt<'_, G> {
         let m = &mut self.messages;
         if let Some(i) = m.free.iter().position(|h| self.gpu.buf_len(&h.buf) == bytes) {
             let h = m.free.swap_remove(i);
-            if let Some(r) = h.ready {
-                r()?;
-            }
+            self.wait_ready(h.ready)?;
             return Ok(h.buf);
         }
         self.gpu.alloc(bytes)
+    }
+
+    /// Runs `ready` (orders the compute stream after a transfer), recording how long the
+    /// compute stream stalls there (see the module docs).
+    fn wait_ready(&mut self, ready: Option<Ready>) -> Result<(), GpuError> {
+        let Some(r) = ready else { return Ok(()) };
+        let before = self.gpu.stream_time()?;
+        r()?;
+        let after = self.gpu.stream_time()?;
+        self.messages.stalls.push((before, after));
+        Ok(())
+    }
+
+    /// Seconds the compute stream stalled waiting for message transfers since the last call
+    /// (waits, bounded, for the device to pass the last of those waits).
+    ///
+    /// # Errors
+    /// Reading the device's times fails or times out.
+    pub fn take_stalled_seconds(&mut self) -> Result<f64, GpuError> {
+        let stalls = std::mem::take(&mut self.messages.stalls);
+        let mut total = 0.0;
+        for (before, after) in &stalls {
+            total += self.gpu.stream_seconds(before, after)?;
+        }
+        Ok(total)
     }
 
     /// Gives `buf` (from [`GpuGpt::message_buffer`]) as the input of microbatch `mb`'s coming
@@ -200,19 +237,14 @@ impl<G: Gpu> GpuGpt<'_, G> {
                 ),
             )
         })?;
-        if let Some(r) = h.ready {
-            r()?;
-        }
+        self.wait_ready(h.ready)?;
         Ok(h.buf)
     }
 
     /// The arrived output gradient of `mb`, readable once this returns.
     pub(super) fn take_arrived_dout(&mut self, mb: u64) -> Option<Result<G::Buf, GpuError>> {
         let h = self.messages.douts.remove(&mb)?;
-        Some(match h.ready {
-            Some(r) => r().map(|()| h.buf),
-            None => Ok(h.buf),
-        })
+        Some(self.wait_ready(h.ready).map(|()| h.buf))
     }
 
     /// A message buffer whose contents were used (copied out), free for the next message.
