@@ -39,13 +39,16 @@
 //   All within 48 KiB (no cuFuncSetAttribute). At HS 128 the 16-row other tiles keep the backward
 //   inside that limit and its accumulators in registers (dK and dV: 2·64 fp32 per lane).
 //
-// Operands: A fragments (row-major 16×16) and B fragments whose k runs along a stored row (Kᵀ in
-// Q Kᵀ) are single 32-bit shared loads; B fragments whose k runs down a column (V in P V, dO in
-// Pᵀ dO, Q in dSᵀ Q, K in dS K) are two 16-bit loads packed into one register, also
-// conflict-free. Global loads of tiles are 16-byte vectors (the host checks that qkv, out, dout
-// and dqkv are 16-byte aligned, and falls back to the SIMT kernels otherwise); results are
-// stored as bf16 pairs. ldmatrix(.trans) and cp.async double buffering are the next steps if
-// profiles ask for them (both need emulator support first).
+// Operands come from the shared tiles by ldmatrix, one instruction per fragment: A fragments
+// (row-major 16×16) by an x4 load, B fragments whose k runs along a stored row (Kᵀ in Q Kᵀ) by
+// an x2 load, and those whose k runs down a column (V in P V, dO in Pᵀ dO, Q in dSᵀ Q, K in dS K)
+// by a transposing x2 load — 8 rows of 16 bytes per phase, conflict-free with the padded stride.
+// Element-wise loads (32-bit, or two 16-bit packed) give the same registers: TROUPE_NO_LDMATRIX
+// builds those instead, and ldmatrix_selftest compares the two. Global loads of tiles are
+// 16-byte vectors (the host checks that qkv, out, dout and dqkv are 16-byte aligned, and falls
+// back to the SIMT kernels otherwise); results are stored as bf16 pairs. cp.async double
+// buffering of the next tile is the next step if profiles ask for it (the emulator would need
+// its copies and group waits first).
 
 #define ATTN_TC_LOG2E 1.4426950408889634f
 #define ATTN_TC_LN2 0.6931471805599453f
@@ -108,9 +111,18 @@ __device__ __forceinline__ void attn_tc_load_tile(bf16* dst, const bf16* __restr
     }
 }
 
+// Fragment loads from the shared tiles, in two forms with the same results: element-wise (`_lds`:
+// 32-bit shared loads, or two 16-bit ones packed, as the fragment layouts of prelude.cuh say) and
+// warp-collective (`_ldm`: one ldmatrix per fragment, a quarter to an eighth of the instructions).
+// The kernels use ldmatrix unless TROUPE_NO_LDMATRIX is defined (the NVRTC build defines it when
+// the environment variable of that name is set: a fallback should a GPU disagree with the
+// emulator); ldmatrix_selftest compares the two on the device. Row addresses are 16-byte aligned:
+// tiles start at the (aligned) dynamic shared memory, rows are (HS + 8)·2 bytes apart and the
+// column offsets are multiples of 8 elements.
+
 // The A fragment of rows [r0, r0 + 16) and columns [k0, k0 + 16) of a row-major tile.
 template <int LD>
-__device__ __forceinline__ void attn_tc_frag_a(unsigned (&a)[4], const bf16* tile, int r0, int k0) {
+__device__ __forceinline__ void attn_tc_frag_a_lds(unsigned (&a)[4], const bf16* tile, int r0, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bf16* p = tile + (r0 + g) * LD + k0 + 2 * t;
     a[0] = attn_tc_ld32(p);
@@ -119,22 +131,74 @@ __device__ __forceinline__ void attn_tc_frag_a(unsigned (&a)[4], const bf16* til
     a[3] = attn_tc_ld32(p + 8 * LD + 8);
 }
 
+// The same with one x4 ldmatrix: lanes 0–7 address rows r0..r0+7 at k0 (a[0]), 8–15 rows
+// r0+8..r0+15 at k0 (a[1]), 16–23 rows r0..r0+7 at k0+8 (a[2]), 24–31 rows r0+8..r0+15 at k0+8.
+template <int LD>
+__device__ __forceinline__ void attn_tc_frag_a_ldm(unsigned (&a)[4], const bf16* tile, int r0, int k0) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_b16<4, false>(a, tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + k0 + (lane >> 4) * 8);
+}
+
 // The B fragment B[k][n] = tile[n0 + n][k0 + k] (k along a stored row: the Kᵀ of Q Kᵀ).
 template <int LD>
-__device__ __forceinline__ void attn_tc_frag_b_rows(unsigned (&b)[2], const bf16* tile, int n0, int k0) {
+__device__ __forceinline__ void attn_tc_frag_b_rows_lds(unsigned (&b)[2], const bf16* tile, int n0, int k0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bf16* p = tile + (n0 + g) * LD + k0 + 2 * t;
     b[0] = attn_tc_ld32(p);
     b[1] = attn_tc_ld32(p + 8);
 }
 
+// The same with one x2 ldmatrix: lanes 0–7 address rows n0..n0+7 at k0 (b[0]), 8–15 the same
+// rows at k0 + 8 (b[1]); lanes 16–31 repeat those addresses.
+template <int LD>
+__device__ __forceinline__ void attn_tc_frag_b_rows_ldm(unsigned (&b)[2], const bf16* tile, int n0, int k0) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_b16<2, false>(b, tile + (n0 + (lane & 7)) * LD + k0 + ((lane >> 3) & 1) * 8);
+}
+
 // The B fragment B[k][n] = tile[k0 + k][n0 + n] (k down a stored column: the V of P V).
 template <int LD>
-__device__ __forceinline__ void attn_tc_frag_b_cols(unsigned (&b)[2], const bf16* tile, int k0, int n0) {
+__device__ __forceinline__ void attn_tc_frag_b_cols_lds(unsigned (&b)[2], const bf16* tile, int k0, int n0) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bf16* p = tile + (k0 + 2 * t) * LD + n0 + g;
     b[0] = (unsigned)p[0] | ((unsigned)p[LD] << 16);
     b[1] = (unsigned)p[8 * LD] | ((unsigned)p[9 * LD] << 16);
+}
+
+// The same with one transposing x2 ldmatrix: lanes 0–7 address rows k0..k0+7 at n0 (b[0]),
+// 8–15 rows k0+8..k0+15 (b[1]); lanes 16–31 repeat those addresses.
+template <int LD>
+__device__ __forceinline__ void attn_tc_frag_b_cols_ldm(unsigned (&b)[2], const bf16* tile, int k0, int n0) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_b16<2, true>(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n0);
+}
+
+// What the kernels call.
+template <int LD>
+__device__ __forceinline__ void attn_tc_frag_a(unsigned (&a)[4], const bf16* tile, int r0, int k0) {
+#ifdef TROUPE_NO_LDMATRIX
+    attn_tc_frag_a_lds<LD>(a, tile, r0, k0);
+#else
+    attn_tc_frag_a_ldm<LD>(a, tile, r0, k0);
+#endif
+}
+
+template <int LD>
+__device__ __forceinline__ void attn_tc_frag_b_rows(unsigned (&b)[2], const bf16* tile, int n0, int k0) {
+#ifdef TROUPE_NO_LDMATRIX
+    attn_tc_frag_b_rows_lds<LD>(b, tile, n0, k0);
+#else
+    attn_tc_frag_b_rows_ldm<LD>(b, tile, n0, k0);
+#endif
+}
+
+template <int LD>
+__device__ __forceinline__ void attn_tc_frag_b_cols(unsigned (&b)[2], const bf16* tile, int k0, int n0) {
+#ifdef TROUPE_NO_LDMATRIX
+    attn_tc_frag_b_cols_lds<LD>(b, tile, k0, n0);
+#else
+    attn_tc_frag_b_cols_ldm<LD>(b, tile, k0, n0);
+#endif
 }
 
 // The A fragment of a 16×16 block made of two adjacent 16×8 accumulator tiles (columns 0..7 from
@@ -551,3 +615,32 @@ extern "C" __global__ void mma_selftest_bf16(float* d, const bf16* a, const bf16
     for (int i = 0; i < 4; ++i) d[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = df[i];
 }
 EXPORT_KERNEL(mma_selftest_bf16);
+
+// Self-test of the ldmatrix fragment loads (one warp, 32 threads, 768 bytes of dynamic shared
+// memory): src is a 16×16 bf16 tile, row-major, copied into shared memory with the kernels' padded
+// row stride (16 + 8 elements). Each lane loads an A fragment of the tile (rows 0–15, columns
+// 0–15), a B fragment along rows (n0 = 8, k0 = 0) and one down columns (k0 = 0, n0 = 8), element
+// by element into out[lane·16 + 0..8] and with ldmatrix into out[lane·16 + 8..16]: the two halves
+// must be equal, and the first must be the layout of prelude.cuh (checked on the host).
+extern "C" __global__ void ldmatrix_selftest(unsigned* out, const bf16* src) {
+    constexpr int LD = 24;
+    DYN_SMEM(bf16, tile);
+    for (int i = threadIdx.x; i < 16 * 16; i += 32) tile[(i / 16) * LD + i % 16] = src[i];
+    for (int i = threadIdx.x; i < 16; i += 32)
+        for (int c = 16; c < LD; ++c) tile[i * LD + c] = 0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    unsigned a[4], br[2], bc[2];
+    attn_tc_frag_a_lds<LD>(a, tile, 0, 0);
+    attn_tc_frag_b_rows_lds<LD>(br, tile, 8, 0);
+    attn_tc_frag_b_cols_lds<LD>(bc, tile, 0, 8);
+    unsigned* mine = out + lane * 16;
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    for (int i = 0; i < 2; ++i) mine[4 + i] = br[i], mine[6 + i] = bc[i];
+    attn_tc_frag_a_ldm<LD>(a, tile, 0, 0);
+    attn_tc_frag_b_rows_ldm<LD>(br, tile, 8, 0);
+    attn_tc_frag_b_cols_ldm<LD>(bc, tile, 0, 8);
+    for (int i = 0; i < 4; ++i) mine[8 + i] = a[i];
+    for (int i = 0; i < 2; ++i) mine[12 + i] = br[i], mine[14 + i] = bc[i];
+}
+EXPORT_KERNEL(ldmatrix_selftest);

@@ -110,6 +110,50 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a
 }
 #endif
 
+// Warp-level loads of 8×8 matrices of 16-bit elements from shared memory (PTX `ldmatrix.sync.
+// aligned.m8n8.xN{.trans}.shared.b16`, sm_75+), from the PTX ISA, section "Warp-level matrix load
+// instruction: ldmatrix": lane 8·i + r gives the address of row r of matrix i (8 consecutive
+// elements, 16-byte aligned; with N < 4 the higher lanes' addresses are not read, but are given);
+// register i of lane 4·r + w receives elements (r, 2w) and (r, 2w + 1) of matrix i, the first in
+// the lower 16 bits — or, with TRANS, elements (2w, r) and (2w + 1, r). So one x4 load of the four
+// 8×8 quarters of a row-major 16×16 tile (rows 0–7 and 8–15 of columns 0–7, then of 8–15) is an
+// mma A fragment, and a TRANS load of a k-major tile a B fragment (see mma_bf16_16816). A
+// warp-collective like mma_bf16_16816; the emulator implements the same layout, and the kernel
+// ldmatrix_selftest (cuda/attention_tc.cu) checks it against element-wise loads on a GPU.
+#ifndef TROUPE_EMU
+template <int N, bool TRANS>
+__device__ __forceinline__ void ldmatrix_b16(unsigned (&r)[N], const bf16* row) {
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#if __CUDA_ARCH__ >= 750
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    if constexpr (N == 4 && !TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else if constexpr (N == 4) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else if constexpr (N == 2 && !TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+    } else if constexpr (N == 2) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(a));
+    } else if constexpr (!TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];" : "=r"(r[0]) : "r"(a));
+    }
+#else
+    // No ldmatrix before sm_75 (nor bf16 mma before sm_80, which its callers need): trap as there.
+    (void)row;
+    for (int i = 0; i < N; ++i) r[i] = 0u;
+    asm volatile("trap;");
+#endif
+}
+#endif
+
 // 16 bytes moved as one vector access on the GPU (ld/st.global.v4); memcpy in the emulator,
 // whose buffers are only 8-byte aligned. Callers check 16-byte alignment before taking a vector
 // path.

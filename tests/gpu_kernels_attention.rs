@@ -409,6 +409,61 @@ fn check_mma_layout<G: Gpu>(gpu: &G, label: &str) {
     }
 }
 
+/// ldmatrix_selftest: the tensor-core attention's fragment loads, element-wise and by ldmatrix,
+/// of a 16×16 tile of distinct values: both give each lane the words the mma fragment layouts
+/// of prelude.cuh say (A of the whole tile, B along rows at n0 = 8, B down columns at n0 = 8).
+/// On a GPU this is what checks the emulator's ldmatrix against the hardware.
+fn check_ldmatrix_layout<G: Gpu>(gpu: &G, label: &str) {
+    // Distinct bf16 values: element i is i (integers up to 256 are exact in bf16).
+    let tile: Vec<f32> = (0..256).map(|i| i as f32).collect();
+    let bits: Vec<u16> = tile.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+    let src = upload_f32(gpu, &tile, DType::Bf16).unwrap();
+    let out = filled(gpu, 32 * 16, f32::NAN, DType::F32);
+    let args = [Arg::Ptr(Dev::new(&out)), Arg::Ptr(Dev::new(&src))];
+    gpu.launch("ldmatrix_selftest", [1, 1, 1], [32, 1, 1], 16 * 24 * 2, &args).unwrap();
+    let mut raw = vec![0u8; 32 * 16 * 4];
+    gpu.download(&out, 0, &mut raw).unwrap();
+    let words: Vec<u32> = raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let pair = |r0: usize, c0: usize, r1: usize, c1: usize| {
+        u32::from(bits[r0 * 16 + c0]) | (u32::from(bits[r1 * 16 + c1]) << 16)
+    };
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        let want = [
+            // A: a[0] = A[g][2t, 2t+1], a[1] = A[g+8][..], a[2] = A[g][2t+8, ..], a[3] = A[g+8][2t+8, ..]
+            pair(g, 2 * t, g, 2 * t + 1),
+            pair(g + 8, 2 * t, g + 8, 2 * t + 1),
+            pair(g, 2 * t + 8, g, 2 * t + 9),
+            pair(g + 8, 2 * t + 8, g + 8, 2 * t + 9),
+            // B[k][n] = tile[8 + n][k]: b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
+            pair(8 + g, 2 * t, 8 + g, 2 * t + 1),
+            pair(8 + g, 2 * t + 8, 8 + g, 2 * t + 9),
+            // B[k][n] = tile[k][8 + n]
+            pair(2 * t, 8 + g, 2 * t + 1, 8 + g),
+            pair(2 * t + 8, 8 + g, 2 * t + 9, 8 + g),
+        ];
+        let got = &words[lane * 16..lane * 16 + 16];
+        assert_eq!(&got[..8], &want, "{label}: lane {lane}: element-wise fragment loads (words {got:08x?})");
+        assert_eq!(
+            &got[8..],
+            &want,
+            "{label}: lane {lane}: ldmatrix fragment loads (element-wise gave {want:08x?})"
+        );
+    }
+}
+
+#[test]
+fn ldmatrix_fragment_loads_match_the_layouts_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_ldmatrix_layout(emu, "emulator");
+}
+
+#[test]
+fn ldmatrix_fragment_loads_match_the_layouts_on_a_gpu() {
+    let Some(gpu) = troupe::gpu::cuda::shared() else { return };
+    check_ldmatrix_layout(gpu, "cuda");
+}
+
 /// Emulator only: `EmuGpu::kernels()` lists the compiled kernels.
 #[test]
 fn every_head_size_has_its_kernels_in_the_emulator() {
@@ -434,6 +489,7 @@ fn every_head_size_has_its_kernels_in_the_emulator() {
         }
     }
     assert!(gpu.kernels().iter().any(|k| k == "mma_selftest_bf16"));
+    assert!(gpu.kernels().iter().any(|k| k == "ldmatrix_selftest"));
 }
 
 fn check_shape_errors<G: Gpu>(gpu: &G, label: &str) {

@@ -4,7 +4,7 @@
 //! nvidia-cuda-nvrtc and puts its lib directory on LD_LIBRARY_PATH; elsewhere the test prints
 //! SKIPPED.
 
-use troupe::gpu::cuda::{compile_ptx, ptx_entries};
+use troupe::gpu::cuda::{compile_ptx, compile_ptx_with, ptx_entries};
 
 #[test]
 fn kernels_compile_for_sm90_and_match_the_emulator() {
@@ -22,6 +22,21 @@ fn kernels_compile_for_sm90_and_match_the_emulator() {
     for expected in ["gelu_forward_bf16", "attention_forward_hs64_bf16", "adamw_grad_bf16_copy_bf16"] {
         assert!(entries.iter().any(|e| e == expected), "{expected} missing from {entries:?}");
     }
+    // The tensor-core attention loads fragments with ldmatrix, unless built without it (the
+    // TROUPE_NO_LDMATRIX fallback), which must compile too and define the same kernels.
+    assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.shared.b16"), "no ldmatrix in the PTX");
+    assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"), "no transposing ldmatrix");
+    let plain = compile_ptx_with("sm_90", true, false).unwrap();
+    let mut plain_entries = ptx_entries(&plain);
+    plain_entries.sort();
+    assert_eq!(plain_entries, entries, "the fallback's kernels");
+    let outside_selftest = |p: &str| {
+        p.split(".entry")
+            .filter(|k| !k.trim_start().starts_with("ldmatrix_selftest"))
+            .any(|k| k.contains("ldmatrix.sync"))
+    };
+    assert!(!outside_selftest(&plain), "TROUPE_NO_LDMATRIX left ldmatrix in a kernel");
+    assert!(outside_selftest(&ptx), "ldmatrix only in its self-test");
     let Some(emu) = troupe::gpu::emu::shared() else { return };
     let mut registered = emu.kernels().to_vec();
     registered.sort();

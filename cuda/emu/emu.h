@@ -18,6 +18,8 @@
 #include <cmath>
 #include <math.h>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -174,6 +176,37 @@ inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned
     }
     bar.arrive_and_wait();
     for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.xN{.trans}.shared.b16 (see ldmatrix_b16 in cuda/prelude.cuh for the
+// layout, from the PTX ISA): every lane deposits its row address in its warp's 64-bit slots, the
+// warp meets at its barrier, each lane gathers its N words from the rows of lanes 8·i..8·i + 7,
+// and the warp meets again before any lane reuses its slot. A row address that is not 16-byte
+// aligned (the hardware's rule) stops the process with the kernel's bug named.
+template <int N, bool TRANS>
+inline void ldmatrix_b16(unsigned (&r)[N], const unsigned short* row) {
+    using namespace troupe_emu;
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+    Launch* l = current;
+    const unsigned int warp = linear_tid / 32, lane = linear_tid % 32;
+    if (lane < 8 * N && reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        std::fprintf(stderr, "emulated ldmatrix: lane %u of warp %u gave a row address that is not 16-byte aligned\n",
+                     lane, warp);
+        std::abort();
+    }
+    auto& bar = l->warp_barriers[warp];
+    l->warp_slots64[warp * 32 + lane] = reinterpret_cast<uint64_t>(row);
+    bar.arrive_and_wait();
+    const unsigned int g = lane >> 2, w = lane & 3;
+    unsigned out[N];
+    for (int i = 0; i < N; ++i) {
+        auto at = [&](unsigned int k) { return reinterpret_cast<const unsigned short*>(l->warp_slots64[warp * 32 + 8 * i + k]); };
+        const unsigned lo = TRANS ? at(2 * w)[g] : at(g)[2 * w];
+        const unsigned hi = TRANS ? at(2 * w + 1)[g] : at(g)[2 * w + 1];
+        out[i] = lo | (hi << 16);
+    }
+    bar.arrive_and_wait();
+    for (int i = 0; i < N; ++i) r[i] = out[i];
 }
 
 inline float __uint_as_float(unsigned int u) {

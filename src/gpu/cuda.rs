@@ -55,12 +55,29 @@ pub fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("troupe-cache")
 }
 
+/// Whether `TROUPE_NO_LDMATRIX` asks for the tensor-core attention's element-wise fragment
+/// loads instead of ldmatrix (set, and not "0"): a fallback, should a GPU disagree with the
+/// emulator's ldmatrix (the `ldmatrix_selftest` kernel's test says so).
+pub fn ldmatrix_disabled() -> bool {
+    std::env::var_os("TROUPE_NO_LDMATRIX").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Compiles every kernel to PTX for `arch` (e.g. "sm_90") with NVRTC — no GPU needed, only
-/// libnvrtc. Cached on disk by source hash and architecture; `fresh` skips the cache.
+/// libnvrtc. Cached on disk by source hash, options and architecture; `fresh` skips the cache.
+/// The tensor-core attention loads its fragments with ldmatrix unless [`ldmatrix_disabled`].
 ///
 /// # Errors
 /// [`GpuError::NoNvrtc`] without libnvrtc; [`GpuError::Compile`] with NVRTC's log.
 pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
+    compile_ptx_with(arch, fresh, !ldmatrix_disabled())
+}
+
+/// [`compile_ptx`] with the choice of fragment loads explicit (`ldmatrix` false defines
+/// `TROUPE_NO_LDMATRIX` for the kernels).
+///
+/// # Errors
+/// As [`compile_ptx`].
+pub fn compile_ptx_with(arch: &str, fresh: bool, ldmatrix: bool) -> Result<String, GpuError> {
     // SAFETY: only tries to open the library by its usual names.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(GpuError::NoNvrtc(
@@ -70,8 +87,11 @@ pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
         ));
     }
     let src = kernel_source();
-    let opts =
-        [format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), "--use_fast_math".to_string()];
+    let mut opts =
+        vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), "--use_fast_math".to_string()];
+    if !ldmatrix {
+        opts.push("-DTROUPE_NO_LDMATRIX".to_string());
+    }
     let key = sources::hash_texts(&[&src, &opts.join(" "), &nvrtc_version()]);
     let path = cache_dir().join(format!("kernels-{key:016x}-{arch}.ptx"));
     if !fresh && let Ok(ptx) = std::fs::read_to_string(&path) {
@@ -86,7 +106,7 @@ pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(
         &src,
         cudarc::nvrtc::CompileOptions {
-            options: opts.to_vec(),
+            options: opts.clone(),
             name: Some("troupe.cu".into()),
             ..Default::default()
         },
@@ -242,6 +262,11 @@ impl CudaGpu {
         // explicit events (comm_after_compute / compute_after_comm). cudarc's per-slice event
         // tracking would add an event record to every kernel argument for nothing.
         unsafe { ctx.disable_event_tracking() };
+        if ldmatrix_disabled() {
+            eprintln!(
+                "troupe: TROUPE_NO_LDMATRIX is set: the tensor-core attention loads its fragments element by element"
+            );
+        }
         let ptx = compile_ptx(&arch, false)?;
         let names = ptx_entries(&ptx);
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| GpuError::Driver {
