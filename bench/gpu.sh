@@ -111,8 +111,6 @@ if fits 120 "profile"; then
 fi
 # The MLP's GELU as separate kernels instead of in the cuBLASLt epilogues (GELU_AUX_BIAS, DGELU).
 bench gelu-kernels TROUPE_GELU_EPILOGUE=0
-# The tensor-core attention's fragments loaded element by element instead of by ldmatrix.
-bench no-ldmatrix TROUPE_NO_LDMATRIX=1
 # The actor runtime with the model chunk and its optimizer on the GPU against the GPU training
 # loop, in the same process: the cost of the general path that pipeline parallelism on GPUs uses
 # (the JSON also has host_device_copies_mb_per_step).
@@ -156,6 +154,12 @@ for name in ("cuda-fp32", "cuda-bf16", "cuda-pp2-bf16"):
     print(f"curve {name} vs cpu: {n} steps, final {got[n-1]:.4f} vs {cpu[n-1]:.4f}, "
           f"max |diff| {max(d):.4f}, mean |diff| over the last 50 steps {sum(tail)/len(tail):.4f}")
 PY
+# Variants of the headline run, after the checks above: the tensor-core attention's fragments
+# loaded element by element instead of by ldmatrix;
+bench no-ldmatrix TROUPE_NO_LDMATRIX=1
+# Every product's cuBLASLt algorithm chosen by timing the heuristic's top candidates (the JSON's
+# "gemm_tuning" says how many products were tuned and how many moved off the first choice).
+bench gemm-autotune TROUPE_GEMM_AUTOTUNE=1
 bench simt TROUPE_ATTENTION=simt
 pytorch pytorch-compile 240 --compile
 echo
@@ -165,7 +169,7 @@ gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
 python3 - "$OUT" "${gpu_name:-unknown GPU}" "$(cat $bundle/COMMIT 2>/dev/null | tr '\n' ' ')" <<'PY'
 import json, sys, os, datetime
 rows = []
-for name in ("tc", "simt", "gelu-kernels", "no-ldmatrix", "actors", "pytorch-eager", "pytorch-compile"):
+for name in ("tc", "simt", "gelu-kernels", "no-ldmatrix", "gemm-autotune", "actors", "pytorch-eager", "pytorch-compile"):
     p = os.path.join(sys.argv[1], f"bench-{name}.json")
     try:
         r = json.loads(open(p).read().strip().splitlines()[-1])

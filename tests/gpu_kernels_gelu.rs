@@ -12,6 +12,9 @@
 //! relative + 1e-5 absolute (the products sum 24 to 64 terms of magnitude ≤ 1 in another order);
 //! bf16 outputs are rounded once from the fp32 accumulator, so within 2^-8 relative plus the
 //! same absolute term.
+//!
+//! Tuned products (`CudaGpu::set_gemm_autotune`, GPU only) against float64 under the same
+//! relative tolerances (absolute 1e-4: 192- and 256-term sums of products up to 1).
 
 use troupe::gpu::emu::compare;
 use troupe::gpu::ops::gelu;
@@ -180,4 +183,69 @@ fn a_gelu_epilogue_on_an_accumulating_product_is_an_error() {
     let epi = GeluEpilogue::Backward { aux: Dev::new(&buf) };
     let err = emu.gemm_gelu(&g, Dev::new(&buf), Dev::new(&buf), Dev::new(&buf), epi).unwrap_err();
     assert!(err.to_string().contains("GELU epilogue"), "{err}");
+}
+
+/// Tuned matrix products: the first call of each product runs cuBLASLt's candidate algorithms on
+/// its own operands before keeping the fastest, so an accumulating product (a weight gradient)
+/// must still be added to exactly once, and every product must be right — on a GPU of its own
+/// with tuning on, against float64, twice over (tuning at the first call, the kept choice at the
+/// second).
+#[test]
+fn tuned_products_are_the_products_on_a_gpu() {
+    if troupe::gpu::cuda::shared().is_none() {
+        return;
+    }
+    let gpu = troupe::gpu::CudaGpu::new(0).expect("a second context on the GPU");
+    gpu.set_gemm_autotune(true);
+    let (m, k, n) = (256usize, 192usize, 320usize);
+    for dtype in [DType::F32, DType::Bf16] {
+        let round = |v: Vec<f32>| if dtype == DType::Bf16 { round_bf16(&v) } else { v };
+        let scale = |v: Vec<f32>| v.into_iter().map(|x| x * 0.25).collect::<Vec<_>>();
+        let (x, w, b, dy) = (
+            round(scale(inputs(m * k, 11))),
+            round(scale(inputs(n * k, 12))),
+            round(scale(inputs(n, 13))),
+            round(scale(inputs(m * n, 14))),
+        );
+        let up = |v: &[f32]| upload_f32(&gpu, v, dtype).unwrap();
+        let (xb, wb, bb, dyb) = (up(&x), up(&w), up(&b), up(&dy));
+        let f = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+        let (x64, w64, b64, dy64) = (f(&x), f(&w), f(&b), f(&dy));
+        let pre: Vec<f64> = (0..m * n)
+            .map(|ij| {
+                b64[ij % n] + (0..k).map(|p| x64[(ij / n) * k + p] * w64[(ij % n) * k + p]).sum::<f64>()
+            })
+            .collect();
+        let grad: Vec<f64> = (0..n * k)
+            .map(|jp| (0..m).map(|i| dy64[i * n + jp / k] * x64[i * k + jp % k]).sum::<f64>())
+            .collect();
+        let rtol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 256.0 };
+        let dw = upload_f32(&gpu, &vec![1.0; n * k], DType::F32).unwrap();
+        for call in 1..=2 {
+            let what = format!("tuned {dtype:?}, call {call}");
+            let out = gpu.alloc(m * n * dtype.size()).unwrap();
+            let g = Gemm::linear(m, k, n, dtype);
+            gpu.gemm(&g, Dev::new(&out), Dev::new(&xb), Dev::new(&wb), Some(Dev::new(&bb))).unwrap();
+            let got = download_f32(&gpu, Dev::new(&out), m * n, dtype).unwrap();
+            compare(&format!("{what}: x·Wᵀ + b"), &got, &pre, rtol, 1e-4).unwrap();
+            // dW += dyᵀ·x, into fp32 that starts at 1: after call c it is 1 + c·dyᵀ·x.
+            let gw = Gemm::linear_backward_weight(m, k, n, dtype);
+            gpu.gemm(&gw, Dev::new(&dw), Dev::new(&dyb), Dev::new(&xb), None).unwrap();
+            let want: Vec<f64> = grad.iter().map(|g| 1.0 + f64::from(call) * g).collect();
+            let got = download_f32(&gpu, Dev::new(&dw), n * k, DType::F32).unwrap();
+            compare(&format!("{what}: dW added to once"), &got, &want, 1e-5, 1e-4).unwrap();
+            let (act, aux) =
+                (gpu.alloc(m * n * dtype.size()).unwrap(), gpu.alloc(m * n * dtype.size()).unwrap());
+            let fwd = GeluEpilogue::Forward { bias: Dev::new(&bb), aux: Dev::new(&aux) };
+            if gpu.gemm_gelu(&g, Dev::new(&act), Dev::new(&xb), Dev::new(&wb), fwd).unwrap() {
+                let mut want = vec![0.0; m * n];
+                naive::gelu_forward(&mut want, &pre);
+                let got = download_f32(&gpu, Dev::new(&act), m * n, dtype).unwrap();
+                compare(&format!("{what}: gelu(x·Wᵀ + b)"), &got, &want, rtol, 1e-4).unwrap();
+            }
+        }
+    }
+    let (tuned, other) = gpu.gemm_tuning();
+    eprintln!("cuda: {tuned} products tuned, {other} of them away from the heuristic's first choice");
+    assert!(tuned > 0, "no product had more than one candidate algorithm to tune");
 }

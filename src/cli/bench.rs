@@ -255,6 +255,14 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
         OpenGpu::Cuda(g) => troupe::gpu::Gpu::memory(g.as_ref()).peak,
         OpenGpu::Emu(g) => troupe::gpu::Gpu::memory(g).peak,
     };
+    // Products tuned (TROUPE_GEMM_AUTOTUNE) and how many left the heuristic's first choice.
+    let gemm_tuning = match &gpu {
+        OpenGpu::Cuda(g) => {
+            let (tuned, other) = g.gemm_tuning();
+            serde_json::json!({"tuned": tuned, "other_than_first": other})
+        }
+        OpenGpu::Emu(_) => serde_json::Value::Null,
+    };
     let median = times[times.len() / 2];
     let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
     let tokens_per_step = (cfg.accumulation_steps() * b * t) as f64;
@@ -293,6 +301,7 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
         "peak_tflops": args.peak_tflops,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device_memory_peak_mb": round(peak as f64 / 1048576.0, 1),
+        "gemm_tuning": gemm_tuning,
         "final_loss": loss,
     }))
 }

@@ -182,7 +182,19 @@ pub struct CudaGpu {
     memory: Arc<MemCounter>,
     /// Longest wait for queued GPU work (`TROUPE_GPU_TIMEOUT`, seconds; default 10 minutes).
     timeout: std::time::Duration,
+    /// Whether a product's first call times cuBLASLt's candidate algorithms and keeps the
+    /// fastest ([`CudaGpu::set_gemm_autotune`]; `TROUPE_GEMM_AUTOTUNE`).
+    gemm_autotune: std::sync::atomic::AtomicBool,
+    /// Products tuned so far, and how many of them chose another algorithm than the heuristic's
+    /// first.
+    gemm_tuned: std::sync::atomic::AtomicUsize,
+    gemm_retuned: std::sync::atomic::AtomicUsize,
 }
+
+/// Candidates cuBLASLt's heuristic is asked for when tuning a product.
+const GEMM_CANDIDATES: usize = 8;
+/// Timed runs of each candidate (after one untimed run).
+const GEMM_TUNING_RUNS: usize = 3;
 
 /// The bound on every host wait for GPU work: `TROUPE_GPU_TIMEOUT` seconds, or 10 minutes.
 fn gpu_timeout() -> Result<std::time::Duration, GpuError> {
@@ -300,7 +312,28 @@ impl CudaGpu {
             profile: Mutex::new(None),
             memory: Arc::default(),
             timeout,
+            gemm_autotune: std::sync::atomic::AtomicBool::new(
+                std::env::var_os("TROUPE_GEMM_AUTOTUNE").is_some_and(|v| !v.is_empty() && v != "0"),
+            ),
+            gemm_tuned: std::sync::atomic::AtomicUsize::new(0),
+            gemm_retuned: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Turns the tuning of matrix products on or off: when on, the first call of each product
+    /// (shape, transposes, epilogue, alignments) runs each of cuBLASLt's top candidate
+    /// algorithms a few times on its own operands, timed by events, and keeps the fastest;
+    /// when off, the heuristic's first choice. Off unless `TROUPE_GEMM_AUTOTUNE` is set (and not
+    /// "0"). Choices already made stay.
+    pub fn set_gemm_autotune(&self, on: bool) {
+        self.gemm_autotune.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Products tuned so far, and how many of them kept another algorithm than the heuristic's
+    /// first choice.
+    pub fn gemm_tuning(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.gemm_tuned.load(Relaxed), self.gemm_retuned.load(Relaxed))
     }
 
     /// The compute stream (kernels and matrix products).
@@ -904,24 +937,14 @@ impl CudaGpu {
                         }
                         .map_err(blas("alignment preference"))?;
                     }
-                    // SAFETY: every handle passed is alive.
-                    let found = unsafe {
-                        lt::get_matmul_algo_heuristic(
-                            self.blas.handle,
-                            layouts.desc,
-                            layouts.a,
-                            layouts.b,
-                            layouts.c,
-                            layouts.c,
-                            pref,
-                        )
-                    };
+                    let tune = self.gemm_autotune.load(std::sync::atomic::Ordering::Relaxed);
+                    let found = self.heuristics(&layouts, pref, if tune { GEMM_CANDIDATES } else { 1 });
                     // SAFETY: created above, destroyed once.
                     unsafe {
                         let _ = lt::destroy_matmul_pref(pref);
                     }
-                    let algo = match found {
-                        Ok(h) => h.algo,
+                    let candidates = match found {
+                        Ok(c) => c,
                         Err(e) if gelu => {
                             tracing::debug!(
                                 "cuBLASLt has no GELU epilogue for {g:?} ({e}): separate kernels"
@@ -931,13 +954,139 @@ impl CudaGpu {
                         }
                         Err(e) => return Err(blas("choosing an algorithm")(e)),
                     };
+                    let algo = if candidates.len() > 1 {
+                        let run = |algo: &ltsys::cublasLtMatmulAlgo_t, c_ptr: u64| {
+                            self.lt_matmul(&layouts, g.accumulate, [a_ptr, b_ptr, c_ptr], algo)
+                        };
+                        self.fastest(g, &candidates, c_ptr, &run)?
+                    } else {
+                        candidates[0]
+                    };
                     algos.insert(key, Some(algo));
                     algo
                 }
             }
         };
+        self.lt_matmul(&layouts, g.accumulate, [a_ptr, b_ptr, c_ptr], &algo)?;
+        Ok(true)
+    }
+
+    /// Up to `count` algorithms cuBLASLt's heuristic proposes for a product, best first (only
+    /// those that succeed and fit the workspace).
+    fn heuristics(
+        &self,
+        layouts: &Layouts,
+        pref: ltsys::cublasLtMatmulPreference_t,
+        count: usize,
+    ) -> Result<Vec<ltsys::cublasLtMatmulAlgo_t>, cudarc::cublaslt::result::CublasError> {
+        // SAFETY: a plain C struct of integers and an enum whose zero is CUBLAS_STATUS_SUCCESS;
+        // cuBLASLt overwrites the first `found` entries.
+        let mut results: Vec<ltsys::cublasLtMatmulHeuristicResult_t> =
+            (0..count).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut found = 0i32;
+        // SAFETY: every handle passed is alive; `results` has room for `count` entries.
+        unsafe {
+            ltsys::cublasLtMatmulAlgoGetHeuristic(
+                self.blas.handle,
+                layouts.desc,
+                layouts.a,
+                layouts.b,
+                layouts.c,
+                layouts.c,
+                pref,
+                count as i32,
+                results.as_mut_ptr(),
+                &mut found,
+            )
+        }
+        .result()?;
+        let ok = ltsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        let algos: Vec<_> = results
+            .iter()
+            .take(found.max(0) as usize)
+            .filter(|r| r.state == ok && r.workspaceSize <= BLAS_WORKSPACE)
+            .map(|r| r.algo)
+            .collect();
+        if algos.is_empty() {
+            return Err(cudarc::cublaslt::result::CublasError(
+                ltsys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            ));
+        }
+        Ok(algos)
+    }
+
+    /// The fastest of `candidates` for product `g` (heuristic order breaks ties), each run once
+    /// and then [`GEMM_TUNING_RUNS`] times between timing events on the compute stream. `run`
+    /// computes the product with an algorithm into the C at a pointer: an accumulating product
+    /// is tuned into a zeroed scratch C (the real one must be added to once), any other on its
+    /// own output (and GELU aux), which the real call then overwrites whole. A candidate that
+    /// fails to run is passed over.
+    fn fastest(
+        &self,
+        g: &Gemm,
+        candidates: &[ltsys::cublasLtMatmulAlgo_t],
+        c_ptr: u64,
+        run: &dyn Fn(&ltsys::cublasLtMatmulAlgo_t, u64) -> Result<(), GpuError>,
+    ) -> Result<ltsys::cublasLtMatmulAlgo_t, GpuError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let scratch = match g.accumulate {
+            true => {
+                let bytes = g.m * g.n * g.c_dtype.size();
+                let buf = self.alloc(bytes)?;
+                self.zero(Dev::new(&buf), bytes)?;
+                Some(buf)
+            }
+            false => None,
+        };
+        let target = scratch.as_ref().map_or(c_ptr, |b| self.device_ptr(Dev::new(b)));
+        let mut best: Option<(f64, usize)> = None;
+        let mut times = Vec::new();
+        for (i, algo) in candidates.iter().enumerate() {
+            if let Err(e) = run(algo, target) {
+                tracing::debug!("cuBLASLt candidate {i} for {g:?} does not run: {e}");
+                continue;
+            }
+            let start = self.stream_time()?;
+            for _ in 0..GEMM_TUNING_RUNS {
+                run(algo, target)?;
+            }
+            let end = self.stream_time()?;
+            let t = self.stream_seconds(&start, &end)?;
+            times.push((i, t));
+            if best.is_none_or(|(b, _)| t < b) {
+                best = Some((t, i));
+            }
+        }
+        let Some((t, i)) = best else {
+            return Err(GpuError::Blas {
+                op: "tuning a product".into(),
+                detail: format!("none of the {} candidate algorithms for {g:?} runs", candidates.len()),
+            });
+        };
+        self.gemm_tuned.fetch_add(1, Relaxed);
+        if i > 0 {
+            self.gemm_retuned.fetch_add(1, Relaxed);
+        }
+        tracing::debug!(
+            "cuBLASLt tuning of {g:?}: candidate {i} of {} ({:.1} µs per run); all: {times:?}",
+            candidates.len(),
+            t * 1e6 / GEMM_TUNING_RUNS as f64
+        );
+        Ok(candidates[i])
+    }
+
+    /// One cuBLASLt product with `algo`: `ptrs` = [cuBLASLt's A (our B), its B (our A), C],
+    /// C added to (`accumulate`) or overwritten.
+    fn lt_matmul(
+        &self,
+        layouts: &Layouts,
+        accumulate: bool,
+        ptrs: [u64; 3],
+        algo: &ltsys::cublasLtMatmulAlgo_t,
+    ) -> Result<(), GpuError> {
+        let [a_ptr, b_ptr, c_ptr] = ptrs;
         let alpha = 1.0f32;
-        let beta = if g.accumulate { 1.0f32 } else { 0.0f32 };
+        let beta = if accumulate { 1.0f32 } else { 0.0f32 };
         let (ws, _sync) = self.blas.workspace.device_ptr(&self.stream);
         // SAFETY: shapes checked above; all descriptors alive; pointers are device memory of
         // this context; the call is ordered on the compute stream.
@@ -955,14 +1104,13 @@ impl CudaGpu {
                 layouts.c,
                 c_ptr as *mut _,
                 layouts.c,
-                &algo,
+                algo,
                 ws as *mut _,
                 BLAS_WORKSPACE,
                 self.stream.cu_stream() as *mut _,
             )
         }
-        .map_err(blas("matmul"))?;
-        Ok(true)
+        .map_err(blas("matmul"))
     }
 }
 
