@@ -958,7 +958,11 @@ impl CudaGpu {
                         let run = |algo: &ltsys::cublasLtMatmulAlgo_t, c_ptr: u64| {
                             self.lt_matmul(&layouts, g.accumulate, [a_ptr, b_ptr, c_ptr], algo)
                         };
-                        self.fastest(g, &candidates, c_ptr, &run)?
+                        // C is read by the product when it accumulates, or when it is the aux
+                        // input of an in-place DGELU: tuning runs go to a scratch C then.
+                        let reads_c = g.accumulate
+                            || (matches!(epi, LtEpilogue::DGelu { .. }) && aux_ptr == Some(c_ptr));
+                        self.fastest(g, &candidates, c_ptr, reads_c, &run)?
                     } else {
                         candidates[0]
                     };
@@ -1017,19 +1021,20 @@ impl CudaGpu {
 
     /// The fastest of `candidates` for product `g` (heuristic order breaks ties), each run once
     /// and then [`GEMM_TUNING_RUNS`] times between timing events on the compute stream. `run`
-    /// computes the product with an algorithm into the C at a pointer: an accumulating product
-    /// is tuned into a zeroed scratch C (the real one must be added to once), any other on its
-    /// own output (and GELU aux), which the real call then overwrites whole. A candidate that
-    /// fails to run is passed over.
+    /// computes the product with an algorithm into the C at a pointer: a product that reads its
+    /// C (`reads_c`: it accumulates, or C is its DGELU input) is tuned into a zeroed scratch C
+    /// (the real one must be used once), any other on its own output (and GELU aux), which the
+    /// real call then overwrites whole. A candidate that fails to run is passed over.
     fn fastest(
         &self,
         g: &Gemm,
         candidates: &[ltsys::cublasLtMatmulAlgo_t],
         c_ptr: u64,
+        reads_c: bool,
         run: &dyn Fn(&ltsys::cublasLtMatmulAlgo_t, u64) -> Result<(), GpuError>,
     ) -> Result<ltsys::cublasLtMatmulAlgo_t, GpuError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let scratch = match g.accumulate {
+        let scratch = match reads_c {
             true => {
                 let bytes = g.m * g.n * g.c_dtype.size();
                 let buf = self.alloc(bytes)?;
