@@ -31,11 +31,11 @@ fn one_rank_collectives_on_device_buffers() {
     for dtype in [DType::F32, DType::Bf16] {
         let buf = upload_f32(gpu, &x, dtype).unwrap();
         let out = gpu.alloc(x.len() * dtype.size()).unwrap();
-        gpu.comm_after_compute().unwrap();
+        comm.after_compute(gpu).unwrap();
         comm.all_reduce(gpu, Dev::new(&buf), x.len(), dtype, ReduceOp::Sum).unwrap();
         comm.all_gather(gpu, Dev::new(&buf), Dev::new(&out), x.len(), dtype).unwrap();
         comm.wait(gpu, "test").unwrap();
-        gpu.compute_after_comm().unwrap();
+        comm.compute_after_all(gpu).unwrap();
         let want = download_f32(gpu, Dev::new(&buf), x.len(), dtype).unwrap();
         assert_eq!(download_f32(gpu, Dev::new(&out), x.len(), dtype).unwrap(), want, "{dtype:?}");
         let rounded = if dtype == DType::Bf16 { troupe::gpu::round_bf16(&x) } else { x.clone() };
@@ -58,7 +58,7 @@ fn one_rank_point_to_point_broadcast_and_reduce_scatter() {
         let src = upload_f32(gpu, &x, dtype).unwrap();
         let dst = gpu.alloc(x.len() * dtype.size()).unwrap();
         let rs = gpu.alloc(x.len() * dtype.size()).unwrap();
-        gpu.comm_after_compute().unwrap();
+        comm.after_compute(gpu).unwrap();
         comm.group(|| {
             comm.send(gpu, Dev::new(&src), x.len(), dtype, 0)?;
             comm.recv(gpu, Dev::new(&dst), x.len(), dtype, 0)
@@ -67,7 +67,7 @@ fn one_rank_point_to_point_broadcast_and_reduce_scatter() {
         comm.broadcast(gpu, Dev::new(&src), x.len(), dtype, 0).unwrap();
         comm.reduce_scatter(gpu, Dev::new(&src), Dev::new(&rs), x.len(), dtype, ReduceOp::Sum).unwrap();
         comm.wait(gpu, "test").unwrap();
-        gpu.compute_after_comm().unwrap();
+        comm.compute_after_all(gpu).unwrap();
         for (what, b) in [("received", &dst), ("broadcast", &src), ("reduce-scattered", &rs)] {
             let got = download_f32(gpu, Dev::new(b), x.len(), dtype).unwrap();
             assert_eq!(got, rounded, "{dtype:?}: {what}");

@@ -165,12 +165,13 @@ impl Drop for CudaBuf {
     }
 }
 
-/// One CUDA device: a context, a compute stream, a communication stream, the compiled kernels
-/// and a cuBLASLt handle.
+/// One CUDA device: a context, a compute stream, the streams of its NCCL communicators (one
+/// each), the compiled kernels and a cuBLASLt handle.
 pub struct CudaGpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    comm_stream: Arc<CudaStream>,
+    /// Every communication stream made by [`CudaGpu::new_comm_stream`] and still in use.
+    comm_streams: Mutex<Vec<std::sync::Weak<CudaStream>>>,
     functions: HashMap<String, CudaFunction>,
     blas: BlasLt,
     name: String,
@@ -268,11 +269,10 @@ impl CudaGpu {
         let arch = format!("sm_{}{}", info.compute_capability.0, info.compute_capability.1);
         let ctx = CudaContext::new(ordinal).map_err(driver("creating a context"))?;
         let stream = ctx.new_stream().map_err(driver("creating the compute stream"))?;
-        let comm_stream = ctx.new_stream().map_err(driver("creating the communication stream"))?;
         // SAFETY: troupe orders its streams itself: every buffer is allocated and used by cudarc on
-        // the compute stream only, and NCCL's accesses on the communication stream are ordered by
-        // explicit events (comm_after_compute / compute_after_comm). cudarc's per-slice event
-        // tracking would add an event record to every kernel argument for nothing.
+        // the compute stream only, and NCCL's accesses on a communicator's stream are ordered by
+        // explicit events (`NcclComm::after_compute` / `compute_after`). cudarc's per-slice
+        // event tracking would add an event record to every kernel argument for nothing.
         unsafe { ctx.disable_event_tracking() };
         if ldmatrix_disabled() {
             eprintln!(
@@ -303,7 +303,7 @@ impl CudaGpu {
         Ok(CudaGpu {
             ctx,
             stream,
-            comm_stream,
+            comm_streams: Mutex::new(Vec::new()),
             functions,
             blas: BlasLt { handle, workspace, algos: Mutex::new(HashMap::new()) },
             name: info.name.clone(),
@@ -341,17 +341,19 @@ impl CudaGpu {
         &self.stream
     }
 
-    /// The communication stream (NCCL).
-    pub fn comm_stream(&self) -> &Arc<CudaStream> {
-        &self.comm_stream
-    }
-
-    /// Makes the communication stream wait for everything queued on the compute stream so far
-    /// (an event, not a host wait): a gradient bucket is all-reduced once backward has written it.
-    pub fn comm_after_compute(&self) -> Result<CudaEvent, GpuError> {
-        let ev = self.stream.record_event(None).map_err(driver("recording a compute event"))?;
-        self.comm_stream.wait(&ev).map_err(driver("ordering communication after compute"))?;
-        Ok(ev)
+    /// A new stream for one NCCL communicator's work, which [`Gpu::synchronize`] waits for too
+    /// while it is in use. A stream per communicator: a pipeline link's receive, posted early and
+    /// waiting for its peer, does not hold back the data-parallel sums queued after it, nor do
+    /// those sums hold back the link's next send (PyTorch's process groups do the same).
+    ///
+    /// # Errors
+    /// The driver cannot create a stream.
+    pub fn new_comm_stream(&self) -> Result<Arc<CudaStream>, GpuError> {
+        let s = self.ctx.new_stream().map_err(driver("creating a communication stream"))?;
+        let mut streams = self.comm_streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        streams.retain(|w| w.strong_count() > 0);
+        streams.push(Arc::downgrade(&s));
+        Ok(s)
     }
 
     /// Makes the compute stream wait for `event` (recorded on another stream), without waiting
@@ -360,11 +362,17 @@ impl CudaGpu {
         self.stream.wait(event).map_err(driver("ordering compute after an event"))
     }
 
-    /// Makes the compute stream wait for everything queued on the communication stream so far.
-    pub fn compute_after_comm(&self) -> Result<CudaEvent, GpuError> {
-        let ev = self.comm_stream.record_event(None).map_err(driver("recording a communication event"))?;
-        self.stream.wait(&ev).map_err(driver("ordering compute after communication"))?;
-        Ok(ev)
+    /// Makes `stream` wait for everything queued on the compute stream so far (an event, not a
+    /// host wait): a gradient bucket is sent or summed once the backward has written it.
+    pub fn after_compute(&self, stream: &CudaStream) -> Result<(), GpuError> {
+        let ev = self.stream.record_event(None).map_err(driver("recording a compute event"))?;
+        stream.wait(&ev).map_err(driver("ordering communication after compute"))
+    }
+
+    /// Makes the compute stream wait for everything queued on `stream` so far.
+    pub fn compute_after(&self, stream: &CudaStream) -> Result<(), GpuError> {
+        let ev = stream.record_event(None).map_err(driver("recording a communication event"))?;
+        self.stream.wait(&ev).map_err(driver("ordering compute after communication"))
     }
 
     /// Runs `f` (which queues work on the compute stream) between two timing events when
@@ -680,7 +688,14 @@ impl Gpu for CudaGpu {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.wait_for(&self.stream, "synchronising the compute stream")?;
-        self.wait_for(&self.comm_stream, "synchronising the communication stream")
+        let live: Vec<Arc<CudaStream>> = {
+            let streams = self.comm_streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            streams.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        for s in &live {
+            self.wait_for(s, "synchronising a communication stream")?;
+        }
+        Ok(())
     }
 }
 

@@ -7,7 +7,7 @@
 //! optimizer's gradient reduction and parameter gather), point-to-point sends and receives
 //! matched in the order queued (the pipeline's device links; grouped where an exchange pairs
 //! them), and a bounded wait at the end. Two implementations:
-//! - [`NcclComm`] on a [`CudaGpu`]: each all-reduce is queued on the communication stream after
+//! - [`NcclComm`] on a [`CudaGpu`]: each all-reduce is queued on the communicator's stream after
 //!   an event recorded on the compute stream (so it starts when backward has written that range,
 //!   while later layers' backward keeps running); [`DeviceComm::finish`] polls NCCL with the
 //!   communicator's timeout and orders later compute after the reductions — the GPU form of the
@@ -114,7 +114,7 @@ impl DeviceComm<CudaGpu> for NcclComm {
         count: usize,
         dtype: DType,
     ) -> Result<(), GpuError> {
-        gpu.comm_after_compute()?;
+        self.after_compute(gpu)?;
         self.all_reduce(gpu, buf, count, dtype, ReduceOp::Sum)
     }
 
@@ -126,7 +126,7 @@ impl DeviceComm<CudaGpu> for NcclComm {
         dtype: DType,
         root: usize,
     ) -> Result<(), GpuError> {
-        gpu.comm_after_compute()?;
+        self.after_compute(gpu)?;
         self.reduce(gpu, buf, count, dtype, ReduceOp::Sum, root)
     }
 
@@ -138,7 +138,7 @@ impl DeviceComm<CudaGpu> for NcclComm {
         dtype: DType,
         root: usize,
     ) -> Result<(), GpuError> {
-        gpu.comm_after_compute()?;
+        self.after_compute(gpu)?;
         NcclComm::broadcast(self, gpu, buf, count, dtype, root)
     }
 
@@ -150,7 +150,7 @@ impl DeviceComm<CudaGpu> for NcclComm {
         dtype: DType,
         peer: usize,
     ) -> Result<(), GpuError> {
-        gpu.comm_after_compute()?;
+        self.after_compute(gpu)?;
         NcclComm::send(self, gpu, buf, count, dtype, peer)
     }
 
@@ -162,7 +162,7 @@ impl DeviceComm<CudaGpu> for NcclComm {
         dtype: DType,
         peer: usize,
     ) -> Result<(), GpuError> {
-        gpu.comm_after_compute()?;
+        self.after_compute(gpu)?;
         NcclComm::recv(self, gpu, buf, count, dtype, peer)
     }
 
@@ -172,8 +172,7 @@ impl DeviceComm<CudaGpu> for NcclComm {
 
     fn finish(&self, gpu: &CudaGpu) -> Result<(), GpuError> {
         self.wait(gpu, "gradient all-reduce")?;
-        gpu.compute_after_comm()?;
-        Ok(())
+        self.compute_after_all(gpu)
     }
 
     fn mark(&self, gpu: &CudaGpu) -> Result<u64, GpuError> {

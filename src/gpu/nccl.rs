@@ -3,10 +3,14 @@
 //! operation, the rank and the group, and a communicator that times out is aborted
 //! (`ncclCommAbort`) so no rank hangs.
 //!
-//! Operations are enqueued on the GPU's communication stream (ordered after compute with
-//! [`CudaGpu::comm_after_compute`]) and return at once; [`NcclComm::wait`] polls the stream's
-//! event and `ncclCommGetAsyncError` until the work is done, an error is reported, or the timeout
-//! passes.
+//! Each communicator has a stream of its own ([`CudaGpu::new_comm_stream`]): operations are
+//! enqueued there (ordered after compute with [`NcclComm::after_compute`]) and return at once;
+//! [`NcclComm::wait`] polls the stream's event and `ncclCommGetAsyncError` until the work is
+//! done, an error is reported, or the timeout passes. With a stream per communicator a
+//! pipeline link's receive that waits for its peer holds back nothing of the data-parallel group's
+//! sums, and they hold back none of its sends. Different communicators then run concurrently,
+//! which NCCL allows when every rank issues each communicator's operations in the same order
+//! (the runtime issues them in program order, the same on the ranks of a group).
 //!
 //! The unique id is shared through the rendezvous store (the c10d TCPStore every launcher
 //! provides): rank 0 creates it and sets `<prefix>/nccl_id`, the others read it with a timeout.
@@ -139,7 +143,9 @@ pub struct NcclComm {
     name: String,
     timeout: Duration,
     aborted: AtomicBool,
-    /// Events recorded on the communication stream by [`NcclComm::mark`], oldest first, and
+    /// This communicator's stream (NCCL's operations are queued there).
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    /// Events recorded on the communicator's stream by [`NcclComm::mark`], oldest first, and
     /// the next mark's number.
     marks: std::sync::Mutex<(Vec<(u64, cudarc::driver::CudaEvent)>, u64)>,
 }
@@ -181,6 +187,7 @@ impl NcclComm {
         timeout: Duration,
     ) -> Result<Self, GpuError> {
         nccl_available()?;
+        let stream = gpu.new_comm_stream()?;
         let err = |op: &str, detail: String| GpuError::Nccl {
             op: op.to_string(),
             rank,
@@ -217,15 +224,27 @@ impl NcclComm {
             name: name.to_string(),
             timeout,
             aborted: AtomicBool::new(false),
+            stream,
             marks: std::sync::Mutex::new((Vec::new(), 0)),
         })
     }
 
-    /// Marks the work queued on the communication stream so far (an event recorded there);
+    /// Makes this communicator's stream wait for everything queued on `gpu`'s compute stream
+    /// so far (an event, not a host wait): what is queued next reads what the compute wrote.
+    pub fn after_compute(&self, gpu: &CudaGpu) -> Result<(), GpuError> {
+        gpu.after_compute(&self.stream)
+    }
+
+    /// Makes `gpu`'s compute stream wait for everything queued on this communicator so far.
+    pub fn compute_after_all(&self, gpu: &CudaGpu) -> Result<(), GpuError> {
+        gpu.compute_after(&self.stream)
+    }
+
+    /// Marks the work queued on the communicator's stream so far (an event recorded there);
     /// [`NcclComm::compute_after`] with the mark orders later compute after it.
-    pub fn mark(&self, gpu: &CudaGpu) -> Result<u64, GpuError> {
-        let event = gpu
-            .comm_stream()
+    pub fn mark(&self, _gpu: &CudaGpu) -> Result<u64, GpuError> {
+        let event = self
+            .stream
             .record_event(None)
             .map_err(|e| self.err("marking the communication stream", format!("{e}")))?;
         let mut marks = self.marks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -298,15 +317,7 @@ impl NcclComm {
         let p = gpu.device_ptr(buf) as *mut c_void;
         // SAFETY: `p` is device memory of this context with room for `count` elements (caller).
         let r = unsafe {
-            nr::all_reduce(
-                p,
-                p,
-                count,
-                nccl_type(dtype),
-                nccl_op(op),
-                self.raw,
-                gpu.comm_stream().cu_stream() as _,
-            )
+            nr::all_reduce(p, p, count, nccl_type(dtype), nccl_op(op), self.raw, self.stream.cu_stream() as _)
         };
         self.check("all_reduce", r)
     }
@@ -333,7 +344,7 @@ impl NcclComm {
                 nccl_type(dtype),
                 nccl_op(op),
                 self.raw,
-                gpu.comm_stream().cu_stream() as _,
+                self.stream.cu_stream() as _,
             )
         };
         self.check("reduce_scatter", res)
@@ -353,7 +364,7 @@ impl NcclComm {
         let (s, r) = (gpu.device_ptr(send) as *const c_void, gpu.device_ptr(recv) as *mut c_void);
         // SAFETY: as in all_reduce.
         let res = unsafe {
-            nr::all_gather(s, r, send_count, nccl_type(dtype), self.raw, gpu.comm_stream().cu_stream() as _)
+            nr::all_gather(s, r, send_count, nccl_type(dtype), self.raw, self.stream.cu_stream() as _)
         };
         self.check("all_gather", res)
     }
@@ -382,7 +393,7 @@ impl NcclComm {
                 nccl_op(op),
                 root as i32,
                 self.raw,
-                gpu.comm_stream().cu_stream() as _,
+                self.stream.cu_stream() as _,
             )
         };
         self.check("reduce", res)
@@ -401,15 +412,7 @@ impl NcclComm {
         let p = gpu.device_ptr(buf) as *mut c_void;
         // SAFETY: as in all_reduce.
         let res = unsafe {
-            nr::broadcast(
-                p,
-                p,
-                count,
-                nccl_type(dtype),
-                root as i32,
-                self.raw,
-                gpu.comm_stream().cu_stream() as _,
-            )
+            nr::broadcast(p, p, count, nccl_type(dtype), root as i32, self.raw, self.stream.cu_stream() as _)
         };
         self.check("broadcast", res)
     }
@@ -428,7 +431,7 @@ impl NcclComm {
         let p = gpu.device_ptr(buf) as *const c_void;
         // SAFETY: as in all_reduce.
         let res = unsafe {
-            nr::send(p, count, nccl_type(dtype), peer as i32, self.raw, gpu.comm_stream().cu_stream() as _)
+            nr::send(p, count, nccl_type(dtype), peer as i32, self.raw, self.stream.cu_stream() as _)
         };
         self.check("send", res)
     }
@@ -446,7 +449,7 @@ impl NcclComm {
         let p = gpu.device_ptr(buf) as *mut c_void;
         // SAFETY: as in all_reduce.
         let res = unsafe {
-            nr::recv(p, count, nccl_type(dtype), peer as i32, self.raw, gpu.comm_stream().cu_stream() as _)
+            nr::recv(p, count, nccl_type(dtype), peer as i32, self.raw, self.stream.cu_stream() as _)
         };
         self.check("recv", res)
     }
@@ -462,14 +465,12 @@ impl NcclComm {
         Ok(out)
     }
 
-    /// Waits until everything enqueued on the communication stream has finished, polling NCCL's
+    /// Waits until everything enqueued on the communicator's stream has finished, polling NCCL's
     /// asynchronous error state; aborts the communicator after the timeout. `op` names the
     /// operation in errors.
-    pub fn wait(&self, gpu: &CudaGpu, op: &str) -> Result<(), GpuError> {
-        let event = gpu
-            .comm_stream()
-            .record_event(None)
-            .map_err(|e| self.err(op, format!("recording an event: {e}")))?;
+    pub fn wait(&self, _gpu: &CudaGpu, op: &str) -> Result<(), GpuError> {
+        let event =
+            self.stream.record_event(None).map_err(|e| self.err(op, format!("recording an event: {e}")))?;
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
         loop {
