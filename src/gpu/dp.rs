@@ -171,7 +171,7 @@ impl DeviceComm<CudaGpu> for NcclComm {
     }
 
     fn finish(&self, gpu: &CudaGpu) -> Result<(), GpuError> {
-        self.wait(gpu, "gradient all-reduce")?;
+        self.wait(gpu, "waiting for the queued operations")?;
         self.compute_after_all(gpu)
     }
 
