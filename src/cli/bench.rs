@@ -255,13 +255,18 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
         OpenGpu::Cuda(g) => troupe::gpu::Gpu::memory(g.as_ref()).peak,
         OpenGpu::Emu(g) => troupe::gpu::Gpu::memory(g).peak,
     };
-    // Products tuned (TROUPE_GEMM_AUTOTUNE) and how many left the heuristic's first choice.
-    let gemm_tuning = match &gpu {
+    // Products tuned (TROUPE_GEMM_AUTOTUNE) and how many left the heuristic's first choice, and
+    // how the tensor-core attention loads its fragments (TROUPE_NO_LDMATRIX): the row says
+    // which variant it measured.
+    let (gemm_tuning, ldmatrix) = match &gpu {
         OpenGpu::Cuda(g) => {
             let (tuned, other) = g.gemm_tuning();
-            serde_json::json!({"tuned": tuned, "other_than_first": other})
+            (
+                serde_json::json!({"tuned": tuned, "other_than_first": other}),
+                serde_json::Value::Bool(!troupe::gpu::cuda::ldmatrix_disabled()),
+            )
         }
-        OpenGpu::Emu(_) => serde_json::Value::Null,
+        OpenGpu::Emu(_) => (serde_json::Value::Null, serde_json::Value::Bool(true)),
     };
     let median = times[times.len() / 2];
     let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
@@ -302,6 +307,7 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device_memory_peak_mb": round(peak as f64 / 1048576.0, 1),
         "gemm_tuning": gemm_tuning,
+        "ldmatrix": ldmatrix,
         "final_loss": loss,
     }))
 }
