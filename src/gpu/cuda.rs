@@ -279,6 +279,13 @@ impl CudaGpu {
                 "troupe: TROUPE_NO_LDMATRIX is set: the tensor-core attention loads its fragments element by element"
             );
         }
+        let autotune = std::env::var_os("TROUPE_GEMM_AUTOTUNE").is_some_and(|v| !v.is_empty() && v != "0");
+        if autotune {
+            eprintln!(
+                "troupe: TROUPE_GEMM_AUTOTUNE is set: each matrix product's first call times cuBLASLt's top \
+                 candidates"
+            );
+        }
         let ptx = compile_ptx(&arch, false)?;
         let names = ptx_entries(&ptx);
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| GpuError::Driver {
@@ -312,9 +319,7 @@ impl CudaGpu {
             profile: Mutex::new(None),
             memory: Arc::default(),
             timeout,
-            gemm_autotune: std::sync::atomic::AtomicBool::new(
-                std::env::var_os("TROUPE_GEMM_AUTOTUNE").is_some_and(|v| !v.is_empty() && v != "0"),
-            ),
+            gemm_autotune: std::sync::atomic::AtomicBool::new(autotune),
             gemm_tuned: std::sync::atomic::AtomicUsize::new(0),
             gemm_retuned: std::sync::atomic::AtomicUsize::new(0),
         })
