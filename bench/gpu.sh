@@ -157,6 +157,8 @@ PY
 # Variants of the headline run, after the checks above: the tensor-core attention's fragments
 # loaded element by element instead of by ldmatrix;
 bench no-ldmatrix TROUPE_NO_LDMATRIX=1
+# its forward's K and V tiles loaded synchronously instead of by cp.async;
+bench no-cp-async TROUPE_NO_CP_ASYNC=1
 # Every product's cuBLASLt algorithm chosen by timing the heuristic's top candidates (the JSON's
 # "gemm_tuning" says how many products were tuned and how many moved off the first choice).
 bench gemm-autotune TROUPE_GEMM_AUTOTUNE=1
@@ -169,7 +171,7 @@ gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
 python3 - "$OUT" "${gpu_name:-unknown GPU}" "$(cat $bundle/COMMIT 2>/dev/null | tr '\n' ' ')" <<'PY'
 import json, sys, os, datetime
 rows = []
-for name in ("tc", "simt", "gelu-kernels", "no-ldmatrix", "gemm-autotune", "actors", "pytorch-eager", "pytorch-compile"):
+for name in ("tc", "simt", "gelu-kernels", "no-ldmatrix", "no-cp-async", "gemm-autotune", "actors", "pytorch-eager", "pytorch-compile"):
     p = os.path.join(sys.argv[1], f"bench-{name}.json")
     try:
         r = json.loads(open(p).read().strip().splitlines()[-1])

@@ -46,9 +46,9 @@
 // Element-wise loads (32-bit, or two 16-bit packed) give the same registers: TROUPE_NO_LDMATRIX
 // builds those instead, and ldmatrix_selftest compares the two. Global loads of tiles are
 // 16-byte vectors (the host checks that qkv, out, dout and dqkv are 16-byte aligned, and falls
-// back to the SIMT kernels otherwise); results are stored as bf16 pairs. cp.async double
-// buffering of the next tile is the next step if profiles ask for it (the emulator would need
-// its copies and group waits first).
+// back to the SIMT kernels otherwise); results are stored as bf16 pairs. The forward loads K and
+// V by cp.async, each while the other is in use (see its loop); the backward's tiles are loaded
+// synchronously.
 
 #define ATTN_TC_LOG2E 1.4426950408889634f
 #define ATTN_TC_LN2 0.6931471805599453f
@@ -119,6 +119,20 @@ __device__ __forceinline__ void attn_tc_load_tile(bf16* dst, const bf16* __restr
 // emulator); ldmatrix_selftest compares the two on the device. Row addresses are 16-byte aligned:
 // tiles start at the (aligned) dynamic shared memory, rows are (HS + 8)·2 bytes apart and the
 // column offsets are multiples of 8 elements.
+
+// attn_tc_load_tile by cp.async: this thread's 16-byte chunks of the tile start copying (rows at
+// or past T fill with zeros from row 0's address); they land by the cp_async_wait that retires
+// the group the caller commits next.
+template <int HS, int ROWS>
+__device__ __forceinline__ void attn_tc_load_tile_async(bf16* dst, const bf16* __restrict__ src, long long stride,
+                                                        int row0, int T_len) {
+    constexpr int CH = HS / 8;  // 16-byte chunks per row
+    for (int idx = threadIdx.x; idx < ROWS * CH; idx += ATTN_TC_THREADS) {
+        const int r = idx / CH, c = idx % CH, t = row0 + r;
+        const bool in = t < T_len;
+        cp_async16(dst + r * (HS + 8) + c * 8, src + (long long)(in ? t : 0) * stride + c * 8, in ? 16 : 0);
+    }
+}
 
 // The A fragment of rows [r0, r0 + 16) and columns [k0, k0 + 16) of a row-major tile.
 template <int LD>
@@ -251,80 +265,104 @@ __device__ __forceinline__ void attention_tc_forward_impl(bf16* __restrict__ out
 #pragma unroll
         for (int i = 0; i < 4; ++i) o[nd][i] = 0.0f;
 
+    // K and V arrive by cp.async in groups committed in the order K(0), V(0), K(1), V(1), …: the
+    // load of K(kt + 1) runs during tile kt's softmax and P V, that of V(kt + 1) during the next
+    // tile's Q Kᵀ (FlashAttention-2's overlap, with no second buffer). Every thread commits a
+    // group at each point, empty where there is no next tile, so "at most one group in flight"
+    // always means the same tile.
     const int key_tiles = (min(q0 + BQ, T_len) - 1) / BK + 1;  // up to the diagonal
+    attn_tc_load_tile_async<HS, BK>(Ks, base + C, stride, 0, T_len);
+    cp_async_commit();
+    attn_tc_load_tile_async<HS, BK>(Vs, base + 2 * C, stride, 0, T_len);
+    cp_async_commit();
     for (int kt = 0; kt < key_tiles; ++kt) {
         const int k0 = kt * BK;
-        __syncthreads();  // the previous tile's readers of K and V are done
-        attn_tc_load_tile<HS, BK>(Ks, base + C, stride, k0, T_len);
-        attn_tc_load_tile<HS, BK>(Vs, base + 2 * C, stride, k0, T_len);
-        __syncthreads();
-        if (!active || k0 > row0 + 15) continue;  // the whole warp is past T or before the tile
+        const bool more = kt + 1 < key_tiles;
+        // The warp has rows at or after the tile's first key (warp-uniform).
+        const bool work = active && k0 <= row0 + 15;
+        cp_async_wait<1>();  // this thread's part of K(kt) landed (V(kt) may be in flight)
+        __syncthreads();     // and every thread's
 
         float s[NK][4];
 #pragma unroll
         for (int nk = 0; nk < NK; ++nk)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[nk][i] = 0.0f;
+        if (work) {
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks)
+            for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
-            for (int nk = 0; nk < NK; ++nk) {
-                unsigned kb[2];
-                attn_tc_frag_b_rows<LD>(kb, Ks, nk * 8, ks * 16);
-                mma_bf16_16816(s[nk], qf[ks], kb, s[nk]);
-            }
-        // Scale into the log2 domain; mask keys after the row (keys ≥ T are after every row < T;
-        // rows ≥ T are never stored).
-        const bool diag = k0 + BK - 1 > row0;
+                for (int nk = 0; nk < NK; ++nk) {
+                    unsigned kb[2];
+                    attn_tc_frag_b_rows<LD>(kb, Ks, nk * 8, ks * 16);
+                    mma_bf16_16816(s[nk], qf[ks], kb, s[nk]);
+                }
+        }
+        __syncthreads();  // every warp is done reading K(kt): K(kt + 1) may land there
+        if (more) attn_tc_load_tile_async<HS, BK>(Ks, base + C, stride, k0 + BK, T_len);
+        cp_async_commit();
+        if (work) {
+            // Scale into the log2 domain; mask keys after the row (keys ≥ T are after every row
+            // < T; rows ≥ T are never stored).
+            const bool diag = k0 + BK - 1 > row0;
 #pragma unroll
-        for (int nk = 0; nk < NK; ++nk)
+            for (int nk = 0; nk < NK; ++nk)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                s[nk][i] *= sl2;
-                if (diag && k0 + nk * 8 + 2 * t + (i & 1) > row0 + g + 8 * (i >> 1)) s[nk][i] = -INFINITY;
-            }
-        // Online softmax for the lane's two rows (r = 0: row g, r = 1: row g + 8); the four lanes
-        // of a quad hold one row's columns.
+                for (int i = 0; i < 4; ++i) {
+                    s[nk][i] *= sl2;
+                    if (diag && k0 + nk * 8 + 2 * t + (i & 1) > row0 + g + 8 * (i >> 1)) s[nk][i] = -INFINITY;
+                }
+            // Online softmax for the lane's two rows (r = 0: row g, r = 1: row g + 8); the four
+            // lanes of a quad hold one row's columns.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mt = -INFINITY;
+            for (int r = 0; r < 2; ++r) {
+                float mt = -INFINITY;
 #pragma unroll
-            for (int nk = 0; nk < NK; ++nk) mt = fmaxf(mt, fmaxf(s[nk][2 * r], s[nk][2 * r + 1]));
-            mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, 1));
-            mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, 2));
-            const float m_new = fmaxf(m[r], mt);
-            // Key k0 is visible to every row of the tile, so m_new is finite; this only guards the
-            // arithmetic (-inf - -inf).
-            const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-            const float alpha = exp2f(m[r] - m_use);
-            m[r] = m_new;
-            l[r] *= alpha;
+                for (int nk = 0; nk < NK; ++nk) mt = fmaxf(mt, fmaxf(s[nk][2 * r], s[nk][2 * r + 1]));
+                mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, 1));
+                mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, 2));
+                const float m_new = fmaxf(m[r], mt);
+                // Key k0 is visible to every row of the tile, so m_new is finite; this only
+                // guards the arithmetic (-inf - -inf).
+                const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+                const float alpha = exp2f(m[r] - m_use);
+                m[r] = m_new;
+                l[r] *= alpha;
 #pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                o[nd][2 * r] *= alpha;
-                o[nd][2 * r + 1] *= alpha;
-            }
+                for (int nd = 0; nd < ND; ++nd) {
+                    o[nd][2 * r] *= alpha;
+                    o[nd][2 * r + 1] *= alpha;
+                }
 #pragma unroll
-            for (int nk = 0; nk < NK; ++nk) {
-                const float p0 = exp2f(s[nk][2 * r] - m_use), p1 = exp2f(s[nk][2 * r + 1] - m_use);
-                l[r] += p0 + p1;
-                s[nk][2 * r] = p0;
-                s[nk][2 * r + 1] = p1;
+                for (int nk = 0; nk < NK; ++nk) {
+                    const float p0 = exp2f(s[nk][2 * r] - m_use), p1 = exp2f(s[nk][2 * r + 1] - m_use);
+                    l[r] += p0 + p1;
+                    s[nk][2 * r] = p0;
+                    s[nk][2 * r + 1] = p1;
+                }
             }
         }
-        // O += P V, P rounded to bf16 as the A operand.
+        cp_async_wait<1>();  // V(kt) landed (K(kt + 1) may be in flight)
+        __syncthreads();
+        if (work) {
+            // O += P V, P rounded to bf16 as the A operand.
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            unsigned pa[4];
-            attn_tc_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                unsigned pa[4];
+                attn_tc_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                unsigned vb[2];
-                attn_tc_frag_b_cols<LD>(vb, Vs, kk * 16, nd * 8);
-                mma_bf16_16816(o[nd], pa, vb, o[nd]);
+                for (int nd = 0; nd < ND; ++nd) {
+                    unsigned vb[2];
+                    attn_tc_frag_b_cols<LD>(vb, Vs, kk * 16, nd * 8);
+                    mma_bf16_16816(o[nd], pa, vb, o[nd]);
+                }
             }
         }
+        __syncthreads();  // every warp is done reading V(kt): V(kt + 1) may land there
+        if (more) attn_tc_load_tile_async<HS, BK>(Vs, base + 2 * C, stride, k0 + BK, T_len);
+        cp_async_commit();
     }
+    cp_async_wait<0>();  // (the last two groups are empty)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);

@@ -179,6 +179,40 @@ __device__ __forceinline__ void store16(void* p, pack16 v) {
 #endif
 }
 
+// Asynchronous 16-byte copies from global to shared memory (PTX cp.async.cg.shared.global with a
+// source size, sm_80+): cp_async16(dst, src, bytes) starts copying `bytes` (16, or 0 to fill the
+// 16 bytes at dst with zeros; src must be a valid 16-byte-aligned global address either way, dst
+// a 16-byte-aligned shared one); cp_async_commit() closes the group of the copies this thread
+// started since its last commit (an empty group is fine); cp_async_wait<N>() waits until at most
+// N of this thread's committed groups are still in flight. Another thread's copies are visible
+// after a __syncthreads that follows its wait. TROUPE_NO_CP_ASYNC (or a GPU before sm_80)
+// makes the copy synchronous and the commit and wait nothing. The emulator delivers a copy at
+// the earliest (as it starts) in odd blocks and the latest (the wait that retires it) in even
+// ones, so a missing wait or barrier shows either way.
+#ifndef TROUPE_EMU
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+#if __CUDA_ARCH__ >= 800 && !defined(TROUPE_NO_CP_ASYNC)
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+#else
+    pack16 v = {{0u, 0u, 0u, 0u}};
+    if (bytes > 0) v = load16(src);
+    store16(dst, v);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800 && !defined(TROUPE_NO_CP_ASYNC)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800 && !defined(TROUPE_NO_CP_ASYNC)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+#endif
+
 // Loads and stores of P consecutive elements of T as fp32: P = 1 (any C) or one 16-byte pack.
 template <typename T, bool VEC> struct vec_io;
 

@@ -4,7 +4,7 @@
 //! nvidia-cuda-nvrtc and puts its lib directory on LD_LIBRARY_PATH; elsewhere the test prints
 //! SKIPPED.
 
-use troupe::gpu::cuda::{compile_ptx, compile_ptx_with, ptx_entries};
+use troupe::gpu::cuda::{KernelOptions, compile_ptx, compile_ptx_with, ptx_entries};
 
 #[test]
 fn kernels_compile_for_sm90_and_match_the_emulator() {
@@ -26,7 +26,7 @@ fn kernels_compile_for_sm90_and_match_the_emulator() {
     // TROUPE_NO_LDMATRIX fallback), which must compile too and define the same kernels.
     assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.shared.b16"), "no ldmatrix in the PTX");
     assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"), "no transposing ldmatrix");
-    let plain = compile_ptx_with("sm_90", true, false).unwrap();
+    let plain = compile_ptx_with("sm_90", true, KernelOptions { ldmatrix: false, cp_async: false }).unwrap();
     let mut plain_entries = ptx_entries(&plain);
     plain_entries.sort();
     assert_eq!(plain_entries, entries, "the fallback's kernels");
@@ -37,6 +37,13 @@ fn kernels_compile_for_sm90_and_match_the_emulator() {
     };
     assert!(!outside_selftest(&plain), "TROUPE_NO_LDMATRIX left ldmatrix in a kernel");
     assert!(outside_selftest(&ptx), "ldmatrix only in its self-test");
+    // The forward's tiles by cp.async (with a source size: rows past T fill with zeros), unless
+    // TROUPE_NO_CP_ASYNC.
+    assert!(
+        ptx.contains("cp.async.cg.shared.global") && ptx.contains("cp.async.wait_group 1"),
+        "no cp.async"
+    );
+    assert!(!plain.contains("cp.async"), "TROUPE_NO_CP_ASYNC left cp.async in a kernel");
     let Some(emu) = troupe::gpu::emu::shared() else { return };
     let mut registered = emu.kernels().to_vec();
     registered.sort();

@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
@@ -82,6 +83,15 @@ struct Launch {
     std::vector<uint32_t> warp_slots;  // 32 lanes per warp, 4-byte payloads
     std::vector<uint64_t> warp_slots64;
     alignas(64) std::vector<unsigned char> dyn_smem;
+    // cp.async: per thread, the copies started since its last commit, and its committed groups
+    // (oldest first) — copies land only when a wait retires their group (cp_async_wait).
+    struct AsyncCopy {
+        void* dst;
+        const void* src;
+        int bytes;
+    };
+    std::vector<std::vector<AsyncCopy>> async_open;
+    std::vector<std::deque<std::vector<AsyncCopy>>> async_groups;
 };
 inline const dim3& launch_block_dim() { return current->block; }
 inline const dim3& launch_grid_dim() { return current->grid; }
@@ -207,6 +217,44 @@ inline void ldmatrix_b16(unsigned (&r)[N], const unsigned short* row) {
     }
     bar.arrive_and_wait();
     for (int i = 0; i < N; ++i) r[i] = out[i];
+}
+
+// cp.async (see cp_async16 in cuda/prelude.cuh), delivered at one of the two extremes a GPU
+// allows, by block: in odd blocks (linear index) a copy lands as it starts, the earliest — so a
+// kernel that starts overwriting a tile other warps still read has it change under them; in even
+// blocks it lands when the thread's cp_async_wait retires its group, the latest — so a kernel
+// that reads its tile before waiting (and the barrier after) reads the old contents (NaN on a
+// fresh launch). Any launch of two or more blocks checks both.
+inline void cp_async_deliver(void* dst, const void* src, int bytes) {
+    unsigned char tmp[16] = {};
+    if (bytes > 0) std::memcpy(tmp, src, (size_t)bytes);
+    std::memcpy(dst, tmp, 16);
+}
+inline void cp_async16(void* dst, const void* src, int bytes) {
+    using namespace troupe_emu;
+    const dim3& g = current->grid;
+    const unsigned long long block =
+        block_idx.x + (unsigned long long)g.x * (block_idx.y + (unsigned long long)g.y * block_idx.z);
+    if (block % 2 == 1) {
+        cp_async_deliver(dst, src, bytes);
+        return;
+    }
+    current->async_open[linear_tid].push_back(Launch::AsyncCopy{dst, src, bytes});
+}
+inline void cp_async_commit() {
+    using namespace troupe_emu;
+    auto& open = current->async_open[linear_tid];
+    current->async_groups[linear_tid].push_back(std::move(open));
+    open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    using namespace troupe_emu;
+    auto& groups = current->async_groups[linear_tid];
+    while (groups.size() > (size_t)N) {
+        for (const Launch::AsyncCopy& c : groups.front()) cp_async_deliver(c.dst, c.src, c.bytes);
+        groups.pop_front();
+    }
 }
 
 inline float __uint_as_float(unsigned int u) {

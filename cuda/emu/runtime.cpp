@@ -148,6 +148,9 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
     for (unsigned long long b = 0; b < blocks; ++b) {
         block_idx = dim3{(unsigned int)(b % l.grid.x), (unsigned int)((b / l.grid.x) % l.grid.y),
                          (unsigned int)(b / ((unsigned long long)l.grid.x * l.grid.y))};
+        // Copies a thread left in flight at its end are dropped with its block.
+        l.async_open.assign(l.threads, {});
+        l.async_groups.assign(l.threads, {});
         for (unsigned t = 0; t < l.threads; ++t) f.start(t);
         unsigned left = l.threads;
         while (left > 0) {

@@ -258,15 +258,18 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
     // Products tuned (TROUPE_GEMM_AUTOTUNE) and how many left the heuristic's first choice, and
     // how the tensor-core attention loads its fragments (TROUPE_NO_LDMATRIX): the row says
     // which variant it measured.
-    let (gemm_tuning, ldmatrix) = match &gpu {
+    let kernels = troupe::gpu::cuda::KernelOptions::from_env();
+    let (gemm_tuning, ldmatrix, cp_async) = match &gpu {
         OpenGpu::Cuda(g) => {
             let (tuned, other) = g.gemm_tuning();
             (
                 serde_json::json!({"tuned": tuned, "other_than_first": other}),
-                serde_json::Value::Bool(!troupe::gpu::cuda::ldmatrix_disabled()),
+                kernels.ldmatrix,
+                kernels.cp_async,
             )
         }
-        OpenGpu::Emu(_) => (serde_json::Value::Null, serde_json::Value::Bool(true)),
+        // The emulator always builds both (and delivers cp.async copies at either extreme).
+        OpenGpu::Emu(_) => (serde_json::Value::Null, true, true),
     };
     let median = times[times.len() / 2];
     let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
@@ -308,6 +311,7 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
         "device_memory_peak_mb": round(peak as f64 / 1048576.0, 1),
         "gemm_tuning": gemm_tuning,
         "ldmatrix": ldmatrix,
+        "cp_async": cp_async,
         "final_loss": loss,
     }))
 }

@@ -55,29 +55,54 @@ pub fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("troupe-cache")
 }
 
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Whether `TROUPE_NO_LDMATRIX` asks for the tensor-core attention's element-wise fragment
 /// loads instead of ldmatrix (set, and not "0"): a fallback, should a GPU disagree with the
 /// emulator's ldmatrix (the `ldmatrix_selftest` kernel's test says so).
 pub fn ldmatrix_disabled() -> bool {
-    std::env::var_os("TROUPE_NO_LDMATRIX").is_some_and(|v| !v.is_empty() && v != "0")
+    env_flag("TROUPE_NO_LDMATRIX")
+}
+
+/// Whether `TROUPE_NO_CP_ASYNC` asks for synchronous tile loads in the tensor-core attention's
+/// forward instead of cp.async (set, and not "0"): a fallback and a comparison.
+pub fn cp_async_disabled() -> bool {
+    env_flag("TROUPE_NO_CP_ASYNC")
+}
+
+/// How the kernels are built: the tensor-core attention's fragment loads (`ldmatrix`, else
+/// element-wise: `-DTROUPE_NO_LDMATRIX`) and its forward's tile loads (`cp_async`, else
+/// synchronous: `-DTROUPE_NO_CP_ASYNC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelOptions {
+    pub ldmatrix: bool,
+    pub cp_async: bool,
+}
+
+impl KernelOptions {
+    /// Both on unless `TROUPE_NO_LDMATRIX` / `TROUPE_NO_CP_ASYNC` say otherwise.
+    pub fn from_env() -> Self {
+        KernelOptions { ldmatrix: !ldmatrix_disabled(), cp_async: !cp_async_disabled() }
+    }
 }
 
 /// Compiles every kernel to PTX for `arch` (e.g. "sm_90") with NVRTC — no GPU needed, only
 /// libnvrtc. Cached on disk by source hash, options and architecture; `fresh` skips the cache.
-/// The tensor-core attention loads its fragments with ldmatrix unless [`ldmatrix_disabled`].
+/// Built with [`KernelOptions::from_env`].
 ///
 /// # Errors
 /// [`GpuError::NoNvrtc`] without libnvrtc; [`GpuError::Compile`] with NVRTC's log.
 pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
-    compile_ptx_with(arch, fresh, !ldmatrix_disabled())
+    compile_ptx_with(arch, fresh, KernelOptions::from_env())
 }
 
-/// [`compile_ptx`] with the choice of fragment loads explicit (`ldmatrix` false defines
-/// `TROUPE_NO_LDMATRIX` for the kernels).
+/// [`compile_ptx`] with the kernel options explicit.
 ///
 /// # Errors
 /// As [`compile_ptx`].
-pub fn compile_ptx_with(arch: &str, fresh: bool, ldmatrix: bool) -> Result<String, GpuError> {
+pub fn compile_ptx_with(arch: &str, fresh: bool, options: KernelOptions) -> Result<String, GpuError> {
     // SAFETY: only tries to open the library by its usual names.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(GpuError::NoNvrtc(
@@ -89,8 +114,11 @@ pub fn compile_ptx_with(arch: &str, fresh: bool, ldmatrix: bool) -> Result<Strin
     let src = kernel_source();
     let mut opts =
         vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), "--use_fast_math".to_string()];
-    if !ldmatrix {
+    if !options.ldmatrix {
         opts.push("-DTROUPE_NO_LDMATRIX".to_string());
+    }
+    if !options.cp_async {
+        opts.push("-DTROUPE_NO_CP_ASYNC".to_string());
     }
     let key = sources::hash_texts(&[&src, &opts.join(" "), &nvrtc_version()]);
     let path = cache_dir().join(format!("kernels-{key:016x}-{arch}.ptx"));
@@ -277,6 +305,11 @@ impl CudaGpu {
         if ldmatrix_disabled() {
             eprintln!(
                 "troupe: TROUPE_NO_LDMATRIX is set: the tensor-core attention loads its fragments element by element"
+            );
+        }
+        if cp_async_disabled() {
+            eprintln!(
+                "troupe: TROUPE_NO_CP_ASYNC is set: the tensor-core attention's forward loads its tiles synchronously"
             );
         }
         let autotune = std::env::var_os("TROUPE_GEMM_AUTOTUNE").is_some_and(|v| !v.is_empty() && v != "0");
