@@ -192,5 +192,26 @@ extern "C" __global__ void emu_selftest_rotate(float* out, const float* in) {
 }
 EXPORT_KERNEL(emu_selftest_rotate);
 
+// cp.async in the emulator: each thread copies 16 bytes (4 floats) of `in` into dynamic shared
+// memory, twice over in two groups, and records what it reads there before its first wait
+// (seen[0]), after retiring the first group (seen[1]) and after the second (seen[2]); the copies
+// of rows at or past `valid` fill with zeros.
+extern "C" __global__ void emu_selftest_cp_async(float* seen, const float* in, unsigned valid) {
+    DYN_SMEM(float, s);
+    const unsigned t = threadIdx.x, base = (blockIdx.x * blockDim.x + t) * 4;
+    float* mine = s + 4 * t;
+    cp_async16(mine, in + base, t < valid ? 16 : 0);
+    cp_async_commit();
+    cp_async16(mine, in + base + 4 * blockDim.x * gridDim.x, t < valid ? 16 : 0);
+    cp_async_commit();
+    float* out = seen + base * 3;
+    for (int i = 0; i < 4; ++i) out[i] = mine[i];
+    cp_async_wait<1>();
+    for (int i = 0; i < 4; ++i) out[4 + i] = mine[i];
+    cp_async_wait<0>();
+    for (int i = 0; i < 4; ++i) out[8 + i] = mine[i];
+}
+EXPORT_KERNEL(emu_selftest_cp_async);
+
 extern "C" int troupe_emu_kernel_count() { return (int)troupe_emu::registry().size(); }
 extern "C" const char* troupe_emu_kernel_name(int i) { return troupe_emu::registry()[(size_t)i].name; }

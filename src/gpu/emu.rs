@@ -580,6 +580,49 @@ mod tests {
         }
     }
 
+    /// The emulator's cp.async delivers at the two extremes a GPU allows: in odd blocks as each
+    /// copy starts (a read before any wait sees the second copy already), in even blocks at the
+    /// wait that retires its group (a read before the wait sees the untouched shared memory,
+    /// NaN; after the first wait the first copy; after the second the second); rows past the
+    /// valid ones fill with zeros.
+    #[test]
+    fn async_copies_land_at_the_earliest_or_the_latest_moment() {
+        let Some(emu) = super::shared() else { return };
+        let (blocks, n, valid) = (2usize, 64usize, 40u32);
+        let input: Vec<f32> = (0..2 * blocks * n * 4).map(|i| i as f32 + 1.0).collect();
+        let mut inp = emu.alloc(4 * input.len()).unwrap();
+        emu.upload(&mut inp, 0, bytemuck::cast_slice(&input)).unwrap();
+        let seen = emu.alloc(4 * 3 * blocks * n * 4).unwrap();
+        let args = [Arg::Ptr(Dev::new(&seen)), Arg::Ptr(Dev::new(&inp)), Arg::U32(valid)];
+        emu.launch("emu_selftest_cp_async", [blocks as u32, 1, 1], [n as u32, 1, 1], (16 * n) as u32, &args)
+            .unwrap();
+        let mut bytes = vec![0u8; 4 * 3 * blocks * n * 4];
+        emu.download(&seen, 0, &mut bytes).unwrap();
+        let got: &[f32] = bytemuck::cast_slice(&bytes);
+        let second = blocks * n * 4;
+        for b in 0..blocks {
+            for t in 0..n {
+                let base = (b * n + t) * 4;
+                let copy = |which: usize, i: usize| match t < valid as usize {
+                    true => input[base + which * second + i],
+                    false => 0.0,
+                };
+                for i in 0..4 {
+                    let at = |phase: usize| got[base * 3 + 4 * phase + i];
+                    let before = at(0);
+                    if b % 2 == 1 {
+                        assert_eq!(before, copy(1, i), "block {b} thread {t}: both copies landed at once");
+                        assert_eq!(at(1), copy(1, i), "block {b} thread {t}");
+                    } else {
+                        assert!(before.is_nan(), "block {b} thread {t}: read {before} before any wait");
+                        assert_eq!(at(1), copy(0, i), "block {b} thread {t}: the first group");
+                    }
+                    assert_eq!(at(2), copy(1, i), "block {b} thread {t}: the second group");
+                }
+            }
+        }
+    }
+
     #[test]
     fn byte_counts_parse_with_binary_suffixes() {
         assert_eq!(parse_bytes("123"), Some(123));
