@@ -188,31 +188,28 @@ __device__ __forceinline__ void attn_tc_frag_b_cols_ldm(unsigned (&b)[2], const 
 }
 
 // What the kernels call.
+#ifdef TROUPE_NO_LDMATRIX
+constexpr bool ATTN_TC_LDMATRIX = false;
+#else
+constexpr bool ATTN_TC_LDMATRIX = true;
+#endif
+
 template <int LD>
 __device__ __forceinline__ void attn_tc_frag_a(unsigned (&a)[4], const bf16* tile, int r0, int k0) {
-#ifdef TROUPE_NO_LDMATRIX
-    attn_tc_frag_a_lds<LD>(a, tile, r0, k0);
-#else
-    attn_tc_frag_a_ldm<LD>(a, tile, r0, k0);
-#endif
+    if constexpr (ATTN_TC_LDMATRIX) attn_tc_frag_a_ldm<LD>(a, tile, r0, k0);
+    else attn_tc_frag_a_lds<LD>(a, tile, r0, k0);
 }
 
 template <int LD>
 __device__ __forceinline__ void attn_tc_frag_b_rows(unsigned (&b)[2], const bf16* tile, int n0, int k0) {
-#ifdef TROUPE_NO_LDMATRIX
-    attn_tc_frag_b_rows_lds<LD>(b, tile, n0, k0);
-#else
-    attn_tc_frag_b_rows_ldm<LD>(b, tile, n0, k0);
-#endif
+    if constexpr (ATTN_TC_LDMATRIX) attn_tc_frag_b_rows_ldm<LD>(b, tile, n0, k0);
+    else attn_tc_frag_b_rows_lds<LD>(b, tile, n0, k0);
 }
 
 template <int LD>
 __device__ __forceinline__ void attn_tc_frag_b_cols(unsigned (&b)[2], const bf16* tile, int k0, int n0) {
-#ifdef TROUPE_NO_LDMATRIX
-    attn_tc_frag_b_cols_lds<LD>(b, tile, k0, n0);
-#else
-    attn_tc_frag_b_cols_ldm<LD>(b, tile, k0, n0);
-#endif
+    if constexpr (ATTN_TC_LDMATRIX) attn_tc_frag_b_cols_ldm<LD>(b, tile, k0, n0);
+    else attn_tc_frag_b_cols_lds<LD>(b, tile, k0, n0);
 }
 
 // The A fragment of a 16×16 block made of two adjacent 16×8 accumulator tiles (columns 0..7 from
