@@ -44,11 +44,11 @@
 // an x2 load, and those whose k runs down a column (V in P V, dO in Pᵀ dO, Q in dSᵀ Q, K in dS K)
 // by a transposing x2 load — 8 rows of 16 bytes per phase, conflict-free with the padded stride.
 // Element-wise loads (32-bit, or two 16-bit packed) give the same registers: TROUPE_NO_LDMATRIX
-// builds those instead, and ldmatrix_selftest compares the two. Global loads of tiles are
-// 16-byte vectors (the host checks that qkv, out, dout and dqkv are 16-byte aligned, and falls
+// builds those instead, and ldmatrix_selftest compares the two. Tiles move from global memory in
+// 16-byte copies (the host checks that qkv, out, dout and dqkv are 16-byte aligned, and falls
 // back to the SIMT kernels otherwise); results are stored as bf16 pairs. The forward loads K and
 // V by cp.async, each while the other is in use (see its loop); the backward's tiles are loaded
-// synchronously.
+// by cp.async too, waited for at once (attn_tc_load_tile).
 
 #define ATTN_TC_LOG2E 1.4426950408889634f
 #define ATTN_TC_LN2 0.6931471805599453f
@@ -60,18 +60,9 @@ template <int HS> struct AttnTcTiles;
 template <> struct AttnTcTiles<64> { static constexpr int FWD_BK = 64, DKV_BQ = 64, DQ_BK = 64; };
 template <> struct AttnTcTiles<128> { static constexpr int FWD_BK = 64, DKV_BQ = 16, DQ_BK = 16; };
 
-// 16-byte vectors and 32-bit words of bf16 storage. The emulator copies bytes (no alignment or
-// aliasing assumptions); on a GPU these are plain vector loads and stores.
+// 32-bit words of bf16 storage. The emulator copies bytes (no alignment or aliasing assumptions);
+// on a GPU these are plain loads and stores. (Tiles move in 16-byte copies: cp_async16.)
 #ifdef TROUPE_EMU
-struct alignas(16) AttnTcVec {
-    unsigned x, y, z, w;
-};
-__device__ __forceinline__ AttnTcVec attn_tc_ld16(const bf16* p) {
-    AttnTcVec v;
-    std::memcpy(&v, p, 16);
-    return v;
-}
-__device__ __forceinline__ void attn_tc_st16(bf16* p, AttnTcVec v) { std::memcpy(p, &v, 16); }
 __device__ __forceinline__ unsigned attn_tc_ld32(const bf16* p) {
     unsigned v;
     std::memcpy(&v, p, 4);
@@ -79,9 +70,6 @@ __device__ __forceinline__ unsigned attn_tc_ld32(const bf16* p) {
 }
 __device__ __forceinline__ void attn_tc_st32(bf16* p, unsigned v) { std::memcpy(p, &v, 4); }
 #else
-typedef uint4 AttnTcVec;
-__device__ __forceinline__ AttnTcVec attn_tc_ld16(const bf16* p) { return *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ void attn_tc_st16(bf16* p, AttnTcVec v) { *reinterpret_cast<uint4*>(p) = v; }
 __device__ __forceinline__ unsigned attn_tc_ld32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
 __device__ __forceinline__ void attn_tc_st32(bf16* p, unsigned v) { *reinterpret_cast<unsigned*>(p) = v; }
 #endif
@@ -97,32 +85,10 @@ __device__ __forceinline__ unsigned attn_tc_pack(float lo, float hi) {
 #endif
 }
 
-// Loads rows [row0, row0 + ROWS) of a head's HS columns (row t at src + t·stride) into a shared
-// tile with row stride HS + 8; rows at or past T read as 0.
-template <int HS, int ROWS>
-__device__ __forceinline__ void attn_tc_load_tile(bf16* dst, const bf16* __restrict__ src, long long stride,
-                                                  int row0, int T_len) {
-    constexpr int CH = HS / 8;  // 16-byte chunks per row
-    for (int idx = threadIdx.x; idx < ROWS * CH; idx += ATTN_TC_THREADS) {
-        const int r = idx / CH, c = idx % CH, t = row0 + r;
-        AttnTcVec v = {0u, 0u, 0u, 0u};
-        if (t < T_len) v = attn_tc_ld16(src + (long long)t * stride + c * 8);
-        attn_tc_st16(dst + r * (HS + 8) + c * 8, v);
-    }
-}
-
-// Fragment loads from the shared tiles, in two forms with the same results: element-wise (`_lds`:
-// 32-bit shared loads, or two 16-bit ones packed, as the fragment layouts of prelude.cuh say) and
-// warp-collective (`_ldm`: one ldmatrix per fragment, a quarter to an eighth of the instructions).
-// The kernels use ldmatrix unless TROUPE_NO_LDMATRIX is defined (the NVRTC build defines it when
-// the environment variable of that name is set: a fallback should a GPU disagree with the
-// emulator); ldmatrix_selftest compares the two on the device. Row addresses are 16-byte aligned:
-// tiles start at the (aligned) dynamic shared memory, rows are (HS + 8)·2 bytes apart and the
-// column offsets are multiples of 8 elements.
-
-// attn_tc_load_tile by cp.async: this thread's 16-byte chunks of the tile start copying (rows at
-// or past T fill with zeros from row 0's address); they land by the cp_async_wait that retires
-// the group the caller commits next.
+// Starts loading rows [row0, row0 + ROWS) of a head's HS columns (row t at src + t·stride) into a
+// shared tile with row stride HS + 8, by cp.async: this thread's 16-byte chunks start copying
+// (rows at or past T fill with zeros, read from row 0's address); they land by the cp_async_wait
+// that retires the group the caller commits next.
 template <int HS, int ROWS>
 __device__ __forceinline__ void attn_tc_load_tile_async(bf16* dst, const bf16* __restrict__ src, long long stride,
                                                         int row0, int T_len) {
@@ -133,6 +99,25 @@ __device__ __forceinline__ void attn_tc_load_tile_async(bf16* dst, const bf16* _
         cp_async16(dst + r * (HS + 8) + c * 8, src + (long long)(in ? t : 0) * stride + c * 8, in ? 16 : 0);
     }
 }
+
+// The same, landed: this thread's part of the tile is in place when it returns (a __syncthreads
+// then makes the whole tile visible). For kernels with no other copies in flight.
+template <int HS, int ROWS>
+__device__ __forceinline__ void attn_tc_load_tile(bf16* dst, const bf16* __restrict__ src, long long stride,
+                                                  int row0, int T_len) {
+    attn_tc_load_tile_async<HS, ROWS>(dst, src, stride, row0, T_len);
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+// Fragment loads from the shared tiles, in two forms with the same results: element-wise (`_lds`:
+// 32-bit shared loads, or two 16-bit ones packed, as the fragment layouts of prelude.cuh say) and
+// warp-collective (`_ldm`: one ldmatrix per fragment, a quarter to an eighth of the instructions).
+// The kernels use ldmatrix unless TROUPE_NO_LDMATRIX is defined (the NVRTC build defines it when
+// the environment variable of that name is set: a fallback should a GPU disagree with the
+// emulator); ldmatrix_selftest compares the two on the device. Row addresses are 16-byte aligned:
+// tiles start at the (aligned) dynamic shared memory, rows are (HS + 8)·2 bytes apart and the
+// column offsets are multiples of 8 elements.
 
 // The A fragment of rows [r0, r0 + 16) and columns [k0, k0 + 16) of a row-major tile.
 template <int LD>
