@@ -736,8 +736,11 @@ fn the_bubble_of_a_linked_step_is_measured_on_the_device() -> Result<()> {
         let (b, h) = (bubbles(&linked), bubbles(&host));
         eprintln!("{name}: measured bubbles with links {b:?}, through the host {h:?}");
         ensure!(h[1] > 1.0, "{name}: through the host the straggler's neighbour idled only {:.3}", h[1]);
+        // Wall-clock measures on a loaded machine: the two runs land within 2× of each other
+        // (4.3 vs 8.8 under CI's parallel tests, 7.2 vs 6.4 alone), the host clock of a linked
+        // step read 0.03 — the bounds sit between.
         ensure!(
-            b[1] > 0.5 * h[1],
+            b[1] > 1.0 && b[1] > 0.2 * h[1],
             "{name}: with links step 2's bubble reads {:.3}, through the host {:.3}",
             b[1],
             h[1]
