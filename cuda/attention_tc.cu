@@ -12,9 +12,9 @@
 //   backward (after the dsum kernel of attention.cu, reused as is):
 //     dkv, per block of 64 key rows (4 warps × 16 keys), looping over the query tiles at or below
 //       the diagonal: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, Pᵀ = exp2(Sᵀ·c − lse₂), dSᵀ = Pᵀ ∘ (dPᵀ − D);
-//       dV += Pᵀ dO, dK += dSᵀ Q (Pᵀ and dSᵀ rounded to bf16 as A operands); dK scaled at the end.
+//       dK += dSᵀ Q, dV += Pᵀ dO (Pᵀ and dSᵀ rounded to bf16 as A operands); dK scaled at the end.
 //     dq, per block of 64 query rows (4 warps × 16 rows), looping over the key tiles up to the
-//       diagonal: S = Q Kᵀ, dP = dO Vᵀ, the same P and dS, dQ += dS K; dQ scaled at the end.
+//       diagonal: dP = dO Vᵀ, S = Q Kᵀ, the same P and dS, dQ += dS K; dQ scaled at the end.
 //   Each warp owns 16 rows of its block's tile and accumulates their outputs alone, in an order
 //   fixed by the shapes: no atomics, bitwise deterministic. Tiles (and warps) that the causal
 //   mask hides entirely are skipped; T need not be a multiple of any tile (rows ≥ T load as 0 and
@@ -46,9 +46,10 @@
 // Element-wise loads (32-bit, or two 16-bit packed) give the same registers: TROUPE_NO_LDMATRIX
 // builds those instead, and ldmatrix_selftest compares the two. Tiles move from global memory in
 // 16-byte copies (the host checks that qkv, out, dout and dqkv are 16-byte aligned, and falls
-// back to the SIMT kernels otherwise); results are stored as bf16 pairs. The forward loads K and
-// V by cp.async, each while the other is in use (see its loop); the backward's tiles are loaded
-// by cp.async too, waited for at once (attn_tc_load_tile).
+// back to the SIMT kernels otherwise); results are stored as bf16 pairs. Tiles are loaded by
+// cp.async, each of a loop's two tiles while the other is in use (see the loops): K during the
+// forward's softmax and P V, V during its Q Kᵀ; in dkv Q during dV's product and dO during Sᵀ; in
+// dq V during S, dS and dQ and K during dP — no second buffer, so no more shared memory.
 
 #define ATTN_TC_LOG2E 1.4426950408889634f
 #define ATTN_TC_LN2 0.6931471805599453f
@@ -100,14 +101,16 @@ __device__ __forceinline__ void attn_tc_load_tile_async(bf16* dst, const bf16* _
     }
 }
 
-// The same, landed: this thread's part of the tile is in place when it returns (a __syncthreads
-// then makes the whole tile visible). For kernels with no other copies in flight.
-template <int HS, int ROWS>
-__device__ __forceinline__ void attn_tc_load_tile(bf16* dst, const bf16* __restrict__ src, long long stride,
-                                                  int row0, int T_len) {
-    attn_tc_load_tile_async<HS, ROWS>(dst, src, stride, row0, T_len);
-    cp_async_commit();
-    cp_async_wait<0>();
+// The log2-domain lse and the D of rows [row0, row0 + ROWS) into shared memory (0 past T), by
+// plain loads: visible after the next __syncthreads.
+template <int ROWS>
+__device__ __forceinline__ void attn_tc_load_row_stats(float* Ls, float* Ds, const float* __restrict__ lse,
+                                                       const float* __restrict__ dsum, int row0, int T_len) {
+    for (int i = threadIdx.x; i < ROWS; i += ATTN_TC_THREADS) {
+        const int q = row0 + i;
+        Ls[i] = q < T_len ? lse[q] * ATTN_TC_LOG2E : 0.0f;
+        Ds[i] = q < T_len ? dsum[q] : 0.0f;
+    }
 }
 
 // Fragment loads from the shared tiles, in two forms with the same results: element-wise (`_lds`:
@@ -395,27 +398,34 @@ __device__ __forceinline__ void attention_tc_backward_dkv_impl(bf16* __restrict_
     const long long row_stats = ((long long)b * NH + h) * T_len;
     const float sl2 = ATTN_TC_LOG2E / sqrtf((float)HS);
 
-    attn_tc_load_tile<HS, BK>(Ks, base + C, stride, k0, T_len);
-    attn_tc_load_tile<HS, BK>(Vs, base + 2 * C, stride, k0, T_len);
     float dk[ND][4], dv[ND][4];
 #pragma unroll
     for (int nd = 0; nd < ND; ++nd)
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk[nd][i] = dv[nd][i] = 0.0f;
 
+    // The block's K and V and the query tiles' Q and dO arrive by cp.async in groups committed
+    // in the order {K, V, Q(first)}, dO(first), Q(next), dO(next), …: Q(qt + 1) loads during tile
+    // qt's dV product, dO(qt + 1) during the next tile's Sᵀ (the forward's overlap, with no second
+    // buffer; dK's product, the last reader of Q, goes before dV's). Every thread commits a group
+    // at each point, empty where there is no next tile. The rows' lse and D go through registers
+    // into shared memory by plain loads next to their Q.
     const int query_tiles = (T_len + BQ - 1) / BQ;
-    for (int qt = k0 / BQ; qt < query_tiles; ++qt) {
+    const int first = k0 / BQ;
+    attn_tc_load_tile_async<HS, BK>(Ks, base + C, stride, k0, T_len);
+    attn_tc_load_tile_async<HS, BK>(Vs, base + 2 * C, stride, k0, T_len);
+    attn_tc_load_tile_async<HS, BQ>(Qs, base, stride, first * BQ, T_len);
+    cp_async_commit();
+    attn_tc_load_tile_async<HS, BQ>(dOs, dout_base, C, first * BQ, T_len);
+    cp_async_commit();
+    attn_tc_load_row_stats<BQ>(Ls, Ds, lse + row_stats, dsum + row_stats, first * BQ, T_len);
+    for (int qt = first; qt < query_tiles; ++qt) {
         const int q0 = qt * BQ;
-        __syncthreads();  // the previous tile's readers of Q, dO, lse and D are done
-        attn_tc_load_tile<HS, BQ>(Qs, base, stride, q0, T_len);
-        attn_tc_load_tile<HS, BQ>(dOs, dout_base, C, q0, T_len);
-        for (int i = threadIdx.x; i < BQ; i += ATTN_TC_THREADS) {
-            const int q = q0 + i;
-            Ls[i] = q < T_len ? lse[row_stats + q] * ATTN_TC_LOG2E : 0.0f;
-            Ds[i] = q < T_len ? dsum[row_stats + q] : 0.0f;
-        }
-        __syncthreads();
-        if (!active || q0 + BQ - 1 < key0) continue;  // past T, or every query before the keys
+        const bool more = qt + 1 < query_tiles;
+        // The warp's keys see some query of the tile (warp-uniform; warps past T have none).
+        const bool work = active && q0 + BQ - 1 >= key0;
+        cp_async_wait<1>();  // this thread's part of Q(qt) landed (dO(qt) may be in flight)
+        __syncthreads();     // and every thread's, with lse and D
 
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: 16 keys × BQ queries.
         float s[NQ][4], dp[NQ][4];
@@ -423,46 +433,81 @@ __device__ __forceinline__ void attention_tc_backward_dkv_impl(bf16* __restrict_
         for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[nq][i] = dp[nq][i] = 0.0f;
+        if (work) {
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned ka[4], va[4];
-            attn_tc_frag_a<LD>(ka, Ks, 16 * warp, ks * 16);
-            attn_tc_frag_a<LD>(va, Vs, 16 * warp, ks * 16);
+            for (int ks = 0; ks < KS; ++ks) {
+                unsigned ka[4];
+                attn_tc_frag_a<LD>(ka, Ks, 16 * warp, ks * 16);
 #pragma unroll
-            for (int nq = 0; nq < NQ; ++nq) {
-                unsigned qb[2], ob[2];
-                attn_tc_frag_b_rows<LD>(qb, Qs, nq * 8, ks * 16);
-                attn_tc_frag_b_rows<LD>(ob, dOs, nq * 8, ks * 16);
-                mma_bf16_16816(s[nq], ka, qb, s[nq]);
-                mma_bf16_16816(dp[nq], va, ob, dp[nq]);
+                for (int nq = 0; nq < NQ; ++nq) {
+                    unsigned qb[2];
+                    attn_tc_frag_b_rows<LD>(qb, Qs, nq * 8, ks * 16);
+                    mma_bf16_16816(s[nq], ka, qb, s[nq]);
+                }
             }
         }
-        // Pᵀ (into s) and dSᵀ (into dp); queries ≥ T and before the key contribute nothing.
+        cp_async_wait<0>();  // dO(qt) landed
+        __syncthreads();
+        if (work) {
 #pragma unroll
-        for (int nq = 0; nq < NQ; ++nq)
+            for (int ks = 0; ks < KS; ++ks) {
+                unsigned va[4];
+                attn_tc_frag_a<LD>(va, Vs, 16 * warp, ks * 16);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int qi = nq * 8 + 2 * t + (i & 1), query = q0 + qi, key = key0 + g + 8 * (i >> 1);
-                const float p = (query < T_len && key <= query) ? exp2f(s[nq][i] * sl2 - Ls[qi]) : 0.0f;
-                s[nq][i] = p;
-                dp[nq][i] = p * (dp[nq][i] - Ds[qi]);
+                for (int nq = 0; nq < NQ; ++nq) {
+                    unsigned ob[2];
+                    attn_tc_frag_b_rows<LD>(ob, dOs, nq * 8, ks * 16);
+                    mma_bf16_16816(dp[nq], va, ob, dp[nq]);
+                }
             }
-        // dV += Pᵀ dO and dK += dSᵀ Q, over the tile's queries 16 at a time.
+            // Pᵀ (into s) and dSᵀ (into dp); queries ≥ T and before the key contribute nothing.
 #pragma unroll
-        for (int kq = 0; kq < BQ / 16; ++kq) {
-            unsigned pa[4], sa[4];
-            attn_tc_c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
-            attn_tc_c_to_a(sa, dp[2 * kq], dp[2 * kq + 1]);
+            for (int nq = 0; nq < NQ; ++nq)
 #pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                unsigned ob[2], qb[2];
-                attn_tc_frag_b_cols<LD>(ob, dOs, kq * 16, nd * 8);
-                attn_tc_frag_b_cols<LD>(qb, Qs, kq * 16, nd * 8);
-                mma_bf16_16816(dv[nd], pa, ob, dv[nd]);
-                mma_bf16_16816(dk[nd], sa, qb, dk[nd]);
+                for (int i = 0; i < 4; ++i) {
+                    const int qi = nq * 8 + 2 * t + (i & 1), query = q0 + qi, key = key0 + g + 8 * (i >> 1);
+                    const float p = (query < T_len && key <= query) ? exp2f(s[nq][i] * sl2 - Ls[qi]) : 0.0f;
+                    s[nq][i] = p;
+                    dp[nq][i] = p * (dp[nq][i] - Ds[qi]);
+                }
+            // dK += dSᵀ Q over the tile's queries 16 at a time.
+#pragma unroll
+            for (int kq = 0; kq < BQ / 16; ++kq) {
+                unsigned sa[4];
+                attn_tc_c_to_a(sa, dp[2 * kq], dp[2 * kq + 1]);
+#pragma unroll
+                for (int nd = 0; nd < ND; ++nd) {
+                    unsigned qb[2];
+                    attn_tc_frag_b_cols<LD>(qb, Qs, kq * 16, nd * 8);
+                    mma_bf16_16816(dk[nd], sa, qb, dk[nd]);
+                }
             }
         }
+        __syncthreads();  // every warp is done reading Q(qt), lse and D: the next tile's may land
+        if (more) {
+            attn_tc_load_tile_async<HS, BQ>(Qs, base, stride, q0 + BQ, T_len);
+            attn_tc_load_row_stats<BQ>(Ls, Ds, lse + row_stats, dsum + row_stats, q0 + BQ, T_len);
+        }
+        cp_async_commit();
+        if (work) {
+            // dV += Pᵀ dO over the tile's queries 16 at a time.
+#pragma unroll
+            for (int kq = 0; kq < BQ / 16; ++kq) {
+                unsigned pa[4];
+                attn_tc_c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
+#pragma unroll
+                for (int nd = 0; nd < ND; ++nd) {
+                    unsigned ob[2];
+                    attn_tc_frag_b_cols<LD>(ob, dOs, kq * 16, nd * 8);
+                    mma_bf16_16816(dv[nd], pa, ob, dv[nd]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done reading dO(qt): dO(qt + 1) may land there
+        if (more) attn_tc_load_tile_async<HS, BQ>(dOs, dout_base, C, q0 + BQ, T_len);
+        cp_async_commit();
     }
+    cp_async_wait<0>();  // (the last two groups are empty)
     if (active) {
         const float scale = 1.0f / sqrtf((float)HS);
 #pragma unroll
@@ -506,8 +551,16 @@ __device__ __forceinline__ void attention_tc_backward_dq_impl(bf16* __restrict__
     const long long row_stats = ((long long)b * NH + h) * T_len;
     const float sl2 = ATTN_TC_LOG2E / sqrtf((float)HS);
 
-    attn_tc_load_tile<HS, BQ>(Qs, base, stride, q0, T_len);
-    attn_tc_load_tile<HS, BQ>(dOs, dout + (long long)b * T_len * C + (long long)h * HS, C, q0, T_len);
+    // The block's Q and dO and the key tiles' K and V arrive by cp.async in groups committed in
+    // the order {Q, dO, V(0)}, K(0), V(1), K(1), …: V(kt + 1) loads during tile kt's S, dS and dQ,
+    // K(kt + 1) during the next tile's dP (dP goes first: V's only reader is done when K(kt) has
+    // landed, and V(kt + 1) starts behind that barrier). Every thread commits a group at each point, empty where there is no next tile.
+    attn_tc_load_tile_async<HS, BQ>(Qs, base, stride, q0, T_len);
+    attn_tc_load_tile_async<HS, BQ>(dOs, dout + (long long)b * T_len * C + (long long)h * HS, C, q0, T_len);
+    attn_tc_load_tile_async<HS, BK>(Vs, base + 2 * C, stride, 0, T_len);
+    cp_async_commit();
+    attn_tc_load_tile_async<HS, BK>(Ks, base + C, stride, 0, T_len);
+    cp_async_commit();
     float lse2[2], dr[2], dq[ND][4];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -523,54 +576,76 @@ __device__ __forceinline__ void attention_tc_backward_dq_impl(bf16* __restrict__
     const int key_tiles = (min(q0 + BQ, T_len) - 1) / BK + 1;
     for (int kt = 0; kt < key_tiles; ++kt) {
         const int k0 = kt * BK;
-        __syncthreads();  // the previous tile's readers of K and V are done
-        attn_tc_load_tile<HS, BK>(Ks, base + C, stride, k0, T_len);
-        attn_tc_load_tile<HS, BK>(Vs, base + 2 * C, stride, k0, T_len);
-        __syncthreads();
-        if (!active || k0 > row0 + 15) continue;  // past T, or every key after the warp's rows
+        const bool more = kt + 1 < key_tiles;
+        // The warp has rows at or after the tile's first key (warp-uniform).
+        const bool work = active && k0 <= row0 + 15;
+        cp_async_wait<1>();  // this thread's part of V(kt) landed (K(kt) may be in flight)
+        __syncthreads();     // and every thread's
 
-        // S = Q Kᵀ and dP = dO Vᵀ: 16 rows × BK keys.
+        // dP = dO Vᵀ and S = Q Kᵀ: 16 rows × BK keys.
         float s[NK][4], dp[NK][4];
 #pragma unroll
         for (int nk = 0; nk < NK; ++nk)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[nk][i] = dp[nk][i] = 0.0f;
+        if (work) {
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned qa[4], oa[4];
-            attn_tc_frag_a<LD>(qa, Qs, 16 * warp, ks * 16);
-            attn_tc_frag_a<LD>(oa, dOs, 16 * warp, ks * 16);
+            for (int ks = 0; ks < KS; ++ks) {
+                unsigned oa[4];
+                attn_tc_frag_a<LD>(oa, dOs, 16 * warp, ks * 16);
 #pragma unroll
-            for (int nk = 0; nk < NK; ++nk) {
-                unsigned kb[2], vb[2];
-                attn_tc_frag_b_rows<LD>(kb, Ks, nk * 8, ks * 16);
-                attn_tc_frag_b_rows<LD>(vb, Vs, nk * 8, ks * 16);
-                mma_bf16_16816(s[nk], qa, kb, s[nk]);
-                mma_bf16_16816(dp[nk], oa, vb, dp[nk]);
+                for (int nk = 0; nk < NK; ++nk) {
+                    unsigned vb[2];
+                    attn_tc_frag_b_rows<LD>(vb, Vs, nk * 8, ks * 16);
+                    mma_bf16_16816(dp[nk], oa, vb, dp[nk]);
+                }
             }
         }
-        // dS (into dp); keys after the row contribute nothing (rows ≥ T are never stored).
+        cp_async_wait<0>();  // K(kt) landed
+        __syncthreads();     // and every warp is done reading V(kt): V(kt + 1) may land there
+        if (more) attn_tc_load_tile_async<HS, BK>(Vs, base + 2 * C, stride, k0 + BK, T_len);
+        cp_async_commit();
+        if (work) {
 #pragma unroll
-        for (int nk = 0; nk < NK; ++nk)
+            for (int ks = 0; ks < KS; ++ks) {
+                unsigned qa[4];
+                attn_tc_frag_a<LD>(qa, Qs, 16 * warp, ks * 16);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int key = k0 + nk * 8 + 2 * t + (i & 1), row = row0 + g + 8 * (i >> 1);
-                const float p = key <= row ? exp2f(s[nk][i] * sl2 - lse2[i >> 1]) : 0.0f;
-                dp[nk][i] = p * (dp[nk][i] - dr[i >> 1]);
-            }
-        // dQ += dS K over the tile's keys 16 at a time.
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            unsigned sa[4];
-            attn_tc_c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-            for (int nd = 0; nd < ND; ++nd) {
-                unsigned kb[2];
-                attn_tc_frag_b_cols<LD>(kb, Ks, kk * 16, nd * 8);
-                mma_bf16_16816(dq[nd], sa, kb, dq[nd]);
+                for (int nk = 0; nk < NK; ++nk) {
+                    unsigned kb[2];
+                    attn_tc_frag_b_rows<LD>(kb, Ks, nk * 8, ks * 16);
+                    mma_bf16_16816(s[nk], qa, kb, s[nk]);
+                }
             }
         }
+        if (work) {
+            // dS (into dp); keys after the row contribute nothing (rows ≥ T are never stored).
+#pragma unroll
+            for (int nk = 0; nk < NK; ++nk)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int key = k0 + nk * 8 + 2 * t + (i & 1), row = row0 + g + 8 * (i >> 1);
+                    const float p = key <= row ? exp2f(s[nk][i] * sl2 - lse2[i >> 1]) : 0.0f;
+                    dp[nk][i] = p * (dp[nk][i] - dr[i >> 1]);
+                }
+            // dQ += dS K over the tile's keys 16 at a time.
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                unsigned sa[4];
+                attn_tc_c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+                for (int nd = 0; nd < ND; ++nd) {
+                    unsigned kb[2];
+                    attn_tc_frag_b_cols<LD>(kb, Ks, kk * 16, nd * 8);
+                    mma_bf16_16816(dq[nd], sa, kb, dq[nd]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done reading K(kt): K(kt + 1) may land there
+        if (more) attn_tc_load_tile_async<HS, BK>(Ks, base + C, stride, k0 + BK, T_len);
+        cp_async_commit();
     }
+    cp_async_wait<0>();  // (the last two groups are empty)
     if (active) {
         const float scale = 1.0f / sqrtf((float)HS);
 #pragma unroll
