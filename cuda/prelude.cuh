@@ -13,9 +13,10 @@
 //   on timing (no float atomics).
 #ifndef TROUPE_EMU
 #define EXPORT_KERNEL(name)
-#define DYN_SMEM(T, name)                                                                         \
-    extern __shared__ __align__(16) unsigned char troupe_dyn_smem_[];                             \
-    T* name = reinterpret_cast<T*>(troupe_dyn_smem_)
+// One file-scope declaration of the dynamic shared memory: declared inside both extern "C"
+// kernels and C++ templates it would have two linkages (an NVRTC warning).
+extern __shared__ __align__(16) unsigned char troupe_dyn_smem_[];
+#define DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(troupe_dyn_smem_)
 #endif
 
 #ifndef INFINITY

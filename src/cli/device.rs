@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 use super::UsageError;
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct DeviceArgs {}
+pub struct DeviceArgs {
+    /// Also compile the kernels to machine code for ARCH with NVRTC and print what ptxas reports
+    /// of each (registers per thread, stack frame, spills). Needs libnvrtc only, no GPU.
+    #[arg(long, value_name = "ARCH", num_args = 0..=1, default_missing_value = "sm_90")]
+    pub kernels: Option<String>,
+}
 
 /// Set after the re-execution, so a library that still does not load is an error, not a loop.
 const SHIM_ENV: &str = "TROUPE_NCCL_SHIM";
@@ -71,7 +76,7 @@ fn yes_no(found: bool) -> &'static str {
     if found { "found" } else { "not found" }
 }
 
-pub fn run(_args: DeviceArgs) -> anyhow::Result<()> {
+pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     match troupe::device::probe_cuda() {
         Ok(devices) => {
             println!("CUDA driver: found (CUDA {})", troupe::gpu::cuda::driver_version());
@@ -107,5 +112,32 @@ pub fn run(_args: DeviceArgs) -> anyhow::Result<()> {
         _ => println!("kernel emulator (--device emu): g++ not found"),
     }
     println!("kernel cache: {}", troupe::gpu::cuda::cache_dir().display());
+    if let Some(arch) = &args.kernels {
+        print_kernel_resources(arch)?;
+    }
+    Ok(())
+}
+
+/// The ptxas report of every kernel for `arch`, as a table (spilling kernels marked).
+fn print_kernel_resources(arch: &str) -> anyhow::Result<()> {
+    use troupe::gpu::cuda::{KernelOptions, kernel_resources};
+    let options = KernelOptions::from_env();
+    let kernels =
+        kernel_resources(arch, false, options).map_err(|e| UsageError(format!("--kernels {arch}: {e}")))?;
+    println!(
+        "\nkernels for {arch} (ptxas -v; ldmatrix {}, cp.async {}): {}",
+        if options.ldmatrix { "on" } else { "off" },
+        if options.cp_async { "on" } else { "off" },
+        kernels.len()
+    );
+    let width = kernels.iter().map(|k| k.name.len()).max().unwrap_or(0);
+    println!("{:width$}  registers  stack B  spill stores B  spill loads B", "kernel");
+    for k in &kernels {
+        let mark = if k.spill_store_bytes > 0 || k.spill_load_bytes > 0 { "  spills" } else { "" };
+        println!(
+            "{:width$}  {:>9}  {:>7}  {:>14}  {:>13}{mark}",
+            k.name, k.registers, k.stack_bytes, k.spill_store_bytes, k.spill_load_bytes
+        );
+    }
     Ok(())
 }

@@ -66,15 +66,15 @@ pub fn ldmatrix_disabled() -> bool {
     env_flag("TROUPE_NO_LDMATRIX")
 }
 
-/// Whether `TROUPE_NO_CP_ASYNC` asks for synchronous tile loads in the tensor-core attention's
-/// forward instead of cp.async (set, and not "0"): a fallback and a comparison.
+/// Whether `TROUPE_NO_CP_ASYNC` asks for synchronous tile loads in the tensor-core attention
+/// kernels instead of cp.async (set, and not "0"): a fallback and a comparison.
 pub fn cp_async_disabled() -> bool {
     env_flag("TROUPE_NO_CP_ASYNC")
 }
 
 /// How the kernels are built: the tensor-core attention's fragment loads (`ldmatrix`, else
-/// element-wise: `-DTROUPE_NO_LDMATRIX`) and its forward's tile loads (`cp_async`, else
-/// synchronous: `-DTROUPE_NO_CP_ASYNC`).
+/// element-wise: `-DTROUPE_NO_LDMATRIX`) and its tile loads (`cp_async`, else synchronous:
+/// `-DTROUPE_NO_CP_ASYNC`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelOptions {
     pub ldmatrix: bool,
@@ -103,23 +103,9 @@ pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
 /// # Errors
 /// As [`compile_ptx`].
 pub fn compile_ptx_with(arch: &str, fresh: bool, options: KernelOptions) -> Result<String, GpuError> {
-    // SAFETY: only tries to open the library by its usual names.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(GpuError::NoNvrtc(
-            "libnvrtc.so was not found on the library path (pip's nvidia-cuda-nvrtc puts it in \
-             site-packages/nvidia/cu13/lib; add that to LD_LIBRARY_PATH)"
-                .into(),
-        ));
-    }
+    nvrtc_present()?;
     let src = kernel_source();
-    let mut opts =
-        vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), "--use_fast_math".to_string()];
-    if !options.ldmatrix {
-        opts.push("-DTROUPE_NO_LDMATRIX".to_string());
-    }
-    if !options.cp_async {
-        opts.push("-DTROUPE_NO_CP_ASYNC".to_string());
-    }
+    let opts = nvrtc_options(arch, options);
     let key = sources::hash_texts(&[&src, &opts.join(" "), &nvrtc_version()]);
     let path = cache_dir().join(format!("kernels-{key:016x}-{arch}.ptx"));
     if !fresh && let Ok(ptx) = std::fs::read_to_string(&path) {
@@ -155,6 +141,152 @@ pub fn compile_ptx_with(arch: &str, fresh: bool, options: KernelOptions) -> Resu
         }
     }
     Ok(ptx)
+}
+
+fn nvrtc_present() -> Result<(), GpuError> {
+    // SAFETY: only tries to open the library by its usual names.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Ok(());
+    }
+    Err(GpuError::NoNvrtc(
+        "libnvrtc.so was not found on the library path (pip's nvidia-cuda-nvrtc puts it in \
+         site-packages/nvidia/cu13/lib; add that to LD_LIBRARY_PATH)"
+            .into(),
+    ))
+}
+
+/// NVRTC's options for the kernels: the architecture, C++17, fast math and the kernel options.
+fn nvrtc_options(arch: &str, options: KernelOptions) -> Vec<String> {
+    let mut opts =
+        vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string(), "--use_fast_math".to_string()];
+    if !options.ldmatrix {
+        opts.push("-DTROUPE_NO_LDMATRIX".to_string());
+    }
+    if !options.cp_async {
+        opts.push("-DTROUPE_NO_CP_ASYNC".to_string());
+    }
+    opts
+}
+
+/// What ptxas reports of one compiled kernel: registers per thread and the bytes of its stack
+/// frame and of its register spills (stores and loads in the code, not per launch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+/// Every kernel's resources as ptxas reports them for a real architecture (`arch` "sm_90", not
+/// "compute_90"): the kernels compiled to machine code by NVRTC with `--ptxas-options=-v` — no
+/// GPU needed, only libnvrtc. Register pressure and spills show here before any GPU run. Cached
+/// like [`compile_ptx`] (the report's text); `fresh` skips the cache.
+///
+/// # Errors
+/// [`GpuError::NoNvrtc`] without libnvrtc; [`GpuError::Compile`] with NVRTC's log when the
+/// kernels do not compile, `arch` is not a real architecture or the report cannot be read.
+pub fn kernel_resources(
+    arch: &str,
+    fresh: bool,
+    options: KernelOptions,
+) -> Result<Vec<KernelResources>, GpuError> {
+    use cudarc::nvrtc::result as nv;
+    let compile_err =
+        |log: String| GpuError::Compile { file: "cuda/*.cu".into(), arch: arch.to_string(), log };
+    if !arch
+        .strip_prefix("sm_")
+        .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        return Err(compile_err(format!(
+            "a register report needs a real architecture such as sm_90 (ptxas runs for it), not {arch:?}"
+        )));
+    }
+    nvrtc_present()?;
+    let src = kernel_source();
+    let mut opts = nvrtc_options(arch, options);
+    opts.push("--ptxas-options=-v".to_string());
+    let key = sources::hash_texts(&[&src, &opts.join(" "), &nvrtc_version()]);
+    let path = cache_dir().join(format!("kernels-{key:016x}-{arch}.ptxas.txt"));
+    let cached = if fresh { None } else { std::fs::read_to_string(&path).ok() };
+    let log = match cached {
+        Some(log) => log,
+        None => {
+            eprintln!(
+                "troupe: compiling the CUDA kernels for {arch} with NVRTC {} and ptxas -v",
+                nvrtc_version()
+            );
+            let csrc = std::ffi::CString::new(src)
+                .map_err(|_| compile_err("the kernel source holds a NUL byte".into()))?;
+            let prog = nv::create_program(&csrc, Some(c"troupe.cu"))
+                .map_err(|e| compile_err(format!("creating the NVRTC program: {e:?}")))?;
+            // SAFETY: `prog` was just created and is destroyed once, below; `csrc` outlives it.
+            let compiled = unsafe { nv::compile_program(prog, &opts) };
+            // SAFETY: as above.
+            let raw = unsafe { nv::get_program_log(prog) };
+            // SAFETY: as above; not used after this.
+            let _ = unsafe { nv::destroy_program(prog) };
+            let log = raw
+                .map(|v| {
+                    let bytes: Vec<u8> = v.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+                .map_err(|e| compile_err(format!("reading NVRTC's log: {e:?}")))?;
+            if compiled.is_err() {
+                return Err(compile_err(log));
+            }
+            if std::fs::create_dir_all(cache_dir()).is_ok() {
+                let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+                if std::fs::write(&tmp, &log).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+            log
+        }
+    };
+    let kernels = parse_ptxas_report(&log);
+    if kernels.is_empty() {
+        return Err(compile_err(format!("no kernel in ptxas's report:\n{log}")));
+    }
+    Ok(kernels)
+}
+
+/// The kernels of a ptxas `-v` report (NVRTC's log), in its order. A kernel's lines follow its
+/// "Compiling entry function 'NAME'" line: "N bytes stack frame, N bytes spill stores, N bytes
+/// spill loads" and "Used N registers"; other lines (warnings, "Function properties") are
+/// skipped, and a value the report does not give reads 0.
+pub fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
+    // The number just before `label` in `line`, if `label` is there.
+    fn before(line: &str, label: &str) -> Option<u32> {
+        let head = &line[..line.find(label)?];
+        head.split(|c: char| !c.is_ascii_digit()).rfind(|w| !w.is_empty())?.parse().ok()
+    }
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources {
+                name,
+                registers: 0,
+                stack_bytes: 0,
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+            });
+            continue;
+        }
+        let Some(k) = out.last_mut() else { continue };
+        if let Some(v) = before(line, "bytes stack frame") {
+            k.stack_bytes = v;
+            k.spill_store_bytes = before(line, "bytes spill stores").unwrap_or(0);
+            k.spill_load_bytes = before(line, "bytes spill loads").unwrap_or(0);
+        } else if line.contains("Used ")
+            && let Some(v) = before(line, " registers")
+        {
+            k.registers = v;
+        }
+    }
+    out
 }
 
 /// NVRTC's version as "major.minor" (or "unknown").
@@ -1201,6 +1333,36 @@ pub fn shared() -> Option<&'static CudaGpu> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ptxas_reports_are_read_kernel_by_kernel() {
+        let log = "troupe.cu(3): warning #1556-D: something\n\
+            ptxas info    : 0 bytes gmem\n\
+            ptxas info    : Compiling entry function 'dq_hs128' for 'sm_90'\n\
+            ptxas info    : Function properties for dq_hs128\n\
+            ptxas         .     8 bytes stack frame, 8 bytes spill stores, 16 bytes spill loads\n\
+            ptxas info    : Used 128 registers, used 1 barriers, 8 bytes cumulative stack size\n\
+            ptxas info    : Compiling entry function 'gelu' for 'sm_90'\n\
+            ptxas info    : Function properties for gelu\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 18 registers, used 0 barriers, 380 bytes cmem[0]\n\
+            ptxas info    : Compiling entry function 'bare' for 'sm_90'\n";
+        let k = parse_ptxas_report(log);
+        let row = |name: &str, registers, stack_bytes, spill_store_bytes, spill_load_bytes| KernelResources {
+            name: name.into(),
+            registers,
+            stack_bytes,
+            spill_store_bytes,
+            spill_load_bytes,
+        };
+        assert_eq!(
+            k,
+            vec![row("dq_hs128", 128, 8, 8, 16), row("gelu", 18, 0, 0, 0), row("bare", 0, 0, 0, 0)]
+        );
+        assert!(parse_ptxas_report("nvrtc: error: failed to open libnvrtc-builtins.so.13.0").is_empty());
+        let e = kernel_resources("compute_90", false, KernelOptions::from_env()).unwrap_err().to_string();
+        assert!(e.contains("real architecture") && e.contains("compute_90"), "{e}");
+    }
 
     #[test]
     fn the_gpu_timeout_defaults_to_ten_minutes_and_refuses_nonsense() {
