@@ -55,3 +55,24 @@ fn device_reports_each_part_and_nccl_lib_makes_pips_nccl_loadable() -> Result<()
     ensure!(code == 2 && err.contains("no libnccl.so.2 or libnccl.so"), "{code} {err}");
     Ok(())
 }
+
+#[test]
+fn device_kernels_prints_what_ptxas_reports_of_each_kernel() -> Result<()> {
+    let (code, _, err) = troupe(&["device", "--kernels", "compute_90"])?;
+    ensure!(code == 2 && err.contains("real architecture"), "{code} {err}");
+    let (code, out, err) = troupe(&["device", "--kernels"])?;
+    if err.contains("NVRTC is not available") {
+        ensure!(code == 2, "{code} {err}");
+        eprintln!("SKIPPED the register report: no libnvrtc here ({err})");
+        return Ok(());
+    }
+    ensure!(code == 0, "{err}");
+    ensure!(out.contains("kernels for sm_90 (ptxas -v; ldmatrix on, cp.async on)"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("attention_tc_forward_hs64_bf16 "))
+        .ok_or_else(|| anyhow::anyhow!("no tensor-core forward row: {out}"))?;
+    let numbers: Vec<u32> = row.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    ensure!(numbers.len() == 4 && numbers[0] > 0 && numbers[0] <= 255, "{row}");
+    Ok(())
+}

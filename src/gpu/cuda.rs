@@ -441,7 +441,7 @@ impl CudaGpu {
         }
         if cp_async_disabled() {
             eprintln!(
-                "troupe: TROUPE_NO_CP_ASYNC is set: the tensor-core attention's forward loads its tiles synchronously"
+                "troupe: TROUPE_NO_CP_ASYNC is set: the tensor-core attention loads its tiles synchronously"
             );
         }
         let autotune = std::env::var_os("TROUPE_GEMM_AUTOTUNE").is_some_and(|v| !v.is_empty() && v != "0");
