@@ -458,6 +458,33 @@ fn ldmatrix_fragment_loads_match_the_layouts_in_the_emulator() {
     check_ldmatrix_layout(emu, "emulator");
 }
 
+/// The padded tiles of the tensor-core attention (row stride HS + 8 elements) make every ldmatrix
+/// phase conflict-free: the emulator counts, as a GPU serves them, the wavefronts that rows
+/// sharing a bank group would add (see `LdmatrixConflicts`). Without the pad a row stride of
+/// 128 or 256 bytes puts all eight rows of a phase in one group (8 wavefronts instead of 1).
+#[test]
+fn ldmatrix_loads_are_free_of_bank_conflicts_in_the_emulator() {
+    let Some(emu) = troupe::gpu::emu::shared() else { return };
+    check_ldmatrix_layout(emu, "emulator");
+    for (b, t, nh, hs) in [(1, 80, 2, 64), (1, 80, 1, 128)] {
+        let c = nh * hs;
+        let (qkv, dout) = inputs(DType::Bf16, b, t, c, hs);
+        run(emu, Some(Path::TensorCore), DType::Bf16, &qkv, &dout, b, t, c, nh);
+    }
+    for hs in [64, 128] {
+        for kernel in ["forward", "backward_dkv", "backward_dq"] {
+            let name = format!("attention_tc_{kernel}_hs{hs}_bf16");
+            let seen = emu.ldmatrix_bank_conflicts(&name).unwrap();
+            eprintln!("{name}: {seen:?}");
+            assert!(seen.phases > 0, "{name} loaded nothing by ldmatrix: {seen:?}");
+            assert_eq!(seen.extra_wavefronts, 0, "{name} has bank conflicts: {seen:?}");
+        }
+    }
+    let seen = emu.ldmatrix_bank_conflicts("ldmatrix_selftest").unwrap();
+    assert!(seen.phases > 0 && seen.extra_wavefronts == 0, "{seen:?}");
+    assert!(emu.ldmatrix_bank_conflicts("no_such_kernel").is_err());
+}
+
 #[test]
 fn ldmatrix_fragment_loads_match_the_layouts_on_a_gpu() {
     let Some(gpu) = troupe::gpu::cuda::shared() else { return };

@@ -92,7 +92,19 @@ struct Launch {
     };
     std::vector<std::vector<AsyncCopy>> async_open;
     std::vector<std::deque<std::vector<AsyncCopy>>> async_groups;
+    struct LdmatrixStats* ldmatrix = nullptr;  // the kernel's (runtime.cpp sets it)
 };
+
+// Shared-memory bank conflicts of a kernel's ldmatrix loads, over all its launches in this
+// process: each 8×8 matrix is one phase of 8 row reads of 16 bytes; the rows of a phase whose
+// addresses share a 16-byte bank group ((address / 16) mod 8: 4 of the 32 four-byte banks) are
+// served in turn, so a phase costs as many wavefronts as its most shared group has rows.
+// `extra` counts the wavefronts beyond one per phase (0 when conflict-free).
+struct LdmatrixStats {
+    std::atomic<unsigned long long> phases{0}, extra{0};
+};
+constexpr std::size_t MAX_KERNELS = 1024;
+inline LdmatrixStats ldmatrix_stats[MAX_KERNELS];
 inline const dim3& launch_block_dim() { return current->block; }
 inline const dim3& launch_grid_dim() { return current->grid; }
 inline unsigned char* dyn_smem() { return current->dyn_smem.data(); }
@@ -207,6 +219,15 @@ inline void ldmatrix_b16(unsigned (&r)[N], const unsigned short* row) {
     auto& bar = l->warp_barriers[warp];
     l->warp_slots64[warp * 32 + lane] = reinterpret_cast<uint64_t>(row);
     bar.arrive_and_wait();
+    if (lane == 0 && l->ldmatrix) {
+        for (int i = 0; i < N; ++i) {
+            unsigned rows_in[8] = {};
+            unsigned most = 0;
+            for (int k = 0; k < 8; ++k) most = std::max(most, ++rows_in[(l->warp_slots64[warp * 32 + 8 * i + k] / 16) % 8]);
+            l->ldmatrix->phases.fetch_add(1, std::memory_order_relaxed);
+            l->ldmatrix->extra.fetch_add(most - 1, std::memory_order_relaxed);
+        }
+    }
     const unsigned int g = lane >> 2, w = lane & 3;
     unsigned out[N];
     for (int i = 0; i < N; ++i) {

@@ -119,10 +119,13 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
         return 1;
     };
     const Entry* entry = nullptr;
-    for (const Entry& e : registry())
-        if (std::strcmp(e.name, name) == 0) entry = &e;
+    std::size_t index = 0;
+    for (std::size_t i = 0; i < registry().size(); ++i)
+        if (std::strcmp(registry()[i].name, name) == 0) entry = &registry()[i], index = i;
     if (!entry) return fail(std::string("no kernel named ") + name);
+    if (index >= MAX_KERNELS) return fail("more kernels than the emulator's statistics hold");
     Launch l;
+    l.ldmatrix = &ldmatrix_stats[index];
     l.grid = dim3{grid3[0], grid3[1], grid3[2]};
     l.block = dim3{block3[0], block3[1], block3[2]};
     l.threads = block3[0] * block3[1] * block3[2];
@@ -214,4 +217,16 @@ extern "C" __global__ void emu_selftest_cp_async(float* seen, const float* in, u
 EXPORT_KERNEL(emu_selftest_cp_async);
 
 extern "C" int troupe_emu_kernel_count() { return (int)troupe_emu::registry().size(); }
+// The ldmatrix phases and extra wavefronts of kernel `name` so far (see LdmatrixStats in emu.h);
+// 1 if there is no such kernel.
+extern "C" int troupe_emu_ldmatrix_stats(const char* name, unsigned long long* phases, unsigned long long* extra) {
+    using namespace troupe_emu;
+    for (std::size_t i = 0; i < registry().size() && i < MAX_KERNELS; ++i)
+        if (std::strcmp(registry()[i].name, name) == 0) {
+            *phases = ldmatrix_stats[i].phases.load();
+            *extra = ldmatrix_stats[i].extra.load();
+            return 0;
+        }
+    return 1;
+}
 extern "C" const char* troupe_emu_kernel_name(int i) { return troupe_emu::registry()[(size_t)i].name; }

@@ -82,6 +82,17 @@ type LaunchFn = unsafe extern "C" fn(
 ) -> c_int;
 type CountFn = unsafe extern "C" fn() -> c_int;
 type NameFn = unsafe extern "C" fn(c_int) -> *const c_char;
+type LdmatrixStatsFn = unsafe extern "C" fn(*const c_char, *mut u64, *mut u64) -> c_int;
+
+/// Shared-memory bank conflicts of one kernel's ldmatrix loads, over all its launches on the
+/// emulator so far ([`EmuGpu::ldmatrix_bank_conflicts`]): `phases` 8×8 matrices loaded (one phase
+/// of eight 16-byte row reads each) and the `extra_wavefronts` beyond one per phase that rows
+/// sharing a bank group cost (0 when every load was conflict-free).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LdmatrixConflicts {
+    pub phases: u64,
+    pub extra_wavefronts: u64,
+}
 
 /// Host memory standing in for device memory (8-byte aligned, zeroed).
 pub struct EmuBuf {
@@ -204,6 +215,29 @@ impl EmuGpu {
         let mut gpu = Self::new()?;
         gpu.limit = Some(bytes);
         Ok(gpu)
+    }
+
+    /// What the ldmatrix loads of `kernel` cost in shared-memory bank conflicts so far, counted
+    /// as a GPU serves them (see [`LdmatrixConflicts`]): a static performance check of the
+    /// shared-memory layouts that needs no GPU.
+    ///
+    /// # Errors
+    /// [`GpuError::Shape`] for a kernel the emulator does not have.
+    pub fn ldmatrix_bank_conflicts(&self, kernel: &str) -> Result<LdmatrixConflicts, GpuError> {
+        let fail = |why: String| GpuError::Shape {
+            op: "reading the emulator's ldmatrix statistics",
+            detail: format!("{kernel}: {why}"),
+        };
+        let name = CString::new(kernel).map_err(|_| fail("kernel name contains NUL".into()))?;
+        // SAFETY: defined in runtime.cpp with this signature.
+        let stats: libloading::Symbol<LdmatrixStatsFn> =
+            unsafe { self.lib.get(b"troupe_emu_ldmatrix_stats") }.map_err(|e| fail(e.to_string()))?;
+        let (mut phases, mut extra) = (0u64, 0u64);
+        // SAFETY: a NUL-terminated name and two writable u64s.
+        if unsafe { stats(name.as_ptr(), &mut phases, &mut extra) } != 0 {
+            return Err(fail("no such kernel in the emulator".into()));
+        }
+        Ok(LdmatrixConflicts { phases, extra_wavefronts: extra })
     }
 
     /// The names of all CUDA kernels compiled in (the ones `cuda/*.cu` defines; not the
