@@ -133,14 +133,20 @@ pub fn compile_ptx_with(arch: &str, fresh: bool, options: KernelOptions) -> Resu
         GpuError::Compile { file: "cuda/*.cu".into(), arch: arch.to_string(), log }
     })?
     .to_src();
-    // The cache is an optimisation: a read-only home directory only costs a recompile.
+    write_cache(&path, &ptx);
+    Ok(ptx)
+}
+
+/// Puts a compiled text into the kernel cache (written aside, then renamed into place, so a
+/// concurrent reader sees all of it or nothing). The cache is an optimisation: a read-only home
+/// directory only costs a recompile.
+fn write_cache(path: &std::path::Path, text: &str) {
     if std::fs::create_dir_all(cache_dir()).is_ok() {
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, &ptx).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
         }
     }
-    Ok(ptx)
 }
 
 fn nvrtc_present() -> Result<(), GpuError> {
@@ -236,12 +242,7 @@ pub fn kernel_resources(
             if compiled.is_err() {
                 return Err(compile_err(log));
             }
-            if std::fs::create_dir_all(cache_dir()).is_ok() {
-                let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-                if std::fs::write(&tmp, &log).is_ok() {
-                    let _ = std::fs::rename(&tmp, &path);
-                }
-            }
+            write_cache(&path, &log);
             log
         }
     };
