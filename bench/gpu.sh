@@ -72,7 +72,7 @@ gputest() { # test binary name, time limit
 }
 # (gpu_nvrtc, NVRTC's compiles and ptxas's register report, needs no GPU: CI runs it; the first
 # kernel test below compiles the same PTX here and says so if NVRTC fails.)
-for name in gpu_kernels_attention gpu_kernels_gelu gpu_kernels_layernorm gpu_kernels_crossentropy \
+for name in gpu_kernels_attention gpu_kernels_gelu gpu_kernels_layernorm gpu_kernels_crossentropy gpu_kernels_checksum \
   gpu_kernels_embedding gpu_kernels_optim gpu_model gpu_parity gpu_nccl; do
   gputest $name 120
 done

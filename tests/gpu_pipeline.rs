@@ -683,6 +683,9 @@ fn the_v_turn_stays_on_the_device() -> Result<()> {
                 timeout: Duration::from_secs(120),
                 device: Some(StageFactory::new(gpu, DType::F32).with_host_groups(gpu)),
                 host_p2p,
+                // Messages only: the emulator's links go through the host, where each
+                // message's checksum would add its own few bytes.
+                checksums: false,
                 ..RunOptions::default()
             };
             let results = train_inproc(&cfg, data(&cfg), opts, 2, None, None)?;
@@ -764,6 +767,64 @@ fn a_crashed_gpu_stage_is_the_root_cause_over_its_device_link() -> Result<()> {
             err.contains("rank 1, step 2") && err.contains("injected failure"),
             "on the {name}: the reported error is not the crash: {err}"
         );
+    }
+    Ok(())
+}
+
+/// Pipeline messages on device links carry checksums, as host messages carry a CRC32: a
+/// corrupt fault injected on a link — a damaged copy sent by rank 0 (activations) or rank 1
+/// (gradients), or a message damaged as rank 1 reads it (`recv=`) — fails the step with an
+/// error naming the message and the sending rank, in fp32 and bf16. With `--no-checksums` the
+/// same damage goes through unnoticed, on the links, and changes the parameters (so the fault
+/// did damage the message, and the checksums are what caught it).
+#[test]
+fn corruption_on_a_device_link_is_caught_by_its_checksum() -> Result<()> {
+    let cfg = config(&["parallel.pipeline_model_parallel_size=2"])?;
+    let cases = [
+        ("corrupt:rank=0,step=2", "corrupt activation of microbatch 0 from rank 0"),
+        ("corrupt:rank=1,step=2,phase=cooldown", "corrupt gradient of microbatch 3 from rank 1"),
+        ("corrupt:rank=1,step=2,recv=2", "corrupt activation of microbatch 1 from rank 0"),
+    ];
+    for dtype in [DType::F32, DType::Bf16] {
+        for (name, dev) in devices(dtype) {
+            let go = |fault: Option<&str>, checksums: bool| -> Result<Vec<RankResult>> {
+                let mut opts = RunOptions {
+                    timeout: Duration::from_secs(120),
+                    device: Some(dev.clone()),
+                    checksums,
+                    ..RunOptions::default()
+                };
+                opts.faults.faults.extend(fault.map(str::parse).transpose()?);
+                Ok(train_inproc(&cfg, data(&cfg), opts, 2, None, None)?)
+            };
+            let clean = go(None, true)?;
+            ensure!(
+                clean.iter().all(|r| r.p2p_on_device),
+                "on the {name}: the messages did not use the links"
+            );
+            let bits = |r: &[RankResult]| params(r).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (fault, want) in cases {
+                let what = format!("{fault} on the {name} ({dtype:?})");
+                let err = match go(Some(fault), true) {
+                    Ok(_) => anyhow::bail!("{what}: the damaged message went through"),
+                    Err(e) => e.to_string(),
+                };
+                ensure!(
+                    err.contains(want) && err.contains("device checksum") && err.contains("step 2"),
+                    "{what}: {err}"
+                );
+                eprintln!("{what}: {err}");
+                let unchecked = go(Some(fault), false)?;
+                ensure!(
+                    unchecked.iter().all(|r| r.p2p_on_device),
+                    "{what}: the fault moved the messages off the links"
+                );
+                ensure!(
+                    bits(&unchecked) != bits(&clean),
+                    "{what}: without checksums the damage changed nothing"
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -53,7 +53,8 @@ pub struct RuntimeArgs {
     /// kinds: crash exit hang slow drop delay duplicate reorder corrupt nan inf sigterm ckpt-fail ckpt-kill.
     #[arg(long = "inject", value_name = "SPEC")]
     pub inject: Vec<String>,
-    /// Do not add and verify a CRC32 on pipeline messages.
+    /// Do not add and verify checksums on pipeline messages (a CRC32 on host messages, a 64-bit
+    /// checksum on device links).
     #[arg(long)]
     pub no_checksums: bool,
     /// GPU chunks with data parallelism: sum gradients through the host's reducer (download,

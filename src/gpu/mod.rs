@@ -70,6 +70,11 @@ pub enum GpuError {
     Shape { op: &'static str, detail: String },
     #[error("the CPU kernel emulator could not be built: {0}")]
     EmuBuild(String),
+    /// A pipeline message whose checksum on arrival differs from its sender's (device links).
+    #[error(
+        "corrupt {what} of microbatch {mb} from rank {from} (device checksum {got:016x}, sent {sent:016x}): the device link from rank {from} damaged it"
+    )]
+    Corrupt { what: &'static str, mb: u64, from: usize, got: u64, sent: u64 },
     #[error("I/O while {op}: {source}")]
     Io {
         op: String,

@@ -24,7 +24,7 @@
 mod messages;
 mod split;
 
-pub use messages::Ready;
+pub use messages::{Arrival, ArrivalCheck, Ready, SumLabel};
 
 use super::ops::{attention, crossentropy, embedding, gelu, layernorm, optim};
 use super::{DType, Dev, GeluEpilogue, Gemm, Gpu, GpuError, download_f32, encode};

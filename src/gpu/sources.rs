@@ -18,6 +18,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("attention_any.cu", include_str!("../../cuda/attention_any.cu")),
     ("crossentropy.cu", include_str!("../../cuda/crossentropy.cu")),
     ("optim.cu", include_str!("../../cuda/optim.cu")),
+    ("checksum.cu", include_str!("../../cuda/checksum.cu")),
 ];
 
 /// A stable 64-bit FNV-1a hash of some texts (cache keys for compiled kernels).

@@ -27,9 +27,10 @@ use std::sync::Arc;
 
 use super::cuda::CudaGpu;
 use super::dp::{DeviceComm, HostComm};
-use super::model::GpuGpt;
 use super::model::ParamFence;
+use super::model::{Arrival, ArrivalCheck, GpuGpt, SumLabel};
 use super::nccl::NcclComm;
+use super::ops::checksum;
 use super::{DType, Dev, Gpu, GpuError, MemoryStats, download_f32};
 use crate::comm::Comm;
 use crate::models::gpt::{GptConfig, GradRef, Hidden, LayerRange, StageInput};
@@ -251,9 +252,22 @@ pub trait DeviceStage: Send {
     /// A group of another device, or not of two ranks.
     fn set_links(&mut self, links: &[(usize, DeviceGroup)]) -> Result<(), GpuError>;
 
+    /// Checksums every message on the links from now on, as host messages carry a CRC32: the
+    /// sender sends its checksum after each message (`crate::gpu::ops::checksum`), the receiver
+    /// computes one when it reads the message, and [`DeviceStage::finish_links`] compares them.
+    /// `peers` gives the world rank of each pipeline peer (pipeline rank, world rank), for the
+    /// error that names a damaging link. Both ends of a link must check, or neither (the
+    /// checksums are messages of their own).
+    ///
+    /// # Errors
+    /// A link's peer missing from `peers`.
+    fn check_links(&mut self, peers: &[(usize, usize)]) -> Result<(), GpuError>;
+
     /// Queues `ops` on the device link to their peer, in order; several (all to one peer) are
     /// queued as one group, so an exchange's two directions progress together
-    /// ([`DeviceComm::grouped`]). A send reads the output from the activations as they are (they
+    /// ([`DeviceComm::grouped`]). The ops at the indices in `damage` carry an injected fault: a
+    /// send goes out as a damaged copy (its checksum is of the intact message), a receive is
+    /// damaged as it is read, before its checksum. A send reads the output from the activations as they are (they
     /// live until the microbatch's backward, which waits for a gradient the peer computed from
     /// them) or the input gradient [`DeviceStage::keep_input_grad`] kept (whose buffer is written
     /// again only after the send's mark); a receive lands in a message buffer that the forward
@@ -262,7 +276,7 @@ pub trait DeviceStage: Send {
     /// # Errors
     /// No link to the peer, ops to several peers, a microbatch not in flight, no kept
     /// gradient, out of device memory; the link's errors.
-    fn post_messages(&mut self, ops: &[LinkOp]) -> Result<(), GpuError>;
+    fn post_messages(&mut self, ops: &[LinkOp], damage: &[usize]) -> Result<(), GpuError>;
 
     /// Keeps the input gradient of the latest backward (of `mb`) on the device for a
     /// [`LinkOp::SendInputGrad`] (one device copy; nothing comes to the host).
@@ -297,13 +311,15 @@ pub trait DeviceStage: Send {
     fn use_links(&mut self, on: bool) -> Result<(), GpuError>;
 
     /// Waits (bounded by the links' timeout) until every message queued on the links has been
-    /// transferred, so that a failed or missing peer shows at the end of the step that needed it;
+    /// transferred, so that a failed or missing peer shows at the end of the step that needed it,
+    /// and compares the checksums of the messages received ([`DeviceStage::check_links`]);
     /// after a step started by [`DeviceStage::use_links`] with links on, returns how the device
     /// spent it.
     ///
     /// # Errors
     /// The first link's error; messages that arrived and were not used, or were kept and not
-    /// sent; reading the device's times fails.
+    /// sent; [`GpuError::Corrupt`] for a message damaged on its way; reading the device's times
+    /// fails.
     fn finish_links(&mut self) -> Result<Option<LinkTiming>, GpuError>;
 
     /// Writes `value` over the first element of in-flight `mb`'s output (fault injection: a
@@ -389,6 +405,9 @@ struct GpuStage<G: Gpu + 'static> {
     zero: Option<Zero>,
     /// Device links by pipeline peer ([`DeviceStage::set_links`]).
     links: std::collections::BTreeMap<usize, Arc<dyn DeviceComm<G>>>,
+    /// With checksums on the links ([`DeviceStage::check_links`]): the world rank of each
+    /// pipeline peer.
+    checked: Option<std::collections::BTreeMap<usize, usize>>,
     /// The device's time at the start of a step that uses the links ([`DeviceStage::use_links`]).
     step_start: Option<crate::gpu::StreamTime>,
 }
@@ -746,7 +765,7 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         Ok(())
     }
 
-    fn post_messages(&mut self, ops: &[LinkOp]) -> Result<(), GpuError> {
+    fn post_messages(&mut self, ops: &[LinkOp], damage: &[usize]) -> Result<(), GpuError> {
         const OP: &str = "DeviceStage::post_messages";
         let Some(first) = ops.first() else { return Ok(()) };
         let peer = first.peer();
@@ -756,35 +775,89 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
                 detail: format!("a group of messages goes to one peer: {first:?} and {o:?}"),
             });
         }
+        if let Some(&i) = damage.iter().find(|&&i| i >= ops.len()) {
+            return Err(GpuError::Shape {
+                op: OP,
+                detail: format!("message {i} to damage of {}", ops.len()),
+            });
+        }
         let link = self.link(OP, peer)?;
         let (gpu, dtype) = (self.model.gpu(), self.model.dtype());
         let other = 1 - link.rank();
-        // The receives' buffers first (allocation, and waits for their previous sends, stay
-        // out of the group).
+        let from = match &self.checked {
+            Some(world) => Some(*world.get(&peer).ok_or_else(|| GpuError::Shape {
+                op: OP,
+                detail: format!("no world rank for pipeline rank {peer}'s checksums"),
+            })?),
+            None => None,
+        };
+        // Everything but the transfers first (allocation, waits for earlier sends, checksums and
+        // damaged copies stay out of the group): the receives' buffers, each message's checksum
+        // slot (a send's checksum is computed now, from the intact message) and a damaged send's
+        // copy.
         let mut bufs = Vec::new();
-        for op in ops {
-            if let LinkOp::RecvInput { batch, seq, .. } | LinkOp::RecvOutputGrad { batch, seq, .. } = *op {
-                let n = self.model.message_elems(batch, seq);
-                bufs.push((self.model.message_buffer(n)?, n));
-            }
+        let mut slots = Vec::with_capacity(ops.len());
+        let mut copies = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let slot = match (*op, from) {
+                (
+                    LinkOp::RecvInput { batch, seq, mb, .. } | LinkOp::RecvOutputGrad { batch, seq, mb, .. },
+                    _,
+                ) => {
+                    let n = self.model.message_elems(batch, seq);
+                    bufs.push((self.model.message_buffer(n)?, n));
+                    let what = if matches!(op, LinkOp::RecvInput { .. }) { "activation" } else { "gradient" };
+                    from.map(|from| self.model.checksum_slot(Some(SumLabel { what, mb, from })))
+                        .transpose()?
+                }
+                (LinkOp::SendOutput { mb, .. } | LinkOp::SendInputGrad { mb, .. }, _) => {
+                    let slot = from.map(|_| self.model.checksum_slot(None)).transpose()?;
+                    let bytes = {
+                        let (data, n) = send_data(&self.model, op, mb)?;
+                        if let Some(s) = slot {
+                            self.model.checksum_sent(data, n * dtype.size(), s)?;
+                        }
+                        n * dtype.size()
+                    };
+                    if damage.contains(&i) {
+                        let copy = self.model.message_buffer(bytes / dtype.size())?;
+                        let (data, _) = send_data(&self.model, op, mb)?;
+                        gpu.copy(Dev::new(&copy), data, bytes)?;
+                        checksum::damage_message(gpu, Dev::new(&copy))?;
+                        copies.push((i, copy));
+                    }
+                    slot
+                }
+            };
+            slots.push(slot);
         }
         let model = &self.model;
         let mut next = 0;
         let queued = link.grouped(&mut || {
-            for op in ops {
+            for (i, op) in ops.iter().enumerate() {
                 match *op {
-                    LinkOp::SendOutput { mb, .. } => {
-                        let (out, n) = model.output_buffer(mb)?;
-                        link.send(gpu, out, n, dtype, other)?;
-                    }
-                    LinkOp::SendInputGrad { mb, .. } => {
-                        let (kept, n) = model.kept_input_grad(mb)?;
-                        link.send(gpu, kept, n, dtype, other)?;
+                    LinkOp::SendOutput { mb, .. } | LinkOp::SendInputGrad { mb, .. } => {
+                        let (data, n) = send_data(model, op, mb)?;
+                        match copies.iter().find(|c| c.0 == i) {
+                            Some((_, copy)) => link.send(gpu, Dev::new(copy), n, dtype, other)?,
+                            None => link.send(gpu, data, n, dtype, other)?,
+                        }
                     }
                     LinkOp::RecvInput { .. } | LinkOp::RecvOutputGrad { .. } => {
                         let (buf, n) = &bufs[next];
                         link.recv(gpu, Dev::new(buf), *n, dtype, other)?;
                         next += 1;
+                    }
+                }
+                // The checksum travels right behind its message (8 bytes as two fp32 words:
+                // moved, never computed with).
+                if let Some(s) = slots[i] {
+                    let sum = model.checksum_dev(s, false)?;
+                    match op {
+                        LinkOp::SendOutput { .. } | LinkOp::SendInputGrad { .. } => {
+                            link.send(gpu, sum, 2, DType::F32, other)?
+                        }
+                        _ => link.recv(gpu, sum, 2, DType::F32, other)?,
                     }
                 }
             }
@@ -797,30 +870,51 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         let mark = match queued.and_then(|()| link.mark(gpu)) {
             Ok(m) => m,
             Err(e) => {
-                // Receives may be queued: their buffers stay (free, behind a mark) until the
-                // link has landed them or the model goes.
+                // Receives (and sends of damaged copies) may be queued: their buffers stay
+                // (free, behind a mark) until the link has landed them or the model goes.
                 let last = link.mark(gpu).ok();
-                for (buf, _) in bufs {
+                for buf in bufs.into_iter().map(|b| b.0).chain(copies.into_iter().map(|c| c.1)) {
                     self.model.recycle_message_after(buf, last.map(ready));
                 }
                 return Err(e);
             }
         };
+        for (_, copy) in copies {
+            self.model.recycle_message_after(copy, Some(ready(mark)));
+        }
         let mut bufs = bufs.into_iter();
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             match *op {
                 LinkOp::SendOutput { .. } => {}
                 LinkOp::SendInputGrad { mb, .. } => self.model.input_grad_sent(mb, Some(ready(mark))),
                 LinkOp::RecvInput { mb, .. } | LinkOp::RecvOutputGrad { mb, .. } => {
                     let Some((buf, _)) = bufs.next() else { break };
-                    if matches!(op, LinkOp::RecvInput { .. }) {
+                    let kind = if matches!(op, LinkOp::RecvInput { .. }) {
                         self.model.input_arriving(mb, buf, Some(ready(mark)))?;
+                        Arrival::Input
                     } else {
                         self.model.output_grad_arriving(mb, buf, Some(ready(mark)))?;
+                        Arrival::OutputGrad
+                    };
+                    let check = ArrivalCheck { slot: slots[i], damage: damage.contains(&i) };
+                    if check.slot.is_some() || check.damage {
+                        self.model.check_arrival(kind, mb, check);
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    fn check_links(&mut self, peers: &[(usize, usize)]) -> Result<(), GpuError> {
+        let world: std::collections::BTreeMap<usize, usize> = peers.iter().copied().collect();
+        if let Some(p) = self.links.keys().find(|p| !world.contains_key(p)) {
+            return Err(GpuError::Shape {
+                op: "DeviceStage::check_links",
+                detail: format!("no world rank given for the link to pipeline rank {p}"),
+            });
+        }
+        self.checked = Some(world);
         Ok(())
     }
 
@@ -847,8 +941,10 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
     }
 
     fn use_links(&mut self, on: bool) -> Result<(), GpuError> {
-        // Waits of earlier steps (through the host, or evaluation) are not this step's.
+        // Waits of earlier steps (through the host, or evaluation) are not this step's, nor
+        // the checksums of a step that failed.
         self.model.take_stalled_seconds()?;
+        self.model.reset_checksums();
         self.step_start = match on && !self.links.is_empty() {
             true => Some(self.model.gpu().stream_time()?),
             false => None,
@@ -869,6 +965,7 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
                 detail: format!("{n} pipeline messages still held on the device at the end of the step"),
             });
         }
+        self.model.verify_checksums()?;
         let Some(start) = self.step_start.take() else { return Ok(None) };
         let end = gpu.stream_time()?;
         let span_s = gpu.stream_seconds(&start, &end)?;
@@ -880,6 +977,18 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         let dtype = self.model.dtype();
         let (out, _) = self.model.output_buffer(mb)?;
         self.model.gpu().write(out, &super::encode(&[value], dtype))
+    }
+}
+
+/// The data a send op reads (a stage's output, or a kept input gradient) and its element count.
+fn send_data<'m, G: Gpu>(
+    model: &'m GpuGpt<'_, G>,
+    op: &LinkOp,
+    mb: u64,
+) -> Result<(Dev<'m, G::Buf>, usize), GpuError> {
+    match op {
+        LinkOp::SendOutput { .. } => model.output_buffer(mb),
+        _ => model.kept_input_grad(mb),
     }
 }
 
@@ -1009,6 +1118,7 @@ impl StageFactory {
                         queued: false,
                         zero: None,
                         links: std::collections::BTreeMap::new(),
+                        checked: None,
                         step_start: None,
                     }) as Box<dyn DeviceStage>)
                 },

@@ -96,7 +96,8 @@ pub struct RunOptions {
     pub faults: faults::FaultPlan,
     /// The launcher's restart attempt (faults fire in their own attempt only).
     pub attempt: u64,
-    /// Append and verify a CRC32 on every pipeline message.
+    /// Append and verify a checksum on every pipeline message (a CRC32 on host messages, a
+    /// 64-bit checksum on device links).
     pub checksums: bool,
     /// A rank that makes no progress for this long reports itself hung (default: `timeout`).
     pub watchdog: Option<Duration>,
@@ -125,8 +126,9 @@ pub struct RunOptions {
 /// Whether pipeline messages between ranks travel between the devices (a two-rank device link
 /// per pair of pipeline neighbours: NCCL under a launcher, through the host's communicator on
 /// the emulator): for chunks on a device with device groups (`device_groups`), more than one
-/// pipeline rank (`pp`), unless `host_p2p` asks for the host path or message faults (drop,
-/// delay, duplicate, reorder, corrupt: injected into host messages) are planned.
+/// pipeline rank (`pp`), unless `host_p2p` asks for the host path or message faults that need
+/// host messages (drop, delay, duplicate, reorder: the host's mailbox and sequence checks) are
+/// planned. Corruption is injected on the device links too, where their checksums catch it.
 ///
 /// ```
 /// use troupe::runtime::device_messages;
@@ -134,7 +136,7 @@ pub struct RunOptions {
 /// assert!(!device_messages(true, 1, false, false)); // no pipeline: no messages
 /// assert!(!device_messages(false, 4, false, false)); // in-process CUDA ranks: the host
 /// assert!(!device_messages(true, 4, true, false)); // --host-p2p
-/// assert!(!device_messages(true, 4, false, true)); // message faults go into host messages
+/// assert!(!device_messages(true, 4, false, true)); // drop, delay, … go into host messages
 /// ```
 pub fn device_messages(device_groups: bool, pp: usize, host_p2p: bool, message_faults: bool) -> bool {
     device_groups && pp > 1 && !host_p2p && !message_faults

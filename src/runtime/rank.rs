@@ -612,9 +612,27 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 let batch = (mbs, seq);
                 let ops: Vec<LinkOp> =
                     std::iter::once(op).chain(next).filter_map(|o| link_op(o, batch)).collect();
+                // Injected corruption: of this send (a damaged copy goes out), or of the receive
+                // that is this rank's armed n-th of the step (`recv=`; counted in the order the
+                // receives are queued), damaged as it is read.
+                let mut damage = Vec::new();
+                for (i, o) in std::iter::once(op).chain(next).enumerate() {
+                    let hit = match o {
+                        Op::SendAct { .. } | Op::SendGrad { .. } => {
+                            msg_fault.as_ref().is_some_and(|f| f.kind == K::Corrupt && i == 0)
+                        }
+                        _ => ctx.mailbox.count_device_arrival(),
+                    };
+                    if hit {
+                        ctx.note(step, || {
+                            format!("#{} {o}: injected corrupt (on the device link)", index + i)
+                        });
+                        damage.push(i);
+                    }
+                }
                 let (r, t0, _) = ctx
                     .compute
-                    .run(ticket, move |e: &mut Engine| e.chunks[c].post_messages(&ops))
+                    .run(ticket, move |e: &mut Engine| e.chunks[c].post_messages(&ops, &damage))
                     .await
                     .map_err(|e| ctx.job_err(&format!("stage[{c}]"), step, &format!("{op} (#{index})"), e))?;
                 r.map_err(|e| fail(&op, index, e.to_string()))?;
@@ -1374,7 +1392,12 @@ impl Actor for Supervisor {
                     f.has_device_groups(),
                     plan.pp,
                     s.opts.host_p2p,
-                    s.opts.faults.faults.iter().any(|x| x.kind.is_message()),
+                    // Corruption is injected on the links too (and caught by their checksums).
+                    s.opts
+                        .faults
+                        .faults
+                        .iter()
+                        .any(|x| x.kind.is_message() && x.kind != super::faults::FaultKind::Corrupt),
                 ) && s.opts.message_dtype.is_none_or(|d| d.size() == f.dtype().size())
             }
             None => false,
@@ -1394,18 +1417,25 @@ impl Actor for Supervisor {
                 .collect();
             pairs.sort_unstable();
             let mut links = Vec::with_capacity(pairs.len());
+            let mut world_peers = Vec::with_capacity(pairs.len());
             for (lo, hi, q) in pairs {
                 let cpu = world
                     .new_group(&[lo, hi], &format!("pp-link-{lo}-{hi}"))
                     .map_err(|e| spawn_err("device link communicator", e))?;
                 let g = f.link_group(cpu).map_err(|e| spawn_err("device link", e))?;
                 links.push((q, g));
+                world_peers.push((q, if lo == wr { hi } else { lo }));
             }
             for (c, g) in chunks.iter_mut().enumerate() {
                 let stage = plan.program.stage_of(coords.pp, c);
                 // Every chunk but the first keeps its input gradients on the device: sent over a
                 // link, or handed to the previous stage of this rank.
                 g.set_links(&links, stage > 0).map_err(|e| spawn_err("device links", e))?;
+                // Messages on the links carry checksums as host messages do (`--no-checksums`
+                // turns both off).
+                if s.opts.checksums {
+                    g.check_links(&world_peers).map_err(|e| spawn_err("device link checksums", e))?;
+                }
             }
             tracing::debug!(rank = wr, links = links.len(), "pipeline messages between the devices");
         }

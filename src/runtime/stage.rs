@@ -269,8 +269,21 @@ impl Stage {
     ///
     /// # Errors
     /// As [`DeviceStage::post_messages`].
-    pub fn post_messages(&mut self, ops: &[crate::gpu::stage::LinkOp]) -> Result<(), ModelError> {
-        self.device("Stage::post_messages")?.post_messages(ops).map_err(dev_err)
+    pub fn post_messages(
+        &mut self,
+        ops: &[crate::gpu::stage::LinkOp],
+        damage: &[usize],
+    ) -> Result<(), ModelError> {
+        self.device("Stage::post_messages")?.post_messages(ops, damage).map_err(dev_err)
+    }
+
+    /// Checksums the messages on the device links ([`DeviceStage::check_links`]; `peers`:
+    /// pipeline rank → world rank of each link's peer).
+    ///
+    /// # Errors
+    /// A chunk on the CPU; a link without its peer's world rank.
+    pub fn check_links(&mut self, peers: &[(usize, usize)]) -> Result<(), ModelError> {
+        self.device("Stage::check_links")?.check_links(peers).map_err(dev_err)
     }
 
     /// Hands `mb`'s output to `next` (the next stage, on the same device) as its arrived input.

@@ -17,11 +17,19 @@
 //! [`GpuGpt::take_stalled_seconds`] — the pipeline bubble of a step whose messages travel on
 //! the devices, which no host clock sees (the host only queues the waits).
 //!
+//! Messages on device links carry checksums (`crate::gpu::ops::checksum`), as host messages
+//! carry a CRC32: the sender computes one into a slot ([`GpuGpt::checksum_slot`]) and sends it
+//! after the message; the receiver receives it into a slot of its own and, when the message is
+//! read (after its `ready`, so the compute stream never waits for a transfer earlier than it
+//! would), computes the message's checksum next to it. [`GpuGpt::verify_checksums`] compares
+//! the step's pairs once every message has landed and been read.
+//!
 //! [`StageInput::Arrived`]: crate::models::gpt::StageInput::Arrived
 
 use std::collections::HashMap;
 
 use super::GpuGpt;
+use crate::gpu::ops::checksum;
 use crate::gpu::{Dev, Gpu, GpuError, StreamTime};
 use crate::models::gpt::GradRef;
 
@@ -36,10 +44,35 @@ pub(super) struct Held<B> {
 }
 
 /// Which arrival of a microbatch.
-#[derive(Clone, Copy)]
-enum Arrival {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arrival {
+    /// The input of a range without the embedding.
     Input,
+    /// The gradient of the output of a range without the head.
     OutputGrad,
+}
+
+/// Bytes of one checksum slot: the sender's checksum (computed before the send, or received
+/// after the message) and the checksum of the message as it was read on arrival.
+const SLOT_BYTES: usize = 16;
+/// Slots per device buffer of slots (a step that needs more adds buffers).
+const SLOTS_PER_CHUNK: usize = 64;
+
+/// How an arrival is handled when it is read: the slot its checksum goes into (none without
+/// checksums), and whether to damage it first (fault injection: a link that damaged it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArrivalCheck {
+    pub slot: Option<usize>,
+    pub damage: bool,
+}
+
+/// What a slot holds the checksums of, for the error of a mismatch: `what` ("activation",
+/// "gradient") of microbatch `mb`, sent by rank `from`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SumLabel {
+    pub what: &'static str,
+    pub mb: u64,
+    pub from: usize,
 }
 
 /// The stage's pipeline messages on the device.
@@ -51,6 +84,12 @@ pub(super) struct Messages<B> {
     /// The compute stream's time before and after each wait for a transfer, since the last
     /// [`GpuGpt::take_stalled_seconds`].
     stalls: Vec<(StreamTime, StreamTime)>,
+    /// Device buffers of checksum slots, [`SLOTS_PER_CHUNK`] each.
+    sum_chunks: Vec<B>,
+    /// The slots used this step, in order: a received message's label, `None` for a sent one.
+    sum_labels: Vec<Option<SumLabel>>,
+    /// Arrivals whose checksum is computed when they are read.
+    checks: HashMap<(Arrival, u64), ArrivalCheck>,
 }
 
 impl<B> Default for Messages<B> {
@@ -61,6 +100,9 @@ impl<B> Default for Messages<B> {
             outgoing: HashMap::new(),
             free: Vec::new(),
             stalls: Vec::new(),
+            sum_chunks: Vec::new(),
+            sum_labels: Vec::new(),
+            checks: HashMap::new(),
         }
     }
 }
@@ -238,13 +280,108 @@ impl<G: Gpu> GpuGpt<'_, G> {
             )
         })?;
         self.wait_ready(h.ready)?;
+        self.checksum_arrival(Arrival::Input, mb, &h.buf)?;
         Ok(h.buf)
     }
 
     /// The arrived output gradient of `mb`, readable once this returns.
     pub(super) fn take_arrived_dout(&mut self, mb: u64) -> Option<Result<G::Buf, GpuError>> {
         let h = self.messages.douts.remove(&mb)?;
-        Some(self.wait_ready(h.ready).map(|()| h.buf))
+        let r =
+            self.wait_ready(h.ready).and_then(|()| self.checksum_arrival(Arrival::OutputGrad, mb, &h.buf));
+        Some(r.map(|()| h.buf))
+    }
+
+    /// A zeroed checksum slot for one of this step's messages: `label` names a received one
+    /// (its two checksums are compared by [`GpuGpt::verify_checksums`]), `None` a sent one.
+    ///
+    /// # Errors
+    /// Out of device memory; device errors.
+    pub fn checksum_slot(&mut self, label: Option<SumLabel>) -> Result<usize, GpuError> {
+        let slot = self.messages.sum_labels.len();
+        if slot / SLOTS_PER_CHUNK == self.messages.sum_chunks.len() {
+            let chunk = self.gpu.alloc(SLOTS_PER_CHUNK * SLOT_BYTES)?;
+            self.messages.sum_chunks.push(chunk);
+        }
+        self.gpu.zero(self.checksum_dev(slot, false)?, SLOT_BYTES)?;
+        self.messages.sum_labels.push(label);
+        Ok(slot)
+    }
+
+    /// Where `slot`'s sender checksum (`arrived` false: 8 bytes, sent or received as two fp32
+    /// words) or the checksum of the message read on arrival lives.
+    ///
+    /// # Errors
+    /// A slot this step's [`GpuGpt::checksum_slot`] did not give.
+    pub fn checksum_dev(&self, slot: usize, arrived: bool) -> Result<Dev<'_, G::Buf>, GpuError> {
+        let chunk = self.messages.sum_chunks.get(slot / SLOTS_PER_CHUNK).ok_or_else(|| {
+            bad("GpuGpt::checksum_dev", format!("checksum slot {slot} was not given out this step"))
+        })?;
+        let offset = (slot % SLOTS_PER_CHUNK) * SLOT_BYTES + if arrived { 8 } else { 0 };
+        Ok(Dev { buf: chunk, offset })
+    }
+
+    /// Queues the checksum of the `bytes` at `data` (a message about to be sent) into `slot`'s
+    /// sender checksum.
+    ///
+    /// # Errors
+    /// As [`checksum::message_checksum`]; a slot not given out.
+    pub fn checksum_sent(&self, data: Dev<'_, G::Buf>, bytes: usize, slot: usize) -> Result<(), GpuError> {
+        checksum::message_checksum(self.gpu, data, bytes, self.checksum_dev(slot, false)?)
+    }
+
+    /// Checks `mb`'s arrival of `kind` when it is read: its checksum goes into `check.slot`,
+    /// after damaging it for an injected fault (`check.damage`).
+    pub fn check_arrival(&mut self, kind: Arrival, mb: u64, check: ArrivalCheck) {
+        self.messages.checks.insert((kind, mb), check);
+    }
+
+    /// Runs the check of `mb`'s arrival of `kind` (just made readable), if it has one.
+    fn checksum_arrival(&mut self, kind: Arrival, mb: u64, buf: &G::Buf) -> Result<(), GpuError> {
+        let Some(c) = self.messages.checks.remove(&(kind, mb)) else { return Ok(()) };
+        if c.damage {
+            checksum::damage_message(self.gpu, Dev::new(buf))?;
+        }
+        match c.slot {
+            Some(slot) => {
+                let bytes = self.gpu.buf_len(buf);
+                checksum::message_checksum(self.gpu, Dev::new(buf), bytes, self.checksum_dev(slot, true)?)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Compares the checksums of the messages received this step (every one landed and read:
+    /// after the links finished) and starts over for the next step.
+    ///
+    /// # Errors
+    /// [`GpuError::Corrupt`] for the first message whose checksums differ; reading them fails.
+    pub fn verify_checksums(&mut self) -> Result<(), GpuError> {
+        let labels = std::mem::take(&mut self.messages.sum_labels);
+        self.messages.checks.clear();
+        if labels.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let mut raw = vec![0u8; labels.len() * SLOT_BYTES];
+        for (chunk, dst) in self.messages.sum_chunks.iter().zip(raw.chunks_mut(SLOTS_PER_CHUNK * SLOT_BYTES))
+        {
+            self.gpu.download(chunk, 0, dst)?;
+        }
+        let word = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().unwrap_or_default());
+        for (slot, label) in labels.iter().enumerate() {
+            let Some(l) = label else { continue };
+            let (sent, got) = (word(slot * SLOT_BYTES), word(slot * SLOT_BYTES + 8));
+            if sent != got {
+                return Err(GpuError::Corrupt { what: l.what, mb: l.mb, from: l.from, got, sent });
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the checksums of a step that did not finish (its slots are given out again).
+    pub fn reset_checksums(&mut self) {
+        self.messages.sum_labels.clear();
+        self.messages.checks.clear();
     }
 
     /// A message buffer whose contents were used (copied out), free for the next message.

@@ -4,6 +4,7 @@
 //! the emulator (`tests/gpu_kernels_*.rs`).
 
 pub mod attention;
+pub mod checksum;
 pub mod crossentropy;
 pub mod embedding;
 pub mod gelu;
