@@ -396,3 +396,49 @@ fn a_stopped_rank_is_found_by_the_store_heartbeat() {
     assert!(took < std::time::Duration::from_secs(20), "took {took:?} (the comm timeout is 60 s)");
     no_orphans(&cfg);
 }
+
+/// Two processes on the kernel emulator (`--device emu`): pipeline messages travel on device
+/// links (through the TCP world here, NCCL on GPUs) with their checksums. A damaged send is
+/// reported by its receiver naming the sender, and with restarts the attempt after it (the fault
+/// fires in attempt 0 only) resumes and finishes.
+#[test]
+fn a_message_damaged_on_a_device_link_is_named_and_the_restarted_run_finishes() {
+    if troupe::gpu::emu::shared().is_none() {
+        println!("SKIPPED a_message_damaged_on_a_device_link…: no kernel emulator");
+        return;
+    }
+    let dir = scratch("devlink");
+    let (cfg, _) = config(&dir);
+    let log = dir.join("log.jsonl");
+    let out = Command::new(BIN)
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "0",
+            "--grace",
+            "1",
+            "--max-restarts",
+            "1",
+        ])
+        .arg("--")
+        .arg(BIN)
+        .args(["train", "--no-progress", "--device", "emu", "--dtype", "bf16", "--comm-timeout", "20"])
+        .args(["--inject", "corrupt:rank=0,step=3", "--log-json"])
+        .arg(&log)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("corrupt activation of microbatch 0 from rank 0 (device checksum")
+            && err.contains("the device link from rank 0 damaged it"),
+        "{err}"
+    );
+    let steps: Vec<u64> = json_losses(&log).iter().map(|x| x.0).collect();
+    assert_eq!(steps.last(), Some(&4), "{err}");
+    no_orphans(&cfg);
+}
