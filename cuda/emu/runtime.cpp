@@ -7,6 +7,14 @@
 // cooperative switch between C++ frames needs on x86-64 System V (the floating-point control
 // state is the thread's and no fiber changes it). The launch resumes the unfinished fibers in
 // turn; a fiber runs until it waits at a barrier (emu.h) or its kernel returns.
+//
+// The order is the launch's schedule: in order (blocks and, in each round between barriers,
+// threads by increasing index), reversed, or shuffled (a fresh permutation of the threads every
+// round and of the blocks every launch, from a seed). A kernel whose threads synchronise as
+// they must gives the same bits under every schedule; one with a race — a thread reading what
+// another writes between the same two barriers, or a block reading another block's output —
+// gives different ones, which in order alone it can hide (thread t reading what thread t − 1
+// wrote without a barrier reads it, in order, as if there were one).
 #include <cstdio>
 #include <mutex>
 #include <sys/mman.h>
@@ -111,8 +119,24 @@ void Fibers::entry_point() {
 }
 }  // namespace troupe_emu
 
+namespace troupe_emu {
+// splitmix64: the shuffled schedule's random numbers.
+static unsigned long long next_random(unsigned long long& state) {
+    unsigned long long z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+template <typename T>
+static void shuffle(std::vector<T>& v, unsigned long long& state) {
+    for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[next_random(state) % i]);
+}
+}  // namespace troupe_emu
+
+// `schedule`: 0 in order, 1 reversed, 2 shuffled from `seed` (see the top of this file).
 extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, const unsigned int* block3,
-                                 unsigned long long smem_bytes, void** args, char* err, unsigned long long err_len) {
+                                 unsigned long long smem_bytes, void** args, char* err, unsigned long long err_len,
+                                 int schedule, unsigned long long seed) {
     using namespace troupe_emu;
     auto fail = [&](const std::string& msg) {
         std::snprintf(err, err_len, "%s", msg.c_str());
@@ -132,7 +156,17 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
     if (l.threads == 0 || l.threads > 1024 || l.threads % 32 != 0)
         return fail("block of " + std::to_string(l.threads) + " threads: the emulator needs a multiple of 32, at most 1024");
     if (smem_bytes > 227 * 1024) return fail("more than 227 KiB of dynamic shared memory (the sm_90 limit)");
+    if (schedule < 0 || schedule > 2) return fail("unknown schedule " + std::to_string(schedule));
     unsigned long long blocks = (unsigned long long)grid3[0] * grid3[1] * grid3[2];
+    unsigned long long random = seed;
+    std::vector<unsigned long long> block_order;
+    if (schedule == 2) {
+        block_order.resize(blocks);
+        for (unsigned long long b = 0; b < blocks; ++b) block_order[b] = b;
+        shuffle(block_order, random);
+    }
+    std::vector<unsigned> thread_order(l.threads);
+    for (unsigned t = 0; t < l.threads; ++t) thread_order[t] = schedule == 1 ? l.threads - 1 - t : t;
     std::lock_guard<std::mutex> guard(launch_mutex);
     Fibers& f = *fibers;
     if (!f.reserve(l.threads)) return fail("mapping " + std::to_string(l.threads) + " fiber stacks failed");
@@ -148,7 +182,8 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
     // Uninitialised shared memory reads as NaN, so a kernel that forgets to write it fails tests.
     l.dyn_smem.assign(smem_bytes + 16, 0xff);
     current = &l;
-    for (unsigned long long b = 0; b < blocks; ++b) {
+    for (unsigned long long i = 0; i < blocks; ++i) {
+        const unsigned long long b = schedule == 2 ? block_order[i] : schedule == 1 ? blocks - 1 - i : i;
         block_idx = dim3{(unsigned int)(b % l.grid.x), (unsigned int)((b / l.grid.x) % l.grid.y),
                          (unsigned int)(b / ((unsigned long long)l.grid.x * l.grid.y))};
         // Copies a thread left in flight at its end are dropped with its block.
@@ -159,7 +194,8 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
         while (left > 0) {
             const unsigned long long before = arrivals;
             unsigned finished = 0;
-            for (unsigned t = 0; t < l.threads; ++t) {
+            if (schedule == 2) shuffle(thread_order, random);
+            for (unsigned t : thread_order) {
                 if (f.done[t]) continue;
                 linear_tid = t;
                 thread_idx = dim3{t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
@@ -194,6 +230,15 @@ extern "C" __global__ void emu_selftest_rotate(float* out, const float* in) {
     out[base + t] = s[(t + 1) % n];
 }
 EXPORT_KERNEL(emu_selftest_rotate);
+// A race: thread t reads what thread t − 1 wrote with no barrier between. In order the writer
+// always runs first and the race is hidden; reversed, every reader runs before its writer.
+extern "C" __global__ void emu_selftest_race(float* out, const float* in) {
+    __shared__ float s[1024];
+    const unsigned t = threadIdx.x, base = blockIdx.x * blockDim.x;
+    s[t] = in[base + t];
+    out[base + t] = t > 0 ? s[t - 1] : 0.0f;
+}
+EXPORT_KERNEL(emu_selftest_race);
 
 // cp.async in the emulator: each thread copies 16 bytes (4 floats) of `in` into dynamic shared
 // memory, twice over in two groups, and records what it reads there before its first wait

@@ -79,6 +79,8 @@ type LaunchFn = unsafe extern "C" fn(
     *mut *mut c_void,
     *mut c_char,
     u64,
+    c_int,
+    u64,
 ) -> c_int;
 type CountFn = unsafe extern "C" fn() -> c_int;
 type NameFn = unsafe extern "C" fn(c_int) -> *const c_char;
@@ -92,6 +94,42 @@ type LdmatrixStatsFn = unsafe extern "C" fn(*const c_char, *mut u64, *mut u64) -
 pub struct LdmatrixConflicts {
     pub phases: u64,
     pub extra_wavefronts: u64,
+}
+
+/// The order in which the emulator runs a launch's blocks, and the threads of a block between
+/// two barriers (`cuda/emu/runtime.cpp`). A kernel whose threads synchronise as they must gives
+/// the same bits under every schedule (troupe's kernels have no float atomics); a race — a
+/// thread reading what another writes between the same two barriers, or a block reading
+/// another block's output — gives different ones. In order alone hides some races (thread t
+/// reading what thread t − 1 wrote without a barrier reads it as if there were one): the other
+/// schedules expose them. `TROUPE_EMU_SCHEDULE=in-order|reversed|shuffled:SEED` sets it for a
+/// whole run (`--device emu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// Blocks, and threads in each round, by increasing index (the default).
+    #[default]
+    InOrder,
+    /// Both by decreasing index.
+    Reversed,
+    /// A fresh random permutation of the threads in every round, and of the blocks in every
+    /// launch, from the seed and the launch's number on this emulator.
+    Shuffled(u64),
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "in-order" => Ok(Schedule::InOrder),
+            "reversed" => Ok(Schedule::Reversed),
+            _ => s
+                .strip_prefix("shuffled:")
+                .and_then(|seed| seed.parse().ok())
+                .map(Schedule::Shuffled)
+                .ok_or_else(|| format!("{s:?}: expected in-order, reversed or shuffled:SEED (a number)")),
+        }
+    }
 }
 
 /// Host memory standing in for device memory (8-byte aligned, zeroed).
@@ -129,6 +167,9 @@ pub struct EmuGpu {
     /// An emulated device memory size (tests of out-of-memory handling).
     limit: Option<usize>,
     memory: Arc<MemCounter>,
+    schedule: std::sync::Mutex<Schedule>,
+    /// Launches so far (each shuffled launch draws from the seed and its number).
+    launches: std::sync::atomic::AtomicU64,
 }
 
 impl EmuGpu {
@@ -203,7 +244,19 @@ impl EmuGpu {
                 GpuError::EmuBuild(format!("TROUPE_EMU_MEMORY={v}: expected a byte count such as 512M"))
             })?),
         };
-        Ok(EmuGpu { lib, kernels, path, limit, memory: Arc::default() })
+        let schedule = match std::env::var("TROUPE_EMU_SCHEDULE") {
+            Err(_) => Schedule::InOrder,
+            Ok(v) => v.parse().map_err(|e| GpuError::EmuBuild(format!("TROUPE_EMU_SCHEDULE={e}")))?,
+        };
+        Ok(EmuGpu {
+            lib,
+            kernels,
+            path,
+            limit,
+            memory: Arc::default(),
+            schedule: std::sync::Mutex::new(schedule),
+            launches: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// The emulator with `bytes` of device memory: an allocation past it fails as a GPU's does
@@ -215,6 +268,16 @@ impl EmuGpu {
         let mut gpu = Self::new()?;
         gpu.limit = Some(bytes);
         Ok(gpu)
+    }
+
+    /// Runs the launches from now on under `schedule` (see [`Schedule`]).
+    pub fn set_schedule(&self, schedule: Schedule) {
+        *self.schedule.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = schedule;
+    }
+
+    /// The schedule launches run under.
+    pub fn schedule(&self) -> Schedule {
+        *self.schedule.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// What the ldmatrix loads of `kernel` cost in shared-memory bank conflicts so far, counted
@@ -440,6 +503,13 @@ impl Gpu for EmuGpu {
             unsafe { self.lib.get(b"troupe_emu_launch") }.map_err(|e| fail(e.to_string()))?;
         let launch = *launch;
         let mut err = vec![0 as c_char; 512];
+        let number = self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (schedule, seed) = match self.schedule() {
+            Schedule::InOrder => (0, 0),
+            Schedule::Reversed => (1, 0),
+            // Each launch its own stream of permutations.
+            Schedule::Shuffled(s) => (2, s ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        };
         let _watch = watchdog().watch(kernel);
         // SAFETY: little-endian x86-64: a pointer to the u64 slot is also a valid pointer to its
         // low 4 bytes, which is how 32-bit arguments are read. Buffers outlive the call.
@@ -452,6 +522,8 @@ impl Gpu for EmuGpu {
                 ptrs.as_mut_ptr(),
                 err.as_mut_ptr(),
                 err.len() as u64,
+                schedule,
+                seed,
             )
         };
         if rc != 0 {
@@ -612,6 +684,50 @@ mod tests {
             let (b, t) = (i / n, i % n);
             assert_eq!(g, (b * n + (t + 1) % n) as f32, "block {b} thread {t}");
         }
+    }
+
+    /// Schedules: a race that in order hides (each thread reads what the thread before it wrote,
+    /// with no barrier between) gives other bits reversed and shuffled; the rotation through
+    /// shared memory behind a barrier gives the same bits under every schedule; a bad
+    /// `TROUPE_EMU_SCHEDULE` value is named.
+    #[test]
+    fn other_schedules_expose_a_race_that_in_order_hides() {
+        use super::Schedule;
+        if super::shared().is_none() {
+            return; // no g++: shared() said so
+        }
+        // A private emulator: its schedule is its own.
+        let emu = super::EmuGpu::new().unwrap();
+        let (blocks, n) = (3usize, 128usize);
+        let input: Vec<f32> = (0..blocks * n).map(|i| i as f32 + 1.0).collect();
+        let mut inp = emu.alloc(4 * input.len()).unwrap();
+        emu.upload(&mut inp, 0, bytemuck::cast_slice(&input)).unwrap();
+        let out = emu.alloc(4 * input.len()).unwrap();
+        let run = |kernel: &str, schedule: Schedule| {
+            emu.set_schedule(schedule);
+            let args = [Arg::Ptr(Dev::new(&out)), Arg::Ptr(Dev::new(&inp))];
+            emu.launch(kernel, [blocks as u32, 1, 1], [n as u32, 1, 1], 0, &args).unwrap();
+            let mut bytes = vec![0u8; 4 * input.len()];
+            emu.download(&out, 0, &mut bytes).unwrap();
+            bytemuck::cast_slice::<u8, f32>(&bytes).to_vec()
+        };
+        let in_order = run("emu_selftest_race", Schedule::InOrder);
+        // In order every reader runs after its writer: the race reads as correct code would.
+        for (i, &g) in in_order.iter().enumerate() {
+            let want = if i % n == 0 { 0.0 } else { input[i - 1] };
+            assert_eq!(g, want, "element {i}");
+        }
+        for schedule in [Schedule::Reversed, Schedule::Shuffled(1), Schedule::Shuffled(2)] {
+            assert_ne!(run("emu_selftest_race", schedule), in_order, "{schedule:?} hid the race");
+        }
+        let rotated = run("emu_selftest_rotate", Schedule::InOrder);
+        for schedule in [Schedule::Reversed, Schedule::Shuffled(1), Schedule::Shuffled(2)] {
+            assert_eq!(run("emu_selftest_rotate", schedule), rotated, "{schedule:?}: a barrier failed");
+        }
+        assert_eq!("shuffled:7".parse::<Schedule>(), Ok(Schedule::Shuffled(7)));
+        assert_eq!("reversed".parse::<Schedule>(), Ok(Schedule::Reversed));
+        let err = "shuffled".parse::<Schedule>().unwrap_err();
+        assert!(err.contains("in-order, reversed or shuffled:SEED"), "{err}");
     }
 
     /// The emulator's cp.async delivers at the two extremes a GPU allows: in odd blocks as each
