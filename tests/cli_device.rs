@@ -76,3 +76,66 @@ fn device_kernels_prints_what_ptxas_reports_of_each_kernel() -> Result<()> {
     ensure!(numbers.len() == 4 && numbers[0] > 0 && numbers[0] <= 255, "{row}");
     Ok(())
 }
+
+/// `TROUPE_KERNEL_SOURCES=DIR` compiles the kernels from DIR instead of the built-in copies (a
+/// kernel added in a copy of `cuda/` shows in ptxas's report, no rebuild of troupe), and a
+/// directory without the files is an error naming the missing one, for NVRTC and the emulator.
+#[test]
+fn kernel_sources_can_come_from_a_directory() -> Result<()> {
+    let run = |args: &[&str], dir: &std::path::Path| -> Result<(i32, String, String)> {
+        let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+            .args(args)
+            .env("TROUPE_KERNEL_SOURCES", dir)
+            .env(
+                "TROUPE_CACHE_DIR",
+                std::env::temp_dir().join(format!("troupe-cli-src-{}", std::process::id())),
+            )
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let empty = std::env::temp_dir().join(format!("troupe-no-sources-{}", std::process::id()));
+    std::fs::create_dir_all(&empty)?;
+    let emu_args =
+        ["train", "--device", "emu", "--train-iters", "1", "--num-layers", "1", "--hidden-size", "32"];
+    let (code, _, err) = run(&emu_args, &empty)?;
+    if !err.contains("g++") {
+        ensure!(
+            code != 0 && err.contains("emu/emu.h") && err.contains("TROUPE_KERNEL_SOURCES"),
+            "{code} {err}"
+        );
+    }
+    let (code, _, err) = run(&["device", "--kernels"], &empty)?;
+    if err.contains("NVRTC is not available") {
+        eprintln!("SKIPPED the NVRTC half: no libnvrtc here ({err})");
+        return Ok(());
+    }
+    ensure!(
+        code != 0 && err.contains("prelude.cuh") && err.contains("TROUPE_KERNEL_SOURCES"),
+        "{code} {err}"
+    );
+    // A copy of cuda/ with one more kernel.
+    let copy = std::env::temp_dir().join(format!("troupe-sources-{}", std::process::id()));
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    std::fs::create_dir_all(copy.join("emu"))?;
+    for entry in std::fs::read_dir(&repo)?.chain(std::fs::read_dir(repo.join("emu"))?) {
+        let path = entry?.path();
+        let rel = path.strip_prefix(&repo)?;
+        if path.is_file() {
+            std::fs::copy(&path, copy.join(rel))?;
+        }
+    }
+    let gelu = copy.join("gelu.cu");
+    let mut text = std::fs::read_to_string(&gelu)?;
+    text.push_str(
+        "\nextern \"C\" __global__ void source_directory_probe(float* x) { x[threadIdx.x] = 1.0f; }\n",
+    );
+    std::fs::write(&gelu, text)?;
+    let (code, out, err) = run(&["device", "--kernels"], &copy)?;
+    ensure!(code == 0, "{err}");
+    ensure!(out.lines().any(|l| l.starts_with("source_directory_probe ")), "{out}");
+    Ok(())
+}

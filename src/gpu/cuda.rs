@@ -31,13 +31,16 @@ fn blas(op: &str) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> GpuEr
 }
 
 /// The full source NVRTC compiles: the prelude and every kernel file, in one module.
-pub fn kernel_source() -> String {
-    let mut src = String::from(sources::PRELUDE);
-    for (name, text) in sources::KERNEL_FILES {
+///
+/// # Errors
+/// A source directory ([`sources::SOURCES_ENV`]) without one of the files.
+pub fn kernel_source() -> Result<String, GpuError> {
+    let mut src = sources::text("prelude.cuh", sources::PRELUDE)?.into_owned();
+    for (name, text) in sources::kernel_files()? {
         src.push_str(&format!("\n#line 1 \"{name}\"\n"));
-        src.push_str(text);
+        src.push_str(&text);
     }
-    src
+    Ok(src)
 }
 
 /// Where compiled PTX is cached: `$TROUPE_CACHE_DIR`, else `$XDG_CACHE_HOME/troupe`, else
@@ -104,7 +107,7 @@ pub fn compile_ptx(arch: &str, fresh: bool) -> Result<String, GpuError> {
 /// As [`compile_ptx`].
 pub fn compile_ptx_with(arch: &str, fresh: bool, options: KernelOptions) -> Result<String, GpuError> {
     nvrtc_present()?;
-    let src = kernel_source();
+    let src = kernel_source()?;
     let opts = nvrtc_options(arch, options);
     let key = sources::hash_texts(&[&src, &opts.join(" "), &nvrtc_version()]);
     let path = cache_dir().join(format!("kernels-{key:016x}-{arch}.ptx"));
@@ -210,7 +213,7 @@ pub fn kernel_resources(
         )));
     }
     nvrtc_present()?;
-    let src = kernel_source();
+    let src = kernel_source()?;
     let mut opts = nvrtc_options(arch, options);
     opts.push("--ptxas-options=-v".to_string());
     let key = sources::hash_texts(&[&src, &opts.join(" "), &nvrtc_version()]);

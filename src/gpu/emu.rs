@@ -178,16 +178,17 @@ impl EmuGpu {
     /// # Errors
     /// [`GpuError::EmuBuild`] when g++ is missing or the kernels do not compile.
     pub fn new() -> Result<Self, GpuError> {
+        let io = |e: GpuError| GpuError::EmuBuild(e.to_string());
         let mut src = String::new();
-        src.push_str(sources::EMU_HEADER);
+        src.push_str(&sources::text("emu/emu.h", sources::EMU_HEADER).map_err(io)?);
         src.push_str("\n#line 1 \"prelude.cuh\"\n");
-        src.push_str(sources::PRELUDE);
-        for (name, text) in sources::KERNEL_FILES {
+        src.push_str(&sources::text("prelude.cuh", sources::PRELUDE).map_err(io)?);
+        for (name, text) in sources::kernel_files().map_err(io)? {
             src.push_str(&format!("\n#line 1 \"{name}\"\n"));
-            src.push_str(text);
+            src.push_str(&text);
         }
         src.push_str("\n#line 1 \"runtime.cpp\"\n");
-        src.push_str(sources::EMU_RUNTIME);
+        src.push_str(&sources::text("emu/runtime.cpp", sources::EMU_RUNTIME).map_err(io)?);
         const FLAGS: &[&str] = &["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-w"];
         let key = sources::hash_texts(&[&src, &FLAGS.join(" ")]);
         let dir = std::env::var_os("TROUPE_CACHE_DIR")

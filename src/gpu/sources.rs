@@ -1,5 +1,9 @@
 //! The kernel sources, embedded in the binary so that NVRTC and the emulator find them wherever
-//! troupe runs.
+//! troupe runs (or, for kernel development, from a directory: [`SOURCES_ENV`]).
+
+use std::borrow::Cow;
+
+use super::GpuError;
 
 /// Prepended to every kernel file (bf16 conversions, warp and block reductions).
 pub const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
@@ -20,6 +24,39 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("optim.cu", include_str!("../../cuda/optim.cu")),
     ("checksum.cu", include_str!("../../cuda/checksum.cu")),
 ];
+
+/// Names a directory to read the kernel sources from instead of the copies built into troupe:
+/// laid out as the repository's `cuda/` (`prelude.cuh`, `emu/emu.h`, `emu/runtime.cpp` and
+/// every file of [`KERNEL_FILES`]). For kernel development — edit a kernel, rerun the emulator
+/// or NVRTC, no rebuild of troupe — and `tools/barrier-mutations.sh`. Compiled kernels are
+/// cached by the hash of their source text, so edits never meet stale builds.
+pub const SOURCES_ENV: &str = "TROUPE_KERNEL_SOURCES";
+
+/// The source of `file` (a path relative to `cuda/`, e.g. "emu/emu.h"), built in (`builtin`)
+/// or read from [`SOURCES_ENV`]'s directory when it is set.
+///
+/// # Errors
+/// [`GpuError::Io`] naming the file when the directory lacks it or it cannot be read.
+pub fn text(file: &str, builtin: &'static str) -> Result<Cow<'static, str>, GpuError> {
+    match std::env::var_os(SOURCES_ENV).filter(|d| !d.is_empty()) {
+        None => Ok(Cow::Borrowed(builtin)),
+        Some(dir) => {
+            let path = std::path::Path::new(&dir).join(file);
+            std::fs::read_to_string(&path).map(Cow::Owned).map_err(|source| GpuError::Io {
+                op: format!("reading kernel source {} ({SOURCES_ENV})", path.display()),
+                source,
+            })
+        }
+    }
+}
+
+/// Every kernel file (see [`KERNEL_FILES`]) as [`text`] finds it.
+///
+/// # Errors
+/// As [`text`].
+pub fn kernel_files() -> Result<Vec<(&'static str, Cow<'static, str>)>, GpuError> {
+    KERNEL_FILES.iter().map(|(name, builtin)| Ok((*name, text(name, builtin)?))).collect()
+}
 
 /// A stable 64-bit FNV-1a hash of some texts (cache keys for compiled kernels).
 pub fn hash_texts(texts: &[&str]) -> u64 {
