@@ -53,29 +53,6 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024), returned to every thread.
-// `scratch` is 32 floats of shared memory; the function synchronises before and after using it,
-// so it may be called repeatedly with the same scratch.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = lane < warps ? scratch[lane] : 0.0f;
-    return warp_sum(t);
-}
-
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = lane < warps ? scratch[lane] : -INFINITY;
-    return warp_max(t);
-}
-
 // Warp-level tensor-core product D = A·B + C (PTX `mma.sync.aligned.m16n8k16.row.col.f32.bf16.
 // bf16.f32`): A 16×16 and B 16×8 in bf16, C and D 16×8 in fp32. Every lane of the warp must call
 // it with the same shape of arguments (a warp-collective: on the emulator it meets the other

@@ -1,5 +1,5 @@
 //! Races in the CUDA kernels, looked for without a GPU: the emulator runs a launch's blocks, and
-//! a block's threads between two barriers, in order, reversed, or shuffled
+//! a block's threads between two barriers, in order, reversed, shuffled, or a warp at a time
 //! (`troupe::gpu::emu::Schedule`). troupe's kernels have no float atomics and fix every
 //! summation order by the shapes, so a kernel that synchronises as it must gives the same bits
 //! under every schedule; a missing barrier, or a block reading another block's output, gives
@@ -138,7 +138,7 @@ fn every_kernel_gives_the_same_bits_under_every_schedule() {
     // A private emulator: its schedule is its own.
     let gpu = EmuGpu::new().unwrap();
     let reference = everything(&gpu);
-    for schedule in [Schedule::Reversed, Schedule::Shuffled(1), Schedule::Shuffled(2)] {
+    for schedule in [Schedule::Reversed, Schedule::Shuffled(1), Schedule::Warps(1), Schedule::Warps(2)] {
         gpu.set_schedule(schedule);
         let t0 = std::time::Instant::now();
         let got = everything(&gpu);

@@ -9,8 +9,11 @@
 // turn; a fiber runs until it waits at a barrier (emu.h) or its kernel returns.
 //
 // The order is the launch's schedule: in order (blocks and, in each round between barriers,
-// threads by increasing index), reversed, or shuffled (a fresh permutation of the threads every
-// round and of the blocks every launch, from a seed). A kernel whose threads synchronise as
+// threads by increasing index), reversed, shuffled (a fresh permutation of the threads every
+// round and of the blocks every launch, from a seed), or warp by warp (each round, the warps in
+// a random order, each run alone until all its threads wait at a block barrier or end — as if
+// the others were descheduled; round-robin over all threads keeps warps in step at every warp
+// shuffle, ldmatrix or mma, which hides races between warps). A kernel whose threads synchronise as
 // they must gives the same bits under every schedule; one with a race — a thread reading what
 // another writes between the same two barriers, or a block reading another block's output —
 // gives different ones, which in order alone it can hide (thread t reading what thread t − 1
@@ -133,7 +136,8 @@ static void shuffle(std::vector<T>& v, unsigned long long& state) {
 }
 }  // namespace troupe_emu
 
-// `schedule`: 0 in order, 1 reversed, 2 shuffled from `seed` (see the top of this file).
+// `schedule`: 0 in order, 1 reversed, 2 shuffled from `seed`, 3 warp by warp from `seed` (see
+// the top of this file).
 extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, const unsigned int* block3,
                                  unsigned long long smem_bytes, void** args, char* err, unsigned long long err_len,
                                  int schedule, unsigned long long seed) {
@@ -156,11 +160,11 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
     if (l.threads == 0 || l.threads > 1024 || l.threads % 32 != 0)
         return fail("block of " + std::to_string(l.threads) + " threads: the emulator needs a multiple of 32, at most 1024");
     if (smem_bytes > 227 * 1024) return fail("more than 227 KiB of dynamic shared memory (the sm_90 limit)");
-    if (schedule < 0 || schedule > 2) return fail("unknown schedule " + std::to_string(schedule));
+    if (schedule < 0 || schedule > 3) return fail("unknown schedule " + std::to_string(schedule));
     unsigned long long blocks = (unsigned long long)grid3[0] * grid3[1] * grid3[2];
     unsigned long long random = seed;
     std::vector<unsigned long long> block_order;
-    if (schedule == 2) {
+    if (schedule >= 2) {
         block_order.resize(blocks);
         for (unsigned long long b = 0; b < blocks; ++b) block_order[b] = b;
         shuffle(block_order, random);
@@ -183,7 +187,7 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
     l.dyn_smem.assign(smem_bytes + 16, 0xff);
     current = &l;
     for (unsigned long long i = 0; i < blocks; ++i) {
-        const unsigned long long b = schedule == 2 ? block_order[i] : schedule == 1 ? blocks - 1 - i : i;
+        const unsigned long long b = schedule >= 2 ? block_order[i] : schedule == 1 ? blocks - 1 - i : i;
         block_idx = dim3{(unsigned int)(b % l.grid.x), (unsigned int)((b / l.grid.x) % l.grid.y),
                          (unsigned int)(b / ((unsigned long long)l.grid.x * l.grid.y))};
         // Copies a thread left in flight at its end are dropped with its block.
@@ -194,13 +198,33 @@ extern "C" int troupe_emu_launch(const char* name, const unsigned int* grid3, co
         while (left > 0) {
             const unsigned long long before = arrivals;
             unsigned finished = 0;
-            if (schedule == 2) shuffle(thread_order, random);
-            for (unsigned t : thread_order) {
-                if (f.done[t]) continue;
+            auto run = [&](unsigned t) {
                 linear_tid = t;
                 thread_idx = dim3{t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
                 f.resume(t);
                 finished += f.done[t];
+            };
+            if (schedule == 2) shuffle(thread_order, random);
+            if (schedule == 3) {
+                std::vector<unsigned> warps(l.threads / 32);
+                for (unsigned w = 0; w < warps.size(); ++w) warps[w] = w;
+                shuffle(warps, random);
+                for (unsigned w : warps) {
+                    // The warp alone, until none of its threads gets further (all wait at the
+                    // block barrier, or have ended).
+                    for (bool progress = true; progress;) {
+                        progress = false;
+                        for (unsigned t = 32 * w; t < 32 * w + 32; ++t) {
+                            if (f.done[t]) continue;
+                            const unsigned long long a = arrivals;
+                            run(t);
+                            progress = progress || f.done[t] || arrivals != a;
+                        }
+                    }
+                }
+            } else {
+                for (unsigned t : thread_order)
+                    if (!f.done[t]) run(t);
             }
             left -= finished;
             if (left > 0 && finished == 0 && arrivals == before) {
@@ -239,6 +263,18 @@ extern "C" __global__ void emu_selftest_race(float* out, const float* in) {
     out[base + t] = t > 0 ? s[t - 1] : 0.0f;
 }
 EXPORT_KERNEL(emu_selftest_race);
+// A race between warps: thread t reads what thread t + 32 (the next warp) wrote, with only a
+// warp shuffle between. Round-robin over all threads keeps the warps in step at the shuffle, so
+// every write lands before any read in every thread order; warp by warp, a warp reads before
+// the next one has written.
+extern "C" __global__ void emu_selftest_warp_race(float* out, const float* in) {
+    __shared__ float s[1024];
+    const unsigned n = blockDim.x, t = threadIdx.x, base = blockIdx.x * n;
+    s[t] = in[base + t];
+    const float mine = __shfl_xor_sync(FULL_MASK, s[t], 1);
+    out[base + t] = mine + s[(t + 32) % n];
+}
+EXPORT_KERNEL(emu_selftest_warp_race);
 
 // cp.async in the emulator: each thread copies 16 bytes (4 floats) of `in` into dynamic shared
 // memory, twice over in two groups, and records what it reads there before its first wait

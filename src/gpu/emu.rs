@@ -102,8 +102,8 @@ pub struct LdmatrixConflicts {
 /// thread reading what another writes between the same two barriers, or a block reading
 /// another block's output — gives different ones. In order alone hides some races (thread t
 /// reading what thread t − 1 wrote without a barrier reads it as if there were one): the other
-/// schedules expose them. `TROUPE_EMU_SCHEDULE=in-order|reversed|shuffled:SEED` sets it for a
-/// whole run (`--device emu`).
+/// schedules expose them. `TROUPE_EMU_SCHEDULE=in-order|reversed|shuffled:SEED|warps:SEED` sets
+/// it for a whole run (`--device emu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Schedule {
     /// Blocks, and threads in each round, by increasing index (the default).
@@ -114,6 +114,11 @@ pub enum Schedule {
     /// A fresh random permutation of the threads in every round, and of the blocks in every
     /// launch, from the seed and the launch's number on this emulator.
     Shuffled(u64),
+    /// A warp at a time, in a random order each round (blocks shuffled too): each warp runs alone
+    /// until all its threads wait at a block barrier or have ended. Round-robin over all threads
+    /// keeps the warps in step at every warp-collective (shuffle, ldmatrix, mma), which hides
+    /// races between warps; this schedule lets one warp run ahead of the others.
+    Warps(u64),
 }
 
 impl std::str::FromStr for Schedule {
@@ -123,11 +128,17 @@ impl std::str::FromStr for Schedule {
         match s {
             "in-order" => Ok(Schedule::InOrder),
             "reversed" => Ok(Schedule::Reversed),
-            _ => s
-                .strip_prefix("shuffled:")
-                .and_then(|seed| seed.parse().ok())
-                .map(Schedule::Shuffled)
-                .ok_or_else(|| format!("{s:?}: expected in-order, reversed or shuffled:SEED (a number)")),
+            _ => {
+                let seeded = |prefix: &str| s.strip_prefix(prefix).and_then(|seed| seed.parse().ok());
+                seeded("shuffled:")
+                    .map(Schedule::Shuffled)
+                    .or_else(|| seeded("warps:").map(Schedule::Warps))
+                    .ok_or_else(|| {
+                        format!(
+                            "{s:?}: expected in-order, reversed, shuffled:SEED or warps:SEED (SEED a number)"
+                        )
+                    })
+            }
         }
     }
 }
@@ -510,6 +521,7 @@ impl Gpu for EmuGpu {
             Schedule::Reversed => (1, 0),
             // Each launch its own stream of permutations.
             Schedule::Shuffled(s) => (2, s ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            Schedule::Warps(s) => (3, s ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         };
         let _watch = watchdog().watch(kernel);
         // SAFETY: little-endian x86-64: a pointer to the u64 slot is also a valid pointer to its
@@ -688,9 +700,10 @@ mod tests {
     }
 
     /// Schedules: a race that in order hides (each thread reads what the thread before it wrote,
-    /// with no barrier between) gives other bits reversed and shuffled; the rotation through
-    /// shared memory behind a barrier gives the same bits under every schedule; a bad
-    /// `TROUPE_EMU_SCHEDULE` value is named.
+    /// with no barrier between) gives other bits reversed and shuffled; a race between warps
+    /// that every round-robin order hides (a shuffle keeps the warps in step) gives other bits
+    /// warp by warp; the rotation through shared memory behind a barrier gives the same bits
+    /// under every schedule; a bad `TROUPE_EMU_SCHEDULE` value is named.
     #[test]
     fn other_schedules_expose_a_race_that_in_order_hides() {
         use super::Schedule;
@@ -722,13 +735,21 @@ mod tests {
             assert_ne!(run("emu_selftest_race", schedule), in_order, "{schedule:?} hid the race");
         }
         let rotated = run("emu_selftest_rotate", Schedule::InOrder);
-        for schedule in [Schedule::Reversed, Schedule::Shuffled(1), Schedule::Shuffled(2)] {
+        // Warps racing: hidden in step (any thread order), seen warp by warp.
+        let in_step = run("emu_selftest_warp_race", Schedule::InOrder);
+        for schedule in [Schedule::Reversed, Schedule::Shuffled(1)] {
+            assert_eq!(run("emu_selftest_warp_race", schedule), in_step, "{schedule:?}: warps out of step");
+        }
+        assert_ne!(run("emu_selftest_warp_race", Schedule::Warps(1)), in_step, "warp by warp hid the race");
+        for schedule in [Schedule::Reversed, Schedule::Shuffled(1), Schedule::Shuffled(2), Schedule::Warps(1)]
+        {
             assert_eq!(run("emu_selftest_rotate", schedule), rotated, "{schedule:?}: a barrier failed");
         }
         assert_eq!("shuffled:7".parse::<Schedule>(), Ok(Schedule::Shuffled(7)));
         assert_eq!("reversed".parse::<Schedule>(), Ok(Schedule::Reversed));
         let err = "shuffled".parse::<Schedule>().unwrap_err();
-        assert!(err.contains("in-order, reversed or shuffled:SEED"), "{err}");
+        assert!(err.contains("in-order, reversed, shuffled:SEED or warps:SEED"), "{err}");
+        assert_eq!("warps:3".parse::<Schedule>(), Ok(Schedule::Warps(3)));
     }
 
     /// The emulator's cp.async delivers at the two extremes a GPU allows: in odd blocks as each

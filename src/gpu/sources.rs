@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use super::GpuError;
 
-/// Prepended to every kernel file (bf16 conversions, warp and block reductions).
+/// Prepended to every kernel file (bf16 conversions, warp reductions, the tensor-core helpers).
 pub const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
 /// The CUDA subset the CPU emulator provides (see [`crate::gpu::EmuGpu`]).
 pub const EMU_HEADER: &str = include_str!("../../cuda/emu/emu.h");
