@@ -9,6 +9,11 @@ use std::process::Command;
 use anyhow::{Result, ensure};
 
 fn troupe(args: &[&str]) -> Result<(i32, String, String)> {
+    troupe_with(args, &[])
+}
+
+/// `troupe args` with extra environment variables.
+fn troupe_with(args: &[&str], env: &[(&str, &std::path::Path)]) -> Result<(i32, String, String)> {
     let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
         .args(args)
         .env_remove("TROUPE_NCCL_LIB")
@@ -16,6 +21,7 @@ fn troupe(args: &[&str]) -> Result<(i32, String, String)> {
             "TROUPE_CACHE_DIR",
             std::env::temp_dir().join(format!("troupe-cli-device-{}", std::process::id())),
         )
+        .envs(env.iter().copied())
         .output()?;
     Ok((
         out.status.code().unwrap_or(-1),
@@ -82,21 +88,7 @@ fn device_kernels_prints_what_ptxas_reports_of_each_kernel() -> Result<()> {
 /// directory without the files is an error naming the missing one, for NVRTC and the emulator.
 #[test]
 fn kernel_sources_can_come_from_a_directory() -> Result<()> {
-    let run = |args: &[&str], dir: &std::path::Path| -> Result<(i32, String, String)> {
-        let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
-            .args(args)
-            .env("TROUPE_KERNEL_SOURCES", dir)
-            .env(
-                "TROUPE_CACHE_DIR",
-                std::env::temp_dir().join(format!("troupe-cli-src-{}", std::process::id())),
-            )
-            .output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
-    };
+    let run = |args: &[&str], dir: &std::path::Path| troupe_with(args, &[("TROUPE_KERNEL_SOURCES", dir)]);
     let empty = std::env::temp_dir().join(format!("troupe-no-sources-{}", std::process::id()));
     std::fs::create_dir_all(&empty)?;
     let emu_args =

@@ -267,9 +267,9 @@ pub trait DeviceStage: Send {
     /// queued as one group, so an exchange's two directions progress together
     /// ([`DeviceComm::grouped`]). The ops at the indices in `damage` carry an injected fault: a
     /// send goes out as a damaged copy (its checksum is of the intact message), a receive is
-    /// damaged as it is read, before its checksum. A send reads the output from the activations as they are (they
-    /// live until the microbatch's backward, which waits for a gradient the peer computed from
-    /// them) or the input gradient [`DeviceStage::keep_input_grad`] kept (whose buffer is written
+    /// damaged as it is read, before its checksum. A send reads the output from the activations
+    /// as they are (they live until the microbatch's backward, which waits for a gradient the
+    /// peer computed from them) or the input gradient [`DeviceStage::keep_input_grad`] kept (whose buffer is written
     /// again only after the send's mark); a receive lands in a message buffer that the forward
     /// (given [`StageInput::Arrived`]) or the backward (given no output gradient) waits for.
     ///
@@ -799,18 +799,15 @@ impl<G: Gpu + 'static> DeviceStage for GpuStage<G> {
         let mut slots = Vec::with_capacity(ops.len());
         let mut copies = Vec::new();
         for (i, op) in ops.iter().enumerate() {
-            let slot = match (*op, from) {
-                (
-                    LinkOp::RecvInput { batch, seq, mb, .. } | LinkOp::RecvOutputGrad { batch, seq, mb, .. },
-                    _,
-                ) => {
+            let slot = match *op {
+                LinkOp::RecvInput { batch, seq, mb, .. } | LinkOp::RecvOutputGrad { batch, seq, mb, .. } => {
                     let n = self.model.message_elems(batch, seq);
                     bufs.push((self.model.message_buffer(n)?, n));
                     let what = if matches!(op, LinkOp::RecvInput { .. }) { "activation" } else { "gradient" };
                     from.map(|from| self.model.checksum_slot(Some(SumLabel { what, mb, from })))
                         .transpose()?
                 }
-                (LinkOp::SendOutput { mb, .. } | LinkOp::SendInputGrad { mb, .. }, _) => {
+                LinkOp::SendOutput { mb, .. } | LinkOp::SendInputGrad { mb, .. } => {
                     let slot = from.map(|_| self.model.checksum_slot(None)).transpose()?;
                     let bytes = {
                         let (data, n) = send_data(&self.model, op, mb)?;
