@@ -19,8 +19,9 @@ for line in sys.stdin:
         continue
     exe = m.get("executable")
     name = m.get("target", {}).get("name", "")
-    # gpu_dp drives the emulator through the binary at its build path: run by CI, not on the GPU machine.
-    if exe and m.get("profile", {}).get("test") and name.startswith("gpu_") and name != "gpu_dp":
+    # gpu_dp drives the emulator through the binary at its build path, and gpu_emu_schedules and
+    # gpu_nvrtc need no GPU: CI runs them, not the GPU machine.
+    if exe and m.get("profile", {}).get("test") and name.startswith("gpu_") and name not in ("gpu_dp", "gpu_emu_schedules", "gpu_nvrtc"):
         shutil.copy(exe, os.path.join(sys.argv[1], name))
         print("bundled", name)
 ' "$out/tests"
