@@ -97,6 +97,17 @@ fn no_orphans(cfg: &Path) {
 }
 
 fn launch(cfg: &Path, log: &Path, restarts: u32, faults: &[&str]) -> std::process::Output {
+    launch_with(cfg, log, restarts, faults, &[])
+}
+
+/// [`launch`] with `extra` arguments for `troupe train`.
+fn launch_with(
+    cfg: &Path,
+    log: &Path,
+    restarts: u32,
+    faults: &[&str],
+    extra: &[&str],
+) -> std::process::Output {
     let mut c = Command::new(BIN);
     c.args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--grace", "1"])
         .args(["--max-restarts", &restarts.to_string(), "--"])
@@ -104,7 +115,8 @@ fn launch(cfg: &Path, log: &Path, restarts: u32, faults: &[&str]) -> std::proces
         .args(["train", "--no-progress", "--comm-timeout", "20", "--config"])
         .arg(cfg)
         .arg("--log-json")
-        .arg(log);
+        .arg(log)
+        .args(extra);
     for f in faults {
         c.args(["--inject", f]);
     }
@@ -410,27 +422,7 @@ fn a_message_damaged_on_a_device_link_is_named_and_the_restarted_run_finishes() 
     let dir = scratch("devlink");
     let (cfg, _) = config(&dir);
     let log = dir.join("log.jsonl");
-    let out = Command::new(BIN)
-        .args([
-            "launch",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "0",
-            "--grace",
-            "1",
-            "--max-restarts",
-            "1",
-        ])
-        .arg("--")
-        .arg(BIN)
-        .args(["train", "--no-progress", "--device", "emu", "--dtype", "bf16", "--comm-timeout", "20"])
-        .args(["--inject", "corrupt:rank=0,step=3", "--log-json"])
-        .arg(&log)
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = launch_with(&cfg, &log, 1, &["corrupt:rank=0,step=3"], &["--device", "emu", "--dtype", "bf16"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
