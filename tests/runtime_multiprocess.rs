@@ -181,3 +181,40 @@ fn cli_traces_replay_and_replay_order() {
     let bad = Command::new(BIN).args(["train", "--replay-order", "/nonexistent.trace"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// Ranks started with different settings (a wrapper that adds flags on rank 1 only) stop before
+/// the first step, each naming the settings that differ with both values. Without the agreement
+/// a different learning rate trains silently (stage 1 learns at its own rate) and a checksum on
+/// one end of a link only fails as a malformed message.
+#[test]
+fn ranks_started_with_different_settings_stop_before_training_naming_each_difference() {
+    let dir = scratch("disagree");
+    let cfg = write_config(&dir);
+    for (extra, rank1, rank0) in [
+        ("--set train.lr=0.002", "train.lr: 0.002 on rank 1", "train.lr: 0.001 on rank 0, 0.002 on rank 1"),
+        (
+            "--no-checksums",
+            "--no-checksums: true on rank 1, false on rank 0",
+            "--no-checksums: false on rank 0",
+        ),
+    ] {
+        let script = format!(
+            "if [ \"$RANK\" = 1 ]; then x='{extra}'; else x=; fi; \
+             exec '{BIN}' train --no-progress --comm-timeout 60 --config '{}' $x",
+            cfg.display()
+        );
+        let out = Command::new(BIN)
+            .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra}: the run went through:\n{err}");
+        assert!(
+            err.contains("[rank 1] error: rank 1: the ranks run with different settings"),
+            "{extra}:\n{err}"
+        );
+        assert!(err.contains(rank1) && err.contains(rank0), "{extra}:\n{err}");
+        assert!(err.contains("exit code 2"), "a usage error: {err}");
+        assert!(!err.contains("step      1"), "{extra}: a step ran:\n{err}");
+    }
+}

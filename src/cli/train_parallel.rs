@@ -286,6 +286,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         };
         eprintln!("troupe: each chunk computes on {} (AdamW {adamw}{reduce}{p2p})", f.describe());
     }
+    let settings = launched.as_ref().map(|_| rank_settings(&cfg, args, &opts, source.as_ref()));
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
     let events = (rank == 0).then_some(tx);
@@ -316,11 +317,19 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                 }
             };
             let addr = format!("{}:{}", env.master_addr, env.master_port);
-            let store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
-                .map_err(|e| {
-                    anyhow::anyhow!("rank {}: connecting to the store for heartbeats: {e}", env.rank)
-                })?
+            let mut store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
+                .map_err(|e| anyhow::anyhow!("rank {}: connecting to the rendezvous store: {e}", env.rank))?
                 .with_prefix(&format!("troupe/attempt_{}", env.restart_count));
+            if let Some(mine) = &settings {
+                runtime::agree::agree(&mut store, env.rank, env.world_size, mine, opts.timeout).map_err(
+                    |e| match e {
+                        // Different settings are the user's to fix: a usage error, which the
+                        // launcher does not restart.
+                        runtime::agree::AgreeError::Disagree { .. } => UsageError(e.to_string()).into(),
+                        other => anyhow::Error::new(other),
+                    },
+                )?;
+            }
             let heartbeat = runtime::heartbeat::Heartbeat::start(store, env.rank, env.world_size, bound);
             let setup = RankSetup {
                 cfg: cfg2,
@@ -424,6 +433,29 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         }
     }
     Ok(())
+}
+
+/// What every rank of a launched run must share (see [`runtime::agree`]): the configuration,
+/// the flags that change the messages or the math, and the size of the training data.
+fn rank_settings(
+    cfg: &Config,
+    args: &TrainArgs,
+    opts: &RunOptions,
+    source: &dyn SampleSource,
+) -> runtime::agree::Settings {
+    let mut s = runtime::agree::Settings::of_config(cfg);
+    s.set("--device", args.device);
+    if args.device != troupe::device::Device::Cpu {
+        s.set("--dtype", format!("{:?}", args.dtype).to_lowercase());
+    }
+    s.set("--no-checksums", !opts.checksums);
+    s.set("--host-p2p", opts.host_p2p);
+    s.set("--host-grad-reduce", opts.host_grad_reduce);
+    let faults: Vec<String> = opts.faults.faults.iter().map(|f| f.describe()).collect();
+    s.set("--inject", if faults.is_empty() { "none".into() } else { faults.join("; ") });
+    s.set("training samples", source.num_samples());
+    s.set("tokens per sample", source.sample_tokens());
+    s
 }
 
 fn opts_step(rt: &RuntimeArgs, cfg: &Config) -> u64 {

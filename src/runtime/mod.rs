@@ -15,6 +15,7 @@
 //! pipeline size. With data parallelism the microbatch gradients are summed in a different order
 //! (per data-parallel rank, then across ranks), so results agree to rounding only.
 
+pub mod agree;
 mod compute;
 pub mod faults;
 pub mod heartbeat;
