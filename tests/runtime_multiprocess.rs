@@ -204,7 +204,8 @@ fn ranks_started_with_different_settings_stop_before_training_naming_each_differ
             cfg.display()
         );
         let out = Command::new(BIN)
-            .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--", "sh", "-c", &script])
+            .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--max-restarts", "2", "--"])
+            .args(["sh", "-c", &script])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -214,7 +215,13 @@ fn ranks_started_with_different_settings_stop_before_training_naming_each_differ
             "{extra}:\n{err}"
         );
         assert!(err.contains(rank1) && err.contains(rank0), "{extra}:\n{err}");
-        assert!(err.contains("exit code 2"), "a usage error: {err}");
+        // A usage error: the launcher does not restart it, and passes its exit code on.
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("(exit code 2): a usage error; stopped the other ranks and did not restart them"),
+            "{err}"
+        );
+        assert!(!err.contains("restarting all ranks"), "{err}");
         assert!(!err.contains("step      1"), "{extra}: a step ran:\n{err}");
     }
 }

@@ -42,7 +42,8 @@ pub struct LaunchArgs {
     /// Restart every rank up to this many times after a failure (like torchelastic); each
     /// attempt gets `TORCHELASTIC_RESTART_COUNT`, and the training resumes from its latest
     /// checkpoint when the command passes `--load` (with `--allow-fresh-start`). After the last
-    /// restart fails the launcher exits with code 3.
+    /// restart fails the launcher exits with code 3. On one node a rank that fails with exit code 2
+    /// (a usage error) is not restarted, and the launcher exits with 2.
     #[arg(long, default_value_t = 0)]
     pub max_restarts: u32,
     /// The program and its arguments; `${local_rank}` is replaced per rank, as torchrun does.
@@ -166,7 +167,21 @@ pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
                 drop(store);
                 return Ok(());
             }
-            Some(why) => {
+            Some((why, code)) => {
+                // Exit code 2 is a usage error (troupe's, and argparse's): the same command
+                // fails the same way again. One node knows all its ranks and stops; with several,
+                // every node's launcher must make the same choice, so they restart as torchrun does.
+                if code == Some(2) && a.nnodes == 1 {
+                    drop(store);
+                    let again = if attempt < a.max_restarts {
+                        " and did not restart them: a restart would repeat it"
+                    } else {
+                        ""
+                    };
+                    return Err(
+                        UsageError(format!("{why}: a usage error; stopped the other ranks{again}")).into()
+                    );
+                }
                 eprintln!("troupe launch: attempt {attempt}: {why}");
                 failures.push(format!("attempt {attempt}: {why}"));
             }
@@ -183,8 +198,8 @@ pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
         .into())
 }
 
-/// Starts every rank of this node once; `Some(root cause)` when a rank failed.
-fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32) -> anyhow::Result<Option<String>> {
+/// Starts every rank of this node once; when a rank failed, `Some((root cause, its exit code))`.
+fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32) -> anyhow::Result<Option<(String, Option<i32>)>> {
     let mut ranks = Vec::new();
     let mut pumps = Vec::new();
     for local in 0..a.nproc_per_node {
@@ -209,7 +224,8 @@ fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32) -> anyhow::Result<Option
     for p in pumps {
         let _ = p.join();
     }
-    Ok(failed.map(|(rank, status)| format!("rank {rank} failed first ({})", describe(status))))
+    Ok(failed
+        .map(|(rank, status)| (format!("rank {rank} failed first ({})", describe(status)), status.code())))
 }
 
 /// Polls until every rank exited successfully or one failed; returns the root cause: of the
