@@ -182,25 +182,57 @@ fn cli_traces_replay_and_replay_order() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
-/// Ranks started with different settings (a wrapper that adds flags on rank 1 only) stop before
-/// the first step, each naming the settings that differ with both values. Without the agreement
-/// a different learning rate trains silently (stage 1 learns at its own rate) and a checksum on
-/// one end of a link only fails as a malformed message.
+/// Ranks started with different settings (a wrapper that adds flags or environment on rank 1
+/// only) stop before the first step, each naming the settings that differ with both values.
+/// Without the agreement a different learning rate trains silently (stage 1 learns at its own
+/// rate) and a checksum on one end of a link only fails as a malformed message. GPU ranks also
+/// compare their storage type and the hash of their kernel sources, before any kernel is built
+/// (the emulator's build of the changed sources would take a minute).
 #[test]
 fn ranks_started_with_different_settings_stop_before_training_naming_each_difference() {
     let dir = scratch("disagree");
     let cfg = write_config(&dir);
-    for (extra, rank1, rank0) in [
-        ("--set train.lr=0.002", "train.lr: 0.002 on rank 1", "train.lr: 0.001 on rank 0, 0.002 on rank 1"),
+    // A copy of the kernel sources with one comment more.
+    let kernels = dir.join("kernels");
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/cuda"))
+        .arg(&kernels)
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let gelu = kernels.join("gelu.cu");
+    let text = std::fs::read_to_string(&gelu).unwrap();
+    std::fs::write(&gelu, text + "// edited on one host\n").unwrap();
+    let env1 = format!("TROUPE_KERNEL_SOURCES={}", kernels.display());
+    let cases: [(&str, &str, &str, &[&str]); 3] = [
         (
-            "--no-checksums",
-            "--no-checksums: true on rank 1, false on rank 0",
-            "--no-checksums: false on rank 0",
+            "",
+            "--set train.lr=0.002",
+            "",
+            &["train.lr: 0.002 on rank 1", "train.lr: 0.001 on rank 0, 0.002 on rank 1"],
         ),
-    ] {
+        (
+            "",
+            "--no-checksums",
+            "",
+            &["--no-checksums: true on rank 1, false on rank 0", "--no-checksums: false on rank 0"],
+        ),
+        (
+            "--device emu",
+            "--dtype fp32",
+            &env1,
+            &[
+                "2 settings of rank 1 differ",
+                "--dtype: fp32 on rank 1, bf16 on rank 0",
+                "kernel sources hash: ",
+            ],
+        ),
+    ];
+    for (common, extra, env, want) in cases {
         let script = format!(
-            "if [ \"$RANK\" = 1 ]; then x='{extra}'; else x=; fi; \
-             exec '{BIN}' train --no-progress --comm-timeout 60 --config '{}' $x",
+            "if [ \"$RANK\" = 1 ]; then x='{extra}'; e='{env}'; else x=; e=; fi; \
+             exec env $e '{BIN}' train --no-progress --comm-timeout 60 --config '{}' {common} $x",
             cfg.display()
         );
         let out = Command::new(BIN)
@@ -214,7 +246,9 @@ fn ranks_started_with_different_settings_stop_before_training_naming_each_differ
             err.contains("[rank 1] error: rank 1: the ranks run with different settings"),
             "{extra}:\n{err}"
         );
-        assert!(err.contains(rank1) && err.contains(rank0), "{extra}:\n{err}");
+        for w in want {
+            assert!(err.contains(w), "{extra}: no {w:?} in\n{err}");
+        }
         // A usage error: the launcher does not restart it, and passes its exit code on.
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(

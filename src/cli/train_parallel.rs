@@ -248,6 +248,12 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     // Launched ranks are one process per GPU, so their data-parallel groups can be NCCL
     // communicators; in-process ranks share this process's GPU and reduce through the host.
     let nccl = launched.as_ref().map(|_| opts.timeout);
+    // A launched rank joins the others and agrees on its settings before its device is set up
+    // (kernel builds, NCCL), so ranks that differ stop at once.
+    let joined = match &launched {
+        None => None,
+        Some(env) => Some(join(env, &opts, &rank_settings(&cfg, args, &opts, source.as_ref()))?),
+    };
     opts.device = super::train::stage_factory(args.device, args.dtype.into(), local, nccl)?;
     if let Some(f) = opts.device.as_ref().filter(|_| rank == 0) {
         let p = &cfg.parallel;
@@ -286,26 +292,14 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         };
         eprintln!("troupe: each chunk computes on {} (AdamW {adamw}{reduce}{p2p})", f.describe());
     }
-    let settings = launched.as_ref().map(|_| rank_settings(&cfg, args, &opts, source.as_ref()));
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
     let events = (rank == 0).then_some(tx);
     let cfg2 = cfg.clone();
-    let worker = match &launched {
-        None => {
-            let cores_for_ranks = threads;
-            std::thread::spawn(move || {
-                runtime::train_inproc(&cfg2, source, opts, cores_for_ranks, events, Some(stop))
-            })
-        }
-        Some(env) => {
+    let worker = match (&launched, joined) {
+        (Some(env), Some((comm, store))) => {
             let per_rank =
                 if cfg.train.threads == 0 { (cores / env.local_world_size.max(1)).max(1) } else { threads };
-            let comm = troupe::comm::tcp::connect_from_env(
-                env,
-                CommOptions { timeout: opts.timeout, ..CommOptions::default() },
-            )
-            .map_err(|e| anyhow::anyhow!("rank {}: connecting to the other ranks: {e}", env.rank))?;
             let bound = match rt.heartbeat_timeout {
                 None => opts.timeout,
                 Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
@@ -316,20 +310,6 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                     .into());
                 }
             };
-            let addr = format!("{}:{}", env.master_addr, env.master_port);
-            let mut store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
-                .map_err(|e| anyhow::anyhow!("rank {}: connecting to the rendezvous store: {e}", env.rank))?
-                .with_prefix(&format!("troupe/attempt_{}", env.restart_count));
-            if let Some(mine) = &settings {
-                runtime::agree::agree(&mut store, env.rank, env.world_size, mine, opts.timeout).map_err(
-                    |e| match e {
-                        // Different settings are the user's to fix: a usage error, which the
-                        // launcher does not restart.
-                        runtime::agree::AgreeError::Disagree { .. } => UsageError(e.to_string()).into(),
-                        other => anyhow::Error::new(other),
-                    },
-                )?;
-            }
             let heartbeat = runtime::heartbeat::Heartbeat::start(store, env.rank, env.world_size, bound);
             let setup = RankSetup {
                 cfg: cfg2,
@@ -346,6 +326,12 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                 let r = runtime::run_rank(setup).map(|r| vec![r]);
                 drop(heartbeat);
                 r
+            })
+        }
+        _ => {
+            let cores_for_ranks = threads;
+            std::thread::spawn(move || {
+                runtime::train_inproc(&cfg2, source, opts, cores_for_ranks, events, Some(stop))
             })
         }
     };
@@ -435,6 +421,31 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     Ok(())
 }
 
+/// Joins the launched world: the TCP communicator, and a store connection on which the ranks
+/// agree on their settings (see [`runtime::agree`]) and which then carries the heartbeats.
+fn join(
+    env: &LaunchEnv,
+    opts: &RunOptions,
+    mine: &runtime::agree::Settings,
+) -> anyhow::Result<(Box<dyn troupe::comm::Comm>, troupe::comm::store::StoreClient)> {
+    let comm = troupe::comm::tcp::connect_from_env(
+        env,
+        CommOptions { timeout: opts.timeout, ..CommOptions::default() },
+    )
+    .map_err(|e| anyhow::anyhow!("rank {}: connecting to the other ranks: {e}", env.rank))?;
+    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    let mut store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
+        .map_err(|e| anyhow::anyhow!("rank {}: connecting to the rendezvous store: {e}", env.rank))?
+        .with_prefix(&format!("troupe/attempt_{}", env.restart_count));
+    runtime::agree::agree(&mut store, env.rank, env.world_size, mine, opts.timeout).map_err(|e| match e {
+        // Different settings are the user's to fix: a usage error, which the launcher does not
+        // restart.
+        runtime::agree::AgreeError::Disagree { .. } => anyhow::Error::new(UsageError(e.to_string())),
+        other => anyhow::Error::new(other),
+    })?;
+    Ok((comm, store))
+}
+
 /// What every rank of a launched run must share (see [`runtime::agree`]): the configuration,
 /// the flags that change the messages or the math, and the size of the training data.
 fn rank_settings(
@@ -447,6 +458,12 @@ fn rank_settings(
     s.set("--device", args.device);
     if args.device != troupe::device::Device::Cpu {
         s.set("--dtype", format!("{:?}", args.dtype).to_lowercase());
+        // Stages built from different kernel sources (TROUPE_KERNEL_SOURCES on some hosts) would
+        // compute different functions; the hash is that of the text NVRTC or the emulator builds.
+        let kernels = troupe::gpu::cuda::kernel_source()
+            .map(|src| format!("{:016x}", troupe::gpu::sources::hash_texts(&[&src])))
+            .unwrap_or_else(|e| format!("unreadable ({e})"));
+        s.set("kernel sources hash", kernels);
     }
     s.set("--no-checksums", !opts.checksums);
     s.set("--host-p2p", opts.host_p2p);
