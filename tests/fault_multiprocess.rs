@@ -434,3 +434,38 @@ fn a_message_damaged_on_a_device_link_is_named_and_the_restarted_run_finishes() 
     assert_eq!(steps.last(), Some(&4), "{err}");
     no_orphans(&cfg);
 }
+
+/// Two launchers on one host as the two nodes of a job (`--nnodes 2`, one rank each; node 0
+/// hosts the store): rank 1 exits at step 3, each node's launcher sees its own rank fail (the
+/// cause on node 1, a consequence on node 0), both restart into the next attempt's rendezvous,
+/// and the resumed curve is the uninterrupted one bit for bit.
+#[test]
+fn two_nodes_restart_together_after_a_rank_exits() {
+    let dir = scratch("nodes");
+    let (cfg, text) = config(&dir);
+    let log = dir.join("log.jsonl");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = |n: usize| {
+        let mut c = Command::new(BIN);
+        c.args(["launch", "--nnodes", "2", "--node-rank", &n.to_string(), "--nproc-per-node", "1"])
+            .args(["--master-port", &port.to_string(), "--grace", "1", "--max-restarts", "1", "--"])
+            .arg(BIN)
+            .args(["train", "--no-progress", "--comm-timeout", "20", "--inject", "exit:rank=1,step=3"])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--log-json")
+            .arg(&log);
+        c
+    };
+    // Node 1 may start first: its ranks wait for the store (bounded by the timeout).
+    let second = node(1).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let first = node(0).output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    let (err0, err1) = (String::from_utf8_lossy(&first.stderr), String::from_utf8_lossy(&second.stderr));
+    assert!(first.status.success() && second.status.success(), "node 0:\n{err0}\nnode 1:\n{err1}");
+    assert!(err1.contains("attempt 0: rank 1 failed first (exit code 43)"), "{err1}");
+    assert!(err0.contains("attempt 0: rank 0 failed first (exit code 4)"), "{err0}");
+    assert!(err0.contains("restarting all ranks (attempt 1 of 1)"), "{err0}");
+    assert_continues(&log, &text, &[3, 4], &format!("{err0}\n{err1}"));
+    no_orphans(&cfg);
+}
