@@ -470,8 +470,7 @@ fn rank_settings(
     s.set("--host-grad-reduce", opts.host_grad_reduce);
     let faults: Vec<String> = opts.faults.faults.iter().map(|f| f.describe()).collect();
     s.set("--inject", if faults.is_empty() { "none".into() } else { faults.join("; ") });
-    s.set("training samples", source.num_samples());
-    s.set("tokens per sample", source.sample_tokens());
+    s.set("training data", runtime::agree::data_fingerprint(source));
     s
 }
 

@@ -21,12 +21,20 @@ use thiserror::Error;
 
 use crate::comm::store::{StoreClient, StoreError};
 use crate::config::Config;
+use crate::data::SampleSource;
 
 /// Configuration keys that may differ between ranks: they change neither the math nor the
 /// messages (worker threads follow each host's cores; only rank 0 logs and writes the JSON log;
-/// index caches are per host).
-pub const PER_RANK_KEYS: &[&str] =
-    &["train.threads", "logging.log_json", "logging.log_interval", "data.cache_dir"];
+/// index caches are per host), or they name files that hosts may keep at different paths — the
+/// training data and its tokenizer, whose content the ranks compare instead ([`data_fingerprint`]).
+pub const PER_RANK_KEYS: &[&str] = &[
+    "train.threads",
+    "logging.log_json",
+    "logging.log_interval",
+    "data.cache_dir",
+    "data.data_path",
+    "data.tokenizer",
+];
 
 /// At most this many differences are listed in an error (the count says how many there were).
 const LISTED: usize = 8;
@@ -172,6 +180,27 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
     }
 }
 
+/// What the ranks compare of their training data: the number of samples, their length and a
+/// hash of the tokens of the first, middle and last sample (in the seed's shuffled order), so
+/// the same data at different paths agree and different data, tokenizers, splits or seeds do not.
+pub fn data_fingerprint(source: &dyn SampleSource) -> String {
+    let n = source.num_samples();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut tokens = Vec::new();
+    for i in [0, n / 2, n.saturating_sub(1)].into_iter().filter(|&i| i < n) {
+        if let Err(e) = source.sample_into(i, &mut tokens) {
+            return format!("{n} samples, sample {i} unreadable ({e})");
+        }
+        for t in &tokens {
+            for b in t.to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    format!("{n} samples of {} tokens, hash {h:016x}", source.sample_tokens())
+}
+
 /// Describes `diffs` between `rank` and `peer` for an error: at most [`LISTED`] of them.
 pub fn describe(diffs: &[Difference], rank: usize, peer: usize) -> String {
     let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "unset".into());
@@ -247,7 +276,7 @@ mod tests {
     fn config(sets: &[&str]) -> Config {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         Config::from_toml_str(
-            "[model]\nvocab_size = 256\nseq_length = 16\nnum_layers = 2\nhidden_size = 16\nnum_attention_heads = 2\n",
+            "[model]\nvocab_size = 4096\nseq_length = 16\nnum_layers = 2\nhidden_size = 16\nnum_attention_heads = 2\n",
             "test",
             &sets,
         )
@@ -309,6 +338,29 @@ mod tests {
         }
         let text = describe(&many.differences(&Settings::default()), 1, 0);
         assert!(text.starts_with("12 settings") && text.ends_with("and 4 more"), "{text}");
+    }
+
+    #[test]
+    fn the_data_fingerprint_sees_the_tokens_not_the_path() {
+        let open = |sets: &[&str]| {
+            let cfg = config(sets);
+            let data = crate::train::corpus::open(&cfg).unwrap();
+            data_fingerprint(data.train.as_ref())
+        };
+        let base = open(&[]);
+        assert!(base.contains(" samples of 17 tokens, hash "), "{base}");
+        assert_eq!(open(&[]), base, "the same data gives the same fingerprint");
+        // Another seed shuffles the samples otherwise (same count); another split holds other
+        // documents; another sequence length cuts them elsewhere.
+        let seed = open(&["train.seed=99"]);
+        assert!(seed != base && seed.starts_with(&base[..base.find(", hash").unwrap()]), "{seed} vs {base}");
+        assert_ne!(open(&["data.split=\"50,49,1\""]), base);
+        assert_ne!(open(&["model.seq_length=12"]), base);
+        // A path is not compared: the data's content is.
+        let s = Settings::of_config(&config(&["data.data_path=[\"/node-a/corpus\"]"]));
+        assert!(
+            s.differences(&Settings::of_config(&config(&["data.data_path=[\"/node-b/corpus\"]"]))).is_empty()
+        );
     }
 
     /// Runs `agree` as each rank of `all` in its own thread over one store.
