@@ -187,7 +187,8 @@ fn cli_traces_replay_and_replay_order() {
 /// Without the agreement a different learning rate trains silently (stage 1 learns at its own
 /// rate) and a checksum on one end of a link only fails as a malformed message. GPU ranks also
 /// compare their storage type and the hash of their kernel sources, before any kernel is built
-/// (the emulator's build of the changed sources would take a minute).
+/// (the emulator's build of the changed sources would take a minute), on the actor runtime and
+/// on the GPU data-parallel loop alike.
 #[test]
 fn ranks_started_with_different_settings_stop_before_training_naming_each_difference() {
     let dir = scratch("disagree");
@@ -205,7 +206,8 @@ fn ranks_started_with_different_settings_stop_before_training_naming_each_differ
     let text = std::fs::read_to_string(&gelu).unwrap();
     std::fs::write(&gelu, text + "// edited on one host\n").unwrap();
     let env1 = format!("TROUPE_KERNEL_SOURCES={}", kernels.display());
-    let cases: [(&str, &str, &str, &[&str]); 3] = [
+    let gpu_loop = "--device emu --set parallel.pipeline_model_parallel_size=1";
+    let cases: [(&str, &str, &str, &[&str]); 5] = [
         (
             "",
             "--set train.lr=0.002",
@@ -227,6 +229,15 @@ fn ranks_started_with_different_settings_stop_before_training_naming_each_differ
                 "--dtype: fp32 on rank 1, bf16 on rank 0",
                 "kernel sources hash: ",
             ],
+        ),
+        // Data parallelism on GPUs without pipeline stages runs the GPU loop, which agrees too;
+        // and a rank sent to the actor runtime by a flag disagrees with one on the loop.
+        (gpu_loop, "--set train.lr=0.002", "", &["train.lr: 0.002 on rank 1, 0.001 on rank 0"]),
+        (
+            gpu_loop,
+            "--actors",
+            "",
+            &["training loop: actor runtime on rank 1, GPU data-parallel loop on rank 0"],
         ),
     ];
     for (common, extra, env, want) in cases {

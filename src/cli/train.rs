@@ -289,22 +289,18 @@ fn comm_options(args: &TrainArgs) -> anyhow::Result<troupe::comm::CommOptions> {
     Ok(troupe::comm::CommOptions { timeout: std::time::Duration::from_secs_f64(t), ..Default::default() })
 }
 
-/// An NCCL data-parallel group over the launcher's ranks (one GPU per process); the TCP world is
-/// kept alive beside it because rank 0 hosts the rendezvous store in it.
+/// An NCCL data-parallel group over the launcher's ranks (one GPU per process), its unique id
+/// shared through `store` (the joined world's connection). The TCP world stays alive beside it
+/// because rank 0 may host the rendezvous store in it.
 fn nccl_from_env(
     gpu: &troupe::gpu::CudaGpu,
     env: &troupe::comm::env::LaunchEnv,
-    opts: troupe::comm::CommOptions,
-) -> anyhow::Result<(troupe::gpu::nccl::NcclComm, Box<dyn troupe::comm::Comm>)> {
-    let world = troupe::comm::tcp::connect_from_env(env, opts.clone())
-        .map_err(|e| UsageError(format!("connecting the data-parallel ranks: {e}")))?;
-    let addr = format!("{}:{}", env.master_addr, env.master_port);
-    let mut store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
-        .map_err(|e| anyhow::anyhow!("rendezvous store at {addr}: {e}"))?
-        .with_prefix(&format!("troupe/attempt_{}/nccl", env.restart_count));
-    let id = troupe::gpu::nccl::share_unique_id(&mut store, "dp", env.rank, opts.timeout)?;
-    let comm = troupe::gpu::nccl::NcclComm::init(gpu, id, env.rank, env.world_size, "dp", opts.timeout)?;
-    Ok((comm, world))
+    store: troupe::comm::store::StoreClient,
+    timeout: std::time::Duration,
+) -> anyhow::Result<troupe::gpu::nccl::NcclComm> {
+    let mut store = store.with_prefix(&format!("troupe/attempt_{}/nccl", env.restart_count));
+    let id = troupe::gpu::nccl::share_unique_id(&mut store, "dp", env.rank, timeout)?;
+    Ok(troupe::gpu::nccl::NcclComm::init(gpu, id, env.rank, env.world_size, "dp", timeout)?)
 }
 
 /// Data parallelism in the kernel emulator with ranks as threads of this process (tests of the
@@ -400,8 +396,22 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         return super::train_parallel::train(&args, cfg, launched);
     }
     let gpu_dp = if parallel { Some(gpu_dp_size(&cfg, launched.as_ref())?) } else { None };
-    let gpu = OpenGpu::open(args.device)?;
     let data = corpus::open(&cfg).map_err(|e| UsageError(e.to_string()))?;
+    // Launched data-parallel ranks join and agree on their settings before the device is set up
+    // (kernel builds, NCCL), as on the actor runtime.
+    let mut joined = match (&launched, gpu_dp) {
+        (Some(env), Some(_)) => {
+            let mine = super::train_parallel::rank_settings(
+                &cfg,
+                &args,
+                data.train.as_ref(),
+                "GPU data-parallel loop",
+            );
+            Some(super::train_parallel::join(env, comm_options(&args)?, &mine)?)
+        }
+        _ => None,
+    };
+    let gpu = OpenGpu::open(args.device)?;
     let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {
         RunError::Checkpoint(_) | RunError::NothingToLoad { .. } => {
             anyhow::Error::from(UsageError(e.to_string()))
@@ -471,13 +481,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                         .into(),
                 )
             })?;
-            let (comm, _world) = nccl_from_env(g.as_ref(), env, comm_options(&args)?)?;
+            let (_world, store) =
+                joined.take().ok_or_else(|| anyhow::anyhow!("the launched world was not joined"))?;
+            let comm = nccl_from_env(g.as_ref(), env, store, comm_options(&args)?.timeout)?;
             rank.run(g.as_ref(), &mut trainer, &mut state, Some(&comm), &mut on)?
         }
         (Some(OpenGpu::Emu(g)), Some(dp)) => match &launched {
-            Some(env) => {
-                let world = troupe::comm::tcp::connect_from_env(env, comm_options(&args)?)
-                    .map_err(|e| UsageError(format!("connecting the data-parallel ranks: {e}")))?;
+            Some(_) => {
+                let (world, _store) =
+                    joined.take().ok_or_else(|| anyhow::anyhow!("the launched world was not joined"))?;
                 let comm = troupe::gpu::dp::HostComm::new(world);
                 rank.run(g, &mut trainer, &mut state, Some(&comm), &mut on)?
             }

@@ -252,7 +252,10 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     // (kernel builds, NCCL), so ranks that differ stop at once.
     let joined = match &launched {
         None => None,
-        Some(env) => Some(join(env, &opts, &rank_settings(&cfg, args, &opts, source.as_ref()))?),
+        Some(env) => {
+            let comm_opts = CommOptions { timeout: opts.timeout, ..CommOptions::default() };
+            Some(join(env, comm_opts, &rank_settings(&cfg, args, source.as_ref(), "actor runtime"))?)
+        }
     };
     opts.device = super::train::stage_factory(args.device, args.dtype.into(), local, nccl)?;
     if let Some(f) = opts.device.as_ref().filter(|_| rank == 0) {
@@ -423,21 +426,19 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
 
 /// Joins the launched world: the TCP communicator, and a store connection on which the ranks
 /// agree on their settings (see [`runtime::agree`]) and which then carries the heartbeats.
-fn join(
+pub(super) fn join(
     env: &LaunchEnv,
-    opts: &RunOptions,
+    opts: CommOptions,
     mine: &runtime::agree::Settings,
 ) -> anyhow::Result<(Box<dyn troupe::comm::Comm>, troupe::comm::store::StoreClient)> {
-    let comm = troupe::comm::tcp::connect_from_env(
-        env,
-        CommOptions { timeout: opts.timeout, ..CommOptions::default() },
-    )
-    .map_err(|e| anyhow::anyhow!("rank {}: connecting to the other ranks: {e}", env.rank))?;
+    let timeout = opts.timeout;
+    let comm = troupe::comm::tcp::connect_from_env(env, opts)
+        .map_err(|e| anyhow::anyhow!("rank {}: connecting to the other ranks: {e}", env.rank))?;
     let addr = format!("{}:{}", env.master_addr, env.master_port);
-    let mut store = troupe::comm::store::StoreClient::connect(&addr, opts.timeout)
+    let mut store = troupe::comm::store::StoreClient::connect(&addr, timeout)
         .map_err(|e| anyhow::anyhow!("rank {}: connecting to the rendezvous store: {e}", env.rank))?
         .with_prefix(&format!("troupe/attempt_{}", env.restart_count));
-    runtime::agree::agree(&mut store, env.rank, env.world_size, mine, opts.timeout).map_err(|e| match e {
+    runtime::agree::agree(&mut store, env.rank, env.world_size, mine, timeout).map_err(|e| match e {
         // Different settings are the user's to fix: a usage error, which the launcher does not
         // restart.
         runtime::agree::AgreeError::Disagree { .. } => anyhow::Error::new(UsageError(e.to_string())),
@@ -447,14 +448,17 @@ fn join(
 }
 
 /// What every rank of a launched run must share (see [`runtime::agree`]): the configuration,
-/// the flags that change the messages or the math, and the size of the training data.
-fn rank_settings(
+/// the flags that change the messages or the math (the same list on the actor runtime and the
+/// GPU loop, so ranks that took different paths disagree too), and the training data in brief.
+/// `engine` names the rank's training loop (`--actors` and some flags choose the actor runtime).
+pub(super) fn rank_settings(
     cfg: &Config,
     args: &TrainArgs,
-    opts: &RunOptions,
     source: &dyn SampleSource,
+    engine: &str,
 ) -> runtime::agree::Settings {
     let mut s = runtime::agree::Settings::of_config(cfg);
+    s.set("training loop", engine);
     s.set("--device", args.device);
     if args.device != troupe::device::Device::Cpu {
         s.set("--dtype", format!("{:?}", args.dtype).to_lowercase());
@@ -465,10 +469,16 @@ fn rank_settings(
             .unwrap_or_else(|e| format!("unreadable ({e})"));
         s.set("kernel sources hash", kernels);
     }
-    s.set("--no-checksums", !opts.checksums);
-    s.set("--host-p2p", opts.host_p2p);
-    s.set("--host-grad-reduce", opts.host_grad_reduce);
-    let faults: Vec<String> = opts.faults.faults.iter().map(|f| f.describe()).collect();
+    let rt = &args.runtime;
+    s.set("--no-checksums", rt.no_checksums);
+    s.set("--host-p2p", rt.host_p2p);
+    s.set("--host-grad-reduce", rt.host_grad_reduce);
+    // `[[faults]]` tables are configuration keys; the flags are compared as parsed.
+    let faults: Vec<String> = rt
+        .inject
+        .iter()
+        .map(|x| x.parse::<troupe::runtime::faults::Fault>().map_or_else(|_| x.clone(), |f| f.describe()))
+        .collect();
     s.set("--inject", if faults.is_empty() { "none".into() } else { faults.join("; ") });
     s.set("training data", runtime::agree::data_fingerprint(source));
     s
