@@ -185,19 +185,14 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
 /// the same data at different paths agree and different data, tokenizers, splits or seeds do not.
 pub fn data_fingerprint(source: &dyn SampleSource) -> String {
     let n = source.num_samples();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut tokens = Vec::new();
+    let (mut tokens, mut bytes) = (Vec::new(), Vec::new());
     for i in [0, n / 2, n.saturating_sub(1)].into_iter().filter(|&i| i < n) {
         if let Err(e) = source.sample_into(i, &mut tokens) {
             return format!("{n} samples, sample {i} unreadable ({e})");
         }
-        for t in &tokens {
-            for b in t.to_le_bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
+        bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
     }
+    let h = crate::data::gpt_dataset::fnv1a64(&bytes);
     format!("{n} samples of {} tokens, hash {h:016x}", source.sample_tokens())
 }
 
