@@ -108,9 +108,25 @@ fn launch_with(
     faults: &[&str],
     extra: &[&str],
 ) -> std::process::Output {
+    launcher(&["--nproc-per-node", "2", "--master-port", "0"], cfg, log, restarts, faults, extra)
+        .output()
+        .unwrap()
+}
+
+/// `troupe launch NODE… --grace 1 --max-restarts R -- troupe train …` with the faults and `extra`
+/// arguments; `node` says which ranks this launcher starts and where the store is.
+fn launcher(
+    node: &[&str],
+    cfg: &Path,
+    log: &Path,
+    restarts: u32,
+    faults: &[&str],
+    extra: &[&str],
+) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--grace", "1"])
-        .args(["--max-restarts", &restarts.to_string(), "--"])
+    c.arg("launch")
+        .args(node)
+        .args(["--grace", "1", "--max-restarts", &restarts.to_string(), "--"])
         .arg(BIN)
         .args(["train", "--no-progress", "--comm-timeout", "20", "--config"])
         .arg(cfg)
@@ -120,7 +136,7 @@ fn launch_with(
     for f in faults {
         c.args(["--inject", f]);
     }
-    c.output().unwrap()
+    c
 }
 
 #[test]
@@ -445,21 +461,14 @@ fn two_nodes_restart_together_after_a_rank_exits() {
     let (cfg, text) = config(&dir);
     let log = dir.join("log.jsonl");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let node = |n: usize| {
-        let mut c = Command::new(BIN);
-        c.args(["launch", "--nnodes", "2", "--node-rank", &n.to_string(), "--nproc-per-node", "1"])
-            .args(["--master-port", &port.to_string(), "--grace", "1", "--max-restarts", "1", "--"])
-            .arg(BIN)
-            .args(["train", "--no-progress", "--comm-timeout", "20", "--inject", "exit:rank=1,step=3"])
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--log-json")
-            .arg(&log);
-        c
+    let (port, faults) = (port.to_string(), ["exit:rank=1,step=3"]);
+    let node = |n: &str| {
+        let args = ["--nnodes", "2", "--node-rank", n, "--nproc-per-node", "1", "--master-port", &port];
+        launcher(&args, &cfg, &log, 1, &faults, &[])
     };
     // Node 1 may start first: its ranks wait for the store (bounded by the timeout).
-    let second = node(1).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let first = node(0).output().unwrap();
+    let second = node("1").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let first = node("0").output().unwrap();
     let second = second.wait_with_output().unwrap();
     let (err0, err1) = (String::from_utf8_lossy(&first.stderr), String::from_utf8_lossy(&second.stderr));
     assert!(first.status.success() && second.status.success(), "node 0:\n{err0}\nnode 1:\n{err1}");
