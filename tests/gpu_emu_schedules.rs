@@ -19,15 +19,9 @@ use troupe::gpu::ops::checksum;
 use troupe::gpu::{DType, Dev, EmuGpu, Gpu, upload_f32};
 use troupe::optim::AdamWConfig;
 
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
+#[path = "common/lcg.rs"]
+mod lcg;
+use lcg::uniform as values;
 
 fn download(gpu: &EmuGpu, buf: &<EmuGpu as Gpu>::Buf) -> Vec<u8> {
     let mut v = vec![0u8; gpu.buf_len(buf)];

@@ -44,14 +44,12 @@ use troupe::gpu::ops::attention::{self, Path};
 use troupe::gpu::{Arg, DType, Dev, Gpu, download_f32, round_bf16, upload_f32};
 use troupe::kernels::naive;
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 fn uniform(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
+    let mut g = lcg::Lcg::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    (0..n).map(|_| (g.unit() * 2.0 - 1.0) * amp).collect()
 }
 
 /// The float64 log-sum-exp of every causal softmax row, `[B,NH,T]`.

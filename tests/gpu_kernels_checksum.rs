@@ -8,14 +8,12 @@
 use troupe::gpu::ops::checksum::{damage_message, message_checksum, message_checksum_host};
 use troupe::gpu::{Dev, Gpu};
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 fn message(bytes: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    (0..bytes)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 56) as u8
-        })
-        .collect()
+    let mut g = lcg::Lcg::new(seed);
+    (0..bytes).map(|_| (g.next_u64() >> 56) as u8).collect()
 }
 
 fn device_checksum<G: Gpu>(gpu: &G, data: &G::Buf, offset: usize, bytes: usize) -> u64 {

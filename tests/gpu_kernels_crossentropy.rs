@@ -23,15 +23,9 @@ use troupe::gpu::ops::crossentropy::{crossentropy_forward, crossentropy_forward_
 use troupe::gpu::{DType, Dev, Gpu, download_f32, round_bf16, upload_f32, upload_u32};
 use troupe::kernels::{Backend, CpuBackend, naive};
 
-fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
+#[path = "common/lcg.rs"]
+mod lcg;
+use lcg::uniform;
 
 /// Logits `[rows, vp]` with garbage (large values) in the padded columns, which must be ignored.
 fn logits(rows: usize, v: usize, vp: usize, seed: u64) -> Vec<f32> {

@@ -33,6 +33,9 @@ use troupe::gpu::{DType, Dev, Gpu, download_f32, round_bf16, upload_f32, upload_
 use troupe::kernels::naive;
 use troupe::{Backend, CpuBackend};
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 const B: usize = 3;
 const T: usize = 7;
 const MAX_T: usize = 9;
@@ -40,13 +43,8 @@ const V: usize = 11;
 const CHANNELS: [usize; 3] = [48, 80, 37];
 
 fn uniform(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            2.0 * ((s >> 40) as f32 / (1u64 << 24) as f32) - 1.0
-        })
-        .collect()
+    let mut g = lcg::Lcg::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d);
+    (0..n).map(|_| 2.0 * g.unit() - 1.0).collect()
 }
 
 /// B·T token ids below V with heavy repetition: token 3 at every fourth position.

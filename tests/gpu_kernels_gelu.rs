@@ -21,14 +21,11 @@ use troupe::gpu::ops::gelu;
 use troupe::gpu::{DType, Dev, GeluEpilogue, Gemm, Gpu, download_f32, round_bf16, upload_f32};
 use troupe::kernels::naive;
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 fn inputs(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
-        })
-        .collect()
+    lcg::uniform(n, seed, 8.0)
 }
 
 fn check_gelu<G: Gpu>(gpu: &G, label: &str) {

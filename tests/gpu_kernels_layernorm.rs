@@ -36,6 +36,9 @@ use troupe::gpu::ops::layernorm::{
 use troupe::gpu::{DType, Dev, Gpu, download_f32, round_bf16, upload_f32};
 use troupe::kernels::naive;
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 const F32_TOL: (f64, f64) = (1e-5, 1e-5);
 const BF16_TOL: (f64, f64) = (1.0 / 128.0, 1e-5);
 /// (rows, C): 37 rows leave 3 warps of the last forward block idle and split 16 + 16 + 5 in the
@@ -43,13 +46,8 @@ const BF16_TOL: (f64, f64) = (1.0 / 128.0, 1e-5);
 const SHAPES: [(usize, usize); 4] = [(37, 48), (19, 80), (9, 200), (13, 37)];
 
 fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
+    let mut g = lcg::Lcg::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d);
+    (0..n).map(|_| lo + (hi - lo) * g.unit()).collect()
 }
 
 /// What a buffer of `dtype` holds for these values.

@@ -24,6 +24,9 @@ use troupe::gpu::{DType, Gpu, round_bf16};
 use troupe::optim::{AdamW, AdamWConfig, clip_table_grad_norm};
 use troupe::{CpuBackend, Gpt, GptConfig, StageInput};
 
+#[path = "common/lcg.rs"]
+mod lcg;
+
 fn cfg() -> GptConfig {
     GptConfig {
         vocab_size: 97,
@@ -41,11 +44,8 @@ fn cfg64() -> GptConfig {
 }
 
 fn batch(step: u64, b: usize, t: usize, vocab: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut s = 0x9e37_79b9_7f4a_7c15u64 ^ step;
-    let mut next = || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((s >> 33) % vocab as u64) as u32
-    };
+    let mut g = lcg::Lcg::new(0x9e37_79b9_7f4a_7c15u64 ^ step);
+    let mut next = || ((g.next_u64() >> 33) % vocab as u64) as u32;
     let seq: Vec<u32> = (0..b * (t + 1)).map(|_| next()).collect();
     let mut tokens = Vec::new();
     let mut targets = Vec::new();
