@@ -227,6 +227,14 @@ pub fn run(
                 let text = root.map(|e| e.to_string()).unwrap_or_default();
                 sc.attributed = Some(names_rank(&text, faulty, kind));
                 sc.note += &text.chars().take(150).collect::<String>();
+                if sc.attributed == Some(false) {
+                    // Every rank's error, to see which one was taken for the root cause.
+                    for (r, e) in first.iter().enumerate() {
+                        if let Err(e) = e {
+                            sc.note += &format!(" | rank {r}: {e}");
+                        }
+                    }
+                }
             } else if matches!(kind, FaultKind::Nan | FaultKind::Inf) {
                 let rec = oks.first().and_then(|r| r.records.iter().find(|x| x.step == fault.step));
                 sc.attributed = Some(rec.is_some_and(|x| x.skipped && x.nonfinite_ranks.contains(&faulty)));

@@ -72,6 +72,9 @@ impl RuntimeError {
                         || detail.contains("sent no heartbeat")
                         || detail.contains("receiving the")
                         || detail.contains("not done within")
+                        // A reduction or send that waited on a peer in vain.
+                        || detail.contains("not reduced within")
+                        || detail.contains("not handed over within")
                         // A device link or group whose peer failed (through the host, or NCCL).
                         || detail.contains("lost peer")
                         || detail.contains("a peer is missing or stuck"))
@@ -545,4 +548,38 @@ pub fn replay_order(trace: &Trace) -> Vec<Vec<Key>> {
             l.into_iter().map(|(_, k)| k).collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actor(rank: usize, actor: &str, detail: &str) -> RuntimeError {
+        RuntimeError::Actor { actor: actor.into(), rank, step: 2, op: "0RED".into(), detail: detail.into() }
+    }
+
+    /// A hung rank 3 seen from the ranks that wait on it: every waiter's timeout is a
+    /// consequence, so the hung rank's own report is the root cause whatever the order.
+    #[test]
+    fn waiting_in_vain_is_a_consequence_and_the_failure_itself_is_the_root_cause() {
+        let waits = [
+            actor(0, "grad-reducer", "bucket 0 not reduced within 1s"),
+            actor(1, "stage[0]", "send not handed over within 1s"),
+            actor(1, "stage[0]", "no gradient for microbatch 3 arrived within 1s (peer dead or hung?)"),
+            actor(2, "supervisor", "not done within 1s"),
+        ];
+        for w in &waits {
+            assert!(w.is_consequence(), "{w}");
+        }
+        let hung = actor(3, "watchdog", "rank 3 made no progress for 1.1 s: hung");
+        assert!(!hung.is_consequence());
+        let mut all: Vec<&RuntimeError> = waits.iter().collect();
+        all.push(&hung);
+        assert_eq!(root_cause_index(&all), Some(4));
+        all.rotate_right(2);
+        assert_eq!(root_cause_index(&all), Some(1));
+        // Corruption is a failure even though the receiver reports it.
+        let corrupt = actor(1, "stage[0]", "receiving the gradient of microbatch 1: corrupt message");
+        assert!(!corrupt.is_consequence());
+    }
 }
