@@ -237,7 +237,11 @@ fn ranks_started_with_different_settings_stop_before_training_naming_each_differ
             gpu_loop,
             "--actors",
             "",
-            &["training loop: actor runtime on rank 1, GPU data-parallel loop on rank 0"],
+            // The one difference: both loops record the world's data-parallel size.
+            &[
+                "1 setting of rank 1 differs",
+                "training loop: actor runtime on rank 1, GPU data-parallel loop on rank 0",
+            ],
         ),
     ];
     for (common, extra, env, want) in cases {

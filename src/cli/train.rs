@@ -400,9 +400,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     // Launched data-parallel ranks join and agree on their settings before the device is set up
     // (kernel builds, NCCL), as on the actor runtime.
     let mut joined = match (&launched, gpu_dp) {
-        (Some(env), Some(_)) => {
+        (Some(env), Some(dp)) => {
+            // The data-parallel size as the actor runtime records it (the world's), so a rank
+            // started on the other loop differs in the training loop alone.
+            let mut seen = cfg.clone();
+            seen.parallel.data_parallel_size = dp;
             let mine = super::train_parallel::rank_settings(
-                &cfg,
+                &seen,
                 &args,
                 data.train.as_ref(),
                 "GPU data-parallel loop",
