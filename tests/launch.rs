@@ -115,6 +115,31 @@ fn tcp_world_across_processes_under_troupe_launch() {
     }
 }
 
+/// Ranks of `troupe bench comm` started with different sizes, operations or counts stop at once
+/// with a usage error naming the difference (without the agreement they fail on a malformed
+/// message, or wait out the timeout when one rank times more iterations).
+#[test]
+fn bench_comm_ranks_with_different_arguments_stop_naming_the_difference() {
+    let cases = [
+        ("--size 4096", "--size 8192", "--size: [8192] on rank 1, [4096] on rank 0"),
+        ("--iters 1", "--iters 3", "--iters: 3 on rank 1, 1 on rank 0"),
+        ("--op all_reduce", "--op all_gather", "--op: AllGather on rank 1, AllReduce on rank 0"),
+    ];
+    for (common, other, want) in cases {
+        let script = format!(
+            "if [ \"$RANK\" = 1 ]; then x='{other}'; else x='{common}'; fi; \
+             exec '{BIN}' bench comm --backend tcp --timeout 30 $x"
+        );
+        let out = Command::new(BIN)
+            .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{other}: not a usage error:\n{err}");
+        assert!(err.contains("the ranks run with different settings") && err.contains(want), "{err}");
+    }
+}
+
 #[test]
 fn tcp_world_under_mpirun() {
     let found =
