@@ -225,13 +225,12 @@ pub fn comm(a: CommBenchArgs) -> anyhow::Result<()> {
             // Ranks started with different operations, sizes or counts would fail on a
             // malformed message or wait out the timeout; they agree first (see
             // `runtime::agree`) and a difference stops them at once, naming it.
-            let mut mine = troupe::runtime::agree::Settings::default();
+            let mut mine = troupe::runtime::agree::Settings::of_binary();
             mine.set("--op", format!("{:?}", a.op));
             mine.set("--size", format!("{sizes:?}"));
             mine.set("--iters", a.iters.max(1));
             mine.set("--check", a.check);
             mine.set("--segment", opts.segment_bytes);
-            mine.set("troupe version", env!("CARGO_PKG_VERSION"));
             let (c, _store) =
                 super::train_parallel::join(env, opts, &mine).context("joining the launcher's TCP world")?;
             let t = time_rank(c.as_ref(), &a, &sizes)?;

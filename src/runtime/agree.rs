@@ -78,7 +78,7 @@ impl Settings {
     /// The configuration's keys (dotted, as `--set` takes them) with their values, without
     /// [`PER_RANK_KEYS`], and the version of this binary.
     pub fn of_config(cfg: &Config) -> Settings {
-        let mut s = Settings::default();
+        let mut s = Settings::of_binary();
         match toml::Value::try_from(cfg) {
             Ok(v) => flatten("", &v, &mut s.entries),
             // Not reachable for a parsed configuration; the rendering is then compared whole.
@@ -89,6 +89,12 @@ impl Settings {
         for k in PER_RANK_KEYS {
             s.entries.remove(*k);
         }
+        s
+    }
+
+    /// The version of this binary alone: what every command's settings start from.
+    pub fn of_binary() -> Settings {
+        let mut s = Settings::default();
         s.set("troupe version", env!("CARGO_PKG_VERSION"));
         s
     }
