@@ -269,9 +269,10 @@ pub trait DeviceStage: Send {
     /// send goes out as a damaged copy (its checksum is of the intact message), a receive is
     /// damaged as it is read, before its checksum. A send reads the output from the activations
     /// as they are (they live until the microbatch's backward, which waits for a gradient the
-    /// peer computed from them) or the input gradient [`DeviceStage::keep_input_grad`] kept (whose buffer is written
-    /// again only after the send's mark); a receive lands in a message buffer that the forward
-    /// (given [`StageInput::Arrived`]) or the backward (given no output gradient) waits for.
+    /// peer computed from them) or the input gradient [`DeviceStage::keep_input_grad`] kept
+    /// (whose buffer is written again only after the send's mark); a receive lands in a message
+    /// buffer that the forward (given [`StageInput::Arrived`]) or the backward (given no output
+    /// gradient) waits for.
     ///
     /// # Errors
     /// No link to the peer, ops to several peers, a microbatch not in flight, no kept

@@ -9,8 +9,8 @@
 //! missing or malformed message, or silently train something else.
 //!
 //! So before the first step every rank publishes its [`Settings`] (the configuration that
-//! changes the math or the protocol, the runtime flags that change the protocol, the size of its
-//! training data and the version of troupe) through the rendezvous store, and [`agree`] compares
+//! changes the math or the protocol, the runtime flags that change the protocol, its training
+//! data in brief and the version of troupe) through the rendezvous store, and [`agree`] compares
 //! them: each rank reads rank 0's, and rank 0 reads everyone's. A difference fails every rank
 //! involved with the list of differing settings, each with its value on both ranks.
 
@@ -60,7 +60,7 @@ pub enum AgreeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Difference {
     /// The setting: a configuration key (`model.hidden_size`), a flag (`--no-checksums`) or a
-    /// fact about the rank (`troupe version`, `training samples`).
+    /// fact about the rank (`troupe version`, `training data`).
     pub key: String,
     /// Its value on this rank.
     pub mine: Option<String>,
@@ -202,7 +202,7 @@ pub fn data_fingerprint(source: &dyn SampleSource) -> String {
     format!("{n} samples of {} tokens, hash {h:016x}", source.sample_tokens())
 }
 
-/// Describes `diffs` between `rank` and `peer` for an error: at most [`LISTED`] of them.
+/// Describes `diffs` between `rank` and `peer` for an error: at most 8 of them (`LISTED`).
 pub fn describe(diffs: &[Difference], rank: usize, peer: usize) -> String {
     let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "unset".into());
     let mut parts: Vec<String> = diffs
