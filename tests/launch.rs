@@ -196,6 +196,16 @@ fn tcp_world_under_torchrun() {
     assert!(text.contains("backend tcp") && text.contains("2 ranks"), "{text}");
 }
 
+#[test]
+fn bench_comm_sizes_that_are_not_byte_counts_are_usage_errors() {
+    for (size, says) in [("12Q", "is not a byte count"), ("99999999999999G", "is too large")] {
+        let out = Command::new(BIN).args(["bench", "comm", "--size", size, "--iters", "1"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--size {size}: {err}");
+        assert!(err.contains(says), "--size {size}: {err}");
+    }
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()

@@ -19,7 +19,9 @@ use super::UsageError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendArg {
+    /// Threads of this process exchanging buffers in memory.
     Inproc,
+    /// Processes (or threads) connected by TCP sockets, as `troupe launch` ranks are.
     Tcp,
 }
 
@@ -34,8 +36,11 @@ pub enum OpArg {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommBenchArgs {
+    /// Communication backend to time (with tcp under a launcher the launcher's ranks are timed;
+    /// otherwise `--nproc` threads of this process).
     #[arg(long, value_enum, default_value = "inproc")]
     pub backend: BackendArg,
+    /// Collective to time.
     #[arg(long, value_enum, default_value = "all_reduce")]
     pub op: OpArg,
     /// Ranks to start as threads when not under a launcher (default 4).
@@ -67,7 +72,7 @@ fn parse_size(s: &str) -> anyhow::Result<usize> {
         _ => (t, 1),
     };
     let n: usize = num.parse().map_err(|_| UsageError(format!("--size {s:?} is not a byte count")))?;
-    Ok(n * mult)
+    Ok(n.checked_mul(mult).ok_or_else(|| UsageError(format!("--size {s:?} is too large")))?)
 }
 
 fn bus_factor(op: OpArg, n: usize) -> f64 {

@@ -29,8 +29,10 @@ pub struct PreprocessBenchArgs {
     /// Worker threads for both the pipeline and the raw baseline.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// JSON key of the document text in .jsonl input.
     #[arg(long, default_value = "text")]
     pub json_key: String,
+    /// How the corpus is laid out.
     #[arg(long, value_enum, default_value = "auto")]
     pub input_format: FormatArg,
     /// Rounds of (raw, pipeline); the best of each is reported.

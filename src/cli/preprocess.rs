@@ -21,6 +21,7 @@ pub struct PreprocessArgs {
     /// JSON key of the document text.
     #[arg(long, default_value = "text")]
     pub json_key: String,
+    /// How the corpus is laid out.
     #[arg(long, value_enum, default_value = "auto")]
     pub input_format: FormatArg,
     #[command(flatten)]

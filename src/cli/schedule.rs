@@ -37,6 +37,8 @@ pub struct ShowArgs {
     /// Pipeline-parallel size (ranks).
     #[arg(long)]
     pub pp: usize,
+    /// Microbatches per optimizer step on each pipeline (global batch ÷ micro batch ÷ data-parallel
+    /// size).
     #[arg(long)]
     pub microbatches: usize,
     /// Model chunks per rank (default: 2 for interleaved and zb-v, else 1).
@@ -47,6 +49,7 @@ pub struct ShowArgs {
     pub group_size: Option<usize>,
     #[command(flatten)]
     pub sim: SimArgs,
+    /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Write the output here instead of standard output (stats then go to standard output).

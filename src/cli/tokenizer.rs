@@ -130,6 +130,7 @@ pub struct TrainArgs {
     /// Corpus files (.jsonl[.gz] or text).
     #[arg(long, num_args = 1.., required = true)]
     pub input: Vec<PathBuf>,
+    /// Tokenizer model to train.
     #[arg(long, value_enum)]
     pub kind: KindArg,
     /// Target vocabulary size (including special tokens).
@@ -147,6 +148,7 @@ pub struct TrainArgs {
     /// JSON key holding the text in .jsonl input.
     #[arg(long, default_value = "text")]
     pub json_key: String,
+    /// How the corpus is laid out.
     #[arg(long, value_enum, default_value = "auto")]
     pub input_format: FormatArg,
 }

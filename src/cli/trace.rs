@@ -28,16 +28,22 @@ pub struct ReplayArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RenderFormat {
+    /// Timeline picture (SVG).
     Svg,
+    /// Timeline picture (PNG; needs --out).
     Png,
+    /// Chrome trace JSON (open in ui.perfetto.dev).
     Chrome,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct RenderArgs {
+    /// Trace file (troupe native form or troupe-written Chrome JSON).
     pub trace: PathBuf,
+    /// Output format.
     #[arg(long, value_enum, default_value = "svg")]
     pub format: RenderFormat,
+    /// Write the output here instead of standard output (PNG needs it).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }

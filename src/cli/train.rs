@@ -100,7 +100,9 @@ impl ConfigArgs {
         sets.extend_from_slice(extra);
         let cfg = match &self.config {
             Some(path) => Config::load_with(path, &sets),
-            None => Config::from_toml_str(DEFAULT_CONFIG, "the embedded config/default.toml", &sets),
+            None => {
+                Config::from_toml_str(DEFAULT_CONFIG, "config/default.toml (embedded in the binary)", &sets)
+            }
         };
         cfg.map_err(|e| UsageError(e.to_string()).into())
     }

@@ -284,9 +284,14 @@ impl Config {
         for s in sets {
             overrides::apply(&mut value, s)?;
         }
+        // A type error may come from an override rather than the file: name them too.
         let cfg: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: origin.into(),
-            message: e.to_string(),
+            path: if sets.is_empty() {
+                origin.into()
+            } else {
+                format!("{origin} with --set {}", sets.join(" --set "))
+            },
+            message: e.to_string().trim_end().replace('\n', " "),
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -438,6 +443,17 @@ mod tests {
         assert_eq!(c.checkpoint.save, "runs/x");
         let again = Config::from_toml_str(&c.to_toml(), "t", &[]).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn a_type_error_names_the_overrides_as_well_as_the_file() {
+        let sets = vec!["model.hidden_size=abc".to_string()];
+        let err = Config::from_toml_str(MODEL, "t.toml", &sets).unwrap_err().to_string();
+        assert!(err.starts_with("config file t.toml with --set model.hidden_size=abc is not valid"), "{err}");
+        assert!(err.contains("model.hidden_size"), "{err}");
+        // Without overrides the file alone is named.
+        let err = parse(&format!("{MODEL}[train]\nlr = \"fast\"\n")).unwrap_err();
+        assert!(err.starts_with("config file test.toml is not valid"), "{err}");
     }
 
     #[test]
