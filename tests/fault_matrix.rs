@@ -66,6 +66,7 @@ fn every_fault_is_detected_named_and_survived() {
             r.kind,
             FaultKind::Crash | FaultKind::Hang | FaultKind::Corrupt | FaultKind::Drop | FaultKind::CkptFail
         );
+        assert_eq!(matrix::fails_the_run(r.kind), must_fail, "{}", r.kind.name());
         assert_eq!(r.detected, must_fail, "{} {}:\n{table}", r.kind.name(), r.phase.name());
         if r.detected {
             assert!(r.flight_files > 0, "no flight recorder for {}:\n{table}", r.fault);

@@ -80,7 +80,8 @@ pub struct FaultBenchArgs {
     /// Seeds (each picks the faulty rank and step).
     #[arg(long, num_args = 1.., default_values_t = [1u64, 2])]
     pub seeds: Vec<u64>,
-    /// Communication timeout and watchdog bound, in seconds.
+    /// Communication timeout and watchdog bound, in seconds (scenarios whose fault must be
+    /// survived, such as a straggler, wait 10 times as long).
     #[arg(long, default_value_t = 1.0)]
     pub timeout: f64,
     /// Scratch directory for checkpoints and flight recorders (default: a temporary one).

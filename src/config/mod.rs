@@ -140,7 +140,9 @@ impl Default for TrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Megatron-style data path: `["prefix"]` or a blend `["0.3", "a", "0.7", "b"]` of
-    /// preprocessed `.bin/.idx` prefixes. Empty: the embedded Shakespeare corpus.
+    /// preprocessed `.bin/.idx` prefixes. A string is split at whitespace as Megatron's
+    /// `--data-path` is (`"prefix"`, `"0.3 a 0.7 b"`). Empty: the embedded Shakespeare corpus.
+    #[serde(deserialize_with = "words_or_list")]
     pub data_path: Vec<String>,
     /// Train/valid/test split over documents, e.g. "949,50,1".
     pub split: String,
@@ -148,6 +150,23 @@ pub struct DataConfig {
     pub tokenizer: String,
     /// Where index caches go (default: next to the data; for the embedded corpus, `.troupe-cache`).
     pub cache_dir: String,
+}
+
+/// A list of strings, or one string split at whitespace.
+fn words_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum WordsOrList {
+        Words(String),
+        List(Vec<String>),
+    }
+    match WordsOrList::deserialize(d) {
+        Ok(WordsOrList::Words(s)) => Ok(s.split_whitespace().map(str::to_owned).collect()),
+        Ok(WordsOrList::List(l)) => Ok(l),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a list of strings (a prefix, or weights and prefixes) or one such string",
+        )),
+    }
 }
 
 impl Default for DataConfig {
@@ -454,6 +473,20 @@ mod tests {
         // Without overrides the file alone is named.
         let err = parse(&format!("{MODEL}[train]\nlr = \"fast\"\n")).unwrap_err();
         assert!(err.starts_with("config file test.toml is not valid"), "{err}");
+    }
+
+    #[test]
+    fn a_data_path_may_be_one_string_as_on_megatrons_command_line() {
+        let one = Config::from_toml_str(MODEL, "t", &["data.data_path=data/a_text_document".into()]).unwrap();
+        assert_eq!(one.data.data_path, ["data/a_text_document"]);
+        let blend = Config::from_toml_str(MODEL, "t", &["data.data_path=\"0.3 a  0.7 b\"".into()]).unwrap();
+        assert_eq!(blend.data.data_path, ["0.3", "a", "0.7", "b"]);
+        let list = Config::from_toml_str(MODEL, "t", &["data.data_path=[\"0.3\", \"a b\"]".into()]).unwrap();
+        assert_eq!(list.data.data_path, ["0.3", "a b"]);
+        // Written back as a list, which reads the same.
+        assert_eq!(Config::from_toml_str(&blend.to_toml(), "t", &[]).unwrap(), blend);
+        let err = Config::from_toml_str(MODEL, "t", &["data.data_path=3".into()]).unwrap_err().to_string();
+        assert!(err.contains("expected a list of strings"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,17 @@ pub fn scenarios() -> Vec<(FaultKind, Phase)> {
     out
 }
 
+/// How many times the timeout a scenario whose fault must be survived may wait (see [`run`]).
+pub const SURVIVED_WAIT: u32 = 10;
+
+/// Whether a fault of this kind must fail the run (be detected): a crash, a hang, a corrupt or
+/// dropped message, a failed checkpoint write (and the kinds that end the process, which only
+/// the multi-process tests run). The other kinds must be survived.
+pub fn fails_the_run(kind: FaultKind) -> bool {
+    use FaultKind as K;
+    matches!(kind, K::Crash | K::Exit | K::Hang | K::Corrupt | K::Drop | K::CkptFail | K::CkptKill)
+}
+
 /// The fault of one scenario: the rank and step follow from the seed.
 fn fault_for(kind: FaultKind, phase: Phase, seed: u64, plan: &super::Plan) -> Fault {
     let world = plan.pp * plan.dp;
@@ -146,7 +157,12 @@ pub struct Summary {
 }
 
 /// Runs the matrix for `seeds`, in `dir` (checkpoints, flight recorders); `timeout` bounds every
-/// wait. Returns each scenario and the summary.
+/// wait (and is the watchdog's bound) in the fault-free runs and in the scenarios whose fault
+/// must fail the run (see [`fails_the_run`]). A scenario that must be survived (a straggler, a
+/// delayed, duplicated or reordered message, a NaN, a stop request) waits up to [`SURVIVED_WAIT`]
+/// times as long: a straggler slower than the timeout is a hang by definition, and on a loaded
+/// machine a 6× straggler's wait for it can pass a short timeout without anything being wrong.
+/// Returns each scenario and the summary.
 ///
 /// # Errors
 /// When the fault-free reference run itself fails.
@@ -160,13 +176,14 @@ pub fn run(
     let base = Config::from_toml_str(MATRIX_CONFIG, "the fault matrix", &[])
         .map_err(|e| RuntimeError::Start { rank: 0, detail: e.to_string() })?;
     let plan = super::Plan::new(&base, 4)?;
-    let opts = |faults: Vec<Fault>, flight: Option<PathBuf>| RunOptions {
+    let opts_within = |timeout: Duration, faults: Vec<Fault>, flight: Option<PathBuf>| RunOptions {
         timeout,
         watchdog: Some(timeout),
         faults: FaultPlan { faults, seed: 1 },
         flight_dir: flight,
         ..RunOptions::default()
     };
+    let opts = |faults, flight| opts_within(timeout, faults, flight);
     let with_dirs = |save: &Path| -> Config {
         let mut c = base.clone();
         c.checkpoint.save = save.display().to_string();
@@ -196,10 +213,11 @@ pub fn run(
             let cfg = with_dirs(&sdir.join("ckpt"));
             let flight = sdir.join("flight");
             let t0 = Instant::now();
+            let wait = if fails_the_run(kind) { timeout } else { timeout * SURVIVED_WAIT };
             let first = train_inproc_all(
                 &cfg,
                 data.clone(),
-                opts(vec![fault.clone()], Some(flight.clone())),
+                opts_within(wait, vec![fault.clone()], Some(flight.clone())),
                 2,
                 None,
                 None,
