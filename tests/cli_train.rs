@@ -1,6 +1,6 @@
 //! The `troupe` binary as a user meets it: bad configs exit with code 2 and a message naming the
 //! key or file; a tiny run trains, saves, resumes and generates; SIGINT saves a checkpoint at the
-//! next step boundary and exits cleanly.
+//! next step boundary and exits cleanly, and a second SIGINT stops a step that would not end.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -176,6 +176,60 @@ fn sigint_saves_at_a_step_boundary_and_exits_cleanly() -> Result<()> {
     ensure!(text.contains("interrupted at step"), "{text}");
     let latest = std::fs::read_to_string(dir.join("ckpt/latest"))?;
     ensure!(latest.starts_with("iter_"), "no checkpoint after SIGINT");
+    Ok(())
+}
+
+/// Ctrl-C twice: the first asks for a stop at the next step boundary, which a hung step never
+/// reaches; the second ends the process at once with exit code 130.
+#[test]
+fn a_second_sigint_stops_a_step_that_would_not_end() -> Result<()> {
+    let dir = tempdir("sigint-twice");
+    let mut args = vec!["train", "--train-iters", "100", "--no-progress", "--actors"];
+    args.extend_from_slice(&[
+        "--inject",
+        "hang:rank=0,step=2",
+        "--watchdog-timeout",
+        "60",
+        "--comm-timeout",
+        "60",
+    ]);
+    args.extend_from_slice(TINY);
+    let log = dir.join("stderr.txt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(&args)
+        .current_dir(&dir)
+        .stderr(std::fs::File::create(&log)?)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |what: &str| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !text().contains(what) {
+            ensure!(Instant::now() < deadline, "never saw {what:?}:\n{}", text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    };
+    wait_for("step      1")?;
+    let pid = child.id().to_string();
+    ensure!(Command::new("kill").args(["-INT", &pid]).status()?.success());
+    // The first signal was taken (two sent at once may arrive as one).
+    wait_for("Ctrl-C again to stop at once")?;
+    ensure!(Command::new("kill").args(["-INT", &pid]).status()?.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            anyhow::bail!("troupe did not stop after a second SIGINT:\n{}", text());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    ensure!(status.code() == Some(130), "exit {status:?}:\n{}", text());
+    ensure!(text().contains("SIGINT again: stopping now"), "{}", text());
+    ensure!(!text().contains("interrupted at step"), "the hung step ended:\n{}", text());
     Ok(())
 }
 

@@ -220,6 +220,17 @@ fn launch_and_signal(
     restarts: u32,
     after: u64,
 ) -> (std::process::Output, PathBuf, String) {
+    launch_and_signal_to(dir, signal, restarts, after, false)
+}
+
+/// [`launch_and_signal`], the signal going to the launcher itself when `to_launcher`.
+fn launch_and_signal_to(
+    dir: &Path,
+    signal: i32,
+    restarts: u32,
+    after: u64,
+    to_launcher: bool,
+) -> (std::process::Output, PathBuf, String) {
     let (cfg, text) = config(dir);
     let text = text
         .replace("train_iters = 4", "train_iters = 200")
@@ -243,11 +254,15 @@ fn launch_and_signal(
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
-    let pid: i32 = String::from_utf8_lossy(&kids.stdout)
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("a rank process");
+    let pid: i32 = if to_launcher {
+        child.id() as i32
+    } else {
+        String::from_utf8_lossy(&kids.stdout)
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("a rank process")
+    };
     // SAFETY: kill(2) on a child process id we just listed; no memory effects.
     unsafe {
         libc::kill(pid, signal);
@@ -280,6 +295,81 @@ fn sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint() {
     let latest = std::fs::read_to_string(dir.join("ckpt").join("latest")).unwrap();
     assert_eq!(latest.trim(), format!("iter_{steps:07}"), "{err}");
     no_orphans(&dir.join("cfg.toml"));
+}
+
+/// SIGTERM to the launcher (a scheduler's preemption; Ctrl-C is SIGINT) reaches every rank: they
+/// stop after the step with a checkpoint, and the launcher neither dies at once (which would
+/// SIGKILL its ranks) nor restarts them.
+#[test]
+fn sigterm_to_the_launcher_stops_every_rank_after_the_step_with_a_checkpoint() {
+    let dir = scratch("sigterm-launcher");
+    let (out, log, _) = launch_and_signal_to(&dir, libc::SIGTERM, 1, 3, true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(
+        err.contains("asking every rank to stop") && err.contains("every rank stopped after its step"),
+        "{err}"
+    );
+    assert!(!err.contains("restarting"), "{err}");
+    let steps = json_losses(&log).len() as u64;
+    assert!((3..200).contains(&steps) && err.contains("interrupted at step"), "{err}");
+    let latest = std::fs::read_to_string(dir.join("ckpt").join("latest")).unwrap();
+    assert_eq!(latest.trim(), format!("iter_{steps:07}"), "{err}");
+    no_orphans(&dir.join("cfg.toml"));
+}
+
+/// Ctrl-C twice to the launcher while a rank is hung (its step would never end): the second
+/// signal stops every rank at once and the launcher exits with 130.
+#[test]
+fn a_second_sigint_to_the_launcher_stops_hung_ranks_at_once() {
+    let dir = scratch("sigint-twice");
+    let (cfg, _) = config(&dir);
+    let log = dir.join("log.jsonl");
+    let stderr = dir.join("stderr.txt");
+    let mut child = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--grace", "1", "--"])
+        .arg(BIN)
+        .args(["train", "--no-progress", "--comm-timeout", "60", "--watchdog-timeout", "60"])
+        .args(["--inject", "hang:rank=1,step=3", "--config"])
+        .arg(&cfg)
+        .arg("--log-json")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    let wait_for = |done: &dyn Fn() -> bool, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never {what}:\n{}", text());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    wait_for(&|| !json_losses(&log).is_empty(), "trained a step");
+    let sigint = || {
+        // SAFETY: kill(2) on the child we started; no memory effects.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGINT);
+        }
+    };
+    sigint();
+    // The launcher took the first signal (two sent at once may arrive as one).
+    wait_for(&|| text().contains("asking every rank to stop"), "passed the first SIGINT on");
+    sigint();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the launcher did not stop at once:\n{}", text());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let err = text();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("SIGINT again: stopped every rank at once"), "{err}");
+    assert!(json_losses(&log).len() < 3, "the hung step finished:\n{err}");
+    no_orphans(&cfg);
 }
 
 /// The fault matrix as processes: each kind in each phase where it applies, under `troupe launch

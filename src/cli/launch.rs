@@ -8,10 +8,17 @@
 //! SIGTERM, then SIGKILL after `--grace` seconds; the launcher exits non-zero naming the first
 //! failing rank and its status. Every group is killed before the launcher returns, so no process
 //! it started outlives it.
+//!
+//! Signals: SIGINT or SIGTERM to the launcher (Ctrl-C in its terminal reaches only the launcher,
+//! since the ranks have groups of their own) is passed on to every rank as SIGTERM, so that they
+//! stop after the current step with a checkpoint; the launcher waits for them and does not
+//! restart. A second signal kills the ranks at once (SIGTERM, then SIGKILL after `--grace`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -55,6 +62,52 @@ struct Rank {
     rank: usize,
     child: Child,
     status: Option<ExitStatus>,
+}
+
+/// SIGINT and SIGTERM sent to the launcher, counted by a thread of their own.
+#[derive(Clone)]
+struct Interrupts {
+    count: Arc<AtomicUsize>,
+    first: Arc<AtomicI32>,
+}
+
+impl Interrupts {
+    fn install() -> anyhow::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let me = Self { count: Arc::new(AtomicUsize::new(0)), first: Arc::new(AtomicI32::new(0)) };
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .context("installing the launcher's SIGINT/SIGTERM handlers")?;
+        let seen = me.clone();
+        std::thread::Builder::new()
+            .name("troupe-launch-signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    let _ = seen.first.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+                    seen.count.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .context("starting the launcher's signal thread")?;
+        Ok(me)
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn name(&self) -> &'static str {
+        if self.first.load(Ordering::SeqCst) == libc::SIGINT { "SIGINT" } else { "SIGTERM" }
+    }
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// Every rank exited successfully.
+    Done,
+    /// A rank failed: the root cause and its exit code.
+    Failed(String, Option<i32>),
+    /// The launcher was signalled: every rank was asked to stop; a failure if one did not stop
+    /// cleanly, and whether a second signal cut the wait short.
+    Interrupted { failed: Option<String>, at_once: bool },
 }
 
 fn describe(s: ExitStatus) -> String {
@@ -157,17 +210,39 @@ pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
         None
     };
     let port = store.as_ref().map_or(a.master_port, |s| s.addr().port());
+    let signals = Interrupts::install()?;
     let mut failures: Vec<String> = Vec::new();
     for attempt in 0..=a.max_restarts {
+        if signals.count() > 0 {
+            // Signalled while the last attempt's ranks were being stopped: no restart.
+            break;
+        }
         if attempt > 0 {
             eprintln!("troupe launch: restarting all ranks (attempt {attempt} of {})", a.max_restarts);
         }
-        match run_attempt(&a, port, attempt)? {
-            None => {
+        match run_attempt(&a, port, attempt, &signals)? {
+            Attempt::Done => {
                 drop(store);
                 return Ok(());
             }
-            Some((why, code)) => {
+            Attempt::Interrupted { failed, at_once } => {
+                drop(store);
+                let name = signals.name();
+                return match (failed, at_once) {
+                    (_, true) => Err(Interrupted(format!(
+                        "{name} again: stopped every rank at once, without waiting for its checkpoint"
+                    ))
+                    .into()),
+                    (Some(why), false) => {
+                        bail!("{name}: asked every rank to stop after its step, but {why}")
+                    }
+                    (None, false) => {
+                        eprintln!("troupe launch: {name}: every rank stopped after its step");
+                        Ok(())
+                    }
+                };
+            }
+            Attempt::Failed(why, code) => {
                 // Exit code 2 is a usage error (troupe's, and argparse's): the same command
                 // fails the same way again. One node knows all its ranks and stops; with several,
                 // every node's launcher must make the same choice, so they restart as torchrun does.
@@ -194,12 +269,24 @@ pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
             failures.pop().unwrap_or_default().trim_start_matches("attempt 0: ")
         );
     }
+    if signals.count() > 0 {
+        bail!(
+            "{}: stopped; not restarted after {}",
+            signals.name(),
+            failures.pop().unwrap_or_default().trim_start_matches("attempt 0: ")
+        );
+    }
     Err(GaveUp(format!("gave up after {} restarts; root causes: {}", a.max_restarts, failures.join("; ")))
         .into())
 }
 
-/// Starts every rank of this node once; when a rank failed, `Some((root cause, its exit code))`.
-fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32) -> anyhow::Result<Option<(String, Option<i32>)>> {
+/// The launcher was signalled twice and killed its ranks (exit code 130, as for Ctrl-C).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
+
+/// Starts every rank of this node once and waits for them (see [`supervise`]).
+fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32, signals: &Interrupts) -> anyhow::Result<Attempt> {
     let mut ranks = Vec::new();
     let mut pumps = Vec::new();
     for local in 0..a.nproc_per_node {
@@ -219,22 +306,44 @@ fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32) -> anyhow::Result<Option
         }
         ranks.push(Rank { rank, child, status: None });
     }
-    let failed = supervise(&mut ranks);
+    let (failed, asked) = supervise(&mut ranks, signals);
     stop_all(&mut ranks, Duration::from_secs_f64(a.grace.max(0.0)));
     for p in pumps {
         let _ = p.join();
     }
-    Ok(failed
-        .map(|(rank, status)| (format!("rank {rank} failed first ({})", describe(status)), status.code())))
+    let failed =
+        failed.map(|(rank, status)| (format!("rank {rank} failed first ({})", describe(status)), status));
+    Ok(match (failed, asked) {
+        (failed, true) => Attempt::Interrupted { failed: failed.map(|f| f.0), at_once: signals.count() > 1 },
+        (Some((why, status)), false) => Attempt::Failed(why, status.code()),
+        (None, false) => Attempt::Done,
+    })
 }
 
 /// Polls until every rank exited successfully or one failed; returns the root cause: of the
 /// ranks that failed within a short window of the first, the first whose exit code is not 4 (4
-/// means "failed because a peer failed").
-fn supervise(ranks: &mut [Rank]) -> Option<(usize, ExitStatus)> {
+/// means "failed because a peer failed"). The second value says whether the launcher was
+/// signalled: then every rank was asked to stop (SIGTERM) and the poll waits for all of them,
+/// unless a second signal comes.
+fn supervise(ranks: &mut [Rank], signals: &Interrupts) -> (Option<(usize, ExitStatus)>, bool) {
     let mut failed: Vec<(usize, ExitStatus)> = Vec::new();
     let mut deadline: Option<Instant> = None;
+    let mut asked = false;
     loop {
+        let n = signals.count();
+        if n > 0 && !asked {
+            asked = true;
+            eprintln!(
+                "troupe launch: {}: asking every rank to stop after its current step (signal again to stop them at once)",
+                signals.name()
+            );
+            for r in ranks.iter().filter(|r| r.status.is_none()) {
+                signal_group(r.child.id(), libc::SIGTERM);
+            }
+        }
+        if n > 1 {
+            return (failed.first().copied(), true);
+        }
         let mut running = 0;
         for r in ranks.iter_mut() {
             if r.status.is_some() {
@@ -251,11 +360,13 @@ fn supervise(ranks: &mut [Rank]) -> Option<(usize, ExitStatus)> {
                 Ok(None) | Err(_) => running += 1,
             }
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) || (running == 0 && !failed.is_empty()) {
-            return failed.iter().find(|(_, s)| s.code() != Some(4)).or(failed.first()).copied();
-        }
-        if running == 0 {
-            return None;
+        let cause = || failed.iter().find(|(_, s)| s.code() != Some(4)).or(failed.first()).copied();
+        if asked && running > 0 {
+            // Stopping on request: every rank gets to finish its step and checkpoint.
+        } else if deadline.is_some_and(|d| Instant::now() >= d) || (running == 0 && !failed.is_empty()) {
+            return (cause(), asked);
+        } else if running == 0 {
+            return (None, asked);
         }
         std::thread::sleep(Duration::from_millis(20));
     }

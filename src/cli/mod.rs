@@ -98,10 +98,14 @@ mod trace;
 mod train;
 mod train_parallel;
 
-/// Exit code for an error: 2 for bad user input (config, arguments), 1 otherwise.
+/// Exit code for an error: 2 for bad user input (config, arguments), 3 when the launcher gave
+/// up restarting, 4 for a rank that failed because a peer did, 130 when the launcher was
+/// signalled twice and killed its ranks, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) {
         2
+    } else if err.chain().any(|e| e.downcast_ref::<launch::Interrupted>().is_some()) {
+        130
     } else if err.chain().any(|e| e.downcast_ref::<launch::GaveUp>().is_some()) {
         3
     } else if err

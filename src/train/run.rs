@@ -68,15 +68,36 @@ pub struct RunSummary {
     pub skipped_steps: u64,
 }
 
-/// Installs SIGINT/SIGTERM handlers that only raise the returned flag; the loop checks it at
-/// each step boundary (never acting inside the handler).
+/// Handles SIGINT and SIGTERM: the first raises the returned flag, which the loop checks at
+/// each step boundary (it then saves a checkpoint and stops), and says so on stderr. A second
+/// SIGINT (Ctrl-C twice) ends the process at once with exit code 130, for a step that would not
+/// end; SIGTERM never does, since a scheduler and a launcher may both send one for the same stop
+/// (and follow it with SIGKILL after their own grace period). The signals are taken by a thread
+/// of their own: nothing runs inside the handler.
 ///
 /// # Errors
-/// When the OS refuses to install a handler.
+/// When the OS refuses to install a handler or the thread cannot start.
 pub fn stop_flag() -> std::io::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&flag))?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&flag))?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let raised = Arc::clone(&flag);
+    std::thread::Builder::new().name("troupe-signals".into()).spawn(move || {
+        let mut interrupts = 0;
+        for sig in signals.forever() {
+            let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+            if sig == SIGINT {
+                interrupts += 1;
+            }
+            if interrupts >= 2 {
+                eprintln!("troupe: SIGINT again: stopping now, without a checkpoint of the current step");
+                std::process::exit(130);
+            }
+            if !raised.swap(true, Ordering::SeqCst) {
+                eprintln!("troupe: {name}: stopping after the current step (Ctrl-C again to stop at once)");
+            }
+        }
+    })?;
     Ok(flag)
 }
 
