@@ -3,7 +3,7 @@
 //! next step boundary and exits cleanly, and a second SIGINT stops a step that would not end.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
@@ -134,19 +134,40 @@ fn train_save_resume_and_generate() -> Result<()> {
     Ok(())
 }
 
+/// Starts troupe in `dir` with its stderr going to `dir/stderr.txt` (returned with the child).
+fn spawn_logged(args: &[&str], dir: &Path) -> Result<(Child, PathBuf)> {
+    let log = dir.join("stderr.txt");
+    let child = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::fs::File::create(&log)?)
+        .stdout(Stdio::null())
+        .spawn()?;
+    Ok((child, log))
+}
+
+/// The exit status of `child` within `limit`; past it the child is killed and this fails.
+fn exit_within(child: &mut Child, limit: Duration, what: &str) -> Result<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            anyhow::bail!("troupe did not exit {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn sigint_saves_at_a_step_boundary_and_exits_cleanly() -> Result<()> {
     let dir = tempdir("sigint");
     let save = dir.join("ckpt").display().to_string();
     let mut args = vec!["train", "--train-iters", "100000", "--save", save.as_str(), "--no-progress"];
     args.extend_from_slice(TINY);
-    let log = dir.join("stderr.txt");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(&args)
-        .current_dir(&dir)
-        .stderr(std::fs::File::create(&log)?)
-        .stdout(Stdio::null())
-        .spawn()?;
+    let (mut child, log) = spawn_logged(&args, &dir)?;
     // Wait (with a deadline) until training has started, then interrupt.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&log)?.contains("step      1") {
@@ -160,17 +181,7 @@ fn sigint_saves_at_a_step_boundary_and_exits_cleanly() -> Result<()> {
     }
     let pid = child.id().to_string();
     ensure!(Command::new("kill").args(["-INT", &pid]).status()?.success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            anyhow::bail!("troupe did not exit after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(60), "after SIGINT")?;
     let text = std::fs::read_to_string(&log)?;
     ensure!(status.success(), "exit {status:?}:\n{text}");
     ensure!(text.contains("interrupted at step"), "{text}");
@@ -194,13 +205,7 @@ fn a_second_sigint_stops_a_step_that_would_not_end() -> Result<()> {
         "60",
     ]);
     args.extend_from_slice(TINY);
-    let log = dir.join("stderr.txt");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args(&args)
-        .current_dir(&dir)
-        .stderr(std::fs::File::create(&log)?)
-        .stdout(Stdio::null())
-        .spawn()?;
+    let (mut child, log) = spawn_logged(&args, &dir)?;
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     let wait_for = |what: &str| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -216,17 +221,8 @@ fn a_second_sigint_stops_a_step_that_would_not_end() -> Result<()> {
     // The first signal was taken (two sent at once may arrive as one).
     wait_for("Ctrl-C again to stop at once")?;
     ensure!(Command::new("kill").args(["-INT", &pid]).status()?.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            anyhow::bail!("troupe did not stop after a second SIGINT:\n{}", text());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = exit_within(&mut child, Duration::from_secs(20), "after a second SIGINT")
+        .map_err(|e| e.context(text()))?;
     ensure!(status.code() == Some(130), "exit {status:?}:\n{}", text());
     ensure!(text().contains("SIGINT again: stopping now"), "{}", text());
     ensure!(!text().contains("interrupted at step"), "the hung step ended:\n{}", text());

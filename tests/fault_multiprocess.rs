@@ -237,14 +237,7 @@ fn launch_and_signal_to(
         .replace("save_interval = 2", "save_interval = 1");
     std::fs::write(&cfg, &text).unwrap();
     let log = dir.join("log.jsonl");
-    let child = Command::new(BIN)
-        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--grace", "1"])
-        .args(["--max-restarts", &restarts.to_string(), "--"])
-        .arg(BIN)
-        .args(["train", "--no-progress", "--comm-timeout", "20", "--config"])
-        .arg(&cfg)
-        .arg("--log-json")
-        .arg(&log)
+    let child = launcher(&["--nproc-per-node", "2", "--master-port", "0"], &cfg, &log, restarts, &[], &[])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -290,8 +283,14 @@ fn sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint() {
     let (out, log, _) = launch_and_signal(&dir, libc::SIGTERM, 0, 3);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let steps = json_losses(&log).len() as u64;
-    assert!(steps < 200 && err.contains("interrupted at step"), "{err}");
+    assert_stopped_with_a_checkpoint(&dir, &log, &err);
+}
+
+/// The run in `dir` stopped early, after a step it logged, with that step's checkpoint the
+/// latest, and left no process behind.
+fn assert_stopped_with_a_checkpoint(dir: &Path, log: &Path, err: &str) {
+    let steps = json_losses(log).len() as u64;
+    assert!((1..200).contains(&steps) && err.contains("interrupted at step"), "{err}");
     let latest = std::fs::read_to_string(dir.join("ckpt").join("latest")).unwrap();
     assert_eq!(latest.trim(), format!("iter_{steps:07}"), "{err}");
     no_orphans(&dir.join("cfg.toml"));
@@ -311,11 +310,7 @@ fn sigterm_to_the_launcher_stops_every_rank_after_the_step_with_a_checkpoint() {
         "{err}"
     );
     assert!(!err.contains("restarting"), "{err}");
-    let steps = json_losses(&log).len() as u64;
-    assert!((3..200).contains(&steps) && err.contains("interrupted at step"), "{err}");
-    let latest = std::fs::read_to_string(dir.join("ckpt").join("latest")).unwrap();
-    assert_eq!(latest.trim(), format!("iter_{steps:07}"), "{err}");
-    no_orphans(&dir.join("cfg.toml"));
+    assert_stopped_with_a_checkpoint(&dir, &log, &err);
 }
 
 /// Ctrl-C twice to the launcher while a rank is hung (its step would never end): the second
@@ -326,14 +321,9 @@ fn a_second_sigint_to_the_launcher_stops_hung_ranks_at_once() {
     let (cfg, _) = config(&dir);
     let log = dir.join("log.jsonl");
     let stderr = dir.join("stderr.txt");
-    let mut child = Command::new(BIN)
-        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--grace", "1", "--"])
-        .arg(BIN)
-        .args(["train", "--no-progress", "--comm-timeout", "60", "--watchdog-timeout", "60"])
-        .args(["--inject", "hang:rank=1,step=3", "--config"])
-        .arg(&cfg)
-        .arg("--log-json")
-        .arg(&log)
+    // The hung rank's peer waits up to the launcher's --comm-timeout (20 s) for it.
+    let node = ["--nproc-per-node", "2", "--master-port", "0"];
+    let mut child = launcher(&node, &cfg, &log, 0, &["hang:rank=1,step=3"], &[])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
