@@ -42,13 +42,7 @@ fn every_fault_is_detected_named_and_survived() {
     // The rows at fault go last: a log cut to its tail still shows them.
     let unattributed: Vec<String> = rows
         .iter()
-        .filter(|r| {
-            r.attributed == Some(false)
-                && matches!(
-                    r.kind,
-                    FaultKind::Crash | FaultKind::Hang | FaultKind::Nan | FaultKind::Inf | FaultKind::Corrupt
-                )
-        })
+        .filter(|r| r.attributed == Some(false) && matrix::must_be_attributed(r.kind))
         .map(|r| format!("{} {} seed {}: {}", r.kind.name(), r.phase.name(), r.seed, r.note))
         .collect();
     assert_eq!(

@@ -342,7 +342,7 @@ fn supervise(ranks: &mut [Rank], signals: &Interrupts) -> (Option<(usize, ExitSt
             }
         }
         if n > 1 {
-            return (failed.first().copied(), true);
+            return (root_cause(&failed), true);
         }
         let mut running = 0;
         for r in ranks.iter_mut() {
@@ -360,16 +360,20 @@ fn supervise(ranks: &mut [Rank], signals: &Interrupts) -> (Option<(usize, ExitSt
                 Ok(None) | Err(_) => running += 1,
             }
         }
-        let cause = || failed.iter().find(|(_, s)| s.code() != Some(4)).or(failed.first()).copied();
         if asked && running > 0 {
             // Stopping on request: every rank gets to finish its step and checkpoint.
         } else if deadline.is_some_and(|d| Instant::now() >= d) || (running == 0 && !failed.is_empty()) {
-            return (cause(), asked);
+            return (root_cause(&failed), asked);
         } else if running == 0 {
             return (None, asked);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Of the failed ranks, the first whose exit code is not 4 (a consequence), else the first.
+fn root_cause(failed: &[(usize, ExitStatus)]) -> Option<(usize, ExitStatus)> {
+    failed.iter().find(|(_, s)| s.code() != Some(4)).or(failed.first()).copied()
 }
 
 /// SIGTERM to every rank's process group, SIGKILL to whatever is left after `grace`, then reap.

@@ -98,6 +98,13 @@ pub fn fails_the_run(kind: FaultKind) -> bool {
     matches!(kind, K::Crash | K::Exit | K::Hang | K::Corrupt | K::Drop | K::CkptFail | K::CkptKill)
 }
 
+/// Whether every scenario of this kind must name the faulty rank (crash, hang, NaN, Inf, corrupt):
+/// the summary's attribution figure counts these.
+pub fn must_be_attributed(kind: FaultKind) -> bool {
+    use FaultKind as K;
+    matches!(kind, K::Crash | K::Hang | K::Nan | K::Inf | K::Corrupt)
+}
+
 /// The fault of one scenario: the rank and step follow from the seed.
 fn fault_for(kind: FaultKind, phase: Phase, seed: u64, plan: &super::Plan) -> Fault {
     let world = plan.pp * plan.dp;
@@ -335,9 +342,7 @@ fn names_rank(text: &str, faulty: usize, kind: FaultKind) -> bool {
 
 /// The summary figures of a matrix run.
 pub fn summarize(s: &[Scenario]) -> Summary {
-    let must = |k: FaultKind| {
-        matches!(k, FaultKind::Crash | FaultKind::Hang | FaultKind::Nan | FaultKind::Inf | FaultKind::Corrupt)
-    };
+    let must = must_be_attributed;
     Summary {
         scenarios: s.len(),
         hangs: 0,
