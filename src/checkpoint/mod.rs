@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors, View};
@@ -22,6 +22,7 @@ use thiserror::Error;
 
 use crate::config::Config;
 use crate::models::gpt::Gpt;
+use crate::models::params::ParamTable;
 use crate::optim::AdamW;
 
 const SCHEMA_VERSION: u32 = 1;
@@ -91,7 +92,12 @@ impl View for F32View<'_> {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        // Safetensors stores little-endian: on such a machine the arena's bytes are the file's.
+        if cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.data))
+        } else {
+            std::borrow::Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        }
     }
     fn data_len(&self) -> usize {
         self.data.len() * 4
@@ -114,15 +120,29 @@ fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io("fsync directory", path))
 }
 
-fn tensors_bytes(model: &Gpt, arenas: &[(&str, &[f32])]) -> Result<Vec<u8>, String> {
-    let mut views = Vec::new();
-    for spec in model.table().specs() {
-        for (prefix, arena) in arenas {
-            let name = if prefix.is_empty() { spec.name.clone() } else { format!("{prefix}.{}", spec.name) };
-            views.push((name, F32View { data: &arena[spec.span.range()], shape: spec.shape.clone() }));
+/// Writes `tensors` (name, shape, data) as one safetensors file, streamed tensor by tensor, so
+/// that saving never holds a second copy of the model in memory. The file is then read back for
+/// its size and CRC32 (what is on disk, not what was meant to be) and synced.
+fn write_tensors(path: &Path, tensors: Vec<(String, F32View<'_>)>) -> Result<FileDigest, CheckpointError> {
+    safetensors::serialize_to_file(tensors, None, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => {
+            CheckpointError::Io { op: "write", path: path.to_path_buf(), source }
         }
+        other => CheckpointError::Damaged { path: path.to_path_buf(), reason: other.to_string() },
+    })?;
+    let mut f = File::open(path).map_err(io("open", path))?;
+    let (mut hasher, mut bytes) = (crc32fast::Hasher::new(), 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io("read back", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
     }
-    safetensors::serialize(views, None).map_err(|e| e.to_string())
+    f.sync_all().map_err(io("fsync", path))?;
+    Ok(FileDigest { bytes, crc32: hasher.finalize() })
 }
 
 /// Checks that `dir` can be created and written (so a bad `--save` fails before training).
@@ -142,7 +162,33 @@ pub fn check_writable(dir: &Path) -> Result<(), CheckpointError> {
 /// # Errors
 /// [`CheckpointError::Io`] naming the path; on error `latest` still names the previous checkpoint.
 pub fn save(dir: &Path, state: &TrainState, model: &Gpt, opt: &AdamW) -> Result<PathBuf, CheckpointError> {
-    save_with_fault(dir, state, model, opt, None)
+    let parts = [Part::of(model, opt)];
+    save_with_fault(dir, state, Arenas { full: model.table(), parts: &parts }, None)
+}
+
+/// Parameters and AdamW moments of some of the model's tensors: a whole model with its
+/// optimizer, or one pipeline stage's chunk (arenas in the layout of `table`).
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    pub table: &'a ParamTable,
+    pub params: &'a [f32],
+    pub m: &'a [f32],
+    pub v: &'a [f32],
+}
+
+impl<'a> Part<'a> {
+    pub fn of(model: &'a Gpt, opt: &'a AdamW) -> Self {
+        Part { table: model.table(), params: model.params(), m: &opt.m, v: &opt.v }
+    }
+}
+
+/// What a checkpoint holds: every tensor of `full` (the whole model's table), each taken from
+/// the last of `parts` that holds it. Pipeline stages' chunks are written as they are, never
+/// assembled into a copy of the whole model.
+#[derive(Debug, Clone, Copy)]
+pub struct Arenas<'a> {
+    pub full: &'a ParamTable,
+    pub parts: &'a [Part<'a>],
 }
 
 /// A failure injected into [`save_with_fault`] after the model file is written.
@@ -161,8 +207,7 @@ pub enum SaveFault {
 pub fn save_with_fault(
     dir: &Path,
     state: &TrainState,
-    model: &Gpt,
-    opt: &AdamW,
+    arenas: Arenas<'_>,
     fault: Option<SaveFault>,
 ) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io("create directory", dir))?;
@@ -173,11 +218,28 @@ pub fn save_with_fault(
         fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
     }
     fs::create_dir(&tmp).map_err(io("create directory", &tmp))?;
-    let damaged = |reason: String| CheckpointError::Damaged { path: tmp.clone(), reason };
+    // Each tensor's part and its range there.
+    let mut sources = Vec::with_capacity(arenas.full.specs().len());
+    for spec in arenas.full.specs() {
+        let found = arenas.parts.iter().rev().find_map(|p| {
+            let s = p.table.get(&spec.name).filter(|s| s.shape == spec.shape)?;
+            let r = s.span.range();
+            (r.end <= p.params.len() && r.end <= p.m.len() && r.end <= p.v.len()).then_some((p, r))
+        });
+        let (part, r) = found.ok_or_else(|| CheckpointError::Damaged {
+            path: tmp.clone(),
+            reason: format!("no part of the model to save holds {} {:?}", spec.name, spec.shape),
+        })?;
+        sources.push((spec, *part, r));
+    }
     let mut files = HashMap::new();
-    let model_bytes = tensors_bytes(model, &[("", model.params())]).map_err(damaged)?;
-    files.insert(MODEL_FILE.to_string(), write_synced(&tmp.join(MODEL_FILE), &model_bytes)?);
-    drop(model_bytes);
+    let model_views = sources
+        .iter()
+        .map(|(spec, p, r)| {
+            (spec.name.clone(), F32View { data: &p.params[r.clone()], shape: spec.shape.clone() })
+        })
+        .collect();
+    files.insert(MODEL_FILE.to_string(), write_tensors(&tmp.join(MODEL_FILE), model_views)?);
     match fault {
         Some(SaveFault::DiskFull) => {
             let path = tmp.join(OPTIM_FILE);
@@ -194,10 +256,16 @@ pub fn save_with_fault(
         }
         None => {}
     }
-    let opt_bytes = tensors_bytes(model, &[("m", &opt.m), ("v", &opt.v)])
-        .map_err(|reason| CheckpointError::Damaged { path: tmp.clone(), reason })?;
-    files.insert(OPTIM_FILE.to_string(), write_synced(&tmp.join(OPTIM_FILE), &opt_bytes)?);
-    drop(opt_bytes);
+    let optim_views = sources
+        .iter()
+        .flat_map(|(spec, p, r)| {
+            [("m", &p.m[r.clone()]), ("v", &p.v[r.clone()])].map(|(prefix, data)| {
+                (format!("{prefix}.{}", spec.name), F32View { data, shape: spec.shape.clone() })
+            })
+        })
+        .collect();
+    let optim = write_tensors(&tmp.join(OPTIM_FILE), optim_views)?;
+    files.insert(OPTIM_FILE.to_string(), optim);
     let sf = StateFile { schema_version: SCHEMA_VERSION, state: state.clone(), files };
     let json = serde_json::to_vec_pretty(&sf)
         .map_err(|e| CheckpointError::Damaged { path: tmp.join(STATE_FILE), reason: e.to_string() })?;
@@ -253,8 +321,10 @@ pub fn resolve(path: &Path) -> Result<Option<PathBuf>, CheckpointError> {
 pub struct Loaded {
     pub dir: PathBuf,
     pub state: TrainState,
-    model: Vec<u8>,
-    optim: Vec<u8>,
+    /// The verified files, mapped: restoring copies from the page cache, so a resume never holds
+    /// a second in-memory copy of the model and its moments.
+    model: memmap2::Mmap,
+    optim: memmap2::Mmap,
 }
 
 /// Reads a checkpoint directory and verifies every file's size and CRC32.
@@ -275,17 +345,22 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
             reason: format!("schema version {} (this build reads {SCHEMA_VERSION})", sf.schema_version),
         });
     }
-    let read_verified = |file: &str| -> Result<Vec<u8>, CheckpointError> {
+    let read_verified = |file: &str| -> Result<memmap2::Mmap, CheckpointError> {
         let path = dir.join(file);
         let digest = sf.files.get(file).ok_or_else(|| CheckpointError::Damaged {
             path: state_path.clone(),
             reason: format!("lists no digest for {file}"),
         })?;
-        let bytes = fs::read(&path).map_err(io("read", &path))?;
-        if bytes.len() as u64 != digest.bytes {
-            let reason = format!("size {} bytes, expected {}", bytes.len(), digest.bytes);
+        let f = File::open(&path).map_err(io("open", &path))?;
+        let len = f.metadata().map_err(io("stat", &path))?.len();
+        if len != digest.bytes || len == 0 {
+            let reason = format!("size {len} bytes, expected {}", digest.bytes);
             return Err(CheckpointError::Damaged { path, reason });
         }
+        // SAFETY: a read-only private mapping; checkpoint directories are never written in place
+        // (a save writes a new directory and renames it), and the CRC32 below is checked over
+        // exactly the bytes that are then parsed.
+        let bytes = unsafe { memmap2::Mmap::map(&f) }.map_err(io("map", &path))?;
         let crc = crc32fast::hash(&bytes);
         if crc != digest.crc32 {
             let reason = format!("CRC32 {crc:08x}, expected {:08x}", digest.crc32);
@@ -380,4 +455,102 @@ fn copy_tensor(
         *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::gpt::{GptConfig, LayerRange, param_table};
+
+    fn state(cfg: &GptConfig) -> TrainState {
+        let toml = format!(
+            "[model]\nvocab_size = {}\nmake_vocab_size_divisible_by = {}\nseq_length = {}\nnum_layers = {}\n\
+             hidden_size = {}\nnum_attention_heads = {}\n",
+            cfg.vocab_size,
+            cfg.make_vocab_size_divisible_by,
+            cfg.seq_length,
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads
+        );
+        let config = Config::from_toml_str(&toml, "t", &[]).unwrap();
+        TrainState { step: 3, consumed_samples: 12, skipped_steps: 0, rng_state: 1, config }
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("troupe-ckpt-unit-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    /// The streamed files are what an in-memory safetensors serialisation gives, their recorded
+    /// sizes and CRC32s are those of the files, and a checkpoint written from pipeline stages'
+    /// chunks (two of them holding the tied `wte`) is byte for byte the whole model's.
+    #[test]
+    fn streamed_files_and_stage_parts_give_the_whole_models_bytes() {
+        let cfg = GptConfig { num_layers: 3, ..GptConfig::tiny() };
+        let model = Gpt::new(&cfg, 7).unwrap();
+        let mut opt = AdamW::new(crate::optim::AdamWConfig::default(), model.table().len());
+        for (i, (m, v)) in opt.m.iter_mut().zip(opt.v.iter_mut()).enumerate() {
+            (*m, *v) = (i as f32 * 1e-3, 1.0 / (1.0 + i as f32));
+        }
+        let st = state(&cfg);
+        let whole = save(&tempdir("whole"), &st, &model, &opt).unwrap();
+
+        let views: Vec<(String, F32View<'_>)> = model
+            .table()
+            .specs()
+            .iter()
+            .map(|s| {
+                (s.name.clone(), F32View { data: &model.params()[s.span.range()], shape: s.shape.clone() })
+            })
+            .collect();
+        let in_memory = safetensors::serialize(views, None).unwrap();
+        let file = fs::read(whole.join(MODEL_FILE)).unwrap();
+        assert!(file == in_memory, "the streamed model file differs from the in-memory serialisation");
+        let recorded: StateFile = serde_json::from_slice(&fs::read(whole.join(STATE_FILE)).unwrap()).unwrap();
+        for name in [MODEL_FILE, OPTIM_FILE] {
+            let bytes = fs::read(whole.join(name)).unwrap();
+            let want = FileDigest { bytes: bytes.len() as u64, crc32: crc32fast::hash(&bytes) };
+            assert_eq!(recorded.files[name], want, "{name}");
+        }
+
+        // Two stages: embedding + layer 0, layers 1–2 + head; both hold `wte`.
+        let full = model.table();
+        let ranges = [
+            LayerRange { first: 0, last: 1, embedding: true, head: false },
+            LayerRange { first: 1, last: 3, embedding: false, head: true },
+        ];
+        let tables: Vec<ParamTable> = ranges.iter().map(|r| param_table(&cfg, *r)).collect();
+        let arenas: Vec<[Vec<f32>; 3]> = tables
+            .iter()
+            .map(|t| {
+                let mut a = [vec![0.0; t.len()], vec![0.0; t.len()], vec![0.0; t.len()]];
+                for s in t.specs() {
+                    let src = full.get(&s.name).unwrap().span.range();
+                    for (dst, from) in a.iter_mut().zip([model.params(), &opt.m, &opt.v]) {
+                        dst[s.span.range()].copy_from_slice(&from[src.clone()]);
+                    }
+                }
+                a
+            })
+            .collect();
+        let parts: Vec<Part<'_>> =
+            tables.iter().zip(&arenas).map(|(table, [p, m, v])| Part { table, params: p, m, v }).collect();
+        let staged = save_with_fault(&tempdir("staged"), &st, Arenas { full, parts: &parts }, None).unwrap();
+        for name in [MODEL_FILE, OPTIM_FILE] {
+            assert!(
+                fs::read(whole.join(name)).unwrap() == fs::read(staged.join(name)).unwrap(),
+                "{name} differs"
+            );
+        }
+
+        // A tensor no part holds is an error naming it, not a panic or a partial file set.
+        let err =
+            save_with_fault(&tempdir("short"), &st, Arenas { full, parts: &parts[..1] }, None).unwrap_err();
+        assert!(err.to_string().contains("no part of the model to save holds"), "{err}");
+        for tag in ["whole", "staged", "short"] {
+            let _ = fs::remove_dir_all(tempdir(tag));
+        }
+    }
 }

@@ -2418,9 +2418,11 @@ async fn save_checkpoint(
     let plan = ctx.plan.clone();
     let wr = ctx.world_rank;
     phase_fault(&ctx, step, super::faults::Phase::Checkpoint, "checkpoint writer").await?;
-    let (shards, updates) =
+    // The optimizer's update count is not stored: a resume derives it from the state's step and
+    // skipped steps.
+    let (shards, _updates) =
         rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::Snapshot, Some(ctx.timeout)).await)?;
-    let (mut params, shards) = st
+    let (mut params, mut shards) = st
         .job(step, "read parameters for a checkpoint", |e: &mut Engine| {
             let mut shards = shards;
             let mut params = Vec::with_capacity(e.chunks.len());
@@ -2443,8 +2445,13 @@ async fn save_checkpoint(
     }
     // Full-arena moments of every chunk on this rank.
     let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(shards.len());
-    for (c, shard) in shards.iter().enumerate() {
+    for (c, shard) in shards.iter_mut().enumerate() {
         let n = params[c].len();
+        if shard.ranges.len() == 1 && shard.ranges[0] == (0..n) {
+            // A whole-arena shard (no distributed optimizer) is already the full moments.
+            moments.push((std::mem::take(&mut shard.m), std::mem::take(&mut shard.v)));
+            continue;
+        }
         let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
         let mut base = 0;
         for r in &shard.ranges {
@@ -2473,7 +2480,7 @@ async fn save_checkpoint(
         }
         return Ok(());
     }
-    // World rank 0: assemble the whole model and optimizer by tensor name.
+    // World rank 0: write the whole model and optimizer, by tensor name.
     let cfg = &ctx.cfg;
     let fail = |detail: String| RuntimeError::Actor {
         actor: "supervisor".into(),
@@ -2482,38 +2489,17 @@ async fn save_checkpoint(
         op: "checkpoint".into(),
         detail,
     };
-    let mut model = Gpt::new(&cfg.model, cfg.train.seed).map_err(|e| fail(e.to_string()))?;
-    let t = &cfg.train;
-    let adam = AdamWConfig {
-        beta1: t.adam_beta1,
-        beta2: t.adam_beta2,
-        eps: t.adam_eps,
-        weight_decay: t.weight_decay,
-    };
-    let mut opt = crate::optim::AdamW::new(adam, model.table().len());
-    opt.step = updates;
-    let full = model.table().clone();
-    let mut place =
-        |range: crate::models::gpt::LayerRange, p: &[f32], m: &[f32], v: &[f32], model: &mut Gpt| {
-            let table = crate::models::gpt::param_table(&cfg.model, range);
-            for spec in table.specs() {
-                if let Some(dst) = full.get(&spec.name) {
-                    let (src, d) = (spec.span.range(), dst.span.range());
-                    model.params_mut()[d.clone()].copy_from_slice(&p[src.clone()]);
-                    opt.m[d.clone()].copy_from_slice(&m[src.clone()]);
-                    opt.v[d].copy_from_slice(&v[src]);
-                }
-            }
-        };
-    for (c, (p, (m, v))) in params.iter().zip(&moments).enumerate() {
-        place(plan.range_of(0, c), p, m, v, &mut model);
-    }
+    // The checkpoint writer takes every tensor from the chunk that holds it, as the chunks are:
+    // the whole model is never assembled in one more copy.
+    let tables: Vec<crate::models::params::ParamTable> =
+        (0..plan.vpp).map(|c| crate::models::gpt::param_table(&cfg.model, plan.range_of(0, c))).collect();
+    let mut received: Vec<(crate::models::params::ParamTable, Vec<Vec<f32>>)> = Vec::new();
     for r in 1..plan.pp {
         let peer = r * plan.dp;
         let mut tag = TAG;
         for c in 0..plan.vpp {
-            let range = plan.range_of(r, c);
-            let n = crate::models::gpt::param_table(&cfg.model, range).len();
+            let table = crate::models::gpt::param_table(&cfg.model, plan.range_of(r, c));
+            let n = table.len();
             let mut parts = Vec::with_capacity(3);
             for _ in 0..3 {
                 let w = ctx.world.recv(DType::F32, n, peer, tag);
@@ -2522,9 +2508,17 @@ async fn save_checkpoint(
                 let Buf::F32(x) = b else { return Err(fail("a non-f32 checkpoint part".into())) };
                 parts.push(x);
             }
-            place(range, &parts[0], &parts[1], &parts[2], &mut model);
+            received.push((table, parts));
         }
     }
+    let mut parts: Vec<crate::checkpoint::Part<'_>> = Vec::new();
+    for (table, (p, (m, v))) in tables.iter().zip(params.iter().zip(&moments)) {
+        parts.push(crate::checkpoint::Part { table, params: p, m, v });
+    }
+    for (table, x) in &received {
+        parts.push(crate::checkpoint::Part { table, params: &x[0], m: &x[1], v: &x[2] });
+    }
+    let full = crate::models::gpt::param_table(&cfg.model, crate::models::gpt::LayerRange::full(&cfg.model));
     let state = crate::checkpoint::TrainState {
         step,
         consumed_samples: consumed,
@@ -2542,20 +2536,16 @@ async fn save_checkpoint(
             crate::checkpoint::SaveFault::Kill
         }
     });
-    let dir = crate::checkpoint::save_with_fault(
-        std::path::Path::new(&cfg.checkpoint.save),
-        &state,
-        &model,
-        &opt,
-        fault,
-    )
-    .map_err(|e| RuntimeError::Actor {
-        actor: "checkpoint writer".into(),
-        rank: wr,
-        step,
-        op: "save".into(),
-        detail: format!("{e} (the previous checkpoint stays `latest`)"),
-    })?;
+    let arenas = crate::checkpoint::Arenas { full: &full, parts: &parts };
+    let dir =
+        crate::checkpoint::save_with_fault(std::path::Path::new(&cfg.checkpoint.save), &state, arenas, fault)
+            .map_err(|e| RuntimeError::Actor {
+                actor: "checkpoint writer".into(),
+                rank: wr,
+                step,
+                op: "save".into(),
+                detail: format!("{e} (the previous checkpoint stays `latest`)"),
+            })?;
     if let Some(tx) = &st.events {
         let _ = tx.send(RunEvent::Saved { step, path: dir.display().to_string() });
     }
