@@ -26,6 +26,7 @@ pub mod data;
 pub mod device;
 pub mod gpu;
 pub mod kernels;
+pub mod memory;
 pub mod models;
 pub mod optim;
 pub mod runtime;

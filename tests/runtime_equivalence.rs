@@ -24,7 +24,7 @@ use troupe::config::Config;
 use troupe::data::SampleSource;
 use troupe::kernels::CpuBackend;
 use troupe::models::Rng;
-use troupe::runtime::{RankResult, RunOptions, train_inproc};
+use troupe::runtime::{Plan, RankResult, RunOptions, train_inproc};
 use troupe::train::data::TokenWindows;
 use troupe::train::run::{self, Event, RunData};
 
@@ -187,6 +187,24 @@ fn run_layout(l: &Layout, src: &Arc<dyn SampleSource>, reference: &Outcome) -> R
             "gpipe" => ensure!(peak == m, "{what}: rank {r} held {peak}, GPipe holds m = {m}"),
             _ => {}
         }
+    }
+    // The up-front memory estimate walks the same program: the peaks of microbatches in flight
+    // per chunk and the optimizer state it predicts are what every rank held.
+    let plan = Plan::new(&cfg, l.pp * l.dp)?;
+    for (w, res) in results.iter().enumerate() {
+        let peaks: Vec<usize> = plan.peaks_of(w / l.dp).iter().map(|p| p.0).collect();
+        ensure!(
+            peaks == res.peak_in_flight,
+            "{what}: rank {w} held {:?}, estimated {peaks:?}",
+            res.peak_in_flight
+        );
+        let est = plan.memory_of(&cfg, w, false);
+        ensure!(
+            est.optimizer == res.optimizer_state_bytes as u64,
+            "{what}: rank {w} optimizer state {} B, estimated {} B",
+            res.optimizer_state_bytes,
+            est.optimizer
+        );
     }
     Ok(if bitwise {
         format!("{what}: bitwise")

@@ -12,6 +12,7 @@ use troupe::checkpoint;
 use troupe::config::Config;
 use troupe::config::overrides::MEGATRON_FLAGS;
 use troupe::kernels::{Backend, CpuBackend};
+use troupe::memory::{MemoryEstimate, gib};
 use troupe::models::Rng;
 use troupe::models::gpt::{Generator, Sampling};
 use troupe::train::corpus;
@@ -124,6 +125,10 @@ pub struct TrainArgs {
     /// Never draw a progress bar (plain log lines instead).
     #[arg(long)]
     pub no_progress: bool,
+    /// Start even when the host memory the run is estimated to hold exceeds what the machine has
+    /// available (CPU compute only; the estimate is printed at the start).
+    #[arg(long)]
+    pub skip_memory_check: bool,
     /// `cpu`, `cuda` (the GPU of this process's LOCAL_RANK; one process per GPU under a
     /// launcher), or `emu` (the CUDA kernels in their CPU emulator: very slow, for testing the
     /// GPU path without a GPU). One GPU and plain data parallelism run the GPU training loop;
@@ -155,6 +160,50 @@ impl From<GpuDtype> for troupe::gpu::DType {
 }
 
 /// Refuses `--device cuda` on a machine without a usable driver or GPU, with the reason.
+/// Prints how much host memory a CPU run will hold in this process, and what is available.
+pub(super) fn announce_memory(est: &MemoryEstimate) {
+    let room = troupe::memory::available().map_or(String::new(), |a| format!("; {} available", gib(a.bytes)));
+    eprintln!("troupe: host memory: about {} in this process{room}", est.describe());
+}
+
+/// Refuses, as a usage error, a CPU run the machine cannot hold: `processes` processes of it on
+/// this machine (launched ranks of one node; `mine` is this one's share) together needing
+/// `together`, more than is available now. Without this check a model too large for the
+/// machine failed in its first allocation, or was killed by the kernel's out-of-memory killer
+/// during its first step.
+pub(super) fn check_memory(
+    mine: &MemoryEstimate,
+    together: u64,
+    processes: usize,
+    skip: bool,
+) -> anyhow::Result<()> {
+    let Some(avail) = troupe::memory::available().filter(|a| together > a.bytes && !skip) else {
+        return Ok(());
+    };
+    let who = if processes > 1 {
+        format!("the {processes} ranks on this machine need about {} together", gib(together))
+    } else {
+        format!("this run needs about {}", mine.describe())
+    };
+    Err(UsageError(format!(
+        "{who}: more host memory than the {} available ({}). Use a smaller model or \
+         --micro-batch-size, spread the layers over more processes (--pipeline-model-parallel-size \
+         under `troupe launch` on several machines), or pass --skip-memory-check to start anyway",
+        gib(avail.bytes),
+        avail.source
+    ))
+    .into())
+}
+
+/// The closing figure of a run: this process's peak resident memory, beside the estimate.
+pub(super) fn peak_memory_note(estimate: Option<&MemoryEstimate>) -> String {
+    match (troupe::memory::peak_rss(), estimate) {
+        (Some(p), Some(e)) => format!("; peak host memory {} (estimated {})", gib(p), gib(e.total())),
+        (Some(p), None) => format!("; peak host memory {}", gib(p)),
+        (None, _) => String::new(),
+    }
+}
+
 pub(super) fn check_device(device: troupe::device::Device) -> anyhow::Result<()> {
     if device != troupe::device::Device::Cuda {
         return Ok(());
@@ -417,6 +466,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // The host holds the model only when it computes there (a GPU run's arenas are on the device).
+    let estimate = (!on_gpu).then(|| MemoryEstimate::single_rank(&cfg));
+    if let Some(est) = &estimate {
+        check_memory(est, est.total(), 1, args.skip_memory_check)?;
+    }
     let gpu = OpenGpu::open(args.device)?;
     let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {
         RunError::Checkpoint(_) | RunError::NothingToLoad { .. } => {
@@ -446,6 +500,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         data.description,
         cfg.train.train_iters
     );
+    if let Some(est) = estimate.as_ref().filter(|_| reporting) {
+        announce_memory(est);
+    }
     if let Some(from) = &resumed {
         eprintln!(
             "troupe: resumed from {from} at step {} ({} samples consumed)",
@@ -514,7 +571,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             summary.steps, cfg.checkpoint.save
         );
     } else {
-        eprintln!("troupe: done: {} steps, final loss {:.4}", summary.steps, summary.final_loss);
+        eprintln!(
+            "troupe: done: {} steps, final loss {:.4}{}",
+            summary.steps,
+            summary.final_loss,
+            peak_memory_note(estimate.as_ref())
+        );
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use troupe::comm::CommOptions;
 use troupe::comm::env::LaunchEnv;
 use troupe::config::Config;
 use troupe::data::SampleSource;
+use troupe::memory::MemoryEstimate;
 use troupe::runtime::{self, Plan, RankResult, RankSetup, RunEvent, RunOptions};
 use troupe::trace::Trace;
 use troupe::train::corpus;
@@ -228,6 +229,28 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             cfg.train.train_iters
         );
     }
+    // Host memory, when the chunks compute on the CPU: this process holds its ranks (all of them
+    // in process, one when launched), and a launched node holds its local ranks together.
+    let estimate = (args.device == troupe::device::Device::Cpu).then(|| match &launched {
+        None => (0..world)
+            .map(|r| plan.memory_of(&cfg, r, false))
+            .fold(MemoryEstimate::default(), MemoryEstimate::plus),
+        Some(_) => plan.memory_of(&cfg, rank, true),
+    });
+    if let Some(mine) = &estimate {
+        if rank == 0 {
+            super::train::announce_memory(mine);
+        }
+        let (together, processes) = match &launched {
+            None => (mine.total(), 1),
+            Some(env) => {
+                let first = env.rank - env.local_rank.min(env.rank);
+                let node = first..(first + env.local_world_size).min(world);
+                (node.clone().map(|r| plan.memory_of(&cfg, r, true).total()).sum(), node.len())
+            }
+        };
+        super::train::check_memory(mine, together, processes, args.skip_memory_check)?;
+    }
     if rank == 0 && plan.pp > 1 && plan.microbatches < plan.pp {
         eprintln!(
             "troupe: note: {} microbatch(es) per step for {} pipeline stages: stages cannot overlap; raise \
@@ -383,11 +406,12 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         eprintln!("troupe: interrupted at step {}", last.map_or(0, |r| r.step));
     }
     eprintln!(
-        "troupe: done: {} steps, final loss {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0",
+        "troupe: done: {} steps, final loss {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0{}",
         last.map_or(0, |r| r.step),
         last.map_or(f32::NAN, |r| r.loss),
         last_bubble,
-        r0.optimizer_state_bytes as f64 / (1 << 20) as f64
+        r0.optimizer_state_bytes as f64 / (1 << 20) as f64,
+        super::train::peak_memory_note(estimate.as_ref())
     );
     let instr: u64 = results.iter().map(|r| r.instructions).sum();
     let overhead: f64 = results.iter().map(|r| r.overhead_s).sum();

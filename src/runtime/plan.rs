@@ -5,7 +5,8 @@
 use std::ops::Range;
 
 use crate::config::Config;
-use crate::models::gpt::{GptConfig, LayerRange};
+use crate::memory::MemoryEstimate;
+use crate::models::gpt::{GptConfig, LayerRange, RangeMemory};
 use crate::models::params::ParamTable;
 use crate::schedule::{Program, ScheduleKind, ScheduleSpec, generate, validate};
 
@@ -113,6 +114,87 @@ impl Plan {
     /// Layer range of local chunk `chunk` on pipeline rank `pp_rank`.
     pub fn range_of(&self, pp_rank: usize, chunk: usize) -> LayerRange {
         self.stages[self.program.stage_of(pp_rank, chunk)]
+    }
+
+    /// Peak microbatches each local chunk of pipeline rank `pp_rank` holds: activations (from a
+    /// forward to its backward, or to its backward-weight) and split-backward output gradients
+    /// (from a backward-input to its backward-weight), walking the rank's program in order.
+    /// A model chunk keeps freed buffers for reuse, so these peaks are what it allocates.
+    pub fn peaks_of(&self, pp_rank: usize) -> Vec<(usize, usize)> {
+        use crate::schedule::OpKind;
+        let mut held = vec![(0usize, 0usize); self.vpp];
+        let mut peak = vec![(0usize, 0usize); self.vpp];
+        for op in self.program.ranks.get(pp_rank).map_or(&[][..], Vec::as_slice) {
+            let Some((_, c)) = op.pair() else { continue };
+            let (Some(h), Some(p)) = (held.get_mut(c as usize), peak.get_mut(c as usize)) else { continue };
+            match op.kind() {
+                OpKind::Forward => h.0 += 1,
+                OpKind::Backward => h.0 = h.0.saturating_sub(1),
+                OpKind::BackwardInput => h.1 += 1,
+                OpKind::BackwardWeight => {
+                    h.0 = h.0.saturating_sub(1);
+                    h.1 = h.1.saturating_sub(1);
+                }
+                _ => {}
+            }
+            *p = (p.0.max(h.0), p.1.max(h.1));
+        }
+        peak
+    }
+
+    /// Host memory world rank `rank` holds when its chunks compute on the CPU: their model
+    /// instances, optimizer state (its shard under the distributed optimizer), the peak of
+    /// in-flight microbatches its schedule allows, and, when the run saves checkpoints, the
+    /// copies made for the writer. With `own_process` (launched ranks) world rank 0 also holds
+    /// what the other pipeline ranks send it to write; ranks sharing a process hand those
+    /// buffers over instead.
+    pub fn memory_of(&self, cfg: &Config, rank: usize, own_process: bool) -> MemoryEstimate {
+        let (pp_rank, dp_rank) = (rank / self.dp.max(1), rank % self.dp.max(1));
+        let split =
+            self.program.ranks.iter().flatten().any(|op| op.kind() == crate::schedule::OpKind::BackwardInput);
+        let seq = cfg.model.seq_length;
+        let saves = !cfg.checkpoint.save.is_empty();
+        let mut est = MemoryEstimate::default();
+        if saves && own_process && rank == 0 {
+            // The other pipeline ranks' parameters and full moments, received for the writer.
+            for r in 1..self.pp {
+                for c in 0..self.vpp {
+                    let n = crate::models::gpt::param_table(&cfg.model, self.range_of(r, c)).len();
+                    est.checkpoint += 12 * n as u64;
+                }
+            }
+        }
+        for (c, (acts, outs)) in self.peaks_of(pp_rank).into_iter().enumerate() {
+            let range = self.range_of(pp_rank, c);
+            let r = RangeMemory::of(&cfg.model, range, self.micro_batch_size, seq, split);
+            let table = crate::models::gpt::param_table(&cfg.model, range);
+            let wte = table.get("wte").map(|s| s.span.range());
+            let shard: usize = if self.distributed_optimizer {
+                buckets(&table, wte, self.bucket_elems)
+                    .iter()
+                    .map(|b| crate::comm::chunk_range(b.range.len(), self.dp, dp_rank).len())
+                    .sum()
+            } else {
+                table.len()
+            };
+            est = est.plus(MemoryEstimate {
+                weights: r.params,
+                grads: r.grads,
+                optimizer: 8 * shard as u64,
+                activations: acts as u64 * r.acts_per_microbatch
+                    + outs as u64 * r.output_grads_per_microbatch,
+                workspace: r.scratch,
+                // A copy of the parameters and a snapshot of the optimizer state; sharded moments
+                // are then gathered into full ones as well.
+                checkpoint: if saves {
+                    r.params + 8 * shard as u64 + if shard < table.len() { 2 * r.params } else { 0 }
+                } else {
+                    0
+                },
+                in_flight: acts,
+            });
+        }
+        est
     }
 }
 

@@ -116,6 +116,42 @@ impl Acts {
     }
 }
 
+/// Floats (and token ids, 4 bytes each as well) of one microbatch's [`Acts`]: what
+/// [`Acts::new`] allocates, computed without allocating (for memory estimates).
+pub(crate) fn acts_words(
+    batch: usize,
+    seq: usize,
+    c: usize,
+    nh: usize,
+    layers: usize,
+    vp: Option<usize>,
+) -> usize {
+    let n = batch * seq;
+    // ln1, atty, resid2, ln2, out: N·C; qkv 3·N·C; fch and its GELU 4·N·C each; four N-row
+    // statistics; the attention log-sum-exp per (batch, head, position).
+    let per_layer = 5 * n * c + 3 * n * c + 8 * n * c + 4 * n + batch * nh * seq;
+    let head = vp.map_or(0, |vp| n * c + 2 * n + n * vp + n);
+    n + n * c + layers * per_layer + head
+}
+
+/// Floats of one microbatch's [`OutputGrads`] (split backward only), without allocating.
+pub(crate) fn output_grads_words(
+    batch: usize,
+    seq: usize,
+    c: usize,
+    layers: usize,
+    head: bool,
+    embedding: bool,
+) -> usize {
+    let n = batch * seq;
+    layers * 11 * n * c + usize::from(head) * n * c + usize::from(embedding) * n * c
+}
+
+/// Floats of a model instance's [`Scratch`] for `n` rows (`split`: the weight half's sink too).
+pub(crate) fn scratch_words(n: usize, c: usize, split: bool) -> usize {
+    16 * n * c + 2 * c + usize::from(split) * n * c
+}
+
 /// Gradients at the outputs of one block's parametrised ops, from I for W. Each is what the
 /// fused backward passes as `dout` to the op's weight gradient.
 #[derive(Debug)]
@@ -211,6 +247,20 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// Bytes held (its vectors' lengths, as allocated).
+    pub fn bytes(&self) -> usize {
+        4 * (self.tmp.len()
+            + self.dres.len()
+            + self.dln.len()
+            + self.datty.len()
+            + self.dqkv.len()
+            + self.dbig1.len()
+            + self.dbig2.len()
+            + self.dinput.len()
+            + self.dparam_sink.len()
+            + self.dinp_sink.len())
+    }
+
     pub fn ensure(&mut self, n: usize, c: usize) {
         if self.rows == n {
             return;

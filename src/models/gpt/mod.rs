@@ -34,6 +34,50 @@ use crate::kernels::Backend;
 use crate::models::params::{ParamTable, Span, two_mut};
 use crate::tensor::Tensor;
 
+/// Host bytes a [`Gpt`] of one layer range holds on the CPU, computed without building it.
+/// Every figure is what the model's arenas and buffers allocate, so an estimate built from it
+/// tracks the code (tested against the allocations themselves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RangeMemory {
+    /// Parameter arena (fp32).
+    pub params: u64,
+    /// Gradient arena plus the head's separate tied-embedding gradient.
+    pub grads: u64,
+    /// Activations one in-flight microbatch keeps from its forward to its backward.
+    pub acts_per_microbatch: u64,
+    /// Output gradients one microbatch keeps between a split backward's halves.
+    pub output_grads_per_microbatch: u64,
+    /// Scratch reused by every microbatch.
+    pub scratch: u64,
+}
+
+impl RangeMemory {
+    /// Bytes of a model instance of `range` training microbatches of `batch × seq` tokens
+    /// (`split`: a zero-bubble schedule splits its backwards).
+    pub fn of(cfg: &GptConfig, range: LayerRange, batch: usize, seq: usize, split: bool) -> Self {
+        let (table, layout) = layout::build(cfg, range);
+        let c = cfg.hidden_size;
+        let layers = range.last.saturating_sub(range.first);
+        let tied = if range.head { layout.wte.map_or(0, |s| s.len) } else { 0 };
+        let vp = range.head.then(|| cfg.padded_vocab_size());
+        let words = |w: usize| 4 * w as u64;
+        Self {
+            params: words(table.len()),
+            grads: words(table.len() + tied),
+            acts_per_microbatch: words(acts::acts_words(batch, seq, c, cfg.num_attention_heads, layers, vp)),
+            output_grads_per_microbatch: words(acts::output_grads_words(
+                batch,
+                seq,
+                c,
+                layers,
+                range.head,
+                range.embedding,
+            )),
+            scratch: words(acts::scratch_words(batch * seq, c, split)),
+        }
+    }
+}
+
 /// The parameter table of `range` (names, shapes, arena order) without building the model.
 pub fn param_table(cfg: &GptConfig, range: LayerRange) -> ParamTable {
     layout::build(cfg, range).0
@@ -313,6 +357,20 @@ impl Gpt {
     pub fn activation_bytes(&self) -> usize {
         self.in_flight.values().map(Acts::bytes).sum::<usize>()
             + self.pending_w.values().map(OutputGrads::bytes).sum::<usize>()
+    }
+
+    /// Every byte the instance holds in its arenas and buffers, in the fields of
+    /// [`RangeMemory`] (activations and output gradients as currently held, free ones included).
+    pub fn held_bytes(&self) -> RangeMemory {
+        let acts = self.in_flight.values().chain(&self.free).map(Acts::bytes).sum::<usize>();
+        let outs = self.pending_w.values().chain(&self.free_pending_w).map(OutputGrads::bytes).sum::<usize>();
+        RangeMemory {
+            params: 4 * self.params.len() as u64,
+            grads: 4 * (self.grads.len() + self.tied_grad.len()) as u64,
+            acts_per_microbatch: acts as u64,
+            output_grads_per_microbatch: outs as u64,
+            scratch: self.scratch.bytes() as u64,
+        }
     }
 
     /// Output hidden states `[B,T,C]` of an in-flight microbatch (what a non-last stage sends).
@@ -753,6 +811,60 @@ fn layer_backward(
 mod tests {
     use super::*;
     use crate::kernels::CpuBackend;
+
+    /// The memory a range is estimated to hold, without building it, is what it allocates: for
+    /// a full model, a first stage, a middle one and a head, through a fused backward and
+    /// through a split one (where one microbatch holds activations and output gradients).
+    #[test]
+    fn range_memory_is_what_the_model_allocates() {
+        let cfg = GptConfig {
+            vocab_size: 61,
+            make_vocab_size_divisible_by: 8,
+            seq_length: 12,
+            num_layers: 4,
+            hidden_size: 16,
+            num_attention_heads: 4,
+        };
+        let be = CpuBackend::new(1);
+        let (b, t, c) = (2, 10, cfg.hidden_size);
+        let tokens: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % 61).collect();
+        let ranges = [
+            LayerRange::full(&cfg),
+            LayerRange { first: 0, last: 1, embedding: true, head: false },
+            LayerRange { first: 1, last: 3, embedding: false, head: false },
+            LayerRange { first: 3, last: 4, embedding: false, head: true },
+        ];
+        for range in ranges {
+            for split in [false, true] {
+                let mut m = Gpt::new_range(&cfg, range, 5).unwrap();
+                let hidden = vec![0.1f32; b * t * c];
+                let input =
+                    if range.embedding { StageInput::Tokens(&tokens) } else { StageInput::Hidden(&hidden) };
+                let targets = range.head.then_some(&tokens[..]);
+                m.forward(&be, 0, b, t, input, targets, 1.0).unwrap();
+                let dout = (!range.head).then_some(&hidden[..]);
+                let want = RangeMemory::of(&cfg, range, b, t, split);
+                let held = if split {
+                    m.backward_input(&be, 0, dout).unwrap();
+                    let during = m.held_bytes();
+                    m.backward_weight(&be, 0).unwrap();
+                    assert_eq!(
+                        during.output_grads_per_microbatch, want.output_grads_per_microbatch,
+                        "{range:?}"
+                    );
+                    m.held_bytes()
+                } else {
+                    m.backward(&be, 0, dout).unwrap();
+                    m.held_bytes()
+                };
+                let what = format!("{range:?}, split {split}");
+                assert_eq!(held.params, want.params, "{what}");
+                assert_eq!(held.grads, want.grads, "{what}");
+                assert_eq!(held.acts_per_microbatch, want.acts_per_microbatch, "{what}");
+                assert_eq!(held.scratch, want.scratch, "{what}");
+            }
+        }
+    }
 
     /// bf16 hidden states (a bf16 stage's message) give the CPU model the same forward as their
     /// fp32 widening; a wrong length is an error, not a panic.
