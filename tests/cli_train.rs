@@ -216,6 +216,10 @@ fn the_memory_estimate_tracks_the_peak_of_a_run() -> Result<()> {
         let err = stderr(&out);
         ensure!(out.status.success(), "{extra:?} failed:\n{err}");
         ensure!(err.contains("troupe: host memory: about"), "{extra:?}: no estimate at the start:\n{err}");
+        // 72·l·h² alone is 170 M FLOP per token, times 1,024 tokens per step.
+        let flop = err.split(" steps of ").nth(1).and_then(|r| r.split(" GFLOP each").next());
+        let flop: f64 = flop.and_then(|f| f.parse().ok()).unwrap_or(0.0);
+        ensure!((174.0..300.0).contains(&flop), "{extra:?}: step FLOPs {flop} GFLOP not as expected:\n{err}");
         let (peak, est) =
             peak_and_estimate(&err).ok_or_else(|| anyhow::anyhow!("{extra:?}: no peak in:\n{err}"))?;
         eprintln!("{extra:?}: peak {peak} GiB, estimated {est} GiB");

@@ -210,3 +210,23 @@ fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// Launched ranks on one machine share its memory: each adds up what the node's ranks will hold
+/// and a world that cannot fit stops as a usage error before allocating, saying so.
+#[test]
+fn launched_ranks_too_large_for_the_machine_together_are_refused() {
+    let dir = scratch("huge-launch");
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--", BIN, "train"])
+        .args(["--hidden-size", "65536", "--num-attention-heads", "64", "--num-layers", "64"])
+        .args(["--pipeline-model-parallel-size", "2", "--global-batch-size", "32", "--train-iters", "1"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "not a usage error:\n{err}");
+    assert!(err.contains("the 2 ranks on this machine need about"), "{err}");
+    assert!(err.contains("--skip-memory-check") && !err.contains("memory allocation of"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+}

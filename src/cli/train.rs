@@ -160,6 +160,17 @@ impl From<GpuDtype> for troupe::gpu::DType {
 }
 
 /// Refuses `--device cuda` on a machine without a usable driver or GPU, with the reason.
+/// Model FLOPs of one optimizer step (forward and backward of the global batch, Megatron's
+/// formula), e.g. `1.25 TFLOP`: what a step costs before the first one reports its speed.
+pub(super) fn step_flops(cfg: &Config) -> String {
+    let f = cfg.model.flops_per_token() * (cfg.train.global_batch_size * cfg.model.seq_length) as f64;
+    let (v, unit) = [(1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP")]
+        .into_iter()
+        .find(|(scale, _)| f >= *scale)
+        .map_or((f / 1e6, "MFLOP"), |(scale, unit)| (f / scale, unit));
+    format!("{v:.3} {unit}")
+}
+
 /// Prints how much host memory a CPU run will hold in this process, and what is available.
 pub(super) fn announce_memory(est: &MemoryEstimate) {
     let room = troupe::memory::available().map_or(String::new(), |a| format!("; {} available", gib(a.bytes)));
@@ -494,11 +505,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
     };
     eprintln!(
-        "troupe: training a {}-layer GPT ({:.2} M parameters) on {} with {on_what} for {} steps",
+        "troupe: training a {}-layer GPT ({:.2} M parameters) on {} with {on_what} for {} steps of {} each",
         cfg.model.num_layers,
         cfg.model.num_params() as f64 / 1e6,
         data.description,
-        cfg.train.train_iters
+        cfg.train.train_iters,
+        step_flops(&cfg)
     );
     if let Some(est) = estimate.as_ref().filter(|_| reporting) {
         announce_memory(est);

@@ -215,7 +215,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     if rank == 0 {
         eprintln!(
             "troupe: training a {}-layer GPT ({:.2} M parameters) on {} — {} ranks: pipeline {} × data {}, \
-             {} chunk(s) per rank, schedule {}, {} microbatches per rank{}, for {} steps",
+             {} chunk(s) per rank, schedule {}, {} microbatches per rank{}, for {} steps of {} each",
             cfg.model.num_layers,
             cfg.model.num_params() as f64 / 1e6,
             data.description,
@@ -226,7 +226,8 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             plan.schedule,
             plan.microbatches,
             if plan.distributed_optimizer { ", distributed optimizer" } else { "" },
-            cfg.train.train_iters
+            cfg.train.train_iters,
+            super::train::step_flops(&cfg)
         );
     }
     // Host memory, when the chunks compute on the CPU: this process holds its ranks (all of them
