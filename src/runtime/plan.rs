@@ -184,12 +184,14 @@ impl Plan {
                 activations: acts as u64 * r.acts_per_microbatch
                     + outs as u64 * r.output_grads_per_microbatch,
                 workspace: r.scratch,
-                // A copy of the parameters and a snapshot of the optimizer state; sharded moments
-                // are then gathered into full ones as well.
-                checkpoint: if saves {
-                    r.params + 8 * shard as u64 + if shard < table.len() { 2 * r.params } else { 0 }
-                } else {
-                    0
+                // A snapshot of the optimizer state everywhere; on data-parallel rank 0 (the one
+                // that writes or sends to the writer) a copy of the parameters too, and under the
+                // distributed optimizer the full moments and one peer's shard on its way in.
+                checkpoint: match (saves, dp_rank, self.distributed_optimizer && self.dp > 1) {
+                    (false, _, _) => 0,
+                    (true, 0, false) => r.params + 8 * shard as u64,
+                    (true, 0, true) => 3 * r.params + 16 * shard as u64,
+                    (true, _, _) => 8 * shard as u64,
                 },
                 in_flight: acts,
             });

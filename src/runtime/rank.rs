@@ -2341,6 +2341,15 @@ async fn gather_bucket_parts(
     Ok(())
 }
 
+/// Writes a shard's values (concatenated in range order) into their ranges of a full arena.
+fn scatter_shard(ranges: &[std::ops::Range<usize>], shard: &[f32], arena: &mut [f32]) {
+    let mut base = 0;
+    for r in ranges {
+        arena[r.clone()].copy_from_slice(&shard[base..base + r.len()]);
+        base += r.len();
+    }
+}
+
 /// Awaits a communication within the timeout; errors name the rank, step and operation.
 async fn wait_work<T>(ctx: &RankCtx, step: u64, op: &str, w: Work<T>) -> Result<T, RuntimeError> {
     let _w = ctx.waiting();
@@ -2414,6 +2423,7 @@ async fn save_checkpoint(
     skipped: u64,
 ) -> Result<(), RuntimeError> {
     const TAG: u64 = 0x636b_7074_0000_0000; // "ckpt"
+    const MOMENTS_TAG: u64 = 0x636b_706d_0000_0000; // "ckpm"
     let ctx = st.ctx.clone();
     let plan = ctx.plan.clone();
     let wr = ctx.world_rank;
@@ -2422,15 +2432,20 @@ async fn save_checkpoint(
     // skipped steps.
     let (shards, _updates) =
         rpc("optimizer", wr, step, st.optimizer.call(OptimizerMsg::Snapshot, Some(ctx.timeout)).await)?;
+    // Parameters are copied where they are written or sent to the writer, and where the
+    // devices' parts are gathered (a collective of every data-parallel rank).
+    let keep_params = ctx.dp_rank == 0 || (st.gather_on_device && plan.dp > 1);
     let (mut params, mut shards) = st
-        .job(step, "read parameters for a checkpoint", |e: &mut Engine| {
+        .job(step, "read parameters for a checkpoint", move |e: &mut Engine| {
             let mut shards = shards;
             let mut params = Vec::with_capacity(e.chunks.len());
             for (g, shard) in e.chunks.iter_mut().zip(shards.iter_mut()) {
                 // A device optimizer's parameters and moments come from the device.
-                g.pull_params()?;
+                if keep_params {
+                    g.pull_params()?;
+                }
                 g.optimizer_state_into(shard)?;
-                params.push(g.params().to_vec());
+                params.push(if keep_params { g.params().to_vec() } else { Vec::new() });
             }
             Ok::<_, ModelError>((params, shards))
         })
@@ -2443,31 +2458,60 @@ async fn save_checkpoint(
             gather_bucket_parts(&ctx, step, "checkpoint: master weight all-gather", bs, p).await?;
         }
     }
-    // Full-arena moments of every chunk on this rank.
+    // Full-arena moments of every chunk, on data-parallel rank 0 only (it writes, or sends to
+    // the writer). Under the distributed optimizer the other data-parallel ranks send it their
+    // shards, so no rank but that one ever holds a chunk's full moments: a save keeps the
+    // optimizer's memory saving (an all-gather gave every rank the full moments).
+    let dist = plan.distributed_optimizer && plan.dp > 1;
+    if ctx.dp_rank != 0 {
+        if dist {
+            let to = wr - ctx.dp_rank;
+            let mut tag = MOMENTS_TAG;
+            for shard in shards {
+                for x in [shard.m, shard.v] {
+                    let w = ctx.world.send(Buf::F32(x), to, tag);
+                    wait_work(&ctx, step, "checkpoint: send moments to data-parallel rank 0", w).await?;
+                    tag += 1;
+                }
+            }
+        }
+        return Ok(());
+    }
     let mut moments: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(shards.len());
+    let mut tag = MOMENTS_TAG;
     for (c, shard) in shards.iter_mut().enumerate() {
         let n = params[c].len();
-        if shard.ranges.len() == 1 && shard.ranges[0] == (0..n) {
+        if !dist && shard.ranges.len() == 1 && shard.ranges[0] == (0..n) {
             // A whole-arena shard (no distributed optimizer) is already the full moments.
             moments.push((std::mem::take(&mut shard.m), std::mem::take(&mut shard.v)));
             continue;
         }
         let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
-        let mut base = 0;
-        for r in &shard.ranges {
-            m[r.clone()].copy_from_slice(&shard.m[base..base + r.len()]);
-            v[r.clone()].copy_from_slice(&shard.v[base..base + r.len()]);
-            base += r.len();
-        }
-        if plan.distributed_optimizer && plan.dp > 1 {
-            for arena in [&mut m, &mut v] {
-                gather_bucket_parts(&ctx, step, "checkpoint: moment all-gather", &buckets[c], arena).await?;
+        scatter_shard(&shard.ranges, &shard.m, &mut m);
+        scatter_shard(&shard.ranges, &shard.v, &mut v);
+        if dist {
+            for q in 1..plan.dp {
+                let ranges = ChunkShard::new(n, &buckets[c], plan.dp, q, true).ranges;
+                let len = ranges.iter().map(std::ops::Range::len).sum();
+                for (k, arena) in [&mut m, &mut v].into_iter().enumerate() {
+                    let w = ctx.world.recv(DType::F32, len, wr + q, tag + k as u64);
+                    let got = wait_work(&ctx, step, "checkpoint: receive moments of a data-parallel rank", w)
+                        .await?;
+                    let Buf::F32(part) = got else {
+                        return Err(RuntimeError::Actor {
+                            actor: "supervisor".into(),
+                            rank: wr,
+                            step,
+                            op: "checkpoint".into(),
+                            detail: format!("moments of data-parallel rank {q} arrived as another type"),
+                        });
+                    };
+                    scatter_shard(&ranges, &part, arena);
+                }
             }
+            tag += 2;
         }
         moments.push((m, v));
-    }
-    if ctx.dp_rank != 0 {
-        return Ok(());
     }
     if wr != 0 {
         let mut tag = TAG;
