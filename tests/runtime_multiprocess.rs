@@ -102,6 +102,54 @@ fn troupe_launch_runs_pipeline_and_data_parallel_ranks_as_processes() {
     check(out, &log, 2);
 }
 
+/// A checkpoint of launched PP 2 × DP 2 ranks under the distributed optimizer (each rank's
+/// moment shards sent to its data-parallel rank 0, the pipeline ranks' chunks to world rank 0)
+/// resumes over TCP to the in-process uninterrupted run's bits (the moments first matter to the
+/// loss two steps after the save).
+#[test]
+fn launched_distributed_optimizer_checkpoints_resume_exactly() {
+    let dir = scratch("dist-ckpt");
+    let cfg_path = write_config(&dir);
+    let ckpt = dir.join("ckpt");
+    // The LR schedule must not depend on where a run stops.
+    let sets = [
+        "parallel.data_parallel_size=2",
+        "parallel.use_distributed_optimizer=true",
+        "train.lr_decay_iters=4",
+    ];
+    let launch = |iters: &str, load: bool, log: &Path| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["launch", "--nproc-per-node", "4", "--master-port", "0", "--"]).arg(BIN);
+        cmd.args(["train", "--no-progress", "--comm-timeout", "60", "--train-iters", iters, "--config"]);
+        cmd.arg(&cfg_path).arg("--save").arg(&ckpt).arg("--log-json").arg(log);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        if load {
+            cmd.arg("--load").arg(&ckpt);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{iters} steps (load {load}):\n{err}");
+        err
+    };
+    let (first, second) = (dir.join("first.jsonl"), dir.join("second.jsonl"));
+    launch("2", false, &first);
+    let err = launch("4", true, &second);
+    assert!(err.contains("resumed at step 2"), "{err}");
+    let sets: Vec<String> =
+        sets.iter().map(|s| s.to_string()).chain(["train.train_iters=4".into()]).collect();
+    let cfg = Config::from_toml_str(CONFIG, "test", &sets).unwrap();
+    let data = troupe::train::corpus::open(&cfg).unwrap();
+    let results = train_inproc(&cfg, Arc::from(data.train), RunOptions::default(), 2, None, None).unwrap();
+    let want: Vec<f32> = results[0].records.iter().map(|r| r.loss).collect();
+    let got: Vec<f32> = json_losses(&first).into_iter().chain(json_losses(&second)).collect();
+    assert_eq!(got.len(), 4, "{got:?}");
+    for (a, b) in got.iter().zip(&want) {
+        assert_eq!(a.to_bits(), b.to_bits(), "launched with a resume {got:?} vs in-process {want:?}");
+    }
+}
+
 #[test]
 fn mpirun_runs_a_pipeline() {
     if !found("mpirun") {
