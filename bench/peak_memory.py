@@ -30,6 +30,9 @@ CASES = [
     ("actors PP2, save", ["--actors", "--pipeline-model-parallel-size", "2"], True, None),
     ("actors DP2 dist-opt, save",
      ["--actors", "--data-parallel-size", "2", "--set", "parallel.use_distributed_optimizer=true"], True, None),
+    ("actors DP2 dist-opt, resume + save",
+     ["--actors", "--data-parallel-size", "2", "--set", "parallel.use_distributed_optimizer=true"], True,
+     "actors DP2 dist-opt, save"),
 ]
 
 

@@ -186,11 +186,12 @@ impl Plan {
                 workspace: r.scratch,
                 // A snapshot of the optimizer state everywhere; on data-parallel rank 0 (the one
                 // that writes or sends to the writer) a copy of the parameters too, and under the
-                // distributed optimizer the full moments and one peer's shard on its way in.
+                // distributed optimizer the full moments, plus, in a process of its own, a
+                // peer's shard on its way in (ranks sharing a process hand it over).
                 checkpoint: match (saves, dp_rank, self.distributed_optimizer && self.dp > 1) {
                     (false, _, _) => 0,
                     (true, 0, false) => r.params + 8 * shard as u64,
-                    (true, 0, true) => 3 * r.params + 16 * shard as u64,
+                    (true, 0, true) => 3 * r.params + 8 * shard as u64 * if own_process { 2 } else { 1 },
                     (true, _, _) => 8 * shard as u64,
                 },
                 in_flight: acts,
