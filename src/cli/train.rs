@@ -159,7 +159,6 @@ impl From<GpuDtype> for troupe::gpu::DType {
     }
 }
 
-/// Refuses `--device cuda` on a machine without a usable driver or GPU, with the reason.
 /// Model FLOPs of one optimizer step (forward and backward of the global batch, Megatron's
 /// formula), e.g. `1.25 TFLOP`: what a step costs before the first one reports its speed.
 pub(super) fn step_flops(cfg: &Config) -> String {
@@ -215,6 +214,7 @@ pub(super) fn peak_memory_note(estimate: Option<&MemoryEstimate>) -> String {
     }
 }
 
+/// Refuses `--device cuda` on a machine without a usable driver or GPU, with the reason.
 pub(super) fn check_device(device: troupe::device::Device) -> anyhow::Result<()> {
     if device != troupe::device::Device::Cuda {
         return Ok(());
