@@ -88,12 +88,9 @@ fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-/// Peak resident memory of this process (VmHWM), if the platform reports it.
+/// Peak resident memory of this process (VmHWM) in MiB, if the platform reports it.
 fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    troupe::memory::peak_rss().map(|b| b as f64 / (1u64 << 20) as f64)
 }
 
 pub fn run(args: PreprocessBenchArgs) -> anyhow::Result<()> {
