@@ -487,13 +487,5 @@ fn round(x: f64, digits: i32) -> f64 {
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
 fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    troupe::memory::peak_rss().map_or(0.0, |b| b as f64 / (1u64 << 20) as f64)
 }
