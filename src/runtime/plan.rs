@@ -121,25 +121,8 @@ impl Plan {
     /// (from a backward-input to its backward-weight), walking the rank's program in order.
     /// A model chunk keeps freed buffers for reuse, so these peaks are what it allocates.
     pub fn peaks_of(&self, pp_rank: usize) -> Vec<(usize, usize)> {
-        use crate::schedule::OpKind;
-        let mut held = vec![(0usize, 0usize); self.vpp];
-        let mut peak = vec![(0usize, 0usize); self.vpp];
-        for op in self.program.ranks.get(pp_rank).map_or(&[][..], Vec::as_slice) {
-            let Some((_, c)) = op.pair() else { continue };
-            let (Some(h), Some(p)) = (held.get_mut(c as usize), peak.get_mut(c as usize)) else { continue };
-            match op.kind() {
-                OpKind::Forward => h.0 += 1,
-                OpKind::Backward => h.0 = h.0.saturating_sub(1),
-                OpKind::BackwardInput => h.1 += 1,
-                OpKind::BackwardWeight => {
-                    h.0 = h.0.saturating_sub(1);
-                    h.1 = h.1.saturating_sub(1);
-                }
-                _ => {}
-            }
-            *p = (p.0.max(h.0), p.1.max(h.1));
-        }
-        peak
+        let ops = self.program.ranks.get(pp_rank).map_or(&[][..], Vec::as_slice);
+        crate::schedule::chunk_peaks(ops, self.vpp)
     }
 
     /// Host memory world rank `rank` holds when its chunks compute on the CPU: their model

@@ -23,6 +23,8 @@ pub use error::{Blocked, Result, ScheduleError};
 pub use generate::{ScheduleKind, ScheduleSpec, generate, generate_compute};
 pub use ir::{Op, OpKind, Placement, Program};
 pub use lower::lower;
-pub use simulate::{Costs, RankStats, Simulation, Stats, TimedOp, peak_in_flight, simulate, simulate_with};
+pub use simulate::{
+    Costs, RankStats, Simulation, Stats, TimedOp, chunk_peaks, peak_in_flight, simulate, simulate_with,
+};
 pub use text::{from_text, parse_op, parse_program, to_text};
 pub use validate::{Semantics, dims_ok, dry_run, validate};

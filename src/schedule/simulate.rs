@@ -337,9 +337,47 @@ pub fn peak_in_flight(ops: &[Op]) -> usize {
     peak
 }
 
+/// Peaks per local chunk of one rank's program, `(activations, output gradients)`: a chunk holds
+/// a microbatch's activations from its F to its B (or W), and a split backward's output
+/// gradients from its I to its W. [`peak_in_flight`] is the peak of their sum over chunks.
+pub fn chunk_peaks(ops: &[Op], chunks: usize) -> Vec<(usize, usize)> {
+    let mut held = vec![(0usize, 0usize); chunks];
+    let mut peak = vec![(0usize, 0usize); chunks];
+    for op in ops {
+        let Some((_, c)) = op.pair() else { continue };
+        let (Some(h), Some(p)) = (held.get_mut(c as usize), peak.get_mut(c as usize)) else { continue };
+        match op.kind() {
+            OpKind::Forward => h.0 += 1,
+            OpKind::Backward => h.0 = h.0.saturating_sub(1),
+            OpKind::BackwardInput => h.1 += 1,
+            OpKind::BackwardWeight => {
+                h.0 = h.0.saturating_sub(1);
+                h.1 = h.1.saturating_sub(1);
+            }
+            _ => {}
+        }
+        *p = (p.0.max(h.0), p.1.max(h.1));
+    }
+    peak
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One chunk without split backwards: its activation peak is the rank's peak in flight
+    /// (1F1B: min(p − r, m)). A zero-bubble schedule also holds output gradients between I and W.
+    #[test]
+    fn chunk_peaks_agree_with_the_rank_peak() {
+        use crate::schedule::{ScheduleKind, ScheduleSpec, generate};
+        let p = generate(&ScheduleSpec::new(ScheduleKind::OneFOneB, 4, 8)).unwrap();
+        for (r, ops) in p.ranks.iter().enumerate() {
+            assert_eq!(chunk_peaks(ops, 1), vec![(peak_in_flight(ops), 0)], "rank {r}");
+            assert_eq!(chunk_peaks(ops, 1)[0].0, 4 - r, "rank {r}");
+        }
+        let zb = generate(&ScheduleSpec::new(ScheduleKind::ZbH1, 4, 8)).unwrap();
+        assert!(zb.ranks.iter().all(|ops| chunk_peaks(ops, 1)[0].1 >= 1), "I then W holds output gradients");
+    }
 
     #[test]
     fn costs_parse_and_derive() {
