@@ -158,6 +158,23 @@ fn a_model_too_large_for_the_machine_is_refused_before_allocating() -> Result<()
         ensure!(!err.contains("memory allocation of"), "{extra:?}: it tried to allocate:\n{err}");
         ensure!(started.elapsed() < Duration::from_secs(20), "{extra:?}: took {:?}", started.elapsed());
     }
+    // The benchmark checks as well, on the plain trainer and on the actor runtime.
+    let config = dir.join("huge.toml");
+    std::fs::write(
+        &config,
+        "[model]\nvocab_size = 50304\nseq_length = 1024\nhidden_size = 65536\nnum_attention_heads = 64\nnum_layers = 64\n\n\
+         [train]\nmicro_batch_size = 1\nglobal_batch_size = 2\n",
+    )?;
+    let config = config.display().to_string();
+    for extra in [&[][..], &["--actors", "--pipeline-model-parallel-size", "2"][..]] {
+        let mut args = vec!["bench", "train", "--config", config.as_str(), "--steps", "1", "--warmup", "0"];
+        args.extend_from_slice(extra);
+        let out = troupe(&args, &dir);
+        let err = stderr(&out);
+        ensure!(out.status.code() == Some(2), "bench {extra:?}: exit {:?}\n{err}", out.status.code());
+        ensure!(err.contains("more host memory than the"), "bench {extra:?}: no refusal in:\n{err}");
+        ensure!(!err.contains("memory allocation of"), "bench {extra:?}: it tried to allocate:\n{err}");
+    }
     Ok(())
 }
 

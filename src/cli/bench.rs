@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use troupe::config::Config;
 use troupe::kernels::{Backend, CpuBackend, Profiled};
+use troupe::memory::MemoryEstimate;
 use troupe::models::Rng;
 use troupe::train::{Microbatch, Trainer};
 
@@ -71,6 +72,9 @@ pub struct TrainBenchArgs {
     /// Peak dense TFLOP/s of the GPU for MFU (H100 SXM bf16: 989).
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
+    /// Start even when the host-memory estimate exceeds the memory available (CPU runs).
+    #[arg(long)]
+    pub skip_memory_check: bool,
 }
 
 /// `troupe bench faults`: the fault matrix (every fault kind × phase × seed on PP = 2 × DP = 2,
@@ -167,6 +171,8 @@ fn plain(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::Valu
     let cpu = CpuBackend::new(threads);
     let threads = cpu.threads();
     let profiled = Profiled::new(cpu);
+    let estimate = MemoryEstimate::single_rank(&cfg);
+    super::train::check_memory(&estimate, estimate.total(), 1, args.skip_memory_check)?;
     let mut trainer = Trainer::new(&cfg).context("building the model")?;
     let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
     let accum = cfg.accumulation_steps();
@@ -202,6 +208,7 @@ fn plain(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::Valu
         "step_ms_median": round(median * 1e3, 2),
         "model_gflops_per_s": round(gflops, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "estimated_memory_mb": round(estimate.total() as f64 / 1048576.0, 1),
         "final_loss": loss,
     });
     if args.profile {
@@ -374,6 +381,15 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
     let total = (args.warmup + args.steps) as u64;
     cfg.train.train_iters = total;
     cfg.checkpoint.save.clear();
+    // Host memory of the ranks (all in this process) when their chunks compute on the CPU.
+    let estimate = (args.device == troupe::device::Device::Cpu).then(|| {
+        (0..world)
+            .map(|r| plan.memory_of(&cfg, r, false))
+            .fold(MemoryEstimate::default(), MemoryEstimate::plus)
+    });
+    if let Some(est) = &estimate {
+        super::train::check_memory(est, est.total(), 1, args.skip_memory_check)?;
+    }
     let t = cfg.model.seq_length;
     let mut rng = Rng::new(cfg.train.seed);
     let need = (total as usize + 1) * cfg.train.global_batch_size * t + 1;
@@ -445,6 +461,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
         "checksums": !args.no_checksums,
         "optimizer_state_mb_per_rank": results.iter().map(|r| round(r.optimizer_state_bytes as f64 / 1048576.0, 2)).collect::<Vec<_>>(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "estimated_memory_mb": estimate.map(|e| round(e.total() as f64 / 1048576.0, 1)),
         "device": args.device.to_string(),
         "gpu": describe,
         "device_memory_peak_mb": memory.map(|d| round(d.memory().peak as f64 / 1048576.0, 1)),

@@ -101,6 +101,14 @@ mod train_parallel;
 /// Exit code for an error: 2 for bad user input (config, arguments), 3 when the launcher gave
 /// up restarting, 4 for a rank that failed because a peer did, 130 when the launcher was
 /// signalled twice and killed its ranks, 1 otherwise.
+/// `n` and the noun, plural unless `n` is 1: `1 step`, `2 steps`.
+pub(crate) fn count(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) {
         2
@@ -172,5 +180,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Faults(args)) => bench::faults(args),
         Command::Launch(args) => launch::launch(args),
         Command::Device(args) => device::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_plural_unless_one() {
+        assert_eq!(super::count(1u64, "step"), "1 step");
+        assert_eq!(super::count(0u64, "step"), "0 steps");
+        assert_eq!(super::count(12u64, "step"), "12 steps");
     }
 }

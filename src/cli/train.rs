@@ -505,11 +505,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
     };
     eprintln!(
-        "troupe: training a {}-layer GPT ({:.2} M parameters) on {} with {on_what} for {} steps of {} each",
+        "troupe: training a {}-layer GPT ({:.2} M parameters) on {} with {on_what} for {} of {} each",
         cfg.model.num_layers,
         cfg.model.num_params() as f64 / 1e6,
         data.description,
-        cfg.train.train_iters,
+        super::count(cfg.train.train_iters, "step"),
         step_flops(&cfg)
     );
     if let Some(est) = estimate.as_ref().filter(|_| reporting) {
@@ -584,8 +584,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     } else {
         eprintln!(
-            "troupe: done: {} steps, final loss {:.4}{}",
-            summary.steps,
+            "troupe: done: {}, final loss {:.4}{}",
+            super::count(summary.steps, "step"),
             summary.final_loss,
             peak_memory_note(estimate.as_ref())
         );

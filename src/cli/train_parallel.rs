@@ -215,7 +215,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     if rank == 0 {
         eprintln!(
             "troupe: training a {}-layer GPT ({:.2} M parameters) on {} — {} ranks: pipeline {} × data {}, \
-             {} chunk(s) per rank, schedule {}, {} microbatches per rank{}, for {} steps of {} each",
+             {} chunk(s) per rank, schedule {}, {} microbatches per rank{}, for {} of {} each",
             cfg.model.num_layers,
             cfg.model.num_params() as f64 / 1e6,
             data.description,
@@ -226,7 +226,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             plan.schedule,
             plan.microbatches,
             if plan.distributed_optimizer { ", distributed optimizer" } else { "" },
-            cfg.train.train_iters,
+            super::count(cfg.train.train_iters, "step"),
             super::train::step_flops(&cfg)
         );
     }
@@ -407,8 +407,8 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         eprintln!("troupe: interrupted at step {}", last.map_or(0, |r| r.step));
     }
     eprintln!(
-        "troupe: done: {} steps, final loss {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0{}",
-        last.map_or(0, |r| r.step),
+        "troupe: done: {}, final loss {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0{}",
+        super::count(last.map_or(0, |r| r.step), "step"),
         last.map_or(f32::NAN, |r| r.loss),
         last_bubble,
         r0.optimizer_state_bytes as f64 / (1 << 20) as f64,
