@@ -191,4 +191,36 @@ mod tests {
         assert_eq!(super::count(0u64, "step"), "0 steps");
         assert_eq!(super::count(12u64, "step"), "12 steps");
     }
+
+    fn train_args(args: &[&str]) -> Box<super::train::TrainArgs> {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["troupe", "train"].iter().chain(args)).expect("parses");
+        match cli.command {
+            super::Command::Train(t) => t,
+            other => panic!("not train: {other:?}"),
+        }
+    }
+
+    /// Every Megatron flag name the config knows is a `troupe train` flag setting its key.
+    #[test]
+    fn every_megatron_flag_is_accepted_and_sets_its_key() {
+        for (flag, key) in troupe::config::overrides::MEGATRON_FLAGS {
+            let long = format!("--{flag}");
+            let sets = train_args(&[&long, "7"]).cfg.megatron.to_sets();
+            assert_eq!(sets.len(), 1, "{flag}: {sets:?}");
+            assert!(sets[0].starts_with(&format!("{key}=")), "{flag}: {sets:?}");
+        }
+    }
+
+    /// `--data-path` takes Megatron's forms: one prefix, or weights and prefixes as separate words.
+    #[test]
+    fn data_path_takes_a_blend_as_separate_words() {
+        let t = train_args(&["--data-path", "0.3", "data/a_text_document", "0.7", "data/b", "--lr", "1e-3"]);
+        let cfg = t.cfg.resolve(&[]).expect("resolves");
+        assert_eq!(cfg.data.data_path, ["0.3", "data/a_text_document", "0.7", "data/b"]);
+        assert!((cfg.train.lr - 1e-3).abs() < 1e-9);
+        // A prefix that looks like a number stays a path.
+        let cfg = train_args(&["--data-path", "123"]).cfg.resolve(&[]).expect("resolves");
+        assert_eq!(cfg.data.data_path, ["123"]);
+    }
 }

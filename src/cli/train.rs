@@ -42,6 +42,10 @@ macro_rules! megatron_flags {
         /// Megatron-LM option names, each an alias for one config key.
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct MegatronFlags {
+            /// Sets `data.data_path`: one or more dataset prefixes, or a blend of weights and
+            /// prefixes (`--data-path 0.3 a_text_document 0.7 b_text_document`).
+            #[arg(long = "data-path", value_name = "PREFIX", num_args = 1..)]
+            pub data_path: Option<Vec<String>>,
             $(
                 #[arg(long = $flag, value_name = "VALUE", help = concat!("Sets the config key named by `", $flag, "` (see `troupe config show`)"))]
                 pub $field: Option<String>,
@@ -52,6 +56,9 @@ macro_rules! megatron_flags {
             /// The flags given, as `key=value` overrides in flag order.
             pub fn to_sets(&self) -> Vec<String> {
                 let mut out = Vec::new();
+                if let Some(v) = &self.data_path {
+                    out.push(format!("data.data_path={}", quote("data.data_path", &v.join(" "))));
+                }
                 $(
                     if let Some(v) = &self.$field {
                         let key = MEGATRON_FLAGS.iter().find(|(f, _)| *f == $flag).map(|(_, k)| *k).unwrap_or($flag);
@@ -66,10 +73,12 @@ macro_rules! megatron_flags {
 
 megatron_flags! {
     num_layers => "num-layers", hidden_size => "hidden-size", num_attention_heads => "num-attention-heads",
-    seq_length => "seq-length", micro_batch_size => "micro-batch-size", global_batch_size => "global-batch-size",
+    seq_length => "seq-length", vocab_size => "vocab-size",
+    make_vocab_size_divisible_by => "make-vocab-size-divisible-by", micro_batch_size => "micro-batch-size", global_batch_size => "global-batch-size",
     lr => "lr", min_lr => "min-lr", lr_decay_style => "lr-decay-style", lr_warmup_iters => "lr-warmup-iters",
     lr_decay_iters => "lr-decay-iters", train_iters => "train-iters", weight_decay => "weight-decay",
-    clip_grad => "clip-grad", seed => "seed", save => "save", load => "load", save_interval => "save-interval",
+    clip_grad => "clip-grad", adam_beta1 => "adam-beta1", adam_beta2 => "adam-beta2", adam_eps => "adam-eps",
+    seed => "seed", save => "save", load => "load", save_interval => "save-interval",
     eval_interval => "eval-interval", eval_iters => "eval-iters", log_interval => "log-interval",
     split => "split", tokenizer => "tokenizer",
     tensor_model_parallel_size => "tensor-model-parallel-size",
@@ -86,6 +95,7 @@ fn quote(key: &str, v: &str) -> String {
         "checkpoint.save",
         "checkpoint.load",
         "data.split",
+        "data.data_path",
         "data.tokenizer",
         "train.lr_decay_style",
         "parallel.pipeline_schedule",
