@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
         Err(err) => {
             // One write: ranks of one job share a stderr pipe, and `eprintln!` writes a message
             // in pieces that another rank's message can land between.
-            let mut msg = format!("error: {err:#}\n");
+            let mut msg = format!("error: {}\n", cli::render(&err));
             if let Some(h) = cli::hint(&err) {
                 msg.push_str(&format!("hint: {h}\n"));
             }

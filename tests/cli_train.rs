@@ -304,6 +304,31 @@ fn sigint_saves_at_a_step_boundary_and_exits_cleanly() -> Result<()> {
     Ok(())
 }
 
+/// A checkpoint write that fails (the disk full, injected) ends the run with the cause named once
+/// on one line, advice on the next, and no partial files: `latest` names the previous checkpoint.
+#[test]
+fn a_failed_checkpoint_write_is_reported_once_and_leaves_no_partial_files() -> Result<()> {
+    let dir = tempdir("ckpt-fail");
+    let mut args = vec!["train", "--actors", "--inject", "ckpt-fail:step=2", "--save", "ckpt"];
+    args.extend_from_slice(&["--save-interval", "1", "--train-iters", "3", "--no-progress"]);
+    args.extend_from_slice(TINY);
+    let out = troupe(&args, &dir);
+    let err = stderr(&out);
+    ensure!(out.status.code() == Some(1), "exit {:?}:\n{err}", out.status.code());
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();
+    ensure!(line.contains("step 2") && line.contains("checkpoint"), "error line: {line}");
+    ensure!(line.matches("os error 28").count() == 1, "the cause is not named once: {line}");
+    ensure!(err.contains("hint: the disk is full"), "no advice:\n{err}");
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("ckpt"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    ensure!(names == ["iter_0000001", "latest"], "left in the save directory: {names:?}");
+    ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000001");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// Ctrl-C twice: the first asks for a stop at the next step boundary, which a hung step never
 /// reaches; the second ends the process at once with exit code 130.
 #[test]

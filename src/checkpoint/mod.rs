@@ -211,13 +211,68 @@ pub fn save_with_fault(
     fault: Option<SaveFault>,
 ) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    remove_abandoned(dir);
     let name = iter_dir_name(state.step);
-    let final_dir = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
     }
     fs::create_dir(&tmp).map_err(io("create directory", &tmp))?;
+    let written = write_checkpoint(dir, &name, &tmp, state, arenas, fault);
+    if written.is_err() {
+        // A failed save (a full disk, say) leaves nothing behind; `latest` still names the
+        // previous checkpoint.
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
+/// Removes what the saves of processes no longer running left in `dir` when they died half way:
+/// `.iter_*.tmp-PID` directories and `.latest.tmp-PID` files (partial files of up to a whole
+/// checkpoint), and `.iter_N.old-PID` directories once `iter_N` exists again (until then the old
+/// one is the only copy of that step and stays). A process that is still running (another job
+/// saving here) keeps its own. Needs `/proc` to tell; elsewhere nothing is removed.
+fn remove_abandoned(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let me = std::process::id();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix('.') else { continue };
+        let (pid, ours) = if let Some((what, pid)) = rest.rsplit_once(".tmp-") {
+            (pid, what == LATEST || what.starts_with("iter_"))
+        } else if let Some((what, pid)) = rest.rsplit_once(".old-") {
+            (pid, what.starts_with("iter_") && dir.join(what).join(STATE_FILE).is_file())
+        } else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !ours || pid == me || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        match removed {
+            Ok(()) => tracing::info!("removed {} left by an interrupted save", path.display()),
+            Err(e) => tracing::warn!("could not remove {} left by an interrupted save: {e}", path.display()),
+        }
+    }
+}
+
+/// The body of [`save_with_fault`]: writes the files into `tmp`, then renames it into place and
+/// points `latest` at it.
+fn write_checkpoint(
+    dir: &Path,
+    name: &str,
+    tmp: &Path,
+    state: &TrainState,
+    arenas: Arenas<'_>,
+    fault: Option<SaveFault>,
+) -> Result<PathBuf, CheckpointError> {
+    let final_dir = dir.join(name);
     // Each tensor's part and its range there.
     let mut sources = Vec::with_capacity(arenas.full.specs().len());
     for spec in arenas.full.specs() {
@@ -227,7 +282,7 @@ pub fn save_with_fault(
             (r.end <= p.params.len() && r.end <= p.m.len() && r.end <= p.v.len()).then_some((p, r))
         });
         let (part, r) = found.ok_or_else(|| CheckpointError::Damaged {
-            path: tmp.clone(),
+            path: tmp.to_path_buf(),
             reason: format!("no part of the model to save holds {} {:?}", spec.name, spec.shape),
         })?;
         sources.push((spec, *part, r));
@@ -270,15 +325,15 @@ pub fn save_with_fault(
     let json = serde_json::to_vec_pretty(&sf)
         .map_err(|e| CheckpointError::Damaged { path: tmp.join(STATE_FILE), reason: e.to_string() })?;
     write_synced(&tmp.join(STATE_FILE), &json)?;
-    sync_dir(&tmp)?;
+    sync_dir(tmp)?;
     if final_dir.exists() {
         // Re-saving the same step (e.g. after a resume): move the old one aside first.
         let old = dir.join(format!(".{name}.old-{}", std::process::id()));
         fs::rename(&final_dir, &old).map_err(io("rename", &final_dir))?;
-        fs::rename(&tmp, &final_dir).map_err(io("rename", &tmp))?;
+        fs::rename(tmp, &final_dir).map_err(io("rename", tmp))?;
         fs::remove_dir_all(&old).map_err(io("remove", &old))?;
     } else {
-        fs::rename(&tmp, &final_dir).map_err(io("rename", &tmp))?;
+        fs::rename(tmp, &final_dir).map_err(io("rename", tmp))?;
     }
     sync_dir(dir)?;
     let latest_tmp = dir.join(format!(".{LATEST}.tmp-{}", std::process::id()));
@@ -552,5 +607,69 @@ mod tests {
         for tag in ["whole", "staged", "short"] {
             let _ = fs::remove_dir_all(tempdir(tag));
         }
+    }
+
+    /// The names in `dir`, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A save that fails (a full disk) leaves nothing behind and `latest` as it was; the next
+    /// save removes what saves of dead processes left half way (their partial files), and keeps
+    /// what a running process is writing and an `.old` directory that is the only copy of its step.
+    #[test]
+    fn failed_and_abandoned_saves_leave_no_partial_files() {
+        let cfg = GptConfig::tiny();
+        let model = Gpt::new(&cfg, 7).unwrap();
+        let opt = AdamW::new(crate::optim::AdamWConfig::default(), model.table().len());
+        let dir = tempdir("abandoned");
+        let mut st = state(&cfg);
+        let first = save(&dir, &st, &model, &opt).unwrap();
+        let parts = [Part::of(&model, &opt)];
+        let arenas = Arenas { full: model.table(), parts: &parts };
+        st.step = 4;
+        let err = save_with_fault(&dir, &st, arenas, Some(SaveFault::DiskFull)).unwrap_err();
+        assert!(err.to_string().contains("os error 28"), "{err}");
+        assert_eq!(listing(&dir), ["iter_0000003", LATEST], "a failed save left files behind");
+        assert_eq!(resolve(&dir).unwrap(), Some(first));
+
+        // A process that has exited, and one that runs (this one's parent, the test harness).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let alive = std::os::unix::process::parent_id();
+        for (name, pid) in
+            [("iter_0000005.tmp", dead), ("iter_0000006.tmp", alive), ("iter_0000003.old", dead)]
+        {
+            let d = dir.join(format!(".{name}-{pid}"));
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join(MODEL_FILE), b"partial").unwrap();
+        }
+        fs::write(dir.join(format!(".{LATEST}.tmp-{dead}")), b"iter_00").unwrap();
+        // An `.old` copy of a step that is not there (the process died between its renames).
+        let only = dir.join(format!(".iter_0000002.old-{dead}"));
+        fs::create_dir_all(&only).unwrap();
+        // Not a checkpoint's: left alone whatever its number.
+        fs::write(dir.join(format!(".notes.tmp-{dead}")), b"mine").unwrap();
+        st.step = 7;
+        save(&dir, &st, &model, &opt).unwrap();
+        let mut want = [
+            format!(".iter_0000002.old-{dead}"),
+            format!(".iter_0000006.tmp-{alive}"),
+            format!(".notes.tmp-{dead}"),
+            LATEST.to_string(),
+            "iter_0000003".to_string(),
+            "iter_0000007".to_string(),
+        ];
+        want.sort();
+        if Path::new("/proc/self").exists() {
+            assert_eq!(listing(&dir), want);
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -128,13 +128,38 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// The error and its causes on one line, `outer: cause: cause`, leaving out a cause whose text
+/// the line already holds (library errors name their cause in their own message as well).
+pub fn render(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// Advice for an error whose cause has a usual remedy, printed after it.
 pub fn hint(err: &anyhow::Error) -> Option<&'static str> {
-    let text = format!("{err:#}");
-    (text.contains("allocating device memory") && text.contains("out of memory")).then_some(
-        "the GPU ran out of memory: lower --micro-batch-size (the same --global-batch-size then runs as \
-         more microbatches), use --dtype bf16, or split the model over GPUs with \
-         --pipeline-model-parallel-size",
+    let text = render(err);
+    if text.contains("allocating device memory") && text.contains("out of memory") {
+        return Some(
+            "the GPU ran out of memory: lower --micro-batch-size (the same --global-batch-size then runs as \
+             more microbatches), use --dtype bf16, or split the model over GPUs with \
+             --pipeline-model-parallel-size",
+        );
+    }
+    let full = err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+    });
+    (full || text.contains("No space left on device")).then_some(
+        "the disk is full: free space where the files go, or point them elsewhere (for checkpoints: \
+         --save; a run resumes from its last complete checkpoint with --load)",
     )
 }
 
@@ -190,6 +215,21 @@ mod tests {
         assert_eq!(super::count(1u64, "step"), "1 step");
         assert_eq!(super::count(0u64, "step"), "0 steps");
         assert_eq!(super::count(12u64, "step"), "12 steps");
+    }
+
+    /// A cause the message already names is not repeated; one it does not name is appended.
+    #[test]
+    fn an_error_names_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let named = troupe::checkpoint::CheckpointError::Io { op: "write", path: "c/m".into(), source: io };
+        let err = anyhow::Error::new(named).context("step 2");
+        let text = super::render(&err);
+        assert_eq!(text.matches("os error 28").count(), 1, "{text}");
+        assert!(text.starts_with("step 2: checkpoint I/O: write c/m"), "{text}");
+        assert!(super::hint(&err).is_some_and(|h| h.contains("disk is full")));
+        let err = anyhow::Error::new(std::io::Error::other("lost")).context("reading x");
+        assert_eq!(super::render(&err), "reading x: lost");
+        assert_eq!(super::hint(&err), None);
     }
 
     fn train_args(args: &[&str]) -> Box<super::train::TrainArgs> {

@@ -2588,7 +2588,7 @@ async fn save_checkpoint(
                 rank: wr,
                 step,
                 op: "save".into(),
-                detail: format!("{e} (the previous checkpoint stays `latest`)"),
+                detail: format!("{e} (the previous checkpoint, if any, stays `latest`)"),
             })?;
     if let Some(tx) = &st.events {
         let _ = tx.send(RunEvent::Saved { step, path: dir.display().to_string() });

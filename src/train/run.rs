@@ -27,6 +27,8 @@ pub enum RunError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error("step {step}, saving the checkpoint: {source} (the previous checkpoint, if any, stays `latest`)")]
+    Save { step: u64, source: CheckpointError },
     #[error(
         "--load {path}: no checkpoint there (no `latest` file and no state.json); pass --allow-fresh-start to start from scratch"
     )]
@@ -234,7 +236,8 @@ fn save(
     state: &TrainState,
     on: &mut dyn FnMut(&Event),
 ) -> Result<(), RunError> {
-    let dir = checkpoint::save(Path::new(&cfg.checkpoint.save), state, &trainer.model, &trainer.opt)?;
+    let dir = checkpoint::save(Path::new(&cfg.checkpoint.save), state, &trainer.model, &trainer.opt)
+        .map_err(|source| RunError::Save { step: state.step, source })?;
     tracing::info!(step = state.step, path = %dir.display(), "checkpoint saved");
     on(&Event::Saved { step: state.step, path: dir.display().to_string() });
     Ok(())
