@@ -218,5 +218,34 @@ fn the_binary_trains_a_tokenizer_and_preprocesses() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.json"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.json: no such file"), "{err}");
+
+    // The default kind is the GPT one (byte-level BPE); an empty corpus gives a dataset with a
+    // warning that nothing can train on it.
+    let bpe = dir.path().join("bpe.json");
+    let out = Command::new(exe)
+        .args(["tokenizer", "train", "--vocab-size", "300"])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&bpe)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("byte-level BPE"), "{stdout}");
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, b"").unwrap();
+    let out = Command::new(exe)
+        .args(["preprocess", "--quiet", "--tokenizer"])
+        .arg(&bpe)
+        .arg("--input")
+        .arg(&empty)
+        .arg("--output-prefix")
+        .arg(dir.path().join("empty"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("holds no tokens (0 documents read)"), "{err}");
 }

@@ -128,6 +128,14 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
             lines.join("\n")
         );
     }
+    if report.written.tokens == 0 {
+        eprintln!(
+            "warning: {} holds no tokens ({} documents read): a run cannot train on it alone; check \
+             --input, --input-format and --json-key",
+            report.prefix.display(),
+            report.documents
+        );
+    }
     let (mbs, docs, tokens) = rates(&report);
     println!(
         "wrote {}.bin/.idx ({}): {} documents ({} empty), {} sequences, {} tokens; {:.1} MB \

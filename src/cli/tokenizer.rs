@@ -131,7 +131,7 @@ pub struct TrainArgs {
     #[arg(long, num_args = 1.., required = true)]
     pub input: Vec<PathBuf>,
     /// Tokenizer model to train.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, default_value = "bpe")]
     pub kind: KindArg,
     /// Target vocabulary size (including special tokens).
     #[arg(long)]
@@ -219,8 +219,11 @@ pub fn run(command: TokenizerCommand) -> anyhow::Result<()> {
         eprintln!("warning: skipped {} malformed records", docs.skipped);
     }
     println!(
-        "trained {:?} tokenizer: {} tokens, written to {}",
-        args.kind,
+        "trained {} tokenizer: {} tokens, written to {}",
+        match args.kind {
+            KindArg::Bpe => "a byte-level BPE",
+            KindArg::Wordpiece => "a WordPiece",
+        },
         tok.vocab_size(),
         args.output.display()
     );

@@ -37,6 +37,8 @@ pub enum TokenizerError {
          vocab.json + merges.txt, or vocab.txt)"
     )]
     NotFound { path: PathBuf },
+    #[error("tokenizer {path}: no such file or directory")]
+    Missing { path: PathBuf },
     #[error("tokenizer has no end-of-document token (tried {tried}); name one explicitly")]
     NoEod { tried: String },
     #[error("encoding failed: {message}")]
@@ -64,7 +66,8 @@ impl TokenizerSpec {
     /// `merges.txt`, then `vocab.txt` (lower-cased).
     ///
     /// # Errors
-    /// [`TokenizerError::NotFound`] if nothing usable is there.
+    /// [`TokenizerError::Missing`] if `path` does not exist, [`TokenizerError::NotFound`] if nothing
+    /// usable is there.
     pub fn from_path(path: &Path) -> Result<Self, TokenizerError> {
         if path.is_file() {
             return Ok(if path.extension().is_some_and(|e| e == "txt") {
@@ -72,6 +75,9 @@ impl TokenizerSpec {
             } else {
                 TokenizerSpec::Json(path.to_owned())
             });
+        }
+        if !path.exists() {
+            return Err(TokenizerError::Missing { path: path.to_owned() });
         }
         let json = path.join("tokenizer.json");
         let (vocab_json, merges) = (path.join("vocab.json"), path.join("merges.txt"));
