@@ -36,6 +36,41 @@ fn launch_sets_torchrun_env_and_prefixes_lines() {
     }
 }
 
+/// A troupe subcommand as the program runs this troupe binary with it, as does `troupe` when
+/// none is on PATH; a program that is neither
+/// a path, on PATH, nor a subcommand is a usage error before any rank starts.
+#[test]
+fn launch_runs_troupe_subcommands_and_refuses_unknown_programs() {
+    let out = Command::new(BIN)
+        .args(["launch", "--nproc-per-node", "2", "--master-port", "0", "--"])
+        .args(["config", "show", "--num-layers", "1${local_rank}"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for r in 0..2 {
+        let want = format!("[rank {r}] num_layers = 1{r}");
+        assert!(text.lines().any(|l| l == want), "missing {want:?} in:\n{text}");
+    }
+    // `troupe` itself, when no troupe is on PATH, is this binary too.
+    let out = Command::new(BIN)
+        .args(["launch", "--master-port", "0", "--", "troupe", "config", "show", "--seed", "9"])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("[rank 0] seed = 9"), "{text}");
+    let out =
+        Command::new(BIN).args(["launch", "--master-port", "0", "--", "trian", "--x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("`trian` is neither a path, nor a program on PATH, nor a troupe subcommand"),
+        "{err}"
+    );
+    assert!(!err.contains("[rank 0]"), "a rank started:\n{err}");
+}
+
 #[test]
 fn failing_rank_stops_the_others_and_leaves_no_orphans() {
     let dir = scratch("orphans");

@@ -189,7 +189,42 @@ fn spawn_rank(
     cmd.spawn().with_context(|| format!("starting rank {rank}: {:?}", a.cmd[0]))
 }
 
-pub fn launch(a: LaunchArgs) -> anyhow::Result<()> {
+/// Makes `cmd` startable: as given when its program is a path or on `PATH`; `troupe` not on
+/// `PATH` is this troupe binary; a troupe subcommand first (`troupe launch -- train …`) runs this
+/// binary with it. Anything else is a usage error before any rank or store starts (rather than a
+/// failed start of rank 0).
+fn resolve_program(cmd: &mut Vec<String>) -> anyhow::Result<()> {
+    let first = cmd[0].clone();
+    let on_path = || {
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(&first).is_file()))
+    };
+    if first.contains('/') || on_path() {
+        return Ok(());
+    }
+    let me = || -> anyhow::Result<String> {
+        let exe = std::env::current_exe().context("finding this troupe binary")?;
+        Ok(exe.to_string_lossy().into_owned())
+    };
+    if first == "troupe" {
+        cmd[0] = me()?;
+        return Ok(());
+    }
+    let subcommand = <super::Cli as clap::CommandFactory>::command()
+        .get_subcommands()
+        .any(|c| c.get_name() == first && first != "launch");
+    if subcommand {
+        cmd.insert(0, me()?);
+        return Ok(());
+    }
+    Err(UsageError(format!(
+        "`{first}` is neither a path, nor a program on PATH, nor a troupe subcommand; give the \
+         program to start, e.g. `troupe launch --nproc-per-node 2 -- train --actors …`"
+    ))
+    .into())
+}
+
+pub fn launch(mut a: LaunchArgs) -> anyhow::Result<()> {
+    resolve_program(&mut a.cmd)?;
     if a.nproc_per_node == 0 || a.nnodes == 0 || a.node_rank >= a.nnodes {
         return Err(UsageError(format!(
             "need --nproc-per-node ≥ 1 and --node-rank < --nnodes (got {}, {}, {})",
