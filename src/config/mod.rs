@@ -152,6 +152,23 @@ pub struct DataConfig {
     pub cache_dir: String,
 }
 
+/// The ways out of a global batch that `micro × dp` does not divide: the next multiple, or the
+/// largest micro-batch size not above `micro` that keeps the global batch (when there is one).
+fn batch_advice(global: usize, micro: usize, dp: usize) -> String {
+    if global == 0 {
+        return format!("; use --global-batch-size {}", micro * dp.max(1));
+    }
+    let per_dp = (micro * dp).max(1);
+    let up = global.div_ceil(per_dp).max(1) * per_dp;
+    let keep = (global.is_multiple_of(dp.max(1)))
+        .then(|| (1..=micro).rev().find(|m| (global / dp.max(1)).is_multiple_of(*m)))
+        .flatten();
+    match keep {
+        Some(m) => format!("; use --global-batch-size {up}, or --micro-batch-size {m} to keep {global}"),
+        None => format!("; use --global-batch-size {up}"),
+    }
+}
+
 /// A list of strings, or one string split at whitespace.
 fn words_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -358,7 +375,11 @@ impl Config {
             return invalid(
                 "train.global_batch_size",
                 t.global_batch_size.to_string(),
-                &format!("must be a positive multiple of micro_batch_size ({})", t.micro_batch_size),
+                &format!(
+                    "must be a positive multiple of micro_batch_size ({}){}",
+                    t.micro_batch_size,
+                    batch_advice(t.global_batch_size, t.micro_batch_size, 1)
+                ),
             );
         }
         if !(t.lr.is_finite() && t.lr >= 0.0) {
@@ -419,8 +440,10 @@ impl Config {
                 "train.global_batch_size",
                 t.global_batch_size.to_string(),
                 &format!(
-                    "must be a multiple of micro_batch_size × data_parallel_size = {} × {} = {per_dp}",
-                    t.micro_batch_size, p.data_parallel_size
+                    "must be a multiple of micro_batch_size × data_parallel_size = {} × {} = {per_dp}{}",
+                    t.micro_batch_size,
+                    p.data_parallel_size,
+                    batch_advice(t.global_batch_size, t.micro_batch_size, p.data_parallel_size)
                 ),
             );
         }
@@ -473,6 +496,31 @@ mod tests {
         // Without overrides the file alone is named.
         let err = parse(&format!("{MODEL}[train]\nlr = \"fast\"\n")).unwrap_err();
         assert!(err.starts_with("config file test.toml is not valid"), "{err}");
+    }
+
+    /// A global batch the data-parallel micro-batches do not divide is refused with both ways out,
+    /// and each way out is a valid configuration.
+    #[test]
+    fn a_global_batch_that_data_parallelism_does_not_divide_names_the_ways_out() {
+        let sets = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let base =
+            ["train.micro_batch_size=16", "train.global_batch_size=16", "parallel.data_parallel_size=2"];
+        let err = Config::from_toml_str(MODEL, "t", &sets(&base)).unwrap_err().to_string();
+        assert!(err.contains("use --global-batch-size 32, or --micro-batch-size 8 to keep 16"), "{err}");
+        for fix in ["train.global_batch_size=32", "train.micro_batch_size=8"] {
+            let mut v = base.to_vec();
+            v.push(fix);
+            assert!(Config::from_toml_str(MODEL, "t", &sets(&v)).is_ok(), "{fix}");
+        }
+        let err = Config::from_toml_str(MODEL, "t", &sets(&["train.global_batch_size=4"])).unwrap_err();
+        assert!(err.to_string().ends_with("to keep 4"), "{err}");
+        assert_eq!(batch_advice(0, 4, 2), "; use --global-batch-size 8");
+        // 12 over 8 data-parallel ranks cannot be kept.
+        assert_eq!(batch_advice(12, 4, 8), "; use --global-batch-size 32");
+        assert_eq!(
+            batch_advice(24, 4, 4),
+            "; use --global-batch-size 32, or --micro-batch-size 3 to keep 24"
+        );
     }
 
     #[test]
