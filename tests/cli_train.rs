@@ -131,6 +131,13 @@ fn train_save_resume_and_generate() -> Result<()> {
     let out = troupe(&["generate", "--load", &save, "--prompt", "ROMEO:", "--max-tokens", "5"], &dir);
     ensure!(out.status.success(), "generate failed:\n{}", stderr(&out));
     ensure!(String::from_utf8_lossy(&out.stdout).starts_with("ROMEO:"));
+    // An empty prompt samples from the end-of-document token.
+    let out = troupe(
+        &["generate", "--load", &save, "--prompt", "", "--max-tokens", "8", "--temperature", "0"],
+        &dir,
+    );
+    ensure!(out.status.success(), "unconditional generate failed:\n{}", stderr(&out));
+    ensure!(!String::from_utf8_lossy(&out.stdout).trim().is_empty(), "nothing generated");
     Ok(())
 }
 

@@ -17,7 +17,7 @@ pub struct GenerateArgs {
     /// Checkpoint directory (a `--save` directory with `latest`, or one `iter_*` directory).
     #[arg(long)]
     pub load: PathBuf,
-    /// Text to continue.
+    /// Text to continue ("": sample unconditionally, from the end-of-document token).
     #[arg(long, default_value = "ROMEO:")]
     pub prompt: String,
     /// Tokens to generate.
@@ -54,10 +54,20 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut model = troupe::Gpt::new(&cfg.model, 0)?;
     loaded.restore(&mut model, None).map_err(usage)?;
     let tok = corpus::tokenizer(&cfg).map_err(|e| UsageError(e.to_string()))?;
-    let ids = tok.encode(&args.prompt)?;
-    if ids.is_empty() {
-        return Err(UsageError("--prompt encodes to no tokens; give some text".into()).into());
-    }
+    // An empty prompt samples unconditionally: from the end-of-document token, which the
+    // training data puts before every document.
+    let ids = match (tok.encode(&args.prompt)?, tok.eod()) {
+        (ids, _) if !ids.is_empty() => ids,
+        (_, Some(eod)) if args.prompt.is_empty() => vec![eod],
+        _ => {
+            return Err(UsageError(
+                "--prompt encodes to no tokens (and this tokenizer has no end-of-document token to start \
+                 from); give some text"
+                    .into(),
+            )
+            .into());
+        }
+    };
     let be = CpuBackend::new(args.threads);
     let mut g = Generator::new(&model)?;
     let mut rng = Rng::new(args.seed);
