@@ -141,6 +141,28 @@ fn train_save_resume_and_generate() -> Result<()> {
     Ok(())
 }
 
+/// `troupe plot` draws a `--log-json` file; a file with no losses in it is a usage error naming
+/// the expected lines, not an empty picture.
+#[test]
+fn plot_draws_a_log_and_refuses_one_without_losses() -> Result<()> {
+    let dir = tempdir("plot");
+    std::fs::write(
+        dir.join("run.jsonl"),
+        "{\"step\": 1, \"loss\": 8.3, \"lr\": 0.0}\n{\"step\": 2, \"loss\": 7.9, \"lr\": 0.0001}\n",
+    )?;
+    let out = troupe(&["plot", "run.jsonl", "--out", "loss.svg"], &dir);
+    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(stderr(&out).contains("(2 steps)"), "{}", stderr(&out));
+    ensure!(std::fs::read_to_string(dir.join("loss.svg"))?.starts_with("<svg"), "not an SVG");
+    std::fs::write(dir.join("bare.jsonl"), "{\"step\": 1}\n")?;
+    let out = troupe(&["plot", "bare.jsonl", "--out", "bare.png"], &dir);
+    ensure!(out.status.code() == Some(2), "exit {:?}: {}", out.status.code(), stderr(&out));
+    ensure!(stderr(&out).contains("no step records with a loss"), "{}", stderr(&out));
+    ensure!(!dir.join("bare.png").exists(), "an empty plot was written");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// A model far larger than any machine's memory (about 50 TB of weights and AdamW state) is
 /// refused before anything is allocated, with the estimate, what is available and the ways out;
 /// in the actor runtime the estimate adds up every in-process rank.

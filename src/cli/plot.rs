@@ -21,8 +21,13 @@ pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.log)
         .map_err(|e| UsageError(format!("cannot read {}: {e}", args.log.display())))?;
     let (points, bad) = parse_log(&text);
-    if points.is_empty() {
-        return Err(UsageError(format!("{} holds no step records", args.log.display())).into());
+    if !points.iter().any(|p| p.loss.is_some() || p.val_loss.is_some()) {
+        return Err(UsageError(format!(
+            "{} holds no step records with a loss (expected `troupe train --log-json` lines such as \
+             {{\"step\": 1, \"loss\": 8.3, \"lr\": 0.0003, …}})",
+            args.log.display()
+        ))
+        .into());
     }
     if bad > 0 {
         eprintln!("troupe plot: skipped {bad} malformed line(s) in {}", args.log.display());
@@ -35,6 +40,6 @@ pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
     };
     std::fs::write(&args.out, bytes)
         .map_err(|e| UsageError(format!("cannot write {}: {e}", args.out.display())))?;
-    eprintln!("wrote {} ({} steps)", args.out.display(), points.len());
+    eprintln!("wrote {} ({})", args.out.display(), super::count(points.len() as u64, "step"));
     Ok(())
 }
