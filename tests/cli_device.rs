@@ -8,6 +8,10 @@ use std::process::Command;
 
 use anyhow::{Result, ensure};
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 fn troupe(args: &[&str]) -> Result<(i32, String, String)> {
     troupe_with(args, &[])
 }
@@ -19,7 +23,8 @@ fn troupe_with(args: &[&str], env: &[(&str, &std::path::Path)]) -> Result<(i32, 
         .env_remove("TROUPE_NCCL_LIB")
         .env(
             "TROUPE_CACHE_DIR",
-            std::env::temp_dir().join(format!("troupe-cli-device-{}", std::process::id())),
+            // One cache for every run of these tests (keyed by source and architecture).
+            std::env::temp_dir().join("troupe-cli-device-cache"),
         )
         .envs(env.iter().copied())
         .output()?;
@@ -44,8 +49,7 @@ fn device_reports_each_part_and_nccl_lib_makes_pips_nccl_loadable() -> Result<()
         eprintln!("SKIPPED the --nccl-lib link check (NCCL already loads here, or no gcc)");
         return Ok(());
     }
-    let dir = std::env::temp_dir().join(format!("troupe-fake-nccl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = Scratch::new("fake-nccl");
     std::fs::write(dir.join("stub.c"), "int troupe_stand_in_for_nccl;\n")?;
     let lib: PathBuf = dir.join("libnccl.so.2");
     let built =
@@ -89,8 +93,7 @@ fn device_kernels_prints_what_ptxas_reports_of_each_kernel() -> Result<()> {
 #[test]
 fn kernel_sources_can_come_from_a_directory() -> Result<()> {
     let run = |args: &[&str], dir: &std::path::Path| troupe_with(args, &[("TROUPE_KERNEL_SOURCES", dir)]);
-    let empty = std::env::temp_dir().join(format!("troupe-no-sources-{}", std::process::id()));
-    std::fs::create_dir_all(&empty)?;
+    let empty = Scratch::new("no-sources");
     let emu_args =
         ["train", "--device", "emu", "--train-iters", "1", "--num-layers", "1", "--hidden-size", "32"];
     let (code, _, err) = run(&emu_args, &empty)?;
@@ -110,7 +113,7 @@ fn kernel_sources_can_come_from_a_directory() -> Result<()> {
         "{code} {err}"
     );
     // A copy of cuda/ with one more kernel.
-    let copy = std::env::temp_dir().join(format!("troupe-sources-{}", std::process::id()));
+    let copy = Scratch::new("sources");
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
     std::fs::create_dir_all(copy.join("emu"))?;
     for entry in std::fs::read_dir(&repo)?.chain(std::fs::read_dir(repo.join("emu"))?) {

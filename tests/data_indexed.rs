@@ -67,6 +67,25 @@ fn writer_produces_the_golden_bytes() {
     assert_eq!(leftovers, 0, "temporary files left behind");
 }
 
+/// A dataset that cannot be finished (here the `.idx` name is taken by a directory) is an error
+/// naming the file, and leaves no temporary files behind.
+#[test]
+fn a_writer_that_cannot_finish_leaves_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("out_text_document");
+    std::fs::create_dir(dir.path().join("out_text_document.idx")).unwrap();
+    let mut w = IndexWriter::create(&prefix, DType::U16).unwrap();
+    w.add_document(&[1, 2, 3]).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("out_text_document.idx"), "{err}");
+    let temporary: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(temporary.is_empty(), "left behind: {temporary:?}");
+}
+
 #[test]
 fn reader_reads_the_golden_bytes() {
     let dir = tempfile::tempdir().unwrap();

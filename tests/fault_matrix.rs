@@ -14,12 +14,16 @@ use troupe::runtime::faults::FaultKind;
 use troupe::runtime::matrix;
 use troupe::train::data::TokenWindows;
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 #[test]
 fn every_fault_is_detected_named_and_survived() {
     let mut rng = Rng::derived(4, "fault-matrix");
     let tokens: Vec<u32> = (0..4000).map(|_| (rng.next_u64() % 61) as u32).collect();
     let data: Arc<dyn SampleSource> = Arc::new(TokenWindows::new(tokens, 16, 5).unwrap());
-    let dir = std::env::temp_dir().join(format!("troupe-fault-matrix-{}", std::process::id()));
+    let dir = Scratch::new("fault-matrix");
     let timeout = Duration::from_secs(1);
     let (rows, sum) = matrix::run(&data, &dir, &[1, 2], timeout, &mut |s| {
         eprintln!(
@@ -86,13 +90,12 @@ fn a_recorded_order_reproduces_an_ordering_failure() {
     ];
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let cfg = Config::from_toml_str(matrix::MATRIX_CONFIG, "test", &sets).unwrap();
-    let dir = std::env::temp_dir().join(format!("troupe-replay-fault-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("replay-fault");
     let fault: troupe::runtime::faults::Fault = "corrupt:rank=0,step=2,recv=3".parse().unwrap();
     let opts = |order| RunOptions {
         timeout: Duration::from_secs(2),
         trace_step: Some(2),
-        flight_dir: Some(dir.clone()),
+        flight_dir: Some(dir.to_path_buf()),
         faults: FaultPlan { faults: vec![fault.clone()], seed: 1 },
         replay_order: order,
         ..RunOptions::default()

@@ -50,11 +50,12 @@ save_interval = 2
     (p, text)
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("troupe-fmp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "common/scratch.rs"]
+mod scratch_dir;
+use scratch_dir::Scratch;
+
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("fmp-{name}"))
 }
 
 /// Per-step losses of the uninterrupted in-process run.

@@ -7,16 +7,17 @@
 //! gradient in a different order — per rank, then across ranks — so the bits may differ), and the
 //! final parameters within 1e-5 of their norm (checkpoints compared through the CPU model).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Result, ensure};
 
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("troupe-gpu-dp-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+#[path = "common/scratch.rs"]
+mod scratch_dir;
+use scratch_dir::Scratch;
+
+fn tempdir(tag: &str) -> Scratch {
+    Scratch::new(&format!("gpu-dp-{tag}"))
 }
 
 fn records(log: &Path) -> Result<Vec<(f64, f64)>> {

@@ -30,6 +30,10 @@ use troupe::models::Rng;
 use troupe::runtime::{RankResult, RunOptions, train_inproc};
 use troupe::train::data::TokenWindows;
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 const CONFIG: &str = r#"
 [model]
 vocab_size = 61
@@ -1186,7 +1190,7 @@ type RunWithEvals = (Vec<RankResult>, Vec<(u64, f32)>);
 #[test]
 fn gpu_stages_resume_bit_for_bit_and_evaluate() -> Result<()> {
     use troupe::runtime::{RunEvent, ValidData};
-    let dir = std::env::temp_dir().join(format!("troupe-gpu-pp-ckpt-{}", std::process::id()));
+    let dir = Scratch::new("gpu-pp-ckpt");
     let save = format!("checkpoint.save=\"{}\"", dir.display());
     let load = format!("checkpoint.load=\"{}\"", dir.display());
     let common = [

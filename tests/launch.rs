@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_troupe");
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let d = std::env::temp_dir().join(format!("troupe-{name}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "common/scratch.rs"]
+mod scratch_dir;
+use scratch_dir::Scratch;
+
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(name)
 }
 
 /// True when `pid` no longer runs (gone, or a zombie nobody has reaped yet).
@@ -115,7 +116,6 @@ fn failing_rank_stops_the_others_and_leaves_no_orphans() {
         assert!(is_dead(pid), "process {pid} outlived troupe launch");
     }
     assert_eq!(pids, 6, "every rank and grandchild wrote its pid");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

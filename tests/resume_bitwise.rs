@@ -154,9 +154,10 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
     Ok(())
 }
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("troupe-{tag}-{}-{}", std::process::id(), Rng::new(0).state()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+#[path = "common/scratch.rs"]
+mod scratch_dir;
+use scratch_dir::Scratch;
+
+fn tempdir(tag: &str) -> Scratch {
+    Scratch::new(tag)
 }

@@ -18,6 +18,10 @@ use troupe::schedule::OpKind;
 use troupe::trace::{Trace, recorded_program};
 use troupe::train::data::TokenWindows;
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 const CONFIG: &str = r#"
 [model]
 vocab_size = 61
@@ -177,8 +181,7 @@ fn params_of(results: &[troupe::runtime::RankResult]) -> Vec<Vec<u32>> {
 
 #[test]
 fn checkpoints_resume_exactly_on_any_layout() -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("troupe-rt-ckpt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("rt-ckpt");
     let save = format!("checkpoint.save=\"{}\"", dir.display());
     let load = format!("checkpoint.load=\"{}\"", dir.display());
     let layout = [

@@ -39,11 +39,12 @@ eval_interval = 0
 save = ""
 "#;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("troupe-mp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+#[path = "common/scratch.rs"]
+mod scratch_dir;
+use scratch_dir::Scratch;
+
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("mp-{name}"))
 }
 
 fn found(cmd: &str) -> bool {

@@ -1,8 +1,11 @@
 //! The `troupe schedule` and `troupe trace` commands end to end: output that feeds back into
 //! `check`, exit codes for bad input, files in every format, and replay of a written trace.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
+
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
 
 fn troupe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_troupe")).args(args).output().expect("run troupe")
@@ -12,19 +15,14 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("troupe-schedule-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
-}
-
 #[test]
 fn shown_text_checks_back_with_the_same_stats() {
+    let dir = Scratch::new("schedule-cli");
     let out = troupe(&["schedule", "show", "--schedule", "1f1b", "--pp", "4", "--microbatches", "8"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = stdout(&out);
     assert!(text.contains("bubble 0.3750"), "(p-1)/m = 3/8 expected in:\n{text}");
-    let file = tmp("1f1b.txt");
+    let file = dir.join("1f1b.txt");
     std::fs::write(&file, &text).unwrap();
     let check = troupe(&["schedule", "check", file.to_str().unwrap()]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
@@ -33,7 +31,8 @@ fn shown_text_checks_back_with_the_same_stats() {
 
 #[test]
 fn broken_program_exits_2_and_names_the_spot() {
-    let file = tmp("broken.txt");
+    let dir = Scratch::new("schedule-cli");
+    let file = dir.join("broken.txt");
     std::fs::write(&file, "pp=1 vpp=1 microbatches=2\n0: 0F0 0B0 0B1 0F1\n").unwrap();
     let out = troupe(&["schedule", "check", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
@@ -76,6 +75,7 @@ fn bad_flags_exit_2_with_advice() {
 
 #[test]
 fn every_format_writes_a_file_and_traces_replay() {
+    let dir = Scratch::new("schedule-cli");
     for (format, magic) in [
         ("svg", &b"<svg"[..]),
         ("png", b"\x89PNG"),
@@ -83,7 +83,7 @@ fn every_format_writes_a_file_and_traces_replay() {
         ("json", b"{"),
         ("trace", b"troupe-trace"),
     ] {
-        let file = tmp(&format!("zbh1.{format}"));
+        let file = dir.join(format!("zbh1.{format}"));
         let out = troupe(&[
             "schedule",
             "show",
@@ -103,7 +103,7 @@ fn every_format_writes_a_file_and_traces_replay() {
         assert!(bytes.starts_with(magic), "{format} output starts wrong");
     }
     for recorded in ["zbh1.chrome", "zbh1.trace"] {
-        let file = tmp(recorded);
+        let file = dir.join(recorded);
         let out = troupe(&["trace", "replay", file.to_str().unwrap(), "--schedule", "1f1b,interleaved"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = stdout(&out);
@@ -115,8 +115,9 @@ fn every_format_writes_a_file_and_traces_replay() {
 
 #[test]
 fn compute_only_order_is_lowered_and_printed() {
+    let dir = Scratch::new("schedule-cli");
     // hand-written 1F1B compute order for 2 ranks; check inserts the sends and receives
-    let file = tmp("compute.txt");
+    let file = dir.join("compute.txt");
     std::fs::write(&file, "pp=2 vpp=1 microbatches=2\n0: 0F0 0F1 0B0 0B1\n1: 0F0 0B0 0F1 0B1\n").unwrap();
     let out = troupe(&["schedule", "check", "--print", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

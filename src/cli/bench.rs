@@ -110,7 +110,7 @@ pub fn faults(args: FaultBenchArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("troupe-faults-{}", std::process::id())));
     let started = Instant::now();
-    let (rows, sum) = troupe::runtime::matrix::run(&data, &dir, &args.seeds, timeout, &mut |s| {
+    let ran = troupe::runtime::matrix::run(&data, &dir, &args.seeds, timeout, &mut |s| {
         eprintln!(
             "{:>10} {:<10} seed {}: {}",
             s.kind.name(),
@@ -118,12 +118,15 @@ pub fn faults(args: FaultBenchArgs) -> anyhow::Result<()> {
             s.seed,
             if s.detected { "detected" } else { "survived" }
         );
-    })?;
-    println!("{}", troupe::runtime::matrix::table(&rows, &sum, timeout));
-    println!("wall time {:.1} s", started.elapsed().as_secs_f64());
+    });
+    // The scratch directory goes whether the matrix finished or not (its checkpoints and flight
+    // recorders are for the matrix's own checks).
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    let (rows, sum) = ran?;
+    println!("{}", troupe::runtime::matrix::table(&rows, &sum, timeout));
+    println!("wall time {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 

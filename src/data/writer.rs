@@ -214,8 +214,20 @@ impl IndexWriter {
     /// Sequences added after the last [`IndexWriter::end_document`] become a final document.
     ///
     /// # Errors
-    /// `Io` on any write, sync or rename failure.
-    pub fn finish(mut self) -> Result<WriteSummary, WriteError> {
+    /// `Io` on any write, sync or rename failure; the temporary files are removed then (a full
+    /// disk leaves no partial dataset behind).
+    pub fn finish(self) -> Result<WriteSummary, WriteError> {
+        let (bin_tmp, idx_tmp) = (self.bin_tmp.clone(), self.idx_tmp.clone());
+        let done = self.write_and_rename();
+        if done.is_err() {
+            for tmp in [bin_tmp, idx_tmp] {
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+        done
+    }
+
+    fn write_and_rename(mut self) -> Result<WriteSummary, WriteError> {
         if *self.document_indices.last().unwrap_or(&0) != self.lengths.len() as i64 {
             self.end_document();
         }
