@@ -129,6 +129,66 @@ fn mpich_and_slurm() {
     assert!(e.contains("PMI_SIZE is not set"), "{e}");
 }
 
+/// A multi-node `srun` job needs no MASTER_ADDR: rank 0's host is the first of the step's node
+/// list (as `scontrol show hostnames | head -n1` gives it), and this node's task count comes
+/// from the tasks-per-node list; MASTER_ADDR still overrides, and malformed lists are errors.
+#[test]
+fn slurm_across_nodes_finds_rank_0s_host_and_this_nodes_tasks() {
+    let vars = [
+        ("SLURM_PROCID", "9"),
+        ("SLURM_NTASKS", "11"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_NNODES", "3"),
+        ("SLURM_NODEID", "2"),
+        ("SLURM_JOB_NODELIST", "gpu-[007-009,012],login1"),
+        ("SLURM_STEP_NODELIST", "gpu-[008-009,012]"),
+        ("SLURM_STEP_TASKS_PER_NODE", "4(x2),3"),
+        ("SLURM_TASKS_PER_NODE", "8(x4)"),
+    ];
+    let e = parse(&vars).unwrap().unwrap();
+    assert_eq!((e.rank, e.world_size, e.local_rank, e.local_world_size), (9, 11, 1, 3));
+    assert_eq!(e.master_addr, "gpu-008");
+    let mut with = vars.to_vec();
+    with.push(("MASTER_ADDR", "10.0.0.1"));
+    assert_eq!(parse(&with).unwrap().unwrap().master_addr, "10.0.0.1");
+    // Without the step's variables, the job's.
+    let job: Vec<_> = vars.iter().copied().filter(|(k, _)| !k.starts_with("SLURM_STEP_")).collect();
+    let e = parse(&job).unwrap().unwrap();
+    assert_eq!((e.master_addr.as_str(), e.local_world_size), ("gpu-007", 8));
+    let mut bad = vars.to_vec();
+    bad[6] = ("SLURM_STEP_NODELIST", "gpu-[a-b]");
+    let err = parse(&bad).unwrap_err().to_string();
+    assert!(err.contains("SLURM_STEP_NODELIST") && err.contains("host list"), "{err}");
+    bad = vars.to_vec();
+    bad[7] = ("SLURM_STEP_TASKS_PER_NODE", "4(x2");
+    let err = parse(&bad).unwrap_err().to_string();
+    assert!(err.contains("SLURM_STEP_TASKS_PER_NODE"), "{err}");
+}
+
+#[test]
+fn slurm_host_lists_and_task_counts_parse_as_scontrol_does() {
+    use troupe::comm::env::{slurm_first_host, slurm_tasks_per_node};
+    for (list, first) in [
+        ("node[01-04,07]", "node01"),
+        ("node[01-04,07],gpu3", "node01"),
+        ("login1,login2", "login1"),
+        ("a-[3-5]-ib", "a-3-ib"),
+        ("rack[1-2]-n[05-06]", "rack1-n05"),
+        ("single", "single"),
+        (" x[9] ", "x9"),
+    ] {
+        assert_eq!(slurm_first_host(list).as_deref(), Some(first), "{list}");
+    }
+    for bad in ["", "node[", "node[]", "node[a-b]", "n]"] {
+        assert_eq!(slurm_first_host(bad), None, "{bad:?}");
+    }
+    assert_eq!(slurm_tasks_per_node("4(x2),3"), Some(vec![4, 4, 3]));
+    assert_eq!(slurm_tasks_per_node("1"), Some(vec![1]));
+    for bad in ["", "x", "4(x)", "4(x2", "(x2)"] {
+        assert_eq!(slurm_tasks_per_node(bad), None, "{bad:?}");
+    }
+}
+
 #[test]
 fn torchrun_wins_over_slurm_when_both_are_set() {
     let e = parse(&[

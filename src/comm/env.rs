@@ -72,6 +72,11 @@ pub const KNOWN_VARS: &[&str] = &[
     "SLURM_NTASKS",
     "SLURM_LOCALID",
     "SLURM_NNODES",
+    "SLURM_NODEID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_JOB_NODELIST",
+    "SLURM_STEP_TASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
     "SLURM_JOB_ID",
 ];
 
@@ -207,7 +212,7 @@ impl LaunchEnv {
         let world_size = v.need(names[1], family)?;
         let local_rank = v.num(names[2])?.unwrap_or(rank);
         let local_world_size = v.num(names[3])?.unwrap_or(world_size);
-        Self::with_master(v, launcher, rank, world_size, local_rank, local_world_size, 29500)
+        Self::with_master(v, launcher, (rank, world_size, local_rank, local_world_size), 29500, None)
     }
 
     fn slurm(v: &Vars<'_>) -> Result<Self, EnvError> {
@@ -217,25 +222,47 @@ impl LaunchEnv {
         let nnodes = v.num("SLURM_NNODES")?.unwrap_or(1).max(1);
         // Lightning's convention: 15000 + the last four digits of the job id.
         let default_port = v.num("SLURM_JOB_ID")?.map_or(29500, |id| 15000 + (id % 10000) as u16);
-        let local_world = if nnodes == 1 { world_size } else { world_size.div_ceil(nnodes) };
-        Self::with_master(v, Launcher::Slurm, rank, world_size, local_rank, local_world, default_port)
+        // This node's tasks from the step's (or else the job's) tasks per node, e.g. `4(x2),3`.
+        let per_node =
+            ["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"].iter().find_map(|k| {
+                let text = v.raw(k)?;
+                Some(slurm_tasks_per_node(&text).ok_or_else(|| {
+                    v.err(format!("{k}={text:?} is not a Slurm task count list such as 4(x2),3"))
+                }))
+            });
+        let here = match (per_node.transpose()?, v.num("SLURM_NODEID")?) {
+            (Some(counts), Some(node)) => counts.get(node).copied(),
+            _ => None,
+        };
+        let local_world = here.unwrap_or(if nnodes == 1 { world_size } else { world_size.div_ceil(nnodes) });
+        // Rank 0 runs on the first node of the step: its host name is the store's address
+        // unless MASTER_ADDR says otherwise (as `scontrol show hostnames | head -n1` gives it).
+        let first_host =
+            ["SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"].iter().find_map(|k| {
+                let text = v.raw(k)?;
+                Some(slurm_first_host(&text).ok_or_else(|| {
+                    v.err(format!("{k}={text:?} is not a Slurm host list such as node[01-04]"))
+                }))
+            });
+        let ranks = (rank, world_size, local_rank, local_world);
+        Self::with_master(v, Launcher::Slurm, ranks, default_port, first_host.transpose()?)
     }
 
-    /// MPI and Slurm do not say where rank 0 lives: MASTER_ADDR must be given unless the whole
-    /// job is on this node.
+    /// MPI does not say where rank 0 lives: MASTER_ADDR must be given unless the whole job is
+    /// on this node. Slurm does (`first_host`, the first node of its list), and MASTER_ADDR
+    /// overrides it. `ranks`: rank, world size, local rank, local world size.
     fn with_master(
         v: &Vars<'_>,
         launcher: Launcher,
-        rank: usize,
-        world_size: usize,
-        local_rank: usize,
-        local_world_size: usize,
+        (rank, world_size, local_rank, local_world_size): (usize, usize, usize, usize),
         default_port: u16,
+        first_host: Option<String>,
     ) -> Result<Self, EnvError> {
-        let master_addr = match v.raw("MASTER_ADDR") {
-            Some(a) => a,
-            None if local_world_size >= world_size => "127.0.0.1".into(),
-            None => {
+        let master_addr = match (v.raw("MASTER_ADDR"), first_host) {
+            (Some(a), _) => a,
+            (None, _) if local_world_size >= world_size => "127.0.0.1".into(),
+            (None, Some(host)) => host,
+            (None, None) => {
                 return Err(v.err(format!("{launcher:?} job spans several nodes ({local_world_size} of {world_size} ranks here): set MASTER_ADDR to rank 0's host")));
             }
         };
@@ -301,4 +328,49 @@ fn port(v: &Vars<'_>, k: &str) -> Result<Option<u16>, EnvError> {
             p.trim().parse::<u16>().map(Some).map_err(|_| v.err(format!("{k}={p:?} is not a port number")))
         }
     }
+}
+
+/// The first host of a Slurm host list: `node[01-04,07],gpu3` → `node01`, `a-[3-5]-ib` → `a-3-ib`,
+/// `login1,login2` → `login1`. `None` when the text is not a host list.
+pub fn slurm_first_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    // The first entry: up to a comma outside brackets.
+    let mut depth = 0usize;
+    let end = list
+        .char_indices()
+        .find(|&(_, c)| {
+            match c {
+                '[' => depth += 1,
+                ']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            c == ',' && depth == 0
+        })
+        .map_or(list.len(), |(i, _)| i);
+    let mut entry = list[..end].to_string();
+    // Each bracket (a host name may have several) keeps the first value of its first range,
+    // zero padding and all.
+    while let Some(open) = entry.find('[') {
+        let close = open + entry[open..].find(']')?;
+        let first = entry[open + 1..close].split(',').next()?.split('-').next()?.trim().to_string();
+        if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        entry.replace_range(open..=close, &first);
+    }
+    (!entry.is_empty() && !entry.contains(']')).then_some(entry)
+}
+
+/// Slurm's tasks per node, expanded: `4(x2),3` → `[4, 4, 3]`. `None` when malformed.
+pub fn slurm_tasks_per_node(text: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in text.trim().split(',') {
+        let (count, times) = match part.split_once("(x") {
+            Some((c, rest)) => (c, rest.strip_suffix(')')?.trim().parse::<usize>().ok()?),
+            None => (part, 1),
+        };
+        let count = count.trim().parse::<usize>().ok()?;
+        out.extend(std::iter::repeat_n(count, times));
+    }
+    (!out.is_empty()).then_some(out)
 }
