@@ -62,6 +62,25 @@ pub enum DeviceError {
     Driver { op: &'static str, detail: String },
 }
 
+/// The GPU a rank with this local rank opens, of the `visible` ones: its local rank (torchrun's
+/// convention, one process per GPU), or the only one visible (a launcher that gives each task its
+/// own GPU through `CUDA_VISIBLE_DEVICES`, such as `srun --gpus-per-task=1`).
+///
+/// # Errors
+/// The reason, when the node has more ranks than visible GPUs.
+pub fn gpu_for_local_rank(local_rank: usize, visible: usize) -> Result<usize, String> {
+    match (local_rank < visible, visible) {
+        (true, _) => Ok(local_rank),
+        (false, 1) => Ok(0),
+        (false, n) => Err(format!(
+            "local rank {local_rank} has no GPU of its own: {n} are visible{}; start at most {n} ranks \
+             on this node, or give each its own GPU (CUDA_VISIBLE_DEVICES)",
+            std::env::var("CUDA_VISIBLE_DEVICES")
+                .map_or(String::new(), |v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
+        )),
+    }
+}
+
 /// The CUDA devices of this machine.
 ///
 /// # Errors
@@ -103,6 +122,15 @@ mod tests {
         assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
         assert_eq!("emu".parse::<Device>(), Ok(Device::Emu));
         assert!("tpu".parse::<Device>().unwrap_err().contains("known: cpu, cuda, emu"));
+    }
+
+    #[test]
+    fn each_local_rank_gets_its_own_gpu_or_the_only_one() {
+        assert_eq!(gpu_for_local_rank(3, 8), Ok(3));
+        assert_eq!(gpu_for_local_rank(0, 1), Ok(0));
+        assert_eq!(gpu_for_local_rank(5, 1), Ok(0));
+        let err = gpu_for_local_rank(4, 4).unwrap_err();
+        assert!(err.contains("local rank 4 has no GPU of its own: 4 are visible"), "{err}");
     }
 
     #[test]

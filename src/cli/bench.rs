@@ -253,7 +253,7 @@ fn gpu_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<serde_json::
     if args.steps == 0 {
         return Err(UsageError("--steps must be at least 1".into()).into());
     }
-    let Some(gpu) = OpenGpu::open(args.device)? else {
+    let Some(gpu) = OpenGpu::open(args.device, 0)? else {
         return Err(UsageError("gpu_bench needs --device cuda or emu".into()).into());
     };
     let describe = gpu.describe();

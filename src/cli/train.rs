@@ -240,13 +240,13 @@ pub(super) enum OpenGpu {
 }
 
 impl OpenGpu {
-    pub(super) fn open(device: troupe::device::Device) -> anyhow::Result<Option<Self>> {
+    /// The GPU of this process's local rank (as its launcher gives it: torchrun, MPI, Slurm).
+    pub(super) fn open(device: troupe::device::Device, local_rank: usize) -> anyhow::Result<Option<Self>> {
         use troupe::device::Device;
-        let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
         Ok(match device {
             Device::Cpu => None,
             Device::Cuda => Some(OpenGpu::Cuda(Box::new(
-                troupe::gpu::CudaGpu::new(local_rank)
+                troupe::gpu::CudaGpu::for_local_rank(local_rank)
                     .map_err(|e| UsageError(format!("--device cuda: {e}")))?,
             ))),
             Device::Emu => Some(OpenGpu::Emu(
@@ -335,8 +335,8 @@ pub(super) fn stage_factory(
     Ok(match device {
         Device::Cpu => None,
         Device::Cuda => {
-            let gpu = troupe::gpu::CudaGpu::new(local_rank)
-                .map_err(|e| UsageError(format!("--device cuda (GPU {local_rank}): {e}")))?;
+            let gpu = troupe::gpu::CudaGpu::for_local_rank(local_rank)
+                .map_err(|e| UsageError(format!("--device cuda (local rank {local_rank}): {e}")))?;
             let gpu: &'static troupe::gpu::CudaGpu = Box::leak(Box::new(gpu));
             Some(match nccl {
                 Some(timeout) => StageFactory::cuda_nccl(gpu, dtype, timeout),
@@ -492,7 +492,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(est) = &estimate {
         check_memory(est, est.total(), 1, args.skip_memory_check)?;
     }
-    let gpu = OpenGpu::open(args.device)?;
+    let gpu = OpenGpu::open(args.device, launched.as_ref().map_or(0, |e| e.local_rank))?;
     let (mut trainer, mut state, resumed) = run::prepare(&cfg).map_err(|e| match e {
         RunError::Checkpoint(_) | RunError::NothingToLoad { .. } => {
             anyhow::Error::from(UsageError(e.to_string()))

@@ -409,6 +409,17 @@ impl Drop for BlasLt {
 }
 
 impl CudaGpu {
+    /// Opens the GPU of a rank with this local rank (see [`crate::device::gpu_for_local_rank`]).
+    ///
+    /// # Errors
+    /// As [`CudaGpu::new`]; more local ranks than visible GPUs.
+    pub fn for_local_rank(local_rank: usize) -> Result<Self, GpuError> {
+        let visible = crate::device::probe_cuda()?.len();
+        let ordinal = crate::device::gpu_for_local_rank(local_rank, visible)
+            .map_err(|detail| GpuError::Driver { op: "choosing this rank's GPU".into(), detail })?;
+        Self::new(ordinal)
+    }
+
     /// Opens device `ordinal`, compiles (or loads from the cache) the kernels for its
     /// architecture and creates the cuBLASLt handle.
     ///
