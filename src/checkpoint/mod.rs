@@ -363,12 +363,43 @@ pub fn resolve(path: &Path) -> Result<Option<PathBuf>, CheckpointError> {
     }
     let dir = path.join(name);
     if !dir.join(STATE_FILE).is_file() {
+        if let Some(restored) = restore_moved_aside(path, name) {
+            return Ok(Some(restored));
+        }
         return Err(CheckpointError::Damaged {
             path: latest,
             reason: format!("names {name}, which has no {STATE_FILE}"),
         });
     }
     Ok(Some(dir))
+}
+
+/// A save of a step already saved moves the old directory aside (`.iter_N.old-PID`) before
+/// renaming the new one into place; a process that died between the two renames left `latest`
+/// naming a directory that is not there. The old copy, complete, is moved back (or used where it
+/// is, should the rename fail).
+fn restore_moved_aside(dir: &Path, name: &str) -> Option<PathBuf> {
+    let prefix = format!(".{name}.old-");
+    let aside = fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+        .find(|p| p.join(STATE_FILE).is_file())?;
+    let back = dir.join(name);
+    match fs::rename(&aside, &back) {
+        Ok(()) => {
+            tracing::warn!("{} was moved aside by a save that died; moved it back", back.display());
+            Some(back)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "using {} (a save that died moved it aside; moving it back: {e})",
+                aside.display()
+            );
+            Some(aside)
+        }
+    }
 }
 
 /// A verified checkpoint, ready to restore.
@@ -621,7 +652,8 @@ mod tests {
 
     /// A save that fails (a full disk) leaves nothing behind and `latest` as it was; the next
     /// save removes what saves of dead processes left half way (their partial files), and keeps
-    /// what a running process is writing and an `.old` directory that is the only copy of its step.
+    /// what a running process is writing and an `.old` directory that is the only copy of its step,
+    /// which resolving `latest` then moves back.
     #[test]
     fn failed_and_abandoned_saves_leave_no_partial_files() {
         let cfg = GptConfig::tiny();
@@ -670,6 +702,14 @@ mod tests {
         if Path::new("/proc/self").exists() {
             assert_eq!(listing(&dir), want);
         }
+
+        // A re-save of step 7 that died between its renames: `latest` names `iter_0000007`, which
+        // was moved aside; resolving moves it back, and it loads.
+        let aside = dir.join(format!(".iter_0000007.old-{dead}"));
+        fs::rename(dir.join("iter_0000007"), &aside).unwrap();
+        assert_eq!(resolve(&dir).unwrap(), Some(dir.join("iter_0000007")));
+        assert!(!aside.exists(), "the old copy is still aside");
+        assert_eq!(load(&dir.join("iter_0000007")).unwrap().state.step, 7);
         let _ = fs::remove_dir_all(&dir);
     }
 }
