@@ -281,7 +281,11 @@ impl Fault {
     pub fn check(&self, plan: &Plan, world: usize, train_iters: u64) -> Result<(), FaultError> {
         let no = |reason: String| Err(FaultError::Impossible { spec: self.describe(), reason });
         if self.rank >= world {
-            return no(format!("rank {} does not exist (the world has {world} ranks)", self.rank));
+            let ranks = match world {
+                1 => "1 rank, rank 0".to_string(),
+                n => format!("{n} ranks, 0 to {}", n - 1),
+            };
+            return no(format!("rank {} does not exist (the world has {ranks})", self.rank));
         }
         if self.step == 0 || self.step > train_iters {
             return no(format!("step {} is outside 1..={train_iters}", self.step));
