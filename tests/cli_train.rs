@@ -139,6 +139,14 @@ fn train_save_resume_and_generate() -> Result<()> {
     );
     ensure!(out.status.success(), "unconditional generate failed:\n{}", stderr(&out));
     ensure!(!String::from_utf8_lossy(&out.stdout).trim().is_empty(), "nothing generated");
+    // Past the model's context (32 tokens here) generation goes on in a sliding window, and says so.
+    let out = troupe(&["generate", "--load", &save, "--max-tokens", "40"], &dir);
+    ensure!(out.status.success(), "long generate failed:\n{}", stderr(&out));
+    ensure!(
+        stderr(&out).contains("context is 32 tokens; past it, each new token sees the most recent 16 to 32")
+    );
+    let out = troupe(&["generate", "--load", &save, "--max-tokens", "20"], &dir);
+    ensure!(!stderr(&out).contains("sliding window"), "{}", stderr(&out));
     Ok(())
 }
 

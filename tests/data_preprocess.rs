@@ -209,7 +209,7 @@ fn the_binary_trains_a_tokenizer_and_preprocesses() {
     assert!(stdout.contains("300 documents"), "{stdout}");
     let ds = IndexedDataset::open(dir.path().join("out_text_document")).unwrap();
     assert_eq!(ds.len(), 300);
-    let sep = TextTokenizer::load(&troupe::data::TokenizerSpec::Json(tok)).unwrap().eod();
+    let sep = TextTokenizer::load(&troupe::data::TokenizerSpec::Json(tok.clone())).unwrap().eod();
     assert_eq!(ds.sequence(0).unwrap().last().copied(), sep, "WordPiece EOD is [SEP]");
     let out = Command::new(exe)
         .args(["preprocess", "--tokenizer", "missing.json", "--output-prefix", "x"])
@@ -248,4 +248,25 @@ fn the_binary_trains_a_tokenizer_and_preprocesses() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("holds no tokens (0 documents read)"), "{err}");
+
+    // Training on the dataset without its tokenizer warns that samples decode with the embedded
+    // one; with it, no warning.
+    let train = |extra: &[&str]| {
+        let out = Command::new(exe)
+            .current_dir(dir.path())
+            .args(["train", "--data-path", "out_text_document", "--train-iters", "1", "--save", ""])
+            .args(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2"])
+            .args(["--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2"])
+            .args(["--eval-interval", "0", "--no-progress", "--threads", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let err = train(&[]);
+    assert!(err.contains("no --tokenizer given: text samples"), "{err}");
+    let err = train(&["--tokenizer", tok.to_str().unwrap()]);
+    assert!(!err.contains("no --tokenizer given"), "{err}");
 }

@@ -68,6 +68,14 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             .into());
         }
     };
+    let context = cfg.model.seq_length;
+    if ids.len() + args.max_tokens > context {
+        eprintln!(
+            "troupe: note: the model's context is {context} tokens; past it, each new token sees the \
+             most recent {} to {context} (a sliding window)",
+            (context / 2).max(1)
+        );
+    }
     let be = CpuBackend::new(args.threads);
     let mut g = Generator::new(&model)?;
     let mut rng = Rng::new(args.seed);

@@ -534,6 +534,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(note) = &data.valid_note {
         eprintln!("troupe: warning: no evaluation will run: {note}");
     }
+    if let Some(note) = data.tokenizer_note.as_ref().filter(|_| reporting) {
+        eprintln!("troupe: warning: {note}");
+    }
     let tokenizer = &data.tokenizer;
     let sample_tokens = cfg.logging.sample_tokens;
     let seed = cfg.train.seed;

@@ -264,6 +264,9 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     if rank == 0 && cfg.logging.eval_interval > 0 && cfg.logging.sample_tokens > 0 {
         eprintln!("troupe: note: the parallel runtime evaluates but does not generate text samples");
     }
+    if let Some(note) = data.tokenizer_note.as_ref().filter(|_| rank == 0) {
+        eprintln!("troupe: warning: {note}");
+    }
     if let Some(note) = data.valid_note.as_ref().filter(|_| rank == 0) {
         eprintln!("troupe: warning: no evaluation will run: {note}");
     }

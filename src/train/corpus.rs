@@ -57,6 +57,8 @@ pub struct TrainingData {
     pub valid: Option<Box<dyn SampleSource>>,
     /// Why there is no validation set although evaluation was asked for.
     pub valid_note: Option<String>,
+    /// Datasets of the user's with no tokenizer of theirs: samples decode with the embedded one.
+    pub tokenizer_note: Option<String>,
     /// Where the data came from, for logs.
     pub description: String,
 }
@@ -168,5 +170,10 @@ pub fn open(cfg: &Config) -> Result<TrainingData, CorpusError> {
     } else {
         (None, None)
     };
-    Ok(TrainingData { tokenizer, train, valid, valid_note, description })
+    let tokenizer_note = (!cfg.data.data_path.is_empty() && cfg.data.tokenizer.is_empty()).then(|| {
+        "no --tokenizer given: text samples, and `troupe generate` from this run's checkpoints, decode \
+         with the embedded Shakespeare tokenizer; pass the tokenizer the data was preprocessed with"
+            .to_string()
+    });
+    Ok(TrainingData { tokenizer, train, valid, valid_note, tokenizer_note, description })
 }
