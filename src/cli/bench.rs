@@ -385,11 +385,7 @@ fn runtime_bench(args: &TrainBenchArgs, cfg: &Config) -> anyhow::Result<()> {
     cfg.train.train_iters = total;
     cfg.checkpoint.save.clear();
     // Host memory of the ranks (all in this process) when their chunks compute on the CPU.
-    let estimate = (args.device == troupe::device::Device::Cpu).then(|| {
-        (0..world)
-            .map(|r| plan.memory_of(&cfg, r, false))
-            .fold(MemoryEstimate::default(), MemoryEstimate::plus)
-    });
+    let estimate = (args.device == troupe::device::Device::Cpu).then(|| plan.memory_in_process(&cfg));
     if let Some(est) = &estimate {
         super::train::check_memory(est, est.total(), 1, args.skip_memory_check)?;
     }

@@ -98,9 +98,6 @@ mod trace;
 mod train;
 mod train_parallel;
 
-/// Exit code for an error: 2 for bad user input (config, arguments), 3 when the launcher gave
-/// up restarting, 4 for a rank that failed because a peer did, 130 when the launcher was
-/// signalled twice and killed its ranks, 1 otherwise.
 /// `n` and the noun, plural unless `n` is 1: `1 step`, `2 steps`.
 pub(crate) fn count(n: impl Into<u64>, noun: &str) -> String {
     match n.into() {
@@ -109,6 +106,9 @@ pub(crate) fn count(n: impl Into<u64>, noun: &str) -> String {
     }
 }
 
+/// Exit code for an error: 2 for bad user input (config, arguments), 3 when the launcher gave
+/// up restarting, 4 for a rank that failed because a peer did, 130 when the launcher was
+/// signalled twice and killed its ranks, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) {
         2

@@ -13,7 +13,6 @@ use troupe::comm::CommOptions;
 use troupe::comm::env::LaunchEnv;
 use troupe::config::Config;
 use troupe::data::SampleSource;
-use troupe::memory::MemoryEstimate;
 use troupe::runtime::{self, Plan, RankResult, RankSetup, RunEvent, RunOptions};
 use troupe::trace::Trace;
 use troupe::train::corpus;
@@ -233,9 +232,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     // Host memory, when the chunks compute on the CPU: this process holds its ranks (all of them
     // in process, one when launched), and a launched node holds its local ranks together.
     let estimate = (args.device == troupe::device::Device::Cpu).then(|| match &launched {
-        None => (0..world)
-            .map(|r| plan.memory_of(&cfg, r, false))
-            .fold(MemoryEstimate::default(), MemoryEstimate::plus),
+        None => plan.memory_in_process(&cfg),
         Some(_) => plan.memory_of(&cfg, rank, true),
     });
     if let Some(mine) = &estimate {

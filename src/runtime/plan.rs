@@ -125,6 +125,13 @@ impl Plan {
         crate::schedule::chunk_peaks(ops, self.vpp)
     }
 
+    /// Host memory of every rank in one process (ranks as threads), added up.
+    pub fn memory_in_process(&self, cfg: &Config) -> MemoryEstimate {
+        (0..self.pp * self.dp)
+            .map(|r| self.memory_of(cfg, r, false))
+            .fold(MemoryEstimate::default(), MemoryEstimate::plus)
+    }
+
     /// Host memory world rank `rank` holds when its chunks compute on the CPU: their model
     /// instances, optimizer state (its shard under the distributed optimizer), the peak of
     /// in-flight microbatches its schedule allows, and, when the run saves checkpoints, the
