@@ -87,6 +87,29 @@ fn a_failing_actor_is_named_and_its_peers_do_not_hang() -> Result<()> {
     Ok(())
 }
 
+/// A rank whose peer hangs times out waiting for its message and names the rank it waited for
+/// (world ranks); the hung rank reports itself, and that report is the run's root cause.
+#[test]
+fn a_receive_that_times_out_names_the_rank_it_waited_for() -> Result<()> {
+    let (cfg, data) = setup(&["parallel.pipeline_model_parallel_size=2"])?;
+    let hang = "hang:rank=1,step=2".parse()?;
+    let o = RunOptions { faults: FaultPlan { faults: vec![hang], seed: 1 }, ..opts(1) };
+    let all = train_inproc_all(&cfg, data.clone(), o.clone(), 2, None, None)?;
+    let waited = match &all[0] {
+        Err(e) => e.to_string(),
+        Ok(_) => anyhow::bail!("rank 0 should have failed"),
+    };
+    // Named by the communicator's timeout (`waiting for peer 1`) or, should the message never be
+    // posted there, by the mailbox's (`from rank 1 arrived within`).
+    ensure!(
+        waited.contains("waiting for peer 1") || waited.contains("from rank 1 arrived within"),
+        "rank 0's error should name rank 1: {waited}"
+    );
+    let root = train_inproc(&cfg, data, o, 2, None, None).expect_err("fails").to_string();
+    ensure!(root.starts_with("rank 1,") && root.contains("no progress"), "root cause: {root}");
+    Ok(())
+}
+
 #[test]
 fn traces_of_real_runs_replay_and_compare_with_the_simulator() -> Result<()> {
     let (cfg, data) =

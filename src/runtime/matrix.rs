@@ -331,7 +331,8 @@ fn ok_results(all: Vec<Result<RankResult, RuntimeError>>) -> Result<Vec<RankResu
 /// (crash, hang, checkpoint), the sending rank (corrupt, drop: the receiver names its peer).
 fn names_rank(text: &str, faulty: usize, kind: FaultKind) -> bool {
     match kind {
-        FaultKind::Corrupt => text.contains(&format!("from rank {faulty}")),
+        // (A receive that timed out names its sender too: only the corruption report counts.)
+        FaultKind::Corrupt => text.contains("corrupt") && text.contains(&format!("from rank {faulty}")),
         FaultKind::Drop => text.contains(&format!("peer {faulty}")),
         _ => {
             text.starts_with(&format!("rank {faulty},"))

@@ -565,7 +565,11 @@ mod tests {
         let waits = [
             actor(0, "grad-reducer", "bucket 0 not reduced within 1s"),
             actor(1, "stage[0]", "send not handed over within 1s"),
-            actor(1, "stage[0]", "no gradient for microbatch 3 arrived within 1s (peer dead or hung?)"),
+            actor(
+                1,
+                "stage[0]",
+                "no gradient for microbatch 3 from rank 3 arrived within 1s (is it dead or hung?)",
+            ),
             actor(2, "supervisor", "not done within 1s"),
         ];
         for w in &waits {

@@ -423,7 +423,8 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                     None
                 } else {
                     let key = (Dir::Act, mb, c as u32);
-                    Some(take(ctx, key).await.map_err(|d| fail(&op, index, d))?)
+                    let from = program.locate(stage - 1).0;
+                    Some(take(ctx, key, from).await.map_err(|d| fail(&op, index, d))?)
                 };
                 let batch = w.batch.clone();
                 let head = stage == last_stage;
@@ -512,7 +513,8 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 let dout = if stage == last_stage || dout_on_device {
                     None
                 } else {
-                    Some(take(ctx, (Dir::Grad, mb, c as u32)).await.map_err(|d| fail(&op, index, d))?)
+                    let from = program.locate(stage + 1).0;
+                    Some(take(ctx, (Dir::Grad, mb, c as u32), from).await.map_err(|d| fail(&op, index, d))?)
                 };
                 let split = matches!(op, Op::BackwardInput { .. });
                 let ticket = w.base_ticket + ticket.unwrap_or(0);
@@ -783,16 +785,17 @@ fn link_op(op: Op, (batch, seq): (usize, usize)) -> Option<LinkOp> {
     })
 }
 
-/// Takes a message from the mailbox within the timeout; the error text says what was awaited.
-async fn take(ctx: &RankCtx, key: Key) -> Result<Hidden, String> {
+/// Takes a message from the mailbox within the timeout; the error text says what was awaited,
+/// and from which rank (`from_pp`, the sender's pipeline rank, in this rank's replica).
+async fn take(ctx: &RankCtx, key: Key, from_pp: usize) -> Result<Hidden, String> {
     let _w = ctx.waiting();
     let t = Instant::now();
-    let r = take_inner(ctx, key).await;
+    let r = take_inner(ctx, key, from_pp * ctx.plan.dp + ctx.dp_rank).await;
     ctx.waited_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     r
 }
 
-async fn take_inner(ctx: &RankCtx, key: Key) -> Result<Hidden, String> {
+async fn take_inner(ctx: &RankCtx, key: Key, from: usize) -> Result<Hidden, String> {
     // A second past the communication timeout: a receive that fails reports its own error
     // (naming the peer) first.
     match ctx.mailbox.take(key, ctx.timeout + Duration::from_secs(1)).await {
@@ -806,7 +809,7 @@ async fn take_inner(ctx: &RankCtx, key: Key) -> Result<Hidden, String> {
         )),
         Ok(Err(e)) => Err(format!("receiving the {} of microbatch {}: {e}", key.0.name(), key.1)),
         Err(()) => Err(format!(
-            "no {} for microbatch {} arrived within {:?} (peer dead or hung?)",
+            "no {} for microbatch {} from rank {from} arrived within {:?} (is it dead or hung?)",
             key.0.name(),
             key.1,
             ctx.timeout
