@@ -191,6 +191,9 @@ pub struct Arenas<'a> {
     pub parts: &'a [Part<'a>],
 }
 
+/// What a failed save leaves: said after its error wherever a save is reported.
+pub const KEPT_LATEST: &str = "the previous checkpoint, if any, stays `latest`";
+
 /// A failure injected into [`save_with_fault`] after the model file is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SaveFault {

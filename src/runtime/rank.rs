@@ -136,6 +136,11 @@ pub struct RankCtx {
 }
 
 impl RankCtx {
+    /// The world rank of pipeline rank `pp_rank` in this rank's data-parallel replica.
+    fn world_rank_of(&self, pp_rank: usize) -> usize {
+        pp_rank * self.plan.dp + self.dp_rank
+    }
+
     /// Whether step `step`'s pipeline messages to other ranks travel over the device links:
     /// with links, every step but the traced one, whose spans should show the device's time
     /// and each message's wait (its messages go through the host, as its forwards are
@@ -703,7 +708,7 @@ async fn run_stage(st: &StageState, w: &StageStep) -> Result<StageReport, Runtim
                 let wire = ctx.wire;
                 let len = wire.elements(ctx.hidden_len());
                 let work = ctx.pp.recv(wire.dtype, len, peer as usize, RankCtx::tag(step, dir, mb, c as u32));
-                let world_peer = peer as usize * ctx.plan.dp + ctx.dp_rank;
+                let world_peer = ctx.world_rank_of(peer as usize);
                 let ctx2 = st.ctx.clone();
                 let posted = ctx.now_us();
                 let kind = op.kind();
@@ -790,7 +795,7 @@ fn link_op(op: Op, (batch, seq): (usize, usize)) -> Option<LinkOp> {
 async fn take(ctx: &RankCtx, key: Key, from_pp: usize) -> Result<Hidden, String> {
     let _w = ctx.waiting();
     let t = Instant::now();
-    let r = take_inner(ctx, key, from_pp * ctx.plan.dp + ctx.dp_rank).await;
+    let r = take_inner(ctx, key, ctx.world_rank_of(from_pp)).await;
     ctx.waited_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     r
 }
@@ -2591,7 +2596,7 @@ async fn save_checkpoint(
                 rank: wr,
                 step,
                 op: "save".into(),
-                detail: format!("{e} (the previous checkpoint, if any, stays `latest`)"),
+                detail: format!("{e} ({})", crate::checkpoint::KEPT_LATEST),
             })?;
     if let Some(tx) = &st.events {
         let _ = tx.send(RunEvent::Saved { step, path: dir.display().to_string() });

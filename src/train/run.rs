@@ -27,7 +27,7 @@ pub enum RunError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("step {step}, saving the checkpoint: {source} (the previous checkpoint, if any, stays `latest`)")]
+    #[error("step {step}, saving the checkpoint: {source} ({})", checkpoint::KEPT_LATEST)]
     Save { step: u64, source: CheckpointError },
     #[error(
         "--load {path}: no checkpoint there (no `latest` file and no state.json); pass --allow-fresh-start to start from scratch"
