@@ -123,6 +123,32 @@ fn train_save_resume_and_generate() -> Result<()> {
         stderr(&out)
     );
     ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000006");
+    // Resumed at its last step: nothing to train, said, exit 0, the checkpoint left as it is.
+    let state = dir.join("ckpt/iter_0000006/state.json");
+    let written = std::fs::metadata(&state)?.modified()?;
+    let out = troupe(&args, &dir);
+    ensure!(
+        out.status.success()
+            && stderr(&out).contains("iter_0000006 is at step 6, and --train-iters is 6: nothing to train"),
+        "a finished resume:\n{}",
+        stderr(&out)
+    );
+    ensure!(!stderr(&out).contains("saved checkpoint"), "rewrote a checkpoint:\n{}", stderr(&out));
+    ensure!(std::fs::metadata(&state)?.modified()? == written, "state.json was rewritten");
+    // A second run saving into a directory another run holds stops before training.
+    let held = troupe::checkpoint::lock_save_dir(Path::new(&save), "pid 1 on host elsewhere: troupe train")?;
+    ensure!(held.is_some(), "this filesystem does not support locks");
+    let mut args = vec!["train", "--train-iters", "8", "--load", save.as_str(), "--save", save.as_str()];
+    args.extend_from_slice(TINY);
+    let out = troupe(&args, &dir);
+    ensure!(
+        out.status.code() == Some(2)
+            && stderr(&out).contains("is in use by another run (pid 1 on host elsewhere: troupe train)"),
+        "a held save directory:\n{}",
+        stderr(&out)
+    );
+    ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000006");
+    drop(held);
 
     let mut args = vec!["train", "--num-layers", "2", "--load", save.as_str()];
     args.extend_from_slice(&TINY[2..]);

@@ -92,3 +92,47 @@ fn bad_input_gives_typed_errors() -> Result<()> {
     ));
     Ok(())
 }
+
+#[path = "common/scratch.rs"]
+mod scratch_dir;
+use scratch_dir::Scratch;
+
+/// Each step is written once: a stop right after a step the interval saved does not save it
+/// again, and a run resumed at its last step writes nothing.
+#[test]
+fn a_stop_after_a_saved_step_and_a_finished_resume_write_no_second_copy() -> Result<()> {
+    let be = CpuBackend::new(1);
+    let src = windows();
+    let data = RunData { train: &src, valid: None, sample: None };
+    let dir = Scratch::new("train-loop-saves");
+    let save = format!("checkpoint.save={:?}", dir.display().to_string());
+    let cfg = Config::from_toml_str(CFG, "t", &[save.clone(), "checkpoint.save_interval=1".into()])?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    let stop = AtomicBool::new(false);
+    let mut saved = Vec::new();
+    let summary = run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |e| {
+        if let Event::Saved { step, .. } = e {
+            saved.push(*step);
+            if *step == 2 {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })?;
+    ensure!(summary.interrupted && summary.steps == 2, "{summary:?}");
+    ensure!(saved == [1, 2], "saved steps {saved:?}, expected [1, 2]");
+
+    // Resumed at step 2 with train_iters 2: no step, no save.
+    let load = format!("checkpoint.load={:?}", dir.display().to_string());
+    let cfg = Config::from_toml_str(CFG, "t", &[save, load, "train.train_iters=2".into()])?;
+    let (mut trainer, mut state, resumed) = prepare(&cfg)?;
+    ensure!(resumed.is_some() && state.step == 2, "did not resume at step 2");
+    let stop = AtomicBool::new(false);
+    let mut saved = Vec::new();
+    run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |e| {
+        if let Event::Saved { step, .. } = e {
+            saved.push(*step);
+        }
+    })?;
+    ensure!(saved.is_empty(), "a resume with nothing to train saved {saved:?}");
+    Ok(())
+}

@@ -44,10 +44,41 @@ pub enum CheckpointError {
         "checkpoint {path} does not fit the configured model: {field} is {saved} in the checkpoint but {configured} in the config"
     )]
     ShapeMismatch { path: PathBuf, field: String, saved: String, configured: String },
+    #[error(
+        "{dir} is in use by another run ({holder}); two runs saving into one directory would replace each other's checkpoints"
+    )]
+    Busy { dir: PathBuf, holder: String },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
     move |source| CheckpointError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// The parsed `state.json` of the checkpoint directory `dir`, of this build's schema.
+fn state_file(dir: &Path) -> Result<StateFile, CheckpointError> {
+    let state_path = dir.join(STATE_FILE);
+    if !state_path.is_file() {
+        return Err(CheckpointError::Missing { path: dir.to_path_buf(), reason: format!("no {STATE_FILE}") });
+    }
+    let text = fs::read(&state_path).map_err(io("read", &state_path))?;
+    let sf: StateFile = serde_json::from_slice(&text)
+        .map_err(|e| CheckpointError::Damaged { path: state_path.clone(), reason: e.to_string() })?;
+    if sf.schema_version != SCHEMA_VERSION {
+        return Err(CheckpointError::Damaged {
+            path: state_path,
+            reason: format!("schema version {} (this build reads {SCHEMA_VERSION})", sf.schema_version),
+        });
+    }
+    Ok(sf)
+}
+
+/// The training state saved in the checkpoint directory `dir` (its `state.json` alone: the
+/// tensor files are neither read nor verified; [`load`] does that).
+///
+/// # Errors
+/// [`CheckpointError::Missing`] or [`CheckpointError::Damaged`] naming the file.
+pub fn read_state(dir: &Path) -> Result<TrainState, CheckpointError> {
+    Ok(state_file(dir)?.state)
 }
 
 /// Size and CRC32 of one file of a checkpoint.
@@ -154,6 +185,77 @@ pub fn check_writable(dir: &Path) -> Result<(), CheckpointError> {
     let probe = dir.join(format!(".troupe-write-probe-{}", std::process::id()));
     fs::write(&probe, b"ok").map_err(io("write", &probe))?;
     fs::remove_file(&probe).map_err(io("remove", &probe))
+}
+
+/// The file a run holds locked in its save directory for as long as it runs.
+pub const LOCK_FILE: &str = ".troupe.lock";
+
+/// A run's exclusive claim on its save directory: an advisory lock (`flock`) on [`LOCK_FILE`],
+/// released when this is dropped or the process ends however it ends (so a crashed run, or a rank
+/// a launcher restarts, never leaves a stale claim). The file holds who claimed it, for the
+/// message the next claimant gets.
+#[derive(Debug)]
+pub struct SaveLock {
+    _file: File,
+}
+
+/// Claims `dir` (created if missing) for this process's run, so a second run pointed at the same
+/// directory fails at its start instead of interleaving its checkpoints with this one's (and its
+/// save cleaning up this run's in-progress files, whose writer it cannot see from another host).
+/// `holder` describes this run for the error a later claimant gets. One process per run claims:
+/// the one that writes checkpoints. Returns `None`, after a warning, where the filesystem does
+/// not support locks.
+///
+/// # Errors
+/// [`CheckpointError::Busy`] naming the holder when another process holds `dir`;
+/// [`CheckpointError::Io`] when the lock file cannot be opened or written.
+pub fn lock_save_dir(dir: &Path, holder: &str) -> Result<Option<SaveLock>, CheckpointError> {
+    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let path = dir.join(LOCK_FILE);
+    // Not truncated on open: the holder's description must survive until the lock is ours.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut held = String::new();
+            // Best effort: a holder that has not written its line yet is still a holder.
+            let _ = file.read_to_string(&mut held);
+            let holder = match held.trim() {
+                "" => "a process that has not said who it is".to_string(),
+                h => h.to_string(),
+            };
+            return Err(CheckpointError::Busy { dir: dir.to_path_buf(), holder });
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {} ({e}): a second run saving into {} would not be detected",
+                path.display(),
+                dir.display()
+            );
+            return Ok(None);
+        }
+    }
+    file.set_len(0).map_err(io("truncate", &path))?;
+    file.write_all(format!("{holder}\n").as_bytes()).map_err(io("write", &path))?;
+    Ok(Some(SaveLock { _file: file }))
+}
+
+/// `pid N on host H: ARGS`, this process as [`lock_save_dir`] records it.
+pub fn this_process() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_string());
+    let args: Vec<String> = std::env::args().collect();
+    format!("pid {} on host {host}: {}", std::process::id(), args.join(" "))
 }
 
 /// Saves a checkpoint of `model` and `opt` at `state.step` under `dir` and points `latest` at it.
@@ -422,18 +524,7 @@ pub struct Loaded {
 /// [`CheckpointError`] naming the missing or damaged file.
 pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
     let state_path = dir.join(STATE_FILE);
-    if !state_path.is_file() {
-        return Err(CheckpointError::Missing { path: dir.to_path_buf(), reason: format!("no {STATE_FILE}") });
-    }
-    let text = fs::read(&state_path).map_err(io("read", &state_path))?;
-    let sf: StateFile = serde_json::from_slice(&text)
-        .map_err(|e| CheckpointError::Damaged { path: state_path.clone(), reason: e.to_string() })?;
-    if sf.schema_version != SCHEMA_VERSION {
-        return Err(CheckpointError::Damaged {
-            path: state_path,
-            reason: format!("schema version {} (this build reads {SCHEMA_VERSION})", sf.schema_version),
-        });
-    }
+    let sf = state_file(dir)?;
     let read_verified = |file: &str| -> Result<memmap2::Mmap, CheckpointError> {
         let path = dir.join(file);
         let digest = sf.files.get(file).ok_or_else(|| CheckpointError::Damaged {
@@ -713,6 +804,44 @@ mod tests {
         assert_eq!(resolve(&dir).unwrap(), Some(dir.join("iter_0000007")));
         assert!(!aside.exists(), "the old copy is still aside");
         assert_eq!(load(&dir.join("iter_0000007")).unwrap().state.step, 7);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// One holder at a time: a second claim names the first holder; once it is released the
+    /// next claim succeeds and records itself. `read_state` reads a step without the tensors.
+    #[test]
+    fn a_save_directory_has_one_holder_at_a_time() {
+        let dir = tempdir("lock");
+        let first = lock_save_dir(&dir, "pid 11 on host a: troupe train --save x").unwrap();
+        assert!(first.is_some(), "this filesystem does not support locks");
+        match lock_save_dir(&dir, "pid 12 on host b: troupe train") {
+            Err(e @ CheckpointError::Busy { .. }) => {
+                assert!(
+                    e.to_string().contains("in use by another run (pid 11 on host a: troupe train --save x)")
+                )
+            }
+            other => panic!("a second claim gave {other:?}"),
+        }
+        drop(first);
+        let second = lock_save_dir(&dir, "pid 12 on host b: troupe train").unwrap();
+        assert!(second.is_some());
+        let held = fs::read_to_string(dir.join(LOCK_FILE)).unwrap();
+        assert_eq!(held, "pid 12 on host b: troupe train\n");
+        assert!(this_process().starts_with(&format!("pid {} on host ", std::process::id())));
+        // The lock file is not something a save cleans up.
+        remove_abandoned(&dir);
+        assert!(dir.join(LOCK_FILE).is_file());
+        drop(second);
+
+        let cfg = GptConfig::tiny();
+        let st = state(&cfg);
+        let model = Gpt::new(&cfg, 7).unwrap();
+        let opt = AdamW::new(crate::optim::AdamWConfig::default(), model.table().len());
+        let saved = save(&dir, &st, &model, &opt).unwrap();
+        assert_eq!(read_state(&saved).unwrap().step, 3);
+        fs::remove_file(saved.join(MODEL_FILE)).unwrap();
+        assert_eq!(read_state(&saved).unwrap().step, 3, "read_state needs the state file alone");
+        assert!(matches!(read_state(&dir), Err(CheckpointError::Missing { .. })));
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -425,6 +425,17 @@ pub fn config_show(args: ConfigShowArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The checkpoint `--load` names and its step, when that step is already `train.train_iters`
+/// or past it. A checkpoint that cannot be read is left to the run, which reports it.
+fn finished_checkpoint(cfg: &Config) -> Option<(std::path::PathBuf, u64)> {
+    if cfg.checkpoint.load.is_empty() {
+        return None;
+    }
+    let dir = checkpoint::resolve(std::path::Path::new(&cfg.checkpoint.load)).ok()??;
+    let step = checkpoint::read_state(&dir).ok()?.step;
+    (step >= cfg.train.train_iters).then_some((dir, step))
+}
+
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     check_device(args.device)?;
     let mut extra = Vec::new();
@@ -442,6 +453,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let launched = troupe::comm::env::LaunchEnv::detect()
         .map_err(|e| UsageError(format!("reading the launcher environment: {e}")))?
         .filter(|e| e.world_size > 1);
+    if let Some(done) = finished_checkpoint(&cfg) {
+        // A resumed run that has already reached its last step (a finished job requeued, or
+        // --train-iters left as it was): say so and stop, without building the model or
+        // rewriting that checkpoint.
+        eprintln!(
+            "troupe: {} is at step {}, and --train-iters is {}: nothing to train (raise --train-iters to go on from it)",
+            done.0.display(),
+            done.1,
+            cfg.train.train_iters
+        );
+        return Ok(());
+    }
     if !cfg.checkpoint.save.is_empty() {
         checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {
             UsageError(format!(
@@ -450,6 +473,19 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             ))
         })?;
     }
+    // The process that writes the run's checkpoints (world rank 0) holds the save directory for
+    // as long as it runs, so a second run pointed at it stops here.
+    let _save_lock = match (&launched, cfg.checkpoint.save.as_str()) {
+        (_, "") => None,
+        (Some(env), _) if env.rank != 0 => None,
+        (_, save) => checkpoint::lock_save_dir(std::path::Path::new(save), &checkpoint::this_process())
+            .map_err(|e| match e {
+                checkpoint::CheckpointError::Busy { .. } => UsageError(format!(
+                    "--save {save}: {e}. Wait for it to finish or stop it, or choose another --save"
+                )),
+                other => UsageError(format!("--save {save}: {other}")),
+            })?,
+    };
     if !cfg.checkpoint.save.is_empty()
         && cfg.checkpoint.load.is_empty()
         && let Ok(Some(existing)) = checkpoint::resolve(std::path::Path::new(&cfg.checkpoint.save))

@@ -111,6 +111,7 @@ pub fn run<G: Gpu>(
     let mut last = (Instant::now(), state.step);
     let mut final_loss = f32::NAN;
     let mut interrupted = false;
+    let start = state.step;
     while state.step < t.train_iters {
         if stop.load(Ordering::SeqCst) {
             interrupted = true;
@@ -215,8 +216,10 @@ pub fn run<G: Gpu>(
         }
     }
     let c = &cfg.checkpoint;
-    let saved_now = c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) && !interrupted;
-    if dp_rank == 0 && !c.save.is_empty() && !saved_now && state.step > 0 {
+    // The last step is saved unless the loop just saved it (at an interval, also when a stop
+    // came right after) or no step ran (the checkpoint this run started from holds it).
+    let saved_now = c.save_interval > 0 && state.step.is_multiple_of(c.save_interval);
+    if dp_rank == 0 && !c.save.is_empty() && !saved_now && state.step > start {
         save(cfg, model, trainer, state, on)?;
     }
     Ok(RunSummary { steps: state.step, final_loss, interrupted, skipped_steps: state.skipped_steps })

@@ -161,6 +161,7 @@ pub fn run(
     let mut last = (Instant::now(), state.step);
     let mut final_loss = f32::NAN;
     let mut interrupted = false;
+    let start = state.step;
     while state.step < t.train_iters {
         if stop.load(Ordering::SeqCst) {
             interrupted = true;
@@ -223,8 +224,10 @@ pub fn run(
         }
     }
     let c = &cfg.checkpoint;
-    let saved_now = c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) && !interrupted;
-    if !c.save.is_empty() && !saved_now && state.step > 0 {
+    // The last step is saved unless the loop just saved it (at an interval, also when a stop
+    // came right after) or no step ran (the checkpoint this run started from holds it).
+    let saved_now = c.save_interval > 0 && state.step.is_multiple_of(c.save_interval);
+    if !c.save.is_empty() && !saved_now && state.step > start {
         save(cfg, trainer, state, on)?;
     }
     Ok(RunSummary { steps: state.step, final_loss, interrupted, skipped_steps: state.skipped_steps })
