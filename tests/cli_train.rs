@@ -386,7 +386,8 @@ fn a_failed_checkpoint_write_is_reported_once_and_leaves_no_partial_files() -> R
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
     names.sort();
-    ensure!(names == ["iter_0000001", "latest"], "left in the save directory: {names:?}");
+    // `.troupe.lock` is the run's claim on the directory (unlocked once the process is gone).
+    ensure!(names == [".troupe.lock", "iter_0000001", "latest"], "left in the save directory: {names:?}");
     ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000001");
     Ok(())
 }
