@@ -217,9 +217,75 @@ fn the_binary_trains_a_tokenizer_and_preprocesses() {
         .arg(&input)
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing.json: no such file"), "{err}");
+
+    // Bad input to either command is a usage error (exit 2) naming the flag, found before any
+    // work: a missing or directory input, an output directory that does not exist, an
+    // end-of-document token the vocabulary lacks.
+    let tok_s = tok.to_str().unwrap();
+    let input_s = input.to_str().unwrap();
+    let dir_s = dir.path().to_str().unwrap();
+    let nowhere = dir.path().join("no/such/dir/out");
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["preprocess", "--tokenizer", tok_s, "--output-prefix", "x", "--input", "missing.jsonl"],
+            "--input missing.jsonl: cannot open it".into(),
+        ),
+        (
+            vec!["preprocess", "--tokenizer", tok_s, "--output-prefix", "x", "--input", dir_s],
+            "is a directory, not a corpus file".into(),
+        ),
+        (
+            vec![
+                "preprocess",
+                "--tokenizer",
+                tok_s,
+                "--input",
+                input_s,
+                "--output-prefix",
+                nowhere.to_str().unwrap(),
+            ],
+            format!("the directory {} does not exist", nowhere.parent().unwrap().display()),
+        ),
+        (
+            vec![
+                "preprocess",
+                "--tokenizer",
+                tok_s,
+                "--input",
+                input_s,
+                "--output-prefix",
+                "x",
+                "--eod-token",
+                "<nope>",
+            ],
+            "no token \"<nope>\"".into(),
+        ),
+        (
+            vec![
+                "tokenizer",
+                "train",
+                "--vocab-size",
+                "50",
+                "--output",
+                "t.json",
+                "--input",
+                input_s,
+                "--input",
+                "gone.txt",
+            ],
+            "--input gone.txt: cannot open it".into(),
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(exe).current_dir(dir.path()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&needle), "{args:?}: no {needle:?} in {err}");
+    }
+    assert!(!dir.path().join("t.json").exists(), "trained although an input was missing");
 
     // The default kind is the GPT one (byte-level BPE); an empty corpus gives a dataset with a
     // warning that nothing can train on it.
@@ -234,6 +300,19 @@ fn the_binary_trains_a_tokenizer_and_preprocesses() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("byte-level BPE"), "{stdout}");
+    // A vocabulary the corpus cannot fill is said (300 documents of a few words give fewer
+    // merges than 100000 tokens).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("asked for more tokens"), "{err}");
+    let out = Command::new(exe)
+        .args(["tokenizer", "train", "--vocab-size", "100000", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("big.json"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("--vocab-size 100000 asked for more tokens"), "{err}");
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, b"").unwrap();
     let out = Command::new(exe)

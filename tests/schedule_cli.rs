@@ -71,6 +71,25 @@ fn bad_flags_exit_2_with_advice() {
         "png",
     ]);
     assert_eq!(out.status.code(), Some(2), "PNG to a terminal is refused");
+    // Files that cannot be read or written are bad input too, named with the error.
+    let dir = Scratch::new("schedule-cli");
+    let missing = dir.join("missing.txt");
+    let nowhere = dir.join("no/such/dir/t.svg");
+    let (missing, nowhere, here) =
+        (missing.to_str().unwrap(), nowhere.to_str().unwrap(), dir.to_str().unwrap());
+    let show = ["schedule", "show", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["schedule", "check", missing], "No such file"),
+        (vec!["trace", "replay", missing], "No such file"),
+        (vec!["trace", "replay", here], "Is a directory"),
+        ([&show[..], &["--format", "svg", "--out", nowhere]].concat(), "cannot write there"),
+    ];
+    for (args, needle) in cases {
+        let out = troupe(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: no {needle:?} in {err}");
+    }
 }
 
 #[test]

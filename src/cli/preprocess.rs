@@ -114,6 +114,29 @@ pub fn rates(report: &PreprocessReport) -> (f64, f64, f64) {
 
 pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
     let opts = args.options()?;
+    // The input and the output's directory are checked before the tokenizer loads and any
+    // worker starts: either is a usage error naming the flag.
+    std::fs::File::open(&args.input)
+        .map_err(|e| UsageError(format!("--input {}: cannot open it: {e}", args.input.display())))?;
+    if args.input.is_dir() {
+        return Err(UsageError(format!(
+            "--input {}: is a directory, not a corpus file",
+            args.input.display()
+        ))
+        .into());
+    }
+    let out_dir = match args.output_prefix.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !out_dir.is_dir() {
+        return Err(UsageError(format!(
+            "--output-prefix {}: the directory {} does not exist; create it first",
+            args.output_prefix.display(),
+            out_dir.display()
+        ))
+        .into());
+    }
     let tokenizer = args.tokenizer.load()?;
     let bar = Bar::new(args.quiet);
     let report = preprocess(&opts, &tokenizer, &bar)?;

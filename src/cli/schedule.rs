@@ -141,7 +141,8 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
 /// Write `body` to `out`, or to standard output when no file is given.
 pub(crate) fn emit(body: &[u8], out: Option<&Path>, binary: bool) -> anyhow::Result<()> {
     match out {
-        Some(path) => std::fs::write(path, body).with_context(|| format!("writing {}", path.display())),
+        Some(path) => std::fs::write(path, body)
+            .map_err(|e| UsageError(format!("--out {}: cannot write there: {e}", path.display())).into()),
         None if binary => Err(UsageError("PNG output needs --out FILE".to_string()).into()),
         None => std::io::stdout().write_all(body).context("writing to standard output"),
     }
@@ -176,8 +177,8 @@ pub(crate) fn stats_text(name: &str, program: &Program, sim: &Simulation, costs:
 }
 
 pub fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| UsageError(format!("reading {}: {e}", args.file.display())))?;
     let costs = args.sim.costs()?;
     let file = args.file.display();
     let mut program = parse_program(&text).map_err(|e| UsageError(format!("{file}: {e}")))?;

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use troupe::data::input::{InputFormat, RecordReader, extract_text};
 use troupe::data::tokenizer::{TrainKind, save_tokenizer, train_tokenizer};
 use troupe::data::{TextTokenizer, TokenizerSpec};
@@ -56,12 +55,13 @@ impl TokenizerArgs {
         };
         Ok(match self.tokenizer_type {
             None => match &self.tokenizer {
-                Some(path) => TokenizerSpec::from_path(path)?,
+                Some(path) => TokenizerSpec::from_path(path).map_err(|e| UsageError(e.to_string()))?,
                 None => return Err(usage("give --tokenizer PATH or --tokenizer-type")),
             },
             Some(TokenizerType::HuggingFace) => TokenizerSpec::from_path(
                 self.tokenizer.as_deref().ok_or_else(|| usage("--tokenizer PATH is required"))?,
-            )?,
+            )
+            .map_err(|e| UsageError(e.to_string()))?,
             Some(TokenizerType::Gpt2Bpe) => TokenizerSpec::Gpt2Bpe {
                 vocab: vocab()?,
                 merges: self
@@ -78,9 +78,10 @@ impl TokenizerArgs {
 
     /// Loads the tokenizer these flags describe.
     pub fn load(&self) -> anyhow::Result<TextTokenizer> {
-        let mut tok = TextTokenizer::load(&self.spec()?)?;
+        // A tokenizer that is missing, unreadable or lacks the named token is bad input (exit 2).
+        let mut tok = TextTokenizer::load(&self.spec()?).map_err(|e| UsageError(e.to_string()))?;
         if let Some(eod) = &self.eod_token {
-            tok.set_eod_token(eod)?;
+            tok.set_eod_token(eod).map_err(|e| UsageError(e.to_string()))?;
         }
         Ok(tok)
     }
@@ -198,6 +199,17 @@ pub fn run(command: TokenizerCommand) -> anyhow::Result<()> {
     if args.vocab_size == 0 {
         return Err(UsageError("--vocab-size must be positive".to_owned()).into());
     }
+    // Every input is opened before training starts (a typo in the last of several files would
+    // otherwise be found only after the first ones were read).
+    for p in &args.input {
+        if p.is_dir() {
+            return Err(
+                UsageError(format!("--input {}: is a directory, not a corpus file", p.display())).into()
+            );
+        }
+        std::fs::File::open(p)
+            .map_err(|e| UsageError(format!("--input {}: cannot open it: {e}", p.display())))?;
+    }
     let files: Vec<_> = args.input.iter().map(|p| (p.clone(), args.input_format.resolve(p))).collect();
     let mut docs = Documents {
         files: files.into_iter(),
@@ -214,7 +226,7 @@ pub fn run(command: TokenizerCommand) -> anyhow::Result<()> {
     if let Some(err) = docs.error.take() {
         return Err(err.context("reading the training corpus"));
     }
-    save_tokenizer(&tok, &args.output).with_context(|| "saving the tokenizer")?;
+    save_tokenizer(&tok, &args.output).map_err(|e| UsageError(format!("--output: {e}")))?;
     if docs.skipped > 0 {
         eprintln!("warning: skipped {} malformed records", docs.skipped);
     }
@@ -227,5 +239,15 @@ pub fn run(command: TokenizerCommand) -> anyhow::Result<()> {
         tok.vocab_size(),
         args.output.display()
     );
+    if tok.vocab_size() < args.vocab_size {
+        eprintln!(
+            "note: --vocab-size {} asked for more tokens than the corpus gives (no pair of tokens left {})",
+            args.vocab_size,
+            match args.min_frequency {
+                0 | 1 => "to merge".to_string(),
+                n => format!("that occurs at least --min-frequency {n} times"),
+            }
+        );
+    }
     Ok(())
 }

@@ -3,7 +3,6 @@
 
 use super::UsageError;
 use super::schedule::emit;
-use anyhow::Context as _;
 use std::path::PathBuf;
 use troupe::schedule::{ScheduleKind, ScheduleSpec, dims_ok};
 use troupe::trace::{Trace, render_png, render_svg, replay, timeline_scene, to_chrome};
@@ -53,7 +52,8 @@ fn parse_kind(s: &str) -> Result<ScheduleKind, String> {
 }
 
 fn read_trace(path: &PathBuf) -> anyhow::Result<Trace> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| UsageError(format!("reading {}: {e}", path.display())))?;
     let trace = Trace::parse(&text).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
     if !dims_ok(trace.pp, trace.vpp, trace.microbatches) {
         let msg =

@@ -44,6 +44,12 @@ impl InputFormat {
 /// Errors of reading a corpus.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {path} near line {line}: {source}")]
     Io {
         path: PathBuf,
@@ -99,9 +105,9 @@ impl RecordReader {
     /// Opens `path` (gzip if it ends in `.gz`) as records of `format`.
     ///
     /// # Errors
-    /// [`InputError::Io`] if the file cannot be opened.
+    /// [`InputError::Open`] if the file cannot be opened.
     pub fn open(path: &Path, format: InputFormat) -> Result<Self, InputError> {
-        let io = |source| InputError::Io { path: path.to_owned(), line: 0, source };
+        let io = |source| InputError::Open { path: path.to_owned(), source };
         let file = File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let count = Arc::new(AtomicU64::new(0));

@@ -41,6 +41,8 @@ pub enum TokenizerError {
     Missing { path: PathBuf },
     #[error("tokenizer has no end-of-document token (tried {tried}); name one explicitly")]
     NoEod { tried: String },
+    #[error("the tokenizer's vocabulary has no token {token:?} to use as the end-of-document token")]
+    UnknownEod { token: String },
     #[error("encoding failed: {message}")]
     Encode { message: String },
     #[error("tokenizer training failed: {message}")]
@@ -169,10 +171,12 @@ impl TextTokenizer {
     /// Uses `token` as the end-of-document token.
     ///
     /// # Errors
-    /// [`TokenizerError::NoEod`] if the vocabulary lacks it.
+    /// [`TokenizerError::UnknownEod`] if the vocabulary lacks it.
     pub fn set_eod_token(&mut self, token: &str) -> Result<(), TokenizerError> {
         self.eod = Some(
-            self.inner.token_to_id(token).ok_or_else(|| TokenizerError::NoEod { tried: token.to_owned() })?,
+            self.inner
+                .token_to_id(token)
+                .ok_or_else(|| TokenizerError::UnknownEod { token: token.to_owned() })?,
         );
         Ok(())
     }
