@@ -158,7 +158,7 @@ fn bench_comm_ranks_with_different_arguments_stop_naming_the_difference() {
     let cases = [
         ("--size 4096", "--size 8192", "--size: [8192] on rank 1, [4096] on rank 0"),
         ("--iters 1", "--iters 3", "--iters: 3 on rank 1, 1 on rank 0"),
-        ("--op all_reduce", "--op all_gather", "--op: AllGather on rank 1, AllReduce on rank 0"),
+        ("--op all_reduce", "--op all-gather", "--op: all_gather on rank 1, all_reduce on rank 0"),
     ];
     for (common, other, want) in cases {
         let script = format!(
@@ -233,12 +233,30 @@ fn tcp_world_under_torchrun() {
 
 #[test]
 fn bench_comm_sizes_that_are_not_byte_counts_are_usage_errors() {
-    for (size, says) in [("12Q", "is not a byte count"), ("99999999999999G", "is too large")] {
+    let fp32 = "must be a positive multiple of 4 bytes";
+    for (size, says) in
+        [("12Q", "is not a byte count"), ("99999999999999G", "is too large"), ("0", fp32), ("6", fp32)]
+    {
         let out = Command::new(BIN).args(["bench", "comm", "--size", size, "--iters", "1"]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "--size {size}: {err}");
         assert!(err.contains(says), "--size {size}: {err}");
     }
+    for (flag, says) in
+        [("--iters", "at least 1"), ("--timeout", "at least 1 second"), ("--segment", "positive")]
+    {
+        let out = Command::new(BIN).args(["bench", "comm", flag, "0"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} 0: {err}");
+        assert!(err.contains(says), "{flag} 0: {err}");
+    }
+    // One rank, one iteration: the header counts them as such.
+    let out = Command::new(BIN)
+        .args(["bench", "comm", "--nproc", "1", "--iters", "1", "--size", "4K"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("op all_reduce, 1 rank, best of 1 iteration\n"), "{text}");
 }
 
 fn free_port() -> u16 {

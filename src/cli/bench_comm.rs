@@ -28,10 +28,25 @@ pub enum BackendArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
 pub enum OpArg {
+    #[value(alias = "all-reduce")]
     AllReduce,
+    #[value(alias = "all-gather")]
     AllGather,
+    #[value(alias = "reduce-scatter")]
     ReduceScatter,
     P2p,
+}
+
+impl OpArg {
+    /// The name `--op` takes.
+    fn name(self) -> &'static str {
+        match self {
+            OpArg::AllReduce => "all_reduce",
+            OpArg::AllGather => "all_gather",
+            OpArg::ReduceScatter => "reduce_scatter",
+            OpArg::P2p => "p2p",
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -118,7 +133,7 @@ fn check(c: &dyn Comm, op: OpArg, len: usize) -> anyhow::Result<()> {
         OpArg::P2p => got == inputs[(r + n - 1) % n],
     };
     if !ok {
-        bail!("rank {r}: {op:?} of {len} floats over {n} ranks gave wrong values");
+        bail!("rank {r}: {} of {len} floats over {n} ranks gave wrong values", op.name());
     }
     Ok(())
 }
@@ -219,6 +234,22 @@ fn threads(comms: Vec<Box<dyn Comm>>, a: &CommBenchArgs, sizes: &[usize]) -> any
 
 pub fn comm(a: CommBenchArgs) -> anyhow::Result<()> {
     let sizes = a.size.iter().map(|s| parse_size(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    // The buffers are fp32: a size is a whole number of elements, and none is empty.
+    if let Some((s, _)) = a.size.iter().zip(&sizes).find(|(_, b)| **b == 0 || **b % 4 != 0) {
+        return Err(UsageError(format!(
+            "--size {s}: must be a positive multiple of 4 bytes (fp32 elements)"
+        ))
+        .into());
+    }
+    if a.iters == 0 {
+        return Err(UsageError("--iters must be at least 1".into()).into());
+    }
+    if a.timeout == 0 {
+        return Err(UsageError("--timeout must be at least 1 second".into()).into());
+    }
+    if parse_size(&a.segment)? == 0 {
+        return Err(UsageError("--segment must be positive".into()).into());
+    }
     let opts = CommOptions {
         timeout: Duration::from_secs(a.timeout),
         segment_bytes: parse_size(&a.segment)?.max(1),
@@ -231,7 +262,7 @@ pub fn comm(a: CommBenchArgs) -> anyhow::Result<()> {
             // malformed message or wait out the timeout; they agree first (see
             // `runtime::agree`) and a difference stops them at once, naming it.
             let mut mine = troupe::runtime::agree::Settings::of_binary();
-            mine.set("--op", format!("{:?}", a.op));
+            mine.set("--op", a.op.name());
             mine.set("--size", format!("{sizes:?}"));
             mine.set("--iters", a.iters.max(1));
             mine.set("--check", a.check);
@@ -261,9 +292,10 @@ pub fn comm(a: CommBenchArgs) -> anyhow::Result<()> {
         BackendArg::Tcp => ("loopback-tcp", "tcp"),
     };
     println!(
-        "# troupe bench comm: backend {backend}, op {:?}, {n} ranks, best of {} iterations",
-        a.op,
-        a.iters.max(1)
+        "# troupe bench comm: backend {backend}, op {}, {}, best of {}",
+        a.op.name(),
+        super::count(n as u64, "rank"),
+        super::count(a.iters as u64, "iteration")
     );
     println!(
         "{:>12} {:>12} {:>12} {:>12} {:>14} {:>8}",
