@@ -176,6 +176,37 @@ fn train_save_resume_and_generate() -> Result<()> {
     Ok(())
 }
 
+/// `troupe bench train`'s own flags are checked (a usage error naming the flag), and data
+/// parallelism without --microbatches runs the config's microbatches on every replica, so the
+/// step's tokens grow with the replicas (before, a config batch that the replicas did not divide
+/// was refused with advice to use a flag the benchmark does not have).
+#[test]
+fn bench_train_checks_its_flags_and_scales_the_batch_with_data_parallelism() -> Result<()> {
+    let dir = tempdir("bench-train");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/gpt-tiny.toml");
+    let bench = |extra: &[&str]| {
+        let mut args =
+            vec!["bench", "train", "--config", config, "--steps", "1", "--warmup", "0", "--threads", "1"];
+        args.extend_from_slice(extra);
+        troupe(&args, &dir)
+    };
+    for (flag, says) in [("--microbatches", "at least 1"), ("--peak-tflops", "must be a positive number")] {
+        let out = bench(&[flag, "0"]);
+        ensure!(out.status.code() == Some(2) && stderr(&out).contains(says), "{flag} 0: {}", stderr(&out));
+    }
+    let tokens = |extra: &[&str]| -> Result<f64> {
+        let out = bench(extra);
+        ensure!(out.status.success(), "bench {extra:?}: {}", stderr(&out));
+        let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        v["tokens_per_step"].as_f64().ok_or_else(|| anyhow::anyhow!("no tokens_per_step in {line}"))
+    };
+    let one = tokens(&[])?;
+    let three = tokens(&["--data-parallel-size", "3"])?;
+    ensure!(three == 3.0 * one, "3 replicas: {three} tokens per step, one: {one}");
+    Ok(())
+}
+
 /// `troupe plot` draws a `--log-json` file; a file with no losses in it is a usage error naming
 /// the expected lines, not an empty picture.
 #[test]

@@ -37,7 +37,8 @@ pub struct TrainBenchArgs {
     /// Data-parallel size (actor runtime).
     #[arg(long, default_value_t = 1)]
     pub data_parallel_size: usize,
-    /// Microbatches per step and data-parallel rank (default: the config's global batch).
+    /// Microbatches per step and data-parallel rank (default: the config's global batch ÷ its
+    /// micro-batch size, so the global batch grows with --data-parallel-size).
     #[arg(long)]
     pub microbatches: Option<usize>,
     /// Pipeline schedule (actor runtime).
@@ -143,14 +144,30 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
     if let Some(v) = args.virtual_pipeline_size {
         sets.push(format!("parallel.virtual_pipeline_model_parallel_size={v}"));
     }
+    if args.microbatches == Some(0) {
+        return Err(UsageError("--microbatches must be at least 1".into()).into());
+    }
+    if !(args.peak_tflops.is_finite() && args.peak_tflops > 0.0) {
+        return Err(
+            UsageError(format!("--peak-tflops {}: must be a positive number", args.peak_tflops)).into()
+        );
+    }
     let base = Config::load(&args.config).map_err(|e| UsageError(e.to_string()))?;
-    if let Some(m) = args.microbatches {
+    // Each data-parallel rank runs the config's microbatches (weak scaling) unless told otherwise.
+    let per_rank = match (args.microbatches, args.micro_batch_size) {
+        (Some(m), _) => Some(m),
+        (None, None) if args.data_parallel_size > 1 => {
+            Some((base.train.global_batch_size / base.train.micro_batch_size.max(1)).max(1))
+        }
+        _ => None,
+    };
+    if let Some(m) = per_rank {
         let gbs = m * args.micro_batch_size.unwrap_or(base.train.micro_batch_size) * args.data_parallel_size;
         sets.push(format!("train.global_batch_size={gbs}"));
     }
     if let Some(m) = args.micro_batch_size {
         sets.push(format!("train.micro_batch_size={m}"));
-        if args.microbatches.is_none() {
+        if per_rank.is_none() {
             sets.push(format!("train.global_batch_size={}", m * args.data_parallel_size));
         }
     }
