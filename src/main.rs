@@ -12,7 +12,22 @@ use clap::Parser;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
+    // Megatron-LM flags that troupe takes under other names, ignores or refuses are sorted out
+    // before clap sees the command line (see `cli::megatron`).
+    let ported = cli::megatron::port(std::env::args_os().collect());
+    if !ported.errors.is_empty() {
+        let msg: String = ported.errors.iter().map(|e| format!("error: {e}\n")).collect();
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), msg.as_bytes());
+        return std::process::ExitCode::from(2);
+    }
+    let mut args = cli::Cli::parse_from(ported.args);
+    args.attach(ported.ported);
+    // Launched ranks share one command line: rank 0 says it once.
+    if !std::env::var("RANK").is_ok_and(|r| r != "0") {
+        for note in &ported.notes {
+            eprintln!("troupe: note: {note}");
+        }
+    }
     cli::init_logging(args.verbose);
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -176,6 +176,60 @@ fn train_save_resume_and_generate() -> Result<()> {
     Ok(())
 }
 
+/// A Megatron-LM command line: flags troupe takes under other names work, flags that do not
+/// change the result are ignored with a note, and flags for features troupe lacks are refused
+/// all at once (exit 2), each with what troupe does instead.
+#[test]
+fn megatron_flags_are_ported_ignored_with_a_note_or_refused() -> Result<()> {
+    let dir = tempdir("megatron");
+    let out = troupe(
+        &[
+            "config",
+            "show",
+            "--train-iters",
+            "300",
+            "--lr-warmup-fraction",
+            "0.1",
+            "--use-flash-attn",
+            "--hidden-dropout",
+            "0",
+        ],
+        &dir,
+    );
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    ensure!(shown.contains("lr_warmup_iters = 30\n"), "warm-up fraction 0.1 of 300 steps:\n{shown}");
+    ensure!(
+        stderr(&out).contains("note: --use-flash-attn (a Megatron-LM flag) is ignored"),
+        "{}",
+        stderr(&out)
+    );
+    let out = troupe(
+        &["train", "--swiglu", "--lr", "3e-4", "--attention-dropout", "0.1", "--recompute-activations"],
+        &dir,
+    );
+    let err = stderr(&out);
+    ensure!(out.status.code() == Some(2), "exit {:?}: {err}", out.status.code());
+    for want in [
+        "--swiglu (a Megatron-LM flag): troupe's MLP uses GELU",
+        "--attention-dropout 0.1",
+        "no activation recomputation",
+    ] {
+        ensure!(err.contains(want), "no {want:?} in:\n{err}");
+    }
+    let out = troupe(
+        &["train", "--ffn-hidden-size", "100", "--hidden-size", "64", "--num-attention-heads", "2"],
+        &dir,
+    );
+    ensure!(
+        out.status.code() == Some(2) && stderr(&out).contains("4 × hidden size = 256"),
+        "{}",
+        stderr(&out)
+    );
+    ensure!(!dir.join("runs").exists(), "a refused run wrote a checkpoint directory");
+    Ok(())
+}
+
 /// `troupe bench train`'s own flags are checked (a usage error naming the flag), and data
 /// parallelism without --microbatches runs the config's microbatches on every replica, so the
 /// step's tokens grow with the replicas (before, a config batch that the replicas did not divide

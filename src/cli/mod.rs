@@ -90,6 +90,7 @@ mod bench_preprocess;
 mod device;
 mod generate;
 mod launch;
+pub(crate) mod megatron;
 mod plot;
 mod preprocess;
 mod schedule;
@@ -97,6 +98,18 @@ mod tokenizer;
 mod trace;
 mod train;
 mod train_parallel;
+
+impl Cli {
+    /// Hands the flags [`megatron::port`] took out of the command line to the command that
+    /// resolves a config.
+    pub fn attach(&mut self, ported: megatron::Ported) {
+        match &mut self.command {
+            Command::Train(t) => t.cfg.ported = ported,
+            Command::Config(ConfigCommand::Show(s)) => s.cfg.ported = ported,
+            _ => {}
+        }
+    }
+}
 
 /// `n` and the noun, plural unless `n` is 1: `1 step`, `2 steps`.
 pub(crate) fn count(n: impl Into<u64>, noun: &str) -> String {

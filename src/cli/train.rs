@@ -35,6 +35,10 @@ pub struct ConfigArgs {
     /// Megatron-style flags (`--lr 3e-4`, `--num-layers 12`, …); see `troupe train --help`.
     #[command(flatten)]
     pub megatron: MegatronFlags,
+    /// Megatron flags troupe takes under other names or checks against the config (see
+    /// `cli::megatron`); filled in after parsing.
+    #[arg(skip)]
+    pub ported: super::megatron::Ported,
 }
 
 macro_rules! megatron_flags {
@@ -109,13 +113,28 @@ impl ConfigArgs {
         let mut sets = self.sets.clone();
         sets.extend(self.megatron.to_sets());
         sets.extend_from_slice(extra);
-        let cfg = match &self.config {
-            Some(path) => Config::load_with(path, &sets),
-            None => {
-                Config::from_toml_str(DEFAULT_CONFIG, "config/default.toml (embedded in the binary)", &sets)
+        let load = |sets: &[String]| {
+            match &self.config {
+                Some(path) => Config::load_with(path, sets),
+                None => Config::from_toml_str(
+                    DEFAULT_CONFIG,
+                    "config/default.toml (embedded in the binary)",
+                    sets,
+                ),
             }
+            .map_err(|e| anyhow::Error::from(UsageError(e.to_string())))
         };
-        cfg.map_err(|e| UsageError(e.to_string()).into())
+        let cfg = load(&sets)?;
+        let explicit_warmup = sets.iter().any(|s| s.trim_start().starts_with("train.lr_warmup_iters"));
+        let more = self.ported.apply(&cfg, explicit_warmup).map_err(UsageError)?;
+        if let Some(note) = self.ported.note(&cfg) {
+            eprintln!("troupe: note: {note}");
+        }
+        if more.is_empty() {
+            return Ok(cfg);
+        }
+        sets.extend(more);
+        load(&sets)
     }
 }
 

@@ -1,0 +1,444 @@
+//! Megatron-LM flags that `troupe train` does not take as options of its own, so a command line
+//! ported from a Megatron script meets an explanation instead of clap's `unexpected argument`.
+//!
+//! Before clap parses, [`port`] takes these flags out of a `train` or `config show` command line
+//! and sorts each into one of four cases:
+//! - the same as troupe's fixed model (`--normalization LayerNorm`, `--hidden-dropout 0`,
+//!   `--init-method-std 0.02`): accepted without a word;
+//! - an implementation or logging choice that does not change the result (`--use-flash-attn`,
+//!   `--num-workers 2`, `--tensorboard-dir`): ignored, with a note saying why;
+//! - a different name for what troupe has (`--bf16` → `--dtype bf16`, `--tokenizer-model` →
+//!   `--tokenizer`, `--lr-warmup-fraction`, `--ffn-hidden-size` and `--max-position-embeddings`,
+//!   the last three checked against the resolved config);
+//! - a model or training feature troupe does not have (`--swiglu`, `--fp16`, non-zero dropout,
+//!   `--sequence-parallel`): a usage error naming the flag and what troupe does instead.
+//!
+//! Every error of a command line is reported at once (exit code 2).
+
+use std::ffi::OsString;
+use std::path::Path;
+
+/// What a flag means to troupe.
+#[derive(Clone, Copy)]
+enum Rule {
+    /// Ignored (does not change the result), with the reason as a note.
+    Ignore(&'static str),
+    /// Refused: a feature troupe lacks; the text says what it does instead.
+    Refuse(&'static str),
+    /// Accepted when the value is one of these (ASCII case ignored); otherwise refused with the text.
+    Only(&'static [&'static str], &'static str),
+    /// Handled by [`port`] itself.
+    Special,
+}
+
+/// Flag (without `--`), whether it takes a value, and its rule.
+const FLAGS: &[(&str, bool, Rule)] = &[
+    ("use-flash-attn", false, Rule::Ignore("attention always runs troupe's own fused kernel")),
+    (
+        "no-masked-softmax-fusion",
+        false,
+        Rule::Ignore("kernel fusion choices do not apply to troupe's kernels"),
+    ),
+    ("no-bias-gelu-fusion", false, Rule::Ignore("kernel fusion choices do not apply to troupe's kernels")),
+    ("no-bias-dropout-fusion", false, Rule::Ignore("kernel fusion choices do not apply to troupe's kernels")),
+    (
+        "no-gradient-accumulation-fusion",
+        false,
+        Rule::Ignore("kernel fusion choices do not apply to troupe's kernels"),
+    ),
+    (
+        "overlap-grad-reduce",
+        false,
+        Rule::Ignore("gradient buckets are always reduced while the backward pass runs"),
+    ),
+    (
+        "overlap-param-gather",
+        false,
+        Rule::Ignore("troupe schedules the distributed optimizer's all-gather itself"),
+    ),
+    ("use-mcore-models", false, Rule::Ignore("troupe has one GPT implementation")),
+    ("transformer-impl", true, Rule::Ignore("troupe has one GPT implementation")),
+    (
+        "distributed-backend",
+        true,
+        Rule::Ignore("the backend follows --device: NCCL on GPUs, TCP or in-process on CPUs"),
+    ),
+    ("data-impl", true, Rule::Ignore("indexed datasets are always memory-mapped")),
+    ("num-workers", true, Rule::Ignore("the training process reads its memory-mapped dataset itself")),
+    ("tokenizer-type", true, Rule::Ignore("the tokenizer's kind is read from its files (see --tokenizer)")),
+    ("log-throughput", false, Rule::Ignore("the log lines always give tokens/s")),
+    ("timing-log-level", true, Rule::Ignore("use --trace for a step's timeline")),
+    ("log-params-norm", false, Rule::Ignore("not logged; the log lines give the gradient norm")),
+    ("tensorboard-dir", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    ("wandb-project", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    ("wandb-exp-name", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    ("hidden-dropout", true, Rule::Only(&["0", "0.0"], "troupe's GPT has no dropout; pass 0")),
+    ("attention-dropout", true, Rule::Only(&["0", "0.0"], "troupe's GPT has no dropout; pass 0")),
+    (
+        "normalization",
+        true,
+        Rule::Only(&["layernorm"], "troupe's GPT uses LayerNorm (GPT-2); there is no RMSNorm"),
+    ),
+    (
+        "position-embedding-type",
+        true,
+        Rule::Only(&["learned_absolute"], "troupe's GPT learns absolute positions (GPT-2); there is no RoPE"),
+    ),
+    (
+        "init-method-std",
+        true,
+        Rule::Only(
+            &["0.02"],
+            "troupe initialises as GPT-2 and Megatron's default do: std 0.02, output projections scaled by 1/√(2·layers)",
+        ),
+    ),
+    ("swiglu", false, Rule::Refuse("troupe's MLP uses GELU; there is no SwiGLU")),
+    (
+        "untie-embeddings-and-output-weights",
+        false,
+        Rule::Refuse("troupe ties the output layer to the word embeddings (GPT-2)"),
+    ),
+    ("disable-bias-linear", false, Rule::Refuse("troupe's linear layers always have biases (GPT-2)")),
+    (
+        "fp16",
+        false,
+        Rule::Refuse(
+            "there is no loss-scaled fp16 training: CPU training is fp32; on a GPU use --dtype bf16 (the default)",
+        ),
+    ),
+    (
+        "sequence-parallel",
+        false,
+        Rule::Refuse("sequence parallelism needs tensor parallelism, which troupe does not have"),
+    ),
+    ("recompute-activations", false, Rule::Refuse("there is no activation recomputation yet")),
+    ("recompute-granularity", true, Rule::Refuse("there is no activation recomputation yet")),
+    ("recompute-method", true, Rule::Refuse("there is no activation recomputation yet")),
+    ("recompute-num-layers", true, Rule::Refuse("there is no activation recomputation yet")),
+    (
+        "exit-interval",
+        true,
+        Rule::Refuse(
+            "stop a run early with SIGTERM or Ctrl-C (it saves at the step boundary), or set --train-iters",
+        ),
+    ),
+    ("no-load-optim", false, Rule::Refuse("a resume always restores the optimizer state")),
+    ("no-load-rng", false, Rule::Refuse("a resume always restores the RNG state")),
+    ("bf16", false, Rule::Special),
+    ("tokenizer-model", true, Rule::Special),
+    ("vocab-file", true, Rule::Special),
+    ("merge-file", true, Rule::Special),
+    ("lr-warmup-fraction", true, Rule::Special),
+    ("ffn-hidden-size", true, Rule::Special),
+    ("max-position-embeddings", true, Rule::Special),
+];
+
+/// Ported flags checked against the resolved config (see [`Ported::apply`]).
+#[derive(Debug, Clone, Default)]
+pub struct Ported {
+    pub lr_warmup_fraction: Option<f64>,
+    pub ffn_hidden_size: Option<usize>,
+    pub max_position_embeddings: Option<usize>,
+}
+
+/// A command line with the Megatron flags of [`FLAGS`] taken out.
+pub struct PortedArgs {
+    /// What clap parses.
+    pub args: Vec<OsString>,
+    /// Notes to print (ignored flags).
+    pub notes: Vec<String>,
+    /// Usage errors, one per refused flag.
+    pub errors: Vec<String>,
+    pub ported: Ported,
+}
+
+/// Index of the subcommand word after the global options (`-v`, `--nccl-lib PATH`).
+fn subcommand_at(args: &[OsString]) -> Option<usize> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_str()?;
+        if a == "--nccl-lib" {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Takes the flags of [`FLAGS`] out of a `troupe train` or `troupe config show` command line
+/// (other command lines pass through unchanged).
+pub fn port(args: Vec<OsString>) -> PortedArgs {
+    let mut out =
+        PortedArgs { args: Vec::new(), notes: Vec::new(), errors: Vec::new(), ported: Ported::default() };
+    let start = match subcommand_at(&args) {
+        Some(i) if args[i] == "train" => i + 1,
+        Some(i) if args[i] == "config" && args.get(i + 1).is_some_and(|a| a == "show") => i + 2,
+        _ => {
+            out.args = args;
+            return out;
+        }
+    };
+    out.args.extend_from_slice(&args[..start]);
+    let (mut vocab, mut merges): (Option<String>, Option<String>) = (None, None);
+    let mut i = start;
+    while i < args.len() {
+        let arg = &args[i];
+        i += 1;
+        let Some(text) = arg.to_str() else {
+            out.args.push(arg.clone());
+            continue;
+        };
+        if text == "--" {
+            out.args.extend_from_slice(&args[i - 1..]);
+            break;
+        }
+        let Some(body) = text.strip_prefix("--") else {
+            out.args.push(arg.clone());
+            continue;
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (body, None),
+        };
+        let Some(&(_, takes_value, rule)) = FLAGS.iter().find(|(f, _, _)| *f == name) else {
+            out.args.push(arg.clone());
+            continue;
+        };
+        let value = if takes_value {
+            match inline {
+                Some(v) => Some(v),
+                None => match args.get(i).and_then(|v| v.to_str()) {
+                    Some(v) if !v.starts_with("--") => {
+                        i += 1;
+                        Some(v.to_string())
+                    }
+                    _ => {
+                        out.errors.push(format!("--{name} needs a value"));
+                        continue;
+                    }
+                },
+            }
+        } else {
+            if inline.is_some() {
+                out.errors.push(format!("--{name} takes no value"));
+                continue;
+            }
+            None
+        };
+        let v = value.unwrap_or_default();
+        let megatron = format!("--{name} (a Megatron-LM flag)");
+        match rule {
+            Rule::Ignore(why) => out.notes.push(format!("{megatron} is ignored: {why}")),
+            Rule::Refuse(why) => out.errors.push(format!("{megatron}: {why}")),
+            Rule::Only(ok, why) => {
+                let same = |o: &&str| {
+                    o.eq_ignore_ascii_case(&v)
+                        || matches!((o.parse::<f64>(), v.parse::<f64>()), (Ok(a), Ok(b)) if a == b)
+                };
+                if !ok.iter().any(same) {
+                    out.errors.push(format!("--{name} {v} (a Megatron-LM flag): {why}"));
+                }
+            }
+            Rule::Special => match name {
+                "bf16" => out.args.extend(["--dtype".into(), "bf16".into()]),
+                "tokenizer-model" => out.args.extend(["--tokenizer".into(), v.into()]),
+                "vocab-file" => vocab = Some(v),
+                "merge-file" => merges = Some(v),
+                "lr-warmup-fraction" => match v.parse::<f64>() {
+                    Ok(f) if (0.0..=1.0).contains(&f) => out.ported.lr_warmup_fraction = Some(f),
+                    _ => out.errors.push(format!("--lr-warmup-fraction {v}: must be a number from 0 to 1")),
+                },
+                "ffn-hidden-size" => match v.parse::<usize>() {
+                    Ok(n) => out.ported.ffn_hidden_size = Some(n),
+                    Err(_) => out.errors.push(format!("--ffn-hidden-size {v}: not a whole number")),
+                },
+                "max-position-embeddings" => match v.parse::<usize>() {
+                    Ok(n) => out.ported.max_position_embeddings = Some(n),
+                    Err(_) => out.errors.push(format!("--max-position-embeddings {v}: not a whole number")),
+                },
+                _ => unreachable!("every Special flag is matched"),
+            },
+        }
+    }
+    match (vocab, merges) {
+        (None, None) => {}
+        (Some(v), None) => out.args.extend(["--tokenizer".into(), v.into()]),
+        (None, Some(_)) => out.errors.push("--merge-file needs --vocab-file".into()),
+        (Some(v), Some(m)) => match gpt2_dir(Path::new(&v), Path::new(&m)) {
+            Some(dir) => out.args.extend(["--tokenizer".into(), dir]),
+            None => out.errors.push(format!(
+                "--vocab-file {v} --merge-file {m}: troupe reads a GPT-2 BPE tokenizer from one directory \
+                 holding vocab.json and merges.txt; pass --tokenizer DIR (or a tokenizer.json)"
+            )),
+        },
+    }
+    out
+}
+
+/// The directory of a GPT-2 vocabulary and merges pair named as `--tokenizer DIR` reads them.
+fn gpt2_dir(vocab: &Path, merges: &Path) -> Option<OsString> {
+    let dir = vocab.parent()?;
+    let named = vocab.file_name()? == "vocab.json" && merges.file_name()? == "merges.txt";
+    (named && merges.parent()? == dir).then(|| match dir.as_os_str().is_empty() {
+        true => OsString::from("."),
+        false => dir.as_os_str().to_owned(),
+    })
+}
+
+impl Ported {
+    /// Settings to add to the config for the ported flags, given the config resolved without
+    /// them; a ported value troupe's model cannot take is an error naming it.
+    ///
+    /// # Errors
+    /// The message of a usage error.
+    pub fn apply(&self, cfg: &troupe::config::Config, explicit_warmup: bool) -> Result<Vec<String>, String> {
+        let mut sets = Vec::new();
+        let m = &cfg.model;
+        if let Some(n) = self.ffn_hidden_size
+            && n != 4 * m.hidden_size
+        {
+            return Err(format!(
+                "--ffn-hidden-size {n} (a Megatron-LM flag): troupe's MLP is 4 × hidden size = {}",
+                4 * m.hidden_size
+            ));
+        }
+        if let Some(n) = self.max_position_embeddings
+            && n < m.seq_length
+        {
+            return Err(format!(
+                "--max-position-embeddings {n} is below --seq-length {}: the positions would not fit",
+                m.seq_length
+            ));
+        }
+        if let Some(f) = self.lr_warmup_fraction {
+            if explicit_warmup {
+                return Err("give --lr-warmup-fraction or --lr-warmup-iters, not both".into());
+            }
+            let t = &cfg.train;
+            // Megatron: warm-up steps = fraction × decay steps (the schedule's decay length).
+            let decay = t.lr_decay_iters.unwrap_or(t.train_iters);
+            sets.push(format!("train.lr_warmup_iters={}", (f * decay as f64).round() as u64));
+        }
+        Ok(sets)
+    }
+
+    /// A note for a `--max-position-embeddings` larger than the sequence (Megatron keeps the
+    /// unused rows; troupe's position table has --seq-length rows).
+    pub fn note(&self, cfg: &troupe::config::Config) -> Option<String> {
+        let n = self.max_position_embeddings?;
+        (n > cfg.model.seq_length).then(|| {
+            format!(
+                "--max-position-embeddings {n}: troupe's position table has --seq-length = {} rows \
+                 (positions past the sequence are never used)",
+                cfg.model.seq_length
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ported(line: &str) -> PortedArgs {
+        port(line.split_whitespace().map(OsString::from).collect())
+    }
+
+    fn strings(p: &PortedArgs) -> Vec<String> {
+        p.args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn megatron_flags_are_taken_out_sorted_and_explained() {
+        let p = ported(
+            "troupe -v train --lr 3e-4 --use-flash-attn --num-workers=2 --hidden-dropout 0.0 \
+             --normalization LayerNorm --init-method-std 0.02 --bf16 --train-iters 5",
+        );
+        assert_eq!(
+            strings(&p),
+            ["troupe", "-v", "train", "--lr", "3e-4", "--dtype", "bf16", "--train-iters", "5"]
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
+        assert!(p.notes[0].contains("--use-flash-attn (a Megatron-LM flag) is ignored"));
+
+        let p = ported(
+            "troupe train --swiglu --hidden-dropout 0.1 --normalization RMSNorm --fp16 --exit-interval",
+        );
+        assert_eq!(p.errors.len(), 5, "{:?}", p.errors);
+        assert!(p.errors[0].contains("--swiglu (a Megatron-LM flag): troupe's MLP uses GELU"));
+        assert!(p.errors[1].contains("--hidden-dropout 0.1"));
+        assert!(p.errors[2].contains("RMSNorm"));
+        assert!(p.errors[4].contains("--exit-interval needs a value"));
+        assert_eq!(strings(&p), ["troupe", "train"]);
+    }
+
+    #[test]
+    fn other_commands_and_arguments_after_a_double_dash_pass_through() {
+        let p = ported("troupe launch --nproc-per-node 2 -- troupe train --swiglu");
+        assert_eq!(strings(&p).len(), 8);
+        assert!(p.errors.is_empty());
+        let p = ported("troupe --nccl-lib /x train --inject exit:rank=1,step=2 --set a.b=1");
+        assert_eq!(strings(&p).len(), 8);
+        let p = ported("troupe config show --max-position-embeddings 256 --lr-warmup-fraction 0.01");
+        assert_eq!(strings(&p), ["troupe", "config", "show"]);
+        assert_eq!(p.ported.max_position_embeddings, Some(256));
+        assert_eq!(p.ported.lr_warmup_fraction, Some(0.01));
+    }
+
+    /// A flag troupe's own options gained would be shadowed by this table: none may be one.
+    #[test]
+    fn no_ported_flag_is_an_option_of_troupe_train() {
+        use clap::Parser as _;
+        for (flag, takes_value, _) in FLAGS {
+            let mut line = vec!["troupe".to_string(), "train".into(), format!("--{flag}")];
+            if *takes_value {
+                line.push("1".into());
+            }
+            let err = crate::cli::Cli::try_parse_from(&line).expect_err(flag);
+            assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "--{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn tokenizer_files_become_the_tokenizer_flag() {
+        let p = ported(
+            "troupe train --tokenizer-type GPT2BPETokenizer --vocab-file gpt2/vocab.json --merge-file gpt2/merges.txt",
+        );
+        assert_eq!(strings(&p)[2..], ["--tokenizer", "gpt2"]);
+        let p = ported("troupe train --vocab-file vocab.json --merge-file merges.txt");
+        assert_eq!(strings(&p)[2..], ["--tokenizer", "."]);
+        let p = ported("troupe train --vocab-file a/v.json --merge-file b/m.txt");
+        assert!(p.errors[0].contains("one directory holding vocab.json and merges.txt"), "{:?}", p.errors);
+        let p = ported("troupe train --vocab-file bert/vocab.txt");
+        assert_eq!(strings(&p)[2..], ["--tokenizer", "bert/vocab.txt"]);
+    }
+
+    #[test]
+    fn ported_sizes_are_checked_against_the_config_and_the_warmup_fraction_becomes_steps() {
+        let cfg = troupe::config::Config::from_toml_str(
+            "[model]\nvocab_size = 64\nseq_length = 32\nnum_layers = 1\nhidden_size = 16\nnum_attention_heads = 2\n\
+             [train]\ntrain_iters = 1000\nlr_decay_iters = 800\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let p = Ported {
+            ffn_hidden_size: Some(64),
+            max_position_embeddings: Some(32),
+            lr_warmup_fraction: Some(0.01),
+        };
+        assert_eq!(p.apply(&cfg, false).unwrap(), ["train.lr_warmup_iters=8"]);
+        assert!(p.note(&cfg).is_none());
+        assert!(p.apply(&cfg, true).unwrap_err().contains("not both"));
+        let p = Ported { ffn_hidden_size: Some(48), ..Ported::default() };
+        assert!(p.apply(&cfg, false).unwrap_err().contains("4 × hidden size = 64"));
+        let p = Ported { max_position_embeddings: Some(16), ..Ported::default() };
+        assert!(p.apply(&cfg, false).unwrap_err().contains("below --seq-length 32"));
+        let p = Ported { max_position_embeddings: Some(64), ..Ported::default() };
+        assert!(p.note(&cfg).unwrap().contains("has --seq-length = 32 rows"));
+    }
+}
