@@ -37,6 +37,54 @@ fn launch_sets_torchrun_env_and_prefixes_lines() {
     }
 }
 
+/// torchrun's spellings work: `--standalone`, underscores (`--nproc_per_node=2`), the program
+/// without `--`, `--rdzv-endpoint HOST:PORT` as node 0's store, and Slurm's node index; several
+/// nodes without a node index, and a rendezvous backend other than c10d, are usage errors.
+#[test]
+fn launch_takes_torchrun_spellings() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        c.arg("launch").args(args).env_remove("SLURM_NODEID");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let show = "echo env $RANK $WORLD_SIZE $GROUP_RANK $MASTER_ADDR:$MASTER_PORT";
+    let out = run(&["--standalone", "--nproc_per_node=2", "sh", "-c", show], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let port =
+        text.lines().next().and_then(|l| l.rsplit_once(':')).map(|(_, p)| p.to_string()).unwrap_or_default();
+    assert!(port != "29500" && port.parse::<u16>().is_ok(), "--standalone picks a free port: {text}");
+    for r in 0..2 {
+        let want = format!("[rank {r}] env {r} 2 0 127.0.0.1:{port}");
+        assert!(text.lines().any(|l| l == want), "missing {want:?} in:\n{text}");
+    }
+    let port = free_port().to_string();
+    let endpoint = format!("127.0.0.1:{port}");
+    let out = run(
+        &["--rdzv-backend=c10d", "--rdzv-id", "7", "--rdzv-endpoint", &endpoint, "--", "sh", "-c", show],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("[rank 0] env 0 1 0 {endpoint}")), "{text}");
+    // Node 1 of two under Slurm: its ranks follow node 0's (node 0's store is not needed by `sh`).
+    let out = run(&["--nnodes", "2", "--nproc-per-node", "2", "sh", "-c", show], &[("SLURM_NODEID", "1")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[rank 2] env 2 4 1 ") && text.contains("[rank 3] env 3 4 1 "), "{text}");
+    for (args, says) in [
+        (&["--nnodes", "2", "sh", "-c", "true"][..], "give this node's --node-rank"),
+        (&["--rdzv-backend", "etcd", "sh", "-c", "true"][..], "--rdzv-backend etcd"),
+        (&["--standalone", "--nnodes", "2", "sh", "-c", "true"][..], "--standalone is one node"),
+    ] {
+        let out = run(args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
 /// A troupe subcommand as the program runs this troupe binary with it, as does `troupe` when
 /// none is on PATH; a program that is neither
 /// a path, on PATH, nor a subcommand is a usage error before any rank starts.

@@ -29,20 +29,35 @@ use troupe::comm::store::StoreServer;
 #[derive(Debug, clap::Args)]
 pub struct LaunchArgs {
     /// Ranks to start on this node.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, alias = "nproc_per_node", default_value_t = 1)]
     pub nproc_per_node: usize,
     /// Number of nodes in the job.
     #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
-    /// This node's index (node 0 hosts the rendezvous store).
-    #[arg(long, default_value_t = 0)]
-    pub node_rank: usize,
+    /// This node's index (node 0 hosts the rendezvous store). Default: `SLURM_NODEID` under
+    /// Slurm, else 0; required with several nodes otherwise.
+    #[arg(long, alias = "node_rank")]
+    pub node_rank: Option<usize>,
     /// Host of node 0, as every rank should reach it.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, alias = "master_addr", default_value = "127.0.0.1")]
     pub master_addr: String,
     /// Store port on node 0; 0 picks a free one (single node only).
-    #[arg(long, default_value_t = 29500)]
+    #[arg(long, alias = "master_port", default_value_t = 29500)]
     pub master_port: u16,
+    /// One node, the store on a free local port (torchrun's `--standalone`).
+    #[arg(long)]
+    pub standalone: bool,
+    /// torchrun's rendezvous endpoint, HOST[:PORT] (port 29400 if omitted): taken as node 0's
+    /// store address, in place of --master-addr and --master-port.
+    #[arg(long, alias = "rdzv_endpoint", value_name = "HOST[:PORT]")]
+    pub rdzv_endpoint: Option<String>,
+    /// torchrun's rendezvous backend: `c10d` and `static` are what troupe launch does (a TCPStore
+    /// on node 0, ranks by node index); others are refused.
+    #[arg(long, alias = "rdzv_backend")]
+    pub rdzv_backend: Option<String>,
+    /// torchrun's rendezvous id (accepted; one store serves one job).
+    #[arg(long, alias = "rdzv_id")]
+    pub rdzv_id: Option<String>,
     /// Seconds between SIGTERM and SIGKILL when stopping the other ranks after a failure.
     #[arg(long, default_value_t = 5.0)]
     pub grace: f64,
@@ -51,11 +66,73 @@ pub struct LaunchArgs {
     /// checkpoint when the command passes `--load` (with `--allow-fresh-start`). After the last
     /// restart fails the launcher exits with code 3. On one node a rank that fails with exit code 2
     /// (a usage error) is not restarted, and the launcher exits with 2.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, alias = "max_restarts", default_value_t = 0)]
     pub max_restarts: u32,
-    /// The program and its arguments; `${local_rank}` is replaced per rank, as torchrun does.
-    #[arg(last = true, required = true)]
+    /// The program and its arguments, after `--` or directly (as torchrun takes them);
+    /// `${local_rank}` is replaced per rank, as torchrun does.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
     pub cmd: Vec<String>,
+    /// This node's index, as [`LaunchArgs::settle`] resolved it.
+    #[arg(skip)]
+    pub node: usize,
+}
+
+impl LaunchArgs {
+    /// Resolves torchrun's spellings into the launcher's own settings: --standalone, the
+    /// rendezvous endpoint and backend, and this node's index (Slurm's `SLURM_NODEID` when not
+    /// given).
+    ///
+    /// # Errors
+    /// A usage error naming the flag.
+    fn settle(&mut self) -> anyhow::Result<()> {
+        if self.standalone {
+            if self.nnodes > 1 {
+                return Err(
+                    UsageError(format!("--standalone is one node, but --nnodes is {}", self.nnodes)).into()
+                );
+            }
+            self.master_addr = "127.0.0.1".into();
+            self.master_port = 0;
+        }
+        if let Some(b) = &self.rdzv_backend
+            && !matches!(b.to_ascii_lowercase().as_str(), "c10d" | "static")
+        {
+            return Err(UsageError(format!(
+                "--rdzv-backend {b}: troupe launch's rendezvous is a c10d TCPStore on node 0 (c10d or static)"
+            ))
+            .into());
+        }
+        if let Some(ep) = &self.rdzv_endpoint {
+            let (host, port) = match ep.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') || h.starts_with('[') => (h, p),
+                _ => (ep.as_str(), "29400"),
+            };
+            let port: u16 = port.parse().map_err(|_| {
+                UsageError(format!("--rdzv-endpoint {ep}: the port {port:?} is not a port number"))
+            })?;
+            if host.is_empty() {
+                return Err(UsageError(format!("--rdzv-endpoint {ep}: no host")).into());
+            }
+            self.master_addr = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            self.master_port = port;
+        }
+        self.node = match (self.node_rank, std::env::var("SLURM_NODEID")) {
+            (Some(n), _) => n,
+            (None, Ok(id)) if self.nnodes > 1 => id.trim().parse().map_err(|_| {
+                UsageError(format!("SLURM_NODEID={id:?} is not a node index; pass --node-rank"))
+            })?,
+            (None, _) if self.nnodes > 1 => {
+                return Err(UsageError(format!(
+                    "--nnodes {}: give this node's --node-rank (0 on the node that hosts the store at \
+                     --master-addr/--rdzv-endpoint); ranks are assigned by node index",
+                    self.nnodes
+                ))
+                .into());
+            }
+            (None, _) => 0,
+        };
+        Ok(())
+    }
 }
 
 struct Rank {
@@ -152,7 +229,7 @@ fn spawn_rank(
     attempt: u32,
 ) -> anyhow::Result<Child> {
     let world = a.nnodes * a.nproc_per_node;
-    let rank = a.node_rank * a.nproc_per_node + local;
+    let rank = a.node * a.nproc_per_node + local;
     let args: Vec<String> =
         a.cmd[1..].iter().map(|x| x.replace("${local_rank}", &local.to_string())).collect();
     let mut cmd = Command::new(&a.cmd[0]);
@@ -161,7 +238,7 @@ fn spawn_rank(
         .env("LOCAL_RANK", local.to_string())
         .env("WORLD_SIZE", world.to_string())
         .env("LOCAL_WORLD_SIZE", a.nproc_per_node.to_string())
-        .env("GROUP_RANK", a.node_rank.to_string())
+        .env("GROUP_RANK", a.node.to_string())
         .env("GROUP_WORLD_SIZE", a.nnodes.to_string())
         .env("ROLE_RANK", rank.to_string())
         .env("ROLE_WORLD_SIZE", world.to_string())
@@ -224,11 +301,12 @@ fn resolve_program(cmd: &mut Vec<String>) -> anyhow::Result<()> {
 }
 
 pub fn launch(mut a: LaunchArgs) -> anyhow::Result<()> {
+    a.settle()?;
     resolve_program(&mut a.cmd)?;
-    if a.nproc_per_node == 0 || a.nnodes == 0 || a.node_rank >= a.nnodes {
+    if a.nproc_per_node == 0 || a.nnodes == 0 || a.node >= a.nnodes {
         return Err(UsageError(format!(
             "need --nproc-per-node ≥ 1 and --node-rank < --nnodes (got {}, {}, {})",
-            a.nproc_per_node, a.node_rank, a.nnodes
+            a.nproc_per_node, a.node, a.nnodes
         ))
         .into());
     }
@@ -236,7 +314,7 @@ pub fn launch(mut a: LaunchArgs) -> anyhow::Result<()> {
         return Err(UsageError("--master-port 0 (pick a free port) only works with one node".into()).into());
     }
     // Node 0 hosts the store, as torchrun's static rendezvous agent does.
-    let store = if a.node_rank == 0 {
+    let store = if a.node == 0 {
         Some(
             StoreServer::start(&format!("0.0.0.0:{}", a.master_port))
                 .with_context(|| format!("hosting the rendezvous store on port {}", a.master_port))?,
@@ -332,7 +410,7 @@ fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32, signals: &Interrupts) ->
                 return Err(e);
             }
         };
-        let rank = a.node_rank * a.nproc_per_node + local;
+        let rank = a.node * a.nproc_per_node + local;
         if let Some(o) = child.stdout.take() {
             pumps.push(pump(o, rank, false));
         }
