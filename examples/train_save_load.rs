@@ -53,7 +53,7 @@ fn main() -> Result<()> {
         &be,
         &mut trainer,
         &mut state,
-        &RunData { train: &data, valid: None, sample: None },
+        &RunData { train: &data, valid: None, test: None, sample: None },
         &stop,
         &mut |e| {
             if let Event::Step { step, loss, .. } = e {

@@ -1215,7 +1215,7 @@ fn gpu_stages_resume_bit_for_bit_and_evaluate() -> Result<()> {
             let (tx, rx) = std::sync::mpsc::channel();
             let results = train_inproc(&cfg, src, opts, 2, Some(tx), None)?;
             let evals = rx.try_iter().filter_map(|e| {
-                if let RunEvent::Eval { step, loss } = e { Some((step, loss)) } else { None }
+                if let RunEvent::Eval { step, loss, .. } = e { Some((step, loss)) } else { None }
             });
             Ok((results, evals.collect()))
         };

@@ -66,7 +66,7 @@ fn train(cfg: &Config) -> Result<Outcome> {
         &be,
         &mut trainer,
         &mut state,
-        &RunData { train: &src, valid: None, sample: None },
+        &RunData { train: &src, valid: None, test: None, sample: None },
         &stop,
         &mut |e| {
             if let Event::Step { step, loss, .. } = e {

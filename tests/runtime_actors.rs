@@ -251,7 +251,7 @@ fn checkpoints_resume_exactly_on_any_layout() -> Result<()> {
         let be = troupe::kernels::CpuBackend::new(1);
         let (mut trainer, mut state, _) = troupe::train::run::prepare(&cfg)?;
         let stop = AtomicBool::new(false);
-        let d = troupe::train::run::RunData { train: data.as_ref(), valid: None, sample: None };
+        let d = troupe::train::run::RunData { train: data.as_ref(), valid: None, test: None, sample: None };
         troupe::train::run::run(&cfg, &be, &mut trainer, &mut state, &d, &stop, &mut |_| {})?;
         Ok(trainer.model.params().iter().map(|x| x.to_bits()).collect())
     };
@@ -303,14 +303,20 @@ fn evaluation_through_the_pipeline_matches_the_single_rank_trainer() -> Result<(
     let be = troupe::kernels::CpuBackend::new(1);
     let (mut trainer, mut state, _) = troupe::train::run::prepare(&base)?;
     let stop = AtomicBool::new(false);
-    let d = troupe::train::run::RunData { train: data.as_ref(), valid: Some(valid.as_ref()), sample: None };
+    // The validation windows double as the test split (evaluated once, at the end).
+    let d = troupe::train::run::RunData {
+        train: data.as_ref(),
+        valid: Some(valid.as_ref()),
+        test: Some(valid.as_ref()),
+        sample: None,
+    };
     let mut want = Vec::new();
     troupe::train::run::run(&base, &be, &mut trainer, &mut state, &d, &stop, &mut |e| {
         if let troupe::train::run::Event::Eval { loss, .. } = e {
             want.push(*loss);
         }
     })?;
-    ensure!(want.len() == 3, "{want:?}");
+    ensure!(want.len() == 4, "{want:?}");
     for layout in [
         &["parallel.pipeline_model_parallel_size=2"][..],
         &["parallel.pipeline_model_parallel_size=2", "parallel.data_parallel_size=2"],
@@ -321,7 +327,11 @@ fn evaluation_through_the_pipeline_matches_the_single_rank_trainer() -> Result<(
             .collect();
         let (cfg, _) = setup(&sets)?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let o = RunOptions { valid: Some(troupe::runtime::ValidData(valid.clone())), ..opts(30) };
+        let o = RunOptions {
+            valid: Some(troupe::runtime::ValidData(valid.clone())),
+            test: Some(troupe::runtime::ValidData(valid.clone())),
+            ..opts(30)
+        };
         train_inproc(&cfg, data.clone(), o, 2, Some(tx), None)?;
         let got: Vec<f32> = rx
             .try_iter()
@@ -338,7 +348,7 @@ fn evaluation_through_the_pipeline_matches_the_single_rank_trainer() -> Result<(
             );
         } else {
             ensure!(
-                got.len() == 3 && got.iter().zip(&want).all(|(a, b)| ((a - b) / b).abs() < 1e-5),
+                got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| ((a - b) / b).abs() < 1e-5),
                 "{got:?} vs {want:?}"
             );
         }

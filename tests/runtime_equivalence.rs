@@ -72,7 +72,7 @@ fn reference(cfg: &Config, src: &Arc<dyn SampleSource>) -> Result<Outcome> {
     let (mut trainer, mut state, _) = run::prepare(cfg)?;
     let mut losses = Vec::new();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let d = RunData { train: src.as_ref(), valid: None, sample: None };
+    let d = RunData { train: src.as_ref(), valid: None, test: None, sample: None };
     run::run(cfg, &be, &mut trainer, &mut state, &d, &stop, &mut |e| {
         if let Event::Step { loss, .. } = e {
             losses.push(*loss);

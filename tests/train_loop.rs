@@ -38,7 +38,7 @@ fn windows() -> TokenWindows {
 fn nan_loss_aborts_or_skips() -> Result<()> {
     let be = CpuBackend::new(1);
     let src = windows();
-    let data = RunData { train: &src, valid: None, sample: None };
+    let data = RunData { train: &src, valid: None, test: None, sample: None };
     let stop = AtomicBool::new(false);
 
     let cfg = Config::from_toml_str(CFG, "t", &[])?;
@@ -103,7 +103,7 @@ use scratch_dir::Scratch;
 fn a_stop_after_a_saved_step_and_a_finished_resume_write_no_second_copy() -> Result<()> {
     let be = CpuBackend::new(1);
     let src = windows();
-    let data = RunData { train: &src, valid: None, sample: None };
+    let data = RunData { train: &src, valid: None, test: None, sample: None };
     let dir = Scratch::new("train-loop-saves");
     let save = format!("checkpoint.save={:?}", dir.display().to_string());
     let cfg = Config::from_toml_str(CFG, "t", &[save.clone(), "checkpoint.save_interval=1".into()])?;
@@ -134,5 +134,60 @@ fn a_stop_after_a_saved_step_and_a_finished_resume_write_no_second_copy() -> Res
         }
     })?;
     ensure!(saved.is_empty(), "a resume with nothing to train saved {saved:?}");
+    Ok(())
+}
+
+/// Held-out evaluations: the validation split every `eval_interval` steps and once more when
+/// training ends between two of them, the test split once at the end (its loss is the final
+/// model's on the test samples), none at the end of a stopped run.
+#[test]
+fn validation_runs_at_its_interval_and_at_the_end_and_test_once_at_the_end() -> Result<()> {
+    use troupe::train::run::{EvalSplit, evaluate};
+    let be = CpuBackend::new(1);
+    let src = windows();
+    let mut rng = Rng::new(9);
+    let held =
+        TokenWindows::new((0..300).map(|_| (rng.next_u64() % 50) as u32).collect(), 8, 2).expect("tokens");
+    let mut rng = Rng::new(10);
+    let test =
+        TokenWindows::new((0..300).map(|_| (rng.next_u64() % 50) as u32).collect(), 8, 2).expect("tokens");
+    let data = RunData { train: &src, valid: Some(&held), test: Some(&test), sample: None };
+    for (iters, want) in [
+        (3u64, vec![(2u64, EvalSplit::Validation), (3, EvalSplit::Validation), (3, EvalSplit::Test)]),
+        (4, vec![(2, EvalSplit::Validation), (4, EvalSplit::Validation), (4, EvalSplit::Test)]),
+    ] {
+        let sets = [
+            format!("train.train_iters={iters}"),
+            "logging.eval_interval=2".into(),
+            "logging.eval_iters=2".into(),
+        ];
+        let cfg = Config::from_toml_str(CFG, "t", &sets)?;
+        let (mut trainer, mut state, _) = prepare(&cfg)?;
+        let stop = AtomicBool::new(false);
+        let mut got = Vec::new();
+        let mut test_loss = None;
+        run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |e| {
+            if let Event::Eval { step, split, loss, .. } = e {
+                got.push((*step, *split));
+                if *split == EvalSplit::Test {
+                    test_loss = Some(*loss);
+                }
+            }
+        })?;
+        ensure!(got == want, "{iters} steps: evaluations {got:?}, expected {want:?}");
+        let again = evaluate(&cfg, &be, &mut trainer, &test)?;
+        ensure!(test_loss.map(f32::to_bits) == Some(again.to_bits()), "test loss {test_loss:?} vs {again}");
+    }
+    // A run stopped after its first step evaluates nothing at its end.
+    let cfg = Config::from_toml_str(CFG, "t", &["logging.eval_interval=2".into()])?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    let stop = AtomicBool::new(false);
+    let mut evals = 0;
+    run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |e| match e {
+        Event::Step { .. } => stop.store(true, std::sync::atomic::Ordering::SeqCst),
+        Event::Eval { .. } => evals += 1,
+        _ => {}
+    })?;
+    ensure!(evals == 0, "a stopped run evaluated {evals} times");
     Ok(())
 }

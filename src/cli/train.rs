@@ -415,7 +415,7 @@ fn emu_dp_threads(
             .map(|comm| {
                 let start = state.clone();
                 scope.spawn(move || -> anyhow::Result<()> {
-                    let quiet = RunData { train, valid: None, sample: None };
+                    let quiet = RunData { train, valid: None, test: None, sample: None };
                     let me = GpuRank { dtype, cfg, be, data: &quiet, stop };
                     let (mut t, _, _) = run::prepare(cfg)?;
                     let mut st = start;
@@ -601,6 +601,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let run_data = RunData {
         train: data.train.as_ref(),
         valid: data.valid.as_deref(),
+        test: data.test.as_deref(),
         sample: (sample_tokens > 0).then_some(&sampler as run::SampleFn<'_>),
     };
     let bar = progress_bar(&cfg, state.step, args.no_progress);
@@ -694,17 +695,17 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, log_interval: u64, json: Opti
                 let _ = writeln!(f, "{rec}");
             }
         }
-        Event::Eval { step, loss, perplexity, sample } => {
-            say(format!("step {step:>6} | validation loss {loss:.4} | perplexity {perplexity:.2}"));
+        Event::Eval { step, split, loss, perplexity, sample } => {
+            say(format!("step {step:>6} | {} loss {loss:.4} | perplexity {perplexity:.2}", split.name()));
             if let Some(text) = sample {
                 say(format!("---- sample at step {step} ----\n{text}\n----"));
             }
             if let Some(f) = json {
-                let _ = writeln!(
-                    f,
-                    "{}",
-                    serde_json::json!({"step": step, "val_loss": loss, "val_perplexity": perplexity})
-                );
+                let mut rec = serde_json::Map::new();
+                rec.insert("step".into(), (*step).into());
+                rec.insert(format!("{}_loss", split.key()), f64::from(*loss).into());
+                rec.insert(format!("{}_perplexity", split.key()), f64::from(*perplexity).into());
+                let _ = writeln!(f, "{}", serde_json::Value::Object(rec));
             }
         }
         Event::Skipped { step, microbatch, loss } => {

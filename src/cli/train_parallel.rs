@@ -269,6 +269,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     }
     let mut opts = opts;
     opts.valid = data.valid.map(|v| runtime::ValidData(Arc::from(v)));
+    opts.test = data.test.map(|v| runtime::ValidData(Arc::from(v)));
     // Launched ranks are one process per GPU, so their data-parallel groups can be NCCL
     // communicators; in-process ranks share this process's GPU and reduce through the host.
     let nccl = launched.as_ref().map(|_| opts.timeout);
@@ -385,8 +386,8 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             RunEvent::Saved { step, path } => {
                 report(&Event::Saved { step, path }, &bar, cfg.logging.log_interval, json.as_mut());
             }
-            RunEvent::Eval { step, loss } => {
-                let e = Event::Eval { step, loss, perplexity: loss.exp(), sample: None };
+            RunEvent::Eval { step, split, loss } => {
+                let e = Event::Eval { step, split, loss, perplexity: loss.exp(), sample: None };
                 report(&e, &bar, cfg.logging.log_interval, json.as_mut());
             }
             RunEvent::Resumed { step, consumed_samples } => {

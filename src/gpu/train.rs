@@ -20,7 +20,7 @@ use crate::kernels::Backend;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::Trainer;
 use crate::train::data::BatchBuf;
-use crate::train::run::{Event, RunData, RunError, RunSummary};
+use crate::train::run::{EvalSplit, Event, RunData, RunError, RunSummary};
 
 /// Errors of a GPU run: the CPU loop's, or the device's.
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +204,13 @@ pub fn run<G: Gpu>(
                 }
                 None => None,
             };
-            on(&Event::Eval { step: state.step, loss, perplexity: loss.exp(), sample });
+            on(&Event::Eval {
+                step: state.step,
+                split: EvalSplit::Validation,
+                loss,
+                perplexity: loss.exp(),
+                sample,
+            });
         }
         let c = &cfg.checkpoint;
         if dp_rank == 0
@@ -213,6 +219,20 @@ pub fn run<G: Gpu>(
             && state.step.is_multiple_of(c.save_interval)
         {
             save(cfg, model, trainer, state, on)?;
+        }
+    }
+    if dp_rank == 0 && !interrupted && state.step > start {
+        let l = &cfg.logging;
+        for split in EvalSplit::at_end(state.step, l.eval_interval, data.valid.is_some(), data.test.is_some())
+        {
+            let source = match split {
+                EvalSplit::Validation => data.valid,
+                EvalSplit::Test => data.test,
+            };
+            if let Some(source) = source {
+                let loss = evaluate(cfg, model, source)?;
+                on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
+            }
         }
     }
     let c = &cfg.checkpoint;

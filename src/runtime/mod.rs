@@ -110,6 +110,8 @@ pub struct RunOptions {
     /// Validation data: every `logging.eval_interval` steps the ranks evaluate
     /// `logging.eval_iters` microbatches of it through the pipeline.
     pub valid: Option<ValidData>,
+    /// Test data: evaluated once, the same way, when training ends (not after a stop).
+    pub test: Option<ValidData>,
     /// Run each chunk's forwards and backwards on this device (see [`stage`]); `None`: the CPU.
     pub device: Option<crate::gpu::stage::StageFactory>,
     /// Precision of pipeline messages (see [`wire`]). `None`: bf16 when the chunks compute in
@@ -207,6 +209,7 @@ impl Default for RunOptions {
             watchdog: None,
             flight_dir: None,
             valid: None,
+            test: None,
             device: None,
             message_dtype: None,
             host_grad_reduce: false,
@@ -233,8 +236,8 @@ pub enum RunEvent {
     Resumed { step: u64, consumed_samples: u64 },
     /// A checkpoint was written (by world rank 0).
     Saved { step: u64, path: String },
-    /// Mean validation loss over `logging.eval_iters` microbatches.
-    Eval { step: u64, loss: f32 },
+    /// Mean loss over `logging.eval_iters` microbatches of a held-out split.
+    Eval { step: u64, split: crate::train::run::EvalSplit, loss: f32 },
 }
 
 /// One step as every rank agreed on it.

@@ -1674,6 +1674,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         Some(r) => (r.step, r.consumed, r.skipped),
         None => (st.opts.start_step, st.opts.consumed_samples, 0),
     };
+    let first = step;
     if let (Some(r), Some(tx)) = (st.resume, &st.events) {
         let _ = tx.send(RunEvent::Resumed { step: r.step, consumed_samples: r.consumed });
     }
@@ -2123,7 +2124,11 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         {
             let loss = evaluate(st, this, &valid.0).await?;
             if let Some(tx) = &st.events {
-                let _ = tx.send(RunEvent::Eval { step: this, loss });
+                let _ = tx.send(RunEvent::Eval {
+                    step: this,
+                    split: crate::train::run::EvalSplit::Validation,
+                    loss,
+                });
             }
         }
         if !save_dir.is_empty() && save_every > 0 && this.is_multiple_of(save_every) {
@@ -2133,6 +2138,24 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         if any_stop {
             result.interrupted = true;
             break;
+        }
+    }
+    // Every rank takes the same decisions here (the stop was agreed on, the data is the same), so
+    // the end-of-training evaluations run on all of them together.
+    if !result.interrupted && step > first {
+        let every = cfg.logging.eval_interval;
+        let (valid, test) = (st.opts.valid.clone(), st.opts.test.clone());
+        for split in crate::train::run::EvalSplit::at_end(step, every, valid.is_some(), test.is_some()) {
+            let source = match split {
+                crate::train::run::EvalSplit::Validation => valid.as_ref(),
+                crate::train::run::EvalSplit::Test => test.as_ref(),
+            };
+            if let Some(source) = source {
+                let loss = evaluate(st, step, &source.0).await?;
+                if let Some(tx) = &st.events {
+                    let _ = tx.send(RunEvent::Eval { step, split, loss });
+                }
+            }
         }
     }
     if !save_dir.is_empty() && saved_at != Some(step) && step > st.resume.map_or(0, |r| r.step) {

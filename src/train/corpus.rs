@@ -55,6 +55,9 @@ pub struct TrainingData {
     pub tokenizer: TextTokenizer,
     pub train: Box<dyn SampleSource>,
     pub valid: Option<Box<dyn SampleSource>>,
+    /// The test split, evaluated when training ends (`None` when evaluation is off or the split
+    /// is empty).
+    pub test: Option<Box<dyn SampleSource>>,
     /// Why there is no validation set although evaluation was asked for.
     pub valid_note: Option<String>,
     /// Datasets of the user's with no tokenizer of theirs: samples decode with the embedded one.
@@ -170,10 +173,16 @@ pub fn open(cfg: &Config) -> Result<TrainingData, CorpusError> {
     } else {
         (None, None)
     };
+    let test = if l.eval_interval > 0 {
+        let n = l.eval_iters * t.micro_batch_size as u64;
+        build(&entries, Split::Test, n, &dcfg).ok().filter(|s| s.num_samples() > 0)
+    } else {
+        None
+    };
     let tokenizer_note = (!cfg.data.data_path.is_empty() && cfg.data.tokenizer.is_empty()).then(|| {
         "no --tokenizer given: text samples, and `troupe generate` from this run's checkpoints, decode \
          with the embedded Shakespeare tokenizer; pass the tokenizer the data was preprocessed with"
             .to_string()
     });
-    Ok(TrainingData { tokenizer, train, valid, valid_note, tokenizer_note, description })
+    Ok(TrainingData { tokenizer, train, valid, test, valid_note, tokenizer_note, description })
 }

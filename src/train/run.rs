@@ -45,9 +45,48 @@ pub enum Event {
     Resumed { step: u64, consumed_samples: u64, from: String },
     Step { step: u64, loss: f32, lr: f32, grad_norm: f64, tokens_per_s: f64, elapsed_s: f64 },
     Skipped { step: u64, microbatch: usize, loss: f32 },
-    Eval { step: u64, loss: f32, perplexity: f32, sample: Option<String> },
+    Eval { step: u64, split: EvalSplit, loss: f32, perplexity: f32, sample: Option<String> },
     Saved { step: u64, path: String },
     Interrupted { step: u64 },
+}
+
+/// Which held-out split an evaluation used: the validation split every `eval_interval` steps and
+/// at the end of training, the test split at the end (as Megatron-LM does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalSplit {
+    Validation,
+    Test,
+}
+
+impl EvalSplit {
+    /// `validation` or `test`, as the log lines say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Validation => "validation",
+            EvalSplit::Test => "test",
+        }
+    }
+
+    /// `val` or `test`: the prefix of the `--log-json` keys (`val_loss`, `test_perplexity`).
+    pub fn key(self) -> &'static str {
+        match self {
+            EvalSplit::Validation => "val",
+            EvalSplit::Test => "test",
+        }
+    }
+
+    /// The evaluations due when training ends at `step`: the validation split unless the loop
+    /// has just evaluated it (`step` a multiple of `eval_interval`), then the test split.
+    pub fn at_end(step: u64, eval_interval: u64, valid: bool, test: bool) -> Vec<EvalSplit> {
+        let mut out = Vec::new();
+        if valid && eval_interval > 0 && !step.is_multiple_of(eval_interval) {
+            out.push(EvalSplit::Validation);
+        }
+        if test {
+            out.push(EvalSplit::Test);
+        }
+        out
+    }
 }
 
 /// Text sampler called at each evaluation (e.g. generate from a prompt and decode).
@@ -57,6 +96,8 @@ pub type SampleFn<'a> = &'a dyn Fn(&crate::models::gpt::Gpt, &dyn Backend) -> St
 pub struct RunData<'a> {
     pub train: &'a dyn SampleSource,
     pub valid: Option<&'a dyn SampleSource>,
+    /// Evaluated once when training ends (not after a stop).
+    pub test: Option<&'a dyn SampleSource>,
     /// Called at each evaluation; its text goes into [`Event::Eval`].
     pub sample: Option<SampleFn<'a>>,
 }
@@ -216,11 +257,31 @@ pub fn run(
             let loss = evaluate(cfg, be, trainer, valid)?;
             tracing::info!(step = state.step, val_loss = loss, "evaluation");
             let sample = data.sample.map(|f| f(&trainer.model, be));
-            on(&Event::Eval { step: state.step, loss, perplexity: loss.exp(), sample });
+            on(&Event::Eval {
+                step: state.step,
+                split: EvalSplit::Validation,
+                loss,
+                perplexity: loss.exp(),
+                sample,
+            });
         }
         let c = &cfg.checkpoint;
         if !c.save.is_empty() && c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) {
             save(cfg, trainer, state, on)?;
+        }
+    }
+    if !interrupted && state.step > start {
+        let l = &cfg.logging;
+        for split in EvalSplit::at_end(state.step, l.eval_interval, data.valid.is_some(), data.test.is_some())
+        {
+            let source = match split {
+                EvalSplit::Validation => data.valid,
+                EvalSplit::Test => data.test,
+            };
+            if let Some(source) = source {
+                let loss = evaluate(cfg, be, trainer, source)?;
+                on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
+            }
         }
     }
     let c = &cfg.checkpoint;
