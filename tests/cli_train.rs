@@ -227,6 +227,18 @@ fn megatron_flags_are_ported_ignored_with_a_note_or_refused() -> Result<()> {
         stderr(&out)
     );
     ensure!(!dir.join("runs").exists(), "a refused run wrote a checkpoint directory");
+    // --exit-interval stops early with a checkpoint and exit code 0, saying how to go on.
+    let mut args =
+        vec!["train", "--train-iters", "3", "--exit-interval", "2", "--save", "ex", "--no-progress"];
+    args.extend_from_slice(TINY);
+    let out = troupe(&args, &dir);
+    let err = stderr(&out);
+    ensure!(out.status.success(), "exit {:?}: {err}", out.status.code());
+    ensure!(
+        err.contains("troupe: stopped at step 2 (--exit-interval 2 reached); resume with --load ex"),
+        "{err}"
+    );
+    ensure!(std::fs::read_to_string(dir.join("ex/latest"))?.trim() == "iter_0000002");
     Ok(())
 }
 

@@ -180,6 +180,29 @@ fn a_stop_request_ends_every_rank_after_the_same_step() -> Result<()> {
     for r in &results {
         ensure!(r.interrupted && r.records.len() == 1, "stopped after {} steps", r.records.len());
     }
+    // --exit-interval (and --exit-duration-in-mins, agreed the same way) stops every rank after
+    // the same step; an interval that divides train_iters does not cut the last step short.
+    for (iters, want) in [(5u64, 2usize), (4, 4)] {
+        let sets = [
+            "parallel.pipeline_model_parallel_size=2".to_string(),
+            "parallel.data_parallel_size=2".into(),
+            "train.global_batch_size=8".into(),
+            format!("train.train_iters={iters}"),
+            if want == 2 { "train.exit_interval=2".into() } else { "train.exit_interval=4".into() },
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let (cfg, data) = setup(&sets)?;
+        let results = train_inproc(&cfg, data, opts(30), 2, None, None)?;
+        for r in &results {
+            let stopped = want < iters as usize;
+            ensure!(
+                r.interrupted == stopped && r.records.len() == want,
+                "{iters} steps, exit interval: stopped {} after {} steps",
+                r.interrupted,
+                r.records.len()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -191,3 +191,48 @@ fn validation_runs_at_its_interval_and_at_the_end_and_test_once_at_the_end() -> 
     ensure!(evals == 0, "a stopped run evaluated {evals} times");
     Ok(())
 }
+
+/// `exit_interval` stops the loop after a multiple of it (saving once, evaluating nothing at the
+/// end), a resume goes on to the next multiple, and the last step is never cut short;
+/// `exit_duration_in_mins` stops after the first step past it.
+#[test]
+fn exit_interval_and_duration_stop_training_early_and_save() -> Result<()> {
+    let be = CpuBackend::new(1);
+    let src = windows();
+    let held = windows();
+    let data = RunData { train: &src, valid: Some(&held), test: Some(&held), sample: None };
+    let dir = Scratch::new("train-loop-exit");
+    let save = format!("checkpoint.save={:?}", dir.display().to_string());
+    let load = format!("checkpoint.load={:?}", dir.display().to_string());
+    let mut stops = Vec::new();
+    for round in 0..3 {
+        let mut sets = vec![save.clone(), "train.train_iters=6".into(), "train.exit_interval=3".into()];
+        sets.push("logging.eval_interval=100".into());
+        if round > 0 {
+            sets.push(load.clone());
+        }
+        let cfg = Config::from_toml_str(CFG, "t", &sets)?;
+        let (mut trainer, mut state, _) = prepare(&cfg)?;
+        let stop = AtomicBool::new(false);
+        let (mut saved, mut evals, mut why) = (Vec::new(), 0, None);
+        let summary = run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |e| match e {
+            Event::Saved { step, .. } => saved.push(*step),
+            Event::Eval { .. } => evals += 1,
+            Event::Stopped { why: w, .. } => why = Some(w.clone()),
+            _ => {}
+        })?;
+        stops.push((summary.steps, summary.interrupted, saved, evals, why));
+    }
+    let reached = Some("--exit-interval 3 reached".to_string());
+    ensure!(stops[0] == (3, true, vec![3], 0, reached.clone()), "first run: {:?}", stops[0]);
+    // Step 6 is the last: it is not cut short, so the end-of-training evaluations run.
+    ensure!(stops[1] == (6, false, vec![6], 2, None), "resumed run: {:?}", stops[1]);
+    ensure!(stops[2] == (6, false, vec![], 0, None), "finished run: {:?}", stops[2]);
+
+    let cfg = Config::from_toml_str(CFG, "t", &["train.exit_duration_in_mins=1e-9".into()])?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    let stop = AtomicBool::new(false);
+    let summary = run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |_| {})?;
+    ensure!(summary.interrupted && summary.steps == 1, "{summary:?}");
+    Ok(())
+}

@@ -115,13 +115,6 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("recompute-granularity", true, Rule::Refuse("there is no activation recomputation yet")),
     ("recompute-method", true, Rule::Refuse("there is no activation recomputation yet")),
     ("recompute-num-layers", true, Rule::Refuse("there is no activation recomputation yet")),
-    (
-        "exit-interval",
-        true,
-        Rule::Refuse(
-            "stop a run early with SIGTERM or Ctrl-C (it saves at the step boundary), or set --train-iters",
-        ),
-    ),
     ("no-load-optim", false, Rule::Refuse("a resume always restores the optimizer state")),
     ("no-load-rng", false, Rule::Refuse("a resume always restores the RNG state")),
     ("bf16", false, Rule::Special),
@@ -366,13 +359,13 @@ mod tests {
         assert!(p.notes[0].contains("--use-flash-attn (a Megatron-LM flag) is ignored"));
 
         let p = ported(
-            "troupe train --swiglu --hidden-dropout 0.1 --normalization RMSNorm --fp16 --exit-interval",
+            "troupe train --swiglu --hidden-dropout 0.1 --normalization RMSNorm --fp16 --recompute-method",
         );
         assert_eq!(p.errors.len(), 5, "{:?}", p.errors);
         assert!(p.errors[0].contains("--swiglu (a Megatron-LM flag): troupe's MLP uses GELU"));
         assert!(p.errors[1].contains("--hidden-dropout 0.1"));
         assert!(p.errors[2].contains("RMSNorm"));
-        assert!(p.errors[4].contains("--exit-interval needs a value"));
+        assert!(p.errors[4].contains("--recompute-method needs a value"));
         assert_eq!(strings(&p), ["troupe", "train"]);
     }
 

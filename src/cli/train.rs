@@ -82,7 +82,8 @@ megatron_flags! {
     lr => "lr", min_lr => "min-lr", lr_decay_style => "lr-decay-style", lr_warmup_iters => "lr-warmup-iters",
     lr_decay_iters => "lr-decay-iters", train_iters => "train-iters", weight_decay => "weight-decay",
     clip_grad => "clip-grad", adam_beta1 => "adam-beta1", adam_beta2 => "adam-beta2", adam_eps => "adam-eps",
-    seed => "seed", save => "save", load => "load", save_interval => "save-interval",
+    seed => "seed", exit_interval => "exit-interval", exit_duration_in_mins => "exit-duration-in-mins",
+    save => "save", load => "load", save_interval => "save-interval",
     eval_interval => "eval-interval", eval_iters => "eval-iters", log_interval => "log-interval",
     split => "split", tokenizer => "tokenizer",
     tensor_model_parallel_size => "tensor-model-parallel-size",
@@ -641,7 +642,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         },
     };
     bar.finish_and_clear();
-    if summary.interrupted && cfg.checkpoint.save.is_empty() {
+    let why = (summary.interrupted && !stop.load(std::sync::atomic::Ordering::SeqCst))
+        .then(|| troupe::train::run::exit_due(&cfg.train, summary.steps, true))
+        .flatten();
+    if let Some(why) = why {
+        let resume = match cfg.checkpoint.save.as_str() {
+            "" => "no --save directory was given, nothing was saved".to_string(),
+            s => format!("resume with --load {s}"),
+        };
+        eprintln!("troupe: stopped at step {} ({why}); {resume}", summary.steps);
+    } else if summary.interrupted && cfg.checkpoint.save.is_empty() {
         eprintln!(
             "troupe: interrupted at step {}; no --save directory was given, nothing was saved",
             summary.steps
@@ -715,6 +725,7 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, log_interval: u64, json: Opti
         }
         Event::Saved { step, path } => say(format!("step {step:>6} | saved checkpoint {path}")),
         Event::Interrupted { step } => say(format!("step {step:>6} | stop requested; saving and exiting")),
+        Event::Stopped { step, why } => say(format!("step {step:>6} | {why}: stopping")),
         Event::Resumed { .. } => {}
     }
 }

@@ -347,7 +347,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                 opts,
                 threads: per_rank,
                 events,
-                stop: Some(stop),
+                stop: Some(stop.clone()),
                 alarm: Some(heartbeat.alarm()),
             };
             std::thread::spawn(move || {
@@ -358,6 +358,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         }
         _ => {
             let cores_for_ranks = threads;
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 runtime::train_inproc(&cfg2, source, opts, cores_for_ranks, events, Some(stop))
             })
@@ -405,7 +406,19 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     let r0 = &results[0];
     let last = r0.records.last();
     if r0.interrupted {
-        eprintln!("troupe: interrupted at step {}", last.map_or(0, |r| r.step));
+        let at = last.map_or(0, |r| r.step);
+        // Not a signal: the configuration's --exit-interval or --exit-duration-in-mins.
+        let why = (!stop.load(std::sync::atomic::Ordering::SeqCst))
+            .then(|| troupe::train::run::exit_due(&cfg.train, at, true))
+            .flatten();
+        let resume = match cfg.checkpoint.save.as_str() {
+            "" => String::new(),
+            s => format!("; resume with --load {s}"),
+        };
+        match why {
+            Some(why) => eprintln!("troupe: stopped at step {at} ({why}){resume}"),
+            None => eprintln!("troupe: interrupted at step {at}{resume}"),
+        }
     }
     eprintln!(
         "troupe: done: {}, final loss {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0{}",

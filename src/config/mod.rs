@@ -110,6 +110,13 @@ pub struct TrainConfig {
     pub threads: usize,
     /// NaN/Inf loss handling: `abort` (default) or `skip`.
     pub nan_policy: NanPolicy,
+    /// Stop (saving a checkpoint, exit code 0) after a step that is a multiple of this, before
+    /// `train_iters` (Megatron's `--exit-interval`; 0: never).
+    pub exit_interval: u64,
+    /// Stop (saving a checkpoint, exit code 0) after the first step that ends this many minutes
+    /// after training started in this process, e.g. before a job's time limit (Megatron's
+    /// `--exit-duration-in-mins`; 0: never).
+    pub exit_duration_in_mins: f64,
 }
 
 impl Default for TrainConfig {
@@ -131,6 +138,8 @@ impl Default for TrainConfig {
             seed: 1234,
             threads: 0,
             nan_policy: NanPolicy::Abort,
+            exit_interval: 0,
+            exit_duration_in_mins: 0.0,
         }
     }
 }
@@ -404,6 +413,10 @@ impl Config {
         }
         if t.train_iters == 0 {
             return invalid("train.train_iters", "0".into(), "must be at least 1");
+        }
+        if !(t.exit_duration_in_mins.is_finite() && t.exit_duration_in_mins >= 0.0) {
+            let v = t.exit_duration_in_mins.to_string();
+            return invalid("train.exit_duration_in_mins", v, "must be ≥ 0 (0: no time limit)");
         }
         if let Some(d) = t.lr_decay_iters
             && d < t.lr_warmup_iters

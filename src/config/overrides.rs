@@ -28,6 +28,8 @@ pub const MEGATRON_FLAGS: &[(&str, &str)] = &[
     ("adam-beta2", "train.adam_beta2"),
     ("adam-eps", "train.adam_eps"),
     ("seed", "train.seed"),
+    ("exit-interval", "train.exit_interval"),
+    ("exit-duration-in-mins", "train.exit_duration_in_mins"),
     ("save", "checkpoint.save"),
     ("load", "checkpoint.load"),
     ("save-interval", "checkpoint.save_interval"),

@@ -20,7 +20,7 @@ use crate::kernels::Backend;
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::train::Trainer;
 use crate::train::data::BatchBuf;
-use crate::train::run::{EvalSplit, Event, RunData, RunError, RunSummary};
+use crate::train::run::{EvalSplit, Event, RunData, RunError, RunSummary, exit_due, over_time};
 
 /// Errors of a GPU run: the CPU loop's, or the device's.
 #[derive(Debug, thiserror::Error)]
@@ -148,19 +148,23 @@ pub fn run<G: Gpu>(
             loss_sum += f64::from(loss);
         }
         let mut loss = (loss_sum / accum as f64) as f32;
+        // Past --exit-duration-in-mins by this rank's clock; the ranks agree below, so all of
+        // them stop after the same step.
+        let mut late = over_time(t, started.elapsed());
         if let Some(comm) = dp {
             comm.finish(gpu)?;
-            // Agree on the loss and on whether any rank saw a non-finite one.
+            // Agree on the loss, on whether any rank saw a non-finite one, and on the time limit.
             let flag = if bad.is_some() { 1.0f32 } else { 0.0 };
-            let mine = [if bad.is_some() { 0.0 } else { loss }, flag];
+            let mine = [if bad.is_some() { 0.0 } else { loss }, flag, f32::from(u8::from(late))];
             gpu.write(Dev::new(&stats), bytemuck::cast_slice(&mine))?;
-            comm.all_reduce_sum(gpu, Dev::new(&stats), 2, DType::F32)?;
+            comm.all_reduce_sum(gpu, Dev::new(&stats), 3, DType::F32)?;
             comm.finish(gpu)?;
-            let all = super::download_f32(gpu, Dev::new(&stats), 2, DType::F32)?;
+            let all = super::download_f32(gpu, Dev::new(&stats), 3, DType::F32)?;
             loss = all[0] / dp_size as f32;
             if all[1] > 0.0 && bad.is_none() {
                 bad = Some((usize::MAX, f32::NAN));
             }
+            late = all[2] > 0.0;
         }
         state.step += 1;
         state.consumed_samples += t.global_batch_size as u64;
@@ -219,6 +223,11 @@ pub fn run<G: Gpu>(
             && state.step.is_multiple_of(c.save_interval)
         {
             save(cfg, model, trainer, state, on)?;
+        }
+        if let Some(why) = exit_due(t, state.step, late) {
+            interrupted = true;
+            on(&Event::Stopped { step: state.step, why });
+            break;
         }
     }
     if dp_rank == 0 && !interrupted && state.step > start {

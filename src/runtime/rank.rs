@@ -1931,8 +1931,13 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         let nonfinite = parts[n_tensors + 2] != 0.0
             || losses.iter().any(|(_, l)| !l.is_finite())
             || parts[..n_tensors].iter().any(|x| !x.is_finite());
+        // A stop asked for by a signal, or by the configuration (--exit-interval, or
+        // --exit-duration-in-mins by this rank's clock): agreed below, so every rank stops after
+        // the same step.
         let stop_now = st.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
-            || ctx.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+            || ctx.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+            || crate::train::run::exit_due(t, this, crate::train::run::over_time(t, started.elapsed()))
+                .is_some();
         parts[n_tensors] = loss_sum;
         parts[n_tensors + 1] = losses.len() as f64;
         parts[n_tensors + 2] = f64::from(u8::from(nonfinite));

@@ -42,12 +42,61 @@ pub enum RunError {
 /// What the loop reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Resumed { step: u64, consumed_samples: u64, from: String },
-    Step { step: u64, loss: f32, lr: f32, grad_norm: f64, tokens_per_s: f64, elapsed_s: f64 },
-    Skipped { step: u64, microbatch: usize, loss: f32 },
-    Eval { step: u64, split: EvalSplit, loss: f32, perplexity: f32, sample: Option<String> },
-    Saved { step: u64, path: String },
-    Interrupted { step: u64 },
+    Resumed {
+        step: u64,
+        consumed_samples: u64,
+        from: String,
+    },
+    Step {
+        step: u64,
+        loss: f32,
+        lr: f32,
+        grad_norm: f64,
+        tokens_per_s: f64,
+        elapsed_s: f64,
+    },
+    Skipped {
+        step: u64,
+        microbatch: usize,
+        loss: f32,
+    },
+    Eval {
+        step: u64,
+        split: EvalSplit,
+        loss: f32,
+        perplexity: f32,
+        sample: Option<String>,
+    },
+    Saved {
+        step: u64,
+        path: String,
+    },
+    Interrupted {
+        step: u64,
+    },
+    /// Training stops early by its configuration (`exit_interval`, `exit_duration_in_mins`).
+    Stopped {
+        step: u64,
+        why: String,
+    },
+}
+
+/// Whether `exit_duration_in_mins` has passed `elapsed` into training.
+pub fn over_time(t: &crate::config::TrainConfig, elapsed: std::time::Duration) -> bool {
+    t.exit_duration_in_mins > 0.0 && elapsed.as_secs_f64() / 60.0 >= t.exit_duration_in_mins
+}
+
+/// Why training stops after `step` (before `train_iters`): a multiple of `exit_interval`, or
+/// `over_time` (decided by the caller, agreed between ranks where there are several). `None`:
+/// it goes on.
+pub fn exit_due(t: &crate::config::TrainConfig, step: u64, over_time: bool) -> Option<String> {
+    if step >= t.train_iters {
+        return None;
+    }
+    if t.exit_interval > 0 && step.is_multiple_of(t.exit_interval) {
+        return Some(format!("--exit-interval {} reached", t.exit_interval));
+    }
+    over_time.then(|| format!("--exit-duration-in-mins {} passed", t.exit_duration_in_mins))
 }
 
 /// Which held-out split an evaluation used: the validation split every `eval_interval` steps and
@@ -268,6 +317,11 @@ pub fn run(
         let c = &cfg.checkpoint;
         if !c.save.is_empty() && c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) {
             save(cfg, trainer, state, on)?;
+        }
+        if let Some(why) = exit_due(t, state.step, over_time(t, started.elapsed())) {
+            interrupted = true;
+            on(&Event::Stopped { step: state.step, why });
+            break;
         }
     }
     if !interrupted && state.step > start {
