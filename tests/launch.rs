@@ -37,6 +37,37 @@ fn launch_sets_torchrun_env_and_prefixes_lines() {
     }
 }
 
+/// A first failure that is only a consequence (exit code 4: a peer was lost) while a rank is
+/// still running names that rank as the likely culprit; a failure of its own names no one else.
+#[test]
+fn a_consequence_names_the_ranks_still_running() {
+    let run = |script: &str| {
+        let out = Command::new(BIN)
+            .args([
+                "launch",
+                "--nproc-per-node",
+                "3",
+                "--master-port",
+                "0",
+                "--grace",
+                "1",
+                "sh",
+                "-c",
+                script,
+            ])
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) =
+        run("if [ $RANK = 0 ]; then sleep 0.2; exit 4; elif [ $RANK = 2 ]; then exec sleep 30; fi");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("rank 0 failed first (exit code 4) because a peer did; still running then, so likely hung or stopped: rank 2"), "{err}");
+    let (_, err) =
+        run("if [ $RANK = 0 ]; then sleep 0.2; exit 1; elif [ $RANK = 2 ]; then exec sleep 30; fi");
+    assert!(err.contains("rank 0 failed first (exit code 1)") && !err.contains("still running"), "{err}");
+}
+
 /// torchrun's spellings work: `--standalone`, underscores (`--nproc_per_node=2`), the program
 /// without `--`, `--rdzv-endpoint HOST:PORT` as node 0's store, and Slurm's node index; several
 /// nodes without a node index, and a rendezvous backend other than c10d, are usage errors.

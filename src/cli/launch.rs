@@ -420,12 +420,26 @@ fn run_attempt(a: &LaunchArgs, port: u16, attempt: u32, signals: &Interrupts) ->
         ranks.push(Rank { rank, child, status: None });
     }
     let (failed, asked) = supervise(&mut ranks, signals);
+    // Ranks that neither finished nor failed by the time the first failure was chosen: when
+    // that failure is only a consequence (exit code 4, a peer was lost or silent), a rank still
+    // running is the likely culprit (hung, stopped, or swapped out), and is named.
+    let running: Vec<usize> = ranks.iter().filter(|r| r.status.is_none()).map(|r| r.rank).collect();
     stop_all(&mut ranks, Duration::from_secs_f64(a.grace.max(0.0)));
     for p in pumps {
         let _ = p.join();
     }
-    let failed =
-        failed.map(|(rank, status)| (format!("rank {rank} failed first ({})", describe(status)), status));
+    let failed = failed.map(|(rank, status)| {
+        let mut why = format!("rank {rank} failed first ({})", describe(status));
+        if status.code() == Some(4) && !running.is_empty() {
+            let list: Vec<String> = running.iter().map(usize::to_string).collect();
+            why.push_str(&format!(
+                " because a peer did; still running then, so likely hung or stopped: {} {}",
+                if running.len() == 1 { "rank" } else { "ranks" },
+                list.join(", ")
+            ));
+        }
+        (why, status)
+    });
     Ok(match (failed, asked) {
         (failed, true) => Attempt::Interrupted { failed: failed.map(|f| f.0), at_once: signals.count() > 1 },
         (Some((why, status)), false) => Attempt::Failed(why, status.code()),
