@@ -287,6 +287,46 @@ fn sigterm_to_one_rank_stops_every_rank_after_the_step_with_a_checkpoint() {
     assert_stopped_with_a_checkpoint(&dir, &log, &err);
 }
 
+/// The GPU data-parallel loop (on the kernel emulator here) agrees on a stop in its per-step
+/// all-reduce: SIGTERM to one rank stops both after the same step, with a checkpoint. (Each rank
+/// checking its own flag before a step left the other waiting in that step's reduction.)
+#[test]
+fn sigterm_to_one_gpu_data_parallel_rank_stops_both_after_the_same_step() {
+    let dir = scratch("sigterm-gpu-dp");
+    let (cfg, text) = config(&dir);
+    let text = text
+        .replace("train_iters = 4", "train_iters = 200")
+        .replace("save_interval = 2", "save_interval = 1")
+        .replace("pipeline_model_parallel_size = 2", "pipeline_model_parallel_size = 1")
+        .replace("num_layers = 4", "num_layers = 1");
+    std::fs::write(&cfg, &text).unwrap();
+    let log = dir.join("log.jsonl");
+    let extra = ["--device", "emu", "--dtype", "fp32"];
+    let child = launcher(&["--nproc-per-node", "2", "--master-port", "0"], &cfg, &log, 0, &[], &extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while json_losses(&log).len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
+    let pid: i32 = String::from_utf8_lossy(&kids.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a rank process");
+    // SAFETY: kill(2) on a child process id we just listed; no memory effects.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert_stopped_with_a_checkpoint(&dir, &log, &err);
+}
+
 /// The run in `dir` stopped early, after a step it logged, with that step's checkpoint the
 /// latest, and left no process behind.
 fn assert_stopped_with_a_checkpoint(dir: &Path, log: &Path, err: &str) {

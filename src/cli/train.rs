@@ -557,6 +557,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     })?;
     let be = CpuBackend::new(cfg.train.threads);
     let stop = run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
+    let began = std::time::Instant::now();
     // Under a launcher (GPU data parallelism) every rank runs this loop; rank 0 reports.
     let reporting = launched.as_ref().is_none_or(|e| e.rank == 0);
     let mut json = match cfg.logging.log_json.as_str() {
@@ -643,7 +644,13 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     bar.finish_and_clear();
     let why = (summary.interrupted && !stop.load(std::sync::atomic::Ordering::SeqCst))
-        .then(|| troupe::train::run::exit_due(&cfg.train, summary.steps, true))
+        .then(|| {
+            troupe::train::run::exit_due(
+                &cfg.train,
+                summary.steps,
+                run::over_time(&cfg.train, began.elapsed()),
+            )
+        })
         .flatten();
     if let Some(why) = why {
         let resume = match cfg.checkpoint.save.as_str() {

@@ -321,6 +321,7 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         eprintln!("troupe: each chunk computes on {} (AdamW {adamw}{reduce}{p2p})", f.describe());
     }
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
+    let began = std::time::Instant::now();
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
     let events = (rank == 0).then_some(tx);
     let cfg2 = cfg.clone();
@@ -407,9 +408,12 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
     let last = r0.records.last();
     if r0.interrupted {
         let at = last.map_or(0, |r| r.step);
-        // Not a signal: the configuration's --exit-interval or --exit-duration-in-mins.
+        // Not a signal (here or, through the step agreement, on another rank): the
+        // configuration's --exit-interval, or --exit-duration-in-mins by this clock, which
+        // started before the loop's.
+        let late = troupe::train::run::over_time(&cfg.train, began.elapsed());
         let why = (!stop.load(std::sync::atomic::Ordering::SeqCst))
-            .then(|| troupe::train::run::exit_due(&cfg.train, at, true))
+            .then(|| troupe::train::run::exit_due(&cfg.train, at, late))
             .flatten();
         let resume = match cfg.checkpoint.save.as_str() {
             "" => String::new(),

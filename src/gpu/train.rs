@@ -104,7 +104,7 @@ pub fn run<G: Gpu>(
         .into());
     }
     let gpu = model.gpu();
-    let stats = gpu.alloc(8)?;
+    let stats = gpu.alloc(4 * std::mem::size_of::<f32>())?;
     let seq = data.train.sample_tokens().saturating_sub(1);
     let mut bufs: Vec<BatchBuf> = (0..accum).map(|_| BatchBuf::default()).collect();
     let started = Instant::now();
@@ -113,7 +113,10 @@ pub fn run<G: Gpu>(
     let mut interrupted = false;
     let start = state.step;
     while state.step < t.train_iters {
-        if stop.load(Ordering::SeqCst) {
+        // Data-parallel ranks agree on a stop in the step's all-reduce below (a signal reaches
+        // them at slightly different times; a rank that left the loop alone would leave the
+        // others waiting in the next step's reduction).
+        if dp.is_none() && stop.load(Ordering::SeqCst) {
             interrupted = true;
             on(&Event::Interrupted { step: state.step });
             break;
@@ -151,20 +154,29 @@ pub fn run<G: Gpu>(
         // Past --exit-duration-in-mins by this rank's clock; the ranks agree below, so all of
         // them stop after the same step.
         let mut late = over_time(t, started.elapsed());
+        let mut asked = false;
         if let Some(comm) = dp {
             comm.finish(gpu)?;
-            // Agree on the loss, on whether any rank saw a non-finite one, and on the time limit.
+            // Agree on the loss, on whether any rank saw a non-finite one, on the time limit and
+            // on a stop asked for by a signal.
             let flag = if bad.is_some() { 1.0f32 } else { 0.0 };
-            let mine = [if bad.is_some() { 0.0 } else { loss }, flag, f32::from(u8::from(late))];
+            let signalled = stop.load(Ordering::SeqCst);
+            let mine = [
+                if bad.is_some() { 0.0 } else { loss },
+                flag,
+                f32::from(u8::from(late)),
+                f32::from(u8::from(signalled)),
+            ];
             gpu.write(Dev::new(&stats), bytemuck::cast_slice(&mine))?;
-            comm.all_reduce_sum(gpu, Dev::new(&stats), 3, DType::F32)?;
+            comm.all_reduce_sum(gpu, Dev::new(&stats), 4, DType::F32)?;
             comm.finish(gpu)?;
-            let all = super::download_f32(gpu, Dev::new(&stats), 3, DType::F32)?;
+            let all = super::download_f32(gpu, Dev::new(&stats), 4, DType::F32)?;
             loss = all[0] / dp_size as f32;
             if all[1] > 0.0 && bad.is_none() {
                 bad = Some((usize::MAX, f32::NAN));
             }
             late = all[2] > 0.0;
+            asked = all[3] > 0.0;
         }
         state.step += 1;
         state.consumed_samples += t.global_batch_size as u64;
@@ -223,6 +235,11 @@ pub fn run<G: Gpu>(
             && state.step.is_multiple_of(c.save_interval)
         {
             save(cfg, model, trainer, state, on)?;
+        }
+        if asked && state.step < t.train_iters {
+            interrupted = true;
+            on(&Event::Interrupted { step: state.step });
+            break;
         }
         if let Some(why) = exit_due(t, state.step, late) {
             interrupted = true;

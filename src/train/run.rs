@@ -96,7 +96,8 @@ pub fn exit_due(t: &crate::config::TrainConfig, step: u64, over_time: bool) -> O
     if t.exit_interval > 0 && step.is_multiple_of(t.exit_interval) {
         return Some(format!("--exit-interval {} reached", t.exit_interval));
     }
-    over_time.then(|| format!("--exit-duration-in-mins {} passed", t.exit_duration_in_mins))
+    (over_time && t.exit_duration_in_mins > 0.0)
+        .then(|| format!("--exit-duration-in-mins {} passed", t.exit_duration_in_mins))
 }
 
 /// Which held-out split an evaluation used: the validation split every `eval_interval` steps and
