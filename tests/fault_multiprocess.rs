@@ -225,6 +225,16 @@ fn launch_and_signal(
 }
 
 /// [`launch_and_signal`], the signal going to the launcher itself when `to_launcher`.
+/// The process id of the launcher's last-started rank (its newest child).
+fn last_rank(launcher: &std::process::Child) -> i32 {
+    let kids = Command::new("pgrep").args(["-P", &launcher.id().to_string()]).output().unwrap();
+    String::from_utf8_lossy(&kids.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a rank process")
+}
+
 fn launch_and_signal_to(
     dir: &Path,
     signal: i32,
@@ -247,16 +257,7 @@ fn launch_and_signal_to(
     while json_losses(&log).len() < after as usize && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
-    let pid: i32 = if to_launcher {
-        child.id() as i32
-    } else {
-        String::from_utf8_lossy(&kids.stdout)
-            .lines()
-            .last()
-            .and_then(|l| l.trim().parse().ok())
-            .expect("a rank process")
-    };
+    let pid: i32 = if to_launcher { child.id() as i32 } else { last_rank(&child) };
     // SAFETY: kill(2) on a child process id we just listed; no memory effects.
     unsafe {
         libc::kill(pid, signal);
@@ -311,13 +312,8 @@ fn sigterm_to_one_gpu_data_parallel_rank_stops_both_after_the_same_step() {
     while json_losses(&log).len() < 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
-    let pid: i32 = String::from_utf8_lossy(&kids.stdout)
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("a rank process");
-    // SAFETY: kill(2) on a child process id we just listed; no memory effects.
+    let pid = last_rank(&child);
+    // SAFETY: kill(2) on a child process id just listed; no memory effects.
     unsafe {
         libc::kill(pid, libc::SIGTERM);
     }
@@ -521,12 +517,7 @@ fn a_stopped_rank_is_found_by_the_store_heartbeat() {
     while json_losses(&log).len() < 3 && started.elapsed() < std::time::Duration::from_secs(60) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let kids = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
-    let pid: i32 = String::from_utf8_lossy(&kids.stdout)
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .expect("a rank");
+    let pid = last_rank(&child);
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     let rank = String::from_utf8_lossy(&environ)
         .split('\0')

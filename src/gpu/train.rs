@@ -248,17 +248,9 @@ pub fn run<G: Gpu>(
         }
     }
     if dp_rank == 0 && !interrupted && state.step > start {
-        let l = &cfg.logging;
-        for split in EvalSplit::at_end(state.step, l.eval_interval, data.valid.is_some(), data.test.is_some())
-        {
-            let source = match split {
-                EvalSplit::Validation => data.valid,
-                EvalSplit::Test => data.test,
-            };
-            if let Some(source) = source {
-                let loss = evaluate(cfg, model, source)?;
-                on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
-            }
+        for (split, source) in data.end_evaluations(state.step, cfg.logging.eval_interval) {
+            let loss = evaluate(cfg, model, source)?;
+            on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
         }
     }
     let c = &cfg.checkpoint;

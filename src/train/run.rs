@@ -152,6 +152,20 @@ pub struct RunData<'a> {
     pub sample: Option<SampleFn<'a>>,
 }
 
+impl<'a> RunData<'a> {
+    /// The held-out evaluations due when training ends at `step`, each with its samples (see
+    /// [`EvalSplit::at_end`]).
+    pub fn end_evaluations(&self, step: u64, eval_interval: u64) -> Vec<(EvalSplit, &'a dyn SampleSource)> {
+        EvalSplit::at_end(step, eval_interval, self.valid.is_some(), self.test.is_some())
+            .into_iter()
+            .filter_map(|split| match split {
+                EvalSplit::Validation => self.valid.map(|s| (split, s)),
+                EvalSplit::Test => self.test.map(|s| (split, s)),
+            })
+            .collect()
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSummary {
@@ -326,17 +340,9 @@ pub fn run(
         }
     }
     if !interrupted && state.step > start {
-        let l = &cfg.logging;
-        for split in EvalSplit::at_end(state.step, l.eval_interval, data.valid.is_some(), data.test.is_some())
-        {
-            let source = match split {
-                EvalSplit::Validation => data.valid,
-                EvalSplit::Test => data.test,
-            };
-            if let Some(source) = source {
-                let loss = evaluate(cfg, be, trainer, source)?;
-                on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
-            }
+        for (split, source) in data.end_evaluations(state.step, cfg.logging.eval_interval) {
+            let loss = evaluate(cfg, be, trainer, source)?;
+            on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
         }
     }
     let c = &cfg.checkpoint;
