@@ -175,6 +175,8 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
         }
     };
     out.args.extend_from_slice(&args[..start]);
+    // `--dtype` is an option of `train` alone (`config show` prints the config, which has none).
+    let training = args[start - 1] == "train";
     let (mut vocab, mut merges): (Option<String>, Option<String>) = (None, None);
     let mut i = start;
     while i < args.len() {
@@ -236,7 +238,10 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                 }
             }
             Rule::Special => match name {
-                "bf16" => out.args.extend(["--dtype".into(), "bf16".into()]),
+                "bf16" if training => out.args.extend(["--dtype".into(), "bf16".into()]),
+                "bf16" => {
+                    out.notes.push(format!("{megatron} is ignored: it sets `troupe train --dtype bf16`"))
+                }
                 "tokenizer-model" => out.args.extend(["--tokenizer".into(), v.into()]),
                 "vocab-file" => vocab = Some(v),
                 "merge-file" => merges = Some(v),
@@ -376,8 +381,9 @@ mod tests {
         assert!(p.errors.is_empty());
         let p = ported("troupe --nccl-lib /x train --inject exit:rank=1,step=2 --set a.b=1");
         assert_eq!(strings(&p).len(), 8);
-        let p = ported("troupe config show --max-position-embeddings 256 --lr-warmup-fraction 0.01");
+        let p = ported("troupe config show --max-position-embeddings 256 --lr-warmup-fraction 0.01 --bf16");
         assert_eq!(strings(&p), ["troupe", "config", "show"]);
+        assert!(p.notes[0].contains("it sets `troupe train --dtype bf16`"), "{:?}", p.notes);
         assert_eq!(p.ported.max_position_embeddings, Some(256));
         assert_eq!(p.ported.lr_warmup_fraction, Some(0.01));
     }
