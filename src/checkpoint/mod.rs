@@ -25,6 +25,8 @@ use crate::models::gpt::Gpt;
 use crate::models::params::ParamTable;
 use crate::optim::AdamW;
 
+pub mod hf;
+
 const SCHEMA_VERSION: u32 = 1;
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIM_FILE: &str = "optimizer.safetensors";
@@ -459,6 +461,17 @@ pub fn resolve(path: &Path) -> Result<Option<PathBuf>, CheckpointError> {
     }
     let latest = path.join(LATEST);
     if !latest.exists() {
+        if path.join(hf::CONFIG_FILE).is_file()
+            && (path.join(hf::WEIGHTS_FILE).is_file() || path.join(hf::WEIGHTS_INDEX_FILE).is_file())
+        {
+            return Err(CheckpointError::Missing {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "it is a Hugging Face model, not a troupe checkpoint; import it first: troupe import --hf {} --save DIR",
+                    path.display()
+                ),
+            });
+        }
         return Ok(None);
     }
     let text = fs::read_to_string(&latest).map_err(io("read", &latest))?;
@@ -577,6 +590,14 @@ impl Loaded {
             }),
             None => Ok(()),
         }
+    }
+
+    /// The model file's tensors (troupe's names and layout), parsed from the verified mapping.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Damaged`] when the file does not parse as safetensors.
+    pub fn model_tensors(&self) -> Result<SafeTensors<'_>, CheckpointError> {
+        parse(&self.dir.join(MODEL_FILE), &self.model)
     }
 
     /// Copies parameters (and, with `opt`, AdamW moments and step) into place.

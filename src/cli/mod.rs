@@ -27,6 +27,11 @@ pub enum Command {
     Config(ConfigCommand),
     /// Sample text from a checkpoint (KV-cached decoding).
     Generate(generate::GenerateArgs),
+    /// Write a checkpoint as a Hugging Face GPT-2 (model.safetensors, config.json, tokenizer)
+    /// that transformers' GPT2LMHeadModel.from_pretrained loads.
+    Export(hf::ExportArgs),
+    /// Read a Hugging Face GPT-2 directory into a checkpoint at step 0 to train on from.
+    Import(Box<hf::ImportArgs>),
     /// Draw loss and learning-rate curves from a --log-json file.
     Plot(plot::PlotArgs),
     /// Benchmarks (training throughput against the PyTorch peer, kernels).
@@ -89,6 +94,7 @@ mod bench_comm;
 mod bench_preprocess;
 mod device;
 mod generate;
+mod hf;
 mod launch;
 pub(crate) mod megatron;
 mod plot;
@@ -218,6 +224,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Faults(args)) => bench::faults(args),
         Command::Launch(args) => launch::launch(args),
         Command::Device(args) => device::run(args),
+        Command::Export(args) => hf::export(args),
+        Command::Import(args) => hf::import(*args),
     }
 }
 
