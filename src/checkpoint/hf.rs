@@ -77,6 +77,14 @@ impl HfDtype {
         }
     }
 
+    /// Bytes per element.
+    fn width(self) -> usize {
+        match self {
+            HfDtype::F32 => 4,
+            HfDtype::Bf16 | HfDtype::F16 => 2,
+        }
+    }
+
     /// The name `config.json` gives it (`torch_dtype`).
     pub fn torch_name(self) -> &'static str {
         match self {
@@ -254,27 +262,6 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-struct Encoded {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl View for &Encoded {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
 /// What [`export`] wrote.
 #[derive(Debug, Clone)]
 pub struct ExportReport {
@@ -327,10 +314,47 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), HfError> {
     fs::rename(&tmp, &path).map_err(io("rename into", &path))
 }
 
+/// One exported tensor, converted when the writer asks for its bytes (so an export holds one
+/// tensor at a time besides the mapped checkpoint): the troupe tensor's little-endian f32 bytes,
+/// the leading values kept (the embedding's real rows), transposed `[rows, cols]` → `[cols, rows]`
+/// when `transpose` says so, encoded in `dtype`.
+struct Pending<'a> {
+    src: &'a [u8],
+    keep: usize,
+    transpose: Option<(usize, usize)>,
+    dtype: HfDtype,
+    shape: Vec<usize>,
+}
+
+impl View for Pending<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype.safetensors()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut v: Vec<f32> = self
+            .src
+            .chunks_exact(4)
+            .take(self.keep)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some((rows, cols)) = self.transpose {
+            v = transpose(&v, rows, cols);
+        }
+        std::borrow::Cow::Owned(self.dtype.encode(&v))
+    }
+    fn data_len(&self) -> usize {
+        self.keep * self.dtype.width()
+    }
+}
+
 /// Writes the weights of the verified checkpoint `loaded` into `out` (created if missing) as a
 /// Hugging Face GPT-2: `model.safetensors` (in `dtype`; metadata `format = pt`, which
 /// `transformers` requires) and `config.json`. `eos` is the end-of-document id, written as
-/// `bos_token_id`/`eos_token_id`. The tokenizer is the caller's to write.
+/// `bos_token_id`/`eos_token_id`. The tokenizer is the caller's to write. Each file is written to
+/// a temporary name and renamed.
 ///
 /// # Errors
 /// [`HfError`] naming the file that cannot be read or written.
@@ -345,45 +369,61 @@ pub fn export(
         whole_table(m).map_err(|e| HfError::Config { path: loaded.dir.clone(), reason: e.to_string() })?;
     let src = loaded.model_tensors()?;
     let model_path = loaded.dir.join(super::MODEL_FILE);
-    let mut tensors: BTreeMap<String, Encoded> = BTreeMap::new();
+    let damaged = |name: &str, reason: String| {
+        HfError::Checkpoint(CheckpointError::Damaged {
+            path: model_path.clone(),
+            reason: format!("tensor {name}: {reason}"),
+        })
+    };
+    let mut pending: Vec<(String, Pending<'_>)> = Vec::new();
     let mut parameters = 0;
     for map in mappings(&table) {
-        let spec = table.get(&map.troupe).ok_or_else(|| HfError::Tensor {
-            path: model_path.clone(),
-            name: map.troupe.clone(),
-            reason: "not in the model's table".into(),
-        })?;
-        let mut values = vec![0.0f32; spec.span.len];
-        super::copy_tensor(&src, &spec.name, &spec.shape, &mut values, &model_path)?;
+        let spec =
+            table.get(&map.troupe).ok_or_else(|| damaged(&map.troupe, "not in the model's table".into()))?;
+        let view = src.tensor(&spec.name).map_err(|_| damaged(&spec.name, "missing".into()))?;
+        if view.dtype() != Dtype::F32 || view.shape() != spec.shape.as_slice() {
+            let reason = format!("{:?} {:?}, expected F32 {:?}", view.dtype(), view.shape(), spec.shape);
+            return Err(damaged(&spec.name, reason));
+        }
         let mut shape = spec.shape.clone();
         if map.troupe == "wte" {
-            // Drop the padding rows.
-            values.truncate(m.vocab_size * m.hidden_size);
+            // The padding rows stay behind.
             shape[0] = m.vocab_size;
         }
+        let transpose = map.transposed.then(|| (shape[0], shape[1]));
         if map.transposed {
-            values = transpose(&values, shape[0], shape[1]);
             shape.swap(0, 1);
         }
-        parameters += values.len();
-        tensors.insert(map.hf, Encoded { dtype: dtype.safetensors(), shape, bytes: dtype.encode(&values) });
+        let keep = shape.iter().product();
+        parameters += keep;
+        pending.push((map.hf, Pending { src: view.data(), keep, transpose, dtype, shape }));
     }
     fs::create_dir_all(out).map_err(io("create directory", out))?;
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("troupe_step".to_string(), loaded.state.step.to_string()),
     ]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| HfError::Weights { path: out.join(WEIGHTS_FILE), reason: e.to_string() })?;
-    write_file(out, WEIGHTS_FILE, &bytes)?;
+    let path = out.join(WEIGHTS_FILE);
+    let tmp = out.join(format!(".{WEIGHTS_FILE}.tmp-{}", std::process::id()));
+    let tensors = pending.len();
+    if let Err(e) = safetensors::serialize_to_file(pending, Some(metadata), &tmp) {
+        let _ = fs::remove_file(&tmp);
+        let reason = e.to_string();
+        return Err(match e {
+            safetensors::SafeTensorError::IoError(source) => HfError::Io { op: "write", path: tmp, source },
+            _ => HfError::Weights { path, reason },
+        });
+    }
+    fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
+    let weights_bytes = fs::metadata(&path).map_err(io("stat", &path))?.len();
     let config = config_json(m, dtype, eos);
     let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
     write_file(out, CONFIG_FILE, text.as_bytes())?;
     Ok(ExportReport {
         step: loaded.state.step,
-        tensors: tensors.len(),
+        tensors,
         parameters,
-        weights_bytes: bytes.len() as u64,
+        weights_bytes,
         config: HfGpt2Config {
             vocab_size: m.vocab_size,
             n_positions: m.seq_length,
@@ -586,6 +626,27 @@ pub fn import(dir: &Path, hf: &HfGpt2Config, m: &GptConfig) -> Result<Imported, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Encoded {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+
+    impl View for &Encoded {
+        fn dtype(&self) -> Dtype {
+            self.dtype
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(&self.bytes)
+        }
+        fn data_len(&self) -> usize {
+            self.bytes.len()
+        }
+    }
 
     #[test]
     fn transpose_moves_element_rc_to_cr() {

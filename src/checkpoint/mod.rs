@@ -528,7 +528,8 @@ pub struct Loaded {
     /// The verified files, mapped: restoring copies from the page cache, so a resume never holds
     /// a second in-memory copy of the model and its moments.
     model: memmap2::Mmap,
-    optim: memmap2::Mmap,
+    /// `None` when loaded by [`load_model`].
+    optim: Option<memmap2::Mmap>,
 }
 
 /// Reads a checkpoint directory and verifies every file's size and CRC32.
@@ -536,6 +537,20 @@ pub struct Loaded {
 /// # Errors
 /// [`CheckpointError`] naming the missing or damaged file.
 pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+    load_files(dir, true)
+}
+
+/// [`load`] without the optimizer state, which is neither read nor verified: for what needs the
+/// weights only (sampling, export), at a third of the reading. [`Loaded::restore`] of it restores
+/// no AdamW state.
+///
+/// # Errors
+/// As [`load`], for `state.json` and the model file.
+pub fn load_model(dir: &Path) -> Result<Loaded, CheckpointError> {
+    load_files(dir, false)
+}
+
+fn load_files(dir: &Path, with_optimizer: bool) -> Result<Loaded, CheckpointError> {
     let state_path = dir.join(STATE_FILE);
     let sf = state_file(dir)?;
     let read_verified = |file: &str| -> Result<memmap2::Mmap, CheckpointError> {
@@ -562,7 +577,7 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
         Ok(bytes)
     };
     let model = read_verified(MODEL_FILE)?;
-    let optim = read_verified(OPTIM_FILE)?;
+    let optim = if with_optimizer { Some(read_verified(OPTIM_FILE)?) } else { None };
     Ok(Loaded { dir: dir.to_path_buf(), state: sf.state, model, optim })
 }
 
@@ -618,7 +633,13 @@ impl Loaded {
             )?;
         }
         if let Some(opt) = opt {
-            let o = parse(&self.dir.join(OPTIM_FILE), &self.optim)?;
+            let Some(optim) = &self.optim else {
+                return Err(CheckpointError::Missing {
+                    path: self.dir.join(OPTIM_FILE),
+                    reason: "the checkpoint was loaded without its optimizer state".into(),
+                });
+            };
+            let o = parse(&self.dir.join(OPTIM_FILE), optim)?;
             let path = self.dir.join(OPTIM_FILE);
             for spec in &specs {
                 let r = spec.span.range();
@@ -682,6 +703,30 @@ mod tests {
         let d = std::env::temp_dir().join(format!("troupe-ckpt-unit-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    /// A weights-only load reads and verifies the model file alone: a damaged optimizer file
+    /// fails [`load`] but not [`load_model`], whose restore gives the weights and refuses moments.
+    #[test]
+    fn a_weights_only_load_skips_the_optimizer_file() {
+        let cfg = GptConfig::tiny();
+        let model = Gpt::new(&cfg, 7).unwrap();
+        let opt = AdamW::new(crate::optim::AdamWConfig::default(), model.table().len());
+        let dir = save(&tempdir("model-only"), &state(&cfg), &model, &opt).unwrap();
+        let optim = dir.join(OPTIM_FILE);
+        let mut bytes = fs::read(&optim).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&optim, &bytes).unwrap();
+        assert!(load(&dir).unwrap_err().to_string().contains("CRC32"));
+        let loaded = load_model(&dir).unwrap();
+        let mut back = Gpt::new(&cfg, 8).unwrap();
+        loaded.restore(&mut back, None).unwrap();
+        assert!(back.params() == model.params());
+        let mut opt2 = AdamW::new(crate::optim::AdamWConfig::default(), model.table().len());
+        let err = loaded.restore(&mut back, Some(&mut opt2)).unwrap_err().to_string();
+        assert!(err.contains("loaded without its optimizer state"), "{err}");
+        let _ = fs::remove_dir_all(dir.parent().unwrap());
     }
 
     /// The streamed files are what an in-memory safetensors serialisation gives, their recorded

@@ -49,7 +49,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let dir = checkpoint::resolve(&args.load)
         .map_err(usage)?
         .ok_or_else(|| UsageError(format!("--load {}: no checkpoint there", args.load.display())))?;
-    let loaded = checkpoint::load(&dir).map_err(usage)?;
+    let loaded = checkpoint::load_model(&dir).map_err(usage)?;
     let cfg = loaded.state.config.clone();
     let mut model = troupe::Gpt::new(&cfg.model, 0)?;
     loaded.restore(&mut model, None).map_err(usage)?;

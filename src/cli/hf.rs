@@ -68,7 +68,7 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
             args.out.display()
         )));
     }
-    let loaded = checkpoint::load(&dir).map_err(usage)?;
+    let loaded = checkpoint::load_model(&dir).map_err(usage)?;
     let cfg = loaded.state.config.clone();
     // The run's tokenizer goes with the weights when it can still be found.
     let tokenizer = match corpus::tokenizer(&cfg) {
