@@ -785,3 +785,32 @@ fn device_out_of_memory_is_an_error_with_advice() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--finetune`: needs `--load`; starts at step 1 from the checkpoint's weights, saving into its
+/// own `--save`; run again, it says how to go on with that fine-tuning instead of starting over.
+#[test]
+fn finetune_starts_over_from_a_checkpoints_weights() -> Result<()> {
+    let dir = tempdir("finetune");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--train-iters", "2", "--log-interval", "1"];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(extra);
+        troupe(&args, &dir)
+    };
+    let o = run(&["--finetune"]);
+    ensure!(
+        o.status.code() == Some(2) && stderr(&o).contains("--finetune takes the weights"),
+        "{}",
+        stderr(&o)
+    );
+    ensure!(run(&["--save", "pre"]).status.success(), "pretraining failed");
+    for again in [false, true] {
+        let o = run(&["--load", "pre", "--finetune", "--save", "ft"]);
+        let e = stderr(&o);
+        ensure!(o.status.success(), "{e}");
+        ensure!(e.contains("fine-tuning from the weights of pre: step 0") && !e.contains("resumed"), "{e}");
+        ensure!(e.contains("step      1 |") && e.contains("saved checkpoint ft/iter_0000002"), "{e}");
+        ensure!(e.contains("to go on with that fine-tuning") == again, "{e}");
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use troupe::config::Config;
 use troupe::data::SampleSource;
 use troupe::models::Rng;
@@ -281,6 +281,39 @@ fn checkpoints_resume_exactly_on_any_layout() -> Result<()> {
     let resumed_single = single(&["train.train_iters=4", decay, &load])?;
     let straight_single = single(&["train.train_iters=4", decay])?;
     ensure!(resumed_single == straight_single, "single-rank resume of a PP=2 checkpoint differs");
+
+    // Fine-tuning from that checkpoint (its weights, step 0, fresh moments) on PP 2 gives the
+    // single-rank trainer's fine-tuning bit for bit, and is not the resume.
+    let ft = [decay, &load, "checkpoint.finetune=true", "train.train_iters=2"];
+    let pp_ft = [&ft[..], &["parallel.pipeline_model_parallel_size=2"]].concat();
+    let (cfg, _) = setup(&pp_ft)?;
+    let tuned = train_inproc(&cfg, data.clone(), opts(30), 2, None, None)?;
+    ensure!(
+        tuned[0].records.len() == 2 && tuned[0].records[0].step == 1,
+        "the fine-tuning did not start at step 1"
+    );
+    let (cfg, _) = setup(&ft)?;
+    let (mut trainer, mut state, _) = troupe::train::run::prepare(&cfg)?;
+    ensure!(state.step == 0, "the single trainer's fine-tuning starts at step {}", state.step);
+    let d = troupe::train::run::RunData { train: data.as_ref(), valid: None, test: None, sample: None };
+    let be = troupe::kernels::CpuBackend::new(1);
+    troupe::train::run::run(&cfg, &be, &mut trainer, &mut state, &d, &AtomicBool::new(false), &mut |_| {})?;
+    let mut compared = 0;
+    for (_, table, params) in tuned.iter().flat_map(|r| r.chunks.iter()) {
+        for spec in table.specs() {
+            let single = trainer.model.param(&spec.name).context("no such tensor")?;
+            let ours = &params[spec.span.range()];
+            ensure!(
+                ours.iter().zip(single).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "PP 2 fine-tuning differs from the single trainer's in {}",
+                spec.name
+            );
+            compared += 1;
+        }
+    }
+    ensure!(compared >= trainer.model.table().specs().len(), "compared {compared} tensors");
+    let tuned_single: Vec<u32> = trainer.model.params().iter().map(|x| x.to_bits()).collect();
+    ensure!(tuned_single != resumed_single, "fine-tuning resumed instead");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

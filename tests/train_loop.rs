@@ -236,3 +236,52 @@ fn exit_interval_and_duration_stop_training_early_and_save() -> Result<()> {
     ensure!(summary.interrupted && summary.steps == 1, "{summary:?}");
     Ok(())
 }
+
+/// `checkpoint.finetune`: the checkpoint's weights only. Training starts at step 0 with zero
+/// moments and the data from its start, and gives, bit for bit, the losses of a fresh run whose
+/// initial weights are set to the checkpoint's by hand. Without it the same load resumes.
+#[test]
+fn finetune_takes_the_weights_and_starts_over() -> Result<()> {
+    let be = CpuBackend::new(1);
+    let src = windows();
+    let data = RunData { train: &src, valid: None, test: None, sample: None };
+    let dir = Scratch::new("train-loop-finetune");
+    let save = format!("checkpoint.save={:?}", dir.display().to_string());
+    let cfg = Config::from_toml_str(CFG, "t", &[save])?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    let stop = AtomicBool::new(false);
+    run(&cfg, &be, &mut trainer, &mut state, &data, &stop, &mut |_| {})?;
+    let pretrained = trainer.model.params().to_vec();
+
+    let losses =
+        |trainer: &mut troupe::train::Trainer, state: &mut troupe::checkpoint::TrainState, cfg: &Config| {
+            let mut out = Vec::new();
+            run(cfg, &be, trainer, state, &data, &stop, &mut |e| {
+                if let Event::Step { loss, .. } = e {
+                    out.push(loss.to_bits());
+                }
+            })
+            .map(|_| out)
+        };
+    let load = format!("checkpoint.load={:?}", dir.display().to_string());
+    let sets = [load.clone(), "checkpoint.finetune=true".into(), "train.train_iters=2".into()];
+    let cfg = Config::from_toml_str(CFG, "t", &sets)?;
+    let (mut ft, mut ft_state, from) = prepare(&cfg)?;
+    ensure!(from.is_some(), "finetune loaded nothing");
+    ensure!(ft_state.step == 0 && ft_state.consumed_samples == 0, "finetune starts at {ft_state:?}");
+    ensure!(ft.opt.step == 0 && ft.opt.m.iter().chain(&ft.opt.v).all(|&x| x == 0.0), "moments not fresh");
+    ensure!(ft.model.params() == pretrained.as_slice(), "finetune did not take the checkpoint's weights");
+    let got = losses(&mut ft, &mut ft_state, &cfg)?;
+
+    let cfg = Config::from_toml_str(CFG, "t", &["train.train_iters=2".into()])?;
+    let (mut fresh, mut fresh_state, _) = prepare(&cfg)?;
+    fresh.model.params_and_grads_mut().0.copy_from_slice(&pretrained);
+    let want = losses(&mut fresh, &mut fresh_state, &cfg)?;
+    ensure!(got.len() == 2 && got == want, "finetune losses {got:?} vs {want:?}");
+
+    // The same load without finetune resumes at step 3 with its moments.
+    let cfg = Config::from_toml_str(CFG, "t", &[load, "train.train_iters=4".into()])?;
+    let (resumed, resumed_state, _) = prepare(&cfg)?;
+    ensure!(resumed_state.step == 3 && resumed.opt.step == 3, "resume at {}", resumed_state.step);
+    Ok(())
+}

@@ -115,8 +115,20 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("recompute-granularity", true, Rule::Refuse("there is no activation recomputation yet")),
     ("recompute-method", true, Rule::Refuse("there is no activation recomputation yet")),
     ("recompute-num-layers", true, Rule::Refuse("there is no activation recomputation yet")),
-    ("no-load-optim", false, Rule::Refuse("a resume always restores the optimizer state")),
-    ("no-load-rng", false, Rule::Refuse("a resume always restores the RNG state")),
+    (
+        "no-load-optim",
+        false,
+        Rule::Refuse(
+            "a resume always restores the optimizer state; --finetune takes the weights alone and starts at step 0",
+        ),
+    ),
+    (
+        "no-load-rng",
+        false,
+        Rule::Refuse(
+            "a resume always restores the RNG state; --finetune starts afresh from the weights alone",
+        ),
+    ),
     ("bf16", false, Rule::Special),
     ("tokenizer-model", true, Rule::Special),
     ("vocab-file", true, Rule::Special),

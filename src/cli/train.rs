@@ -149,6 +149,10 @@ pub struct TrainArgs {
     /// With --load: start from scratch when no checkpoint is there instead of failing.
     #[arg(long)]
     pub allow_fresh_start: bool,
+    /// With --load: take the checkpoint's weights only and start at step 0 (fresh optimizer state,
+    /// data from the start, the learning-rate schedule from its warm-up), as Megatron's --finetune.
+    #[arg(long)]
+    pub finetune: bool,
     /// CPU threads (0: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -448,7 +452,7 @@ pub fn config_show(args: ConfigShowArgs) -> anyhow::Result<()> {
 /// The checkpoint `--load` names and its step, when that step is already `train.train_iters`
 /// or past it. A checkpoint that cannot be read is left to the run, which reports it.
 fn finished_checkpoint(cfg: &Config) -> Option<(std::path::PathBuf, u64)> {
-    if cfg.checkpoint.load.is_empty() {
+    if cfg.checkpoint.load.is_empty() || cfg.checkpoint.finetune {
         return None;
     }
     let dir = checkpoint::resolve(std::path::Path::new(&cfg.checkpoint.load)).ok()??;
@@ -456,11 +460,43 @@ fn finished_checkpoint(cfg: &Config) -> Option<(std::path::PathBuf, u64)> {
     (step >= cfg.train.train_iters).then_some((dir, step))
 }
 
+/// `--finetune` needs `--load`; says what it loads, and how to resume the fine-tuning itself once
+/// its `--save` holds a checkpoint (running the same command again starts over from step 0).
+fn announce_finetune(cfg: &Config, reporting: bool) -> anyhow::Result<()> {
+    let (load, save) = (&cfg.checkpoint.load, &cfg.checkpoint.save);
+    if load.is_empty() {
+        return Err(UsageError(
+            "--finetune takes the weights of the checkpoint --load names; give --load".into(),
+        )
+        .into());
+    }
+    if !reporting {
+        return Ok(());
+    }
+    eprintln!(
+        "troupe: fine-tuning from the weights of {load}: step 0, fresh optimizer state, data from its start"
+    );
+    if !save.is_empty()
+        && std::fs::canonicalize(save).ok() != std::fs::canonicalize(load).ok()
+        && let Ok(Some(existing)) = checkpoint::resolve(std::path::Path::new(save))
+    {
+        eprintln!(
+            "troupe: note: --save {save} already holds {}; to go on with that fine-tuning instead of \
+             starting it over, run with --load {save} and without --finetune",
+            existing.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     check_device(args.device)?;
     let mut extra = Vec::new();
     if args.allow_fresh_start {
         extra.push("checkpoint.allow_fresh_start=true".to_string());
+    }
+    if args.finetune {
+        extra.push("checkpoint.finetune=true".to_string());
     }
     if let Some(t) = args.threads {
         extra.push(format!("train.threads={t}"));
@@ -484,6 +520,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             cfg.train.train_iters
         );
         return Ok(());
+    }
+    if cfg.checkpoint.finetune {
+        announce_finetune(&cfg, launched.as_ref().is_none_or(|e| e.rank == 0))?;
     }
     if !cfg.checkpoint.save.is_empty() {
         checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {
@@ -582,7 +621,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(est) = estimate.as_ref().filter(|_| reporting) {
         announce_memory(est);
     }
-    if let Some(from) = &resumed {
+    if let Some(from) = resumed.as_ref().filter(|_| !cfg.checkpoint.finetune) {
         eprintln!(
             "troupe: resumed from {from} at step {} ({} samples consumed)",
             state.step, state.consumed_samples

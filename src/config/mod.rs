@@ -297,6 +297,10 @@ pub struct CheckpointConfig {
     pub load: String,
     /// With `load` set but no checkpoint there, start from scratch instead of failing.
     pub allow_fresh_start: bool,
+    /// Take only the weights from `load` (Megatron's `--finetune`): training starts at step 0
+    /// with fresh AdamW moments, the data from its start and the learning-rate schedule from
+    /// its warm-up.
+    pub finetune: bool,
 }
 
 impl Config {

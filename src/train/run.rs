@@ -228,6 +228,13 @@ pub fn prepare(cfg: &Config) -> Result<(Trainer, TrainState, Option<String>), Ru
     match checkpoint::resolve(Path::new(load))? {
         None if cfg.checkpoint.allow_fresh_start => Ok((trainer, state, None)),
         None => Err(RunError::NothingToLoad { path: load.into() }),
+        Some(dir) if cfg.checkpoint.finetune => {
+            // The weights only: step 0, fresh moments, the data and schedule from their start.
+            let loaded = checkpoint::load_model(&dir)?;
+            loaded.check_shape(cfg)?;
+            loaded.restore(&mut trainer.model, None)?;
+            Ok((trainer, state, Some(dir.display().to_string())))
+        }
         Some(dir) => {
             let loaded = checkpoint::load(&dir)?;
             loaded.check_shape(cfg)?;
