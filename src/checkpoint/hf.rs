@@ -95,11 +95,17 @@ impl HfDtype {
     }
 
     fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.width());
         match self {
-            HfDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            HfDtype::Bf16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-            HfDtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            HfDtype::F32 => values.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HfDtype::Bf16 => {
+                values.iter().for_each(|&x| out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()))
+            }
+            HfDtype::F16 => {
+                values.iter().for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()))
+            }
         }
+        out
     }
 }
 
@@ -251,12 +257,17 @@ fn mappings(table: &ParamTable) -> Vec<Mapping> {
         .collect()
 }
 
-/// `[rows, cols]` → `[cols, rows]`.
+/// `[rows, cols]` → `[cols, rows]`, in tiles that stay in cache.
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
     let mut out = vec![0.0; src.len()];
-    for (r, row) in src.chunks_exact(cols).enumerate() {
-        for (c, &x) in row.iter().enumerate() {
-            out[c * rows + r] = x;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
         }
     }
     out

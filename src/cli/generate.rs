@@ -51,7 +51,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .ok_or_else(|| UsageError(format!("--load {}: no checkpoint there", args.load.display())))?;
     let loaded = checkpoint::load_model(&dir).map_err(usage)?;
     let cfg = loaded.state.config.clone();
-    let mut model = troupe::Gpt::new(&cfg.model, 0)?;
+    let mut model = troupe::Gpt::new_zeroed(&cfg.model)?;
     loaded.restore(&mut model, None).map_err(usage)?;
     let tok = corpus::tokenizer(&cfg).map_err(|e| UsageError(e.to_string()))?;
     // An empty prompt samples unconditionally: from the end-of-document token, which the

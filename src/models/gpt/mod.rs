@@ -234,6 +234,19 @@ impl Gpt {
     /// # Errors
     /// [`ModelError::BadConfig`] or [`ModelError::BadRange`].
     pub fn new_range(cfg: &GptConfig, range: LayerRange, seed: u64) -> Result<Self, ModelError> {
+        Self::build(cfg, range, Some(seed))
+    }
+
+    /// The whole model with every parameter zero, for weights about to be restored from a
+    /// checkpoint (skips the random initialisation, which dominates loading a large model).
+    ///
+    /// # Errors
+    /// [`ModelError::BadConfig`] when the configuration is invalid.
+    pub fn new_zeroed(cfg: &GptConfig) -> Result<Self, ModelError> {
+        Self::build(cfg, LayerRange::full(cfg), None)
+    }
+
+    fn build(cfg: &GptConfig, range: LayerRange, seed: Option<u64>) -> Result<Self, ModelError> {
         cfg.validate()?;
         if range.first > range.last || range.last > cfg.num_layers {
             return Err(ModelError::BadRange {
@@ -244,7 +257,9 @@ impl Gpt {
         }
         let (table, layout) = layout::build(cfg, range);
         let mut params = vec![0.0; table.len()];
-        layout::init(cfg, &table, &mut params, seed);
+        if let Some(seed) = seed {
+            layout::init(cfg, &table, &mut params, seed);
+        }
         let grads = vec![0.0; table.len()];
         let tied_grad = if range.head { vec![0.0; layout.wte.map_or(0, |s| s.len)] } else { Vec::new() };
         Ok(Self {
