@@ -270,6 +270,22 @@ fn export_then_import_round_trips_through_the_cli() -> Result<()> {
         "{}",
         text(&o)
     );
+    // A run whose tokenizer is gone exports its weights alone, and says that the tokenizer files
+    // an earlier export left in --out are not this export's.
+    std::fs::create_dir_all(s.join("tk"))?;
+    std::fs::copy(s.join("hf/tokenizer.json"), s.join("tk/tokenizer.json"))?;
+    let mut args = vec!["train", "--train-iters", "1", "--tokenizer", "tk", "--save", "ck4"];
+    args.extend_from_slice(TINY);
+    ensure!(troupe(&args, &s).status.success(), "training with --tokenizer tk failed");
+    std::fs::remove_dir_all(s.join("tk"))?;
+    let o = troupe(&["export", "--load", "ck4", "--out", "hf"], &s);
+    ensure!(o.status.success(), "{}", text(&o));
+    ensure!(
+        text(&o).contains("tokenizer cannot be loaded")
+            && text(&o).contains("holds tokenizer.json, tokenizer_config.json from before"),
+        "{}",
+        text(&o)
+    );
     // Training from the Hugging Face directory itself says to import it.
     let mut args = vec!["train", "--load", "hf", "--train-iters", "3"];
     args.extend_from_slice(TINY);

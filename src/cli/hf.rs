@@ -91,20 +91,34 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         hf::HfError::Io { .. } => out_err(e),
         other => usage(other),
     })?;
-    if let Some(tok) = &tokenizer {
-        write_tokenizer(tok, &args.out, cfg.model.seq_length)?;
+    match &tokenizer {
+        Some(tok) => write_tokenizer(tok, &args.out, cfg.model.seq_length)?,
+        None => {
+            let stale: Vec<&str> = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+                .into_iter()
+                .filter(|f| args.out.join(f).exists())
+                .collect();
+            if !stale.is_empty() {
+                eprintln!(
+                    "troupe: warning: {} holds {} from before, which this export did not write and may not \
+                     match these weights",
+                    args.out.display(),
+                    stale.join(", ")
+                );
+            }
+        }
     }
     let c = &report.config;
     eprintln!(
-        "troupe: exported step {} of {} to {} as a Hugging Face GPT-2 ({:.2} M parameters: {} layers, hidden {}, \
-         {} heads, vocabulary {}, {} positions; {} in {}){}",
+        "troupe: exported step {} of {} to {} as a Hugging Face GPT-2 ({:.2} M parameters: {}, hidden {}, \
+         {}, vocabulary {}, {} positions; {} in {}){}",
         report.step,
         dir.display(),
         args.out.display(),
         report.parameters as f64 / 1e6,
-        c.n_layer,
+        super::count(c.n_layer as u64, "layer"),
         c.n_embd,
-        c.n_head,
+        super::count(c.n_head as u64, "head"),
         c.vocab_size,
         c.n_positions,
         dtype.torch_name(),
@@ -211,13 +225,13 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
     hf::write_file(&save_dir, "config.toml", (header + &cfg.to_toml()).as_bytes()).map_err(usage)?;
     let m = &cfg.model;
     eprintln!(
-        "troupe: imported {} ({:.2} M parameters: {} layers, hidden {}, {} heads, vocabulary {} padded to {}, \
+        "troupe: imported {} ({:.2} M parameters: {}, hidden {}, {}, vocabulary {} padded to {}, \
          {} positions{}; stored as {}) into {}",
         args.hf.display(),
         imported.params.len() as f64 / 1e6,
-        m.num_layers,
+        super::count(m.num_layers as u64, "layer"),
         m.hidden_size,
-        m.num_attention_heads,
+        super::count(m.num_attention_heads as u64, "head"),
         m.vocab_size,
         m.padded_vocab_size(),
         m.seq_length,
