@@ -258,6 +258,8 @@ fn export_then_import_round_trips_through_the_cli() -> Result<()> {
     // a Hugging Face model, and a model wider than --hidden-size asks.
     let o = troupe(&["import", "--hf", "hf", "--save", "ck"], &s);
     ensure!(o.status.code() == Some(2) && text(&o).contains("already holds a checkpoint"), "{}", text(&o));
+    let o = troupe(&["import", "--hf", "hf"], &s);
+    ensure!(o.status.code() == Some(2) && text(&o).contains("--save DIR is required"), "{}", text(&o));
     let o = troupe(&["import", "--hf", "ck", "--save", "ck3"], &s);
     ensure!(
         o.status.code() == Some(2) && text(&o).contains("not a Hugging Face model directory"),

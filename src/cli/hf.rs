@@ -172,8 +172,12 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
     let mut cargs = args.cfg.clone();
     cargs.sets.splice(0..0, sets);
     let mut cfg = cargs.resolve(&[])?;
+    // Named on this command line: the default config's own save directory (runs/default) is not
+    // where anyone expects an import to land.
+    let named = args.cfg.megatron.save.is_some()
+        || args.cfg.sets.iter().any(|s| s.trim_start().starts_with("checkpoint.save"));
     let save = cfg.checkpoint.save.clone();
-    if save.is_empty() {
+    if !named || save.is_empty() {
         return Err(usage("--save DIR is required: the directory to write the imported checkpoint into"));
     }
     let save_dir = PathBuf::from(&save);
