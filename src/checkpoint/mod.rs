@@ -110,6 +110,9 @@ struct StateFile {
     schema_version: u32,
     state: TrainState,
     files: HashMap<String, FileDigest>,
+    /// Written by [`save_weights`]: no optimizer file; a resume starts with zero moments.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    weights_only: bool,
 }
 
 struct F32View<'a> {
@@ -317,6 +320,33 @@ pub fn save_with_fault(
     arenas: Arenas<'_>,
     fault: Option<SaveFault>,
 ) -> Result<PathBuf, CheckpointError> {
+    save_files(dir, state, arenas, fault, true)
+}
+
+/// Saves a checkpoint of weights alone (`params` in the layout of `table`, the whole model):
+/// the model file and `state.json`, no optimizer file. Loading it restores the weights; a resume
+/// from it starts with zero AdamW moments (what a step-0 checkpoint has anyway), so an imported
+/// model costs a third of the disk of a training checkpoint.
+///
+/// # Errors
+/// As [`save`].
+pub fn save_weights(
+    dir: &Path,
+    state: &TrainState,
+    table: &ParamTable,
+    params: &[f32],
+) -> Result<PathBuf, CheckpointError> {
+    let parts = [Part { table, params, m: &[], v: &[] }];
+    save_files(dir, state, Arenas { full: table, parts: &parts }, None, false)
+}
+
+fn save_files(
+    dir: &Path,
+    state: &TrainState,
+    arenas: Arenas<'_>,
+    fault: Option<SaveFault>,
+    moments: bool,
+) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io("create directory", dir))?;
     remove_abandoned(dir);
     let name = iter_dir_name(state.step);
@@ -325,7 +355,7 @@ pub fn save_with_fault(
         fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
     }
     fs::create_dir(&tmp).map_err(io("create directory", &tmp))?;
-    let written = write_checkpoint(dir, &name, &tmp, state, arenas, fault);
+    let written = write_checkpoint(dir, &name, &tmp, state, arenas, fault, moments);
     if written.is_err() {
         // A failed save (a full disk, say) leaves nothing behind; `latest` still names the
         // previous checkpoint.
@@ -378,15 +408,16 @@ fn write_checkpoint(
     state: &TrainState,
     arenas: Arenas<'_>,
     fault: Option<SaveFault>,
+    moments: bool,
 ) -> Result<PathBuf, CheckpointError> {
-    let final_dir = dir.join(name);
     // Each tensor's part and its range there.
     let mut sources = Vec::with_capacity(arenas.full.specs().len());
     for spec in arenas.full.specs() {
         let found = arenas.parts.iter().rev().find_map(|p| {
             let s = p.table.get(&spec.name).filter(|s| s.shape == spec.shape)?;
             let r = s.span.range();
-            (r.end <= p.params.len() && r.end <= p.m.len() && r.end <= p.v.len()).then_some((p, r))
+            let held = |a: &[f32]| r.end <= a.len();
+            (held(p.params) && (!moments || (held(p.m) && held(p.v)))).then_some((p, r))
         });
         let (part, r) = found.ok_or_else(|| CheckpointError::Damaged {
             path: tmp.to_path_buf(),
@@ -418,6 +449,9 @@ fn write_checkpoint(
         }
         None => {}
     }
+    if !moments {
+        return commit(dir, name, tmp, state, files, true);
+    }
     let optim_views = sources
         .iter()
         .flat_map(|(spec, p, r)| {
@@ -428,7 +462,21 @@ fn write_checkpoint(
         .collect();
     let optim = write_tensors(&tmp.join(OPTIM_FILE), optim_views)?;
     files.insert(OPTIM_FILE.to_string(), optim);
-    let sf = StateFile { schema_version: SCHEMA_VERSION, state: state.clone(), files };
+    commit(dir, name, tmp, state, files, false)
+}
+
+/// Writes `state.json` into `tmp` last, renames `tmp` into place as `dir/name` and points
+/// `latest` at it, each step synced.
+fn commit(
+    dir: &Path,
+    name: &str,
+    tmp: &Path,
+    state: &TrainState,
+    files: HashMap<String, FileDigest>,
+    weights_only: bool,
+) -> Result<PathBuf, CheckpointError> {
+    let final_dir = dir.join(name);
+    let sf = StateFile { schema_version: SCHEMA_VERSION, state: state.clone(), files, weights_only };
     let json = serde_json::to_vec_pretty(&sf)
         .map_err(|e| CheckpointError::Damaged { path: tmp.join(STATE_FILE), reason: e.to_string() })?;
     write_synced(&tmp.join(STATE_FILE), &json)?;
@@ -528,8 +576,10 @@ pub struct Loaded {
     /// The verified files, mapped: restoring copies from the page cache, so a resume never holds
     /// a second in-memory copy of the model and its moments.
     model: memmap2::Mmap,
-    /// `None` when loaded by [`load_model`].
+    /// `None` when loaded by [`load_model`], or for a checkpoint of weights alone.
     optim: Option<memmap2::Mmap>,
+    /// A checkpoint of weights alone ([`save_weights`]): restoring AdamW state gives zero moments.
+    weights_only: bool,
 }
 
 /// Reads a checkpoint directory and verifies every file's size and CRC32.
@@ -577,8 +627,8 @@ fn load_files(dir: &Path, with_optimizer: bool) -> Result<Loaded, CheckpointErro
         Ok(bytes)
     };
     let model = read_verified(MODEL_FILE)?;
-    let optim = if with_optimizer { Some(read_verified(OPTIM_FILE)?) } else { None };
-    Ok(Loaded { dir: dir.to_path_buf(), state: sf.state, model, optim })
+    let optim = if with_optimizer && !sf.weights_only { Some(read_verified(OPTIM_FILE)?) } else { None };
+    Ok(Loaded { dir: dir.to_path_buf(), state: sf.state, model, optim, weights_only: sf.weights_only })
 }
 
 impl Loaded {
@@ -633,6 +683,13 @@ impl Loaded {
             )?;
         }
         if let Some(opt) = opt {
+            if self.weights_only {
+                // Fresh AdamW state: the update count follows the saved step, as on any resume.
+                opt.m.fill(0.0);
+                opt.v.fill(0.0);
+                opt.step = self.state.step - self.state.skipped_steps;
+                return Ok(());
+            }
             let Some(optim) = &self.optim else {
                 return Err(CheckpointError::Missing {
                     path: self.dir.join(OPTIM_FILE),
@@ -703,6 +760,33 @@ mod tests {
         let d = std::env::temp_dir().join(format!("troupe-ckpt-unit-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    /// A checkpoint of weights alone has no optimizer file and says so in `state.json` (a training
+    /// checkpoint's has no such key); restoring it gives the weights, and AdamW state with zero
+    /// moments and the update count of its step.
+    #[test]
+    fn a_checkpoint_of_weights_alone_restores_them_with_fresh_moments() {
+        let cfg = GptConfig::tiny();
+        let model = Gpt::new(&cfg, 7).unwrap();
+        let dir = save_weights(&tempdir("weights"), &state(&cfg), model.table(), model.params()).unwrap();
+        assert!(!dir.join(OPTIM_FILE).exists());
+        let json = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(json.contains("\"weights_only\": true"), "{json}");
+        let loaded = load(&dir).unwrap();
+        let mut back = Gpt::new(&cfg, 8).unwrap();
+        let mut opt = AdamW::new(crate::optim::AdamWConfig::default(), model.table().len());
+        opt.m.fill(1.0);
+        opt.v.fill(1.0);
+        loaded.restore(&mut back, Some(&mut opt)).unwrap();
+        assert!(back.params() == model.params());
+        assert!(opt.m.iter().chain(&opt.v).all(|&x| x == 0.0));
+        assert_eq!(opt.step, loaded.state.step - loaded.state.skipped_steps);
+        let full = AdamW::new(crate::optim::AdamWConfig::default(), model.table().len());
+        let dir = save(&tempdir("weights-full"), &state(&cfg), &model, &full).unwrap();
+        assert!(!fs::read_to_string(dir.join(STATE_FILE)).unwrap().contains("weights_only"));
+        let _ = fs::remove_dir_all(tempdir("weights"));
+        let _ = fs::remove_dir_all(tempdir("weights-full"));
     }
 
     /// A weights-only load reads and verifies the model file alone: a damaged optimizer file

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use troupe::checkpoint::hf::{self, HfDtype};
-use troupe::checkpoint::{self, Arenas, Part, TrainState};
+use troupe::checkpoint::{self, TrainState};
 use troupe::data::{TextTokenizer, TokenizerSpec};
 use troupe::train::corpus;
 
@@ -212,13 +212,9 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
         rng_state: cfg.train.seed,
         config: cfg.clone(),
     };
-    // Fresh AdamW moments: zero pages, never touched before the write reads them.
-    let zeros = vec![0.0f32; imported.params.len()];
-    let part = Part { table: &imported.table, params: &imported.params, m: &zeros, v: &zeros };
-    let parts = [part];
-    let written =
-        checkpoint::save_with_fault(&save_dir, &state, Arenas { full: &imported.table, parts: &parts }, None)
-            .map_err(|e| usage(format!("--save {save}: {e}")))?;
+    // Weights alone: a resume from a checkpoint without moments starts them at zero.
+    let written = checkpoint::save_weights(&save_dir, &state, &imported.table, &imported.params)
+        .map_err(|e| usage(format!("--save {save}: {e}")))?;
     let config_path = save_dir.join("config.toml");
     let header = format!(
         "# Written by `troupe import --hf {}`: the model's sizes are the imported model's.\n\
