@@ -424,9 +424,14 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
             None => eprintln!("troupe: interrupted at step {at}{resume}"),
         }
     }
+    // A stopped run said so above; its numbers follow without a second verdict.
+    let head = if r0.interrupted {
+        "troupe: last loss".to_string()
+    } else {
+        format!("troupe: done: {}, final loss", super::count(last.map_or(0, |r| r.step), "step"))
+    };
     eprintln!(
-        "troupe: done: {}, final loss {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0{}",
-        super::count(last.map_or(0, |r| r.step), "step"),
+        "{head} {:.4}, last step's measured bubble {:.3}, optimizer state {:.2} MiB on rank 0{}",
         last.map_or(f32::NAN, |r| r.loss),
         last_bubble,
         r0.optimizer_state_bytes as f64 / (1 << 20) as f64,
