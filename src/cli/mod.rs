@@ -27,8 +27,7 @@ pub enum Command {
     Config(ConfigCommand),
     /// Sample text from a checkpoint (KV-cached decoding).
     Generate(generate::GenerateArgs),
-    /// Write a checkpoint as a Hugging Face GPT-2 (model.safetensors, config.json, tokenizer)
-    /// that transformers' GPT2LMHeadModel.from_pretrained loads.
+    /// Write a checkpoint as a Hugging Face GPT-2 directory (transformers' from_pretrained loads it).
     Export(hf::ExportArgs),
     /// Read a Hugging Face GPT-2 directory into a checkpoint at step 0 to train on from.
     Import(Box<hf::ImportArgs>),
