@@ -814,3 +814,38 @@ fn finetune_starts_over_from_a_checkpoints_weights() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--use-checkpoint-args` (Megatron's): a resume without the model's flags takes the sizes from
+/// the checkpoint (without it the shapes do not fit); it needs `--load`.
+#[test]
+fn use_checkpoint_args_takes_the_model_from_the_checkpoint() -> Result<()> {
+    let dir = tempdir("ckpt-args");
+    let mut args = vec!["train", "--train-iters", "2", "--save", "ck"];
+    args.extend_from_slice(TINY);
+    ensure!(troupe(&args, &dir).status.success(), "training failed");
+    // The batch flags of TINY, not its model flags.
+    let rest =
+        ["--micro-batch-size", "2", "--global-batch-size", "2", "--eval-interval", "0", "--threads", "1"];
+    let resume = |extra: &[&str]| {
+        let mut a = vec!["train", "--load", "ck", "--train-iters", "3"];
+        a.extend_from_slice(&rest);
+        a.extend_from_slice(extra);
+        troupe(&a, &dir)
+    };
+    let o = resume(&[]);
+    ensure!(
+        o.status.code() == Some(2) && stderr(&o).contains("does not fit the configured model"),
+        "{}",
+        stderr(&o)
+    );
+    let o = resume(&["--use-checkpoint-args", "--num-layers", "7"]);
+    let e = stderr(&o);
+    ensure!(o.status.success(), "{e}");
+    ensure!(e.contains("the model's sizes from ck/iter_0000002: 1 layer, hidden 32, 2 heads"), "{e}");
+    ensure!(e.contains("resumed from ck/iter_0000002 at step 2"), "{e}");
+    let mut a = vec!["train", "--use-checkpoint-args"];
+    a.extend_from_slice(TINY);
+    let o = troupe(&a, &dir);
+    ensure!(o.status.code() == Some(2) && stderr(&o).contains("give --load"), "{}", stderr(&o));
+    Ok(())
+}

@@ -153,6 +153,10 @@ pub struct TrainArgs {
     /// data from the start, the learning-rate schedule from its warm-up), as Megatron's --finetune.
     #[arg(long)]
     pub finetune: bool,
+    /// With --load: the model's sizes (and its tokenizer, unless --tokenizer is given) from the
+    /// checkpoint, over the config and the flags, as Megatron's --use-checkpoint-args.
+    #[arg(long)]
+    pub use_checkpoint_args: bool,
     /// CPU threads (0: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -460,6 +464,43 @@ fn finished_checkpoint(cfg: &Config) -> Option<(std::path::PathBuf, u64)> {
     (step >= cfg.train.train_iters).then_some((dir, step))
 }
 
+/// `--use-checkpoint-args`: `key=value` overrides that give the model the sizes of the checkpoint
+/// `--load` names (and its tokenizer when the command names none), and where they come from.
+/// Nothing when there is no checkpoint yet and `--allow-fresh-start` allows that.
+fn checkpoint_args(cfg: &Config) -> anyhow::Result<(std::path::PathBuf, Vec<String>)> {
+    let load = &cfg.checkpoint.load;
+    if load.is_empty() {
+        return Err(UsageError(
+            "--use-checkpoint-args reads the checkpoint --load names; give --load".into(),
+        )
+        .into());
+    }
+    let dir = match checkpoint::resolve(std::path::Path::new(load)) {
+        Ok(Some(dir)) => dir,
+        Ok(None) if cfg.checkpoint.allow_fresh_start => return Ok((load.into(), Vec::new())),
+        Ok(None) => {
+            return Err(
+                UsageError(format!("--load {load}: no checkpoint there to take arguments from")).into()
+            );
+        }
+        Err(e) => return Err(UsageError(format!("--load {load}: {e}")).into()),
+    };
+    let saved = checkpoint::read_state(&dir).map_err(|e| UsageError(format!("--load {load}: {e}")))?.config;
+    let m = &saved.model;
+    let mut sets = vec![
+        format!("model.vocab_size={}", m.vocab_size),
+        format!("model.make_vocab_size_divisible_by={}", m.make_vocab_size_divisible_by),
+        format!("model.seq_length={}", m.seq_length),
+        format!("model.num_layers={}", m.num_layers),
+        format!("model.hidden_size={}", m.hidden_size),
+        format!("model.num_attention_heads={}", m.num_attention_heads),
+    ];
+    if cfg.data.tokenizer.is_empty() && !saved.data.tokenizer.is_empty() {
+        sets.push(format!("data.tokenizer={}", toml::Value::String(saved.data.tokenizer.clone())));
+    }
+    Ok((dir, sets))
+}
+
 /// `--finetune` needs `--load`; says what it loads, and how to resume the fine-tuning itself once
 /// its `--save` holds a checkpoint (running the same command again starts over from step 0).
 fn announce_finetune(cfg: &Config, reporting: bool) -> anyhow::Result<()> {
@@ -505,7 +546,29 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         extra.push(format!("logging.log_json={}", toml::Value::String(p.display().to_string())));
     }
     extra.extend(args.runtime.sets());
-    let cfg = args.cfg.resolve(&extra)?;
+    let mut cfg = args.cfg.resolve(&extra)?;
+    if args.use_checkpoint_args {
+        let (from, sets) = checkpoint_args(&cfg)?;
+        if !sets.is_empty() {
+            extra.extend(sets);
+            cfg = args.cfg.resolve(&extra)?;
+            let m = &cfg.model;
+            eprintln!(
+                "troupe: the model's sizes from {}: {}, hidden {}, {}, vocabulary {}, {} positions{}",
+                from.display(),
+                super::count(m.num_layers as u64, "layer"),
+                m.hidden_size,
+                super::count(m.num_attention_heads as u64, "head"),
+                m.vocab_size,
+                m.seq_length,
+                if cfg.data.tokenizer.is_empty() {
+                    String::new()
+                } else {
+                    format!(", tokenizer {}", cfg.data.tokenizer)
+                }
+            );
+        }
+    }
     let launched = troupe::comm::env::LaunchEnv::detect()
         .map_err(|e| UsageError(format!("reading the launcher environment: {e}")))?
         .filter(|e| e.world_size > 1);
