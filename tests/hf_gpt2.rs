@@ -248,6 +248,19 @@ fn export_then_import_round_trips_through_the_cli() -> Result<()> {
     let (a, b) = (sample("ck"), sample("ck2"));
     ensure!(a.status.success() && b.status.success(), "generate: {} / {}", text(&a), text(&b));
     ensure!(a.stdout == b.stdout && !a.stdout.is_empty(), "samples differ: {:?} vs {:?}", text(&a), text(&b));
+    // generate reads the Hugging Face directory itself too, with its tokenizer.
+    let c = sample("hf");
+    ensure!(c.status.success() && c.stdout == a.stdout, "from hf: {:?} vs {:?}", text(&c), text(&a));
+    // The fixture has no tokenizer, and the embedded one does not fit its 53 tokens.
+    let fx = fixture_dir();
+    let o = troupe(&["generate", "--load", fx.to_str().context("path")?], &s);
+    ensure!(
+        o.status.code() == Some(2)
+            && text(&o).contains("has no tokenizer")
+            && text(&o).contains("vocabulary is 53"),
+        "{}",
+        text(&o)
+    );
     // Its config resumes from it (step 0 → 3) with the exported tokenizer.
     let o = troupe(&["train", "--config", "ck2/config.toml", "--train-iters", "3"], &s);
     ensure!(o.status.success() && text(&o).contains("saved checkpoint ck2/iter_0000003"), "{}", text(&o));

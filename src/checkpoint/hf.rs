@@ -36,6 +36,15 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// Whether `dir` looks like a Hugging Face model directory: a `config.json` and safetensors
+/// weights (one file or an index), and no troupe checkpoint (`state.json`, `latest`).
+pub fn is_model_dir(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).is_file()
+        && (dir.join(WEIGHTS_FILE).is_file() || dir.join(WEIGHTS_INDEX_FILE).is_file())
+        && !dir.join(super::STATE_FILE).exists()
+        && !dir.join(super::LATEST).exists()
+}
+
 /// troupe's LayerNorm ε (GPT-2's `layer_norm_epsilon`).
 const LN_EPS: f64 = 1e-5;
 

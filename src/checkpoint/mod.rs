@@ -509,9 +509,7 @@ pub fn resolve(path: &Path) -> Result<Option<PathBuf>, CheckpointError> {
     }
     let latest = path.join(LATEST);
     if !latest.exists() {
-        if path.join(hf::CONFIG_FILE).is_file()
-            && (path.join(hf::WEIGHTS_FILE).is_file() || path.join(hf::WEIGHTS_INDEX_FILE).is_file())
-        {
+        if hf::is_model_dir(path) {
             return Err(CheckpointError::Missing {
                 path: path.to_path_buf(),
                 reason: format!(

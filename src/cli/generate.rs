@@ -2,9 +2,10 @@
 //! come.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use troupe::checkpoint;
+use troupe::data::{TextTokenizer, TokenizerSpec};
 use troupe::kernels::CpuBackend;
 use troupe::models::Rng;
 use troupe::models::gpt::{Generator, Sampling};
@@ -40,20 +41,67 @@ pub struct GenerateArgs {
     pub threads: usize,
 }
 
+/// A Hugging Face GPT-2 directory read straight into a model (as `troupe import` would, without
+/// writing a checkpoint), with the directory's tokenizer, else the embedded one (with a note).
+fn hf_model(dir: &Path) -> anyhow::Result<(troupe::Gpt, TextTokenizer)> {
+    use troupe::checkpoint::hf;
+    let usage = |e: hf::HfError| UsageError(format!("--load {}: {e}", dir.display()));
+    let hfc = hf::read_config(dir).map_err(usage)?;
+    let m = troupe::GptConfig {
+        vocab_size: hfc.vocab_size,
+        make_vocab_size_divisible_by: 128,
+        seq_length: hfc.n_positions,
+        num_layers: hfc.n_layer,
+        hidden_size: hfc.n_embd,
+        num_attention_heads: hfc.n_head,
+    };
+    let imported = hf::import(dir, &hfc, &m).map_err(usage)?;
+    let mut model = troupe::Gpt::new_zeroed(&m)?;
+    model.params_and_grads_mut().0.copy_from_slice(&imported.params);
+    let tok = match TokenizerSpec::from_path(dir) {
+        Ok(spec) => {
+            TextTokenizer::load(&spec).map_err(|e| UsageError(format!("--load {}: {e}", dir.display())))?
+        }
+        Err(_) => {
+            eprintln!(
+                "troupe: note: {} has no tokenizer; decoding with the embedded Shakespeare tokenizer",
+                dir.display()
+            );
+            let embedded =
+                troupe::config::Config::from_toml_str(super::train::DEFAULT_CONFIG, "default", &[])?;
+            corpus::tokenizer(&embedded)?
+        }
+    };
+    if tok.vocab_size() > m.vocab_size {
+        return Err(UsageError(format!(
+            "--load {}: the tokenizer has {} tokens but the model's vocabulary is {}",
+            dir.display(),
+            tok.vocab_size(),
+            m.vocab_size
+        ))
+        .into());
+    }
+    Ok((model, tok))
+}
+
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let top_p_ok = args.top_p > 0.0 && args.top_p <= 1.0;
     if args.temperature.is_nan() || args.temperature < 0.0 || !top_p_ok {
         return Err(UsageError("--temperature must be ≥ 0 and --top-p in (0, 1]".into()).into());
     }
-    let usage = |e: checkpoint::CheckpointError| UsageError(e.to_string());
-    let dir = checkpoint::resolve(&args.load)
-        .map_err(usage)?
-        .ok_or_else(|| UsageError(format!("--load {}: no checkpoint there", args.load.display())))?;
-    let loaded = checkpoint::load_model(&dir).map_err(usage)?;
-    let cfg = loaded.state.config.clone();
-    let mut model = troupe::Gpt::new_zeroed(&cfg.model)?;
-    loaded.restore(&mut model, None).map_err(usage)?;
-    let tok = corpus::tokenizer(&cfg).map_err(|e| UsageError(e.to_string()))?;
+    let (model, tok) = if checkpoint::hf::is_model_dir(&args.load) {
+        hf_model(&args.load)?
+    } else {
+        let usage = |e: checkpoint::CheckpointError| UsageError(e.to_string());
+        let dir = checkpoint::resolve(&args.load)
+            .map_err(usage)?
+            .ok_or_else(|| UsageError(format!("--load {}: no checkpoint there", args.load.display())))?;
+        let loaded = checkpoint::load_model(&dir).map_err(usage)?;
+        let cfg = &loaded.state.config;
+        let mut model = troupe::Gpt::new_zeroed(&cfg.model)?;
+        loaded.restore(&mut model, None).map_err(usage)?;
+        (model, corpus::tokenizer(cfg).map_err(|e| UsageError(e.to_string()))?)
+    };
     // An empty prompt samples unconditionally: from the end-of-document token, which the
     // training data puts before every document.
     let ids = match (tok.encode(&args.prompt)?, tok.eod()) {
@@ -68,7 +116,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             .into());
         }
     };
-    let context = cfg.model.seq_length;
+    let context = model.config().seq_length;
     if ids.len() + args.max_tokens > context {
         eprintln!(
             "troupe: note: the model's context is {context} tokens; past it, each new token sees the \
