@@ -67,9 +67,7 @@ fn hf_model(dir: &Path) -> anyhow::Result<(troupe::Gpt, TextTokenizer)> {
                 "troupe: note: {} has no tokenizer; decoding with the embedded Shakespeare tokenizer",
                 dir.display()
             );
-            let embedded =
-                troupe::config::Config::from_toml_str(super::train::DEFAULT_CONFIG, "default", &[])?;
-            corpus::tokenizer(&embedded)?
+            corpus::embedded_tokenizer()?
         }
     };
     if tok.vocab_size() > m.vocab_size {

@@ -2424,17 +2424,17 @@ fn load_checkpoint(
             ));
         }
     };
-    if cfg.checkpoint.finetune {
+    let finetune = cfg.checkpoint.finetune;
+    let loaded = if finetune { checkpoint::load_model(&dir) } else { checkpoint::load(&dir) }
+        .map_err(|e| e.to_string())?;
+    loaded.check_shape(cfg).map_err(|e| e.to_string())?;
+    if finetune {
         // The weights only: every rank starts at step 0 with fresh moments.
-        let loaded = checkpoint::load_model(&dir).map_err(|e| e.to_string())?;
-        loaded.check_shape(cfg).map_err(|e| e.to_string())?;
         for g in chunks.iter_mut() {
             loaded.restore(g, None).map_err(|e| e.to_string())?;
         }
         return Ok(None);
     }
-    let loaded = checkpoint::load(&dir).map_err(|e| e.to_string())?;
-    loaded.check_shape(cfg).map_err(|e| e.to_string())?;
     let t = &cfg.train;
     let adam = AdamWConfig {
         beta1: t.adam_beta1,

@@ -88,13 +88,21 @@ fn build(
 /// [`CorpusError::Tokenizer`] when the file cannot be loaded.
 pub fn tokenizer(cfg: &Config) -> Result<TextTokenizer, CorpusError> {
     if cfg.data.tokenizer.is_empty() {
-        let tk = tokenizers::Tokenizer::from_bytes(TOKENIZER_JSON)
-            .map_err(|e| CorpusError::EmbeddedTokenizer(e.to_string()))?;
-        let mut t = TextTokenizer::from_tokenizer(tk);
-        t.set_eod_token("<|endoftext|>")?;
-        return Ok(t);
+        return embedded_tokenizer();
     }
     Ok(TextTokenizer::load(&TokenizerSpec::from_path(Path::new(&cfg.data.tokenizer))?)?)
+}
+
+/// The embedded Shakespeare tokenizer (byte-level BPE, `<|endoftext|>` as end of document).
+///
+/// # Errors
+/// [`CorpusError::EmbeddedTokenizer`] if the embedded file does not parse (a build defect).
+pub fn embedded_tokenizer() -> Result<TextTokenizer, CorpusError> {
+    let tk = tokenizers::Tokenizer::from_bytes(TOKENIZER_JSON)
+        .map_err(|e| CorpusError::EmbeddedTokenizer(e.to_string()))?;
+    let mut t = TextTokenizer::from_tokenizer(tk);
+    t.set_eod_token("<|endoftext|>")?;
+    Ok(t)
 }
 
 fn cache_dir(cfg: &Config) -> PathBuf {

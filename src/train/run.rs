@@ -228,17 +228,16 @@ pub fn prepare(cfg: &Config) -> Result<(Trainer, TrainState, Option<String>), Ru
     match checkpoint::resolve(Path::new(load))? {
         None if cfg.checkpoint.allow_fresh_start => Ok((trainer, state, None)),
         None => Err(RunError::NothingToLoad { path: load.into() }),
-        Some(dir) if cfg.checkpoint.finetune => {
-            // The weights only: step 0, fresh moments, the data and schedule from their start.
-            let loaded = checkpoint::load_model(&dir)?;
-            loaded.check_shape(cfg)?;
-            loaded.restore(&mut trainer.model, None)?;
-            Ok((trainer, state, Some(dir.display().to_string())))
-        }
         Some(dir) => {
-            let loaded = checkpoint::load(&dir)?;
+            // Fine-tuning takes the weights only: step 0, fresh moments, the data and schedule
+            // from their start.
+            let finetune = cfg.checkpoint.finetune;
+            let loaded = if finetune { checkpoint::load_model(&dir)? } else { checkpoint::load(&dir)? };
             loaded.check_shape(cfg)?;
-            loaded.restore(&mut trainer.model, Some(&mut trainer.opt))?;
+            loaded.restore(&mut trainer.model, (!finetune).then_some(&mut trainer.opt))?;
+            if finetune {
+                return Ok((trainer, state, Some(dir.display().to_string())));
+            }
             state.step = loaded.state.step;
             state.consumed_samples = loaded.state.consumed_samples;
             state.skipped_steps = loaded.state.skipped_steps;
