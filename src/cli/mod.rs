@@ -272,6 +272,35 @@ mod tests {
         }
     }
 
+    /// The flags' help names the key each sets, and those keys are the ones [`MEGATRON_FLAGS`]
+    /// gives (which `config show` and the Megatron translation use): one list is not allowed
+    /// to drift from the other.
+    ///
+    /// [`MEGATRON_FLAGS`]: troupe::config::overrides::MEGATRON_FLAGS
+    #[test]
+    fn the_flags_set_the_keys_the_config_lists() {
+        let listed: Vec<_> =
+            troupe::config::overrides::MEGATRON_FLAGS.iter().filter(|(f, _)| *f != "data-path").collect();
+        let flags: Vec<_> = super::train::FLAG_KEYS.iter().collect();
+        assert_eq!(flags, listed);
+        let help = {
+            use clap::CommandFactory;
+            let mut cmd = super::Cli::command();
+            cmd.find_subcommand_mut("train").expect("train").render_long_help().to_string()
+        };
+        for (flag, key) in super::train::FLAG_KEYS {
+            let line = help
+                .lines()
+                .skip_while(|l| !l.trim_start().starts_with(&format!("--{flag} ")))
+                .nth(1)
+                .unwrap_or("");
+            assert!(line.contains(&format!("`{key}`")), "--{flag}'s help does not name {key}: {line:?}");
+        }
+        // A negative value is a value, as in Megatron's argparse; the config then judges it.
+        let err = train_args(&["--lr", "-1"]).cfg.resolve(&[]).expect_err("negative lr");
+        assert!(err.to_string().contains("train.lr = -1"), "{err}");
+    }
+
     /// `--data-path` takes Megatron's forms: one prefix, or weights and prefixes as separate words.
     #[test]
     fn data_path_takes_a_blend_as_separate_words() {

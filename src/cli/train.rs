@@ -10,7 +10,6 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use troupe::checkpoint;
 use troupe::config::Config;
-use troupe::config::overrides::MEGATRON_FLAGS;
 use troupe::kernels::{Backend, CpuBackend};
 use troupe::memory::{MemoryEstimate, gib};
 use troupe::models::Rng;
@@ -42,19 +41,24 @@ pub struct ConfigArgs {
 }
 
 macro_rules! megatron_flags {
-    ($($field:ident => $flag:literal),* $(,)?) => {
+    ($($field:ident => $flag:literal, $key:literal, $doc:literal;)*) => {
         /// Megatron-LM option names, each an alias for one config key.
         #[derive(Debug, Clone, Default, clap::Args)]
         pub struct MegatronFlags {
-            /// Sets `data.data_path`: one or more dataset prefixes, or a blend of weights and
-            /// prefixes (`--data-path 0.3 a_text_document 0.7 b_text_document`).
+            /// One or more dataset prefixes, or a blend of weights and prefixes, as
+            /// `--data-path 0.3 a_text_document 0.7 b_text_document` (config key `data.data_path`).
             #[arg(long = "data-path", value_name = "PREFIX", num_args = 1..)]
             pub data_path: Option<Vec<String>>,
             $(
-                #[arg(long = $flag, value_name = "VALUE", help = concat!("Sets the config key named by `", $flag, "` (see `troupe config show`)"))]
+                #[arg(long = $flag, value_name = "VALUE", allow_negative_numbers = true, help = concat!($doc, " (config key `", $key, "`)"))]
                 pub $field: Option<String>,
             )*
         }
+
+        /// The flags above with the config keys they set, for the test that they agree with
+        /// [`troupe::config::overrides::MEGATRON_FLAGS`].
+        #[cfg(test)]
+        pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[$(($flag, $key)),*];
 
         impl MegatronFlags {
             /// The flags given, as `key=value` overrides in flag order.
@@ -65,8 +69,7 @@ macro_rules! megatron_flags {
                 }
                 $(
                     if let Some(v) = &self.$field {
-                        let key = MEGATRON_FLAGS.iter().find(|(f, _)| *f == $flag).map(|(_, k)| *k).unwrap_or($flag);
-                        out.push(format!("{key}={}", quote(key, v)));
+                        out.push(format!("{}={}", $key, quote($key, v)));
                     }
                 )*
                 out
@@ -76,22 +79,43 @@ macro_rules! megatron_flags {
 }
 
 megatron_flags! {
-    num_layers => "num-layers", hidden_size => "hidden-size", num_attention_heads => "num-attention-heads",
-    seq_length => "seq-length", vocab_size => "vocab-size",
-    make_vocab_size_divisible_by => "make-vocab-size-divisible-by", micro_batch_size => "micro-batch-size", global_batch_size => "global-batch-size",
-    lr => "lr", min_lr => "min-lr", lr_decay_style => "lr-decay-style", lr_warmup_iters => "lr-warmup-iters",
-    lr_decay_iters => "lr-decay-iters", train_iters => "train-iters", weight_decay => "weight-decay",
-    clip_grad => "clip-grad", adam_beta1 => "adam-beta1", adam_beta2 => "adam-beta2", adam_eps => "adam-eps",
-    seed => "seed", exit_interval => "exit-interval", exit_duration_in_mins => "exit-duration-in-mins",
-    save => "save", load => "load", save_interval => "save-interval",
-    eval_interval => "eval-interval", eval_iters => "eval-iters", log_interval => "log-interval",
-    split => "split", tokenizer => "tokenizer",
-    tensor_model_parallel_size => "tensor-model-parallel-size",
-    pipeline_model_parallel_size => "pipeline-model-parallel-size",
-    data_parallel_size => "data-parallel-size",
-    virtual_pipeline_model_parallel_size => "virtual-pipeline-model-parallel-size",
-    num_layers_per_virtual_pipeline_stage => "num-layers-per-virtual-pipeline-stage",
-    pipeline_schedule => "pipeline-schedule", grad_bucket_size => "grad-bucket-size",
+    num_layers => "num-layers", "model.num_layers", "Transformer layers";
+    hidden_size => "hidden-size", "model.hidden_size", "Hidden size h; the MLP is 4h";
+    num_attention_heads => "num-attention-heads", "model.num_attention_heads", "Attention heads; they divide the hidden size";
+    seq_length => "seq-length", "model.seq_length", "Tokens per sequence, also the positions the model has";
+    vocab_size => "vocab-size", "model.vocab_size", "Vocabulary size before padding; default: the tokenizer's";
+    make_vocab_size_divisible_by => "make-vocab-size-divisible-by", "model.make_vocab_size_divisible_by", "Pad the vocabulary to a multiple of this";
+    micro_batch_size => "micro-batch-size", "train.micro_batch_size", "Sequences per microbatch on one rank";
+    global_batch_size => "global-batch-size", "train.global_batch_size", "Sequences per optimizer step over all data-parallel ranks";
+    lr => "lr", "train.lr", "Peak learning rate";
+    min_lr => "min-lr", "train.min_lr", "Learning rate at the end of the decay";
+    lr_decay_style => "lr-decay-style", "train.lr_decay_style", "Decay after warm-up: constant, linear or cosine";
+    lr_warmup_iters => "lr-warmup-iters", "train.lr_warmup_iters", "Steps of linear warm-up";
+    lr_decay_iters => "lr-decay-iters", "train.lr_decay_iters", "Steps over which the rate decays; default: --train-iters";
+    train_iters => "train-iters", "train.train_iters", "Optimizer steps to run";
+    weight_decay => "weight-decay", "train.weight_decay", "AdamW decoupled weight decay of matrices and embeddings";
+    clip_grad => "clip-grad", "train.clip_grad", "Global gradient-norm clipping threshold; 0: off";
+    adam_beta1 => "adam-beta1", "train.adam_beta1", "AdamW β1";
+    adam_beta2 => "adam-beta2", "train.adam_beta2", "AdamW β2";
+    adam_eps => "adam-eps", "train.adam_eps", "AdamW ε";
+    seed => "seed", "train.seed", "Seed of the weights, the data order and sampling";
+    exit_interval => "exit-interval", "train.exit_interval", "Save and exit 0 after a step that is a multiple of this; 0: never";
+    exit_duration_in_mins => "exit-duration-in-mins", "train.exit_duration_in_mins", "Save and exit 0 once this many minutes have passed; 0: never";
+    save => "save", "checkpoint.save", "Directory to save checkpoints into";
+    load => "load", "checkpoint.load", "Checkpoint directory to resume from";
+    save_interval => "save-interval", "checkpoint.save_interval", "Steps between saves; 0: at the end and on SIGINT/SIGTERM only";
+    eval_interval => "eval-interval", "logging.eval_interval", "Steps between validation runs; 0: never";
+    eval_iters => "eval-iters", "logging.eval_iters", "Validation microbatches per evaluation";
+    log_interval => "log-interval", "logging.log_interval", "Steps between log lines";
+    split => "split", "data.split", "Train/valid/test split over documents, e.g. 949,50,1";
+    tokenizer => "tokenizer", "data.tokenizer", "Tokenizer: a tokenizer.json, a vocab.txt, or a directory holding tokenizer.json, vocab.json + merges.txt or vocab.txt";
+    tensor_model_parallel_size => "tensor-model-parallel-size", "parallel.tensor_model_parallel_size", "Tensor-parallel size; only 1 is supported";
+    pipeline_model_parallel_size => "pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size", "Pipeline-parallel size";
+    data_parallel_size => "data-parallel-size", "parallel.data_parallel_size", "Data-parallel size of an in-process run; a launched run takes it from the world size";
+    virtual_pipeline_model_parallel_size => "virtual-pipeline-model-parallel-size", "parallel.virtual_pipeline_model_parallel_size", "Model chunks per pipeline rank; 0: the schedule's default";
+    num_layers_per_virtual_pipeline_stage => "num-layers-per-virtual-pipeline-stage", "parallel.num_layers_per_virtual_pipeline_stage", "Layers per model chunk, Megatron's other way to set the chunks";
+    pipeline_schedule => "pipeline-schedule", "parallel.pipeline_schedule", "gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v";
+    grad_bucket_size => "grad-bucket-size", "parallel.grad_bucket_size", "Gradient bucket size in elements for the overlapped data-parallel reduction";
 }
 
 /// String-valued keys are quoted so that e.g. `--save 123` stays a path, not a number.
