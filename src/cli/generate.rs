@@ -15,7 +15,8 @@ use super::UsageError;
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (a `--save` directory with `latest`, or one `iter_*` directory).
+    /// Checkpoint directory (a `--save` directory with `latest`, or one `iter_*` directory), or a
+    /// Hugging Face GPT-2 directory (`config.json` + `model.safetensors`, as `troupe export` writes).
     #[arg(long)]
     pub load: PathBuf,
     /// Text to continue ("": sample unconditionally, from the end-of-document token).

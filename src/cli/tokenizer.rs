@@ -56,7 +56,15 @@ impl TokenizerArgs {
         Ok(match self.tokenizer_type {
             None => match &self.tokenizer {
                 Some(path) => TokenizerSpec::from_path(path).map_err(|e| UsageError(e.to_string()))?,
-                None => return Err(usage("give --tokenizer PATH or --tokenizer-type")),
+                None => {
+                    return Err(usage(
+                        "no tokenizer given: name one with --tokenizer PATH (a tokenizer.json, or a directory \
+                         holding tokenizer.json, vocab.json + merges.txt or vocab.txt), or with Megatron's \
+                         --tokenizer-type and --vocab-file (and --merge-file for GPT2BPETokenizer); \
+                         `troupe tokenizer train --input CORPUS --vocab-size N --output tokenizer.json` \
+                         trains one. Train with the same tokenizer (--tokenizer).",
+                    ));
+                }
             },
             Some(TokenizerType::HuggingFace) => TokenizerSpec::from_path(
                 self.tokenizer.as_deref().ok_or_else(|| usage("--tokenizer PATH is required"))?,

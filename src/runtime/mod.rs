@@ -25,6 +25,7 @@ pub mod plan;
 pub mod rank;
 pub mod shard;
 pub mod stage;
+pub mod straggler;
 pub mod wire;
 
 use std::sync::Arc;

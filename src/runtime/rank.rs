@@ -1684,6 +1684,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
     let mut saved_at = None;
     let mut reported = (0u64, 0u64, 0u64, 0u64);
     let mut best_busy = vec![f64::INFINITY; ctx.world.size()];
+    let mut stragglers = super::straggler::StragglerWatch::new(ctx.world.size());
     while step < t.train_iters {
         let this = step + 1;
         let t_step = Instant::now();
@@ -1971,8 +1972,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
         // same pipeline stage this step, and its own fastest step so far (pipeline stages differ
         // by design, so they are not compared with each other).
         busy.sort_by_key(|b| b.1);
-        let mut slowest_ratio = 1.0f64;
-        let mut slowest_rank = 0;
+        let (mut slowest_ratio, mut slowest_rank, mut slowest_excess) = (1.0f64, 0, 0.0f64);
         for &(t, r) in &busy {
             let stage = r / plan.dp;
             let peers = busy
@@ -1983,7 +1983,7 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             let best = best_busy[r].min(peers);
             let ratio = if best > 0.0 && best.is_finite() { t / best } else { 1.0 };
             if ratio > slowest_ratio {
-                (slowest_ratio, slowest_rank) = (ratio, r);
+                (slowest_ratio, slowest_rank, slowest_excess) = (ratio, r, t - best);
             }
         }
         for &(t, r) in &busy {
@@ -1992,13 +1992,13 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             }
         }
         let rec_slowest = (slowest_rank, slowest_ratio);
-        if slowest_ratio > 1.5 && wr == 0 {
-            tracing::warn!(
-                step = this,
-                rank = slowest_rank,
-                ratio = slowest_ratio,
-                "straggler: rank {slowest_rank} computes {slowest_ratio:.1}× its peers' or its own best time"
-            );
+        stragglers.observe(slowest_rank, slowest_ratio, slowest_excess);
+        let interval = cfg.logging.log_interval.max(1);
+        if this.is_multiple_of(interval) || this == t.train_iters {
+            match stragglers.report() {
+                Some(msg) if wr == 0 => tracing::warn!(step = this, "{msg}"),
+                _ => {}
+            }
         }
         if !nonfinite_ranks.is_empty() && wr == 0 {
             tracing::warn!(step = this, ranks = ?nonfinite_ranks, "non-finite loss or gradient");
