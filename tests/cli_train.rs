@@ -280,11 +280,13 @@ fn plot_draws_a_log_and_refuses_one_without_losses() -> Result<()> {
     let dir = tempdir("plot");
     std::fs::write(
         dir.join("run.jsonl"),
-        "{\"step\": 1, \"loss\": 8.3, \"lr\": 0.0}\n{\"step\": 2, \"loss\": 7.9, \"lr\": 0.0001}\n",
+        "{\"step\": 1, \"loss\": 8.3, \"lr\": 0.0}\n{\"step\": 2, \"loss\": 7.9, \"lr\": 0.0001}\n\
+         {\"step\": 2, \"val_loss\": 8.0, \"val_perplexity\": 2981.0}\n",
     )?;
     let out = troupe(&["plot", "run.jsonl", "--out", "loss.svg"], &dir);
     ensure!(out.status.success(), "{}", stderr(&out));
-    ensure!(stderr(&out).contains("(2 steps)"), "{}", stderr(&out));
+    // The evaluation's record is not a step of its own.
+    ensure!(stderr(&out).contains("(2 steps, 1 evaluation)"), "{}", stderr(&out));
     ensure!(std::fs::read_to_string(dir.join("loss.svg"))?.starts_with("<svg"), "not an SVG");
     std::fs::write(dir.join("bare.jsonl"), "{\"step\": 1}\n")?;
     let out = troupe(&["plot", "bare.jsonl", "--out", "bare.png"], &dir);

@@ -40,6 +40,13 @@ pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
     };
     std::fs::write(&args.out, bytes)
         .map_err(|e| UsageError(format!("cannot write {}: {e}", args.out.display())))?;
-    eprintln!("wrote {} ({})", args.out.display(), super::count(points.len() as u64, "step"));
+    // Evaluations are records of their own (with the step they followed): count them apart.
+    let train = points.iter().filter(|p| p.loss.is_some()).count() as u64;
+    let valid = points.iter().filter(|p| p.val_loss.is_some()).count() as u64;
+    let evals = match valid {
+        0 => String::new(),
+        n => format!(", {}", super::count(n, "evaluation")),
+    };
+    eprintln!("wrote {} ({}{evals})", args.out.display(), super::count(train, "step"));
     Ok(())
 }
