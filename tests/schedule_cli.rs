@@ -145,3 +145,41 @@ fn compute_only_order_is_lowered_and_printed() {
     troupe::schedule::validate(&program).expect("and validates");
     assert!(program.ranks[0].iter().any(|op| op.to_string() == "0SA1:1"), "{text}");
 }
+
+/// Without `--format`, the format follows `--out`'s extension (a `.png` holding SVG text was
+/// what `trace render --out t.png` wrote); an explicit `--format` still wins.
+#[test]
+fn formats_follow_the_out_extension() {
+    let dir = Scratch::new("schedule-cli");
+    let show = ["schedule", "show", "--schedule", "1f1b", "--pp", "2", "--microbatches", "4"];
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = troupe(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    for (name, magic) in [
+        ("s.png", &b"\x89PNG"[..]),
+        ("s.svg", b"<svg"),
+        ("s.json", b"{"),
+        ("s.txt", b"pp=2"),
+        ("s.PNG", b"\x89PNG"),
+    ] {
+        run(&[&show[..], &["--out", &path(name)]].concat());
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        assert!(bytes.starts_with(magic), "{name} starts with {:?}", String::from_utf8_lossy(&bytes[..8]));
+    }
+    run(&[&show[..], &["--format", "trace", "--out", &path("s.trace")]].concat());
+    for (name, magic) in [("r.png", &b"\x89PNG"[..]), ("r.svg", b"<svg"), ("r.json", b"{\"displayTimeUnit\"")]
+    {
+        let out = run(&["trace", "render", &path("s.trace"), "--out", &path(name)]);
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        assert!(bytes.starts_with(magic), "{name} starts with {:?}", String::from_utf8_lossy(&bytes[..8]));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("wrote"), "{name}: no 'wrote' line");
+    }
+    run(&["trace", "render", &path("s.trace"), "--format", "svg", "--out", &path("forced.png")]);
+    assert!(
+        std::fs::read(dir.join("forced.png")).unwrap().starts_with(b"<svg"),
+        "--format lost to the extension"
+    );
+}

@@ -49,9 +49,10 @@ pub struct ShowArgs {
     pub group_size: Option<usize>,
     #[command(flatten)]
     pub sim: SimArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: Format,
+    /// Output format (default: from --out's extension — .svg, .png, .json for the program as
+    /// JSON — else text).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
     /// Write the output here instead of standard output (stats then go to standard output).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -99,7 +100,11 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
     validate(&program).context("generated program failed validation (a troupe bug)")?;
     let sim = simulate(&program, &costs)?;
     let stats = stats_text(spec.kind.name(), &program, &sim, &costs);
-    let body: Vec<u8> = match args.format {
+    let format = args.format.unwrap_or_else(|| {
+        format_of(args.out.as_deref(), &[("svg", Format::Svg), ("png", Format::Png), ("json", Format::Json)])
+            .unwrap_or(Format::Text)
+    });
+    let body: Vec<u8> = match format {
         Format::Text => format!("{}{stats}", to_text(&program)).into_bytes(),
         Format::Json => {
             let doc = serde_json::json!({ "schedule": spec.kind.name(), "costs": costs, "program": program, "stats": sim.stats });
@@ -118,24 +123,30 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
                 sim.stats.bubble
             );
             let scene = timeline_scene(&trace, &caption);
-            if args.format == Format::Svg { render_svg(&scene).into_bytes() } else { render_png(&scene) }
+            if format == Format::Svg { render_svg(&scene).into_bytes() } else { render_png(&scene) }
         }
         Format::Chrome | Format::Trace => {
             // one cost unit = 1 ms, so Perfetto shows readable durations
             let trace =
                 Trace::from_simulation(&program, &sim, costs.message_bytes, 1000.0, Some(spec.kind.name()));
-            if args.format == Format::Chrome {
+            if format == Format::Chrome {
                 to_chrome(&trace).into_bytes()
             } else {
                 trace.to_native().into_bytes()
             }
         }
     };
-    emit(&body, args.out.as_deref(), args.format == Format::Png)?;
-    if args.out.is_some() && args.format != Format::Text {
+    emit(&body, args.out.as_deref(), format == Format::Png)?;
+    if args.out.is_some() && format != Format::Text {
         print!("{stats}");
     }
     Ok(())
+}
+
+/// The format `out`'s extension names among `table` (case-insensitive), if any.
+pub(crate) fn format_of<F: Copy>(out: Option<&Path>, table: &[(&str, F)]) -> Option<F> {
+    let ext = out?.extension()?.to_str()?.to_ascii_lowercase();
+    table.iter().find(|(e, _)| *e == ext).map(|(_, f)| *f)
 }
 
 /// Write `body` to `out`, or to standard output when no file is given.

@@ -2,7 +2,7 @@
 //! conversion of a trace to a timeline picture or Chrome JSON.
 
 use super::UsageError;
-use super::schedule::emit;
+use super::schedule::{emit, format_of};
 use std::path::PathBuf;
 use troupe::schedule::{ScheduleKind, ScheduleSpec, dims_ok};
 use troupe::trace::{Trace, render_png, render_svg, replay, timeline_scene, to_chrome};
@@ -39,9 +39,10 @@ pub enum RenderFormat {
 pub struct RenderArgs {
     /// Trace file (troupe native form or troupe-written Chrome JSON).
     pub trace: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "svg")]
-    pub format: RenderFormat,
+    /// Output format (default: from --out's extension — .svg, .png, .json for Chrome JSON —
+    /// else SVG).
+    #[arg(long, value_enum)]
+    pub format: Option<RenderFormat>,
     /// Write the output here instead of standard output (PNG needs it).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -109,10 +110,23 @@ pub fn render(args: RenderArgs) -> anyhow::Result<()> {
         trace.microbatches,
         trace.makespan()
     );
-    let body = match args.format {
+    let format = args.format.unwrap_or_else(|| {
+        let table = [("svg", RenderFormat::Svg), ("png", RenderFormat::Png), ("json", RenderFormat::Chrome)];
+        format_of(args.out.as_deref(), &table).unwrap_or(RenderFormat::Svg)
+    });
+    let body = match format {
         RenderFormat::Svg => render_svg(&timeline_scene(&trace, &caption)).into_bytes(),
         RenderFormat::Png => render_png(&timeline_scene(&trace, &caption)),
         RenderFormat::Chrome => to_chrome(&trace).into_bytes(),
     };
-    emit(&body, args.out.as_deref(), args.format == RenderFormat::Png)
+    emit(&body, args.out.as_deref(), format == RenderFormat::Png)?;
+    if let Some(out) = &args.out {
+        let what = match format {
+            RenderFormat::Svg => "an SVG timeline",
+            RenderFormat::Png => "a PNG timeline",
+            RenderFormat::Chrome => "Chrome trace JSON, for Perfetto",
+        };
+        eprintln!("wrote {} ({what})", out.display());
+    }
+    Ok(())
 }
