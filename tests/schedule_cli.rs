@@ -183,3 +183,26 @@ fn formats_follow_the_out_extension() {
         "--format lost to the extension"
     );
 }
+
+/// `trace replay` without `--schedule` compares every schedule that fits the trace, and names
+/// the ones that do not (interleaved with 6 microbatches on 4 ranks) instead of failing.
+#[test]
+fn replay_compares_every_schedule_that_fits_by_default() {
+    let dir = Scratch::new("schedule-cli");
+    let file = dir.join("m6.trace");
+    let file = file.to_str().unwrap();
+    let show = ["schedule", "show", "--schedule", "1f1b", "--pp", "4", "--microbatches", "6"];
+    assert!(troupe(&[&show[..], &["--format", "trace", "--out", file]].concat()).status.success());
+    let out = troupe(&["trace", "replay", file]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    for kind in ["gpipe", "1f1b", "zb-h1", "zb-h2", "zb-v"] {
+        assert!(text.lines().any(|l| l.starts_with(&format!("{kind} "))), "no {kind} row: {text}");
+    }
+    assert!(!text.contains("interleaved"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not compared: interleaved"), "{err}");
+    // Named, it is an error as before.
+    let out = troupe(&["trace", "replay", file, "--schedule", "interleaved"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -4,14 +4,15 @@
 use super::UsageError;
 use super::schedule::{emit, format_of};
 use std::path::PathBuf;
-use troupe::schedule::{ScheduleKind, ScheduleSpec, dims_ok};
+use troupe::schedule::{ScheduleKind, ScheduleSpec, dims_ok, generate};
 use troupe::trace::{Trace, render_png, render_svg, replay, timeline_scene, to_chrome};
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
     /// Trace file (troupe native form or troupe-written Chrome JSON).
     pub trace: PathBuf,
-    /// Other schedules to compare (repeat or comma-separate): gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v.
+    /// Other schedules to compare (repeat or comma-separate): gpipe, 1f1b, interleaved, zb-h1, zb-h2,
+    /// zb-v. Default: every one that fits the trace's pipeline size and microbatch count.
     #[arg(long = "schedule", value_delimiter = ',', value_parser = parse_kind)]
     pub schedules: Vec<ScheduleKind>,
     /// Chunks per rank for the other schedules that can vary it (interleaved).
@@ -66,8 +67,10 @@ fn read_trace(path: &PathBuf) -> anyhow::Result<Trace> {
 
 pub fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
     let trace = read_trace(&args.trace)?;
-    let specs: Vec<ScheduleSpec> = args
-        .schedules
+    let every = args.schedules.is_empty();
+    let kinds = if every { ScheduleKind::ALL.to_vec() } else { args.schedules.clone() };
+    let mut unfit = Vec::new();
+    let specs: Vec<ScheduleSpec> = kinds
         .iter()
         .map(|&kind| ScheduleSpec {
             kind,
@@ -79,7 +82,19 @@ pub fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
             },
             group_size: args.group_size,
         })
+        // Asked for by name, a schedule that does not fit is an error; the default list leaves it
+        // out and says why.
+        .filter(|spec| match (every, generate(spec)) {
+            (true, Err(e)) => {
+                unfit.push(format!("{}: {e}", spec.kind.name()));
+                false
+            }
+            _ => true,
+        })
         .collect();
+    for why in &unfit {
+        eprintln!("troupe: not compared: {why}");
+    }
     let report = replay(&trace, &specs).map_err(|e| UsageError(format!("{}: {e}", args.trace.display())))?;
     if args.json {
         println!("{:#}", serde_json::to_value(&report)?);
