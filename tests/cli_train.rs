@@ -204,6 +204,35 @@ fn megatron_flags_are_ported_ignored_with_a_note_or_refused() -> Result<()> {
         "{}",
         stderr(&out)
     );
+    // Sample-based lengths (Megatron's GPT-3 scripts) become steps of the global batch.
+    let out = troupe(
+        &[
+            "config",
+            "show",
+            "--global-batch-size",
+            "16",
+            "--train-samples",
+            "3208",
+            "--lr-decay-samples",
+            "1600",
+            "--lr-warmup-fraction",
+            "0.1",
+            "--data-cache-path",
+            "idx-cache",
+        ],
+        &dir,
+    );
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "train_iters = 200\n",
+        "lr_decay_iters = 100\n",
+        "lr_warmup_iters = 10\n",
+        "cache_dir = \"idx-cache\"",
+    ] {
+        ensure!(shown.contains(want), "no {want:?} in:\n{shown}");
+    }
+    ensure!(stderr(&out).contains("--train-samples 3208 is 200.50 global batches"), "{}", stderr(&out));
     let out = troupe(
         &["train", "--swiglu", "--lr", "3e-4", "--attention-dropout", "0.1", "--recompute-activations"],
         &dir,

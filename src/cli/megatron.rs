@@ -69,6 +69,47 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("log-throughput", false, Rule::Ignore("the log lines always give tokens/s")),
     ("timing-log-level", true, Rule::Ignore("use --trace for a step's timeline")),
     ("log-params-norm", false, Rule::Ignore("not logged; the log lines give the gradient norm")),
+    ("log-num-zeros-in-grad", false, Rule::Ignore("not logged; the log lines give the gradient norm")),
+    ("timing-log-option", true, Rule::Ignore("use --trace for a step's timeline")),
+    ("log-progress", false, Rule::Ignore("progress is on the terminal and, per step, in --log-json")),
+    ("log-timers-to-tensorboard", false, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    (
+        "log-validation-ppl-to-tensorboard",
+        false,
+        Rule::Ignore("the log lines give the validation perplexity"),
+    ),
+    ("log-memory-to-tensorboard", false, Rule::Ignore("the closing line gives the peak host memory")),
+    ("log-world-size-to-tensorboard", false, Rule::Ignore("the first line gives the layout")),
+    ("tensorboard-log-interval", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    ("tensorboard-queue-size", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    (
+        "exit-signal-handler",
+        false,
+        Rule::Ignore("a run always saves a checkpoint and exits on SIGTERM or SIGINT"),
+    ),
+    ("attention-softmax-in-fp32", false, Rule::Ignore("softmax statistics are always kept in fp32")),
+    (
+        "apply-query-key-layer-scaling",
+        false,
+        Rule::Ignore("it changes the result only in fp16, which troupe does not train in"),
+    ),
+    (
+        "ckpt-format",
+        true,
+        Rule::Ignore(
+            "troupe writes its own checkpoints (safetensors); `troupe export` writes Hugging Face's",
+        ),
+    ),
+    (
+        "no-async-tensor-model-parallel-allreduce",
+        false,
+        Rule::Ignore("there is no tensor parallelism to overlap"),
+    ),
+    ("loss-scale", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
+    ("initial-loss-scale", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
+    ("min-loss-scale", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
+    ("loss-scale-window", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
+    ("hysteresis", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
     ("tensorboard-dir", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
     ("wandb-project", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
     ("wandb-exp-name", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
@@ -92,7 +133,56 @@ const FLAGS: &[(&str, bool, Rule)] = &[
             "troupe initialises as GPT-2 and Megatron's default do: std 0.02, output projections scaled by 1/√(2·layers)",
         ),
     ),
+    (
+        "dataloader-type",
+        true,
+        Rule::Only(
+            &["single"],
+            "troupe's sampler is Megatron's `single` one: the shuffled samples in order, resumable from the samples consumed",
+        ),
+    ),
+    ("lr-warmup-init", true, Rule::Only(&["0"], "warm-up starts from a learning rate of 0")),
+    ("weight-decay-incr-style", true, Rule::Only(&["constant"], "the weight decay is constant")),
     ("swiglu", false, Rule::Refuse("troupe's MLP uses GELU; there is no SwiGLU")),
+    (
+        "group-query-attention",
+        false,
+        Rule::Refuse("troupe's attention has a key and value head per query head (GPT-2)"),
+    ),
+    (
+        "num-query-groups",
+        true,
+        Rule::Refuse("troupe's attention has a key and value head per query head (GPT-2)"),
+    ),
+    (
+        "rampup-batch-size",
+        true,
+        Rule::Refuse("there is no batch-size ramp-up: every step takes --global-batch-size sequences"),
+    ),
+    (
+        "mock-data",
+        false,
+        Rule::Refuse(
+            "there is no mock dataset; without --data-path troupe trains on its embedded Shakespeare corpus",
+        ),
+    ),
+    (
+        "skip-train",
+        false,
+        Rule::Refuse(
+            "there is no evaluation-only run; a run evaluates every --eval-interval steps and at its end",
+        ),
+    ),
+    (
+        "no-save-optim",
+        false,
+        Rule::Refuse("checkpoints always hold the optimizer state; `troupe export` writes the weights alone"),
+    ),
+    (
+        "no-save-rng",
+        false,
+        Rule::Refuse("checkpoints always hold the RNG state; `troupe export` writes the weights alone"),
+    ),
     (
         "untie-embeddings-and-output-weights",
         false,
@@ -136,6 +226,12 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("lr-warmup-fraction", true, Rule::Special),
     ("ffn-hidden-size", true, Rule::Special),
     ("max-position-embeddings", true, Rule::Special),
+    ("kv-channels", true, Rule::Special),
+    ("train-samples", true, Rule::Special),
+    ("lr-decay-samples", true, Rule::Special),
+    ("lr-warmup-samples", true, Rule::Special),
+    ("distributed-timeout-minutes", true, Rule::Special),
+    ("data-cache-path", true, Rule::Special),
 ];
 
 /// Ported flags checked against the resolved config (see [`Ported::apply`]).
@@ -144,6 +240,11 @@ pub struct Ported {
     pub lr_warmup_fraction: Option<f64>,
     pub ffn_hidden_size: Option<usize>,
     pub max_position_embeddings: Option<usize>,
+    pub kv_channels: Option<usize>,
+    /// Megatron's sample-based training: sequences, turned into steps of the global batch.
+    pub train_samples: Option<u64>,
+    pub lr_decay_samples: Option<u64>,
+    pub lr_warmup_samples: Option<u64>,
 }
 
 /// A command line with the Megatron flags of [`FLAGS`] taken out.
@@ -236,6 +337,12 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
             None
         };
         let v = value.unwrap_or_default();
+        if name == "rampup-batch-size" {
+            // It takes three values (start, increment, samples): leave none for clap.
+            while args.get(i).and_then(|a| a.to_str()).is_some_and(|a| !a.starts_with("--")) {
+                i += 1;
+            }
+        }
         let megatron = format!("--{name} (a Megatron-LM flag)");
         match rule {
             Rule::Ignore(why) => out.notes.push(format!("{megatron} is ignored: {why}")),
@@ -269,6 +376,37 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                     Ok(n) => out.ported.max_position_embeddings = Some(n),
                     Err(_) => out.errors.push(format!("--max-position-embeddings {v}: not a whole number")),
                 },
+                "kv-channels" => match v.parse::<usize>() {
+                    Ok(n) => out.ported.kv_channels = Some(n),
+                    Err(_) => out.errors.push(format!("--kv-channels {v}: not a whole number")),
+                },
+                "train-samples" | "lr-decay-samples" | "lr-warmup-samples" => {
+                    let slot = match name {
+                        "train-samples" => &mut out.ported.train_samples,
+                        "lr-decay-samples" => &mut out.ported.lr_decay_samples,
+                        _ => &mut out.ported.lr_warmup_samples,
+                    };
+                    match v.parse::<u64>() {
+                        Ok(n) => *slot = Some(n),
+                        Err(_) => out.errors.push(format!("--{name} {v}: not a whole number of samples")),
+                    }
+                }
+                "distributed-timeout-minutes" => match v.parse::<f64>() {
+                    Ok(m) if m > 0.0 && m.is_finite() && training => {
+                        out.args.extend(["--comm-timeout".into(), format!("{}", m * 60.0).into()])
+                    }
+                    Ok(m) if m > 0.0 && m.is_finite() => out.notes.push(format!(
+                        "{megatron} is ignored: it sets `troupe train --comm-timeout {}`",
+                        m * 60.0
+                    )),
+                    _ => out
+                        .errors
+                        .push(format!("--distributed-timeout-minutes {v}: must be a positive number")),
+                },
+                "data-cache-path" => out.args.extend([
+                    "--set".into(),
+                    format!("data.cache_dir={}", toml::Value::String(v.clone())).into(),
+                ]),
                 _ => unreachable!("every Special flag is matched"),
             },
         }
@@ -304,9 +442,24 @@ impl Ported {
     ///
     /// # Errors
     /// The message of a usage error.
-    pub fn apply(&self, cfg: &troupe::config::Config, explicit_warmup: bool) -> Result<Vec<String>, String> {
+    ///
+    /// `explicit(key)` tells whether the command line set `key` itself (a Megatron flag and the
+    /// troupe flag for the same setting are refused together, as Megatron refuses them).
+    pub fn apply(
+        &self,
+        cfg: &troupe::config::Config,
+        explicit: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<String>, String> {
         let mut sets = Vec::new();
         let m = &cfg.model;
+        if let Some(k) = self.kv_channels
+            && k * m.num_attention_heads != m.hidden_size
+        {
+            return Err(format!(
+                "--kv-channels {k} (a Megatron-LM flag): troupe's heads are hidden size / heads = {} wide",
+                m.hidden_size / m.num_attention_heads.max(1)
+            ));
+        }
         if let Some(n) = self.ffn_hidden_size
             && n != 4 * m.hidden_size
         {
@@ -323,30 +476,84 @@ impl Ported {
                 m.seq_length
             ));
         }
-        if let Some(f) = self.lr_warmup_fraction {
-            if explicit_warmup {
-                return Err("give --lr-warmup-fraction or --lr-warmup-iters, not both".into());
+        let t = &cfg.train;
+        let gbs = t.global_batch_size.max(1) as u64;
+        let mut train_iters = t.train_iters;
+        if let Some(n) = self.train_samples {
+            if explicit("train.train_iters") {
+                return Err("give --train-samples or --train-iters, not both".into());
             }
-            let t = &cfg.train;
+            // Megatron: iterations = samples ÷ global batch, rounded down.
+            train_iters = n / gbs;
+            if train_iters == 0 {
+                return Err(format!("--train-samples {n} is less than one global batch ({gbs} sequences)"));
+            }
+            sets.push(format!("train.train_iters={train_iters}"));
+        }
+        let mut decay = t.lr_decay_iters.unwrap_or(train_iters);
+        if let Some(n) = self.lr_decay_samples {
+            if explicit("train.lr_decay_iters") {
+                return Err("give --lr-decay-samples or --lr-decay-iters, not both".into());
+            }
+            decay = steps_of(n, gbs);
+            sets.push(format!("train.lr_decay_iters={decay}"));
+        }
+        let warmups = [
+            self.lr_warmup_fraction.is_some(),
+            self.lr_warmup_samples.is_some(),
+            explicit("train.lr_warmup_iters"),
+        ];
+        if warmups.iter().filter(|&&w| w).count() > 1 {
+            return Err("give one of --lr-warmup-fraction, --lr-warmup-samples and --lr-warmup-iters".into());
+        }
+        if let Some(f) = self.lr_warmup_fraction {
             // Megatron: warm-up steps = fraction × decay steps (the schedule's decay length).
-            let decay = t.lr_decay_iters.unwrap_or(t.train_iters);
             sets.push(format!("train.lr_warmup_iters={}", (f * decay as f64).round() as u64));
+        }
+        if let Some(n) = self.lr_warmup_samples {
+            sets.push(format!("train.lr_warmup_iters={}", steps_of(n, gbs)));
         }
         Ok(sets)
     }
 
-    /// A note for a `--max-position-embeddings` larger than the sequence (Megatron keeps the
-    /// unused rows; troupe's position table has --seq-length rows).
-    pub fn note(&self, cfg: &troupe::config::Config) -> Option<String> {
-        let n = self.max_position_embeddings?;
-        (n > cfg.model.seq_length).then(|| {
-            format!(
+    /// Notes on the ported values: a `--max-position-embeddings` larger than the sequence
+    /// (Megatron keeps the unused rows; troupe's position table has --seq-length rows), and
+    /// sample counts that are not whole global batches (troupe counts steps).
+    pub fn notes(&self, cfg: &troupe::config::Config) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(n) = self.max_position_embeddings
+            && n > cfg.model.seq_length
+        {
+            notes.push(format!(
                 "--max-position-embeddings {n}: troupe's position table has --seq-length = {} rows \
                  (positions past the sequence are never used)",
                 cfg.model.seq_length
-            )
-        })
+            ));
+        }
+        let gbs = cfg.train.global_batch_size.max(1) as u64;
+        let flags = [
+            // Megatron's training length is rounded down, the schedule's lengths to the nearest step.
+            ("train-samples", self.train_samples, self.train_samples.map(|n| n / gbs)),
+            ("lr-decay-samples", self.lr_decay_samples, self.lr_decay_samples.map(|n| steps_of(n, gbs))),
+            ("lr-warmup-samples", self.lr_warmup_samples, self.lr_warmup_samples.map(|n| steps_of(n, gbs))),
+        ];
+        for (flag, samples, steps) in flags {
+            if let (Some(n), Some(steps)) = (samples, steps)
+                && n % gbs != 0
+            {
+                notes.push(format!(
+                    "--{flag} {n} is {:.2} global batches of {gbs}: troupe counts steps and takes {steps}",
+                    n as f64 / gbs as f64
+                ));
+            }
+        }
+        notes
     }
+}
+
+/// Samples as steps of `gbs` sequences, to the nearest step.
+fn steps_of(samples: u64, gbs: u64) -> u64 {
+    (samples + gbs / 2) / gbs
 }
 
 #[cfg(test)]
@@ -441,15 +648,94 @@ mod tests {
             ffn_hidden_size: Some(64),
             max_position_embeddings: Some(32),
             lr_warmup_fraction: Some(0.01),
+            kv_channels: Some(8),
+            ..Ported::default()
         };
-        assert_eq!(p.apply(&cfg, false).unwrap(), ["train.lr_warmup_iters=8"]);
-        assert!(p.note(&cfg).is_none());
-        assert!(p.apply(&cfg, true).unwrap_err().contains("not both"));
+        let none = |_: &str| false;
+        assert_eq!(p.apply(&cfg, &none).unwrap(), ["train.lr_warmup_iters=8"]);
+        assert!(p.notes(&cfg).is_empty());
+        let warmup = |k: &str| k == "train.lr_warmup_iters";
+        assert!(p.apply(&cfg, &warmup).unwrap_err().contains("give one of"));
         let p = Ported { ffn_hidden_size: Some(48), ..Ported::default() };
-        assert!(p.apply(&cfg, false).unwrap_err().contains("4 × hidden size = 64"));
+        assert!(p.apply(&cfg, &none).unwrap_err().contains("4 × hidden size = 64"));
         let p = Ported { max_position_embeddings: Some(16), ..Ported::default() };
-        assert!(p.apply(&cfg, false).unwrap_err().contains("below --seq-length 32"));
+        assert!(p.apply(&cfg, &none).unwrap_err().contains("below --seq-length 32"));
         let p = Ported { max_position_embeddings: Some(64), ..Ported::default() };
-        assert!(p.note(&cfg).unwrap().contains("has --seq-length = 32 rows"));
+        assert!(p.notes(&cfg)[0].contains("has --seq-length = 32 rows"));
+        let p = Ported { kv_channels: Some(4), ..Ported::default() };
+        assert!(p.apply(&cfg, &none).unwrap_err().contains("hidden size / heads = 8 wide"));
+    }
+
+    /// Megatron's sample-based lengths become steps of the global batch: training rounded down
+    /// (as Megatron computes its iterations), the schedule's lengths to the nearest step, with
+    /// a note when a count is not whole batches; mixing the two ways of one setting is refused.
+    #[test]
+    fn sample_counts_become_steps_of_the_global_batch() {
+        let cfg = troupe::config::Config::from_toml_str(
+            "[model]\nvocab_size = 64\nseq_length = 32\nnum_layers = 1\nhidden_size = 16\nnum_attention_heads = 2\n\
+             [train]\nmicro_batch_size = 4\nglobal_batch_size = 16\ntrain_iters = 1000\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let none = |_: &str| false;
+        let p = ported("troupe train --train-samples 1000 --lr-decay-samples 800 --lr-warmup-samples 40");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let sets = p.ported.apply(&cfg, &none).unwrap();
+        // 1000 / 16 = 62.5 → 62 steps; 800 / 16 = 50; 40 / 16 = 2.5 → 3 (nearest, ties up).
+        assert_eq!(sets, ["train.train_iters=62", "train.lr_decay_iters=50", "train.lr_warmup_iters=3"]);
+        let notes = p.ported.notes(&cfg);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].contains("--train-samples 1000 is 62.50 global batches of 16")
+                && notes[0].contains("62")
+        );
+        assert!(notes[1].contains("--lr-warmup-samples 40") && notes[1].ends_with("takes 3"), "{notes:?}");
+        // A warm-up fraction is of the decay length in steps, as Megatron's is of its samples.
+        let p = ported("troupe train --train-samples 1600 --lr-warmup-fraction 0.1");
+        assert_eq!(
+            p.ported.apply(&cfg, &none).unwrap(),
+            ["train.train_iters=100", "train.lr_warmup_iters=10"]
+        );
+        let iters = |k: &str| k == "train.train_iters";
+        assert!(p.ported.apply(&cfg, &iters).unwrap_err().contains("--train-samples or --train-iters"));
+        let p = ported("troupe train --train-samples 15");
+        assert!(p.ported.apply(&cfg, &none).unwrap_err().contains("less than one global batch (16"));
+        let p = ported("troupe train --lr-warmup-samples 32 --lr-warmup-fraction 0.1");
+        assert!(p.ported.apply(&cfg, &none).unwrap_err().contains("give one of"));
+        let p = ported("troupe train --train-samples many");
+        assert!(p.errors[0].contains("not a whole number of samples"), "{:?}", p.errors);
+    }
+
+    #[test]
+    fn timeouts_cache_paths_and_many_valued_flags_are_ported() {
+        let p = ported("troupe train --distributed-timeout-minutes 2 --data-cache-path /tmp/c d --lr 1");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        // The cache path's stray word stays for clap to refuse; the timeout is in seconds.
+        assert_eq!(
+            strings(&p),
+            [
+                "troupe",
+                "train",
+                "--comm-timeout",
+                "120",
+                "--set",
+                "data.cache_dir=\"/tmp/c\"",
+                "d",
+                "--lr",
+                "1"
+            ]
+        );
+        // --rampup-batch-size takes three values: all go with the refused flag.
+        let p = ported("troupe train --rampup-batch-size 32 32 2000000 --lr 1");
+        assert_eq!(strings(&p), ["troupe", "train", "--lr", "1"]);
+        assert!(p.errors[0].contains("no batch-size ramp-up"), "{:?}", p.errors);
+        let p = ported(
+            "troupe train --distributed-timeout-minutes 0 --dataloader-type cyclic --lr-warmup-init 0.0",
+        );
+        assert_eq!(p.errors.len(), 2, "{:?}", p.errors);
+        assert!(p.errors[0].contains("must be a positive number") && p.errors[1].contains("`single`"));
+        let p = ported("troupe config show --distributed-timeout-minutes 5");
+        assert!(p.notes[0].contains("--comm-timeout 300"), "{:?}", p.notes);
     }
 }

@@ -150,9 +150,10 @@ impl ConfigArgs {
             .map_err(|e| anyhow::Error::from(UsageError(e.to_string())))
         };
         let cfg = load(&sets)?;
-        let explicit_warmup = sets.iter().any(|s| s.trim_start().starts_with("train.lr_warmup_iters"));
-        let more = self.ported.apply(&cfg, explicit_warmup).map_err(UsageError)?;
-        if let Some(note) = self.ported.note(&cfg) {
+        let explicit =
+            |key: &str| sets.iter().any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+        let more = self.ported.apply(&cfg, &explicit).map_err(UsageError)?;
+        for note in self.ported.notes(&cfg) {
             eprintln!("troupe: note: {note}");
         }
         if more.is_empty() {
