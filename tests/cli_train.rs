@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 const TINY: &[&str] = &[
     "--num-layers",
@@ -878,5 +878,45 @@ fn use_checkpoint_args_takes_the_model_from_the_checkpoint() -> Result<()> {
     a.extend_from_slice(TINY);
     let o = troupe(&a, &dir);
     ensure!(o.status.code() == Some(2) && stderr(&o).contains("give --load"), "{}", stderr(&o));
+    Ok(())
+}
+
+/// `--skip-train` (Megatron's): the model of `--load` evaluated as the run that saved it was at
+/// its end — the same validation loss to the printed digit, since the samples and weights are
+/// the same — and nothing trained or saved; what it cannot do is refused.
+#[test]
+fn skip_train_evaluates_a_checkpoint_as_its_run_did() -> Result<()> {
+    let dir = tempdir("skip-train");
+    let mut args = vec!["train", "--train-iters", "2", "--save", "ck"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&["--eval-interval", "2", "--eval-iters", "2"]);
+    let o = troupe(&args, &dir);
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let line = |text: &str| text.lines().find(|l| l.contains("validation loss")).map(str::to_string);
+    let trained = line(&stderr(&o)).context("the run printed no validation loss")?;
+    let mut eval = vec!["train", "--load", "ck", "--skip-train", "--log-json", "eval.jsonl"];
+    eval.extend_from_slice(TINY);
+    eval.extend_from_slice(&["--eval-iters", "2"]);
+    let o = troupe(&eval, &dir);
+    let e = stderr(&o);
+    ensure!(o.status.success(), "{e}");
+    ensure!(
+        line(&e).as_deref() == Some(trained.as_str()),
+        "evaluated {:?}, the run printed {trained:?}",
+        line(&e)
+    );
+    ensure!(e.contains("evaluating ck/iter_0000002 (step 2)") && !e.contains("training a"), "{e}");
+    let json = std::fs::read_to_string(dir.join("eval.jsonl"))?;
+    ensure!(json.starts_with("{\"step\":2,\"val_loss\":"), "{json}");
+    let saved: Vec<_> = std::fs::read_dir(dir.join("ck"))?.filter_map(|d| d.ok()).collect();
+    ensure!(saved.iter().filter(|d| d.file_name().to_string_lossy().starts_with("iter_")).count() == 1);
+    for (extra, want) in [
+        (&["--device", "emu"][..], "evaluates on the CPU"),
+        (&["--eval-iters", "0"][..], "nothing to evaluate"),
+        (&["--load", "nowhere"][..], "no checkpoint there"),
+    ] {
+        let o = troupe(&[&eval[..], extra].concat(), &dir);
+        ensure!(o.status.code() == Some(2) && stderr(&o).contains(want), "{extra:?}: {}", stderr(&o));
+    }
     Ok(())
 }

@@ -167,13 +167,6 @@ const FLAGS: &[(&str, bool, Rule)] = &[
         ),
     ),
     (
-        "skip-train",
-        false,
-        Rule::Refuse(
-            "there is no evaluation-only run; a run evaluates every --eval-interval steps and at its end",
-        ),
-    ),
-    (
         "no-save-optim",
         false,
         Rule::Refuse("checkpoints always hold the optimizer state; `troupe export` writes the weights alone"),

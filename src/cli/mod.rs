@@ -21,6 +21,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a GPT (default: the embedded Shakespeare run; see config/default.toml).
+    // A flag given twice takes its last value, as Megatron's argparse does (scripts append
+    // overrides to a shared list of arguments).
+    #[command(args_override_self = true)]
     Train(Box<train::TrainArgs>),
     /// Configuration tools.
     #[command(subcommand)]
@@ -56,6 +59,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Print the resolved configuration (file or default, plus overrides) as TOML.
+    #[command(args_override_self = true)]
     Show(Box<train::ConfigShowArgs>),
 }
 
@@ -92,6 +96,7 @@ mod bench;
 mod bench_comm;
 mod bench_preprocess;
 mod device;
+mod eval_only;
 mod generate;
 mod hf;
 mod launch;
@@ -299,6 +304,39 @@ mod tests {
         // A negative value is a value, as in Megatron's argparse; the config then judges it.
         let err = train_args(&["--lr", "-1"]).cfg.resolve(&[]).expect_err("negative lr");
         assert!(err.to_string().contains("train.lr = -1"), "{err}");
+    }
+
+    /// A flag given twice takes its last value, as Megatron's argparse does (scripts append
+    /// overrides to shared argument lists); repeatable options still collect every value.
+    #[test]
+    fn a_repeated_flag_takes_its_last_value() {
+        let t = train_args(&[
+            "--lr",
+            "1",
+            "--lr",
+            "2",
+            "--set",
+            "train.seed=5",
+            "--set",
+            "train.min_lr=0.5",
+            "--inject",
+            "crash:rank=0,step=1",
+            "--inject",
+            "exit:rank=1,step=2",
+            "--data-path",
+            "a",
+            "--data-path",
+            "b",
+            "c",
+            "--threads",
+            "1",
+            "--threads",
+            "2",
+        ]);
+        assert_eq!(t.cfg.megatron.to_sets(), ["data.data_path=\"b c\"", "train.lr=2"]);
+        assert_eq!(t.cfg.sets, ["train.seed=5", "train.min_lr=0.5"]);
+        assert_eq!(t.runtime.inject.len(), 2);
+        assert_eq!(t.threads, Some(2));
     }
 
     /// `--data-path` takes Megatron's forms: one prefix, or weights and prefixes as separate words.

@@ -47,7 +47,7 @@ macro_rules! megatron_flags {
         pub struct MegatronFlags {
             /// One or more dataset prefixes, or a blend of weights and prefixes, as
             /// `--data-path 0.3 a_text_document 0.7 b_text_document` (config key `data.data_path`).
-            #[arg(long = "data-path", value_name = "PREFIX", num_args = 1..)]
+            #[arg(long = "data-path", value_name = "PREFIX", num_args = 1.., action = clap::ArgAction::Set)]
             pub data_path: Option<Vec<String>>,
             $(
                 #[arg(long = $flag, value_name = "VALUE", allow_negative_numbers = true, help = concat!($doc, " (config key `", $key, "`)"))]
@@ -182,6 +182,10 @@ pub struct TrainArgs {
     /// checkpoint, over the config and the flags, as Megatron's --use-checkpoint-args.
     #[arg(long)]
     pub use_checkpoint_args: bool,
+    /// Evaluate the model of --load on the validation and test splits (--eval-iters microbatches
+    /// each) and exit, without training or saving, as Megatron's --skip-train. CPU, one process.
+    #[arg(long)]
+    pub skip_train: bool,
     /// CPU threads (0: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -597,6 +601,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let launched = troupe::comm::env::LaunchEnv::detect()
         .map_err(|e| UsageError(format!("reading the launcher environment: {e}")))?
         .filter(|e| e.world_size > 1);
+    if args.skip_train {
+        return super::eval_only::evaluate_only(&args, &cfg, launched.as_ref());
+    }
     if let Some(done) = finished_checkpoint(&cfg) {
         // A resumed run that has already reached its last step (a finished job requeued, or
         // --train-iters left as it was): say so and stop, without building the model or

@@ -1,0 +1,104 @@
+//! `troupe train --skip-train` (Megatron's): evaluate the model `--load` names on the validation
+//! and test splits, as a run does when it ends, and exit without training or saving.
+
+use indicatif::ProgressBar;
+use troupe::checkpoint;
+use troupe::comm::env::LaunchEnv;
+use troupe::config::Config;
+use troupe::kernels::CpuBackend;
+use troupe::optim::{AdamW, AdamWConfig};
+use troupe::train::run::{self, EvalSplit, Event};
+use troupe::train::{Trainer, corpus};
+
+use super::UsageError;
+use super::train::{TrainArgs, report};
+
+/// Evaluates and prints `step N | validation loss … | perplexity …` (and the test split's line),
+/// with the same records in `--log-json`.
+pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv>) -> anyhow::Result<()> {
+    let usage = |m: String| anyhow::Error::from(UsageError(m));
+    if args.device != troupe::device::Device::Cpu {
+        return Err(usage("--skip-train evaluates on the CPU: drop --device".into()));
+    }
+    if launched.is_some() {
+        return Err(usage(
+            "--skip-train evaluates in one process (the whole model, whatever the parallel layout): \
+             start it without a launcher"
+                .into(),
+        ));
+    }
+    if cfg.checkpoint.finetune {
+        return Err(usage("--skip-train and --finetune: give one (--skip-train trains nothing)".into()));
+    }
+    if cfg.logging.eval_iters == 0 {
+        return Err(usage("--skip-train with --eval-iters 0: nothing to evaluate".into()));
+    }
+    // Evaluation is what this run is for, whatever the interval says.
+    let mut cfg = cfg.clone();
+    cfg.logging.eval_interval = cfg.logging.eval_interval.max(1);
+    let cfg = &cfg;
+    let data = corpus::open(cfg).map_err(|e| usage(e.to_string()))?;
+    let splits: Vec<_> =
+        [(EvalSplit::Validation, data.valid.as_deref()), (EvalSplit::Test, data.test.as_deref())]
+            .into_iter()
+            .filter_map(|(split, source)| source.map(|s| (split, s)))
+            .collect();
+    if splits.is_empty() {
+        let why = data.valid_note.as_deref().unwrap_or("the split leaves no validation or test documents");
+        return Err(usage(format!(
+            "--skip-train: nothing to evaluate on {} with --split {}: {why}",
+            data.description, cfg.data.split
+        )));
+    }
+    if let (None, Some(note)) = (&data.valid, &data.valid_note) {
+        eprintln!("troupe: note: no validation loss: {note}");
+    }
+    let (model, step, from) = match cfg.checkpoint.load.as_str() {
+        "" => {
+            eprintln!(
+                "troupe: note: --skip-train without --load evaluates the initial weights of seed {}",
+                cfg.train.seed
+            );
+            (
+                troupe::Gpt::new(&cfg.model, cfg.train.seed)?,
+                0,
+                format!("a new model (seed {})", cfg.train.seed),
+            )
+        }
+        load => {
+            let bad = |e: checkpoint::CheckpointError| usage(format!("--load {load}: {e}"));
+            let dir = checkpoint::resolve(std::path::Path::new(load))
+                .map_err(bad)?
+                .ok_or_else(|| usage(format!("--load {load}: no checkpoint there")))?;
+            let loaded = checkpoint::load_model(&dir).map_err(bad)?;
+            loaded.check_shape(cfg).map_err(bad)?;
+            let mut model = troupe::Gpt::new_zeroed(&cfg.model)?;
+            loaded.restore(&mut model, None).map_err(bad)?;
+            (model, loaded.state.step, dir.display().to_string())
+        }
+    };
+    let t = &cfg.train;
+    let adam = AdamWConfig {
+        beta1: t.adam_beta1,
+        beta2: t.adam_beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+    };
+    let mut trainer = Trainer { model, opt: AdamW::new(adam, 0), clip_grad: t.clip_grad };
+    let be = CpuBackend::new(t.threads);
+    eprintln!(
+        "troupe: evaluating {from} (step {step}) on {}: {} microbatch(es) of {} × {} tokens per split",
+        data.description, cfg.logging.eval_iters, t.micro_batch_size, cfg.model.seq_length
+    );
+    let mut json = match cfg.logging.log_json.as_str() {
+        "" => None,
+        p => Some(std::fs::File::create(p).map_err(|e| usage(format!("--log-json {p}: {e}")))?),
+    };
+    let bar = ProgressBar::hidden();
+    for (split, source) in splits {
+        let loss = run::evaluate(cfg, &be, &mut trainer, source)?;
+        let e = Event::Eval { step, split, loss, perplexity: loss.exp(), sample: None };
+        report(&e, &bar, cfg.logging.log_interval, json.as_mut());
+    }
+    Ok(())
+}
