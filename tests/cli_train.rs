@@ -920,3 +920,41 @@ fn skip_train_evaluates_a_checkpoint_as_its_run_did() -> Result<()> {
     }
     Ok(())
 }
+
+/// Megatron's `--vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt` (its own file names,
+/// which troupe once refused): the pair is read as one GPT-2 BPE tokenizer, which tokenizes the
+/// corpus as the `tokenizer.json` the files came from does — the same losses, bit for bit.
+#[test]
+fn megatron_vocab_and_merge_files_of_any_name_are_a_tokenizer() -> Result<()> {
+    use tokenizers::Model as _;
+    let dir = tempdir("vocab-merges");
+    let json = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/tokenizer.json");
+    let tk = tokenizers::Tokenizer::from_file(&json).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let written = tk.get_model().save(&dir, Some("gpt2")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(
+        written.len() == 2 && dir.join("gpt2-vocab.json").exists() && dir.join("gpt2-merges.txt").exists()
+    );
+    let losses = |tokenizer: &[&str]| -> Result<Vec<String>> {
+        let mut args = vec!["train", "--train-iters", "2", "--log-interval", "1"];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(&["--vocab-size", "4096"]);
+        args.extend_from_slice(tokenizer);
+        let o = troupe(&args, &dir);
+        ensure!(o.status.success(), "{tokenizer:?}: {}", stderr(&o));
+        Ok(stderr(&o)
+            .lines()
+            .filter(|l| l.contains("| loss"))
+            .map(|l| l.split(" | lr").next().unwrap_or(l).to_string())
+            .collect())
+    };
+    let from_json = losses(&["--tokenizer", json.to_str().context("path")?])?;
+    let from_pair = losses(&["--vocab-file", "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt"])?;
+    ensure!(from_json.len() == 2 && from_json == from_pair, "{from_json:?} vs {from_pair:?}");
+    let o = troupe(&["train", "--merge-file", "gpt2-merges.txt"], &dir);
+    ensure!(
+        o.status.code() == Some(2) && stderr(&o).contains("--merge-file needs --vocab-file"),
+        "{}",
+        stderr(&o)
+    );
+    Ok(())
+}

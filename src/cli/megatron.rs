@@ -410,10 +410,13 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
         (None, Some(_)) => out.errors.push("--merge-file needs --vocab-file".into()),
         (Some(v), Some(m)) => match gpt2_dir(Path::new(&v), Path::new(&m)) {
             Some(dir) => out.args.extend(["--tokenizer".into(), dir]),
-            None => out.errors.push(format!(
-                "--vocab-file {v} --merge-file {m}: troupe reads a GPT-2 BPE tokenizer from one directory \
-                 holding vocab.json and merges.txt; pass --tokenizer DIR (or a tokenizer.json)"
-            )),
+            // Files named otherwise (Megatron's own gpt2-vocab.json, gpt2-merges.txt): the pair.
+            None => out.args.extend([
+                "--tokenizer".into(),
+                v.into(),
+                "--set".into(),
+                format!("data.merge_file={}", toml::Value::String(m)).into(),
+            ]),
         },
     }
     out
@@ -622,8 +625,13 @@ mod tests {
         assert_eq!(strings(&p)[2..], ["--tokenizer", "gpt2"]);
         let p = ported("troupe train --vocab-file vocab.json --merge-file merges.txt");
         assert_eq!(strings(&p)[2..], ["--tokenizer", "."]);
-        let p = ported("troupe train --vocab-file a/v.json --merge-file b/m.txt");
-        assert!(p.errors[0].contains("one directory holding vocab.json and merges.txt"), "{:?}", p.errors);
+        // Megatron's own file names: the pair, the merges in a key of their own.
+        let p = ported("troupe train --vocab-file a/gpt2-vocab.json --merge-file b/gpt2-merges.txt");
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(
+            strings(&p)[2..],
+            ["--tokenizer", "a/gpt2-vocab.json", "--set", "data.merge_file=\"b/gpt2-merges.txt\""]
+        );
         let p = ported("troupe train --vocab-file bert/vocab.txt");
         assert_eq!(strings(&p)[2..], ["--tokenizer", "bert/vocab.txt"]);
     }

@@ -526,6 +526,7 @@ fn checkpoint_args(cfg: &Config) -> anyhow::Result<(std::path::PathBuf, Vec<Stri
     ];
     if cfg.data.tokenizer.is_empty() && !saved.data.tokenizer.is_empty() {
         sets.push(format!("data.tokenizer={}", toml::Value::String(saved.data.tokenizer.clone())));
+        sets.push(format!("data.merge_file={}", toml::Value::String(saved.data.merge_file.clone())));
     }
     Ok((dir, sets))
 }

@@ -155,8 +155,12 @@ pub struct DataConfig {
     pub data_path: Vec<String>,
     /// Train/valid/test split over documents, e.g. "949,50,1".
     pub split: String,
-    /// Tokenizer file (`tokenizer.json`). Empty: the embedded Shakespeare tokenizer.
+    /// Tokenizer: a `tokenizer.json`, a `vocab.txt`, or a directory holding `tokenizer.json`,
+    /// `vocab.json` + `merges.txt` or `vocab.txt`. Empty: the embedded Shakespeare tokenizer.
     pub tokenizer: String,
+    /// GPT-2 BPE merges file; with it `tokenizer` names the vocabulary (`vocab.json`), as
+    /// Megatron's `--vocab-file` and `--merge-file` do, whatever the files are called.
+    pub merge_file: String,
     /// Where index caches go (default: next to the data; for the embedded corpus, `.troupe-cache`).
     pub cache_dir: String,
 }
@@ -201,6 +205,7 @@ impl Default for DataConfig {
             data_path: Vec::new(),
             split: "949,50,1".into(),
             tokenizer: String::new(),
+            merge_file: String::new(),
             cache_dir: String::new(),
         }
     }

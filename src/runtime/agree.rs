@@ -34,6 +34,7 @@ pub const PER_RANK_KEYS: &[&str] = &[
     "data.cache_dir",
     "data.data_path",
     "data.tokenizer",
+    "data.merge_file",
 ];
 
 /// At most this many differences are listed in an error (the count says how many there were).

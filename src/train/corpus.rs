@@ -38,6 +38,11 @@ pub enum CorpusError {
     Tokenizer(#[from] TokenizerError),
     #[error("embedded tokenizer is unreadable: {0}")]
     EmbeddedTokenizer(String),
+    #[error(
+        "data.merge_file = {0} (Megatron's --merge-file) needs the vocabulary it goes with: \
+         data.tokenizer (--vocab-file or --tokenizer) naming the vocab.json"
+    )]
+    MergesWithoutVocab(String),
     #[error("data: {0}")]
     Dataset(#[from] DatasetError),
     #[error("preprocessing {path}: {reason}")]
@@ -87,10 +92,19 @@ fn build(
 /// # Errors
 /// [`CorpusError::Tokenizer`] when the file cannot be loaded.
 pub fn tokenizer(cfg: &Config) -> Result<TextTokenizer, CorpusError> {
-    if cfg.data.tokenizer.is_empty() {
+    let d = &cfg.data;
+    if !d.merge_file.is_empty() {
+        if d.tokenizer.is_empty() {
+            return Err(CorpusError::MergesWithoutVocab(d.merge_file.clone()));
+        }
+        let spec =
+            TokenizerSpec::Gpt2Bpe { vocab: d.tokenizer.clone().into(), merges: d.merge_file.clone().into() };
+        return Ok(TextTokenizer::load(&spec)?);
+    }
+    if d.tokenizer.is_empty() {
         return embedded_tokenizer();
     }
-    Ok(TextTokenizer::load(&TokenizerSpec::from_path(Path::new(&cfg.data.tokenizer))?)?)
+    Ok(TextTokenizer::load(&TokenizerSpec::from_path(Path::new(&d.tokenizer))?)?)
 }
 
 /// The embedded Shakespeare tokenizer (byte-level BPE, `<|endoftext|>` as end of document).
