@@ -6,12 +6,13 @@
 //! - the same as troupe's fixed model (`--normalization LayerNorm`, `--hidden-dropout 0`,
 //!   `--init-method-std 0.02`): accepted without a word;
 //! - an implementation or logging choice that does not change the result (`--use-flash-attn`,
-//!   `--num-workers 2`, `--tensorboard-dir`): ignored, with a note saying why;
+//!   `--num-workers 2`, `--tensorboard-dir`, `--sequence-parallel` at tensor-parallel size 1):
+//!   ignored, with a note saying why;
 //! - a different name for what troupe has (`--bf16` → `--dtype bf16`, `--tokenizer-model` →
-//!   `--tokenizer`, `--lr-warmup-fraction`, `--ffn-hidden-size` and `--max-position-embeddings`,
-//!   the last three checked against the resolved config);
+//!   `--tokenizer`, `--train-samples` → steps, `--lr-warmup-fraction`, `--ffn-hidden-size` and
+//!   `--max-position-embeddings`, the last three checked against the resolved config);
 //! - a model or training feature troupe does not have (`--swiglu`, `--fp16`, non-zero dropout,
-//!   `--sequence-parallel`): a usage error naming the flag and what troupe does instead.
+//!   `--rampup-batch-size`): a usage error naming the flag and what troupe does instead.
 //!
 //! Every error of a command line is reported at once (exit code 2).
 
@@ -192,7 +193,10 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     (
         "sequence-parallel",
         false,
-        Rule::Refuse("sequence parallelism needs tensor parallelism, which troupe does not have"),
+        Rule::Ignore(
+            "it splits activations over tensor-parallel ranks, and troupe's tensor-parallel size is 1 \
+             (Megatron turns it off there too)",
+        ),
     ),
     ("recompute-activations", false, Rule::Refuse("there is no activation recomputation yet")),
     ("recompute-granularity", true, Rule::Refuse("there is no activation recomputation yet")),
