@@ -219,12 +219,19 @@ fn megatron_flags_are_ported_ignored_with_a_note_or_refused() -> Result<()> {
             "0.1",
             "--data-cache-path",
             "idx-cache",
+            // `config show` takes the whole of train's command line.
+            "--use-distributed-optimizer",
+            "--threads",
+            "1",
+            "--bf16",
         ],
         &dir,
     );
     ensure!(out.status.success(), "{}", stderr(&out));
     let shown = String::from_utf8_lossy(&out.stdout);
     for want in [
+        "use_distributed_optimizer = true\n",
+        "threads = 1\n",
         "train_iters = 200\n",
         "lr_decay_iters = 100\n",
         "lr_warmup_iters = 10\n",

@@ -285,8 +285,6 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
         }
     };
     out.args.extend_from_slice(&args[..start]);
-    // `--dtype` is an option of `train` alone (`config show` prints the config, which has none).
-    let training = args[start - 1] == "train";
     let (mut vocab, mut merges): (Option<String>, Option<String>) = (None, None);
     let mut i = start;
     while i < args.len() {
@@ -354,10 +352,8 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                 }
             }
             Rule::Special => match name {
-                "bf16" if training => out.args.extend(["--dtype".into(), "bf16".into()]),
-                "bf16" => {
-                    out.notes.push(format!("{megatron} is ignored: it sets `troupe train --dtype bf16`"))
-                }
+                // `config show` takes train's options too (and prints only the config).
+                "bf16" => out.args.extend(["--dtype".into(), "bf16".into()]),
                 "tokenizer-model" => out.args.extend(["--tokenizer".into(), v.into()]),
                 "vocab-file" => vocab = Some(v),
                 "merge-file" => merges = Some(v),
@@ -389,13 +385,9 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                     }
                 }
                 "distributed-timeout-minutes" => match v.parse::<f64>() {
-                    Ok(m) if m > 0.0 && m.is_finite() && training => {
+                    Ok(m) if m > 0.0 && m.is_finite() => {
                         out.args.extend(["--comm-timeout".into(), format!("{}", m * 60.0).into()])
                     }
-                    Ok(m) if m > 0.0 && m.is_finite() => out.notes.push(format!(
-                        "{megatron} is ignored: it sets `troupe train --comm-timeout {}`",
-                        m * 60.0
-                    )),
                     _ => out
                         .errors
                         .push(format!("--distributed-timeout-minutes {v}: must be a positive number")),
@@ -601,8 +593,7 @@ mod tests {
         let p = ported("troupe --nccl-lib /x train --inject exit:rank=1,step=2 --set a.b=1");
         assert_eq!(strings(&p).len(), 8);
         let p = ported("troupe config show --max-position-embeddings 256 --lr-warmup-fraction 0.01 --bf16");
-        assert_eq!(strings(&p), ["troupe", "config", "show"]);
-        assert!(p.notes[0].contains("it sets `troupe train --dtype bf16`"), "{:?}", p.notes);
+        assert_eq!(strings(&p), ["troupe", "config", "show", "--dtype", "bf16"]);
         assert_eq!(p.ported.max_position_embeddings, Some(256));
         assert_eq!(p.ported.lr_warmup_fraction, Some(0.01));
     }
@@ -741,6 +732,6 @@ mod tests {
         assert_eq!(p.errors.len(), 2, "{:?}", p.errors);
         assert!(p.errors[0].contains("must be a positive number") && p.errors[1].contains("`single`"));
         let p = ported("troupe config show --distributed-timeout-minutes 5");
-        assert!(p.notes[0].contains("--comm-timeout 300"), "{:?}", p.notes);
+        assert_eq!(strings(&p), ["troupe", "config", "show", "--comm-timeout", "300"]);
     }
 }

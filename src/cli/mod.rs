@@ -58,7 +58,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the resolved configuration (file or default, plus overrides) as TOML.
+    /// Print, as TOML, the configuration `troupe train` resolves from the same command line (any
+    /// train option is accepted).
     #[command(args_override_self = true)]
     Show(Box<train::ConfigShowArgs>),
 }
@@ -115,7 +116,7 @@ impl Cli {
     pub fn attach(&mut self, ported: megatron::Ported) {
         match &mut self.command {
             Command::Train(t) => t.cfg.ported = ported,
-            Command::Config(ConfigCommand::Show(s)) => s.cfg.ported = ported,
+            Command::Config(ConfigCommand::Show(s)) => s.train.cfg.ported = ported,
             _ => {}
         }
     }

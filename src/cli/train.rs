@@ -470,16 +470,62 @@ fn emu_dp_threads(
     })
 }
 
+/// `troupe config show` takes `troupe train`'s command line and prints the configuration that
+/// run would resolve (flags that set no key, such as `--device`, are accepted and change nothing).
 #[derive(Debug, clap::Args)]
 pub struct ConfigShowArgs {
     #[command(flatten)]
-    pub cfg: ConfigArgs,
+    pub train: TrainArgs,
 }
 
 pub fn config_show(args: ConfigShowArgs) -> anyhow::Result<()> {
-    let cfg = args.cfg.resolve(&[])?;
+    let cfg = resolve_config(&args.train)?;
     print!("{}", cfg.to_toml());
     Ok(())
+}
+
+/// The configuration of a `troupe train` command line: the file or the default, the flags, the
+/// keys the other options set, and with `--use-checkpoint-args` the checkpoint's model sizes
+/// (said on stderr).
+fn resolve_config(args: &TrainArgs) -> anyhow::Result<Config> {
+    let mut extra = Vec::new();
+    if args.allow_fresh_start {
+        extra.push("checkpoint.allow_fresh_start=true".to_string());
+    }
+    if args.finetune {
+        extra.push("checkpoint.finetune=true".to_string());
+    }
+    if let Some(t) = args.threads {
+        extra.push(format!("train.threads={t}"));
+    }
+    if let Some(p) = &args.log_json {
+        extra.push(format!("logging.log_json={}", toml::Value::String(p.display().to_string())));
+    }
+    extra.extend(args.runtime.sets());
+    let mut cfg = args.cfg.resolve(&extra)?;
+    if args.use_checkpoint_args {
+        let (from, sets) = checkpoint_args(&cfg)?;
+        if !sets.is_empty() {
+            extra.extend(sets);
+            cfg = args.cfg.resolve(&extra)?;
+            let m = &cfg.model;
+            eprintln!(
+                "troupe: the model's sizes from {}: {}, hidden {}, {}, vocabulary {}, {} positions{}",
+                from.display(),
+                super::count(m.num_layers as u64, "layer"),
+                m.hidden_size,
+                super::count(m.num_attention_heads as u64, "head"),
+                m.vocab_size,
+                m.seq_length,
+                if cfg.data.tokenizer.is_empty() {
+                    String::new()
+                } else {
+                    format!(", tokenizer {}", cfg.data.tokenizer)
+                }
+            );
+        }
+    }
+    Ok(cfg)
 }
 
 /// The checkpoint `--load` names and its step, when that step is already `train.train_iters`
@@ -562,43 +608,7 @@ fn announce_finetune(cfg: &Config, reporting: bool) -> anyhow::Result<()> {
 
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     check_device(args.device)?;
-    let mut extra = Vec::new();
-    if args.allow_fresh_start {
-        extra.push("checkpoint.allow_fresh_start=true".to_string());
-    }
-    if args.finetune {
-        extra.push("checkpoint.finetune=true".to_string());
-    }
-    if let Some(t) = args.threads {
-        extra.push(format!("train.threads={t}"));
-    }
-    if let Some(p) = &args.log_json {
-        extra.push(format!("logging.log_json={}", toml::Value::String(p.display().to_string())));
-    }
-    extra.extend(args.runtime.sets());
-    let mut cfg = args.cfg.resolve(&extra)?;
-    if args.use_checkpoint_args {
-        let (from, sets) = checkpoint_args(&cfg)?;
-        if !sets.is_empty() {
-            extra.extend(sets);
-            cfg = args.cfg.resolve(&extra)?;
-            let m = &cfg.model;
-            eprintln!(
-                "troupe: the model's sizes from {}: {}, hidden {}, {}, vocabulary {}, {} positions{}",
-                from.display(),
-                super::count(m.num_layers as u64, "layer"),
-                m.hidden_size,
-                super::count(m.num_attention_heads as u64, "head"),
-                m.vocab_size,
-                m.seq_length,
-                if cfg.data.tokenizer.is_empty() {
-                    String::new()
-                } else {
-                    format!(", tokenizer {}", cfg.data.tokenizer)
-                }
-            );
-        }
-    }
+    let cfg = resolve_config(&args)?;
     let launched = troupe::comm::env::LaunchEnv::detect()
         .map_err(|e| UsageError(format!("reading the launcher environment: {e}")))?
         .filter(|e| e.world_size > 1);
