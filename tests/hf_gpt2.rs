@@ -190,6 +190,15 @@ fn export_writes_back_what_transformers_saved() -> Result<()> {
         );
     }
     ensure!(ours["eos_token_id"] == 3, "eos {}", ours["eos_token_id"]);
+    // generation_config.json: the keys transformers' own holds, with troupe's end of document.
+    let read = |d: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(d.join(hf::GENERATION_CONFIG_FILE))?)?)
+    };
+    let (ours, theirs) = (read(&out)?, read(&dir)?);
+    for key in ["_from_model_config", "use_cache"] {
+        ensure!(ours[key] == theirs[key], "generation_config.json {key}: {} vs {}", ours[key], theirs[key]);
+    }
+    ensure!(ours["eos_token_id"] == 3 && ours["bos_token_id"] == 3, "{ours}");
     ensure!(
         hf::read_config(&out)? == hf::HfGpt2Config { torch_dtype: Some("float32".into()), ..hfc.clone() }
     );
@@ -233,7 +242,13 @@ fn export_then_import_round_trips_through_the_cli() -> Result<()> {
     let o = troupe(&["export", "--load", "ck", "--out", "hf"], &s);
     ensure!(o.status.success(), "export: {}", text(&o));
     ensure!(text(&o).contains("exported step 2 of ck/iter_0000002"), "{}", text(&o));
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         ensure!(s.join("hf").join(f).is_file(), "export wrote no {f}");
     }
     // Exporting over a checkpoint directory would replace its files.

@@ -33,6 +33,10 @@ use crate::models::params::ParamTable;
 
 /// The file names of a Hugging Face model directory.
 pub const CONFIG_FILE: &str = "config.json";
+
+/// The generation defaults `transformers`' `save_pretrained` writes beside `config.json` (the
+/// end-of-document token as the one that ends generation); serving tools read them from here.
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
@@ -321,6 +325,17 @@ pub fn config_json(m: &GptConfig, dtype: HfDtype, eos: Option<u32>) -> Value {
     })
 }
 
+/// The `generation_config.json` of a troupe model, as `transformers` derives it from
+/// `config.json` (`_from_model_config`).
+pub fn generation_config_json(eos: Option<u32>) -> Value {
+    json!({
+        "_from_model_config": true,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "use_cache": true,
+    })
+}
+
 /// Writes `bytes` to `dir/name` through a temporary file and a rename, so a reader never sees a
 /// half-written file.
 pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), HfError> {
@@ -372,8 +387,8 @@ impl View for Pending<'_> {
 
 /// Writes the weights of the verified checkpoint `loaded` into `out` (created if missing) as a
 /// Hugging Face GPT-2: `model.safetensors` (in `dtype`; metadata `format = pt`, which
-/// `transformers` requires) and `config.json`. `eos` is the end-of-document id, written as
-/// `bos_token_id`/`eos_token_id`. The tokenizer is the caller's to write. Each file is written to
+/// `transformers` requires), `config.json` and `generation_config.json`. `eos` is the
+/// end-of-document id, written as `bos_token_id`/`eos_token_id`. The tokenizer is the caller's to write. Each file is written to
 /// a temporary name and renamed.
 ///
 /// # Errors
@@ -439,6 +454,8 @@ pub fn export(
     let config = config_json(m, dtype, eos);
     let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
     write_file(out, CONFIG_FILE, text.as_bytes())?;
+    let text = serde_json::to_string_pretty(&generation_config_json(eos)).unwrap_or_default() + "\n";
+    write_file(out, GENERATION_CONFIG_FILE, text.as_bytes())?;
     Ok(ExportReport {
         step: loaded.state.step,
         tensors,
