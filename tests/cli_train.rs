@@ -113,6 +113,23 @@ fn train_save_resume_and_generate() -> Result<()> {
     let records = std::fs::read_to_string(&log)?;
     ensure!(records.lines().count() == 4, "log has {} lines", records.lines().count());
     ensure!(records.lines().all(|l| l.contains("\"loss\"") && l.contains("\"grad_norm\"")));
+    // Each record's model FLOP/s are Megatron's FLOPs per token (GPT with TINY's sizes, its
+    // vocabulary padded to 4096) times its tokens/s.
+    let (l, h, sq, v) = (1.0, 32.0, 32.0, 4096.0);
+    let per_token = 72.0 * l * h * h + 12.0 * l * sq * h + 6.0 * v * h;
+    for line in records.lines() {
+        let r: serde_json::Value = serde_json::from_str(line)?;
+        let (flops, tokens) = (r["model_flops_per_s"].as_f64(), r["tokens_per_s"].as_f64());
+        ensure!(
+            matches!((flops, tokens), (Some(f), Some(t)) if (f - per_token * t).abs() <= 1e-9 * f),
+            "{line}"
+        );
+    }
+    ensure!(
+        stderr(&out).lines().any(|l| l.starts_with("step      1 |") && l.ends_with("FLOP/s")),
+        "{}",
+        stderr(&out)
+    );
 
     let mut args = vec!["train", "--train-iters", "6", "--load", save.as_str(), "--save", save.as_str()];
     args.extend_from_slice(TINY);

@@ -98,7 +98,7 @@ pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv
     for (split, source) in splits {
         let loss = run::evaluate(cfg, &be, &mut trainer, source)?;
         let e = Event::Eval { step, split, loss, perplexity: loss.exp(), sample: None };
-        report(&e, &bar, cfg.logging.log_interval, json.as_mut());
+        report(&e, &bar, cfg, json.as_mut());
     }
     Ok(())
 }

@@ -237,6 +237,15 @@ pub(super) fn step_flops(cfg: &Config) -> String {
     format!("{v:.3} {unit}")
 }
 
+/// A FLOP rate with a readable unit: `152.3 GFLOP/s`.
+pub(super) fn flop_rate(f: f64) -> String {
+    let (v, unit) = [(1e15, "PFLOP/s"), (1e12, "TFLOP/s"), (1e9, "GFLOP/s")]
+        .into_iter()
+        .find(|(scale, _)| f >= *scale)
+        .map_or((f / 1e6, "MFLOP/s"), |(scale, unit)| (f / scale, unit));
+    format!("{v:.1} {unit}")
+}
+
 /// Prints how much host memory a CPU run will hold in this process, and what is available.
 pub(super) fn announce_memory(est: &MemoryEstimate) {
     let room = troupe::memory::available().map_or(String::new(), |a| format!("; {} available", gib(a.bytes)));
@@ -752,10 +761,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         sample: (sample_tokens > 0).then_some(&sampler as run::SampleFn<'_>),
     };
     let bar = progress_bar(&cfg, state.step, args.no_progress);
-    let log_interval = cfg.logging.log_interval;
     let mut on = |e: &Event| {
         if reporting {
-            report(e, &bar, log_interval, json.as_mut())
+            report(e, &bar, &cfg, json.as_mut())
         }
     };
     let dtype = args.dtype.into();
@@ -838,21 +846,25 @@ pub(super) fn progress_bar(cfg: &Config, step: u64, no_progress: bool) -> Progre
     bar
 }
 
-pub(super) fn report(e: &Event, bar: &ProgressBar, log_interval: u64, json: Option<&mut std::fs::File>) {
+pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, json: Option<&mut std::fs::File>) {
     let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
+    let log_interval = cfg.logging.log_interval;
     match e {
         Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s } => {
+            // Model FLOP/s of the whole run (Megatron's formula, as `troupe bench` counts them).
+            let flops = cfg.model.flops_per_token() * tokens_per_s;
+            let rate = flop_rate(flops);
             bar.set_position(*step);
-            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s {rate}"));
             if bar.is_hidden() && (step % log_interval == 0 || *step == 1) {
                 eprintln!(
-                    "step {step:>6} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tokens/s"
+                    "step {step:>6} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tokens/s | {rate}"
                 );
             }
             if let Some(f) = json {
                 let rec = serde_json::json!({
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s, "elapsed": elapsed_s,
+                    "tokens_per_s": tokens_per_s, "model_flops_per_s": flops, "elapsed": elapsed_s,
                 });
                 let _ = writeln!(f, "{rec}");
             }

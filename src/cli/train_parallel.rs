@@ -383,14 +383,14 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                 } else {
                     Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s }
                 };
-                report(&e, &bar, cfg.logging.log_interval, json.as_mut());
+                report(&e, &bar, &cfg, json.as_mut());
             }
             RunEvent::Saved { step, path } => {
-                report(&Event::Saved { step, path }, &bar, cfg.logging.log_interval, json.as_mut());
+                report(&Event::Saved { step, path }, &bar, &cfg, json.as_mut());
             }
             RunEvent::Eval { step, split, loss } => {
                 let e = Event::Eval { step, split, loss, perplexity: loss.exp(), sample: None };
-                report(&e, &bar, cfg.logging.log_interval, json.as_mut());
+                report(&e, &bar, &cfg, json.as_mut());
             }
             RunEvent::Resumed { step, consumed_samples } => {
                 bar.set_position(step);
