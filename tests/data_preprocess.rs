@@ -349,3 +349,59 @@ fn the_binary_trains_a_tokenizer_and_preprocesses() {
     let err = train(&["--tokenizer", tok.to_str().unwrap()]);
     assert!(!err.contains("no --tokenizer given"), "{err}");
 }
+
+/// Megatron's `tools/preprocess_data.py` names: `--json-keys` with several keys writes one
+/// dataset per key (each as a run with that `--json-key` writes it), `--tokenizer-model` names
+/// the tokenizer, `--partitions` and `--log-interval` are accepted with a note; no tokenizer at
+/// all is a usage error saying how to name or train one.
+#[test]
+fn megatrons_preprocess_flags_are_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("c.jsonl");
+    let lines: Vec<String> = docs()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| serde_json::json!({ "text": d, "title": format!("part {i}") }).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let exe = env!("CARGO_BIN_EXE_troupe");
+    let tok = dir.path().join("tokenizer.json");
+    let out = Command::new(exe)
+        .args(["tokenizer", "train", "--vocab-size", "300", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&tok)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let preprocess = |prefix: &str, keys: &[&str]| {
+        let out = Command::new(exe)
+            .args(["preprocess", "--quiet", "--append-eod", "--input"])
+            .arg(&input)
+            .arg("--tokenizer-model")
+            .arg(&tok)
+            .arg("--output-prefix")
+            .arg(dir.path().join(prefix))
+            .args(keys)
+            .args(["--partitions", "2", "--log-interval", "100"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{keys:?}: {err}");
+        err
+    };
+    let err = preprocess("both", &["--json-keys", "text", "title"]);
+    assert!(err.contains("--partitions (a Megatron-LM flag) is ignored"), "{err}");
+    preprocess("one", &["--json-key", "title"]);
+    let (bin, idx) = read_all(&dir.path().join("both_title_document"));
+    assert_eq!((bin, idx), read_all(&dir.path().join("one_title_document")));
+    let text = IndexedDataset::open(dir.path().join("both_text_document")).unwrap();
+    assert_eq!(text.len(), 300);
+    let out = Command::new(exe)
+        .args(["preprocess", "--output-prefix", "x", "--input"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("no tokenizer given"), "{err}");
+}

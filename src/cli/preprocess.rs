@@ -18,9 +18,18 @@ pub struct PreprocessArgs {
     /// Corpus: .jsonl / .jsonl.gz (one JSON object per line) or text.
     #[arg(long)]
     pub input: PathBuf,
-    /// JSON key of the document text.
-    #[arg(long, default_value = "text")]
-    pub json_key: String,
+    /// JSON key of the document text; Megatron's `--json-keys` may name several, each written
+    /// to its own dataset `<prefix>_<key>_document`.
+    #[arg(long, visible_alias = "json-keys", num_args = 1.., default_value = "text", action = clap::ArgAction::Set)]
+    pub json_key: Vec<String>,
+    /// Megatron's input partitions (accepted and ignored: troupe shares the input among
+    /// --workers itself).
+    #[arg(long, value_name = "N", hide_short_help = true)]
+    pub partitions: Option<usize>,
+    /// Megatron's progress interval in documents (accepted and ignored: the progress bar, or
+    /// --quiet, says how far it is).
+    #[arg(long, value_name = "N", hide_short_help = true)]
+    pub log_interval: Option<u64>,
     /// How the corpus is laid out.
     #[arg(long, value_enum, default_value = "auto")]
     pub input_format: FormatArg,
@@ -50,14 +59,14 @@ pub struct PreprocessArgs {
 }
 
 impl PreprocessArgs {
-    /// The library options these flags describe.
-    pub fn options(&self) -> anyhow::Result<PreprocessOptions> {
+    /// The library options these flags describe, for the document text under `key`.
+    pub fn options(&self, key: &str) -> anyhow::Result<PreprocessOptions> {
         if self.workers == 0 {
             return Err(UsageError("--workers must be at least 1".to_owned()).into());
         }
         let mut opts = PreprocessOptions::new(&self.input, &self.output_prefix);
         opts.format = self.input_format.resolve(&self.input);
-        opts.json_key = self.json_key.clone();
+        opts.json_key = key.to_owned();
         opts.append_eod = self.append_eod;
         opts.workers = self.workers;
         opts.split_sentences = self.split_sentences;
@@ -113,7 +122,18 @@ pub fn rates(report: &PreprocessReport) -> (f64, f64, f64) {
 }
 
 pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
-    let opts = args.options()?;
+    let mut keys = args.json_key.clone();
+    keys.dedup();
+    let opts: Vec<PreprocessOptions> = keys.iter().map(|k| args.options(k)).collect::<anyhow::Result<_>>()?;
+    for (flag, given) in
+        [("--partitions", args.partitions.is_some()), ("--log-interval", args.log_interval.is_some())]
+    {
+        if given {
+            eprintln!(
+                "troupe: note: {flag} (a Megatron-LM flag) is ignored: troupe shares the input among --workers and shows its progress itself"
+            );
+        }
+    }
     // The input and the output's directory are checked before the tokenizer loads and any
     // worker starts: either is a usage error naming the flag.
     std::fs::File::open(&args.input)
@@ -138,8 +158,20 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
         .into());
     }
     let tokenizer = args.tokenizer.load()?;
+    for opts in &opts {
+        one_key(&args, opts, &tokenizer)?;
+    }
+    Ok(())
+}
+
+/// Writes the dataset of one JSON key (one pass over the input).
+fn one_key(
+    args: &PreprocessArgs,
+    opts: &PreprocessOptions,
+    tokenizer: &troupe::data::TextTokenizer,
+) -> anyhow::Result<()> {
     let bar = Bar::new(args.quiet);
-    let report = preprocess(&opts, &tokenizer, &bar)?;
+    let report = preprocess(opts, tokenizer, &bar)?;
     bar.bar.finish_and_clear();
     if report.malformed > 0 {
         let lines: Vec<String> =

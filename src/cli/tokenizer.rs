@@ -27,8 +27,8 @@ pub enum TokenizerType {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TokenizerArgs {
     /// A tokenizer.json, or a directory holding tokenizer.json, vocab.json + merges.txt (GPT-2
-    /// BPE) or vocab.txt (BERT, lower-cased).
-    #[arg(long)]
+    /// BPE) or vocab.txt (BERT, lower-cased). Megatron's `--tokenizer-model` is another name.
+    #[arg(long, visible_alias = "tokenizer-model")]
     pub tokenizer: Option<PathBuf>,
     /// Megatron-style tokenizer type (with --vocab-file and, for GPT-2, --merge-file).
     #[arg(long, value_enum)]
