@@ -139,7 +139,19 @@ fn train_save_resume_and_generate() -> Result<()> {
         "resume failed:\n{}",
         stderr(&out)
     );
+    ensure!(!stderr(&out).contains("differ from the run"), "same settings, yet:\n{}", stderr(&out));
     ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000006");
+    // A resume with other settings says which, and that a new seed reorders the data.
+    let mut other = args.clone();
+    other.extend_from_slice(&["--train-iters", "7", "--seed", "5", "--lr", "0.002", "--save", ""]);
+    let out = troupe(&other, &dir);
+    let e = stderr(&out);
+    ensure!(out.status.success(), "{e}");
+    ensure!(
+        e.contains("with settings that differ from the run that saved it: train.lr 0.001 → 0.002, train.seed 1234 → 5")
+            && e.contains("with train.seed changed the samples are drawn in another order"),
+        "{e}"
+    );
     // Resumed at its last step: nothing to train, said, exit 0, the checkpoint left as it is.
     let state = dir.join("ckpt/iter_0000006/state.json");
     let written = std::fs::metadata(&state)?.modified()?;

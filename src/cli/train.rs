@@ -548,6 +548,54 @@ fn finished_checkpoint(cfg: &Config) -> Option<(std::path::PathBuf, u64)> {
     (step >= cfg.train.train_iters).then_some((dir, step))
 }
 
+/// Settings of a resume that differ from those of the run that saved the checkpoint, as a note:
+/// Megatron refuses a changed learning-rate schedule unless told to override it; troupe takes
+/// the command line's, and says what changed — and when the change reorders the data, that the
+/// samples no longer continue where the saved run stopped. Layout, logging, checkpointing and
+/// the training length are expected to change and are not listed.
+fn resume_note(cfg: &Config) -> Option<String> {
+    if cfg.checkpoint.load.is_empty() || cfg.checkpoint.finetune {
+        return None;
+    }
+    let dir = checkpoint::resolve(std::path::Path::new(&cfg.checkpoint.load)).ok()??;
+    let saved = checkpoint::read_state(&dir).ok()?.config;
+    const EXPECTED: &[&str] = &["checkpoint.", "logging.", "parallel.", "faults", "fault_seed"];
+    const PER_RUN: &[&str] = &[
+        "train.threads",
+        "train.train_iters",
+        "train.exit_interval",
+        "train.exit_duration_in_mins",
+        "data.cache_dir",
+    ];
+    let changed: Vec<(String, String, String)> = cfg
+        .differences(&saved)
+        .into_iter()
+        .filter(|(k, _, _)| !EXPECTED.iter().any(|p| k.starts_with(p)) && !PER_RUN.contains(&k.as_str()))
+        .collect();
+    if changed.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = changed.iter().map(|(k, old, new)| format!("{k} {old} → {new}")).collect();
+    // What the data order depends on: the shuffle's seed, the documents, and how they are split
+    // into samples.
+    const ORDER: &[&str] = &["train.seed", "data.data_path", "data.split", "model.seq_length"];
+    let reordered: Vec<&str> =
+        changed.iter().map(|(k, _, _)| k.as_str()).filter(|k| ORDER.contains(k)).collect();
+    let order = match reordered.as_slice() {
+        [] => String::new(),
+        keys => format!(
+            "; with {} changed the samples are drawn in another order, so the run does not continue the \
+             saved run's data where it stopped",
+            keys.join(", ")
+        ),
+    };
+    Some(format!(
+        "resuming {} with settings that differ from the run that saved it: {}{order}",
+        dir.display(),
+        list.join(", ")
+    ))
+}
+
 /// `--use-checkpoint-args`: `key=value` overrides that give the model the sizes of the checkpoint
 /// `--load` names (and its tokenizer when the command names none), and where they come from.
 /// Nothing when there is no checkpoint yet and `--allow-fresh-start` allows that.
@@ -638,6 +686,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     if cfg.checkpoint.finetune {
         announce_finetune(&cfg, launched.as_ref().is_none_or(|e| e.rank == 0))?;
+    }
+    if let Some(note) = resume_note(&cfg).filter(|_| launched.as_ref().is_none_or(|e| e.rank == 0)) {
+        eprintln!("troupe: note: {note}");
     }
     if !cfg.checkpoint.save.is_empty() {
         checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {

@@ -356,6 +356,44 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
+    /// The keys whose values differ between `self` and `other`, in key order, as
+    /// `(key, other's value, self's value)` in TOML form (a key one side lacks shows as `unset`).
+    /// Arrays of tables (`faults`) compare whole.
+    pub fn differences(&self, other: &Config) -> Vec<(String, String, String)> {
+        fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        flatten(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let flat = |c: &Config| {
+            let mut out = std::collections::BTreeMap::new();
+            // Through the rendered text, so that f32 values read as written (0.001, not
+            // 0.0010000000474974513).
+            if let Ok(v) = c.to_toml().parse::<toml::Table>() {
+                flatten("", &toml::Value::Table(v), &mut out);
+            }
+            out
+        };
+        let (mine, theirs) = (flat(self), flat(other));
+        let keys: std::collections::BTreeSet<&String> = mine.keys().chain(theirs.keys()).collect();
+        let unset = || "unset".to_string();
+        keys.into_iter()
+            .filter(|k| mine.get(*k) != theirs.get(*k))
+            .map(|k| {
+                let old = theirs.get(k).cloned().unwrap_or_else(unset);
+                (k.clone(), old, mine.get(k).cloned().unwrap_or_else(unset))
+            })
+            .collect()
+    }
+
     /// Microbatches accumulated per optimizer step over the whole global batch (what one rank
     /// processes when training alone).
     pub fn accumulation_steps(&self) -> usize {
@@ -497,6 +535,21 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, String> {
         Config::from_toml_str(s, "test.toml", &[]).map_err(|e| e.to_string())
+    }
+
+    /// Differences are listed by key with both values; equal configs have none; an optional
+    /// key set on one side only shows as unset on the other.
+    #[test]
+    fn differences_name_each_key_with_both_values() {
+        let a = Config::from_toml_str(MODEL, "t", &[]).unwrap();
+        assert!(a.differences(&a.clone()).is_empty());
+        let sets = ["train.lr=5e-3".to_string(), "train.seed=9".into(), "train.lr_decay_iters=40".into()];
+        let b = Config::from_toml_str(MODEL, "t", &sets).unwrap();
+        let d = b.differences(&a);
+        let keys: Vec<&str> = d.iter().map(|(k, _, _)| k.as_str()).collect();
+        assert_eq!(keys, ["train.lr", "train.lr_decay_iters", "train.seed"]);
+        assert_eq!(d[1], ("train.lr_decay_iters".to_string(), "unset".to_string(), "40".to_string()));
+        assert_eq!(d[2].2, "9");
     }
 
     #[test]
