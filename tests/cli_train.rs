@@ -292,6 +292,15 @@ fn megatron_flags_are_ported_ignored_with_a_note_or_refused() -> Result<()> {
         stderr(&out)
     );
     ensure!(!dir.join("runs").exists(), "a refused run wrote a checkpoint directory");
+    // A run that fails after claiming its --save directory (here on its data) removes the
+    // directories it made, as nothing was saved in them.
+    let out = troupe(&["train", "--data-path", "nowhere_text_document"], &dir);
+    ensure!(
+        out.status.code() == Some(2) && stderr(&out).contains("nowhere_text_document"),
+        "{}",
+        stderr(&out)
+    );
+    ensure!(!dir.join("runs").exists(), "a run that failed on its data left its save directory");
     // --exit-interval stops early with a checkpoint and exit code 0, saying how to go on.
     let mut args =
         vec!["train", "--train-iters", "3", "--exit-interval", "2", "--save", "ex", "--no-progress"];
@@ -550,8 +559,8 @@ fn a_failed_checkpoint_write_is_reported_once_and_leaves_no_partial_files() -> R
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
     names.sort();
-    // `.troupe.lock` is the run's claim on the directory (unlocked once the process is gone).
-    ensure!(names == [".troupe.lock", "iter_0000001", "latest"], "left in the save directory: {names:?}");
+    // `.troupe.lock`, the run's claim on the directory, goes with the run.
+    ensure!(names == ["iter_0000001", "latest"], "left in the save directory: {names:?}");
     ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000001");
     Ok(())
 }

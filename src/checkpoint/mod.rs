@@ -199,9 +199,53 @@ pub const LOCK_FILE: &str = ".troupe.lock";
 /// released when this is dropped or the process ends however it ends (so a crashed run, or a rank
 /// a launcher restarts, never leaves a stale claim). The file holds who claimed it, for the
 /// message the next claimant gets.
+///
+/// Dropped, it removes the lock file while still holding the lock, and the directory too when
+/// this claim created it and nothing else was written there (a run that failed before its first
+/// save leaves no empty `--save` directory behind). A claimant checks after locking that the file
+/// it locked is still the one at the path, and starts over when it is not, so removing it cannot
+/// let two runs hold the directory.
 #[derive(Debug)]
 pub struct SaveLock {
-    _file: File,
+    file: File,
+    path: PathBuf,
+    dir: PathBuf,
+    /// The highest directory of `dir`'s path that this claim created (`runs` for `runs/default`
+    /// when neither existed), if it created any.
+    created: Option<PathBuf>,
+}
+
+impl Drop for SaveLock {
+    fn drop(&mut self) {
+        if is_linked_at(&self.file, &self.path) {
+            let _ = fs::remove_file(&self.path);
+        }
+        if let Some(top) = &self.created {
+            // Each removal succeeds only when nothing else was written there.
+            for d in self.dir.ancestors() {
+                if fs::remove_dir(d).is_err() || d == top.as_path() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Whether `file` is the file at `path` now (not one removed, or replaced, since it was opened).
+fn is_linked_at(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        false
+    }
 }
 
 /// Claims `dir` (created if missing) for this process's run, so a second run pointed at the same
@@ -215,40 +259,57 @@ pub struct SaveLock {
 /// [`CheckpointError::Busy`] naming the holder when another process holds `dir`;
 /// [`CheckpointError::Io`] when the lock file cannot be opened or written.
 pub fn lock_save_dir(dir: &Path, holder: &str) -> Result<Option<SaveLock>, CheckpointError> {
-    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let created = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .last()
+        .map(Path::to_path_buf);
     let path = dir.join(LOCK_FILE);
-    // Not truncated on open: the holder's description must survive until the lock is ours.
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io("open", &path))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => {
-            let mut held = String::new();
-            // Best effort: a holder that has not written its line yet is still a holder.
-            let _ = file.read_to_string(&mut held);
-            let holder = match held.trim() {
-                "" => "a process that has not said who it is".to_string(),
-                h => h.to_string(),
-            };
-            return Err(CheckpointError::Busy { dir: dir.to_path_buf(), holder });
+    // A holder that lets go removes the file; one opened just before that is not the claim any
+    // more, so a claimant that locked such a file starts over (a few times at most: each start
+    // over means another run came and went meanwhile).
+    for _ in 0..16 {
+        fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        // Not truncated on open: the holder's description must survive until the lock is ours.
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut held = String::new();
+                // Best effort: a holder that has not written its line yet is still a holder.
+                let _ = file.read_to_string(&mut held);
+                let holder = match held.trim() {
+                    "" => "a process that has not said who it is".to_string(),
+                    h => h.to_string(),
+                };
+                return Err(CheckpointError::Busy { dir: dir.to_path_buf(), holder });
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                tracing::warn!(
+                    "cannot lock {} ({e}): a second run saving into {} would not be detected",
+                    path.display(),
+                    dir.display()
+                );
+                return Ok(None);
+            }
         }
-        Err(fs::TryLockError::Error(e)) => {
-            tracing::warn!(
-                "cannot lock {} ({e}): a second run saving into {} would not be detected",
-                path.display(),
-                dir.display()
-            );
-            return Ok(None);
+        if !is_linked_at(&file, &path) {
+            continue;
         }
+        file.set_len(0).map_err(io("truncate", &path))?;
+        file.write_all(format!("{holder}\n").as_bytes()).map_err(io("write", &path))?;
+        return Ok(Some(SaveLock { file, path, dir: dir.to_path_buf(), created: created.clone() }));
     }
-    file.set_len(0).map_err(io("truncate", &path))?;
-    file.write_all(format!("{holder}\n").as_bytes()).map_err(io("write", &path))?;
-    Ok(Some(SaveLock { _file: file }))
+    Err(CheckpointError::Busy {
+        dir: dir.to_path_buf(),
+        holder: "other runs claiming and releasing it faster than this one could claim it".into(),
+    })
 }
 
 /// `pid N on host H: ARGS`, this process as [`lock_save_dir`] records it.
@@ -957,6 +1018,32 @@ mod tests {
 
     /// One holder at a time: a second claim names the first holder; once it is released the
     /// next claim succeeds and records itself. `read_state` reads a step without the tensors.
+    /// Letting go removes the lock file, and the directories the claim created when the run
+    /// wrote nothing there; it never removes a lock file that is not its own.
+    #[test]
+    fn a_released_claim_leaves_no_lock_file_and_no_empty_directory_it_made() {
+        let base = tempdir("lock-release");
+        fs::create_dir_all(&base).unwrap();
+        let dir = base.join("runs/default");
+        let claim = lock_save_dir(&dir, "me").unwrap().expect("locks");
+        assert!(dir.join(LOCK_FILE).is_file());
+        drop(claim);
+        assert!(!base.join("runs").exists(), "the claim's empty directories stayed");
+        assert!(base.is_dir(), "a directory the claim did not make was removed");
+        // A run that wrote something keeps its directory; the lock file goes.
+        let claim = lock_save_dir(&dir, "me").unwrap().expect("locks");
+        fs::write(dir.join("latest"), "iter_0000001\n").unwrap();
+        drop(claim);
+        assert!(dir.join("latest").is_file() && !dir.join(LOCK_FILE).exists());
+        // A lock file that replaced ours (another claimant's) is not removed with ours.
+        let claim = lock_save_dir(&dir, "me").unwrap().expect("locks");
+        fs::remove_file(dir.join(LOCK_FILE)).unwrap();
+        fs::write(dir.join(LOCK_FILE), "someone else\n").unwrap();
+        drop(claim);
+        assert_eq!(fs::read_to_string(dir.join(LOCK_FILE)).unwrap(), "someone else\n");
+        let _ = fs::remove_dir_all(&base);
+    }
+
     #[test]
     fn a_save_directory_has_one_holder_at_a_time() {
         let dir = tempdir("lock");

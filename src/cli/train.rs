@@ -690,16 +690,16 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(note) = resume_note(&cfg).filter(|_| launched.as_ref().is_none_or(|e| e.rank == 0)) {
         eprintln!("troupe: note: {note}");
     }
-    if !cfg.checkpoint.save.is_empty() {
-        checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| {
-            UsageError(format!(
-                "--save {}: cannot write there ({e}); choose a writable directory",
-                cfg.checkpoint.save
-            ))
-        })?;
-    }
+    let unwritable = |e: &dyn std::fmt::Display| {
+        UsageError(format!(
+            "--save {}: cannot write there ({e}); choose a writable directory",
+            cfg.checkpoint.save
+        ))
+    };
     // The process that writes the run's checkpoints (world rank 0) holds the save directory for
-    // as long as it runs, so a second run pointed at it stops here.
+    // as long as it runs, so a second run pointed at it stops here. Claimed first, so that the
+    // claim knows whether it created the directory (and removes it again if the run writes
+    // nothing there).
     let _save_lock = match (&launched, cfg.checkpoint.save.as_str()) {
         (_, "") => None,
         (Some(env), _) if env.rank != 0 => None,
@@ -708,9 +708,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 checkpoint::CheckpointError::Busy { .. } => UsageError(format!(
                     "--save {save}: {e}. Wait for it to finish or stop it, or choose another --save"
                 )),
-                other => UsageError(format!("--save {save}: {other}")),
+                other => unwritable(&other),
             })?,
     };
+    if !cfg.checkpoint.save.is_empty() {
+        checkpoint::check_writable(std::path::Path::new(&cfg.checkpoint.save)).map_err(|e| unwritable(&e))?;
+    }
     if !cfg.checkpoint.save.is_empty()
         && cfg.checkpoint.load.is_empty()
         && let Ok(Some(existing)) = checkpoint::resolve(std::path::Path::new(&cfg.checkpoint.save))
