@@ -355,7 +355,7 @@ fn gpu_steps<G: troupe::gpu::Gpu>(
     gpu.reset_peak_memory();
     let mut model = troupe::gpu::model::GpuGpt::new(gpu, &cfg.model, cfg.train.seed, dtype)
         .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
-    let adam = troupe::gpu::train::adam_config(cfg);
+    let adam = cfg.train.adamw();
     let data = random_batches(cfg);
     let (b, t) = (cfg.train.micro_batch_size, cfg.model.seq_length);
     let scale = 1.0 / data.len() as f32;

@@ -6,7 +6,6 @@ use troupe::checkpoint;
 use troupe::comm::env::LaunchEnv;
 use troupe::config::Config;
 use troupe::kernels::CpuBackend;
-use troupe::optim::{AdamW, AdamWConfig};
 use troupe::train::run::{self, EvalSplit, Event};
 use troupe::train::{Trainer, corpus};
 
@@ -78,13 +77,7 @@ pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv
         }
     };
     let t = &cfg.train;
-    let adam = AdamWConfig {
-        beta1: t.adam_beta1,
-        beta2: t.adam_beta2,
-        eps: t.adam_eps,
-        weight_decay: t.weight_decay,
-    };
-    let mut trainer = Trainer { model, opt: AdamW::new(adam, 0), clip_grad: t.clip_grad };
+    let mut trainer = Trainer::with_model(cfg, model);
     let be = CpuBackend::new(t.threads);
     eprintln!(
         "troupe: evaluating {from} (step {step}) on {}: {} microbatch(es) of {} × {} tokens per split",

@@ -119,6 +119,18 @@ pub struct TrainConfig {
     pub exit_duration_in_mins: f64,
 }
 
+impl TrainConfig {
+    /// The AdamW settings of this config.
+    pub fn adamw(&self) -> crate::optim::AdamWConfig {
+        crate::optim::AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {

@@ -17,7 +17,7 @@ use super::{DType, Dev, Gpu, GpuError};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, NanPolicy};
 use crate::kernels::Backend;
-use crate::optim::{AdamWConfig, LrSchedule};
+use crate::optim::LrSchedule;
 use crate::train::Trainer;
 use crate::train::data::BatchBuf;
 use crate::train::run::{EvalSplit, Event, RunData, RunError, RunSummary, exit_due, over_time};
@@ -29,12 +29,6 @@ pub enum GpuRunError {
     Run(#[from] RunError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
-}
-
-/// The AdamW settings of a config.
-pub fn adam_config(cfg: &Config) -> AdamWConfig {
-    let t = &cfg.train;
-    AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_eps, weight_decay: t.weight_decay }
 }
 
 /// Uploads a (possibly resumed) CPU trainer to the GPU.
@@ -89,7 +83,7 @@ pub fn run<G: Gpu>(
     }
     let t = &cfg.train;
     let sched = LrSchedule::from_train(t);
-    let adam = adam_config(cfg);
+    let adam = cfg.train.adamw();
     let (dp_rank, dp_size) = dp.map_or((0, 1), |c| (c.rank(), c.size()));
     let mb_size = t.micro_batch_size;
     let accum = cfg.accumulation_steps() / dp_size;

@@ -1030,13 +1030,7 @@ impl Actor for OptimizerShard {
         _me: ActorRef<OptimizerMsg>,
         (ctx, shards, updates): Self::Arguments,
     ) -> Result<OptimizerState, ActorProcessingErr> {
-        let t = &ctx.cfg.train;
-        let cfg = AdamWConfig {
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_eps,
-            weight_decay: t.weight_decay,
-        };
+        let cfg = ctx.cfg.train.adamw();
         Ok(OptimizerState { ctx, cfg, shards: Some(shards), updates })
     }
 
@@ -2435,13 +2429,7 @@ fn load_checkpoint(
         }
         return Ok(None);
     }
-    let t = &cfg.train;
-    let adam = AdamWConfig {
-        beta1: t.adam_beta1,
-        beta2: t.adam_beta2,
-        eps: t.adam_eps,
-        weight_decay: t.weight_decay,
-    };
+    let adam = cfg.train.adamw();
     let mut updates = 0;
     for (g, shard) in chunks.iter_mut().zip(shards.iter_mut()) {
         let mut opt = crate::optim::AdamW::new(adam, g.table().len());

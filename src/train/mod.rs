@@ -12,7 +12,7 @@ use thiserror::Error;
 use crate::config::Config;
 use crate::kernels::Backend;
 use crate::models::gpt::{Gpt, ModelError, StageInput};
-use crate::optim::{AdamW, AdamWConfig, clip_table_grad_norm};
+use crate::optim::{AdamW, clip_table_grad_norm};
 
 /// Errors of a training step.
 #[derive(Debug, Error, PartialEq)]
@@ -62,18 +62,14 @@ impl Trainer {
     /// # Errors
     /// [`ModelError`] when the model shape is invalid.
     pub fn new(cfg: &Config) -> Result<Self, ModelError> {
-        let model = Gpt::new(&cfg.model, cfg.train.seed)?;
-        let t = &cfg.train;
-        let opt = AdamW::new(
-            AdamWConfig {
-                beta1: t.adam_beta1,
-                beta2: t.adam_beta2,
-                eps: t.adam_eps,
-                weight_decay: t.weight_decay,
-            },
-            model.table().len(),
-        );
-        Ok(Self { model, opt, clip_grad: t.clip_grad })
+        Ok(Self::with_model(cfg, Gpt::new(&cfg.model, cfg.train.seed)?))
+    }
+
+    /// A trainer of `model` with fresh optimizer state (zero moments) from the config's
+    /// settings.
+    pub fn with_model(cfg: &Config, model: Gpt) -> Self {
+        let opt = AdamW::new(cfg.train.adamw(), model.table().len());
+        Self { model, opt, clip_grad: cfg.train.clip_grad }
     }
 
     /// Forward and backward of every microbatch (gradients accumulate, each loss scaled by
