@@ -55,8 +55,7 @@ macro_rules! megatron_flags {
             )*
         }
 
-        /// The flags above with the config keys they set, for the test that they agree with
-        /// [`troupe::config::overrides::MEGATRON_FLAGS`].
+        /// The flags above (but `--data-path`) with the config keys they set.
         #[cfg(test)]
         pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[$(($flag, $key)),*];
 

@@ -1,52 +1,10 @@
-//! `--set key=value` overrides on the TOML tree, and the Megatron-style flag names that map to
-//! config keys (`--lr` → `train.lr`, …).
+//! `--set key=value` overrides on the TOML tree (the Megatron-style flags of `troupe train`,
+//! `--lr` → `train.lr` and the like, become such overrides in the binary's `cli::train`).
 //!
 //! A value is parsed as a TOML literal (`3e-4`, `true`, `"text"`, `[1, 2]`); anything that does
 //! not parse as one is taken as a string, so `--set checkpoint.save=runs/a` works unquoted.
 
 use super::ConfigError;
-
-/// Megatron flag → config key.
-pub const MEGATRON_FLAGS: &[(&str, &str)] = &[
-    ("num-layers", "model.num_layers"),
-    ("hidden-size", "model.hidden_size"),
-    ("num-attention-heads", "model.num_attention_heads"),
-    ("seq-length", "model.seq_length"),
-    ("vocab-size", "model.vocab_size"),
-    ("make-vocab-size-divisible-by", "model.make_vocab_size_divisible_by"),
-    ("micro-batch-size", "train.micro_batch_size"),
-    ("global-batch-size", "train.global_batch_size"),
-    ("lr", "train.lr"),
-    ("min-lr", "train.min_lr"),
-    ("lr-decay-style", "train.lr_decay_style"),
-    ("lr-warmup-iters", "train.lr_warmup_iters"),
-    ("lr-decay-iters", "train.lr_decay_iters"),
-    ("train-iters", "train.train_iters"),
-    ("weight-decay", "train.weight_decay"),
-    ("clip-grad", "train.clip_grad"),
-    ("adam-beta1", "train.adam_beta1"),
-    ("adam-beta2", "train.adam_beta2"),
-    ("adam-eps", "train.adam_eps"),
-    ("seed", "train.seed"),
-    ("exit-interval", "train.exit_interval"),
-    ("exit-duration-in-mins", "train.exit_duration_in_mins"),
-    ("save", "checkpoint.save"),
-    ("load", "checkpoint.load"),
-    ("save-interval", "checkpoint.save_interval"),
-    ("eval-interval", "logging.eval_interval"),
-    ("eval-iters", "logging.eval_iters"),
-    ("log-interval", "logging.log_interval"),
-    ("data-path", "data.data_path"),
-    ("split", "data.split"),
-    ("tokenizer", "data.tokenizer"),
-    ("tensor-model-parallel-size", "parallel.tensor_model_parallel_size"),
-    ("pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size"),
-    ("data-parallel-size", "parallel.data_parallel_size"),
-    ("virtual-pipeline-model-parallel-size", "parallel.virtual_pipeline_model_parallel_size"),
-    ("num-layers-per-virtual-pipeline-stage", "parallel.num_layers_per_virtual_pipeline_stage"),
-    ("pipeline-schedule", "parallel.pipeline_schedule"),
-    ("grad-bucket-size", "parallel.grad_bucket_size"),
-];
 
 /// Applies one `dotted.key=value` to the tree.
 ///
