@@ -953,10 +953,21 @@ fn skip_train_evaluates_a_checkpoint_as_its_run_did() -> Result<()> {
     ensure!(e.contains("evaluating ck/iter_0000002 (step 2)") && !e.contains("training a"), "{e}");
     let json = std::fs::read_to_string(dir.join("eval.jsonl"))?;
     ensure!(json.starts_with("{\"step\":2,\"val_loss\":"), "{json}");
+    // On a GPU (here its emulator, in fp32), the GPU loop's evaluation gives the same loss.
+    if troupe::gpu::emu::shared().is_some() {
+        let o = troupe(&[&eval[..], &["--device", "emu", "--dtype", "fp32"]].concat(), &dir);
+        ensure!(o.status.success() && stderr(&o).contains("CPU emulator"), "{}", stderr(&o));
+        let value =
+            |l: Option<String>| -> Option<f64> { l?.split("loss ").nth(1)?.split(' ').next()?.parse().ok() };
+        let (cpu, emu) = (value(Some(trained.clone())), value(line(&stderr(&o))));
+        ensure!(
+            matches!((cpu, emu), (Some(c), Some(e)) if ((c - e) / c).abs() <= 2e-4),
+            "emulator {emu:?} vs CPU {cpu:?}"
+        );
+    }
     let saved: Vec<_> = std::fs::read_dir(dir.join("ck"))?.filter_map(|d| d.ok()).collect();
     ensure!(saved.iter().filter(|d| d.file_name().to_string_lossy().starts_with("iter_")).count() == 1);
     for (extra, want) in [
-        (&["--device", "emu"][..], "evaluates on the CPU"),
         (&["--eval-iters", "0"][..], "nothing to evaluate"),
         (&["--load", "nowhere"][..], "no checkpoint there"),
     ] {

@@ -1,28 +1,29 @@
 //! `troupe train --skip-train` (Megatron's): evaluate the model `--load` names on the validation
-//! and test splits, as a run does when it ends, and exit without training or saving.
+//! and test splits, as a run does when it ends, and exit without training or saving. On the CPU,
+//! or on one GPU (`--device cuda|emu`, the GPU loop's evaluation).
 
 use indicatif::ProgressBar;
 use troupe::checkpoint;
 use troupe::comm::env::LaunchEnv;
 use troupe::config::Config;
-use troupe::kernels::CpuBackend;
+use troupe::kernels::{Backend, CpuBackend};
 use troupe::train::run::{self, EvalSplit, Event};
 use troupe::train::{Trainer, corpus};
 
+use troupe::data::SampleSource;
+use troupe::gpu::Gpu;
+
 use super::UsageError;
-use super::train::{TrainArgs, report};
+use super::train::{OpenGpu, TrainArgs, report};
 
 /// Evaluates and prints `step N | validation loss … | perplexity …` (and the test split's line),
 /// with the same records in `--log-json`.
 pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv>) -> anyhow::Result<()> {
     let usage = |m: String| anyhow::Error::from(UsageError(m));
-    if args.device != troupe::device::Device::Cpu {
-        return Err(usage("--skip-train evaluates on the CPU: drop --device".into()));
-    }
     if launched.is_some() {
         return Err(usage(
-            "--skip-train evaluates in one process (the whole model, whatever the parallel layout): \
-             start it without a launcher"
+            "--skip-train evaluates in one process (the whole model on one device, whatever the \
+             parallel layout): start it without a launcher"
                 .into(),
         ));
     }
@@ -79,19 +80,45 @@ pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv
     let t = &cfg.train;
     let mut trainer = Trainer::with_model(cfg, model);
     let be = CpuBackend::new(t.threads);
+    let gpu = OpenGpu::open(args.device, 0)?;
+    let on = match &gpu {
+        None => format!("{} threads", be.threads()),
+        Some(g) => g.describe(),
+    };
     eprintln!(
-        "troupe: evaluating {from} (step {step}) on {}: {} microbatch(es) of {} × {} tokens per split",
+        "troupe: evaluating {from} (step {step}) on {} with {on}: {} microbatch(es) of {} × {} tokens per split",
         data.description, cfg.logging.eval_iters, t.micro_batch_size, cfg.model.seq_length
     );
     let mut json = match cfg.logging.log_json.as_str() {
         "" => None,
         p => Some(std::fs::File::create(p).map_err(|e| usage(format!("--log-json {p}: {e}")))?),
     };
+    let sources: Vec<&dyn SampleSource> = splits.iter().map(|(_, s)| *s).collect();
+    let dtype = args.dtype.into();
+    let losses = match &gpu {
+        None => {
+            sources.iter().map(|s| run::evaluate(cfg, &be, &mut trainer, *s)).collect::<Result<_, _>>()?
+        }
+        Some(OpenGpu::Cuda(g)) => on_gpu(g.as_ref(), cfg, &trainer, dtype, &sources)?,
+        Some(OpenGpu::Emu(g)) => on_gpu(g, cfg, &trainer, dtype, &sources)?,
+    };
     let bar = ProgressBar::hidden();
-    for (split, source) in splits {
-        let loss = run::evaluate(cfg, &be, &mut trainer, source)?;
+    for ((split, _), loss) in splits.into_iter().zip(losses) {
         let e = Event::Eval { step, split, loss, perplexity: loss.exp(), sample: None };
         report(&e, &bar, cfg, json.as_mut());
     }
     Ok(())
+}
+
+/// The losses of `sources` with the model on `gpu`, as the GPU training loop evaluates.
+fn on_gpu<G: Gpu>(
+    gpu: &G,
+    cfg: &Config,
+    trainer: &Trainer,
+    dtype: troupe::gpu::DType,
+    sources: &[&dyn SampleSource],
+) -> anyhow::Result<Vec<f32>> {
+    let mut model = troupe::gpu::train::upload(gpu, cfg, trainer, dtype)
+        .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
+    sources.iter().map(|s| Ok(troupe::gpu::train::evaluate(cfg, &mut model, *s)?)).collect()
 }

@@ -182,7 +182,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub use_checkpoint_args: bool,
     /// Evaluate the model of --load on the validation and test splits (--eval-iters microbatches
-    /// each) and exit, without training or saving, as Megatron's --skip-train. CPU, one process.
+    /// each) and exit, without training or saving, as Megatron's --skip-train. One process, on
+    /// the CPU or one GPU (--device).
     #[arg(long)]
     pub skip_train: bool,
     /// CPU threads (0: all cores).
