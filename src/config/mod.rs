@@ -368,10 +368,13 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
-    /// The keys whose values differ between `self` and `other`, in key order, as
-    /// `(key, other's value, self's value)` in TOML form (a key one side lacks shows as `unset`).
-    /// Arrays of tables (`faults`) compare whole.
-    pub fn differences(&self, other: &Config) -> Vec<(String, String, String)> {
+    /// Every key (dotted, as `--set` takes them) with its value as TOML text, floats as the
+    /// shortest text that reads back as the same f32 (`0.0006`, not the f64 widening
+    /// `0.0006000000284984708`). Arrays of tables (`faults`) are one value.
+    ///
+    /// # Errors
+    /// When the configuration cannot be rendered as TOML (not the case for a parsed one).
+    pub fn flat(&self) -> Result<std::collections::BTreeMap<String, String>, toml::ser::Error> {
         fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
             match v {
                 toml::Value::Table(t) => {
@@ -380,21 +383,26 @@ impl Config {
                         flatten(&key, v, out);
                     }
                 }
+                toml::Value::Float(x) => {
+                    let f = *x as f32;
+                    let text = if f64::from(f) == *x { format!("{f:?}") } else { format!("{x:?}") };
+                    out.insert(prefix.to_string(), text);
+                }
                 other => {
                     out.insert(prefix.to_string(), other.to_string());
                 }
             }
         }
-        let flat = |c: &Config| {
-            let mut out = std::collections::BTreeMap::new();
-            // Through the rendered text, so that f32 values read as written (0.001, not
-            // 0.0010000000474974513).
-            if let Ok(v) = c.to_toml().parse::<toml::Table>() {
-                flatten("", &toml::Value::Table(v), &mut out);
-            }
-            out
-        };
-        let (mine, theirs) = (flat(self), flat(other));
+        let mut out = std::collections::BTreeMap::new();
+        flatten("", &toml::Value::try_from(self)?, &mut out);
+        Ok(out)
+    }
+
+    /// The keys whose values differ between `self` and `other`, in key order, as
+    /// `(key, other's value, self's value)` ([`Config::flat`]'s text; a key one side lacks
+    /// shows as `unset`).
+    pub fn differences(&self, other: &Config) -> Vec<(String, String, String)> {
+        let (mine, theirs) = (self.flat().unwrap_or_default(), other.flat().unwrap_or_default());
         let keys: std::collections::BTreeSet<&String> = mine.keys().chain(theirs.keys()).collect();
         let unset = || "unset".to_string();
         keys.into_iter()

@@ -80,8 +80,8 @@ impl Settings {
     /// [`PER_RANK_KEYS`], and the version of this binary.
     pub fn of_config(cfg: &Config) -> Settings {
         let mut s = Settings::of_binary();
-        match toml::Value::try_from(cfg) {
-            Ok(v) => flatten("", &v, &mut s.entries),
+        match cfg.flat() {
+            Ok(flat) => s.entries.extend(flat),
             // Not reachable for a parsed configuration; the rendering is then compared whole.
             Err(e) => {
                 s.entries.insert("configuration".into(), format!("unrenderable: {e}"));
@@ -163,27 +163,6 @@ impl Settings {
                 })
             })
             .collect()
-    }
-}
-
-fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
-    match v {
-        toml::Value::Table(t) => {
-            for (k, v) in t {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                flatten(&key, v, out);
-            }
-        }
-        toml::Value::Float(x) => {
-            // Configuration floats are f32: print the shortest text that reads back as the same
-            // f32 (`0.0006`, not the f64 widening `0.0006000000284984708`).
-            let f = *x as f32;
-            let text = if f as f64 == *x { format!("{f:?}") } else { format!("{x:?}") };
-            out.insert(prefix.to_string(), text);
-        }
-        other => {
-            out.insert(prefix.to_string(), other.to_string());
-        }
     }
 }
 
