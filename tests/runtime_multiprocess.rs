@@ -256,7 +256,34 @@ fn ranks_started_with_different_settings_stop_before_training_naming_each_differ
     std::fs::write(&gelu, text + "// edited on one host\n").unwrap();
     let env1 = format!("TROUPE_KERNEL_SOURCES={}", kernels.display());
     let gpu_loop = "--device emu --set parallel.pipeline_model_parallel_size=1";
-    let cases: [(&str, &str, &str, &[&str]); 5] = [
+    // Each split's own data, the validation set at another path and with other text on rank 1:
+    // paths may differ between hosts, the tokens may not.
+    let tokenizer = concat!(env!("CARGO_MANIFEST_DIR"), "/data/shakespeare/tokenizer.json");
+    let dataset = |name: &str, text: &str| {
+        let input = dir.join(format!("{name}.jsonl"));
+        let docs: String = (0..40).map(|i| format!("{{\"text\": \"{text} {i}\"}}\n")).collect();
+        std::fs::write(&input, docs).unwrap();
+        let prefix = dir.join(name);
+        let out = Command::new(BIN)
+            .args(["preprocess", "--quiet", "--append-eod", "--tokenizer", tokenizer, "--input"])
+            .arg(&input)
+            .arg("--output-prefix")
+            .arg(&prefix)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        format!("{}_text_document", prefix.display())
+    };
+    let (train, valid) =
+        (dataset("train", "To be, or not to be"), dataset("valid", "All the world's a stage"));
+    let other_valid = dataset("valid_b", "Now is the winter of our discontent");
+    let per_split = format!(
+        "--train-data-path {train} --valid-data-path {valid} --tokenizer {tokenizer} --eval-interval 2 \
+         --eval-iters 1"
+    );
+    let other_valid = format!("--valid-data-path {other_valid}");
+    let cases: [(&str, &str, &str, &[&str]); 6] = [
+        (&per_split, &other_valid, "", &["1 setting of rank 1 differs", "validation data: "]),
         (
             "",
             "--set train.lr=0.002",

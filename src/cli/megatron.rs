@@ -229,6 +229,8 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("lr-warmup-samples", true, Rule::Special),
     ("distributed-timeout-minutes", true, Rule::Special),
     ("data-cache-path", true, Rule::Special),
+    ("data-args-path", true, Rule::Special),
+    ("per-split-data-args-path", true, Rule::Special),
 ];
 
 /// Ported flags checked against the resolved config (see [`Ported::apply`]).
@@ -392,6 +394,35 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                         .errors
                         .push(format!("--distributed-timeout-minutes {v}: must be a positive number")),
                 },
+                "data-args-path" | "per-split-data-args-path" => {
+                    let given = |flags: &[&str]| {
+                        args[start..].iter().filter_map(|a| a.to_str()).any(|a| {
+                            flags
+                                .iter()
+                                .any(|f| a == *f || a.strip_prefix(*f).is_some_and(|r| r.starts_with('=')))
+                        })
+                    };
+                    let clash: &[&str] = if name == "data-args-path" {
+                        &["--data-path", "--per-split-data-args-path"]
+                    } else {
+                        &["--data-path", "--train-data-path", "--valid-data-path", "--test-data-path"]
+                    };
+                    if given(clash) {
+                        out.errors.push(format!(
+                            "--{name} and {} both name the data; give one",
+                            clash.join(" or ")
+                        ));
+                        continue;
+                    }
+                    match data_args(name, &v) {
+                        Ok(sets) => {
+                            for set in sets {
+                                out.args.extend(["--set".into(), set.into()]);
+                            }
+                        }
+                        Err(e) => out.errors.push(format!("--{name} {v}: {e}")),
+                    }
+                }
                 "data-cache-path" => out.args.extend([
                     "--set".into(),
                     format!("data.cache_dir={}", toml::Value::String(v.clone())).into(),
@@ -419,6 +450,46 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
 }
 
 /// The directory of a GPT-2 vocabulary and merges pair named as `--tokenizer DIR` reads them.
+/// The `--set` overrides of Megatron's data-argument files: `--data-args-path` holds
+/// `--data-path`'s words (whitespace-separated), `--per-split-data-args-path` a JSON object whose
+/// `train`, `valid` and `test` entries are such a string or a list of words.
+fn data_args(flag: &str, path: &str) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let array = |words: Vec<String>| toml::Value::Array(words.into_iter().map(toml::Value::String).collect());
+    if flag == "data-args-path" {
+        let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+        if words.is_empty() {
+            return Err("the file names no data".into());
+        }
+        return Ok(vec![format!("data.data_path={}", array(words))]);
+    }
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    let object = json.as_object().ok_or("expected a JSON object with train, valid and test entries")?;
+    if let Some(other) = object.keys().find(|k| !["train", "valid", "test"].contains(&k.as_str())) {
+        return Err(format!("unknown entry {other:?}; the entries are train, valid and test"));
+    }
+    let mut sets = Vec::new();
+    for split in ["train", "valid", "test"] {
+        let words: Vec<String> = match object.get(split) {
+            None | Some(serde_json::Value::Null) => continue,
+            Some(serde_json::Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|i| match i {
+                    serde_json::Value::String(s) => Ok(s.trim().to_owned()),
+                    serde_json::Value::Number(n) => Ok(n.to_string()),
+                    other => Err(format!("{split}: {other} is not a weight or a path")),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(format!("{split}: expected a string or a list, not {other}")),
+        };
+        if !words.is_empty() {
+            sets.push(format!("data.{split}_data_path={}", array(words)));
+        }
+    }
+    Ok(sets)
+}
+
 fn gpt2_dir(vocab: &Path, merges: &Path) -> Option<OsString> {
     let dir = vocab.parent()?;
     let named = vocab.file_name()? == "vocab.json" && merges.file_name()? == "merges.txt";
@@ -733,5 +804,48 @@ mod tests {
         assert!(p.errors[0].contains("must be a positive number") && p.errors[1].contains("`single`"));
         let p = ported("troupe config show --distributed-timeout-minutes 5");
         assert_eq!(strings(&p), ["troupe", "config", "show", "--comm-timeout", "300"]);
+    }
+
+    /// Megatron's data-argument files become the data-path keys; a file that cannot be read or
+    /// understood, or one given with the flags it stands for, is refused.
+    #[test]
+    fn data_argument_files_become_the_data_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path.display().to_string()
+        };
+        let blend = file("blend.txt", "0.3 /d/a_text_document\n 0.7 /d/b_text_document\n");
+        let p = ported(&format!("troupe train --data-args-path {blend} --lr 1"));
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let set = r#"data.data_path=["0.3", "/d/a_text_document", "0.7", "/d/b_text_document"]"#;
+        assert_eq!(strings(&p), ["troupe", "train", "--set", set, "--lr", "1"]);
+
+        let splits = file("splits.json", r#"{"train": "0.5 a 0.5 b", "valid": ["v", "w"], "test": null}"#);
+        let p = ported(&format!("troupe config show --per-split-data-args-path {splits}"));
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let sets = [r#"data.train_data_path=["0.5", "a", "0.5", "b"]"#, r#"data.valid_data_path=["v", "w"]"#];
+        assert_eq!(strings(&p), ["troupe", "config", "show", "--set", sets[0], "--set", sets[1]]);
+
+        for (line, error) in [
+            (format!("troupe train --data-args-path {blend} --data-path x"), "both name the data"),
+            (format!("troupe train --per-split-data-args-path {splits} --valid-data-path=x"), "both name"),
+            ("troupe train --data-args-path /nonexistent/args".into(), "cannot read it"),
+            (format!("troupe train --data-args-path {}", file("empty.txt", " \n")), "names no data"),
+            (format!("troupe train --per-split-data-args-path {blend}"), "not JSON"),
+            (
+                format!("troupe train --per-split-data-args-path {}", file("t.json", r#"{"tran": "a"}"#)),
+                "\"tran\"",
+            ),
+            (
+                format!("troupe train --per-split-data-args-path {}", file("u.json", r#"{"train": 3}"#)),
+                "a string or a list",
+            ),
+        ] {
+            let p = ported(&line);
+            assert_eq!(p.errors.len(), 1, "{line}: {:?}", p.errors);
+            assert!(p.errors[0].contains(error), "{line}: {:?}", p.errors);
+        }
     }
 }

@@ -271,7 +271,12 @@ mod tests {
     /// (an unknown one would be refused by the config's `deny_unknown_fields`, whatever the value).
     #[test]
     fn every_megatron_flag_is_accepted_and_sets_its_key() {
-        let flags = super::train::FLAG_KEYS.iter().chain(&[("data-path", "data.data_path")]);
+        let flags = super::train::FLAG_KEYS.iter().chain(&[
+            ("data-path", "data.data_path"),
+            ("train-data-path", "data.train_data_path"),
+            ("valid-data-path", "data.valid_data_path"),
+            ("test-data-path", "data.test_data_path"),
+        ]);
         for (flag, key) in flags {
             let long = format!("--{flag}");
             let sets = train_args(&[&long, "7"]).cfg.megatron.to_sets();
@@ -349,5 +354,18 @@ mod tests {
         // A prefix that looks like a number stays a path.
         let cfg = train_args(&["--data-path", "123"]).cfg.resolve(&[]).expect("resolves");
         assert_eq!(cfg.data.data_path, ["123"]);
+        // Each split's own data, in the same forms; not together with --data-path.
+        let t =
+            train_args(&["--train-data-path", "0.5", "a", "0.5", "b", "--valid-data-path", "v", "--lr", "1"]);
+        let cfg = t.cfg.resolve(&[]).expect("resolves");
+        assert_eq!(cfg.data.train_data_path, ["0.5", "a", "0.5", "b"]);
+        assert_eq!(
+            (cfg.data.valid_data_path.as_slice(), cfg.data.test_data_path.len()),
+            (&["v".to_string()][..], 0)
+        );
+        let err = train_args(&["--data-path", "a", "--train-data-path", "b"]).cfg.resolve(&[]).unwrap_err();
+        assert!(format!("{err:#}").contains("data.data_path"), "{err:#}");
+        let err = train_args(&["--valid-data-path", "v"]).cfg.resolve(&[]).unwrap_err();
+        assert!(format!("{err:#}").contains("data.train_data_path"), "{err:#}");
     }
 }

@@ -49,13 +49,23 @@ macro_rules! megatron_flags {
             /// `--data-path 0.3 a_text_document 0.7 b_text_document` (config key `data.data_path`).
             #[arg(long = "data-path", value_name = "PREFIX", num_args = 1.., action = clap::ArgAction::Set)]
             pub data_path: Option<Vec<String>>,
+            /// The training split's own data, in --data-path's forms (Megatron's; config key
+            /// `data.train_data_path`): each split is then the whole of its own data and --split is not used.
+            #[arg(long = "train-data-path", value_name = "PREFIX", num_args = 1.., action = clap::ArgAction::Set)]
+            pub train_data_path: Option<Vec<String>>,
+            /// The validation split's own data (config key `data.valid_data_path`).
+            #[arg(long = "valid-data-path", value_name = "PREFIX", num_args = 1.., action = clap::ArgAction::Set)]
+            pub valid_data_path: Option<Vec<String>>,
+            /// The test split's own data (config key `data.test_data_path`).
+            #[arg(long = "test-data-path", value_name = "PREFIX", num_args = 1.., action = clap::ArgAction::Set)]
+            pub test_data_path: Option<Vec<String>>,
             $(
                 #[arg(long = $flag, value_name = "VALUE", allow_negative_numbers = true, help = concat!($doc, " (config key `", $key, "`)"))]
                 pub $field: Option<String>,
             )*
         }
 
-        /// The flags above (but `--data-path`) with the config keys they set.
+        /// The flags above (but the data paths) with the config keys they set.
         #[cfg(test)]
         pub(crate) const FLAG_KEYS: &[(&str, &str)] = &[$(($flag, $key)),*];
 
@@ -63,8 +73,15 @@ macro_rules! megatron_flags {
             /// The flags given, as `key=value` overrides in flag order.
             pub fn to_sets(&self) -> Vec<String> {
                 let mut out = Vec::new();
-                if let Some(v) = &self.data_path {
-                    out.push(format!("data.data_path={}", quote("data.data_path", &v.join(" "))));
+                for (key, v) in [
+                    ("data.data_path", &self.data_path),
+                    ("data.train_data_path", &self.train_data_path),
+                    ("data.valid_data_path", &self.valid_data_path),
+                    ("data.test_data_path", &self.test_data_path),
+                ] {
+                    if let Some(v) = v {
+                        out.push(format!("{key}={}", quote(key, &v.join(" "))));
+                    }
                 }
                 $(
                     if let Some(v) = &self.$field {
@@ -124,6 +141,9 @@ fn quote(key: &str, v: &str) -> String {
         "checkpoint.load",
         "data.split",
         "data.data_path",
+        "data.train_data_path",
+        "data.valid_data_path",
+        "data.test_data_path",
         "data.tokenizer",
         "train.lr_decay_style",
         "parallel.pipeline_schedule",
@@ -578,7 +598,8 @@ fn resume_note(cfg: &Config) -> Option<String> {
     let list: Vec<String> = changed.iter().map(|(k, old, new)| format!("{k} {old} → {new}")).collect();
     // What the data order depends on: the shuffle's seed, the documents, and how they are split
     // into samples.
-    const ORDER: &[&str] = &["train.seed", "data.data_path", "data.split", "model.seq_length"];
+    const ORDER: &[&str] =
+        &["train.seed", "data.data_path", "data.train_data_path", "data.split", "model.seq_length"];
     let reordered: Vec<&str> =
         changed.iter().map(|(k, _, _)| k.as_str()).filter(|k| ORDER.contains(k)).collect();
     let order = match reordered.as_slice() {
@@ -745,6 +766,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
                 &seen,
                 &args,
                 data.train.as_ref(),
+                [data.valid.as_deref(), data.test.as_deref()],
                 "GPU data-parallel loop",
             );
             Some(super::train_parallel::join(env, comm_options(&args)?, &mine)?)

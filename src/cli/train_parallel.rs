@@ -279,7 +279,8 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         None => None,
         Some(env) => {
             let comm_opts = CommOptions { timeout: opts.timeout, ..CommOptions::default() };
-            Some(join(env, comm_opts, &rank_settings(&cfg, args, source.as_ref(), "actor runtime"))?)
+            let eval = [&opts.valid, &opts.test].map(|d| d.as_ref().map(|d| d.0.as_ref()));
+            Some(join(env, comm_opts, &rank_settings(&cfg, args, source.as_ref(), eval, "actor runtime"))?)
         }
     };
     opts.device = super::train::stage_factory(args.device, args.dtype.into(), local, nccl)?;
@@ -503,6 +504,7 @@ pub(super) fn rank_settings(
     cfg: &Config,
     args: &TrainArgs,
     source: &dyn SampleSource,
+    [valid, test]: [Option<&dyn SampleSource>; 2],
     engine: &str,
 ) -> runtime::agree::Settings {
     let mut s = runtime::agree::Settings::of_config(cfg);
@@ -529,6 +531,10 @@ pub(super) fn rank_settings(
         .collect();
     s.set("--inject", if faults.is_empty() { "none".into() } else { faults.join("; ") });
     s.set("training data", runtime::agree::data_fingerprint(source));
+    // Each split may have data of its own (`--valid-data-path`), at a path of each host's.
+    let none = || "none".to_string();
+    s.set("validation data", valid.map_or_else(none, runtime::agree::data_fingerprint));
+    s.set("test data", test.map_or_else(none, runtime::agree::data_fingerprint));
     s
 }
 

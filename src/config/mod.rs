@@ -165,6 +165,17 @@ pub struct DataConfig {
     /// `--data-path` is (`"prefix"`, `"0.3 a 0.7 b"`). Empty: the embedded Shakespeare corpus.
     #[serde(deserialize_with = "words_or_list")]
     pub data_path: Vec<String>,
+    /// The training split's own data (Megatron's `--train-data-path`), in `data_path`'s forms;
+    /// with it (and `valid_data_path`, `test_data_path`) each split is the whole of its datasets,
+    /// `split` is not used, and `data_path` must be empty.
+    #[serde(deserialize_with = "words_or_list")]
+    pub train_data_path: Vec<String>,
+    /// The validation split's own data (`--valid-data-path`); empty: no validation.
+    #[serde(deserialize_with = "words_or_list")]
+    pub valid_data_path: Vec<String>,
+    /// The test split's own data (`--test-data-path`); empty: no test evaluation.
+    #[serde(deserialize_with = "words_or_list")]
+    pub test_data_path: Vec<String>,
     /// Train/valid/test split over documents, e.g. "949,50,1".
     pub split: String,
     /// Tokenizer: a `tokenizer.json`, a `vocab.txt`, or a directory holding `tokenizer.json`,
@@ -211,10 +222,27 @@ fn words_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, 
     }
 }
 
+impl DataConfig {
+    /// Whether each split names its own data (`train_data_path` and the others).
+    pub fn per_split(&self) -> bool {
+        !(self.train_data_path.is_empty()
+            && self.valid_data_path.is_empty()
+            && self.test_data_path.is_empty())
+    }
+
+    /// Whether the data is the user's (any data path) rather than the embedded corpus.
+    pub fn is_user_data(&self) -> bool {
+        !self.data_path.is_empty() || self.per_split()
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
             data_path: Vec::new(),
+            train_data_path: Vec::new(),
+            valid_data_path: Vec::new(),
+            test_data_path: Vec::new(),
             split: "949,50,1".into(),
             tokenizer: String::new(),
             merge_file: String::new(),
@@ -526,6 +554,24 @@ impl Config {
                     batch_advice(t.global_batch_size, t.micro_batch_size, p.data_parallel_size)
                 ),
             );
+        }
+        let d = &self.data;
+        if d.per_split() {
+            if !d.data_path.is_empty() {
+                return invalid(
+                    "data.data_path",
+                    d.data_path.join(" "),
+                    "is one source split by data.split; with data.train_data_path, valid_data_path or \
+                     test_data_path (each split's own data) it must be empty",
+                );
+            }
+            if d.train_data_path.is_empty() {
+                return invalid(
+                    "data.train_data_path",
+                    "[]".into(),
+                    "must name the training data when data.valid_data_path or data.test_data_path is given",
+                );
+            }
         }
         if self.logging.log_interval == 0 {
             return invalid("logging.log_interval", "0".into(), "must be at least 1");

@@ -28,6 +28,6 @@ pub use gpt_dataset::{
 pub use indexed::{IndexError, IndexedDataset};
 pub use preprocess::{PreprocessOptions, PreprocessReport, preprocess, preprocess_to_cache};
 pub use sampler::{BatchLayout, DistributedSampler, SamplerError};
-pub use split::{BlendEntry, Split, parse_data_path, parse_split};
+pub use split::{BlendEntry, Split, SplitError, parse_data_path, parse_split};
 pub use tokenizer::{TextTokenizer, TokenizerError, TokenizerSpec};
 pub use writer::{IndexWriter, WriteError, WriteSummary};

@@ -33,6 +33,9 @@ pub const PER_RANK_KEYS: &[&str] = &[
     "logging.log_interval",
     "data.cache_dir",
     "data.data_path",
+    "data.train_data_path",
+    "data.valid_data_path",
+    "data.test_data_path",
     "data.tokenizer",
     "data.merge_file",
 ];
