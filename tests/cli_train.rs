@@ -926,6 +926,104 @@ fn use_checkpoint_args_takes_the_model_from_the_checkpoint() -> Result<()> {
     Ok(())
 }
 
+/// A `--log-json` file's `(step, learning rate)` of each step record.
+fn rates(log: &Path) -> Result<Vec<(u64, f64)>> {
+    Ok(std::fs::read_to_string(log)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("lr")?.as_f64()?)))
+        .collect())
+}
+
+/// Megatron's `--use-checkpoint-opt_param-scheduler` resumes with the saved run's schedule over
+/// the flags'; without it a resume whose decay follows a longer `--train-iters` says the schedule
+/// changed; `--ckpt-step N` resumes from `iter_N` rather than the latest, to the same losses the
+/// run had from there.
+#[test]
+fn checkpoint_schedule_and_step_flags_are_megatrons() -> Result<()> {
+    let dir = tempdir("ckpt-sched");
+    let mut args = vec!["train", "--train-iters", "4", "--save-interval", "2", "--save", "ck"];
+    args.extend_from_slice(&["--lr", "0.002", "--min-lr", "0.0001", "--lr-warmup-iters", "1"]);
+    args.extend_from_slice(&["--log-json", "a.jsonl"]);
+    args.extend_from_slice(TINY);
+    let o = troupe(&args, &dir);
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let resume = |extra: &[&str]| {
+        let mut a = vec!["train", "--load", "ck"];
+        a.extend_from_slice(TINY);
+        a.extend_from_slice(extra);
+        troupe(&a, &dir)
+    };
+    // The saved schedule decays over the saved run's 4 steps: steps 5 and 6 run at its minimum.
+    let o = resume(&[
+        "--train-iters",
+        "6",
+        "--lr",
+        "0.05",
+        "--save",
+        "ck2",
+        "--log-json",
+        "b.jsonl",
+        "--use-checkpoint-opt_param-scheduler",
+    ]);
+    let e = stderr(&o);
+    ensure!(o.status.success(), "{e}");
+    ensure!(
+        e.contains("the learning-rate schedule from ck/iter_0000004: cosine from 0.002 to 0.0001, 1 warm-up steps, decay over 4 steps"),
+        "{e}"
+    );
+    ensure!(!e.contains("differ from the run"), "the schedule is the saved one: {e}");
+    let b = rates(&dir.join("b.jsonl"))?;
+    ensure!(b.len() == 2 && b.iter().all(|&(_, lr)| (lr - 1e-4).abs() < 1e-9), "{b:?}");
+    // Without it, the longer run's decay is a changed schedule, named.
+    let o = resume(&[
+        "--train-iters",
+        "6",
+        "--lr",
+        "0.002",
+        "--min-lr",
+        "0.0001",
+        "--lr-warmup-iters",
+        "1",
+        "--save",
+        "ck3",
+    ]);
+    let e = stderr(&o);
+    ensure!(o.status.success(), "{e}");
+    ensure!(e.contains("differ from the run that saved it: train.lr_decay_iters 4 → 6"), "{e}");
+    // --ckpt-step 2: steps 3 and 4 again, to the saved run's losses.
+    let o = resume(&[
+        "--train-iters",
+        "4",
+        "--lr",
+        "0.002",
+        "--min-lr",
+        "0.0001",
+        "--lr-warmup-iters",
+        "1",
+        "--save",
+        "ck4",
+        "--log-json",
+        "c.jsonl",
+        "--ckpt-step",
+        "2",
+    ]);
+    let e = stderr(&o);
+    ensure!(o.status.success(), "{e}");
+    ensure!(e.contains("resumed from ck/iter_0000002 at step 2"), "{e}");
+    let (a, c) = (losses(&dir.join("a.jsonl"))?, losses(&dir.join("c.jsonl"))?);
+    ensure!(a.len() == 4 && c == a[2..], "{a:?} then {c:?}");
+    let o = resume(&["--ckpt-step", "3"]);
+    ensure!(
+        o.status.code() == Some(2) && stderr(&o).contains("ck/iter_0000003 does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    let o = troupe(&["train", "--use-checkpoint-opt_param-scheduler"], &dir);
+    ensure!(o.status.code() == Some(2) && stderr(&o).contains("give --load"), "{}", stderr(&o));
+    Ok(())
+}
+
 /// `--skip-train` (Megatron's): the model of `--load` evaluated as the run that saved it was at
 /// its end — the same validation loss to the printed digit, since the samples and weights are
 /// the same — and nothing trained or saved; what it cannot do is refused.

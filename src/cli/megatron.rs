@@ -216,6 +216,204 @@ const FLAGS: &[(&str, bool, Rule)] = &[
             "a resume always restores the RNG state; --finetune starts afresh from the weights alone",
         ),
     ),
+    ("no-persist-layer-norm", false, Rule::Ignore("kernel choices do not apply to troupe's kernels")),
+    (
+        "no-create-attention-mask-in-dataloader",
+        false,
+        Rule::Ignore("troupe's attention is causal by construction"),
+    ),
+    ("empty-unused-memory-level", true, Rule::Ignore("troupe does not use PyTorch's caching allocator")),
+    ("manual-gc", false, Rule::Ignore("there is no garbage collector to drive")),
+    ("manual-gc-interval", true, Rule::Ignore("there is no garbage collector to drive")),
+    ("manual-gc-eval", true, Rule::Ignore("there is no garbage collector to drive")),
+    ("DDP-impl", true, Rule::Ignore("troupe has one data-parallel implementation")),
+    ("use-legacy-models", false, Rule::Ignore("troupe has one GPT implementation")),
+    ("tp-comm-overlap", false, Rule::Ignore("there is no tensor parallelism to overlap")),
+    ("num-dataset-builder-threads", true, Rule::Ignore("dataset indices are built once and cached")),
+    ("mmap-bin-files", false, Rule::Ignore("indexed datasets are always memory-mapped")),
+    ("no-mmap-bin-files", false, Rule::Ignore("indexed datasets are always memory-mapped")),
+    (
+        "use-cpu-initialization",
+        false,
+        Rule::Ignore("weights are always initialised on the host from --seed, whatever the device"),
+    ),
+    (
+        "no-initialization",
+        false,
+        Rule::Ignore("initialising from --seed takes milliseconds; a resume replaces the weights"),
+    ),
+    (
+        "deterministic-mode",
+        false,
+        Rule::Ignore(
+            "troupe's kernels and reductions are deterministic: the same config and seed give the same bits",
+        ),
+    ),
+    (
+        "accumulate-allreduce-grads-in-fp32",
+        false,
+        Rule::Ignore("parameter gradients are always fp32, accumulated and reduced in fp32"),
+    ),
+    (
+        "check-for-nan-in-loss-and-grad",
+        false,
+        Rule::Ignore("every step checks its loss and gradients; train.nan_policy (abort or skip) decides"),
+    ),
+    (
+        "no-check-for-nan-in-loss-and-grad",
+        false,
+        Rule::Ignore("every step checks its loss and gradients; train.nan_policy (abort or skip) decides"),
+    ),
+    (
+        "override-opt_param-scheduler",
+        false,
+        Rule::Ignore("a resume always takes the command line's schedule, and names what changed"),
+    ),
+    (
+        "openai-gelu",
+        false,
+        Rule::Ignore(
+            "troupe's GELU is always the tanh approximation (GPT-2's gelu_new), which this flag asks for",
+        ),
+    ),
+    (
+        "log-loss-scale-to-tensorboard",
+        false,
+        Rule::Ignore("loss scaling is for fp16, which troupe does not train in"),
+    ),
+    ("log-straggler", false, Rule::Ignore("troupe warns of a rank that falls behind its peers itself")),
+    ("profile", false, Rule::Ignore("use --trace FILE (a step's timeline; --trace-step N picks the step)")),
+    (
+        "use-pytorch-profiler",
+        false,
+        Rule::Ignore("use --trace FILE (a step's timeline; --trace-step N picks the step)"),
+    ),
+    (
+        "profile-step-start",
+        true,
+        Rule::Ignore("use --trace FILE (a step's timeline; --trace-step N picks the step)"),
+    ),
+    (
+        "profile-step-end",
+        true,
+        Rule::Ignore("use --trace FILE (a step's timeline; --trace-step N picks the step)"),
+    ),
+    (
+        "profile-ranks",
+        true,
+        Rule::Ignore("use --trace FILE (a step's timeline; --trace-step N picks the step)"),
+    ),
+    ("async-save", false, Rule::Ignore("checkpoints are written at step boundaries, atomically")),
+    ("ckpt-fully-parallel-save", false, Rule::Ignore("troupe writes its own checkpoints (safetensors)")),
+    ("ckpt-fully-parallel-load", false, Rule::Ignore("troupe writes its own checkpoints (safetensors)")),
+    (
+        "ckpt-assume-constant-structure",
+        false,
+        Rule::Ignore("troupe writes its own checkpoints (safetensors)"),
+    ),
+    (
+        "dist-ckpt-strictness",
+        true,
+        Rule::Ignore("troupe checks every tensor of a checkpoint by name, shape and checksum"),
+    ),
+    (
+        "save-retain-interval",
+        true,
+        Rule::Ignore("troupe keeps every checkpoint it saves; remove old iter_* directories yourself"),
+    ),
+    (
+        "non-persistent-save-interval",
+        true,
+        Rule::Ignore(
+            "troupe saves every --save-interval steps, at a planned stop and on SIGTERM/SIGINT only",
+        ),
+    ),
+    (
+        "exit-on-missing-checkpoint",
+        false,
+        Rule::Ignore("a --load that names no checkpoint always stops the run (unless --allow-fresh-start)"),
+    ),
+    (
+        "decoder-seq-length",
+        true,
+        Rule::Ignore("it is for encoder-decoder models; a GPT has --seq-length only"),
+    ),
+    ("vocab-extra-ids", true, Rule::Only(&["0"], "extra sentinel tokens are for T5; troupe's GPT has none")),
+    (
+        "optimizer",
+        true,
+        Rule::Only(&["adam"], "troupe's optimizer is AdamW (Megatron's adam); there is no SGD"),
+    ),
+    ("sgd-momentum", true, Rule::Ignore("it is for --optimizer sgd; troupe's optimizer is AdamW")),
+    (
+        "norm-epsilon",
+        true,
+        Rule::Only(&["1e-5"], "troupe's LayerNorm ε is 1e-5 (GPT-2's and Megatron's default)"),
+    ),
+    (
+        "layernorm-epsilon",
+        true,
+        Rule::Only(&["1e-5"], "troupe's LayerNorm ε is 1e-5 (GPT-2's and Megatron's default)"),
+    ),
+    (
+        "start-weight-decay",
+        true,
+        Rule::Refuse(
+            "the weight decay is constant (--weight-decay-incr-style constant): give --weight-decay",
+        ),
+    ),
+    (
+        "end-weight-decay",
+        true,
+        Rule::Refuse(
+            "the weight decay is constant (--weight-decay-incr-style constant): give --weight-decay",
+        ),
+    ),
+    (
+        "fp32-residual-connection",
+        false,
+        Rule::Refuse(
+            "the residual stream is bf16 under --dtype bf16 (fp32 on CPUs); use --dtype fp32 for an fp32 model",
+        ),
+    ),
+    (
+        "use-rotary-position-embeddings",
+        false,
+        Rule::Refuse("troupe's GPT learns absolute positions (GPT-2); there is no RoPE"),
+    ),
+    ("no-position-embedding", false, Rule::Refuse("troupe's GPT learns absolute positions (GPT-2)")),
+    (
+        "eod-mask-loss",
+        false,
+        Rule::Refuse("the loss counts every target token, end-of-document ones too (Megatron's default)"),
+    ),
+    (
+        "reset-position-ids",
+        false,
+        Rule::Refuse("positions run over the whole sequence across documents (Megatron's default)"),
+    ),
+    (
+        "reset-attention-mask",
+        false,
+        Rule::Refuse("attention spans the whole sequence across documents (Megatron's default)"),
+    ),
+    (
+        "calculate-per-token-loss",
+        false,
+        Rule::Refuse("the loss is the mean over each microbatch's tokens, averaged over the microbatches"),
+    ),
+    (
+        "full-validation",
+        false,
+        Rule::Refuse("validation takes --eval-iters microbatches; raise it to cover the validation set"),
+    ),
+    (
+        "use-torch-fsdp2",
+        false,
+        Rule::Refuse("there is no FSDP; --use-distributed-optimizer shards the optimizer state"),
+    ),
+    ("encoder-seq-length", true, Rule::Special),
+    ("ckpt-step", true, Rule::Special),
     ("bf16", false, Rule::Special),
     ("tokenizer-model", true, Rule::Special),
     ("vocab-file", true, Rule::Special),
@@ -244,6 +442,8 @@ pub struct Ported {
     pub train_samples: Option<u64>,
     pub lr_decay_samples: Option<u64>,
     pub lr_warmup_samples: Option<u64>,
+    /// Megatron's `--ckpt-step N`: resume from `iter_N` of `--load` rather than its latest.
+    pub ckpt_step: Option<u64>,
 }
 
 /// A command line with the Megatron flags of [`FLAGS`] taken out.
@@ -423,6 +623,12 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                         Err(e) => out.errors.push(format!("--{name} {v}: {e}")),
                     }
                 }
+                // A GPT's one sequence length under Megatron's other name for it.
+                "encoder-seq-length" => out.args.extend(["--seq-length".into(), v.into()]),
+                "ckpt-step" => match v.parse::<u64>() {
+                    Ok(n) => out.ported.ckpt_step = Some(n),
+                    Err(_) => out.errors.push(format!("--ckpt-step {v}: not a step number")),
+                },
                 "data-cache-path" => out.args.extend([
                     "--set".into(),
                     format!("data.cache_dir={}", toml::Value::String(v.clone())).into(),
@@ -539,6 +745,19 @@ impl Ported {
                 m.seq_length
             ));
         }
+        if let Some(n) = self.ckpt_step {
+            let load = &cfg.checkpoint.load;
+            if load.is_empty() {
+                return Err(format!(
+                    "--ckpt-step {n} (a Megatron-LM flag) picks a checkpoint of --load; give --load"
+                ));
+            }
+            let dir = Path::new(load).join(troupe::checkpoint::iter_dir_name(n));
+            if !dir.is_dir() {
+                return Err(format!("--ckpt-step {n}: {} does not exist", dir.display()));
+            }
+            sets.push(format!("checkpoint.load={}", toml::Value::String(dir.display().to_string())));
+        }
         let t = &cfg.train;
         let gbs = t.global_batch_size.max(1) as u64;
         let mut train_iters = t.train_iters;
@@ -654,6 +873,19 @@ mod tests {
         assert!(p.errors[2].contains("RMSNorm"));
         assert!(p.errors[4].contains("--recompute-method needs a value"));
         assert_eq!(strings(&p), ["troupe", "train"]);
+
+        // Megatron's GPT sequence length under its encoder name; equal values of fixed settings
+        // in any spelling; the loss and position options troupe does not have.
+        let p = ported(
+            "troupe train --encoder-seq-length 128 --norm-epsilon 0.00001 --optimizer adam \
+             --vocab-extra-ids 0 --openai-gelu --ckpt-step 20 --eod-mask-loss --optimizer sgd \
+             --start-weight-decay 0.01 --reset-position-ids",
+        );
+        assert_eq!(strings(&p), ["troupe", "train", "--seq-length", "128"]);
+        assert_eq!((p.notes.len(), p.ported.ckpt_step), (1, Some(20)), "{:?}", p.notes);
+        assert_eq!(p.errors.len(), 4, "{:?}", p.errors);
+        assert!(p.errors[0].contains("--eod-mask-loss") && p.errors[1].contains("--optimizer sgd"));
+        assert!(p.errors[2].contains("give --weight-decay") && p.errors[3].contains("across documents"));
     }
 
     #[test]

@@ -201,6 +201,11 @@ pub struct TrainArgs {
     /// checkpoint, over the config and the flags, as Megatron's --use-checkpoint-args.
     #[arg(long)]
     pub use_checkpoint_args: bool,
+    /// With --load: the learning-rate schedule (peak and minimum rate, decay style, warm-up and
+    /// decay steps) and the weight decay from the checkpoint, over the config and the flags, as
+    /// Megatron's --use-checkpoint-opt_param-scheduler.
+    #[arg(long = "use-checkpoint-opt_param-scheduler", alias = "use-checkpoint-opt-param-scheduler")]
+    pub use_checkpoint_scheduler: bool,
     /// Evaluate the model of --load on the validation and test splits (--eval-iters microbatches
     /// each) and exit, without training or saving, as Megatron's --skip-train. One process, on
     /// the CPU or one GPU (--device).
@@ -554,6 +559,13 @@ fn resolve_config(args: &TrainArgs) -> anyhow::Result<Config> {
             );
         }
     }
+    if args.use_checkpoint_scheduler
+        && let Some((sets, line)) = checkpoint_scheduler(&cfg)?
+    {
+        extra.extend(sets);
+        cfg = args.cfg.resolve(&extra)?;
+        eprintln!("{line}");
+    }
     Ok(cfg)
 }
 
@@ -578,7 +590,13 @@ fn resume_note(cfg: &Config) -> Option<String> {
         return None;
     }
     let dir = checkpoint::resolve(std::path::Path::new(&cfg.checkpoint.load)).ok()??;
-    let saved = checkpoint::read_state(&dir).ok()?.config;
+    let mut saved = checkpoint::read_state(&dir).ok()?.config;
+    // A decay length left unset is the run's length: compare the lengths the schedules use, so
+    // a longer run whose decay follows it shows as the changed schedule it is.
+    let mut cfg = cfg.clone();
+    for c in [&mut cfg, &mut saved] {
+        c.train.lr_decay_iters = Some(c.train.lr_decay_iters.unwrap_or(c.train.train_iters));
+    }
     const EXPECTED: &[&str] = &["checkpoint.", "logging.", "parallel.", "faults", "fault_seed"];
     const PER_RUN: &[&str] = &[
         "train.threads",
@@ -621,24 +639,9 @@ fn resume_note(cfg: &Config) -> Option<String> {
 /// `--load` names (and its tokenizer when the command names none), and where they come from.
 /// Nothing when there is no checkpoint yet and `--allow-fresh-start` allows that.
 fn checkpoint_args(cfg: &Config) -> anyhow::Result<(std::path::PathBuf, Vec<String>)> {
-    let load = &cfg.checkpoint.load;
-    if load.is_empty() {
-        return Err(UsageError(
-            "--use-checkpoint-args reads the checkpoint --load names; give --load".into(),
-        )
-        .into());
-    }
-    let dir = match checkpoint::resolve(std::path::Path::new(load)) {
-        Ok(Some(dir)) => dir,
-        Ok(None) if cfg.checkpoint.allow_fresh_start => return Ok((load.into(), Vec::new())),
-        Ok(None) => {
-            return Err(
-                UsageError(format!("--load {load}: no checkpoint there to take arguments from")).into()
-            );
-        }
-        Err(e) => return Err(UsageError(format!("--load {load}: {e}")).into()),
+    let Some((dir, saved)) = saved_config(cfg, "--use-checkpoint-args")? else {
+        return Ok((cfg.checkpoint.load.clone().into(), Vec::new()));
     };
-    let saved = checkpoint::read_state(&dir).map_err(|e| UsageError(format!("--load {load}: {e}")))?.config;
     let m = &saved.model;
     let mut sets = vec![
         format!("model.vocab_size={}", m.vocab_size),
@@ -653,6 +656,56 @@ fn checkpoint_args(cfg: &Config) -> anyhow::Result<(std::path::PathBuf, Vec<Stri
         sets.push(format!("data.merge_file={}", toml::Value::String(saved.data.merge_file.clone())));
     }
     Ok((dir, sets))
+}
+
+/// The checkpoint `--load` names and the config it was saved with, for `flag`; `None` when there
+/// is no checkpoint yet and `--allow-fresh-start` allows that.
+fn saved_config(cfg: &Config, flag: &str) -> anyhow::Result<Option<(std::path::PathBuf, Config)>> {
+    let load = &cfg.checkpoint.load;
+    if load.is_empty() {
+        return Err(UsageError(format!("{flag} reads the checkpoint --load names; give --load")).into());
+    }
+    let dir = match checkpoint::resolve(std::path::Path::new(load)) {
+        Ok(Some(dir)) => dir,
+        Ok(None) if cfg.checkpoint.allow_fresh_start => return Ok(None),
+        Ok(None) => {
+            return Err(UsageError(format!(
+                "--load {load}: no checkpoint there to take {flag}'s values from"
+            ))
+            .into());
+        }
+        Err(e) => return Err(UsageError(format!("--load {load}: {e}")).into()),
+    };
+    let saved = checkpoint::read_state(&dir).map_err(|e| UsageError(format!("--load {load}: {e}")))?.config;
+    Ok(Some((dir, saved)))
+}
+
+/// `--use-checkpoint-opt_param-scheduler`: `key=value` overrides that give the run the saved
+/// run's learning-rate schedule and weight decay (a decay length left to `train_iters` there
+/// becomes that run's `train_iters`), and a line saying what they are.
+fn checkpoint_scheduler(cfg: &Config) -> anyhow::Result<Option<(Vec<String>, String)>> {
+    let Some((dir, saved)) = saved_config(cfg, "--use-checkpoint-opt_param-scheduler")? else {
+        return Ok(None);
+    };
+    let flat = saved.flat().map_err(|e| UsageError(format!("{}: its config: {e}", dir.display())))?;
+    let t = &saved.train;
+    let decay = t.lr_decay_iters.unwrap_or(t.train_iters);
+    let mut sets: Vec<String> =
+        ["train.lr", "train.min_lr", "train.lr_decay_style", "train.lr_warmup_iters", "train.weight_decay"]
+            .iter()
+            .filter_map(|k| flat.get(*k).map(|v| format!("{k}={v}")))
+            .collect();
+    sets.push(format!("train.lr_decay_iters={decay}"));
+    let line = format!(
+        "troupe: the learning-rate schedule from {}: {} from {} to {}, {} warm-up steps, decay over {decay} steps, weight decay {}",
+        dir.display(),
+        flat.get("train.lr_decay_style").map_or("", |s| s.trim_matches('"')),
+        flat.get("train.lr").map_or("?", String::as_str),
+        flat.get("train.min_lr").map_or("?", String::as_str),
+        t.lr_warmup_iters,
+        flat.get("train.weight_decay").map_or("?", String::as_str),
+    );
+    Ok(Some((sets, line)))
 }
 
 /// `--finetune` needs `--load`; says what it loads, and how to resume the fine-tuning itself once
