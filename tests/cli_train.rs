@@ -139,7 +139,15 @@ fn train_save_resume_and_generate() -> Result<()> {
         "resume failed:\n{}",
         stderr(&out)
     );
-    ensure!(!stderr(&out).contains("differ from the run"), "same settings, yet:\n{}", stderr(&out));
+    // The same flags but a longer run: the decay, left to follow --train-iters, is longer too.
+    let e = stderr(&out);
+    ensure!(
+        e.contains(
+            "settings that differ from the run that saved it: train.lr_decay_iters 4 (= train_iters) → 6 \
+             (= train_iters)\n"
+        ),
+        "{e}"
+    );
     ensure!(std::fs::read_to_string(dir.join("ckpt/latest"))?.trim() == "iter_0000006");
     // A resume with other settings says which, and that a new seed reorders the data.
     let mut other = args.clone();
@@ -148,7 +156,10 @@ fn train_save_resume_and_generate() -> Result<()> {
     let e = stderr(&out);
     ensure!(out.status.success(), "{e}");
     ensure!(
-        e.contains("with settings that differ from the run that saved it: train.lr 0.001 → 0.002, train.seed 1234 → 5")
+        e.contains(
+            "with settings that differ from the run that saved it: train.lr 0.001 → 0.002, train.lr_decay_iters \
+             6 (= train_iters) → 7 (= train_iters), train.seed 1234 → 5"
+        )
             && e.contains("with train.seed changed the samples are drawn in another order"),
         "{e}"
     );
@@ -990,7 +1001,12 @@ fn checkpoint_schedule_and_step_flags_are_megatrons() -> Result<()> {
     ]);
     let e = stderr(&o);
     ensure!(o.status.success(), "{e}");
-    ensure!(e.contains("differ from the run that saved it: train.lr_decay_iters 4 → 6"), "{e}");
+    ensure!(
+        e.contains(
+            "differ from the run that saved it: train.lr_decay_iters 4 (= train_iters) → 6 (= train_iters)\n"
+        ),
+        "{e}"
+    );
     // --ckpt-step 2: steps 3 and 4 again, to the saved run's losses.
     let o = resume(&[
         "--train-iters",

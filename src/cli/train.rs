@@ -594,6 +594,7 @@ fn resume_note(cfg: &Config) -> Option<String> {
     // A decay length left unset is the run's length: compare the lengths the schedules use, so
     // a longer run whose decay follows it shows as the changed schedule it is.
     let mut cfg = cfg.clone();
+    let follows = [saved.train.lr_decay_iters.is_none(), cfg.train.lr_decay_iters.is_none()];
     for c in [&mut cfg, &mut saved] {
         c.train.lr_decay_iters = Some(c.train.lr_decay_iters.unwrap_or(c.train.train_iters));
     }
@@ -613,7 +614,14 @@ fn resume_note(cfg: &Config) -> Option<String> {
     if changed.is_empty() {
         return None;
     }
-    let list: Vec<String> = changed.iter().map(|(k, old, new)| format!("{k} {old} → {new}")).collect();
+    let list: Vec<String> = changed
+        .iter()
+        .map(|(k, old, new)| {
+            let [old_follows, new_follows] =
+                follows.map(|f| if f && k == "train.lr_decay_iters" { " (= train_iters)" } else { "" });
+            format!("{k} {old}{old_follows} → {new}{new_follows}")
+        })
+        .collect();
     // What the data order depends on: the shuffle's seed, the documents, and how they are split
     // into samples.
     const ORDER: &[&str] =
