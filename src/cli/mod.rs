@@ -286,7 +286,7 @@ mod tests {
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
-            assert!(!err.contains("unknown field"), "--{flag} sets {key}, which the config lacks: {err}");
+            assert!(!err.contains("unknown key"), "--{flag} sets {key}, which the config lacks: {err}");
         }
     }
 

@@ -378,6 +378,8 @@ impl Config {
         for s in sets {
             overrides::apply(&mut value, s)?;
         }
+        // Serde stops at the first unknown key: list them all, each with the key it may stand for.
+        let unknown = unknown_keys(&value);
         // A type error may come from an override rather than the file: name them too.
         let cfg: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
             path: if sets.is_empty() {
@@ -385,7 +387,12 @@ impl Config {
             } else {
                 format!("{origin} with --set {}", sets.join(" --set "))
             },
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: match unknown.as_slice() {
+                _ if !e.message().contains("unknown field") => e.to_string().trim_end().replace('\n', " "),
+                [] => e.to_string().trim_end().replace('\n', " "),
+                [one] => format!("unknown key {one}"),
+                many => format!("{} unknown keys: {}", many.len(), many.join("; ")),
+            },
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -583,6 +590,84 @@ impl Config {
     }
 }
 
+/// Every key a configuration has, as a TOML tree (a config with each optional key set).
+fn schema() -> Option<toml::Table> {
+    let mut cfg: Config = toml::from_str(
+        "[model]\nvocab_size = 1\nseq_length = 1\nnum_layers = 1\nhidden_size = 1\nnum_attention_heads = 1\n",
+    )
+    .ok()?;
+    cfg.train.lr_decay_iters = Some(1);
+    match toml::Value::try_from(&cfg).ok()? {
+        toml::Value::Table(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// The keys of `value` a configuration does not have, dotted, each with the known key it most
+/// likely stands for (`model.num_layer (did you mean model.num_layers?)`). Empty when all are
+/// known (or the schema cannot be built: serde's own message stands then).
+fn unknown_keys(value: &toml::Table) -> Vec<String> {
+    let Some(schema) = schema() else { return Vec::new() };
+    let mut leaves = Vec::new();
+    for (section, v) in &schema {
+        match v.as_table() {
+            Some(t) => leaves.extend(t.keys().map(|k| format!("{section}.{k}"))),
+            None => leaves.push(section.clone()),
+        }
+    }
+    let mut out = Vec::new();
+    for (section, v) in value {
+        let Some(known) = schema.get(section) else {
+            let sections: Vec<&str> =
+                schema.iter().filter(|(_, v)| v.is_table()).map(|(k, _)| k.as_str()).collect();
+            out.push(match closest(section, sections.iter().copied()) {
+                Some(s) => format!("{section} (did you mean {s}?)"),
+                None => format!("{section} (the sections are {})", sections.join(", ")),
+            });
+            continue;
+        };
+        let (Some(known), Some(given)) = (known.as_table(), v.as_table()) else { continue };
+        for key in given.keys().filter(|k| !known.contains_key(*k)) {
+            let dotted = format!("{section}.{key}");
+            // The same key in another section, else the nearest spelling in this one.
+            let elsewhere = leaves.iter().find(|l| l.rsplit('.').next() == Some(key.as_str()));
+            let guess = elsewhere
+                .cloned()
+                .or_else(|| closest(key, known.keys().map(String::as_str)).map(|k| format!("{section}.{k}")));
+            out.push(match guess {
+                Some(g) => format!("{dotted} (did you mean {g}?)"),
+                None => dotted,
+            });
+        }
+    }
+    out
+}
+
+/// The candidate nearest to `word` by edit distance, when near enough to be a slip (a third of
+/// its length, at least 2) or when one contains the other.
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    };
+    let limit = (word.chars().count() / 3).max(2);
+    candidates
+        .map(|c| (distance(word, c), c))
+        .filter(|(d, c)| *d <= limit || (word.len() >= 3 && (c.contains(word) || word.contains(c))))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
 fn model_value(m: &GptConfig, field: &str) -> String {
     match field {
         "vocab_size" => m.vocab_size.to_string(),
@@ -616,6 +701,51 @@ mod tests {
         assert_eq!(keys, ["train.lr", "train.lr_decay_iters", "train.seed"]);
         assert_eq!(d[1], ("train.lr_decay_iters".to_string(), "unset".to_string(), "40".to_string()));
         assert_eq!(d[2].2, "9");
+    }
+
+    /// Every unknown key of a file and its overrides is listed at once, each with the key it may
+    /// stand for; a file with known keys only passes.
+    #[test]
+    fn unknown_keys_are_listed_together_with_what_they_may_mean() {
+        let text = format!(
+            "{MODEL}hiden_size = 3\n[train]\nlrr = 0.1\nseq_length = 8\nzzz = 1\n[trian]\nx = 1\n[qqq]\n"
+        );
+        let err =
+            Config::from_toml_str(&text, "t.toml", &["data.toknizer=x".into()]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config file t.toml with --set data.toknizer=x is not valid: 7 unknown keys: \
+             data.toknizer (did you mean data.tokenizer?); model.hiden_size (did you mean model.hidden_size?); \
+             qqq (the sections are checkpoint, data, logging, model, parallel, train); \
+             train.lrr (did you mean train.lr?); train.seq_length (did you mean model.seq_length?); \
+             train.zzz; trian (did you mean train?)"
+        );
+        let err = parse(&format!("{MODEL}[train]\nlr_decay_iter = 5\n")).unwrap_err();
+        assert!(
+            err.ends_with(
+                "is not valid: unknown key train.lr_decay_iter (did you mean train.lr_decay_iters?)"
+            ),
+            "{err}"
+        );
+        // The schema holds exactly the keys serde takes: each section's list in serde's own
+        // message for a stray key (a new optional key must be set in `schema`).
+        let schema = schema().expect("schema");
+        assert!(toml::Value::Table(schema.clone()).try_into::<Config>().is_ok());
+        for (section, v) in &schema {
+            let Some(keys) = v.as_table() else { continue };
+            let text = if section == "model" {
+                format!("{MODEL}zz = 1\n")
+            } else {
+                format!("{MODEL}[{section}]\nzz = 1\n")
+            };
+            let message = toml::from_str::<Config>(&text).unwrap_err().to_string();
+            let listed = message.split("expected one of").nth(1).unwrap_or_else(|| panic!("{message}"));
+            let mut serde: Vec<&str> = listed.split('`').skip(1).step_by(2).collect();
+            let mut ours: Vec<&str> = keys.keys().map(String::as_str).collect();
+            serde.sort_unstable();
+            ours.sort_unstable();
+            assert_eq!(serde, ours, "[{section}]");
+        }
     }
 
     #[test]
