@@ -87,7 +87,10 @@ pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv
     };
     eprintln!(
         "troupe: evaluating {from} (step {step}) on {} with {on}: {} microbatch(es) of {} × {} tokens per split",
-        data.description, cfg.logging.eval_iters, t.micro_batch_size, cfg.model.seq_length
+        data.description,
+        cfg.eval_microbatches(),
+        t.micro_batch_size,
+        cfg.model.seq_length
     );
     let mut json = match cfg.logging.log_json.as_str() {
         "" => None,

@@ -405,7 +405,7 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     (
         "full-validation",
         false,
-        Rule::Refuse("validation takes --eval-iters microbatches; raise it to cover the validation set"),
+        Rule::Refuse("validation takes --eval-iters global batches; raise it to cover the validation set"),
     ),
     (
         "use-torch-fsdp2",

@@ -121,7 +121,7 @@ megatron_flags! {
     load => "load", "checkpoint.load", "Checkpoint directory to resume from";
     save_interval => "save-interval", "checkpoint.save_interval", "Steps between saves; 0: at the end and on SIGINT/SIGTERM only";
     eval_interval => "eval-interval", "logging.eval_interval", "Steps between validation runs; 0: never";
-    eval_iters => "eval-iters", "logging.eval_iters", "Validation microbatches per evaluation";
+    eval_iters => "eval-iters", "logging.eval_iters", "Validation iterations per evaluation, each a global batch (as Megatron's)";
     log_interval => "log-interval", "logging.log_interval", "Steps between log lines";
     split => "split", "data.split", "Train/valid/test split over documents, e.g. 949,50,1";
     tokenizer => "tokenizer", "data.tokenizer", "Tokenizer: a tokenizer.json, a vocab.txt, or a directory holding tokenizer.json, vocab.json + merges.txt or vocab.txt";
@@ -206,7 +206,7 @@ pub struct TrainArgs {
     /// Megatron's --use-checkpoint-opt_param-scheduler.
     #[arg(long = "use-checkpoint-opt_param-scheduler", alias = "use-checkpoint-opt-param-scheduler")]
     pub use_checkpoint_scheduler: bool,
-    /// Evaluate the model of --load on the validation and test splits (--eval-iters microbatches
+    /// Evaluate the model of --load on the validation and test splits (--eval-iters global batches
     /// each) and exit, without training or saving, as Megatron's --skip-train. One process, on
     /// the CPU or one GPU (--device).
     #[arg(long)]

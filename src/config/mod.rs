@@ -310,7 +310,8 @@ pub struct LoggingConfig {
     pub log_interval: u64,
     /// Steps between validation runs (0: never).
     pub eval_interval: u64,
-    /// Validation microbatches per evaluation.
+    /// Validation iterations per evaluation, as Megatron's `--eval-iters`: each a global batch
+    /// (`global_batch_size` sequences, [`Config::eval_microbatches`] microbatches in all).
     pub eval_iters: u64,
     /// Write one JSON record per step to this file (empty: off).
     pub log_json: String,
@@ -453,6 +454,11 @@ impl Config {
     /// processes when training alone).
     pub fn accumulation_steps(&self) -> usize {
         self.train.global_batch_size / self.train.micro_batch_size.max(1)
+    }
+
+    /// Microbatches of one evaluation: `eval_iters` global batches, as Megatron evaluates.
+    pub fn eval_microbatches(&self) -> u64 {
+        self.logging.eval_iters * self.accumulation_steps() as u64
     }
 
     /// Microbatches per optimizer step on one data-parallel rank.

@@ -271,7 +271,7 @@ fn save<G: Gpu>(
     Ok(())
 }
 
-/// Mean validation loss over `eval_iters` microbatches (the CPU loop's samples).
+/// Mean validation loss over `eval_iters` global batches (the CPU loop's samples).
 pub fn evaluate<G: Gpu>(
     cfg: &Config,
     model: &mut GpuGpt<'_, G>,
@@ -280,7 +280,7 @@ pub fn evaluate<G: Gpu>(
     let (b, seq) = (cfg.train.micro_batch_size, valid.sample_tokens().saturating_sub(1));
     let mut buf = BatchBuf::default();
     let mut sum = 0.0f64;
-    let n = cfg.logging.eval_iters.max(1);
+    let n = cfg.eval_microbatches().max(1);
     for i in 0..n {
         buf.fill(valid, i * b as u64, b).map_err(RunError::from)?;
         sum += f64::from(model.eval_loss(&buf.tokens, &buf.targets, b, seq)?);

@@ -109,7 +109,7 @@ pub struct RunOptions {
     /// Write each failing rank's flight recorder (its last instructions and messages) here.
     pub flight_dir: Option<std::path::PathBuf>,
     /// Validation data: every `logging.eval_interval` steps the ranks evaluate
-    /// `logging.eval_iters` microbatches of it through the pipeline.
+    /// `logging.eval_iters` global batches of it through the pipeline.
     pub valid: Option<ValidData>,
     /// Test data: evaluated once, the same way, when training ends (not after a stop).
     pub test: Option<ValidData>,
@@ -237,7 +237,7 @@ pub enum RunEvent {
     Resumed { step: u64, consumed_samples: u64 },
     /// A checkpoint was written (by world rank 0).
     Saved { step: u64, path: String },
-    /// Mean loss over `logging.eval_iters` microbatches of a held-out split.
+    /// Mean loss over `logging.eval_iters` global batches of a held-out split.
     Eval { step: u64, split: crate::train::run::EvalSplit, loss: f32 },
 }
 

@@ -2663,7 +2663,7 @@ async fn phase_fault(
     })
 }
 
-/// Mean validation loss over `logging.eval_iters` microbatches (always the same samples, as the
+/// Mean validation loss over `logging.eval_iters` global batches (always the same samples, as the
 /// single-rank trainer's `evaluate`): each microbatch goes forward through the stages in order,
 /// one at a time; data-parallel replica `d` takes microbatches `i ≡ d (mod dp)`; the per-
 /// microbatch losses are gathered and added in microbatch order, so the result has the
@@ -2674,7 +2674,7 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
     let plan = ctx.plan.clone();
     let cfg = &ctx.cfg;
     let (b, seq) = (plan.micro_batch_size, ctx.seq);
-    let n = cfg.logging.eval_iters.max(1) as usize;
+    let n = cfg.eval_microbatches().max(1) as usize;
     let stages = plan.num_stages();
     let wr = ctx.world_rank;
     let fail = |detail: String| RuntimeError::Actor {

@@ -225,7 +225,7 @@ pub fn open(cfg: &Config) -> Result<TrainingData, CorpusError> {
         reason: "not given".into(),
     })??;
     let l = &cfg.logging;
-    let n = l.eval_iters * t.micro_batch_size as u64;
+    let n = cfg.eval_microbatches() * t.micro_batch_size as u64;
     let (valid, valid_note) = if l.eval_interval > 0 {
         match build_split(Split::Valid, n) {
             Some(Ok(v)) if v.num_samples() > 0 => (Some(v), None),

@@ -374,7 +374,8 @@ fn save(
     Ok(())
 }
 
-/// Mean validation loss over `eval_iters` microbatches (always the same samples).
+/// Mean validation loss over `eval_iters` global batches ([`Config::eval_microbatches`]; always
+/// the same samples).
 ///
 /// # Errors
 /// [`RunError::Train`] on bad shapes.
@@ -387,7 +388,7 @@ pub fn evaluate(
     let (b, seq) = (cfg.train.micro_batch_size, valid.sample_tokens().saturating_sub(1));
     let mut buf = BatchBuf::default();
     let mut sum = 0.0f64;
-    let n = cfg.logging.eval_iters.max(1);
+    let n = cfg.eval_microbatches().max(1);
     for i in 0..n {
         buf.fill(valid, i * b as u64, b)?;
         let mb = Microbatch { tokens: &buf.tokens, targets: &buf.targets, batch: b, seq };
