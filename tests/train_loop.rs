@@ -285,3 +285,25 @@ fn finetune_takes_the_weights_and_starts_over() -> Result<()> {
     ensure!(resumed_state.step == 3 && resumed.opt.step == 3, "resume at {}", resumed_state.step);
     Ok(())
 }
+
+/// An evaluation covers `eval_iters` global batches, as Megatron's does: one iteration of a
+/// 4-sequence global batch in 2-sequence microbatches is the same samples, and the same loss to
+/// the bit, as two iterations of 2-sequence global batches; one iteration of those is not.
+#[test]
+fn an_evaluation_covers_eval_iters_global_batches() -> Result<()> {
+    use troupe::train::run::evaluate;
+    let be = CpuBackend::new(1);
+    let held = windows();
+    let loss = |sets: &[&str]| -> Result<f32> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let cfg = Config::from_toml_str(CFG, "t", &sets)?;
+        let (mut trainer, _, _) = prepare(&cfg)?;
+        Ok(evaluate(&cfg, &be, &mut trainer, &held)?)
+    };
+    let one_of_four = loss(&["logging.eval_iters=1"])?;
+    let two_of_two = loss(&["logging.eval_iters=2", "train.global_batch_size=2"])?;
+    let one_of_two = loss(&["logging.eval_iters=1", "train.global_batch_size=2"])?;
+    ensure!(one_of_four.to_bits() == two_of_two.to_bits(), "{one_of_four} vs {two_of_two}");
+    ensure!(one_of_four != one_of_two, "one microbatch gave the loss of two: {one_of_two}");
+    Ok(())
+}
