@@ -126,6 +126,29 @@ fn int32_round_trip_with_multi_sequence_documents() {
     assert_eq!(ds.total_tokens(), 4);
 }
 
+/// A dataset named by one of its files, or by the output prefix preprocessing extended with
+/// `_text_document`, is refused naming the prefix meant; a name with no such dataset near it is
+/// the plain missing-file error.
+#[test]
+fn a_file_name_or_an_output_prefix_names_the_prefix_meant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = dir.path().join("corpus_text_document");
+    std::fs::write(dir.path().join("corpus_text_document.idx"), golden_idx()).expect("write idx");
+    std::fs::write(dir.path().join("corpus_text_document.bin"), golden_bin()).expect("write bin");
+    assert!(IndexedDataset::open(&prefix).is_ok());
+    for given in ["corpus_text_document.bin", "corpus_text_document.idx", "corpus"] {
+        match IndexedDataset::open(dir.path().join(given)) {
+            Err(e @ IndexError::NotAPrefix { .. }) => {
+                assert!(e.to_string().ends_with(&format!("did you mean {}?", prefix.display())), "{e}");
+                let why = if given == "corpus" { "preprocessing names" } else { "without .bin or .idx" };
+                assert!(e.to_string().contains(why), "{e}");
+            }
+            other => panic!("{given}: {other:?}"),
+        }
+    }
+    assert!(matches!(IndexedDataset::open(dir.path().join("other")), Err(IndexError::Io { .. })));
+}
+
 #[test]
 fn token_that_does_not_fit_is_an_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -45,6 +45,9 @@ pub enum IndexError {
         #[source]
         source: std::io::Error,
     },
+    /// A dataset named by something other than its prefix, when the prefix it means is there.
+    #[error("no dataset {given}: {why}; did you mean {prefix}?")]
+    NotAPrefix { given: PathBuf, prefix: PathBuf, why: &'static str },
     #[error(
         "{path} is truncated: field `{field}` spans bytes {offset}..{end}, expected size ≥ {end}, \
          actual size {actual}"
@@ -218,6 +221,23 @@ pub struct IndexedDataset {
     header: IndexHeader,
 }
 
+/// The prefix a user who named `given` most likely meant, when that dataset exists: the file
+/// name of one of its files (`x_text_document.bin`), or the `--output-prefix` that preprocessing
+/// extends with `_text_document` (`x`).
+fn meant_prefix(given: &Path) -> Option<(PathBuf, &'static str)> {
+    let text = given.to_str()?;
+    let exists = |p: &Path| dataset_paths(p).0.is_file();
+    let stripped = text.strip_suffix(".bin").or_else(|| text.strip_suffix(".idx")).map(PathBuf::from);
+    let extended = PathBuf::from(format!("{text}_text_document"));
+    match stripped.filter(|p| exists(p)) {
+        Some(p) => Some((p, "a dataset is named by its prefix, without .bin or .idx")),
+        None => exists(&extended).then_some((
+            extended,
+            "preprocessing names a dataset OUTPUT_PREFIX_text_document (the JSON key's name)",
+        )),
+    }
+}
+
 fn map_file(path: &Path) -> Result<Mmap, IndexError> {
     let io = |source| IndexError::Io { path: path.to_owned(), source };
     let file = File::open(path).map_err(io)?;
@@ -234,7 +254,13 @@ impl IndexedDataset {
     /// Any [`IndexError`]: I/O, a bad header, a bad array entry, or a `.bin` shorter than the
     /// index implies.
     pub fn open(prefix: impl AsRef<Path>) -> Result<Self, IndexError> {
-        let (idx, bin) = dataset_paths(prefix.as_ref());
+        let prefix = prefix.as_ref();
+        let (idx, bin) = dataset_paths(prefix);
+        if !idx.exists()
+            && let Some((meant, why)) = meant_prefix(prefix)
+        {
+            return Err(IndexError::NotAPrefix { given: prefix.to_owned(), prefix: meant, why });
+        }
         Self::open_files(&idx, &bin)
     }
 
