@@ -390,8 +390,10 @@ fn megatrons_preprocess_flags_are_taken() {
         assert!(out.status.success(), "{keys:?}: {err}");
         err
     };
-    let err = preprocess("both", &["--json-keys", "text", "title"]);
+    let err =
+        preprocess("both", &["--json-keys", "text", "title", "--dataset-impl", "mmap", "--lang", "english"]);
     assert!(err.contains("--partitions (a Megatron-LM flag) is ignored"), "{err}");
+    assert!(err.contains("--lang (a Megatron-LM flag) is ignored"), "{err}");
     preprocess("one", &["--json-key", "title"]);
     let (bin, idx) = read_all(&dir.path().join("both_title_document"));
     assert_eq!((bin, idx), read_all(&dir.path().join("one_title_document")));
@@ -404,4 +406,31 @@ fn megatrons_preprocess_flags_are_taken() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(2) && err.contains("no tokenizer given"), "{err}");
+    // Megatron's vocabulary and merges files without --tokenizer-type (the same model as the
+    // tokenizer.json, saved under Megatron's names) give the same dataset; with --tokenizer too
+    // they are refused, not ignored.
+    use tokenizers::Model;
+    let tk = tokenizers::Tokenizer::from_file(&tok).unwrap();
+    tk.get_model().save(dir.path(), Some("gpt2")).unwrap();
+    let pair = |extra: &[&str], prefix: &str| {
+        Command::new(exe)
+            .args(["preprocess", "--quiet", "--append-eod", "--input"])
+            .arg(&input)
+            .arg("--output-prefix")
+            .arg(dir.path().join(prefix))
+            .args(["--vocab-file", "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt"])
+            .args(extra)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = pair(&[], "pair");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        read_all(&dir.path().join("pair_text_document")),
+        read_all(&dir.path().join("both_text_document"))
+    );
+    let out = pair(&["--tokenizer", "tokenizer.json"], "refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("both name a tokenizer; give one"), "{err}");
 }

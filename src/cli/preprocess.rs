@@ -30,6 +30,17 @@ pub struct PreprocessArgs {
     /// --quiet, says how far it is).
     #[arg(long, value_name = "N", hide_short_help = true)]
     pub log_interval: Option<u64>,
+    /// Megatron's dataset implementation; only `mmap`, the one format written, is accepted.
+    #[arg(long, value_name = "IMPL", hide_short_help = true)]
+    pub dataset_impl: Option<String>,
+    /// Megatron's newline keeping when splitting sentences (accepted and ignored: sentences are
+    /// trimmed).
+    #[arg(long, hide_short_help = true)]
+    pub keep_newlines: bool,
+    /// Megatron's NLTK language for sentence splitting (accepted and ignored: troupe's splitter
+    /// is a language-independent rule).
+    #[arg(long, value_name = "LANG", hide_short_help = true)]
+    pub lang: Option<String>,
     /// How the corpus is laid out.
     #[arg(long, value_enum, default_value = "auto")]
     pub input_format: FormatArg,
@@ -125,13 +136,20 @@ pub fn run(args: PreprocessArgs) -> anyhow::Result<()> {
     let mut keys = args.json_key.clone();
     keys.dedup();
     let opts: Vec<PreprocessOptions> = keys.iter().map(|k| args.options(k)).collect::<anyhow::Result<_>>()?;
-    for (flag, given) in
-        [("--partitions", args.partitions.is_some()), ("--log-interval", args.log_interval.is_some())]
-    {
+    if let Some(kind) = args.dataset_impl.as_deref().filter(|k| *k != "mmap") {
+        return Err(UsageError(format!(
+            "--dataset-impl {kind} (a Megatron-LM flag): troupe writes the memory-mapped format (mmap) only"
+        ))
+        .into());
+    }
+    for (flag, given, why) in [
+        ("--partitions", args.partitions.is_some(), "troupe shares the input among --workers itself"),
+        ("--log-interval", args.log_interval.is_some(), "the progress bar, or --quiet, says how far it is"),
+        ("--keep-newlines", args.keep_newlines, "sentences are trimmed"),
+        ("--lang", args.lang.is_some(), "troupe splits sentences by a language-independent rule"),
+    ] {
         if given {
-            eprintln!(
-                "troupe: note: {flag} (a Megatron-LM flag) is ignored: troupe shares the input among --workers and shows its progress itself"
-            );
+            eprintln!("troupe: note: {flag} (a Megatron-LM flag) is ignored: {why}");
         }
     }
     // The input and the output's directory are checked before the tokenizer loads and any

@@ -54,9 +54,22 @@ impl TokenizerArgs {
                 .ok_or_else(|| usage("--vocab-file is required for this --tokenizer-type"))
         };
         Ok(match self.tokenizer_type {
-            None => match &self.tokenizer {
-                Some(path) => TokenizerSpec::from_path(path).map_err(|e| UsageError(e.to_string()))?,
-                None => {
+            // Without a type, what the files are: a tokenizer, a GPT-2 vocabulary and its merges,
+            // or a vocabulary alone (a BERT vocab.txt).
+            None => match (&self.tokenizer, &self.vocab_file, &self.merge_file) {
+                (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                    return Err(usage(
+                        "--tokenizer and --vocab-file/--merge-file both name a tokenizer; give one",
+                    ));
+                }
+                (None, None, Some(_)) => return Err(usage("--merge-file needs --vocab-file")),
+                (None, Some(vocab), Some(merges)) => {
+                    TokenizerSpec::Gpt2Bpe { vocab: vocab.clone(), merges: merges.clone() }
+                }
+                (Some(path), None, None) | (None, Some(path), None) => {
+                    TokenizerSpec::from_path(path).map_err(|e| UsageError(e.to_string()))?
+                }
+                (None, None, None) => {
                     return Err(usage(
                         "no tokenizer given: name one with --tokenizer PATH (a tokenizer.json, or a directory \
                          holding tokenizer.json, vocab.json + merges.txt or vocab.txt), or with Megatron's \

@@ -121,7 +121,7 @@ megatron_flags! {
     load => "load", "checkpoint.load", "Checkpoint directory to resume from";
     save_interval => "save-interval", "checkpoint.save_interval", "Steps between saves; 0: at the end and on SIGINT/SIGTERM only";
     eval_interval => "eval-interval", "logging.eval_interval", "Steps between validation runs; 0: never";
-    eval_iters => "eval-iters", "logging.eval_iters", "Validation iterations per evaluation, each a global batch (as Megatron's)";
+    eval_iters => "eval-iters", "logging.eval_iters", "Validation iterations per evaluation, each a global batch as in Megatron";
     log_interval => "log-interval", "logging.log_interval", "Steps between log lines";
     split => "split", "data.split", "Train/valid/test split over documents, e.g. 949,50,1";
     tokenizer => "tokenizer", "data.tokenizer", "Tokenizer: a tokenizer.json, a vocab.txt, or a directory holding tokenizer.json, vocab.json + merges.txt or vocab.txt";
