@@ -280,6 +280,14 @@ fn megatron_flags_are_ported_ignored_with_a_note_or_refused() -> Result<()> {
         ensure!(shown.contains(want), "no {want:?} in:\n{shown}");
     }
     ensure!(stderr(&out).contains("--train-samples 3208 is 200.50 global batches"), "{}", stderr(&out));
+    // A warm-up fraction is what makes a decay shorter than the default warm-up (50 steps) valid:
+    // the config is checked once the fraction is applied, not before.
+    let out = troupe(
+        &["config", "show", "--train-iters", "30", "--lr-decay-iters", "30", "--lr-warmup-fraction", "0.1"],
+        &dir,
+    );
+    ensure!(out.status.success(), "{}", stderr(&out));
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("lr_warmup_iters = 3\n"));
     let out = troupe(
         &["train", "--swiglu", "--lr", "3e-4", "--attention-dropout", "0.1", "--recompute-activations"],
         &dir,
@@ -1037,6 +1045,45 @@ fn checkpoint_schedule_and_step_flags_are_megatrons() -> Result<()> {
     );
     let o = troupe(&["train", "--use-checkpoint-opt_param-scheduler"], &dir);
     ensure!(o.status.code() == Some(2) && stderr(&o).contains("give --load"), "{}", stderr(&o));
+    Ok(())
+}
+
+/// A job script that resumes itself (one directory as `--load` and `--save`, as Megatron's
+/// scripts have it) starts from scratch while the directory holds nothing, then resumes; a
+/// `--load` of its own that holds nothing is still an error.
+#[test]
+fn one_directory_to_load_and_save_starts_afresh_then_resumes() -> Result<()> {
+    let dir = tempdir("load-is-save");
+    let run = |iters: &str, load: &str, save: &str| {
+        let mut a = vec!["train", "--train-iters", iters, "--load", load, "--save", save];
+        a.extend_from_slice(TINY);
+        troupe(&a, &dir)
+    };
+    let o = run("2", "./ck/", "ck");
+    let e = stderr(&o);
+    ensure!(o.status.success(), "{e}");
+    ensure!(
+        e.contains("--load ./ck/ holds no checkpoint yet, and it is also --save: starting from scratch"),
+        "{e}"
+    );
+    let o = run("3", "ck", "ck");
+    let e = stderr(&o);
+    ensure!(o.status.success() && e.contains("resumed from ck/iter_0000002 at step 2"), "{e}");
+    ensure!(!e.contains("starting from scratch"), "{e}");
+    let mut a = vec!["train", "--load", "ck3", "--save", "ck3", "--exit-on-missing-checkpoint"];
+    a.extend_from_slice(TINY);
+    let o = troupe(&a, &dir);
+    ensure!(
+        o.status.code() == Some(2) && stderr(&o).contains("--load ck3: no checkpoint there"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("2", "elsewhere", "ck2");
+    ensure!(
+        o.status.code() == Some(2) && stderr(&o).contains("--load elsewhere: no checkpoint there"),
+        "{}",
+        stderr(&o)
+    );
     Ok(())
 }
 

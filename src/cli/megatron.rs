@@ -328,11 +328,7 @@ const FLAGS: &[(&str, bool, Rule)] = &[
             "troupe saves every --save-interval steps, at a planned stop and on SIGTERM/SIGINT only",
         ),
     ),
-    (
-        "exit-on-missing-checkpoint",
-        false,
-        Rule::Ignore("a --load that names no checkpoint always stops the run (unless --allow-fresh-start)"),
-    ),
+    ("exit-on-missing-checkpoint", false, Rule::Special),
     (
         "decoder-seq-length",
         true,
@@ -444,6 +440,9 @@ pub struct Ported {
     pub lr_warmup_samples: Option<u64>,
     /// Megatron's `--ckpt-step N`: resume from `iter_N` of `--load` rather than its latest.
     pub ckpt_step: Option<u64>,
+    /// Megatron's `--exit-on-missing-checkpoint`: no fresh start when `--load` (also `--save`)
+    /// holds nothing yet.
+    pub exit_on_missing_checkpoint: bool,
 }
 
 /// A command line with the Megatron flags of [`FLAGS`] taken out.
@@ -625,6 +624,8 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                 }
                 // A GPT's one sequence length under Megatron's other name for it.
                 "encoder-seq-length" => out.args.extend(["--seq-length".into(), v.into()]),
+                // A --load that holds nothing stops the run even when it is also --save.
+                "exit-on-missing-checkpoint" => out.ported.exit_on_missing_checkpoint = true,
                 "ckpt-step" => match v.parse::<u64>() {
                     Ok(n) => out.ported.ckpt_step = Some(n),
                     Err(_) => out.errors.push(format!("--ckpt-step {v}: not a step number")),

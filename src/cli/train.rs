@@ -157,10 +157,11 @@ impl ConfigArgs {
         let mut sets = self.sets.clone();
         sets.extend(self.megatron.to_sets());
         sets.extend_from_slice(extra);
-        let load = |sets: &[String]| {
+        // A first pass unchecked: the ported flags' values may be what makes the config valid.
+        let read = |sets: &[String]| {
             match &self.config {
-                Some(path) => Config::load_with(path, sets),
-                None => Config::from_toml_str(
+                Some(path) => Config::read_with(path, sets),
+                None => Config::parse_toml_str(
                     DEFAULT_CONFIG,
                     "config/default.toml (embedded in the binary)",
                     sets,
@@ -168,15 +169,17 @@ impl ConfigArgs {
             }
             .map_err(|e| anyhow::Error::from(UsageError(e.to_string())))
         };
-        let cfg = load(&sets)?;
+        let load = |sets: &[String]| {
+            let cfg = read(sets)?;
+            cfg.validate().map_err(|e| anyhow::Error::from(UsageError(e.to_string())))?;
+            Ok::<_, anyhow::Error>(cfg)
+        };
+        let cfg = read(&sets)?;
         let explicit =
             |key: &str| sets.iter().any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key));
         let more = self.ported.apply(&cfg, &explicit).map_err(UsageError)?;
         for note in self.ported.notes(&cfg) {
             eprintln!("troupe: note: {note}");
-        }
-        if more.is_empty() {
-            return Ok(cfg);
         }
         sets.extend(more);
         load(&sets)
@@ -537,6 +540,25 @@ fn resolve_config(args: &TrainArgs) -> anyhow::Result<Config> {
     }
     extra.extend(args.runtime.sets());
     let mut cfg = args.cfg.resolve(&extra)?;
+    // A job script that resumes itself names one directory as --load and --save (Megatron starts
+    // afresh when it holds nothing yet): its first run starts from scratch, saying so. A --load
+    // of its own that holds nothing stays an error (a mistyped path should not train from zero).
+    let c = &cfg.checkpoint;
+    if !c.allow_fresh_start
+        && !c.finetune
+        && !args.skip_train
+        && !args.cfg.ported.exit_on_missing_checkpoint
+        && !c.load.is_empty()
+        && same_dir(&c.load, &c.save)
+        && matches!(checkpoint::resolve(std::path::Path::new(&c.load)), Ok(None))
+    {
+        eprintln!(
+            "troupe: note: --load {} holds no checkpoint yet, and it is also --save: starting from scratch",
+            c.load
+        );
+        extra.push("checkpoint.allow_fresh_start=true".to_string());
+        cfg = args.cfg.resolve(&extra)?;
+    }
     if args.use_checkpoint_args {
         let (from, sets) = checkpoint_args(&cfg)?;
         if !sets.is_empty() {
@@ -567,6 +589,16 @@ fn resolve_config(args: &TrainArgs) -> anyhow::Result<Config> {
         eprintln!("{line}");
     }
     Ok(cfg)
+}
+
+/// Whether two directory names are one directory: the same path once `.` parts and trailing
+/// slashes are dropped, or (both existing) the same canonical path.
+fn same_dir(a: &str, b: &str) -> bool {
+    let (a, b) = (std::path::Path::new(a), std::path::Path::new(b));
+    let plain = |p: &std::path::Path| -> std::path::PathBuf {
+        p.components().filter(|c| *c != std::path::Component::CurDir).collect()
+    };
+    plain(a) == plain(b) || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
 /// The checkpoint `--load` names and its step, when that step is already `train.train_iters`

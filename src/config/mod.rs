@@ -363,10 +363,22 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the file, the key and the reason.
     pub fn load_with(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let cfg = Self::read_with(path, sets)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`Config::load_with`] without [`Config::validate`]: for a first pass whose values decide
+    /// further overrides (Megatron's `--lr-warmup-fraction` gives the warm-up that makes the
+    /// schedule valid), validated once they are applied.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] and [`ConfigError::Parse`].
+    pub fn read_with(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        Self::from_toml_str(&text, &p, sets)
+        Self::parse_toml_str(&text, &p, sets)
     }
 
     /// Parses TOML text (named `origin` in errors), applies overrides, validates.
@@ -374,6 +386,16 @@ impl Config {
     /// # Errors
     /// [`ConfigError`].
     pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self, ConfigError> {
+        let cfg = Self::parse_toml_str(text, origin, sets)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// [`Config::from_toml_str`] without [`Config::validate`] (see [`Config::read_with`]).
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] and the overrides' [`ConfigError::Invalid`].
+    pub fn parse_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self, ConfigError> {
         let mut value: toml::Table = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
         for s in sets {
@@ -395,7 +417,6 @@ impl Config {
                 many => format!("{} unknown keys: {}", many.len(), many.join("; ")),
             },
         })?;
-        cfg.validate()?;
         Ok(cfg)
     }
 
