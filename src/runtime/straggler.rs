@@ -7,7 +7,8 @@
 //! fewer cores than they have threads make single steps slow, and a warning per step buries the
 //! log. A warning is due when one rank was behind in at least half the steps of a logging
 //! interval, each time by more than [`RATIO`] and by more than [`MIN_EXCESS_S`] seconds, and it
-//! is given once for that interval.
+//! is given once for that interval. An interval shorter than [`MIN_STEPS`] steps (`--log-interval
+//! 1`) is judged together with the next ones until they reach that many.
 
 /// A step is slow when its compute time is more than this multiple of the baseline.
 pub const RATIO: f64 = 1.5;
@@ -15,6 +16,9 @@ pub const RATIO: f64 = 1.5;
 /// ...and more than this many seconds over it: millisecond steps of small models vary by
 /// multiples without anything being wrong.
 pub const MIN_EXCESS_S: f64 = 0.05;
+
+/// The fewest steps a judgement covers: at one step per interval a single slow step would warn.
+pub const MIN_STEPS: u32 = 4;
 
 /// Counts slow steps per rank over one logging interval.
 #[derive(Debug, Clone)]
@@ -40,8 +44,12 @@ impl StragglerWatch {
         }
     }
 
-    /// At the end of an interval: the warning due, if any, and a fresh count for the next.
+    /// At the end of an interval: the warning due, if any, and a fresh count for the next (an
+    /// interval of fewer than [`MIN_STEPS`] steps is carried into the next one instead).
     pub fn report(&mut self) -> Option<String> {
+        if self.steps < MIN_STEPS {
+            return None;
+        }
         let steps = std::mem::take(&mut self.steps);
         let (rank, slow) =
             self.slow.iter().copied().enumerate().max_by_key(|&(r, n)| (n, std::cmp::Reverse(r)))?;
@@ -83,8 +91,28 @@ mod tests {
             "{msg}"
         );
         // The count starts over: the next interval has nothing to report.
-        w.observe(3, 1.0, 0.0);
+        for _ in 0..MIN_STEPS {
+            w.observe(3, 1.0, 0.0);
+        }
         assert_eq!(w.report(), None);
+    }
+
+    /// At one step per logging interval, steps are judged in windows of `MIN_STEPS`: a single
+    /// slow step among them is not a straggler, two are.
+    #[test]
+    fn short_intervals_are_judged_together() {
+        let mut w = StragglerWatch::new(2);
+        for ratio in [1.9, 1.0, 1.0, 1.0] {
+            w.observe(0, ratio, 0.2);
+            assert_eq!(w.report(), None);
+        }
+        for ratio in [1.9, 1.0, 3.9] {
+            w.observe(0, ratio, 0.2);
+            assert_eq!(w.report(), None);
+        }
+        w.observe(0, 1.0, 0.2);
+        let msg = w.report().expect("two slow steps of four");
+        assert!(msg.contains("2 of the last 4 steps") && msg.contains("3.9×"), "{msg}");
     }
 
     #[test]
@@ -94,7 +122,9 @@ mod tests {
             w.observe(1, 3.3, 0.03);
         }
         assert_eq!(w.report(), None);
-        w.observe(1, 3.3, 0.06);
+        for _ in 0..MIN_STEPS {
+            w.observe(1, 3.3, 0.06);
+        }
         assert!(w.report().is_some());
     }
 }
