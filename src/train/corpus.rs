@@ -195,9 +195,8 @@ pub fn open(cfg: &Config) -> Result<TrainingData, CorpusError> {
                         other => other.to_string(),
                     },
                 })?;
-                let mut whole = [0; 3];
-                whole[split as usize] = 1;
-                sources[split as usize] = Some((entries, format!("{},{},{}", whole[0], whole[1], whole[2])));
+                let whole = ["1,0,0", "0,1,0", "0,0,1"][split as usize];
+                sources[split as usize] = Some((entries, whole.to_string()));
                 parts.push(format!("{}: {}", split.name(), paths.join(" ")));
             }
             (sources, parts.join("; "), cache)
