@@ -311,7 +311,8 @@ pub struct LoggingConfig {
     /// Steps between validation runs (0: never).
     pub eval_interval: u64,
     /// Validation iterations per evaluation, as Megatron's `--eval-iters`: each a global batch
-    /// (`global_batch_size` sequences, [`Config::eval_microbatches`] microbatches in all).
+    /// (`global_batch_size` sequences, [`Config::eval_microbatches`] microbatches in all);
+    /// 0 turns evaluation off, as in Megatron (`eval_interval` reads 0 then).
     pub eval_iters: u64,
     /// Write one JSON record per step to this file (empty: off).
     pub log_json: String,
@@ -417,6 +418,10 @@ impl Config {
                 many => format!("{} unknown keys: {}", many.len(), many.join("; ")),
             },
         })?;
+        let mut cfg = cfg;
+        if cfg.logging.eval_iters == 0 {
+            cfg.logging.eval_interval = 0;
+        }
         Ok(cfg)
     }
 
@@ -609,9 +614,6 @@ impl Config {
         }
         if self.logging.log_interval == 0 {
             return invalid("logging.log_interval", "0".into(), "must be at least 1");
-        }
-        if self.logging.eval_interval > 0 && self.logging.eval_iters == 0 {
-            return invalid("logging.eval_iters", "0".into(), "must be at least 1 when eval_interval > 0");
         }
         Ok(())
     }
@@ -850,6 +852,15 @@ mod tests {
     }
 
     const MODEL: &str = "[model]\nvocab_size = 10\nseq_length = 8\nnum_layers = 1\nhidden_size = 8\nnum_attention_heads = 2\n";
+
+    /// `eval_iters = 0` turns evaluation off, as Megatron's `--eval-iters 0` does.
+    #[test]
+    fn no_eval_iters_is_no_evaluation() {
+        let c = Config::from_toml_str(MODEL, "t", &["logging.eval_iters=0".into()]).unwrap();
+        assert_eq!((c.logging.eval_interval, c.logging.eval_iters), (0, 0));
+        let c = Config::from_toml_str(MODEL, "t", &["logging.eval_iters=3".into()]).unwrap();
+        assert_eq!(c.logging.eval_interval, LoggingConfig::default().eval_interval);
+    }
 
     #[test]
     fn defaults_fill_train() {
