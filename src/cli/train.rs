@@ -105,7 +105,7 @@ megatron_flags! {
     global_batch_size => "global-batch-size", "train.global_batch_size", "Sequences per optimizer step over all data-parallel ranks";
     lr => "lr", "train.lr", "Peak learning rate";
     min_lr => "min-lr", "train.min_lr", "Learning rate at the end of the decay";
-    lr_decay_style => "lr-decay-style", "train.lr_decay_style", "Decay after warm-up: constant, linear or cosine";
+    lr_decay_style => "lr-decay-style", "train.lr_decay_style", "Decay after warm-up: constant, linear, cosine or inverse-square-root";
     lr_warmup_iters => "lr-warmup-iters", "train.lr_warmup_iters", "Steps of linear warm-up";
     lr_decay_iters => "lr-decay-iters", "train.lr_decay_iters", "Steps over which the rate decays; default: --train-iters";
     train_iters => "train-iters", "train.train_iters", "Optimizer steps to run";

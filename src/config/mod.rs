@@ -61,6 +61,10 @@ pub enum LrDecayStyle {
     Constant,
     Linear,
     Cosine,
+    /// `max_lr · √(warmup / step)` after warm-up, not below `min_lr` (and `min_lr` past the
+    /// decay steps), as Megatron's.
+    #[serde(rename = "inverse-square-root")]
+    InverseSquareRoot,
 }
 
 /// What to do when a microbatch's loss is NaN or infinite.

@@ -1,6 +1,7 @@
 //! Learning-rate schedule with Megatron's semantics (`OptimizerParamScheduler`): linear warm-up
 //! from 0 to `max_lr` over `warmup` steps, then constant, linear or cosine decay to `min_lr` at
-//! `decay` steps, then `min_lr`. `step` counts completed optimizer steps, so the first update uses
+//! `decay` steps, then `min_lr`; or inverse-square-root decay, `max_lr · √(warmup / step)` floored
+//! at `min_lr`. `step` counts completed optimizer steps, so the first update uses
 //! `lr(0)` (0 during warm-up, as in Megatron).
 
 use crate::config::LrDecayStyle;
@@ -40,12 +41,16 @@ impl LrSchedule {
         if step > self.decay {
             return self.min_lr;
         }
+        if self.style == LrDecayStyle::InverseSquareRoot {
+            let (warmup, step) = (self.warmup.max(1) as f64, step.max(1) as f64);
+            return (max * (warmup / step).sqrt()).max(min) as f32;
+        }
         let span = (self.decay - self.warmup).max(1) as f64;
         let ratio = (step - self.warmup) as f64 / span;
         let coeff = match self.style {
             LrDecayStyle::Linear => 1.0 - ratio,
             LrDecayStyle::Cosine => 0.5 * ((std::f64::consts::PI * ratio).cos() + 1.0),
-            LrDecayStyle::Constant => 1.0,
+            LrDecayStyle::Constant | LrDecayStyle::InverseSquareRoot => 1.0,
         };
         (min + coeff * (max - min)) as f32
     }
@@ -79,5 +84,13 @@ mod tests {
         assert_eq!(c.lr(500), 1.0);
         // Monotone non-increasing after warm-up.
         assert!((11..200).all(|s| cos.lr(s) <= cos.lr(s - 1) + 1e-7));
+        // Inverse square root: the peak at the end of warm-up, half of it at four times the
+        // warm-up, the floor once that is lower, the floor past the decay steps.
+        let isr = sched(LrDecayStyle::InverseSquareRoot);
+        assert_eq!((isr.lr(10), isr.lr(40)), (1.0, 0.5));
+        assert!((isr.lr(90) - (1.0f64 / 3.0) as f32).abs() < 1e-7);
+        let floor = LrSchedule { decay: 100_000, ..isr };
+        assert_eq!((floor.lr(10_000), floor.lr(1000)), (0.1, (10.0f64 / 1000.0).sqrt() as f32));
+        assert_eq!(isr.lr(111), 0.1);
     }
 }
