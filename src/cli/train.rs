@@ -105,7 +105,9 @@ megatron_flags! {
     global_batch_size => "global-batch-size", "train.global_batch_size", "Sequences per optimizer step over all data-parallel ranks";
     lr => "lr", "train.lr", "Peak learning rate";
     min_lr => "min-lr", "train.min_lr", "Learning rate at the end of the decay";
-    lr_decay_style => "lr-decay-style", "train.lr_decay_style", "Decay after warm-up: constant, linear, cosine or inverse-square-root";
+    lr_decay_style => "lr-decay-style", "train.lr_decay_style", "Decay after warm-up: constant, linear, cosine, inverse-square-root or WSD";
+    lr_wsd_decay_iters => "lr-wsd-decay-iters", "train.lr_wsd_decay_iters", "WSD: steps of the final decay, ending where the decay steps end";
+    lr_wsd_decay_style => "lr-wsd-decay-style", "train.lr_wsd_decay_style", "WSD: shape of the final decay: exponential, linear, cosine or minus_sqrt";
     lr_warmup_iters => "lr-warmup-iters", "train.lr_warmup_iters", "Steps of linear warm-up";
     lr_decay_iters => "lr-decay-iters", "train.lr_decay_iters", "Steps over which the rate decays; default: --train-iters";
     train_iters => "train-iters", "train.train_iters", "Optimizer steps to run";
@@ -146,6 +148,7 @@ fn quote(key: &str, v: &str) -> String {
         "data.test_data_path",
         "data.tokenizer",
         "train.lr_decay_style",
+        "train.lr_wsd_decay_style",
         "parallel.pipeline_schedule",
     ];
     if STRINGS.contains(&key) { toml::Value::String(v.to_string()).to_string() } else { v.to_string() }
@@ -730,11 +733,18 @@ fn checkpoint_scheduler(cfg: &Config) -> anyhow::Result<Option<(Vec<String>, Str
     let flat = saved.flat().map_err(|e| UsageError(format!("{}: its config: {e}", dir.display())))?;
     let t = &saved.train;
     let decay = t.lr_decay_iters.unwrap_or(t.train_iters);
-    let mut sets: Vec<String> =
-        ["train.lr", "train.min_lr", "train.lr_decay_style", "train.lr_warmup_iters", "train.weight_decay"]
-            .iter()
-            .filter_map(|k| flat.get(*k).map(|v| format!("{k}={v}")))
-            .collect();
+    let mut sets: Vec<String> = [
+        "train.lr",
+        "train.min_lr",
+        "train.lr_decay_style",
+        "train.lr_warmup_iters",
+        "train.lr_wsd_decay_iters",
+        "train.lr_wsd_decay_style",
+        "train.weight_decay",
+    ]
+    .iter()
+    .filter_map(|k| flat.get(*k).map(|v| format!("{k}={v}")))
+    .collect();
     sets.push(format!("train.lr_decay_iters={decay}"));
     let line = format!(
         "troupe: the learning-rate schedule from {}: {} from {} to {}, {} warm-up steps, decay over {decay} steps, weight decay {}",

@@ -65,6 +65,22 @@ pub enum LrDecayStyle {
     /// decay steps), as Megatron's.
     #[serde(rename = "inverse-square-root")]
     InverseSquareRoot,
+    /// Warm-up, stable, decay: `lr` until the last `lr_wsd_decay_iters` steps before the decay
+    /// steps end, then down to `min_lr` in the `lr_wsd_decay_style` shape (Megatron's `WSD`).
+    #[serde(rename = "WSD", alias = "wsd")]
+    Wsd,
+}
+
+/// The shape of the decay at the end of a `WSD` schedule (Megatron's `--lr-wsd-decay-style`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WsdDecayStyle {
+    /// `2·0.5^r − 1` of the way from `min_lr` to `lr` at fraction `r` of the decay.
+    Exponential,
+    Linear,
+    Cosine,
+    /// `1 − √r`.
+    MinusSqrt,
 }
 
 /// What to do when a microbatch's loss is NaN or infinite.
@@ -98,6 +114,10 @@ pub struct TrainConfig {
     pub lr_warmup_iters: u64,
     /// Steps over which the rate decays to `min_lr` (default: `train_iters`).
     pub lr_decay_iters: Option<u64>,
+    /// `WSD`: the steps of the final decay (they end where the decay steps end).
+    pub lr_wsd_decay_iters: u64,
+    /// `WSD`: the shape of the final decay.
+    pub lr_wsd_decay_style: WsdDecayStyle,
     /// AdamW β1.
     pub adam_beta1: f32,
     /// AdamW β2.
@@ -146,6 +166,8 @@ impl Default for TrainConfig {
             lr_decay_style: LrDecayStyle::Cosine,
             lr_warmup_iters: 0,
             lr_decay_iters: None,
+            lr_wsd_decay_iters: 0,
+            lr_wsd_decay_style: WsdDecayStyle::Exponential,
             adam_beta1: 0.9,
             adam_beta2: 0.95,
             adam_eps: 1e-8,
@@ -562,6 +584,15 @@ impl Config {
             {
                 let reason = format!("must be ≥ lr_warmup_iters ({})", t.lr_warmup_iters);
                 return invalid("train.lr_decay_iters", d.to_string(), &reason);
+            }
+        }
+        if t.lr_decay_style == LrDecayStyle::Wsd {
+            let span = t.lr_decay_iters.unwrap_or(t.train_iters).saturating_sub(t.lr_warmup_iters);
+            if t.lr_wsd_decay_iters == 0 || t.lr_wsd_decay_iters > span {
+                let reason = format!(
+                    "the WSD schedule's final decay must be 1 to {span} steps (the decay steps after warm-up)"
+                );
+                return invalid("train.lr_wsd_decay_iters", t.lr_wsd_decay_iters.to_string(), &reason);
             }
         }
         let p = &self.parallel;

@@ -4,7 +4,7 @@
 //! at `min_lr`. `step` counts completed optimizer steps, so the first update uses
 //! `lr(0)` (0 during warm-up, as in Megatron).
 
-use crate::config::LrDecayStyle;
+use crate::config::{LrDecayStyle, WsdDecayStyle};
 
 /// A learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -14,6 +14,9 @@ pub struct LrSchedule {
     pub warmup: u64,
     pub decay: u64,
     pub style: LrDecayStyle,
+    /// `WSD`: steps of the final decay, and its shape.
+    pub wsd_decay: u64,
+    pub wsd_style: WsdDecayStyle,
 }
 
 impl LrSchedule {
@@ -26,6 +29,8 @@ impl LrSchedule {
             warmup: t.lr_warmup_iters,
             decay: t.lr_decay_iters.unwrap_or(t.train_iters),
             style: t.lr_decay_style,
+            wsd_decay: t.lr_wsd_decay_iters,
+            wsd_style: t.lr_wsd_decay_style,
         }
     }
 
@@ -50,6 +55,20 @@ impl LrSchedule {
         let coeff = match self.style {
             LrDecayStyle::Linear => 1.0 - ratio,
             LrDecayStyle::Cosine => 0.5 * ((std::f64::consts::PI * ratio).cos() + 1.0),
+            LrDecayStyle::Wsd => {
+                let start = self.decay.saturating_sub(self.wsd_decay);
+                if step <= start {
+                    1.0
+                } else {
+                    let r = (step - start) as f64 / self.wsd_decay.max(1) as f64;
+                    match self.wsd_style {
+                        WsdDecayStyle::Exponential => 2.0 * 0.5f64.powf(r) - 1.0,
+                        WsdDecayStyle::Linear => 1.0 - r,
+                        WsdDecayStyle::Cosine => 0.5 * ((std::f64::consts::PI * r).cos() + 1.0),
+                        WsdDecayStyle::MinusSqrt => 1.0 - r.sqrt(),
+                    }
+                }
+            }
             LrDecayStyle::Constant | LrDecayStyle::InverseSquareRoot => 1.0,
         };
         (min + coeff * (max - min)) as f32
@@ -61,7 +80,15 @@ mod tests {
     use super::*;
 
     fn sched(style: LrDecayStyle) -> LrSchedule {
-        LrSchedule { max_lr: 1.0, min_lr: 0.1, warmup: 10, decay: 110, style }
+        LrSchedule {
+            max_lr: 1.0,
+            min_lr: 0.1,
+            warmup: 10,
+            decay: 110,
+            style,
+            wsd_decay: 20,
+            wsd_style: WsdDecayStyle::Exponential,
+        }
     }
 
     #[test]
@@ -92,5 +119,20 @@ mod tests {
         let floor = LrSchedule { decay: 100_000, ..isr };
         assert_eq!((floor.lr(10_000), floor.lr(1000)), (0.1, (10.0f64 / 1000.0).sqrt() as f32));
         assert_eq!(isr.lr(111), 0.1);
+        // WSD: stable at the peak until 20 steps before the decay ends, then down to the floor
+        // in each shape (halfway: exponential 2·0.5^½ − 1, linear ½, cosine ½, minus-sqrt 1 − √½).
+        let wsd = sched(LrDecayStyle::Wsd);
+        assert_eq!((wsd.lr(11), wsd.lr(90)), (1.0, 1.0));
+        for (style, half) in [
+            (WsdDecayStyle::Exponential, 2.0 * 0.5f64.sqrt() - 1.0),
+            (WsdDecayStyle::Linear, 0.5),
+            (WsdDecayStyle::Cosine, 0.5),
+            (WsdDecayStyle::MinusSqrt, 1.0 - 0.5f64.sqrt()),
+        ] {
+            let s = LrSchedule { wsd_style: style, ..wsd };
+            assert!((f64::from(s.lr(100)) - (0.1 + 0.9 * half)).abs() < 1e-6, "{style:?}: {}", s.lr(100));
+            assert!((s.lr(110) - 0.1).abs() < 1e-6, "{style:?}");
+            assert!((91..=110).all(|i| s.lr(i) <= s.lr(i - 1)), "{style:?} decays");
+        }
     }
 }
