@@ -961,8 +961,10 @@ fn rates(log: &Path) -> Result<Vec<(u64, f64)>> {
 #[test]
 fn checkpoint_schedule_and_step_flags_are_megatrons() -> Result<()> {
     let dir = tempdir("ckpt-sched");
+    // The saved run's schedule, which the resumes below give again where they keep it.
+    const SCHEDULE: &[&str] = &["--lr", "0.002", "--min-lr", "0.0001", "--lr-warmup-iters", "1"];
     let mut args = vec!["train", "--train-iters", "4", "--save-interval", "2", "--save", "ck"];
-    args.extend_from_slice(&["--lr", "0.002", "--min-lr", "0.0001", "--lr-warmup-iters", "1"]);
+    args.extend_from_slice(SCHEDULE);
     args.extend_from_slice(&["--log-json", "a.jsonl"]);
     args.extend_from_slice(TINY);
     let o = troupe(&args, &dir);
@@ -995,18 +997,7 @@ fn checkpoint_schedule_and_step_flags_are_megatrons() -> Result<()> {
     let b = rates(&dir.join("b.jsonl"))?;
     ensure!(b.len() == 2 && b.iter().all(|&(_, lr)| (lr - 1e-4).abs() < 1e-9), "{b:?}");
     // Without it, the longer run's decay is a changed schedule, named.
-    let o = resume(&[
-        "--train-iters",
-        "6",
-        "--lr",
-        "0.002",
-        "--min-lr",
-        "0.0001",
-        "--lr-warmup-iters",
-        "1",
-        "--save",
-        "ck3",
-    ]);
+    let o = resume(&[SCHEDULE, &["--train-iters", "6", "--save", "ck3"]].concat());
     let e = stderr(&o);
     ensure!(o.status.success(), "{e}");
     ensure!(
@@ -1016,22 +1007,8 @@ fn checkpoint_schedule_and_step_flags_are_megatrons() -> Result<()> {
         "{e}"
     );
     // --ckpt-step 2: steps 3 and 4 again, to the saved run's losses.
-    let o = resume(&[
-        "--train-iters",
-        "4",
-        "--lr",
-        "0.002",
-        "--min-lr",
-        "0.0001",
-        "--lr-warmup-iters",
-        "1",
-        "--save",
-        "ck4",
-        "--log-json",
-        "c.jsonl",
-        "--ckpt-step",
-        "2",
-    ]);
+    let step2 = ["--train-iters", "4", "--save", "ck4", "--log-json", "c.jsonl", "--ckpt-step", "2"];
+    let o = resume(&[SCHEDULE, &step2].concat());
     let e = stderr(&o);
     ensure!(o.status.success(), "{e}");
     ensure!(e.contains("resumed from ck/iter_0000002 at step 2"), "{e}");
