@@ -32,6 +32,7 @@ pub mod optim;
 pub mod runtime;
 pub mod telemetry;
 pub mod tensor;
+pub mod tensorboard;
 
 pub use kernels::{Backend, CpuBackend};
 pub use models::gpt::{Gpt, GptConfig, LayerRange, ModelError, StageInput};

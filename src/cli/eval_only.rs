@@ -14,7 +14,7 @@ use troupe::data::SampleSource;
 use troupe::gpu::Gpu;
 
 use super::UsageError;
-use super::train::{OpenGpu, TrainArgs, report};
+use super::train::{OpenGpu, RunLogs, TrainArgs, report};
 
 /// Evaluates and prints `step N | validation loss … | perplexity …` (and the test split's line),
 /// with the same records in `--log-json`.
@@ -92,10 +92,7 @@ pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv
         t.micro_batch_size,
         cfg.model.seq_length
     );
-    let mut json = match cfg.logging.log_json.as_str() {
-        "" => None,
-        p => Some(std::fs::File::create(p).map_err(|e| usage(format!("--log-json {p}: {e}")))?),
-    };
+    let mut logs = RunLogs::open(cfg, true)?;
     let sources: Vec<&dyn SampleSource> = splits.iter().map(|(_, s)| *s).collect();
     let dtype = args.dtype.into();
     let losses = match &gpu {
@@ -108,7 +105,7 @@ pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv
     let bar = ProgressBar::hidden();
     for ((split, _), loss) in splits.into_iter().zip(losses) {
         let e = Event::Eval { step, split, loss, perplexity: loss.exp(), sample: None };
-        report(&e, &bar, cfg, json.as_mut());
+        report(&e, &bar, cfg, &mut logs);
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! - the same as troupe's fixed model (`--normalization LayerNorm`, `--hidden-dropout 0`,
 //!   `--init-method-std 0.02`): accepted without a word;
 //! - an implementation or logging choice that does not change the result (`--use-flash-attn`,
-//!   `--num-workers 2`, `--tensorboard-dir`, `--sequence-parallel` at tensor-parallel size 1):
+//!   `--num-workers 2`, `--tensorboard-queue-size`, `--sequence-parallel` at tensor-parallel size 1):
 //!   ignored, with a note saying why;
 //! - a different name for what troupe has (`--bf16` → `--dtype bf16`, `--tokenizer-model` →
 //!   `--tokenizer`, `--train-samples` → steps, `--lr-warmup-fraction`, `--ffn-hidden-size` and
@@ -67,22 +67,33 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("data-impl", true, Rule::Ignore("indexed datasets are always memory-mapped")),
     ("num-workers", true, Rule::Ignore("the training process reads its memory-mapped dataset itself")),
     ("tokenizer-type", true, Rule::Ignore("the tokenizer's kind is read from its files (see --tokenizer)")),
-    ("log-throughput", false, Rule::Ignore("the log lines always give tokens/s")),
+    (
+        "log-throughput",
+        false,
+        Rule::Ignore("the log lines always give tokens/s, and --tensorboard-dir always gets `throughput`"),
+    ),
     ("timing-log-level", true, Rule::Ignore("use --trace for a step's timeline")),
     ("log-params-norm", false, Rule::Ignore("not logged; the log lines give the gradient norm")),
     ("log-num-zeros-in-grad", false, Rule::Ignore("not logged; the log lines give the gradient norm")),
     ("timing-log-option", true, Rule::Ignore("use --trace for a step's timeline")),
     ("log-progress", false, Rule::Ignore("progress is on the terminal and, per step, in --log-json")),
-    ("log-timers-to-tensorboard", false, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    (
+        "log-timers-to-tensorboard",
+        false,
+        Rule::Ignore("--tensorboard-dir always gets `iteration-time`; use --trace for a step's timeline"),
+    ),
     (
         "log-validation-ppl-to-tensorboard",
         false,
-        Rule::Ignore("the log lines give the validation perplexity"),
+        Rule::Ignore("--tensorboard-dir always gets `lm loss validation ppl`"),
     ),
     ("log-memory-to-tensorboard", false, Rule::Ignore("the closing line gives the peak host memory")),
     ("log-world-size-to-tensorboard", false, Rule::Ignore("the first line gives the layout")),
-    ("tensorboard-log-interval", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
-    ("tensorboard-queue-size", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    (
+        "tensorboard-queue-size",
+        true,
+        Rule::Ignore("each step's TensorBoard scalars are written to the file as the step ends"),
+    ),
     (
         "exit-signal-handler",
         false,
@@ -111,7 +122,6 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("min-loss-scale", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
     ("loss-scale-window", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
     ("hysteresis", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
-    ("tensorboard-dir", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
     ("wandb-project", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
     ("wandb-exp-name", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
     ("hidden-dropout", true, Rule::Only(&["0", "0.0"], "troupe's GPT has no dropout; pass 0")),

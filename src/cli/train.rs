@@ -125,6 +125,8 @@ megatron_flags! {
     eval_interval => "eval-interval", "logging.eval_interval", "Steps between validation runs; 0: never";
     eval_iters => "eval-iters", "logging.eval_iters", "Validation iterations per evaluation, each a global batch as in Megatron";
     log_interval => "log-interval", "logging.log_interval", "Steps between log lines";
+    tensorboard_dir => "tensorboard-dir", "logging.tensorboard_dir", "Write TensorBoard event files here, under Megatron's tag names";
+    tensorboard_log_interval => "tensorboard-log-interval", "logging.tensorboard_log_interval", "Steps between TensorBoard scalars";
     split => "split", "data.split", "Train/valid/test split over documents, e.g. 949,50,1";
     tokenizer => "tokenizer", "data.tokenizer", "Tokenizer: a tokenizer.json, a vocab.txt, or a directory holding tokenizer.json, vocab.json + merges.txt or vocab.txt";
     tensor_model_parallel_size => "tensor-model-parallel-size", "parallel.tensor_model_parallel_size", "Tensor-parallel size; only 1 is supported";
@@ -147,6 +149,7 @@ fn quote(key: &str, v: &str) -> String {
         "data.valid_data_path",
         "data.test_data_path",
         "data.tokenizer",
+        "logging.tensorboard_dir",
         "train.lr_decay_style",
         "train.lr_wsd_decay_style",
         "parallel.pipeline_schedule",
@@ -893,11 +896,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let began = std::time::Instant::now();
     // Under a launcher (GPU data parallelism) every rank runs this loop; rank 0 reports.
     let reporting = launched.as_ref().is_none_or(|e| e.rank == 0);
-    let mut json = match cfg.logging.log_json.as_str() {
-        "" => None,
-        _ if !reporting => None,
-        p => Some(std::fs::File::create(p).map_err(|e| UsageError(format!("--log-json {p}: {e}")))?),
-    };
+    let mut logs = RunLogs::open(&cfg, reporting)?;
     let on_what = match &gpu {
         None => format!("{} threads", be.threads()),
         Some(g) => {
@@ -942,7 +941,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let bar = progress_bar(&cfg, state.step, args.no_progress);
     let mut on = |e: &Event| {
         if reporting {
-            report(e, &bar, &cfg, json.as_mut())
+            report(e, &bar, &cfg, &mut logs)
         }
     };
     let dtype = args.dtype.into();
@@ -1025,7 +1024,54 @@ pub(super) fn progress_bar(cfg: &Config, step: u64, no_progress: bool) -> Progre
     bar
 }
 
-pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, json: Option<&mut std::fs::File>) {
+/// Where a run's records go besides the terminal: the `--log-json` file and the TensorBoard event
+/// file (`--tensorboard-dir`), both opened by the reporting rank only.
+#[derive(Default)]
+pub(super) struct RunLogs {
+    json: Option<std::fs::File>,
+    tensorboard: Option<troupe::tensorboard::EventWriter>,
+}
+
+impl RunLogs {
+    /// Opens the logs `cfg` names, if `reporting` (else none). The TensorBoard file is a new one
+    /// in its directory (a resumed run's sits beside the first run's).
+    pub(super) fn open(cfg: &Config, reporting: bool) -> Result<Self, UsageError> {
+        let l = &cfg.logging;
+        if !reporting {
+            return Ok(Self::default());
+        }
+        let json = match l.log_json.as_str() {
+            "" => None,
+            p => Some(std::fs::File::create(p).map_err(|e| UsageError(format!("--log-json {p}: {e}")))?),
+        };
+        let tensorboard = match l.tensorboard_dir.as_str() {
+            "" => None,
+            d => Some(
+                troupe::tensorboard::EventWriter::create(std::path::Path::new(d))
+                    .map_err(|e| UsageError(format!("--tensorboard-dir {d}: {e}")))?,
+            ),
+        };
+        Ok(Self { json, tensorboard })
+    }
+
+    /// Writes `paired` and `alone` at `step`, and `paired` again at `samples` under `… vs samples`
+    /// tags (the ones Megatron pairs so). A write that fails (a full disk) is said once and ends
+    /// the TensorBoard log; training goes on.
+    fn scalars(&mut self, step: u64, samples: u64, paired: &[(&str, f32)], alone: &[(&str, f32)]) {
+        let Some(w) = &mut self.tensorboard else { return };
+        let vs: Vec<String> = paired.iter().map(|(tag, _)| format!("{tag} vs samples")).collect();
+        let by_samples: Vec<(&str, f32)> =
+            vs.iter().zip(paired).map(|(t, (_, v))| (t.as_str(), *v)).collect();
+        let by_step = [paired, alone].concat();
+        let wrote = w.scalars(step as i64, &by_step).and_then(|()| w.scalars(samples as i64, &by_samples));
+        if let Err(e) = wrote {
+            eprintln!("troupe: warning: {e}; TensorBoard gets nothing more from this run");
+            self.tensorboard = None;
+        }
+    }
+}
+
+pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunLogs) {
     let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     let log_interval = cfg.logging.log_interval;
     match e {
@@ -1040,12 +1086,35 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, json: Option<&m
                     "step {step:>6} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tokens/s | {rate}"
                 );
             }
-            if let Some(f) = json {
+            if let Some(f) = &mut logs.json {
                 let rec = serde_json::json!({
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s, "model_flops_per_s": flops, "elapsed": elapsed_s,
                 });
                 let _ = writeln!(f, "{rec}");
+            }
+            if step.is_multiple_of(cfg.logging.tensorboard_log_interval) {
+                // Megatron's tags; `iteration-time` and `throughput` (model TFLOP/s per rank)
+                // are the ones its --log-timers-to-tensorboard and --log-throughput add.
+                let gbs = cfg.train.global_batch_size;
+                let tokens_per_step = (gbs * cfg.model.seq_length) as f64;
+                let p = &cfg.parallel;
+                let ranks = (p.pipeline_model_parallel_size * p.data_parallel_size).max(1) as f64;
+                logs.scalars(
+                    *step,
+                    step * gbs as u64,
+                    &[
+                        ("lm loss", *loss),
+                        ("learning-rate", *lr),
+                        ("batch-size", gbs as f32),
+                        ("grad-norm", *grad_norm as f32),
+                    ],
+                    &[
+                        ("iteration-time", (tokens_per_step / tokens_per_s) as f32),
+                        ("throughput", (flops / 1e12 / ranks) as f32),
+                        ("tokens-per-second", *tokens_per_s as f32),
+                    ],
+                );
             }
         }
         Event::Eval { step, split, loss, perplexity, sample } => {
@@ -1053,7 +1122,12 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, json: Option<&m
             if let Some(text) = sample {
                 say(format!("---- sample at step {step} ----\n{text}\n----"));
             }
-            if let Some(f) = json {
+            // `lm loss validation` and `lm loss test`, with the perplexity beside each.
+            let tag = format!("lm loss {}", split.name());
+            let ppl = format!("{tag} ppl");
+            let samples = step * cfg.train.global_batch_size as u64;
+            logs.scalars(*step, samples, &[(tag.as_str(), *loss), (ppl.as_str(), *perplexity)], &[]);
+            if let Some(f) = &mut logs.json {
                 let mut rec = serde_json::Map::new();
                 rec.insert("step".into(), (*step).into());
                 rec.insert(format!("{}_loss", split.key()), f64::from(*loss).into());

@@ -19,7 +19,7 @@ use troupe::train::corpus;
 use troupe::train::run::Event;
 
 use super::UsageError;
-use super::train::{TrainArgs, progress_bar, report};
+use super::train::{RunLogs, TrainArgs, progress_bar, report};
 
 /// Runtime options of `troupe train` that are not configuration keys.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -321,6 +321,8 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         };
         eprintln!("troupe: each chunk computes on {} (AdamW {adamw}{reduce}{p2p})", f.describe());
     }
+    // Opened before any rank starts, so a log that cannot be written stops the run at once.
+    let mut logs = RunLogs::open(&cfg, rank == 0)?;
     let stop = troupe::train::run::stop_flag().context("installing SIGINT/SIGTERM handlers")?;
     let began = std::time::Instant::now();
     let (tx, rx) = std::sync::mpsc::channel::<RunEvent>();
@@ -367,13 +369,6 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
         }
     };
     let bar = if rank == 0 { progress_bar(&cfg, 0, args.no_progress) } else { ProgressBar::hidden() };
-    let mut json = match cfg.logging.log_json.as_str() {
-        "" => None,
-        p if rank == 0 => {
-            Some(std::fs::File::create(p).map_err(|e| UsageError(format!("--log-json {p}: {e}")))?)
-        }
-        _ => None,
-    };
     let mut last_bubble = 0.0;
     for ev in rx {
         match ev {
@@ -384,14 +379,14 @@ pub fn train(args: &TrainArgs, mut cfg: Config, launched: Option<LaunchEnv>) -> 
                 } else {
                     Event::Step { step, loss, lr, grad_norm, tokens_per_s, elapsed_s }
                 };
-                report(&e, &bar, &cfg, json.as_mut());
+                report(&e, &bar, &cfg, &mut logs);
             }
             RunEvent::Saved { step, path } => {
-                report(&Event::Saved { step, path }, &bar, &cfg, json.as_mut());
+                report(&Event::Saved { step, path }, &bar, &cfg, &mut logs);
             }
             RunEvent::Eval { step, split, loss } => {
                 let e = Event::Eval { step, split, loss, perplexity: loss.exp(), sample: None };
-                report(&e, &bar, &cfg, json.as_mut());
+                report(&e, &bar, &cfg, &mut logs);
             }
             RunEvent::Resumed { step, consumed_samples } => {
                 bar.set_position(step);

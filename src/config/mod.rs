@@ -342,6 +342,13 @@ pub struct LoggingConfig {
     pub eval_iters: u64,
     /// Write one JSON record per step to this file (empty: off).
     pub log_json: String,
+    /// Write TensorBoard event files into this directory (empty: off), under Megatron-LM's tag
+    /// names (`lm loss`, `learning-rate`, `grad-norm`, `lm loss validation`, … and their
+    /// `vs samples` twins); only the reporting rank writes.
+    pub tensorboard_dir: String,
+    /// Steps between TensorBoard scalars, as Megatron's `--tensorboard-log-interval` (evaluations
+    /// are always written).
+    pub tensorboard_log_interval: u64,
     /// Tokens of sample text generated at each evaluation (0: none).
     pub sample_tokens: usize,
 }
@@ -353,6 +360,8 @@ impl Default for LoggingConfig {
             eval_interval: 100,
             eval_iters: 10,
             log_json: String::new(),
+            tensorboard_dir: String::new(),
+            tensorboard_log_interval: 1,
             sample_tokens: 0,
         }
     }
@@ -649,6 +658,9 @@ impl Config {
         }
         if self.logging.log_interval == 0 {
             return invalid("logging.log_interval", "0".into(), "must be at least 1");
+        }
+        if self.logging.tensorboard_log_interval == 0 {
+            return invalid("logging.tensorboard_log_interval", "0".into(), "must be at least 1");
         }
         Ok(())
     }

@@ -24,12 +24,15 @@ use crate::config::Config;
 use crate::data::SampleSource;
 
 /// Configuration keys that may differ between ranks: they change neither the math nor the
-/// messages (worker threads follow each host's cores; only rank 0 logs and writes the JSON log;
-/// index caches are per host), or they name files that hosts may keep at different paths — the
-/// training data and its tokenizer, whose content the ranks compare instead ([`data_fingerprint`]).
+/// messages (worker threads follow each host's cores; only rank 0 logs and writes the JSON and
+/// TensorBoard logs; index caches are per host), or they name files that hosts may keep at
+/// different paths — the training data and its tokenizer, whose content the ranks compare instead
+/// ([`data_fingerprint`]).
 pub const PER_RANK_KEYS: &[&str] = &[
     "train.threads",
     "logging.log_json",
+    "logging.tensorboard_dir",
+    "logging.tensorboard_log_interval",
     "logging.log_interval",
     "data.cache_dir",
     "data.data_path",
