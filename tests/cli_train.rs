@@ -366,6 +366,43 @@ fn bench_train_checks_its_flags_and_scales_the_batch_with_data_parallelism() -> 
     Ok(())
 }
 
+/// A log line's loss is the mean over the steps since the previous line (Megatron's `lm loss`),
+/// its tokens/s the interval's; the `--log-json` records keep each step's own.
+#[test]
+fn log_lines_give_the_mean_loss_of_their_interval() -> Result<()> {
+    let dir = tempdir("mean");
+    let mut args = vec!["train", "--train-iters", "7", "--log-interval", "3", "--log-json", "log.jsonl"];
+    args.extend_from_slice(TINY);
+    args.push("--no-progress");
+    let out = troupe(&args, &dir);
+    ensure!(
+        out.status.success(),
+        "train failed:
+{}",
+        stderr(&out)
+    );
+    let per_step = losses(&dir.join("log.jsonl"))?;
+    ensure!(per_step.len() == 7, "{per_step:?}");
+    let lines: Vec<(usize, f64)> = stderr(&out)
+        .lines()
+        .filter_map(|l| {
+            let step = l.strip_prefix("step ")?.split('|').next()?.trim().parse().ok()?;
+            let loss = l.split("| loss ").nth(1)?.split(' ').next()?.parse().ok()?;
+            Some((step, loss))
+        })
+        .collect();
+    let steps: Vec<usize> = lines.iter().map(|&(s, _)| s).collect();
+    ensure!(steps == [1, 3, 6], "log lines at steps {steps:?}");
+    // Steps 1, 2–3 and 4–6 (7 ends the run between lines): printed to 4 decimals.
+    for (&(step, shown), range) in lines.iter().zip([0..1, 1..3, 3..6]) {
+        let mean = per_step[range.clone()].iter().sum::<f64>() / range.len() as f64;
+        ensure!((shown - mean).abs() <= 5.1e-5, "step {step}: line {shown} vs mean {mean} of {per_step:?}");
+    }
+    // The interval's mean, not the step's own loss (they differ by more than the rounding here).
+    ensure!((lines[2].1 - per_step[5]).abs() > 1e-4, "step 6 shows its own loss: {lines:?} {per_step:?}");
+    Ok(())
+}
+
 /// `troupe plot` draws a `--log-json` file; a file with no losses in it is a usage error naming
 /// the expected lines, not an empty picture.
 #[test]

@@ -1030,6 +1030,8 @@ pub(super) fn progress_bar(cfg: &Config, step: u64, no_progress: bool) -> Progre
 pub(super) struct RunLogs {
     json: Option<std::fs::File>,
     tensorboard: Option<troupe::tensorboard::EventWriter>,
+    /// The steps since the previous log line: their summed loss, their count and their seconds.
+    since_line: (f64, u64, f64),
 }
 
 impl RunLogs {
@@ -1051,7 +1053,7 @@ impl RunLogs {
                     .map_err(|e| UsageError(format!("--tensorboard-dir {d}: {e}")))?,
             ),
         };
-        Ok(Self { json, tensorboard })
+        Ok(Self { json, tensorboard, since_line: (0.0, 0, 0.0) })
     }
 
     /// Writes `paired` and `alone` at `step`, and `paired` again at `samples` under `… vs samples`
@@ -1081,10 +1083,22 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
             let rate = flop_rate(flops);
             bar.set_position(*step);
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s {rate}"));
-            if bar.is_hidden() && (step % log_interval == 0 || *step == 1) {
-                eprintln!(
-                    "step {step:>6} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tokens/s | {rate}"
-                );
+            // A log line gives the mean loss and the throughput of the steps since the previous
+            // line, as Megatron's do (a single step's loss is noisy); the learning rate and the
+            // gradient norm are this step's. The bar and the records give each step's own.
+            let tokens_per_step = (cfg.train.global_batch_size * cfg.model.seq_length) as f64;
+            logs.since_line.0 += f64::from(*loss);
+            logs.since_line.1 += 1;
+            logs.since_line.2 += tokens_per_step / tokens_per_s.max(f64::MIN_POSITIVE);
+            if step % log_interval == 0 || *step == 1 {
+                let (sum, n, secs) = std::mem::take(&mut logs.since_line);
+                let (mean, tps) = (sum / n as f64, n as f64 * tokens_per_step / secs.max(f64::MIN_POSITIVE));
+                let rate = flop_rate(cfg.model.flops_per_token() * tps);
+                if bar.is_hidden() {
+                    eprintln!(
+                        "step {step:>6} | loss {mean:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tps:.0} tokens/s | {rate}"
+                    );
+                }
             }
             if let Some(f) = &mut logs.json {
                 let rec = serde_json::json!({
@@ -1097,7 +1111,6 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
                 // Megatron's tags; `iteration-time` and `throughput` (model TFLOP/s per rank)
                 // are the ones its --log-timers-to-tensorboard and --log-throughput add.
                 let gbs = cfg.train.global_batch_size;
-                let tokens_per_step = (gbs * cfg.model.seq_length) as f64;
                 let p = &cfg.parallel;
                 let ranks = (p.pipeline_model_parallel_size * p.data_parallel_size).max(1) as f64;
                 logs.scalars(
