@@ -431,6 +431,7 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("train-samples", true, Rule::Special),
     ("lr-decay-samples", true, Rule::Special),
     ("lr-warmup-samples", true, Rule::Special),
+    ("lr-wsd-decay-samples", true, Rule::Special),
     ("distributed-timeout-minutes", true, Rule::Special),
     ("data-cache-path", true, Rule::Special),
     ("data-args-path", true, Rule::Special),
@@ -448,6 +449,7 @@ pub struct Ported {
     pub train_samples: Option<u64>,
     pub lr_decay_samples: Option<u64>,
     pub lr_warmup_samples: Option<u64>,
+    pub lr_wsd_decay_samples: Option<u64>,
     /// Megatron's `--ckpt-step N`: resume from `iter_N` of `--load` rather than its latest.
     pub ckpt_step: Option<u64>,
     /// Megatron's `--exit-on-missing-checkpoint`: no fresh start when `--load` (also `--save`)
@@ -584,10 +586,11 @@ pub fn port(args: Vec<OsString>) -> PortedArgs {
                     Ok(n) => out.ported.kv_channels = Some(n),
                     Err(_) => out.errors.push(format!("--kv-channels {v}: not a whole number")),
                 },
-                "train-samples" | "lr-decay-samples" | "lr-warmup-samples" => {
+                "train-samples" | "lr-decay-samples" | "lr-warmup-samples" | "lr-wsd-decay-samples" => {
                     let slot = match name {
                         "train-samples" => &mut out.ported.train_samples,
                         "lr-decay-samples" => &mut out.ported.lr_decay_samples,
+                        "lr-wsd-decay-samples" => &mut out.ported.lr_wsd_decay_samples,
                         _ => &mut out.ported.lr_warmup_samples,
                     };
                     match v.parse::<u64>() {
@@ -806,6 +809,12 @@ impl Ported {
         if let Some(n) = self.lr_warmup_samples {
             sets.push(format!("train.lr_warmup_iters={}", steps_of(n, gbs)));
         }
+        if let Some(n) = self.lr_wsd_decay_samples {
+            if explicit("train.lr_wsd_decay_iters") {
+                return Err("give --lr-wsd-decay-samples or --lr-wsd-decay-iters, not both".into());
+            }
+            sets.push(format!("train.lr_wsd_decay_iters={}", steps_of(n, gbs)));
+        }
         Ok(sets)
     }
 
@@ -829,6 +838,11 @@ impl Ported {
             ("train-samples", self.train_samples, self.train_samples.map(|n| n / gbs)),
             ("lr-decay-samples", self.lr_decay_samples, self.lr_decay_samples.map(|n| steps_of(n, gbs))),
             ("lr-warmup-samples", self.lr_warmup_samples, self.lr_warmup_samples.map(|n| steps_of(n, gbs))),
+            (
+                "lr-wsd-decay-samples",
+                self.lr_wsd_decay_samples,
+                self.lr_wsd_decay_samples.map(|n| steps_of(n, gbs)),
+            ),
         ];
         for (flag, samples, steps) in flags {
             if let (Some(n), Some(steps)) = (samples, steps)
@@ -1013,6 +1027,11 @@ mod tests {
         assert!(p.ported.apply(&cfg, &none).unwrap_err().contains("less than one global batch (16"));
         let p = ported("troupe train --lr-warmup-samples 32 --lr-warmup-fraction 0.1");
         assert!(p.ported.apply(&cfg, &none).unwrap_err().contains("give one of"));
+        // WSD's final decay in samples, as the other lengths.
+        let p = ported("troupe train --lr-decay-style WSD --lr-wsd-decay-samples 200");
+        assert_eq!(p.ported.apply(&cfg, &none).unwrap(), ["train.lr_wsd_decay_iters=13"]);
+        let wsd = |k: &str| k == "train.lr_wsd_decay_iters";
+        assert!(p.ported.apply(&cfg, &wsd).unwrap_err().contains("--lr-wsd-decay-iters, not both"));
         let p = ported("troupe train --train-samples many");
         assert!(p.errors[0].contains("not a whole number of samples"), "{:?}", p.errors);
     }
