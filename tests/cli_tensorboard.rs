@@ -120,6 +120,21 @@ fn a_run_writes_megatrons_scalars_and_a_resume_adds_a_file() -> Result<()> {
         let ours: BTreeMap<i64, f32> = second.iter().flat_map(|s| tagged(s, "lm loss")).collect();
         ensure!(seen == ours, "TensorBoard read {seen:?}, troupe wrote {ours:?}");
     }
+
+    // `troupe plot` draws the TensorBoard directory (both files) beside the first JSON log.
+    let o = troupe(&["plot", "tb", "run.jsonl", "--out", "both.svg"], &dir);
+    ok(&o, "plot")?;
+    let said = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        said.contains("wrote both.svg (tb: 6 steps, 2 evaluations; run: 4 steps, 2 evaluations)"),
+        "{said}"
+    );
+    let svg = std::fs::read_to_string(dir.join("both.svg"))?;
+    ensure!(svg.contains(">tb<") && svg.contains(">run<"), "no legend in the figure");
+    std::fs::create_dir(dir.join("empty"))?;
+    let o = troupe(&["plot", "empty", "--out", "x.svg"], &dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.code() == Some(2) && err.contains("without TensorBoard event files"), "{err}");
     Ok(())
 }
 

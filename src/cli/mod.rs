@@ -34,7 +34,7 @@ pub enum Command {
     Export(hf::ExportArgs),
     /// Read a Hugging Face GPT-2 directory into a checkpoint at step 0 to train on from.
     Import(Box<hf::ImportArgs>),
-    /// Draw loss and learning-rate curves from a --log-json file.
+    /// Draw loss and learning-rate curves of runs (--log-json files, TensorBoard directories).
     Plot(plot::PlotArgs),
     /// Benchmarks (training throughput against the PyTorch peer, kernels).
     #[command(subcommand)]
