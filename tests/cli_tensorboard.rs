@@ -147,28 +147,70 @@ fn tensorboard_reads(dir: &Path, tag: &str) -> Result<Option<BTreeMap<i64, f32>>
         ea = EventAccumulator(sys.argv[1], size_guidance={'scalars': 0})\n\
         ea.Reload()\n\
         print(json.dumps([[e.step, e.value] for e in ea.Scalars(sys.argv[2])]))\n";
-    let mut py = Command::new("python3");
-    if let Ok(p) = std::env::var("TROUPE_TENSORBOARD_PYTHONPATH") {
-        py.env("PYTHONPATH", p);
-    }
-    let o = py.arg("-c").arg(READ).arg(dir).arg(tag).output();
-    let o = match o {
-        Ok(o) if o.status.success() => o,
-        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named 'tensorboard'") => {
-            eprintln!(
-                "SKIPPED the check with TensorBoard's own reader: python3 cannot import tensorboard \
-                 (pip install tensorboard, or set TROUPE_TENSORBOARD_PYTHONPATH)"
-            );
-            return Ok(None);
-        }
-        Ok(o) => anyhow::bail!("TensorBoard's reader failed: {}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => {
-            eprintln!("SKIPPED the check with TensorBoard's own reader: no python3 ({e})");
-            return Ok(None);
-        }
+    let Some(mut py) = python_with_tensorboard("the check with TensorBoard's own reader") else {
+        return Ok(None);
     };
+    let o = py.arg("-c").arg(READ).arg(dir).arg(tag).output()?;
+    ensure!(o.status.success(), "TensorBoard's reader failed: {}", String::from_utf8_lossy(&o.stderr));
     let pairs: Vec<(i64, f64)> = serde_json::from_slice(&o.stdout)?;
     Ok(Some(pairs.into_iter().map(|(k, v)| (k, v as f32)).collect()))
+}
+
+/// A Python that imports `tensorboard` (with `TROUPE_TENSORBOARD_PYTHONPATH` on its path), or
+/// `None` after saying why the check that needs it is skipped.
+fn python_with_tensorboard(check: &str) -> Option<Command> {
+    let py = || {
+        let mut c = Command::new("python3");
+        if let Ok(p) = std::env::var("TROUPE_TENSORBOARD_PYTHONPATH") {
+            c.env("PYTHONPATH", p);
+        }
+        c
+    };
+    match py().args(["-c", "import tensorboard"]).output() {
+        Ok(o) if o.status.success() => Some(py()),
+        _ => {
+            eprintln!(
+                "SKIPPED {check}: python3 cannot import tensorboard \
+                 (pip install tensorboard, or set TROUPE_TENSORBOARD_PYTHONPATH)"
+            );
+            None
+        }
+    }
+}
+
+/// Event files written by TensorBoard's own writer, as Megatron's `SummaryWriter` leaves them (a
+/// text summary of the arguments first, one scalar per event), read back and drawn.
+#[test]
+fn tensorboards_own_files_are_read_and_drawn() -> Result<()> {
+    const WRITE: &str = "import sys\n\
+        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2\n\
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter\n\
+        w = EventFileWriter(sys.argv[1])\n\
+        def ev(step, value): w.add_event(event_pb2.Event(wall_time=1.0, step=step, summary=summary_pb2.Summary(value=[value])))\n\
+        meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='text'))\n\
+        ev(0, summary_pb2.Summary.Value(tag='args/text_summary', metadata=meta, tensor=tensor_pb2.TensorProto(dtype=7, string_val=[b'--lr 3e-4'])))\n\
+        for step in (1, 2, 3):\n\
+        \x20   ev(step, summary_pb2.Summary.Value(tag='lm loss', simple_value=10.0 - step))\n\
+        \x20   ev(step, summary_pb2.Summary.Value(tag='learning-rate', simple_value=1e-4 * step))\n\
+        ev(3, summary_pb2.Summary.Value(tag='lm loss validation', simple_value=7.25))\n\
+        w.close()\n";
+    let Some(mut py) = python_with_tensorboard("reading TensorBoard's own event files") else {
+        return Ok(());
+    };
+    let dir = Scratch::new("tb-theirs");
+    let o = py.arg("-c").arg(WRITE).arg(dir.join("megatron-tb")).output()?;
+    ok(&o, "TensorBoard's writer")?;
+    let files = event_files(&dir.join("megatron-tb"))?;
+    ensure!(files.len() == 1, "{files:?}");
+    let s = read_scalars(&files[0])?;
+    ensure!(tagged(&s, "lm loss") == BTreeMap::from([(1, 9.0), (2, 8.0), (3, 7.0)]), "{s:?}");
+    ensure!(tagged(&s, "lm loss validation") == BTreeMap::from([(3, 7.25)]), "{s:?}");
+    ensure!(!s.iter().any(|x| x.tag.starts_with("args")), "the text summary read as a scalar");
+    let o = troupe(&["plot", "megatron-tb", "--out", "theirs.png"], &dir);
+    ok(&o, "plot")?;
+    let said = String::from_utf8_lossy(&o.stderr);
+    ensure!(said.contains("wrote theirs.png (3 steps, 1 evaluation)"), "{said}");
+    Ok(())
 }
 
 #[test]
