@@ -403,6 +403,57 @@ fn log_lines_give_the_mean_loss_of_their_interval() -> Result<()> {
     Ok(())
 }
 
+/// `--log-format megatron`: Megatron-LM's training and validation lines, field for field, with
+/// the same means as troupe's own lines.
+#[test]
+fn megatron_log_format_reads_as_megatrons_lines() -> Result<()> {
+    let dir = tempdir("mlog");
+    let mut args = vec!["train"];
+    args.extend_from_slice(TINY);
+    args.extend(["--train-iters", "5", "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "1"]);
+    args.extend(["--log-format", "megatron", "--log-json", "log.jsonl", "--no-progress"]);
+    let out = troupe(&args, &dir);
+    ensure!(out.status.success(), "train failed:\n{}", stderr(&out));
+    let per_step = losses(&dir.join("log.jsonl"))?;
+    let err = stderr(&out);
+    let field = |line: &str, name: &str| -> Option<String> {
+        Some(line.split(&format!("| {name}: ")).nth(1)?.split(" |").next()?.trim().to_string())
+    };
+    let lines: Vec<&str> =
+        err.lines().filter(|l| l.starts_with(" [") && l.contains("] iteration ")).collect();
+    ensure!(lines.len() == 3, "iteration lines at steps 1, 2 and 4 expected:\n{err}");
+    for (line, (step, range)) in lines.iter().zip([(1u64, 0..1), (2, 1..2), (4, 2..4)]) {
+        ensure!(line.contains(&format!("] iteration {step:8}/{:8} |", 5)), "{line}");
+        ensure!(field(line, "consumed samples") == Some((step * 2).to_string()), "{line}");
+        ensure!(field(line, "global batch size") == Some("2".into()), "{line}");
+        let mean = per_step[range.clone()].iter().sum::<f64>() / range.len() as f64;
+        let shown: f64 = field(line, "lm loss").context("lm loss")?.parse()?;
+        ensure!((shown - mean).abs() <= 1e-6 * mean, "step {step}: {shown} vs mean {mean}");
+        ensure!(field(line, "lm loss").is_some_and(|v| v.contains("E+0")), "{line}");
+        for name in
+            ["elapsed time per iteration (ms)", "learning rate", "grad norm", "number of skipped iterations"]
+        {
+            ensure!(field(line, name).is_some(), "{name} missing: {line}");
+        }
+    }
+    // The validation blocks: at iteration 4, and at the end of training (step 5).
+    let vals: Vec<&str> = err.lines().filter(|l| l.starts_with(" validation loss at ")).collect();
+    ensure!(vals.len() == 2, "{err}");
+    ensure!(vals[0].starts_with(" validation loss at iteration 4 | lm loss value: "), "{}", vals[0]);
+    ensure!(vals[1].starts_with(" validation loss at the end of training for val data | "), "{}", vals[1]);
+    let rule = "-".repeat(vals[0].len() + 1);
+    ensure!(
+        err.lines().filter(|l| *l == rule).count() == 2,
+        "no rule of the line's length around it:\n{err}"
+    );
+    let json = std::fs::read_to_string(dir.join("log.jsonl"))?;
+    let val4 = json.lines().find(|l| l.starts_with("{\"step\":4,\"val_loss\"")).context("val_loss at 4")?;
+    let v: serde_json::Value = serde_json::from_str(val4)?;
+    let shown: f64 = field(vals[0], "lm loss value").context("value")?.parse()?;
+    ensure!((shown - v["val_loss"].as_f64().unwrap_or(0.0)).abs() <= 1e-5 * shown, "{shown} vs {val4}");
+    Ok(())
+}
+
 /// `troupe plot` draws a `--log-json` file; a file with no losses in it is a usage error naming
 /// the expected lines, not an empty picture.
 #[test]

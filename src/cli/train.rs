@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use troupe::checkpoint;
-use troupe::config::Config;
+use troupe::config::{Config, LogFormat};
 use troupe::kernels::{Backend, CpuBackend};
 use troupe::memory::{MemoryEstimate, gib};
 use troupe::models::Rng;
 use troupe::models::gpt::{Generator, Sampling};
 use troupe::train::corpus;
-use troupe::train::run::{self, Event, RunData, RunError};
+use troupe::train::run::{self, EvalSplit, Event, RunData, RunError};
 
 use super::UsageError;
 
@@ -125,6 +125,7 @@ megatron_flags! {
     eval_interval => "eval-interval", "logging.eval_interval", "Steps between validation runs; 0: never";
     eval_iters => "eval-iters", "logging.eval_iters", "Validation iterations per evaluation, each a global batch as in Megatron";
     log_interval => "log-interval", "logging.log_interval", "Steps between log lines";
+    log_format => "log-format", "logging.log_format", "How log lines read: troupe, or megatron (Megatron-LM's lines, for tools that read them)";
     tensorboard_dir => "tensorboard-dir", "logging.tensorboard_dir", "Write TensorBoard event files here, under Megatron's tag names";
     tensorboard_log_interval => "tensorboard-log-interval", "logging.tensorboard_log_interval", "Steps between TensorBoard scalars";
     split => "split", "data.split", "Train/valid/test split over documents, e.g. 949,50,1";
@@ -150,6 +151,7 @@ fn quote(key: &str, v: &str) -> String {
         "data.test_data_path",
         "data.tokenizer",
         "logging.tensorboard_dir",
+        "logging.log_format",
         "train.lr_decay_style",
         "train.lr_wsd_decay_style",
         "parallel.pipeline_schedule",
@@ -1031,7 +1033,7 @@ pub(super) struct RunLogs {
     json: Option<std::fs::File>,
     tensorboard: Option<troupe::tensorboard::EventWriter>,
     /// The steps since the previous log line: their summed loss, their count and their seconds.
-    since_line: (f64, u64, f64),
+    since_line: Interval,
 }
 
 impl RunLogs {
@@ -1053,7 +1055,7 @@ impl RunLogs {
                     .map_err(|e| UsageError(format!("--tensorboard-dir {d}: {e}")))?,
             ),
         };
-        Ok(Self { json, tensorboard, since_line: (0.0, 0, 0.0) })
+        Ok(Self { json, tensorboard, since_line: Interval::default() })
     }
 
     /// Writes `paired` and `alone` at `step`, and `paired` again at `samples` under `… vs samples`
@@ -1073,6 +1075,52 @@ impl RunLogs {
     }
 }
 
+/// The steps since the previous log line.
+#[derive(Default)]
+struct Interval {
+    /// Summed loss of the steps taken.
+    loss_sum: f64,
+    /// Steps taken.
+    steps: u64,
+    /// Their seconds.
+    secs: f64,
+    /// Steps skipped for a non-finite loss.
+    skipped: u64,
+}
+
+/// `v` as Python's `{:.6E}` writes it (`5.212500E+00`), the form of Megatron's log lines.
+fn sci(v: f64) -> String {
+    let s = format!("{v:.6E}");
+    match s.split_once('E') {
+        Some((m, e)) => {
+            let (sign, digits) = e.strip_prefix('-').map_or(("+", e), |d| ("-", d));
+            format!("{m}E{sign}{digits:0>2}")
+        }
+        None => s, // inf, NaN
+    }
+}
+
+/// The local date and time as Megatron's lines give it (`2026-12-02 11:50:00`).
+fn local_time() -> String {
+    // SAFETY: `time` and `localtime_r` write only into the locals passed to them.
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return String::from("?");
+        }
+        format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            tm.tm_year + 1900,
+            tm.tm_mon + 1,
+            tm.tm_mday,
+            tm.tm_hour,
+            tm.tm_min,
+            tm.tm_sec
+        )
+    }
+}
+
 pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunLogs) {
     let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     let log_interval = cfg.logging.log_interval;
@@ -1087,14 +1135,39 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
             // line, as Megatron's do (a single step's loss is noisy); the learning rate and the
             // gradient norm are this step's. The bar and the records give each step's own.
             let tokens_per_step = (cfg.train.global_batch_size * cfg.model.seq_length) as f64;
-            logs.since_line.0 += f64::from(*loss);
-            logs.since_line.1 += 1;
-            logs.since_line.2 += tokens_per_step / tokens_per_s.max(f64::MIN_POSITIVE);
+            let at = &mut logs.since_line;
+            at.loss_sum += f64::from(*loss);
+            at.steps += 1;
+            at.secs += tokens_per_step / tokens_per_s.max(f64::MIN_POSITIVE);
             if step % log_interval == 0 || *step == 1 {
-                let (sum, n, secs) = std::mem::take(&mut logs.since_line);
-                let (mean, tps) = (sum / n as f64, n as f64 * tokens_per_step / secs.max(f64::MIN_POSITIVE));
-                let rate = flop_rate(cfg.model.flops_per_token() * tps);
-                if bar.is_hidden() {
+                let at = std::mem::take(&mut logs.since_line);
+                let mean = at.loss_sum / at.steps as f64;
+                let tps = at.steps as f64 * tokens_per_step / at.secs.max(f64::MIN_POSITIVE);
+                let flops = cfg.model.flops_per_token() * tps;
+                if bar.is_hidden() && cfg.logging.log_format == LogFormat::Megatron {
+                    // Megatron's training_log line, field for field (the throughput always; the
+                    // loss scale of a bf16 run, 1.0; troupe skips only non-finite steps, so the
+                    // two counts are one).
+                    let p = &cfg.parallel;
+                    let ranks = (p.pipeline_model_parallel_size * p.data_parallel_size).max(1) as f64;
+                    let gbs = cfg.train.global_batch_size;
+                    eprintln!(
+                        " [{}] iteration {step:8}/{:8} | consumed samples: {:12} | elapsed time per iteration (ms): {:.1} | \
+                         throughput per GPU (TFLOP/s/GPU): {:.1} | learning rate: {} | global batch size: {gbs:5} | \
+                         lm loss: {} | loss scale: 1.0 | grad norm: {grad_norm:.3} | number of skipped iterations: {:3} | \
+                         number of nan iterations: {:3} |",
+                        local_time(),
+                        cfg.train.train_iters,
+                        step * gbs as u64,
+                        at.secs / at.steps as f64 * 1e3,
+                        flops / 1e12 / ranks,
+                        sci(f64::from(*lr)),
+                        sci(mean),
+                        at.skipped,
+                        at.skipped,
+                    );
+                } else if bar.is_hidden() {
+                    let rate = flop_rate(flops);
                     eprintln!(
                         "step {step:>6} | loss {mean:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {tps:.0} tokens/s | {rate}"
                     );
@@ -1131,7 +1204,26 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
             }
         }
         Event::Eval { step, split, loss, perplexity, sample } => {
-            say(format!("step {step:>6} | {} loss {loss:.4} | perplexity {perplexity:.2}", split.name()));
+            if cfg.logging.log_format == LogFormat::Megatron {
+                // Megatron's evaluate_and_print_results block.
+                let at_end = *split == EvalSplit::Test
+                    || (*step == cfg.train.train_iters
+                        && !step.is_multiple_of(cfg.logging.eval_interval.max(1)));
+                let prefix = match (split, at_end) {
+                    (EvalSplit::Test, _) => "the end of training for test data".to_string(),
+                    (_, true) => "the end of training for val data".to_string(),
+                    _ => format!("iteration {step}"),
+                };
+                let line = format!(
+                    " validation loss at {prefix} | lm loss value: {} | lm loss PPL: {} | ",
+                    sci(f64::from(*loss)),
+                    sci(f64::from(*perplexity))
+                );
+                let rule = "-".repeat(line.len() + 1);
+                say(format!("{rule}\n{line}\n{rule}"));
+            } else {
+                say(format!("step {step:>6} | {} loss {loss:.4} | perplexity {perplexity:.2}", split.name()));
+            }
             if let Some(text) = sample {
                 say(format!("---- sample at step {step} ----\n{text}\n----"));
             }
@@ -1149,6 +1241,7 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
             }
         }
         Event::Skipped { step, microbatch, loss } => {
+            logs.since_line.skipped += 1;
             say(format!(
                 "step {step:>6} | skipped: loss {loss} in microbatch {microbatch} (nan_policy = skip)"
             ));
@@ -1175,4 +1268,26 @@ pub fn sample_text(
     let s = Sampling { temperature: 0.8, top_k: 40, top_p: 1.0 };
     let out = g.generate(be, &ids, n, s, &mut rng, &mut |_| {})?;
     Ok(tok.decode(&out)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sci;
+
+    #[test]
+    fn numbers_read_as_pythons_six_digit_exponent_form() {
+        // Python: '{:.6E}'.format(x) for each x.
+        let cases = [
+            (5.2125, "5.212500E+00"),
+            (1.8e-4, "1.800000E-04"),
+            (2045.036, "2.045036E+03"),
+            (1e100, "1.000000E+100"),
+            (-3.5e-12, "-3.500000E-12"),
+            (0.0, "0.000000E+00"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(sci(x), want, "{x}");
+        }
+        assert_eq!(sci(f64::INFINITY), "inf");
+    }
 }

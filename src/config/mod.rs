@@ -93,6 +93,18 @@ pub enum NanPolicy {
     Skip,
 }
 
+/// How the log lines of a run read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `step 10 | loss 5.2125 | lr 9.739e-4 | grad norm 1.110 | 7457 tokens/s | 199.4 GFLOP/s`.
+    #[default]
+    Troupe,
+    /// Megatron-LM's lines (` [date] iteration 10/ 100 | consumed samples: … | lm loss: … |` and
+    /// its validation blocks), for tools that read Megatron's logs.
+    Megatron,
+}
+
 /// Training hyper-parameters (Megatron names where one exists).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -340,6 +352,8 @@ pub struct LoggingConfig {
     /// (`global_batch_size` sequences, [`Config::eval_microbatches`] microbatches in all);
     /// 0 turns evaluation off, as in Megatron (`eval_interval` reads 0 then).
     pub eval_iters: u64,
+    /// How the log lines read: `troupe` or `megatron` (Megatron-LM's wording and layout).
+    pub log_format: LogFormat,
     /// Write one JSON record per step to this file (empty: off).
     pub log_json: String,
     /// Write TensorBoard event files into this directory (empty: off), under Megatron-LM's tag
@@ -359,6 +373,7 @@ impl Default for LoggingConfig {
             log_interval: 10,
             eval_interval: 100,
             eval_iters: 10,
+            log_format: LogFormat::Troupe,
             log_json: String::new(),
             tensorboard_dir: String::new(),
             tensorboard_log_interval: 1,

@@ -30,6 +30,7 @@ use crate::data::SampleSource;
 /// ([`data_fingerprint`]).
 pub const PER_RANK_KEYS: &[&str] = &[
     "train.threads",
+    "logging.log_format",
     "logging.log_json",
     "logging.tensorboard_dir",
     "logging.tensorboard_log_interval",
