@@ -140,7 +140,8 @@ pub struct TrainConfig {
     pub weight_decay: f32,
     /// Global-norm gradient clipping threshold (0 disables).
     pub clip_grad: f32,
-    /// Seed for weights, data order and sampling.
+    /// Seed for weights, data order and sampling, 0 to 4294967295: the data order is Megatron's
+    /// for the same seed (NumPy's `RandomState` shuffles).
     pub seed: u64,
     /// CPU worker threads (0: one per core).
     pub threads: usize,
@@ -578,6 +579,14 @@ impl Config {
         if !(t.lr.is_finite() && t.lr >= 0.0) {
             return invalid("train.lr", t.lr.to_string(), "must be a finite number ≥ 0");
         }
+        if t.seed > u64::from(u32::MAX) {
+            return invalid(
+                "train.seed",
+                t.seed.to_string(),
+                "must be at most 4294967295: the data order is NumPy's RandomState shuffle, as Megatron's, \
+                 and that takes 32-bit seeds",
+            );
+        }
         for (key, v) in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return invalid(key, v.to_string(), "must be in [0, 1)");
@@ -914,6 +923,14 @@ mod tests {
     }
 
     const MODEL: &str = "[model]\nvocab_size = 10\nseq_length = 8\nnum_layers = 1\nhidden_size = 8\nnum_attention_heads = 2\n";
+
+    /// Seeds are NumPy's `RandomState` seeds (the data order is its shuffle): 32 bits.
+    #[test]
+    fn seeds_past_32_bits_are_refused() {
+        assert!(Config::from_toml_str(MODEL, "t", &["train.seed=4294967295".into()]).is_ok());
+        let e = Config::from_toml_str(MODEL, "t", &["train.seed=4294967296".into()]).unwrap_err().to_string();
+        assert!(e.contains("train.seed") && e.contains("at most 4294967295"), "{e}");
+    }
 
     /// `eval_iters = 0` turns evaluation off, as Megatron's `--eval-iters 0` does.
     #[test]

@@ -36,6 +36,8 @@ pub enum IndexBuildError {
     RangeOutOfBounds { range: Range<usize>, count: usize },
     #[error("the index needs {epochs} epochs of {tokens} tokens, more than can be addressed")]
     TooLarge { epochs: u64, tokens: u64 },
+    #[error(transparent)]
+    Seed(#[from] super::rng::SeedError),
 }
 
 /// How many epochs a request needs and how the last one is treated.
@@ -223,7 +225,7 @@ pub fn build_gpt_indices(
     if cells.is_none_or(|c| c > (usize::MAX / 16) as u64) {
         return Err(IndexBuildError::TooLarge { epochs: plan.num_epochs, tokens: tokens_per_epoch });
     }
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::new(seed)?;
     let document_index = build_document_index(range, &plan, &mut rng);
     let sample_index = build_sample_index(sizes, &document_index, seq_length, &plan, add_extra_token)?;
     let total = (sample_index.len() / 2 - 1) as u64;
@@ -289,5 +291,35 @@ mod tests {
         assert!(a.is_consistent(sizes.len()));
         let docs: Vec<u64> = (0..a.document_index.len()).map(|i| a.document_index.get(i)).collect();
         assert!(docs.iter().all(|&d| (10..40).contains(&d)));
+    }
+    /// The three arrays equal Megatron-Core's for the same documents, split, length, sample count
+    /// and seed (`tests/fixtures/megatron_gpt_indices.json`: NumPy's shuffles, Megatron's
+    /// construction, from `tools/reference/megatron_gpt_indices.py`).
+    #[test]
+    fn indices_are_megatrons_for_the_same_seed() {
+        let text = include_str!("../../tests/fixtures/megatron_gpt_indices.json");
+        let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
+        let list = |v: &serde_json::Value| -> Vec<u64> {
+            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+        };
+        let all = |a: &IndexArray| -> Vec<u64> { (0..a.len()).map(|i| a.get(i)).collect() };
+        let cases = fixture["gpt_indices"].as_array().unwrap();
+        assert_eq!(cases.len(), 6);
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let sizes: Vec<u32> = list(&case["sizes"]).into_iter().map(|s| s as u32).collect();
+            let range = case["start"].as_u64().unwrap() as usize..case["stop"].as_u64().unwrap() as usize;
+            let (seq, n, seed) = (
+                case["seq_length"].as_u64().unwrap(),
+                case["num_samples"].as_u64(),
+                case["seed"].as_u64().unwrap(),
+            );
+            let (got, plan) = build_gpt_indices(&sizes, range, seq, n, seed, true).unwrap();
+            assert_eq!(plan.num_epochs, case["num_epochs"].as_u64().unwrap(), "{name}");
+            assert_eq!(plan.separate_final_epoch, case["separate_final_epoch"].as_bool().unwrap(), "{name}");
+            assert_eq!(all(&got.document_index), list(&case["document_index"]), "{name}: document index");
+            assert_eq!(all(&got.sample_index), list(&case["sample_index"]), "{name}: sample index");
+            assert_eq!(all(&got.shuffle_index), list(&case["shuffle_index"]), "{name}: shuffle index");
+        }
     }
 }

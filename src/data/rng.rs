@@ -1,68 +1,119 @@
-//! The seeded random number generator behind every data shuffle.
+//! The seeded random number generator behind every data shuffle: NumPy's legacy
+//! `numpy.random.RandomState`, bit for bit, so that troupe's document and sample shuffles are
+//! Megatron-LM's for the same seed (Megatron shuffles with `RandomState(seed).shuffle`).
 //!
-//! troupe does not reproduce NumPy's `RandomState` (MT19937) bit for bit, so its shuffles differ
-//! from Megatron's for the same seed; the layout and semantics of the indices are Megatron's. The
-//! generator is xoshiro256** (Blackman and Vigna) with its 256-bit state filled from the seed by
-//! SplitMix64, bounded integers use Lemire's multiply-and-reject method (unbiased), and shuffles
-//! are Fisher–Yates from the last element down. This is stable: the same seed gives the same
-//! permutation on every platform and in every troupe version that keeps the `RNG_NAME` below
-//! (which is part of the index-cache key).
+//! - The generator is MT19937 (Matsumoto and Nishimura) seeded as `RandomState(seed)` seeds it: a
+//!   32-bit seed through the reference `init_genrand`.
+//! - `RandomState.shuffle` of a 1-D array swaps element `i` with element `j`, for `i` from the
+//!   last index down to 1, where `j` is NumPy's `random_interval(i)`: the smallest all-ones mask
+//!   covering `i`, and draws (32-bit while `i` fits in 32 bits, else two draws, high word first)
+//!   masked and rejected until one is at most `i`.
+//!
+//! The name below is part of the index-cache key, so indices built by an earlier generator are
+//! never reused. `tests/fixtures/megatron_gpt_indices.json` (from
+//! `tools/reference/megatron_gpt_indices.py`) holds NumPy's own permutations to test against.
+
+use thiserror::Error;
 
 /// Name and version of the algorithm, recorded in cache descriptions.
-pub const RNG_NAME: &str = "xoshiro256**-splitmix64-lemire-fisher-yates/v1";
+pub const RNG_NAME: &str = "numpy-randomstate-mt19937-shuffle/v1";
 
-/// xoshiro256** generator.
-#[derive(Debug, Clone)]
-pub struct Rng {
-    s: [u64; 4],
+const N: usize = 624;
+const M: usize = 397;
+
+/// A seed NumPy's `RandomState` does not take.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "seed {seed}: the data shuffles take NumPy's RandomState seeds, 0 to 4294967295 (as Megatron's --seed)"
+)]
+pub struct SeedError {
+    pub seed: u64,
 }
 
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// MT19937 as NumPy's `RandomState` runs it.
+#[derive(Clone)]
+pub struct Rng {
+    state: Box<[u32; N]>,
+    pos: usize,
+}
+
+impl std::fmt::Debug for Rng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rng").field("pos", &self.pos).finish_non_exhaustive()
+    }
 }
 
 impl Rng {
-    /// A generator whose whole state is derived from `seed`.
-    pub fn new(seed: u64) -> Self {
-        let mut sm = seed;
-        let s = [splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm)];
-        Rng { s }
+    /// `numpy.random.RandomState(seed)`.
+    ///
+    /// # Errors
+    /// A seed past 32 bits, which NumPy refuses too.
+    pub fn new(seed: u64) -> Result<Self, SeedError> {
+        let s = u32::try_from(seed).map_err(|_| SeedError { seed })?;
+        let mut state = Box::new([0u32; N]);
+        state[0] = s;
+        for i in 1..N {
+            let prev = state[i - 1];
+            state[i] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(i as u32);
+        }
+        Ok(Rng { state, pos: N })
     }
 
-    /// The next 64 random bits.
+    fn twist(&mut self) {
+        let mt = &mut self.state;
+        for i in 0..N {
+            let y = (mt[i] & 0x8000_0000) | (mt[(i + 1) % N] & 0x7fff_ffff);
+            let mag = if y & 1 == 1 { 0x9908_b0df } else { 0 };
+            mt[i] = mt[(i + M) % N] ^ (y >> 1) ^ mag;
+        }
+        self.pos = 0;
+    }
+
+    /// The next 32 random bits (tempered).
+    pub fn next_u32(&mut self) -> u32 {
+        if self.pos == N {
+            self.twist();
+        }
+        let mut y = self.state[self.pos];
+        self.pos += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+
+    /// The next 64 random bits: two draws, the first the high word (NumPy's `next_uint64`).
     pub fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
+        let hi = u64::from(self.next_u32());
+        (hi << 32) | u64::from(self.next_u32())
     }
 
-    /// A uniform integer in `0..n` (`n > 0`), without modulo bias.
-    pub fn below(&mut self, n: u64) -> u64 {
-        debug_assert!(n > 0);
-        let mut m = (self.next_u64() as u128) * (n as u128);
-        if (m as u64) < n {
-            let threshold = n.wrapping_neg() % n;
-            while (m as u64) < threshold {
-                m = (self.next_u64() as u128) * (n as u128);
+    /// A uniform integer in `0..=max` as NumPy's `random_interval(max)` draws it.
+    pub fn interval(&mut self, max: u64) -> u64 {
+        if max == 0 {
+            return 0;
+        }
+        let mask = u64::MAX >> max.leading_zeros();
+        if max <= u64::from(u32::MAX) {
+            loop {
+                let v = u64::from(self.next_u32()) & mask;
+                if v <= max {
+                    return v;
+                }
             }
         }
-        (m >> 64) as u64
+        loop {
+            let v = self.next_u64() & mask;
+            if v <= max {
+                return v;
+            }
+        }
     }
 
-    /// Shuffles `items` in place (Fisher–Yates).
+    /// Shuffles `items` in place as `RandomState.shuffle` shuffles a 1-D array.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
+            let j = self.interval(i as u64) as usize;
             items.swap(i, j);
         }
     }
@@ -73,43 +124,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn matches_the_reference_generators() {
-        // Reference outputs of the published C code.
-        let mut sm = 0u64;
-        assert_eq!(splitmix64(&mut sm), 0xe220_a839_7b1d_cdaf);
-        let mut rng = Rng { s: [1, 2, 3, 4] };
-        let got: Vec<u64> = (0..4).map(|_| rng.next_u64()).collect();
-        assert_eq!(got, vec![11520, 0, 1509978240, 1215971899390074240]);
+    fn matches_the_reference_mt19937() {
+        // The reference implementation's first outputs for init_genrand(5489).
+        let mut rng = Rng::new(5489).unwrap();
+        let got: Vec<u32> = (0..3).map(|_| rng.next_u32()).collect();
+        assert_eq!(got, [3_499_211_612, 581_869_302, 3_890_346_734]);
+        // The 10000th output of the default seed, the C++ standard's check of std::mt19937.
+        let mut rng = Rng::new(5489).unwrap();
+        let last = (0..10_000).map(|_| rng.next_u32()).last();
+        assert_eq!(last, Some(4_123_659_995));
     }
 
+    /// `numpy.random.RandomState(seed).shuffle(numpy.arange(n))`, from NumPy itself.
     #[test]
-    fn same_seed_same_stream_different_seed_different_stream() {
-        let a: Vec<u64> = (0..4).map(|_| Rng::new(1234).next_u64()).collect();
-        assert!(a.windows(2).all(|w| w[0] == w[1]));
-        let mut r1 = Rng::new(1234);
-        let mut r2 = Rng::new(1235);
-        assert_ne!(r1.next_u64(), r2.next_u64());
-    }
-
-    #[test]
-    fn shuffle_is_a_permutation_and_pinned() {
-        let mut v: Vec<u32> = (0..10).collect();
-        Rng::new(1234).shuffle(&mut v);
-        let mut sorted = v.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
-        assert_ne!(v, sorted);
-        // Pin the permutation: a change here changes every cached index (bump RNG_NAME).
-        assert_eq!(v, vec![2, 3, 8, 1, 4, 9, 6, 5, 7, 0]);
-    }
-
-    #[test]
-    fn below_is_roughly_uniform() {
-        let mut rng = Rng::new(7);
-        let mut counts = [0u32; 6];
-        for _ in 0..60_000 {
-            counts[rng.below(6) as usize] += 1;
+    fn shuffles_are_numpys() {
+        let text = include_str!("../../tests/fixtures/megatron_gpt_indices.json");
+        let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
+        let list = |v: &serde_json::Value| -> Vec<u64> {
+            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+        };
+        for case in fixture["shuffles"].as_array().unwrap() {
+            let (seed, n) = (case["seed"].as_u64().unwrap(), case["n"].as_u64().unwrap());
+            let mut v: Vec<u64> = (0..n).collect();
+            Rng::new(seed).unwrap().shuffle(&mut v);
+            assert_eq!(v, list(&case["permutation"]), "seed {seed}, n {n}");
         }
-        assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
+        // Two shuffles from one state continue its stream.
+        let one = &fixture["one_state"];
+        let mut rng = Rng::new(one["seed"].as_u64().unwrap()).unwrap();
+        let (mut a, mut b): (Vec<u64>, Vec<u64>) = ((0..50).collect(), (0..7).collect());
+        rng.shuffle(&mut a);
+        rng.shuffle(&mut b);
+        assert_eq!((a, b), (list(&one["first"]), list(&one["second"])));
+    }
+
+    #[test]
+    fn seeds_past_32_bits_are_refused_as_numpy_refuses_them() {
+        assert!(Rng::new(u64::from(u32::MAX)).is_ok());
+        let e = Rng::new(1 << 32).unwrap_err();
+        assert!(e.to_string().contains("0 to 4294967295"), "{e}");
+    }
+
+    #[test]
+    fn intervals_stay_in_range_and_wide_ones_take_two_draws() {
+        let mut rng = Rng::new(3).unwrap();
+        for max in [1u64, 2, 5, 1000, u64::from(u32::MAX)] {
+            assert!((0..200).all(|_| rng.interval(max) <= max));
+        }
+        // Past 32 bits a draw is two words: the stream moves by two per accepted value at least.
+        let (mut a, mut b) = (Rng::new(9).unwrap(), Rng::new(9).unwrap());
+        let v = a.interval(1 << 40);
+        assert!(v <= 1 << 40);
+        let _ = b.next_u64();
+        assert!(a.pos >= b.pos);
     }
 }

@@ -224,9 +224,13 @@ pub fn open(cfg: &Config) -> Result<TrainingData, CorpusError> {
         reason: "not given".into(),
     })??;
     let l = &cfg.logging;
+    // Megatron's sizes: the validation split is built for every evaluation of the run
+    // (`train_iters / eval_interval + 1` of `eval_iters` global batches), the test split for one,
+    // so each dataset's epochs, and with them its shuffles, are Megatron's.
     let n = cfg.eval_microbatches() * t.micro_batch_size as u64;
+    let valid_samples = (t.train_iters / l.eval_interval.max(1) + 1) * n;
     let (valid, valid_note) = if l.eval_interval > 0 {
-        match build_split(Split::Valid, n) {
+        match build_split(Split::Valid, valid_samples) {
             Some(Ok(v)) if v.num_samples() > 0 => (Some(v), None),
             Some(Ok(_)) => (None, Some("the validation split has no samples".to_string())),
             Some(Err(e)) => (None, Some(e.to_string())),
