@@ -1158,16 +1158,19 @@ fn one_directory_to_load_and_save_starts_afresh_then_resumes() -> Result<()> {
 #[test]
 fn skip_train_evaluates_a_checkpoint_as_its_run_did() -> Result<()> {
     let dir = tempdir("skip-train");
+    // The run's one validation is its end-of-training one, at step 2 (block ⌊2 / 3⌋ = 0 of the
+    // validation split); `--skip-train` on its checkpoint reads the same block of the same split
+    // (sized, as Megatron sizes it, by --train-iters and --eval-interval, so they are given again).
     let mut args = vec!["train", "--train-iters", "2", "--save", "ck"];
     args.extend_from_slice(TINY);
-    args.extend_from_slice(&["--eval-interval", "2", "--eval-iters", "2"]);
+    args.extend_from_slice(&["--eval-interval", "3", "--eval-iters", "2"]);
     let o = troupe(&args, &dir);
     ensure!(o.status.success(), "{}", stderr(&o));
     let line = |text: &str| text.lines().find(|l| l.contains("validation loss")).map(str::to_string);
     let trained = line(&stderr(&o)).context("the run printed no validation loss")?;
     let mut eval = vec!["train", "--load", "ck", "--skip-train", "--log-json", "eval.jsonl"];
     eval.extend_from_slice(TINY);
-    eval.extend_from_slice(&["--eval-iters", "2"]);
+    eval.extend_from_slice(&["--train-iters", "2", "--eval-interval", "3", "--eval-iters", "2"]);
     let o = troupe(&eval, &dir);
     let e = stderr(&o);
     ensure!(o.status.success(), "{e}");

@@ -175,7 +175,7 @@ fn validation_runs_at_its_interval_and_at_the_end_and_test_once_at_the_end() -> 
             }
         })?;
         ensure!(got == want, "{iters} steps: evaluations {got:?}, expected {want:?}");
-        let again = evaluate(&cfg, &be, &mut trainer, &test)?;
+        let again = evaluate(&cfg, &be, &mut trainer, &test, 0)?;
         ensure!(test_loss.map(f32::to_bits) == Some(again.to_bits()), "test loss {test_loss:?} vs {again}");
     }
     // A run stopped after its first step evaluates nothing at its end.
@@ -286,6 +286,53 @@ fn finetune_takes_the_weights_and_starts_over() -> Result<()> {
     Ok(())
 }
 
+/// Each evaluation reads the next `eval_iters` global batches of the validation split, as
+/// Megatron's iterator moves on: with the weights held still (learning rate 0), the evaluations
+/// at steps 2, 4 and the end (5) are the blocks from samples 0, 8 and 16, and differ; the test
+/// split is read from its start; `--skip-train` on step 4 reads the block after step 4's.
+#[test]
+fn evaluations_move_on_through_the_validation_split() -> Result<()> {
+    use troupe::train::run::{EvalSplit, eval_first_sample, evaluate};
+    let be = CpuBackend::new(1);
+    let held = windows();
+    let sets = [
+        "train.train_iters=5".to_string(),
+        "train.lr=0".into(),
+        "train.min_lr=0".into(),
+        "logging.eval_interval=2".into(),
+        "logging.eval_iters=2".into(),
+    ];
+    let cfg = Config::from_toml_str(CFG, "t", &sets)?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    let src = windows();
+    let data = RunData { train: &src, valid: Some(&held), test: Some(&held), sample: None };
+    let mut got = Vec::new();
+    run(&cfg, &be, &mut trainer, &mut state, &data, &AtomicBool::new(false), &mut |e| {
+        if let Event::Eval { step, split, loss, .. } = e {
+            got.push((*step, *split, *loss));
+        }
+    })?;
+    let g = cfg.train.global_batch_size as u64;
+    ensure!(g == 4, "the test expects a global batch of 4, not {g}");
+    let valid = EvalSplit::Validation;
+    let want = [(2, valid, 0), (4, valid, 2 * g), (5, valid, 4 * g), (5, EvalSplit::Test, 0)];
+    ensure!(got.len() == want.len(), "evaluations {got:?}");
+    for (&(step, split, loss), &(want_step, want_split, first)) in got.iter().zip(&want) {
+        ensure!((step, split) == (want_step, want_split), "{got:?}");
+        ensure!(eval_first_sample(&cfg, split, step, split == valid && step % 2 == 0) == first, "{step}");
+        let again = evaluate(&cfg, &be, &mut trainer, &held, first)?;
+        ensure!(
+            again.to_bits() == loss.to_bits(),
+            "step {step} {split:?}: {loss} vs samples from {first}: {again}"
+        );
+    }
+    ensure!(got[0].2 != got[1].2 && got[1].2 != got[2].2, "the blocks gave one loss: {got:?}");
+    // `--skip-train` on a checkpoint of step 4: Megatron's consumed_valid_samples, 2 blocks.
+    ensure!(eval_first_sample(&cfg, valid, 4, false) == 4 * g);
+    ensure!(eval_first_sample(&cfg, EvalSplit::Test, 4, false) == 0);
+    Ok(())
+}
+
 /// An evaluation covers `eval_iters` global batches, as Megatron's does: one iteration of a
 /// 4-sequence global batch in 2-sequence microbatches is the same samples, and the same loss to
 /// the bit, as two iterations of 2-sequence global batches; one iteration of those is not.
@@ -298,7 +345,7 @@ fn an_evaluation_covers_eval_iters_global_batches() -> Result<()> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let cfg = Config::from_toml_str(CFG, "t", &sets)?;
         let (mut trainer, _, _) = prepare(&cfg)?;
-        Ok(evaluate(&cfg, &be, &mut trainer, &held)?)
+        Ok(evaluate(&cfg, &be, &mut trainer, &held, 0)?)
     };
     let one_of_four = loss(&["logging.eval_iters=1"])?;
     let two_of_two = loss(&["logging.eval_iters=2", "train.global_batch_size=2"])?;

@@ -93,11 +93,15 @@ pub fn evaluate_only(args: &TrainArgs, cfg: &Config, launched: Option<&LaunchEnv
         cfg.model.seq_length
     );
     let mut logs = RunLogs::open(cfg, true)?;
-    let sources: Vec<&dyn SampleSource> = splits.iter().map(|(_, s)| *s).collect();
+    // Each split from where Megatron's iterators stand at this step (`eval_first_sample`).
+    let sources: Vec<(&dyn SampleSource, u64)> =
+        splits.iter().map(|(split, s)| (*s, run::eval_first_sample(cfg, *split, step, false))).collect();
     let dtype = args.dtype.into();
     let losses = match &gpu {
         None => {
-            sources.iter().map(|s| run::evaluate(cfg, &be, &mut trainer, *s)).collect::<Result<_, _>>()?
+            let mut eval =
+                |&(s, first): &(&dyn SampleSource, u64)| run::evaluate(cfg, &be, &mut trainer, s, first);
+            sources.iter().map(&mut eval).collect::<Result<_, _>>()?
         }
         Some(OpenGpu::Cuda(g)) => on_gpu(g.as_ref(), cfg, &trainer, dtype, &sources)?,
         Some(OpenGpu::Emu(g)) => on_gpu(g, cfg, &trainer, dtype, &sources)?,
@@ -116,9 +120,9 @@ fn on_gpu<G: Gpu>(
     cfg: &Config,
     trainer: &Trainer,
     dtype: troupe::gpu::DType,
-    sources: &[&dyn SampleSource],
+    sources: &[(&dyn SampleSource, u64)],
 ) -> anyhow::Result<Vec<f32>> {
     let mut model = troupe::gpu::train::upload(gpu, cfg, trainer, dtype)
         .map_err(|e| UsageError(format!("putting the model on the GPU: {e}")))?;
-    sources.iter().map(|s| Ok(troupe::gpu::train::evaluate(cfg, &mut model, *s)?)).collect()
+    sources.iter().map(|&(s, first)| Ok(troupe::gpu::train::evaluate(cfg, &mut model, s, first)?)).collect()
 }

@@ -20,7 +20,9 @@ use crate::kernels::Backend;
 use crate::optim::LrSchedule;
 use crate::train::Trainer;
 use crate::train::data::BatchBuf;
-use crate::train::run::{EvalSplit, Event, RunData, RunError, RunSummary, exit_due, over_time};
+use crate::train::run::{
+    EvalSplit, Event, RunData, RunError, RunSummary, eval_first_sample, exit_due, over_time,
+};
 
 /// Errors of a GPU run: the CPU loop's, or the device's.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +208,8 @@ pub fn run<G: Gpu>(
             .valid
             .filter(|_| dp_rank == 0 && l.eval_interval > 0 && state.step.is_multiple_of(l.eval_interval))
         {
-            let loss = evaluate(cfg, model, valid)?;
+            let first = eval_first_sample(cfg, EvalSplit::Validation, state.step, true);
+            let loss = evaluate(cfg, model, valid, first)?;
             let sample = match data.sample {
                 Some(f) => {
                     download(model, trainer)?;
@@ -243,7 +246,8 @@ pub fn run<G: Gpu>(
     }
     if dp_rank == 0 && !interrupted && state.step > start {
         for (split, source) in data.end_evaluations(state.step, cfg.logging.eval_interval) {
-            let loss = evaluate(cfg, model, source)?;
+            let first = eval_first_sample(cfg, split, state.step, false);
+            let loss = evaluate(cfg, model, source, first)?;
             on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
         }
     }
@@ -271,18 +275,20 @@ fn save<G: Gpu>(
     Ok(())
 }
 
-/// Mean validation loss over `eval_iters` global batches (the CPU loop's samples).
+/// Mean loss over `eval_iters` global batches of `valid` from sample `first` on (the CPU loop's
+/// samples: [`eval_first_sample`]).
 pub fn evaluate<G: Gpu>(
     cfg: &Config,
     model: &mut GpuGpt<'_, G>,
     valid: &dyn crate::data::SampleSource,
+    first: u64,
 ) -> Result<f32, GpuRunError> {
     let (b, seq) = (cfg.train.micro_batch_size, valid.sample_tokens().saturating_sub(1));
     let mut buf = BatchBuf::default();
     let mut sum = 0.0f64;
     let n = cfg.eval_microbatches().max(1);
     for i in 0..n {
-        buf.fill(valid, i * b as u64, b).map_err(RunError::from)?;
+        buf.fill(valid, first + i * b as u64, b).map_err(RunError::from)?;
         sum += f64::from(model.eval_loss(&buf.tokens, &buf.targets, b, seq)?);
     }
     Ok((sum / n as f64) as f32)

@@ -2121,7 +2121,13 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
             && this.is_multiple_of(every)
             && let Some(valid) = st.opts.valid.clone()
         {
-            let loss = evaluate(st, this, &valid.0).await?;
+            let first = crate::train::run::eval_first_sample(
+                &cfg,
+                crate::train::run::EvalSplit::Validation,
+                this,
+                true,
+            );
+            let loss = evaluate(st, this, &valid.0, first).await?;
             if let Some(tx) = &st.events {
                 let _ = tx.send(RunEvent::Eval {
                     step: this,
@@ -2150,7 +2156,8 @@ async fn train_loop(st: &mut SupState) -> Result<RankResult, RuntimeError> {
                 crate::train::run::EvalSplit::Test => test.as_ref(),
             };
             if let Some(source) = source {
-                let loss = evaluate(st, step, &source.0).await?;
+                let first = crate::train::run::eval_first_sample(&cfg, split, step, false);
+                let loss = evaluate(st, step, &source.0, first).await?;
                 if let Some(tx) = &st.events {
                     let _ = tx.send(RunEvent::Eval { step, split, loss });
                 }
@@ -2663,12 +2670,17 @@ async fn phase_fault(
     })
 }
 
-/// Mean validation loss over `logging.eval_iters` global batches (always the same samples, as the
-/// single-rank trainer's `evaluate`): each microbatch goes forward through the stages in order,
+/// Mean loss over `logging.eval_iters` global batches of `valid` from sample `first` on (the
+/// single-rank trainer's samples, `eval_first_sample`): each microbatch goes forward through the stages in order,
 /// one at a time; data-parallel replica `d` takes microbatches `i ≡ d (mod dp)`; the per-
 /// microbatch losses are gathered and added in microbatch order, so the result has the
 /// single-rank bits.
-async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -> Result<f32, RuntimeError> {
+async fn evaluate(
+    st: &mut SupState,
+    step: u64,
+    valid: &Arc<dyn SampleSource>,
+    first: u64,
+) -> Result<f32, RuntimeError> {
     const TAG: u64 = 0xE7A1 << 48;
     let ctx = st.ctx.clone();
     let plan = ctx.plan.clone();
@@ -2691,7 +2703,7 @@ async fn evaluate(st: &mut SupState, step: u64, valid: &Arc<dyn SampleSource>) -
         if i % plan.dp != ctx.dp_rank {
             continue;
         }
-        buf.fill(valid.as_ref(), (i * b) as u64, b).map_err(|e| fail(e.to_string()))?;
+        buf.fill(valid.as_ref(), first + (i * b) as u64, b).map_err(|e| fail(e.to_string()))?;
         let mut hidden: Option<Hidden> = None;
         for s in 0..stages {
             let (r, c) = plan.program.locate(s);

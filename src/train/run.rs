@@ -324,7 +324,8 @@ pub fn run(
         if let Some(valid) =
             data.valid.filter(|_| l.eval_interval > 0 && state.step.is_multiple_of(l.eval_interval))
         {
-            let loss = evaluate(cfg, be, trainer, valid)?;
+            let first = eval_first_sample(cfg, EvalSplit::Validation, state.step, true);
+            let loss = evaluate(cfg, be, trainer, valid, first)?;
             tracing::info!(step = state.step, val_loss = loss, "evaluation");
             let sample = data.sample.map(|f| f(&trainer.model, be));
             on(&Event::Eval {
@@ -347,7 +348,8 @@ pub fn run(
     }
     if !interrupted && state.step > start {
         for (split, source) in data.end_evaluations(state.step, cfg.logging.eval_interval) {
-            let loss = evaluate(cfg, be, trainer, source)?;
+            let first = eval_first_sample(cfg, split, state.step, false);
+            let loss = evaluate(cfg, be, trainer, source, first)?;
             on(&Event::Eval { step: state.step, split, loss, perplexity: loss.exp(), sample: None });
         }
     }
@@ -374,8 +376,24 @@ fn save(
     Ok(())
 }
 
-/// Mean validation loss over `eval_iters` global batches ([`Config::eval_microbatches`]; always
-/// the same samples).
+/// The first sample of `split` an evaluation at `step` reads, as Megatron's iterators move on:
+/// the validation split is read in blocks of `eval_iters` global batches, the `periodic`
+/// evaluation at step `k · eval_interval` reading block `k − 1`, and an evaluation at any other
+/// point (the end of training, `--skip-train` on a checkpoint of step `s`) the block after the
+/// last periodic one, `⌊s / eval_interval⌋` (Megatron's `consumed_valid_samples`); the test split
+/// is read from its start. The validation split is sized for every block a run reads
+/// (`corpus::open`); past its end the reads wrap around.
+pub fn eval_first_sample(cfg: &Config, split: EvalSplit, step: u64, periodic: bool) -> u64 {
+    let every = cfg.logging.eval_interval;
+    if split == EvalSplit::Test || every == 0 {
+        return 0;
+    }
+    let block = (step / every).saturating_sub(u64::from(periodic && step.is_multiple_of(every)));
+    block * cfg.eval_microbatches() * cfg.train.micro_batch_size as u64
+}
+
+/// Mean loss over `eval_iters` global batches ([`Config::eval_microbatches`]) of `valid` from
+/// sample `first` on ([`eval_first_sample`]).
 ///
 /// # Errors
 /// [`RunError::Train`] on bad shapes.
@@ -384,13 +402,14 @@ pub fn evaluate(
     be: &dyn Backend,
     trainer: &mut Trainer,
     valid: &dyn SampleSource,
+    first: u64,
 ) -> Result<f32, RunError> {
     let (b, seq) = (cfg.train.micro_batch_size, valid.sample_tokens().saturating_sub(1));
     let mut buf = BatchBuf::default();
     let mut sum = 0.0f64;
     let n = cfg.eval_microbatches().max(1);
     for i in 0..n {
-        buf.fill(valid, i * b as u64, b)?;
+        buf.fill(valid, first + i * b as u64, b)?;
         let mb = Microbatch { tokens: &buf.tokens, targets: &buf.targets, batch: b, seq };
         sum += f64::from(trainer.eval_loss(be, &[mb])?);
     }
