@@ -116,7 +116,7 @@ megatron_flags! {
     adam_beta1 => "adam-beta1", "train.adam_beta1", "AdamW β1";
     adam_beta2 => "adam-beta2", "train.adam_beta2", "AdamW β2";
     adam_eps => "adam-eps", "train.adam_eps", "AdamW ε";
-    seed => "seed", "train.seed", "Seed of the weights, the data order and sampling";
+    seed => "seed", "train.seed", "Seed of the weights, the data order (Megatron's for the same seed) and sampling; 0 to 4294967295";
     exit_interval => "exit-interval", "train.exit_interval", "Save and exit 0 after a step that is a multiple of this; 0: never";
     exit_duration_in_mins => "exit-duration-in-mins", "train.exit_duration_in_mins", "Save and exit 0 once this many minutes have passed; 0: never";
     save => "save", "checkpoint.save", "Directory to save checkpoints into";
