@@ -1134,7 +1134,11 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
             // A log line gives the mean loss and the throughput of the steps since the previous
             // line, as Megatron's do (a single step's loss is noisy); the learning rate and the
             // gradient norm are this step's. The bar and the records give each step's own.
-            let tokens_per_step = (cfg.train.global_batch_size * cfg.model.seq_length) as f64;
+            let gbs = cfg.train.global_batch_size;
+            let tokens_per_step = (gbs * cfg.model.seq_length) as f64;
+            // Ranks the model FLOP/s are shared by (Megatron's throughput is per GPU).
+            let p = &cfg.parallel;
+            let ranks = (p.pipeline_model_parallel_size * p.data_parallel_size).max(1) as f64;
             let at = &mut logs.since_line;
             at.loss_sum += f64::from(*loss);
             at.steps += 1;
@@ -1148,9 +1152,6 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
                     // Megatron's training_log line, field for field (the throughput always; the
                     // loss scale of a bf16 run, 1.0; troupe skips only non-finite steps, so the
                     // two counts are one).
-                    let p = &cfg.parallel;
-                    let ranks = (p.pipeline_model_parallel_size * p.data_parallel_size).max(1) as f64;
-                    let gbs = cfg.train.global_batch_size;
                     eprintln!(
                         " [{}] iteration {step:8}/{:8} | consumed samples: {:12} | elapsed time per iteration (ms): {:.1} | \
                          throughput per GPU (TFLOP/s/GPU): {:.1} | learning rate: {} | global batch size: {gbs:5} | \
@@ -1183,9 +1184,6 @@ pub(super) fn report(e: &Event, bar: &ProgressBar, cfg: &Config, logs: &mut RunL
             if step.is_multiple_of(cfg.logging.tensorboard_log_interval) {
                 // Megatron's tags; `iteration-time` and `throughput` (model TFLOP/s per rank)
                 // are the ones its --log-timers-to-tensorboard and --log-throughput add.
-                let gbs = cfg.train.global_batch_size;
-                let p = &cfg.parallel;
-                let ranks = (p.pipeline_model_parallel_size * p.data_parallel_size).max(1) as f64;
                 logs.scalars(
                     *step,
                     step * gbs as u64,

@@ -297,11 +297,8 @@ mod tests {
     /// construction, from `tools/reference/megatron_gpt_indices.py`).
     #[test]
     fn indices_are_megatrons_for_the_same_seed() {
-        let text = include_str!("../../tests/fixtures/megatron_gpt_indices.json");
-        let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
-        let list = |v: &serde_json::Value| -> Vec<u64> {
-            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
-        };
+        use crate::data::rng::tests::{fixture, list};
+        let fixture = fixture();
         let all = |a: &IndexArray| -> Vec<u64> { (0..a.len()).map(|i| a.get(i)).collect() };
         let cases = fixture["gpt_indices"].as_array().unwrap();
         assert_eq!(cases.len(), 6);

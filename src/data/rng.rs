@@ -120,7 +120,7 @@ impl Rng {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -135,14 +135,20 @@ mod tests {
         assert_eq!(last, Some(4_123_659_995));
     }
 
+    /// `tests/fixtures/megatron_gpt_indices.json` (NumPy's permutations and Megatron's indices).
+    pub(crate) fn fixture() -> serde_json::Value {
+        serde_json::from_str(include_str!("../../tests/fixtures/megatron_gpt_indices.json")).unwrap()
+    }
+
+    /// A fixture array as integers.
+    pub(crate) fn list(v: &serde_json::Value) -> Vec<u64> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    }
+
     /// `numpy.random.RandomState(seed).shuffle(numpy.arange(n))`, from NumPy itself.
     #[test]
     fn shuffles_are_numpys() {
-        let text = include_str!("../../tests/fixtures/megatron_gpt_indices.json");
-        let fixture: serde_json::Value = serde_json::from_str(text).unwrap();
-        let list = |v: &serde_json::Value| -> Vec<u64> {
-            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
-        };
+        let fixture = fixture();
         for case in fixture["shuffles"].as_array().unwrap() {
             let (seed, n) = (case["seed"].as_u64().unwrap(), case["n"].as_u64().unwrap());
             let mut v: Vec<u64> = (0..n).collect();
