@@ -32,6 +32,12 @@ enum Rule {
     Special,
 }
 
+/// Why the experiment-tracking flags (Weights & Biases, one-logger) are ignored.
+const NO_WANDB: &str = "use --tensorboard-dir, --log-json and `troupe plot`, or --metrics-port";
+/// Why Megatron's checkpoint-format flags are ignored.
+const OWN_CHECKPOINTS: &str =
+    "troupe writes its own checkpoints (safetensors); `troupe export` writes Hugging Face's";
+
 /// Flag (without `--`), whether it takes a value, and its rule.
 const FLAGS: &[(&str, bool, Rule)] = &[
     ("use-flash-attn", false, Rule::Ignore("attention always runs troupe's own fused kernel")),
@@ -122,8 +128,41 @@ const FLAGS: &[(&str, bool, Rule)] = &[
     ("min-loss-scale", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
     ("loss-scale-window", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
     ("hysteresis", true, Rule::Ignore("loss scaling is for fp16, which troupe does not train in")),
-    ("wandb-project", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
-    ("wandb-exp-name", true, Rule::Ignore("use --log-json and `troupe plot`, or --metrics-port")),
+    ("wandb-project", true, Rule::Ignore(NO_WANDB)),
+    ("wandb-exp-name", true, Rule::Ignore(NO_WANDB)),
+    ("wandb-save-dir", true, Rule::Ignore(NO_WANDB)),
+    ("wandb-entity", true, Rule::Ignore(NO_WANDB)),
+    ("enable-one-logger", false, Rule::Ignore(NO_WANDB)),
+    ("no-one-logger", false, Rule::Ignore(NO_WANDB)),
+    ("one-logger-project", true, Rule::Ignore(NO_WANDB)),
+    ("one-logger-run-name", true, Rule::Ignore(NO_WANDB)),
+    ("one-logger-async", false, Rule::Ignore(NO_WANDB)),
+    ("app-tag-run-name", true, Rule::Ignore(NO_WANDB)),
+    ("app-tag-run-version", true, Rule::Ignore(NO_WANDB)),
+    ("use-dist-ckpt", false, Rule::Ignore(OWN_CHECKPOINTS)),
+    ("dist-ckpt-format", true, Rule::Ignore(OWN_CHECKPOINTS)),
+    ("auto-detect-ckpt-format", false, Rule::Ignore(OWN_CHECKPOINTS)),
+    ("mmap-warmup", false, Rule::Ignore("indexed datasets are memory-mapped; pages load as they are read")),
+    (
+        "mid-level-dataset-surplus",
+        true,
+        Rule::Only(&["0.005"], "troupe's blends ask each dataset for Megatron's default surplus, 0.005"),
+    ),
+    (
+        "legacy-tokenizer",
+        false,
+        Rule::Ignore("the tokenizer's kind is read from its files (see --tokenizer)"),
+    ),
+    ("spec", true, Rule::Ignore("troupe has one GPT implementation")),
+    (
+        "async-tensor-model-parallel-allreduce",
+        false,
+        Rule::Ignore("there is no tensor parallelism to overlap"),
+    ),
+    ("fp8-format", true, Rule::Refuse("troupe trains in bf16 (--bf16) or fp32; there is no FP8")),
+    ("fp8-recipe", true, Rule::Refuse("troupe trains in bf16 (--bf16) or fp32; there is no FP8")),
+    ("fp8-margin", true, Rule::Refuse("troupe trains in bf16 (--bf16) or fp32; there is no FP8")),
+    ("fp8-param-gather", false, Rule::Refuse("troupe trains in bf16 (--bf16) or fp32; there is no FP8")),
     ("hidden-dropout", true, Rule::Only(&["0", "0.0"], "troupe's GPT has no dropout; pass 0")),
     ("attention-dropout", true, Rule::Only(&["0", "0.0"], "troupe's GPT has no dropout; pass 0")),
     (
@@ -911,6 +950,16 @@ mod tests {
         assert_eq!(p.errors.len(), 4, "{:?}", p.errors);
         assert!(p.errors[0].contains("--eod-mask-loss") && p.errors[1].contains("--optimizer sgd"));
         assert!(p.errors[2].contains("give --weight-decay") && p.errors[3].contains("across documents"));
+
+        // Checkpoint-format and tracking flags are notes; FP8 and another blend surplus are not.
+        let p = ported(
+            "troupe train --use-dist-ckpt --wandb-save-dir w --mid-level-dataset-surplus 0.005 \
+             --mid-level-dataset-surplus 0.01 --fp8-format hybrid",
+        );
+        assert_eq!(strings(&p), ["troupe", "train"]);
+        assert_eq!((p.notes.len(), p.errors.len()), (2, 2), "{:?} {:?}", p.notes, p.errors);
+        assert!(p.notes[1].contains("--tensorboard-dir"), "{:?}", p.notes);
+        assert!(p.errors[0].contains("surplus, 0.005") && p.errors[1].contains("no FP8"), "{:?}", p.errors);
     }
 
     #[test]
