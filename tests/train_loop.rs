@@ -333,6 +333,41 @@ fn evaluations_move_on_through_the_validation_split() -> Result<()> {
     Ok(())
 }
 
+/// A step's reported throughput is its own: the time an evaluation takes (here a text sample
+/// that waits 400 ms) is not charged to the step after it, as Megatron stops its interval timer
+/// around an evaluation. The tiny model's steps take milliseconds, so the margin is wide.
+#[test]
+fn the_step_after_an_evaluation_is_not_charged_for_it() -> Result<()> {
+    let be = CpuBackend::new(1);
+    let (src, held) = (windows(), windows());
+    let slow = |_: &Gpt, _: &dyn troupe::Backend| -> String {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        String::new()
+    };
+    let data = RunData { train: &src, valid: Some(&held), test: None, sample: Some(&slow) };
+    let sets =
+        ["train.train_iters=4".to_string(), "logging.eval_interval=2".into(), "logging.eval_iters=1".into()];
+    let cfg = Config::from_toml_str(CFG, "t", &sets)?;
+    let (mut trainer, mut state, _) = prepare(&cfg)?;
+    let mut rates = Vec::new();
+    let mut evals = 0;
+    run(&cfg, &be, &mut trainer, &mut state, &data, &AtomicBool::new(false), &mut |e| match e {
+        Event::Step { step, tokens_per_s, .. } => rates.push((*step, *tokens_per_s)),
+        Event::Eval { .. } => evals += 1,
+        _ => {}
+    })?;
+    ensure!(evals == 2, "{evals} evaluations");
+    let tokens = (cfg.train.global_batch_size * cfg.model.seq_length) as f64;
+    let (step, rate) = rates[2];
+    ensure!(step == 3, "{rates:?}");
+    ensure!(
+        tokens / rate < 0.4,
+        "step 3 took {:.3} s by its throughput: the evaluation's 0.4 s were charged",
+        tokens / rate
+    );
+    Ok(())
+}
+
 /// An evaluation covers `eval_iters` global batches, as Megatron's does: one iteration of a
 /// 4-sequence global batch in 2-sequence microbatches is the same samples, and the same loss to
 /// the bit, as two iterations of 2-sequence global batches; one iteration of those is not.

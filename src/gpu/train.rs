@@ -224,6 +224,8 @@ pub fn run<G: Gpu>(
                 perplexity: loss.exp(),
                 sample,
             });
+            // The next step's throughput is its own, not the evaluation's (the CPU loop's rule).
+            last.0 = Instant::now();
         }
         let c = &cfg.checkpoint;
         if dp_rank == 0
@@ -232,6 +234,7 @@ pub fn run<G: Gpu>(
             && state.step.is_multiple_of(c.save_interval)
         {
             save(cfg, model, trainer, state, on)?;
+            last.0 = Instant::now();
         }
         if asked && state.step < t.train_iters {
             interrupted = true;

@@ -335,10 +335,14 @@ pub fn run(
                 perplexity: loss.exp(),
                 sample,
             });
+            // The next step's throughput is its own, not the evaluation's (as Megatron stops its
+            // interval timer around an evaluation).
+            last.0 = Instant::now();
         }
         let c = &cfg.checkpoint;
         if !c.save.is_empty() && c.save_interval > 0 && state.step.is_multiple_of(c.save_interval) {
             save(cfg, trainer, state, on)?;
+            last.0 = Instant::now();
         }
         if let Some(why) = exit_due(t, state.step, over_time(t, started.elapsed())) {
             interrupted = true;
