@@ -454,6 +454,28 @@ fn megatron_log_format_reads_as_megatrons_lines() -> Result<()> {
     Ok(())
 }
 
+/// `--data-path` without a split anywhere (flag, `--set` or config file) is said, as Megatron
+/// warns: its fallback split differs from troupe's default, and the split decides the samples.
+#[test]
+fn a_data_path_without_a_split_is_said() -> Result<()> {
+    let dir = tempdir("split-note");
+    let note = "no --split given: the documents split 949,50,1";
+    let said = |args: &[&str]| -> Result<String> {
+        let o = troupe(&[&["config", "show"], args].concat(), &dir);
+        ensure!(o.status.success(), "{}", stderr(&o));
+        Ok(stderr(&o))
+    };
+    ensure!(said(&["--data-path", "d"])?.contains(note), "no note without --split");
+    ensure!(!said(&["--data-path", "d", "--split", "90,5,5"])?.contains(note));
+    ensure!(!said(&["--data-path", "d", "--set", "data.split=\"90,5,5\""])?.contains(note));
+    let cfg = dir.join("c.toml");
+    let model = "[model]\nvocab_size = 64\nseq_length = 32\nnum_layers = 1\nhidden_size = 16\nnum_attention_heads = 2\n";
+    std::fs::write(&cfg, format!("{model}[data]\nsplit = \"90,5,5\"\n"))?;
+    ensure!(!said(&["--config", cfg.to_str().context("path")?, "--data-path", "d"])?.contains(note));
+    ensure!(!said(&[])?.contains(note), "a note without --data-path");
+    Ok(())
+}
+
 /// `troupe plot` draws a `--log-json` file; a file with no losses in it is a usage error naming
 /// the expected lines, not an empty picture.
 #[test]

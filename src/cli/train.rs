@@ -186,11 +186,38 @@ impl ConfigArgs {
         let explicit =
             |key: &str| sets.iter().any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key));
         let more = self.ported.apply(&cfg, &explicit).map_err(UsageError)?;
+        let split_set = explicit("data.split");
         for note in self.ported.notes(&cfg) {
             eprintln!("troupe: note: {note}");
         }
         sets.extend(more);
-        load(&sets)
+        let cfg = load(&sets)?;
+        if let Some(note) = self.split_note(&cfg, split_set) {
+            eprintln!("troupe: note: {note}");
+        }
+        Ok(cfg)
+    }
+
+    /// Megatron warns when `--data-path` comes without `--split` and falls back to `969, 30, 1`;
+    /// troupe's default is `949,50,1`. Said when neither a flag, a `--set` nor the config file
+    /// names the split, since the split decides which samples each split holds.
+    fn split_note(&self, cfg: &Config, split_set: bool) -> Option<String> {
+        if cfg.data.data_path.is_empty() || split_set {
+            return None;
+        }
+        let in_file = self.config.as_ref().is_some_and(|path| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| text.parse::<toml::Table>().ok())
+                .is_some_and(|t| t.get("data").and_then(|d| d.get("split")).is_some())
+        });
+        (!in_file).then(|| {
+            format!(
+                "no --split given: the documents split {} (troupe's default; Megatron falls back to \
+                 969,30,1 there), so give --split for the samples a Megatron run of the same data reads",
+                cfg.data.split
+            )
+        })
     }
 }
 
