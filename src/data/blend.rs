@@ -62,12 +62,42 @@ pub fn build_blending_indices(weights: &[f64], size: usize) -> (Vec<u16>, Vec<u6
     (dataset_index, dataset_sample_index)
 }
 
-/// Normalised weights.
+/// The sum of `v` as NumPy's `numpy.sum` adds float64s (its pairwise summation: fewer than 8
+/// values in order; up to 128 in eight running sums combined pairwise, the rest in order; more
+/// split in two at a multiple of 8), so blend weights normalise to Megatron's bits.
+pub fn numpy_sum(v: &[f64]) -> f64 {
+    const BLOCK: usize = 128;
+    let n = v.len();
+    if n < 8 {
+        return v.iter().fold(0.0, |acc, &x| acc + x);
+    }
+    if n <= BLOCK {
+        let mut r = [0.0f64; 8];
+        r.copy_from_slice(&v[..8]);
+        let mut i = 8;
+        while i + 8 <= n {
+            for (j, acc) in r.iter_mut().enumerate() {
+                *acc += v[i + j];
+            }
+            i += 8;
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for &x in &v[i..] {
+            res += x;
+        }
+        return res;
+    }
+    let mut half = n / 2;
+    half -= half % 8;
+    numpy_sum(&v[..half]) + numpy_sum(&v[half..])
+}
+
+/// Normalised weights (each divided by their [`numpy_sum`], as Megatron's `normalize`).
 ///
 /// # Errors
 /// `BadConfig` if the weights are empty, negative, non-finite or all zero.
 pub fn normalize_weights(weights: &[f64]) -> Result<Vec<f64>, DatasetError> {
-    let sum: f64 = weights.iter().sum();
+    let sum = numpy_sum(weights);
     if weights.is_empty() || weights.iter().any(|w| !w.is_finite() || *w < 0.0) || sum <= 0.0 {
         return Err(DatasetError::BadConfig {
             reason: format!("blend weights {weights:?} must be finite, ≥ 0 and not all zero"),
@@ -242,6 +272,31 @@ mod tests {
             }
         }
         assert_eq!(taken, [300, 700]);
+    }
+
+    /// Normalised weights, per-dataset requests and blending indices equal Megatron's
+    /// (`tests/fixtures/megatron_gpt_indices.json`, from `tools/reference/megatron_gpt_indices.py`).
+    #[test]
+    fn blends_are_megatrons() {
+        use crate::data::rng::tests::{fixture, list};
+        let fixture = fixture();
+        let blends = fixture["blends"].as_array().unwrap();
+        assert_eq!(blends.len(), 6);
+        for b in blends {
+            let raw: Vec<f64> =
+                b["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+            let size = b["size"].as_u64().unwrap();
+            let weights = normalize_weights(&raw).unwrap();
+            let want: Vec<f64> =
+                b["normalized"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+            assert_eq!(weights, want, "{raw:?}");
+            let per: Vec<u64> = weights.iter().map(|&w| samples_per_dataset(size, w)).collect();
+            assert_eq!(per, list(&b["per_dataset"]), "{raw:?}");
+            let (di, dsi) = build_blending_indices(&weights, size as usize);
+            let di: Vec<u64> = di.into_iter().map(u64::from).collect();
+            assert_eq!(di, list(&b["dataset_index"]), "{raw:?}: dataset index");
+            assert_eq!(dsi, list(&b["dataset_sample_index"]), "{raw:?}: dataset sample index");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 """Fixtures for troupe's data order: NumPy's RandomState shuffles and Megatron-LM's GPT dataset
-indices, written to tests/fixtures/megatron_gpt_indices.json.
+indices (and its blends' indices), written to tests/fixtures/megatron_gpt_indices.json.
 
 troupe reproduces Megatron's sample order for the same seed: one numpy.random.RandomState(seed)
 per dataset makes the document shuffle(s) and then the sample shuffle(s). This script takes the
@@ -11,6 +11,7 @@ Usage: python3 tools/reference/megatron_gpt_indices.py   (needs numpy)
 """
 
 import json
+import math
 import pathlib
 
 import numpy
@@ -93,6 +94,34 @@ def gpt_indices(sizes, start, stop, seq_length, num_samples, seed, extra=1):
     }
 
 
+def blending_indices(weights, size):
+    """Megatron's C++ build_blending_indices, written out in Python (the same double arithmetic)."""
+    taken = [0] * len(weights)
+    dataset_index, dataset_sample_index = [], []
+    for sample_idx in range(size):
+        target = max(float(sample_idx), 1.0)
+        best, best_error = 0, weights[0] * target - float(taken[0])
+        for d in range(1, len(weights)):
+            error = weights[d] * target - float(taken[d])
+            if error > best_error:
+                best, best_error = d, error
+        dataset_index.append(best)
+        dataset_sample_index.append(taken[best])
+        taken[best] += 1
+    return dataset_index, dataset_sample_index
+
+
+def blend(weights, size):
+    """A blend's normalised weights (numpy float64, as Megatron's normalize), the samples each
+    dataset is asked for (Megatron's ceil(ceil(size * w) * 1.005)) and the blending indices."""
+    w = numpy.array(weights, dtype=numpy.float64)
+    w = (w / numpy.sum(w)).tolist()
+    per_dataset = [int(math.ceil(math.ceil(size * x) * 1.005)) for x in w]
+    dataset_index, dataset_sample_index = blending_indices(w, size)
+    return {"weights": weights, "size": size, "normalized": w, "per_dataset": per_dataset,
+            "dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
+
+
 def main():
     sizes_rng = numpy.random.RandomState(7)
     sizes = (sizes_rng.randint(1, 40, size=60)).tolist()
@@ -118,8 +147,13 @@ def main():
     a, b = numpy.arange(50), numpy.arange(7)
     rng.shuffle(a)
     rng.shuffle(b)
+    # Many datasets too: NumPy sums eight or more weights pairwise, not in order.
+    many = numpy.random.RandomState(11).uniform(0.01, 3.0, size=150).tolist()
+    blends = [blend(w, n) for w, n in [([0.3, 0.7], 200), ([1, 1, 1], 100), ([5, 2, 1e-3], 321),
+                                        ([0.25, 0.25, 0.5], 64), (many[:10], 500), (many, 2000)]]
     out = {
         "numpy": numpy.__version__,
+        "blends": blends,
         "shuffles": shuffles,
         "one_state": {"seed": 99, "first": a.tolist(), "second": b.tolist()},
         "gpt_indices": cases,
