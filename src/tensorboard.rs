@@ -288,7 +288,12 @@ fn decode_event(payload: &[u8], out: &mut Vec<Scalar>) -> Result<(), String> {
     Ok(())
 }
 
-/// The event files of a directory (names holding `tfevents`), oldest name first.
+/// Whether `path` names an event file (its name holds `tfevents`, as TensorBoard looks for).
+pub fn is_event_file(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("tfevents"))
+}
+
+/// The event files of a directory ([`is_event_file`]), oldest name first.
 ///
 /// # Errors
 /// When the directory cannot be listed.
@@ -297,7 +302,7 @@ pub fn event_files(dir: &Path) -> Result<Vec<PathBuf>, TensorBoardError> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("tfevents")) {
+        if is_event_file(&path) {
             files.push(path);
         }
     }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use troupe::tensorboard::{event_files, read_scalars};
+use troupe::tensorboard::{event_files, is_event_file, read_scalars};
 use troupe::trace::{render_png, render_svg};
 use troupe::train::plot::{Point, compare_scene, parse_log, points_from_scalars};
 
@@ -23,8 +23,10 @@ pub struct PlotArgs {
     pub out: PathBuf,
 }
 
-/// The points of one run, from a JSON log or TensorBoard files; `what` says which, for errors.
-fn read_run(path: &Path) -> Result<(Vec<Point>, &'static str), UsageError> {
+/// The points of one run, from a JSON log or TensorBoard files; a run with no loss in it is an
+/// error saying what was looked for.
+fn read_run(path: &Path) -> Result<Vec<Point>, UsageError> {
+    let has_loss = |points: &[Point]| points.iter().any(|p| p.loss.is_some() || p.val_loss.is_some());
     let tb_file = is_event_file(path);
     let shown = path.display();
     if path.is_dir() || tb_file {
@@ -44,14 +46,26 @@ fn read_run(path: &Path) -> Result<(Vec<Point>, &'static str), UsageError> {
         for f in &files {
             scalars.extend(read_scalars(f).map_err(|e| UsageError(e.to_string()))?);
         }
-        return Ok((points_from_scalars(&scalars), "TensorBoard scalars `lm loss` or `lm loss validation`"));
+        let points = points_from_scalars(&scalars);
+        if !has_loss(&points) {
+            return Err(UsageError(format!(
+                "{shown} holds no TensorBoard scalars `lm loss` or `lm loss validation`"
+            )));
+        }
+        return Ok(points);
     }
     let text = std::fs::read_to_string(path).map_err(|e| UsageError(format!("cannot read {shown}: {e}")))?;
     let (points, bad) = parse_log(&text);
     if bad > 0 {
         eprintln!("troupe plot: skipped {bad} malformed line(s) in {shown}");
     }
-    Ok((points, "step records with a loss"))
+    if !has_loss(&points) {
+        return Err(UsageError(format!(
+            "{shown} holds no step records with a loss (expected `troupe train --log-json` lines such as \
+             {{\"step\": 1, \"loss\": 8.3, \"lr\": 0.0003, …}})"
+        )));
+    }
+    Ok(points)
 }
 
 /// A run's name in the legend: the file's stem or the directory's name, or the whole path where
@@ -80,23 +94,10 @@ fn names(paths: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
-fn is_event_file(p: &Path) -> bool {
-    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("tfevents"))
-}
-
 pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for (path, name) in args.logs.iter().zip(names(&args.logs)) {
-        let (points, what) = read_run(path)?;
-        if !points.iter().any(|p| p.loss.is_some() || p.val_loss.is_some()) {
-            let example = if what.starts_with("step") {
-                " (expected `troupe train --log-json` lines such as {\"step\": 1, \"loss\": 8.3, \"lr\": 0.0003, …})"
-            } else {
-                ""
-            };
-            return Err(UsageError(format!("{} holds no {what}{example}", path.display())).into());
-        }
-        runs.push((name, points));
+        runs.push((name, read_run(path)?));
     }
     let scene = compare_scene(&runs);
     let bytes = match args.out.extension().and_then(|e| e.to_str()) {
